@@ -1,0 +1,154 @@
+"""The broker's side of one domain's v1 grant table: pinning entries.
+
+The table is a memfd the broker creates; the domain maps its own open file
+description of it and writes entries directly.  Pinning follows Xen's
+``_set_status_v1``: under the entry lock (see xdom.domains.grant_lock) the
+entry is copied out, checked (type GTF_permit_access, no sub-page, domid is
+the mapper, a writable pin needs a writable grant) and GTF_reading /
+GTF_writing are set.  Pin counts live here, not in guest memory, so a guest
+that scribbles over its flags cannot make the broker forget a mapping.
+
+The broker never waits for a lock a guest holds: it tries ``LOCK_TRIES``
+times and answers GNTST_eagain.  Clearing flags on unpin that cannot get
+the lock is deferred and retried, the pin count having dropped already.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+from xdom.domains import grant_lock
+from xdom.domains.abi.grant_table import (
+    ENTRIES_PER_FRAME, GNTST_eagain, GNTST_general_error, GNTST_bad_gntref, GNTST_okay,
+    GRANT_ENTRY_V1, GRANT_ENTRY_V1_SIZE, GTF_permit_access, GTF_readonly, GTF_reading,
+    GTF_sub_page, GTF_type_mask, GTF_writing, PAGE_SIZE,
+)
+
+LOCK_TRIES = 64
+_FLAGS = struct.Struct("<H")
+
+
+@dataclass
+class Pin:
+    """Xen's active grant entry: who pinned it, how often, which frame."""
+    domid: int
+    gfn: int
+    readers: int = 0
+    writers: int = 0
+
+
+class BrokerGrantTable:
+    def __init__(self, nr_frames: int, owner: int) -> None:
+        self.owner = owner
+        self.nr_frames = nr_frames
+        self.nr_entries = nr_frames * ENTRIES_PER_FRAME
+        self.fd = os.memfd_create(f"xdom-gnttab-d{owner}", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, nr_frames * PAGE_SIZE)
+        self._map = mmap.mmap(self.fd, nr_frames * PAGE_SIZE)
+        self.pins: dict[int, Pin] = {}
+        self._deferred: set[int] = set()
+        self.retired = False
+        self.closed = False
+
+    def domain_fd(self) -> int:
+        """A fresh open file description for the domain (its own OFD locks)."""
+        return grant_lock.reopen(self.fd)
+
+    def _try_lock(self, ref: int) -> bool:
+        for _ in range(LOCK_TRIES):
+            if grant_lock.lock_entry(self.fd, ref, wait=False):
+                return True
+            os.sched_yield()
+        return False
+
+    def pin(self, ref: int, grantee: int, readonly: bool) -> tuple[int, int]:
+        """Pin ``ref`` for ``grantee``; returns (GNTST status, gfn)."""
+        if not 0 <= ref < self.nr_entries:
+            return GNTST_bad_gntref, 0
+        if not self._try_lock(ref):
+            return GNTST_eagain, 0
+        try:
+            off = ref * GRANT_ENTRY_V1_SIZE
+            flags, domid, frame = GRANT_ENTRY_V1.unpack_from(self._map, off)  # one copy, then check
+            if (flags & (GTF_type_mask | GTF_sub_page)) != GTF_permit_access or domid != grantee:
+                return GNTST_general_error, 0
+            if not readonly and flags & GTF_readonly:
+                return GNTST_general_error, 0
+            pin = self.pins.get(ref)
+            if pin is not None and pin.domid != grantee:
+                return GNTST_general_error, 0
+            if pin is None:
+                pin = self.pins[ref] = Pin(domid, frame)
+            if readonly:
+                pin.readers += 1
+            else:
+                pin.writers += 1
+            new = flags | GTF_reading | (0 if readonly else GTF_writing)
+            if new != flags:
+                _FLAGS.pack_into(self._map, off, new)
+            self._deferred.discard(ref)
+            return GNTST_okay, pin.gfn
+        finally:
+            grant_lock.unlock_entry(self.fd, ref)
+
+    def unpin(self, ref: int, readonly: bool) -> None:
+        pin = self.pins[ref]
+        if readonly:
+            pin.readers -= 1
+        else:
+            pin.writers -= 1
+        if pin.readers + pin.writers == 0:
+            del self.pins[ref]
+        self._sync_flags(ref)
+
+    def _sync_flags(self, ref: int) -> None:
+        if self.retired:
+            return
+        if not self._try_lock(ref):
+            self._deferred.add(ref)
+            return
+        try:
+            off = ref * GRANT_ENTRY_V1_SIZE
+            (flags,) = _FLAGS.unpack_from(self._map, off)
+            pin = self.pins.get(ref)
+            new = flags
+            if pin is None:
+                new &= ~(GTF_reading | GTF_writing)
+            elif pin.writers == 0:
+                new &= ~GTF_writing
+            if new != flags:
+                _FLAGS.pack_into(self._map, off, new)
+            self._deferred.discard(ref)
+        finally:
+            grant_lock.unlock_entry(self.fd, ref)
+
+    def retry_deferred(self) -> None:
+        if self.closed:
+            return
+        for ref in list(self._deferred):
+            self._sync_flags(ref)
+
+    def mapped_count(self) -> int:
+        return sum(p.readers + p.writers for p in self.pins.values())
+
+    def retire(self) -> None:
+        """The owner is gone or reset: close once the last pin is dropped.
+
+        Grantees keep the old pages (their mappings hold the memfds); the
+        table itself only serves to clear flags nobody will read.
+        """
+        self.retired = True
+        self.close_if_retired()
+
+    def close_if_retired(self) -> None:
+        if self.retired and not self.pins and not self.closed:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._map.close()
+            os.close(self.fd)

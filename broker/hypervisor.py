@@ -1,0 +1,417 @@
+"""The hypervisor proper: the domain table, grant operations, event channels.
+
+No sockets here.  The broker server (server.py) and the in-process xenhost
+variant both drive this object; it is told who the caller is, never asked.
+Every operation that a domain can invoke either returns Xen status codes or
+raises ``HypercallError`` with the errno Xen would give; anything else
+escaping is a bug.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from xdom.domains.abi.event_channel import (
+    DOMID_FIRST_RESERVED, DOMID_SELF, EVTCHNSTAT_interdomain, EVTCHNSTAT_unbound,
+    EVTCHNSTAT_virq, GLOBAL_VIRQS, NR_VIRQS, VIRQ_DOM_EXC,
+)
+from xdom.domains.abi.grant_table import (
+    GNTCOPY_dest_gref, GNTCOPY_source_gref, GNTST_bad_copy_arg, GNTST_bad_domain,
+    GNTST_bad_handle, GNTST_bad_page, GNTST_general_error, GNTST_no_space, GNTST_okay,
+    GNTST_permission_denied, PAGE_SIZE,
+)
+from xdom.domains.hypercall_wire import HypercallError
+
+from .evtchn import EventPair, Port, PortTable, new_virq_fd, signal
+from .frames import BadFrame, FrameId, FrameSource
+from .gnttab import BrokerGrantTable
+
+MAX_MAPTRACK = 65536          # live mappings per domain (Xen's default maptrack size is similar)
+DEFAULT_GRANT_FRAMES = 32     # 16384 references
+MAX_GRANT_FRAMES = 256
+
+# Domain states, as `xdom list` shows them.
+CREATED, RUNNING, PAUSED, SHUTDOWN, CRASHED = "created", "running", "paused", "shutdown", "crashed"
+
+
+@dataclass
+class Mapping:
+    """One maptrack entry: a grant some domain has mapped."""
+    granter: "Domain"
+    table: BrokerGrantTable
+    ref: int
+    readonly: bool
+    frame_id: FrameId
+
+
+@dataclass
+class Domain:
+    domid: int
+    name: str
+    nr_frames: int
+    privileged: bool
+    gnttab: BrokerGrantTable
+    token: str
+    state: str = CREATED
+    frames: FrameSource | None = None
+    pid: int = 0
+    ports: PortTable = field(default_factory=PortTable)
+    maptrack: dict[int, Mapping] = field(default_factory=dict)
+    handles: "itertools.count[int]" = field(default_factory=lambda: itertools.count(1))
+    created_at: float = field(default_factory=time.time)
+    started_at: float = 0.0
+    shutdown_reason: str = ""
+    restarts: int = 0
+    stats: dict[str, int] = field(default_factory=lambda: {"map": 0, "unmap": 0, "copy": 0, "hypercalls": 0})
+
+    @property
+    def alive(self) -> bool:
+        return self.state in (RUNNING, PAUSED)
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "domid": self.domid, "name": self.name, "state": self.state, "pid": self.pid,
+            "memory_kib": self.nr_frames * PAGE_SIZE // 1024, "privileged": self.privileged,
+            "grant_frames": self.gnttab.nr_frames, "mappings_held": len(self.maptrack),
+            "grants_mapped_by_others": self.gnttab.mapped_count(), "event_channels": len(self.ports.ports),
+            "restarts": self.restarts, "shutdown_reason": self.shutdown_reason,
+            "uptime": round(time.time() - self.started_at, 3) if self.alive else 0.0,
+            **{f"{k}_ops": v for k, v in self.stats.items()},
+        }
+
+
+@dataclass(frozen=True)
+class MapResult:
+    status: int
+    handle: int = 0
+    frame: object = None     # fd (ProcFrames) or memoryview (LocalFrames)
+
+
+def _err(code: int, message: str) -> HypercallError:
+    return HypercallError(code, message)
+
+
+class Hypervisor:
+    """Domains and the resources they share.  Single-threaded: callers serialise."""
+
+    def __init__(self, on_event: Callable[[str, Domain], None] | None = None) -> None:
+        self.domains: dict[int, Domain] = {}
+        self._next_domid = 1
+        self._virq_handlers: dict[int, tuple[Domain, Port]] = {}
+        self.on_event = on_event or (lambda kind, dom: None)
+
+    # ---- domain lifecycle -------------------------------------------------
+
+    def create_domain(self, name: str, nr_frames: int, privileged: bool = False,
+                      grant_frames: int = DEFAULT_GRANT_FRAMES, domid: int | None = None) -> Domain:
+        if not name or len(name) > 64 or not name.isprintable() or "/" in name:
+            raise _err(errno.EINVAL, f"bad domain name {name!r:.70}")
+        if any(d.name == name for d in self.domains.values()):
+            raise _err(errno.EEXIST, f"a domain named {name!r} exists")
+        if not 1 <= nr_frames <= 1 << 20:
+            raise _err(errno.EINVAL, f"memory of {nr_frames} frames is out of range")
+        if not 1 <= grant_frames <= MAX_GRANT_FRAMES:
+            raise _err(errno.EINVAL, f"grant_frames must be 1..{MAX_GRANT_FRAMES}")
+        if domid is None:
+            domid = self._allocate_domid()
+        elif not 0 <= domid < DOMID_FIRST_RESERVED or domid in self.domains:
+            raise _err(errno.EEXIST, f"domid {domid} is taken or reserved")
+        dom = Domain(domid, name, nr_frames, privileged, BrokerGrantTable(grant_frames, domid),
+                     token=secrets.token_hex(16))
+        self.domains[domid] = dom
+        self.on_event("created", dom)
+        return dom
+
+    def _allocate_domid(self) -> int:
+        for _ in range(DOMID_FIRST_RESERVED):
+            domid = self._next_domid
+            self._next_domid = domid + 1 if domid + 1 < DOMID_FIRST_RESERVED else 1
+            if domid not in self.domains:
+                return domid
+        raise _err(errno.ENOSPC, "no free domain id")
+
+    def domain(self, domid: int) -> Domain:
+        dom = self.domains.get(domid)
+        if dom is None:
+            raise _err(errno.ESRCH, f"no domain {domid}")
+        return dom
+
+    def attach(self, dom: Domain, frames: FrameSource, pid: int) -> None:
+        """The domain's process has connected and registered its memory."""
+        if frames.nr_frames != dom.nr_frames:
+            raise _err(errno.EINVAL, f"domain has {dom.nr_frames} frames, not {frames.nr_frames}")
+        dom.frames = frames
+        dom.pid = pid
+        dom.state = RUNNING
+        dom.started_at = time.time()
+        self.on_event("running", dom)
+
+    def set_paused(self, dom: Domain, paused: bool) -> None:
+        if not dom.alive:
+            raise _err(errno.EINVAL, f"domain {dom.domid} is {dom.state}")
+        dom.state = PAUSED if paused else RUNNING
+        self.on_event("paused" if paused else "unpaused", dom)
+
+    def domain_died(self, dom: Domain, reason: str = "") -> None:
+        """The domain's process is gone: release everything it held.
+
+        Its mappings are unpinned (so granters can end access), its ports
+        closed (so peers see unbound ports), and VIRQ_DOM_EXC raised, which
+        is how xenstored learns to fire @releaseDomain.
+        """
+        if dom.state in (SHUTDOWN, CRASHED):
+            return
+        reason = reason or dom.shutdown_reason
+        dom.state = SHUTDOWN if reason in ("poweroff", "reboot", "suspend") else CRASHED
+        dom.shutdown_reason = reason or "crash"
+        for handle in list(dom.maptrack):
+            self._unmap_one(dom, handle)
+        for port in list(dom.ports.ports.values()):
+            self._close_port(dom, port)
+        dom.frames = None
+        dom.pid = 0
+        self.on_event(dom.state, dom)
+        self.raise_virq(VIRQ_DOM_EXC)
+
+    def reset_domain(self, dom: Domain) -> None:
+        """Make a dead domain startable again with the same domid (a restart)."""
+        if dom.alive or dom.state == CREATED:
+            raise _err(errno.EBUSY, f"domain {dom.domid} is {dom.state}")
+        dom.token = secrets.token_hex(16)
+        dom.state = CREATED
+        dom.restarts += 1
+        dom.shutdown_reason = ""
+        # A fresh process brings fresh memory: old grants are void.  Mappings
+        # others still hold keep the old pages alive (memfds), as in Xen.
+        old = dom.gnttab
+        dom.gnttab = BrokerGrantTable(old.nr_frames, dom.domid)
+        old.retire()
+        self.on_event("reset", dom)
+
+    def remove_domain(self, dom: Domain) -> None:
+        if dom.alive:
+            self.domain_died(dom, "destroyed")
+        self.domains.pop(dom.domid, None)
+        dom.gnttab.retire()
+        self.on_event("destroyed", dom)
+
+    def find_by_token(self, token: str) -> Domain | None:
+        for dom in self.domains.values():
+            if dom.state == CREATED and secrets.compare_digest(dom.token, token):
+                return dom
+        return None
+
+    # ---- grant table --------------------------------------------------------
+
+    def grant_map(self, caller: Domain, ops: Sequence[tuple[int, int, bool]]) -> list[MapResult]:
+        """GNTTABOP_map_grant_ref for a batch of (granter domid, ref, readonly)."""
+        results = []
+        for domid, ref, readonly in ops:
+            results.append(self._map_one(caller, domid, ref, readonly))
+        caller.stats["map"] += len(ops)
+        return results
+
+    def _map_one(self, caller: Domain, domid: int, ref: int, readonly: bool) -> MapResult:
+        granter = self.domains.get(domid)
+        if granter is None or not granter.alive or granter.frames is None:
+            return MapResult(GNTST_bad_domain)
+        if len(caller.maptrack) >= MAX_MAPTRACK:
+            return MapResult(GNTST_no_space)
+        table = granter.gnttab
+        status, gfn = table.pin(ref, caller.domid, readonly)
+        if status != GNTST_okay:
+            return MapResult(status)
+        try:
+            frame, frame_id = granter.frames.open_frame(gfn, readonly)
+        except BadFrame:
+            table.unpin(ref, readonly)
+            return MapResult(GNTST_bad_page)
+        handle = next(caller.handles) & 0xFFFFFFFF
+        caller.maptrack[handle] = Mapping(granter, table, ref, readonly, frame_id)
+        return MapResult(GNTST_okay, handle, frame)
+
+    def grant_unmap(self, caller: Domain, handles: Sequence[int]) -> list[int]:
+        """GNTTABOP_unmap_grant_ref: the caller says it has unmapped these.
+
+        The claim is checked against the caller's address space and fd table
+        before the grant is released; a mapping still present is refused with
+        GNTST_general_error and stays pinned.
+        """
+        known = [h for h in handles if h in caller.maptrack]
+        claimed = {caller.maptrack[h].frame_id for h in known}
+        kept = {m.frame_id for h, m in caller.maptrack.items() if h not in set(known)}
+        still: set[FrameId] = set()
+        if caller.frames is not None and claimed - kept:
+            pid = caller.frames.region()[0]
+            own = [r[1:] for r in (d.frames.region() for d in self.domains.values() if d.frames is not None)
+                   if r[0] == pid]
+            still = caller.frames.still_mapped(claimed - kept, own)
+        out = []
+        for h in handles:
+            m = caller.maptrack.get(h)
+            if m is None:
+                out.append(GNTST_bad_handle)
+            elif m.frame_id in still:
+                out.append(GNTST_general_error)
+            else:
+                self._unmap_one(caller, h)
+                out.append(GNTST_okay)
+        caller.stats["unmap"] += len(handles)
+        return out
+
+    def _unmap_one(self, caller: Domain, handle: int) -> None:
+        m = caller.maptrack.pop(handle)
+        if m.ref in m.table.pins:
+            m.table.unpin(m.ref, m.readonly)
+        m.table.close_if_retired()
+
+    def grant_copy(self, caller: Domain, ops: Sequence[tuple[int, ...]]) -> list[int]:
+        """GNTTABOP_copy: the broker moves the bytes; the caller never sees the frames."""
+        out = []
+        for op in ops:
+            try:
+                out.append(self._copy_one(caller, *op))
+            except BadFrame:
+                out.append(GNTST_bad_page)
+        caller.stats["copy"] += len(ops)
+        return out
+
+    def _copy_one(self, caller: Domain, flags: int, sdom: int, sref: int, soff: int,
+                  ddom: int, dref: int, doff: int, length: int) -> int:
+        if soff + length > PAGE_SIZE or doff + length > PAGE_SIZE:
+            return GNTST_bad_copy_arg
+        pins: list[tuple[BrokerGrantTable, int, bool]] = []
+        try:
+            ends = []
+            for is_gref, domid, ref_or_gfn, readonly in (
+                    (flags & GNTCOPY_source_gref, sdom, sref, True),
+                    (flags & GNTCOPY_dest_gref, ddom, dref, False)):
+                if is_gref:
+                    dom = self.domains.get(domid)
+                    if dom is None or not dom.alive or dom.frames is None:
+                        return GNTST_bad_domain
+                    status, gfn = dom.gnttab.pin(ref_or_gfn, caller.domid, readonly)
+                    if status != GNTST_okay:
+                        return status
+                    pins.append((dom.gnttab, ref_or_gfn, readonly))
+                    ends.append((dom.frames, gfn))
+                else:
+                    if domid not in (DOMID_SELF, caller.domid):
+                        return GNTST_permission_denied
+                    if caller.frames is None:
+                        return GNTST_bad_page
+                    ends.append((caller.frames, ref_or_gfn))
+            (src, sgfn), (dst, dgfn) = ends
+            if length:
+                dst.write(dgfn, doff, src.read(sgfn, soff, length))
+            return GNTST_okay
+        finally:
+            for table, ref, readonly in pins:
+                table.unpin(ref, readonly)
+
+    def retry_deferred(self) -> None:
+        for dom in self.domains.values():
+            dom.gnttab.retry_deferred()
+
+    # ---- event channels ---------------------------------------------------
+
+    def _port(self, dom: Domain, port: int) -> Port:
+        p = dom.ports.ports.get(port)
+        if p is None:
+            raise _err(errno.EINVAL, f"port {port} is not bound")
+        return p
+
+    def evtchn_alloc_unbound(self, caller: Domain, remote_dom: int) -> Port:
+        remote = caller.domid if remote_dom == DOMID_SELF else remote_dom
+        self.domain(remote)
+        port = self._allocate_port(caller, EVTCHNSTAT_unbound)
+        port.remote_domid = remote
+        caller.ports.attach(port, EventPair(), owner_side=True)
+        return port
+
+    def evtchn_bind_interdomain(self, caller: Domain, remote_dom: int, remote_port: int) -> Port:
+        remote = caller if remote_dom == DOMID_SELF else self.domain(remote_dom)
+        rp = remote.ports.ports.get(remote_port)
+        if rp is None or rp.state != EVTCHNSTAT_unbound or rp.remote_domid != caller.domid or rp.pair is None:
+            raise _err(errno.EINVAL, f"port {remote_port} of domain {remote.domid} is not unbound for us")
+        lp = self._allocate_port(caller, EVTCHNSTAT_interdomain)
+        caller.ports.attach(lp, rp.pair, owner_side=not rp.owner_side)
+        lp.remote_domid, lp.remote_port = remote.domid, rp.port
+        rp.state, rp.remote_domid, rp.remote_port = EVTCHNSTAT_interdomain, caller.domid, lp.port
+        # Xen marks the new local port pending: events sent to the unbound
+        # port before the bind must not be lost.
+        signal(lp.wait_fd)
+        return lp
+
+    def evtchn_bind_virq(self, caller: Domain, virq: int) -> Port:
+        if not 0 <= virq < NR_VIRQS:
+            raise _err(errno.EINVAL, f"virq {virq} out of range")
+        if virq in GLOBAL_VIRQS:
+            if not caller.privileged:
+                raise _err(errno.EPERM, f"virq {virq} is global: only a privileged domain binds it")
+            holder = self._virq_handlers.get(virq)
+            if holder is not None and holder[0] is not caller:
+                raise _err(errno.EBUSY, f"virq {virq} is bound by domain {holder[0].domid}")
+        if any(p.virq == virq for p in caller.ports.ports.values()):
+            raise _err(errno.EEXIST, f"virq {virq} is already bound")
+        port = self._allocate_port(caller, EVTCHNSTAT_virq)
+        port.virq = virq
+        port.virq_fd = new_virq_fd()
+        if virq in GLOBAL_VIRQS:
+            self._virq_handlers[virq] = (caller, port)
+        return port
+
+    def _allocate_port(self, dom: Domain, state: int) -> Port:
+        try:
+            return dom.ports.allocate(state)
+        except OverflowError:
+            raise _err(errno.ENOSPC, "no free event channel port") from None
+
+    def evtchn_close(self, caller: Domain, port: int) -> None:
+        self._close_port(caller, self._port(caller, port))
+
+    def _close_port(self, dom: Domain, p: Port) -> None:
+        if p.state == EVTCHNSTAT_interdomain:
+            remote = self.domains.get(p.remote_domid)
+            rp = remote.ports.ports.get(p.remote_port) if remote else None
+            if rp is not None and rp.remote_domid == dom.domid and rp.remote_port == p.port:
+                rp.state, rp.remote_domid, rp.remote_port = EVTCHNSTAT_unbound, dom.domid, 0
+        if p.state == EVTCHNSTAT_virq and self._virq_handlers.get(p.virq, (None, None))[1] is p:
+            del self._virq_handlers[p.virq]
+        dom.ports.release(p)
+
+    def evtchn_status(self, caller: Domain, port: int) -> dict[str, int]:
+        p = self._port(caller, port)
+        return {"status": p.state, "remote_dom": p.remote_domid, "remote_port": p.remote_port, "virq": p.virq}
+
+    def evtchn_send(self, caller: Domain, port: int) -> None:
+        p = self._port(caller, port)
+        if p.state == EVTCHNSTAT_interdomain:
+            signal(p.notify_fd)
+
+    def raise_virq(self, virq: int) -> None:
+        holder = self._virq_handlers.get(virq)
+        if holder is not None:
+            signal(holder[1].wait_fd)
+
+    # ---- accounting ---------------------------------------------------------
+
+    def list(self) -> list[dict[str, object]]:
+        return [d.summary() for d in sorted(self.domains.values(), key=lambda d: d.domid)]
+
+    def close(self) -> None:
+        for dom in list(self.domains.values()):
+            self.remove_domain(dom)
+
+
+def check_domid(domid: int) -> int:
+    if not 0 <= domid <= DOMID_SELF:
+        raise _err(errno.EINVAL, f"domid {domid} out of range")
+    return domid
+
+

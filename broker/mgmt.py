@@ -1,0 +1,162 @@
+"""The management API (toolstack -> broker), sans-IO.
+
+Requests are msgpack maps ``{"op": NAME, ...}`` arriving on the broker's
+ZeroMQ ROUTER socket; replies are ``{"ok": true, ...}`` or ``{"ok": false,
+"errno": NAME, "error": text}``.  Anything malformed gets an error reply;
+nothing a client sends can stop the broker.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+from typing import Any, Callable, Protocol
+
+import msgpack
+
+from xdom.domains.abi.grant_table import PAGE_SIZE
+from xdom.domains.hypercall_wire import HypercallError
+
+from .hypervisor import DEFAULT_GRANT_FRAMES, Domain, Hypervisor
+
+MAX_REQUEST = 64 * 1024
+_MEMORY = re.compile(r"^\s*(\d+)\s*([KMG]i?B?)?\s*$", re.IGNORECASE)
+
+
+def parse_memory(value: object) -> int:
+    """Memory as xl.cfg gives it: an integer is MiB; "256K", "32M", "1G" carry units.
+
+    Returns a number of 4 KiB frames.
+    """
+    if isinstance(value, bool):
+        raise ValueError("memory must be a size")
+    if isinstance(value, int):
+        nbytes = value << 20
+    elif isinstance(value, str) and (m := _MEMORY.match(value)):
+        unit = (m.group(2) or "M")[0].upper()
+        nbytes = int(m.group(1)) << {"K": 10, "M": 20, "G": 30}[unit]
+    else:
+        raise ValueError(f"memory {value!r:.40} is not a size like 32 (MiB), '256K' or '32M'")
+    if nbytes <= 0 or nbytes % PAGE_SIZE:
+        raise ValueError(f"memory {value!r:.40} is not a positive multiple of 4 KiB")
+    return nbytes // PAGE_SIZE
+
+
+class DomainControl(Protocol):
+    """What the management API needs from the I/O layer: the processes."""
+
+    def destroy(self, dom: Domain) -> None: ...
+    def pause(self, dom: Domain, paused: bool) -> None: ...
+    def hypercall_path(self) -> str: ...
+
+
+class ManagementError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _field(req: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
+    if name not in req:
+        if default is ...:
+            raise ManagementError(errno.EINVAL, f"missing field {name!r}")
+        return default
+    value = req[name]
+    if kind is int and (type(value) is not int):
+        raise ManagementError(errno.EINVAL, f"field {name!r} must be an integer")
+    if kind is not int and not isinstance(value, kind):
+        raise ManagementError(errno.EINVAL, f"field {name!r} must be {kind.__name__}")
+    return value
+
+
+class Management:
+    def __init__(self, hv: Hypervisor, control: DomainControl) -> None:
+        self.hv = hv
+        self.control = control
+        self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "ping": lambda req: {},
+            "create": self.create,
+            "destroy": self.destroy,
+            "pause": lambda req: self._pause(req, True),
+            "unpause": lambda req: self._pause(req, False),
+            "restart": self.restart,
+            "list": lambda req: {"domains": self.hv.list()},
+            "info": lambda req: {"domain": self._domain(req).summary()},
+            "stats": self.stats,
+        }
+
+    def handle_bytes(self, payload: bytes) -> bytes:
+        return msgpack.packb(self.handle(payload), use_bin_type=True)
+
+    def handle(self, payload: bytes) -> dict[str, Any]:
+        try:
+            if len(payload) > MAX_REQUEST:
+                raise ManagementError(errno.EMSGSIZE, f"request of {len(payload)} bytes is too large")
+            try:
+                req = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_ext_len=0)
+            except Exception as e:
+                raise ManagementError(errno.EBADMSG, f"undecodable request: {e.__class__.__name__}") from None
+            if not isinstance(req, dict):
+                raise ManagementError(errno.EBADMSG, "a request is a map with an 'op' field")
+            op = req.get("op")
+            handler = self.handlers.get(op) if isinstance(op, str) else None
+            if handler is None:
+                raise ManagementError(errno.ENOSYS, f"unknown operation {op!r:.40}; known: {sorted(self.handlers)}")
+            return {"ok": True, **handler(req)}
+        except ManagementError as e:
+            return {"ok": False, "errno": errno.errorcode.get(e.code, str(e.code)), "error": str(e)}
+        except HypercallError as e:
+            return {"ok": False, "errno": e.name, "error": e.message}
+
+    def _domain(self, req: dict[str, Any]) -> Domain:
+        if "name" in req and "domid" not in req:
+            name = _field(req, "name", str)
+            for dom in self.hv.domains.values():
+                if dom.name == name:
+                    return dom
+            raise ManagementError(errno.ESRCH, f"no domain named {name!r:.70}")
+        domid = _field(req, "domid", int)
+        dom = self.hv.domains.get(domid)
+        if dom is None:
+            raise ManagementError(errno.ESRCH, f"no domain {domid}")
+        return dom
+
+    def create(self, req: dict[str, Any]) -> dict[str, Any]:
+        name = _field(req, "name", str)
+        try:
+            frames = parse_memory(req.get("memory", "16M"))
+        except ValueError as e:
+            raise ManagementError(errno.EINVAL, str(e)) from None
+        dom = self.hv.create_domain(
+            name, frames, privileged=_field(req, "privileged", bool, False),
+            grant_frames=_field(req, "grant_frames", int, DEFAULT_GRANT_FRAMES),
+            domid=_field(req, "domid", int, None))
+        return self._credentials(dom)
+
+    def _credentials(self, dom: Domain) -> dict[str, Any]:
+        return {"domid": dom.domid, "name": dom.name, "token": dom.token,
+                "hypercall": self.control.hypercall_path(), "nr_frames": dom.nr_frames}
+
+    def destroy(self, req: dict[str, Any]) -> dict[str, Any]:
+        dom = self._domain(req)
+        self.control.destroy(dom)
+        self.hv.remove_domain(dom)
+        return {"domid": dom.domid}
+
+    def restart(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Give a dead domain a new token so a new process can take its domid."""
+        dom = self._domain(req)
+        self.hv.reset_domain(dom)
+        return self._credentials(dom)
+
+    def _pause(self, req: dict[str, Any], paused: bool) -> dict[str, Any]:
+        dom = self._domain(req)
+        self.hv.set_paused(dom, paused)
+        self.control.pause(dom, paused)
+        return {"domid": dom.domid, "state": dom.state}
+
+    def stats(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"domains": len(self.hv.domains),
+                "mappings": sum(len(d.maptrack) for d in self.hv.domains.values()),
+                "event_channels": sum(len(d.ports.ports) for d in self.hv.domains.values()),
+                **getattr(self.control, "process_stats", lambda: {})()}

@@ -1,0 +1,79 @@
+"""A client of the broker's management API (ZeroMQ DEALER + SUB)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import msgpack
+import zmq
+
+
+class ManagementError(Exception):
+    def __init__(self, errno_name: str, message: str) -> None:
+        super().__init__(f"{errno_name}: {message}")
+        self.errno_name = errno_name
+        self.message = message
+
+
+def endpoint_for(run_dir: str) -> str:
+    return f"ipc://{os.path.join(run_dir, 'mgmt.sock')}"
+
+
+def events_endpoint_for(run_dir: str) -> str:
+    return f"ipc://{os.path.join(run_dir, 'events.sock')}"
+
+
+class ManagementClient:
+    """Synchronous requests; ``timeout`` seconds before TimeoutError."""
+
+    def __init__(self, endpoint: str, timeout: float = 10.0) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(endpoint)
+
+    def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        self._sock.send_multipart([b"", msgpack.packb({"op": op, **fields}, use_bin_type=True)])
+        if not self._sock.poll(int(self.timeout * 1000)):
+            # A DEALER would hand the late reply to the next request: start over.
+            self._sock.close(0)
+            self._sock = self._ctx.socket(zmq.DEALER)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.connect(self.endpoint)
+            raise TimeoutError(f"no answer from the broker at {self.endpoint} within {self.timeout}s")
+        frames = self._sock.recv_multipart()
+        reply = msgpack.unpackb(frames[-1], raw=False)
+        if not reply.get("ok"):
+            raise ManagementError(reply.get("errno", "EIO"), reply.get("error", ""))
+        return reply
+
+    def close(self) -> None:
+        self._sock.close(0)
+
+    def __enter__(self) -> "ManagementClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EventSubscriber:
+    """Lifecycle events published by the broker."""
+
+    def __init__(self, endpoint: str) -> None:
+        self._sock = zmq.Context.instance().socket(zmq.SUB)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"domain")
+        self._sock.connect(endpoint)
+
+    def next(self, timeout: float) -> dict[str, Any] | None:
+        if not self._sock.poll(int(timeout * 1000)):
+            return None
+        _topic, body = self._sock.recv_multipart()
+        return msgpack.unpackb(body, raw=False)
+
+    def close(self) -> None:
+        self._sock.close(0)

@@ -1,0 +1,427 @@
+"""The broker process: hypercall and management servers around the Hypervisor.
+
+One loop (zmq.Poller over the hypercall listener, every domain connection,
+every domain's pidfd and the management ROUTER): wait, read, dispatch to
+the Hypervisor, reply, repeat.  A domain's identity is the connection it
+proved with its one-time token; no message field ever names the caller.
+
+Two tiers of failure, as in Xen's xenstored: a bad request gets an error
+reply and service goes on; a connection that breaks framing (oversized or
+truncated frames, a peer that does not read its replies) is closed, which
+to the hypervisor is that domain's death.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import msgpack
+import psutil
+import zmq
+
+from xdom.domains.abi.event_channel import DOMID_SELF
+from xdom.domains.abi.grant_table import PAGE_SIZE
+from xdom.domains.hypercall_wire import (
+    MAX_FDS, MAX_MESSAGE, SHUTDOWN_REASONS, HypercallError, decode_request, encode_error,
+    encode_reply, int_tuple,
+)
+
+from .frames import ProcFrames
+from .hypervisor import Domain, Hypervisor
+from .mgmt import Management
+
+log = logging.getLogger("xdom.broker")
+
+PENDING_LIMIT = 64          # connections that have not said hello yet
+HELLO_TIMEOUT = 10.0        # seconds a connection may take to say hello
+MESSAGES_PER_TURN = 32      # fairness: requests served per connection per loop turn
+_UCRED = struct.Struct("3i")
+
+
+@dataclass
+class Connection:
+    sock: socket.socket
+    pid: int
+    uid: int
+    opened: float = field(default_factory=time.monotonic)
+    domain: Domain | None = None
+    pidfd: int = -1
+    memory_set: bool = False
+
+
+Reply = tuple[dict[str, Any], list[int], list[int]]   # fields, fds to send, fds to close after
+
+
+def check_isolation() -> None:
+    """Refuse to start where page-granular mapping cannot work.
+
+    Reaching one frame of a domain needs /proc/<pid>/map_files, which needs
+    root or CAP_CHECKPOINT_RESTORE.  Without it there is no mode that keeps
+    a backend from the rest of a guest's memory, so say so plainly.
+    """
+    with open("/proc/self/maps") as f:
+        first = f.readline().split()[0]
+    try:
+        os.close(os.open(f"/proc/self/map_files/{first}", os.O_RDONLY))
+    except PermissionError:
+        raise SystemExit(
+            "xdom broker: cannot open /proc/<pid>/map_files (needs root or CAP_CHECKPOINT_RESTORE); "
+            "page-granular grant mapping is impossible without it. Run the broker as root.") from None
+
+
+class BrokerServer:
+    def __init__(self, run_dir: str, mgmt_endpoint: str | None = None,
+                 events_endpoint: str | None = None) -> None:
+        self.run_dir = run_dir
+        os.makedirs(run_dir, mode=0o755, exist_ok=True)
+        self.hypercall_sock_path = os.path.join(run_dir, "hypercall.sock")
+        self.mgmt_endpoint = mgmt_endpoint or f"ipc://{os.path.join(run_dir, 'mgmt.sock')}"
+        self.events_endpoint = events_endpoint or f"ipc://{os.path.join(run_dir, 'events.sock')}"
+        self.ctx = zmq.Context.instance()
+        self.events = self.ctx.socket(zmq.PUB)
+        self.events.setsockopt(zmq.LINGER, 0)
+        self.events.bind(self.events_endpoint)
+        self.hv = Hypervisor(on_event=self._publish)
+        self.mgmt = Management(self.hv, self)
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.bind(self.mgmt_endpoint)
+        try:
+            os.unlink(self.hypercall_sock_path)
+        except FileNotFoundError:
+            pass
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        self.listener.bind(self.hypercall_sock_path)
+        os.chmod(self.hypercall_sock_path, 0o666)   # the token, not the path, authenticates
+        self.listener.listen(128)
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        self.poller.register(self.listener.fileno(), zmq.POLLIN)
+        self.conns: dict[int, Connection] = {}        # socket fd -> connection
+        self.pidfds: dict[int, Connection] = {}       # pidfd -> connection
+        self.running = True
+        self.handlers: dict[str, Callable[[Connection, dict[str, Any]], Reply]] = {
+            "hello": self._hello, "set_memory": self._set_memory, "shutdown": self._shutdown,
+            "map": self._map, "unmap": self._unmap, "copy": self._copy,
+            "evtchn_alloc_unbound": self._alloc_unbound, "evtchn_bind_interdomain": self._bind_interdomain,
+            "evtchn_bind_virq": self._bind_virq, "evtchn_close": self._close,
+            "evtchn_status": self._status, "evtchn_send": self._send, "domain_info": self._domain_info,
+        }
+
+    # ---- DomainControl, for the management API -----------------------------
+
+    def hypercall_path(self) -> str:
+        return self.hypercall_sock_path
+
+    def _conn_of(self, dom: Domain) -> Connection | None:
+        for c in self.conns.values():
+            if c.domain is dom:
+                return c
+        return None
+
+    def destroy(self, dom: Domain) -> None:
+        conn = self._conn_of(dom)
+        if conn is not None:
+            self._signal(conn, signal.SIGKILL)
+            self._drop(conn, "destroyed")
+
+    def pause(self, dom: Domain, paused: bool) -> None:
+        conn = self._conn_of(dom)
+        if conn is not None:
+            self._signal(conn, signal.SIGSTOP if paused else signal.SIGCONT)
+
+    def process_stats(self) -> dict[str, Any]:
+        me = psutil.Process()
+        return {"broker_pid": me.pid, "broker_fds": me.num_fds(), "broker_rss": me.memory_info().rss}
+
+    def _signal(self, conn: Connection, sig: int) -> None:
+        try:
+            if conn.pidfd >= 0:
+                signal.pidfd_send_signal(conn.pidfd, sig)
+        except ProcessLookupError:
+            pass
+
+    # ---- loop ----------------------------------------------------------------
+
+    def _publish(self, kind: str, dom: Domain) -> None:
+        body = {"event": kind, "domid": dom.domid, "name": dom.name, "state": dom.state,
+                "reason": dom.shutdown_reason, "time": time.time()}
+        log.info("domain %d (%s): %s", dom.domid, dom.name, kind)
+        try:
+            self.events.send_multipart([b"domain", msgpack.packb(body)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def serve_forever(self) -> None:
+        while self.running:
+            self.run_once(1000)
+        self.close()
+
+    def run_once(self, timeout_ms: int) -> None:
+        for sock, _ in self.poller.poll(timeout_ms):
+            if sock is self.router:
+                self._serve_management()
+            elif sock == self.listener.fileno():
+                self._accept()
+            elif sock in self.pidfds:
+                self._drop(self.pidfds[sock], "exited")
+            elif sock in self.conns:
+                self._serve(self.conns[sock])
+        self._housekeeping()
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        for conn in list(self.conns.values()):
+            if conn.domain is None and now - conn.opened > HELLO_TIMEOUT:
+                self._drop(conn, "no hello")
+        self.hv.retry_deferred()
+
+    def _serve_management(self) -> None:
+        for _ in range(MESSAGES_PER_TURN):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                continue
+            envelope, payload = frames[:-1], frames[-1]
+            reply = self.mgmt.handle_bytes(payload)
+            try:
+                self.router.send_multipart([*envelope, reply], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            sock.setblocking(False)
+            pending = sum(1 for c in self.conns.values() if c.domain is None)
+            if pending >= PENDING_LIMIT:
+                sock.close()
+                continue
+            pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+            conn = Connection(sock, pid, uid)
+            self.conns[sock.fileno()] = conn
+            self.poller.register(sock.fileno(), zmq.POLLIN)
+
+    def _serve(self, conn: Connection) -> None:
+        for _ in range(MESSAGES_PER_TURN):
+            try:
+                data, anc, flags, _ = conn.sock.recvmsg(MAX_MESSAGE + 1, socket.CMSG_SPACE(MAX_FDS * 4))
+            except BlockingIOError:
+                return
+            except OSError:
+                self._drop(conn, "")
+                return
+            fds = _take_fds(anc)
+            if not data and not fds and not flags & socket.MSG_TRUNC:
+                self._drop(conn, "")            # EOF: the domain is gone
+                return
+            for fd in fds:
+                os.close(fd)
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                err = HypercallError(errno.EMSGSIZE, "frame truncated: too large or too many fds")
+                if not self._reply(conn, encode_error(err), []):
+                    return
+                continue
+            if fds:
+                err = HypercallError(errno.EINVAL, "no hypercall takes file descriptors")
+                if not self._reply(conn, encode_error(err), []):
+                    return
+                continue
+            payload, send_fds, close_fds = self._dispatch(conn, data)
+            ok = self._reply(conn, payload, send_fds)
+            for fd in close_fds:
+                os.close(fd)
+            if not ok or conn.sock.fileno() < 0:
+                return
+
+    def _dispatch(self, conn: Connection, data: bytes) -> tuple[bytes, list[int], list[int]]:
+        try:
+            op, args = decode_request(data)
+            if op != "hello" and conn.domain is None:
+                raise HypercallError(errno.EPERM, "say hello with your token first")
+            if op not in ("hello", "set_memory", "shutdown") and not conn.memory_set:
+                raise HypercallError(errno.EPERM, "register memory with set_memory first")
+            if conn.domain is not None:
+                conn.domain.stats["hypercalls"] += 1
+            fields, send, close = self.handlers[op](conn, args)
+            return encode_reply(**fields), send, close
+        except HypercallError as e:
+            return encode_error(e), [], []
+        except Exception:   # a bug, not the caller's fault: report it, keep serving
+            log.exception("hypercall from pid %d failed", conn.pid)
+            return encode_error(HypercallError(errno.EIO, "internal broker error")), [], []
+
+    def _reply(self, conn: Connection, payload: bytes, fds: list[int]) -> bool:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        try:
+            conn.sock.sendmsg([payload], anc)
+            return True
+        except OSError as e:
+            # A domain that does not read its replies has broken the protocol.
+            log.warning("pid %d: reply failed (%s); dropping", conn.pid, e)
+            self._drop(conn, "crash")
+            return False
+
+    def _drop(self, conn: Connection, reason: str) -> None:
+        log.debug("dropping connection of pid %d (%s)", conn.pid, reason or "closed")
+        fd = conn.sock.fileno()
+        if fd in self.conns:
+            self.poller.unregister(fd)
+            del self.conns[fd]
+        if conn.pidfd >= 0:
+            self.poller.unregister(conn.pidfd)
+            self.pidfds.pop(conn.pidfd, None)
+        dom = conn.domain
+        if dom is not None and dom.alive:
+            # Without its hypercall connection a domain is dead to the
+            # hypervisor, whatever its process does next; the toolstack that
+            # started the process reaps it.
+            self.hv.domain_died(dom, reason)
+        if conn.pidfd >= 0:
+            os.close(conn.pidfd)
+            conn.pidfd = -1
+        conn.sock.close()
+
+    # ---- hypercalls ------------------------------------------------------
+
+    def _hello(self, conn: Connection, args: dict[str, Any]) -> Reply:
+        if conn.domain is not None:
+            raise HypercallError(errno.EALREADY, "already introduced")
+        dom = self.hv.find_by_token(args["token"])
+        if dom is None:
+            raise HypercallError(errno.EACCES, "unknown or used token")
+        try:
+            conn.pidfd = os.pidfd_open(conn.pid)
+        except OSError as e:
+            raise HypercallError(errno.ESRCH, f"peer process: {e.strerror}") from None
+        dom.token = ""          # one use only
+        dom.pid = conn.pid
+        conn.domain = dom
+        self.pidfds[conn.pidfd] = conn
+        self.poller.register(conn.pidfd, zmq.POLLIN)
+        gnt_fd = dom.gnttab.domain_fd()
+        return ({"domid": dom.domid, "name": dom.name, "nr_frames": dom.nr_frames,
+                 "grant_frames": dom.gnttab.nr_frames, "privileged": dom.privileged},
+                [gnt_fd], [gnt_fd])
+
+    def _set_memory(self, conn: Connection, args: dict[str, Any]) -> Reply:
+        dom = conn.domain
+        assert dom is not None
+        if conn.memory_set:
+            raise HypercallError(errno.EALREADY, "memory is registered")
+        base = args["base"]
+        if base <= 0 or base % PAGE_SIZE or base >= 1 << 47:
+            raise HypercallError(errno.EINVAL, "memory base must be a page-aligned user address")
+        frames = ProcFrames(conn.pid, base, dom.nr_frames)
+        for gfn in (0, dom.nr_frames - 1):   # spot-check: real frames of this process
+            try:
+                fd, _ = frames.open_frame(gfn, readonly=True)
+                os.close(fd)
+            except Exception as e:
+                raise HypercallError(errno.EFAULT, f"frame {gfn} at the given base: {e}") from None
+        self.hv.attach(dom, frames, conn.pid)
+        conn.memory_set = True
+        return {}, [], []
+
+    def _shutdown(self, conn: Connection, args: dict[str, Any]) -> Reply:
+        if args["reason"] not in SHUTDOWN_REASONS:
+            raise HypercallError(errno.EINVAL, f"reason must be one of {SHUTDOWN_REASONS}")
+        assert conn.domain is not None
+        conn.domain.shutdown_reason = args["reason"]
+        return {}, [], []
+
+    def _map(self, conn: Connection, args: dict[str, Any]) -> Reply:
+        ops = []
+        for entry in args["ops"]:
+            domid, ref, ro = int_tuple(entry, 3, "map", hi=2**32 - 1)
+            ops.append((domid, ref, bool(ro)))
+        results = self.hv.grant_map(conn.domain, ops)
+        fds = [r.frame for r in results if r.frame is not None]
+        return {"results": [[r.status, r.handle] for r in results]}, fds, fds
+
+    def _unmap(self, conn: Connection, args: dict[str, Any]) -> Reply:
+        handles = [int_tuple([h], 1, "unmap")[0] for h in args["handles"]]
+        return {"results": self.hv.grant_unmap(conn.domain, handles)}, [], []
+
+    def _copy(self, conn: Connection, args: dict[str, Any]) -> Reply:
+        ops = [int_tuple(e, 8, "copy") for e in args["ops"]]
+        return {"results": self.hv.grant_copy(conn.domain, ops)}, [], []
+
+    def _alloc_unbound(self, conn: Connection, args: dict[str, Any]) -> Reply:
+        p = self.hv.evtchn_alloc_unbound(conn.domain, _domid(args["remote_dom"]))
+        return {"port": p.port}, [p.wait_fd, p.notify_fd], []
+
+    def _bind_interdomain(self, conn: Connection, args: dict[str, Any]) -> Reply:
+        p = self.hv.evtchn_bind_interdomain(conn.domain, _domid(args["remote_dom"]), args["remote_port"])
+        return {"port": p.port}, [p.wait_fd, p.notify_fd], []
+
+    def _bind_virq(self, conn: Connection, args: dict[str, Any]) -> Reply:
+        p = self.hv.evtchn_bind_virq(conn.domain, args["virq"])
+        return {"port": p.port}, [p.wait_fd], []
+
+    def _close(self, conn: Connection, args: dict[str, Any]) -> Reply:
+        self.hv.evtchn_close(conn.domain, args["port"])
+        return {}, [], []
+
+    def _status(self, conn: Connection, args: dict[str, Any]) -> Reply:
+        return self.hv.evtchn_status(conn.domain, args["port"]), [], []
+
+    def _send(self, conn: Connection, args: dict[str, Any]) -> Reply:
+        self.hv.evtchn_send(conn.domain, args["port"])
+        return {}, [], []
+
+    def _domain_info(self, conn: Connection, args: dict[str, Any]) -> Reply:
+        dom = conn.domain
+        assert dom is not None
+        target = dom.domid if args["domid"] == DOMID_SELF else args["domid"]
+        if target != dom.domid and not dom.privileged:
+            raise HypercallError(errno.EPERM, "only a privileged domain asks about others")
+        other = self.hv.domains.get(target)
+        if other is None:
+            raise HypercallError(errno.ESRCH, f"no domain {target}")
+        return {"domid": other.domid, "name": other.name, "state": other.state}, [], []
+
+    def close(self) -> None:
+        for conn in list(self.conns.values()):
+            self._drop(conn, "broker stopped")
+        self.hv.close()
+        self.poller.unregister(self.listener.fileno())
+        self.listener.close()
+        try:
+            os.unlink(self.hypercall_sock_path)
+        except FileNotFoundError:
+            pass
+        self.router.close(0)
+        self.events.close(0)
+
+
+def _domid(value: int) -> int:
+    if not 0 <= value <= DOMID_SELF:
+        raise HypercallError(errno.EINVAL, f"domid {value} out of range")
+    return value
+
+
+def _take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+

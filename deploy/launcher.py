@@ -1,0 +1,103 @@
+"""Starting the broker and domain processes (the toolstack's low level).
+
+The supervisor builds on this; tests use it directly.  Nothing here sleeps
+to wait for readiness: the broker reports readiness on a pipe, and a domain
+is running once the broker publishes it so.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from xdom.broker.mgmt_client import ManagementClient, endpoint_for
+
+
+@dataclass
+class BrokerProcess:
+    proc: subprocess.Popen[bytes]
+    run_dir: str
+
+    @property
+    def mgmt_endpoint(self) -> str:
+        return endpoint_for(self.run_dir)
+
+    def client(self, timeout: float = 10.0) -> ManagementClient:
+        return ManagementClient(self.mgmt_endpoint, timeout)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        return stop_process(self.proc, timeout)
+
+
+def start_broker(run_dir: str, log_path: str | None = None, timeout: float = 30.0,
+                 extra_args: Sequence[str] = ()) -> BrokerProcess:
+    """Start ``xdom broker`` and return once it serves requests."""
+    os.makedirs(run_dir, exist_ok=True)
+    rfd, wfd = os.pipe()
+    log = open(log_path or os.path.join(run_dir, "broker.log"), "ab")
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xdom.deploy.cli", "broker", "--run-dir", run_dir,
+             "--ready-fd", str(wfd), *extra_args],
+            pass_fds=(wfd,), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        os.close(wfd)
+        log.close()
+    try:
+        _wait_ready(rfd, proc, timeout, "broker")
+    except BaseException:
+        stop_process(proc)
+        raise
+    finally:
+        os.close(rfd)
+    return BrokerProcess(proc, run_dir)
+
+
+def _wait_ready(rfd: int, proc: subprocess.Popen[bytes], timeout: float, what: str) -> None:
+    import select
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"{what} not ready within {timeout}s")
+        r, _, _ = select.select([rfd], [], [], left)
+        if r:
+            if os.read(rfd, 64):
+                return
+            raise RuntimeError(f"{what} exited before it was ready (status {proc.wait()})")
+
+
+def spawn_domain(mgmt: ManagementClient, name: str, argv: Sequence[str], memory: int | str = "4M",
+                 privileged: bool = False, env: dict[str, str] | None = None,
+                 **popen: Any) -> tuple[dict[str, Any], subprocess.Popen[bytes]]:
+    """Create a domain in the broker and start its process with its credentials."""
+    creds = mgmt.request("create", name=name, memory=memory, privileged=privileged)
+    child_env = dict(os.environ if env is None else env)
+    child_env.update(XDOM_HYPERCALL=creds["hypercall"], XDOM_TOKEN=creds["token"],
+                     XDOM_DOMID=str(creds["domid"]), XDOM_NAME=name)
+    proc = subprocess.Popen(list(argv), env=child_env, start_new_session=True, **popen)
+    return creds, proc
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> int:
+    """SIGTERM, a grace period, then SIGKILL of the process group; always reaps."""
+    if proc.poll() is None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                try:
+                    proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+            try:
+                proc.wait(timeout)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    return proc.wait()

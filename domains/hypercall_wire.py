@@ -1,0 +1,134 @@
+"""The hypercall wire format between a domain and the broker (sans-IO).
+
+One SOCK_SEQPACKET message is one msgpack map: a request ``{"op": NAME,
+...fields}`` or a reply ``{"ok": true, ...}`` / ``{"ok": false, "errno":
+NAME, "error": text}``.  File descriptors travel beside a message with
+SCM_RIGHTS, in the order the reply documents.  No field ever names the
+calling domain: the broker knows the caller from the connection.
+
+Decoding never trusts its input: sizes and counts are bounded before
+anything is built, and every failure is a ``HypercallError`` carrying the
+errno to answer with.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from typing import Any, Final
+
+import msgpack
+
+MAX_MESSAGE: Final = 64 * 1024   # one request or reply
+MAX_BATCH: Final = 128           # map/unmap/copy ops per hypercall (<= SCM_MAX_FD)
+MAX_FDS: Final = MAX_BATCH       # descriptors beside one reply
+
+# op name -> {field: type}; every field is required, no other is allowed.
+REQUESTS: Final[dict[str, dict[str, type]]] = {
+    "hello": {"token": str},
+    "set_memory": {"base": int},
+    "shutdown": {"reason": str},
+    "map": {"ops": list},           # [[domid, ref, readonly], ...]
+    "unmap": {"handles": list},     # [handle, ...]
+    "copy": {"ops": list},          # [[flags, sdom, sref, soff, ddom, dref, doff, len], ...]
+    "evtchn_alloc_unbound": {"remote_dom": int},
+    "evtchn_bind_interdomain": {"remote_dom": int, "remote_port": int},
+    "evtchn_bind_virq": {"virq": int},
+    "evtchn_close": {"port": int},
+    "evtchn_status": {"port": int},
+    "evtchn_send": {"port": int},
+    "domain_info": {"domid": int},
+}
+
+SHUTDOWN_REASONS: Final = ("poweroff", "reboot", "suspend", "crash")
+
+
+class HypercallError(Exception):
+    """A hypercall failed; ``errno`` is what the caller is told (Linux errno)."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno
+        self.message = message
+
+    @property
+    def name(self) -> str:
+        return _errno.errorcode.get(self.errno, str(self.errno))
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.message}"
+
+
+def _unpack(data: bytes) -> Any:
+    if len(data) > MAX_MESSAGE:
+        raise HypercallError(_errno.EMSGSIZE, f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True,
+                               max_str_len=4096, max_bin_len=4096,
+                               max_array_len=MAX_BATCH * 8, max_map_len=64, max_ext_len=0)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError, msgpack.OutOfData) as e:
+        raise HypercallError(_errno.EBADMSG, f"undecodable frame: {e.__class__.__name__}") from None
+    except Exception as e:  # msgpack raises assorted types on hostile input
+        raise HypercallError(_errno.EBADMSG, f"undecodable frame: {e.__class__.__name__}") from None
+
+
+def decode_request(data: bytes) -> tuple[str, dict[str, Any]]:
+    """Decode and shape-check one request frame; raises HypercallError."""
+    msg = _unpack(data)
+    if not isinstance(msg, dict):
+        raise HypercallError(_errno.EBADMSG, "a request is a map")
+    op = msg.get("op")
+    if not isinstance(op, str) or op not in REQUESTS:
+        raise HypercallError(_errno.ENOSYS, f"unknown hypercall {op!r:.40}")
+    spec = REQUESTS[op]
+    extra = set(msg) - set(spec) - {"op"}
+    if extra:
+        raise HypercallError(_errno.EINVAL, f"{op}: unexpected fields {sorted(map(str, extra))[:4]}")
+    args: dict[str, Any] = {}
+    for name, kind in spec.items():
+        if name not in msg:
+            raise HypercallError(_errno.EINVAL, f"{op}: missing field {name!r}")
+        value = msg[name]
+        if kind is int and (type(value) is not int):
+            raise HypercallError(_errno.EINVAL, f"{op}: field {name!r} must be an integer")
+        if kind is not int and not isinstance(value, kind):
+            raise HypercallError(_errno.EINVAL, f"{op}: field {name!r} must be {kind.__name__}")
+        if kind is list and len(value) > MAX_BATCH:
+            raise HypercallError(_errno.E2BIG, f"{op}: {len(value)} entries exceed the batch limit {MAX_BATCH}")
+        args[name] = value
+    return op, args
+
+
+def int_tuple(value: Any, width: int, what: str, lo: int = 0, hi: int = 2**32 - 1) -> tuple[int, ...]:
+    """Check one batch entry is a list of ``width`` integers within [lo, hi]."""
+    if not isinstance(value, (list, tuple)) or len(value) != width:
+        raise HypercallError(_errno.EINVAL, f"{what}: each entry is a list of {width} integers")
+    for v in value:
+        if type(v) is not int and type(v) is not bool:
+            raise HypercallError(_errno.EINVAL, f"{what}: each entry is a list of {width} integers")
+        if not lo <= int(v) <= hi:
+            raise HypercallError(_errno.EINVAL, f"{what}: value {v} out of range")
+    return tuple(int(v) for v in value)
+
+
+def encode_request(op: str, **fields: Any) -> bytes:
+    return msgpack.packb({"op": op, **fields}, use_bin_type=True)
+
+
+def encode_reply(**fields: Any) -> bytes:
+    return msgpack.packb({"ok": True, **fields}, use_bin_type=True)
+
+
+def encode_error(err: HypercallError) -> bytes:
+    return msgpack.packb({"ok": False, "errno": err.name, "error": err.message}, use_bin_type=True)
+
+
+def decode_reply(data: bytes) -> dict[str, Any]:
+    """Decode a reply; raises HypercallError for an error reply."""
+    msg = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    if not isinstance(msg, dict) or "ok" not in msg:
+        raise HypercallError(_errno.EBADMSG, "malformed reply from the broker")
+    if not msg["ok"]:
+        code = getattr(_errno, str(msg.get("errno")), _errno.EIO)
+        raise HypercallError(code, str(msg.get("error", "")))
+    return msg

@@ -1,0 +1,204 @@
+"""What every xenhost variant offers, and the parts they share."""
+
+from __future__ import annotations
+
+import os
+import selectors
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from ..abi.grant_table import GNTCOPY_dest_gref, GNTCOPY_source_gref, GNTST_NAMES, GNTST_okay
+from ..grant_table import GrantTable
+from ..memory import DomainMemory
+
+
+class GrantError(Exception):
+    """A grant operation failed with a GNTST_* status."""
+
+    def __init__(self, status: int, what: str = "") -> None:
+        super().__init__(f"{what}: GNTST {status} ({GNTST_NAMES.get(status, '?')})" if what else
+                         f"GNTST {status} ({GNTST_NAMES.get(status, '?')})")
+        self.status = status
+
+
+class GrantMapping:
+    """A foreign frame mapped into this domain.
+
+    ``view`` is a memoryview of the 4 KiB page (read-only for a read-only
+    grant); it is released on unmap, so a stale view raises ValueError
+    instead of touching a page that is no longer ours.
+    """
+
+    def __init__(self, domid: int, ref: int, readonly: bool, handle: int, view: memoryview) -> None:
+        self.domid = domid
+        self.ref = ref
+        self.readonly = readonly
+        self.handle = handle
+        self.view = view
+        self.live = True
+
+    def __repr__(self) -> str:
+        return f"<GrantMapping d{self.domid} ref {self.ref} {'ro' if self.readonly else 'rw'} handle {self.handle}>"
+
+
+@dataclass(frozen=True)
+class MapResult:
+    status: int
+    mapping: GrantMapping | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == GNTST_okay
+
+
+@dataclass(frozen=True)
+class CopyOp:
+    """One GNTTABOP_copy segment; a side is a grant (domid, ref) or a local gfn."""
+    src_ref_or_gfn: int
+    src_offset: int
+    dst_ref_or_gfn: int
+    dst_offset: int
+    length: int
+    src_domid: int | None = None   # None: src is a local gfn
+    dst_domid: int | None = None   # None: dst is a local gfn
+
+    def wire(self, self_domid: int) -> list[int]:
+        flags = (GNTCOPY_source_gref if self.src_domid is not None else 0) | \
+                (GNTCOPY_dest_gref if self.dst_domid is not None else 0)
+        return [flags, self.src_domid if self.src_domid is not None else self_domid,
+                self.src_ref_or_gfn, self.src_offset,
+                self.dst_domid if self.dst_domid is not None else self_domid,
+                self.dst_ref_or_gfn, self.dst_offset, self.length]
+
+
+class EventChannels:
+    """This domain's ports: fds to wait on and fds to notify through.
+
+    ``notify`` writes the peer's eventfd directly, with no hypervisor in
+    the path.  ``wait`` blocks in epoll until some port is pending and
+    returns the pending ports, clearing them (Xen's "clear pending, then
+    look at the ring" order is the caller's job).
+    """
+
+    def __init__(self) -> None:
+        self._wait: dict[int, int] = {}
+        self._notify: dict[int, int] = {}
+        self._sel = selectors.DefaultSelector()
+
+    def add(self, port: int, wait_fd: int, notify_fd: int = -1) -> None:
+        self._wait[port] = wait_fd
+        self._sel.register(wait_fd, selectors.EVENT_READ, port)
+        if notify_fd >= 0:
+            self._notify[port] = notify_fd
+
+    def remove(self, port: int) -> None:
+        fd = self._wait.pop(port, None)
+        if fd is not None:
+            self._sel.unregister(fd)
+            os.close(fd)
+        nfd = self._notify.pop(port, None)
+        if nfd is not None:
+            os.close(nfd)
+
+    def fileno(self, port: int) -> int:
+        return self._wait[port]
+
+    def notify(self, port: int) -> None:
+        fd = self._notify.get(port)
+        if fd is None:
+            raise KeyError(f"port {port} has no peer to notify")
+        try:
+            os.eventfd_write(fd, 1)
+        except BlockingIOError:
+            pass   # counter saturated: already pending
+
+    def consume(self, port: int) -> int:
+        """Clear ``port``'s pending state; returns how many events had arrived."""
+        try:
+            return os.eventfd_read(self._wait[port])
+        except BlockingIOError:
+            return 0
+
+    def wait(self, timeout: float | None = None, ports: Iterable[int] | None = None) -> list[int]:
+        """Block until a port is pending; return and clear the pending ones."""
+        wanted = set(ports) if ports is not None else None
+        ready = []
+        for key, _ in self._sel.select(timeout):
+            port = key.data
+            if wanted is not None and port not in wanted:
+                continue
+            if self.consume(port):
+                ready.append(port)
+        return ready
+
+    def ports(self) -> list[int]:
+        return sorted(self._wait)
+
+    def close(self) -> None:
+        for port in list(self._wait):
+            self.remove(port)
+        self._sel.close()
+
+
+class XenHost(ABC):
+    """The handle drivers hold.  Thread-safe for concurrent callers."""
+
+    domid: int
+    name: str
+    memory: DomainMemory
+    gnttab: GrantTable
+    evtchn: EventChannels
+
+    # grants
+    @abstractmethod
+    def map_grants(self, ops: Sequence[tuple[int, int, bool]]) -> list[MapResult]:
+        """Map a batch of (granter domid, ref, readonly); one result per op."""
+
+    @abstractmethod
+    def unmap_grants(self, mappings: Sequence[GrantMapping]) -> list[int]:
+        """Unmap a batch; returns GNTST codes.  Views are released first."""
+
+    @abstractmethod
+    def copy_grants(self, ops: Sequence[CopyOp]) -> list[int]:
+        """Have the hypervisor copy between grants and local frames."""
+
+    def map_grant(self, domid: int, ref: int, readonly: bool = False) -> GrantMapping:
+        (res,) = self.map_grants([(domid, ref, readonly)])
+        if res.mapping is None:
+            raise GrantError(res.status, f"map d{domid} ref {ref}")
+        return res.mapping
+
+    def unmap_grant(self, mapping: GrantMapping) -> None:
+        (status,) = self.unmap_grants([mapping])
+        if status != GNTST_okay:
+            raise GrantError(status, f"unmap {mapping!r}")
+
+    # event channels
+    @abstractmethod
+    def alloc_unbound(self, remote_domid: int) -> int: ...
+    @abstractmethod
+    def bind_interdomain(self, remote_domid: int, remote_port: int) -> int: ...
+    @abstractmethod
+    def bind_virq(self, virq: int) -> int: ...
+    @abstractmethod
+    def close_port(self, port: int) -> None: ...
+    @abstractmethod
+    def port_status(self, port: int) -> dict[str, int]: ...
+
+    def notify(self, port: int) -> None:
+        self.evtchn.notify(port)
+
+    # lifecycle
+    @abstractmethod
+    def shutdown(self, reason: str = "poweroff") -> None:
+        """Tell the hypervisor why this domain is about to go away."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "XenHost":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

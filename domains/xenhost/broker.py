@@ -1,0 +1,161 @@
+"""The real xenhost: this domain is a process talking to the broker.
+
+At start the domain connects to the broker's hypercall socket, proves who
+it is with the one-time token the toolstack handed it (``hello``), maps the
+grant table the broker shares with it, allocates its memory frames and
+registers them (``set_memory``).  From then on grants and event channels
+are hypercalls on this one connection, and notifications are eventfd
+writes that never touch the broker.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import threading
+from typing import Any, Sequence
+
+from .. import sysmem
+from ..abi.grant_table import GNTST_okay, PAGE_SIZE
+from ..grant_table import GrantTable
+from ..hypercall_wire import MAX_BATCH, MAX_FDS, MAX_MESSAGE, decode_reply, encode_request
+from ..memory import DomainMemory
+from .base import CopyOp, EventChannels, GrantMapping, MapResult, XenHost
+
+ENV_SOCKET = "XDOM_HYPERCALL"
+ENV_TOKEN = "XDOM_TOKEN"
+
+
+class BrokerXenHost(XenHost):
+    def __init__(self, path: str, token: str) -> None:
+        self._lock = threading.Lock()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self._sock.connect(path)
+        hello, fds = self.call("hello", token=token)
+        self.domid: int = hello["domid"]
+        self.name: str = hello["name"]
+        self.privileged: bool = hello["privileged"]
+        self.gnttab = GrantTable(fds[0], hello["grant_frames"])
+        self.memory = DomainMemory(hello["nr_frames"])
+        self.call("set_memory", base=self.memory.base)
+        self.evtchn = EventChannels()
+        self._maps: dict[int, tuple[int, GrantMapping]] = {}   # handle -> (addr, mapping)
+
+    def call(self, op: str, **fields: Any) -> tuple[dict[str, Any], list[int]]:
+        """One hypercall: returns the reply fields and the fds that came with it."""
+        with self._lock:
+            self._sock.sendmsg([encode_request(op, **fields)])
+            data, anc, _flags, _ = self._sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4))
+        fds: list[int] = []
+        for level, kind, blob in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(blob[: len(blob) - len(blob) % arr.itemsize])
+                fds.extend(arr)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            raise ConnectionError("the broker closed the hypercall connection")
+        try:
+            return decode_reply(data), fds
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+
+    # ---- grants -------------------------------------------------------------
+
+    def map_grants(self, ops: Sequence[tuple[int, int, bool]]) -> list[MapResult]:
+        out: list[MapResult] = []
+        for start in range(0, len(ops), MAX_BATCH):
+            batch = ops[start:start + MAX_BATCH]
+            reply, fds = self.call("map", ops=[[d, r, bool(ro)] for d, r, ro in batch])
+            fd_iter = iter(fds)
+            for (domid, ref, ro), (status, handle) in zip(batch, reply["results"]):
+                if status != GNTST_okay:
+                    out.append(MapResult(status))
+                    continue
+                fd = next(fd_iter)
+                try:
+                    prot = sysmem.PROT_READ | (0 if ro else sysmem.PROT_WRITE)
+                    addr = sysmem.mmap(0, PAGE_SIZE, prot, sysmem.MAP_SHARED, fd, 0)
+                finally:
+                    os.close(fd)
+                m = GrantMapping(domid, ref, bool(ro), handle, sysmem.view(addr, PAGE_SIZE, readonly=bool(ro)))
+                self._maps[handle] = (addr, m)
+                out.append(MapResult(status, m))
+            for fd in fd_iter:   # only if the broker sent more than it said
+                os.close(fd)
+        return out
+
+    def unmap_grants(self, mappings: Sequence[GrantMapping]) -> list[int]:
+        handles = []
+        for m in mappings:
+            entry = self._maps.pop(m.handle, None)
+            if entry is not None and m.live:
+                m.view.release()     # raises BufferError while someone exports it: keep the page then
+                m.live = False
+                sysmem.munmap(entry[0], PAGE_SIZE)
+            handles.append(m.handle)
+        out: list[int] = []
+        for start in range(0, len(handles), MAX_BATCH):
+            reply, _ = self.call("unmap", handles=handles[start:start + MAX_BATCH])
+            out.extend(reply["results"])
+        return out
+
+    def copy_grants(self, ops: Sequence[CopyOp]) -> list[int]:
+        out: list[int] = []
+        for start in range(0, len(ops), MAX_BATCH):
+            reply, _ = self.call("copy", ops=[op.wire(self.domid) for op in ops[start:start + MAX_BATCH]])
+            out.extend(reply["results"])
+        return out
+
+    # ---- event channels -----------------------------------------------------
+
+    def _bound(self, reply: dict[str, Any], fds: list[int]) -> int:
+        port = reply["port"]
+        self.evtchn.add(port, fds[0], fds[1] if len(fds) > 1 else -1)
+        return port
+
+    def alloc_unbound(self, remote_domid: int) -> int:
+        return self._bound(*self.call("evtchn_alloc_unbound", remote_dom=remote_domid))
+
+    def bind_interdomain(self, remote_domid: int, remote_port: int) -> int:
+        return self._bound(*self.call("evtchn_bind_interdomain", remote_dom=remote_domid, remote_port=remote_port))
+
+    def bind_virq(self, virq: int) -> int:
+        return self._bound(*self.call("evtchn_bind_virq", virq=virq))
+
+    def close_port(self, port: int) -> None:
+        self.call("evtchn_close", port=port)
+        self.evtchn.remove(port)
+
+    def port_status(self, port: int) -> dict[str, int]:
+        reply, _ = self.call("evtchn_status", port=port)
+        return {k: reply[k] for k in ("status", "remote_dom", "remote_port", "virq")}
+
+    def domain_info(self, domid: int) -> dict[str, Any]:
+        reply, _ = self.call("domain_info", domid=domid)
+        return {k: reply[k] for k in ("domid", "name", "state")}
+
+    # ---- lifecycle ----------------------------------------------------------
+
+    def shutdown(self, reason: str = "poweroff") -> None:
+        self.call("shutdown", reason=reason)
+
+    def close(self) -> None:
+        """Drop the connection; to the broker this domain is now gone."""
+        if self._sock.fileno() >= 0:
+            self._sock.close()
+        self.evtchn.close()
+
+
+def connect(path: str | None = None, token: str | None = None) -> BrokerXenHost:
+    """Connect as the domain the toolstack started us as (env XDOM_HYPERCALL, XDOM_TOKEN)."""
+    path = path or os.environ.get(ENV_SOCKET)
+    token = token or os.environ.get(ENV_TOKEN)
+    if not path or not token:
+        raise RuntimeError(f"not started as a domain: {ENV_SOCKET} and {ENV_TOKEN} must be set")
+    os.environ.pop(ENV_TOKEN, None)   # one use only; keep it out of children
+    return BrokerXenHost(path, token)
