@@ -242,9 +242,9 @@ class Hypervisor:
         before the grant is released; a mapping still present is refused with
         GNTST_general_error and stays pinned.
         """
-        known = [h for h in handles if h in caller.maptrack]
+        known = {h for h in handles if h in caller.maptrack}
         claimed = {caller.maptrack[h].frame_id for h in known}
-        kept = {m.frame_id for h, m in caller.maptrack.items() if h not in set(known)}
+        kept = {m.frame_id for h, m in caller.maptrack.items() if h not in known}
         still: set[FrameId] = set()
         if caller.frames is not None and claimed - kept:
             pid = caller.frames.region()[0]

@@ -69,9 +69,9 @@ def check_isolation() -> None:
     a backend from the rest of a guest's memory, so say so plainly.
     """
     with open("/proc/self/maps") as f:
-        first = f.readline().split()[0]
+        start, end = (int(x, 16) for x in f.readline().split()[0].split("-"))
     try:
-        os.close(os.open(f"/proc/self/map_files/{first}", os.O_RDONLY))
+        os.close(os.open(f"/proc/self/map_files/{start:x}-{end:x}", os.O_RDONLY))
     except PermissionError:
         raise SystemExit(
             "xdom broker: cannot open /proc/<pid>/map_files (needs root or CAP_CHECKPOINT_RESTORE); "

@@ -106,5 +106,7 @@ class GrantTable:
             raise IndexError(f"grant reference {ref} outside 0..{self.nr_entries - 1}")
 
     def close(self) -> None:
-        self._map.close()
-        os.close(self.fd)
+        if self.fd >= 0:
+            self._map.close()
+            os.close(self.fd)
+            self.fd = -1

@@ -78,6 +78,9 @@ class DomainMemory:
     def close(self) -> None:
         """Unmap all frames; every view handed out must be gone by now."""
         if self.base:
-            self.buffer.release()
+            try:
+                self.buffer.release()
+            except BufferError:
+                return        # someone still exports the buffer: keep the pages rather than fault
             sysmem.munmap(self.base, self.size)
             self.base = 0

@@ -146,9 +146,19 @@ class BrokerXenHost(XenHost):
 
     def close(self) -> None:
         """Drop the connection; to the broker this domain is now gone."""
-        if self._sock.fileno() >= 0:
-            self._sock.close()
+        if self._sock.fileno() < 0:
+            return
+        self._sock.close()
         self.evtchn.close()
+        for addr, m in self._maps.values():
+            try:
+                m.view.release()
+            except BufferError:
+                continue
+            sysmem.munmap(addr, PAGE_SIZE)
+        self._maps.clear()
+        self.gnttab.close()
+        self.memory.close()
 
 
 def connect(path: str | None = None, token: str | None = None) -> BrokerXenHost:

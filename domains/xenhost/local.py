@@ -126,3 +126,6 @@ class LocalXenHost(XenHost):
             m.live = False
         self._maps.clear()
         self.evtchn.close()
+        self.gnttab.close()
+        # The memory stays: other in-process domains may still hold checked
+        # views of it, and unmapping under them would fault the process.

@@ -1,0 +1,44 @@
+# The two commands a newcomer runs: `make demo` and `make test`.
+# Both create .venv, install what they need (Debian packages via apt-get
+# when running as root and missing), then run.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# Debian packages: Xen's public headers (ABI tests compile against them) and a C compiler.
+DEB_PACKAGES := libxen-dev gcc libc6-dev
+PYTEST_ARGS ?=
+
+.PHONY: demo test sysdeps venv bench clean
+
+demo: venv sysdeps
+	$(BIN)/python -m xdom.deploy.demo
+
+test: venv sysdeps
+	$(BIN)/python -m pytest -n auto $(PYTEST_ARGS)
+
+bench: venv sysdeps
+	$(BIN)/python benchmarks/bench_broker.py
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+sysdeps:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    (apt-get install -y -qq $$missing >/dev/null 2>&1) || \
+	      (apt-get update -qq >/dev/null && apt-get install -y -qq $$missing >/dev/null); \
+	  else \
+	    echo "missing Debian packages:$$missing (run as root to install them; tests needing them will fail)"; \
+	  fi; \
+	fi
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
