@@ -2,23 +2,25 @@
 # Both create .venv, install what they need (Debian packages via apt-get
 # when running as root and missing), then run.
 
-PYTHON ?= python3
+# Prefer the system interpreter: domains that run under their own uids must be
+# able to execute it (a pyenv under /root is closed to them).
+PYTHON ?= $(shell [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import sys, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo /usr/bin/python3 || echo python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # Debian packages: Xen's public headers (ABI tests compile against them) and a C compiler.
-DEB_PACKAGES := libxen-dev gcc libc6-dev
+DEB_PACKAGES := libxen-dev gcc libc6-dev python3-venv
 PYTEST_ARGS ?=
 
 .PHONY: demo test sysdeps venv bench clean
 
-demo: venv sysdeps
+demo: sysdeps venv
 	$(BIN)/python -m xdom.deploy.demo
 
-test: venv sysdeps
+test: sysdeps venv
 	$(BIN)/python -m pytest -n auto $(PYTEST_ARGS)
 
-bench: venv sysdeps
+bench: sysdeps venv
 	$(BIN)/python benchmarks/bench_broker.py
 
 venv: $(STAMP)

@@ -75,19 +75,24 @@ def _wait_ready(rfd: int, proc: subprocess.Popen[bytes], timeout: float, what: s
 def spawn_domain(mgmt: ManagementClient, name: str, argv: Sequence[str], memory: int | str = "4M",
                  privileged: bool = False, env: dict[str, str] | None = None, uid: int | None = None,
                  **popen: Any) -> tuple[dict[str, Any], subprocess.Popen[bytes]]:
-    """Create a domain in the broker and start its process with its credentials.
+    """Create a domain in the broker and start its process with its credentials."""
+    creds = mgmt.request("create", name=name, memory=memory, privileged=privileged)
+    return creds, start_domain_process(creds, argv, env=env, uid=uid, **popen)
+
+
+def start_domain_process(creds: dict[str, Any], argv: Sequence[str], env: dict[str, str] | None = None,
+                         uid: int | None = None, **popen: Any) -> subprocess.Popen[bytes]:
+    """Start the process of a created (or restarted) domain with its credentials.
 
     With ``uid`` (root only) the process runs as that user and group, so
     that its frames (memfds, mode 0600) cannot be reopened by other domains.
     """
     if uid is not None:
         popen.update(user=uid, group=uid, extra_groups=[])
-    creds = mgmt.request("create", name=name, memory=memory, privileged=privileged)
     child_env = dict(os.environ if env is None else env)
     child_env.update(XDOM_HYPERCALL=creds["hypercall"], XDOM_TOKEN=creds["token"],
-                     XDOM_DOMID=str(creds["domid"]), XDOM_NAME=name)
-    proc = subprocess.Popen(list(argv), env=child_env, start_new_session=True, **popen)
-    return creds, proc
+                     XDOM_DOMID=str(creds["domid"]), XDOM_NAME=creds["name"])
+    return subprocess.Popen(list(argv), env=child_env, start_new_session=True, **popen)
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> int:

@@ -37,11 +37,9 @@ def test_event_channel_ping_pong_between_processes(spawn) -> None:
     pa = a.call("alloc_unbound", remote=b.domid)["port"]
     pb = b.call("bind", remote=a.domid, port=pa)["port"]
     # b answers every event; a starts each round: 2000 round trips
-    import json
-    b.proc.stdin.write((json.dumps({"op": "pingpong", "port": pb, "n": 2000, "first": False}) + "\n").encode())
-    b.proc.stdin.flush()
+    b.send("pingpong", port=pb, n=2000, first=False)
     ra = a.call("pingpong", port=pa, n=2000, first=True)
-    rb = b._read(30)
+    rb = b.read(30)
     assert ra["elapsed"] > 0 and rb["elapsed"] > 0
 
 

@@ -11,8 +11,6 @@ counter must equal the sum of both sides' increments.
 
 from __future__ import annotations
 
-import json
-
 from helpers import RemoteDomain
 
 ROUNDS = 5000
@@ -23,12 +21,10 @@ def test_end_access_versus_map_loses_no_update(mgmt) -> None:
     grantee = RemoteDomain(mgmt, "grantee")
     try:
         ref, gfn = 100, 3
-        grantee.proc.stdin.write((json.dumps({"op": "torture_grantee", "granter": granter.domid,
-                                              "ref": ref, "seconds": 240}) + "\n").encode())
-        grantee.proc.stdin.flush()
+        grantee.send("torture_grantee", granter=granter.domid, ref=ref, seconds=240)
         g = granter.call("torture_granter", grantee=grantee.domid, ref=ref, gfn=gfn, rounds=ROUNDS,
                          reply_within=240)
-        b = grantee._read(240)
+        b = grantee.read(240)
         assert g["incs"] == ROUNDS
         # read the counter through the granter's own memory
         raw = granter.call("read_u64", gfn=gfn)["value"]
