@@ -17,6 +17,7 @@ a domain cannot re-grant, writable, a page it only mapped from someone else.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import stat
 from typing import Protocol, Sequence
@@ -26,6 +27,27 @@ from xdom.domains.memory import DomainMemory
 from xdom.domains.abi.grant_table import PAGE_SIZE
 
 FrameId = tuple[int, int]   # (st_dev, st_ino) of the frame's memfd
+
+
+class FrameCopier:
+    """Copies between frames wherever they live: memmove within this
+    process, process_vm_readv/writev between others."""
+
+    def __init__(self) -> None:
+        self._vm = sysmem.VmCopier()
+        self._self = os.getpid()
+
+    def copy(self, src: "FrameSource", sgfn: int, soff: int,
+             dst: "FrameSource", dgfn: int, doff: int, length: int) -> None:
+        spid, saddr = src.locate(sgfn)
+        dpid, daddr = dst.locate(dgfn)
+        if spid == dpid == self._self:
+            ctypes.memmove(daddr + doff, saddr + soff, length)
+            return
+        try:
+            self._vm.copy(spid, saddr + soff, dpid, daddr + doff, length)
+        except OSError as e:
+            raise BadFrame(f"copy: {e.strerror}") from None
 
 
 class BadFrame(Exception):
@@ -47,8 +69,7 @@ class FrameSource(Protocol):
     nr_frames: int
 
     def open_frame(self, gfn: int, readonly: bool) -> tuple[object, FrameId]: ...
-    def read(self, gfn: int, offset: int, length: int) -> bytes: ...
-    def write(self, gfn: int, offset: int, data: bytes) -> None: ...
+    def locate(self, gfn: int) -> tuple[int, int]: ...
     def still_mapped(self, ids: set[FrameId], own: Sequence[tuple[int, int]] = ()) -> set[FrameId]: ...
     def region(self) -> tuple[int, int, int]: ...
     def close_frame(self, frame: object) -> None: ...
@@ -92,17 +113,9 @@ class ProcFrames:
         assert isinstance(frame, int)
         os.close(frame)
 
-    def read(self, gfn: int, offset: int, length: int) -> bytes:
-        try:
-            return sysmem.process_vm_read(self.pid, self._addr(gfn) + offset, length)
-        except OSError as e:
-            raise BadFrame(f"gfn {gfn}: {e.strerror}") from None
-
-    def write(self, gfn: int, offset: int, data: bytes) -> None:
-        try:
-            sysmem.process_vm_write(self.pid, self._addr(gfn) + offset, data)
-        except OSError as e:
-            raise BadFrame(f"gfn {gfn}: {e.strerror}") from None
+    def locate(self, gfn: int) -> tuple[int, int]:
+        """(pid, address) of frame ``gfn``, for copies by process_vm_*."""
+        return self.pid, self._addr(gfn)
 
     def region(self) -> tuple[int, int, int]:
         """(pid, start, end) of this domain's frames."""
@@ -180,11 +193,9 @@ class LocalFrames:
         assert isinstance(frame, memoryview)
         frame.release()
 
-    def read(self, gfn: int, offset: int, length: int) -> bytes:
-        return bytes(self._frame(gfn)[offset:offset + length])
-
-    def write(self, gfn: int, offset: int, data: bytes) -> None:
-        self._frame(gfn)[offset:offset + len(data)] = data
+    def locate(self, gfn: int) -> tuple[int, int]:
+        self._frame(gfn)
+        return os.getpid(), self.memory.base + gfn * PAGE_SIZE
 
     def region(self) -> tuple[int, int, int]:
         return os.getpid(), self.memory.base, self.memory.base + self.memory.size

@@ -64,6 +64,24 @@ class BrokerGrantTable:
             os.sched_yield()
         return False
 
+    def _check(self, ref: int, grantee: int, readonly: bool) -> tuple[int, int, int]:
+        """Validate entry ``ref`` for ``grantee``; the entry lock must be held.
+
+        Returns (GNTST status, flags, gfn).  The entry is copied out once and
+        only the copy is looked at.
+        """
+        flags, domid, frame = GRANT_ENTRY_V1.unpack_from(self._map, ref * GRANT_ENTRY_V1_SIZE)
+        if (flags & (GTF_type_mask | GTF_sub_page)) != GTF_permit_access or domid != grantee:
+            return GNTST_general_error, flags, 0
+        if not readonly and flags & GTF_readonly:
+            return GNTST_general_error, flags, 0
+        pin = self.pins.get(ref)
+        if pin is not None:
+            if pin.domid != grantee:
+                return GNTST_general_error, flags, 0
+            frame = pin.gfn      # Xen keeps using the frame of the first pin
+        return GNTST_okay, flags, frame
+
     def pin(self, ref: int, grantee: int, readonly: bool) -> tuple[int, int]:
         """Pin ``ref`` for ``grantee``; returns (GNTST status, gfn)."""
         if not 0 <= ref < self.nr_entries:
@@ -71,28 +89,47 @@ class BrokerGrantTable:
         if not self._try_lock(ref):
             return GNTST_eagain, 0
         try:
-            off = ref * GRANT_ENTRY_V1_SIZE
-            flags, domid, frame = GRANT_ENTRY_V1.unpack_from(self._map, off)  # one copy, then check
-            if (flags & (GTF_type_mask | GTF_sub_page)) != GTF_permit_access or domid != grantee:
-                return GNTST_general_error, 0
-            if not readonly and flags & GTF_readonly:
-                return GNTST_general_error, 0
+            status, flags, gfn = self._check(ref, grantee, readonly)
+            if status != GNTST_okay:
+                return status, 0
             pin = self.pins.get(ref)
-            if pin is not None and pin.domid != grantee:
-                return GNTST_general_error, 0
             if pin is None:
-                pin = self.pins[ref] = Pin(domid, frame)
+                pin = self.pins[ref] = Pin(grantee, gfn)
             if readonly:
                 pin.readers += 1
             else:
                 pin.writers += 1
             new = flags | GTF_reading | (0 if readonly else GTF_writing)
             if new != flags:
-                _FLAGS.pack_into(self._map, off, new)
+                _FLAGS.pack_into(self._map, ref * GRANT_ENTRY_V1_SIZE, new)
             self._deferred.discard(ref)
-            return GNTST_okay, pin.gfn
+            return GNTST_okay, gfn
         finally:
             grant_lock.unlock_entry(self.fd, ref)
+
+    def hold(self, ref: int, grantee: int, readonly: bool) -> tuple[int, int]:
+        """Validate ``ref`` and keep its entry locked: (GNTST status, gfn).
+
+        For a copy, holding the entry lock for the few microseconds of the
+        copy is cheaper than pinning (two flag updates under two locks) and
+        just as safe: the granter cannot end access while we hold it.  On
+        success the caller must ``unhold(ref)``.
+        """
+        if not 0 <= ref < self.nr_entries:
+            return GNTST_bad_gntref, 0
+        if not self._try_lock(ref):
+            return GNTST_eagain, 0
+        status, _flags, gfn = self._check(ref, grantee, readonly)
+        if status != GNTST_okay:
+            grant_lock.unlock_entry(self.fd, ref)
+        return status, gfn
+
+    def is_readonly(self, ref: int) -> bool:
+        (flags,) = _FLAGS.unpack_from(self._map, ref * GRANT_ENTRY_V1_SIZE)
+        return bool(flags & GTF_readonly)
+
+    def unhold(self, ref: int) -> None:
+        grant_lock.unlock_entry(self.fd, ref)
 
     def unpin(self, ref: int, readonly: bool) -> None:
         pin = self.pins[ref]

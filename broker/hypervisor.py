@@ -28,7 +28,7 @@ from xdom.domains.abi.grant_table import (
 from xdom.domains.hypercall_wire import HypercallError
 
 from .evtchn import EventPair, Port, PortTable, new_virq_fd, signal
-from .frames import BadFrame, FrameId, FrameSource
+from .frames import BadFrame, FrameCopier, FrameId, FrameSource
 from .gnttab import BrokerGrantTable
 
 MAX_MAPTRACK = 65536          # live mappings per domain (Xen's default maptrack size is similar)
@@ -103,6 +103,7 @@ class Hypervisor:
         self.domains: dict[int, Domain] = {}
         self._next_domid = 1
         self._virq_handlers: dict[int, tuple[Domain, Port]] = {}
+        self._copier = FrameCopier()
         self.on_event = on_event or (lambda kind, dom: None)
 
     # ---- domain lifecycle -------------------------------------------------
@@ -166,21 +167,24 @@ class Hypervisor:
         """
         if dom.state in (SHUTDOWN, CRASHED):
             return
-        reason = reason or dom.shutdown_reason
-        dom.state = SHUTDOWN if reason in ("poweroff", "reboot", "suspend") else CRASHED
-        dom.shutdown_reason = reason or "crash"
+        destroyed = reason == "destroyed"
+        # A reason the domain declared (SCHEDOP_shutdown) wins over how we noticed.
+        reason = "destroyed" if destroyed else (dom.shutdown_reason or reason or "crash")
+        dom.state = SHUTDOWN if reason in ("poweroff", "reboot", "suspend", "destroyed") else CRASHED
+        dom.shutdown_reason = reason
         for handle in list(dom.maptrack):
             self._unmap_one(dom, handle)
         for port in list(dom.ports.ports.values()):
             self._close_port(dom, port)
         dom.frames = None
         dom.pid = 0
-        self.on_event(dom.state, dom)
+        if not destroyed:            # remove_domain reports "destroyed" itself
+            self.on_event(dom.state, dom)
         self.raise_virq(VIRQ_DOM_EXC)
 
     def reset_domain(self, dom: Domain) -> None:
         """Make a dead domain startable again with the same domid (a restart)."""
-        if dom.alive or dom.state == CREATED:
+        if dom.alive or (dom.state == CREATED and dom.token):
             raise _err(errno.EBUSY, f"domain {dom.domid} is {dom.state}")
         dom.token = secrets.token_hex(16)
         dom.state = CREATED
@@ -201,8 +205,10 @@ class Hypervisor:
         self.on_event("destroyed", dom)
 
     def find_by_token(self, token: str) -> Domain | None:
+        """The created domain this one-time token belongs to; a used token is ""."""
+        given = token.encode("utf-8", "surrogatepass")
         for dom in self.domains.values():
-            if dom.state == CREATED and secrets.compare_digest(dom.token, token):
+            if dom.state == CREATED and dom.token and secrets.compare_digest(dom.token.encode(), given):
                 return dom
         return None
 
@@ -285,7 +291,7 @@ class Hypervisor:
                   ddom: int, dref: int, doff: int, length: int) -> int:
         if soff + length > PAGE_SIZE or doff + length > PAGE_SIZE:
             return GNTST_bad_copy_arg
-        pins: list[tuple[BrokerGrantTable, int, bool]] = []
+        held: list[tuple[BrokerGrantTable, int]] = []
         try:
             ends = []
             for is_gref, domid, ref_or_gfn, readonly in (
@@ -295,10 +301,16 @@ class Hypervisor:
                     dom = self.domains.get(domid)
                     if dom is None or not dom.alive or dom.frames is None:
                         return GNTST_bad_domain
-                    status, gfn = dom.gnttab.pin(ref_or_gfn, caller.domid, readonly)
-                    if status != GNTST_okay:
-                        return status
-                    pins.append((dom.gnttab, ref_or_gfn, readonly))
+                    if (dom.gnttab, ref_or_gfn) in held:
+                        # both ends name one entry, already held for reading
+                        if dom.gnttab.is_readonly(ref_or_gfn):
+                            return GNTST_general_error
+                        gfn = ends[0][1]
+                    else:
+                        status, gfn = dom.gnttab.hold(ref_or_gfn, caller.domid, readonly)
+                        if status != GNTST_okay:
+                            return status
+                        held.append((dom.gnttab, ref_or_gfn))
                     ends.append((dom.frames, gfn))
                 else:
                     if domid not in (DOMID_SELF, caller.domid):
@@ -308,11 +320,11 @@ class Hypervisor:
                     ends.append((caller.frames, ref_or_gfn))
             (src, sgfn), (dst, dgfn) = ends
             if length:
-                dst.write(dgfn, doff, src.read(sgfn, soff, length))
+                self._copier.copy(src, sgfn, soff, dst, dgfn, doff, length)
             return GNTST_okay
         finally:
-            for table, ref, readonly in pins:
-                table.unpin(ref, readonly)
+            for table, ref in held:
+                table.unhold(ref)
 
     def retry_deferred(self) -> None:
         for dom in self.domains.values():

@@ -36,12 +36,12 @@ from xdom.domains.hypercall_wire import (
 )
 
 from .frames import ProcFrames
-from .hypervisor import Domain, Hypervisor
+from .hypervisor import CREATED, Domain, Hypervisor
 from .mgmt import Management
 
 log = logging.getLogger("xdom.broker")
 
-PENDING_LIMIT = 64          # connections that have not said hello yet
+PENDING_LIMIT = 64          # connections that have not said hello yet (oldest dropped first)
 HELLO_TIMEOUT = 10.0        # seconds a connection may take to say hello
 MESSAGES_PER_TURN = 32      # fairness: requests served per connection per loop turn
 _UCRED = struct.Struct("3i")
@@ -103,7 +103,9 @@ class BrokerServer:
         self.listener.bind(self.hypercall_sock_path)
         os.chmod(self.hypercall_sock_path, 0o666)   # the token, not the path, authenticates
         self.listener.listen(128)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller = zmq.Poller()
+        self.poller.register(self._wake_r, zmq.POLLIN)
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.listener.fileno(), zmq.POLLIN)
         self.conns: dict[int, Connection] = {}        # socket fd -> connection
@@ -161,6 +163,14 @@ class BrokerServer:
         except zmq.ZMQError:
             pass
 
+    def stop(self) -> None:
+        """Ask the loop to finish; safe from a signal handler."""
+        self.running = False
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
     def serve_forever(self) -> None:
         while self.running:
             self.run_once(1000)
@@ -168,15 +178,35 @@ class BrokerServer:
 
     def run_once(self, timeout_ms: int) -> None:
         for sock, _ in self.poller.poll(timeout_ms):
-            if sock is self.router:
-                self._serve_management()
-            elif sock == self.listener.fileno():
-                self._accept()
-            elif sock in self.pidfds:
-                self._drop(self.pidfds[sock], "exited")
-            elif sock in self.conns:
-                self._serve(self.conns[sock])
+            try:
+                self._handle_ready(sock)
+            except Exception:
+                # A bug must not take the hypervisor down with every domain:
+                # log it and end service to the one peer involved.
+                log.exception("internal error while serving %r", sock)
+                conn = self.conns.get(sock) or self.pidfds.get(sock)   # type: ignore[arg-type]
+                if conn is not None:
+                    try:
+                        self._drop(conn, "crash")
+                    except Exception:
+                        log.exception("dropping the connection failed too")
         self._housekeeping()
+
+    def _handle_ready(self, sock: object) -> None:
+        if sock == self._wake_r:
+            while True:
+                try:
+                    os.read(self._wake_r, 512)
+                except BlockingIOError:
+                    break
+        elif sock is self.router:
+            self._serve_management()
+        elif sock == self.listener.fileno():
+            self._accept()
+        elif sock in self.pidfds:
+            self._drop(self.pidfds[sock], "exited")
+        elif sock in self.conns:
+            self._serve(self.conns[sock])
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
@@ -207,14 +237,28 @@ class BrokerServer:
             except BlockingIOError:
                 return
             sock.setblocking(False)
-            pending = sum(1 for c in self.conns.values() if c.domain is None)
-            if pending >= PENDING_LIMIT:
-                sock.close()
-                continue
             pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+            self._make_room_for_pending()
             conn = Connection(sock, pid, uid)
             self.conns[sock.fileno()] = conn
             self.poller.register(sock.fileno(), zmq.POLLIN)
+
+    def _make_room_for_pending(self) -> None:
+        """Keep unauthenticated connections under PENDING_LIMIT without refusing newcomers.
+
+        A real domain says hello as soon as it connects, so first read what
+        pending connections have sent; then drop the oldest still silent.
+        Idle connects (from anyone: the socket is world-writable, the token
+        authenticates) thus cannot lock real domains out.
+        """
+        pending = [c for c in self.conns.values() if c.domain is None]
+        if len(pending) < PENDING_LIMIT:
+            return
+        for conn in pending:
+            self._serve(conn)
+        silent = sorted((c for c in self.conns.values() if c.domain is None), key=lambda c: c.opened)
+        for conn in silent[:max(0, len(silent) - PENDING_LIMIT + 1)]:
+            self._drop(conn, "no hello")
 
     def _serve(self, conn: Connection) -> None:
         for _ in range(MESSAGES_PER_TURN):
@@ -286,7 +330,7 @@ class BrokerServer:
             self.poller.unregister(conn.pidfd)
             self.pidfds.pop(conn.pidfd, None)
         dom = conn.domain
-        if dom is not None and dom.alive:
+        if dom is not None and (dom.alive or dom.state == CREATED):   # CREATED: died before set_memory
             # Without its hypercall connection a domain is dead to the
             # hypervisor, whatever its process does next; the toolstack that
             # started the process reaps it.
@@ -347,8 +391,11 @@ class BrokerServer:
     def _map(self, conn: Connection, args: dict[str, Any]) -> Reply:
         ops = []
         for entry in args["ops"]:
-            domid, ref, ro = int_tuple(entry, 3, "map", hi=2**32 - 1)
-            ops.append((domid, ref, bool(ro)))
+            if not isinstance(entry, list) or len(entry) != 3 or type(entry[2]) not in (bool, int) \
+                    or entry[2] not in (0, 1):
+                raise HypercallError(errno.EINVAL, "map: each entry is [domid, ref, readonly (bool or 0/1)]")
+            domid, ref = int_tuple(entry[:2], 2, "map")
+            ops.append((domid, ref, bool(entry[2])))
         results = self.hv.grant_map(conn.domain, ops)
         fds = [r.frame for r in results if r.frame is not None]
         return {"results": [[r.status, r.handle] for r in results]}, fds, fds
@@ -407,6 +454,9 @@ class BrokerServer:
             pass
         self.router.close(0)
         self.events.close(0)
+        self.poller.unregister(self._wake_r)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
 
 def _domid(value: int) -> int:

@@ -27,7 +27,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     server = BrokerServer(args.run_dir, args.mgmt, args.events)
 
     def stop(signum: int, frame: Any) -> None:
-        server.running = False
+        server.stop()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     logging.getLogger("xdom.broker").info(

@@ -104,11 +104,11 @@ def int_tuple(value: Any, width: int, what: str, lo: int = 0, hi: int = 2**32 - 
     if not isinstance(value, (list, tuple)) or len(value) != width:
         raise HypercallError(_errno.EINVAL, f"{what}: each entry is a list of {width} integers")
     for v in value:
-        if type(v) is not int and type(v) is not bool:
+        if type(v) is not int:
             raise HypercallError(_errno.EINVAL, f"{what}: each entry is a list of {width} integers")
-        if not lo <= int(v) <= hi:
+        if not lo <= v <= hi:
             raise HypercallError(_errno.EINVAL, f"{what}: value {v} out of range")
-    return tuple(int(v) for v in value)
+    return tuple(value)
 
 
 def encode_request(op: str, **fields: Any) -> bytes:

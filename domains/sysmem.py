@@ -36,13 +36,6 @@ class _IoVec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
-_libc.process_vm_readv.restype = ctypes.c_ssize_t
-_libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong,
-                                   ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.c_ulong]
-_libc.process_vm_writev.restype = ctypes.c_ssize_t
-_libc.process_vm_writev.argtypes = _libc.process_vm_readv.argtypes
-
-
 def _oserror(what: str) -> OSError:
     e = ctypes.get_errno()
     return OSError(e, f"{what}: {os.strerror(e)}")
@@ -76,27 +69,40 @@ def view(addr: int, length: int, readonly: bool = False) -> memoryview:
     return mv.toreadonly() if readonly else mv
 
 
-def process_vm_read(pid: int, remote_addr: int, length: int) -> bytes:
-    """Read ``length`` bytes of another process's memory (needs ptrace rights)."""
-    buf = ctypes.create_string_buffer(length)
-    local = _IoVec(ctypes.cast(buf, ctypes.c_void_p), length)
-    remote = _IoVec(remote_addr, length)
-    n = _libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-    if n < 0:
-        raise _oserror("process_vm_readv")
-    if n != length:
-        raise OSError(errno.EFAULT, "process_vm_readv: short read")
-    return buf.raw
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+_libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong,
+                                   ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+_libc.process_vm_writev.restype = ctypes.c_ssize_t
+_libc.process_vm_writev.argtypes = _libc.process_vm_readv.argtypes
 
 
-def process_vm_write(pid: int, remote_addr: int, data: bytes) -> None:
-    """Write ``data`` into another process's memory (needs ptrace rights)."""
-    length = len(data)
-    buf = ctypes.create_string_buffer(bytes(data), length)
-    local = _IoVec(ctypes.cast(buf, ctypes.c_void_p), length)
-    remote = _IoVec(remote_addr, length)
-    n = _libc.process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-    if n < 0:
-        raise _oserror("process_vm_writev")
-    if n != length:
-        raise OSError(errno.EFAULT, "process_vm_writev: short write")
+class VmCopier:
+    """Copies between the memories of processes (needs ptrace rights over them).
+
+    One bounce buffer and two iovecs are set up once: a copy is two
+    syscalls and no Python objects, because grant copies are per-page and
+    many.  Both ends see the target processes' own page protections: a
+    read-only or unmapped page is EFAULT, never a fault of the caller.
+    """
+
+    def __init__(self, max_len: int = 1 << 16) -> None:
+        self._buf = ctypes.create_string_buffer(max_len)
+        self._max = max_len
+        self._local = _IoVec(ctypes.addressof(self._buf), 0)
+        self._remote = _IoVec(0, 0)
+        self._lp = ctypes.addressof(self._local)
+        self._rp = ctypes.addressof(self._remote)
+        self._self = os.getpid()
+
+    def copy(self, src_pid: int, src_addr: int, dst_pid: int, dst_addr: int, length: int) -> None:
+        if length > self._max:
+            raise ValueError("copy longer than the bounce buffer")
+        self._local.iov_len = self._remote.iov_len = length
+        self._remote.iov_base = src_addr
+        n = _libc.process_vm_readv(src_pid, self._lp, 1, self._rp, 1, 0)
+        if n != length:
+            raise _oserror("process_vm_readv") if n < 0 else OSError(errno.EFAULT, "short read")
+        self._remote.iov_base = dst_addr
+        n = _libc.process_vm_writev(dst_pid, self._lp, 1, self._rp, 1, 0)
+        if n != length:
+            raise _oserror("process_vm_writev") if n < 0 else OSError(errno.EFAULT, "short write")

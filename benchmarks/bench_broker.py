@@ -1,0 +1,628 @@
+#!/usr/bin/env python3
+"""xdom broker benchmarks: our figures next to references measured in the same run.
+
+    python benchmarks/bench_broker.py           # full run (~1 minute at most)
+    python benchmarks/bench_broker.py --quick   # short run, to check that it works
+
+Three measurements, each printed beside its reference:
+
+1. Event-channel round trip between two domain *processes* (XenHost.notify +
+   evtchn.wait, and a poll loop on the same xdom fds) against a raw
+   ``os.eventfd`` ping-pong between two Python processes and, when gcc is
+   present, a C eventfd ping-pong between two forked processes (the floor).
+2. Grant map+unmap at batch sizes 1, 16 and 64: a backend domain process
+   maps N refs of a granter domain in one ``map_grants`` call and unmaps
+   them in one ``unmap_grants`` call; broker mode against the local
+   (in-process) variant.
+3. Grant copy throughput, 4 KiB ops in batches of 64 (granter's granted
+   pages -> copier's own frames), broker mode against local mode and a
+   plain Python page-by-page memoryview copy.
+
+Nothing is pinned to a CPU and nothing is asserted about timings; a bad
+status from xdom, on the other hand, stops the run (the figures would be
+meaningless).  The same file is also the child program of the benchmark
+(``--child ROLE``), so pinger, ponger and backend run exactly this code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from typing import Any, Callable
+
+PAGE = 4096
+BATCHES = (1, 16, 64)
+COPY_BATCH = 64
+CHILD_TIMEOUT = 60.0   # seconds the parent waits for any one line from a child
+
+
+# ---------------------------------------------------------------------------
+# small helpers shared by parent and children
+
+
+def emit(obj: dict[str, Any]) -> None:
+    """Child -> parent: one JSON line on stdout."""
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def receive() -> dict[str, Any]:
+    """Parent -> child: one JSON line on stdin."""
+    line = sys.stdin.readline()
+    if not line:
+        raise SystemExit(0)    # the parent went away
+    return json.loads(line)
+
+
+def summarise(samples_ns: array.array) -> dict[str, float]:
+    s = sorted(samples_ns)
+    n = len(s)
+    return {"n": n, "mean_us": sum(s) / n / 1e3, "median_us": s[n // 2] / 1e3,
+            "p99_us": s[min(n - 1, (n * 99) // 100)] / 1e3, "min_us": s[0] / 1e3}
+
+
+def timed_loop(step: Callable[[], None], seconds: float, min_iters: int = 3) -> tuple[int, float]:
+    """Run ``step`` until ``seconds`` have passed (at least ``min_iters`` times)."""
+    step()   # warm-up, untimed
+    n = 0
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    while True:
+        step()
+        n += 1
+        now = time.perf_counter()
+        if n >= min_iters and now >= deadline:
+            return n, now - t0
+
+
+# ---------------------------------------------------------------------------
+# event channel ping-pong (runs in the children)
+
+
+class _XdomPort:
+    """Pinger/ponger ends over an xdom event channel."""
+
+    def __init__(self, host: Any, port: int) -> None:
+        self.h = host
+        self.port = port
+        self.fd = host.evtchn.fileno(port)
+
+    def loops(self, style: str) -> tuple[Callable[[], None], Callable[[], None]]:
+        h, port = self.h, self.port
+        if style == "api":
+            wait = h.evtchn.wait
+
+            def await_event() -> None:
+                while port not in wait(10.0):
+                    pass  # (a timeout would loop; the parent's own timeout catches a dead peer)
+            return (lambda: h.notify(port)), await_event
+        if style == "poll":
+            return (lambda: h.notify(port)), _poll_waiter(self.fd, lambda: h.evtchn.consume(port))
+        raise ValueError(style)
+
+
+def _poll_waiter(fd: int, clear: Callable[[], int]) -> Callable[[], None]:
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    poll = p.poll
+
+    def await_event() -> None:
+        while True:
+            poll(10_000)
+            if clear():
+                return
+    return await_event
+
+
+class _RawPort:
+    """Pinger/ponger ends over two plain eventfds handed down by the parent."""
+
+    def __init__(self, wait_fd: int, notify_fd: int) -> None:
+        self.wait_fd = wait_fd
+        self.notify_fd = notify_fd
+
+    def loops(self, style: str) -> tuple[Callable[[], None], Callable[[], None]]:
+        wfd, nfd = self.wait_fd, self.notify_fd
+        write, read = os.eventfd_write, os.eventfd_read
+        if style == "poll":      # non-blocking fds, as xdom's are
+            os.set_blocking(wfd, False)
+
+            def clear() -> int:
+                try:
+                    return read(wfd)
+                except BlockingIOError:
+                    return 0
+            return (lambda: write(nfd, 1)), _poll_waiter(wfd, clear)
+        if style == "block":     # the fastest Python can do: blocking eventfd_read
+            os.set_blocking(wfd, True)
+            return (lambda: write(nfd, 1)), (lambda: read(wfd))
+        raise ValueError(style)
+
+
+def child_evtchn(role: str) -> None:
+    cfg = receive()
+    host = None
+    if cfg["mode"] == "xdom":
+        from xdom.domains.xenhost import connect
+        host = connect()
+        if role == "ping":
+            port = host.alloc_unbound(cfg["peer"])
+            emit({"port": port, "domid": host.domid})
+            receive()   # "bound"
+        else:
+            port = host.bind_interdomain(cfg["peer"], cfg["port"])
+            host.evtchn.consume(port)   # Xen marks a freshly bound port pending: drain it
+        end: Any = _XdomPort(host, port)
+    else:
+        end = _RawPort(cfg["wait_fd"], cfg["notify_fd"])
+    emit({"ready": True})
+    try:
+        while True:
+            cmd = receive()
+            if cmd.get("exit"):
+                break
+            notify, await_event = end.loops(cmd["style"])
+            warm, iters = cmd["warmup"], cmd["iters"]
+            if role == "pong":
+                emit({"armed": True})
+                for _ in range(warm + iters):
+                    await_event()
+                    notify()
+                emit({"done": True})
+                continue
+            clock = time.perf_counter_ns
+            for _ in range(warm):
+                notify()
+                await_event()
+            samples = array.array("q", bytes(8 * iters))
+            for i in range(iters):
+                t0 = clock()
+                notify()
+                await_event()
+                samples[i] = clock() - t0
+            emit({"samples": samples.tobytes().hex()})
+    finally:
+        if host is not None:
+            host.close()
+
+
+# ---------------------------------------------------------------------------
+# grant map/unmap and copy (backend side; in a child for broker mode, inline for local)
+
+
+def grant_benchmarks(h: Any, granter: int, refs: list[int], marker: bytes, seconds: float) -> dict[str, Any]:
+    """Map/unmap at each batch size, then copy in batches of COPY_BATCH."""
+    from xdom.domains.xenhost import CopyOp
+
+    out: dict[str, Any] = {"map": {}, "copy": None}
+    # One checked round first: the mapped page must be the granter's page.
+    (res,) = h.map_grants([(granter, refs[0], False)])
+    if res.status != 0 or bytes(res.mapping.view[:len(marker)]) != marker:
+        raise RuntimeError(f"map sanity check failed: status {res.status}")
+    if h.unmap_grants([res.mapping]) != [0]:
+        raise RuntimeError("unmap sanity check failed")
+
+    for n in BATCHES:
+        ops = [(granter, ref, False) for ref in refs[:n]]
+
+        def cycle() -> None:
+            results = h.map_grants(ops)
+            for r in results:
+                if r.status:
+                    raise RuntimeError(f"map_grants: status {r.status}")
+            statuses = h.unmap_grants([r.mapping for r in results])
+            if any(statuses):
+                raise RuntimeError(f"unmap_grants: statuses {statuses}")
+        iters, elapsed = timed_loop(cycle, seconds)
+        out["map"][str(n)] = {"refs_per_s": iters * n / elapsed, "calls": iters,
+                              "us_per_batch": elapsed / iters * 1e6}
+
+    copy_ops = [CopyOp(src_ref_or_gfn=ref, src_offset=0, dst_ref_or_gfn=gfn, dst_offset=0, length=PAGE,
+                       src_domid=granter, dst_domid=None)
+                for gfn, ref in enumerate(refs[:COPY_BATCH])]
+
+    def copy() -> None:
+        statuses = h.copy_grants(copy_ops)
+        if any(statuses):
+            raise RuntimeError(f"copy_grants: statuses {statuses}")
+    copy()
+    for gfn in range(COPY_BATCH):
+        if bytes(h.memory.frame(gfn)[:len(marker)]) != marker:
+            raise RuntimeError(f"copy sanity check failed at gfn {gfn}")
+    iters, elapsed = timed_loop(copy, seconds)
+    out["copy"] = {"mib_s": iters * COPY_BATCH * PAGE / elapsed / 2**20, "calls": iters,
+                   "us_per_batch": elapsed / iters * 1e6}
+    return out
+
+
+def child_grants() -> None:
+    from xdom.domains.xenhost import connect
+    h = connect()
+    try:
+        emit({"domid": h.domid})
+        cfg = receive()
+        emit(grant_benchmarks(h, cfg["granter"], cfg["refs"], bytes.fromhex(cfg["marker"]), cfg["seconds"]))
+    finally:
+        h.close()
+
+
+def child_main(role: str) -> None:
+    if role in ("ping", "pong"):
+        child_evtchn(role)
+    elif role == "grants":
+        child_grants()
+    else:
+        raise SystemExit(f"unknown child role {role!r}")
+
+
+# ---------------------------------------------------------------------------
+# the parent
+
+
+class Child:
+    """A child process spoken to in JSON lines over its stdin/stdout."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], what: str) -> None:
+        self.proc = proc
+        self.what = what
+        self._buf = b""
+
+    def send(self, obj: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def recv(self, timeout: float = CHILD_TIMEOUT) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TimeoutError(f"{self.what}: no answer within {timeout}s")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError(f"{self.what} exited (status {self.proc.wait()}) before answering")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+
+PIPES = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+
+
+def child_argv(role: str) -> list[str]:
+    return [sys.executable, os.path.abspath(__file__), "--child", role]
+
+
+def ping_pong(ping: Child, pong: Child, style: str, warmup: int, iters: int) -> array.array:
+    """One chunk of round trips in ``style``; returns the pinger's samples (ns)."""
+    cmd = {"style": style, "warmup": warmup, "iters": iters}
+    pong.send(cmd)
+    pong.recv()              # armed: the ponger is in its loop (or about to wait)
+    ping.send(cmd)
+    samples = array.array("q", bytes.fromhex(ping.recv()["samples"]))
+    pong.recv()              # done
+    return samples
+
+
+def start_xdom_pair(client: Any, procs: list[subprocess.Popen[bytes]]) -> tuple[Child, Child]:
+    """Two domain processes with an interdomain event channel between them."""
+    from xdom.deploy.launcher import spawn_domain
+    ping_creds, p1 = spawn_domain(client, "bench-ping", child_argv("ping"), memory="1M", **PIPES)
+    procs.append(p1)
+    pong_creds, p2 = spawn_domain(client, "bench-pong", child_argv("pong"), memory="1M", **PIPES)
+    procs.append(p2)
+    ping, pong = Child(p1, "ping domain"), Child(p2, "pong domain")
+    ping.send({"mode": "xdom", "peer": pong_creds["domid"]})
+    port = ping.recv()["port"]
+    pong.send({"mode": "xdom", "peer": ping_creds["domid"], "port": port})
+    pong.recv()              # ready (bound, initial pending drained)
+    ping.send({"bound": True})
+    ping.recv()              # ready
+    return ping, pong
+
+
+def start_raw_pair(fds: tuple[int, int], procs: list[subprocess.Popen[bytes]]) -> tuple[Child, Child]:
+    """Two plain Python processes sharing two eventfds (no xdom at all)."""
+    a_to_b, b_to_a = fds
+    p1 = subprocess.Popen(child_argv("ping"), pass_fds=fds, start_new_session=True, **PIPES)
+    procs.append(p1)
+    p2 = subprocess.Popen(child_argv("pong"), pass_fds=fds, start_new_session=True, **PIPES)
+    procs.append(p2)
+    ping, pong = Child(p1, "raw pinger"), Child(p2, "raw ponger")
+    ping.send({"mode": "raw", "wait_fd": b_to_a, "notify_fd": a_to_b})
+    pong.send({"mode": "raw", "wait_fd": a_to_b, "notify_fd": b_to_a})
+    ping.recv()
+    pong.recv()
+    return ping, pong
+
+
+C_PINGPONG = textwrap.dedent(r"""
+    #include <stdint.h>
+    #include <stdio.h>
+    #include <stdlib.h>
+    #include <sys/eventfd.h>
+    #include <sys/wait.h>
+    #include <time.h>
+    #include <unistd.h>
+
+    static void xread(int fd) { uint64_t v; if (read(fd, &v, 8) != 8) _exit(3); }
+    static void xwrite(int fd) { uint64_t v = 1; if (write(fd, &v, 8) != 8) _exit(4); }
+    static long long now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);
+                                 return t.tv_sec * 1000000000LL + t.tv_nsec; }
+
+    int main(int argc, char **argv) {
+        if (argc != 3) return 2;
+        int warm = atoi(argv[1]), n = atoi(argv[2]);
+        int ab = eventfd(0, EFD_CLOEXEC), ba = eventfd(0, EFD_CLOEXEC);
+        if (ab < 0 || ba < 0 || n <= 0) return 1;
+        long long *s = malloc(sizeof *s * n);
+        if (!s) return 1;
+        fflush(stdout);
+        pid_t pid = fork();
+        if (pid < 0) return 1;
+        if (pid == 0) { for (int i = 0; i < warm + n; i++) { xread(ab); xwrite(ba); } _exit(0); }
+        for (int i = 0; i < warm; i++) { xwrite(ab); xread(ba); }
+        for (int i = 0; i < n; i++) { long long t0 = now(); xwrite(ab); xread(ba); s[i] = now() - t0; }
+        int st;
+        if (waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st)) return 5;
+        for (int i = 0; i < n; i++) printf("%lld\n", s[i]);   /* one round trip (ns) a line */
+        return 0;
+    }
+""")
+
+
+def compile_c_pingpong(d: str) -> str:
+    """Path of the compiled C ping-pong, or raises RuntimeError saying why not."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise RuntimeError("gcc not found")
+    src, exe = os.path.join(d, "pingpong.c"), os.path.join(d, "pingpong")
+    with open(src, "w") as f:
+        f.write(C_PINGPONG)
+    cc = subprocess.run([gcc, "-O2", "-o", exe, src], capture_output=True, text=True, timeout=60)
+    if cc.returncode != 0:
+        raise RuntimeError(f"gcc failed: {cc.stderr.strip()[:200]}")
+    return exe
+
+
+def run_c_pingpong(exe: str, warmup: int, iters: int) -> array.array:
+    run = subprocess.run([exe, str(warmup), str(iters)], capture_output=True, text=True, timeout=120)
+    if run.returncode != 0:
+        raise RuntimeError(f"C ping-pong exited with {run.returncode}")
+    return array.array("q", map(int, run.stdout.split()))
+
+
+def bench_evtchn(client: Any, warmup: int, iters: int, rounds: int) -> dict[str, Any]:
+    """All five round-trip variants, interleaved in ``rounds`` chunks so drift hits them alike."""
+    from xdom.deploy.launcher import stop_process
+    procs: list[subprocess.Popen[bytes]] = []
+    fds = (os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC))
+    cdir = tempfile.mkdtemp(prefix="xdb-c-", dir="/tmp")
+    try:
+        xping, xpong = start_xdom_pair(client, procs)
+        rping, rpong = start_raw_pair(fds, procs)
+        try:
+            exe: str | None = compile_c_pingpong(cdir)
+            c_note = ""
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            exe, c_note = None, str(e)
+        variants: list[tuple[str, Callable[[int, int], array.array]]] = [
+            ("xdom_api", lambda w, n: ping_pong(xping, xpong, "api", w, n)),
+            ("xdom_poll", lambda w, n: ping_pong(xping, xpong, "poll", w, n)),
+            ("raw_poll", lambda w, n: ping_pong(rping, rpong, "poll", w, n)),
+            ("raw_block", lambda w, n: ping_pong(rping, rpong, "block", w, n)),
+        ]
+        if exe is not None:
+            variants.append(("c", lambda w, n: run_c_pingpong(exe, w, n)))
+        samples = {name: array.array("q") for name, _ in variants}
+        chunk = max(1, iters // rounds)
+        for r in range(rounds):
+            order = variants if r % 2 == 0 else variants[::-1]
+            for name, run in order:
+                samples[name].extend(run(warmup if r == 0 else warmup // 4, chunk))
+        for ping, pong in ((xping, xpong), (rping, rpong)):
+            ping.send({"exit": True})
+            pong.send({"exit": True})
+        for p in procs:
+            p.wait(10)
+        out: dict[str, Any] = {name: summarise(v) for name, v in samples.items()}
+        if exe is None:
+            out["c"] = c_note
+        out["rounds"] = rounds
+        out["iters"] = chunk * rounds
+        out["warmup"] = warmup
+        return out
+    finally:
+        for p in procs:
+            stop_process(p)
+        for fd in fds:
+            os.close(fd)
+        shutil.rmtree(cdir, ignore_errors=True)
+
+
+def grant_setup(granter: Any, grantee_domid: int, marker: bytes) -> list[int]:
+    refs = []
+    for gfn in range(max(max(BATCHES), COPY_BATCH)):
+        page = granter.memory.frame(gfn)
+        page[:len(marker)] = marker
+        page.release()
+        refs.append(granter.gnttab.grant_access(grantee_domid, gfn, readonly=False))
+    return refs
+
+
+def bench_grants_broker(client: Any, seconds: float, marker: bytes) -> dict[str, Any]:
+    from xdom.deploy.launcher import spawn_domain, stop_process
+    from xdom.domains.xenhost import BrokerXenHost
+    creds = client.request("create", name="bench-granter", memory="1M")
+    granter = BrokerXenHost(creds["hypercall"], creds["token"])
+    proc = None
+    try:
+        _, proc = spawn_domain(client, "bench-backend", child_argv("grants"), memory="1M", **PIPES)
+        backend = Child(proc, "backend domain")
+        backend_domid = backend.recv()["domid"]
+        refs = grant_setup(granter, backend_domid, marker)
+        backend.send({"granter": granter.domid, "refs": refs, "marker": marker.hex(), "seconds": seconds})
+        result = backend.recv(timeout=CHILD_TIMEOUT + 10 * seconds)
+        proc.wait(10)
+        return result
+    finally:
+        if proc is not None:
+            stop_process(proc)
+        granter.close()
+
+
+def bench_grants_local(seconds: float, marker: bytes) -> dict[str, Any]:
+    from xdom.domains.xenhost import LocalHypervisor
+    hv = LocalHypervisor()
+    try:
+        granter = hv.create_domain("bench-granter", "1M")
+        backend = hv.create_domain("bench-backend", "1M")
+        try:
+            refs = grant_setup(granter, backend.domid, marker)
+            return grant_benchmarks(backend, granter.domid, refs, marker, seconds)
+        finally:
+            backend.close()
+            granter.close()
+    finally:
+        hv.close()
+
+
+def bench_memcpy(seconds: float) -> dict[str, float]:
+    src = bytearray(os.urandom(COPY_BATCH * PAGE))
+    dst = bytearray(COPY_BATCH * PAGE)
+    s, d = memoryview(src), memoryview(dst)
+    offsets = [i * PAGE for i in range(COPY_BATCH)]
+
+    def copy() -> None:
+        for o in offsets:
+            d[o:o + PAGE] = s[o:o + PAGE]
+    iters, elapsed = timed_loop(copy, seconds)
+    if dst != src:
+        raise RuntimeError("memcpy reference copied wrongly")
+    return {"mib_s": iters * COPY_BATCH * PAGE / elapsed / 2**20, "calls": iters,
+            "us_per_batch": elapsed / iters * 1e6}
+
+
+# ---------------------------------------------------------------------------
+# report
+
+
+def _rtt_row(label: str, r: dict[str, float] | str | None, ref: float | None) -> str:
+    if not isinstance(r, dict):
+        return f"  {label:<52} {'(' + (r or 'not run') + ')'}"
+    ratio = f"{r['median_us'] / ref:6.2f}x" if ref else "   -   "
+    return (f"  {label:<52} {r['median_us']:9.1f} {r['mean_us']:9.1f} {r['p99_us']:9.1f} "
+            f"{r['min_us']:8.1f} {ratio:>8}")
+
+
+def report(res: dict[str, Any], args: argparse.Namespace) -> None:
+    line = "=" * 104
+    print()
+    print(line)
+    print(f"xdom broker benchmark ({'quick' if args.quick else 'full'} run; {os.cpu_count()} CPUs; "
+          f"Python {sys.version.split()[0]}; nothing pinned)")
+    print(line)
+
+    ev = res["evtchn"]
+    raw_ref = ev["raw_poll"]["median_us"]
+    print(f"\n1. Event-channel round trip between two processes ({ev['iters']} round trips each, "
+          f"interleaved in {ev['rounds']} rounds, after {ev['warmup']} warm-up; microseconds)")
+    print(f"  {'':<52} {'median':>9} {'mean':>9} {'p99':>9} {'min':>8} {'vs ref':>8}")
+    print(_rtt_row("OURS  xdom domains: XenHost.notify + evtchn.wait", ev["xdom_api"], raw_ref))
+    print(_rtt_row("      xdom domains: notify + poll/consume on port fd", ev["xdom_poll"], raw_ref))
+    print(_rtt_row("REF   raw os.eventfd, 2 Python procs, poll + read", ev["raw_poll"], raw_ref))
+    print(_rtt_row("      raw os.eventfd, 2 Python procs, blocking read", ev["raw_block"], raw_ref))
+    print(_rtt_row("FLOOR C eventfd ping-pong, fork, blocking read", ev["c"], raw_ref))
+    ours = ev["xdom_api"]["median_us"]
+    print(f"  ratio OURS / REF (medians): {ours / raw_ref:.2f}x  "
+          f"(+{ours - raw_ref:.1f} us per round trip)", end="")
+    if isinstance(ev["c"], dict):
+        print(f";  OURS / C floor: {ours / ev['c']['median_us']:.2f}x")
+    else:
+        print()
+
+    g = res["grants"]
+    print("\n2. Grant map+unmap: backend maps N refs in one map_grants call, unmaps them in one "
+          "unmap_grants call")
+    print("   (refs/s = refs taken through map AND unmap per second; us/batch = one map call + one unmap call)")
+    print(f"  {'batch N':>8} {'OURS broker refs/s':>20} {'us/batch':>10} {'REF local refs/s':>18} "
+          f"{'us/batch':>10} {'local/broker':>13}")
+    for n in BATCHES:
+        b, loc = g["broker"]["map"][str(n)], g["local"]["map"][str(n)]
+        print(f"  {n:>8} {b['refs_per_s']:>20,.0f} {b['us_per_batch']:>10.1f} {loc['refs_per_s']:>18,.0f} "
+              f"{loc['us_per_batch']:>10.1f} {loc['refs_per_s'] / b['refs_per_s']:>12.1f}x")
+    print("   (broker: backend is its own domain process, granter a domain in the benchmark process)")
+
+    print(f"\n3. Grant copy: {COPY_BATCH} x 4 KiB copy ops per copy_grants call "
+          f"(granter's granted page -> copier's own frame)")
+    print(f"  {'':<52} {'MiB/s':>10} {'us/batch':>10} {'vs memcpy':>10}")
+    mem = res["memcpy"]["mib_s"]
+    for label, r in (("OURS  broker mode (backend domain process)", g["broker"]["copy"]),
+                     ("REF   local mode (in-process hypervisor)", g["local"]["copy"]),
+                     ("REF   Python memoryview page copy (64 x 4 KiB)", res["memcpy"])):
+        print(f"  {label:<52} {r['mib_s']:>10,.1f} {r['us_per_batch']:>10.1f} {r['mib_s'] / mem:>9.3f}x")
+    print(f"  ratio local / broker: {g['local']['copy']['mib_s'] / g['broker']['copy']['mib_s']:.1f}x")
+    print(f"\n(total wall time {res['wall']:.1f} s)")
+    print(line)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short run (a few seconds) to check the benchmark works")
+    ap.add_argument("--json", action="store_true", help="also print the raw results as JSON")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child_main(args.child)
+        return 0
+
+    if args.quick:
+        warmup, iters, rounds, seconds = 200, 2000, 2, 0.25
+    else:
+        warmup, iters, rounds, seconds = 1000, 20000, 4, 2.0
+
+    from xdom.deploy.launcher import start_broker
+
+    t_start = time.monotonic()
+    marker = b"xdom-bench-page!" + os.urandom(16)
+    res: dict[str, Any] = {"grants": {}}
+    run_dir = tempfile.mkdtemp(prefix="xdb-", dir="/tmp")
+    broker = client = None
+    try:
+        print("starting broker ...", file=sys.stderr, flush=True)
+        broker = start_broker(run_dir)
+        client = broker.client()
+
+        print("1/3 event channel round trips ...", file=sys.stderr, flush=True)
+        res["evtchn"] = bench_evtchn(client, warmup, iters, rounds)
+
+        print("2/3 + 3/3 grant map/unmap and copy ...", file=sys.stderr, flush=True)
+        res["grants"]["broker"] = bench_grants_broker(client, seconds, marker)
+        res["grants"]["local"] = bench_grants_local(seconds, marker)
+        res["memcpy"] = bench_memcpy(seconds)
+    finally:
+        if client is not None:
+            client.close()
+        if broker is not None:
+            broker.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    res["wall"] = time.monotonic() - t_start
+    report(res, args)
+    if args.json:
+        print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
