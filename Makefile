@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # Debian packages: Xen's public headers (ABI tests compile against them) and a C compiler.
-DEB_PACKAGES := libxen-dev gcc libc6-dev python3-venv
+DEB_PACKAGES := libxen-dev xenstore-utils gcc libc6-dev python3-venv
 PYTEST_ARGS ?=
 
 .PHONY: demo test sysdeps venv bench clean

@@ -124,6 +124,11 @@ class BrokerGrantTable:
             grant_lock.unlock_entry(self.fd, ref)
         return status, gfn
 
+    def seed(self, ref: int, domid: int, gfn: int) -> None:
+        """Write an entry on the owner's behalf (the toolstack's reserved grants)."""
+        struct.pack_into("<HI", self._map, ref * GRANT_ENTRY_V1_SIZE + 2, domid, gfn)
+        _FLAGS.pack_into(self._map, ref * GRANT_ENTRY_V1_SIZE, GTF_permit_access)
+
     def is_readonly(self, ref: int) -> bool:
         (flags,) = _FLAGS.unpack_from(self._map, ref * GRANT_ENTRY_V1_SIZE)
         return bool(flags & GTF_readonly)

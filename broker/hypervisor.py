@@ -20,8 +20,9 @@ from xdom.domains.abi.event_channel import (
     DOMID_FIRST_RESERVED, DOMID_SELF, EVTCHNSTAT_interdomain, EVTCHNSTAT_unbound,
     EVTCHNSTAT_virq, GLOBAL_VIRQS, NR_VIRQS, VIRQ_DOM_EXC,
 )
+from xdom.domains.abi.hvm_params import HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_PFN
 from xdom.domains.abi.grant_table import (
-    GNTCOPY_dest_gref, GNTCOPY_source_gref, GNTST_bad_copy_arg, GNTST_bad_domain,
+    GNTTAB_RESERVED_XENSTORE, GNTCOPY_dest_gref, GNTCOPY_source_gref, GNTST_bad_copy_arg, GNTST_bad_domain,
     GNTST_bad_handle, GNTST_bad_page, GNTST_general_error, GNTST_no_space, GNTST_okay,
     GNTST_permission_denied, PAGE_SIZE,
 )
@@ -68,6 +69,7 @@ class Domain:
     shutdown_reason: str = ""
     restarts: int = 0
     stats: dict[str, int] = field(default_factory=lambda: {"map": 0, "unmap": 0, "copy": 0, "hypercalls": 0})
+    params: dict[int, int] = field(default_factory=dict)     # HVM_PARAM_* set by the toolstack
 
     @property
     def alive(self) -> bool:
@@ -211,6 +213,37 @@ class Hypervisor:
             if dom.state == CREATED and dom.token and secrets.compare_digest(dom.token.encode(), given):
                 return dom
         return None
+
+    def setup_store(self, dom: Domain, xenstore: Domain) -> tuple[int, int]:
+        """What Xen's toolstack does at domain build: a xenstore ring and channel.
+
+        The ring is the domain's last frame (as HVM special pages sit at the
+        top of RAM), granted to the xenstore domain at the reserved
+        reference 1 by writing the entry into the domain's table, and an
+        unbound port of the domain offered to the xenstore domain.  The
+        domain finds both through HVM_PARAM_STORE_PFN/_EVTCHN.  Returns
+        (gfn, port) for XS_INTRODUCE.
+        """
+        if dom.state != CREATED or not dom.token:
+            raise _err(errno.EBUSY, f"domain {dom.domid} has started; set up its store before")
+        gfn = dom.nr_frames - 1
+        old = dom.params.get(HVM_PARAM_STORE_EVTCHN)
+        if old is not None and old in dom.ports.ports:
+            self._close_port(dom, dom.ports.ports[old])
+        port = self.evtchn_alloc_unbound(dom, xenstore.domid)
+        dom.gnttab.seed(GNTTAB_RESERVED_XENSTORE, xenstore.domid, gfn)
+        dom.params[HVM_PARAM_STORE_PFN] = gfn
+        dom.params[HVM_PARAM_STORE_EVTCHN] = port.port
+        return gfn, port.port
+
+    def get_param(self, caller: Domain, index: int) -> int:
+        if index not in caller.params:
+            raise _err(errno.ENOENT, f"parameter {index} is not set")
+        return caller.params[index]
+
+    def port_fds(self, caller: Domain, port: int) -> Port:
+        """An existing port of the caller (one the toolstack allocated for it)."""
+        return self._port(caller, port)
 
     # ---- grant table --------------------------------------------------------
 

@@ -83,6 +83,7 @@ class Management:
             "list": lambda req: {"domains": self.hv.list()},
             "info": lambda req: {"domain": self._domain(req).summary()},
             "stats": self.stats,
+            "setup_store": self.setup_store,
         }
 
     def handle_bytes(self, payload: bytes) -> bytes:
@@ -136,6 +137,16 @@ class Management:
     def _credentials(self, dom: Domain) -> dict[str, Any]:
         return {"domid": dom.domid, "name": dom.name, "token": dom.token,
                 "hypercall": self.control.hypercall_path(), "nr_frames": dom.nr_frames}
+
+    def setup_store(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Give a created domain its xenstore ring and channel (before it starts)."""
+        dom = self._domain(req)
+        xs_domid = _field(req, "xenstore_domid", int)
+        xenstore = self.hv.domains.get(xs_domid)
+        if xenstore is None:
+            raise ManagementError(errno.ESRCH, f"no xenstore domain {xs_domid}")
+        gfn, port = self.hv.setup_store(dom, xenstore)
+        return {"domid": dom.domid, "gfn": gfn, "port": port}
 
     def destroy(self, req: dict[str, Any]) -> dict[str, Any]:
         dom = self._domain(req)

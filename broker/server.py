@@ -117,6 +117,7 @@ class BrokerServer:
             "evtchn_alloc_unbound": self._alloc_unbound, "evtchn_bind_interdomain": self._bind_interdomain,
             "evtchn_bind_virq": self._bind_virq, "evtchn_close": self._close,
             "evtchn_status": self._status, "evtchn_send": self._send, "domain_info": self._domain_info,
+            "get_param": self._get_param, "evtchn_fds": self._evtchn_fds,
         }
 
     # ---- DomainControl, for the management API -----------------------------
@@ -430,6 +431,14 @@ class BrokerServer:
     def _send(self, conn: Connection, args: dict[str, Any]) -> Reply:
         self.hv.evtchn_send(conn.domain, args["port"])
         return {}, [], []
+
+    def _get_param(self, conn: Connection, args: dict[str, Any]) -> Reply:
+        return {"value": self.hv.get_param(conn.domain, args["index"])}, [], []
+
+    def _evtchn_fds(self, conn: Connection, args: dict[str, Any]) -> Reply:
+        p = self.hv.port_fds(conn.domain, args["port"])
+        fds = [p.wait_fd] + ([p.notify_fd] if p.notify_fd >= 0 else [])
+        return {"port": p.port}, fds, []
 
     def _domain_info(self, conn: Connection, args: dict[str, Any]) -> Reply:
         dom = conn.domain

@@ -37,6 +37,8 @@ REQUESTS: Final[dict[str, dict[str, type]]] = {
     "evtchn_status": {"port": int},
     "evtchn_send": {"port": int},
     "domain_info": {"domid": int},
+    "get_param": {"index": int},
+    "evtchn_fds": {"port": int},
 }
 
 SHUTDOWN_REASONS: Final = ("poweroff", "reboot", "suspend", "crash")

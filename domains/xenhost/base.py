@@ -6,7 +6,7 @@ import os
 import selectors
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from ..abi.grant_table import GNTCOPY_dest_gref, GNTCOPY_source_gref, GNTST_NAMES, GNTST_okay
 from ..grant_table import GrantTable
@@ -186,8 +186,21 @@ class XenHost(ABC):
     @abstractmethod
     def port_status(self, port: int) -> dict[str, int]: ...
 
+    @abstractmethod
+    def adopt_port(self, port: int) -> int:
+        """Take up a port the toolstack allocated for us (e.g. the xenstore channel)."""
+
     def notify(self, port: int) -> None:
         self.evtchn.notify(port)
+
+    # domain information
+    @abstractmethod
+    def get_param(self, index: int) -> int:
+        """An HVM_PARAM_* the toolstack set for this domain (KeyError-like HypercallError if unset)."""
+
+    @abstractmethod
+    def domain_info(self, domid: int) -> dict[str, Any]:
+        """{"domid", "name", "state"} of a domain (privileged domains may ask about others)."""
 
     # lifecycle
     @abstractmethod

@@ -127,6 +127,13 @@ class BrokerXenHost(XenHost):
     def bind_virq(self, virq: int) -> int:
         return self._bound(*self.call("evtchn_bind_virq", virq=virq))
 
+    def adopt_port(self, port: int) -> int:
+        return self._bound(*self.call("evtchn_fds", port=port))
+
+    def get_param(self, index: int) -> int:
+        reply, _ = self.call("get_param", index=index)
+        return reply["value"]
+
     def close_port(self, port: int) -> None:
         self.call("evtchn_close", port=port)
         self.evtchn.remove(port)

@@ -98,6 +98,15 @@ class LocalXenHost(XenHost):
         with self._host.lock:
             return self._bound(self._host.hv.evtchn_bind_virq(self._dom, virq), with_notify=False)
 
+    def adopt_port(self, port: int) -> int:
+        with self._host.lock:
+            p = self._host.hv.port_fds(self._dom, port)
+            return self._bound(p, with_notify=p.notify_fd >= 0)
+
+    def get_param(self, index: int) -> int:
+        with self._host.lock:
+            return self._host.hv.get_param(self._dom, index)
+
     def close_port(self, port: int) -> None:
         with self._host.lock:
             self._host.hv.evtchn_close(self._dom, port)

@@ -1,0 +1,58 @@
+"""One direction of a xenstore ring: 1024 bytes, free-running u32 indices.
+
+The same code serves both ends (xenstored reads requests and writes
+responses; a domain writes requests and reads responses).  The peer can
+write the indices at any time, so each is read once and ``prod - cons`` is
+checked against the ring size before any byte is touched.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from .xs_wire import XENSTORE_RING_SIZE
+
+_U32 = struct.Struct("<I")
+_MASK = XENSTORE_RING_SIZE - 1
+
+
+class RingIndexError(Exception):
+    """The peer published impossible ring indices."""
+
+
+def ring_read(page: memoryview, ring: int, cons_off: int, prod_off: int) -> bytes:
+    """Consume everything available in the ring at offset ``ring``."""
+    cons = _U32.unpack_from(page, cons_off)[0]
+    prod = _U32.unpack_from(page, prod_off)[0]
+    avail = (prod - cons) & 0xFFFFFFFF
+    if avail > XENSTORE_RING_SIZE:
+        raise RingIndexError(f"cons {cons} prod {prod}")
+    if not avail:
+        return b""
+    start = cons & _MASK
+    first = min(avail, XENSTORE_RING_SIZE - start)
+    data = bytes(page[ring + start:ring + start + first])
+    if avail > first:
+        data += bytes(page[ring:ring + avail - first])
+    _U32.pack_into(page, cons_off, (cons + avail) & 0xFFFFFFFF)
+    return data
+
+
+def ring_write(page: memoryview, ring: int, cons_off: int, prod_off: int, data: bytes | memoryview) -> int:
+    """Produce as much of ``data`` as fits; returns how many bytes went in."""
+    cons = _U32.unpack_from(page, cons_off)[0]
+    prod = _U32.unpack_from(page, prod_off)[0]
+    used = (prod - cons) & 0xFFFFFFFF
+    if used > XENSTORE_RING_SIZE:
+        raise RingIndexError(f"cons {cons} prod {prod}")
+    n = min(len(data), XENSTORE_RING_SIZE - used)
+    if not n:
+        return 0
+    start = prod & _MASK
+    first = min(n, XENSTORE_RING_SIZE - start)
+    page[ring + start:ring + start + first] = data[:first]
+    if n > first:
+        page[ring:ring + n - first] = data[first:n]
+    # bytes before the index: x86 keeps stores in order, and CPython does not reorder them
+    _U32.pack_into(page, prod_off, (prod + n) & 0xFFFFFFFF)
+    return n
