@@ -40,6 +40,83 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_xenstored(args: argparse.Namespace) -> int:
+    """A xenstored in the foreground: on a unix socket, and on domain rings
+    when started as a domain (XDOM_HYPERCALL/XDOM_TOKEN in the environment)."""
+    from xdom.backends.xenstored.server import XenstoredServer
+    host = None
+    if os.environ.get("XDOM_HYPERCALL") and os.environ.get("XDOM_TOKEN"):
+        from xdom.domains.xenhost import connect
+        host = connect()
+    if args.unix_socket:
+        os.makedirs(os.path.dirname(os.path.abspath(args.unix_socket)), exist_ok=True)
+    if args.state_dir:
+        os.makedirs(args.state_dir, exist_ok=True)
+    server = XenstoredServer(args.unix_socket, args.state_dir, host)
+
+    def stop(signum: int, frame: Any) -> None:
+        server.stop()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    logging.getLogger("xdom.xenstored").info(
+        "xenstored serving%s%s", f" on {args.unix_socket}" if args.unix_socket else "",
+        f" and domain rings as domain {host.domid}" if host else "")
+
+    def ready() -> None:
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, b"ready\n")
+            os.close(args.ready_fd)
+    server.serve_forever(ready)
+    if host is not None:
+        host.close()
+    return EXIT_OK
+
+
+def cmd_xenstore(args: argparse.Namespace) -> int:
+    """Xenstore access through our own client (like xenstore-read/-write/-ls/-rm/-watch)."""
+    from xdom.domains.xenstore import XenstoreClient
+    from xdom.domains.xs_wire import XenstoreError
+    try:
+        client = XenstoreClient.unix(args.socket)
+    except OSError as e:
+        print(f"xdom: cannot reach xenstored: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    try:
+        if args.action == "read":
+            for path in args.paths:
+                print(client.read(path).decode(errors="replace"))
+        elif args.action == "write":
+            if len(args.paths) % 2:
+                print("xdom: write takes PATH VALUE pairs", file=sys.stderr)
+                return EXIT_USAGE
+            for path, value in zip(args.paths[::2], args.paths[1::2]):
+                client.write(path, value)
+        elif args.action == "rm":
+            for path in args.paths:
+                client.rm(path)
+        elif args.action == "ls":
+            for path, value in client.walk(args.paths[0] if args.paths else "/"):
+                print(f"{path} = \"{value.decode(errors='replace')}\"")
+        elif args.action == "watch":
+            import threading
+            done = threading.Event()
+            seen = [0]
+
+            def fired(path: str, token: str) -> None:
+                print(path, flush=True)
+                seen[0] += 1
+                if args.count and seen[0] >= args.count:
+                    done.set()
+            client.watch(args.paths[0], "xdom-cli", fired)
+            done.wait()
+    except XenstoreError as e:
+        print(f"xdom: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        client.close()
+    return EXIT_OK
+
+
 def _client(args: argparse.Namespace) -> ManagementClient:
     return ManagementClient(args.mgmt or endpoint_for(args.run_dir), timeout=args.timeout)
 
@@ -79,6 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--events", default=None, help="lifecycle event PUB endpoint")
     b.add_argument("--ready-fd", type=int, default=None, help="write 'ready' to this fd once serving")
     b.set_defaults(func=cmd_broker)
+
+    x = sub.add_parser("xenstored", help="run xenstored in the foreground")
+    x.add_argument("--unix-socket", default=None, help="serve Xen's tools on this socket (XENSTORED_PATH)")
+    x.add_argument("--state-dir", default=None, help="keep the store here across restarts")
+    x.add_argument("--ready-fd", type=int, default=None, help="write 'ready' to this fd once serving")
+    x.set_defaults(func=cmd_xenstored)
+
+    xc = sub.add_parser("xenstore", help="read, write, list, remove or watch xenstore nodes")
+    xc.add_argument("action", choices=["read", "write", "ls", "rm", "watch"])
+    xc.add_argument("paths", nargs="*")
+    xc.add_argument("--socket", default=None, help="xenstored socket (default: $XENSTORED_PATH)")
+    xc.add_argument("--count", type=int, default=0, help="watch: stop after this many events")
+    xc.set_defaults(func=cmd_xenstore)
 
     for name in ("list", "ps"):
         sp = sub.add_parser(name, help="show the domain table")

@@ -95,6 +95,53 @@ def start_domain_process(creds: dict[str, Any], argv: Sequence[str], env: dict[s
     return subprocess.Popen(list(argv), env=child_env, start_new_session=True, **popen)
 
 
+@dataclass
+class XenstoredDomain:
+    creds: dict[str, Any]
+    proc: subprocess.Popen[bytes]
+    socket_path: str
+
+    @property
+    def domid(self) -> int:
+        return int(self.creds["domid"])
+
+    def stop(self, timeout: float = 10.0) -> int:
+        return stop_process(self.proc, timeout)
+
+
+def start_xenstored_domain(mgmt: ManagementClient, socket_path: str, state_dir: str | None = None,
+                           name: str = "xenstore", memory: int | str = "2M", timeout: float = 30.0,
+                           creds: dict[str, Any] | None = None) -> XenstoredDomain:
+    """Create the xenstore domain and start ``xdom xenstored`` in it; return once it serves.
+
+    With ``creds`` (from a management ``restart``) a new process takes over
+    the existing domain and, with the same ``state_dir``, the store.
+    """
+    if creds is None:
+        creds = mgmt.request("create", name=name, memory=memory, privileged=True)
+    rfd, wfd = os.pipe()
+    argv = [sys.executable, "-m", "xdom.deploy.cli", "xenstored", "--unix-socket", socket_path,
+            "--ready-fd", str(wfd)]
+    if state_dir:
+        argv += ["--state-dir", state_dir]
+    log_dir = state_dir or os.path.dirname(socket_path)
+    os.makedirs(log_dir, exist_ok=True)
+    log = open(os.path.join(log_dir, f"{name}.log"), "ab")
+    try:
+        proc = start_domain_process(creds, argv, pass_fds=(wfd,), stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        os.close(wfd)
+        log.close()
+    try:
+        _wait_ready(rfd, proc, timeout, "xenstored")
+    except BaseException:
+        stop_process(proc)
+        raise
+    finally:
+        os.close(rfd)
+    return XenstoredDomain(creds, proc, socket_path)
+
+
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> int:
     """SIGTERM, a grace period, then SIGKILL of the process group; always reaps."""
     if proc.poll() is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import sys
 import time
 from typing import IO, Any
@@ -115,6 +116,39 @@ class DomainAgent:
             if not first:
                 self.h.notify(port)
         return {"elapsed": time.monotonic() - start}
+
+    # ---- xenstore over this domain's ring ---------------------------------
+
+    def cmd_xs_connect(self) -> dict[str, Any]:
+        from .xenstore import XenstoreClient
+        self.xs = XenstoreClient.ring(self.h)
+        self.xs_events: queue.Queue[tuple[str, str]] = queue.Queue()
+        return {"domain_path": self.xs.get_domain_path(self.h.domid)}
+
+    def cmd_xs_write(self, path: str, value: str) -> dict[str, Any]:
+        self.xs.write(path, value)
+        return {}
+
+    def cmd_xs_read(self, path: str) -> dict[str, Any]:
+        from .xs_wire import XenstoreError
+        try:
+            return {"value": self.xs.read(path).decode(errors="replace")}
+        except XenstoreError as e:
+            return {"errno": e.name}
+
+    def cmd_xs_watch(self, path: str, token: str) -> dict[str, Any]:
+        self.xs.watch(path, token, lambda p, t: self.xs_events.put((p, t)))
+        return {}
+
+    def cmd_xs_events(self, n: int, secs: float) -> dict[str, Any]:
+        """Up to ``n`` watch events, waiting at most ``secs`` for each."""
+        got = []
+        for _ in range(n):
+            try:
+                got.append(list(self.xs_events.get(timeout=secs)))
+            except queue.Empty:
+                break
+        return {"events": got}
 
     def cmd_quit(self) -> dict[str, Any]:
         self.h.shutdown("poweroff")

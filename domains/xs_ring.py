@@ -20,21 +20,33 @@ class RingIndexError(Exception):
     """The peer published impossible ring indices."""
 
 
-def ring_read(page: memoryview, ring: int, cons_off: int, prod_off: int) -> bytes:
-    """Consume everything available in the ring at offset ``ring``."""
-    cons = _U32.unpack_from(page, cons_off)[0]
+def ring_peek(page: memoryview, ring: int, cons: int, prod_off: int) -> tuple[bytes, int]:
+    """Bytes available from position ``cons`` on, and the position after them.
+
+    ``cons`` is the caller's own cursor: the shared consumer index is left
+    alone, so a reader can hand data on (and persist what it did) before it
+    tells the producer the space is free.
+    """
     prod = _U32.unpack_from(page, prod_off)[0]
     avail = (prod - cons) & 0xFFFFFFFF
     if avail > XENSTORE_RING_SIZE:
         raise RingIndexError(f"cons {cons} prod {prod}")
     if not avail:
-        return b""
+        return b"", cons
     start = cons & _MASK
     first = min(avail, XENSTORE_RING_SIZE - start)
     data = bytes(page[ring + start:ring + start + first])
     if avail > first:
         data += bytes(page[ring:ring + avail - first])
-    _U32.pack_into(page, cons_off, (cons + avail) & 0xFFFFFFFF)
+    return data, (cons + avail) & 0xFFFFFFFF
+
+
+def ring_read(page: memoryview, ring: int, cons_off: int, prod_off: int) -> bytes:
+    """Consume everything available in the ring at offset ``ring``."""
+    cons = _U32.unpack_from(page, cons_off)[0]
+    data, new = ring_peek(page, ring, cons, prod_off)
+    if data:
+        _U32.pack_into(page, cons_off, new)
     return data
 
 

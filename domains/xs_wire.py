@@ -129,8 +129,8 @@ def watch_event(path: bytes, token: bytes) -> Message:
 class MessageReader:
     """Bytes in, whole messages out.  Oversized payloads raise ProtocolError."""
 
-    def __init__(self, max_payload: int = XENSTORE_PAYLOAD_MAX) -> None:
-        self._buf = bytearray()
+    def __init__(self, max_payload: int = XENSTORE_PAYLOAD_MAX, partial: bytes = b"") -> None:
+        self._buf = bytearray(partial)
         self._max = max_payload
 
     def feed(self, data: bytes) -> list[Message]:
@@ -151,6 +151,11 @@ class MessageReader:
     def pending(self) -> int:
         """Bytes of an incomplete message held."""
         return len(self._buf)
+
+    @property
+    def partial(self) -> bytes:
+        """The incomplete message held (to persist a connection)."""
+        return bytes(self._buf)
 
 
 def split_strings(payload: bytes) -> list[bytes]:

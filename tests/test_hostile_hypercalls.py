@@ -50,7 +50,7 @@ HELLO_TIMEOUT = 10.0
 # Errnos a request may legitimately be refused with.  EIO means "internal
 # broker error": an exception escaped a handler, which is always a bug.
 REFUSALS = {"EBADMSG", "ENOSYS", "EINVAL", "E2BIG", "EMSGSIZE", "EPERM", "EALREADY", "EACCES",
-            "ESRCH", "EBUSY", "EEXIST", "ENOSPC", "EFAULT"}
+            "ESRCH", "EBUSY", "EEXIST", "ENOSPC", "EFAULT", "ENOENT"}
 
 # One well-formed request per op, with valid field types.
 VALID_SHAPES: dict[str, dict[str, Any]] = {
@@ -67,6 +67,8 @@ VALID_SHAPES: dict[str, dict[str, Any]] = {
     "evtchn_status": {"port": 1},
     "evtchn_send": {"port": 1},
     "domain_info": {"domid": DOMID_SELF},
+    "get_param": {"index": 1},
+    "evtchn_fds": {"port": 1},
 }
 
 

@@ -1,0 +1,1 @@
+"""xenstored: the configuration store as a driver domain (core, server, persistence)."""

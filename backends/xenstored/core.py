@@ -1,0 +1,1165 @@
+"""xenstored's sans-IO core: requests in, replies, watch events and effects out.
+
+Rules:
+
+* Semantics are Xen 4.17's C xenstored (tools/xenstore/xenstored_*.c) and
+  docs/misc/xenstore.txt; where this file departs from C it says so.
+* ``handle`` answers every request exactly once and never raises.  The
+  checks run in C's order: unknown type (ENOSYS), privileged-only op from an
+  unprivileged domain (EACCES), unknown transaction id (ENOENT), then the op.
+* A request either succeeds or leaves the store as it was: quotas and
+  permissions are checked before anything changes.  (One exception, as in
+  C: an RM inside a transaction whose snapshot is torn by concurrent changes
+  answers EIO half-way; that transaction can only end in EAGAIN.)
+* Watch events caused by a request are queued before its reply; the first
+  event of a new watch comes right after the WATCH reply (C's order).
+* No I/O: the shell feeds ``handle``, drains ``take_output`` and
+  ``take_effects``, maps and unmaps rings, and reports dead domains.
+* Domain 0 is privileged and is also what unix-socket clients are.  Every
+  other domid is an unprivileged domain; a SET_TARGET gives it a target's
+  rights over the target's nodes.
+
+Deliberate differences from C xenstored 4.17:
+
+* Numbers (domids, ports, DIRECTORY_PART offsets, quota values) must be plain
+  decimal, else EINVAL; C's atoi reads "abc" as 0 (INTRODUCE "abc" would
+  re-introduce domain 0).  INTRODUCE refuses domain 0 and reserved domids.
+  Permission strings do keep C's strtol syntax (hex, octal, sign).
+* A missing argument (no NUL) is EINVAL; C answers whatever errno was left over.
+* The memory quota answers ENOMEM (C: EIO or a stale errno); a transaction's
+  private copies are not accounted, its writes are checked against the
+  writer's domain instead.  Replies and events are not charged to domains
+  and do not time out: ``event_backlog_bytes`` and ``backlogged()`` bound them.
+* RELEASE: reply, then the removal's events, then @releaseDomain.  C's order
+  depends on its connection list; this is its usual one.
+* ``domain_gone`` fires @releaseDomain even for a domain never introduced
+  (C fires only for introduced domains; spurious watch events are allowed).
+* A domain's watches restored from a dump fire once when it reconnects.
+* A connection whose domain was released or died is answered EACCES until
+  the shell disconnects it (C destroys it at once).
+* A failed create takes no generation numbers (C bumps them first); C can
+  list a child twice in a torn transaction view, this core cannot (such a
+  transaction fails with EAGAIN either way).
+* CONTROL knows check, help, log, print, quota and quota-soft; RESUME only
+  validates its argument (no shutdown tracking here).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Final, Hashable
+
+import msgpack
+
+from xdom.domains.xs_wire import (HEADER_SIZE, XENSTORE_ABS_PATH_MAX, XENSTORE_PAYLOAD_MAX, Message,
+                                  XenstoreError, XsType)
+
+from .paths import (INTRODUCE_DOMAIN, RELEASE_DOMAIN, ROOT, SPECIAL_WATCH_PATH_MAX, basename, canonicalize,
+                    child_path, decode, domain_path, encode, is_special, is_valid_node_path, parent_of)
+from .permissions import (DEFAULT_PERMS, Access, Accessor, Perm, Perms, access_for, format_perms, parse_perms,
+                          without_domain)
+from .quota import Quota, record_size
+from .store import GlobalView, Node, NodeView, Store
+from .transactions import Transaction, TransactionView
+from .watches import Watch, WatchRegistry
+
+__all__ = ["ConnId", "Introduced", "Released", "XenstoreCore", "Quota", "DOMID_SELF", "DOMID_FIRST_RESERVED"]
+
+log = logging.getLogger(__name__)
+
+ConnId = Hashable
+
+DOMID_FIRST_RESERVED: Final = 0x7FF0
+DOMID_SELF: Final = 0x7FF0
+PRIVILEGED_DOMID: Final = 0
+DUMP_FORMAT: Final = "xdom-xenstored-core"
+DUMP_VERSION: Final = 1
+
+_OK: Final = b"OK\0"
+_DECIMAL = re.compile(rb"[0-9]{1,10}")
+_SIGNED_DECIMAL = re.compile(rb"-?[0-9]{1,20}")
+
+
+# ---- effects: what the shell must do --------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Introduced:
+    """XS_INTRODUCE succeeded: map ``domid``'s ring (grant 1 / ``gfn``) and bind ``port``.
+
+    Sent again, with possibly new values, when an introduced domain is
+    introduced once more (C rebinds the event channel and resets the
+    connection): drop the old ring connection and set up the new one.
+    """
+
+    domid: int
+    gfn: int
+    port: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.domid < DOMID_FIRST_RESERVED or self.port <= 0:
+            raise ValueError(f"impossible introduction {self!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """The domain was released (XS_RELEASE) or died: unmap its ring, close its port, disconnect it."""
+
+    domid: int
+
+
+Effect = Introduced | Released
+
+
+# ---- domains and connections -----------------------------------------------------------------
+
+@dataclass(slots=True)
+class _Domain:
+    """What xenstored knows of one domain (C's ``struct domain``).
+
+    ``generation`` is the store generation when xenstored first heard of the
+    domain: a permission entry naming it on a node written *before* that is
+    a dead namesake's and is ignored.
+    """
+
+    domid: int
+    generation: int
+    introduced: bool = False
+    gfn: int = 0
+    port: int = 0
+    target: int | None = None
+
+
+@dataclass(slots=True)
+class _Connection:
+    conn: ConnId
+    domid: int
+    seq: int
+    transactions: dict[int, Transaction] = field(default_factory=dict)
+    next_tx_id: int = 1
+    stale: bool = False            # its domain was released or died: it speaks for no one
+    queued_event_bytes: int = 0
+    queued_events: set[bytes] = field(default_factory=set)    # payloads not yet taken, for de-duplication
+    backlogged: bool = False
+
+    @property
+    def privileged(self) -> bool:
+        return self.domid == PRIVILEGED_DOMID
+
+    @property
+    def home(self) -> str:
+        return domain_path(self.domid)
+
+
+@dataclass(slots=True)
+class _Request:
+    """One request being handled: who asks, and through which view of the tree."""
+
+    conn: _Connection
+    who: Accessor
+    view: NodeView
+    tx: Transaction | None
+
+    @property
+    def unprivileged(self) -> bool:
+        return not self.who.privileged
+
+
+@dataclass(frozen=True, slots=True)
+class _Op:
+    handler: Callable[[XenstoreCore, _Request, Message], bytes]
+    privileged_only: bool = False
+    ignores_transaction: bool = False
+
+
+class _Reply(Exception):
+    """Internal: the request is answered with an error before a view exists."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+# ---- argument parsing (C's get_string / get_strings / onearg) --------------------------------
+
+def _onearg(payload: bytes) -> str | None:
+    """The single argument: the payload must hold exactly one NUL, at its end."""
+    if not payload or payload.find(b"\0") != len(payload) - 1:
+        return None
+    return decode(payload[:-1])
+
+
+def _strings(payload: bytes) -> list[bytes]:
+    """NUL-terminated strings; bytes after the last NUL are ignored, as C's get_strings does."""
+    return payload.split(b"\0")[:-1]
+
+
+def _parse_u32(raw: bytes | str | None) -> int | None:
+    """A decimal number 0..2^32-1.  Stricter than C's atoi, which reads 'abc' as 0."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = encode(raw)
+    if not _DECIMAL.fullmatch(raw):
+        return None
+    value = int(raw)
+    return value if value <= 0xFFFFFFFF else None
+
+
+class XenstoreCore:
+    """The store, its transactions, watches, permissions, quotas and domains.
+
+    Connections are opaque hashable ids chosen by the shell.  See the module
+    docstring for the rules; see ``handle`` for the request contract.
+    """
+
+    def __init__(self, quota: Quota | None = None) -> None:
+        self.quota = quota or Quota()
+        self._store = Store.initial()
+        self._domains: dict[int, _Domain] = {PRIVILEGED_DOMID: _Domain(PRIVILEGED_DOMID, 0, introduced=True)}
+        self._gone: set[int] = set()          # died; a domid here does not exist until introduced again
+        self._conns: dict[ConnId, _Connection] = {}
+        self._conn_order: dict[ConnId, int] = {}
+        self._next_conn_seq = 0
+        self._watches = WatchRegistry()
+        self._watch_count: Counter[int] = Counter()     # per domain
+        self._watch_memory: Counter[int] = Counter()    # per domain
+        self._special_perms: dict[str, Perms] = {INTRODUCE_DOMAIN: DEFAULT_PERMS, RELEASE_DOMAIN: DEFAULT_PERMS}
+        # Watches of domain connections restored from a dump, waiting for connect(conn, domid).
+        self._restored_watches: dict[int, list[tuple[str, bytes, str | None]]] = {}
+        self._output: list[tuple[ConnId, Message]] = []
+        self._effects: list[Effect] = []
+        # Work that C does after queueing the reply: a new watch's first event, a release.
+        self._after_reply: list[Callable[[], None]] = []
+        self.internal_errors = 0      # requests answered EIO because of a bug here (tests expect 0)
+
+    # ==== the shell's API ========================================================================
+
+    def connect(self, conn: ConnId, domid: int) -> None:
+        """A connection acting for ``domid`` (0: privileged, e.g. a unix-socket client).
+
+        Connecting a conn id again starts it afresh.  A domain's watches kept
+        across a restart (``restore``) come back to the first connection made
+        for it, each firing once, as a new watch would.
+        """
+        if not isinstance(domid, int) or not 0 <= domid < DOMID_FIRST_RESERVED:
+            raise ValueError(f"domid {domid!r} out of range")
+        if conn in self._conns:
+            self.disconnect(conn)
+        self._next_conn_seq += 1
+        c = _Connection(conn, domid, self._next_conn_seq)
+        self._conns[conn] = c
+        self._conn_order[conn] = c.seq
+        if domid != PRIVILEGED_DOMID:
+            self._gone.discard(domid)
+            self._find_or_alloc_domain(domid)
+            for path, token, relative_base in self._restored_watches.pop(domid, []):
+                watch = self._add_watch(c, path, token, relative_base)
+                self._queue_event(c, watch.event_path(watch.path), watch.token)
+
+    def disconnect(self, conn: ConnId) -> None:
+        """Forget a connection: its watches, its open transactions and output not yet taken."""
+        c = self._conns.pop(conn, None)
+        if c is None:
+            return
+        self._conn_order.pop(conn, None)
+        self._drop_watches(c)
+        c.transactions.clear()
+        if any(k == conn for k, _ in self._output):
+            self._output = [(k, m) for k, m in self._output if k != conn]
+
+    def handle(self, conn: ConnId, msg: Message) -> None:
+        """Process one request; exactly one reply (or error) for it joins the output.
+
+        Never raises: bad input gets an error reply, and a bug in the core is
+        logged and answered with EIO rather than taking the daemon down.  A
+        connection that was never ``connect``-ed is refused with EACCES.
+        """
+        replies_before = len(self._output)
+        try:
+            c = self._conns.get(conn)
+            if c is None:
+                self._output.append((conn, msg.error("EACCES")))
+                return
+            self._process(c, msg)
+        except Exception:
+            self.internal_errors += 1
+            log.exception("xenstored core: internal error on %r from %r", msg, conn)
+            answered = any(k == conn and m.req_id == msg.req_id and m.type != XsType.XS_WATCH_EVENT
+                           for k, m in self._output[replies_before:])
+            if not answered:
+                self._output.append((conn, msg.error("EIO")))
+        finally:
+            self._after_reply.clear()
+
+    def take_output(self) -> list[tuple[ConnId, Message]]:
+        """Replies and watch events queued since the last call, in order."""
+        out, self._output = self._output, []
+        for c in self._conns.values():
+            c.queued_event_bytes = 0
+            c.queued_events.clear()
+        return out
+
+    def take_effects(self) -> list[Effect]:
+        """Rings to map (Introduced) or unmap (Released), in order."""
+        out, self._effects = self._effects, []
+        return out
+
+    def backlogged(self, conn: ConnId) -> bool:
+        """True once watch events for ``conn`` were dropped because more than
+        ``quota.event_backlog_bytes`` of them piled up between two
+        ``take_output`` calls.  Sticky: the shell should drop the connection,
+        since the client has lost events (C drops them silently instead).
+        """
+        c = self._conns.get(conn)
+        return c is not None and c.backlogged
+
+    def domain_gone(self, domid: int) -> None:
+        """The hypervisor says ``domid`` died: release it, remove the nodes it owns, fire @releaseDomain."""
+        if domid == PRIVILEGED_DOMID:
+            return
+        self._destroy_domain(domid, dead=True)
+
+    def node_count(self) -> int:
+        return len(self._store)
+
+    def check(self) -> list[str]:
+        """Internal consistency (tree, accounting, watch counts); empty when all is well."""
+        problems = self._store.check_invariants()
+        counts: Counter[int] = Counter()
+        memory: Counter[int] = Counter()
+        for w in self._watches.all():
+            c = self._conns.get(w.conn)
+            if c is None:
+                problems.append(f"watch {w.path} of unknown connection {w.conn!r}")
+                continue
+            counts[c.domid] += 1
+            memory[c.domid] += w.memory()
+        if counts != +self._watch_count or memory != +self._watch_memory:
+            problems.append(f"watch accounting {dict(self._watch_count)} != {dict(counts)}")
+        return problems
+
+    # ---- persistence -----------------------------------------------------------------------------
+
+    def dump(self) -> bytes:
+        """Everything that must survive a restart, as versioned msgpack.
+
+        Kept: nodes (value, perms, generation, child order), domains
+        (introduction, ring, target, generation), the special watch perms, and
+        the watches of domain connections by domid.  Not kept: unix-socket
+        (domain 0) watches and open transactions; their clients reconnect.
+        """
+        def perms_out(perms: Perms) -> list[list[Any]]:
+            return [[p.domid, int(p.access), p.ignored] for p in perms]
+
+        nodes = []
+        for node in self._tree_order():
+            nodes.append([node.path, node.value, perms_out(node.perms), node.generation, list(node.children)])
+        watches: list[list[Any]] = []
+        for w in sorted(self._watches.all(), key=lambda w: w.seq):
+            c = self._conns.get(w.conn)
+            if c is not None and not c.privileged and not c.stale:
+                watches.append([c.domid, w.path, w.token, w.relative_base])
+        for domid, kept in self._restored_watches.items():
+            watches.extend([domid, path, token, base] for path, token, base in kept)
+        state = {
+            "format": DUMP_FORMAT,
+            "version": DUMP_VERSION,
+            "generation": self._store.generation,
+            "nodes": nodes,
+            "domains": [[d.domid, d.generation, d.introduced, d.gfn, d.port, d.target]
+                        for d in self._domains.values() if d.domid != PRIVILEGED_DOMID],
+            "gone": sorted(self._gone),
+            "special_perms": {name: perms_out(p) for name, p in self._special_perms.items()},
+            "watches": watches,
+        }
+        return msgpack.packb(state, use_bin_type=True)
+
+    @classmethod
+    def restore(cls, data: bytes, quota: Quota | None = None) -> XenstoreCore:
+        """Rebuild a core from ``dump()``; raises ValueError if ``data`` is not a dump we can read.
+
+        ``take_effects()`` then holds one ``Introduced`` per restored
+        introduced domain, so the shell maps their rings again as it would
+        after XS_INTRODUCE (no @introduceDomain fires: nothing is new).
+        """
+        try:
+            state = msgpack.unpackb(data, raw=False, strict_map_key=False)
+            if not isinstance(state, dict) or state.get("format") != DUMP_FORMAT:
+                raise ValueError("not a xenstored core dump")
+            if state.get("version") != DUMP_VERSION:
+                raise ValueError(f"unsupported dump version {state.get('version')!r}")
+            core = cls(quota)
+
+            def perms_in(raw: list[list[Any]]) -> Perms:
+                perms = tuple(Perm(int(d), Access(int(a) & 3), bool(i)) for d, a, i in raw)
+                if not perms:
+                    raise ValueError("node without permissions")
+                return perms
+
+            store = Store()
+            for path, value, perms, generation, children in state["nodes"]:
+                if not isinstance(path, str) or not is_valid_node_path(path, XENSTORE_ABS_PATH_MAX):
+                    raise ValueError(f"bad node path {path!r}")
+                store.put(Node(path, bytes(value), perms_in(perms), int(generation),
+                               {str(c): None for c in children}))
+            # Never hand out a generation again, even if the dump's counter were behind.
+            store.generation = max([int(state["generation"])] + [n.generation for n in store])
+            problems = store.check_invariants()
+            if problems:
+                raise ValueError(f"inconsistent tree: {problems[:3]}")
+            core._store = store
+            for domid, generation, introduced, gfn, port, target in state["domains"]:
+                core._domains[int(domid)] = _Domain(int(domid), int(generation), bool(introduced), int(gfn),
+                                                    int(port), None if target is None else int(target))
+            core._gone = {int(d) for d in state["gone"]}
+            for name in (INTRODUCE_DOMAIN, RELEASE_DOMAIN):
+                if name in state["special_perms"]:
+                    core._special_perms[name] = perms_in(state["special_perms"][name])
+            for domid, path, token, base in state["watches"]:
+                core._restored_watches.setdefault(int(domid), []).append(
+                    (str(path), bytes(token), None if base is None else str(base)))
+            core._effects = [Introduced(d.domid, d.gfn, d.port) for d in core._domains.values()
+                             if d.introduced and d.domid != PRIVILEGED_DOMID]
+            return core
+        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as e:
+            raise ValueError(f"cannot restore xenstored state: {e}") from e
+
+    def _tree_order(self) -> list[Node]:
+        """All nodes, each parent before its children (iterative: paths may be 1000 levels deep)."""
+        out = []
+        stack = [ROOT]
+        while stack:
+            node = self._store.get(stack.pop())
+            if node is None:
+                continue
+            out.append(node)
+            stack.extend(child_path(node.path, c) for c in reversed(node.children))
+        return out
+
+    # ==== request processing =====================================================================
+
+    def _process(self, c: _Connection, msg: Message) -> None:
+        op = _OPS.get(msg.type)
+        try:
+            if op is None:
+                raise _Reply("ENOSYS")
+            if c.stale:
+                raise _Reply("EACCES")
+            if op.privileged_only and not c.privileged:
+                raise _Reply("EACCES")
+            tx = None
+            if not op.ignores_transaction and msg.tx_id != 0:
+                tx = c.transactions.get(msg.tx_id)
+                if tx is None:
+                    raise _Reply("ENOENT")
+            request = self._request(c, tx)
+            payload = op.handler(self, request, msg)
+        except (_Reply, XenstoreError) as e:
+            self._output.append((c.conn, msg.error(e.name)))
+            return
+        if len(payload) > XENSTORE_PAYLOAD_MAX:          # C's send_reply
+            self._output.append((c.conn, msg.error("E2BIG")))
+            return
+        self._output.append((c.conn, msg.reply(payload)))
+        for action in self._after_reply:
+            action()
+
+    def _accessor(self, c: _Connection) -> Accessor:
+        domain = self._domains.get(c.domid)
+        return Accessor(c.domid, c.privileged, domain.target if domain is not None else None)
+
+    def _request(self, c: _Connection, tx: Transaction | None) -> _Request:
+        who = self._accessor(c)
+        view: NodeView
+        if tx is None:
+            view = GlobalView(self._store, self._adjust_perms)
+        else:
+            limit = None if who.privileged else self.quota.transaction_nodes
+            view = TransactionView(tx, self._store, self._adjust_perms, limit)
+        return _Request(c, who, view, tx)
+
+    def _system_request(self) -> _Request:
+        """xenstored acting on its own (C passes conn == NULL): privileged, global."""
+        system = _Connection(None, PRIVILEGED_DOMID, 0)
+        return _Request(system, Accessor(PRIVILEGED_DOMID, True), GlobalView(self._store, self._adjust_perms),
+                        None)
+
+    # ---- node lookup with C's permission and errno rules ---------------------------------------
+
+    def _adjust_perms(self, node: Node) -> None:
+        """Mark entries naming a domain that is gone, or newer than the node, as ignored (C's
+        ``domain_adjust_node_perms``).  Once ignored, an entry stays ignored."""
+        perms = node.perms
+        for i in range(1, len(perms)):
+            entry = perms[i]
+            if entry.ignored:
+                continue
+            domain = self._domains.get(entry.domid)
+            if domain is None or domain.generation > node.generation:
+                node.perms = perms = perms[:i] + (replace(entry, ignored=True),) + perms[i + 1:]
+
+    def _path_arg(self, req: _Request, raw: str | None) -> str:
+        """A request's path argument made canonical; EINVAL if missing or not a valid node path."""
+        if raw is None:
+            raise XenstoreError("EINVAL")
+        path = canonicalize(raw, req.conn.home)
+        if not is_valid_node_path(path, self.quota.path_max):
+            raise XenstoreError("EINVAL")
+        return path
+
+    def _get_node(self, req: _Request, path: str, need: Access) -> Node:
+        """The node at (valid, canonical) ``path`` if ``req`` may ``need`` it; else C's errno.
+
+        A missing or forbidden node answers ENOENT/EACCES only if the nearest
+        existing ancestor grants ``need``; otherwise EACCES, so a stranger
+        learns nothing about what exists where it may not look.
+        """
+        node = req.view.read(path)
+        if node is not None:
+            if access_for(req.who, node.perms) & need == need:
+                return node
+            errno = "EACCES"
+        else:
+            errno = "ENOENT"
+        if self._ancestor_access(req, path) & need:
+            raise XenstoreError(errno)
+        raise XenstoreError("EACCES")
+
+    def _ancestor_access(self, req: _Request, path: str) -> Access:
+        """What ``req`` may do at the nearest existing ancestor of ``path`` (C's ``ask_parents``)."""
+        name = path
+        while True:
+            name = parent_of(name)
+            node = req.view.read(name)
+            if node is not None:
+                return access_for(req.who, node.perms)
+            if name == ROOT:
+                return Access.NONE
+
+    # ---- quota checks before a node is written ---------------------------------------------------
+
+    def _domain_memory(self, domid: int) -> int:
+        return self._store.memory[domid] + self._watch_memory[domid]
+
+    def _check_node_write(self, req: _Request, node_path: str, perms: Perms, value_len: int, children_len: int,
+                          pending_memory: Counter[int] | None = None) -> None:
+        """C's write_node_raw + do_tdb_write quota checks for one node about to be written.
+
+        Node size is checked for unprivileged writers; memory is charged to the
+        node's owner (outside transactions) or to the writer (inside, where C
+        charges the transaction's private copy).  Raises ENOSPC / ENOMEM and
+        poisons the transaction, as a failed write does in C.
+        """
+        record = record_size(len(perms), value_len, children_len)
+        size = len(node_path) + record
+        try:
+            if req.unprivileged and record >= self.quota.node_size:
+                raise XenstoreError("ENOSPC", "node too big")
+            charged_to = req.conn.domid if req.tx is not None else perms[0].domid
+            if charged_to != PRIVILEGED_DOMID:
+                current = self._domain_memory(charged_to)
+                if req.tx is None:
+                    old = self._store.charged_memory(node_path)
+                    if old is not None and old[0] == charged_to:
+                        current -= old[1]
+                if pending_memory is not None:
+                    current += pending_memory[charged_to]
+                if current + size >= self.quota.memory:
+                    raise XenstoreError("ENOMEM", "memory quota")
+                if pending_memory is not None:
+                    pending_memory[charged_to] += size
+        except XenstoreError:
+            if req.tx is not None:
+                req.tx.failed = True
+            raise
+
+    # ---- watches ----------------------------------------------------------------------------------
+
+    def _fire(self, req: _Request, path: str, node: Node | None, exact: bool, old_perms: Perms | None) -> None:
+        """A node changed: inside a transaction remember it for commit, else notify watchers now."""
+        if req.tx is not None:
+            req.tx.queue_watch(path, exact)
+        else:
+            self._fire_now(path, node, exact, old_perms)
+
+    def _fire_now(self, path: str, node: Node | None, exact: bool, old_perms: Perms | None) -> None:
+        watches = self._watches.matching(path, exact, self._conn_order)
+        verdicts: dict[ConnId, bool] = {}
+        for watch in watches:
+            c = self._conns.get(watch.conn)
+            if c is None:
+                continue
+            allowed = verdicts.get(watch.conn)
+            if allowed is None:
+                allowed = verdicts[watch.conn] = self._may_see(c, path, node, old_perms)
+            if allowed:
+                self._queue_event(c, watch.event_path(path), watch.token)
+
+    def _may_see(self, c: _Connection, path: str, node: Node | None, old_perms: Perms | None) -> bool:
+        """C's ``watch_permitted``: the node (before or after the change) or its parent must be readable."""
+        who = self._accessor(c)
+        if is_special(path):
+            perms = self._special_perms.get(path)
+            return perms is not None and bool(access_for(who, perms) & Access.READ)
+        if old_perms is not None and access_for(who, old_perms) & Access.READ:
+            return True
+        if node is None:
+            node = self._store.get(path)
+            if node is None:
+                return False
+            self._adjust_perms(node)
+        if access_for(who, node.perms) & Access.READ:
+            return True
+        parent = self._store.get(parent_of(node.path))
+        if parent is None:
+            return False
+        self._adjust_perms(parent)
+        return bool(access_for(who, parent.perms) & Access.READ)
+
+    def _queue_event(self, c: _Connection, path: str, token: bytes) -> None:
+        """Queue a WATCH_EVENT unless it is too long, or the same event is still queued for
+        ``c`` (C's ``send_event`` drops such duplicates, special events excepted)."""
+        payload = encode(path) + b"\0" + token + b"\0"
+        if len(payload) > XENSTORE_PAYLOAD_MAX:       # C: "Don't try to send over-long events."
+            return
+        if not is_special(path):
+            if payload in c.queued_events:
+                return
+            c.queued_events.add(payload)
+        size = HEADER_SIZE + len(payload)
+        if c.queued_event_bytes + size > self.quota.event_backlog_bytes:
+            if not c.backlogged:
+                log.warning("xenstored: watch events for domain %d piled up; dropping them", c.domid)
+            c.backlogged = True
+            return
+        c.queued_event_bytes += size
+        self._output.append((c.conn, Message(XsType.XS_WATCH_EVENT, 0, 0, payload)))
+
+    def _add_watch(self, c: _Connection, path: str, token: bytes, relative_base: str | None) -> Watch:
+        watch = self._watches.add(c.conn, path, token, relative_base)
+        self._watch_count[c.domid] += 1
+        self._watch_memory[c.domid] += watch.memory()
+        return watch
+
+    def _forget_watch(self, c: _Connection, watch: Watch) -> None:
+        self._watch_count[c.domid] -= 1
+        self._watch_memory[c.domid] -= watch.memory()
+        if self._watch_count[c.domid] <= 0:
+            del self._watch_count[c.domid]
+            self._watch_memory.pop(c.domid, None)
+
+    def _drop_watches(self, c: _Connection) -> None:
+        for watch in self._watches.remove_all(c.conn):
+            self._forget_watch(c, watch)
+
+    # ---- domains ---------------------------------------------------------------------------------
+
+    def _domain_exists(self, domid: int) -> bool:
+        """Stand-in for asking the hypervisor: any real domid we were not told is dead."""
+        return domid < DOMID_FIRST_RESERVED and domid not in self._gone
+
+    def _find_or_alloc_domain(self, domid: int) -> _Domain:
+        domain = self._domains.get(domid)
+        if domain is None:
+            domain = self._domains[domid] = _Domain(domid, self._store.generation)
+        return domain
+
+    def _introduced(self, domid: int | None) -> _Domain | None:
+        domain = self._domains.get(domid) if domid is not None else None
+        return domain if domain is not None and domain.introduced else None
+
+    def _alloc_permrefs(self, perms: Perms) -> Perms:
+        """C's ``domain_alloc_permrefs``: entries naming a domain that does not exist are ignored."""
+        out = []
+        for p in perms:
+            if p.domid not in self._domains:
+                if self._domain_exists(p.domid):
+                    self._find_or_alloc_domain(p.domid)
+                else:
+                    p = replace(p, ignored=True)
+            out.append(p)
+        return tuple(out)
+
+    def _destroy_domain(self, domid: int, dead: bool) -> None:
+        """RELEASE or death (C's ``destroy_conn`` + ``destroy_domain``).
+
+        The domain's connections lose their watches and transactions and
+        speak for no one any more; every node it owns goes, subtree and all,
+        firing watches; it leaves the special-watch permissions; then
+        @releaseDomain fires.
+        """
+        domain = self._domains.pop(domid, None)
+        for c in self._conns.values():
+            if c.domid == domid:
+                self._drop_watches(c)
+                c.transactions.clear()
+                c.stale = True
+        self._restored_watches.pop(domid, None)
+        if dead:
+            self._gone.add(domid)
+        self._remove_owned_nodes(domid)
+        for name, perms in self._special_perms.items():
+            self._special_perms[name] = without_domain(perms, domid)
+        if domain is not None and domain.introduced:
+            self._effects.append(Released(domid))
+        if dead or (domain is not None and domain.introduced):
+            self._fire_now(RELEASE_DOMAIN, None, True, None)
+
+    def _remove_owned_nodes(self, domid: int) -> None:
+        """C's ``domain_tree_remove``: pre-order walk, removing each subtree rooted at a node ``domid`` owns."""
+        if not self._store.entries.get(domid):
+            return
+        root = self._store.get(ROOT)
+        if root is not None and root.owner == domid:       # never delete the root: hand it to dom0
+            root.perms = (Perm(PRIVILEGED_DOMID, root.perms[0].access),) + root.perms[1:]
+            self._store.recharge(root)
+        system = self._system_request()
+        stack = [ROOT]
+        while stack and self._store.entries.get(domid):
+            node = self._store.get(stack.pop())
+            if node is None:
+                continue
+            if node.owner == domid and node.path != ROOT:
+                self._rm_node(system, node.path)
+                continue
+            stack.extend(child_path(node.path, c) for c in reversed(node.children))
+
+    # ---- tree operations shared by several requests ----------------------------------------------
+
+    def _create_node(self, req: _Request, path: str, value: bytes) -> Node:
+        """Create ``path`` and any missing parents (C's ``construct_node`` + ``create_node``).
+
+        New nodes inherit the nearest existing ancestor's permissions; an
+        unprivileged creator becomes their owner.  All quota checks run
+        before anything is written.
+        """
+        view = req.view
+        missing = [path]                 # bottom-up: the node, then its missing parents
+        parent_path = parent_of(path)
+        parent = view.read(parent_path)
+        while parent is None:
+            if parent_path == ROOT:
+                raise XenstoreError("ENOENT")
+            missing.append(parent_path)
+            parent_path = parent_of(parent_path)
+            parent = view.read(parent_path)
+
+        perms = parent.perms
+        if req.unprivileged:
+            perms = (replace(perms[0], domid=req.conn.domid),) + perms[1:]
+
+        pending: Counter[int] = Counter()
+        owned_before = self._store.entries[req.conn.domid]
+        for i, new_path in enumerate(missing):
+            if req.unprivileged and owned_before + (0 if req.tx else i) >= self.quota.nodes:
+                if req.tx is not None and i > 0:
+                    req.tx.failed = True     # C had written (and then destroyed) the first nodes
+                raise XenstoreError("ENOSPC", "node quota")
+            child_len = len(basename(missing[i - 1])) + 1 if i > 0 else 0
+            self._check_node_write(req, new_path, perms, len(value) if i == 0 else 0, child_len, pending)
+        top_name = basename(missing[-1])
+        added_len = 0 if top_name in parent.children else len(top_name) + 1
+        self._check_node_write(req, parent.path, parent.perms, len(parent.value), parent.children_len + added_len,
+                               pending)
+
+        nodes = [Node(new_path, value if i == 0 else b"", perms) for i, new_path in enumerate(missing)]
+        for below, above in zip(nodes, nodes[1:]):
+            above.add_child(basename(below.path))
+        for node in nodes:                    # C's order, hence its generation numbers
+            view.write(node)
+            if req.tx is not None:
+                req.tx.entry_delta[node.owner] += 1
+                req.tx.node_created = True
+        parent.add_child(basename(nodes[-1].path))
+        view.write(parent)
+        return nodes[0]
+
+    def _rm_node(self, req: _Request, path: str) -> None:
+        """Remove ``path`` and everything below it, children first, firing watches per node
+        (C's ``rm_node``): the named node fires for its watchers and theirs above; each
+        removed descendant fires only for watches on exactly its path."""
+        view = req.view
+        parent = view.read(parent_of(path))
+        if parent is None:
+            raise XenstoreError("EINVAL")
+        top = view.read(path)
+        if top is None:
+            return
+        # Iterative post-order walk; each entry holds its children still to visit, last first.
+        stack: list[tuple[Node, list[str]]] = [(top, list(reversed(top.children)))]
+        while stack:
+            node, pending = stack[-1]
+            if pending:
+                child = view.read(child_path(node.path, pending.pop()))
+                if child is None:
+                    # Only a transaction's view can be torn like this (it read the parent
+                    # before someone removed the child); C's walk gives up with EIO, and
+                    # the commit will fail with EAGAIN anyway.
+                    raise XenstoreError("EIO", "child listed but missing")
+                stack.append((child, list(reversed(child.children))))
+                continue
+            stack.pop()
+            view.delete(node.path)
+            self._fire(req, node.path, node, node.path != path, None)
+            if req.tx is not None:
+                req.tx.entry_delta[node.owner] -= 1
+            listed_in = stack[-1][0] if stack else parent
+            if basename(node.path) not in listed_in.children:
+                # Torn transaction view again: C's delete_child gives up with EIO.
+                raise XenstoreError("EIO", "child not listed by its parent")
+            listed_in.remove_child(basename(node.path))
+            view.write(listed_in)
+
+    # ==== the requests ===========================================================================
+
+    def _op_read(self, req: _Request, msg: Message) -> bytes:
+        return self._get_node(req, self._path_arg(req, _onearg(msg.payload)), Access.READ).value
+
+    def _op_directory(self, req: _Request, msg: Message) -> bytes:
+        return self._get_node(req, self._path_arg(req, _onearg(msg.payload)), Access.READ).children_bytes()
+
+    def _op_directory_part(self, req: _Request, msg: Message) -> bytes:
+        """``<gencnt>\\0`` then children from byte ``offset`` on, as many as fit; a final
+        empty string marks the end of the list (C's ``send_directory_part``)."""
+        if msg.payload.count(b"\0") != 2:
+            raise XenstoreError("EINVAL")
+        raw_path, raw_offset, _ = msg.payload.split(b"\0")
+        node = self._get_node(req, self._path_arg(req, decode(raw_path)), Access.READ)
+        offset = _parse_u32(raw_offset)
+        if offset is None:
+            raise XenstoreError("EINVAL")
+        gen = str(node.generation).encode() + b"\0"
+        children = node.children_bytes()
+        if offset >= len(children):
+            return gen + b"\0"
+        max_len = XENSTORE_PAYLOAD_MAX - len(gen) - 1
+        length = 0
+        while True:
+            name_len = children.find(b"\0", offset + length) - (offset + length)
+            if length + name_len >= max_len:
+                break
+            length += name_len + 1
+            if offset + length == len(children):
+                break
+        chunk = gen + children[offset:offset + length]
+        return chunk + b"\0" if offset + length == len(children) else chunk
+
+    def _op_get_perms(self, req: _Request, msg: Message) -> bytes:
+        node = self._get_node(req, self._path_arg(req, _onearg(msg.payload)), Access.READ)
+        return format_perms(node.perms)
+
+    def _op_write(self, req: _Request, msg: Message) -> bytes:
+        cut = msg.payload.find(b"\0")
+        if cut < 0:
+            raise XenstoreError("EINVAL")
+        path = self._path_arg(req, decode(msg.payload[:cut]))
+        value = msg.payload[cut + 1:]
+        try:
+            node = self._get_node(req, path, Access.WRITE)
+        except XenstoreError as e:
+            if e.name != "ENOENT":
+                raise
+            node = self._create_node(req, path, value)
+        else:
+            self._check_node_write(req, node.path, node.perms, len(value), node.children_len)
+            node.value = value
+            req.view.write(node)
+        self._fire(req, node.path, node, False, None)
+        return _OK
+
+    def _op_mkdir(self, req: _Request, msg: Message) -> bytes:
+        path = self._path_arg(req, _onearg(msg.payload))
+        try:
+            self._get_node(req, path, Access.WRITE)
+        except XenstoreError as e:
+            if e.name != "ENOENT":
+                raise
+            node = self._create_node(req, path, b"")
+            self._fire(req, node.path, node, False, None)
+        return _OK
+
+    def _op_rm(self, req: _Request, msg: Message) -> bytes:
+        path = self._path_arg(req, _onearg(msg.payload))
+        try:
+            self._get_node(req, path, Access.WRITE)
+        except XenstoreError as e:
+            if e.name != "ENOENT":
+                raise
+            # Not there: fine, as long as its parent is.
+            if req.view.read(parent_of(path)) is not None:
+                return _OK
+            raise
+        if path == ROOT:
+            raise XenstoreError("EINVAL")
+        self._rm_node(req, path)
+        return _OK
+
+    def _op_set_perms(self, req: _Request, msg: Message) -> bytes:
+        count = msg.payload.count(b"\0")
+        if count < 2:
+            raise XenstoreError("EINVAL")
+        count -= 1
+        if req.unprivileged and count > self.quota.permissions:
+            raise XenstoreError("ENOSPC")
+        fields_ = msg.payload.split(b"\0")
+        perms = self._alloc_permrefs(parse_perms([decode(f) for f in fields_[1:count + 1]]))
+        if perms[0].ignored:
+            raise XenstoreError("ENOENT", "owner does not exist")
+        raw_path = decode(fields_[0])
+        if is_special(raw_path):
+            current = self._special_perms.get(raw_path)
+            if current is None:
+                raise XenstoreError("EINVAL")
+            need = Access.WRITE | Access.OWNER
+            if access_for(req.who, current) & need != need:
+                raise XenstoreError("EACCES")
+            self._special_perms[raw_path] = perms
+            return _OK
+        node = self._get_node(req, self._path_arg(req, raw_path), Access.WRITE | Access.OWNER)
+        if req.unprivileged and perms[0].domid != node.owner:
+            raise XenstoreError("EPERM", "only a privileged domain may change the owner")
+        self._check_node_write(req, node.path, perms, len(node.value), node.children_len)
+        old_perms = node.perms
+        if req.tx is not None:
+            req.tx.entry_delta[node.owner] -= 1
+            req.tx.entry_delta[perms[0].domid] += 1
+        node.perms = perms
+        req.view.write(node)
+        self._fire(req, node.path, node, False, old_perms)
+        return _OK
+
+    def _op_watch(self, req: _Request, msg: Message) -> bytes:
+        args = _strings(msg.payload)
+        if len(args) != 2:
+            raise XenstoreError("EINVAL")
+        path, token = decode(args[0]), args[1]
+        relative_base = None
+        if is_special(path):
+            if len(path) > SPECIAL_WATCH_PATH_MAX:
+                raise XenstoreError("EINVAL")
+        else:
+            if not path.startswith(ROOT):
+                relative_base = req.conn.home
+            path = canonicalize(path, req.conn.home)
+            if not is_valid_node_path(path, self.quota.path_max):
+                raise XenstoreError("EINVAL")
+        c = req.conn
+        if self._watches.find(c.conn, path, token) is not None:
+            raise XenstoreError("EEXIST")
+        if req.unprivileged:
+            if self._watch_count[c.domid] > self.quota.watches:
+                raise XenstoreError("E2BIG")
+            if self._domain_memory(c.domid) + len(path) + len(token) >= self.quota.memory:
+                raise XenstoreError("ENOMEM")
+        watch = self._add_watch(c, path, token, relative_base)
+        self._after_reply.append(lambda: self._queue_event(c, watch.event_path(watch.path), token))
+        return _OK
+
+    def _op_unwatch(self, req: _Request, msg: Message) -> bytes:
+        args = _strings(msg.payload)
+        if len(args) != 2:
+            raise XenstoreError("EINVAL")
+        path = canonicalize(decode(args[0]), req.conn.home)
+        watch = self._watches.remove(req.conn.conn, path, args[1])
+        if watch is None:
+            raise XenstoreError("ENOENT")
+        self._forget_watch(req.conn, watch)
+        return _OK
+
+    def _op_transaction_start(self, req: _Request, msg: Message) -> bytes:
+        c = req.conn
+        if req.tx is not None:
+            raise XenstoreError("EBUSY", "no nested transactions")
+        if req.unprivileged and len(c.transactions) > self.quota.transactions:
+            raise XenstoreError("ENOSPC")
+        tx_id = c.next_tx_id
+        while tx_id == 0 or tx_id in c.transactions:
+            tx_id = (tx_id + 1) & 0xFFFFFFFF
+        c.next_tx_id = (tx_id + 1) & 0xFFFFFFFF
+        c.transactions[tx_id] = Transaction(tx_id, self._store.next_generation())
+        return str(tx_id).encode() + b"\0"
+
+    def _op_transaction_end(self, req: _Request, msg: Message) -> bytes:
+        arg = _onearg(msg.payload)
+        if arg not in ("T", "F"):
+            raise XenstoreError("EINVAL")
+        tx = req.tx
+        if tx is None:
+            raise XenstoreError("ENOENT")
+        del req.conn.transactions[tx.id]
+        if arg == "F":
+            return _OK
+        if tx.failed:
+            raise XenstoreError("ENOMEM", "a request in the transaction failed half-way")
+        if tx.node_created and req.unprivileged:
+            for domid, delta in tx.entry_delta.items():
+                if domid != PRIVILEGED_DOMID and max(0, self._store.entries[domid] + delta) >= self.quota.nodes:
+                    raise XenstoreError("ENOSPC", "node quota")
+        if tx.conflicts_with(self._store):
+            raise XenstoreError("EAGAIN")
+        for path, accessed in tx.modified_nodes():
+            if accessed.node is not None:
+                accessed.node.generation = self._store.next_generation()
+                self._store.put(accessed.node)
+            elif accessed.generation is not None:
+                self._store.remove(path)
+            if accessed.fire_watch:
+                self._fire_now(path, None, accessed.watch_exact, accessed.original_perms)
+        return _OK
+
+    def _op_introduce(self, req: _Request, msg: Message) -> bytes:
+        args = _strings(msg.payload)
+        if len(args) < 3:
+            raise XenstoreError("EINVAL")
+        domid, port = _parse_u32(args[0]), _parse_u32(args[2])
+        gfn = int(args[1]) if _SIGNED_DECIMAL.fullmatch(args[1]) else None
+        # C takes atoi's word for it; xdom refuses what cannot be a guest's ring.
+        if domid is None or port is None or gfn is None or port == 0 or \
+                not PRIVILEGED_DOMID < domid < DOMID_FIRST_RESERVED:
+            raise XenstoreError("EINVAL")
+        self._gone.discard(domid)
+        domain = self._find_or_alloc_domain(domid)
+        again = domain.introduced
+        domain.introduced, domain.gfn, domain.port = True, gfn, port
+        if again:
+            # C's domain_conn_reset: the domain starts over on its ring.
+            for c in self._conns.values():
+                if c.domid == domid:
+                    self._drop_watches(c)
+                    c.transactions.clear()
+        self._effects.append(Introduced(domid, gfn, port))
+        if not again:
+            self._fire_now(INTRODUCE_DOMAIN, None, True, None)
+        return _OK
+
+    def _onearg_domain(self, msg: Message) -> _Domain:
+        """C's ``onearg_domain``: an introduced domain other than 0, else EINVAL/ENOENT."""
+        domid = _parse_u32(_onearg(msg.payload))
+        if not domid:
+            raise XenstoreError("EINVAL")
+        domain = self._introduced(domid)
+        if domain is None:
+            raise XenstoreError("ENOENT")
+        return domain
+
+    def _op_release(self, req: _Request, msg: Message) -> bytes:
+        """The reply goes first, then the removal's watch events and @releaseDomain: what C
+        does in the usual case, where its main loop holds the dying connection until the
+        request is answered."""
+        domid = self._onearg_domain(msg).domid
+        self._after_reply.append(lambda: self._destroy_domain(domid, dead=False))
+        return _OK
+
+    def _op_resume(self, req: _Request, msg: Message) -> bytes:
+        self._onearg_domain(msg)    # no shutdown tracking here: nothing to re-arm
+        return _OK
+
+    def _op_set_target(self, req: _Request, msg: Message) -> bytes:
+        args = _strings(msg.payload)
+        if len(args) < 2:
+            raise XenstoreError("EINVAL")
+        domid, target = _parse_u32(args[0]), _parse_u32(args[1])
+        if domid is None or target is None:
+            raise XenstoreError("EINVAL")
+        domain = self._introduced(domid)
+        if domain is None or self._introduced(target) is None:
+            raise XenstoreError("ENOENT")
+        domain.target = target
+        return _OK
+
+    def _op_get_domain_path(self, req: _Request, msg: Message) -> bytes:
+        domid = _parse_u32(_onearg(msg.payload))
+        if domid is None:
+            raise XenstoreError("EINVAL")
+        return encode(domain_path(domid)) + b"\0"
+
+    def _op_is_domain_introduced(self, req: _Request, msg: Message) -> bytes:
+        domid = _parse_u32(_onearg(msg.payload))
+        if domid is None:
+            raise XenstoreError("EINVAL")
+        return b"T\0" if domid == DOMID_SELF or self._introduced(domid) else b"F\0"
+
+    def _op_reset_watches(self, req: _Request, msg: Message) -> bytes:
+        self._drop_watches(req.conn)
+        req.conn.transactions.clear()
+        return _OK
+
+    def _op_control(self, req: _Request, msg: Message) -> bytes:
+        """A small subset of C's CONTROL commands: check, help, log, print, quota, quota-soft."""
+        cut = msg.payload.find(b"\0")
+        if cut < 0:
+            raise XenstoreError("EINVAL")
+        command = decode(msg.payload[:cut])
+        args = [decode(a) for a in _strings(msg.payload)[1:]]
+        if command == "check":
+            if args:
+                raise XenstoreError("EINVAL")
+            for problem in self.check():
+                log.error("xenstored check: %s", problem)
+            return _OK
+        if command in ("log", "print"):
+            if len(args) != 1 or (command == "log" and args[0] not in ("on", "off")):
+                raise XenstoreError("EINVAL")
+            if command == "print":
+                log.info("control: %s", args[0])
+            return _OK
+        if command == "help":
+            if args:
+                raise XenstoreError("EINVAL")
+            return ("check\t\nlog\ton|off\nprint\t<string>\nquota\t[set <name> <val>|<domid>]\n"
+                    "quota-soft\t[set <name> <val>]\nhelp\t\n").encode() + b"\0"
+        if command in ("quota", "quota-soft"):
+            return self._control_quota(args, soft=command == "quota-soft")
+        raise XenstoreError("EINVAL")
+
+    def _control_quota(self, args: list[str], soft: bool) -> bytes:
+        table = ((("memory", "memory_soft", "Total Xenstore memory per domain (warning level)"),) if soft
+                 else Quota.control_table())
+        if not args:
+            lines = "".join(f"{name:<17}: {getattr(self.quota, attr):8d} {descr}\n" for name, attr, descr in table)
+            return f"Quota settings:\n{lines}".encode() + b"\0"
+        if args[0] == "set":
+            value = _parse_u32(args[2]) if len(args) == 3 else None
+            attr = next((a for name, a, _ in table if len(args) == 3 and name == args[1]), None)
+            if attr is None or not value:
+                raise XenstoreError("EINVAL")
+            self.quota = replace(self.quota, **{attr: value})
+            return _OK
+        domid = _parse_u32(args[0]) if len(args) == 1 and not soft else None
+        if domid is None:
+            raise XenstoreError("EINVAL")
+        if domid not in self._domains:
+            raise XenstoreError("ENOENT")
+        transactions = sum(len(c.transactions) for c in self._conns.values() if c.domid == domid)
+        rows = (("nodes", self._store.entries[domid]), ("watches", self._watch_count[domid]),
+                ("transactions", transactions), ("outstanding", 0), ("memory", self._domain_memory(domid)))
+        text = f"Domain {domid}:\n" + "".join(f"{name:<16}: {value:8d}\n" for name, value in rows)
+        return text.encode() + b"\0"
+
+
+# C's wire_funcs[]: handler and flags per request type; anything else is ENOSYS.
+_OPS: Final[dict[int, _Op]] = {
+    XsType.XS_CONTROL: _Op(XenstoreCore._op_control, privileged_only=True),
+    XsType.XS_DIRECTORY: _Op(XenstoreCore._op_directory),
+    XsType.XS_READ: _Op(XenstoreCore._op_read),
+    XsType.XS_GET_PERMS: _Op(XenstoreCore._op_get_perms),
+    XsType.XS_WATCH: _Op(XenstoreCore._op_watch, ignores_transaction=True),
+    XsType.XS_UNWATCH: _Op(XenstoreCore._op_unwatch, ignores_transaction=True),
+    XsType.XS_TRANSACTION_START: _Op(XenstoreCore._op_transaction_start),
+    XsType.XS_TRANSACTION_END: _Op(XenstoreCore._op_transaction_end),
+    XsType.XS_INTRODUCE: _Op(XenstoreCore._op_introduce, privileged_only=True),
+    XsType.XS_RELEASE: _Op(XenstoreCore._op_release, privileged_only=True),
+    XsType.XS_GET_DOMAIN_PATH: _Op(XenstoreCore._op_get_domain_path),
+    XsType.XS_WRITE: _Op(XenstoreCore._op_write),
+    XsType.XS_MKDIR: _Op(XenstoreCore._op_mkdir),
+    XsType.XS_RM: _Op(XenstoreCore._op_rm),
+    XsType.XS_SET_PERMS: _Op(XenstoreCore._op_set_perms),
+    XsType.XS_IS_DOMAIN_INTRODUCED: _Op(XenstoreCore._op_is_domain_introduced, privileged_only=True),
+    XsType.XS_RESUME: _Op(XenstoreCore._op_resume, privileged_only=True),
+    XsType.XS_SET_TARGET: _Op(XenstoreCore._op_set_target, privileged_only=True),
+    XsType.XS_RESET_WATCHES: _Op(XenstoreCore._op_reset_watches),
+    XsType.XS_DIRECTORY_PART: _Op(XenstoreCore._op_directory_part),
+}

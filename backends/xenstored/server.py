@@ -1,0 +1,353 @@
+"""xenstored's I/O shell: sockets, rings and persistence around the core.
+
+One loop: wait (selectors), read bytes, frame them, hand each message to
+the core, persist if anything changed, then deliver the core's replies and
+watch events and act on its effects (mapping the ring of a domain it was
+told to introduce).  Nothing here knows xenstore semantics.
+
+Persistence: the store is dumped to ``<state_dir>/xenstore.db`` (write to a
+temporary file, rename) after every loop turn that handled a mutating
+request and *before* the replies leave, so a reply a client saw is on disk
+when xenstored is killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import msgpack
+
+from xdom.domains.abi.event_channel import VIRQ_DOM_EXC
+from xdom.domains.abi.grant_table import GNTTAB_RESERVED_XENSTORE
+from xdom.domains.xs_wire import MessageReader, ProtocolError, XsType
+
+from .core import Introduced, Released, XenstoreCore
+from .transport import RingTransport, SocketTransport, TransportClosed
+
+log = logging.getLogger("xdom.xenstored")
+
+OUTPUT_LIMIT = 1 << 20        # bytes queued for a peer that does not read before we drop it
+READ_PAUSE = 64 << 10         # stop reading a peer while this much output waits for it
+MUTATING = frozenset({XsType.XS_WRITE, XsType.XS_MKDIR, XsType.XS_RM, XsType.XS_SET_PERMS,
+                      XsType.XS_TRANSACTION_END, XsType.XS_INTRODUCE, XsType.XS_RELEASE,
+                      XsType.XS_SET_TARGET, XsType.XS_WATCH, XsType.XS_UNWATCH,
+                      XsType.XS_RESET_WATCHES})
+DB_NAME = "xenstore.db"
+DB_VERSION = 1
+
+
+@dataclass(eq=False)
+class Connection:
+    transport: Any
+    domid: int
+    reader: MessageReader = field(default_factory=MessageReader)
+    out: bytearray = field(default_factory=bytearray)
+    port: int = 0                 # ring connections: the event channel
+    mapping: Any = None           # ring connections: the grant mapping of the page
+    committed: int = 0            # ring connections: req_cons as last published
+
+    @property
+    def kind(self) -> str:
+        return "ring" if isinstance(self.transport, RingTransport) else "socket"
+
+
+class XenstoredServer:
+    def __init__(self, unix_path: str | None = None, state_dir: str | None = None,
+                 xenhost: Any = None, core: XenstoreCore | None = None) -> None:
+        self.state_dir = state_dir
+        self.db_path = os.path.join(state_dir, DB_NAME) if state_dir else None
+        self.core = core or self._load()
+        self.sel = selectors.DefaultSelector()
+        self.conns: dict[int, Connection] = {}          # id(conn) -> conn
+        self.rings: dict[int, Connection] = {}          # domid -> ring connection
+        self.port_conns: dict[int, Connection] = {}     # event channel port -> ring connection
+        self.running = True
+        self.dirty = False
+        self.xenhost = xenhost
+        self.unix_path = unix_path
+        self.listener: socket.socket | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        if unix_path:
+            self._listen(unix_path)
+        self.virq_port = 0
+        if xenhost is not None:
+            self.virq_port = xenhost.bind_virq(VIRQ_DOM_EXC)
+            self.sel.register(xenhost.evtchn.fileno(self.virq_port), selectors.EVENT_READ, ("virq", None))
+        self._apply_effects()   # rings of domains restored from the database
+        self._resume_rings()
+
+    # ---- set-up ------------------------------------------------------------
+
+    def _load(self) -> XenstoreCore:
+        self._saved_rings: dict[int, dict[str, Any]] = {}
+        if self.db_path and os.path.exists(self.db_path):
+            with open(self.db_path, "rb") as f:
+                saved = msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
+            if not isinstance(saved, dict) or saved.get("version") != DB_VERSION:
+                raise SystemExit(f"xenstored: {self.db_path} is not a database this version reads")
+            core = XenstoreCore.restore(saved["core"])
+            self._saved_rings = {int(k): v for k, v in saved["rings"].items()}
+            log.info("restored the store from %s (%d nodes, %d domain rings)", self.db_path,
+                     core.node_count(), len(self._saved_rings))
+            return core
+        return XenstoreCore()
+
+    def _listen(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.listener.bind(path)
+        os.chmod(path, 0o600)       # socket clients are dom0: privileged
+        self.listener.listen(1024)
+        self.listener.setblocking(False)
+        self.sel.register(self.listener, selectors.EVENT_READ, ("listen", None))
+
+    # ---- loop ----------------------------------------------------------------
+
+    def stop(self) -> None:
+        self.running = False
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def serve_forever(self, ready: Callable[[], None] | None = None) -> None:
+        if ready:
+            ready()
+        while self.running:
+            self.run_once(None)
+        self.close()
+
+    def run_once(self, timeout: float | None) -> None:
+        for key, _ in self.sel.select(timeout):
+            kind, conn = key.data
+            try:
+                if kind == "listen":
+                    self._accept()
+                elif kind == "wake":
+                    _drain(self._wake_r)
+                elif kind == "virq":
+                    self.xenhost.evtchn.consume(self.virq_port)
+                    self._check_domains()
+                elif kind == "conn":
+                    self._read(conn)
+                elif kind == "ring":
+                    self.xenhost.evtchn.consume(conn.port)
+                    self._read(conn)
+            except Exception:
+                log.exception("internal error serving %s", kind)
+                if conn is not None:
+                    self._drop(conn, "internal error")
+        self._after_turn()
+
+    def _after_turn(self) -> None:
+        """Route output, persist, free ring space, then let replies go.
+
+        Persisting before replies leave means a reply a client saw describes
+        a state on disk.  For rings, the consumer index, the unsent replies
+        and any partial request are saved too, so a restarted xenstored
+        neither loses nor repeats a domain's request or reply.
+        """
+        for conn_key, msg in self.core.take_output():
+            conn = self.conns.get(conn_key)
+            if conn is not None:
+                conn.out += msg.encode()
+        for conn in list(self.conns.values()):
+            if self.core.backlogged(id(conn)):       # watch events it cannot keep up with
+                self._drop(conn, "watch event backlog")
+        rings_moved = any(c.transport.cursor != c.committed for c in self.rings.values())
+        if self.dirty or rings_moved:
+            self._persist()
+            self.dirty = False
+        for conn in self.rings.values():
+            conn.transport.commit()
+            conn.committed = conn.transport.cursor
+        self._apply_effects()
+        for conn in list(self.conns.values()):
+            if conn.out:
+                self._flush(conn)
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            conn = Connection(SocketTransport(sock), domid=0)
+            self._add(conn, ("conn", conn), sock.fileno())
+
+    def _add(self, conn: Connection, data: tuple[str, Connection], fd: int) -> None:
+        self.conns[id(conn)] = conn
+        self.core.connect(id(conn), conn.domid)
+        self.sel.register(fd, selectors.EVENT_READ, data)
+
+    def _read(self, conn: Connection) -> None:
+        if isinstance(conn.transport, RingTransport) and conn.transport.reconnect_requested():
+            conn.reader = MessageReader()
+            conn.out.clear()
+            conn.transport.reset()
+            return
+        if len(conn.out) > READ_PAUSE:
+            return            # let it drain its replies first
+        try:
+            data = conn.transport.recv()
+            msgs = conn.reader.feed(data) if data else []
+        except (TransportClosed, ProtocolError) as e:
+            self._drop(conn, str(e))
+            return
+        for msg in msgs:
+            self.core.handle(id(conn), msg)
+            if msg.type in MUTATING:
+                self.dirty = True
+
+    def _flush(self, conn: Connection) -> None:
+        try:
+            n = conn.transport.send(memoryview(conn.out))
+        except TransportClosed as e:
+            self._drop(conn, str(e))
+            return
+        del conn.out[:n]
+        if len(conn.out) > OUTPUT_LIMIT:
+            self._drop(conn, f"{len(conn.out)} bytes of replies not read")
+            return
+        if conn.kind == "socket":
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
+            self.sel.modify(conn.transport.fileno(), events, ("conn", conn))
+
+    def _drop(self, conn: Connection, why: str) -> None:
+        if id(conn) not in self.conns:
+            return
+        log.info("dropping %s connection of domain %d: %s", conn.kind, conn.domid, why)
+        del self.conns[id(conn)]
+        self.core.disconnect(id(conn))
+        if conn.kind == "socket":
+            self.sel.unregister(conn.transport.fileno())
+            conn.transport.close()
+        else:
+            self._unmap_ring(conn)
+
+    def _persist(self) -> None:
+        if not self.db_path:
+            return
+        rings = {domid: {"port": c.port, "cons": c.transport.cursor, "rsp_prod": c.transport.rsp_prod,
+                         "out": bytes(c.out), "partial": c.reader.partial}
+                 for domid, c in self.rings.items()}
+        data = msgpack.packb({"version": DB_VERSION, "core": self.core.dump(), "rings": rings},
+                             use_bin_type=True)
+        tmp = self.db_path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, self.db_path)     # atomic: a SIGKILL leaves the old or the new file
+
+    def _resume_rings(self) -> None:
+        """Pick up each restored domain's ring where the previous xenstored left it."""
+        for domid, saved in self._saved_rings.items():
+            conn = self.rings.get(domid)
+            if conn is None:
+                continue
+            t = conn.transport
+            t.resume_at(saved["cons"])
+            conn.committed = t.cursor
+            conn.reader = MessageReader(partial=saved["partial"])
+            sent = (t.rsp_prod - saved["rsp_prod"]) & 0xFFFFFFFF     # written before we died
+            out = saved["out"]
+            conn.out = bytearray(out[sent:] if sent <= len(out) else out)
+        self._saved_rings = {}
+
+    # ---- domains (rings) -----------------------------------------------------
+
+    def _apply_effects(self) -> None:
+        for effect in self.core.take_effects():
+            if isinstance(effect, Introduced):
+                self._map_ring(effect.domid, effect.port)
+            elif isinstance(effect, Released):
+                conn = self.rings.get(effect.domid)
+                if conn is not None:
+                    self._drop(conn, "released")
+
+    def _map_ring(self, domid: int, port: int) -> None:
+        """Map the domain's ring through reserved grant 1 and bind its port."""
+        if self.xenhost is None:
+            log.warning("cannot map the ring of domain %d: no hypervisor connection", domid)
+            return
+        if domid in self.rings:
+            self._drop(self.rings[domid], "introduced again")
+        try:
+            mapping = self.xenhost.map_grant(domid, GNTTAB_RESERVED_XENSTORE)
+        except Exception as e:
+            log.warning("domain %d: cannot map its xenstore ring: %s", domid, e)
+            return
+        try:
+            local = self.xenhost.bind_interdomain(domid, port)
+        except Exception as e:
+            log.warning("domain %d: cannot bind event channel %d: %s", domid, port, e)
+            self.xenhost.unmap_grants([mapping])
+            return
+        transport = RingTransport(mapping.view, lambda: self.xenhost.notify(local))
+        conn = Connection(transport, domid, port=local, mapping=mapping, committed=transport.cursor)
+        self.rings[domid] = conn
+        self.port_conns[local] = conn
+        self._add(conn, ("ring", conn), self.xenhost.evtchn.fileno(local))
+        # bind_interdomain left our new port pending: the first turn reads what is waiting
+
+    def _unmap_ring(self, conn: Connection) -> None:
+        self.rings.pop(conn.domid, None)
+        self.port_conns.pop(conn.port, None)
+        try:
+            self.sel.unregister(self.xenhost.evtchn.fileno(conn.port))
+        except (KeyError, ValueError):
+            pass
+        conn.transport.close()
+        for action in (lambda: self.xenhost.close_port(conn.port),
+                       lambda: self.xenhost.unmap_grants([conn.mapping])):
+            try:
+                action()
+            except Exception as e:       # the domain may be gone already
+                log.debug("ring teardown of domain %d: %s", conn.domid, e)
+
+    def _check_domains(self) -> None:
+        """VIRQ_DOM_EXC: some domain died; find out which of ours."""
+        for domid in list(self.rings):
+            try:
+                state = self.xenhost.domain_info(domid)["state"]
+            except Exception as e:
+                state = "gone" if getattr(e, "errno", None) == errno.ESRCH else "unknown"
+            if state not in ("running", "paused", "unknown"):
+                log.info("domain %d is %s: releasing it", domid, state)
+                self._drop(self.rings[domid], state)
+                self.core.domain_gone(domid)
+                self.dirty = True
+
+    def close(self) -> None:
+        for conn in list(self.conns.values()):
+            self._drop(conn, "xenstored stopping")
+        if self.listener is not None:
+            self.sel.unregister(self.listener)
+            self.listener.close()
+            if self.unix_path:
+                try:
+                    os.unlink(self.unix_path)
+                except FileNotFoundError:
+                    pass
+        self.sel.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+def _drain(fd: int) -> None:
+    while True:
+        try:
+            if not os.read(fd, 512):
+                return
+        except BlockingIOError:
+            return

@@ -1,0 +1,84 @@
+"""xenstored as a domain: guests talk to it over their ring page only.
+
+The toolstack sets up each guest's store (reserved grant 1 + an event
+channel, through the broker), starts the guest, and introduces it; the
+guest's client then reaches xenstored through the ring alone.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import pytest
+
+from xdom.deploy.launcher import XenstoredDomain, start_xenstored_domain
+from xdom.domains.xenstore import XenstoreClient
+
+from helpers import wait_until
+from xs_fixtures import start_guest
+
+
+@pytest.fixture
+def xenstored(mgmt, run_dir: str) -> Iterator[XenstoredDomain]:
+    xs = start_xenstored_domain(mgmt, os.path.join(run_dir, "xs.sock"), os.path.join(run_dir, "xs-state"))
+    try:
+        yield xs
+    finally:
+        xs.stop()
+
+
+@pytest.fixture
+def dom0(xenstored: XenstoredDomain) -> Iterator[XenstoreClient]:
+    c = XenstoreClient.unix(xenstored.socket_path)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def test_guest_reads_and_writes_over_its_ring(mgmt, xenstored, dom0) -> None:
+    g = start_guest(mgmt, dom0, xenstored, "g1")
+    try:
+        assert g.call("xs_connect")["domain_path"] == f"/local/domain/{g.domid}"
+        g.call("xs_write", path="data/hello", value="from the ring")         # relative path
+        assert dom0.read(f"/local/domain/{g.domid}/data/hello") == b"from the ring"
+        dom0.write(f"/local/domain/{g.domid}/data/reply", "from dom0")
+        assert g.call("xs_read", path="data/reply")["value"] == "from dom0"
+        assert g.call("xs_read", path="/tool/xenstored")["errno"] in ("EACCES", "ENOENT")  # not its node
+        assert dom0.is_domain_introduced(g.domid)
+    finally:
+        g.stop()
+
+
+def test_one_guest_watches_anothers_writes(mgmt, xenstored, dom0) -> None:
+    a = start_guest(mgmt, dom0, xenstored, "a")
+    b = start_guest(mgmt, dom0, xenstored, "b")
+    try:
+        shared = "/shared"
+        dom0.write(shared, "")
+        dom0.set_perms(shared, ["n0", f"b{a.domid}", f"b{b.domid}"])
+        for d in (a, b):
+            d.call("xs_connect")
+        a.call("xs_watch", path=shared, token="tok")
+        assert a.call("xs_events", n=1, secs=10)["events"] == [[shared, "tok"]]     # the first event
+        b.call("xs_write", path=f"{shared}/from-b", value="1")
+        assert a.call("xs_events", n=1, secs=10)["events"] == [[f"{shared}/from-b", "tok"]]
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_release_domain_fires_when_a_guest_dies(mgmt, xenstored, dom0) -> None:
+    import queue
+    events: queue.Queue[str] = queue.Queue()
+    dom0.watch("@releaseDomain", "rel", lambda p, t: events.put(p))
+    assert events.get(timeout=10) == "@releaseDomain"          # the first event
+    g = start_guest(mgmt, dom0, xenstored, "doomed")
+    try:
+        g.call("xs_connect")
+        g.kill()
+        assert events.get(timeout=10) == "@releaseDomain"
+        wait_until(lambda: not dom0.is_domain_introduced(g.domid), what="xenstored to release the domain")
+    finally:
+        g.stop()

@@ -1,0 +1,98 @@
+"""Starting a standalone `xdom xenstored --unix-socket` for a test."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import psutil
+
+from xdom.deploy.agent_client import AgentProcess
+
+from xdom.deploy.launcher import XenstoredDomain, _wait_ready, stop_process
+from xdom.domains.xenstore import XenstoreClient
+from xdom.domains.xs_wire import Message, MessageReader, XsType
+
+
+@dataclass
+class Xenstored:
+    proc: subprocess.Popen[bytes]
+    socket_path: str
+    state_dir: str
+
+    def rss(self) -> int:
+        return psutil.Process(self.proc.pid).memory_info().rss
+
+    def stop(self) -> int:
+        return stop_process(self.proc)
+
+
+def start_xenstored(run_dir: str, state_dir: str | None = None) -> Xenstored:
+    sock = os.path.join(run_dir, "xs.sock")
+    state_dir = state_dir or os.path.join(run_dir, "xs-state")
+    rfd, wfd = os.pipe()
+    log = open(os.path.join(run_dir, "xenstored.log"), "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "xdom.deploy.cli", "xenstored", "--unix-socket", sock,
+                             "--state-dir", state_dir, "--ready-fd", str(wfd)],
+                            pass_fds=(wfd,), start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    os.close(wfd)
+    log.close()
+    try:
+        _wait_ready(rfd, proc, 30, "xenstored")
+    except BaseException:
+        stop_process(proc)
+        raise
+    finally:
+        os.close(rfd)
+    return Xenstored(proc, sock, state_dir)
+
+
+class RawConn:
+    """A xenstore connection speaking raw xs_wire messages."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.reader = MessageReader()
+        self.queue: list[Message] = []
+        self.next_id = 1
+
+    def send(self, type_: int, payload: bytes, tx: int = 0, req_id: int | None = None) -> int:
+        rid = self.next_id if req_id is None else req_id
+        self.next_id += 1
+        self.sock.sendall(Message(type_, rid, tx, payload).encode())
+        return rid
+
+    def recv(self) -> Message:
+        while not self.queue:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("xenstored closed the connection")
+            self.queue += self.reader.feed(data)
+        return self.queue.pop(0)
+
+    def call(self, type_: int, payload: bytes, tx: int = 0) -> Message:
+        rid = self.send(type_, payload, tx)
+        while True:
+            msg = self.recv()
+            if msg.type != XsType.XS_WATCH_EVENT and msg.req_id == rid:
+                return msg
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def start_guest(mgmt, dom0: XenstoreClient, xenstored: XenstoredDomain, name: str) -> AgentProcess:
+    """What the toolstack does: store set-up, start, domain path, introduce."""
+    creds = mgmt.request("create", name=name, memory="1M")
+    store = mgmt.request("setup_store", domid=creds["domid"], xenstore_domid=xenstored.domid)
+    guest = AgentProcess(mgmt, name, creds=creds)
+    path = f"/local/domain/{guest.domid}"
+    dom0.write(path, "")
+    dom0.set_perms(path, [f"n{guest.domid}"])
+    dom0.introduce(guest.domid, store["gfn"], store["port"])
+    return guest
