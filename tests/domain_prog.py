@@ -81,6 +81,24 @@ class HostileAgent(DomainAgent):
         reply, _ = self.h.call("unmap", handles=handles)   # type: ignore[attr-defined]
         return {"results": reply["results"]}
 
+    def cmd_xs_break_ring(self) -> dict[str, Any]:
+        """Publish a request producer index far past the ring size, then look at the error field."""
+        import struct
+        from xdom.domains.abi.hvm_params import HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_PFN
+        from xdom.domains.xs_wire import RING_ERROR, RING_REQ_CONS, RING_REQ_PROD
+        page = self.h.memory.frame(self.h.get_param(HVM_PARAM_STORE_PFN))
+        port = self.h.adopt_port(self.h.get_param(HVM_PARAM_STORE_EVTCHN))
+        cons = struct.unpack_from("<I", page, RING_REQ_CONS)[0]
+        struct.pack_into("<I", page, RING_REQ_PROD, (cons + 5000) & 0xFFFFFFFF)
+        self.h.notify(port)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            error = struct.unpack_from("<I", page, RING_ERROR)[0]
+            if error:
+                return {"ring_error": error}
+            self.h.evtchn.wait(0.1)
+        return {"ring_error": 0}
+
     def cmd_torture_granter(self, grantee: int, ref: int, gfn: int, rounds: int) -> dict[str, Any]:
         """Grant, then end access as soon as the grantee lets go; own the page in between."""
         page = self.h.memory.frame(gfn)

@@ -34,6 +34,6 @@ class RemoteDomain(AgentProcess):
     """A domain running tests/domain_prog.py (the agent plus hostile commands)."""
 
     def __init__(self, mgmt, name: str, memory: str = "1M", privileged: bool = False,
-                 uid: int | None = None) -> None:
+                 uid: int | None = None, creds: dict | None = None) -> None:
         super().__init__(mgmt, name, memory=memory, privileged=privileged, uid=uid,
-                         argv=[sys.executable, PROG])
+                         argv=[sys.executable, PROG], creds=creds)

@@ -82,3 +82,23 @@ def test_release_domain_fires_when_a_guest_dies(mgmt, xenstored, dom0) -> None:
         wait_until(lambda: not dom0.is_domain_introduced(g.domid), what="xenstored to release the domain")
     finally:
         g.stop()
+
+
+def test_a_guest_that_breaks_its_ring_is_cut_off_alone(mgmt, xenstored, dom0) -> None:
+    from helpers import RemoteDomain
+    from xdom.domains.xs_wire import XENSTORE_ERROR_RINGIDX
+    good = start_guest(mgmt, dom0, xenstored, "good")
+    creds = mgmt.request("create", name="bad", memory="1M")
+    store = mgmt.request("setup_store", domid=creds["domid"], xenstore_domid=xenstored.domid)
+    bad = RemoteDomain(mgmt, "bad", creds=creds)
+    try:
+        dom0.write(f"/local/domain/{bad.domid}", "")
+        dom0.introduce(bad.domid, store["gfn"], store["port"])
+        good.call("xs_connect")
+        assert bad.call("xs_break_ring")["ring_error"] == XENSTORE_ERROR_RINGIDX
+        good.call("xs_write", path="still", value="served")
+        assert dom0.read(f"/local/domain/{good.domid}/still") == b"served"
+        assert xenstored.proc.poll() is None
+    finally:
+        good.stop()
+        bad.stop()
