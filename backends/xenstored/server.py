@@ -25,7 +25,7 @@ import msgpack
 
 from xdom.domains.abi.event_channel import VIRQ_DOM_EXC
 from xdom.domains.abi.grant_table import GNTTAB_RESERVED_XENSTORE
-from xdom.domains.xs_wire import MessageReader, ProtocolError, XsType
+from xdom.domains.xs_wire import Message, MessageReader, ProtocolError, XsType
 
 from .core import Introduced, Released, XenstoreCore
 from .transport import RingTransport, SocketTransport, TransportClosed
@@ -38,6 +38,7 @@ MUTATING = frozenset({XsType.XS_WRITE, XsType.XS_MKDIR, XsType.XS_RM, XsType.XS_
                       XsType.XS_TRANSACTION_END, XsType.XS_INTRODUCE, XsType.XS_RELEASE,
                       XsType.XS_SET_TARGET, XsType.XS_WATCH, XsType.XS_UNWATCH,
                       XsType.XS_RESET_WATCHES})
+TRANSACTIONAL = frozenset({XsType.XS_WRITE, XsType.XS_MKDIR, XsType.XS_RM, XsType.XS_SET_PERMS})
 DB_NAME = "xenstore.db"
 DB_VERSION = 1
 
@@ -207,8 +208,29 @@ class XenstoredServer:
             return
         for msg in msgs:
             self.core.handle(id(conn), msg)
-            if msg.type in MUTATING:
-                self.dirty = True
+            for conn_key, out in self.core.take_output():
+                target = self.conns.get(conn_key)
+                if target is None:
+                    continue
+                target.out += out.encode()
+                if target is conn and out.req_id == msg.req_id and out.type == msg.type \
+                        and self._persists(conn, msg):
+                    self.dirty = True
+
+    @staticmethod
+    def _persists(conn: Connection, msg: Message) -> bool:
+        """Did this (successful) request change what a restart must keep?
+
+        Writes inside a transaction only count at commit; aborts never;
+        watches only for domains (socket clients' watches are not kept).
+        """
+        if msg.type == XsType.XS_TRANSACTION_END:
+            return msg.payload[:1] == b"T"
+        if msg.type in (XsType.XS_WATCH, XsType.XS_UNWATCH, XsType.XS_RESET_WATCHES):
+            return conn.kind == "ring"
+        if msg.type in TRANSACTIONAL:
+            return msg.tx_id == 0
+        return msg.type in MUTATING
 
     def _flush(self, conn: Connection) -> None:
         try:
