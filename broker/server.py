@@ -32,7 +32,7 @@ from xdom.domains.abi.event_channel import DOMID_SELF
 from xdom.domains.abi.grant_table import PAGE_SIZE
 from xdom.domains.hypercall_wire import (
     MAX_FDS, MAX_MESSAGE, SHUTDOWN_REASONS, HypercallError, decode_request, encode_error,
-    encode_reply, int_tuple,
+    encode_reply, int_tuple, take_fds,
 )
 
 from .frames import ProcFrames
@@ -44,6 +44,7 @@ log = logging.getLogger("xdom.broker")
 PENDING_LIMIT = 64          # connections that have not said hello yet (oldest dropped first)
 HELLO_TIMEOUT = 10.0        # seconds a connection may take to say hello
 MESSAGES_PER_TURN = 32      # fairness: requests served per connection per loop turn
+HOUSEKEEPING_INTERVAL = 0.1  # seconds between hello-timeout and deferred-unpin sweeps
 _UCRED = struct.Struct("3i")
 
 
@@ -111,6 +112,7 @@ class BrokerServer:
         self.conns: dict[int, Connection] = {}        # socket fd -> connection
         self.pidfds: dict[int, Connection] = {}       # pidfd -> connection
         self.running = True
+        self._next_housekeeping = 0.0
         self.handlers: dict[str, Callable[[Connection, dict[str, Any]], Reply]] = {
             "hello": self._hello, "set_memory": self._set_memory, "shutdown": self._shutdown,
             "map": self._map, "unmap": self._unmap, "copy": self._copy,
@@ -211,6 +213,9 @@ class BrokerServer:
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
+        if now < self._next_housekeeping:
+            return
+        self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
         for conn in list(self.conns.values()):
             if conn.domain is None and now - conn.opened > HELLO_TIMEOUT:
                 self._drop(conn, "no hello")
@@ -270,7 +275,7 @@ class BrokerServer:
             except OSError:
                 self._drop(conn, "")
                 return
-            fds = _take_fds(anc)
+            fds = take_fds(anc)
             if not data and not fds and not flags & socket.MSG_TRUNC:
                 self._drop(conn, "")            # EOF: the domain is gone
                 return
@@ -472,15 +477,3 @@ def _domid(value: int) -> int:
     if not 0 <= value <= DOMID_SELF:
         raise HypercallError(errno.EINVAL, f"domid {value} out of range")
     return value
-
-
-def _take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-            fds.extend(arr)
-    return fds
-
-

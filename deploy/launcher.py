@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from xdom.broker.mgmt_client import ManagementClient, endpoint_for
 
@@ -38,24 +38,35 @@ def start_broker(run_dir: str, log_path: str | None = None, timeout: float = 30.
                  extra_args: Sequence[str] = ()) -> BrokerProcess:
     """Start ``xdom broker`` and return once it serves requests."""
     os.makedirs(run_dir, exist_ok=True)
+    proc = start_ready([sys.executable, "-m", "xdom.deploy.cli", "broker", "--run-dir", run_dir, *extra_args],
+                       log_path or os.path.join(run_dir, "broker.log"), "broker", timeout)
+    return BrokerProcess(proc, run_dir)
+
+
+def start_ready(argv: Sequence[str], log_path: str, what: str, timeout: float = 30.0,
+                start: Callable[..., subprocess.Popen[bytes]] | None = None) -> subprocess.Popen[bytes]:
+    """Start a program that takes ``--ready-fd N`` and return once it wrote to it.
+
+    Output goes to ``log_path``.  ``start(argv, **popen)`` launches it
+    (default: a new session of its own); a program that dies or stays
+    silent is stopped and reported.
+    """
     rfd, wfd = os.pipe()
-    log = open(log_path or os.path.join(run_dir, "broker.log"), "ab")
+    log = open(log_path, "ab")
+    launch = start or (lambda a, **kw: subprocess.Popen(a, start_new_session=True, **kw))
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "xdom.deploy.cli", "broker", "--run-dir", run_dir,
-             "--ready-fd", str(wfd), *extra_args],
-            pass_fds=(wfd,), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = launch([*argv, "--ready-fd", str(wfd)], pass_fds=(wfd,), stdout=log, stderr=subprocess.STDOUT)
     finally:
         os.close(wfd)
         log.close()
     try:
-        _wait_ready(rfd, proc, timeout, "broker")
+        _wait_ready(rfd, proc, timeout, what)
     except BaseException:
         stop_process(proc)
         raise
     finally:
         os.close(rfd)
-    return BrokerProcess(proc, run_dir)
+    return proc
 
 
 def _wait_ready(rfd: int, proc: subprocess.Popen[bytes], timeout: float, what: str) -> None:
@@ -119,26 +130,13 @@ def start_xenstored_domain(mgmt: ManagementClient, socket_path: str, state_dir: 
     """
     if creds is None:
         creds = mgmt.request("create", name=name, memory=memory, privileged=True)
-    rfd, wfd = os.pipe()
-    argv = [sys.executable, "-m", "xdom.deploy.cli", "xenstored", "--unix-socket", socket_path,
-            "--ready-fd", str(wfd)]
+    argv = [sys.executable, "-m", "xdom.deploy.cli", "xenstored", "--unix-socket", socket_path]
     if state_dir:
         argv += ["--state-dir", state_dir]
     log_dir = state_dir or os.path.dirname(socket_path)
     os.makedirs(log_dir, exist_ok=True)
-    log = open(os.path.join(log_dir, f"{name}.log"), "ab")
-    try:
-        proc = start_domain_process(creds, argv, pass_fds=(wfd,), stdout=log, stderr=subprocess.STDOUT)
-    finally:
-        os.close(wfd)
-        log.close()
-    try:
-        _wait_ready(rfd, proc, timeout, "xenstored")
-    except BaseException:
-        stop_process(proc)
-        raise
-    finally:
-        os.close(rfd)
+    proc = start_ready(argv, os.path.join(log_dir, f"{name}.log"), "xenstored", timeout,
+                       start=lambda a, **kw: start_domain_process(creds, a, **kw))
     return XenstoredDomain(creds, proc, socket_path)
 
 

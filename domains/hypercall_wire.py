@@ -13,7 +13,9 @@ errno to answer with.
 
 from __future__ import annotations
 
+import array
 import errno as _errno
+import socket
 from typing import Any, Final
 
 import msgpack
@@ -111,6 +113,17 @@ def int_tuple(value: Any, width: int, what: str, lo: int = 0, hi: int = 2**32 - 
         if not lo <= v <= hi:
             raise HypercallError(_errno.EINVAL, f"{what}: value {v} out of range")
     return tuple(value)
+
+
+def take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors in a recvmsg's ancillary data (SCM_RIGHTS), in order."""
+    fds: list[int] = []
+    for level, kind, blob in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(blob[: len(blob) - len(blob) % arr.itemsize])
+            fds.extend(arr)
+    return fds
 
 
 def encode_request(op: str, **fields: Any) -> bytes:

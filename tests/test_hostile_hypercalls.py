@@ -18,7 +18,7 @@ import random
 import select
 import socket
 import time
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 import msgpack
 import pytest
@@ -36,10 +36,12 @@ from xdom.domains.abi.grant_table import (
     GNTST_bad_page, GNTST_general_error, GNTST_okay, GNTST_permission_denied, GTF_reading, PAGE_SIZE,
 )
 from xdom.domains.hypercall_wire import (
-    MAX_BATCH, MAX_FDS, MAX_MESSAGE, REQUESTS, HypercallError, decode_request,
+    MAX_BATCH, MAX_FDS, MAX_MESSAGE, REQUESTS, HypercallError, decode_request, take_fds,
 )
 from xdom.domains.memory import DomainMemory
 from xdom.domains.xenhost import BrokerXenHost
+
+from helpers import wait_until  # noqa: E402
 
 T = TypeVar("T")
 
@@ -72,16 +74,6 @@ VALID_SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-
 
 def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
@@ -94,16 +86,6 @@ def wire_verdict(data: bytes) -> str | None:
     except HypercallError as e:
         return e.name
     return None
-
-
-def _fds_of(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, blob in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(blob[: len(blob) - len(blob) % arr.itemsize])
-            fds.extend(arr)
-    return fds
 
 
 class BrokerClosed(Exception):
@@ -130,7 +112,7 @@ class RawConn:
             data, anc, flags, _ = self.sock.recvmsg(MAX_MESSAGE + 1, socket.CMSG_SPACE(MAX_FDS * 4))
         except ConnectionResetError:
             raise BrokerClosed() from None
-        fds = _fds_of(anc)
+        fds = take_fds(anc)
         for fd in fds:
             os.close(fd)
         self.last_fds = len(fds)

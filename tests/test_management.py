@@ -27,6 +27,8 @@ import zmq
 from xdom.broker.mgmt_client import EventSubscriber, ManagementClient, ManagementError, events_endpoint_for
 from xdom.deploy.launcher import BrokerProcess, spawn_domain, stop_process
 
+from helpers import wait_until  # noqa: E402
+
 T = TypeVar("T")
 
 DOMAIN_PROGRAM = [sys.executable, "-c",
@@ -35,16 +37,6 @@ SUMMARY_FIELDS = {"domid", "name", "state", "pid", "memory_kib", "privileged", "
                   "mappings_held", "grants_mapped_by_others", "event_channels", "restarts",
                   "shutdown_reason", "uptime"}
 
-
-def wait_until(predicate: Callable[[], T], timeout: float = 15.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def info(mgmt: ManagementClient, **key: Any) -> dict[str, Any]:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from typing import Iterator
 
 import pytest
 
-from xdom.deploy.launcher import _wait_ready, stop_process
+from xs_fixtures import start_xenstored
+
 
 pytestmark = pytest.mark.skipif(shutil.which("xenstore-read") is None,
                                 reason="needs Debian's xenstore-utils (make test installs it as root)")
@@ -51,19 +51,12 @@ def xs(run_dir: str) -> Iterator[Xs]:
         client = Xs(ref)
         yield client
         return
-    sock = os.path.join(run_dir, "xs.sock")
-    rfd, wfd = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-m", "xdom.deploy.cli", "xenstored", "--unix-socket", sock,
-                             "--ready-fd", str(wfd)], pass_fds=(wfd,), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(run_dir, "xs.log"), "wb"))
-    os.close(wfd)
+    xsd = start_xenstored(run_dir)
     try:
-        _wait_ready(rfd, proc, 30, "xenstored")
-        yield Xs(sock)
-        assert proc.poll() is None, "xenstored died during the test"
+        yield Xs(xsd.socket_path)
+        assert xsd.proc.poll() is None, "xenstored died during the test"
     finally:
-        os.close(rfd)
-        stop_process(proc)
+        xsd.stop()
 
 
 def test_write_read_and_parents(xs: Xs) -> None:

@@ -12,7 +12,7 @@ import psutil
 
 from xdom.deploy.agent_client import AgentProcess
 
-from xdom.deploy.launcher import XenstoredDomain, _wait_ready, stop_process
+from xdom.deploy.launcher import XenstoredDomain, start_ready, stop_process
 from xdom.domains.xenstore import XenstoreClient
 from xdom.domains.xs_wire import Message, MessageReader, XsType
 
@@ -33,20 +33,8 @@ class Xenstored:
 def start_xenstored(run_dir: str, state_dir: str | None = None) -> Xenstored:
     sock = os.path.join(run_dir, "xs.sock")
     state_dir = state_dir or os.path.join(run_dir, "xs-state")
-    rfd, wfd = os.pipe()
-    log = open(os.path.join(run_dir, "xenstored.log"), "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "xdom.deploy.cli", "xenstored", "--unix-socket", sock,
-                             "--state-dir", state_dir, "--ready-fd", str(wfd)],
-                            pass_fds=(wfd,), start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-    os.close(wfd)
-    log.close()
-    try:
-        _wait_ready(rfd, proc, 30, "xenstored")
-    except BaseException:
-        stop_process(proc)
-        raise
-    finally:
-        os.close(rfd)
+    proc = start_ready([sys.executable, "-m", "xdom.deploy.cli", "xenstored", "--unix-socket", sock,
+                        "--state-dir", state_dir], os.path.join(run_dir, "xenstored.log"), "xenstored")
     return Xenstored(proc, sock, state_dir)
 
 

@@ -10,7 +10,6 @@ writes that never touch the broker.
 
 from __future__ import annotations
 
-import array
 import os
 import socket
 import threading
@@ -19,7 +18,7 @@ from typing import Any, Sequence
 from .. import sysmem
 from ..abi.grant_table import GNTST_okay, PAGE_SIZE
 from ..grant_table import GrantTable
-from ..hypercall_wire import MAX_BATCH, MAX_FDS, MAX_MESSAGE, decode_reply, encode_request
+from ..hypercall_wire import MAX_BATCH, MAX_FDS, MAX_MESSAGE, decode_reply, encode_request, take_fds
 from ..memory import DomainMemory
 from .base import CopyOp, EventChannels, GrantMapping, MapResult, XenHost
 
@@ -47,12 +46,7 @@ class BrokerXenHost(XenHost):
         with self._lock:
             self._sock.sendmsg([encode_request(op, **fields)])
             data, anc, _flags, _ = self._sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4))
-        fds: list[int] = []
-        for level, kind, blob in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(blob[: len(blob) - len(blob) % arr.itemsize])
-                fds.extend(arr)
+        fds = take_fds(anc)
         if not data:
             for fd in fds:
                 os.close(fd)
