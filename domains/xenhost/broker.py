@@ -169,4 +169,13 @@ def connect(path: str | None = None, token: str | None = None) -> BrokerXenHost:
     if not path or not token:
         raise RuntimeError(f"not started as a domain: {ENV_SOCKET} and {ENV_TOKEN} must be set")
     os.environ.pop(ENV_TOKEN, None)   # one use only; keep it out of children
+    _make_non_dumpable()
     return BrokerXenHost(path, token)
+
+
+def _make_non_dumpable() -> None:
+    """A domain's memory is its own: no core dumps, no ptrace by same-uid peers,
+    /proc/<pid> owned by root (the broker, as root, still reaches its frames)."""
+    import ctypes
+    PR_SET_DUMPABLE = 4
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
