@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import selectors
+import select
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -84,18 +84,21 @@ class EventChannels:
     def __init__(self) -> None:
         self._wait: dict[int, int] = {}
         self._notify: dict[int, int] = {}
-        self._sel = selectors.DefaultSelector()
+        self._port_of: dict[int, int] = {}      # wait fd -> port
+        self._epoll = select.epoll()             # epoll directly: selectors costs ~5 us a wait
 
     def add(self, port: int, wait_fd: int, notify_fd: int = -1) -> None:
         self._wait[port] = wait_fd
-        self._sel.register(wait_fd, selectors.EVENT_READ, port)
+        self._port_of[wait_fd] = port
+        self._epoll.register(wait_fd, select.EPOLLIN)
         if notify_fd >= 0:
             self._notify[port] = notify_fd
 
     def remove(self, port: int) -> None:
         fd = self._wait.pop(port, None)
         if fd is not None:
-            self._sel.unregister(fd)
+            self._port_of.pop(fd, None)
+            self._epoll.unregister(fd)
             os.close(fd)
         nfd = self._notify.pop(port, None)
         if nfd is not None:
@@ -124,12 +127,15 @@ class EventChannels:
         """Block until a port is pending; return and clear the pending ones."""
         wanted = set(ports) if ports is not None else None
         ready = []
-        for key, _ in self._sel.select(timeout):
-            port = key.data
-            if wanted is not None and port not in wanted:
+        for fd, _ in self._epoll.poll(-1 if timeout is None else timeout):
+            port = self._port_of.get(fd)
+            if port is None or (wanted is not None and port not in wanted):
                 continue
-            if self.consume(port):
-                ready.append(port)
+            try:
+                if os.eventfd_read(fd):
+                    ready.append(port)
+            except BlockingIOError:
+                pass
         return ready
 
     def ports(self) -> list[int]:
@@ -138,7 +144,7 @@ class EventChannels:
     def close(self) -> None:
         for port in list(self._wait):
             self.remove(port)
-        self._sel.close()
+        self._epoll.close()
 
 
 class XenHost(ABC):
