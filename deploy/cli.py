@@ -68,6 +68,7 @@ def cmd_xenstored(args: argparse.Namespace) -> int:
             os.close(args.ready_fd)
     server.serve_forever(ready)
     if host is not None:
+        host.shutdown("poweroff")      # a clean stop, not a crash, to the broker
         host.close()
     return EXIT_OK
 
@@ -170,12 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     xc.add_argument("--count", type=int, default=0, help="watch: stop after this many events")
     xc.set_defaults(func=cmd_xenstore)
 
-    for name in ("list", "ps"):
-        sp = sub.add_parser(name, help="show the domain table")
-        common(sp)
-        sp.add_argument("--json", action="store_true")
-        sp.add_argument("--timeout", type=float, default=5.0)
-        sp.set_defaults(func=cmd_list)
+    sp = sub.add_parser("list", help="show a broker's domain table")
+    common(sp)
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--timeout", type=float, default=5.0)
+    sp.set_defaults(func=cmd_list)
+
+    # up, down, ps, logs, restart, destroy: the supervisor's commands
+    from .supervisor_cli import add_parsers
+    add_parsers(sub)
     return p
 
 

@@ -1,0 +1,71 @@
+"""Exec a domain's program with the limits and the parent-death signal its supervisor wants.
+
+The supervisor runs every domain process as::
+
+    python -I -S domain_exec.py --parent PID [--nofile N] -- PROGRAM ARGS...
+
+after ``subprocess`` has already switched to the domain's uid, so that:
+
+* ``RLIMIT_NOFILE`` is set (soft and hard: the domain cannot raise it back)
+  in the process that becomes the domain, without a ``preexec_fn`` in the
+  multi-threaded supervisor;
+* ``PR_SET_PDEATHSIG`` is SIGKILL: if the supervisor dies without stopping
+  its domains (SIGKILL, OOM), they die with it.  It is set here, after the
+  uid change, because changing credentials clears it; it survives the exec.
+
+Standard library only, and nothing imported that ``-S`` hides: it must start
+fast and run under any uid that can run the interpreter.  Exit status 127
+means the program could not be executed (the reason is on stderr, which is
+the domain's log).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1
+
+
+def main(argv: list[str]) -> int:
+    args = list(argv)
+    nofile = parent = None
+    while args and args[0] != "--":
+        opt = args.pop(0)
+        if opt in ("--nofile", "--parent") and args and args[0].isdigit():
+            value = int(args.pop(0))
+            if opt == "--nofile":
+                nofile = value
+            else:
+                parent = value
+        else:
+            print(f"domain_exec: bad option {opt!r}", file=sys.stderr)
+            return 127
+    if len(args) < 2:
+        print("domain_exec: no program to run (options -- PROGRAM ARGS...)", file=sys.stderr)
+        return 127
+    program = args[1:]
+    if nofile is not None:
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and nofile > hard:
+            print(f"domain_exec: fds limit {nofile} is above the hard limit {hard} of this host", file=sys.stderr)
+            return 127
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        print(f"domain_exec: prctl(PR_SET_PDEATHSIG): {os.strerror(ctypes.get_errno())}", file=sys.stderr)
+        return 127
+    if parent is not None and os.getppid() != parent:
+        return 127      # the supervisor died before the signal was armed
+    try:
+        os.execvp(program[0], program)
+    except OSError as e:
+        print(f"domain_exec: cannot execute {program[0]!r}: {e.strerror}", file=sys.stderr)
+    return 127
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

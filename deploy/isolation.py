@@ -1,0 +1,156 @@
+"""Which uid each domain process runs under, decided once before a host starts.
+
+Isolation between domains is by uid: a domain's frames are memfds of mode
+0600, so a domain under another domain's uid could reopen them read-write
+through ``/proc/<pid>/fd`` (README, "Isolation and its limits").  As root the
+supervisor therefore runs each domain under its own uid:
+
+* the topology's ``uid`` when it gives one, else one allocated from
+  :data:`UID_BASE` upwards, skipping uids that name a user of this system;
+* every uid in use is held under an ``flock`` on ``/run/xdom/uids/<uid>`` for
+  the supervisor's life, so two hosts running side by side never share one
+  (a lock dies with its holder: nothing to clean up after a crash).
+
+Separate uids only work when those uids can run the interpreter and import
+xdom: a checkout or a venv under a 0700 home directory cannot.  ``auto``
+(the default) probes that with the first allocated uid and, when it fails,
+runs every domain under the supervisor's own uid, saying so once and why;
+``separate`` makes the failure an error; ``shared`` skips uids altogether.
+Not as root, every domain runs under the caller's uid, said once too.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pwd
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from .topology import Topology
+
+__all__ = ["DOMAIN_EXEC", "LOCK_DIR", "UID_BASE", "UID_COUNT", "IsolationError", "UidMode", "UidPlan",
+           "plan_uids", "probe_uid"]
+
+UID_BASE = 64000
+UID_COUNT = 1000
+LOCK_DIR = "/run/xdom/uids"
+DOMAIN_EXEC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "domain_exec.py")
+_PROBE_IMPORTS = "import xdom.domains.xenhost, xdom.domains.xenstore, xdom.backends.xenstored.server"
+
+
+class IsolationError(Exception):
+    """The uids asked for cannot be had."""
+
+
+class UidMode(StrEnum):
+    AUTO = "auto"
+    SEPARATE = "separate"
+    SHARED = "shared"
+
+
+@dataclass
+class UidPlan:
+    """``uids[name]`` is the uid domain ``name`` runs under, None for the supervisor's own."""
+
+    separate: bool
+    uids: dict[str, int | None]
+    note: str
+    _locks: list[int] = field(default_factory=list, repr=False)
+
+    def release(self) -> None:
+        for fd in self._locks:
+            os.close(fd)
+        self._locks.clear()
+
+
+def probe_uid(uid: int) -> str | None:
+    """Can ``uid`` run this interpreter, the exec wrapper, and import xdom?  None if so, else why not."""
+    argv = [sys.executable, "-I", "-S", DOMAIN_EXEC, "--", sys.executable, "-c", _PROBE_IMPORTS]
+    try:
+        res = subprocess.run(argv, user=uid, group=uid, extra_groups=[], cwd="/", capture_output=True,
+                             timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{e.__class__.__name__}: {e}"
+    if res.returncode == 0:
+        return None
+    lines = res.stderr.decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else f"exit status {res.returncode}"
+
+
+def _lock(lock_dir: str, uid: int) -> int | None:
+    fd = os.open(os.path.join(lock_dir, str(uid)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _is_system_user(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
+def plan_uids(topology: Topology, mode: UidMode = UidMode.AUTO, lock_dir: str = LOCK_DIR) -> UidPlan:
+    """Decide every domain's uid; the plan holds locks until :meth:`UidPlan.release`.
+
+    Raises IsolationError when ``separate`` cannot be honoured or a
+    topology uid is held by another host.
+    """
+    names = [d.name for d in topology.domains]
+    me = os.geteuid()
+    if me != 0:
+        if mode == UidMode.SEPARATE:
+            raise IsolationError("per-domain uids need root; run as root or use --uids shared")
+        return UidPlan(False, dict.fromkeys(names), f"not running as root: every domain runs under uid {me} "
+                                                   f"(no per-domain uid isolation)")
+    if mode == UidMode.SHARED:
+        return UidPlan(False, dict.fromkeys(names), "--uids shared: every domain runs as root "
+                                                   "(no per-domain uid isolation)")
+    os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+    plan = UidPlan(True, {}, "")
+    try:
+        explicit = {d.uid for d in topology.domains if d.uid is not None}
+        candidates = (u for u in range(UID_BASE, UID_BASE + UID_COUNT)
+                      if u not in explicit and not _is_system_user(u))
+        for d in topology.domains:
+            if d.uid is not None:
+                fd = _lock(lock_dir, d.uid)
+                if fd is None:
+                    raise IsolationError(f"uid {d.uid} of domain {d.name!r} is in use by another xdom host")
+                plan._locks.append(fd)
+                plan.uids[d.name] = d.uid
+                continue
+            for uid in candidates:
+                fd = _lock(lock_dir, uid)
+                if fd is not None:
+                    plan._locks.append(fd)
+                    plan.uids[d.name] = uid
+                    break
+            else:
+                raise IsolationError(f"no free uid left in {UID_BASE}..{UID_BASE + UID_COUNT - 1} for domain "
+                                     f"{d.name!r}")
+        first = next(iter(plan.uids.values()))
+        assert first is not None
+        why = probe_uid(first)
+        if why is not None:
+            if mode == UidMode.SEPARATE:
+                raise IsolationError(f"uid {first} cannot run {sys.executable} with xdom ({why}); install xdom "
+                                     f"where other users can read it, or use --uids shared")
+            plan.release()
+            return UidPlan(False, dict.fromkeys(names),
+                           f"every domain runs as root (no per-domain uid isolation): uid {first} cannot run "
+                           f"{sys.executable} with xdom ({why}); install xdom where other users can read it "
+                           f"(make's .venv on /usr/bin/python3 in a readable checkout)")
+        plan.note = "each domain runs under its own uid: " + ", ".join(f"{n}={u}" for n, u in plan.uids.items())
+        return plan
+    except BaseException:
+        plan.release()
+        raise

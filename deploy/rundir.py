@@ -1,0 +1,283 @@
+"""Where a supervised host keeps its files, and how the command line finds a running supervisor.
+
+Two directories per host, one pair per topology so that hosts run side by side:
+
+* the **state directory** (``/var/lib/xdom/<topology>`` as root): ``logs/``
+  (one ``<domain>.log`` per domain, ``broker.log``, ``supervisor.log`` when
+  detached) and ``xenstored/`` (the store, kept across a xenstored restart,
+  discarded when the host stops: it names domids of a broker that is gone);
+* the **run directory** (``/run/xdom/<topology>`` as root): the broker's
+  sockets (``hypercall.sock``, ``mgmt.sock``, ``events.sock``, so ``xdom list
+  --run-dir`` works on it), ``xenstored.sock`` (a symlink into
+  ``xenstored/``, a directory the xenstore domain's uid owns),
+  ``supervisor.sock`` and ``supervisor.pid``.  Empty, and removed, once the
+  host is down.
+
+Unix socket addresses hold at most 107 bytes; :meth:`Layout.check` refuses a
+run directory too long for them before anything starts.
+
+``supervisor.pid`` is held under an exclusive ``flock`` for the supervisor's
+life: a pid file nobody holds is stale whatever pid it names, so a crashed
+supervisor never makes ``xdom down`` signal a stranger.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import glob
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from xdom.broker.mgmt_client import endpoint_for as mgmt_endpoint_for
+from xdom.broker.mgmt_client import events_endpoint_for
+
+from .xlcfg import MAX_UNIX_PATH
+
+if TYPE_CHECKING:
+    import psutil
+
+log = logging.getLogger("xdom.supervisor")
+
+__all__ = ["PID_FILE", "Layout", "LayoutError", "PidFile", "clear_run_files", "default_base", "default_dirs",
+           "find_supervisors", "leftover_processes", "remove_run_dir", "running_pid", "stop_leftovers", "topology_name"]
+
+PID_FILE = "supervisor.pid"
+CONTROL_SOCKET = "supervisor.sock"
+XENSTORED_LINK = "xenstored.sock"
+XENSTORED_DIR = "xenstored"
+
+
+class LayoutError(Exception):
+    """The directories cannot work (a socket path too long, a file where a directory must be)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    state_dir: str
+    run_dir: str
+
+    @property
+    def logs_dir(self) -> str:
+        return os.path.join(self.state_dir, "logs")
+
+    def log_path(self, name: str) -> str:
+        return os.path.join(self.logs_dir, f"{name}.log")
+
+    @property
+    def xenstored_state(self) -> str:
+        return os.path.join(self.state_dir, XENSTORED_DIR)
+
+    @property
+    def xenstored_run(self) -> str:
+        return os.path.join(self.run_dir, XENSTORED_DIR)
+
+    @property
+    def xenstored_socket(self) -> str:
+        """Where xenstored binds: inside a directory its own uid owns."""
+        return os.path.join(self.xenstored_run, "socket")
+
+    @property
+    def xenstored_link(self) -> str:
+        """What users and tools use (XENSTORED_PATH): a symlink to the socket."""
+        return os.path.join(self.run_dir, XENSTORED_LINK)
+
+    @property
+    def control_socket(self) -> str:
+        return os.path.join(self.run_dir, CONTROL_SOCKET)
+
+    @property
+    def pid_file(self) -> str:
+        return os.path.join(self.run_dir, PID_FILE)
+
+    @property
+    def hypercall_socket(self) -> str:
+        return os.path.join(self.run_dir, "hypercall.sock")
+
+    @property
+    def mgmt_endpoint(self) -> str:
+        return mgmt_endpoint_for(self.run_dir)
+
+    @property
+    def events_endpoint(self) -> str:
+        return events_endpoint_for(self.run_dir)
+
+    def socket_paths(self) -> list[str]:
+        return [self.hypercall_socket, os.path.join(self.run_dir, "mgmt.sock"),
+                os.path.join(self.run_dir, "events.sock"), self.control_socket, self.xenstored_socket,
+                self.xenstored_link]
+
+    def check(self) -> None:
+        """Raise LayoutError unless both directories are absolute and every socket path fits."""
+        for what, d in (("state", self.state_dir), ("run", self.run_dir)):
+            if not os.path.isabs(d):
+                raise LayoutError(f"the {what} directory {d!r} must be an absolute path")
+        too_long = [p for p in self.socket_paths() if len(os.fsencode(p)) > MAX_UNIX_PATH]
+        if too_long:
+            longest = max(too_long, key=len)
+            raise LayoutError(f"the run directory {self.run_dir!r} is too long: {longest!r} is "
+                              f"{len(os.fsencode(longest))} bytes, more than the {MAX_UNIX_PATH} a unix socket "
+                              f"address holds; choose a shorter --run-dir")
+
+
+def topology_name(path: str) -> str:
+    """A host's name: the topology file's stem, reduced to characters safe in a path."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", stem).lstrip(".")
+    return name or "default"
+
+
+def default_base() -> str:
+    """Where hosts of this user live when no directory is given (not as root: no /run/xdom)."""
+    if os.geteuid() == 0:
+        return "/run/xdom"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(runtime, "xdom") if runtime else f"/tmp/xdom-{os.getuid()}"
+
+
+def default_dirs(name: str) -> tuple[str, str]:
+    """(state_dir, run_dir) for topology ``name``."""
+    if os.geteuid() == 0:
+        return f"/var/lib/xdom/{name}", f"/run/xdom/{name}"
+    base = default_base()
+    return os.path.join(base, "state", name), os.path.join(base, "run", name)
+
+
+def run_dirs_under(base: str) -> list[str]:
+    """Run directories that could hold a supervisor, for both layouts of :func:`default_dirs`."""
+    found = glob.glob(os.path.join(glob.escape(base), "*", PID_FILE))
+    found += glob.glob(os.path.join(glob.escape(base), "run", "*", PID_FILE))
+    return sorted({os.path.dirname(p) for p in found})
+
+
+def running_pid(run_dir: str) -> int | None:
+    """The pid of the supervisor holding ``run_dir``'s pid file, or None if none does."""
+    path = os.path.join(run_dir, PID_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else None
+        return None     # nobody holds it: stale
+    finally:
+        os.close(fd)
+
+
+def find_supervisors(base: str | None = None) -> list[str]:
+    """Run directories under ``base`` (default: :func:`default_base`) with a live supervisor."""
+    return [d for d in run_dirs_under(base or default_base()) if running_pid(d) is not None]
+
+
+class PidFile:
+    """``run_dir/supervisor.pid``, locked for as long as this supervisor lives."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = -1
+
+    def acquire(self) -> None:
+        """Raise LayoutError naming the other supervisor if one holds the file."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise LayoutError(f"a supervisor (pid {other or '?'}) already runs in "
+                                  f"{os.path.dirname(self.path)}; stop it with xdom down") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd >= 0
+
+    def release(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = -1
+
+
+def clear_run_files(layout: Layout) -> None:
+    """Remove the run directory's sockets and xenstored's socket directory (not the state directory)."""
+    for path in layout.socket_paths():
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("cannot remove %s: %s", path, e)
+    try:
+        os.rmdir(layout.xenstored_run)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("cannot remove %s: %s", layout.xenstored_run, e)
+
+
+def remove_run_dir(layout: Layout) -> None:
+    """The run directory goes once it is empty; anything else in it is not xdom's to delete."""
+    try:
+        os.rmdir(layout.run_dir)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        if e.errno != errno.ENOTEMPTY:
+            log.warning("cannot remove %s: %s", layout.run_dir, e)
+        else:
+            log.info("leaving %s: it holds files that are not xdom's: %s", layout.run_dir,
+                     ", ".join(sorted(os.listdir(layout.run_dir))))
+
+
+def leftover_processes(run_dir: str) -> list[psutil.Process]:
+    """xdom's broker and xenstored processes serving ``run_dir``, other than this process and its ancestors.
+
+    Domain processes die with their supervisor (PR_SET_PDEATHSIG); these,
+    started with the run directory on their command line, may outlive a
+    supervisor killed outright.  Only call this without a live supervisor.
+    """
+    import psutil
+    run, prefix = run_dir, run_dir.rstrip(os.sep) + os.sep
+    me = psutil.Process()
+    spared = {me.pid, *(p.pid for p in me.parents())}
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = p.info.get("cmdline") or []
+        if p.info["pid"] in spared or "xdom.deploy.cli" not in cmd or not {"broker", "xenstored"} & set(cmd):
+            continue
+        if any(a == run or a.startswith(prefix) for a in cmd):
+            found.append(p)
+    return found
+
+
+def stop_leftovers(run_dir: str) -> list[str]:
+    """Kill :func:`leftover_processes` and wait for them; returns what they were, for a message."""
+    import psutil
+    done = []
+    for p in leftover_processes(run_dir):
+        try:
+            what = f"pid {p.pid}: {' '.join(p.cmdline())}"
+            p.kill()
+            p.wait(10)
+        except (psutil.Error, psutil.TimeoutExpired):
+            continue
+        done.append(what)
+    return done

@@ -1,0 +1,1121 @@
+"""The supervisor: starts a topology's broker and domains in order, keeps them running, stops them in reverse.
+
+Start order: the broker, then the xenstore domain, then driver domains, then
+programs and guests, in the topology's order, one at a time: each domain is
+launched once the one before it is ready (or has been ready and died, which
+its restart policy then handles).  Readiness is signalled, never slept on:
+
+* broker: its ready pipe (``launcher.start_broker``);
+* xenstored: its ready pipe (connected to the broker, store restored, serving);
+* guest: the broker reports it running (a lifecycle event on the broker's PUB
+  socket, with a poll of the broker as the fallback events cannot lose), the
+  supervisor has introduced it to xenstored, and it says "ready" on its pipe
+  (its ring works: ``domains/guest.py``);
+* program: the broker reports it running, i.e. the program called
+  ``xdom.domains.xenhost.connect()`` itself, and it was introduced to
+  xenstored when the topology has one.  A process that never connects is not
+  a domain: after ``ready_timeout`` it is left running as a plain process,
+  with a warning and ``connected: false`` in ``xdom ps``.
+
+For each domain the supervisor does what libxl does at domain build: the
+broker's ``create`` (or ``restart``, which keeps the domid), ``setup_store``
+before the process starts, and once it runs, the xenstore nodes of
+``/local/domain/<domid>`` (``deploy/xsnodes.py``) and ``XS_INTRODUCE``.
+
+Everything after start-up happens in one loop (``zmq.Poller``): broker events,
+the control socket (``deploy/control.py``), a wake pipe for signals, every
+domain process's pidfd and readiness pipe, and timers (readiness deadlines,
+stop grace periods, restart backoff, the health sample every second).  No
+handler waits for a process, so ``xdom ps`` answers during a restart.  Exits
+go through the restart policy (``deploy/policy.py``); a domain over its
+topology ``limits`` is killed with a log line saying why, and is then handled
+like any other death.  A restarted domain keeps its domid; the xenstore
+domain restarts on its own state directory, so guests keep their rings.
+
+Stopping runs in reverse start order: SIGTERM to the domain's process group,
+``stop_grace`` seconds, SIGKILL to the group, reap, ``destroy`` in the
+broker; then the broker; then the run directory's files.  :meth:`stop` is
+idempotent and runs on every error path, so nothing outlives it; domain
+processes also carry PR_SET_PDEATHSIG (``deploy/domain_exec.py``), so a
+supervisor killed outright takes them with it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Callable, Iterator
+
+import msgpack
+import psutil
+import zmq
+
+from xdom.broker.mgmt_client import ManagementClient, ManagementError
+from xdom.domains.xenstore import UnixTransport, XenstoreClient
+from xdom.domains.xs_wire import XenstoreError
+
+from .control import ControlError, ControlProtocol, ControlServer, endpoint_for, string_field
+from .isolation import DOMAIN_EXEC, UidMode, UidPlan, plan_uids
+from .launcher import BrokerProcess, start_broker, start_domain_process
+from .policy import Action, ExitStatus, HealthCheck, HealthSample, RestartTracker
+from .rundir import Layout, LayoutError, PidFile, clear_run_files, remove_run_dir, stop_leftovers
+from .topology import DomainKind, DomainSpec, Topology, TopologyError
+from .xsnodes import domain_path, write_dom0_nodes, write_domain_nodes
+
+__all__ = ["READY_TIMEOUT", "STOP_GRACE", "UNSUPPORTED_KINDS", "AlreadyRunning", "JournalEntry", "State",
+           "StartupError", "Supervisor", "SupervisorError", "UnsupportedTopology", "check_host", "check_supported"]
+
+log = logging.getLogger("xdom.supervisor")
+
+UNSUPPORTED_KINDS = (DomainKind.BLKBACK, DomainKind.NETBACK)
+READY_TIMEOUT = 20.0        # seconds from launch to ready
+STOP_GRACE = 5.0            # seconds between SIGTERM and SIGKILL
+HEALTH_INTERVAL = 1.0       # seconds between health samples
+BROKER_POLL = 0.25          # seconds between broker polls while a domain waits to connect
+RESET_RETRY = 0.05          # seconds between tries of a restart the broker refuses as "still alive"
+RESET_PATIENCE = 5.0        # seconds before such a restart is given up
+JOURNAL_LIMIT = 10000       # entries kept (a long-lived host restarts things)
+XS_TIMEOUT = 5.0            # seconds for one xenstore request from the supervisor
+_BROKER = "broker"
+
+
+class SupervisorError(Exception):
+    """The host could not be started or kept running."""
+
+
+class StartupError(SupervisorError):
+    """A domain could not be started; everything started was stopped again."""
+
+
+class AlreadyRunning(SupervisorError):
+    """Another supervisor holds this run directory."""
+
+
+class UnsupportedTopology(TopologyError):
+    """A valid topology this version cannot run."""
+
+
+def check_supported(topology: Topology) -> None:
+    """Refuse, before anything starts, kinds whose driver this version does not have."""
+    bad = [d for d in topology.domains if d.kind in UNSUPPORTED_KINDS]
+    if bad:
+        raise UnsupportedTopology(
+            [f"{topology.source}: {d.label} is a {d.kind} domain: the {d.kind} driver is not available in this "
+             f"version of xdom" for d in bad]
+            + [f"{topology.source}: nothing was started; remove {', '.join(d.name for d in bad)} (and the devices "
+               f"they serve) to run the rest"])
+
+
+def check_host(topology: Topology, state_dir: str, run_dir: str) -> None:
+    """Everything that can be refused before anything starts: kinds, and directories (socket path lengths).
+
+    Raises UnsupportedTopology (a TopologyError) or LayoutError.
+    """
+    check_supported(topology)
+    Layout(os.path.abspath(state_dir), os.path.abspath(run_dir)).check()
+
+
+class State(StrEnum):
+    PENDING = "pending"        # not launched yet (start-up order)
+    STARTING = "starting"      # process launched, not ready yet
+    RUNNING = "running"
+    STOPPING = "stopping"      # SIGTERM sent, waiting for the exit
+    BACKOFF = "backoff"        # dead; to be restarted
+    EXITED = "exited"          # dead; its restart policy leaves it down
+    FAILED = "failed"          # dead; flapping, or could not be launched
+    DESTROYED = "destroyed"    # removed from the broker on request
+    STOPPED = "stopped"        # stopped with the host
+
+
+_ALIVE = (State.STARTING, State.RUNNING, State.STOPPING)
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """What the supervisor did or saw, in order: the record tests and ``xdom ps`` history rely on."""
+
+    time: float
+    name: str
+    event: str
+    detail: str = ""
+
+
+@dataclass(eq=False)
+class _Domain:
+    spec: DomainSpec
+    uid: int | None
+    tracker: RestartTracker
+    health: HealthCheck
+    state: State = State.PENDING
+    domid: int | None = None
+    creds: dict[str, Any] | None = None
+    store: tuple[int, int] | None = None         # (gfn, port) from setup_store
+    proc: subprocess.Popen[bytes] | None = None
+    pidfd: int = -1
+    ready_fd: int = -1
+    ready_seen: bool = False
+    connected: bool = False
+    introduced: bool = False
+    started_once: bool = False
+    waiting_for_store: bool = False
+    generation: int = 0
+    changes: int = 0                              # state changes, so a client sees that something happened
+    started_mono: float = 0.0
+    deadline: float | None = None
+    reset_since: float | None = None
+    after_stop: str = ""
+    kill_reason: str = ""
+    last_exit: str = ""
+    sample: HealthSample | None = None
+    ps_cache: dict[int, psutil.Process] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def kind(self) -> DomainKind:
+        return self.spec.kind
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.pidfd >= 0 else None
+
+
+class Supervisor:
+    """Runs one topology: ``start()``, then ``serve()`` until ``request_stop()``; ``stop()`` always.
+
+    ``progress`` receives one line per step worth telling a person (the
+    command line prints them).  Constructing checks the topology and the
+    directories and starts nothing: raises UnsupportedTopology (a
+    TopologyError) or LayoutError.
+    """
+
+    def __init__(self, topology: Topology, state_dir: str, run_dir: str, *, uids: UidMode | str = UidMode.AUTO,
+                 ready_timeout: float = READY_TIMEOUT, stop_grace: float = STOP_GRACE,
+                 health_interval: float = HEALTH_INTERVAL, progress: Callable[[str], None] | None = None,
+                 log_level: str = "info") -> None:
+        check_host(topology, state_dir, run_dir)
+        self.topology = topology
+        self.layout = Layout(os.path.abspath(state_dir), os.path.abspath(run_dir))
+        self.uid_mode = UidMode(uids)
+        self.ready_timeout = ready_timeout
+        self.stop_grace = stop_grace
+        self.health_interval = health_interval
+        self.log_level = log_level
+        self._progress_cb = progress
+        self.domains = [_Domain(s, None, RestartTracker.for_spec(s), HealthCheck(s.limits)) for s in topology.domains]
+        self._by_name = {d.name: d for d in self.domains}
+        self.xenstored = next((d for d in self.domains if d.kind == DomainKind.XENSTORED), None)
+        self.journal: deque[JournalEntry] = deque(maxlen=JOURNAL_LIMIT)
+        self.phase = "new"
+        self.broker: BrokerProcess | None = None
+        self.mgmt: ManagementClient | None = None
+        self.uid_plan: UidPlan | None = None
+        self._pidfile = PidFile(self.layout.pid_file)
+        self._sub: zmq.Socket[bytes] | None = None
+        self._control: ControlServer | None = None
+        self._poller = zmq.Poller()
+        self._fd_handlers: dict[int, Callable[[], None]] = {}
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._broker_pidfd = -1
+        self._stop_requested = False
+        self._stopped = False
+        self._fatal = ""
+        self._start_queue: deque[_Domain] = deque()
+        self._startup_error = ""
+        self._dom0_written = False
+        self._next_health = 0.0
+        self._next_broker_poll = 0.0
+
+    # ---- public API ----------------------------------------------------------
+
+    def start(self) -> bool:
+        """Start everything in order; True once all is up, False if a stop was requested meanwhile.
+
+        Raises StartupError (a domain could not be started), AlreadyRunning,
+        IsolationError or SupervisorError; whatever happens, what was started
+        is stopped again before this raises or returns False.
+        """
+        try:
+            self._setup()
+            self.phase = "starting"
+            self._start_queue = deque(self.domains)
+            while not self._stop_requested:
+                self._advance_start()
+                if self._startup_error:
+                    raise StartupError(self._startup_error)
+                if not self._start_queue:
+                    break
+                self._turn()
+            if self._fatal:
+                raise SupervisorError(self._fatal)
+            if self._stop_requested:
+                self.stop()
+                return False
+            self.phase = "running"
+            self._record("supervisor", "up")
+            return True
+        except BaseException:
+            self.stop()
+            raise
+
+    def serve(self) -> None:
+        """Supervise until :meth:`request_stop` (or the broker dies: SupervisorError); then stop everything."""
+        try:
+            while not self._stop_requested:
+                self._turn()
+        finally:
+            self.stop()
+        if self._fatal:
+            raise SupervisorError(self._fatal)
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop: safe from a signal handler or another thread."""
+        self._stop_requested = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        """Stop every domain in reverse start order, then the broker; remove the run files.  Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop_requested = True
+        self.phase = "stopping"
+        try:
+            for d in reversed(self.domains):
+                try:
+                    self._stop_now(d)
+                except Exception:
+                    log.exception("stopping domain %s failed; going on", d.name)
+            if self.mgmt is not None:
+                self.mgmt.close()
+                self.mgmt = None
+            if self.broker is not None:
+                status = self.broker.stop()
+                self._record(_BROKER, "stopped", f"status {status}")
+                self.broker = None
+        finally:
+            self._close_loop()
+            owner = self._pidfile.held        # never touch the files of another supervisor's run directory
+            if owner:
+                clear_run_files(self.layout)
+                # xenstored's store names domids and rings of this broker: meaningless once it is gone
+                shutil.rmtree(self.layout.xenstored_state, ignore_errors=True)
+            if self.uid_plan is not None:
+                self.uid_plan.release()
+            self._pidfile.release()
+            if owner:
+                remove_run_dir(self.layout)
+            self.phase = "stopped"
+
+    def status(self) -> list[dict[str, Any]]:
+        """One row per domain, as ``xdom ps --json`` prints it (call from the loop's thread)."""
+        broker: dict[int, dict[str, Any]] = {}
+        if self.mgmt is not None:
+            try:
+                broker = {s["domid"]: s for s in self.mgmt.request("list")["domains"]}
+            except (ManagementError, TimeoutError) as e:
+                log.warning("the broker did not list its domains: %s", e)
+        for d in self.domains:
+            if d.sample is None and d.state in (State.STARTING, State.RUNNING) and d.pidfd >= 0:
+                d.sample = self._sample(d)
+        return [self._row(d, broker.get(d.domid) if d.domid is not None else None) for d in self.domains]
+
+    # ---- set-up --------------------------------------------------------------
+
+    def _setup(self) -> None:
+        lay = self.layout
+        os.makedirs(lay.run_dir, mode=0o755, exist_ok=True)
+        try:
+            self._pidfile.acquire()
+        except LayoutError as e:
+            raise AlreadyRunning(str(e)) from None
+        self._sweep_leftovers()
+        self.uid_plan = plan_uids(self.topology, self.uid_mode)
+        for d in self.domains:
+            d.uid = self.uid_plan.uids.get(d.name)
+        (log.info if self.uid_plan.separate else log.warning)("%s", self.uid_plan.note)
+        self._progress(f"uids: {self.uid_plan.note}")
+        self._prepare_dirs()
+        try:
+            self.broker = start_broker(lay.run_dir, log_path=lay.log_path(_BROKER))
+        except (RuntimeError, TimeoutError) as e:
+            raise SupervisorError(f"the broker did not start ({e}): {_last_line(lay.log_path(_BROKER))}") from None
+        self._record(_BROKER, "ready", f"pid {self.broker.proc.pid}")
+        self._progress(f"broker: ready (pid {self.broker.proc.pid}, log {lay.log_path(_BROKER)})")
+        self._broker_pidfd = os.pidfd_open(self.broker.proc.pid)
+        self._watch_fd(self._broker_pidfd, self._on_broker_exit)
+        self.mgmt = self.broker.client()
+        sub = zmq.Context.instance().socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"domain")
+        sub.connect(lay.events_endpoint)
+        self._sub = sub
+        self._poller.register(sub, zmq.POLLIN)
+        self._control = ControlServer(endpoint_for(lay.control_socket), ControlProtocol({
+            "ping": self._op_ping, "ps": self._op_ps, "info": self._op_info, "restart": self._op_restart,
+            "destroy": self._op_destroy, "stop": self._op_stop}))
+        self._poller.register(self._control.socket, zmq.POLLIN)
+
+    def _prepare_dirs(self) -> None:
+        """Logs are the supervisor's (domains get an fd); xenstored's store and socket directories are its own.
+
+        The store is made fresh: one left by an earlier run names domids and
+        rings of a broker that is gone.
+        """
+        lay = self.layout
+        os.makedirs(lay.state_dir, mode=0o755, exist_ok=True)
+        os.makedirs(lay.logs_dir, mode=0o750, exist_ok=True)
+        if self.uid_plan is not None and self.uid_plan.separate:
+            # Domains under other uids must reach the hypercall socket and their own directories (search only).
+            for d in (lay.state_dir, lay.run_dir):
+                os.chmod(d, stat.S_IMODE(os.stat(d).st_mode) | 0o011)
+        xs_uid = self.xenstored.uid if self.xenstored is not None else None
+        shutil.rmtree(lay.xenstored_state, ignore_errors=True)
+        for path in (lay.xenstored_state, lay.xenstored_run):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            if xs_uid is not None:
+                os.chown(path, xs_uid, xs_uid)
+        if os.path.lexists(lay.xenstored_link):
+            os.unlink(lay.xenstored_link)
+        if self.xenstored is not None:
+            os.symlink(os.path.relpath(lay.xenstored_socket, lay.run_dir), lay.xenstored_link)
+
+    def _sweep_leftovers(self) -> None:
+        """Stop what a supervisor of this run directory that died outright left behind (we hold the pid file)."""
+        for what in stop_leftovers(self.layout.run_dir):
+            log.warning("stopped %s, left over from an earlier supervisor of %s", what, self.layout.run_dir)
+
+    # ---- the loop ------------------------------------------------------------
+
+    def _watch_fd(self, fd: int, handler: Callable[[], None]) -> None:
+        self._fd_handlers[fd] = handler
+        self._poller.register(fd, zmq.POLLIN)
+
+    def _unwatch_fd(self, fd: int) -> None:
+        if self._fd_handlers.pop(fd, None) is not None:
+            self._poller.unregister(fd)
+
+    def _turn(self) -> None:
+        """One wait and everything that became due."""
+        now = time.monotonic()
+        due = [self._next_health]
+        due += [d.deadline for d in self.domains if d.deadline is not None]
+        if self._awaiting_connect():
+            due.append(self._next_broker_poll)
+        timeout = max(0.0, min(min(due) - now, 1.0))
+        for sock, _ in self._poller.poll(int(timeout * 1000) + (1 if timeout > 0 else 0)):
+            if sock == self._wake_r:
+                _drain(self._wake_r)
+            elif sock is self._sub:
+                self._on_broker_events()
+            elif self._control is not None and sock is self._control.socket:
+                self._control.serve()
+            elif isinstance(sock, int) and sock in self._fd_handlers:
+                self._fd_handlers[sock]()
+        self._timers(time.monotonic())
+
+    def _awaiting_connect(self) -> bool:
+        return any(d.state == State.STARTING and not d.connected and d.pidfd >= 0 for d in self.domains)
+
+    def _timers(self, now: float) -> None:
+        for d in self.domains:
+            if d.deadline is not None and now >= d.deadline:
+                d.deadline = None
+                self._deadline(d, now)
+        if now >= self._next_broker_poll and self._awaiting_connect():
+            self._next_broker_poll = now + BROKER_POLL
+            self._poll_broker()
+        if now >= self._next_health:
+            self._next_health = now + self.health_interval
+            if any(d.state == State.RUNNING and not d.connected and d.pidfd >= 0 for d in self.domains):
+                self._poll_broker()     # a program that connects late: slower than while starting
+            self._check_health()
+
+    def _deadline(self, d: _Domain, now: float) -> None:
+        if d.state == State.STARTING:
+            if d.kind == DomainKind.PROGRAM and not d.connected:
+                log.warning("program %s (pid %s) has not connected to the broker within %gs: it runs as a plain "
+                            "process, not a domain (a program calls xdom.domains.xenhost.connect())",
+                            d.name, d.pid, self.ready_timeout)
+                self._progress(f"{d.name}: program started (pid {d.pid}) but not connected to the broker: "
+                               f"not a domain")
+                self._mark_running(d)
+            else:
+                missing = ("it has not connected to the broker" if not d.connected else
+                           "xenstore set-up did not succeed" if self._needs_store(d) and not d.introduced else
+                           "it did not signal ready")
+                self._kill(d, f"not ready within {self.ready_timeout:g}s ({missing})")
+        elif d.state == State.STOPPING:
+            self._signal_group(d, signal.SIGKILL)
+        elif d.state == State.BACKOFF:
+            self._launch(d)
+
+    def _advance_start(self) -> None:
+        """Launch the next domain of the start order once the one before it has been ready."""
+        while self._start_queue:
+            head = self._start_queue[0]
+            if head.state == State.PENDING:
+                self._launch(head)
+            if head.started_once:
+                self._start_queue.popleft()
+                continue
+            if head.state in (State.EXITED, State.FAILED, State.DESTROYED):
+                self._startup_error = (f"{head.kind} domain {head.name} did not start: {head.last_exit or head.state}"
+                                       f"; see {self.layout.log_path(head.name)}")
+            return
+
+    # ---- launching -----------------------------------------------------------
+
+    def _needs_store(self, d: _Domain) -> bool:
+        return self.xenstored is not None and d is not self.xenstored
+
+    def _store_up(self) -> bool:
+        return self.xenstored is not None and self.xenstored.state == State.RUNNING
+
+    def _launch(self, d: _Domain) -> None:
+        """Create (or restart, keeping the domid) the domain in the broker and start its process."""
+        now = time.monotonic()
+        assert self.mgmt is not None
+        if self._needs_store(d) and not self._store_up():
+            if self.xenstored is not None and self.xenstored.state in (State.EXITED, State.FAILED,
+                                                                       State.DESTROYED):
+                d.last_exit = f"its xenstore domain {self.xenstored.name} is {self.xenstored.state}"
+                log.error("%s domain %s cannot start: %s", d.kind, d.name, d.last_exit)
+                self._set_state(d, State.FAILED, d.last_exit)
+                return
+            d.waiting_for_store = True          # launched when xenstored is running again
+            self._set_state(d, State.BACKOFF, "waiting for xenstored")
+            return
+        d.waiting_for_store = False
+        try:
+            creds = self._credentials(d)
+            if creds is None:                   # the broker has not seen the old process die yet
+                d.reset_since = d.reset_since or now
+                if now - d.reset_since > RESET_PATIENCE:
+                    d.last_exit = f"the broker still reports domain {d.domid} alive after {RESET_PATIENCE:g}s"
+                    log.error("%s domain %s cannot restart: %s", d.kind, d.name, d.last_exit)
+                    self._set_state(d, State.FAILED, d.last_exit)
+                    return
+                self._set_state(d, State.BACKOFF, "waiting for the broker")
+                d.deadline = now + RESET_RETRY
+                return
+            d.reset_since = None
+            d.creds, d.domid = creds, int(creds["domid"])
+            d.store = None
+            if self._needs_store(d):
+                assert self.xenstored is not None and self.xenstored.domid is not None
+                st = self.mgmt.request("setup_store", domid=d.domid, xenstore_domid=self.xenstored.domid)
+                d.store = (int(st["gfn"]), int(st["port"]))
+        except (ManagementError, TimeoutError) as e:
+            self._launch_failed(d, f"the broker refused: {e}")
+            return
+        self._spawn(d, creds)
+
+    def _credentials(self, d: _Domain) -> dict[str, Any] | None:
+        assert self.mgmt is not None
+        if d.domid is not None:
+            try:
+                return self.mgmt.request("restart", domid=d.domid)
+            except ManagementError as e:
+                if e.errno_name == "ESRCH":           # destroyed behind our back: a new domain
+                    d.domid = d.creds = None
+                elif e.errno_name == "EBUSY":
+                    info = self.mgmt.request("info", domid=d.domid)["domain"]
+                    # "created" with its token unused: the last process never said hello.
+                    return d.creds if info["state"] == "created" else None
+                else:
+                    raise
+        return self.mgmt.request("create", name=d.name, memory=d.spec.memory_arg,
+                                 privileged=d.kind == DomainKind.XENSTORED)
+
+    def _argv(self, d: _Domain, ready_w: int) -> tuple[list[str], str]:
+        """The domain's command line (wrapped by domain_exec) and its working directory."""
+        py = sys.executable
+        if d.kind == DomainKind.XENSTORED:
+            argv = [py, "-m", "xdom.deploy.cli", "--log-level", self.log_level, "xenstored",
+                    "--unix-socket", self.layout.xenstored_socket, "--state-dir", self.layout.xenstored_state,
+                    "--ready-fd", str(ready_w)]
+            cwd = "/"
+        elif d.kind == DomainKind.GUEST:
+            argv = [py, "-m", "xdom.domains.guest", "--ready-fd", str(ready_w), "--", *(d.spec.workload or ())]
+            cwd = "/"
+        else:
+            argv = list(d.spec.command or ())
+            cwd = os.path.dirname(os.path.abspath(self.topology.source)) if os.path.exists(self.topology.source) \
+                else "/"
+        wrap = [py, "-I", "-S", DOMAIN_EXEC, "--parent", str(os.getpid())]
+        if d.spec.limits.fds is not None:
+            wrap += ["--nofile", str(d.spec.limits.fds)]
+        return [*wrap, "--", *argv], cwd
+
+    def _spawn(self, d: _Domain, creds: dict[str, Any]) -> None:
+        ready_r = ready_w = -1
+        if d.kind in (DomainKind.XENSTORED, DomainKind.GUEST):
+            ready_r, ready_w = os.pipe()
+        argv, cwd = self._argv(d, ready_w)
+        d.generation += 1
+        logfd = os.open(self.layout.log_path(d.name), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            _log_marker(logfd, f"starting {d.kind} domain {d.name} (domid {d.domid}, generation {d.generation}"
+                               f"{f', uid {d.uid}' if d.uid is not None else ''}): {' '.join(argv)}")
+            env = dict(os.environ, XDOM_LOG_LEVEL=self.log_level)
+            # xdom's own Python comes first, so a program's "python3 -m ..." finds xdom
+            env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+            d.proc = start_domain_process(creds, argv, env=env, uid=d.uid, stdin=subprocess.DEVNULL, stdout=logfd,
+                                          stderr=subprocess.STDOUT, pass_fds=(ready_w,) if ready_w >= 0 else (),
+                                          cwd=cwd)
+        except (OSError, subprocess.SubprocessError) as e:
+            for fd in (ready_r, ready_w):
+                if fd >= 0:
+                    os.close(fd)
+            self._launch_failed(d, f"cannot start its process: {e}")
+            return
+        finally:
+            os.close(logfd)
+        if ready_w >= 0:
+            os.close(ready_w)
+        d.pidfd = os.pidfd_open(d.proc.pid)
+        self._watch_fd(d.pidfd, lambda: self._on_process_exit(d))
+        d.ready_fd, d.ready_seen = ready_r, False
+        if ready_r >= 0:
+            self._watch_fd(ready_r, lambda: self._on_ready_pipe(d))
+        d.connected = d.introduced = False
+        d.kill_reason = ""
+        d.sample = None
+        d.ps_cache.clear()
+        d.health.reset()
+        d.started_mono = time.monotonic()
+        d.deadline = d.started_mono + self.ready_timeout
+        self._set_state(d, State.STARTING, f"pid {d.proc.pid}, domid {d.domid}, generation {d.generation}")
+        self._record(d.name, "spawn", f"pid {d.proc.pid} domid {d.domid}")
+
+    def _launch_failed(self, d: _Domain, why: str) -> None:
+        """A launch that never got a process: a failure for the restart policy, like status 127."""
+        log.error("domain %s: %s", d.name, why)
+        self._after_death(d, ExitStatus(code=127), why, uptime=0.0)
+
+    # ---- readiness -----------------------------------------------------------
+
+    def _on_ready_pipe(self, d: _Domain) -> None:
+        try:
+            data = os.read(d.ready_fd, 64)
+        except OSError:
+            data = b""
+        self._close_ready(d)
+        if data:
+            d.ready_seen = True
+            if d.kind == DomainKind.XENSTORED:
+                d.connected = True      # it connects to the broker before it serves
+            self._maybe_ready(d)
+        # EOF: the process is going; its pidfd says how.
+
+    def _on_broker_events(self) -> None:
+        assert self._sub is not None
+        while True:
+            try:
+                _topic, body = self._sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                ev = msgpack.unpackb(body, raw=False)
+                kind, domid = ev["event"], ev["domid"]
+            except Exception:
+                continue
+            d = next((x for x in self.domains if x.domid == domid), None)
+            if d is None:
+                continue
+            self._record(d.name, f"broker:{kind}", str(ev.get("reason") or ""))
+            if kind == "running" and not d.connected and d.pidfd >= 0:
+                self._check_connected(d)
+
+    def _check_connected(self, d: _Domain) -> None:
+        """The broker says the domain runs: is it this incarnation (same pid)?"""
+        assert self.mgmt is not None
+        try:
+            info = self.mgmt.request("info", domid=d.domid)["domain"]
+        except (ManagementError, TimeoutError):
+            return
+        if info["state"] in ("running", "paused") and info["pid"] == d.pid:
+            self._on_connected(d)
+
+    def _poll_broker(self) -> None:
+        """The fallback for a lost event: ask the broker about every domain still waiting to connect."""
+        assert self.mgmt is not None
+        try:
+            listed = {s["domid"]: s for s in self.mgmt.request("list")["domains"]}
+        except (ManagementError, TimeoutError):
+            return
+        for d in self.domains:
+            if d.state in (State.STARTING, State.RUNNING) and not d.connected and d.pidfd >= 0:
+                s = listed.get(d.domid)
+                if s is not None and s["state"] in ("running", "paused") and s["pid"] == d.pid:
+                    self._on_connected(d)
+
+    def _on_connected(self, d: _Domain) -> None:
+        d.connected = True
+        self._record(d.name, "connected")
+        if self._needs_store(d) and self._store_up():
+            self._introduce(d)
+        self._maybe_ready(d)
+
+    def _maybe_ready(self, d: _Domain) -> None:
+        if d.state != State.STARTING:
+            return
+        if d.kind == DomainKind.XENSTORED:
+            ready = d.ready_seen
+        else:
+            ready = d.connected and (d.introduced or not self._needs_store(d))
+            if d.kind == DomainKind.GUEST:
+                ready = ready and d.ready_seen
+        if ready:
+            self._mark_running(d)
+
+    def _mark_running(self, d: _Domain) -> None:
+        d.deadline = None
+        d.started_once = True
+        self._set_state(d, State.RUNNING)
+        took = time.monotonic() - d.started_mono
+        self._record(d.name, "ready", f"{took:.2f}s")
+        what = f"{d.kind} domain {d.domid}" if d.connected else f"{d.kind} process"
+        self._progress(f"{d.name}: {what} ready (pid {d.pid}, {took:.2f}s, log {self.layout.log_path(d.name)})")
+        if d is self.xenstored:
+            self._on_store_up()
+
+    # ---- xenstore ------------------------------------------------------------
+
+    @contextmanager
+    def _xs(self) -> Iterator[XenstoreClient]:
+        client = XenstoreClient(UnixTransport(self.layout.xenstored_socket), timeout=XS_TIMEOUT)
+        try:
+            yield client
+        finally:
+            client.close()
+
+    def _on_store_up(self) -> None:
+        """xenstored serves (first start or restart): domain 0's nodes, then whoever waited for it."""
+        try:
+            with self._xs() as xs:
+                if not self._dom0_written:
+                    write_dom0_nodes(xs)
+                    self._dom0_written = True
+                assert self.xenstored is not None
+                self._write_domain_nodes(xs, self.xenstored)
+        except (XenstoreError, OSError, TimeoutError) as e:
+            log.warning("xenstore set-up of domain 0 failed: %s", e)
+        for d in self.domains:
+            if d is not self.xenstored and d.connected and not d.introduced and d.state in (State.STARTING,
+                                                                                             State.RUNNING):
+                self._introduce(d)
+                self._maybe_ready(d)
+        for d in self.domains:
+            if d.state == State.BACKOFF and d.waiting_for_store:
+                d.deadline = time.monotonic()
+
+    def _write_domain_nodes(self, xs: XenstoreClient, d: _Domain) -> None:
+        assert d.domid is not None
+        write_domain_nodes(xs, d.domid, d.name, d.spec.memory_bytes >> 10)
+
+    def _introduce(self, d: _Domain) -> None:
+        """The domain's nodes, then XS_INTRODUCE (libxl's order).
+
+        A restarted domain keeps its domid, and xenstored removed the nodes it
+        owned when it died and takes the domid for gone until it is introduced
+        again: setting permissions for it fails with ENOENT until then.  So a
+        restart introduces first and writes the nodes right after; the guest
+        runtime waits for its ``control/shutdown`` node before writing there.
+        """
+        if d.store is None or d.domid is None:
+            return
+        try:
+            with self._xs() as xs:
+                try:
+                    self._write_domain_nodes(xs, d)
+                    written = True
+                except XenstoreError as e:
+                    if e.name != "ENOENT":
+                        raise
+                    written = False
+                xs.introduce(d.domid, *d.store)
+                if not written:
+                    self._write_domain_nodes(xs, d)
+        except (XenstoreError, OSError, TimeoutError) as e:
+            log.warning("domain %s: xenstore set-up failed (%s); retried when xenstored restarts, bounded by "
+                        "its readiness deadline", d.name, e)
+            return
+        d.introduced = True
+        self._record(d.name, "introduced", f"gfn {d.store[0]} port {d.store[1]}")
+
+    def _remove_domain_nodes(self, domid: int) -> None:
+        if not self._store_up():
+            return
+        try:
+            with self._xs() as xs:
+                xs.rm(domain_path(domid))
+        except (XenstoreError, OSError, TimeoutError) as e:
+            log.warning("removing /local/domain/%d failed: %s", domid, e)
+
+    # ---- deaths, restarts, stops ---------------------------------------------
+
+    def _on_process_exit(self, d: _Domain) -> None:
+        was = d.state
+        uptime = time.monotonic() - d.started_mono
+        pid = d.pid
+        rc = self._reap(d)
+        status = ExitStatus.from_returncode(rc)
+        reason, d.kill_reason = d.kill_reason, ""
+        self._record(d.name, "exit", status.describe() + (f" ({reason})" if reason else ""))
+        self._log_to(d, f"pid {pid} {status.describe()}{f' ({reason})' if reason else ''} after {uptime:.1f}s")
+        if was == State.STOPPING:
+            self._after_stop(d, status)
+            return
+        if not d.connected and d.kind == DomainKind.PROGRAM and self.mgmt is not None and d.domid is not None:
+            # It may have connected and died before the event arrived: a program that connected has started.
+            try:
+                if self.mgmt.request("info", domid=d.domid)["domain"]["state"] != "created":
+                    d.connected = d.started_once = True
+            except (ManagementError, TimeoutError):
+                pass
+        self._after_death(d, status, reason, uptime, pid)
+
+    def _after_death(self, d: _Domain, status: ExitStatus, reason: str, uptime: float,
+                     pid: int | None = None) -> None:
+        now = time.monotonic()
+        decision = d.tracker.on_exit(status, now)
+        what = (f"{d.kind} domain {d.name} (domid {d.domid}, pid {pid}) {status.describe()}"
+                f"{f' ({reason})' if reason else ''} after {uptime:.1f}s")
+        d.last_exit = status.describe() + (f" ({reason})" if reason else "")
+        if decision.action == Action.RESTART:
+            log.warning("%s; restarting in %.2fs (%s)", what, decision.delay, decision.reason)
+            self._set_state(d, State.BACKOFF, f"restart in {decision.delay:.2f}s")
+            d.deadline = now + decision.delay
+            self._progress(f"{d.name}: {d.last_exit}; restarting in {decision.delay:.2f}s")
+        elif decision.action == Action.STAY_DOWN:
+            log.info("%s; not restarted: %s", what, decision.reason)
+            self._set_state(d, State.EXITED, decision.reason)
+            self._progress(f"{d.name}: {d.last_exit}; not restarted ({decision.reason})")
+        else:
+            log.error("%s; %s", what, decision.reason)
+            d.last_exit += f"; {decision.reason}"
+            self._set_state(d, State.FAILED, decision.reason)
+            self._progress(f"{d.name}: failed: {decision.reason}")
+        if d is self.xenstored and d.state != State.BACKOFF:
+            log.error("the xenstore domain is down for good: domains cannot reach the store")
+
+    def _after_stop(self, d: _Domain, status: ExitStatus) -> None:
+        then, d.after_stop = d.after_stop, ""
+        d.last_exit = status.describe() + " (stopped)"
+        if then == "restart":
+            self._launch(d)
+        elif then == "destroy":
+            self._finish_destroy(d)
+        else:
+            self._set_state(d, State.STOPPED)
+
+    def _begin_stop(self, d: _Domain, then: str) -> None:
+        d.after_stop = then
+        self._set_state(d, State.STOPPING, then)
+        self._signal_group(d, signal.SIGTERM)
+        d.deadline = time.monotonic() + self.stop_grace
+
+    def _finish_destroy(self, d: _Domain) -> None:
+        if d.domid is not None and self.mgmt is not None:
+            try:
+                self.mgmt.request("destroy", domid=d.domid)
+            except ManagementError as e:
+                if e.errno_name != "ESRCH":
+                    log.warning("destroying domain %s in the broker: %s", d.name, e)
+            except TimeoutError as e:
+                log.warning("destroying domain %s in the broker: %s", d.name, e)
+            self._remove_domain_nodes(d.domid)
+        self._record(d.name, "destroyed", f"domid {d.domid}")
+        d.domid = d.creds = d.store = None
+        d.connected = d.introduced = False
+        self._set_state(d, State.DESTROYED)
+        self._progress(f"{d.name}: destroyed")
+
+    def _kill(self, d: _Domain, why: str) -> None:
+        log.warning("killing %s domain %s (pid %s): %s", d.kind, d.name, d.pid, why)
+        d.kill_reason = why
+        self._signal_group(d, signal.SIGKILL)
+
+    def _signal_group(self, d: _Domain, sig: int) -> None:
+        if d.proc is None or d.pidfd < 0:
+            return
+        try:
+            os.killpg(d.proc.pid, sig)     # its own session: the group is the domain and its children
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            try:
+                signal.pidfd_send_signal(d.pidfd, sig)
+            except ProcessLookupError:
+                pass
+
+    def _reap(self, d: _Domain) -> int:
+        """The process has exited (its pidfd said so): kill what is left of its group, reap, forget its fds."""
+        assert d.proc is not None
+        self._signal_group(d, signal.SIGKILL)   # the leader is a zombie until reaped: the group id is safe
+        rc = d.proc.wait()
+        self._unwatch_fd(d.pidfd)
+        os.close(d.pidfd)
+        d.pidfd = -1
+        self._close_ready(d)
+        d.deadline = None
+        d.sample = None
+        return rc
+
+    def _close_ready(self, d: _Domain) -> None:
+        if d.ready_fd >= 0:
+            self._unwatch_fd(d.ready_fd)
+            os.close(d.ready_fd)
+            d.ready_fd = -1
+
+    def _stop_now(self, d: _Domain) -> None:
+        """Blocking stop for the host's shutdown: SIGTERM, grace, SIGKILL, reap, destroy in the broker."""
+        if d.proc is not None and d.pidfd >= 0:
+            self._signal_group(d, signal.SIGTERM)
+            select.select([d.pidfd], [], [], self.stop_grace)
+            pid = d.pid
+            status = ExitStatus.from_returncode(self._reap(d))
+            self._record(d.name, "stopped", status.describe())
+            d.last_exit = status.describe() + " (stopped)"
+            self._log_to(d, f"pid {pid} {status.describe()} (stopped with the host)")
+        self._close_ready(d)
+        if d.domid is not None and self.mgmt is not None and self.broker is not None \
+                and self.broker.proc.poll() is None:
+            try:
+                self.mgmt.request("destroy", domid=d.domid)
+            except (ManagementError, TimeoutError):
+                pass
+        if d.state not in (State.PENDING, State.DESTROYED):
+            d.state = State.STOPPED
+
+    def _on_broker_exit(self) -> None:
+        assert self.broker is not None
+        rc = self.broker.proc.wait()
+        self._unwatch_fd(self._broker_pidfd)
+        os.close(self._broker_pidfd)
+        self._broker_pidfd = -1
+        self._fatal = (f"the broker (the hypervisor) {ExitStatus.from_returncode(rc).describe()}: every domain is "
+                       f"gone; see {self.layout.log_path(_BROKER)}")
+        log.error("%s; stopping", self._fatal)
+        self._record(_BROKER, "exit", ExitStatus.from_returncode(rc).describe())
+        self.request_stop()
+
+    # ---- health --------------------------------------------------------------
+
+    def _check_health(self) -> None:
+        for d in self.domains:
+            if d.state not in (State.STARTING, State.RUNNING) or d.pidfd < 0:
+                continue
+            sample = self._sample(d)
+            if sample is None:
+                continue
+            d.sample = sample
+            why = d.health.check(sample)
+            if why is not None and not d.kill_reason:
+                self._kill(d, f"over its limits: {why}")
+
+    def _sample(self, d: _Domain) -> HealthSample | None:
+        """RSS, descriptors and CPU of the domain process and its descendants (a guest's workload counts)."""
+        assert d.proc is not None
+        try:
+            leader = d.ps_cache.get(d.proc.pid) or psutil.Process(d.proc.pid)
+            procs = [leader, *leader.children(recursive=True)]
+        except psutil.Error:
+            return None
+        cache: dict[int, psutil.Process] = {}
+        rss = fds = 0
+        cpu = 0.0
+        for p in procs:
+            p = d.ps_cache.get(p.pid, p)
+            try:
+                with p.oneshot():
+                    rss += p.memory_info().rss
+                    fds += p.num_fds()
+                    cpu += p.cpu_percent(None)
+            except psutil.Error:
+                continue
+            cache[p.pid] = p
+        d.ps_cache = cache
+        return HealthSample(rss, fds, cpu)
+
+    # ---- control operations ----------------------------------------------------
+
+    def _domain_named(self, req: dict[str, Any]) -> _Domain:
+        name = string_field(req, "name")
+        d = self._by_name.get(name)
+        if d is None:
+            raise ControlError.of(errno.ESRCH, f"no domain named {name!r:.70} in this host "
+                                               f"(domains: {', '.join(self._by_name)})")
+        return d
+
+    def _op_ping(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"pid": os.getpid(), "phase": self.phase, "topology": os.path.abspath(self.topology.source),
+                "state_dir": self.layout.state_dir, "run_dir": self.layout.run_dir,
+                "broker_pid": self.broker.proc.pid if self.broker else None,
+                "uids": "separate" if self.uid_plan and self.uid_plan.separate else "shared",
+                "xenstored_socket": self.layout.xenstored_link if self.xenstored else None}
+
+    def _op_ps(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"domains": self.status(), **self._op_ping(req)}
+
+    def _op_info(self, req: dict[str, Any]) -> dict[str, Any]:
+        d = self._domain_named(req)
+        rows = self.status()
+        return {"domain": rows[self.domains.index(d)]}
+
+    def _op_restart(self, req: dict[str, Any]) -> dict[str, Any]:
+        d = self._domain_named(req)
+        if self.phase != "running":
+            raise ControlError.of(errno.EBUSY, f"the host is {self.phase}; try again once it is running")
+        generation = d.generation
+        d.tracker.reset()
+        if d.state == State.STOPPING:
+            if d.after_stop == "destroy":
+                raise ControlError.of(errno.EBUSY, f"domain {d.name} is being destroyed")
+            d.after_stop = "restart"
+        elif d.state in (State.STARTING, State.RUNNING):
+            log.info("restarting domain %s on request", d.name)
+            self._begin_stop(d, "restart")
+        else:
+            log.info("starting domain %s (%s) on request", d.name, d.state)
+            d.waiting_for_store = False
+            self._set_state(d, State.BACKOFF, "restart requested")
+            d.deadline = time.monotonic()
+        return {"generation": generation}
+
+    def _op_destroy(self, req: dict[str, Any]) -> dict[str, Any]:
+        d = self._domain_named(req)
+        if self.phase != "running":
+            raise ControlError.of(errno.EBUSY, f"the host is {self.phase}; try again once it is running")
+        if d is self.xenstored:
+            raise ControlError.of(errno.EBUSY, f"{d.name} is the xenstore domain, which every other domain "
+                                               f"needs; stop the whole host with xdom down")
+        if d.state == State.DESTROYED:
+            return {}
+        log.info("destroying domain %s on request", d.name)
+        if d.state == State.STOPPING:
+            d.after_stop = "destroy"
+        elif d.pidfd >= 0:
+            self._begin_stop(d, "destroy")
+        else:
+            d.deadline = None
+            self._finish_destroy(d)
+        return {}
+
+    def _op_stop(self, req: dict[str, Any]) -> dict[str, Any]:
+        log.info("stop requested over the control channel")
+        self.request_stop()
+        return {"pid": os.getpid()}
+
+    def _row(self, d: _Domain, b: dict[str, Any] | None) -> dict[str, Any]:
+        b = b or {}
+        alive = d.state in _ALIVE and d.pidfd >= 0
+        s = d.sample
+        return {
+            "name": d.name, "domid": d.domid, "kind": str(d.kind), "state": str(d.state),
+            "domain_state": b.get("state"), "pid": d.pid, "uid": d.uid if d.uid is not None else os.geteuid(),
+            "connected": d.connected, "restarts": max(0, d.generation - 1), "generation": d.generation,
+            "restart_policy": str(d.spec.restart), "state_changes": d.changes,
+            "uptime": round(time.monotonic() - d.started_mono, 3) if alive else 0.0,
+            "rss": s.rss if s and alive else None, "fds": s.fds if s and alive else None,
+            "cpu_percent": round(s.cpu_percent, 1) if s and alive else None,
+            "memory_kib": d.spec.memory_bytes >> 10,
+            "mappings_held": b.get("mappings_held"), "grants_mapped_by_others": b.get("grants_mapped_by_others"),
+            "grant_frames": b.get("grant_frames"), "event_channels": b.get("event_channels"),
+            "last_exit": d.last_exit or None, "log": self.layout.log_path(d.name),
+            "netns": None, "devices": [],
+        }
+
+    # ---- bookkeeping -----------------------------------------------------------
+
+    def _set_state(self, d: _Domain, state: State, detail: str = "") -> None:
+        if d.state != state:
+            log.debug("domain %s: %s -> %s %s", d.name, d.state, state, detail)
+        d.state = state
+        d.changes += 1
+
+    def _log_to(self, d: _Domain, text: str) -> None:
+        """A line of the supervisor's own in the domain's log, so the log tells the whole story."""
+        try:
+            fd = os.open(self.layout.log_path(d.name), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            _log_marker(fd, text)
+        finally:
+            os.close(fd)
+
+    def _record(self, name: str, event: str, detail: str = "") -> None:
+        self.journal.append(JournalEntry(time.monotonic(), name, event, detail))
+
+    def _progress(self, line: str) -> None:
+        if self._progress_cb is not None:
+            try:
+                self._progress_cb(line)
+            except Exception:
+                log.exception("progress callback failed")
+
+    def _close_loop(self) -> None:
+        if self._control is not None:
+            self._poller.unregister(self._control.socket)
+            self._control.close()
+            self._control = None
+        if self._sub is not None:
+            self._poller.unregister(self._sub)
+            self._sub.close(0)
+            self._sub = None
+        for fd in list(self._fd_handlers):
+            self._unwatch_fd(fd)
+        if self._broker_pidfd >= 0:
+            os.close(self._broker_pidfd)
+            self._broker_pidfd = -1
+        if self._wake_r >= 0:
+            self._poller.unregister(self._wake_r)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
+
+def _last_line(path: str) -> str:
+    """The last line of a log, for an error message that says why without sending people hunting."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        lines = []
+    return (lines[-1] if lines else "(nothing logged)") + f" (see {path})"
+
+
+def _log_marker(fd: int, text: str) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.write(fd, f"--- xdom {stamp}: {text}\n".encode())
+
+
+def _drain(fd: int) -> None:
+    while True:
+        try:
+            if not os.read(fd, 512):
+                return
+        except BlockingIOError:
+            return
+

@@ -1,0 +1,469 @@
+"""``xdom up/down/ps/logs/restart/destroy``: the command line of the supervisor.
+
+``up`` runs a :class:`~xdom.deploy.supervisor.Supervisor` in the foreground
+(Ctrl-C or SIGTERM stops everything cleanly) or, with ``--detach``, as a
+daemon that the command waits for until everything is up.  The others talk to
+a running supervisor over its control channel (``deploy/control.py``); they
+find it by ``--run-dir``, by ``--topology`` (the run directory ``up`` would
+choose for it), or as the only one running under the default directory.
+
+Exit statuses scripts can rely on (:data:`EXIT_OK` ...): 0 done; 1 an error
+(a domain did not start, a request was refused, a timeout); 2 a usage or
+topology error, nothing started; 3 nothing running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Callable, TextIO
+
+from .control import ControlClient, ControlError, endpoint_for
+from .rundir import (
+    Layout, clear_run_files, default_base, default_dirs, find_supervisors, remove_run_dir, running_pid,
+    stop_leftovers, topology_name,
+)
+
+if TYPE_CHECKING:
+    from .topology import Topology
+
+# The supervisor, the topology parser and psutil are imported by the commands
+# that need them: every `xdom broker` and `xdom xenstored` builds this parser.
+UID_MODES = ("auto", "separate", "shared")
+
+__all__ = ["EXIT_ERROR", "EXIT_NOTHING", "EXIT_OK", "EXIT_USAGE", "add_parsers"]
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOTHING = 0, 1, 2, 3
+log = logging.getLogger("xdom.cli")
+
+
+class CommandError(Exception):
+    """Ends a command with ``code`` after printing the message."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _say(text: str, out: TextIO = sys.stdout) -> None:
+    print(text, file=out, flush=True)
+
+
+# ---- finding things ------------------------------------------------------------
+
+def _load(path: str) -> Topology:
+    from .topology import TopologyError, load_topology
+    try:
+        return load_topology(path)
+    except TopologyError as e:
+        raise CommandError(EXIT_USAGE, f"{e}") from None
+
+
+def _dirs_for(topo: Topology, state_dir: str | None, run_dir: str | None) -> tuple[str, str]:
+    """Command line, then the topology's [host] table, then the defaults for its name."""
+    d_state, d_run = default_dirs(topology_name(topo.source))
+    return (os.path.abspath(state_dir or topo.host.state_dir or d_state),
+            os.path.abspath(run_dir or topo.host.run_dir or d_run))
+
+
+def _resolve_run_dir(args: argparse.Namespace) -> str:
+    if args.run_dir:
+        return os.path.abspath(args.run_dir)
+    if args.topology:
+        return _dirs_for(_load(args.topology), None, None)[1]
+    found = find_supervisors()
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise CommandError(EXIT_NOTHING, f"no supervisor is running under {default_base()}; give --run-dir or "
+                                         f"--topology")
+    raise CommandError(EXIT_USAGE, f"{len(found)} supervisors are running ({', '.join(found)}); say which with "
+                                   f"--run-dir")
+
+
+def _client(run_dir: str, timeout: float) -> ControlClient:
+    if running_pid(run_dir) is None:
+        raise CommandError(EXIT_NOTHING, f"no supervisor is running in {run_dir}")
+    return ControlClient(endpoint_for(Layout("/", run_dir).control_socket), timeout)
+
+
+def _request(run_dir: str, timeout: float, op: str, **fields: Any) -> dict[str, Any]:
+    with _client(run_dir, timeout) as c:
+        try:
+            return c.request(op, **fields)
+        except ControlError as e:
+            raise CommandError(EXIT_ERROR, f"{e.message} ({e.errno_name})") from None
+        except TimeoutError as e:
+            raise CommandError(EXIT_ERROR, str(e)) from None
+
+
+# ---- up --------------------------------------------------------------------------
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .rundir import LayoutError
+    from .supervisor import check_host
+    from .topology import TopologyError
+    topo = _load(args.topology)
+    state_dir, run_dir = _dirs_for(topo, args.state_dir, args.run_dir)
+    try:
+        topo = topo.resolved(state_dir, run_dir)
+        check_host(topo, state_dir, run_dir)
+    except (TopologyError, LayoutError) as e:
+        raise CommandError(EXIT_USAGE, str(e)) from None
+    other = running_pid(run_dir)
+    if other is not None:
+        raise CommandError(EXIT_ERROR, f"a supervisor (pid {other}) already runs in {run_dir}; stop it with "
+                                       f"xdom down --run-dir {run_dir}")
+    if args.detach:
+        return _up_detached(args, state_dir, run_dir)
+    return _up(args, topo, state_dir, run_dir, notify_fd=args.notify_fd)
+
+
+def _up(args: argparse.Namespace, topo: Topology, state_dir: str, run_dir: str, notify_fd: int | None) -> int:
+    """Run the supervisor in this process.  With ``notify_fd`` (a detached daemon), report to the parent."""
+    from .isolation import IsolationError
+    from .supervisor import AlreadyRunning, StartupError, Supervisor, SupervisorError
+    notify: Callable[[dict[str, Any]], None]
+    if notify_fd is not None:
+        pipe = os.fdopen(notify_fd, "w", buffering=1)
+
+        def notify(msg: dict[str, Any]) -> None:
+            if pipe.closed:     # after start-up the parent is gone: progress goes to the log only
+                if "progress" in msg:
+                    log.info("%s", msg["progress"])
+                return
+            try:
+                pipe.write(json.dumps(msg) + "\n")
+            except OSError:
+                pass            # the parent is gone: keep going, the log has it all
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    else:
+        def notify(msg: dict[str, Any]) -> None:
+            if "progress" in msg:
+                _say(f"  {msg['progress']}")
+
+    sup = Supervisor(topo, state_dir, run_dir, uids=args.uids, ready_timeout=args.ready_timeout,
+                     progress=lambda line: notify({"progress": line}), log_level=args.log_level)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        sup.request_stop()
+    for sig in (signal.SIGINT, signal.SIGTERM) + (() if notify_fd is not None else (signal.SIGHUP,)):
+        signal.signal(sig, on_signal)
+
+    if notify_fd is None:
+        _say(f"xdom: starting {topo.source} (state {state_dir}, run {run_dir})")
+    try:
+        up = sup.start()
+    except (AlreadyRunning, StartupError, SupervisorError) as e:
+        notify({"error": str(e), "code": EXIT_ERROR})
+        raise CommandError(EXIT_ERROR, str(e)) from None
+    except IsolationError as e:
+        notify({"error": str(e), "code": EXIT_USAGE})
+        raise CommandError(EXIT_USAGE, str(e)) from None
+    if not up:
+        notify({"error": "stopped while starting; everything was stopped", "code": EXIT_ERROR})
+        _say("xdom: stopped while starting; everything was stopped")
+        return EXIT_ERROR
+    if notify_fd is not None:
+        notify({"ok": os.getpid()})
+        pipe.close()
+    else:
+        _say(f"xdom: up: {len(topo.domains)} domains; Ctrl-C stops them all")
+    try:
+        sup.serve()
+    except SupervisorError as e:
+        raise CommandError(EXIT_ERROR, str(e)) from None
+    if notify_fd is None:
+        _say("xdom: everything stopped")
+    return EXIT_OK
+
+
+def _up_detached(args: argparse.Namespace, state_dir: str, run_dir: str) -> int:
+    """Start ``xdom up`` again as a daemon (its own session, stdio to supervisor.log); wait until it is up."""
+    lay = Layout(state_dir, run_dir)
+    os.makedirs(lay.logs_dir, mode=0o750, exist_ok=True)
+    log_path = lay.log_path("supervisor")
+    rfd, wfd = os.pipe()
+    argv = [sys.executable, "-m", "xdom.deploy.cli", "--log-level", args.log_level, "up",
+            os.path.abspath(args.topology), "--state-dir", state_dir, "--run-dir", run_dir, "--uids", args.uids,
+            "--ready-timeout", str(args.ready_timeout), "--notify-fd", str(wfd)]
+    with open(log_path, "ab") as logf:
+        try:
+            proc = subprocess.Popen(argv, pass_fds=(wfd,), stdin=subprocess.DEVNULL, stdout=logf,
+                                    stderr=subprocess.STDOUT, start_new_session=True, cwd="/")
+        finally:
+            os.close(wfd)
+    _say(f"xdom: starting {args.topology} in the background (state {state_dir}, run {run_dir}, log {log_path})")
+    try:
+        with os.fdopen(rfd, "r") as pipe:
+            for line in pipe:
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    continue
+                if "progress" in msg:
+                    _say(f"  {msg['progress']}")
+                elif "ok" in msg:
+                    _say(f"xdom: up; supervisor pid {msg['ok']}; xdom down --run-dir {run_dir} stops it")
+                    return EXIT_OK
+                elif "error" in msg:
+                    proc.wait()
+                    raise CommandError(int(msg.get("code", EXIT_ERROR)), str(msg["error"]))
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        return 130
+    status = proc.wait()
+    raise CommandError(EXIT_ERROR, f"the supervisor exited (status {status}) before it was up; see {log_path}")
+
+
+# ---- down ------------------------------------------------------------------------
+
+def _gone(pid: int) -> bool:
+    import psutil
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    run_dir = _resolve_run_dir(args)
+    pid = running_pid(run_dir)
+    if pid is None:
+        # A supervisor killed outright leaves its broker (and maybe xenstored): clean up after it.
+        stopped = stop_leftovers(run_dir)
+        if not stopped:
+            raise CommandError(EXIT_NOTHING, f"no supervisor is running in {run_dir}")
+        lay = Layout("/", run_dir)
+        clear_run_files(lay)
+        try:
+            os.unlink(lay.pid_file)
+        except FileNotFoundError:
+            pass
+        remove_run_dir(lay)
+        _say(f"xdom: no supervisor in {run_dir}; stopped what one that died left behind:")
+        for what in stopped:
+            _say(f"  {what}")
+        return EXIT_OK
+    try:
+        with ControlClient(endpoint_for(Layout("/", run_dir).control_socket), timeout=5.0) as c:
+            c.request("stop")
+    except (ControlError, TimeoutError) as e:
+        log.warning("the supervisor did not take the stop request (%s); sending it SIGTERM", e)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + args.timeout
+    while not _gone(pid):
+        if time.monotonic() > deadline:
+            raise CommandError(EXIT_ERROR, f"the supervisor (pid {pid}) is still stopping after {args.timeout:g}s")
+        time.sleep(0.05)        # polling another process's exit, with a deadline
+    _say(f"xdom: {run_dir}: everything stopped")
+    return EXIT_OK
+
+
+# ---- ps --------------------------------------------------------------------------
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / (1 << 20):.1f}"
+
+
+def _uptime(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if seconds else "-"
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    try:
+        run_dir = _resolve_run_dir(args)
+    except CommandError as e:
+        if e.code == EXIT_NOTHING and not args.topology and os.path.exists(
+                os.path.join(args.run_dir or default_base(), "mgmt.sock")):
+            return _broker_list(args.run_dir or default_base(), args)
+        raise
+    if running_pid(run_dir) is None and os.path.exists(os.path.join(run_dir, "mgmt.sock")):
+        return _broker_list(run_dir, args)      # a broker started by hand: its own table
+    reply = _request(run_dir, args.timeout, "ps")
+    rows = reply["domains"]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    _say(f"supervisor pid {reply['pid']} ({reply['phase']}), broker pid {reply['broker_pid']}, "
+         f"run {reply['run_dir']}, uids {reply['uids']}")
+    _say(f"{'NAME':<16} {'KIND':<9} {'ID':>4} {'STATE':<9} {'PID':>7} {'UPTIME':>8} {'RSS(MiB)':>8} "
+         f"{'RESTARTS':>8} {'MAPS':>5} {'GRANTED':>7} {'EVTCHN':>6}  LAST EXIT")
+    for r in rows:
+        dash = "-"
+        _say(f"{r['name']:<16} {r['kind']:<9} {r['domid'] if r['domid'] is not None else dash:>4} {r['state']:<9} "
+             f"{r['pid'] or dash:>7} {_uptime(r['uptime']):>8} {_mib(r['rss']):>8} {r['restarts']:>8} "
+             f"{_n(r['mappings_held']):>5} {_n(r['grants_mapped_by_others']):>7} {_n(r['event_channels']):>6}  "
+             f"{r['last_exit'] or ''}")
+    return EXIT_OK
+
+
+def _n(v: int | None) -> str:
+    return "-" if v is None else str(v)
+
+
+def _broker_list(run_dir: str, args: argparse.Namespace) -> int:
+    from .cli import cmd_list
+    return cmd_list(argparse.Namespace(mgmt=None, run_dir=run_dir, timeout=args.timeout, json=args.json))
+
+
+# ---- logs ------------------------------------------------------------------------
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    run_dir: str | None = None
+    if args.state_dir:
+        path = Layout(os.path.abspath(args.state_dir), "/").log_path(args.domain)
+    else:
+        run_dir = _resolve_run_dir(args)
+        path = _request(run_dir, args.timeout, "info", name=args.domain)["domain"]["log"]
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise CommandError(EXIT_ERROR, f"no log for {args.domain} at {path}") from None
+    out = sys.stdout.buffer
+    with f:
+        if args.lines is not None:
+            lines = f.read().splitlines(keepends=True)
+            out.write(b"".join(lines[-args.lines:] if args.lines else []))
+        else:
+            out.write(f.read())
+        out.flush()
+        if not args.follow:
+            return EXIT_OK
+        try:
+            while run_dir is None or running_pid(run_dir) is not None:
+                chunk = f.read()
+                if chunk:
+                    out.write(chunk)
+                    out.flush()
+                else:
+                    select.select([], [], [], 0.2)      # a file has no readiness to wait on
+        except KeyboardInterrupt:
+            return EXIT_OK
+        out.write(f.read())
+        out.flush()
+    return EXIT_OK
+
+
+# ---- restart / destroy -------------------------------------------------------------
+
+def _wait_for(run_dir: str, name: str, timeout: float, done: Callable[[dict[str, Any]], str | None]) -> dict[str, Any]:
+    """Poll ``info`` until ``done(row)`` says "ok" or gives an error text; CommandError on error or timeout."""
+    deadline = time.monotonic() + timeout
+    with _client(run_dir, 10.0) as c:
+        while True:
+            try:
+                row = c.request("info", name=name)["domain"]
+            except ControlError as e:
+                raise CommandError(EXIT_ERROR, f"{e.message} ({e.errno_name})") from None
+            except TimeoutError as e:
+                raise CommandError(EXIT_ERROR, str(e)) from None
+            verdict = done(row)
+            if verdict == "ok":
+                return row
+            if verdict:
+                raise CommandError(EXIT_ERROR, verdict)
+            if time.monotonic() > deadline:
+                raise CommandError(EXIT_ERROR, f"{name} is {row['state']} after {timeout:g}s")
+            time.sleep(0.05)    # polling the supervisor, with a deadline
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    run_dir = _resolve_run_dir(args)
+    before = _request(run_dir, args.timeout, "info", name=args.domain)["domain"]
+    generation = _request(run_dir, args.timeout, "restart", name=args.domain)["generation"]
+    if args.no_wait:
+        _say(f"xdom: restarting {args.domain}")
+        return EXIT_OK
+
+    def done(row: dict[str, Any]) -> str | None:
+        if row["generation"] > generation and row["state"] == "running":
+            return "ok"
+        if row["state_changes"] > before["state_changes"] and row["state"] in ("exited", "failed", "destroyed"):
+            return f"{args.domain} did not restart: {row['state']}: {row['last_exit'] or ''}"
+        return None
+    row = _wait_for(run_dir, args.domain, args.wait, done)
+    _say(f"xdom: {args.domain} restarted (domid {row['domid']}, pid {row['pid']})")
+    return EXIT_OK
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    run_dir = _resolve_run_dir(args)
+    _request(run_dir, args.timeout, "destroy", name=args.domain)
+    _wait_for(run_dir, args.domain, args.wait, lambda row: "ok" if row["state"] == "destroyed" else None)
+    _say(f"xdom: {args.domain} destroyed")
+    return EXIT_OK
+
+
+# ---- parsers ---------------------------------------------------------------------
+
+def add_parsers(sub: Any) -> None:
+    """Add the supervisor's commands to the ``xdom`` parser's subparsers."""
+    up = sub.add_parser("up", help="start a topology: broker, xenstored, driver domains, guests")
+    up.add_argument("topology", help="topology file (TOML)")
+    up.add_argument("--detach", "-d", action="store_true", help="return once everything is up, leaving a daemon")
+    up.add_argument("--state-dir", default=None, help="logs and xenstored's store (default /var/lib/xdom/NAME)")
+    up.add_argument("--run-dir", default=None, help="sockets and the pid file (default /run/xdom/NAME)")
+    up.add_argument("--uids", default="auto", choices=UID_MODES,
+                    help="as root, run each domain under its own uid (separate), never (shared), or when this "
+                         "installation allows it (auto, the default)")
+    up.add_argument("--ready-timeout", type=float, default=20.0, help="seconds a domain has to become ready")
+    up.add_argument("--notify-fd", type=int, default=None, help=argparse.SUPPRESS)
+    up.set_defaults(func=_run(cmd_up))
+
+    def target(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--run-dir", default=None, help="the host's run directory")
+        sp.add_argument("--topology", "-t", default=None, help="find the host by its topology file")
+        sp.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the supervisor's answer")
+
+    down = sub.add_parser("down", help="stop a running host and wait until everything is gone")
+    target(down)
+    down.set_defaults(func=_run(cmd_down), timeout=60.0)
+
+    ps = sub.add_parser("ps", help="the domains of a running host (or of a broker started by hand)")
+    target(ps)
+    ps.add_argument("--json", action="store_true", help="one JSON object per domain")
+    ps.set_defaults(func=_run(cmd_ps))
+
+    logs = sub.add_parser("logs", help="a domain's log")
+    logs.add_argument("domain")
+    target(logs)
+    logs.add_argument("--state-dir", default=None, help="read STATE_DIR/logs/DOMAIN.log without a supervisor")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing while the host runs")
+    logs.add_argument("--lines", "-n", type=int, default=None, help="only the last N lines")
+    logs.set_defaults(func=_run(cmd_logs))
+
+    for name, func, what in (("restart", cmd_restart, "restart a domain (it keeps its domid)"),
+                             ("destroy", cmd_destroy, "stop a domain and remove it from the broker")):
+        sp = sub.add_parser(name, help=what)
+        sp.add_argument("domain")
+        target(sp)
+        sp.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the outcome")
+        if name == "restart":
+            sp.add_argument("--no-wait", action="store_true", help="return once the restart is under way")
+        sp.set_defaults(func=_run(func))
+
+
+def _run(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """The command, with CommandError turned into its message and exit status."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return cmd(args)
+        except CommandError as e:
+            print(f"xdom: {e}", file=sys.stderr, flush=True)
+            return e.code
+    run.__doc__ = cmd.__doc__
+    return run

@@ -1,0 +1,172 @@
+"""The guest runtime: what runs in a ``kind = "guest"`` domain, today.
+
+``python -m xdom.domains.guest [--ready-fd N] [-- WORKLOAD ARGS...]``, started
+by the supervisor with the domain's credentials in its environment.  What a
+guest does now, and nothing more:
+
+1. connects to the broker as its domain (``connect()``: hello, then its memory);
+2. opens its xenstore connection over its ring page (the toolstack set the
+   ring up before starting it and introduces it once it runs: the first
+   request waits for that);
+3. does what a Linux guest's ``drivers/xen/manage.c`` does for the
+   toolstack: watches ``control/shutdown`` and writes
+   ``control/feature-poweroff = 1`` (once the toolstack's nodes exist: after
+   a restart they are recreated just after the domain is introduced); when
+   the toolstack writes ``poweroff`` (or ``halt``) to ``control/shutdown``,
+   the guest acknowledges by writing ``""`` back and powers off;
+4. says "ready" on ``--ready-fd`` (the supervisor's readiness pipe);
+5. runs the workload, if the topology gives one, as its child and waits for
+   it: the guest's exit status is the workload's (128 + n for signal n), and
+   the guest powers off when it ends.  Without a workload it stays up until
+   SIGTERM/SIGINT or a poweroff request;
+6. shuts down cleanly: ``shutdown("poweroff")`` to the broker (so the broker
+   records a shutdown, not a crash), then closes xenstore and the hypercall
+   connection.
+
+Not yet here: blkfront and netfront (no devices are connected), the guest's
+network namespace.  A workload sees ``XDOM_DOMID`` and ``XDOM_NAME``; the
+domain's one-time token is not passed on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+from typing import Sequence
+
+from .xenhost import connect
+from .xenstore import XenstoreClient
+
+log = logging.getLogger("xdom.guest")
+
+POWEROFF_REQUESTS = ("poweroff", "halt")
+TOOLSTACK_TIMEOUT = 30.0  # seconds to wait for the toolstack's nodes
+WORKLOAD_GRACE = 5.0     # seconds a workload gets between SIGTERM and SIGKILL when the guest stops
+
+
+class Guest:
+    """One guest's life: :meth:`run` returns its exit status (the workload's, or 0 when told to stop)."""
+
+    def __init__(self, workload: Sequence[str] = (), ready_fd: int | None = None) -> None:
+        self.workload = list(workload)
+        self.ready_fd = ready_fd
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.stop_reason = ""
+
+    def request_stop(self, reason: str) -> None:
+        """Safe from a signal handler and from the xenstore watch thread."""
+        if not self.stop_reason:
+            self.stop_reason = reason
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def run(self) -> int:
+        host = connect()
+        xs = None
+        try:
+            xs = XenstoreClient.ring(host)
+            home = xs.get_domain_path(host.domid)
+            log.info("guest %s is domain %d; xenstore at %s", host.name, host.domid, home)
+            shutdown_node = f"{home}/control/shutdown"
+            toolstack_done = threading.Event()
+
+            def shutdown_requested(path: str, token: str) -> None:
+                try:
+                    request = xs.read(shutdown_node).decode(errors="replace")
+                except Exception:       # not there yet, or the store is restarting: nothing asked
+                    return
+                toolstack_done.set()
+                if request in POWEROFF_REQUESTS:
+                    xs.write(shutdown_node, "")        # acknowledge, as Linux does
+                    self.request_stop(f"{request} requested through xenstore")
+                elif request:
+                    log.warning("ignoring shutdown request %r: this guest handles %s", request,
+                                " and ".join(POWEROFF_REQUESTS))
+            xs.watch(shutdown_node, "shutdown", shutdown_requested)
+            # A restarted domain is introduced before the toolstack recreates
+            # the nodes it owns: wait for them (the watch fires when they appear).
+            if not toolstack_done.wait(TOOLSTACK_TIMEOUT):
+                raise RuntimeError(f"the toolstack did not create {shutdown_node} within {TOOLSTACK_TIMEOUT:g}s")
+            xs.write(f"{home}/control/feature-poweroff", "1")
+            # Until here SIGTERM kills outright: there is nothing to shut down cleanly yet.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda signum, frame: self.request_stop(signal.Signals(signum).name))
+            self._ready()
+            status = self._run_workload() if self.workload else self._wait_for_stop()
+            log.info("guest powering off (%s)", self.stop_reason or "workload finished")
+            host.shutdown("poweroff")
+            return status
+        finally:
+            if xs is not None:
+                xs.close()
+            host.close()
+
+    def _ready(self) -> None:
+        if self.ready_fd is not None:
+            os.write(self.ready_fd, b"ready\n")
+            os.close(self.ready_fd)
+            self.ready_fd = None
+
+    def _wait_for_stop(self) -> int:
+        while not self.stop_reason:
+            select.select([self._wake_r], [], [])
+            _drain(self._wake_r)
+        return 0
+
+    def _run_workload(self) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "XDOM_TOKEN"}
+        proc = subprocess.Popen(self.workload, env=env, stdin=subprocess.DEVNULL)
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            while True:
+                r, _, _ = select.select([self._wake_r, pidfd], [], [])
+                if pidfd in r:
+                    rc = proc.wait()
+                    log.info("workload %s", f"exited with status {rc}" if rc >= 0 else f"killed by signal {-rc}")
+                    return rc if rc >= 0 else 128 - rc
+                _drain(self._wake_r)
+                if self.stop_reason:
+                    proc.terminate()
+                    try:
+                        proc.wait(WORKLOAD_GRACE)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+                    return 0
+        finally:
+            os.close(pidfd)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _drain(fd: int) -> None:
+    while True:
+        try:
+            if not os.read(fd, 512):
+                return
+        except BlockingIOError:
+            return
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m xdom.domains.guest", description="xdom's guest runtime")
+    p.add_argument("--ready-fd", type=int, default=None, help="write 'ready' to this fd once up")
+    p.add_argument("workload", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS...: run and wait for it")
+    args = p.parse_args(argv)
+    workload = args.workload[1:] if args.workload[:1] == ["--"] else args.workload
+    logging.basicConfig(level=os.environ.get("XDOM_LOG_LEVEL", "info").upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return Guest(workload, args.ready_fd).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

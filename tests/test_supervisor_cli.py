@@ -1,0 +1,220 @@
+"""``xdom up/down/ps/logs/restart/destroy`` as a user runs them: exit statuses, output, and what is left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from typing import Iterator
+
+import psutil
+import pytest
+
+from xdom.deploy.rundir import Layout, running_pid
+
+from helpers import wait_until
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+XDOM = [sys.executable, "-m", "xdom.deploy.cli"]
+WAITER = ("import signal, sys; from xdom.domains.xenhost import connect; h = connect(); "
+          "signal.sigwait({signal.SIGUSR1})")
+
+
+def xdom(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*XDOM, *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def topology(base: str, body: str, host: bool = True) -> tuple[str, Layout]:
+    lay = Layout(os.path.join(base, "state"), os.path.join(base, "run"))
+    head = f'[host]\nstate_dir = "{lay.state_dir}"\nrun_dir = "{lay.run_dir}"\n\n' if host else ""
+    path = os.path.join(base, "t.toml")
+    with open(path, "w") as f:
+        f.write(head + body)
+    return path, lay
+
+
+XS = '[[domain]]\nname = "xs"\nkind = "xenstored"\n\n'
+GUEST = '[[domain]]\nname = "g1"\nkind = "guest"\nmemory = "4M"\n\n'
+PROGRAM = f'[[domain]]\nname = "p1"\nkind = "program"\ncommand = ["{sys.executable}", "-c", "{WAITER}"]\n\n'
+
+
+def leftovers(run_dir: str) -> list[tuple[int, str]]:
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+        except psutil.Error:
+            continue
+        if run_dir in cmd and p.pid != os.getpid():
+            found.append((p.pid, cmd))
+    return found
+
+
+@pytest.fixture
+def cleanup(run_dir: str) -> Iterator[list[str]]:
+    """Run directories whose supervisors must be gone after the test, whatever happened."""
+    dirs: list[str] = []
+    yield dirs
+    for d in dirs:
+        if running_pid(d) is not None:
+            xdom("down", "--run-dir", d)
+        for pid, _ in leftovers(d):
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
+
+
+def test_up_detach_ps_logs_restart_destroy_down(run_dir: str, cleanup: list[str]) -> None:
+    path, lay = topology(run_dir, XS + GUEST + PROGRAM)
+    cleanup.append(lay.run_dir)
+    up = xdom("up", path, "--detach")
+    assert up.returncode == 0, up.stdout + up.stderr
+    for name in ("broker", "xs", "g1", "p1"):
+        assert f"  {name}: " in up.stdout
+    assert f"xdom down --run-dir {lay.run_dir}" in up.stdout
+    supervisor = running_pid(lay.run_dir)
+    assert supervisor is not None and psutil.Process(supervisor).ppid() != os.getpid()   # a daemon
+
+    again = xdom("up", path, "--detach")
+    assert again.returncode == 1 and "already runs" in again.stderr
+
+    ps = xdom("ps", "--json", "--topology", path)              # found through the topology's [host] run_dir
+    assert ps.returncode == 0, ps.stderr
+    rows = json.loads(ps.stdout)
+    assert [(r["name"], r["kind"], r["state"]) for r in rows] == [
+        ("xs", "xenstored", "running"), ("g1", "guest", "running"), ("p1", "program", "running")]
+    assert all(r["pid"] and r["domid"] and r["restarts"] == 0 and r["rss"] for r in rows)
+    assert rows[1]["netns"] is None and rows[1]["devices"] == []
+    table = xdom("ps", "--run-dir", lay.run_dir)
+    assert table.returncode == 0 and "NAME" in table.stdout and "guest" in table.stdout
+
+    logs = xdom("logs", "g1", "--run-dir", lay.run_dir)
+    assert logs.returncode == 0 and "starting guest domain g1" in logs.stdout
+
+    restarted = xdom("restart", "p1", "--run-dir", lay.run_dir)
+    assert restarted.returncode == 0, restarted.stderr
+    assert "p1 restarted" in restarted.stdout
+    assert xdom("restart", "nope", "--run-dir", lay.run_dir).returncode == 1
+    refused = xdom("destroy", "xs", "--run-dir", lay.run_dir)
+    assert refused.returncode == 1 and "xenstore domain" in refused.stderr
+    destroyed = xdom("destroy", "p1", "--run-dir", lay.run_dir)
+    assert destroyed.returncode == 0, destroyed.stderr
+    rows = {r["name"]: r for r in json.loads(xdom("ps", "--json", "--run-dir", lay.run_dir).stdout)}
+    assert rows["p1"]["state"] == "destroyed" and rows["p1"]["restarts"] == 1 and rows["g1"]["state"] == "running"
+
+    down = xdom("down", "--run-dir", lay.run_dir)
+    assert down.returncode == 0, down.stderr
+    assert not psutil.pid_exists(supervisor) or psutil.Process(supervisor).status() == psutil.STATUS_ZOMBIE
+    assert leftovers(lay.run_dir) == []
+    assert not os.path.exists(lay.run_dir)
+    assert not os.path.exists(lay.xenstored_state)
+    with open(lay.log_path("supervisor")) as f:
+        assert "stop requested over the control channel" in f.read()
+
+    # nothing running now: status 3, and logs still readable from the state directory
+    assert xdom("ps", "--run-dir", lay.run_dir).returncode == 3
+    assert xdom("down", "--run-dir", lay.run_dir).returncode == 3
+    assert xdom("restart", "g1", "--run-dir", lay.run_dir).returncode == 3
+    old = xdom("logs", "g1", "--state-dir", lay.state_dir, "-n", "1")
+    assert old.returncode == 0 and "stopped with the host" in old.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_foreground_up_stops_cleanly_on_ctrl_c_or_sigterm(run_dir: str, cleanup: list[str], sig: int) -> None:
+    path, lay = topology(run_dir, XS + PROGRAM, host=False)
+    cleanup.append(lay.run_dir)
+    proc = subprocess.Popen([*XDOM, "up", path, "--state-dir", lay.state_dir, "--run-dir", lay.run_dir],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("xdom: up:"):
+                break
+        assert seen and seen[-1].startswith("xdom: up: 2 domains"), "".join(seen) + proc.stderr.read()
+        assert "  xs: xenstored domain" in "".join(seen)
+        rows = json.loads(xdom("ps", "--json", "--run-dir", lay.run_dir).stdout)
+        pids = [r["pid"] for r in rows]
+        proc.send_signal(sig)
+        out, _err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    assert "everything stopped" in out
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+    assert leftovers(lay.run_dir) == [] and not os.path.exists(lay.run_dir)
+
+
+BAD = {
+    "blkback and netback": None,        # deploy/examples/default.toml
+    "not toml": "[[domain\nname=",
+    "unknown kind": '[[domain]]\nname = "x"\nkind = "hypervisor"\n',
+    "no command": '[[domain]]\nname = "p"\nkind = "program"\n',
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+@pytest.mark.parametrize("detach", [False, True])
+def test_up_refuses_bad_and_unsupported_topologies_and_starts_nothing(run_dir: str, case: str, detach: bool) -> None:
+    if BAD[case] is None:
+        path = os.path.join(ROOT, "deploy", "examples", "default.toml")
+    else:
+        path = os.path.join(run_dir, "bad.toml")
+        with open(path, "w") as f:
+            f.write(BAD[case])
+    run = os.path.join(run_dir, "run")
+    res = xdom("up", path, "--state-dir", os.path.join(run_dir, "state"), "--run-dir", run,
+               *(["--detach"] if detach else []))
+    assert res.returncode == 2, res.stdout + res.stderr
+    if BAD[case] is None:
+        assert 'domain[1] ("blk0") is a blkback domain: the blkback driver is not available in this version' \
+            in res.stderr
+        assert 'domain[2] ("net0") is a netback domain: the netback driver is not available' in res.stderr
+    assert not os.path.exists(run) and not os.path.exists(os.path.join(run_dir, "state"))
+    assert leftovers(run) == []
+
+
+def test_up_refuses_a_run_dir_too_long_for_unix_sockets(run_dir: str) -> None:
+    path, _ = topology(run_dir, PROGRAM, host=False)
+    run = os.path.join(run_dir, "r" * 100)
+    res = xdom("up", path, "--run-dir", run, "--state-dir", os.path.join(run_dir, "s"))
+    assert res.returncode == 2
+    assert "too long" in res.stderr and "unix socket" in res.stderr
+    assert not os.path.exists(run)
+
+
+def test_commands_without_a_host_say_nothing_runs(run_dir: str) -> None:
+    for cmd in (["down"], ["ps"], ["logs", "g1"], ["restart", "g1"], ["destroy", "g1"]):
+        res = xdom(*cmd, "--run-dir", os.path.join(run_dir, "none"))
+        assert res.returncode == 3, (cmd, res.stdout, res.stderr)
+        assert "no supervisor is running" in res.stderr
+    assert xdom("up").returncode == 2                  # argparse: a usage error
+
+
+def test_a_supervisor_killed_outright_takes_its_domains_and_down_cleans_the_rest(run_dir: str,
+                                                                                  cleanup: list[str]) -> None:
+    path, lay = topology(run_dir, XS + GUEST + PROGRAM)
+    cleanup.append(lay.run_dir)
+    assert xdom("up", path, "--detach").returncode == 0
+    rows = json.loads(xdom("ps", "--json", "--run-dir", lay.run_dir).stdout)
+    supervisor = running_pid(lay.run_dir)
+    assert supervisor is not None
+    os.kill(supervisor, signal.SIGKILL)
+    # every domain process had PR_SET_PDEATHSIG: they go with it
+    for r in rows:
+        wait_until(lambda: not psutil.pid_exists(r["pid"]) or
+                   psutil.Process(r["pid"]).status() == psutil.STATUS_ZOMBIE, 10, f"{r['name']} to die")
+    assert running_pid(lay.run_dir) is None
+    # the broker survives it; `down` finds it by the run directory and stops it
+    assert leftovers(lay.run_dir)
+    down = xdom("down", "--run-dir", lay.run_dir)
+    assert down.returncode == 0, down.stderr
+    assert "xdom.deploy.cli broker" in down.stdout
+    assert leftovers(lay.run_dir) == [] and not os.path.exists(lay.run_dir)
+    assert xdom("down", "--run-dir", lay.run_dir).returncode == 3
