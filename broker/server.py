@@ -30,6 +30,7 @@ import zmq
 
 from xdom.domains.abi.event_channel import DOMID_SELF
 from xdom.domains.abi.grant_table import PAGE_SIZE
+from xdom.domains.wakeup import WakePipe
 from xdom.domains.hypercall_wire import (
     MAX_FDS, MAX_MESSAGE, SHUTDOWN_REASONS, HypercallError, decode_request, encode_error,
     encode_reply, int_tuple, take_fds,
@@ -104,9 +105,9 @@ class BrokerServer:
         self.listener.bind(self.hypercall_sock_path)
         os.chmod(self.hypercall_sock_path, 0o666)   # the token, not the path, authenticates
         self.listener.listen(128)
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake = WakePipe()
         self.poller = zmq.Poller()
-        self.poller.register(self._wake_r, zmq.POLLIN)
+        self.poller.register(self._wake.fileno(), zmq.POLLIN)
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.listener.fileno(), zmq.POLLIN)
         self.conns: dict[int, Connection] = {}        # socket fd -> connection
@@ -169,10 +170,7 @@ class BrokerServer:
     def stop(self) -> None:
         """Ask the loop to finish; safe from a signal handler."""
         self.running = False
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        self._wake.wake()
 
     def serve_forever(self) -> None:
         while self.running:
@@ -196,12 +194,8 @@ class BrokerServer:
         self._housekeeping()
 
     def _handle_ready(self, sock: object) -> None:
-        if sock == self._wake_r:
-            while True:
-                try:
-                    os.read(self._wake_r, 512)
-                except BlockingIOError:
-                    break
+        if sock == self._wake.fileno():
+            self._wake.drain()
         elif sock is self.router:
             self._serve_management()
         elif sock == self.listener.fileno():
@@ -468,9 +462,8 @@ class BrokerServer:
             pass
         self.router.close(0)
         self.events.close(0)
-        self.poller.unregister(self._wake_r)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self.poller.unregister(self._wake.fileno())
+        self._wake.close()
 
 
 def _domid(value: int) -> int:

@@ -62,6 +62,7 @@ import msgpack
 import psutil
 import zmq
 
+from xdom.domains.wakeup import WakePipe
 from xdom.broker.mgmt_client import ManagementClient, ManagementError
 from xdom.domains.xenstore import UnixTransport, XenstoreClient
 from xdom.domains.xs_wire import XenstoreError
@@ -229,8 +230,8 @@ class Supervisor:
         self._control: ControlServer | None = None
         self._poller = zmq.Poller()
         self._fd_handlers: dict[int, Callable[[], None]] = {}
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._wake: WakePipe | None = WakePipe()
+        self._poller.register(self._wake.fileno(), zmq.POLLIN)
         self._broker_pidfd = -1
         self._stop_requested = False
         self._stopped = False
@@ -286,10 +287,8 @@ class Supervisor:
     def request_stop(self) -> None:
         """Ask the loop to stop: safe from a signal handler or another thread."""
         self._stop_requested = True
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        if self._wake is not None:
+            self._wake.wake()
 
     def stop(self) -> None:
         """Stop every domain in reverse start order, then the broker; remove the run files.  Idempotent."""
@@ -422,8 +421,8 @@ class Supervisor:
             due.append(self._next_broker_poll)
         timeout = max(0.0, min(min(due) - now, 1.0))
         for sock, _ in self._poller.poll(int(timeout * 1000) + (1 if timeout > 0 else 0)):
-            if sock == self._wake_r:
-                _drain(self._wake_r)
+            if self._wake is not None and sock == self._wake.fileno():
+                self._wake.drain()
             elif sock is self._sub:
                 self._on_broker_events()
             elif self._control is not None and sock is self._control.socket:
@@ -1089,11 +1088,10 @@ class Supervisor:
         if self._broker_pidfd >= 0:
             os.close(self._broker_pidfd)
             self._broker_pidfd = -1
-        if self._wake_r >= 0:
-            self._poller.unregister(self._wake_r)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self._wake_r = self._wake_w = -1
+        if self._wake is not None:
+            self._poller.unregister(self._wake.fileno())
+            self._wake.close()
+            self._wake = None
 
 def _last_line(path: str) -> str:
     """The last line of a log, for an error message that says why without sending people hunting."""
@@ -1110,12 +1108,4 @@ def _log_marker(fd: int, text: str) -> None:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     os.write(fd, f"--- xdom {stamp}: {text}\n".encode())
 
-
-def _drain(fd: int) -> None:
-    while True:
-        try:
-            if not os.read(fd, 512):
-                return
-        except BlockingIOError:
-            return
 

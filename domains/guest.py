@@ -40,6 +40,7 @@ import sys
 import threading
 from typing import Sequence
 
+from .wakeup import WakePipe
 from .xenhost import connect
 from .xenstore import XenstoreClient
 
@@ -56,17 +57,14 @@ class Guest:
     def __init__(self, workload: Sequence[str] = (), ready_fd: int | None = None) -> None:
         self.workload = list(workload)
         self.ready_fd = ready_fd
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake = WakePipe()
         self.stop_reason = ""
 
     def request_stop(self, reason: str) -> None:
         """Safe from a signal handler and from the xenstore watch thread."""
         if not self.stop_reason:
             self.stop_reason = reason
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        self._wake.wake()
 
     def run(self) -> int:
         host = connect()
@@ -117,8 +115,8 @@ class Guest:
 
     def _wait_for_stop(self) -> int:
         while not self.stop_reason:
-            select.select([self._wake_r], [], [])
-            _drain(self._wake_r)
+            select.select([self._wake], [], [])
+            self._wake.drain()
         return 0
 
     def _run_workload(self) -> int:
@@ -127,12 +125,12 @@ class Guest:
         pidfd = os.pidfd_open(proc.pid)
         try:
             while True:
-                r, _, _ = select.select([self._wake_r, pidfd], [], [])
+                r, _, _ = select.select([self._wake, pidfd], [], [])
                 if pidfd in r:
                     rc = proc.wait()
                     log.info("workload %s", f"exited with status {rc}" if rc >= 0 else f"killed by signal {-rc}")
                     return rc if rc >= 0 else 128 - rc
-                _drain(self._wake_r)
+                self._wake.drain()
                 if self.stop_reason:
                     proc.terminate()
                     try:
@@ -147,14 +145,6 @@ class Guest:
                 proc.kill()
                 proc.wait()
 
-
-def _drain(fd: int) -> None:
-    while True:
-        try:
-            if not os.read(fd, 512):
-                return
-        except BlockingIOError:
-            return
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,6 +25,7 @@ import msgpack
 
 from xdom.domains.abi.event_channel import VIRQ_DOM_EXC
 from xdom.domains.abi.grant_table import GNTTAB_RESERVED_XENSTORE
+from xdom.domains.wakeup import WakePipe
 from xdom.domains.xs_wire import Message, MessageReader, ProtocolError, XsType
 
 from .core import Introduced, Released, XenstoreCore
@@ -73,8 +74,8 @@ class XenstoredServer:
         self.xenhost = xenhost
         self.unix_path = unix_path
         self.listener: socket.socket | None = None
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self._wake = WakePipe()
+        self.sel.register(self._wake.fileno(), selectors.EVENT_READ, ("wake", None))
         if unix_path:
             self._listen(unix_path)
         self.virq_port = 0
@@ -116,10 +117,7 @@ class XenstoredServer:
 
     def stop(self) -> None:
         self.running = False
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        self._wake.wake()
 
     def serve_forever(self, ready: Callable[[], None] | None = None) -> None:
         if ready:
@@ -135,7 +133,7 @@ class XenstoredServer:
                 if kind == "listen":
                     self._accept()
                 elif kind == "wake":
-                    _drain(self._wake_r)
+                    self._wake.drain()
                 elif kind == "virq":
                     self.xenhost.evtchn.consume(self.virq_port)
                     self._check_domains()
@@ -362,14 +360,5 @@ class XenstoredServer:
                 except FileNotFoundError:
                     pass
         self.sel.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._wake.close()
 
-
-def _drain(fd: int) -> None:
-    while True:
-        try:
-            if not os.read(fd, 512):
-                return
-        except BlockingIOError:
-            return
