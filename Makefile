@@ -22,6 +22,7 @@ test: sysdeps venv
 
 bench: sysdeps venv
 	$(BIN)/python benchmarks/bench_broker.py
+	$(BIN)/python benchmarks/bench_xenstored.py
 
 venv: $(STAMP)
 
