@@ -1028,3 +1028,28 @@ def test_restore_refuses_a_torn_tree() -> None:
     state["nodes"] = [n for n in state["nodes"] if n[0] != "/tool"]
     with pytest.raises(ValueError):
         XenstoreCore.restore(msgpack.packb(state))
+
+
+def test_domain_exists_asks_the_hypervisor_after_a_death() -> None:
+    """A dead domid named in permissions is ignored; once the hypervisor says
+    it lives again (a restarted domain keeps its domid), it counts again."""
+    from xdom.backends.xenstored.core import XenstoreCore as Core
+    from xdom.domains.xs_wire import Message as Msg
+    from xdom.domains.xs_wire import XsType as T
+
+    alive = {5: False}
+    for hook in (None, lambda d: alive.get(d, True)):
+        core = Core(domain_exists=hook)
+        core.connect("dom0", 0)
+        core.domain_gone(5)
+        alive[5] = True                                  # restarted under the same domid
+        core.handle("dom0", Msg(T.XS_WRITE, 1, 0, b"/shared\0v"))
+        core.handle("dom0", Msg(T.XS_SET_PERMS, 2, 0, b"/shared\0n0\0r5\0"))
+        core.connect("d5", 5)
+        core.handle("d5", Msg(T.XS_READ, 3, 0, b"/shared\0"))
+        reply = [m for c, m in core.take_output() if c == "d5"][-1]
+        if hook is None:
+            assert reply.type == T.XS_ERROR               # told dead, never told otherwise
+        else:
+            assert (reply.type, reply.payload) == (T.XS_READ, b"v")
+        alive[5] = False

@@ -8,6 +8,7 @@ import signal
 from xdom.deploy.launcher import start_xenstored_domain
 from xdom.domains.xenstore import XenstoreClient
 
+from helpers import wait_until
 from xs_fixtures import start_guest, start_xenstored
 
 
@@ -50,6 +51,8 @@ def test_guest_ring_and_watch_survive_a_xenstored_domain_restart(mgmt, run_dir: 
 
         xs.proc.send_signal(signal.SIGKILL)          # the xenstore domain crashes
         xs.proc.wait()
+        wait_until(lambda: mgmt.request("info", domid=xs.domid)["domain"]["state"] == "crashed",
+                   what="the broker to see xenstored die")
         creds = mgmt.request("restart", domid=xs.domid)
         xs = start_xenstored_domain(mgmt, sock, state, creds=creds)
 

@@ -215,8 +215,13 @@ class XenstoreCore:
     docstring for the rules; see ``handle`` for the request contract.
     """
 
-    def __init__(self, quota: Quota | None = None) -> None:
+    def __init__(self, quota: Quota | None = None,
+                 domain_exists: Callable[[int], bool] | None = None) -> None:
+        """``domain_exists`` asks the hypervisor whether a domid is a live
+        domain, as C xenstored does; without it (standalone, no hypervisor)
+        every domid not reported dead counts as existing."""
         self.quota = quota or Quota()
+        self._domain_exists_hook = domain_exists
         self._store = Store.initial()
         self._domains: dict[int, _Domain] = {PRIVILEGED_DOMID: _Domain(PRIVILEGED_DOMID, 0, introduced=True)}
         self._gone: set[int] = set()          # died; a domid here does not exist until introduced again
@@ -378,7 +383,8 @@ class XenstoreCore:
         return msgpack.packb(state, use_bin_type=True)
 
     @classmethod
-    def restore(cls, data: bytes, quota: Quota | None = None) -> XenstoreCore:
+    def restore(cls, data: bytes, quota: Quota | None = None,
+                domain_exists: Callable[[int], bool] | None = None) -> XenstoreCore:
         """Rebuild a core from ``dump()``; raises ValueError if ``data`` is not a dump we can read.
 
         ``take_effects()`` then holds one ``Introduced`` per restored
@@ -391,7 +397,7 @@ class XenstoreCore:
                 raise ValueError("not a xenstored core dump")
             if state.get("version") != DUMP_VERSION:
                 raise ValueError(f"unsupported dump version {state.get('version')!r}")
-            core = cls(quota)
+            core = cls(quota, domain_exists)
 
             def perms_in(raw: list[list[Any]]) -> Perms:
                 perms = tuple(Perm(int(d), Access(int(a) & 3), bool(i)) for d, a, i in raw)
@@ -658,8 +664,15 @@ class XenstoreCore:
     # ---- domains ---------------------------------------------------------------------------------
 
     def _domain_exists(self, domid: int) -> bool:
-        """Stand-in for asking the hypervisor: any real domid we were not told is dead."""
-        return domid < DOMID_FIRST_RESERVED and domid not in self._gone
+        """Ask the hypervisor if we can; else any real domid we were not told is dead."""
+        if domid >= DOMID_FIRST_RESERVED:
+            return False
+        if self._domain_exists_hook is not None:
+            try:
+                return self._domain_exists_hook(domid)
+            except Exception:
+                return domid not in self._gone
+        return domid not in self._gone
 
     def _find_or_alloc_domain(self, domid: int) -> _Domain:
         domain = self._domains.get(domid)

@@ -64,6 +64,7 @@ class XenstoredServer:
                  xenhost: Any = None, core: XenstoreCore | None = None) -> None:
         self.state_dir = state_dir
         self.db_path = os.path.join(state_dir, DB_NAME) if state_dir else None
+        self.xenhost = xenhost
         self.core = core or self._load()
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, Connection] = {}          # id(conn) -> conn
@@ -94,12 +95,23 @@ class XenstoredServer:
                 saved = msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
             if not isinstance(saved, dict) or saved.get("version") != DB_VERSION:
                 raise SystemExit(f"xenstored: {self.db_path} is not a database this version reads")
-            core = XenstoreCore.restore(saved["core"])
+            core = XenstoreCore.restore(saved["core"], domain_exists=self._domain_exists)
             self._saved_rings = {int(k): v for k, v in saved["rings"].items()}
             log.info("restored the store from %s (%d nodes, %d domain rings)", self.db_path,
                      core.node_count(), len(self._saved_rings))
             return core
-        return XenstoreCore()
+        return XenstoreCore(domain_exists=self._domain_exists)
+
+    def _domain_exists(self, domid: int) -> bool:
+        """For the core's permission checks, as C xenstored asks the hypervisor."""
+        if self.xenhost is None:
+            raise LookupError("no hypervisor")      # the core falls back to what it was told
+        try:
+            return self.xenhost.domain_info(domid)["state"] not in ("shutdown", "crashed")
+        except Exception as e:
+            if getattr(e, "errno", None) == errno.ESRCH:
+                return False
+            raise
 
     def _listen(self, path: str) -> None:
         try:
