@@ -311,6 +311,25 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    """``ps`` again every ``--interval`` seconds on a cleared screen, until Ctrl-C."""
+    shown = 0
+    try:
+        while args.iterations is None or shown < args.iterations:
+            if shown and sys.stdout.isatty():
+                sys.stdout.write("\x1b[H\x1b[2J")
+            rc = cmd_ps(args)
+            if rc != EXIT_OK:
+                return rc
+            shown += 1
+            if args.iterations is None or shown < args.iterations:
+                sys.stdout.flush()
+                time.sleep(args.interval)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
 def _n(v: int | None) -> str:
     return "-" if v is None else str(v)
 
@@ -437,6 +456,12 @@ def add_parsers(sub: Any) -> None:
     target(ps)
     ps.add_argument("--json", action="store_true", help="one JSON object per domain")
     ps.set_defaults(func=_run(cmd_ps))
+
+    top = sub.add_parser("top", help="a live view of the domains (ps, refreshed)")
+    target(top)
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top.add_argument("--iterations", "-n", type=int, default=None, help="stop after N refreshes")
+    top.set_defaults(func=_run(cmd_top), json=False)
 
     logs = sub.add_parser("logs", help="a domain's log")
     logs.add_argument("domain")

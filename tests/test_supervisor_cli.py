@@ -90,6 +90,8 @@ def test_up_detach_ps_logs_restart_destroy_down(run_dir: str, cleanup: list[str]
     assert rows[1]["netns"] is None and rows[1]["devices"] == []
     table = xdom("ps", "--run-dir", lay.run_dir)
     assert table.returncode == 0 and "NAME" in table.stdout and "guest" in table.stdout
+    top = xdom("top", "--run-dir", lay.run_dir, "-n", "2", "--interval", "0.1")
+    assert top.returncode == 0 and top.stdout.count("NAME") == 2 and "program" in top.stdout
 
     logs = xdom("logs", "g1", "--run-dir", lay.run_dir)
     assert logs.returncode == 0 and "starting guest domain g1" in logs.stdout
