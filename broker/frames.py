@@ -50,6 +50,45 @@ class FrameCopier:
             raise BadFrame(f"copy: {e.strerror}") from None
 
 
+    def copy_batch(self, plans: list[tuple[int, "FrameSource", int, int, "FrameSource", int, int, int]],
+                   statuses: list[int]) -> None:
+        """Run (index, src, sgfn, soff, dst, dgfn, doff, length) copies, setting
+        ``statuses[index]`` to 0 or GNTST_bad_page.  Runs between the same two
+        processes go in two syscalls; one that faults is redone piece by piece."""
+        from xdom.domains.abi.grant_table import GNTST_bad_page, GNTST_okay
+        located = []
+        for index, src, sgfn, soff, dst, dgfn, doff, length in plans:
+            try:
+                spid, saddr = src.locate(sgfn)
+                dpid, daddr = dst.locate(dgfn)
+            except BadFrame:
+                statuses[index] = GNTST_bad_page
+                continue
+            located.append((index, spid, saddr + soff, dpid, daddr + doff, length))
+        start = 0
+        while start < len(located):
+            spid, dpid = located[start][1], located[start][3]
+            end = start
+            while end < len(located) and (located[end][1], located[end][3]) == (spid, dpid):
+                end += 1
+            run = located[start:end]
+            if spid == dpid == self._self:
+                for index, _, saddr, _, daddr, length in run:
+                    ctypes.memmove(daddr, saddr, length)
+                    statuses[index] = GNTST_okay
+            elif self._vm.copy_many(spid, [(sa, n) for _, _, sa, _, _, n in run], dpid, [da for *_, da, _ in run]):
+                for index, *_ in run:
+                    statuses[index] = GNTST_okay
+            else:
+                for index, _, saddr, _, daddr, length in run:
+                    try:
+                        self._vm.copy(spid, saddr, dpid, daddr, length)
+                        statuses[index] = GNTST_okay
+                    except OSError:
+                        statuses[index] = GNTST_bad_page
+            start = end
+
+
 class BadFrame(Exception):
     """The frame is out of range or not a frame of this domain (GNTST_bad_page)."""
 

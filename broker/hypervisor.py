@@ -310,54 +310,65 @@ class Hypervisor:
         m.table.close_if_retired()
 
     def grant_copy(self, caller: Domain, ops: Sequence[tuple[int, ...]]) -> list[int]:
-        """GNTTABOP_copy: the broker moves the bytes; the caller never sees the frames."""
-        out = []
-        for op in ops:
-            try:
-                out.append(self._copy_one(caller, *op))
-            except BadFrame:
-                out.append(GNTST_bad_page)
-        caller.stats["copy"] += len(ops)
-        return out
+        """GNTTABOP_copy: the broker moves the bytes; the caller never sees the frames.
 
-    def _copy_one(self, caller: Domain, flags: int, sdom: int, sref: int, soff: int,
-                  ddom: int, dref: int, doff: int, length: int) -> int:
-        if soff + length > PAGE_SIZE or doff + length > PAGE_SIZE:
-            return GNTST_bad_copy_arg
-        held: list[tuple[BrokerGrantTable, int]] = []
+        Every grant the batch names is validated and its entry lock held
+        (once per entry) for the whole batch, so the granter cannot end
+        access mid-copy; then the copies run, those between the same two
+        processes in two syscalls; then the locks go.
+        """
+        statuses = [GNTST_general_error] * len(ops)
+        held: dict[tuple[BrokerGrantTable, int], int] = {}     # (table, ref) -> gfn
+        plans = []
         try:
-            ends = []
-            for is_gref, domid, ref_or_gfn, readonly in (
-                    (flags & GNTCOPY_source_gref, sdom, sref, True),
-                    (flags & GNTCOPY_dest_gref, ddom, dref, False)):
-                if is_gref:
-                    dom = self.domains.get(domid)
-                    if dom is None or not dom.alive or dom.frames is None:
-                        return GNTST_bad_domain
-                    if (dom.gnttab, ref_or_gfn) in held:
-                        # both ends name one entry, already held for reading
-                        if dom.gnttab.is_readonly(ref_or_gfn):
-                            return GNTST_general_error
-                        gfn = ends[0][1]
-                    else:
-                        status, gfn = dom.gnttab.hold(ref_or_gfn, caller.domid, readonly)
-                        if status != GNTST_okay:
-                            return status
-                        held.append((dom.gnttab, ref_or_gfn))
-                    ends.append((dom.frames, gfn))
+            for index, op in enumerate(ops):
+                status, plan = self._plan_copy(caller, held, *op)
+                if plan is None:
+                    statuses[index] = status
                 else:
-                    if domid not in (DOMID_SELF, caller.domid):
-                        return GNTST_permission_denied
-                    if caller.frames is None:
-                        return GNTST_bad_page
-                    ends.append((caller.frames, ref_or_gfn))
-            (src, sgfn), (dst, dgfn) = ends
-            if length:
-                self._copier.copy(src, sgfn, soff, dst, dgfn, doff, length)
-            return GNTST_okay
+                    plans.append((index, *plan))
+            self._copier.copy_batch(plans, statuses)
         finally:
             for table, ref in held:
                 table.unhold(ref)
+        caller.stats["copy"] += len(ops)
+        return statuses
+
+    def _plan_copy(self, caller: Domain, held: dict[tuple[BrokerGrantTable, int], int], flags: int,
+                   sdom: int, sref: int, soff: int, ddom: int, dref: int, doff: int,
+                   length: int) -> tuple[int, tuple[FrameSource, int, int, FrameSource, int, int, int] | None]:
+        """Validate one copy op and hold its grants: (status, plan or None)."""
+        if soff + length > PAGE_SIZE or doff + length > PAGE_SIZE:
+            return GNTST_bad_copy_arg, None
+        ends = []
+        for is_gref, domid, ref_or_gfn, readonly in (
+                (flags & GNTCOPY_source_gref, sdom, sref, True),
+                (flags & GNTCOPY_dest_gref, ddom, dref, False)):
+            if is_gref:
+                dom = self.domains.get(domid)
+                if dom is None or not dom.alive or dom.frames is None:
+                    return GNTST_bad_domain, None
+                key = (dom.gnttab, ref_or_gfn)
+                if key in held:
+                    # held already (by this op's source or an earlier op): only
+                    # the write permission is left to check
+                    if not readonly and dom.gnttab.is_readonly(ref_or_gfn):
+                        return GNTST_general_error, None
+                    gfn = held[key]
+                else:
+                    status, gfn = dom.gnttab.hold(ref_or_gfn, caller.domid, readonly)
+                    if status != GNTST_okay:
+                        return status, None
+                    held[key] = gfn
+                ends.append((dom.frames, gfn))
+            else:
+                if domid not in (DOMID_SELF, caller.domid):
+                    return GNTST_permission_denied, None
+                if caller.frames is None:
+                    return GNTST_bad_page, None
+                ends.append((caller.frames, ref_or_gfn))
+        (src, sgfn), (dst, dgfn) = ends
+        return GNTST_okay, (src, sgfn, soff, dst, dgfn, doff, length)
 
     def retry_deferred(self) -> None:
         for dom in self.domains.values():

@@ -85,7 +85,7 @@ class VmCopier:
     read-only or unmapped page is EFAULT, never a fault of the caller.
     """
 
-    def __init__(self, max_len: int = 1 << 16) -> None:
+    def __init__(self, max_len: int = 1 << 19) -> None:
         self._buf = ctypes.create_string_buffer(max_len)
         self._max = max_len
         self._local = _IoVec(ctypes.addressof(self._buf), 0)
@@ -106,3 +106,21 @@ class VmCopier:
         n = _libc.process_vm_writev(dst_pid, self._lp, 1, self._rp, 1, 0)
         if n != length:
             raise _oserror("process_vm_writev") if n < 0 else OSError(errno.EFAULT, "short write")
+
+    def copy_many(self, src_pid: int, srcs: list[tuple[int, int]], dst_pid: int, dsts: list[int]) -> bool:
+        """Copy each (src_addr, length) of ``src_pid`` to the matching ``dsts`` address of ``dst_pid``.
+
+        Two syscalls for the whole batch.  Returns False if either side
+        faulted part-way (which piece is unknown): the caller then copies
+        one by one to learn each piece's fate.
+        """
+        total = sum(n for _, n in srcs)
+        if total > self._max or not srcs:
+            return False
+        remote = (_IoVec * len(srcs))(*(_IoVec(a, n) for a, n in srcs))
+        self._local.iov_len = total
+        if _libc.process_vm_readv(src_pid, self._lp, 1, ctypes.addressof(remote), len(srcs), 0) != total:
+            return False
+        for iov, addr in zip(remote, dsts):
+            iov.iov_base = addr
+        return _libc.process_vm_writev(dst_pid, self._lp, 1, ctypes.addressof(remote), len(srcs), 0) == total

@@ -99,6 +99,19 @@ class HostileAgent(DomainAgent):
             self.h.evtchn.wait(0.1)
         return {"ring_error": 0}
 
+    def cmd_drop_frame(self, gfn: int) -> dict[str, Any]:
+        """Unmap one of our own frames (its grant now names a hole)."""
+        sysmem.munmap(self.h.memory.frame_address(gfn), PAGE_SIZE)
+        return {}
+
+    def cmd_copy_from(self, domid: int, refs: list[int], first_gfn: int) -> dict[str, Any]:
+        """One GNTTABOP_copy batch: each granted page into our frames from first_gfn on."""
+        from xdom.domains.xenhost import CopyOp
+        ops = [CopyOp(ref, 0, first_gfn + i, 0, PAGE_SIZE, src_domid=domid) for i, ref in enumerate(refs)]
+        statuses = self.h.copy_grants(ops)
+        stamps = [int.from_bytes(self.h.memory.frame(first_gfn + i)[:8], "little") for i in range(len(refs))]
+        return {"statuses": statuses, "stamps": stamps}
+
     def cmd_torture_granter(self, grantee: int, ref: int, gfn: int, rounds: int) -> dict[str, Any]:
         """Grant, then end access as soon as the grantee lets go; own the page in between."""
         page = self.h.memory.frame(gfn)
