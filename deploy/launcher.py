@@ -35,11 +35,18 @@ class BrokerProcess:
 
 
 def start_broker(run_dir: str, log_path: str | None = None, timeout: float = 30.0,
-                 extra_args: Sequence[str] = ()) -> BrokerProcess:
-    """Start ``xdom broker`` and return once it serves requests."""
+                 extra_args: Sequence[str] = (), die_with_parent: bool = False) -> BrokerProcess:
+    """Start ``xdom broker`` and return once it serves requests.
+
+    ``die_with_parent``: the broker gets PR_SET_PDEATHSIG (through
+    domain_exec), so a supervisor killed outright takes its broker along.
+    """
     os.makedirs(run_dir, exist_ok=True)
-    proc = start_ready([sys.executable, "-m", "xdom.deploy.cli", "broker", "--run-dir", run_dir, *extra_args],
-                       log_path or os.path.join(run_dir, "broker.log"), "broker", timeout)
+    argv = [sys.executable, "-m", "xdom.deploy.cli", "broker", "--run-dir", run_dir, *extra_args]
+    if die_with_parent:
+        from .isolation import DOMAIN_EXEC
+        argv = [sys.executable, "-I", "-S", DOMAIN_EXEC, "--parent", str(os.getpid()), "--", *argv]
+    proc = start_ready(argv, log_path or os.path.join(run_dir, "broker.log"), "broker", timeout)
     return BrokerProcess(proc, run_dir)
 
 

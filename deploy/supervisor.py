@@ -354,7 +354,7 @@ class Supervisor:
         self._progress(f"uids: {self.uid_plan.note}")
         self._prepare_dirs()
         try:
-            self.broker = start_broker(lay.run_dir, log_path=lay.log_path(_BROKER))
+            self.broker = start_broker(lay.run_dir, log_path=lay.log_path(_BROKER), die_with_parent=True)
         except (RuntimeError, TimeoutError) as e:
             raise SupervisorError(f"the broker did not start ({e}): {_last_line(lay.log_path(_BROKER))}") from None
         self._record(_BROKER, "ready", f"pid {self.broker.proc.pid}")

@@ -239,17 +239,21 @@ def cmd_down(args: argparse.Namespace) -> int:
     run_dir = _resolve_run_dir(args)
     pid = running_pid(run_dir)
     if pid is None:
-        # A supervisor killed outright leaves its broker (and maybe xenstored): clean up after it.
+        # A supervisor killed outright: its domains and broker died with it
+        # (PR_SET_PDEATHSIG), but stop anything that did not and clear its files.
         stopped = stop_leftovers(run_dir)
-        if not stopped:
-            raise CommandError(EXIT_NOTHING, f"no supervisor is running in {run_dir}")
         lay = Layout("/", run_dir)
+        leftover_files = os.path.isdir(run_dir) and bool(os.listdir(run_dir))
         clear_run_files(lay)
         try:
             os.unlink(lay.pid_file)
         except FileNotFoundError:
             pass
         remove_run_dir(lay)
+        if not stopped:
+            if leftover_files:
+                _say(f"xdom: no supervisor in {run_dir}; cleared the files one that died left behind")
+            raise CommandError(EXIT_NOTHING, f"no supervisor is running in {run_dir}")
         _say(f"xdom: no supervisor in {run_dir}; stopped what one that died left behind:")
         for what in stopped:
             _say(f"  {what}")
