@@ -24,40 +24,53 @@ def events_endpoint_for(run_dir: str) -> str:
     return f"ipc://{os.path.join(run_dir, 'events.sock')}"
 
 
-class ManagementClient:
-    """Synchronous requests; ``timeout`` seconds before TimeoutError."""
+class RequestClient:
+    """Synchronous msgpack requests to a ZeroMQ ROUTER (the broker's management
+    API, the supervisor's control channel); TimeoutError after ``timeout`` s.
+
+    Subclasses name the peer and the error type an error reply raises.
+    """
+
+    peer = "the broker"
+    error: type[Exception] = ManagementError
 
     def __init__(self, endpoint: str, timeout: float = 10.0) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
-        self._ctx = zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(endpoint)
+        self._sock = self._connect()
+
+    def _connect(self) -> zmq.Socket:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        return sock
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
         self._sock.send_multipart([b"", msgpack.packb({"op": op, **fields}, use_bin_type=True)])
         if not self._sock.poll(int(self.timeout * 1000)):
             # A DEALER would hand the late reply to the next request: start over.
             self._sock.close(0)
-            self._sock = self._ctx.socket(zmq.DEALER)
-            self._sock.setsockopt(zmq.LINGER, 0)
-            self._sock.connect(self.endpoint)
-            raise TimeoutError(f"no answer from the broker at {self.endpoint} within {self.timeout}s")
-        frames = self._sock.recv_multipart()
-        reply = msgpack.unpackb(frames[-1], raw=False)
+            self._sock = self._connect()
+            raise TimeoutError(f"no answer from {self.peer} at {self.endpoint} within {self.timeout}s")
+        reply = msgpack.unpackb(self._sock.recv_multipart()[-1], raw=False)
+        if not isinstance(reply, dict):
+            raise self.error("EBADMSG", f"{self.peer} sent something that is not a reply")
         if not reply.get("ok"):
-            raise ManagementError(reply.get("errno", "EIO"), reply.get("error", ""))
+            raise self.error(str(reply.get("errno", "EIO")), str(reply.get("error", "")))
         return reply
 
     def close(self) -> None:
         self._sock.close(0)
 
-    def __enter__(self) -> "ManagementClient":
+    def __enter__(self) -> "RequestClient":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ManagementClient(RequestClient):
+    """The broker's management API."""
 
 
 class EventSubscriber:

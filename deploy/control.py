@@ -27,6 +27,8 @@ from typing import Any, Callable
 import msgpack
 import zmq
 
+from xdom.broker.mgmt_client import RequestClient
+
 __all__ = ["MAX_REQUEST", "ControlClient", "ControlError", "ControlProtocol", "ControlServer", "endpoint_for"]
 
 log = logging.getLogger("xdom.supervisor.control")
@@ -119,38 +121,8 @@ class ControlServer:
         self.socket.close(0)
 
 
-class ControlClient:
-    """Synchronous requests to a supervisor; TimeoutError when it does not answer in ``timeout`` seconds."""
+class ControlClient(RequestClient):
+    """Synchronous requests to a supervisor: ControlError for an error reply, TimeoutError for none."""
 
-    def __init__(self, endpoint: str, timeout: float = 10.0) -> None:
-        self.endpoint = endpoint
-        self.timeout = timeout
-        self._sock = zmq.Context.instance().socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(endpoint)
-
-    def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        """Raises ControlError for an error reply, TimeoutError for no reply."""
-        self._sock.send_multipart([b"", msgpack.packb({"op": op, **fields}, use_bin_type=True)])
-        if not self._sock.poll(int(self.timeout * 1000)):
-            # A late reply would be taken for the next request's: start over.
-            self._sock.close(0)
-            self._sock = zmq.Context.instance().socket(zmq.DEALER)
-            self._sock.setsockopt(zmq.LINGER, 0)
-            self._sock.connect(self.endpoint)
-            raise TimeoutError(f"no answer from the supervisor at {self.endpoint} within {self.timeout}s")
-        reply = msgpack.unpackb(self._sock.recv_multipart()[-1], raw=False)
-        if not isinstance(reply, dict):
-            raise ControlError("EBADMSG", "the supervisor sent something that is not a reply")
-        if not reply.get("ok"):
-            raise ControlError(str(reply.get("errno", "EIO")), str(reply.get("error", "")))
-        return reply
-
-    def close(self) -> None:
-        self._sock.close(0)
-
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    peer = "the supervisor"
+    error = ControlError
