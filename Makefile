@@ -8,8 +8,10 @@ PYTHON ?= $(shell [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import sys, en
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# Debian packages: Xen's public headers (ABI tests compile against them) and a C compiler.
-DEB_PACKAGES := libxen-dev xenstore-utils gcc libc6-dev python3-venv
+# Debian packages: Xen's public headers (ABI tests compile against them), a C compiler,
+# and the real programs the devices are checked with (fio's nbd engine, nbdkit,
+# qemu-img, nbdinfo/nbdcopy, iperf3); gcc-multilib for the x86_32 ABI checks.
+DEB_PACKAGES := libxen-dev xenstore-utils gcc gcc-multilib libc6-dev python3-venv fio nbdkit qemu-utils libnbd-bin iperf3 iproute2
 PYTEST_ARGS ?=
 
 .PHONY: demo test sysdeps venv bench clean

@@ -1,0 +1,189 @@
+"""Xen's block-device protocol (``xen/io/blkif.h``): constants and ring layouts.
+
+Two ABIs exist because the structures were never packed: on x86_64 a
+request's ``id`` sits at offset 8, on x86_32 at offset 4 (u64 aligns to 4
+there).  A frontend names its ABI in the ``protocol`` node; Linux blkback
+assumes the backend's native ABI when the node is absent.  Both layouts are
+checked against the real headers, compiled with ``-m64`` and ``-m32``.
+
+Parsing is deliberately split from validation: :func:`parse_request` only
+decodes a copy the caller already took off the ring; whether the numbers
+make sense is the backend's job (it knows the disk and the grants).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+BLKIF_OP_READ = 0
+BLKIF_OP_WRITE = 1
+BLKIF_OP_WRITE_BARRIER = 2
+BLKIF_OP_FLUSH_DISKCACHE = 3
+BLKIF_OP_RESERVED_1 = 4
+BLKIF_OP_DISCARD = 5
+BLKIF_OP_INDIRECT = 6
+
+BLKIF_MAX_SEGMENTS_PER_REQUEST = 11
+BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST = 8
+BLKIF_DISCARD_SECURE = 1
+
+BLKIF_RSP_EOPNOTSUPP = -2
+BLKIF_RSP_ERROR = -1
+BLKIF_RSP_OKAY = 0
+
+VDISK_CDROM = 0x1
+VDISK_REMOVABLE = 0x2
+VDISK_READONLY = 0x4
+
+XEN_BLKIF_SECTOR_SIZE = 512          # ring sector numbers are always 512-byte units
+SEGMENT = struct.Struct("<IBBxx")    # struct blkif_request_segment: gref, first_sect, last_sect
+SEGMENTS_PER_INDIRECT_FRAME = 4096 // SEGMENT.size
+
+PROTOCOL_X86_64 = "x86_64-abi"
+PROTOCOL_X86_32 = "x86_32-abi"
+PROTOCOL_NATIVE = PROTOCOL_X86_64
+
+
+@dataclass(frozen=True)
+class BlkifABI:
+    """Byte layouts of one ABI's request and response."""
+    name: str
+    request: struct.Struct           # operation, nr_segments, handle, id, sector_number (then segments)
+    discard: struct.Struct           # operation, flag, handle, id, sector_number, nr_sectors
+    indirect: struct.Struct          # operation, indirect_op, nr_segments, id, sector_number, handle, grefs[8]
+    response: struct.Struct          # id, operation, status
+    request_size: int                # sizeof(struct blkif_request): the ring slot
+    segments_offset: int
+
+    @property
+    def response_size(self) -> int:
+        return self.response.size
+
+
+X86_64 = BlkifABI(
+    name=PROTOCOL_X86_64,
+    request=struct.Struct("<BBH4xQQ"),
+    discard=struct.Struct("<BBH4xQQQ"),
+    indirect=struct.Struct("<BBH4xQQH2x8I"),
+    response=struct.Struct("<QBxh4x"),
+    request_size=112,
+    segments_offset=24,
+)
+
+X86_32 = BlkifABI(
+    name=PROTOCOL_X86_32,
+    request=struct.Struct("<BBHQQ"),
+    discard=struct.Struct("<BBHQQQ"),
+    indirect=struct.Struct("<BBHQQH2x8I"),
+    response=struct.Struct("<QBxh"),
+    request_size=108,
+    segments_offset=20,
+)
+
+ABIS = {abi.name: abi for abi in (X86_64, X86_32)}
+
+
+def abi_for(protocol: str | None) -> BlkifABI:
+    """The ABI a frontend's ``protocol`` node names (native when absent, as Linux does)."""
+    if not protocol:
+        return X86_64
+    try:
+        return ABIS[protocol]
+    except KeyError:
+        raise ValueError(f"unknown blkif protocol {protocol!r}") from None
+
+
+@dataclass(frozen=True)
+class Segment:
+    gref: int
+    first_sect: int
+    last_sect: int
+
+
+@dataclass(frozen=True)
+class Request:
+    """One decoded request, as the frontend wrote it (unvalidated).
+
+    For BLKIF_OP_INDIRECT, ``operation`` is the inner READ/WRITE,
+    ``indirect`` is True, ``nr_segments`` is the u16 count and
+    ``indirect_grefs`` the pages holding the segment descriptors;
+    ``segments`` is empty until the backend reads those pages.
+    """
+    operation: int
+    id: int
+    sector_number: int
+    handle: int
+    nr_segments: int = 0
+    segments: tuple[Segment, ...] = ()
+    indirect: bool = False
+    indirect_grefs: tuple[int, ...] = ()
+    nr_sectors: int = 0              # discard
+    discard_flag: int = 0            # discard
+
+
+def parse_request(abi: BlkifABI, raw: bytes) -> Request:
+    """Decode one ring slot copy.  Never raises on any bytes of the right length."""
+    op = raw[0]
+    if op == BLKIF_OP_INDIRECT:
+        _, inner, nseg, rid, sector, handle, *grefs = abi.indirect.unpack_from(raw)
+        return Request(inner, rid, sector, handle, nr_segments=nseg, indirect=True, indirect_grefs=tuple(grefs))
+    if op == BLKIF_OP_DISCARD:
+        _, flag, handle, rid, sector, nr = abi.discard.unpack_from(raw)
+        return Request(op, rid, sector, handle, nr_sectors=nr, discard_flag=flag)
+    _, nseg, handle, rid, sector = abi.request.unpack_from(raw)
+    segs = tuple(Segment(*SEGMENT.unpack_from(raw, abi.segments_offset + i * SEGMENT.size))
+                 for i in range(min(nseg, BLKIF_MAX_SEGMENTS_PER_REQUEST)))
+    return Request(op, rid, sector, handle, nr_segments=nseg, segments=segs)
+
+
+def parse_indirect_segments(page: bytes, count: int) -> list[Segment]:
+    """Segment descriptors from a copy of an indirect page."""
+    return [Segment(*SEGMENT.unpack_from(page, i * SEGMENT.size)) for i in range(count)]
+
+
+def pack_request(abi: BlkifABI, operation: int, id: int, sector: int, handle: int,
+                 segments: list[tuple[int, int, int]]) -> bytes:
+    """A direct READ/WRITE/FLUSH/BARRIER request, zero-padded to the slot size."""
+    if len(segments) > BLKIF_MAX_SEGMENTS_PER_REQUEST:
+        raise ValueError("too many segments for a direct request")
+    buf = bytearray(abi.request_size)
+    abi.request.pack_into(buf, 0, operation, len(segments), handle, id, sector)
+    for i, seg in enumerate(segments):
+        SEGMENT.pack_into(buf, abi.segments_offset + i * SEGMENT.size, *seg)
+    return bytes(buf)
+
+
+def pack_indirect_request(abi: BlkifABI, operation: int, id: int, sector: int, handle: int,
+                          nr_segments: int, indirect_grefs: list[int]) -> bytes:
+    if len(indirect_grefs) > BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST:
+        raise ValueError("too many indirect pages")
+    grefs = list(indirect_grefs) + [0] * (BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST - len(indirect_grefs))
+    buf = bytearray(abi.request_size)
+    abi.indirect.pack_into(buf, 0, BLKIF_OP_INDIRECT, operation, nr_segments, id, sector, handle, *grefs)
+    return bytes(buf)
+
+
+def pack_discard_request(abi: BlkifABI, id: int, sector: int, nr_sectors: int, handle: int,
+                         flag: int = 0) -> bytes:
+    buf = bytearray(abi.request_size)
+    abi.discard.pack_into(buf, 0, BLKIF_OP_DISCARD, flag, handle, id, sector, nr_sectors)
+    return bytes(buf)
+
+
+def pack_segments(segments: list[tuple[int, int, int]]) -> bytes:
+    """An indirect page's content (a whole page, zero-padded)."""
+    buf = bytearray(4096)
+    for i, seg in enumerate(segments):
+        SEGMENT.pack_into(buf, i * SEGMENT.size, *seg)
+    return bytes(buf)
+
+
+def pack_response(abi: BlkifABI, id: int, operation: int, status: int) -> bytes:
+    """A response with its padding zeroed: nothing uninitialised leaves the backend."""
+    return abi.response.pack(id, operation, status)
+
+
+def parse_response(abi: BlkifABI, raw: bytes) -> tuple[int, int, int]:
+    """(id, operation, status)."""
+    return abi.response.unpack_from(raw)

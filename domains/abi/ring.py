@@ -1,0 +1,239 @@
+"""Xen's shared I/O ring (``xen/io/ring.h``), sans-IO.
+
+A shared ring is a 64-byte header (``req_prod``, ``req_event``,
+``rsp_prod``, ``rsp_event``, then padding) followed by a power-of-two
+number of slots, each as large as the bigger of the request and response
+structures.  Indices are free-running u32 counters; a slot is
+``index & (size - 1)``.  Front and back each keep private counters
+(``req_prod_pvt``/``rsp_cons`` and ``rsp_prod_pvt``/``req_cons``) and
+publish with ``*_PUSH_*_AND_CHECK_NOTIFY``, which tells whether the peer
+asked to be woken (``*_event``): that is how notification suppression
+saves a cross-CPU wakeup per request.
+
+The ring may span several pages that are *not* contiguous in our address
+space (a backend maps each granted ring page separately), so the ring works
+over a list of page buffers and splits a slot that straddles two pages.
+
+Nothing here trusts the peer: every index read from shared memory is read
+once, checked against what is possible (``RING_REQUEST_PROD_OVERFLOW``),
+and slots are copied out before anyone looks at them (RING_COPY_REQUEST,
+the XSA-155 lesson).
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from typing import Sequence
+
+PAGE_SIZE = 4096
+RING_HEADER_SIZE = 64          # offsetof(struct X_sring, ring)
+
+_U32 = struct.Struct("<I")
+_REQ_PROD, _REQ_EVENT, _RSP_PROD, _RSP_EVENT = 0, 4, 8, 12
+_MASK32 = 0xFFFFFFFF
+
+# A full barrier between a store and a later load (the ``mb()`` in ring.h's
+# final checks).  x86 may let a load pass an earlier store; a lock-prefixed
+# instruction orders them, and acquiring a mutex executes one.
+_barrier_lock = threading.Lock()
+
+
+def mb() -> None:
+    """Full memory barrier (x86: any locked instruction)."""
+    _barrier_lock.acquire()
+    _barrier_lock.release()
+
+
+def round_down_pow2(n: int) -> int:
+    """``__RD32``: the largest power of two not above ``n`` (0 for 0)."""
+    return 1 << (n.bit_length() - 1) if n > 0 else 0
+
+
+def ring_size(nr_pages: int, req_size: int, rsp_size: int) -> int:
+    """``__CONST_RING_SIZE`` for a ring of ``nr_pages`` pages."""
+    slot = max(req_size, rsp_size)
+    return round_down_pow2((nr_pages * PAGE_SIZE - RING_HEADER_SIZE) // slot)
+
+
+class RingOverflow(Exception):
+    """The peer published an index that cannot be right; the ring is unusable."""
+
+
+class SharedRing:
+    """The shared pages: slot access that copies in and out, and the four indices."""
+
+    def __init__(self, pages: Sequence[memoryview], req_size: int, rsp_size: int) -> None:
+        if not pages:
+            raise ValueError("a ring needs at least one page")
+        self.pages = [p.cast("B") if p.format != "B" else p for p in pages]
+        self.page_len = len(self.pages[0])
+        if any(len(p) != self.page_len for p in self.pages) or self.page_len % PAGE_SIZE:
+            raise ValueError("ring pages must be whole pages of one size")
+        self.req_size = req_size
+        self.rsp_size = rsp_size
+        self.slot_size = max(req_size, rsp_size)
+        total = self.page_len * len(self.pages)
+        self.size = round_down_pow2((total - RING_HEADER_SIZE) // self.slot_size)
+        if self.size == 0:
+            raise ValueError("ring pages too small for one slot")
+        self.mask = self.size - 1
+        self._head = self.pages[0]
+        self._single = len(self.pages) == 1
+
+    # indices (all in the first page) ------------------------------------
+    def get(self, off: int) -> int:
+        return _U32.unpack_from(self._head, off)[0]
+
+    def set(self, off: int, value: int) -> None:
+        _U32.pack_into(self._head, off, value & _MASK32)
+
+    def init(self) -> None:
+        """``SHARED_RING_INIT``: zero the header, event thresholds at 1."""
+        self._head[:RING_HEADER_SIZE] = bytes(RING_HEADER_SIZE)
+        self.set(_REQ_EVENT, 1)
+        self.set(_RSP_EVENT, 1)
+
+    # slots ----------------------------------------------------------------
+    def read_slot(self, idx: int, length: int) -> bytes:
+        off = RING_HEADER_SIZE + (idx & self.mask) * self.slot_size
+        if self._single:
+            return bytes(self._head[off:off + length])
+        out = bytearray()
+        while length:
+            page, in_page = divmod(off, self.page_len)
+            chunk = min(length, self.page_len - in_page)
+            out += self.pages[page][in_page:in_page + chunk]
+            off += chunk
+            length -= chunk
+        return bytes(out)
+
+    def write_slot(self, idx: int, data: bytes) -> None:
+        off = RING_HEADER_SIZE + (idx & self.mask) * self.slot_size
+        if self._single:
+            self._head[off:off + len(data)] = data
+            return
+        view = memoryview(data)
+        while view:
+            page, in_page = divmod(off, self.page_len)
+            chunk = min(len(view), self.page_len - in_page)
+            self.pages[page][in_page:in_page + chunk] = view[:chunk]
+            off += chunk
+            view = view[chunk:]
+
+
+class FrontRing:
+    """The frontend's end: produces requests, consumes responses."""
+
+    def __init__(self, shared: SharedRing, init: bool = True) -> None:
+        self.shared = shared
+        self.size = shared.size
+        if init:
+            shared.init()
+        self.req_prod_pvt = shared.get(_REQ_PROD) if not init else 0
+        self.rsp_cons = shared.get(_RSP_PROD) if not init else 0
+
+    def free_requests(self) -> int:
+        return self.size - ((self.req_prod_pvt - self.rsp_cons) & _MASK32)
+
+    def full(self) -> bool:
+        return self.free_requests() == 0
+
+    def put_request(self, data: bytes) -> None:
+        if len(data) > self.shared.req_size:
+            raise ValueError("request larger than a slot")
+        if self.full():
+            raise RingOverflow("ring full")
+        self.shared.write_slot(self.req_prod_pvt, data)
+        self.req_prod_pvt = (self.req_prod_pvt + 1) & _MASK32
+
+    def push_requests(self) -> bool:
+        """``RING_PUSH_REQUESTS_AND_CHECK_NOTIFY``: publish; True if the backend wants an event."""
+        old = self.shared.get(_REQ_PROD)
+        new = self.req_prod_pvt
+        self.shared.set(_REQ_PROD, new)      # x86 stores stay in order: slots are visible first
+        mb()
+        event = self.shared.get(_REQ_EVENT)
+        return ((new - event) & _MASK32) < ((new - old) & _MASK32)
+
+    def unconsumed_responses(self) -> int:
+        avail = (self.shared.get(_RSP_PROD) - self.rsp_cons) & _MASK32
+        in_flight = (self.req_prod_pvt - self.rsp_cons) & _MASK32
+        if avail > in_flight:
+            raise RingOverflow(f"backend produced {avail} responses for {in_flight} requests")
+        return avail
+
+    def take_responses(self) -> list[bytes]:
+        """Copy out every published response and consume it."""
+        n = self.unconsumed_responses()
+        out = [self.shared.read_slot(self.rsp_cons + i, self.shared.rsp_size) for i in range(n)]
+        self.rsp_cons = (self.rsp_cons + n) & _MASK32
+        return out
+
+    def final_check_for_responses(self) -> bool:
+        """``RING_FINAL_CHECK_FOR_RESPONSES``: re-arm rsp_event; True if more arrived meanwhile."""
+        if self.unconsumed_responses():
+            return True
+        self.shared.set(_RSP_EVENT, self.rsp_cons + 1)
+        mb()
+        return bool(self.unconsumed_responses())
+
+
+class BackRing:
+    """The backend's end: consumes requests, produces responses.
+
+    ``take_requests`` raises :class:`RingOverflow` when the frontend's
+    ``req_prod`` runs more than a ring ahead of our responses
+    (``RING_REQUEST_PROD_OVERFLOW``): Linux disconnects the device then,
+    and so should the caller.
+    """
+
+    def __init__(self, shared: SharedRing) -> None:
+        self.shared = shared
+        self.size = shared.size
+        # Attaching to a ring a previous backend may have used: carry on from
+        # what it answered (responses pushed are requests consumed).
+        self.rsp_prod_pvt = shared.get(_RSP_PROD)
+        self.req_cons = self.rsp_prod_pvt
+
+    def unconsumed_requests(self) -> int:
+        prod = self.shared.get(_REQ_PROD)
+        if ((prod - self.rsp_prod_pvt) & _MASK32) > self.size:
+            raise RingOverflow(f"req_prod {prod} is more than {self.size} ahead of rsp_prod {self.rsp_prod_pvt}")
+        reqs = (prod - self.req_cons) & _MASK32
+        room = self.size - ((self.req_cons - self.rsp_prod_pvt) & _MASK32)
+        return min(reqs, room)
+
+    def take_requests(self, limit: int | None = None) -> list[bytes]:
+        """Copy out up to ``limit`` requests (the copies are what the caller validates)."""
+        n = self.unconsumed_requests()
+        if limit is not None:
+            n = min(n, limit)
+        out = [self.shared.read_slot(self.req_cons + i, self.shared.req_size) for i in range(n)]
+        self.req_cons = (self.req_cons + n) & _MASK32
+        return out
+
+    def put_response(self, data: bytes) -> None:
+        if len(data) > self.shared.rsp_size:
+            raise ValueError("response larger than a slot")
+        if ((self.req_cons - self.rsp_prod_pvt) & _MASK32) == 0:
+            raise RingOverflow("response without a consumed request")
+        self.shared.write_slot(self.rsp_prod_pvt, data)
+        self.rsp_prod_pvt = (self.rsp_prod_pvt + 1) & _MASK32
+
+    def push_responses(self) -> bool:
+        """``RING_PUSH_RESPONSES_AND_CHECK_NOTIFY``: publish; True if the frontend wants an event."""
+        old = self.shared.get(_RSP_PROD)
+        new = self.rsp_prod_pvt
+        self.shared.set(_RSP_PROD, new)
+        mb()
+        event = self.shared.get(_RSP_EVENT)
+        return ((new - event) & _MASK32) < ((new - old) & _MASK32)
+
+    def final_check_for_requests(self) -> bool:
+        """``RING_FINAL_CHECK_FOR_REQUESTS``: re-arm req_event; True if more arrived meanwhile."""
+        if self.unconsumed_requests():
+            return True
+        self.shared.set(_REQ_EVENT, self.req_cons + 1)
+        mb()
+        return bool(self.unconsumed_requests())
