@@ -1,0 +1,115 @@
+"""The storage behind a vbd: a raw image file or a block device.
+
+Data moves with ``preadv``/``pwritev`` straight between the disk and the
+granted pages mapped into this process, so the only copies are the
+kernel's.  Discard punches holes in a file (``FALLOC_FL_PUNCH_HOLE``) or
+issues ``BLKDISCARD`` on a block device.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import struct
+from typing import Sequence
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+BLKGETSIZE64 = 0x80081272
+BLKSSZGET = 0x1268
+BLKPBSZGET = 0x127B
+BLKDISCARD = 0x1277
+IOV_MAX = 1024
+
+
+class Disk:
+    """One open backing store; thread-safe (positional I/O only)."""
+
+    def __init__(self, path: str, read_only: bool, logical_sector_size: int | None = None) -> None:
+        if logical_sector_size not in (None, 512, 4096):
+            raise ValueError(f"logical sector size {logical_sector_size}: 512 or 4096")
+        self.path = path
+        self.read_only = read_only
+        self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        try:
+            st = os.fstat(self.fd)
+            self.is_block_device = stat.S_ISBLK(st.st_mode)
+            if self.is_block_device:
+                buf = bytearray(8)
+                fcntl.ioctl(self.fd, BLKGETSIZE64, buf)
+                self.size = struct.unpack("<Q", buf)[0]
+                dev_lss = struct.unpack("<i", fcntl.ioctl(self.fd, BLKSSZGET, b"\0" * 4))[0]
+                self.physical_sector_size = struct.unpack("<I", fcntl.ioctl(self.fd, BLKPBSZGET, b"\0" * 4))[0]
+                self.logical_sector_size = max(dev_lss, logical_sector_size or 0)
+            elif stat.S_ISREG(st.st_mode):
+                self.size = st.st_size
+                self.logical_sector_size = logical_sector_size or 512
+                self.physical_sector_size = max(self.logical_sector_size, 4096)
+            else:
+                raise ValueError(f"{path} is neither a regular file nor a block device")
+            # A trailing partial sector is not addressable, as with a block device.
+            self.size -= self.size % self.logical_sector_size
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    @property
+    def sectors(self) -> int:
+        """Size in 512-byte units: what blkif's ``sectors`` node and sector numbers count."""
+        return self.size // 512
+
+    @property
+    def discard_granularity(self) -> int:
+        return 4096 if not self.is_block_device else self.physical_sector_size
+
+    def readv(self, buffers: Sequence[memoryview], offset: int) -> None:
+        self._vector_io(os.preadv, buffers, offset, "read")
+
+    def writev(self, buffers: Sequence[memoryview], offset: int) -> None:
+        self._vector_io(os.pwritev, buffers, offset, "write")
+
+    def _vector_io(self, call, buffers: Sequence[memoryview], offset: int, what: str) -> None:
+        bufs = list(buffers)
+        while bufs:
+            batch = bufs[:IOV_MAX]
+            want = sum(len(b) for b in batch)
+            done = call(self.fd, batch, offset)
+            if done == 0:
+                raise OSError(errno.EIO, f"short {what} at {offset} of {self.path}")
+            offset += done
+            if done == want:
+                bufs = bufs[IOV_MAX:]
+                continue
+            # Partial: drop what completed, keep the rest of the current buffer.
+            rest = []
+            for b in batch:
+                if done >= len(b):
+                    done -= len(b)
+                    continue
+                rest.append(b[done:])
+                done = 0
+            bufs = rest + bufs[IOV_MAX:]
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def discard(self, offset: int, length: int) -> None:
+        if length == 0:
+            return
+        if self.is_block_device:
+            fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("<QQ", offset, length))
+            return
+        if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"punching {offset}+{length} in {self.path}: {os.strerror(err)}")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,247 @@
+"""One virtual block device on the backend side: its xenbus life and its rings.
+
+Follows Linux ``drivers/block/xen-blkback/xenbus.c``: on probe, open the
+disk named by ``params``/``mode``, publish the features and go to
+InitWait; when the frontend is Initialised (or already Connected: a
+restarted backend, see :mod:`xdom.domains.xenbus`), read its rings and
+event channels, start one :class:`RingServer` per queue, publish the
+disk's size and go Connected; follow the frontend through Closing and
+Closed.  Every value read from the frontend's directory is bounded before
+use; a frontend that publishes nonsense gets its device closed, nothing
+more.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from xdom.domains.abi.blkif import VDISK_READONLY, abi_for
+from xdom.domains.xenbus import XenbusState, read_int, read_or_none, read_state, switch_state, write_nodes
+from xdom.domains.xenhost.base import XenHost
+from xdom.domains.xenstore import XenstoreClient
+
+from .disk import Disk
+from .plan import MAX_INDIRECT_SEGMENTS, DiskGeometry, Refused
+from .ring_server import RingServer
+
+log = logging.getLogger("xdom.blkback")
+
+
+@dataclass(frozen=True)
+class BackendFeatures:
+    """What this backend offers every frontend (Linux's module parameters)."""
+    max_ring_page_order: int = 4
+    max_queues: int = 4
+    persistent: bool = True
+    max_indirect_segments: int = MAX_INDIRECT_SEGMENTS
+
+
+class BadFrontend(Exception):
+    """The frontend's nodes do not describe a usable connection."""
+
+
+def backend_action(connected: bool, frontend: XenbusState) -> str:
+    """What the backend does when the frontend's state is ``frontend`` (sans-IO core of frontend_changed)."""
+    if frontend == XenbusState.Initialised:
+        return "none" if connected else "connect"
+    if frontend == XenbusState.Connected:
+        # Not connected while the frontend says Connected: we are a restarted
+        # backend and its rings are the dead one's.  It sees our InitWait and
+        # publishes fresh rings (Initialised); connect then.
+        return "none"
+    if frontend == XenbusState.Closing:
+        return "closing"
+    if frontend == XenbusState.Closed:
+        return "closed"
+    if frontend == XenbusState.Initialising:
+        return "reset" if connected else "none"
+    return "gone" if connected else "none"       # Unknown: the frontend's nodes vanished
+
+
+class Vbd:
+    def __init__(self, host: XenHost, xs: XenstoreClient, path: str, frontend_domid: int, devid: int,
+                 features: BackendFeatures) -> None:
+        self.host, self.xs, self.path = host, xs, path
+        self.fe = frontend_domid
+        self.devid = devid
+        self.features = features
+        self.name = f"vbd{frontend_domid}.{devid}"
+        self.frontend_path = ""
+        self.disk: Disk | None = None
+        self.rings: list[RingServer] = []
+        self._lock = threading.RLock()
+        self._token = f"fe:{path}"
+        self._removed = False
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    def probe(self) -> None:
+        """Open the disk, publish features, InitWait, and start following the frontend."""
+        fe_path = (read_or_none(self.xs, f"{self.path}/frontend") or b"").decode(errors="replace")
+        expected = f"/local/domain/{self.fe}/device/vbd/{self.devid}"
+        if fe_path != expected:
+            raise BadFrontend(f"{self.path}/frontend is {fe_path!r}, expected {expected}")
+        self.frontend_path = fe_path
+        params = (read_or_none(self.xs, f"{self.path}/params") or b"").decode(errors="replace")
+        mode = (read_or_none(self.xs, f"{self.path}/mode") or b"w").decode(errors="replace")
+        lss = read_int(self.xs, f"{self.path}/logical-sector-size", None)
+        if not params:
+            raise BadFrontend(f"{self.path}/params is missing")
+        self.disk = Disk(params, read_only=mode != "w", logical_sector_size=lss)
+        nodes: dict[str, str | int] = {
+            "feature-flush-cache": 1,
+            "feature-barrier": 1,
+            "feature-discard": 0 if self.disk.read_only else 1,
+            "discard-granularity": self.disk.discard_granularity,
+            "discard-alignment": 0,
+            "discard-secure": 0,
+            "feature-max-indirect-segments": self.features.max_indirect_segments,
+            "feature-persistent": int(self.features.persistent),
+            "max-ring-page-order": self.features.max_ring_page_order,
+            "multi-queue-max-queues": self.features.max_queues,
+            "sector-size": self.disk.logical_sector_size,
+            "physical-sector-size": self.disk.physical_sector_size,
+        }
+        write_nodes(self.xs, self.path, nodes)
+        switch_state(self.xs, self.path, XenbusState.InitWait)
+        log.info("%s: %s (%s, %d sectors of 512, logical %d), InitWait", self.name, params,
+                 "ro" if self.disk.read_only else "rw", self.disk.sectors, self.disk.logical_sector_size)
+        self.xs.watch(f"{self.frontend_path}/state", self._token, self._frontend_changed)
+
+    def remove(self) -> None:
+        """The toolstack removed the device: stop watching, disconnect, close the disk."""
+        with self._lock:
+            if self._removed:
+                return
+            self._removed = True
+        try:
+            self.xs.unwatch(f"{self.frontend_path}/state", self._token)
+        except Exception:
+            pass
+        with self._lock:
+            self._disconnect()
+            if self.disk is not None:
+                self.disk.close()
+                self.disk = None
+        log.info("%s: removed", self.name)
+
+    # ---- xenbus ---------------------------------------------------------------------
+
+    def _frontend_changed(self, path: str, token: str) -> None:
+        with self._lock:
+            if self._removed:
+                return
+            fe_state = read_state(self.xs, self.frontend_path)
+            action = backend_action(bool(self.rings), fe_state)
+            if action == "connect":
+                try:
+                    self._connect()
+                except (BadFrontend, Refused, OSError) as e:
+                    log.error("%s: cannot connect to d%d: %s", self.name, self.fe, e)
+                    self._disconnect()
+                    self._switch(XenbusState.Closing)
+            elif action == "closing":
+                self._disconnect()
+                self._switch(XenbusState.Closing)
+            elif action == "closed":
+                self._disconnect()
+                self._switch(XenbusState.Closed)
+            elif action == "reset":
+                self._disconnect()
+                self._switch(XenbusState.InitWait)
+            elif action == "gone":
+                self._disconnect()
+                self._switch(XenbusState.Closed)
+
+    def _switch(self, state: XenbusState) -> None:
+        try:
+            switch_state(self.xs, self.path, state)
+        except Exception as e:          # the toolstack may have removed the device meanwhile
+            log.info("%s: cannot switch to %s: %s", self.name, state.name, e)
+
+    def _fatal(self, why: str) -> None:
+        """A ring of this device failed (a hostile or broken frontend): close this device only.
+
+        Called on the failing ring's own thread, which must not wait for the
+        device lock (whoever holds it may be joining that very thread), so
+        the closing happens on a thread of its own.
+        """
+        log.error("%s: closing device: %s", self.name, why)
+
+        def close() -> None:
+            with self._lock:
+                if not self._removed:
+                    self._disconnect()
+                    self._switch(XenbusState.Closing)
+        threading.Thread(target=close, name=f"close-{self.name}", daemon=True).start()
+
+    # ---- connection -----------------------------------------------------------------
+
+    def _connect(self) -> None:
+        assert self.disk is not None
+        fe = self.frontend_path
+        protocol = (read_or_none(self.xs, f"{fe}/protocol") or b"").decode(errors="replace")
+        try:
+            abi = abi_for(protocol)
+        except ValueError as e:
+            raise BadFrontend(str(e)) from None
+        queues = read_int(self.xs, f"{fe}/multi-queue-num-queues", 1)
+        if queues is None or not 1 <= queues <= self.features.max_queues:
+            raise BadFrontend(f"multi-queue-num-queues {queues} (max {self.features.max_queues})")
+        order = read_int(self.xs, f"{fe}/ring-page-order", 0)
+        if order is None or order > self.features.max_ring_page_order:
+            raise BadFrontend(f"ring-page-order {order} (max {self.features.max_ring_page_order})")
+        persistent = bool(read_int(self.xs, f"{fe}/feature-persistent", 0)) and self.features.persistent
+        geometry = DiskGeometry(sectors=self.disk.sectors, logical_sector_size=self.disk.logical_sector_size,
+                                read_only=self.disk.read_only, discard=not self.disk.read_only,
+                                max_indirect_segments=self.features.max_indirect_segments)
+        rings = []
+        try:
+            for q in range(queues):
+                qdir = fe if queues == 1 else f"{fe}/queue-{q}"
+                refs = self._ring_refs(qdir, order)
+                port = read_int(self.xs, f"{qdir}/event-channel")
+                if port is None:
+                    raise BadFrontend(f"{qdir}/event-channel missing")
+                rings.append(RingServer(self.host, self.fe, refs, port, abi, self.disk, geometry, persistent,
+                                        f"{self.name}q{q}", self._fatal))
+        except BaseException:
+            for r in rings:
+                r.stop()
+            raise
+        self.rings = rings
+        info = VDISK_READONLY if self.disk.read_only else 0
+        write_nodes(self.xs, self.path, {"sectors": self.disk.sectors, "info": info,
+                                         "sector-size": self.disk.logical_sector_size,
+                                         "physical-sector-size": self.disk.physical_sector_size})
+        for r in rings:
+            r.start()
+        self._switch(XenbusState.Connected)
+        log.info("%s: connected to d%d: %d queue(s), %d-page rings, %s, persistent %s", self.name, self.fe,
+                 queues, 1 << order, abi.name, "on" if persistent else "off")
+
+    def _ring_refs(self, qdir: str, order: int) -> list[int]:
+        names = ["ring-ref"] if order == 0 else [f"ring-ref{i}" for i in range(1 << order)]
+        refs = []
+        for name in names:
+            ref = read_int(self.xs, f"{qdir}/{name}")
+            if ref is None or ref >= 1 << 32:
+                raise BadFrontend(f"{qdir}/{name} missing or not a grant reference")
+            refs.append(ref)
+        return refs
+
+    def _disconnect(self) -> None:
+        rings, self.rings = self.rings, []
+        for r in rings:
+            r.stop()
+        if rings:
+            log.info("%s: disconnected from d%d", self.name, self.fe)
+
+    def stats(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for r in self.rings:
+            for k, v in r.stats.items():
+                total[k] = total.get(k, 0) + v
+        return total

@@ -1,0 +1,89 @@
+"""The toolstack's half of a virtual block device: libxl's xenstore nodes, attach and detach.
+
+``libxl__device_disk_add`` writes, in one transaction, the backend
+directory (owned by the backend domain, readable by the frontend) and the
+frontend directory (owned by the frontend, readable by the backend); the
+drivers do the rest through xenbus.  Detach is libxl's too: set the
+backend ``online = 0`` and ``state = Closing``, wait until the backend
+reports Closed (the frontend has let go), then remove both directories.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from xdom.domains.xenbus import XenbusState, backend_path, frontend_path, read_state
+from xdom.domains.xenstore import XenstoreClient, XenstoreError
+
+
+@dataclass(frozen=True)
+class VbdConfig:
+    backend_domid: int
+    frontend_domid: int
+    devid: int
+    vdev: str
+    target: str
+    read_only: bool = False
+    logical_sector_size: int | None = None
+
+
+def add_vbd(xs: XenstoreClient, cfg: VbdConfig) -> None:
+    """Create the device's nodes (or write them again for a restarted backend), as libxl does."""
+    be = backend_path(cfg.backend_domid, "vbd", cfg.frontend_domid, cfg.devid)
+    fe = frontend_path(cfg.frontend_domid, "vbd", cfg.devid)
+    be_perms = [f"n{cfg.backend_domid}", f"r{cfg.frontend_domid}"]
+    fe_perms = [f"n{cfg.frontend_domid}", f"r{cfg.backend_domid}"]
+    be_nodes = {
+        "frontend": fe, "frontend-id": cfg.frontend_domid, "online": 1, "removable": 0, "bootable": 1,
+        "state": int(XenbusState.Initialising), "dev": cfg.vdev, "type": "phy", "mode": "r" if cfg.read_only else "w",
+        "device-type": "disk", "discard-enable": 0 if cfg.read_only else 1, "params": cfg.target,
+    }
+    if cfg.logical_sector_size:
+        be_nodes["logical-sector-size"] = cfg.logical_sector_size
+    fe_nodes = {"backend": be, "backend-id": cfg.backend_domid, "state": int(XenbusState.Initialising),
+                "virtual-device": cfg.devid, "device-type": "disk"}
+
+    def body(tx: int) -> None:
+        fe_exists = xs.exists(f"{fe}/state", tx)
+        xs.mkdir(be, tx)
+        xs.set_perms(be, be_perms, tx)
+        for key, value in be_nodes.items():
+            xs.write(f"{be}/{key}", str(value), tx)
+        if not fe_exists:               # a live frontend keeps its nodes across a backend restart
+            xs.mkdir(fe, tx)
+            xs.set_perms(fe, fe_perms, tx)
+            for key, value in fe_nodes.items():
+                xs.write(f"{fe}/{key}", str(value), tx)
+    xs.transaction(body)
+
+
+def remove_vbd(xs: XenstoreClient, backend_domid: int, frontend_domid: int, devid: int,
+               timeout: float = 10.0) -> bool:
+    """Detach: ask the backend to close, wait for Closed (True) or the timeout (False), then remove the nodes."""
+    be = backend_path(backend_domid, "vbd", frontend_domid, devid)
+    fe = frontend_path(frontend_domid, "vbd", devid)
+    closed = threading.Event()
+    token = f"detach:{be}"
+
+    def changed(path: str, tok: str) -> None:
+        if read_state(xs, be) in (XenbusState.Closed, XenbusState.Unknown):
+            closed.set()
+    try:
+        xs.write(f"{be}/online", "0")
+        xs.write(f"{be}/state", str(int(XenbusState.Closing)))
+    except XenstoreError:
+        pass
+    xs.watch(f"{be}/state", token, changed)
+    try:
+        deadline = time.monotonic() + timeout
+        ok = closed.wait(max(0.0, deadline - time.monotonic()))
+    finally:
+        xs.unwatch(f"{be}/state", token)
+    for path in (be, fe):
+        try:
+            xs.rm(path)
+        except XenstoreError:
+            pass
+    return ok

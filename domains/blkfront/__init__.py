@@ -1,0 +1,1 @@
+"""blkfront: the guest side of a Xen virtual block device."""

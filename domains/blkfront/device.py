@@ -1,0 +1,652 @@
+"""blkfront: a Xen virtual block device in the guest, driven like Linux ``xen-blkfront``.
+
+Negotiation (``talk_to_blkback``): once the backend is in InitWait, read
+its features, pick what both sides do (queues, ring pages, persistent
+grants, indirect segments), set up one ring and event channel per queue in
+frames of our own memory granted to the backend, publish them, go
+Initialised; when the backend is Connected, read the disk's size and go
+Connected.
+
+I/O: each operation (as the NBD server hands it over) is cut into blkif
+requests of at most 11 segments, or up to ``feature-max-indirect-segments``
+with indirect descriptors; data lives in granted frames (a persistent pool
+reused for every request when the backend offers ``feature-persistent``,
+or frames granted per request otherwise).  Every request in flight is kept
+in a shadow (its bytes, its frames and its operation) until its response
+arrives.
+
+Backend restart: a backend that comes back (xenstore shows it InitWait
+again while we are Connected) gets fresh rings and event channels; every
+request in the shadow is issued again on them, with the frames it already
+had.  The program using the disk sees a stall, not an error.
+
+Responses are checked (ids we did not issue are ignored), so a broken
+backend cannot make us complete the wrong operation or touch a frame we
+no longer own.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import itertools
+import logging
+import os
+import select
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from ..abi.blkif import (
+    BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE,
+    BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_OKAY, PROTOCOL_X86_64, SEGMENTS_PER_INDIRECT_FRAME, VDISK_READONLY, abi_for,
+    pack_discard_request, pack_indirect_request, pack_request, pack_segments, parse_response,
+)
+from ..abi.ring import FrontRing, RingOverflow, SharedRing
+from ..frame_pool import FramePool, OutOfFrames
+from ..xenbus import XenbusState, read_int, read_or_none, read_state, switch_state
+from ..xenhost.base import XenHost
+from ..xenstore import XenstoreClient
+
+log = logging.getLogger("xdom.blkfront")
+
+PAGE_SIZE = 4096
+MAX_INDIRECT_SEGMENTS = 256
+DEFAULT_PERSISTENT_FRAMES = 1024      # 4 MiB of the guest's memory kept granted for I/O
+DEFERRED_RETRY_MS = 100               # how often frames the backend still maps are tried again
+CLOSE_PATIENCE = 5.0                  # seconds close() waits for the backend to let go of our frames
+
+
+class BlkfrontError(Exception):
+    """The device could not be connected."""
+
+
+@dataclass(frozen=True)
+class FrontendOptions:
+    """What this frontend asks for; the backend's offer caps each."""
+    queues: int = 1
+    ring_page_order: int = 0
+    persistent: bool = True
+    indirect: bool = True
+    protocol: str = PROTOCOL_X86_64
+    max_persistent_frames: int = DEFAULT_PERSISTENT_FRAMES
+
+
+@dataclass
+class _Page:
+    gfn: int
+    ref: int
+    persistent: bool
+
+
+@dataclass
+class _Op:
+    """One operation from the block-device user; may become several blkif requests."""
+    kind: int                       # BLKIF_OP_*
+    offset: int
+    length: int
+    done: Callable
+    data: memoryview | None = None  # writes
+    then_flush: bool = False        # FUA
+    next_byte: int = 0              # how much has been turned into requests
+    outstanding: int = 0
+    error: int = 0
+    read_pages: dict[int, list[tuple[_Page, int]]] = field(default_factory=dict)   # offset -> pages
+
+
+@dataclass
+class _Req:
+    """One blkif request in flight: what to send again after a backend restart, and what to free."""
+    id: int
+    raw: bytes
+    op: _Op
+    byte_offset: int                # within the op
+    pages: list[tuple[_Page, int]]  # data pages with their byte counts
+    indirect: list[_Page]
+
+
+class _Queue:
+    def __init__(self, index: int, ring: FrontRing, gfns: list[int], refs: list[int], port: int) -> None:
+        self.index, self.ring, self.gfns, self.refs, self.port = index, ring, gfns, refs, port
+
+
+class Blkfront:
+    """One vbd of this guest; implements the NBD server's block-device interface."""
+
+    can_multi_conn = False
+
+    def __init__(self, host: XenHost, xs: XenstoreClient, devid: int,
+                 options: FrontendOptions = FrontendOptions(), pool: FramePool | None = None) -> None:
+        self.host, self.xs, self.devid, self.options = host, xs, devid, options
+        self.pool = pool or FramePool.of(host)
+        self.abi = abi_for(options.protocol)
+        self.path = f"{xs.get_domain_path(host.domid)}/device/vbd/{devid}"
+        be = read_or_none(xs, f"{self.path}/backend")
+        be_id = read_int(xs, f"{self.path}/backend-id")
+        if be is None or be_id is None:
+            raise BlkfrontError(f"{self.path}: no backend/backend-id: the toolstack has not added this device")
+        self.backend_path = be.decode(errors="replace")
+        self.backend_domid = be_id
+        self.state = XenbusState.Initialising
+        self.size = 0
+        self.sector_size = 512
+        self.read_only = False
+        self.can_trim = False
+        self.can_flush = True
+        self.can_write_zeroes = True
+        self.reconnects = 0
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._queues: list[_Queue] = []
+        self._generation = 0
+        self._ids = itertools.count(1)
+        self._shadow: dict[int, _Req] = {}
+        self._pending: collections.deque[_Op] = collections.deque()
+        self._free_persistent: list[_Page] = []
+        self._persistent_count = 0
+        self._deferred: list[tuple[int, int]] = []     # (ref, gfn) still mapped by the backend
+        self._next_queue = 0
+        self._features: dict[str, int] = {}
+        self._error = ""
+        self._closing = False
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._thread = threading.Thread(target=self._completion_loop, name=f"blkfront-{devid}", daemon=True)
+        self._token = f"blkfront:{devid}"
+
+    # ---- connection ------------------------------------------------------------------
+
+    def connect(self, timeout: float = 30.0) -> None:
+        """Run the handshake; returns once Connected (raises BlkfrontError otherwise)."""
+        self._thread.start()
+        switch_state(self.xs, self.path, XenbusState.Initialising)
+        self.xs.watch(f"{self.backend_path}/state", self._token, self._backend_changed)
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.state == XenbusState.Connected or self._error, timeout):
+                raise BlkfrontError(f"vbd {self.devid}: backend {self.backend_path} did not connect within "
+                                    f"{timeout:g}s (backend state {read_state(self.xs, self.backend_path).name})")
+            if self._error:
+                raise BlkfrontError(f"vbd {self.devid}: {self._error}")
+
+    def _backend_changed(self, path: str, token: str) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            be = read_state(self.xs, self.backend_path)
+            try:
+                if be == XenbusState.InitWait and self.state == XenbusState.Initialising:
+                    self._talk_to_backend()
+                elif be == XenbusState.InitWait and self.state == XenbusState.Connected:
+                    log.warning("vbd %d: backend d%d came back: reconnecting, %d request(s) to issue again",
+                                self.devid, self.backend_domid, len(self._shadow))
+                    self.reconnects += 1
+                    self._reap()                  # answers the old backend gave before it went
+                    self._teardown_rings()
+                    self._talk_to_backend()
+                elif be == XenbusState.Connected and self.state == XenbusState.Initialised:
+                    self._backend_connected()
+                elif be in (XenbusState.Closing, XenbusState.Closed) and self.state != XenbusState.Closed:
+                    # Detach (the toolstack closes the backend): fail what is in flight, let go.
+                    log.info("vbd %d: backend is %s: closing", self.devid, be.name)
+                    self._shut(errno.ENODEV)
+                    switch_state(self.xs, self.path, XenbusState.Closing)
+                    switch_state(self.xs, self.path, XenbusState.Closed)
+                    self.state = XenbusState.Closed
+                elif be in (XenbusState.Unknown, XenbusState.Initialising) and self.state == XenbusState.Connected:
+                    log.info("vbd %d: backend d%d is away (%s): I/O waits for it", self.devid,
+                             self.backend_domid, be.name)
+            except (OutOfFrames, BlkfrontError, RingOverflow) as e:
+                self._error = str(e)
+                log.error("vbd %d: %s", self.devid, e)
+            self._changed.notify_all()
+
+    def _talk_to_backend(self) -> None:
+        be = self.backend_path
+        f = {k: read_int(self.xs, f"{be}/{k}", 0) or 0 for k in (
+            "multi-queue-max-queues", "max-ring-page-order", "feature-persistent", "feature-max-indirect-segments",
+            "feature-flush-cache", "feature-barrier", "feature-discard")}
+        self._features = f
+        nq = max(1, min(self.options.queues, f["multi-queue-max-queues"] or 1))
+        order = max(0, min(self.options.ring_page_order, f["max-ring-page-order"]))
+        persistent = self.options.persistent and bool(f["feature-persistent"])
+        self._persistent = persistent
+        self._max_segments = (min(MAX_INDIRECT_SEGMENTS, f["feature-max-indirect-segments"])
+                              if self.options.indirect and f["feature-max-indirect-segments"] > 0
+                              else BLKIF_MAX_SEGMENTS_PER_REQUEST)
+        self._indirect = self._max_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST
+        queues = []
+        try:
+            for q in range(nq):
+                gfns = self.pool.alloc(1 << order)
+                refs = []
+                for g in gfns:
+                    self.host.memory.frame(g)[:] = bytes(PAGE_SIZE)
+                    refs.append(self.host.gnttab.grant_access(self.backend_domid, g))
+                port = self.host.alloc_unbound(self.backend_domid)
+                shared = SharedRing([self.host.memory.frame(g) for g in gfns], self.abi.request_size,
+                                    self.abi.response_size)
+                queues.append(_Queue(q, FrontRing(shared, init=True), gfns, refs, port))
+        except BaseException:
+            for q in queues:
+                self._release_queue(q)
+            raise
+        nodes: dict[str, str | int] = {"protocol": self.options.protocol, "feature-persistent": int(persistent)}
+        if order:
+            nodes["ring-page-order"] = order
+        if nq > 1:
+            nodes["multi-queue-num-queues"] = nq
+        for q in queues:
+            prefix = f"queue-{q.index}/" if nq > 1 else ""
+            if order:
+                for i, ref in enumerate(q.refs):
+                    nodes[f"{prefix}ring-ref{i}"] = ref
+            else:
+                nodes[f"{prefix}ring-ref"] = q.refs[0]
+            nodes[f"{prefix}event-channel"] = q.port
+
+        def body(tx: int) -> None:
+            for key, value in nodes.items():
+                self.xs.write(f"{self.path}/{key}", str(value), tx)
+            self.xs.write(f"{self.path}/state", str(int(XenbusState.Initialised)), tx)
+        self._queues = queues
+        self._generation += 1
+        os.eventfd_write(self._wake, 1)
+        self.xs.transaction(body)
+        self.state = XenbusState.Initialised
+        log.info("vbd %d: %d queue(s), %d-page rings, persistent %s, %d segments per request, %s", self.devid, nq,
+                 1 << order, "on" if persistent else "off", self._max_segments, self.options.protocol)
+
+    def _backend_connected(self) -> None:
+        be = self.backend_path
+        sectors = read_int(self.xs, f"{be}/sectors")
+        if sectors is None:
+            raise BlkfrontError(f"{be}/sectors missing")
+        lss = read_int(self.xs, f"{be}/sector-size", 512) or 512
+        if lss not in (512, 4096):
+            raise BlkfrontError(f"{be}/sector-size {lss}: 512 or 4096 expected")
+        mode = (read_or_none(self.xs, f"{be}/mode") or b"w").decode(errors="replace")
+        info = read_int(self.xs, f"{be}/info", 0) or 0
+        self.size, self.sector_size = sectors * 512, lss
+        self.read_only = bool(info & VDISK_READONLY) or mode == "r"
+        self.can_trim = bool(self._features.get("feature-discard")) and not self.read_only
+        switch_state(self.xs, self.path, XenbusState.Connected)
+        self.state = XenbusState.Connected
+        reissue = sorted(self._shadow.values(), key=lambda r: r.id)
+        self._shadow.clear()
+        for req in reissue:
+            self._put(req)
+        self._kick_pending()
+        self._push_all()
+        log.info("vbd %d: connected, %d bytes, %d-byte sectors%s%s", self.devid, self.size, lss,
+                 ", read-only" if self.read_only else "",
+                 f", {len(reissue)} request(s) issued again" if reissue else "")
+
+    def _teardown_rings(self) -> None:
+        queues, self._queues = self._queues, []
+        self._generation += 1
+        os.eventfd_write(self._wake, 1)
+        for q in queues:
+            self._release_queue(q)
+
+    def _release_queue(self, q: _Queue) -> None:
+        try:
+            self.host.close_port(q.port)
+        except Exception as e:
+            log.warning("vbd %d: closing port %d: %s", self.devid, q.port, e)
+        for g, ref in zip(q.gfns, q.refs):
+            self._end_grant(ref, g)
+
+    def _end_grant(self, ref: int, gfn: int) -> None:
+        """End the backend's access to a frame and free it, or retry later while it is still mapped.
+
+        Linux's ``gnttab_end_foreign_access`` defers the same way: a frame the
+        backend still maps is never reused, but it is not lost either.
+        """
+        if self.host.gnttab.try_end_access(ref):
+            self.host.gnttab.release_ref(ref)
+            self.pool.free([gfn])
+        else:
+            self._deferred.append((ref, gfn))
+
+    def _retry_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for ref, gfn in deferred:
+            self._end_grant(ref, gfn)
+
+    # ---- the block-device interface (what the NBD server calls) -----------------------
+
+    def submit_read(self, offset: int, length: int, done: Callable[[int, Sequence[memoryview]], None]) -> None:
+        self._submit(_Op(BLKIF_OP_READ, offset, length, done))
+
+    def submit_write(self, offset: int, data: memoryview, fua: bool, done: Callable[[int], None]) -> None:
+        self._submit(_Op(BLKIF_OP_WRITE, offset, len(data), done, data=memoryview(data), then_flush=fua))
+
+    def submit_flush(self, done: Callable[[int], None]) -> None:
+        self._submit(_Op(BLKIF_OP_FLUSH_DISKCACHE, 0, 0, done))
+
+    def submit_trim(self, offset: int, length: int, done: Callable[[int], None]) -> None:
+        if not self.can_trim:
+            done(errno.EOPNOTSUPP)
+            return
+        self._submit(_Op(BLKIF_OP_DISCARD, offset, length, done))
+
+    def submit_write_zeroes(self, offset: int, length: int, may_trim: bool, done: Callable[[int], None]) -> None:
+        # Discard reads back as zeros only by luck of the backing store; write real zeros.
+        self._submit(_Op(BLKIF_OP_WRITE, offset, length, done, data=memoryview(bytes(length))))
+
+    def _submit(self, op: _Op) -> None:
+        with self._lock:
+            if self._closing or self.state == XenbusState.Closed:
+                err = errno.ENODEV
+            elif op.length and (op.offset % self.sector_size or op.length % self.sector_size
+                                or op.offset + op.length > self.size):
+                err = errno.EINVAL
+            elif self.read_only and op.kind in (BLKIF_OP_WRITE, BLKIF_OP_DISCARD):
+                err = errno.EPERM
+            else:
+                self._pending.append(op)
+                if self.state == XenbusState.Connected:
+                    self._kick_pending()
+                    self._push_all()
+                return
+        self._complete(op, err)
+
+    # ---- turning operations into requests ----------------------------------------------
+
+    def _kick_pending(self) -> None:
+        """Start as much pending work as rings, ids and frames allow (under the lock, Connected)."""
+        while self._pending:
+            op = self._pending[0]
+            try:
+                if not self._start_some(op):
+                    return
+            except OutOfFrames as e:
+                log.error("vbd %d: %s", self.devid, e)
+                self._pending.popleft()
+                op.error = errno.ENOMEM
+                op.next_byte = op.length = max(op.length, 1)
+                if not op.outstanding:
+                    self._complete_later(op, errno.ENOMEM)
+                continue
+            if op.next_byte >= op.length:
+                self._pending.popleft()
+
+    def _queue_with_room(self) -> _Queue | None:
+        n = len(self._queues)
+        for i in range(n):
+            q = self._queues[(self._next_queue + i) % n]
+            if not q.ring.full():
+                self._next_queue = (q.index + 1) % n
+                return q
+        return None
+
+    def _start_some(self, op: _Op) -> bool:
+        """Issue requests for ``op`` until it is all issued (True) or resources run out (False)."""
+        if op.kind in (BLKIF_OP_READ, BLKIF_OP_WRITE) and op.length == 0:
+            op.next_byte = 1                      # nothing to move: done at once
+            self._complete_later(op)
+            return True
+        if op.kind in (BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_DISCARD):
+            if op.next_byte or op.outstanding:
+                return True
+            if op.kind == BLKIF_OP_FLUSH_DISKCACHE and not (self._features.get("feature-flush-cache")
+                                                             or self._features.get("feature-barrier")):
+                op.next_byte = 1                  # the backend has no cache to flush
+                self._complete_later(op)
+                return True
+            q = self._queue_with_room()
+            if q is None:
+                return False
+            rid = next(self._ids)
+            if op.kind == BLKIF_OP_DISCARD:
+                raw = pack_discard_request(self.abi, rid, op.offset // 512, op.length // 512, self.devid)
+            else:
+                flush_op = BLKIF_OP_FLUSH_DISKCACHE if self._features.get("feature-flush-cache") \
+                    else BLKIF_OP_WRITE_BARRIER
+                raw = pack_request(self.abi, flush_op, rid, 0, self.devid, [])
+            op.next_byte = max(op.length, 1)
+            op.outstanding += 1
+            self._put(_Req(rid, raw, op, 0, [], []), q)
+            return True
+        per_request = self._max_segments * PAGE_SIZE
+        while op.next_byte < op.length:
+            q = self._queue_with_room()
+            if q is None:
+                return False
+            chunk = min(per_request, op.length - op.next_byte)
+            npages = (chunk + PAGE_SIZE - 1) // PAGE_SIZE
+            nindirect = (npages + SEGMENTS_PER_INDIRECT_FRAME - 1) // SEGMENTS_PER_INDIRECT_FRAME \
+                if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
+            pages = self._get_pages(npages + nindirect, readonly=op.kind == BLKIF_OP_WRITE)
+            if pages is None:
+                return False
+            data_pages, indirect_pages = pages[:npages], pages[npages:]
+            segs = []
+            page_bytes = []
+            for i, page in enumerate(data_pages):
+                n = min(PAGE_SIZE, chunk - i * PAGE_SIZE)
+                if op.data is not None:
+                    start = op.next_byte + i * PAGE_SIZE
+                    self.host.memory.frame(page.gfn)[:n] = op.data[start:start + n]
+                segs.append((page.ref, 0, n // 512 - 1))
+                page_bytes.append((page, n))
+            rid = next(self._ids)
+            sector = (op.offset + op.next_byte) // 512
+            if nindirect:
+                for k, ipage in enumerate(indirect_pages):
+                    part = segs[k * SEGMENTS_PER_INDIRECT_FRAME:(k + 1) * SEGMENTS_PER_INDIRECT_FRAME]
+                    self.host.memory.frame(ipage.gfn)[:] = pack_segments(part)
+                raw = pack_indirect_request(self.abi, op.kind, rid, sector, self.devid, len(segs),
+                                            [p.ref for p in indirect_pages])
+            else:
+                raw = pack_request(self.abi, op.kind, rid, sector, self.devid, segs)
+            req = _Req(rid, raw, op, op.next_byte, page_bytes, indirect_pages)
+            op.next_byte += chunk
+            op.outstanding += 1
+            self._put(req, q)
+        return True
+
+    def _put(self, req: _Req, q: _Queue | None = None) -> None:
+        q = q or self._queue_with_room()
+        if q is None:                         # re-issue after a reconnect with smaller rings
+            raise RingOverflow("no ring room to issue a request again")
+        self._shadow[req.id] = req
+        q.ring.put_request(req.raw)
+
+    def _push_all(self) -> None:
+        for q in self._queues:
+            if q.ring.push_requests():
+                self.host.notify(q.port)
+
+    def _get_pages(self, n: int, readonly: bool) -> list[_Page] | None:
+        if self._persistent:
+            while len(self._free_persistent) < n and self._persistent_count < self.options.max_persistent_frames:
+                try:
+                    (g,) = self.pool.alloc(1)
+                except OutOfFrames:
+                    break
+                ref = self.host.gnttab.grant_access(self.backend_domid, g)
+                self._free_persistent.append(_Page(g, ref, True))
+                self._persistent_count += 1
+            if len(self._free_persistent) < n:
+                if self._persistent_count < n and not self._shadow:
+                    raise OutOfFrames(f"a request needs {n} frames and only {self._persistent_count} can be had")
+                return None
+            out, self._free_persistent = self._free_persistent[-n:], self._free_persistent[:-n]
+            return out
+        try:
+            gfns = self.pool.alloc(n)
+        except OutOfFrames:
+            if not self._shadow:
+                raise
+            return None
+        return [_Page(g, self.host.gnttab.grant_access(self.backend_domid, g, readonly=readonly), False)
+                for g in gfns]
+
+    def _put_pages(self, pages: list[_Page]) -> None:
+        for p in pages:
+            if p.persistent:
+                self._free_persistent.append(p)
+            else:
+                self._end_grant(p.ref, p.gfn)
+
+    # ---- completions -----------------------------------------------------------------------
+
+    def _completion_loop(self) -> None:
+        generation = -1
+        poller = select.poll()
+        while True:
+            with self._lock:
+                if self._closing:
+                    return
+                if generation != self._generation:
+                    generation = self._generation
+                    poller = select.poll()
+                    poller.register(self._wake, select.POLLIN)
+                    ports = {self.host.evtchn.fileno(q.port): q for q in self._queues}
+                    for fd in ports:
+                        poller.register(fd, select.POLLIN)
+            ready = [fd for fd, _ in poller.poll(DEFERRED_RETRY_MS if self._deferred else None)]
+            with self._lock:
+                if self._closing:
+                    return
+                if self._deferred:
+                    self._retry_deferred()
+                if self._wake in ready:
+                    try:
+                        os.eventfd_read(self._wake)
+                    except BlockingIOError:
+                        pass
+                if generation != self._generation:
+                    continue
+                for q in self._queues:
+                    self.host.evtchn.consume(q.port)
+            self._reap()
+
+    def _reap(self) -> None:
+        finished: list[tuple[_Op, list[_Req]]] = []
+        with self._lock:
+            if self.state != XenbusState.Connected:
+                return
+            for q in self._queues:
+                while True:
+                    try:
+                        raws = q.ring.take_responses()
+                    except RingOverflow as e:
+                        log.error("vbd %d: backend broke ring %d: %s", self.devid, q.index, e)
+                        raws = []
+                    for raw in raws:
+                        rid, _, status = parse_response(self.abi, raw)
+                        req = self._shadow.pop(rid, None)
+                        if req is None:
+                            log.warning("vbd %d: response for unknown request id %d ignored", self.devid, rid)
+                            continue
+                        op = req.op
+                        op.outstanding -= 1
+                        if status != BLKIF_RSP_OKAY and not op.error:
+                            op.error = errno.EOPNOTSUPP if status == -2 else errno.EIO
+                        if op.kind == BLKIF_OP_READ:
+                            op.read_pages[req.byte_offset] = req.pages
+                            self._put_pages(req.indirect)
+                        else:
+                            self._put_pages([p for p, _ in req.pages] + req.indirect)
+                        if op.outstanding == 0 and op.next_byte >= op.length:
+                            finished.append((op, []))
+                    if not q.ring.final_check_for_responses():
+                        break
+        for op, _ in finished:
+            if op.kind == BLKIF_OP_WRITE and op.then_flush and not op.error:
+                op.then_flush = False
+                op.kind, op.next_byte, op.length = BLKIF_OP_FLUSH_DISKCACHE, 0, 0
+                with self._lock:
+                    self._pending.appendleft(op)
+                continue
+            self._complete(op, op.error)
+        with self._lock:
+            if self.state == XenbusState.Connected:
+                self._kick_pending()
+                self._push_all()
+
+    def _complete_later(self, op: _Op, error: int = 0) -> None:
+        """Complete without calling back under our lock (the callback may submit more)."""
+        threading.Thread(target=self._complete, args=(op, error), daemon=True).start()
+
+    def _complete(self, op: _Op, error: int) -> None:
+        """Hand the result to the user; read data is sent straight from our frames, which are freed after."""
+        try:
+            if op.kind == BLKIF_OP_READ:
+                views = []
+                if not error:
+                    for off in sorted(op.read_pages):
+                        for page, n in op.read_pages[off]:
+                            views.append(self.host.memory.frame(page.gfn)[:n])
+                try:
+                    op.done(error, views)
+                finally:
+                    views.clear()
+                    with self._lock:
+                        for pages in op.read_pages.values():
+                            self._put_pages([p for p, _ in pages])
+                        op.read_pages.clear()
+            else:
+                op.done(error)
+        except Exception:
+            log.exception("vbd %d: completion callback failed", self.devid)
+
+    # ---- shutting down -----------------------------------------------------------------------
+
+    def _shut(self, error: int) -> None:
+        """Fail everything in flight or waiting (backend gone for good, or we are closing)."""
+        failed = {id(r.op): r.op for r in self._shadow.values()}
+        failed.update({id(op): op for op in self._pending})
+        for req in self._shadow.values():
+            self._put_pages([p for p, _ in req.pages] + req.indirect)
+        self._shadow.clear()
+        self._pending.clear()
+        self._teardown_rings()
+        for op in failed.values():
+            op.read_pages.clear()
+            threading.Thread(target=self._complete, args=(op, error), daemon=True).start()
+
+    def close(self) -> None:
+        """Disconnect from the backend (Closing, Closed) and give back every frame."""
+        with self._lock:
+            if self._closing:
+                return
+            try:
+                self.xs.unwatch(f"{self.backend_path}/state", self._token)
+            except Exception:
+                pass
+            self._shut(errno.ENODEV)
+            persistent, self._free_persistent = self._free_persistent, []
+            for p in persistent:
+                self._end_grant(p.ref, p.gfn)
+            self._closing = True
+            os.eventfd_write(self._wake, 1)
+        if self._thread.is_alive():
+            self._thread.join()
+        try:
+            switch_state(self.xs, self.path, XenbusState.Closing)
+        except Exception:
+            pass
+        # The backend unmaps when it sees Closing; wait for it (bounded) before saying Closed.
+        deadline = time.monotonic() + CLOSE_PATIENCE
+        while True:
+            with self._lock:
+                self._retry_deferred()
+                if not self._deferred or time.monotonic() > deadline:
+                    break
+            time.sleep(DEFERRED_RETRY_MS / 1000)
+        if self._deferred:
+            log.warning("vbd %d: %d frame(s) still mapped by backend d%d after %gs; left aside", self.devid,
+                        len(self._deferred), self.backend_domid, CLOSE_PATIENCE)
+        os.close(self._wake)
+        try:
+            switch_state(self.xs, self.path, XenbusState.Closed)
+        except Exception:
+            pass
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"in_flight": len(self._shadow), "pending": len(self._pending), "reconnects": self.reconnects,
+                    "persistent_frames": self._persistent_count, "frames_still_mapped": len(self._deferred)}

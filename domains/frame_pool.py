@@ -1,0 +1,53 @@
+"""Which of this domain's frames are free: the guest's page allocator for rings and I/O buffers.
+
+Frontends grant frames to backends; a frame must belong to one user at a
+time, or one device's DMA would land in another's ring.  The xenstore ring
+frame (HVM_PARAM_STORE_PFN) is never handed out.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterable
+
+from .abi.hvm_params import HVM_PARAM_STORE_PFN
+
+
+class OutOfFrames(Exception):
+    """No free frames left (the topology's ``memory`` is too small for the devices)."""
+
+
+class FramePool:
+    def __init__(self, nr_frames: int, reserved: Iterable[int] = ()) -> None:
+        self.nr_frames = nr_frames
+        self._reserved = set(reserved)
+        self._free = [g for g in range(nr_frames - 1, -1, -1) if g not in self._reserved]
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, host: object) -> "FramePool":
+        """The one pool of ``host``'s domain (created on first use)."""
+        pool = getattr(host, "_xdom_frame_pool", None)
+        if pool is None:
+            reserved = set()
+            try:
+                reserved.add(host.get_param(HVM_PARAM_STORE_PFN))     # type: ignore[attr-defined]
+            except Exception:
+                pass          # no xenstore ring (an in-process domain)
+            pool = cls(host.memory.nr_frames, reserved)                # type: ignore[attr-defined]
+            setattr(host, "_xdom_frame_pool", pool)
+        return pool
+
+    def available(self) -> int:
+        return len(self._free)
+
+    def alloc(self, n: int) -> list[int]:
+        with self._lock:
+            if n > len(self._free):
+                raise OutOfFrames(f"{n} frames wanted, {len(self._free)} free of {self.nr_frames}")
+            out = [self._free.pop() for _ in range(n)]
+        return out
+
+    def free(self, gfns: Iterable[int]) -> None:
+        with self._lock:
+            self._free.extend(gfns)

@@ -1,0 +1,121 @@
+"""Xenbus: where split drivers meet in xenstore, and the states they walk through.
+
+Device nodes follow libxl's layout (``tools/libs/light/libxl_device.c``):
+the toolstack creates
+
+* ``/local/domain/<be>/backend/<type>/<fe>/<devid>/`` (owned by the backend
+  domain, readable by the frontend): ``frontend``, ``frontend-id``,
+  ``online``, ``state``, and the device's configuration (``params``,
+  ``mode``, ... for a vbd);
+* ``/local/domain/<fe>/device/<type>/<devid>/`` (owned by the frontend,
+  readable by the backend): ``backend``, ``backend-id``, ``state``,
+  ``virtual-device``.
+
+Each end then publishes its half of the connection (the backend its
+features, the frontend its rings and event channels) and moves its own
+``state`` through the handshake (``xen/io/xenbus.h``)::
+
+    backend:  Initialising -> InitWait ----------------> Connected
+    frontend: Initialising ------------> Initialised -----------> Connected
+
+and back through Closing and Closed when either side goes away.
+
+Driver-domain restart (xdom's addition; Xen has no answer for it): a
+backend that dies leaves the frontend's ring, grants and event channel in
+place.  The toolstack starts it again under the same domid and writes its
+device nodes again; the new backend reads the frontend's published ring
+(the frontend is still Connected), binds the same event channel and carries
+on from the ring's indices: every request the dead backend took but did not
+answer is taken again.  The frontend sees a stall, not a reset.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Callable
+
+from .xenstore import XenstoreClient, XenstoreError
+
+
+class XenbusState(IntEnum):
+    Unknown = 0
+    Initialising = 1
+    InitWait = 2
+    Initialised = 3
+    Connected = 4
+    Closing = 5
+    Closed = 6
+    Reconfiguring = 7
+    Reconfigured = 8
+
+
+def backend_path(backend_domid: int, kind: str, frontend_domid: int, devid: int) -> str:
+    return f"/local/domain/{backend_domid}/backend/{kind}/{frontend_domid}/{devid}"
+
+
+def frontend_path(frontend_domid: int, kind: str, devid: int) -> str:
+    return f"/local/domain/{frontend_domid}/device/{kind}/{devid}"
+
+
+def parse_state(raw: bytes | None) -> XenbusState:
+    """A ``state`` node's value; anything unparsable or missing is Unknown, as Linux reads it."""
+    if raw is None:
+        return XenbusState.Unknown
+    try:
+        value = int(raw.decode("ascii").strip() or "0")
+    except (UnicodeDecodeError, ValueError):
+        return XenbusState.Unknown
+    try:
+        return XenbusState(value)
+    except ValueError:
+        return XenbusState.Unknown
+
+
+def read_or_none(xs: XenstoreClient, path: str) -> bytes | None:
+    try:
+        return xs.read(path)
+    except XenstoreError:
+        return None
+
+
+def read_state(xs: XenstoreClient, dev_path: str) -> XenbusState:
+    return parse_state(read_or_none(xs, f"{dev_path}/state"))
+
+
+def switch_state(xs: XenstoreClient, dev_path: str, state: XenbusState) -> bool:
+    """Write our ``state``, unless the toolstack has removed the device (Linux's ``__xenbus_switch_state``).
+
+    Writing blindly would recreate a directory the toolstack just removed.
+    Returns whether the state was written.
+    """
+    def body(tx: int) -> bool:
+        if not xs.exists(f"{dev_path}/state", tx):
+            return False
+        xs.write(f"{dev_path}/state", str(int(state)), tx)
+        return True
+    return xs.transaction(body)
+
+
+def read_int(xs: XenstoreClient, path: str, default: int | None = None) -> int | None:
+    """An unsigned decimal node, or ``default`` when absent or malformed (peers are not trusted)."""
+    raw = read_or_none(xs, path)
+    if raw is None:
+        return default
+    try:
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return default
+    if not text.isdigit() or len(text) > 20:
+        return default
+    return int(text)
+
+
+def write_nodes(xs: XenstoreClient, base: str, values: dict[str, str | int]) -> None:
+    """Write ``values`` under ``base`` in one transaction, so a peer sees all or none."""
+    def body(tx: int) -> None:
+        for key, value in values.items():
+            xs.write(f"{base}/{key}", str(value), tx)
+    xs.transaction(body)
+
+
+WatchHandler = Callable[[str, str], None]
