@@ -8,11 +8,19 @@ checked against the ring size before any byte is touched.
 
 from __future__ import annotations
 
-import struct
 
 from .xs_wire import XENSTORE_RING_SIZE
 
-_U32 = struct.Struct("<I")
+def _get(page: memoryview, off: int) -> int:
+    """A shared u32 index, read with one aligned load (struct's byte-wise unpacking could tear)."""
+    return page[off:off + 4].cast("I")[0]
+
+
+def _put(page: memoryview, off: int, value: int) -> None:
+    """A shared u32 index, written with one aligned store (``struct.pack_into`` zeroes it first)."""
+    page[off:off + 4].cast("I")[0] = value
+
+
 _MASK = XENSTORE_RING_SIZE - 1
 
 
@@ -27,7 +35,7 @@ def ring_peek(page: memoryview, ring: int, cons: int, prod_off: int) -> tuple[by
     alone, so a reader can hand data on (and persist what it did) before it
     tells the producer the space is free.
     """
-    prod = _U32.unpack_from(page, prod_off)[0]
+    prod = _get(page, prod_off)
     avail = (prod - cons) & 0xFFFFFFFF
     if avail > XENSTORE_RING_SIZE:
         raise RingIndexError(f"cons {cons} prod {prod}")
@@ -43,17 +51,17 @@ def ring_peek(page: memoryview, ring: int, cons: int, prod_off: int) -> tuple[by
 
 def ring_read(page: memoryview, ring: int, cons_off: int, prod_off: int) -> bytes:
     """Consume everything available in the ring at offset ``ring``."""
-    cons = _U32.unpack_from(page, cons_off)[0]
+    cons = _get(page, cons_off)
     data, new = ring_peek(page, ring, cons, prod_off)
     if data:
-        _U32.pack_into(page, cons_off, new)
+        _put(page, cons_off, new)
     return data
 
 
 def ring_write(page: memoryview, ring: int, cons_off: int, prod_off: int, data: bytes | memoryview) -> int:
     """Produce as much of ``data`` as fits; returns how many bytes went in."""
-    cons = _U32.unpack_from(page, cons_off)[0]
-    prod = _U32.unpack_from(page, prod_off)[0]
+    cons = _get(page, cons_off)
+    prod = _get(page, prod_off)
     used = (prod - cons) & 0xFFFFFFFF
     if used > XENSTORE_RING_SIZE:
         raise RingIndexError(f"cons {cons} prod {prod}")
@@ -66,5 +74,5 @@ def ring_write(page: memoryview, ring: int, cons_off: int, prod_off: int, data: 
     if n > first:
         page[ring:ring + n - first] = data[first:n]
     # bytes before the index: x86 keeps stores in order, and CPython does not reorder them
-    _U32.pack_into(page, prod_off, (prod + n) & 0xFFFFFFFF)
+    _put(page, prod_off, (prod + n) & 0xFFFFFFFF)
     return n

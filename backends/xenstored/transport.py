@@ -10,7 +10,6 @@ Xen's ``domain.c``.  A broken ring is reported through the interface's
 from __future__ import annotations
 
 import socket
-import struct
 from typing import Callable
 
 from xdom.domains.xs_ring import RingIndexError, ring_peek, ring_write
@@ -21,7 +20,6 @@ from xdom.domains.xs_wire import (
     XENSTORE_SERVER_FEATURE_RECONNECTION,
 )
 
-_U32 = struct.Struct("<I")
 
 
 class TransportClosed(Exception):
@@ -75,14 +73,15 @@ class RingTransport:
         self.page = page
         self.notify = notify
         self.cursor = self._get(RING_REQ_CONS)
-        _U32.pack_into(page, RING_SERVER_FEATURES,
-                       XENSTORE_SERVER_FEATURE_RECONNECTION | XENSTORE_SERVER_FEATURE_ERROR)
+        self._set(RING_SERVER_FEATURES, XENSTORE_SERVER_FEATURE_RECONNECTION | XENSTORE_SERVER_FEATURE_ERROR)
 
     def _get(self, off: int) -> int:
-        return _U32.unpack_from(self.page, off)[0]
+        # One aligned load: struct's standard formats read byte by byte and could tear.
+        return self.page[off:off + 4].cast("I")[0]
 
     def _set(self, off: int, value: int) -> None:
-        _U32.pack_into(self.page, off, value & 0xFFFFFFFF)
+        # One aligned store: struct.pack_into zeroes the field first, and the guest may read it then.
+        self.page[off:off + 4].cast("I")[0] = value & 0xFFFFFFFF
 
     def _fail(self, why: str) -> TransportClosed:
         self._set(RING_ERROR, XENSTORE_ERROR_RINGIDX)

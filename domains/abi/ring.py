@@ -22,14 +22,16 @@ the XSA-155 lesson).
 
 from __future__ import annotations
 
-import struct
 import threading
 from typing import Sequence
 
 PAGE_SIZE = 4096
 RING_HEADER_SIZE = 64          # offsetof(struct X_sring, ring)
 
-_U32 = struct.Struct("<I")
+# Indices are read and written through a memoryview cast to "I": element
+# access copies the four bytes with one aligned load or store, which x86
+# performs atomically.  ``struct.pack_into`` must not be used on shared
+# indices: it zeroes the destination before packing, so a peer can read 0.
 _REQ_PROD, _REQ_EVENT, _RSP_PROD, _RSP_EVENT = 0, 4, 8, 12
 _MASK32 = 0xFFFFFFFF
 
@@ -82,11 +84,13 @@ class SharedRing:
         self._single = len(self.pages) == 1
 
     # indices (all in the first page) ------------------------------------
+    # A short-lived cast per access: a view kept on the page would pin the
+    # mapping (an mmap cannot close, a grant view cannot be released under it).
     def get(self, off: int) -> int:
-        return _U32.unpack_from(self._head, off)[0]
+        return self._head[off:off + 4].cast("I")[0]
 
     def set(self, off: int, value: int) -> None:
-        _U32.pack_into(self._head, off, value & _MASK32)
+        self._head[off:off + 4].cast("I")[0] = value & _MASK32
 
     def init(self) -> None:
         """``SHARED_RING_INIT``: zero the header, event thresholds at 1."""
