@@ -112,10 +112,18 @@ def plan(req: Request, geometry: DiskGeometry, segments: tuple[Segment, ...] | N
         return IoPlan("flush")
     chunks = []
     total_sectors = 0
+    lss_sectors = geometry.logical_sector_size // XEN_BLKIF_SECTOR_SIZE
+    if req.sector_number % lss_sectors:
+        raise Refused(BLKIF_RSP_ERROR, f"sector {req.sector_number} not aligned to the "
+                                       f"{geometry.logical_sector_size}-byte logical sector")
     for seg in segments:
         if seg.first_sect > seg.last_sect or seg.last_sect >= SECTORS_PER_PAGE:
             raise Refused(BLKIF_RSP_ERROR, f"segment sectors {seg.first_sect}..{seg.last_sect} do not fit a page")
         nsec = seg.last_sect - seg.first_sect + 1
+        if nsec % lss_sectors:
+            # Linux refuses any segment that is not whole logical sectors.
+            raise Refused(BLKIF_RSP_ERROR, f"a {nsec * 512}-byte segment on a disk of "
+                                           f"{geometry.logical_sector_size}-byte logical sectors")
         chunks.append(Chunk(seg.gref, seg.first_sect * XEN_BLKIF_SECTOR_SIZE, nsec * XEN_BLKIF_SECTOR_SIZE))
         total_sectors += nsec
     if req.sector_number + total_sectors > geometry.sectors:
@@ -140,5 +148,9 @@ def _plan_discard(req: Request, geometry: DiskGeometry) -> IoPlan:
         raise Refused(BLKIF_RSP_ERROR, "discard on a read-only disk")
     if req.sector_number + req.nr_sectors > geometry.sectors or req.nr_sectors > geometry.sectors:
         raise Refused(BLKIF_RSP_ERROR, f"discard {req.sector_number}+{req.nr_sectors} beyond the disk")
+    lss_sectors = geometry.logical_sector_size // XEN_BLKIF_SECTOR_SIZE
+    if req.sector_number % lss_sectors or req.nr_sectors % lss_sectors:
+        raise Refused(BLKIF_RSP_ERROR, f"discard {req.sector_number}+{req.nr_sectors} not aligned to the "
+                                       f"{geometry.logical_sector_size}-byte logical sector")
     return IoPlan("discard", req.sector_number * XEN_BLKIF_SECTOR_SIZE,
                   length=req.nr_sectors * XEN_BLKIF_SECTOR_SIZE)

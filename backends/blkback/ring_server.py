@@ -34,6 +34,8 @@ from .plan import DiskGeometry, IoPlan, Refused, check_indirect, plan
 
 log = logging.getLogger("xdom.blkback")
 
+LOGGED_REFUSALS = 20
+BATCH_GRANT_BUDGET = 1024         # grants one batch of one ring may map at once
 MAX_PERSISTENT_GRANTS = 2048      # per ring; Linux's default is 1056 (32 slots x 11 segments x 3)
 
 
@@ -42,7 +44,7 @@ class RingServer:
 
     def __init__(self, host: XenHost, frontend_domid: int, ring_refs: Sequence[int], remote_port: int,
                  abi: BlkifABI, disk: Disk, geometry: DiskGeometry, persistent: bool, name: str,
-                 on_fatal: Callable[[str], None]) -> None:
+                 on_fatal: Callable[["RingServer", str], None]) -> None:
         self.host = host
         self.fe = frontend_domid
         self.abi = abi
@@ -118,14 +120,33 @@ class RingServer:
                         break
         except RingOverflow as e:
             log.error("%s: frontend d%d broke the ring (%s): halting this ring", self.name, self.fe, e)
-            self.on_fatal(f"ring overflow: {e}")
+            self.on_fatal(self, f"ring overflow: {e}")
         except Exception as e:
             log.exception("%s: ring thread failed", self.name)
-            self.on_fatal(f"ring thread failed: {e}")
+            self.on_fatal(self, f"ring thread failed: {e}")
+
+    def _take_batch(self) -> list[bytes]:
+        """Requests for one batch, as many as fit :data:`BATCH_GRANT_BUDGET` grant mappings.
+
+        The backend domain's maptrack is shared by every device it serves: a
+        frontend filling a big ring with 256-segment indirect requests must
+        not be able to take it all (Linux bounds this with its per-ring pool
+        of pending requests).
+        """
+        raws: list[bytes] = []
+        budget = BATCH_GRANT_BUDGET
+        while budget > 0:
+            got = self.ring.take_requests(limit=1)
+            if not got:
+                break
+            raws.append(got[0])
+            req = parse_request(self.abi, got[0])
+            budget -= max(1, req.nr_segments + len(req.indirect_grefs))
+        return raws
 
     def _drain(self) -> None:
         while True:
-            raws = self.ring.take_requests()
+            raws = self._take_batch()
             if raws:
                 for rid, op, status in self._serve(raws):
                     self.ring.put_response(pack_response(self.abi, rid, op, status))
@@ -171,7 +192,10 @@ class RingServer:
 
     def _refuse(self, replies: list, i: int, req: Request, e: Refused) -> None:
         self.stats["errors"] += 1
-        log.debug("%s: request %d refused: %s", self.name, req.id, e)
+        n = self.stats["errors"]
+        # A hostile frontend must not flood the log: the first few, then every thousandth.
+        if n <= LOGGED_REFUSALS or n % 1000 == 0:
+            log.warning("%s: request %#x refused (%d so far): %s", self.name, req.id, n, e)
         replies[i] = (req.id, req.operation, e.status)
 
     def _execute(self, p: IoPlan, bufs: list[memoryview]) -> None:

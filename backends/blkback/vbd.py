@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from xdom.domains.abi.blkif import VDISK_READONLY, abi_for
 from xdom.domains.xenbus import XenbusState, read_int, read_or_none, read_state, switch_state, write_nodes
-from xdom.domains.xenhost.base import XenHost
+from xdom.domains.hypercall_wire import HypercallError
+from xdom.domains.xenhost.base import GrantError, XenHost
 from xdom.domains.xenstore import XenstoreClient
 
 from .disk import Disk
@@ -73,22 +74,34 @@ class Vbd:
         self.rings: list[RingServer] = []
         self._lock = threading.RLock()
         self._token = f"fe:{path}"
+        self._own_token = f"be:{path}"
         self._removed = False
 
     # ---- lifecycle ------------------------------------------------------------------
 
     def probe(self) -> None:
-        """Open the disk, publish features, InitWait, and start following the frontend."""
+        """Open the disk, publish features, InitWait, and start following the frontend and the toolstack."""
         fe_path = (read_or_none(self.xs, f"{self.path}/frontend") or b"").decode(errors="replace")
         expected = f"/local/domain/{self.fe}/device/vbd/{self.devid}"
         if fe_path != expected:
             raise BadFrontend(f"{self.path}/frontend is {fe_path!r}, expected {expected}")
         self.frontend_path = fe_path
+        with self._lock:
+            self._open_and_publish()
+        self.xs.watch(f"{self.frontend_path}/state", self._token, self._frontend_changed)
+        # The toolstack writes our state back to Initialising when it re-creates
+        # the device (the frontend's domain restarted): start over then.
+        self.xs.watch(f"{self.path}/state", self._own_token, self._own_state_changed)
+
+    def _open_and_publish(self) -> None:
         params = (read_or_none(self.xs, f"{self.path}/params") or b"").decode(errors="replace")
         mode = (read_or_none(self.xs, f"{self.path}/mode") or b"w").decode(errors="replace")
         lss = read_int(self.xs, f"{self.path}/logical-sector-size", None)
         if not params:
             raise BadFrontend(f"{self.path}/params is missing")
+        if self.disk is not None:
+            self.disk.close()
+            self.disk = None
         self.disk = Disk(params, read_only=mode != "w", logical_sector_size=lss)
         nodes: dict[str, str | int] = {
             "feature-flush-cache": 1,
@@ -108,7 +121,20 @@ class Vbd:
         switch_state(self.xs, self.path, XenbusState.InitWait)
         log.info("%s: %s (%s, %d sectors of 512, logical %d), InitWait", self.name, params,
                  "ro" if self.disk.read_only else "rw", self.disk.sectors, self.disk.logical_sector_size)
-        self.xs.watch(f"{self.frontend_path}/state", self._token, self._frontend_changed)
+
+    def _own_state_changed(self, path: str, token: str) -> None:
+        with self._lock:
+            if self._removed or read_state(self.xs, self.path) != XenbusState.Initialising:
+                return
+            log.info("%s: the toolstack re-created the device: starting over", self.name)
+            self._disconnect()
+            try:
+                self._open_and_publish()
+            except (BadFrontend, OSError, ValueError) as e:
+                log.error("%s: %s", self.name, e)
+                self._switch(XenbusState.Closed)
+                return
+        self._frontend_changed(path, token)
 
     def remove(self) -> None:
         """The toolstack removed the device: stop watching, disconnect, close the disk."""
@@ -116,10 +142,11 @@ class Vbd:
             if self._removed:
                 return
             self._removed = True
-        try:
-            self.xs.unwatch(f"{self.frontend_path}/state", self._token)
-        except Exception:
-            pass
+        for watched, token in ((f"{self.frontend_path}/state", self._token), (f"{self.path}/state", self._own_token)):
+            try:
+                self.xs.unwatch(watched, token)
+            except Exception:
+                pass
         with self._lock:
             self._disconnect()
             if self.disk is not None:
@@ -138,7 +165,7 @@ class Vbd:
             if action == "connect":
                 try:
                     self._connect()
-                except (BadFrontend, Refused, OSError) as e:
+                except (BadFrontend, Refused, OSError, HypercallError, GrantError) as e:
                     log.error("%s: cannot connect to d%d: %s", self.name, self.fe, e)
                     self._disconnect()
                     self._switch(XenbusState.Closing)
@@ -161,7 +188,7 @@ class Vbd:
         except Exception as e:          # the toolstack may have removed the device meanwhile
             log.info("%s: cannot switch to %s: %s", self.name, state.name, e)
 
-    def _fatal(self, why: str) -> None:
+    def _fatal(self, ring: RingServer, why: str) -> None:
         """A ring of this device failed (a hostile or broken frontend): close this device only.
 
         Called on the failing ring's own thread, which must not wait for the
@@ -172,7 +199,8 @@ class Vbd:
 
         def close() -> None:
             with self._lock:
-                if not self._removed:
+                # A ring of an earlier connection: the device has moved on since.
+                if not self._removed and ring in self.rings:
                     self._disconnect()
                     self._switch(XenbusState.Closing)
         threading.Thread(target=close, name=f"close-{self.name}", daemon=True).start()
