@@ -67,12 +67,15 @@ from xdom.broker.mgmt_client import ManagementClient, ManagementError
 from xdom.domains.xenstore import UnixTransport, XenstoreClient
 from xdom.domains.xs_wire import XenstoreError
 
+from .access import AccessError, grant_access
 from .control import ControlError, ControlProtocol, ControlServer, endpoint_for, string_field
 from .isolation import DOMAIN_EXEC, UidMode, UidPlan, plan_uids
 from .launcher import BrokerProcess, start_broker, start_domain_process
 from .policy import Action, ExitStatus, HealthCheck, HealthSample, RestartTracker
 from .rundir import Layout, LayoutError, PidFile, clear_run_files, remove_run_dir, stop_leftovers
 from .topology import DomainKind, DomainSpec, Topology, TopologyError
+from .vbd import VbdConfig, add_vbd
+from .xlcfg import DiskSpec
 from .xsnodes import domain_path, write_dom0_nodes, write_domain_nodes
 
 __all__ = ["READY_TIMEOUT", "STOP_GRACE", "UNSUPPORTED_KINDS", "AlreadyRunning", "JournalEntry", "State",
@@ -80,7 +83,7 @@ __all__ = ["READY_TIMEOUT", "STOP_GRACE", "UNSUPPORTED_KINDS", "AlreadyRunning",
 
 log = logging.getLogger("xdom.supervisor")
 
-UNSUPPORTED_KINDS = (DomainKind.BLKBACK, DomainKind.NETBACK)
+UNSUPPORTED_KINDS = (DomainKind.NETBACK,)
 READY_TIMEOUT = 20.0        # seconds from launch to ready
 STOP_GRACE = 5.0            # seconds between SIGTERM and SIGKILL
 HEALTH_INTERVAL = 1.0       # seconds between health samples
@@ -126,6 +129,22 @@ def check_host(topology: Topology, state_dir: str, run_dir: str) -> None:
     """
     check_supported(topology)
     Layout(os.path.abspath(state_dir), os.path.abspath(run_dir)).check()
+    resolved = topology.resolved(os.path.abspath(state_dir), os.path.abspath(run_dir))
+    missing = []
+    for d in resolved.domains:
+        for disk in d.disks:
+            if disk.target is None:
+                continue
+            try:
+                mode = os.stat(disk.target).st_mode
+            except OSError as e:
+                missing.append(f"{topology.source}: {d.label}: disk {disk.vdev}: {disk.target}: {e.strerror}")
+                continue
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                missing.append(f"{topology.source}: {d.label}: disk {disk.vdev}: {disk.target} is neither a file "
+                               f"nor a block device")
+    if missing:
+        raise TopologyError(missing + [f"{topology.source}: nothing was started"])
 
 
 class State(StrEnum):
@@ -209,6 +228,7 @@ class Supervisor:
                  health_interval: float = HEALTH_INTERVAL, progress: Callable[[str], None] | None = None,
                  log_level: str = "info") -> None:
         check_host(topology, state_dir, run_dir)
+        topology = topology.resolved(os.path.abspath(state_dir), os.path.abspath(run_dir))
         self.topology = topology
         self.layout = Layout(os.path.abspath(state_dir), os.path.abspath(run_dir))
         self.uid_mode = UidMode(uids)
@@ -311,6 +331,9 @@ class Supervisor:
                 self._record(_BROKER, "stopped", f"status {status}")
                 self.broker = None
         finally:
+            for d in self.domains:
+                for disk in d.spec.disks:
+                    _unlink_socket(self._export_path(d, disk))
             self._close_loop()
             owner = self._pidfile.held        # never touch the files of another supervisor's run directory
             if owner:
@@ -554,7 +577,12 @@ class Supervisor:
                     "--ready-fd", str(ready_w)]
             cwd = "/"
         elif d.kind == DomainKind.GUEST:
-            argv = [py, "-m", "xdom.domains.guest", "--ready-fd", str(ready_w), "--", *(d.spec.workload or ())]
+            disks = [f"--disk={disk.devid}:{self._export_path(d, disk)}" for disk in d.spec.disks]
+            argv = [py, "-m", "xdom.domains.guest", "--ready-fd", str(ready_w), *disks, "--",
+                    *(d.spec.workload or ())]
+            cwd = "/"
+        elif d.kind == DomainKind.BLKBACK:
+            argv = [py, "-m", "xdom.backends.blkback", "--ready-fd", str(ready_w)]
             cwd = "/"
         else:
             argv = list(d.spec.command or ())
@@ -567,7 +595,12 @@ class Supervisor:
 
     def _spawn(self, d: _Domain, creds: dict[str, Any]) -> None:
         ready_r = ready_w = -1
-        if d.kind in (DomainKind.XENSTORED, DomainKind.GUEST):
+        try:
+            self._prepare_exports(d)
+        except (AccessError, OSError) as e:
+            self._launch_failed(d, f"cannot prepare its disk exports: {e}")
+            return
+        if d.kind in _READY_PIPE_KINDS:
             ready_r, ready_w = os.pipe()
         argv, cwd = self._argv(d, ready_w)
         d.generation += 1
@@ -682,7 +715,7 @@ class Supervisor:
             ready = d.ready_seen
         else:
             ready = d.connected and (d.introduced or not self._needs_store(d))
-            if d.kind == DomainKind.GUEST:
+            if d.kind in _READY_PIPE_KINDS:
                 ready = ready and d.ready_seen
         if ready:
             self._mark_running(d)
@@ -755,12 +788,50 @@ class Supervisor:
                 xs.introduce(d.domid, *d.store)
                 if not written:
                     self._write_domain_nodes(xs, d)
+                self._write_devices(xs, d)
         except (XenstoreError, OSError, TimeoutError) as e:
             log.warning("domain %s: xenstore set-up failed (%s); retried when xenstored restarts, bounded by "
                         "its readiness deadline", d.name, e)
             return
         d.introduced = True
         self._record(d.name, "introduced", f"gfn {d.store[0]} port {d.store[1]}")
+
+    def _export_path(self, d: _Domain, disk: DiskSpec) -> str:
+        return disk.export_path or os.path.join(self.layout.run_dir, f"{d.name}-{disk.vdev}.sock")
+
+    def _vbds_of(self, d: _Domain) -> list[tuple[_Domain, _Domain, DiskSpec]]:
+        """(backend, frontend, disk) for every disk ``d`` serves or uses whose two domains have domids."""
+        out = []
+        for fe in self.domains:
+            for disk in fe.spec.disks:
+                be = self._by_name.get(disk.backend or "")
+                if be is None or (d is not fe and d is not be) or fe.domid is None or be.domid is None:
+                    continue
+                out.append((be, fe, disk))
+        return out
+
+    def _write_devices(self, xs: XenstoreClient, d: _Domain) -> None:
+        """libxl's device nodes for ``d``'s disks, or those it serves (again, after a restart)."""
+        for be, fe, disk in self._vbds_of(d):
+            if disk.target is None:
+                continue
+            if be.uid is not None and self.uid_plan is not None and self.uid_plan.separate:
+                try:
+                    grant_access(disk.target, be.uid, write=not disk.readonly)
+                except (AccessError, OSError) as e:
+                    log.error("%s cannot open %s: %s", be.name, disk.target, e)
+            assert be.domid is not None and fe.domid is not None
+            add_vbd(xs, VbdConfig(be.domid, fe.domid, disk.devid, disk.vdev, disk.target, disk.readonly))
+            self._record(fe.name, "vbd", f"{disk.vdev} on {be.name} -> {self._export_path(fe, disk)}")
+
+    def _prepare_exports(self, d: _Domain) -> None:
+        """The guest's export sockets go in directories its uid can write; stale sockets go away."""
+        for disk in d.spec.disks:
+            path = self._export_path(d, disk)
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            _unlink_socket(path)
+            if d.uid is not None and self.uid_plan is not None and self.uid_plan.separate:
+                grant_access(os.path.dirname(path), d.uid, write=True, directory=True)
 
     def _remove_domain_nodes(self, domid: int) -> None:
         if not self._store_up():
@@ -1042,7 +1113,10 @@ class Supervisor:
             "mappings_held": b.get("mappings_held"), "grants_mapped_by_others": b.get("grants_mapped_by_others"),
             "grant_frames": b.get("grant_frames"), "event_channels": b.get("event_channels"),
             "last_exit": d.last_exit or None, "log": self.layout.log_path(d.name),
-            "netns": None, "devices": [],
+            "netns": None, "devices": [
+                {"type": "vbd", "vdev": disk.vdev, "devid": disk.devid, "backend": disk.backend,
+                 "target": disk.target, "mode": disk.mode, "export": self._export_path(d, disk)}
+                for disk in d.spec.disks],
         }
 
     # ---- bookkeeping -----------------------------------------------------------
@@ -1092,6 +1166,18 @@ class Supervisor:
             self._poller.unregister(self._wake.fileno())
             self._wake.close()
             self._wake = None
+
+_READY_PIPE_KINDS = (DomainKind.XENSTORED, DomainKind.GUEST, DomainKind.BLKBACK)
+
+
+def _unlink_socket(path: str) -> None:
+    """Remove a unix socket left at ``path`` (never a file of another kind)."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
 
 def _last_line(path: str) -> str:
     """The last line of a log, for an error message that says why without sending people hunting."""

@@ -45,18 +45,37 @@ def add_vbd(xs: XenstoreClient, cfg: VbdConfig) -> None:
     fe_nodes = {"backend": be, "backend-id": cfg.backend_domid, "state": int(XenbusState.Initialising),
                 "virtual-device": cfg.devid, "device-type": "disk"}
 
+    be_dirs = [f"/local/domain/{cfg.backend_domid}/backend", f"/local/domain/{cfg.backend_domid}/backend/vbd",
+               f"/local/domain/{cfg.backend_domid}/backend/vbd/{cfg.frontend_domid}"]
+    fe_dirs = [f"/local/domain/{cfg.frontend_domid}/device/vbd"]
+
     def body(tx: int) -> None:
         fe_exists = xs.exists(f"{fe}/state", tx)
+        # The directories above the device are dom0's, readable by the domain that
+        # lists them.  Set again every time: xenstored ignores a restarted
+        # domain's permissions on nodes made before it was introduced again.
+        for path, reader in [(d, cfg.backend_domid) for d in be_dirs] + [(d, cfg.frontend_domid) for d in fe_dirs]:
+            xs.mkdir(path, tx)
+            xs.set_perms(path, ["n0", f"r{reader}"], tx)
         xs.mkdir(be, tx)
-        xs.set_perms(be, be_perms, tx)
         for key, value in be_nodes.items():
             xs.write(f"{be}/{key}", str(value), tx)
+        _set_perms_under(xs, tx, be, be_perms)
         if not fe_exists:               # a live frontend keeps its nodes across a backend restart
             xs.mkdir(fe, tx)
             xs.set_perms(fe, fe_perms, tx)
             for key, value in fe_nodes.items():
                 xs.write(f"{fe}/{key}", str(value), tx)
+        # Either side may have restarted under its old domid; xenstored ignores its
+        # permissions on nodes older than its new introduction until they are set again.
+        _set_perms_under(xs, tx, fe, fe_perms)
     xs.transaction(body)
+
+
+def _set_perms_under(xs: XenstoreClient, tx: int, path: str, perms: list[str]) -> None:
+    xs.set_perms(path, perms, tx)
+    for child in xs.directory(path, tx):
+        _set_perms_under(xs, tx, f"{path}/{child}", perms)
 
 
 def remove_vbd(xs: XenstoreClient, backend_domid: int, frontend_domid: int, devid: int,

@@ -23,8 +23,10 @@ guest does now, and nothing more:
    records a shutdown, not a crash), then closes xenstore and the hypercall
    connection.
 
-Not yet here: blkfront and netfront (no devices are connected), the guest's
-network namespace.  A workload sees ``XDOM_DOMID`` and ``XDOM_NAME``; the
+Disks (``--disk DEVID:SOCKET``, one per vbd the toolstack added) are
+connected with blkfront before the guest says ready, each exported as an
+NBD server on its unix socket for real programs (qemu-img, nbdcopy, fio).
+Not yet here: netfront and the guest's network namespace.  A workload sees ``XDOM_DOMID`` and ``XDOM_NAME``; the
 domain's one-time token is not passed on.
 """
 
@@ -40,8 +42,10 @@ import sys
 import threading
 from typing import Sequence
 
+from .blkfront.device import Blkfront
+from .nbd.server import NbdServer
 from .wakeup import WakePipe
-from .xenhost import connect
+from .xenhost import XenHost, connect
 from .xenstore import XenstoreClient
 
 log = logging.getLogger("xdom.guest")
@@ -54,8 +58,12 @@ WORKLOAD_GRACE = 5.0     # seconds a workload gets between SIGTERM and SIGKILL w
 class Guest:
     """One guest's life: :meth:`run` returns its exit status (the workload's, or 0 when told to stop)."""
 
-    def __init__(self, workload: Sequence[str] = (), ready_fd: int | None = None) -> None:
+    def __init__(self, workload: Sequence[str] = (), ready_fd: int | None = None,
+                 disks: Sequence[tuple[int, str]] = ()) -> None:
         self.workload = list(workload)
+        self.disks = list(disks)
+        self._fronts: list[Blkfront] = []
+        self._exports: list[NbdServer] = []
         self.ready_fd = ready_fd
         self._wake = WakePipe()
         self.stop_reason = ""
@@ -94,6 +102,8 @@ class Guest:
             if not toolstack_done.wait(TOOLSTACK_TIMEOUT):
                 raise RuntimeError(f"the toolstack did not create {shutdown_node} within {TOOLSTACK_TIMEOUT:g}s")
             xs.write(f"{home}/control/feature-poweroff", "1")
+            for devid, export in self.disks:
+                self._attach_disk(host, xs, home, devid, export)
             # Until here SIGTERM kills outright: there is nothing to shut down cleanly yet.
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda signum, frame: self.request_stop(signal.Signals(signum).name))
@@ -103,9 +113,35 @@ class Guest:
             host.shutdown("poweroff")
             return status
         finally:
+            for server in self._exports:
+                server.close()
+            for front in self._fronts:
+                front.close()
             if xs is not None:
                 xs.close()
             host.close()
+
+    def _attach_disk(self, host: XenHost, xs: XenstoreClient, home: str, devid: int, export: str) -> None:
+        """Connect blkfront to the disk the toolstack added and export it over NBD."""
+        node = f"{home}/device/vbd/{devid}/backend"
+        present = threading.Event()
+
+        def check(path: str, token: str) -> None:
+            if xs.exists(node):
+                present.set()
+        xs.watch(node, f"vbd-{devid}", check)
+        try:
+            if not present.wait(TOOLSTACK_TIMEOUT):
+                raise RuntimeError(f"the toolstack did not add disk {devid} ({node}) within {TOOLSTACK_TIMEOUT:g}s")
+        finally:
+            xs.unwatch(node, f"vbd-{devid}")
+        front = Blkfront(host, xs, devid)
+        self._fronts.append(front)
+        front.connect(TOOLSTACK_TIMEOUT)
+        server = NbdServer(export, front)
+        server.start()
+        self._exports.append(server)
+        log.info("disk %d: %d bytes exported on nbd+unix:///?socket=%s", devid, front.size, export)
 
     def _ready(self) -> None:
         if self.ready_fd is not None:
@@ -147,15 +183,24 @@ class Guest:
 
 
 
+def _disk_arg(text: str) -> tuple[int, str]:
+    devid, sep, path = text.partition(":")
+    if not sep or not devid.isdigit() or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: DEVID:SOCKET expected")
+    return int(devid), path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m xdom.domains.guest", description="xdom's guest runtime")
     p.add_argument("--ready-fd", type=int, default=None, help="write 'ready' to this fd once up")
+    p.add_argument("--disk", action="append", default=[], type=_disk_arg, metavar="DEVID:SOCKET",
+                   help="connect vbd DEVID and export it over NBD on unix socket SOCKET (repeatable)")
     p.add_argument("workload", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS...: run and wait for it")
     args = p.parse_args(argv)
     workload = args.workload[1:] if args.workload[:1] == ["--"] else args.workload
     logging.basicConfig(level=os.environ.get("XDOM_LOG_LEVEL", "info").upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return Guest(workload, args.ready_fd).run()
+    return Guest(workload, args.ready_fd, args.disk).run()
 
 
 if __name__ == "__main__":

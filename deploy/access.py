@@ -1,0 +1,92 @@
+"""Giving one domain's uid access to one file or directory, with a POSIX ACL entry.
+
+With a uid per domain, blkback must open the disk images it serves and a
+guest must create its NBD export socket, but neither should own those paths
+nor open them to everyone.  What a Xen hotplug script does for a driver
+domain, the supervisor does here: it adds ``user:<uid>:<perms>`` to the
+path's access ACL (keeping every entry already there) and ``user:<uid>:x``
+to each ancestor directory the uid could not otherwise traverse.
+
+The ACL is written as the kernel's ``system.posix_acl_access`` xattr
+(``struct posix_acl_xattr_header`` + entries), so no ``setfacl`` is needed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import struct
+
+__all__ = ["AccessError", "grant_access"]
+
+_XATTR = "system.posix_acl_access"
+_VERSION = 2
+_ENTRY = struct.Struct("<HHI")
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+_UNDEFINED_ID = 0xFFFFFFFF
+R, W, X = 4, 2, 1
+
+
+class AccessError(Exception):
+    """The path's ACL could not be changed (a filesystem without ACLs, say)."""
+
+
+def _read_acl(path: str, mode: int) -> list[tuple[int, int, int]]:
+    try:
+        raw = os.getxattr(path, _XATTR)
+    except OSError as e:
+        if e.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+            raise
+        raw = b""
+    if len(raw) >= 4 and struct.unpack_from("<I", raw)[0] == _VERSION:
+        return [_ENTRY.unpack_from(raw, 4 + i * _ENTRY.size) for i in range((len(raw) - 4) // _ENTRY.size)]
+    # No ACL yet: the mode bits are the three base entries.
+    return [(ACL_USER_OBJ, (mode >> 6) & 7, _UNDEFINED_ID), (ACL_GROUP_OBJ, (mode >> 3) & 7, _UNDEFINED_ID),
+            (ACL_OTHER, mode & 7, _UNDEFINED_ID)]
+
+
+def _add_user(path: str, uid: int, perms: int) -> None:
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    entries = _read_acl(path, mode)
+    users = {eid: p for tag, p, eid in entries if tag == ACL_USER}
+    if (users.get(uid, 0) & perms) == perms:
+        return
+    users[uid] = users.get(uid, 0) | perms
+    base = {tag: p for tag, p, _ in entries if tag in (ACL_USER_OBJ, ACL_GROUP_OBJ, ACL_OTHER)}
+    groups = {eid: p for tag, p, eid in entries if tag == ACL_GROUP}
+    mask = base[ACL_GROUP_OBJ]
+    for p in list(users.values()) + list(groups.values()):
+        mask |= p
+    out = [(ACL_USER_OBJ, base[ACL_USER_OBJ], _UNDEFINED_ID)]
+    out += [(ACL_USER, users[u], u) for u in sorted(users)]
+    out += [(ACL_GROUP_OBJ, base[ACL_GROUP_OBJ], _UNDEFINED_ID)]
+    out += [(ACL_GROUP, groups[g], g) for g in sorted(groups)]
+    out += [(ACL_MASK, mask, _UNDEFINED_ID), (ACL_OTHER, base[ACL_OTHER], _UNDEFINED_ID)]
+    try:
+        os.setxattr(path, _XATTR, struct.pack("<I", _VERSION) + b"".join(_ENTRY.pack(*e) for e in out))
+    except OSError as e:
+        raise AccessError(f"cannot give uid {uid} access to {path}: {e.strerror}") from None
+
+
+def _traversable_by_others(path: str) -> bool:
+    return bool(os.stat(path).st_mode & stat.S_IXOTH)
+
+
+def grant_access(path: str, uid: int, write: bool = False, directory: bool = False) -> None:
+    """Let ``uid`` read (and write) ``path``; for a directory, also create entries in it.
+
+    Ancestors that others cannot search get a search-only entry for ``uid``.
+    """
+    path = os.path.abspath(path)
+    perms = R | (W if write else 0) | (X if directory else 0)
+    if directory:
+        perms |= W | X if write else X
+    _add_user(path, uid, perms)
+    parent = os.path.dirname(path)
+    while True:
+        if not _traversable_by_others(parent):
+            _add_user(parent, uid, X)
+        if parent == "/":
+            break
+        parent = os.path.dirname(parent)

@@ -1,0 +1,143 @@
+"""Disks end to end: a supervised host (broker, xenstored, blkback, a guest) and real tools on the guest's NBD export.
+
+Every domain is its own process; the guest's blkfront talks to blkback
+through granted pages and event channels only.  The checks are the ones a
+user would make: fio with crc32c verification, qemu-img convert
+byte-identical, a read-only disk refusing writes, discard leaving holes,
+and fio carrying on across a SIGKILL of the blkback domain.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+from typing import Any
+
+import pytest
+
+from test_supervisor import Host, assert_nothing_left
+from helpers import wait_until
+
+pytestmark = [pytest.mark.timeout(240),
+              pytest.mark.skipif(not all(shutil.which(t) for t in ("fio", "qemu-img", "qemu-io", "nbdinfo")),
+                                 reason="needs fio, qemu-img, qemu-io and nbdinfo (make test installs them as root)")]
+
+IMAGE = 48 << 20
+
+
+def topology(images: dict[str, str], extra: str = "") -> str:
+    """xenstored, blk0 and g1 with a disk per image: xvda read-write, xvdb read-only."""
+    disks = [f"format=raw, vdev=xvda, access=rw, backend=blk0, export=nbd:g1-xvda.sock, target={images['a']}"]
+    if "b" in images:
+        disks.append(f"format=raw, vdev=xvdb, access=ro, backend=blk0, target={images['b']}")
+    listed = ", ".join(f'"{d}"' for d in disks)
+    return ('[[domain]]\nname = "xs"\nkind = "xenstored"\n'
+            '[[domain]]\nname = "blk0"\nkind = "blkback"\nrestart_backoff = 0.1\n'
+            f'[[domain]]\nname = "g1"\nkind = "guest"\nmemory = "32M"\ndisk = [{listed}]\n{extra}')
+
+
+def make_image(path: str, size: int = IMAGE) -> bytes:
+    data = random.Random(path).randbytes(size)
+    with open(path, "wb") as f:
+        f.write(data)
+    return data
+
+
+def uri(export: str) -> str:
+    return f"nbd+unix:///?socket={export}"
+
+
+def fio(export: str, cwd: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    cmd = ["fio", "--name=xdom", "--ioengine=nbd", f"--uri={uri(export)}", "--verify_state_save=0",
+           "--output-format=terse", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+def devices(h: Host, name: str) -> dict[str, dict[str, Any]]:
+    return {d["vdev"]: d for d in h.row(name)["devices"]}
+
+
+def test_a_guest_disk_through_blkback_serves_real_tools(run_dir: str) -> None:
+    a, b = os.path.join(run_dir, "a.img"), os.path.join(run_dir, "b.img")
+    make_image(a)
+    original_b = make_image(b, 8 << 20)
+    with Host(run_dir, topology({"a": a, "b": b})) as h:
+        devs = devices(h, "g1")
+        assert devs["xvda"]["backend"] == "blk0" and devs["xvda"]["mode"] == "w"
+        assert devs["xvdb"]["mode"] == "r"
+        xvda, xvdb = devs["xvda"]["export"], devs["xvdb"]["export"]
+        assert xvdb == os.path.join(h.layout.run_dir, "g1-xvdb.sock")     # the default export socket
+
+        info = subprocess.run(["nbdinfo", "--json", uri(xvda)], capture_output=True, text=True, check=True)
+        assert '"export-size": 50331648' in info.stdout
+
+        # qemu-img convert out of the export: byte-identical to the image
+        copy = os.path.join(run_dir, "copy.img")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri(xvda), copy], check=True,
+                       capture_output=True, timeout=120)
+        with open(a, "rb") as f1, open(copy, "rb") as f2:
+            assert f1.read() == f2.read()
+
+        # fio: random writes and reads, every block verified
+        res = fio(xvda, run_dir, "--rw=randrw", "--bs=4k", "--iodepth=16", "--size=16M", "--verify=crc32c",
+                  "--do_verify=1")
+        assert res.returncode == 0, res.stderr
+        res = fio(xvda, run_dir, "--rw=write", "--bs=1M", "--iodepth=4", "--size=16M", "--offset=24M",
+                  "--verify=crc32c", "--do_verify=1")
+        assert res.returncode == 0, res.stderr
+
+        # discard punches a hole in the image file
+        before = os.stat(a).st_blocks
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "discard 40M 4M", uri(xvda)], check=True,
+                       capture_output=True, timeout=60)
+        assert os.stat(a).st_blocks <= before - (4 << 20) // 512
+
+        # the read-only disk refuses writes, and reads still work
+        res = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x55 0 64k", uri(xvdb)],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode != 0 or "error" in (res.stdout + res.stderr).lower()
+        with open(b, "rb") as f:
+            assert f.read() == original_b
+        res = subprocess.run(["qemu-io", "-f", "raw", "-r", "-c", "read 0 64k", uri(xvdb)],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and "read 65536/65536" in res.stdout
+        layout = h.layout
+    assert_nothing_left(layout)
+    assert not os.path.exists(xvda) and not os.path.exists(xvdb)
+
+
+def test_fio_survives_a_blkback_kill(run_dir: str) -> None:
+    a = os.path.join(run_dir, "a.img")
+    make_image(a)
+    with Host(run_dir, topology({"a": a})) as h:
+        export = devices(h, "g1")["xvda"]["export"]
+        before = h.ps()
+        cmd = ["fio", "--name=xdom", "--ioengine=nbd", f"--uri={uri(export)}", "--verify_state_save=0",
+               "--rw=randrw", "--bs=4k", "--iodepth=16", "--size=16M", "--verify=crc32c", "--do_verify=1",
+               "--time_based", "--runtime=6", "--output-format=terse"]
+        proc = subprocess.Popen(cmd, cwd=run_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            # Kill the driver domain while fio has I/O in flight.
+            wait_until(lambda: h.row("blk0")["state"] == "running" and proc.poll() is None, what="fio running")
+            os.kill(before["blk0"]["pid"], signal.SIGKILL)
+            r = h.wait("blk0", "restarted", state="running", generation=2)
+            assert r["domid"] == before["blk0"]["domid"] and r["last_exit"] == "killed by SIGKILL"
+            _, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 0, err
+        g1 = h.row("g1")
+        assert g1["state"] == "running" and g1["generation"] == 1, "the guest was not restarted"
+        # after the restart the disk still reads what the image holds
+        copy = os.path.join(run_dir, "copy.img")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri(export), copy], check=True,
+                       capture_output=True, timeout=120)
+        with open(a, "rb") as f1, open(copy, "rb") as f2:
+            assert f1.read() == f2.read()
+        with open(h.layout.log_path("g1")) as log:
+            assert "came back: reconnecting" in log.read()
