@@ -42,6 +42,7 @@ supervisor killed outright takes them with it.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -74,8 +75,8 @@ from .launcher import BrokerProcess, start_broker, start_domain_process
 from .policy import Action, ExitStatus, HealthCheck, HealthSample, RestartTracker
 from .rundir import Layout, LayoutError, PidFile, clear_run_files, remove_run_dir, stop_leftovers
 from .topology import DomainKind, DomainSpec, Topology, TopologyError
-from .vbd import VbdConfig, add_vbd
-from .xlcfg import DiskSpec
+from .vbd import VbdConfig, add_vbd, remove_vbd
+from .xlcfg import DiskSpec, XlCfgError, parse_disk
 from .xsnodes import domain_path, write_dom0_nodes, write_domain_nodes
 
 __all__ = ["READY_TIMEOUT", "STOP_GRACE", "UNSUPPORTED_KINDS", "AlreadyRunning", "JournalEntry", "State",
@@ -393,7 +394,8 @@ class Supervisor:
         self._poller.register(sub, zmq.POLLIN)
         self._control = ControlServer(endpoint_for(lay.control_socket), ControlProtocol({
             "ping": self._op_ping, "ps": self._op_ps, "info": self._op_info, "restart": self._op_restart,
-            "destroy": self._op_destroy, "stop": self._op_stop}))
+            "destroy": self._op_destroy, "stop": self._op_stop, "block-attach": self._op_block_attach,
+            "block-detach": self._op_block_detach}))
         self._poller.register(self._control.socket, zmq.POLLIN)
 
     def _prepare_dirs(self) -> None:
@@ -810,10 +812,10 @@ class Supervisor:
                 out.append((be, fe, disk))
         return out
 
-    def _write_devices(self, xs: XenstoreClient, d: _Domain) -> None:
+    def _write_devices(self, xs: XenstoreClient, d: _Domain, only: DiskSpec | None = None) -> None:
         """libxl's device nodes for ``d``'s disks, or those it serves (again, after a restart)."""
         for be, fe, disk in self._vbds_of(d):
-            if disk.target is None:
+            if disk.target is None or (only is not None and disk is not only):
                 continue
             if be.uid is not None and self.uid_plan is not None and self.uid_plan.separate:
                 try:
@@ -821,12 +823,16 @@ class Supervisor:
                 except (AccessError, OSError) as e:
                     log.error("%s cannot open %s: %s", be.name, disk.target, e)
             assert be.domid is not None and fe.domid is not None
-            add_vbd(xs, VbdConfig(be.domid, fe.domid, disk.devid, disk.vdev, disk.target, disk.readonly))
+            add_vbd(xs, VbdConfig(be.domid, fe.domid, disk.devid, disk.vdev, disk.target, disk.readonly,
+                                  export=self._export_path(fe, disk)))
             self._record(fe.name, "vbd", f"{disk.vdev} on {be.name} -> {self._export_path(fe, disk)}")
 
-    def _prepare_exports(self, d: _Domain) -> None:
-        """The guest's export sockets go in directories its uid can write; stale sockets go away."""
-        for disk in d.spec.disks:
+    def _prepare_exports(self, d: _Domain, disks: tuple[DiskSpec, ...] | None = None) -> None:
+        """The guest's export sockets go in directories its uid can write; stale sockets go away.
+
+        Before the guest starts (all its disks), or for a disk being hot-attached.
+        """
+        for disk in d.spec.disks if disks is None else disks:
             path = self._export_path(d, disk)
             os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
             _unlink_socket(path)
@@ -1092,6 +1098,85 @@ class Supervisor:
             self._finish_destroy(d)
         return {}
 
+    def _guest_for_devices(self, req: dict[str, Any]) -> _Domain:
+        d = self._domain_named(req)
+        if self.phase != "running":
+            raise ControlError.of(errno.EBUSY, f"the host is {self.phase}; try again once it is running")
+        if d.kind != DomainKind.GUEST:
+            raise ControlError.of(errno.EINVAL, f"{d.name} is a {d.kind} domain; disks attach to guests")
+        if d.state != State.RUNNING or d.domid is None:
+            raise ControlError.of(errno.EBUSY, f"{d.name} is {d.state}; disks attach to a running guest")
+        return d
+
+    def _op_block_attach(self, req: dict[str, Any]) -> dict[str, Any]:
+        """``xl block-attach``: add a disk to a running guest; it stays in the guest's spec across restarts."""
+        d = self._guest_for_devices(req)
+        spec = string_field(req, "disk")
+        try:
+            disk = parse_disk(spec)
+        except XlCfgError as e:
+            raise ControlError.of(errno.EINVAL, str(e)) from None
+        if disk.backend is None:
+            backends = [b.name for b in self.domains if b.kind == DomainKind.BLKBACK]
+            if len(backends) != 1:
+                raise ControlError.of(errno.EINVAL, "say backend=NAME: this host has "
+                                                    f"{len(backends)} blkback domains")
+            disk = dataclasses.replace(disk, backend=backends[0])
+        be = self._by_name.get(disk.backend or "")
+        if be is None or be.kind != DomainKind.BLKBACK:
+            raise ControlError.of(errno.EINVAL, f"backend {disk.backend!r} is not a blkback domain of this host")
+        if be.state != State.RUNNING:
+            raise ControlError.of(errno.EBUSY, f"backend {be.name} is {be.state}")
+        if any(x.devid == disk.devid for x in d.spec.disks):
+            raise ControlError.of(errno.EEXIST, f"{d.name} already has a disk at {disk.vdev}")
+        if disk.target is None:
+            raise ControlError.of(errno.EINVAL, "an empty drive has nothing to attach")
+        target = disk.target if os.path.isabs(disk.target) else os.path.join(self.layout.state_dir, disk.target)
+        export = disk.export_path
+        if export is not None and not os.path.isabs(export):
+            export = os.path.join(self.layout.run_dir, export)
+        disk = dataclasses.replace(disk, target=os.path.normpath(target), export_path=export)
+        try:
+            st = os.stat(disk.target)
+        except OSError as e:
+            raise ControlError.of(errno.ENOENT, f"{disk.target}: {e.strerror}") from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise ControlError.of(errno.EINVAL, f"{disk.target} is neither a file nor a block device")
+        path = self._export_path(d, disk)
+        if any(self._export_path(g, x) == path for g in self.domains for x in g.spec.disks):
+            raise ControlError.of(errno.EEXIST, f"export socket {path} is already in use")
+        d.spec = dataclasses.replace(d.spec, disks=(*d.spec.disks, disk))
+        try:
+            self._prepare_exports(d, (disk,))
+            with self._xs() as xs:
+                self._write_devices(xs, d, only=disk)
+        except (XenstoreError, OSError, TimeoutError, AccessError) as e:
+            d.spec = dataclasses.replace(d.spec, disks=tuple(x for x in d.spec.disks if x is not disk))
+            raise ControlError.of(errno.EIO, f"attaching {disk.vdev} to {d.name}: {e}") from None
+        log.info("attached %s (%s) to %s on %s", disk.vdev, disk.target, d.name, be.name)
+        return {"vdev": disk.vdev, "devid": disk.devid, "export": path, "backend": be.name}
+
+    def _op_block_detach(self, req: dict[str, Any]) -> dict[str, Any]:
+        """``xl block-detach``: the backend closes, the guest lets go, then the nodes go."""
+        d = self._guest_for_devices(req)
+        which = string_field(req, "vdev")
+        disk = next((x for x in d.spec.disks if x.vdev == which or str(x.devid) == which), None)
+        if disk is None:
+            raise ControlError.of(errno.ENODEV, f"{d.name} has no disk {which!r:.40} "
+                                                f"(disks: {', '.join(x.vdev for x in d.spec.disks) or 'none'})")
+        be = self._by_name.get(disk.backend or "")
+        closed = False
+        if be is not None and be.domid is not None and d.domid is not None:
+            try:
+                with self._xs() as xs:
+                    closed = remove_vbd(xs, be.domid, d.domid, disk.devid, timeout=DETACH_TIMEOUT)
+            except (XenstoreError, OSError, TimeoutError) as e:
+                raise ControlError.of(errno.EIO, f"detaching {disk.vdev} from {d.name}: {e}") from None
+        d.spec = dataclasses.replace(d.spec, disks=tuple(x for x in d.spec.disks if x is not disk))
+        _unlink_socket(self._export_path(d, disk))
+        log.info("detached %s from %s%s", disk.vdev, d.name, "" if closed else " (the backend did not confirm)")
+        return {"vdev": disk.vdev, "clean": closed}
+
     def _op_stop(self, req: dict[str, Any]) -> dict[str, Any]:
         log.info("stop requested over the control channel")
         self.request_stop()
@@ -1167,6 +1252,7 @@ class Supervisor:
             self._wake.close()
             self._wake = None
 
+DETACH_TIMEOUT = 5.0      # seconds block-detach waits for the backend to report Closed
 _READY_PIPE_KINDS = (DomainKind.XENSTORED, DomainKind.GUEST, DomainKind.BLKBACK)
 
 

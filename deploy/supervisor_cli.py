@@ -1,4 +1,4 @@
-"""``xdom up/down/ps/logs/restart/destroy``: the command line of the supervisor.
+"""``xdom up/down/ps/logs/restart/destroy/block-*``: the command line of the supervisor.
 
 ``up`` runs a :class:`~xdom.deploy.supervisor.Supervisor` in the foreground
 (Ctrl-C or SIGTERM stops everything cleanly) or, with ``--detach``, as a
@@ -431,6 +431,38 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- block devices -----------------------------------------------------------------
+
+def cmd_block_attach(args: argparse.Namespace) -> int:
+    run_dir = _resolve_run_dir(args)
+    r = _request(run_dir, args.timeout, "block-attach", name=args.domain, disk=args.disk)
+    _say(f"xdom: {r['vdev']} (devid {r['devid']}) attached to {args.domain} on {r['backend']}; "
+         f"NBD export nbd+unix:///?socket={r['export']}")
+    return EXIT_OK
+
+
+def cmd_block_detach(args: argparse.Namespace) -> int:
+    run_dir = _resolve_run_dir(args)
+    r = _request(run_dir, args.timeout, "block-detach", name=args.domain, vdev=args.vdev)
+    _say(f"xdom: {r['vdev']} detached from {args.domain}"
+         + ("" if r["clean"] else " (the backend did not confirm it closed; its nodes were removed anyway)"))
+    return EXIT_OK
+
+
+def cmd_block_list(args: argparse.Namespace) -> int:
+    run_dir = _resolve_run_dir(args)
+    row = _request(run_dir, args.timeout, "info", name=args.domain)["domain"]
+    disks = [d for d in row["devices"] if d["type"] == "vbd"]
+    if args.json:
+        _say(json.dumps(disks, indent=2))
+        return EXIT_OK
+    _say(f"{'Vdev':<6} {'DevId':>6} {'Backend':<10} {'Mode':<4} {'Target':<40} Export")
+    for d in disks:
+        _say(f"{d['vdev']:<6} {d['devid']:>6} {d['backend'] or '-':<10} {d['mode']:<4} {d['target'] or '-':<40} "
+             f"{d['export']}")
+    return EXIT_OK
+
+
 # ---- parsers ---------------------------------------------------------------------
 
 def add_parsers(sub: Any) -> None:
@@ -484,6 +516,25 @@ def add_parsers(sub: Any) -> None:
         if name == "restart":
             sp.add_argument("--no-wait", action="store_true", help="return once the restart is under way")
         sp.set_defaults(func=_run(func))
+    _add_block_parsers(sub, target)
+
+
+def _add_block_parsers(sub: Any, target: Callable[[argparse.ArgumentParser], None]) -> None:
+    attach = sub.add_parser("block-attach", help="attach a disk to a running guest (xl block-attach)")
+    attach.add_argument("domain")
+    attach.add_argument("disk", help="an xl disk spec, e.g. 'vdev=xvdb, access=rw, backend=blk0, target=/x.img'")
+    target(attach)
+    attach.set_defaults(func=_run(cmd_block_attach), timeout=30.0)
+    detach = sub.add_parser("block-detach", help="detach a guest's disk (xl block-detach)")
+    detach.add_argument("domain")
+    detach.add_argument("vdev", help="the disk's vdev (xvdb) or devid (51728)")
+    target(detach)
+    detach.set_defaults(func=_run(cmd_block_detach), timeout=30.0)
+    blist = sub.add_parser("block-list", help="a guest's disks and their NBD exports (xl block-list)")
+    blist.add_argument("domain")
+    target(blist)
+    blist.add_argument("--json", action="store_true")
+    blist.set_defaults(func=_run(cmd_block_list))
 
 
 def _run(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

@@ -27,6 +27,7 @@ class VbdConfig:
     target: str
     read_only: bool = False
     logical_sector_size: int | None = None
+    export: str | None = None        # xdom: the unix socket the guest serves the disk on over NBD
 
 
 def add_vbd(xs: XenstoreClient, cfg: VbdConfig) -> None:
@@ -44,6 +45,8 @@ def add_vbd(xs: XenstoreClient, cfg: VbdConfig) -> None:
         be_nodes["logical-sector-size"] = cfg.logical_sector_size
     fe_nodes = {"backend": be, "backend-id": cfg.backend_domid, "state": int(XenbusState.Initialising),
                 "virtual-device": cfg.devid, "device-type": "disk"}
+    if cfg.export:
+        fe_nodes["xdom-export"] = cfg.export
 
     be_dirs = [f"/local/domain/{cfg.backend_domid}/backend", f"/local/domain/{cfg.backend_domid}/backend/vbd",
                f"/local/domain/{cfg.backend_domid}/backend/vbd/{cfg.frontend_domid}"]

@@ -45,6 +45,7 @@ from typing import Sequence
 from .blkfront.device import Blkfront
 from .nbd.server import NbdServer
 from .wakeup import WakePipe
+from .xenbus import read_or_none
 from .xenhost import XenHost, connect
 from .xenstore import XenstoreClient
 
@@ -62,8 +63,9 @@ class Guest:
                  disks: Sequence[tuple[int, str]] = ()) -> None:
         self.workload = list(workload)
         self.disks = list(disks)
-        self._fronts: list[Blkfront] = []
-        self._exports: list[NbdServer] = []
+        self._attached: dict[int, tuple[Blkfront, NbdServer]] = {}
+        self._disk_lock = threading.Lock()
+        self._hotplug: list[threading.Thread] = []
         self.ready_fd = ready_fd
         self._wake = WakePipe()
         self.stop_reason = ""
@@ -104,6 +106,7 @@ class Guest:
             xs.write(f"{home}/control/feature-poweroff", "1")
             for devid, export in self.disks:
                 self._attach_disk(host, xs, home, devid, export)
+            xs.watch(f"{home}/device/vbd", "vbd-hotplug", lambda path, token: self._hotplug_scan(host, xs, home))
             # Until here SIGTERM kills outright: there is nothing to shut down cleanly yet.
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda signum, frame: self.request_stop(signal.Signals(signum).name))
@@ -113,9 +116,13 @@ class Guest:
             host.shutdown("poweroff")
             return status
         finally:
-            for server in self._exports:
+            self.stop_reason = self.stop_reason or "stopping"
+            for t in list(self._hotplug):
+                t.join()
+            with self._disk_lock:
+                attached, self._attached = list(self._attached.values()), {}
+            for front, server in attached:
                 server.close()
-            for front in self._fronts:
                 front.close()
             if xs is not None:
                 xs.close()
@@ -135,13 +142,59 @@ class Guest:
                 raise RuntimeError(f"the toolstack did not add disk {devid} ({node}) within {TOOLSTACK_TIMEOUT:g}s")
         finally:
             xs.unwatch(node, f"vbd-{devid}")
+        self._connect_and_export(host, xs, devid, export)
+
+    def _connect_and_export(self, host: XenHost, xs: XenstoreClient, devid: int, export: str) -> None:
         front = Blkfront(host, xs, devid)
-        self._fronts.append(front)
-        front.connect(TOOLSTACK_TIMEOUT)
-        server = NbdServer(export, front)
-        server.start()
-        self._exports.append(server)
+        try:
+            front.connect(TOOLSTACK_TIMEOUT)
+            server = NbdServer(export, front)
+            server.start()
+        except BaseException:
+            front.close()
+            raise
+        with self._disk_lock:
+            self._attached[devid] = (front, server)
         log.info("disk %d: %d bytes exported on nbd+unix:///?socket=%s", devid, front.size, export)
+
+    def _hotplug_scan(self, host: XenHost, xs: XenstoreClient, home: str) -> None:
+        """Disks the toolstack added or removed while we run (xdom block-attach / block-detach).
+
+        Runs on the xenstore watch thread, which must stay free to deliver
+        the events a handshake waits for: attaching happens on a thread.
+        """
+        if self.stop_reason:
+            return
+        try:
+            present = {int(n) for n in xs.directory(f"{home}/device/vbd") if n.isdigit()}
+        except Exception:
+            present = set()
+        with self._disk_lock:
+            gone = [d for d in self._attached if d not in present]
+            removed = [self._attached.pop(d) for d in gone]
+            busy = {int(t.name.rsplit("-", 1)[1]) for t in self._hotplug if t.is_alive()}
+            self._hotplug = [t for t in self._hotplug if t.is_alive()]
+            new = [d for d in present if d not in self._attached and d not in busy]
+        for devid, (front, server) in zip(gone, removed):
+            log.info("disk %d: removed by the toolstack", devid)
+            server.close()
+            front.close()
+        for devid in new:
+            raw = read_or_none(xs, f"{home}/device/vbd/{devid}/xdom-export")
+            state = read_or_none(xs, f"{home}/device/vbd/{devid}/state")
+            if raw is None or state != b"1":      # not ours to export, or being torn down
+                continue
+            t = threading.Thread(target=self._hotplug_attach, args=(host, xs, devid, raw.decode(errors="replace")),
+                                 name=f"hotplug-{devid}", daemon=True)
+            with self._disk_lock:
+                self._hotplug.append(t)
+            t.start()
+
+    def _hotplug_attach(self, host: XenHost, xs: XenstoreClient, devid: int, export: str) -> None:
+        try:
+            self._connect_and_export(host, xs, devid, export)
+        except Exception as e:
+            log.error("disk %d: hot-attach failed: %s", devid, e)
 
     def _ready(self) -> None:
         if self.ready_fd is not None:

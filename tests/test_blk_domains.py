@@ -14,11 +14,13 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 from typing import Any
 
 import pytest
 
 from test_supervisor import Host, assert_nothing_left
+from xdom.domains.xenstore import XenstoreClient
 from helpers import wait_until
 
 pytestmark = [pytest.mark.timeout(240),
@@ -141,3 +143,59 @@ def test_fio_survives_a_blkback_kill(run_dir: str) -> None:
             assert f1.read() == f2.read()
         with open(h.layout.log_path("g1")) as log:
             assert "came back: reconnecting" in log.read()
+
+
+def xdom(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "xdom.deploy.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def nbd_serves(export: str) -> bool:
+    return subprocess.run(["nbdinfo", "--size", uri(export)], capture_output=True).returncode == 0
+
+
+def test_block_attach_and_detach_while_the_guest_runs(run_dir: str) -> None:
+    a, b = os.path.join(run_dir, "a.img"), os.path.join(run_dir, "b.img")
+    make_image(a)
+    make_image(b, 8 << 20)
+    with Host(run_dir, topology({"a": a})) as h:
+        run = ["--run-dir", h.layout.run_dir]
+        xvda = devices(h, "g1")["xvda"]["export"]
+        spec = f"format=raw, vdev=xvdb, access=rw, backend=blk0, export=nbd:g1-xvdb.sock, target={b}"
+        res = xdom("block-attach", "g1", spec, *run)
+        assert res.returncode == 0, res.stderr
+        xvdb = os.path.join(h.layout.run_dir, "g1-xvdb.sock")
+        assert xvdb in res.stdout
+        wait_until(lambda: nbd_serves(xvdb), 30, "the hot-attached disk's export")
+        assert "xvdb" in devices(h, "g1")
+        listing = xdom("block-list", "g1", *run)
+        assert listing.returncode == 0 and "xvdb" in listing.stdout and "xvda" in listing.stdout
+        # the new disk carries verified I/O; the first one still does too
+        for export in (xvdb, xvda):
+            res = fio(export, run_dir, "--rw=randwrite", "--bs=4k", "--iodepth=8", "--size=4M",
+                      "--verify=crc32c", "--do_verify=1")
+            assert res.returncode == 0, res.stderr
+        # attaching at a vdev in use, or from a backend that is not a blkback, is refused
+        dup = xdom("block-attach", "g1", spec, *run)
+        assert dup.returncode == 1 and "already has a disk at xvdb" in dup.stderr
+        bad = xdom("block-attach", "g1", spec.replace("backend=blk0", "backend=xs"), *run)
+        assert bad.returncode == 1 and "not a blkback domain" in bad.stderr
+
+        res = xdom("block-detach", "g1", "xvdb", *run)
+        assert res.returncode == 0, res.stderr
+        assert "did not confirm" not in res.stdout
+        wait_until(lambda: not os.path.exists(xvdb), 30, "the detached disk's export to go")
+        g1, blk0 = h.row("g1")["domid"], h.row("blk0")["domid"]
+        with XenstoreClient.unix(h.layout.xenstored_link) as xs:
+            assert not xs.exists(f"/local/domain/{g1}/device/vbd/51728")
+            assert not xs.exists(f"/local/domain/{blk0}/backend/vbd/{g1}/51728")
+        assert "xvdb" not in devices(h, "g1")
+        assert fio(xvda, run_dir, "--rw=randread", "--bs=4k", "--size=4M").returncode == 0
+        with open(h.layout.log_path("g1")) as log:
+            assert "reconnecting" not in log.read(), "attaching or detaching xvdb disturbed xvda"
+        # and back again
+        assert xdom("block-attach", "g1", spec, *run).returncode == 0
+        wait_until(lambda: nbd_serves(xvdb), 30, "the re-attached disk's export")
+        assert xdom("block-detach", "g1", "51728", *run).returncode == 0
+        missing = xdom("block-detach", "g1", "xvdc", *run)
+        assert missing.returncode == 1 and "has no disk" in missing.stderr
