@@ -25,6 +25,7 @@ test: sysdeps venv
 bench: sysdeps venv
 	$(BIN)/python benchmarks/bench_broker.py
 	$(BIN)/python benchmarks/bench_xenstored.py
+	$(BIN)/python benchmarks/bench_blk.py
 
 venv: $(STAMP)
 

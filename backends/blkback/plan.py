@@ -13,6 +13,7 @@ operation we do not offer) and nothing else happens.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from xdom.domains.abi.blkif import (
     BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ,
@@ -35,9 +36,8 @@ class DiskGeometry:
     max_indirect_segments: int = MAX_INDIRECT_SEGMENTS
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """One segment's bytes: ``length`` bytes at ``offset`` in granted page ``gref``."""
+class Chunk(NamedTuple):
+    """One segment's bytes: ``length`` bytes at ``offset`` in granted page ``gref`` (a tuple: 256 per MiB)."""
     gref: int
     offset: int
     length: int

@@ -20,7 +20,7 @@ import logging
 import os
 import select
 import threading
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from xdom.domains.abi.blkif import (
     BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, SEGMENT, BlkifABI, Request, parse_indirect_segments,
@@ -125,42 +125,45 @@ class RingServer:
             log.exception("%s: ring thread failed", self.name)
             self.on_fatal(self, f"ring thread failed: {e}")
 
-    def _take_batch(self) -> list[bytes]:
-        """Requests for one batch, as many as fit :data:`BATCH_GRANT_BUDGET` grant mappings.
-
-        The backend domain's maptrack is shared by every device it serves: a
-        frontend filling a big ring with 256-segment indirect requests must
-        not be able to take it all (Linux bounds this with its per-ring pool
-        of pending requests).
-        """
-        raws: list[bytes] = []
-        budget = BATCH_GRANT_BUDGET
-        while budget > 0:
-            got = self.ring.take_requests(limit=1)
-            if not got:
-                break
-            raws.append(got[0])
-            req = parse_request(self.abi, got[0])
-            budget -= max(1, req.nr_segments + len(req.indirect_grefs))
-        return raws
-
     def _drain(self) -> None:
         while True:
-            raws = self._take_batch()
+            raws = self.ring.take_requests()
             if raws:
-                for rid, op, status in self._serve(raws):
-                    self.ring.put_response(pack_response(self.abi, rid, op, status))
                 self.stats["batches"] += 1
+                for chunk in self._chunks([parse_request(self.abi, raw) for raw in raws]):
+                    for rid, op, status in self._serve(chunk):
+                        self.ring.put_response(pack_response(self.abi, rid, op, status))
                 if self.ring.push_responses():
                     self.stats["notifies"] += 1
                     self.host.notify(self.port)
             if not self.ring.final_check_for_requests():
                 return
 
+    @staticmethod
+    def _chunks(reqs: list[Request]) -> Iterator[list[Request]]:
+        """Cut a batch so that each part maps at most :data:`BATCH_GRANT_BUDGET` grants at once.
+
+        The backend domain's maptrack is shared by every device it serves: a
+        frontend filling a big ring with 256-segment indirect requests must
+        not be able to take it all (Linux bounds this with its per-ring pool
+        of pending requests).  Parts are served in ring order, so responses
+        stay in request order.
+        """
+        part: list[Request] = []
+        budget = BATCH_GRANT_BUDGET
+        for req in reqs:
+            cost = max(1, req.nr_segments + len(req.indirect_grefs))
+            if part and cost > budget:
+                yield part
+                part, budget = [], BATCH_GRANT_BUDGET
+            part.append(req)
+            budget -= cost
+        if part:
+            yield part
+
     # ---- one batch ------------------------------------------------------------
 
-    def _serve(self, raws: list[bytes]) -> list[tuple[int, int, int]]:
-        reqs = [parse_request(self.abi, raw) for raw in raws]
+    def _serve(self, reqs: list[Request]) -> list[tuple[int, int, int]]:
         self.stats["requests"] += len(reqs)
         replies: list[tuple[int, int, int] | None] = [None] * len(reqs)
         plans: list[IoPlan | None] = [None] * len(reqs)
