@@ -199,3 +199,23 @@ def test_block_attach_and_detach_while_the_guest_runs(run_dir: str) -> None:
         assert xdom("block-detach", "g1", "51728", *run).returncode == 0
         missing = xdom("block-detach", "g1", "xvdc", *run)
         assert missing.returncode == 1 and "has no disk" in missing.stderr
+
+
+def test_a_restarted_guest_gets_its_disk_back(run_dir: str) -> None:
+    a = os.path.join(run_dir, "a.img")
+    data = make_image(a, 16 << 20)
+    with Host(run_dir, topology({"a": a}).replace('memory = "32M"', 'memory = "32M"\nrestart = "on-failure"')) as h:
+        export = devices(h, "g1")["xvda"]["export"]
+        before = h.ps()
+        os.kill(before["g1"]["pid"], signal.SIGKILL)
+        h.wait("g1", "restarted", state="running", generation=2)
+        wait_until(lambda: nbd_serves(export), 30, "the export of the restarted guest")
+        copy = os.path.join(run_dir, "copy.img")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri(export), copy], check=True,
+                       capture_output=True, timeout=120)
+        with open(copy, "rb") as f:
+            assert f.read() == data
+        assert h.row("blk0")["generation"] == 1, "blkback was restarted, not just reconnected"
+        res = fio(export, run_dir, "--rw=randwrite", "--bs=4k", "--iodepth=8", "--size=4M", "--verify=crc32c",
+                  "--do_verify=1")
+        assert res.returncode == 0, res.stderr

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import subprocess
 import threading
 from typing import Iterator
 
@@ -241,3 +243,37 @@ def test_two_devices_on_one_backend(rig: Rig) -> None:
     assert [r[0] for r in results] == [0, 0]
     assert call(a.submit_read, 0, 65536) == (0, da)
     assert call(b.submit_read, 0, 65536) == (0, db)
+
+
+@pytest.fixture
+def loop_device(run_dir: str) -> Iterator[str]:
+    """A loop block device with 4096-byte logical sectors over an image file (root only)."""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("needs root and losetup for a loop block device")
+    backing = os.path.join(run_dir, "loop.img")
+    with open(backing, "wb") as f:
+        f.write(random.Random("loop").randbytes(IMAGE_SIZE))
+    res = subprocess.run(["losetup", "--find", "--show", "--sector-size", "4096", backing],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"no loop device: {res.stderr.strip()}")
+    dev = res.stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_a_block_device_with_4096_byte_sectors(rig: Rig, loop_device: str) -> None:
+    front = rig.attach(loop_device)
+    assert front.size == IMAGE_SIZE
+    assert front.sector_size == 4096                     # from the device (BLKSSZGET), not from a node
+    assert rig.xs.read(f"{front.backend_path}/sector-size") == b"4096"
+    data = os.urandom(1 << 20)
+    assert call(front.submit_write, 1 << 20, memoryview(data), True)[0] == 0
+    assert call(front.submit_read, 1 << 20, 1 << 20) == (0, data)
+    with open(loop_device, "rb") as dev:
+        dev.seek(1 << 20)
+        assert dev.read(1 << 20) == data
+    assert call(front.submit_trim, 4 << 20, 1 << 20)[0] == 0         # BLKDISCARD
+    assert call(front.submit_read, 4 << 20, 1 << 20) == (0, bytes(1 << 20))
