@@ -70,6 +70,7 @@ from xdom.domains.xs_wire import XenstoreError
 
 from .access import AccessError, grant_access
 from .control import ControlError, ControlProtocol, ControlServer, endpoint_for, string_field
+from . import netns
 from .isolation import DOMAIN_EXEC, UidMode, UidPlan, plan_uids
 from .launcher import BrokerProcess, start_broker, start_domain_process
 from .policy import Action, ExitStatus, HealthCheck, HealthSample, RestartTracker
@@ -198,6 +199,7 @@ class _Domain:
     reset_since: float | None = None
     after_stop: str = ""
     kill_reason: str = ""
+    netns: str | None = None                      # its network namespace (as root), made before it starts
     last_exit: str = ""
     sample: HealthSample | None = None
     ps_cache: dict[int, psutil.Process] = field(default_factory=dict)
@@ -335,6 +337,8 @@ class Supervisor:
             for d in self.domains:
                 for disk in d.spec.disks:
                     _unlink_socket(self._export_path(d, disk))
+                if d.netns is not None and self._pidfile.held:
+                    self._delete_netns(d.netns)
             self._close_loop()
             owner = self._pidfile.held        # never touch the files of another supervisor's run directory
             if owner:
@@ -376,6 +380,14 @@ class Supervisor:
             d.uid = self.uid_plan.uids.get(d.name)
         (log.info if self.uid_plan.separate else log.warning)("%s", self.uid_plan.note)
         self._progress(f"uids: {self.uid_plan.note}")
+        why_not = netns.unavailable_reason()
+        if why_not is None:
+            for d in self.domains:
+                d.netns = netns.netns_name(d.name, self.layout.run_dir)
+            self._progress("network: each domain in its own namespace (ip netns list: xdom-NAME-...)")
+        else:
+            log.warning("every domain shares the host's network namespace: %s", why_not)
+            self._progress(f"network: every domain shares the host's namespace ({why_not})")
         self._prepare_dirs()
         try:
             self.broker = start_broker(lay.run_dir, log_path=lay.log_path(_BROKER), die_with_parent=True)
@@ -426,6 +438,10 @@ class Supervisor:
         """Stop what a supervisor of this run directory that died outright left behind (we hold the pid file)."""
         for what in stop_leftovers(self.layout.run_dir):
             log.warning("stopped %s, left over from an earlier supervisor of %s", what, self.layout.run_dir)
+        if netns.unavailable_reason() is None:
+            for name in netns.of_host(self.layout.run_dir):
+                log.warning("removing network namespace %s, left over from an earlier supervisor", name)
+                self._delete_netns(name)
 
     # ---- the loop ------------------------------------------------------------
 
@@ -613,10 +629,11 @@ class Supervisor:
             env = dict(os.environ, XDOM_LOG_LEVEL=self.log_level)
             # xdom's own Python comes first, so a program's "python3 -m ..." finds xdom
             env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-            d.proc = start_domain_process(creds, argv, env=env, uid=d.uid, stdin=subprocess.DEVNULL, stdout=logfd,
-                                          stderr=subprocess.STDOUT, pass_fds=(ready_w,) if ready_w >= 0 else (),
-                                          cwd=cwd)
-        except (OSError, subprocess.SubprocessError) as e:
+            with self._in_netns(d):
+                d.proc = start_domain_process(creds, argv, env=env, uid=d.uid, stdin=subprocess.DEVNULL,
+                                              stdout=logfd, stderr=subprocess.STDOUT,
+                                              pass_fds=(ready_w,) if ready_w >= 0 else (), cwd=cwd)
+        except (OSError, subprocess.SubprocessError, netns.NetnsError) as e:
             for fd in (ready_r, ready_w):
                 if fd >= 0:
                     os.close(fd)
@@ -640,6 +657,22 @@ class Supervisor:
         d.deadline = d.started_mono + self.ready_timeout
         self._set_state(d, State.STARTING, f"pid {d.proc.pid}, domid {d.domid}, generation {d.generation}")
         self._record(d.name, "spawn", f"pid {d.proc.pid} domid {d.domid}")
+
+    @contextmanager
+    def _in_netns(self, d: _Domain) -> Iterator[None]:
+        """The domain's process is forked inside its namespace (made on first start, kept across restarts)."""
+        if d.netns is None:
+            yield
+            return
+        netns.create(d.netns)
+        with netns.entered(d.netns):
+            yield
+
+    def _delete_netns(self, name: str) -> None:
+        try:
+            netns.delete(name)
+        except netns.NetnsError as e:
+            log.warning("%s", e)
 
     def _launch_failed(self, d: _Domain, why: str) -> None:
         """A launch that never got a process: a failure for the restart policy, like status 127."""
@@ -921,6 +954,8 @@ class Supervisor:
             except TimeoutError as e:
                 log.warning("destroying domain %s in the broker: %s", d.name, e)
             self._remove_domain_nodes(d.domid)
+        if d.netns is not None:
+            self._delete_netns(d.netns)
         self._record(d.name, "destroyed", f"domid {d.domid}")
         d.domid = d.creds = d.store = None
         d.connected = d.introduced = False
@@ -1198,7 +1233,7 @@ class Supervisor:
             "mappings_held": b.get("mappings_held"), "grants_mapped_by_others": b.get("grants_mapped_by_others"),
             "grant_frames": b.get("grant_frames"), "event_channels": b.get("event_channels"),
             "last_exit": d.last_exit or None, "log": self.layout.log_path(d.name),
-            "netns": None, "devices": [
+            "netns": d.netns, "devices": [
                 {"type": "vbd", "vdev": disk.vdev, "devid": disk.devid, "backend": disk.backend,
                  "target": disk.target, "mode": disk.mode, "export": self._export_path(d, disk)}
                 for disk in d.spec.disks],

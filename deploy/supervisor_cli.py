@@ -242,6 +242,13 @@ def cmd_down(args: argparse.Namespace) -> int:
         # A supervisor killed outright: its domains and broker died with it
         # (PR_SET_PDEATHSIG), but stop anything that did not and clear its files.
         stopped = stop_leftovers(run_dir)
+        from . import netns
+        for name in netns.of_host(run_dir):
+            try:
+                netns.delete(name)
+                stopped.append(f"network namespace {name}")
+            except netns.NetnsError as e:
+                log.warning("%s", e)
         lay = Layout("/", run_dir)
         leftover_files = os.path.isdir(run_dir) and bool(os.listdir(run_dir))
         clear_run_files(lay)

@@ -23,6 +23,7 @@ import zmq
 
 from xdom.broker.mgmt_client import ManagementClient
 from xdom.deploy.control import ControlClient, ControlError, endpoint_for
+from xdom.deploy import netns
 from xdom.deploy.isolation import DOMAIN_EXEC
 from xdom.deploy.rundir import Layout, running_pid
 from xdom.deploy.supervisor import JournalEntry, StartupError, Supervisor
@@ -145,6 +146,7 @@ def base(run_dir: str) -> Iterator[str]:
 
 def assert_nothing_left(layout: Layout) -> None:
     assert not os.path.exists(layout.run_dir), os.listdir(layout.run_dir)
+    assert netns.of_host(layout.run_dir) == []
     assert not os.path.exists(layout.xenstored_state)
     stray = []
     for p in psutil.process_iter(["pid", "cmdline", "environ"]):
@@ -171,7 +173,18 @@ def test_start_and_stop_order_nodes_and_limits(base: str) -> None:
             assert set(r) >= {"name", "domid", "kind", "pid", "state", "restarts", "uptime", "rss",
                               "mappings_held", "grants_mapped_by_others", "event_channels", "netns", "devices"}
             assert r["restarts"] == 0 and r["rss"] > 0 and r["domain_state"] == "running"
-        assert ps["g1"]["netns"] is None and ps["g1"]["devices"] == []
+        assert ps["g1"]["devices"] == []
+        if netns.unavailable_reason() is None:
+            # each domain is in a namespace of its own, named after it; the host's is untouched
+            for name, r in ps.items():
+                assert r["netns"] == netns.netns_name(name, h.layout.run_dir)
+                assert os.stat(f"/proc/{r['pid']}/ns/net").st_ino == os.stat(f"/run/netns/{r['netns']}").st_ino
+            assert os.stat(f"/proc/{ps['g1']['pid']}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+            lo = subprocess.run(["ip", "-n", ps["g1"]["netns"], "-o", "link", "show", "lo"], capture_output=True,
+                                text=True)
+            assert "UP" in lo.stdout
+        else:
+            assert ps["g1"]["netns"] is None
         assert ps["g1"]["grants_mapped_by_others"] == 1          # xenstored maps its ring page
         # limits.fds is the domain process's RLIMIT_NOFILE, soft and hard
         with open(f"/proc/{ps['p1']['pid']}/limits") as f:

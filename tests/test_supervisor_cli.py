@@ -12,6 +12,7 @@ from typing import Iterator
 import psutil
 import pytest
 
+from xdom.deploy import netns
 from xdom.deploy.rundir import Layout, running_pid
 
 from helpers import wait_until
@@ -87,7 +88,8 @@ def test_up_detach_ps_logs_restart_destroy_down(run_dir: str, cleanup: list[str]
     assert [(r["name"], r["kind"], r["state"]) for r in rows] == [
         ("xs", "xenstored", "running"), ("g1", "guest", "running"), ("p1", "program", "running")]
     assert all(r["pid"] and r["domid"] and r["restarts"] == 0 and r["rss"] for r in rows)
-    assert rows[1]["netns"] is None and rows[1]["devices"] == []
+    assert rows[1]["devices"] == []
+    assert rows[1]["netns"] == (netns.netns_name("g1", lay.run_dir) if netns.unavailable_reason() is None else None)
     table = xdom("ps", "--run-dir", lay.run_dir)
     assert table.returncode == 0 and "NAME" in table.stdout and "guest" in table.stdout
     top = xdom("top", "--run-dir", lay.run_dir, "-n", "2", "--interval", "0.1")
@@ -113,6 +115,7 @@ def test_up_detach_ps_logs_restart_destroy_down(run_dir: str, cleanup: list[str]
     assert leftovers(lay.run_dir) == []
     assert not os.path.exists(lay.run_dir)
     assert not os.path.exists(lay.xenstored_state)
+    assert not any(netns.exists(netns.netns_name(n, lay.run_dir)) for n in ("xs", "g1", "p1"))
     with open(lay.log_path("supervisor")) as f:
         assert "stop requested over the control channel" in f.read()
 
@@ -217,4 +220,5 @@ def test_a_supervisor_killed_outright_takes_its_domains_and_broker_along(run_dir
     down = xdom("down", "--run-dir", lay.run_dir)
     assert down.returncode in (0, 3), down.stderr
     assert leftovers(lay.run_dir) == [] and not os.path.exists(lay.run_dir)
+    assert netns.of_host(lay.run_dir) == []          # the namespaces the dead supervisor made are gone too
     assert xdom("down", "--run-dir", lay.run_dir).returncode == 3
