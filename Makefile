@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Debian packages: Xen's public headers (ABI tests compile against them), a C compiler,
 # and the real programs the devices are checked with (fio's nbd engine, nbdkit,
 # qemu-img, nbdinfo/nbdcopy, iperf3); gcc-multilib for the x86_32 ABI checks.
-DEB_PACKAGES := libxen-dev xenstore-utils gcc gcc-multilib libc6-dev python3-venv fio nbdkit qemu-utils libnbd-bin iperf3 iproute2
+DEB_PACKAGES := libxen-dev xenstore-utils gcc gcc-multilib libc6-dev python3-venv fio nbdkit qemu-utils libnbd-bin iperf3 iproute2 iputils-ping
 PYTEST_ARGS ?=
 
 .PHONY: demo test sysdeps venv bench clean

@@ -1,0 +1,84 @@
+"""netback's built-in learning switch: vifs talk to each other without a bridge or any privilege.
+
+Each vif is a port.  A frame's source MAC teaches the switch which port it
+lives behind; a frame to a known unicast MAC goes to that port only, any
+other (broadcast, multicast, unknown) to every port but the one it came
+from.  Each port's queue is bounded: a guest that does not post receive
+buffers loses its own frames, never slows the others.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from typing import Deque
+
+PORT_QUEUE = 512          # frames a port holds for its guest before it drops
+
+
+class Port:
+    """One vif's side of the switch: frames waiting for the guest, and an eventfd saying so."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.queue: Deque[bytes] = collections.deque()
+        self.lock = threading.Lock()
+        self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.dropped = 0
+        self.received = 0
+
+    def put(self, frame: bytes) -> None:
+        with self.lock:
+            if len(self.queue) >= PORT_QUEUE:
+                self.dropped += 1
+                return
+            self.queue.append(frame)
+            self.received += 1
+        try:
+            os.eventfd_write(self.wake_fd, 1)
+        except BlockingIOError:
+            pass
+
+    def take(self) -> bytes | None:
+        with self.lock:
+            return self.queue.popleft() if self.queue else None
+
+    def unget(self, frame: bytes) -> None:
+        """Put back a frame the guest had no room for yet (it stays first in line)."""
+        with self.lock:
+            self.queue.appendleft(frame)
+
+    def close(self) -> None:
+        if self.wake_fd >= 0:
+            os.close(self.wake_fd)
+            self.wake_fd = -1
+
+
+class LearningSwitch:
+    def __init__(self) -> None:
+        self._ports: list[Port] = []
+        self._macs: dict[bytes, Port] = {}
+        self._lock = threading.Lock()
+
+    def attach(self, port: Port) -> None:
+        with self._lock:
+            self._ports.append(port)
+
+    def detach(self, port: Port) -> None:
+        with self._lock:
+            self._ports = [p for p in self._ports if p is not port]
+            self._macs = {m: p for m, p in self._macs.items() if p is not port}
+
+    def deliver(self, src: Port, frame: bytes) -> None:
+        if len(frame) < 14:
+            return
+        dst, mac = frame[0:6], frame[6:12]
+        with self._lock:
+            if not mac[0] & 1:                     # a multicast source address is bogus: do not learn it
+                self._macs[mac] = src
+            target = self._macs.get(dst) if not dst[0] & 1 else None
+            ports = [target] if target is not None else [p for p in self._ports if p is not src]
+        for p in ports:
+            if p is not src:
+                p.put(frame)

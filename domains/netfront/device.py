@@ -1,0 +1,368 @@
+"""netfront: a Xen virtual network interface in the guest, bridged to a TAP device in the guest's namespace.
+
+Handshake as Linux ``xen-netfront`` (``talk_to_netback``: rings, event
+channel, ``request-rx-copy``, ``feature-sg``, ``feature-rx-notify``), with
+xdom's Initialised step (see :mod:`xdom.domains.xenbus`) before Connected.
+
+Buffers: 256 transmit and 256 receive pages of guest memory, granted to
+the backend once per connection (transmit read-only, receive read-write)
+and reused, so the backend can keep them mapped and the broker is not on
+the data path.  A frame read from the TAP device is copied into transmit
+pages (one slot per page, the first slot's ``size`` the frame's length,
+``NETTXF_more_data`` on all but the last); every free receive page is
+posted as a receive request, and a packet the backend writes into them
+goes to the TAP device and its pages are posted again.
+
+A backend that comes back after a crash (InitWait while we are Connected)
+gets fresh rings and event channel; frames in flight then are lost, as on
+a real link, and TCP retransmits them.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import fcntl
+import logging
+import os
+import select
+import struct
+import threading
+
+from ..abi.netif import (
+    NETRXF_extra_info, NETRXF_more_data, NETTXF_more_data, RX_RING_SIZE, TX_RING_SIZE, RxRequest, TxRequest,
+    pack_rx_request, pack_tx_request, parse_rx_response, parse_tx_response, rx_shared_ring, tx_shared_ring,
+)
+from ..abi.ring import FrontRing, RingOverflow
+from ..frame_pool import FramePool
+from ..xenbus import XenbusState, read_int, read_or_none, read_state, switch_state
+from ..xenhost.base import XenHost
+from ..xenstore import XenstoreClient
+
+log = logging.getLogger("xdom.netfront")
+
+PAGE_SIZE = 4096
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
+MAX_FRAME = 65535
+
+
+class NetfrontError(Exception):
+    """The interface could not be connected."""
+
+
+def open_tap(ifname: str) -> int:
+    """Attach to the TAP device the toolstack made for us (``tuntap add ... user UID``: no privilege needed)."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", ifname.encode(), IFF_TAP | IFF_NO_PI))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+class _Rings:
+    """One connection's rings, event channel and granted buffers."""
+
+    def __init__(self, host: XenHost, pool: FramePool, be: int) -> None:
+        self.host, self.pool, self.be = host, pool, be
+        self.gfns = pool.alloc(2 + TX_RING_SIZE + RX_RING_SIZE)
+        self.refs: list[int] = []
+        for g in self.gfns[:2]:
+            host.memory.frame(g)[:] = bytes(PAGE_SIZE)
+        self.tx_gfns = self.gfns[2:2 + TX_RING_SIZE]
+        self.rx_gfns = self.gfns[2 + TX_RING_SIZE:]
+        grant = host.gnttab.grant_access
+        self.tx_ring_ref = grant(be, self.gfns[0])
+        self.rx_ring_ref = grant(be, self.gfns[1])
+        self.tx_refs = [grant(be, g, readonly=True) for g in self.tx_gfns]
+        self.rx_refs = [grant(be, g) for g in self.rx_gfns]
+        self.refs = [self.tx_ring_ref, self.rx_ring_ref, *self.tx_refs, *self.rx_refs]
+        self.port = host.alloc_unbound(be)
+        self.tx = FrontRing(tx_shared_ring([host.memory.frame(self.gfns[0])]))
+        self.rx = FrontRing(rx_shared_ring([host.memory.frame(self.gfns[1])]))
+        self.tx_free = list(range(TX_RING_SIZE))
+        self.rx_partial: list[bytes] = []
+        # Buffer ids in the order their requests were posted: a response sits in
+        # its request's slot, so this (not the response's id, which an
+        # extra-info slot does not carry) says whose page it filled.
+        self.rx_posted: collections.deque[int] = collections.deque()
+        self.rx_skip = 0
+
+    def release(self, deferred: list[tuple[int, int]]) -> None:
+        try:
+            self.host.close_port(self.port)
+        except Exception as e:
+            log.warning("closing port %d: %s", self.port, e)
+        for ref, gfn in zip(self.refs, self.gfns):
+            deferred.append((ref, gfn))
+
+
+class Netfront:
+    """One vif of this guest, moving frames between its rings and a TAP device."""
+
+    def __init__(self, host: XenHost, xs: XenstoreClient, devid: int, ifname: str,
+                 pool: FramePool | None = None) -> None:
+        self.host, self.xs, self.devid, self.ifname = host, xs, devid, ifname
+        self.pool = pool or FramePool.of(host)
+        self.path = f"{xs.get_domain_path(host.domid)}/device/vif/{devid}"
+        be = read_or_none(xs, f"{self.path}/backend")
+        be_id = read_int(xs, f"{self.path}/backend-id")
+        if be is None or be_id is None:
+            raise NetfrontError(f"{self.path}: no backend/backend-id: the toolstack has not added this vif")
+        self.backend_path, self.backend_domid = be.decode(errors="replace"), be_id
+        self.state = XenbusState.Initialising
+        self.stats = {"tx_packets": 0, "tx_dropped": 0, "rx_packets": 0, "rx_errors": 0, "reconnects": 0}
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._rings: _Rings | None = None
+        self._deferred: list[tuple[int, int]] = []
+        self._generation = 0
+        self._closing = False
+        self._error = ""
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)       # the event thread's
+        self._tap_wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)   # the TAP thread's (on close)
+        self.tap = open_tap(ifname)
+        self._tx_room = threading.Condition(self._lock)
+        self._threads = [threading.Thread(target=self._tap_loop, name=f"netfront-tap-{devid}", daemon=True),
+                         threading.Thread(target=self._event_loop, name=f"netfront-ev-{devid}", daemon=True)]
+        self._token = f"netfront:{devid}"
+
+    # ---- xenbus ---------------------------------------------------------------------
+
+    def connect(self, timeout: float = 30.0) -> None:
+        for t in self._threads:
+            t.start()
+        switch_state(self.xs, self.path, XenbusState.Initialising)
+        self.xs.watch(f"{self.backend_path}/state", self._token, self._backend_changed)
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.state == XenbusState.Connected or self._error, timeout):
+                raise NetfrontError(f"vif {self.devid}: backend {self.backend_path} did not connect within "
+                                    f"{timeout:g}s (state {read_state(self.xs, self.backend_path).name})")
+            if self._error:
+                raise NetfrontError(f"vif {self.devid}: {self._error}")
+
+    def _backend_changed(self, path: str, token: str) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            be = read_state(self.xs, self.backend_path)
+            try:
+                if be == XenbusState.InitWait and self.state in (XenbusState.Initialising, XenbusState.Connected):
+                    if self.state == XenbusState.Connected:
+                        log.warning("vif %d: backend d%d came back: reconnecting", self.devid, self.backend_domid)
+                        self.stats["reconnects"] += 1
+                    self._teardown()
+                    self._talk_to_backend()
+                elif be == XenbusState.Connected and self.state == XenbusState.Initialised:
+                    switch_state(self.xs, self.path, XenbusState.Connected)
+                    self.state = XenbusState.Connected
+                    self._post_rx()
+                    log.info("vif %d: connected as %s", self.devid, self.ifname)
+                elif be in (XenbusState.Closing, XenbusState.Closed) and self.state != XenbusState.Closed:
+                    log.info("vif %d: backend is %s: closing", self.devid, be.name)
+                    self._teardown()
+                    switch_state(self.xs, self.path, XenbusState.Closing)
+                    switch_state(self.xs, self.path, XenbusState.Closed)
+                    self.state = XenbusState.Closed
+            except (NetfrontError, OSError) as e:
+                self._error = str(e)
+                log.error("vif %d: %s", self.devid, e)
+            self._changed.notify_all()
+
+    def _talk_to_backend(self) -> None:
+        rings = _Rings(self.host, self.pool, self.backend_domid)
+        nodes = {"tx-ring-ref": rings.tx_ring_ref, "rx-ring-ref": rings.rx_ring_ref, "event-channel": rings.port,
+                 "request-rx-copy": 1, "feature-rx-notify": 1, "feature-sg": 1, "feature-gso-tcpv4": 0,
+                 "feature-no-csum-offload": 1, "state": int(XenbusState.Initialised)}
+
+        def body(tx: int) -> None:
+            for key, value in nodes.items():
+                self.xs.write(f"{self.path}/{key}", str(value), tx)
+        self._rings = rings
+        self._generation += 1
+        os.eventfd_write(self._wake, 1)
+        self.xs.transaction(body)
+        self.state = XenbusState.Initialised
+
+    def _teardown(self) -> None:
+        rings, self._rings = self._rings, None
+        if rings is not None:
+            self._generation += 1
+            os.eventfd_write(self._wake, 1)
+            rings.release(self._deferred)
+            self._retry_deferred()
+        self._tx_room.notify_all()
+
+    def _retry_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for ref, gfn in deferred:
+            if self.host.gnttab.try_end_access(ref):
+                self.host.gnttab.release_ref(ref)
+                self.pool.free([gfn])
+            else:
+                self._deferred.append((ref, gfn))
+
+    # ---- transmit: TAP -> ring -------------------------------------------------------
+
+    def _tap_loop(self) -> None:
+        poller = select.poll()
+        poller.register(self.tap, select.POLLIN)
+        poller.register(self._tap_wake, select.POLLIN)
+        while not self._closing:
+            ready = {fd for fd, _ in poller.poll()}
+            if self._closing:
+                return
+            if self.tap not in ready:
+                continue
+            try:
+                frame = os.read(self.tap, MAX_FRAME)
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.EINTR):
+                    continue
+                log.error("vif %d: reading %s: %s", self.devid, self.ifname, e)
+                return
+            self._send(frame)
+
+    def _send(self, frame: bytes) -> None:
+        with self._lock:
+            rings = self._rings
+            nslots = max(1, -(-len(frame) // PAGE_SIZE))
+            if self.state != XenbusState.Connected or rings is None or len(rings.tx_free) < nslots \
+                    or rings.tx.free_requests() < nslots:
+                self.stats["tx_dropped"] += 1          # a link that is down or full drops, as a NIC does
+                return
+            for i in range(nslots):
+                chunk = frame[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+                slot = rings.tx_free.pop()
+                self.host.memory.frame(rings.tx_gfns[slot])[:len(chunk)] = chunk
+                more = NETTXF_more_data if i < nslots - 1 else 0
+                size = len(frame) if i == 0 else len(chunk)
+                rings.tx.put_request(pack_tx_request(TxRequest(rings.tx_refs[slot], 0, more, slot, size)))
+            self.stats["tx_packets"] += 1
+            if rings.tx.push_requests():
+                self.host.notify(rings.port)
+
+    # ---- events: responses and received frames -----------------------------------------
+
+    def _event_loop(self) -> None:
+        generation, poller = -1, select.poll()
+        while True:
+            with self._lock:
+                if self._closing:
+                    return
+                if generation != self._generation:
+                    generation = self._generation
+                    poller = select.poll()
+                    poller.register(self._wake, select.POLLIN)
+                    if self._rings is not None:
+                        poller.register(self.host.evtchn.fileno(self._rings.port), select.POLLIN)
+            poller.poll(1000 if self._deferred else None)
+            with self._lock:
+                if self._closing:
+                    return
+                try:
+                    os.eventfd_read(self._wake)
+                except BlockingIOError:
+                    pass
+                if self._deferred:
+                    self._retry_deferred()
+                if generation != self._generation or self._rings is None:
+                    continue
+                self.host.evtchn.consume(self._rings.port)
+                if self.state == XenbusState.Connected:
+                    try:
+                        self._reap_tx(self._rings)
+                        frames = self._reap_rx(self._rings)
+                    except RingOverflow as e:
+                        log.error("vif %d: backend broke a ring: %s", self.devid, e)
+                        continue
+                else:
+                    frames = []
+            for frame in frames:
+                try:
+                    os.write(self.tap, frame)
+                except OSError as e:
+                    log.debug("vif %d: writing to %s: %s", self.devid, self.ifname, e)
+
+    def _reap_tx(self, rings: _Rings) -> None:
+        while True:
+            for raw in rings.tx.take_responses():
+                rsp = parse_tx_response(raw)
+                if 0 <= rsp.id < TX_RING_SIZE and rsp.status != 1 and rsp.id not in rings.tx_free:
+                    rings.tx_free.append(rsp.id)
+            if not rings.tx.final_check_for_responses():
+                return
+
+    def _reap_rx(self, rings: _Rings) -> list[bytes]:
+        """Frames the backend wrote; their pages are posted again at once."""
+        frames, repost = [], []
+        while True:
+            for raw in rings.rx.take_responses():
+                if not rings.rx_posted:
+                    raise RingOverflow("a receive response without a posted request")
+                buf = rings.rx_posted.popleft()
+                repost.append(buf)
+                if rings.rx_skip:                       # an extra-info slot: its buffer was not written
+                    rings.rx_skip -= 1
+                    continue
+                rsp = parse_rx_response(raw)
+                if rsp.flags & NETRXF_extra_info:
+                    rings.rx_skip += 1
+                ok = rsp.status >= 0 and rsp.offset + rsp.status <= PAGE_SIZE
+                if ok:
+                    page = self.host.memory.frame(rings.rx_gfns[buf])
+                    rings.rx_partial.append(bytes(page[rsp.offset:rsp.offset + rsp.status]))
+                else:
+                    rings.rx_partial.append(b"")
+                    self.stats["rx_errors"] += 1
+                if not rsp.flags & NETRXF_more_data:
+                    frame = b"".join(rings.rx_partial)
+                    if all(rings.rx_partial) and frame:
+                        frames.append(frame)
+                        self.stats["rx_packets"] += 1
+                    rings.rx_partial = []
+            if not rings.rx.final_check_for_responses():
+                break
+        self._post_rx(repost)
+        return frames
+
+    def _post_rx(self, ids: list[int] | None = None) -> None:
+        rings = self._rings
+        if rings is None:
+            return
+        for i in (range(RX_RING_SIZE) if ids is None else ids):
+            if rings.rx.full():
+                break
+            rings.rx.put_request(pack_rx_request(RxRequest(i, rings.rx_refs[i])))
+            rings.rx_posted.append(i)
+        if rings.rx.push_requests():
+            self.host.notify(rings.port)
+
+    # ---- closing -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            try:
+                self.xs.unwatch(f"{self.backend_path}/state", self._token)
+            except Exception:
+                pass
+            self._closing = True
+            os.eventfd_write(self._wake, 1)
+            os.eventfd_write(self._tap_wake, 1)
+        for t in self._threads:
+            if t.is_alive():
+                t.join()
+        for state in (XenbusState.Closing, XenbusState.Closed):
+            try:
+                switch_state(self.xs, self.path, state)
+            except Exception:
+                break
+        with self._lock:
+            self._teardown()
+        os.close(self.tap)
+        os.close(self._wake)
+        os.close(self._tap_wake)
