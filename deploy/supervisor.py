@@ -77,7 +77,9 @@ from .policy import Action, ExitStatus, HealthCheck, HealthSample, RestartTracke
 from .rundir import Layout, LayoutError, PidFile, clear_run_files, remove_run_dir, stop_leftovers
 from .topology import DomainKind, DomainSpec, Topology, TopologyError
 from .vbd import VbdConfig, add_vbd, remove_vbd
-from .xlcfg import DiskSpec, XlCfgError, parse_disk
+from .tap import TapError, create_tap, open_tun, tap_exists
+from .vif import VifConfig, add_vif
+from .xlcfg import DiskSpec, VifSpec, XlCfgError, parse_disk
 from .xsnodes import domain_path, write_dom0_nodes, write_domain_nodes
 
 __all__ = ["READY_TIMEOUT", "STOP_GRACE", "UNSUPPORTED_KINDS", "AlreadyRunning", "JournalEntry", "State",
@@ -85,7 +87,7 @@ __all__ = ["READY_TIMEOUT", "STOP_GRACE", "UNSUPPORTED_KINDS", "AlreadyRunning",
 
 log = logging.getLogger("xdom.supervisor")
 
-UNSUPPORTED_KINDS = (DomainKind.NETBACK,)
+UNSUPPORTED_KINDS: tuple[DomainKind, ...] = ()
 READY_TIMEOUT = 20.0        # seconds from launch to ready
 STOP_GRACE = 5.0            # seconds between SIGTERM and SIGKILL
 HEALTH_INTERVAL = 1.0       # seconds between health samples
@@ -586,7 +588,7 @@ class Supervisor:
         return self.mgmt.request("create", name=d.name, memory=d.spec.memory_arg,
                                  privileged=d.kind == DomainKind.XENSTORED)
 
-    def _argv(self, d: _Domain, ready_w: int) -> tuple[list[str], str]:
+    def _argv(self, d: _Domain, ready_w: int, tun_fds: dict[int, int] | None = None) -> tuple[list[str], str]:
         """The domain's command line (wrapped by domain_exec) and its working directory."""
         py = sys.executable
         if d.kind == DomainKind.XENSTORED:
@@ -596,11 +598,19 @@ class Supervisor:
             cwd = "/"
         elif d.kind == DomainKind.GUEST:
             disks = [f"--disk={disk.devid}:{self._export_path(d, disk)}" for disk in d.spec.disks]
+            # Each vif comes with a /dev/net/tun descriptor we opened in its namespace: a
+            # domain under its own uid cannot open the device (mode 0600 here), but may
+            # attach to a TAP it owns.
+            disks += [f"--vif={devid}:{_ifname(devid)}" + (f":{tun_fds[devid]}" if tun_fds and devid in tun_fds
+                                                             else "") for devid, _ in _vifs(d.spec)]
             argv = [py, "-m", "xdom.domains.guest", "--ready-fd", str(ready_w), *disks, "--",
                     *(d.spec.workload or ())]
             cwd = "/"
         elif d.kind == DomainKind.BLKBACK:
             argv = [py, "-m", "xdom.backends.blkback", "--ready-fd", str(ready_w)]
+            cwd = "/"
+        elif d.kind == DomainKind.NETBACK:
+            argv = [py, "-m", "xdom.backends.netback", "--ready-fd", str(ready_w)]
             cwd = "/"
         else:
             argv = list(d.spec.command or ())
@@ -612,15 +622,34 @@ class Supervisor:
         return [*wrap, "--", *argv], cwd
 
     def _spawn(self, d: _Domain, creds: dict[str, Any]) -> None:
-        ready_r = ready_w = -1
         try:
             self._prepare_exports(d)
         except (AccessError, OSError) as e:
             self._launch_failed(d, f"cannot prepare its disk exports: {e}")
             return
+        tun_fds: dict[int, int] = {}
+        try:
+            self._prepare_vifs(d)
+            if d.netns is not None:
+                for devid, _ in _vifs(d.spec):
+                    tun_fds[devid] = open_tun(d.netns)
+        except (netns.NetnsError, TapError, OSError) as e:
+            for fd in tun_fds.values():
+                os.close(fd)
+            self._launch_failed(d, f"cannot make its network interfaces: {e}")
+            return
+        try:
+            self._spawn_process(d, creds, tun_fds)
+        finally:
+            # Ours to close at once: a copy left open would keep the TAP attached after the guest dies.
+            for fd in tun_fds.values():
+                os.close(fd)
+
+    def _spawn_process(self, d: _Domain, creds: dict[str, Any], tun_fds: dict[int, int]) -> None:
+        ready_r = ready_w = -1
         if d.kind in _READY_PIPE_KINDS:
             ready_r, ready_w = os.pipe()
-        argv, cwd = self._argv(d, ready_w)
+        argv, cwd = self._argv(d, ready_w, tun_fds)
         d.generation += 1
         logfd = os.open(self.layout.log_path(d.name), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
@@ -632,7 +661,8 @@ class Supervisor:
             with self._in_netns(d):
                 d.proc = start_domain_process(creds, argv, env=env, uid=d.uid, stdin=subprocess.DEVNULL,
                                               stdout=logfd, stderr=subprocess.STDOUT,
-                                              pass_fds=(ready_w,) if ready_w >= 0 else (), cwd=cwd)
+                                              pass_fds=((ready_w,) if ready_w >= 0 else ()) + tuple(tun_fds.values()),
+                                              cwd=cwd)
         except (OSError, subprocess.SubprocessError, netns.NetnsError) as e:
             for fd in (ready_r, ready_w):
                 if fd >= 0:
@@ -824,6 +854,7 @@ class Supervisor:
                 if not written:
                     self._write_domain_nodes(xs, d)
                 self._write_devices(xs, d)
+                self._write_vifs(xs, d)
         except (XenstoreError, OSError, TimeoutError) as e:
             log.warning("domain %s: xenstore set-up failed (%s); retried when xenstored restarts, bounded by "
                         "its readiness deadline", d.name, e)
@@ -859,6 +890,36 @@ class Supervisor:
             add_vbd(xs, VbdConfig(be.domid, fe.domid, disk.devid, disk.vdev, disk.target, disk.readonly,
                                   export=self._export_path(fe, disk)))
             self._record(fe.name, "vbd", f"{disk.vdev} on {be.name} -> {self._export_path(fe, disk)}")
+
+    def _write_vifs(self, xs: XenstoreClient, d: _Domain) -> None:
+        """libxl's vif nodes for ``d``'s vifs, or those it serves (again, after a restart)."""
+        for fe in self.domains:
+            for devid, vif in _vifs(fe.spec):
+                be = self._by_name.get(vif.backend or "")
+                if be is None or (d is not fe and d is not be) or fe.domid is None or be.domid is None:
+                    continue
+                assert vif.mac is not None
+                rate = vif.rate
+                add_vif(xs, VifConfig(be.domid, fe.domid, devid, vif.mac, vif.bridge, vif.mtu or 1500,
+                                      rate.bytes_per_interval if rate else None, rate.interval_us if rate else None,
+                                      _ifname(devid)))
+                self._record(fe.name, "vif", f"{_ifname(devid)} {vif.mac} on {be.name}")
+
+    def _prepare_vifs(self, d: _Domain) -> None:
+        """The guest's TAP devices, made by us in its namespace (owned by its uid) before it starts."""
+        vifs = _vifs(d.spec)
+        if not vifs:
+            return
+        if d.netns is None:
+            raise netns.NetnsError("a guest with vifs needs its own network namespace, which needs root and "
+                                   "iproute2 (ip)")
+        netns.create(d.netns)
+        owner = d.uid if d.uid is not None else os.geteuid()
+        for devid, vif in vifs:
+            if tap_exists(d.netns, _ifname(devid)):
+                continue            # a restarted guest finds its interface as it left it
+            assert vif.mac is not None
+            create_tap(d.netns, _ifname(devid), owner, vif.mac, vif.mtu or 1500, str(vif.ip) if vif.ip else None)
 
     def _prepare_exports(self, d: _Domain, disks: tuple[DiskSpec, ...] | None = None) -> None:
         """The guest's export sockets go in directories its uid can write; stale sockets go away.
@@ -1236,7 +1297,10 @@ class Supervisor:
             "netns": d.netns, "devices": [
                 {"type": "vbd", "vdev": disk.vdev, "devid": disk.devid, "backend": disk.backend,
                  "target": disk.target, "mode": disk.mode, "export": self._export_path(d, disk)}
-                for disk in d.spec.disks],
+                for disk in d.spec.disks] + [
+                {"type": "vif", "devid": devid, "ifname": _ifname(devid), "mac": vif.mac, "backend": vif.backend,
+                 "ip": str(vif.ip) if vif.ip else None, "mtu": vif.mtu or 1500}
+                for devid, vif in _vifs(d.spec)],
         }
 
     # ---- bookkeeping -----------------------------------------------------------
@@ -1287,8 +1351,22 @@ class Supervisor:
             self._wake.close()
             self._wake = None
 
+def _vifs(spec: DomainSpec) -> list[tuple[int, VifSpec]]:
+    """(devid, vif): libxl numbers a domain's vifs 0, 1, ... unless xl's devid= says otherwise."""
+    out = []
+    for i, vif in enumerate(spec.vifs):
+        devid = vif.extra.get("devid")
+        out.append((int(devid) if isinstance(devid, str) and devid.isdigit() else i, vif))
+    return out
+
+
+def _ifname(devid: int) -> str:
+    """The guest-side interface of vif ``devid``: eth0, eth1, ... as a Linux guest names them."""
+    return f"eth{devid}"
+
+
 DETACH_TIMEOUT = 5.0      # seconds block-detach waits for the backend to report Closed
-_READY_PIPE_KINDS = (DomainKind.XENSTORED, DomainKind.GUEST, DomainKind.BLKBACK)
+_READY_PIPE_KINDS = (DomainKind.XENSTORED, DomainKind.GUEST, DomainKind.BLKBACK, DomainKind.NETBACK)
 
 
 def _unlink_socket(path: str) -> None:

@@ -10,12 +10,12 @@ reports Closed (the frontend has let go), then remove both directories.
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass
 
-from xdom.domains.xenbus import XenbusState, backend_path, frontend_path, read_state
-from xdom.domains.xenstore import XenstoreClient, XenstoreError
+from xdom.domains.xenbus import XenbusState, backend_path, frontend_path
+from xdom.domains.xenstore import XenstoreClient
+
+from .xsdevice import remove_device, set_perms_under
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def add_vbd(xs: XenstoreClient, cfg: VbdConfig) -> None:
         xs.mkdir(be, tx)
         for key, value in be_nodes.items():
             xs.write(f"{be}/{key}", str(value), tx)
-        _set_perms_under(xs, tx, be, be_perms)
+        set_perms_under(xs, tx, be, be_perms)
         if not fe_exists:               # a live frontend keeps its nodes across a backend restart
             xs.mkdir(fe, tx)
             xs.set_perms(fe, fe_perms, tx)
@@ -71,41 +71,11 @@ def add_vbd(xs: XenstoreClient, cfg: VbdConfig) -> None:
                 xs.write(f"{fe}/{key}", str(value), tx)
         # Either side may have restarted under its old domid; xenstored ignores its
         # permissions on nodes older than its new introduction until they are set again.
-        _set_perms_under(xs, tx, fe, fe_perms)
+        set_perms_under(xs, tx, fe, fe_perms)
     xs.transaction(body)
-
-
-def _set_perms_under(xs: XenstoreClient, tx: int, path: str, perms: list[str]) -> None:
-    xs.set_perms(path, perms, tx)
-    for child in xs.directory(path, tx):
-        _set_perms_under(xs, tx, f"{path}/{child}", perms)
 
 
 def remove_vbd(xs: XenstoreClient, backend_domid: int, frontend_domid: int, devid: int,
                timeout: float = 10.0) -> bool:
-    """Detach: ask the backend to close, wait for Closed (True) or the timeout (False), then remove the nodes."""
-    be = backend_path(backend_domid, "vbd", frontend_domid, devid)
-    fe = frontend_path(frontend_domid, "vbd", devid)
-    closed = threading.Event()
-    token = f"detach:{be}"
-
-    def changed(path: str, tok: str) -> None:
-        if read_state(xs, be) in (XenbusState.Closed, XenbusState.Unknown):
-            closed.set()
-    try:
-        xs.write(f"{be}/online", "0")
-        xs.write(f"{be}/state", str(int(XenbusState.Closing)))
-    except XenstoreError:
-        pass
-    xs.watch(f"{be}/state", token, changed)
-    try:
-        deadline = time.monotonic() + timeout
-        ok = closed.wait(max(0.0, deadline - time.monotonic()))
-    finally:
-        xs.unwatch(f"{be}/state", token)
-    for path in (be, fe):
-        try:
-            xs.rm(path)
-        except XenstoreError:
-            pass
-    return ok
+    """Detach (libxl's way): True once the backend reported Closed, False on timeout; the nodes go either way."""
+    return remove_device(xs, "vbd", backend_domid, frontend_domid, devid, timeout)

@@ -26,7 +26,9 @@ guest does now, and nothing more:
 Disks (``--disk DEVID:SOCKET``, one per vbd the toolstack added) are
 connected with blkfront before the guest says ready, each exported as an
 NBD server on its unix socket for real programs (qemu-img, nbdcopy, fio).
-Not yet here: netfront and the guest's network namespace.  A workload sees ``XDOM_DOMID`` and ``XDOM_NAME``; the
+Vifs (``--vif DEVID:IFNAME``) are connected with netfront to the TAP
+device the toolstack made in the guest's network namespace (the guest
+process starts inside it), so programs there use the network normally.  A workload sees ``XDOM_DOMID`` and ``XDOM_NAME``; the
 domain's one-time token is not passed on.
 """
 
@@ -44,6 +46,7 @@ from typing import Sequence
 
 from .blkfront.device import Blkfront
 from .nbd.server import NbdServer
+from .netfront.device import Netfront
 from .wakeup import WakePipe
 from .xenbus import read_or_none
 from .xenhost import XenHost, connect
@@ -60,9 +63,11 @@ class Guest:
     """One guest's life: :meth:`run` returns its exit status (the workload's, or 0 when told to stop)."""
 
     def __init__(self, workload: Sequence[str] = (), ready_fd: int | None = None,
-                 disks: Sequence[tuple[int, str]] = ()) -> None:
+                 disks: Sequence[tuple[int, str]] = (), vifs: Sequence[tuple[int, str, int | None]] = ()) -> None:
         self.workload = list(workload)
         self.disks = list(disks)
+        self.vifs = list(vifs)
+        self._nics: list[Netfront] = []
         self._attached: dict[int, tuple[Blkfront, NbdServer]] = {}
         self._disk_lock = threading.Lock()
         self._hotplug: list[threading.Thread] = []
@@ -107,6 +112,8 @@ class Guest:
             for devid, export in self.disks:
                 self._attach_disk(host, xs, home, devid, export)
             xs.watch(f"{home}/device/vbd", "vbd-hotplug", lambda path, token: self._hotplug_scan(host, xs, home))
+            for devid, ifname, tun_fd in self.vifs:
+                self._attach_vif(host, xs, home, devid, ifname, tun_fd)
             # Until here SIGTERM kills outright: there is nothing to shut down cleanly yet.
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda signum, frame: self.request_stop(signal.Signals(signum).name))
@@ -124,25 +131,38 @@ class Guest:
             for front, server in attached:
                 server.close()
                 front.close()
+            for nic in self._nics:
+                nic.close()
             if xs is not None:
                 xs.close()
             host.close()
 
     def _attach_disk(self, host: XenHost, xs: XenstoreClient, home: str, devid: int, export: str) -> None:
         """Connect blkfront to the disk the toolstack added and export it over NBD."""
-        node = f"{home}/device/vbd/{devid}/backend"
+        self._wait_for_node(xs, f"{home}/device/vbd/{devid}/backend", f"vbd-{devid}")
+        self._connect_and_export(host, xs, devid, export)
+
+    def _attach_vif(self, host: XenHost, xs: XenstoreClient, home: str, devid: int, ifname: str,
+                    tun_fd: int | None) -> None:
+        """Connect netfront to the vif the toolstack added, on the TAP device it made in our namespace."""
+        self._wait_for_node(xs, f"{home}/device/vif/{devid}/backend", f"vif-{devid}")
+        nic = Netfront(host, xs, devid, ifname, tun_fd=tun_fd)
+        self._nics.append(nic)
+        nic.connect(TOOLSTACK_TIMEOUT)
+        log.info("vif %d: connected on %s", devid, ifname)
+
+    def _wait_for_node(self, xs: XenstoreClient, node: str, token: str) -> None:
         present = threading.Event()
 
-        def check(path: str, token: str) -> None:
+        def check(path: str, tok: str) -> None:
             if xs.exists(node):
                 present.set()
-        xs.watch(node, f"vbd-{devid}", check)
+        xs.watch(node, token, check)
         try:
             if not present.wait(TOOLSTACK_TIMEOUT):
-                raise RuntimeError(f"the toolstack did not add disk {devid} ({node}) within {TOOLSTACK_TIMEOUT:g}s")
+                raise RuntimeError(f"the toolstack did not create {node} within {TOOLSTACK_TIMEOUT:g}s")
         finally:
-            xs.unwatch(node, f"vbd-{devid}")
-        self._connect_and_export(host, xs, devid, export)
+            xs.unwatch(node, token)
 
     def _connect_and_export(self, host: XenHost, xs: XenstoreClient, devid: int, export: str) -> None:
         front = Blkfront(host, xs, devid)
@@ -243,17 +263,28 @@ def _disk_arg(text: str) -> tuple[int, str]:
     return int(devid), path
 
 
+def _vif_arg(text: str) -> tuple[int, str, int | None]:
+    parts = text.split(":")
+    if not 2 <= len(parts) <= 3 or not parts[0].isdigit() or not parts[1] or len(parts[1]) > 15 \
+            or (len(parts) == 3 and not parts[2].isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: DEVID:IFNAME[:TUNFD] expected")
+    return int(parts[0]), parts[1], int(parts[2]) if len(parts) == 3 else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m xdom.domains.guest", description="xdom's guest runtime")
     p.add_argument("--ready-fd", type=int, default=None, help="write 'ready' to this fd once up")
     p.add_argument("--disk", action="append", default=[], type=_disk_arg, metavar="DEVID:SOCKET",
                    help="connect vbd DEVID and export it over NBD on unix socket SOCKET (repeatable)")
+    p.add_argument("--vif", action="append", default=[], type=_vif_arg, metavar="DEVID:IFNAME[:TUNFD]",
+                   help="connect vif DEVID to TAP device IFNAME in this domain's namespace, through the "
+                        "/dev/net/tun descriptor TUNFD when given (repeatable)")
     p.add_argument("workload", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS...: run and wait for it")
     args = p.parse_args(argv)
     workload = args.workload[1:] if args.workload[:1] == ["--"] else args.workload
     logging.basicConfig(level=os.environ.get("XDOM_LOG_LEVEL", "info").upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return Guest(workload, args.ready_fd, args.disk).run()
+    return Guest(workload, args.ready_fd, args.disk, args.vif).run()
 
 
 if __name__ == "__main__":

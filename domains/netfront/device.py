@@ -51,9 +51,14 @@ class NetfrontError(Exception):
     """The interface could not be connected."""
 
 
-def open_tap(ifname: str) -> int:
-    """Attach to the TAP device the toolstack made for us (``tuntap add ... user UID``: no privilege needed)."""
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+def open_tap(ifname: str, tun_fd: int | None = None) -> int:
+    """Attach to the TAP device the toolstack made for us (``tuntap add ... user UID``: no privilege needed).
+
+    ``tun_fd`` is a ``/dev/net/tun`` descriptor the toolstack opened for us
+    (a domain under its own uid may not be able to open the device).
+    """
+    fd = tun_fd if tun_fd is not None else os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    os.set_inheritable(fd, False)
     try:
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", ifname.encode(), IFF_TAP | IFF_NO_PI))
     except OSError:
@@ -103,7 +108,7 @@ class Netfront:
     """One vif of this guest, moving frames between its rings and a TAP device."""
 
     def __init__(self, host: XenHost, xs: XenstoreClient, devid: int, ifname: str,
-                 pool: FramePool | None = None) -> None:
+                 pool: FramePool | None = None, tun_fd: int | None = None) -> None:
         self.host, self.xs, self.devid, self.ifname = host, xs, devid, ifname
         self.pool = pool or FramePool.of(host)
         self.path = f"{xs.get_domain_path(host.domid)}/device/vif/{devid}"
@@ -123,7 +128,7 @@ class Netfront:
         self._error = ""
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)       # the event thread's
         self._tap_wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)   # the TAP thread's (on close)
-        self.tap = open_tap(ifname)
+        self.tap = open_tap(ifname, tun_fd)
         self._tx_room = threading.Condition(self._lock)
         self._threads = [threading.Thread(target=self._tap_loop, name=f"netfront-tap-{devid}", daemon=True),
                          threading.Thread(target=self._event_loop, name=f"netfront-ev-{devid}", daemon=True)]
