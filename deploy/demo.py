@@ -126,7 +126,7 @@ def run() -> int:
             broker.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
     supervised()
-    disks()
+    default_topology()
     print(f"\ndemo finished in {time.monotonic() - t0:.1f}s")
     return 0
 
@@ -189,33 +189,48 @@ def _fio(export: str, cwd: str, *args: str) -> subprocess.Popen[str]:
                             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def disks() -> None:
-    """A disk through a blkback driver domain, used by real tools, surviving a kill -9 of blkback."""
-    missing = [t for t in ("fio", "qemu-img") if shutil.which(t) is None]
-    if missing:
-        print(f"\n(skipping the disk demo: {' and '.join(missing)} not installed; make demo installs them as root)")
+def default_topology() -> None:
+    """The default topology: blkback, netback and two guests; a disk and a link each survive their driver's crash."""
+    missing = [t for t in ("fio", "qemu-img", "ping") if shutil.which(t) is None]
+    if missing or os.geteuid() != 0:
+        why = f"{' and '.join(missing)} not installed" if missing else "it needs root (TAP devices, namespaces)"
+        print(f"\n(skipping the default topology: {why}; make demo as root installs what it needs)")
         return
-    base = tempfile.mkdtemp(prefix="xdom-demo-disk-", dir="/tmp")
+    base = tempfile.mkdtemp(prefix="xdom-demo-default-", dir="/tmp")
     os.chmod(base, 0o755)
     state, run = os.path.join(base, "state"), os.path.join(base, "run")
     os.makedirs(os.path.join(state, "images"))
+    for guest in ("g1", "g2"):
+        with open(os.path.join(state, "images", f"{guest}.img"), "wb") as f:
+            f.write(os.urandom(64 << 20))
     image = os.path.join(state, "images", "g1.img")
-    with open(image, "wb") as f:
-        f.write(os.urandom(64 << 20))
-    topology = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "disk.toml")
+    topology = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "default.toml")
     up = False
+
+    def rows() -> dict[str, dict]:
+        return {r["name"]: r for r in json.loads(_xdom("ps", "--json", "--run-dir", run).stdout)}
     try:
-        step("xdom up deploy/examples/disk.toml: xenstored, a blkback driver domain, a guest with a disk")
+        step("xdom up deploy/examples/default.toml: xenstored, blkback, netback and two guests")
         _xdom("up", topology, "--detach", "--state-dir", state, "--run-dir", run)
         up = True
         print(_xdom("ps", "--run-dir", run).stdout.rstrip())
-        print(_xdom("block-list", "g1", "--run-dir", run).stdout.rstrip())
-        export = os.path.join(run, "g1-xvda.sock")
-        blk0 = {r["name"]: r for r in json.loads(_xdom("ps", "--json", "--run-dir", run).stdout)}["blk0"]
-        print(_xdom("xenstore", "ls", f"/local/domain/{blk0['domid']}/backend/vbd",
-                    "--socket", os.path.join(run, "xenstored.sock")).stdout.rstrip())
+        ps = rows()
+        for g in ("g1", "g2"):
+            devs = ", ".join(f"{d['vdev']} -> {d['export']}" if d["type"] == "vbd" else
+                             f"{d['ifname']} {d['mac']} {d['ip']}" for d in ps[g]["devices"])
+            print(f"   {g}: namespace {ps[g]['netns']}; {devs}")
+        proved("every domain is its own process, in a network namespace of its own")
 
-        step("qemu-img convert the guest's disk out through its NBD export")
+        step("ping g2 from g1's namespace: frames cross netfront, the rings and netback's switch")
+        res = subprocess.run(["ip", "netns", "exec", ps["g1"]["netns"], "ping", "-c", "3", "-i", "0.2",
+                              "10.77.0.2"], capture_output=True, text=True, timeout=60)
+        print("   " + "\n   ".join(res.stdout.strip().splitlines()[-2:]))
+        if res.returncode != 0:
+            raise RuntimeError(f"ping failed: {res.stdout}{res.stderr}")
+        proved("guests reach each other only through the netback driver domain")
+
+        step("qemu-img convert g1's disk out through its NBD export")
+        export = os.path.join(run, "g1-xvda.sock")
         copy = os.path.join(base, "copy.img")
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", f"nbd+unix:///?socket={export}", copy],
                        check=True, capture_output=True, timeout=120)
@@ -225,21 +240,41 @@ def disks() -> None:
         print(f"   64 MiB through blkfront -> ring -> blkback -> image: {'byte-identical' if same else 'DIFFERENT'}")
         if not same:
             raise RuntimeError("the copy differs from the image")
-        proved("the guest reaches its disk only through granted pages and an event channel")
 
-        step("fio randrw with crc32c verification, and kill -9 blkback in the middle of it")
+        step("fio randrw with crc32c verification on g1's disk; kill -9 blkback in the middle of it")
         fio = _fio(export, base, "--rw=randrw", "--time_based", "--runtime=5")
         time.sleep(1.5)
-        os.kill(blk0["pid"], signal.SIGKILL)
-        print(f"   killed blk0 (pid {blk0['pid']}) with fio's I/O in flight")
+        os.kill(ps["blk0"]["pid"], signal.SIGKILL)
+        print(f"   killed blk0 (pid {ps['blk0']['pid']}) with fio's I/O in flight")
         _, err = fio.communicate(timeout=120)
-        rows = {r["name"]: r for r in json.loads(_xdom("ps", "--json", "--run-dir", run).stdout)}
-        print(f"   blk0: restarts {rows['blk0']['restarts']}, domid {rows['blk0']['domid']} (same), "
-              f"pid {rows['blk0']['pid']}; g1 restarts {rows['g1']['restarts']}")
+        now = rows()
+        print(f"   blk0: restarts {now['blk0']['restarts']}, domid {now['blk0']['domid']} (same); "
+              f"g1 restarts {now['g1']['restarts']}")
         if fio.returncode != 0:
             raise RuntimeError(f"fio failed across the blkback restart: {err.strip()[-500:]}")
         print("   fio finished with every block verified")
         proved("a crashed disk driver domain is a stall for the guest's programs, not an error")
+
+        step("ping g2 from g1 while netback is killed with SIGKILL")
+        ping = subprocess.Popen(["ip", "netns", "exec", ps["g1"]["netns"], "ping", "-c", "20", "-i", "0.2", "-W", "1",
+                                 "10.77.0.2"], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        os.kill(ps["net0"]["pid"], signal.SIGKILL)
+        out, _ = ping.communicate(timeout=60)
+        print("   " + out.strip().splitlines()[-2])
+        last = [line for line in out.splitlines() if "icmp_seq=" in line][-1:]
+        print(f"   net0 restarts {rows()['net0']['restarts']}; last reply: {last[0].split(': ', 1)[1] if last else '-'}")
+        if not last or int(last[0].split("icmp_seq=")[1].split()[0]) < 18:
+            raise RuntimeError("the ping did not resume after netback came back")
+        proved("a crashed network driver domain costs a few packets, then traffic resumes")
+
+        step("the xenstore tree of g1's devices")
+        sock = os.path.join(run, "xenstored.sock")
+        g1 = now["g1"]["domid"]
+        for kind in ("vbd", "vif"):
+            listing = _xdom("xenstore", "ls", f"/local/domain/{g1}/device/{kind}", "--socket", sock).stdout
+            print("\n".join(line for line in listing.splitlines() if "ring-ref" in line or "state" in line
+                            or "backend" in line or "event-channel" in line))
     finally:
         if up:
             _xdom("down", "--run-dir", run, check=False)
