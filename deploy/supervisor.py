@@ -77,9 +77,9 @@ from .policy import Action, ExitStatus, HealthCheck, HealthSample, RestartTracke
 from .rundir import Layout, LayoutError, PidFile, clear_run_files, remove_run_dir, stop_leftovers
 from .topology import DomainKind, DomainSpec, Topology, TopologyError
 from .vbd import VbdConfig, add_vbd, remove_vbd
-from .tap import TapError, create_tap, open_tun, tap_exists
-from .vif import VifConfig, add_vif
-from .xlcfg import DiskSpec, VifSpec, XlCfgError, parse_disk
+from .tap import TapError, create_tap, delete_tap, open_tun, tap_exists
+from .vif import VifConfig, add_vif, remove_vif
+from .xlcfg import DiskSpec, VifSpec, XlCfgError, generate_mac, parse_disk, parse_vif
 from .xsnodes import domain_path, write_dom0_nodes, write_domain_nodes
 
 __all__ = ["READY_TIMEOUT", "STOP_GRACE", "UNSUPPORTED_KINDS", "AlreadyRunning", "JournalEntry", "State",
@@ -409,7 +409,8 @@ class Supervisor:
         self._control = ControlServer(endpoint_for(lay.control_socket), ControlProtocol({
             "ping": self._op_ping, "ps": self._op_ps, "info": self._op_info, "restart": self._op_restart,
             "destroy": self._op_destroy, "stop": self._op_stop, "block-attach": self._op_block_attach,
-            "block-detach": self._op_block_detach}))
+            "block-detach": self._op_block_detach, "network-attach": self._op_network_attach,
+            "network-detach": self._op_network_detach}))
         self._poller.register(self._control.socket, zmq.POLLIN)
 
     def _prepare_dirs(self) -> None:
@@ -891,12 +892,14 @@ class Supervisor:
                                   export=self._export_path(fe, disk)))
             self._record(fe.name, "vbd", f"{disk.vdev} on {be.name} -> {self._export_path(fe, disk)}")
 
-    def _write_vifs(self, xs: XenstoreClient, d: _Domain) -> None:
+    def _write_vifs(self, xs: XenstoreClient, d: _Domain, only: int | None = None) -> None:
         """libxl's vif nodes for ``d``'s vifs, or those it serves (again, after a restart)."""
         for fe in self.domains:
             for devid, vif in _vifs(fe.spec):
                 be = self._by_name.get(vif.backend or "")
                 if be is None or (d is not fe and d is not be) or fe.domid is None or be.domid is None:
+                    continue
+                if only is not None and (d is not fe or devid != only):
                     continue
                 assert vif.mac is not None
                 rate = vif.rate
@@ -1272,6 +1275,72 @@ class Supervisor:
         _unlink_socket(self._export_path(d, disk))
         log.info("detached %s from %s%s", disk.vdev, d.name, "" if closed else " (the backend did not confirm)")
         return {"vdev": disk.vdev, "clean": closed}
+
+    def _op_network_attach(self, req: dict[str, Any]) -> dict[str, Any]:
+        """``xl network-attach``: a new vif on a running guest: its TAP in the guest's namespace, then the nodes."""
+        d = self._guest_for_devices(req)
+        try:
+            vif = parse_vif(string_field(req, "vif"))
+        except XlCfgError as e:
+            raise ControlError.of(errno.EINVAL, str(e)) from None
+        if vif.backend is None:
+            backends = [b.name for b in self.domains if b.kind == DomainKind.NETBACK]
+            if len(backends) != 1:
+                raise ControlError.of(errno.EINVAL, f"say backend=NAME: this host has {len(backends)} netback domains")
+            vif = dataclasses.replace(vif, backend=backends[0])
+        be = self._by_name.get(vif.backend or "")
+        if be is None or be.kind != DomainKind.NETBACK:
+            raise ControlError.of(errno.EINVAL, f"backend {vif.backend!r} is not a netback domain of this host")
+        if be.state != State.RUNNING:
+            raise ControlError.of(errno.EBUSY, f"backend {be.name} is {be.state}")
+        used = {devid for devid, _ in _vifs(d.spec)}
+        devid = max(used, default=-1) + 1
+        if vif.mac is None:
+            taken = {v.mac for g in self.domains for v in g.spec.vifs}
+            attempt = 0
+            while (mac := generate_mac(d.name, devid, attempt)) in taken:
+                attempt += 1
+            vif = dataclasses.replace(vif, mac=mac)
+        elif any(v.mac == vif.mac for g in self.domains for v in g.spec.vifs):
+            raise ControlError.of(errno.EEXIST, f"MAC {vif.mac} is already in use on this host")
+        vif = dataclasses.replace(vif, extra={**vif.extra, "devid": str(devid)})
+        d.spec = dataclasses.replace(d.spec, vifs=(*d.spec.vifs, vif))
+        try:
+            self._prepare_vifs(d)
+            with self._xs() as xs:
+                self._write_vifs(xs, d, only=devid)
+        except (netns.NetnsError, TapError, XenstoreError, OSError, TimeoutError) as e:
+            d.spec = dataclasses.replace(d.spec, vifs=tuple(v for v in d.spec.vifs if v is not vif))
+            raise ControlError.of(errno.EIO, f"attaching a vif to {d.name}: {e}") from None
+        log.info("attached vif %d (%s) to %s on %s", devid, vif.mac, d.name, be.name)
+        return {"devid": devid, "ifname": _ifname(devid), "mac": vif.mac, "backend": be.name,
+                "ip": str(vif.ip) if vif.ip else None, "netns": d.netns}
+
+    def _op_network_detach(self, req: dict[str, Any]) -> dict[str, Any]:
+        """``xl network-detach``: by devid or MAC; the backend closes, the guest lets go, nodes and TAP go."""
+        d = self._guest_for_devices(req)
+        which = string_field(req, "vif").lower()
+        found = next(((devid, v) for devid, v in _vifs(d.spec) if str(devid) == which or v.mac == which), None)
+        if found is None:
+            raise ControlError.of(errno.ENODEV, f"{d.name} has no vif {which!r:.40} (vifs: "
+                                                f"{', '.join(f'{i} {v.mac}' for i, v in _vifs(d.spec)) or 'none'})")
+        devid, vif = found
+        be = self._by_name.get(vif.backend or "")
+        closed = False
+        if be is not None and be.domid is not None and d.domid is not None:
+            try:
+                with self._xs() as xs:
+                    closed = remove_vif(xs, be.domid, d.domid, devid, timeout=DETACH_TIMEOUT)
+            except (XenstoreError, OSError, TimeoutError) as e:
+                raise ControlError.of(errno.EIO, f"detaching vif {devid} from {d.name}: {e}") from None
+        d.spec = dataclasses.replace(d.spec, vifs=tuple(v for v in d.spec.vifs if v is not vif))
+        if d.netns is not None:
+            try:
+                delete_tap(d.netns, _ifname(devid))
+            except TapError as e:
+                log.warning("%s", e)
+        log.info("detached vif %d from %s%s", devid, d.name, "" if closed else " (the backend did not confirm)")
+        return {"devid": devid, "clean": closed}
 
     def _op_stop(self, req: dict[str, Any]) -> dict[str, Any]:
         log.info("stop requested over the control channel")

@@ -470,6 +470,35 @@ def cmd_block_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_network_attach(args: argparse.Namespace) -> int:
+    run_dir = _resolve_run_dir(args)
+    r = _request(run_dir, args.timeout, "network-attach", name=args.domain, vif=args.vif)
+    _say(f"xdom: vif {r['devid']} ({r['mac']}) attached to {args.domain} on {r['backend']}: {r['ifname']}"
+         + (f" {r['ip']}" if r["ip"] else "") + (f" in namespace {r['netns']}" if r["netns"] else ""))
+    return EXIT_OK
+
+
+def cmd_network_detach(args: argparse.Namespace) -> int:
+    run_dir = _resolve_run_dir(args)
+    r = _request(run_dir, args.timeout, "network-detach", name=args.domain, vif=args.vif)
+    _say(f"xdom: vif {r['devid']} detached from {args.domain}"
+         + ("" if r["clean"] else " (the backend did not confirm it closed; its nodes were removed anyway)"))
+    return EXIT_OK
+
+
+def cmd_network_list(args: argparse.Namespace) -> int:
+    run_dir = _resolve_run_dir(args)
+    row = _request(run_dir, args.timeout, "info", name=args.domain)["domain"]
+    vifs = [d for d in row["devices"] if d["type"] == "vif"]
+    if args.json:
+        _say(json.dumps(vifs, indent=2))
+        return EXIT_OK
+    _say(f"{'Idx':>3} {'Iface':<6} {'MAC':<18} {'Backend':<10} {'MTU':>5} IP   (namespace {row['netns'] or '-'})")
+    for d in vifs:
+        _say(f"{d['devid']:>3} {d['ifname']:<6} {d['mac']:<18} {d['backend'] or '-':<10} {d['mtu']:>5} {d['ip'] or '-'}")
+    return EXIT_OK
+
+
 # ---- parsers ---------------------------------------------------------------------
 
 def add_parsers(sub: Any) -> None:
@@ -542,6 +571,21 @@ def _add_block_parsers(sub: Any, target: Callable[[argparse.ArgumentParser], Non
     target(blist)
     blist.add_argument("--json", action="store_true")
     blist.set_defaults(func=_run(cmd_block_list))
+    nattach = sub.add_parser("network-attach", help="add a vif to a running guest (xl network-attach)")
+    nattach.add_argument("domain")
+    nattach.add_argument("vif", help="an xl network spec, e.g. 'mac=00:16:3e:00:00:09, backend=net0, ip=10.9.0.1/24'")
+    target(nattach)
+    nattach.set_defaults(func=_run(cmd_network_attach), timeout=30.0)
+    ndetach = sub.add_parser("network-detach", help="remove a guest's vif (xl network-detach)")
+    ndetach.add_argument("domain")
+    ndetach.add_argument("vif", help="the vif's index (devid) or MAC")
+    target(ndetach)
+    ndetach.set_defaults(func=_run(cmd_network_detach), timeout=30.0)
+    nlist = sub.add_parser("network-list", help="a guest's vifs (xl network-list)")
+    nlist.add_argument("domain")
+    target(nlist)
+    nlist.add_argument("--json", action="store_true")
+    nlist.set_defaults(func=_run(cmd_network_list))
 
 
 def _run(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

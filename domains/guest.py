@@ -114,6 +114,7 @@ class Guest:
             xs.watch(f"{home}/device/vbd", "vbd-hotplug", lambda path, token: self._hotplug_scan(host, xs, home))
             for devid, ifname, tun_fd in self.vifs:
                 self._attach_vif(host, xs, home, devid, ifname, tun_fd)
+            xs.watch(f"{home}/device/vif", "vif-hotplug", lambda path, token: self._vif_hotplug(host, xs, home))
             # Until here SIGTERM kills outright: there is nothing to shut down cleanly yet.
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda signum, frame: self.request_stop(signal.Signals(signum).name))
@@ -131,7 +132,9 @@ class Guest:
             for front, server in attached:
                 server.close()
                 front.close()
-            for nic in self._nics:
+            with self._disk_lock:
+                nics, self._nics = self._nics, []
+            for nic in nics:
                 nic.close()
             if xs is not None:
                 xs.close()
@@ -147,9 +150,48 @@ class Guest:
         """Connect netfront to the vif the toolstack added, on the TAP device it made in our namespace."""
         self._wait_for_node(xs, f"{home}/device/vif/{devid}/backend", f"vif-{devid}")
         nic = Netfront(host, xs, devid, ifname, tun_fd=tun_fd)
-        self._nics.append(nic)
+        with self._disk_lock:
+            self._nics.append(nic)
         nic.connect(TOOLSTACK_TIMEOUT)
         log.info("vif %d: connected on %s", devid, ifname)
+
+    def _vif_hotplug(self, host: XenHost, xs: XenstoreClient, home: str) -> None:
+        """Vifs added or removed while we run (xdom network-attach / network-detach); attach on a thread.
+
+        A hot-added vif is attached by opening /dev/net/tun here: that needs
+        a guest running as root or a device node open to everyone.
+        """
+        if self.stop_reason:
+            return
+        try:
+            present = {int(n) for n in xs.directory(f"{home}/device/vif") if n.isdigit()}
+        except Exception:
+            present = set()
+        with self._disk_lock:
+            gone = [nic for nic in self._nics if nic.devid not in present]
+            self._nics = [nic for nic in self._nics if nic.devid in present]
+            known = {nic.devid for nic in self._nics} | {int(t.name.rsplit("-", 1)[1]) for t in self._hotplug
+                                                           if t.is_alive() and t.name.startswith("vifplug-")}
+        for nic in gone:
+            log.info("vif %d: removed by the toolstack", nic.devid)
+            nic.close()
+        for devid in sorted(present - known):
+            raw = read_or_none(xs, f"{home}/device/vif/{devid}/xdom-ifname")
+            state = read_or_none(xs, f"{home}/device/vif/{devid}/state")
+            if raw is None or state != b"1":
+                continue
+            ifname = raw.decode(errors="replace")
+            t = threading.Thread(target=self._vif_hotplug_attach, args=(host, xs, home, devid, ifname),
+                                 name=f"vifplug-{devid}", daemon=True)
+            with self._disk_lock:
+                self._hotplug.append(t)
+            t.start()
+
+    def _vif_hotplug_attach(self, host: XenHost, xs: XenstoreClient, home: str, devid: int, ifname: str) -> None:
+        try:
+            self._attach_vif(host, xs, home, devid, ifname, None)
+        except Exception as e:
+            log.error("vif %d: hot-attach failed: %s", devid, e)
 
     def _wait_for_node(self, xs: XenstoreClient, node: str, token: str) -> None:
         present = threading.Event()
@@ -192,7 +234,8 @@ class Guest:
         with self._disk_lock:
             gone = [d for d in self._attached if d not in present]
             removed = [self._attached.pop(d) for d in gone]
-            busy = {int(t.name.rsplit("-", 1)[1]) for t in self._hotplug if t.is_alive()}
+            busy = {int(t.name.rsplit("-", 1)[1]) for t in self._hotplug
+                    if t.is_alive() and t.name.startswith("hotplug-")}
             self._hotplug = [t for t in self._hotplug if t.is_alive()]
             new = [d for d in present if d not in self._attached and d not in busy]
         for devid, (front, server) in zip(gone, removed):
