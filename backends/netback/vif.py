@@ -72,7 +72,8 @@ class _PageCache:
 class _Connection:
     """The rings and the thread of one connected vif."""
 
-    def __init__(self, vif: "Vif", tx_ref: int, rx_ref: int, tx_evtchn: int, rx_evtchn: int, sg: bool) -> None:
+    def __init__(self, vif: "Vif", tx_ref: int, rx_ref: int, tx_evtchn: int, rx_evtchn: int, sg: bool,
+                 mtu: int) -> None:
         self.vif = vif
         host, fe = vif.host, vif.fe
         self.host, self.fe = host, fe
@@ -80,7 +81,7 @@ class _Connection:
         self.ports: list[int] = []
         self.tx_pages = _PageCache(host, fe, readonly=True)
         self.rx_pages = _PageCache(host, fe, readonly=False)
-        self.txp = TxProcessor()
+        self.txp = TxProcessor(mtu=mtu)
         self.planner = RxPlanner(sg=sg)
         self.posted: list[RxRequest] = []
         self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -330,12 +331,16 @@ class Vif:
             raise BadFrontend("tx-ring-ref, rx-ring-ref and event-channel(s) are needed")
         assert tx_ref is not None and rx_ref is not None and tx_ev is not None and rx_ev is not None
         sg = bool(read_int(self.xs, f"{fe}/feature-sg", 0))
-        conn = _Connection(self, tx_ref, rx_ref, tx_ev, rx_ev, sg)
+        # The toolstack's mtu node (libxl writes it), as Linux's xen_net_read_mtu; frames up to it are taken.
+        mtu = read_int(self.xs, f"{self.path}/mtu", 1500) or 1500
+        if not 68 <= mtu <= 65535:
+            raise BadFrontend(f"{self.path}/mtu {mtu} out of range")
+        conn = _Connection(self, tx_ref, rx_ref, tx_ev, rx_ev, sg, mtu)
         self.conn = conn
         conn.start()
         self._switch(XenbusState.Connected)
-        log.info("%s: connected to d%d (sg %s, %s event channels)", self.name, self.fe, "on" if sg else "off",
-                 "split" if tx_ev != rx_ev else "one")
+        log.info("%s: connected to d%d (sg %s, mtu %d, %s event channels)", self.name, self.fe,
+                 "on" if sg else "off", mtu, "split" if tx_ev != rx_ev else "one")
 
     def _disconnect(self) -> None:
         conn, self.conn = self.conn, None
