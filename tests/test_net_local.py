@@ -1,6 +1,6 @@
 """netback and netfront in-process (local xenhost), with real TAP devices in real network namespaces.
 
-Two guests' netfronts each own a TAP device in a namespace of their own;
+Two guests' netfronts each own a TAP device in a namespace of their own (a 64 MiB stream is checked byte for byte);
 their frames cross the PV rings to one netback's learning switch.  Real
 programs (ping, iperf3, a Python socket pair) run in the namespaces.
 """
@@ -126,9 +126,9 @@ print(n, h.hexdigest(), flush=True)
 """
 
 
-def test_a_16_mib_stream_arrives_byte_identical(rig: NetRig) -> None:
+def test_a_64_mib_stream_arrives_byte_identical(rig: NetRig) -> None:
     ns1, ns2 = rig.plug(1), rig.plug(2)
-    data = os.urandom(16 << 20)
+    data = os.urandom(64 << 20)
     sink = subprocess.Popen(["ip", "netns", "exec", ns2, sys.executable, "-c", SINK], stdout=subprocess.PIPE,
                             text=True)
     try:
