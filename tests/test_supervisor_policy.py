@@ -20,8 +20,8 @@ from xdom.deploy.policy import (
     CPU_WINDOW, MAX_BACKOFF, Action, ExitStatus, HealthCheck, HealthSample, RestartTracker,
 )
 from xdom.deploy.rundir import Layout, LayoutError, PidFile, running_pid, topology_name
-from xdom.deploy.supervisor import UnsupportedTopology, check_host, check_supported
-from xdom.deploy.topology import Limits, RestartPolicy, TopologyError, parse_topology
+from xdom.deploy.supervisor import check_supported
+from xdom.deploy.topology import Limits, RestartPolicy, parse_topology
 
 CLEAN, FAIL, KILL = ExitStatus(code=0), ExitStatus(code=1), ExitStatus(signal=signal.SIGKILL)
 
@@ -230,7 +230,7 @@ def _topology(text: str):
     return parse_topology(tomllib.loads(text), "t.toml")
 
 
-def test_netback_is_refused_naming_the_domain_and_blkback_is_not() -> None:
+def test_every_kind_is_supported_now() -> None:
     topo = _topology("""
 [[domain]]
 name = "xs"
@@ -246,13 +246,4 @@ name = "p"
 kind = "program"
 command = ["true"]
 """)
-    with pytest.raises(UnsupportedTopology) as e:
-        check_supported(topo)
-    assert isinstance(e.value, TopologyError)
-    text = str(e.value)
-    assert "blk0" not in text
-    assert 'domain[2] ("net0") is a netback domain: the netback driver is not available in this version' in text
-    assert "nothing was started" in text
-    with pytest.raises(UnsupportedTopology):
-        check_host(topo, "/var/lib/xdom/t", "/run/xdom/t")
-    check_supported(_topology('[[domain]]\nname = "p"\nkind = "program"\ncommand = ["true"]\n'))
+    check_supported(topo)          # blkback and netback drivers exist: nothing is refused
