@@ -26,6 +26,7 @@ bench: sysdeps venv
 	$(BIN)/python benchmarks/bench_broker.py
 	$(BIN)/python benchmarks/bench_xenstored.py
 	$(BIN)/python benchmarks/bench_blk.py
+	$(BIN)/python benchmarks/bench_net.py
 
 venv: $(STAMP)
 

@@ -1,0 +1,322 @@
+#!/usr/bin/env python3
+"""xdom network benchmark: iperf3 through our PV network path, next to a veth pair and Python TAP forwarders.
+
+    python benchmarks/bench_net.py           # full run: 10 s of iperf3 per path (~1 minute)
+    python benchmarks/bench_net.py --quick   # 3 s per path, to check that it works
+
+Four paths, one iperf3 TCP stream each (client -> server, MTU 1500), measured in one run:
+
+* OURS   g1 -> netfront -> rings + grants -> netback "net0" -> netfront -> g2 (``xdom up --detach``;
+         each guest's eth0 a TAP in its own namespace, opened IFF_TAP|IFF_NO_PI: no offloads)
+* CEIL   a plain veth pair between two fresh namespaces (the kernel alone)
+* FLOOR  a minimal Python TAP-to-TAP forwarder: one TAP in each of two fresh namespaces, both fds
+         held by one Python process in the root namespace, one thread per direction moving whole
+         frames with os.read/os.write; without offloads (IFF_TAP|IFF_NO_PI) and with them
+         (IFF_VNET_HDR, TUNSETOFFLOAD CSUM|TSO4|TSO6, the virtio_net_hdr passed through unchanged)
+
+The figure is iperf3's receiver-side rate.  CPU s/GiB is psutil's user+system time of the processes
+on the data path (net0, g1, g2 and the broker for ours; the forwarder process for the floors) over
+the bytes iperf3 received.  Nothing is asserted about timings; a failed iperf3 run or a domain
+restart stops the run.  Every namespace, device and process made here is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fcntl
+import glob
+import json
+import os
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+import psutil
+
+GiB = 1 << 30
+TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ = 0x400454CA, 0x400454D0, 0x400454D8
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
+VNET_HDR = 10                                  # sizeof(struct virtio_net_hdr)
+TOPOLOGY = """\
+[[domain]]
+name = "xs"
+kind = "xenstored"
+[[domain]]
+name = "net0"
+kind = "netback"
+[[domain]]
+name = "g1"
+kind = "guest"
+memory = "16M"
+vif = ["mac=00:16:3e:00:00:01, backend=net0, ip=10.77.0.1/24"]
+[[domain]]
+name = "g2"
+kind = "guest"
+memory = "16M"
+vif = ["mac=00:16:3e:00:00:02, backend=net0, ip=10.77.0.2/24"]
+"""
+PATHS = (("ours", "OURS  netfront/netback (g1 -> net0 -> g2)"),
+         ("veth", "CEIL  veth pair, kernel only"),
+         ("plain", "FLOOR Python TAP forwarder, no offloads"),
+         ("vnet", "FLOOR Python TAP forwarder, VNET_HDR + TSO"))
+
+
+class BenchError(Exception):
+    """The run is broken: its figures would mean nothing."""
+
+
+# The forwarder: this file run as ``bench_net.py --forwarder MODE NS_A NS_B TAP_A TAP_B``.
+
+def open_tap(ns: str, name: str, vnet: bool) -> int:
+    """A TAP device created in namespace ``ns`` (the fd is opened there), with or without offloads."""
+    from xdom.deploy.netns import entered
+    with entered(ns):
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet else 0)
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+    if vnet:
+        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR))
+        fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+    return fd
+
+
+def forwarder_main(mode: str, ns_a: str, ns_b: str, tap_a: str, tap_b: str) -> None:
+    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))           # PR_SET_PDEATHSIG: never outlive the benchmark
+    signal.signal(signal.SIGINT, signal.SIG_IGN)              # Ctrl-C: the benchmark stops us when it cleans up
+    vnet = mode == "vnet"
+    bufsize = 65536 + 64 + (VNET_HDR if vnet else 0)
+    a, b = open_tap(ns_a, tap_a, vnet), open_tap(ns_b, tap_b, vnet)
+
+    def pump(src: int, dst: int) -> None:
+        read, write = os.read, os.write
+        while True:
+            frame = read(src, bufsize)
+            try:
+                write(dst, frame)
+            except OSError:
+                pass                  # the other side is not up yet, or its queue is full: dropped
+    for pair in ((a, b), (b, a)):
+        threading.Thread(target=pump, args=pair, daemon=True).start()
+    print("ready", flush=True)
+    sys.stdin.read()                  # until the benchmark closes our stdin (or kills us)
+
+
+# The benchmark.
+
+def run(*argv: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if res.returncode != 0:
+        raise BenchError(f"{' '.join(argv)}: status {res.returncode}: {res.stderr.strip()[-400:]}")
+    return res
+
+
+def xdom(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "xdom.deploy.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def domains(run_dir: str) -> dict[str, dict[str, Any]]:
+    ps = xdom("ps", "--json", "--run-dir", run_dir, timeout=30)
+    if ps.returncode != 0:
+        raise BenchError(f"xdom ps failed (status {ps.returncode}): {ps.stderr.strip()}")
+    return {r["name"]: r for r in json.loads(ps.stdout)}
+
+
+def broker_pid(run_dir: str) -> int | None:
+    with open(os.path.join(run_dir, "supervisor.pid")) as f:
+        sup = psutil.Process(int(f.read().split()[0]))
+    return next((c.pid for c in sup.children() if "broker" in c.cmdline()), None)
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    return {name: sum(psutil.Process(pid).cpu_times()[:2]) for name, pid in pids.items()}   # user + system
+
+
+def add_ns(name: str, made: list[str]) -> None:
+    run("ip", "netns", "add", name)
+    made.append(name)
+    run("ip", "-n", name, "link", "set", "lo", "up")
+
+
+def addr_up(ns: str, dev: str, ip: str) -> None:
+    run("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+    run("ip", "-n", ns, "link", "set", dev, "up")
+
+
+def iperf(ns_client: str, ns_server: str, server_ip: str, seconds: float, pids: dict[str, int],
+          procs: list[subprocess.Popen[bytes]]) -> dict[str, Any]:
+    """One iperf3 TCP run; its receiver-side rate, retransmits and the CPU ``pids`` used per GiB."""
+    server = subprocess.Popen(["ip", "netns", "exec", ns_server, "iperf3", "-s", "-1", "-B", server_ip],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs.append(server)
+    deadline = time.monotonic() + 10
+    while True:
+        before = cpu_seconds(pids)
+        res = subprocess.run(["ip", "netns", "exec", ns_client, "iperf3", "-c", server_ip, "-t", f"{seconds:g}",
+                              "-J"], capture_output=True, text=True, timeout=seconds + 60, stdin=subprocess.DEVNULL)
+        after = cpu_seconds(pids)
+        if "Connection refused" not in res.stdout + res.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)              # the server is still binding
+    try:
+        out = json.loads(res.stdout)
+    except ValueError:
+        out = {}
+    end = out.get("end")
+    if res.returncode != 0 or end is None or out.get("error"):
+        raise BenchError(f"iperf3 to {server_ip} failed (status {res.returncode}): "
+                         f"{out.get('error') or res.stderr.strip()[-400:] or res.stdout.strip()[-400:]}")
+    server.wait(30)
+    rx = end["sum_received"]
+    gib = rx["bytes"] / GiB
+    if not gib:
+        raise BenchError(f"iperf3 to {server_ip}: no bytes received in {seconds:g} s")
+    return {"gbit_s": rx["bits_per_second"] / 1e9, "retr": end["sum_sent"].get("retransmits", 0),
+            "bytes": rx["bytes"], "cpu_per_gib": {n: (after[n] - before[n]) / gib for n in pids}}
+
+
+def start_forwarder(mode: str, ns_a: str, ns_b: str, tap_a: str, tap_b: str,
+                    procs: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--forwarder", mode, ns_a, ns_b, tap_a,
+                             tap_b], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    procs.append(proc)
+    if not select.select([proc.stdout], [], [], 30)[0] or proc.stdout.readline() != b"ready\n":
+        raise BenchError(f"the {mode} forwarder did not start (status {proc.poll()})")
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def report(res: dict[str, dict[str, Any]], args: argparse.Namespace, wall: float) -> None:
+    line = "=" * 104
+    print(f"\n{line}\nxdom network benchmark ({'quick' if args.quick else 'full'} run; iperf3 TCP, 1 stream, "
+          f"{args.seconds:g} s per path; MTU 1500; {os.cpu_count()} CPUs)\n{line}")
+    veth = res["veth"]["gbit_s"]
+    print(f"  {'path':<46} {'Gbit/s':>9} {'retr':>7} {'vs veth':>9} {'ours/this':>10} {'CPU s/GiB':>10}")
+    for key, label in PATHS:
+        r = res[key]
+        ours = "" if key in ("ours", "veth") else f"{res['ours']['gbit_s'] / r['gbit_s']:>9.4f}x"
+        cpu = f"{sum(r['cpu_per_gib'].values()):.2f}" if r["cpu_per_gib"] else "-"
+        print(f"  {label:<46} {r['gbit_s']:>9.3f} {r['retr']:>7} {r['gbit_s'] / veth:>8.4f}x {ours:>10} {cpu:>10}")
+    print("  OURS CPU s/GiB by process: " + ", ".join(f"{n} {v:.2f}" for n, v in res["ours"]["cpu_per_gib"].items()))
+    print("  (receiver-side rate; retr: TCP retransmits; CPU s/GiB: user+system s of data-path processes per GiB)")
+    print(f"\n(total wall time {wall:.1f} s)\n{line}")
+
+
+def scan_logs(state_dir: str) -> None:
+    odd = []
+    for path in sorted(glob.glob(os.path.join(state_dir, "logs", "*.log"))):
+        with open(path, errors="replace") as f:
+            odd += [f"  {os.path.basename(path)}: {ln.rstrip()[:200]}" for ln in f
+                    if any(w in ln for w in (" ERROR ", " CRITICAL ", "Traceback", " WARNING "))]
+    if odd:
+        print(f"domain logs: {len(odd)} warning/error lines (first 12):", *odd[:12], sep="\n", file=sys.stderr)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="3 s per path: check that it works")
+    ap.add_argument("--seconds", type=float, default=None, help="iperf3 time per path (default 10, 3 with --quick)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory (topology, logs)")
+    ap.add_argument("--forwarder", nargs=5, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.forwarder:
+        forwarder_main(*args.forwarder)
+        return 0
+    args.seconds = args.seconds or (3.0 if args.quick else 10.0)
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("iperf3"):
+        print("bench_net: needs root, iproute2 and iperf3", file=sys.stderr)
+        return 2
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+    t0, tag = time.monotonic(), f"xnb{os.getpid()}"
+    tmp = tempfile.mkdtemp(prefix="xdb-net-", dir="/tmp")
+    state_dir, run_dir = os.path.join(tmp, "state"), os.path.join(tmp, "run")
+    made_ns: list[str] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    started = False
+    res: dict[str, dict[str, Any]] = {}
+    try:
+        topo = os.path.join(tmp, "bench.toml")
+        with open(topo, "w") as f:
+            f.write(TOPOLOGY)
+        print("xdom up (xenstored, net0, g1, g2) ...", file=sys.stderr, flush=True)
+        started = True
+        up = xdom("up", topo, "--detach", "--state-dir", state_dir, "--run-dir", run_dir)
+        if up.returncode != 0:
+            raise BenchError(f"xdom up failed (status {up.returncode}):\n{up.stdout}{up.stderr}")
+        doms = domains(run_dir)
+        pids = {n: doms[n]["pid"] for n in ("net0", "g1", "g2")}
+        bpid = broker_pid(run_dir)
+        if bpid is not None:
+            pids["broker"] = bpid
+        print(f"OURS: iperf3 10.77.0.1 -> 10.77.0.2 for {args.seconds:g} s ...", file=sys.stderr, flush=True)
+        res["ours"] = iperf(doms["g1"]["netns"], doms["g2"]["netns"], "10.77.0.2", args.seconds, pids, procs)
+        after = domains(run_dir)
+        for name in ("xs", "net0", "g1", "g2"):
+            if after[name]["restarts"] or after[name]["pid"] != doms[name]["pid"]:
+                raise BenchError(f"domain {name} restarted during the run ({after[name]['last_exit']})")
+
+        ns_a, ns_b = f"{tag}-va", f"{tag}-vb"
+        add_ns(ns_a, made_ns)
+        add_ns(ns_b, made_ns)
+        run("ip", "link", "add", f"{tag}a", "netns", ns_a, "type", "veth", "peer", "name", f"{tag}b", "netns", ns_b)
+        addr_up(ns_a, f"{tag}a", "10.78.1.1")
+        addr_up(ns_b, f"{tag}b", "10.78.1.2")
+        print(f"CEIL: veth for {args.seconds:g} s ...", file=sys.stderr, flush=True)
+        res["veth"] = iperf(ns_a, ns_b, "10.78.1.2", args.seconds, {}, procs)
+
+        for i, mode in enumerate(("plain", "vnet"), start=2):
+            ns_a, ns_b, tap_a, tap_b = f"{tag}-{mode}a", f"{tag}-{mode}b", f"{tag}t{mode[0]}a", f"{tag}t{mode[0]}b"
+            add_ns(ns_a, made_ns)
+            add_ns(ns_b, made_ns)
+            fwd = start_forwarder(mode, ns_a, ns_b, tap_a, tap_b, procs)
+            addr_up(ns_a, tap_a, f"10.78.{i}.1")
+            addr_up(ns_b, tap_b, f"10.78.{i}.2")
+            print(f"FLOOR: Python TAP forwarder ({mode}) for {args.seconds:g} s ...", file=sys.stderr, flush=True)
+            res[mode] = iperf(ns_a, ns_b, f"10.78.{i}.2", args.seconds, {"forwarder": fwd.pid}, procs)
+            stop(fwd)                 # its TAPs go with its fds
+        report(res, args, time.monotonic() - t0)
+        return 0
+    except (BenchError, psutil.Error, OSError, subprocess.SubprocessError) as e:
+        print(f"bench_net: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench_net: interrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)     # let the clean-up finish (children inherit this)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for p in procs:
+            stop(p)
+        for ns in made_ns:            # their veth ends and any TAP left go with them
+            subprocess.run(["ip", "netns", "delete", ns], capture_output=True, timeout=30)
+        if started:
+            down = xdom("down", "--run-dir", run_dir)
+            if down.returncode not in (0, 3):
+                print(f"bench_net: xdom down failed (status {down.returncode}): {down.stderr.strip()}",
+                      file=sys.stderr)
+            scan_logs(state_dir)
+        if args.keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
