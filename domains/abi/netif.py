@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from .ring import SharedRing, ring_size
 
@@ -184,8 +184,7 @@ def ctrl_shared_ring(pages: Sequence[memoryview]) -> SharedRing:
 # Structures
 # --------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class TxRequest:
+class TxRequest(NamedTuple):
     """``struct netif_tx_request``: one data slot of a transmitted packet.
 
     ``size`` means two things.  In the *first* slot of a packet it is the
@@ -202,22 +201,19 @@ class TxRequest:
     size: int
 
 
-@dataclass(frozen=True)
-class TxResponse:
+class TxResponse(NamedTuple):
     """``struct netif_tx_response``: ``status`` is a ``NETIF_RSP_*``."""
     id: int
     status: int
 
 
-@dataclass(frozen=True)
-class RxRequest:
+class RxRequest(NamedTuple):
     """``struct netif_rx_request``: an empty granted page for the backend to fill."""
     id: int
     gref: int
 
 
-@dataclass(frozen=True)
-class RxResponse:
+class RxResponse(NamedTuple):
     """``struct netif_rx_response``: ``status`` is the byte count, or a negative ``NETIF_RSP_*``.
 
     The backend must put each response in the ring slot of the request it
