@@ -165,8 +165,9 @@ class Guest:
             return
         try:
             present = {int(n) for n in xs.directory(f"{home}/device/vif") if n.isdigit()}
-        except Exception:
-            present = set()
+        except Exception as e:
+            log.warning("listing vifs: %s", e)
+            return
         with self._disk_lock:
             gone = [nic for nic in self._nics if nic.devid not in present]
             self._nics = [nic for nic in self._nics if nic.devid in present]
@@ -229,8 +230,9 @@ class Guest:
             return
         try:
             present = {int(n) for n in xs.directory(f"{home}/device/vbd") if n.isdigit()}
-        except Exception:
-            present = set()
+        except Exception as e:          # a failed listing says nothing about what is there: change nothing
+            log.warning("listing disks: %s", e)
+            return
         with self._disk_lock:
             gone = [d for d in self._attached if d not in present]
             removed = [self._attached.pop(d) for d in gone]

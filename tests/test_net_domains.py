@@ -120,8 +120,13 @@ def test_network_attach_and_detach_while_traffic_flows(run_dir: str) -> None:
                 assert "eth1" in res.stdout
             listing = xdom("network-list", "g1", *run)
             assert listing.returncode == 0 and "eth1" in listing.stdout and "10.78.0.1/24" in listing.stdout
-            wait_until(lambda: in_ns(ns1, "ping", "-c", "1", "-W", "1", "10.78.0.2").returncode == 0, 30,
-                       "a ping over the hot-attached vifs")
+            try:
+                wait_until(lambda: in_ns(ns1, "ping", "-c", "1", "-W", "1", "10.78.0.2").returncode == 0, 60,
+                           "a ping over the hot-attached vifs")
+            except AssertionError:
+                logs = {n: open(h.layout.log_path(n)).read()[-3000:] for n in ("g1", "g2", "net0")}
+                links = {ns: in_ns(ns, "ip", "-o", "addr").stdout for ns in (ns1, ns2)}
+                raise AssertionError(f"no ping over eth1; links {links}; logs {logs}") from None
             assert "eth1" in in_ns(ns2, "ip", "-o", "link").stdout
             # a MAC in use, or a backend that is not a netback, is refused
             dup = xdom("network-attach", "g1", "mac=00:16:3e:00:00:02, backend=net0", *run)
