@@ -23,7 +23,9 @@ from typing import Sequence
 
 from xdom.domains.xenhost import connect
 from xdom.domains.xenhost.base import XenHost
-from xdom.domains.xenstore import XenstoreClient, XenstoreError
+from xdom.domains.xenstore import XenstoreClient
+
+from ..device_table import DeviceTable
 
 from .vbd import BackendFeatures, BadFrontend, Vbd
 
@@ -34,56 +36,25 @@ class BlkbackServer:
     def __init__(self, host: XenHost, xs: XenstoreClient, features: BackendFeatures | None = None) -> None:
         self.host, self.xs = host, xs
         self.features = features or BackendFeatures()
-        self.vbds: dict[tuple[int, int], Vbd] = {}
-        self._lock = threading.Lock()
-        self._closed = False
-        self.root = ""
+        self.table: DeviceTable[Vbd] | None = None
+
+    @property
+    def vbds(self) -> dict[tuple[int, int], Vbd]:
+        return self.table.devices if self.table is not None else {}
+
+    @property
+    def root(self) -> str:
+        return self.table.root if self.table is not None else ""
 
     def start(self) -> None:
-        """Watch the backend directory (the watch fires once at once: existing devices are probed)."""
-        self.root = f"{self.xs.get_domain_path(self.host.domid)}/backend/vbd"
-        self.xs.watch(self.root, "vbd", self._changed)
-
-    def _changed(self, path: str, token: str) -> None:
-        with self._lock:
-            if not self._closed:
-                self._rescan()
-
-    def _list(self, path: str) -> list[int]:
-        try:
-            return [int(n) for n in self.xs.directory(path) if n.isdigit() and len(n) < 10]
-        except XenstoreError:
-            return []
-
-    def _rescan(self) -> None:
-        present = {(fe, dev) for fe in self._list(self.root) for dev in self._list(f"{self.root}/{fe}")}
-        for key in [k for k in self.vbds if k not in present]:
-            self.vbds.pop(key).remove()
-        for fe, dev in sorted(present - set(self.vbds)):
-            vbd = Vbd(self.host, self.xs, f"{self.root}/{fe}/{dev}", fe, dev, self.features)
-            try:
-                vbd.probe()
-            except (BadFrontend, OSError, ValueError, XenstoreError) as e:
-                # Half-written by the toolstack, or a disk we cannot open: say so where xl looks.
-                log.error("vbd %d/%d: %s", fe, dev, e)
-                try:
-                    self.xs.write(f"{self.root}/{fe}/{dev}/hotplug-error", str(e))
-                    self.xs.write(f"{self.root}/{fe}/{dev}/hotplug-status", "error")
-                except XenstoreError:
-                    pass
-                vbd.remove()
-            self.vbds[(fe, dev)] = vbd
+        self.table = DeviceTable(self.xs, self.host.domid, "vbd",
+                                 lambda path, fe, dev: Vbd(self.host, self.xs, path, fe, dev, self.features),
+                                 (BadFrontend, OSError, ValueError))
+        self.table.start()
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            vbds, self.vbds = list(self.vbds.values()), {}
-        try:
-            self.xs.unwatch(self.root, "vbd")
-        except Exception:
-            pass
-        for vbd in vbds:
-            vbd.remove()
+        if self.table is not None:
+            self.table.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

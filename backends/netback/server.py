@@ -18,7 +18,9 @@ from typing import Sequence
 
 from xdom.domains.xenhost import connect
 from xdom.domains.xenhost.base import XenHost
-from xdom.domains.xenstore import XenstoreClient, XenstoreError
+from xdom.domains.xenstore import XenstoreClient
+
+from ..device_table import DeviceTable
 
 from .switch import LearningSwitch
 from .vif import BadFrontend, Vif
@@ -30,49 +32,25 @@ class NetbackServer:
     def __init__(self, host: XenHost, xs: XenstoreClient) -> None:
         self.host, self.xs = host, xs
         self.switch = LearningSwitch()
-        self.vifs: dict[tuple[int, int], Vif] = {}
-        self._lock = threading.Lock()
-        self._closed = False
-        self.root = ""
+        self.table: DeviceTable[Vif] | None = None
+
+    @property
+    def vifs(self) -> dict[tuple[int, int], Vif]:
+        return self.table.devices if self.table is not None else {}
+
+    @property
+    def root(self) -> str:
+        return self.table.root if self.table is not None else ""
 
     def start(self) -> None:
-        self.root = f"{self.xs.get_domain_path(self.host.domid)}/backend/vif"
-        self.xs.watch(self.root, "vif", self._changed)
-
-    def _changed(self, path: str, token: str) -> None:
-        with self._lock:
-            if not self._closed:
-                self._rescan()
-
-    def _list(self, path: str) -> list[int]:
-        try:
-            return [int(n) for n in self.xs.directory(path) if n.isdigit() and len(n) < 10]
-        except XenstoreError:
-            return []
-
-    def _rescan(self) -> None:
-        present = {(fe, dev) for fe in self._list(self.root) for dev in self._list(f"{self.root}/{fe}")}
-        for key in [k for k in self.vifs if k not in present]:
-            self.vifs.pop(key).remove()
-        for fe, dev in sorted(present - set(self.vifs)):
-            vif = Vif(self.host, self.xs, f"{self.root}/{fe}/{dev}", fe, dev, self.switch)
-            try:
-                vif.probe()
-            except (BadFrontend, OSError, XenstoreError) as e:
-                log.error("vif %d/%d: %s", fe, dev, e)
-                vif.remove()
-            self.vifs[(fe, dev)] = vif
+        self.table = DeviceTable(self.xs, self.host.domid, "vif",
+                                 lambda path, fe, dev: Vif(self.host, self.xs, path, fe, dev, self.switch),
+                                 (BadFrontend, OSError))
+        self.table.start()
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            vifs, self.vifs = list(self.vifs.values()), {}
-        try:
-            self.xs.unwatch(self.root, "vif")
-        except Exception:
-            pass
-        for vif in vifs:
-            vif.remove()
+        if self.table is not None:
+            self.table.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
