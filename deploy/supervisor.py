@@ -49,6 +49,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -63,6 +64,7 @@ import msgpack
 import psutil
 import zmq
 
+from xdom.domains.device_channel import offer_fd
 from xdom.domains.wakeup import WakePipe
 from xdom.broker.mgmt_client import ManagementClient, ManagementError
 from xdom.domains.xenstore import UnixTransport, XenstoreClient
@@ -190,6 +192,7 @@ class _Domain:
     pidfd: int = -1
     ready_fd: int = -1
     ready_seen: bool = False
+    devices: socket.socket | None = None          # a guest's device channel: tun fds for hot-added vifs
     connected: bool = False
     introduced: bool = False
     started_once: bool = False
@@ -589,7 +592,8 @@ class Supervisor:
         return self.mgmt.request("create", name=d.name, memory=d.spec.memory_arg,
                                  privileged=d.kind == DomainKind.XENSTORED)
 
-    def _argv(self, d: _Domain, ready_w: int, tun_fds: dict[int, int] | None = None) -> tuple[list[str], str]:
+    def _argv(self, d: _Domain, ready_w: int, tun_fds: dict[int, int] | None = None,
+              device_fd: int = -1) -> tuple[list[str], str]:
         """The domain's command line (wrapped by domain_exec) and its working directory."""
         py = sys.executable
         if d.kind == DomainKind.XENSTORED:
@@ -604,6 +608,8 @@ class Supervisor:
             # attach to a TAP it owns.
             disks += [f"--vif={devid}:{_ifname(devid)}" + (f":{tun_fds[devid]}" if tun_fds and devid in tun_fds
                                                              else "") for devid, _ in _vifs(d.spec)]
+            if device_fd >= 0:
+                disks.append(f"--device-fd={device_fd}")
             argv = [py, "-m", "xdom.domains.guest", "--ready-fd", str(ready_w), *disks, "--",
                     *(d.spec.workload or ())]
             cwd = "/"
@@ -650,7 +656,11 @@ class Supervisor:
         ready_r = ready_w = -1
         if d.kind in _READY_PIPE_KINDS:
             ready_r, ready_w = os.pipe()
-        argv, cwd = self._argv(d, ready_w, tun_fds)
+        devices = theirs = None
+        if d.kind == DomainKind.GUEST:
+            devices, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            devices.setblocking(False)
+        argv, cwd = self._argv(d, ready_w, tun_fds, theirs.fileno() if theirs is not None else -1)
         d.generation += 1
         logfd = os.open(self.layout.log_path(d.name), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
@@ -662,16 +672,22 @@ class Supervisor:
             with self._in_netns(d):
                 d.proc = start_domain_process(creds, argv, env=env, uid=d.uid, stdin=subprocess.DEVNULL,
                                               stdout=logfd, stderr=subprocess.STDOUT,
-                                              pass_fds=((ready_w,) if ready_w >= 0 else ()) + tuple(tun_fds.values()),
+                                              pass_fds=((ready_w,) if ready_w >= 0 else ()) + tuple(tun_fds.values())
+                                              + ((theirs.fileno(),) if theirs is not None else ()),
                                               cwd=cwd)
         except (OSError, subprocess.SubprocessError, netns.NetnsError) as e:
             for fd in (ready_r, ready_w):
                 if fd >= 0:
                     os.close(fd)
+            if devices is not None:
+                devices.close()
             self._launch_failed(d, f"cannot start its process: {e}")
             return
         finally:
             os.close(logfd)
+            if theirs is not None:
+                theirs.close()
+        d.devices = devices
         if ready_w >= 0:
             os.close(ready_w)
         d.pidfd = os.pidfd_open(d.proc.pid)
@@ -1053,6 +1069,9 @@ class Supervisor:
         os.close(d.pidfd)
         d.pidfd = -1
         self._close_ready(d)
+        if d.devices is not None:
+            d.devices.close()
+            d.devices = None
         d.deadline = None
         d.sample = None
         return rc
@@ -1307,6 +1326,7 @@ class Supervisor:
         d.spec = dataclasses.replace(d.spec, vifs=(*d.spec.vifs, vif))
         try:
             self._prepare_vifs(d)
+            self._offer_tun(d, devid)
             with self._xs() as xs:
                 self._write_vifs(xs, d, only=devid)
         except (netns.NetnsError, TapError, XenstoreError, OSError, TimeoutError) as e:
@@ -1315,6 +1335,16 @@ class Supervisor:
         log.info("attached vif %d (%s) to %s on %s", devid, vif.mac, d.name, be.name)
         return {"devid": devid, "ifname": _ifname(devid), "mac": vif.mac, "backend": be.name,
                 "ip": str(vif.ip) if vif.ip else None, "netns": d.netns}
+
+    def _offer_tun(self, d: _Domain, devid: int) -> None:
+        """Hand the running guest a /dev/net/tun descriptor for its new TAP, before the vif's nodes appear."""
+        if d.netns is None or d.devices is None:
+            return              # not running: it gets one on its command line when it starts
+        fd = open_tun(d.netns)
+        try:
+            offer_fd(d.devices, "vif", devid, fd)
+        finally:
+            os.close(fd)
 
     def _op_network_detach(self, req: dict[str, Any]) -> dict[str, Any]:
         """``xl network-detach``: by devid or MAC; the backend closes, the guest lets go, nodes and TAP go."""

@@ -45,6 +45,7 @@ import threading
 from typing import Sequence
 
 from .blkfront.device import Blkfront
+from .device_channel import DeviceChannel
 from .nbd.server import NbdServer
 from .netfront.device import Netfront
 from .wakeup import WakePipe
@@ -63,8 +64,10 @@ class Guest:
     """One guest's life: :meth:`run` returns its exit status (the workload's, or 0 when told to stop)."""
 
     def __init__(self, workload: Sequence[str] = (), ready_fd: int | None = None,
-                 disks: Sequence[tuple[int, str]] = (), vifs: Sequence[tuple[int, str, int | None]] = ()) -> None:
+                 disks: Sequence[tuple[int, str]] = (), vifs: Sequence[tuple[int, str, int | None]] = (),
+                 device_fd: int | None = None) -> None:
         self.workload = list(workload)
+        self._devices = DeviceChannel(device_fd) if device_fd is not None else None
         self.disks = list(disks)
         self.vifs = list(vifs)
         self._nics: list[Netfront] = []
@@ -138,6 +141,8 @@ class Guest:
                 nic.close()
             if xs is not None:
                 xs.close()
+            if self._devices is not None:
+                self._devices.close()
             host.close()
 
     def _attach_disk(self, host: XenHost, xs: XenstoreClient, home: str, devid: int, export: str) -> None:
@@ -158,8 +163,10 @@ class Guest:
     def _vif_hotplug(self, host: XenHost, xs: XenstoreClient, home: str) -> None:
         """Vifs added or removed while we run (xdom network-attach / network-detach); attach on a thread.
 
-        A hot-added vif is attached by opening /dev/net/tun here: that needs
-        a guest running as root or a device node open to everyone.
+        A hot-added vif's /dev/net/tun descriptor comes over the device
+        channel (the toolstack sends it before it writes the vif's nodes);
+        a guest started without one opens the device itself, which needs
+        root or a node open to everyone.
         """
         if self.stop_reason:
             return
@@ -190,7 +197,13 @@ class Guest:
 
     def _vif_hotplug_attach(self, host: XenHost, xs: XenstoreClient, home: str, devid: int, ifname: str) -> None:
         try:
-            self._attach_vif(host, xs, home, devid, ifname, None)
+            tun_fd = None
+            if self._devices is not None:
+                tun_fd = self._devices.take("vif", devid, TOOLSTACK_TIMEOUT)
+                if tun_fd is None:
+                    raise RuntimeError(f"the toolstack sent no /dev/net/tun descriptor for {ifname} within "
+                                       f"{TOOLSTACK_TIMEOUT:g}s")
+            self._attach_vif(host, xs, home, devid, ifname, tun_fd)
         except Exception as e:
             log.error("vif %d: hot-attach failed: %s", devid, e)
 
@@ -324,12 +337,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--vif", action="append", default=[], type=_vif_arg, metavar="DEVID:IFNAME[:TUNFD]",
                    help="connect vif DEVID to TAP device IFNAME in this domain's namespace, through the "
                         "/dev/net/tun descriptor TUNFD when given (repeatable)")
+    p.add_argument("--device-fd", type=int, default=None, metavar="FD",
+                   help="the toolstack's device channel: descriptors for hot-added devices arrive on it")
     p.add_argument("workload", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS...: run and wait for it")
     args = p.parse_args(argv)
     workload = args.workload[1:] if args.workload[:1] == ["--"] else args.workload
     logging.basicConfig(level=os.environ.get("XDOM_LOG_LEVEL", "info").upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return Guest(workload, args.ready_fd, args.disk, args.vif).run()
+    return Guest(workload, args.ready_fd, args.disk, args.vif, args.device_fd).run()
 
 
 if __name__ == "__main__":
