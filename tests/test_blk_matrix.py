@@ -180,6 +180,13 @@ def test_feature_matrix_data_integrity(rig: Rig, persistent: bool, indirect: boo
     assert read_state(rig.xs, be_path) == XenbusState.Connected
 
 
+@pytest.mark.parametrize("protocol", ["", "x86_64"])
+def test_blkfront_names_its_abi_explicitly(rig: Rig, protocol: str) -> None:
+    """blkfront never leaves ``protocol`` to the backend's default (x86_32 in Linux): it must be a known name."""
+    with pytest.raises(ValueError, match="protocol"):
+        Blkfront(rig.fe, rig.client(), DEVID, FrontendOptions(protocol=protocol))
+
+
 def test_read_only_disk_refuses_writes(rig: Rig) -> None:
     path = rig.image()
     before = open(path, "rb").read()

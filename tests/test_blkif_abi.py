@@ -1150,3 +1150,17 @@ def test_back_ring_refuses_req_prod_beyond_the_ring(abi: BlkifABI, npages: int, 
     # Exactly a ring ahead is legal: the rest of the ring's requests are there to take.
     struct.pack_into("<I", buf, 0, (start + size) & MASK32)
     assert len(back.take_requests()) == size - outstanding
+
+
+def test_a_missing_protocol_node_means_x86_32() -> None:
+    """Linux blkback's BLKIF_PROTOCOL_DEFAULT on x86 (xen-blkback/common.h) is the x86_32 layout.
+
+    xenbus_scanf("%63s") of an empty node fails too, so an empty value is
+    "absent" as well; a name Linux does not know fails the device.
+    """
+    assert blkif.abi_for(None) is blkif.X86_32
+    assert blkif.abi_for("") is blkif.X86_32
+    assert blkif.abi_for(blkif.PROTOCOL_X86_64) is blkif.X86_64
+    assert blkif.abi_for(blkif.PROTOCOL_X86_32) is blkif.X86_32
+    with pytest.raises(ValueError):
+        blkif.abi_for("x86_64-abi ")

@@ -2,9 +2,13 @@
 
 Two ABIs exist because the structures were never packed: on x86_64 a
 request's ``id`` sits at offset 8, on x86_32 at offset 4 (u64 aligns to 4
-there).  A frontend names its ABI in the ``protocol`` node; Linux blkback
-assumes the backend's native ABI when the node is absent.  Both layouts are
-checked against the real headers, compiled with ``-m64`` and ``-m32``.
+there).  A frontend names its ABI in the ``protocol`` node.  When the node is
+absent (or empty), Linux xen-blkback assumes ``BLKIF_PROTOCOL_DEFAULT``,
+which on x86 is the x86_32 layout, not the backend's native one: the
+frontends that predate the node were 32-bit PV guests, and the default
+keeps them working.  We behave the same (:data:`PROTOCOL_DEFAULT`); our own
+blkfront always writes the node, so it never depends on this.  Both layouts
+are checked against the real headers, compiled with ``-m64`` and ``-m32``.
 
 Parsing is deliberately split from validation: :func:`parse_request` only
 decodes a copy the caller already took off the ring; whether the numbers
@@ -44,6 +48,9 @@ SEGMENTS_PER_INDIRECT_FRAME = 4096 // SEGMENT.size
 PROTOCOL_X86_64 = "x86_64-abi"
 PROTOCOL_X86_32 = "x86_32-abi"
 PROTOCOL_NATIVE = PROTOCOL_X86_64
+#: What a frontend without a ``protocol`` node gets: Linux's BLKIF_PROTOCOL_DEFAULT on x86
+#: (drivers/block/xen-blkback/common.h).
+PROTOCOL_DEFAULT = PROTOCOL_X86_32
 
 
 @dataclass(frozen=True)
@@ -86,9 +93,14 @@ ABIS = {abi.name: abi for abi in (X86_64, X86_32)}
 
 
 def abi_for(protocol: str | None) -> BlkifABI:
-    """The ABI a frontend's ``protocol`` node names (native when absent, as Linux does)."""
+    """The ABI a frontend's ``protocol`` node names.
+
+    Absent or empty means :data:`PROTOCOL_DEFAULT` (x86_32), as Linux
+    blkback's ``connect_ring`` decides; an unknown name is a ValueError (Linux
+    fails the device with ENOSYS).
+    """
     if not protocol:
-        return X86_64
+        return ABIS[PROTOCOL_DEFAULT]
     try:
         return ABIS[protocol]
     except KeyError:

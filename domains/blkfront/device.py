@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from ..abi.blkif import (
-    BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE,
+    ABIS, BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE,
     BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_OKAY, PROTOCOL_X86_64, SEGMENTS_PER_INDIRECT_FRAME, VDISK_READONLY, abi_for,
     pack_discard_request, pack_indirect_request, pack_request, pack_segments, parse_response,
 )
@@ -120,6 +120,10 @@ class Blkfront:
                  options: FrontendOptions = FrontendOptions(), pool: FramePool | None = None) -> None:
         self.host, self.xs, self.devid, self.options = host, xs, devid, options
         self.pool = pool or FramePool.of(host)
+        if options.protocol not in ABIS:
+            # We always write ``protocol`` and never lean on the backend's default
+            # for a missing node (x86_32 in Linux, whatever our own layout is).
+            raise ValueError(f"blkif protocol {options.protocol!r}: one of {sorted(ABIS)}")
         self.abi = abi_for(options.protocol)
         self.path = f"{xs.get_domain_path(host.domid)}/device/vbd/{devid}"
         be = read_or_none(xs, f"{self.path}/backend")
