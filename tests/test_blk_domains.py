@@ -9,12 +9,15 @@ and fio carrying on across a SIGKILL of the blkback domain.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import pytest
@@ -111,38 +114,109 @@ def test_a_guest_disk_through_blkback_serves_real_tools(run_dir: str) -> None:
     assert not os.path.exists(xvda) and not os.path.exists(xvdb)
 
 
+class FioRun:
+    """fio in the background, its JSON status read every second: how far it got, and its final report.
+
+    ``--status-interval`` makes fio print a whole JSON report twice a second; the last
+    one is the final report.
+    """
+
+    def __init__(self, cmd: list[str], cwd: str) -> None:
+        self.proc = subprocess.Popen([*cmd, "--output-format=json", "--status-interval=500ms"], cwd=cwd,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.reports: list[dict[str, Any]] = []
+        self.stderr = ""
+        self._readers = [threading.Thread(target=self._read, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for t in self._readers:
+            t.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        decoder, buf = json.JSONDecoder(), ""
+        for line in self.proc.stdout:
+            if not buf and not line.startswith("{"):
+                continue                              # not part of a report (a warning, say)
+            buf += line
+            if line.rstrip() == "}":                  # the end of one report (fio indents everything inside)
+                try:
+                    self.reports.append(decoder.decode(buf))
+                except ValueError:
+                    continue                          # a brace closing something nested: read on
+                buf = ""
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        self.stderr = self.proc.stderr.read()
+
+    def progress(self) -> tuple[int, int]:
+        """(bytes written, bytes read) in the latest report."""
+        if not self.reports:
+            return 0, 0
+        job = self.reports[-1]["jobs"][0]
+        return job["write"]["io_bytes"], job["read"]["io_bytes"]
+
+    def finish(self, timeout: float) -> dict[str, Any]:
+        """Wait for fio; its final report's job."""
+        try:
+            self.proc.wait(timeout)
+        finally:
+            self.stop()
+        for t in self._readers:
+            t.join(10)
+        assert self.reports, f"fio printed no report: {self.stderr}"
+        return self.reports[-1]["jobs"][0]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def test_fio_survives_a_blkback_kill(run_dir: str) -> None:
+    """A size-based write job, every block verified (during the run and read back after it), across kill -9."""
     a = os.path.join(run_dir, "a.img")
     make_image(a)
+    size = 32 << 20
     with Host(run_dir, topology({"a": a})) as h:
         export = devices(h, "g1")["xvda"]["export"]
         before = h.ps()
-        cmd = ["fio", "--name=xdom", "--ioengine=nbd", f"--uri={uri(export)}", "--verify_state_save=0",
-               "--rw=randrw", "--bs=4k", "--iodepth=16", "--size=16M", "--verify=crc32c", "--do_verify=1",
-               "--time_based", "--runtime=6", "--output-format=terse"]
-        proc = subprocess.Popen(cmd, cwd=run_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # randwrite with verify=crc32c: each block carries its checksum; verify_backlog reads back
+        # and checks what was written while the job runs (reads and writes cross the kill), and
+        # do_verify=1 reads back everything written that is left once the writes are done.  --rate
+        # keeps the writes going for about four seconds, so the kill lands in the middle of them.
+        fio_job = FioRun(["fio", "--name=xdom", "--ioengine=nbd", f"--uri={uri(export)}", "--verify_state_save=0",
+                          "--rw=randwrite", "--bs=4k", "--iodepth=16", f"--size={size}", "--verify=crc32c",
+                          "--do_verify=1", "--verify_backlog=1024", "--verify_fatal=1", "--rate=8m"], run_dir)
         try:
-            # Kill the driver domain while fio has I/O in flight.
-            wait_until(lambda: h.row("blk0")["state"] == "running" and proc.poll() is None, what="fio running")
+            # Kill the driver domain once fio has written something, and before it has written everything.
+            wait_until(lambda: fio_job.progress()[0] > 0 or fio_job.proc.poll() is not None, 60,
+                       "fio's first progress report", interval=0.05)
+            written_before, _ = fio_job.progress()
+            assert 0 < written_before < size and fio_job.proc.poll() is None, (written_before, fio_job.stderr)
             os.kill(before["blk0"]["pid"], signal.SIGKILL)
             r = h.wait("blk0", "restarted", state="running", generation=2)
             assert r["domid"] == before["blk0"]["domid"] and r["last_exit"] == "killed by SIGKILL"
-            _, err = proc.communicate(timeout=120)
+            job = fio_job.finish(timeout=180)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-        assert proc.returncode == 0, err
+            fio_job.stop()
+        assert fio_job.proc.returncode == 0, fio_job.stderr
+        assert job["error"] == 0, job
+        assert job["write"]["io_bytes"] == size
+        assert job["read"]["io_bytes"] == size, "fio did not read back (verify) every block it wrote"
         g1 = h.row("g1")
         assert g1["state"] == "running" and g1["generation"] == 1, "the guest was not restarted"
+        with open(h.layout.log_path("g1")) as log:
+            text = log.read()
+        # fio's requests were in the guest's shadow when blkback died, and went again to the new one
+        issued = [int(m) for m in re.findall(r"came back: reconnecting, (\d+) request\(s\) to issue again", text)]
+        assert issued and issued[0] > 0, text[-2000:]
         # after the restart the disk still reads what the image holds
         copy = os.path.join(run_dir, "copy.img")
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri(export), copy], check=True,
                        capture_output=True, timeout=120)
         with open(a, "rb") as f1, open(copy, "rb") as f2:
             assert f1.read() == f2.read()
-        with open(h.layout.log_path("g1")) as log:
-            assert "came back: reconnecting" in log.read()
 
 
 def xdom(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -78,21 +79,34 @@ def test_guests_talk_through_netback_and_survive_its_restart(run_dir: str) -> No
                 server.kill()
                 server.wait()
 
-        # a ping running across a kill -9 of netback resumes
+        # a ping running across a kill -9 of netback: replies before the kill, and again after the restart
         ping = subprocess.Popen(["ip", "netns", "exec", ns1, "ping", "-c", "40", "-i", "0.2", "-W", "1",
                                  "10.77.0.2"], stdout=subprocess.PIPE, text=True)
+        replies: list[int] = []          # icmp_seq of each reply, as ping prints it (one line per reply)
+
+        def read() -> None:
+            assert ping.stdout is not None
+            for line in ping.stdout:
+                if "icmp_seq=" in line and " from " in line:
+                    replies.append(int(line.split("icmp_seq=")[1].split()[0]))
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
         try:
-            time.sleep(1.0)
+            wait_until(lambda: len(replies) >= 3, 30, "ping replies before the kill")
+            before_kill = list(replies)
             os.kill(ps["net0"]["pid"], signal.SIGKILL)
             r = h.wait("net0", "restarted", state="running", generation=2)
             assert r["domid"] == ps["net0"]["domid"]
-            out, _ = ping.communicate(timeout=60)
+            seen_at_restart = len(replies)
+            ping.wait(60)
         finally:
             if ping.poll() is None:
                 ping.kill()
-                ping.communicate()
-        seqs = [int(line.split("icmp_seq=")[1].split()[0]) for line in out.splitlines() if "icmp_seq=" in line]
-        assert seqs and seqs[-1] >= 35, out          # replies came back after the restart
+                ping.wait()
+            reader.join(10)
+        after = replies[seen_at_restart:]
+        assert before_kill and after, (before_kill, replies)     # replies came back after the restart
+        assert after[-1] >= 35 and after[0] > before_kill[-1], replies
         assert h.row("g1")["generation"] == 1 and h.row("g2")["generation"] == 1
         with open(h.layout.log_path("g1")) as log:
             assert "came back: reconnecting" in log.read()
