@@ -175,9 +175,35 @@ def test_feature_matrix_data_integrity(rig: Rig, persistent: bool, indirect: boo
     assert call(front.submit_flush)[0] == 0
     with open(path, "rb") as f:
         assert f.read() == bytes(model), "image file differs from what was written"
-    stats = rig.server.vbds[(rig.fe.domid, DEVID)].stats()
+    vbd = rig.server.vbds[(rig.fe.domid, DEVID)]
+    stats = vbd.stats()
     assert stats["errors"] == 0 and stats["requests"] >= len(reads)
     assert read_state(rig.xs, be_path) == XenbusState.Connected
+    assert_features_used(vbd.queue_stats(), persistent, indirect, order, queues)
+
+
+def assert_features_used(per_queue: list[dict[str, int]], persistent: bool, indirect: bool, order: int,
+                         queues: int) -> None:
+    """The backend's own counters show it served what was negotiated, and nothing that was not.
+
+    Data surviving proves little about features: a backend that ignored
+    ``feature-persistent`` or a frontend that never sent an indirect request
+    would move the same bytes.
+    """
+    assert len(per_queue) == queues, per_queue
+    for q, st in enumerate(per_queue):
+        assert st["ring_pages"] == 1 << order, (q, st)
+        assert st["requests"] > 0, f"queue {q} served nothing: {per_queue}"
+    total = {k: sum(st[k] for st in per_queue) for k in per_queue[0]}
+    if persistent:
+        assert total["persistent_grants"] > 0 and total["persistent_reuses"] > 0, total
+    else:
+        assert total["persistent_grants"] == 0 and total["persistent_reuses"] == 0, total
+    assert total["grants_mapped"] > 0, total
+    if indirect:
+        assert total["indirect_requests"] > 0, total
+    else:
+        assert total["indirect_requests"] == 0, total
 
 
 @pytest.mark.parametrize("protocol", ["", "x86_64"])

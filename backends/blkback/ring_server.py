@@ -53,7 +53,17 @@ class RingServer:
         self.persistent = persistent
         self.name = name
         self.on_fatal = on_fatal
-        self.stats = {"requests": 0, "errors": 0, "batches": 0, "notifies": 0}
+        # Cheap counters, read by tests and ``Vbd.stats``: they show which negotiated
+        # features this ring really used, not only that data survived (Linux exposes
+        # similar ones under the vbd's sysfs ``statistics`` and ``persistent_gnt_c``).
+        self.stats = {
+            "requests": 0, "errors": 0, "batches": 0, "notifies": 0,
+            "ring_pages": 0,              # pages of this ring mapped
+            "indirect_requests": 0,       # BLKIF_OP_INDIRECT requests served
+            "grants_mapped": 0,           # data and indirect pages mapped (persistent or per batch)
+            "persistent_grants": 0,       # mappings held in the persistent cache now
+            "persistent_reuses": 0,       # pages found there instead of being mapped again
+        }
         self._persistent: dict[int, GrantMapping] = {}
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._thread: threading.Thread | None = None
@@ -67,6 +77,7 @@ class RingServer:
                 raise Refused(BLKIF_RSP_ERROR, f"cannot map ring page(s) {bad}")
             self.ring = BackRing(SharedRing([m.view for m in self._ring_maps], abi.request_size,
                                             abi.response_size))
+            self.stats["ring_pages"] = len(self._ring_maps)
             self.port = host.bind_interdomain(frontend_domid, remote_port)
         except BaseException:
             self._release()
@@ -86,6 +97,7 @@ class RingServer:
     def _release(self) -> None:
         maps = list(self._persistent.values()) + self._ring_maps
         self._persistent.clear()
+        self.stats["persistent_grants"] = 0
         self._ring_maps = []
         if maps:
             try:
@@ -184,6 +196,8 @@ class RingServer:
                 try:
                     self._execute(p, views[i])
                     replies[i] = (req.id, req.operation, BLKIF_RSP_OKAY)
+                    if req.indirect:
+                        self.stats["indirect_requests"] += 1
                 except OSError as e:
                     log.warning("%s: %s at %d+%d: %s", self.name, p.kind, p.disk_offset, p.length, e)
                     self._refuse(replies, i, req, Refused(BLKIF_RSP_ERROR, str(e)))
@@ -280,6 +294,8 @@ class RingServer:
                 pages[g] = m.view
             else:
                 to_map.append(g)
+        reused = len(pages)
+        self.stats["persistent_reuses"] += reused
         temp: list[GrantMapping] = []
         if not to_map:
             return pages, temp
@@ -295,5 +311,7 @@ class RingServer:
                 self._persistent[g] = m
             else:
                 temp.append(m)
+        self.stats["grants_mapped"] += len(pages) - reused
+        self.stats["persistent_grants"] = len(self._persistent)
         return pages, temp
 

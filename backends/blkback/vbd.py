@@ -268,8 +268,13 @@ class Vbd:
             log.info("%s: disconnected from d%d", self.name, self.fe)
 
     def stats(self) -> dict[str, int]:
+        """The connected rings' counters, summed (see :attr:`RingServer.stats`)."""
         total: dict[str, int] = {}
         for r in self.rings:
             for k, v in r.stats.items():
                 total[k] = total.get(k, 0) + v
         return total
+
+    def queue_stats(self) -> list[dict[str, int]]:
+        """Each connected queue's counters, in queue order: shows how work spread over the queues."""
+        return [dict(r.stats) for r in self.rings]
