@@ -77,8 +77,14 @@ def cmd_xenstore(args: argparse.Namespace) -> int:
     """Xenstore access through our own client (like xenstore-read/-write/-ls/-rm/-watch)."""
     from xdom.domains.xenstore import XenstoreClient
     from xdom.domains.xs_wire import XenstoreError
+    from .supervisor_cli import CommandError, xenstored_socket
     try:
-        client = XenstoreClient.unix(args.socket)
+        socket_path = xenstored_socket(args.socket, args.run_dir, args.topology)
+    except CommandError as e:
+        print(f"xdom: {e}", file=sys.stderr)
+        return e.code
+    try:
+        client = XenstoreClient.unix(socket_path)
     except OSError as e:
         print(f"xdom: cannot reach xenstored: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
@@ -167,7 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     xc = sub.add_parser("xenstore", help="read, write, list, remove or watch xenstore nodes")
     xc.add_argument("action", choices=["read", "write", "ls", "rm", "watch"])
     xc.add_argument("paths", nargs="*")
-    xc.add_argument("--socket", default=None, help="xenstored socket (default: $XENSTORED_PATH)")
+    xc.add_argument("--socket", default=None, help="xenstored socket (default: the host's given by --run-dir or "
+                                                   "--topology, else $XENSTORED_PATH, else the only host running)")
+    xc.add_argument("--run-dir", default=None, help="the xenstored of the host running in this run directory")
+    xc.add_argument("--topology", "-t", default=None, help="the xenstored of the host started from this topology")
     xc.add_argument("--count", type=int, default=0, help="watch: stop after this many events")
     xc.set_defaults(func=cmd_xenstore)
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 # that need them: every `xdom broker` and `xdom xenstored` builds this parser.
 UID_MODES = ("auto", "separate", "shared")
 
-__all__ = ["EXIT_ERROR", "EXIT_NOTHING", "EXIT_OK", "EXIT_USAGE", "add_parsers"]
+__all__ = ["EXIT_ERROR", "EXIT_NOTHING", "EXIT_OK", "EXIT_USAGE", "CommandError", "add_parsers", "xenstored_socket"]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOTHING = 0, 1, 2, 3
 log = logging.getLogger("xdom.cli")
@@ -86,6 +86,24 @@ def _resolve_run_dir(args: argparse.Namespace) -> str:
                                          f"--topology")
     raise CommandError(EXIT_USAGE, f"{len(found)} supervisors are running ({', '.join(found)}); say which with "
                                    f"--run-dir")
+
+
+def xenstored_socket(socket: str | None, run_dir: str | None, topology: str | None) -> str | None:
+    """The socket ``xdom xenstore`` talks to: ``--socket``; the host named by ``--run-dir`` or
+    ``--topology``; ``$XENSTORED_PATH``; the only host running.  None: Xen's default socket."""
+    if socket:
+        return socket
+    if not run_dir and not topology and os.environ.get("XENSTORED_PATH"):
+        return None
+    try:
+        found = _resolve_run_dir(argparse.Namespace(run_dir=run_dir, topology=topology))
+    except CommandError as e:
+        if e.code == EXIT_NOTHING:
+            return None             # no host here: Xen's default socket, as xenstore-ls would use
+        raise
+    if (run_dir or topology) and running_pid(found) is None:
+        raise CommandError(EXIT_NOTHING, f"no supervisor is running in {found}")
+    return Layout("/", found).xenstored_link
 
 
 def _client(run_dir: str, timeout: float) -> ControlClient:

@@ -7,13 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from typing import Iterator
 
 import psutil
 import pytest
 
 from xdom.deploy import netns
-from xdom.deploy.rundir import Layout, running_pid
+from xdom.deploy.rundir import Layout, default_base, running_pid
 
 from helpers import wait_until
 
@@ -117,7 +118,9 @@ def test_up_detach_ps_logs_restart_destroy_down(run_dir: str, cleanup: list[str]
     assert not os.path.exists(lay.xenstored_state)
     assert not any(netns.exists(netns.netns_name(n, lay.run_dir)) for n in ("xs", "g1", "p1"))
     with open(lay.log_path("supervisor")) as f:
-        assert "stop requested over the control channel" in f.read()
+        text = f.read()
+    assert "stop requested over the control channel" in text
+    assert " INFO " in text and " DEBUG " not in text          # the default --log-level is info
 
     # nothing running now: status 3, and logs still readable from the state directory
     assert xdom("ps", "--run-dir", lay.run_dir).returncode == 3
@@ -222,3 +225,106 @@ def test_a_supervisor_killed_outright_takes_its_domains_and_broker_along(run_dir
     assert leftovers(lay.run_dir) == [] and not os.path.exists(lay.run_dir)
     assert netns.of_host(lay.run_dir) == []          # the namespaces the dead supervisor made are gone too
     assert xdom("down", "--run-dir", lay.run_dir).returncode == 3
+
+
+def _follow(cmd: list[str]) -> tuple[subprocess.Popen[str], list[str], threading.Thread]:
+    """Start ``cmd``; its stdout lines arrive in the list as they are printed."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return proc, lines, reader
+
+
+def test_global_log_level_and_logs_follow(run_dir: str, cleanup: list[str]) -> None:
+    path, lay = topology(run_dir, XS + PROGRAM)
+    cleanup.append(lay.run_dir)
+    # --log-level is xdom's own option: before the command, not after it
+    misplaced = xdom("up", path, "--detach", "--log-level", "debug")
+    assert misplaced.returncode == 2 and "unrecognized arguments: --log-level" in misplaced.stderr
+    assert xdom("--log-level", "loud", "ps").returncode == 2
+    up = xdom("--log-level", "debug", "up", path, "--detach")
+    assert up.returncode == 0, up.stdout + up.stderr
+    rows = {r["name"]: r for r in json.loads(xdom("ps", "--json", "--run-dir", lay.run_dir).stdout)}
+    # the daemon, xenstored and every domain process run at that level
+    with open(lay.log_path("supervisor")) as f:
+        assert " xdom.supervisor DEBUG " in f.read()
+    assert "--log-level debug xenstored" in " ".join(psutil.Process(rows["xs"]["pid"]).cmdline())
+    for name in ("xs", "p1"):
+        assert psutil.Process(rows[name]["pid"]).environ()["XDOM_LOG_LEVEL"] == "debug"
+
+    # logs -f prints what is there, then each new line as the domain's log grows, until the host stops
+    follow, lines, reader = _follow([*XDOM, "logs", "p1", "-f", "--run-dir", lay.run_dir])
+    try:
+        wait_until(lambda: any("generation 1" in line for line in lines), 20, "the log as it was")
+        assert not any("generation 2" in line for line in lines)
+        assert xdom("restart", "p1", "--run-dir", lay.run_dir).returncode == 0     # the log gets a new marker
+        wait_until(lambda: any("generation 2" in line for line in lines), 20, "the line written after -f started")
+        assert follow.poll() is None, "logs -f stopped following"
+        assert xdom("down", "--run-dir", lay.run_dir).returncode == 0
+        assert follow.wait(30) == 0                     # the host is gone: -f ends, status 0
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait()
+        reader.join(10)
+    assert any("stopped with the host" in line for line in lines), "".join(lines[-5:])
+
+
+def test_two_hosts_running_make_commands_without_a_host_ambiguous(run_dir: str, cleanup: list[str]) -> None:
+    """Under the default base with two supervisors, `ps` (and the others) must be told which: status 2."""
+    tag = os.path.basename(run_dir)[-8:]
+    runs = [os.path.join(default_base(), f"xdt-{tag}-{n}") for n in "ab"]
+    for n, run in zip("ab", runs):
+        cleanup.append(run)
+        path = os.path.join(run_dir, f"{n}.toml")
+        with open(path, "w") as f:
+            f.write(XS)
+        up = xdom("up", path, "--detach", "--state-dir", os.path.join(run_dir, f"state-{n}"), "--run-dir", run)
+        assert up.returncode == 0, up.stdout + up.stderr
+    env = {k: v for k, v in os.environ.items() if k != "XENSTORED_PATH"}
+    for cmd in (["ps"], ["logs", "xs"], ["restart", "xs"], ["down"], ["xenstore", "ls", "/"]):
+        res = subprocess.run([*XDOM, *cmd], capture_output=True, text=True, timeout=60, env=env,
+                             stdin=subprocess.DEVNULL)
+        assert res.returncode == 2, (cmd, res.stdout, res.stderr)
+        assert "supervisors are running" in res.stderr and "--run-dir" in res.stderr, res.stderr
+        assert all(run in res.stderr for run in runs), res.stderr
+    assert all(running_pid(run) is not None for run in runs), "an ambiguous command stopped something"
+    ps = xdom("ps", "--json", "--run-dir", runs[0])
+    assert ps.returncode == 0 and [r["name"] for r in json.loads(ps.stdout)] == ["xs"]
+
+    # xdom xenstore finds each host's xenstored from its run directory (or its topology)
+    for n, run in zip("ab", runs):
+        w = xdom("xenstore", "write", "/tool/which", n, "--run-dir", run)
+        assert w.returncode == 0, w.stderr
+    for n, run in zip("ab", runs):
+        r = xdom("xenstore", "read", "/tool/which", "--run-dir", run)
+        assert r.returncode == 0 and r.stdout.strip() == n, r.stdout + r.stderr
+    ls = xdom("xenstore", "ls", "/local/domain/0", "--run-dir", runs[1])
+    assert ls.returncode == 0 and '/local/domain/0/name = "Domain-0"' in ls.stdout, ls.stdout + ls.stderr
+    for run in runs:
+        assert xdom("down", "--run-dir", run).returncode == 0
+    gone = xdom("xenstore", "ls", "/", "--run-dir", runs[0])
+    assert gone.returncode == 3 and "no supervisor is running" in gone.stderr
+
+
+def test_xenstore_finds_the_host_by_its_topology(run_dir: str, cleanup: list[str]) -> None:
+    path, lay = topology(run_dir, XS + GUEST)
+    cleanup.append(lay.run_dir)
+    assert xdom("up", path, "--detach").returncode == 0
+    g1 = json.loads(xdom("ps", "--json", "--run-dir", lay.run_dir).stdout)[1]["domid"]
+    res = xdom("xenstore", "read", f"/local/domain/{g1}/name", "--topology", path)
+    assert res.returncode == 0 and res.stdout.strip() == "g1", res.stdout + res.stderr
+    # --socket and XENSTORED_PATH still work as they do for Xen's tools
+    res = xdom("xenstore", "read", "/local/domain/0/name", "--socket", lay.xenstored_link)
+    assert res.returncode == 0 and res.stdout.strip() == "Domain-0"
+    env = dict(os.environ, XENSTORED_PATH=lay.xenstored_link)
+    res = subprocess.run([*XDOM, "xenstore", "read", f"/local/domain/{g1}/domid"], capture_output=True, text=True,
+                         timeout=60, env=env, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0 and res.stdout.strip() == str(g1), res.stderr
+    assert xdom("down", "--run-dir", lay.run_dir).returncode == 0
