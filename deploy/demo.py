@@ -1,13 +1,21 @@
-"""`make demo`: what the broker gives driver domains, shown on live processes.
+"""`make demo`: the default topology (deploy/examples/default.toml) on live processes.
 
-Starts a broker and four domain processes, then walks through the
-hypervisor's promises one by one, printing what each step proved.  Every
-process it starts is stopped at the end, also on error or Ctrl-C.
+xenstored, blkback, netback and two guests, each its own process in its own
+network namespace, started by ``xdom up``.  Then, printing after every step
+what it proved: the domain table; a ping from one guest to the other through
+netback; fio with crc32c verification on a guest's disk through blkback;
+blkback killed with SIGKILL while fio writes, and every block still
+verified; the xenstore tree; and ``xdom down``, checked to leave no process,
+namespace, TAP device or socket behind.  It ends with the elapsed time.
+
+It needs root (namespaces, TAP devices, the broker's /proc/PID/map_files)
+and fio, ping, iproute2 and xenstore-utils, which ``make demo`` installs as
+root.  A missing prerequisite or a failed check ends it with status 1 and
+says why; whatever it started is stopped in every case.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -15,33 +23,149 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
-from xdom.domains.abi.event_channel import VIRQ_DOM_EXC
-from xdom.domains.abi.grant_table import GNTST_NAMES, GNTST_okay
+import psutil
 
-from .agent_client import AgentProcess
-from .launcher import start_broker
+from . import netns
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "default.toml")
+TOOLS = {"fio": "fio", "ping": "iputils-ping", "ip": "iproute2", "xenstore-ls": "xenstore-utils"}
+IMAGE_SIZE = 64 << 20
+
+
+class DemoError(Exception):
+    """A check failed: the demo stops here, with status 1."""
 
 
 def step(title: str) -> None:
-    print(f"\n== {title}")
+    print(f"\n== {title}", flush=True)
+
+
+def say(text: str) -> None:
+    print(f"   {text}", flush=True)
 
 
 def proved(text: str) -> None:
-    print(f"   -> {text}")
+    print(f"   -> proved: {text}", flush=True)
 
 
-def run() -> int:
-    run_dir = tempfile.mkdtemp(prefix="xdom-demo-", dir="/tmp")
-    os.chmod(run_dir, 0o755)
+def xdom(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run([sys.executable, "-m", "xdom.deploy.cli", *args], capture_output=True, text=True,
+                         timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and res.returncode != 0:
+        raise DemoError(f"xdom {' '.join(args)} failed (status {res.returncode}): "
+                        f"{(res.stderr or res.stdout).strip()}")
+    return res
+
+
+def until(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def missing_prerequisites() -> list[str]:
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("it must run as root (network namespaces, TAP devices, /proc/PID/map_files): "
+                        "sudo make demo")
+    absent = [f"{tool} (Debian package {pkg})" for tool, pkg in TOOLS.items() if shutil.which(tool) is None]
+    if absent:
+        problems.append("not installed: " + ", ".join(absent) + "; make demo installs them as root")
+    if not os.path.exists("/dev/net/tun"):
+        problems.append("/dev/net/tun does not exist (modprobe tun)")
+    return problems
+
+
+class Fio:
+    """fio on a guest's NBD export with a JSON report every half second (so the demo sees its progress)."""
+
+    def __init__(self, export: str, cwd: str, *job: str) -> None:
+        self.proc = subprocess.Popen(["fio", "--name=demo", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={export}",
+                                      "--verify_state_save=0", "--output-format=json", "--status-interval=500ms",
+                                      *job], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.reports: list[dict[str, Any]] = []
+        self.stderr = ""
+        self._threads = [threading.Thread(target=self._read, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        buf = ""
+        for line in self.proc.stdout:
+            if not buf and not line.startswith("{"):
+                continue
+            buf += line
+            if line.rstrip() == "}":            # a report ends with an unindented brace
+                try:
+                    self.reports.append(json.loads(buf))
+                except ValueError:
+                    continue
+                buf = ""
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        self.stderr = self.proc.stderr.read()
+
+    def written(self) -> int:
+        return self.reports[-1]["jobs"][0]["write"]["io_bytes"] if self.reports else 0
+
+    def finish(self, timeout: float = 120) -> dict[str, Any]:
+        """Wait for fio; raise DemoError unless it wrote ``size`` and read back (verified) all of it."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise DemoError(f"fio did not finish within {timeout:g}s") from None
+        finally:
+            self.kill()
+            for t in self._threads:
+                t.join(10)
+        if self.proc.returncode != 0 or not self.reports:
+            raise DemoError(f"fio failed (status {self.proc.returncode}): {self.stderr.strip()[-800:]}")
+        job: dict[str, Any] = self.reports[-1]["jobs"][0]
+        if job["error"] != 0:
+            raise DemoError(f"fio reported error {job['error']}")
+        return job
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def verified(job: dict[str, Any], size: int) -> str:
+    written, read = job["write"]["io_bytes"], job["read"]["io_bytes"]
+    if written != size or read != size:
+        raise DemoError(f"fio wrote {written} and verified {read} bytes; {size} expected for both")
+    return f"fio wrote {mib(written)} in 4 KiB blocks, read back and checked all {mib(read)} (crc32c): 0 errors"
+
+
+def hypervisor(base: str) -> None:
+    """What the broker gives driver domains, on four bare domain processes: grants, event channels, death."""
+    from xdom.domains.abi.event_channel import VIRQ_DOM_EXC
+    from xdom.domains.abi.grant_table import GNTST_NAMES, GNTST_okay
+
+    from .agent_client import AgentProcess
+    from .launcher import start_broker
     broker = None
     doms: list[AgentProcess] = []
-    t0 = time.monotonic()
     try:
-        step("start the broker (the hypervisor) and four domains, each its own process")
-        broker = start_broker(os.path.join(run_dir, "broker"))
+        step("the broker (the hypervisor) and four bare domains, each its own process")
+        broker = start_broker(os.path.join(base, "broker"))
         mgmt = broker.client()
         watcher = AgentProcess(mgmt, "xenstore", memory="1M", privileged=True)
         guest1 = AgentProcess(mgmt, "guest1", memory="32M")
@@ -49,236 +173,231 @@ def run() -> int:
         backend = AgentProcess(mgmt, "backend", memory="1M")
         doms += [watcher, guest1, guest2, backend]
         port_exc = watcher.call("bind_virq", virq=VIRQ_DOM_EXC)["port"]
-        subprocess.run([sys.executable, "-m", "xdom.deploy.cli", "list", "--run-dir", broker.run_dir], check=True)
-        proved("domains created over ZeroMQ management; each proved its identity with a one-time token")
+        say(xdom("list", "--run-dir", broker.run_dir).stdout.rstrip().replace("\n", "\n   "))
+        proved("domains are created over ZeroMQ management; each proved its identity with a one-time token")
 
-        step("guest1 grants 64 pages to the backend; the backend maps them")
+        step("guest1 grants 64 pages to the backend, which maps them in one batch")
         refs = guest1.call("grant_many", domid=backend.domid, first_gfn=100, count=64)["refs"]
         res = backend.call("map", domid=guest1.domid, refs=refs)["results"]
-        handles = [h for s, h in res if s == GNTST_okay]
         check = backend.call("check_maps")
-        print(f"   64 refs mapped in one batch; every page carries guest1's stamp: {not check['bad']}; "
-              f"backend holds {check['fds']} fds")
-        proved("grant mapping is page-granular: each map hands over one frame, not the guest's memory")
-
-        step("guest1 tries to end access while the backend still maps the page")
-        print(f"   end_access(ref {refs[0]}) -> {'refused' if not guest1.call('end', ref=refs[0])['ok'] else 'ALLOWED'}")
-        proved("a granter cannot pull a page out from under a live mapping (GTF_reading/GTF_writing)")
-
-        step("the backend guesses references it was never given")
+        say(f"{sum(s == GNTST_okay for s, _ in res)}/64 mapped; every page carries guest1's stamp: "
+            f"{not check['bad']}; the backend holds {check['fds']} fds")
+        if check["bad"] or any(s != GNTST_okay for s, _ in res):
+            raise DemoError("the mapped pages are not guest1's")
+        ended = guest1.call("end", ref=refs[0])["ok"]
+        say(f"guest1 ends access to a page the backend still maps: {'ALLOWED' if ended else 'refused'}")
         guesses = backend.call("map", domid=guest2.domid, refs=list(range(0, 32)))["results"]
-        codes = sorted({GNTST_NAMES[s] for s, _ in guesses})
-        print(f"   32 guesses at guest2's table -> {sum(s == GNTST_okay for s, _ in guesses)} mapped; status: {codes}")
-        proved("no domain reaches another's frames except through a grant the owner wrote")
+        say(f"the backend guesses 32 references guest2 never gave: {sum(s == GNTST_okay for s, _ in guesses)} "
+            f"mapped ({', '.join(sorted({GNTST_NAMES[s] for s, _ in guesses}))})")
+        ro = guest2.call("grant", domid=backend.domid, gfn=7, ro=True, data="read-only")["ref"]
+        (rw_status, _), = backend.call("map", domid=guest2.domid, refs=[ro], ro=False)["results"]
+        say(f"a writable map of a read-only grant: {GNTST_NAMES[rw_status]}")
+        if ended or rw_status == GNTST_okay or any(s == GNTST_okay for s, _ in guesses):
+            raise DemoError("a grant rule was not enforced")
+        proved("mapping is page-granular: a backend reaches only the frames a guest granted, as granted")
 
-        step("a read-only grant: the kernel refuses to let the backend write")
-        ro = guest2.call("grant", domid=backend.domid, gfn=7, ro=True, data="guest2's read-only page")["ref"]
-        (status, _), = backend.call("map", domid=guest2.domid, refs=[ro], ro=True)["results"]
-        (status_rw, _), = backend.call("map", domid=guest2.domid, refs=[ro], ro=False)["results"]
-        print(f"   read-only map: {GNTST_NAMES[status]}; writable map of the same ref: {GNTST_NAMES[status_rw]}")
-        proved("read-only grants arrive as O_RDONLY frames: mmap(PROT_WRITE) and mprotect fail with "
-               f"{errno.errorcode[errno.EACCES]} (see tests/test_domain_processes.py)")
-
-        step("event channel between guest1 and the backend: 2000 round trips")
-        p1 = guest1.call("alloc_unbound", remote=backend.domid)["port"]
-        pb = backend.call("bind", remote=guest1.domid, port=p1)["port"]
-        backend.send("pingpong", port=pb, n=2000, first=False)
-        elapsed = guest1.call("pingpong", port=p1, n=2000, first=True)["elapsed"]
-        backend.read(30)
-        print(f"   {elapsed / 2000 * 1e6:.1f} us per round trip (eventfd written directly, broker not involved)")
-        proved("notifications go domain to domain without a hypervisor round trip")
-
-        step("kill -9 the backend while it holds 65 mappings")
+        step("kill -9 the backend while it maps 64 pages")
         backend.kill()
         ports = watcher.call("wait", secs=10)["ports"]
-        print(f"   xenstore domain woke on VIRQ_DOM_EXC: {ports == [port_exc]}")
-        deadline = time.monotonic() + 10
-        while mgmt.request("info", domid=backend.domid)["domain"]["state"] != "crashed":
-            if time.monotonic() > deadline:
-                raise RuntimeError("the broker did not notice the backend's death")
-            time.sleep(0.01)
-        ended = sum(guest1.call("end", ref=r)["ok"] for r in refs)
-        print(f"   broker released its mappings: guest1 ended access to {ended}/64 pages")
-        proved("a dead domain's mappings are released; the xenstore domain learns of the death")
-
-        step("restart the backend under the same domid and map again")
-        creds = mgmt.request("restart", domid=backend.domid)
-        doms.remove(backend)
-        backend.stop()
-        backend2 = AgentProcess(mgmt, "backend", creds=creds)
-        doms.append(backend2)
-        refs = guest1.call("grant_many", domid=backend2.domid, first_gfn=100, count=8)["refs"]
-        res = backend2.call("map", domid=guest1.domid, refs=refs)["results"]
-        print(f"   backend is domain {backend2.domid} again; mapped {sum(s == GNTST_okay for s, _ in res)}/8")
-        backend2.call("unmap", handles=[h for s, h in res if s == GNTST_okay])
-        proved("a driver domain comes back with its identity, so its guests' device paths stay valid")
-
-        step("the domain table and broker statistics")
-        subprocess.run([sys.executable, "-m", "xdom.deploy.cli", "list", "--run-dir", broker.run_dir], check=True)
-        stats = mgmt.request("stats")
-        print(f"   broker: {stats['broker_fds']} open fds for {stats['domains']} domains "
-              f"(2 x 32 MiB guests) - no descriptor per frame")
-        del handles
+        until("the broker to see the backend dead",
+              lambda: mgmt.request("info", domid=backend.domid)["domain"]["state"] == "crashed", 10)
+        ended_n = sum(guest1.call("end", ref=r)["ok"] for r in refs[1:])
+        say(f"the xenstore domain woke on VIRQ_DOM_EXC: {ports == [port_exc]}; guest1 ended access to "
+            f"{ended_n}/63 pages")
+        if ports != [port_exc] or ended_n != 63:
+            raise DemoError("the dead backend's mappings were not released")
+        proved("a dead domain's mappings are released, and the xenstore domain hears of its death")
     finally:
         for d in reversed(doms):
             d.stop()
         if broker is not None:
             broker.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)
-    supervised()
-    default_topology()
-    print(f"\ndemo finished in {time.monotonic() - t0:.1f}s")
+
+
+def run() -> int:
+    t0 = time.monotonic()
+    problems = missing_prerequisites()
+    if problems:
+        print("make demo: cannot run the default topology:", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 1
+    base = tempfile.mkdtemp(prefix="xdom-demo-", dir="/tmp")
+    os.chmod(base, 0o755)       # domains run under their own uids
+    try:
+        hypervisor(base)
+        default_topology(base)
+    except DemoError as e:
+        print(f"\nDEMO FAILED: {e}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"\ndemo finished in {time.monotonic() - t0:.1f}s", flush=True)
     return 0
 
 
-def _xdom(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([sys.executable, "-m", "xdom.deploy.cli", *args], capture_output=True, text=True,
-                         timeout=120)
-    if check and res.returncode != 0:
-        raise RuntimeError(f"xdom {' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
-    return res
-
-
-def _until(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def supervised() -> None:
-    """The same pieces under the supervisor: a topology up, xenstored killed, guests unharmed."""
-    base = tempfile.mkdtemp(prefix="xdom-demo-up-", dir="/tmp")
-    os.chmod(base, 0o755)
-    state, run = os.path.join(base, "state"), os.path.join(base, "run")
-    topology = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "guests.toml")
-    up = False
-    try:
-        step("xdom up deploy/examples/guests.toml --detach: broker, xenstored and two guests, supervised")
-        _xdom("up", topology, "--detach", "--state-dir", state, "--run-dir", run)
-        up = True
-        print(_xdom("ps", "--run-dir", run).stdout.rstrip())
-
-        def rows() -> dict[str, dict]:
-            return {r["name"]: r for r in json.loads(_xdom("ps", "--json", "--run-dir", run).stdout)}
-        proved("domains started in dependency order, each once the one before was ready")
-
-        step("kill -9 the xenstore domain")
-        xs = rows()["xs"]
-        os.kill(xs["pid"], signal.SIGKILL)
-        _until("xenstored to come back", lambda: rows()["xs"]["restarts"] == 1 and rows()["xs"]["state"] == "running")
-        print(f"   xs is domain {rows()['xs']['domid']} again (restarts: 1), on its saved store")
-        g1 = rows()["g1"]
-        _xdom("xenstore", "write", f"/local/domain/{g1['domid']}/control/shutdown", "poweroff",
-              "--socket", os.path.join(run, "xenstored.sock"))
-        _until("g1 to power off", lambda: rows()["g1"]["state"] != "running")
-        print(f"   g1's watch, set before the crash, fired through its ring: g1 is {rows()['g1']['state']} "
-              f"({rows()['g1']['last_exit']})")
-        proved("a crashed xenstore domain comes back with its store and its domains' rings and watches")
-    finally:
-        if up:
-            _xdom("down", "--run-dir", run, check=False)
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def _fio(export: str, cwd: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(["fio", "--name=demo", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={export}",
-                             "--verify_state_save=0", "--bs=4k", "--iodepth=16", "--size=32M", "--verify=crc32c",
-                             "--do_verify=1", "--output-format=terse", *args],
-                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def default_topology() -> None:
-    """The default topology: blkback, netback and two guests; a disk and a link each survive their driver's crash."""
-    missing = [t for t in ("fio", "qemu-img", "ping") if shutil.which(t) is None]
-    if missing or os.geteuid() != 0:
-        why = f"{' and '.join(missing)} not installed" if missing else "it needs root (TAP devices, namespaces)"
-        print(f"\n(skipping the default topology: {why}; make demo as root installs what it needs)")
-        return
-    base = tempfile.mkdtemp(prefix="xdom-demo-default-", dir="/tmp")
-    os.chmod(base, 0o755)
+def default_topology(base: str) -> None:
     state, run = os.path.join(base, "state"), os.path.join(base, "run")
     os.makedirs(os.path.join(state, "images"))
     for guest in ("g1", "g2"):
         with open(os.path.join(state, "images", f"{guest}.img"), "wb") as f:
-            f.write(os.urandom(64 << 20))
-    image = os.path.join(state, "images", "g1.img")
-    topology = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "default.toml")
+            f.truncate(IMAGE_SIZE)
     up = False
-
-    def rows() -> dict[str, dict]:
-        return {r["name"]: r for r in json.loads(_xdom("ps", "--json", "--run-dir", run).stdout)}
     try:
-        step("xdom up deploy/examples/default.toml: xenstored, blkback, netback and two guests")
-        _xdom("up", topology, "--detach", "--state-dir", state, "--run-dir", run)
+        step("xdom up deploy/examples/default.toml --detach")
+        out = xdom("up", EXAMPLE, "--detach", "--state-dir", state, "--run-dir", run).stdout
         up = True
-        print(_xdom("ps", "--run-dir", run).stdout.rstrip())
-        ps = rows()
+        say(out.rstrip().replace("\n", "\n   "))
+        proved("the broker, then xenstored, blkback, netback and the guests started in dependency order, "
+               "each once the one before it was ready")
+
+        step("xdom ps: the domain table")
+        say(xdom("ps", "--run-dir", run).stdout.rstrip().replace("\n", "\n   "))
+        ps = rows(run)
         for g in ("g1", "g2"):
-            devs = ", ".join(f"{d['vdev']} -> {d['export']}" if d["type"] == "vbd" else
+            devs = "; ".join(f"disk {d['vdev']} exported on {d['export']}" if d["type"] == "vbd" else
                              f"{d['ifname']} {d['mac']} {d['ip']}" for d in ps[g]["devices"])
-            print(f"   {g}: namespace {ps[g]['netns']}; {devs}")
-        proved("every domain is its own process, in a network namespace of its own")
+            say(f"{g}: uid {ps[g]['uid']}, namespace {ps[g]['netns']}: {devs}")
+        if len({r["pid"] for r in ps.values()}) != len(ps) or any(r["state"] != "running" for r in ps.values()):
+            raise DemoError("not every domain is a running process of its own")
+        proved("every domain is its own process, in a network namespace of its own"
+               + (", under a uid of its own" if len({r["uid"] for r in ps.values()}) == len(ps) else ""))
 
-        step("ping g2 from g1's namespace: frames cross netfront, the rings and netback's switch")
-        res = subprocess.run(["ip", "netns", "exec", ps["g1"]["netns"], "ping", "-c", "3", "-i", "0.2",
+        step("ping g2 (10.77.0.2) from g1's namespace")
+        links = subprocess.run(["ip", "-n", ps["g1"]["netns"], "-o", "link", "show"], capture_output=True,
+                               text=True, check=True).stdout
+        say("g1's namespace holds: " + ", ".join(line.split(":")[1].strip() for line in links.splitlines()))
+        res = subprocess.run(["ip", "netns", "exec", ps["g1"]["netns"], "ping", "-c", "3", "-i", "0.2", "-W", "2",
                               "10.77.0.2"], capture_output=True, text=True, timeout=60)
-        print("   " + "\n   ".join(res.stdout.strip().splitlines()[-2:]))
+        for line in res.stdout.strip().splitlines()[1:4] + res.stdout.strip().splitlines()[-2:-1]:
+            say(line)
         if res.returncode != 0:
-            raise RuntimeError(f"ping failed: {res.stdout}{res.stderr}")
-        proved("guests reach each other only through the netback driver domain")
+            raise DemoError(f"ping failed: {res.stdout}{res.stderr}")
+        proved("g1 reaches g2 through its TAP, netfront, the PV rings and netback's switch: the only way out "
+               "of its namespace")
 
-        step("qemu-img convert g1's disk out through its NBD export")
-        export = os.path.join(run, "g1-xvda.sock")
-        copy = os.path.join(base, "copy.img")
-        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", f"nbd+unix:///?socket={export}", copy],
-                       check=True, capture_output=True, timeout=120)
-        with open(image, "rb") as a, open(copy, "rb") as b:
-            same = a.read() == b.read()
-        os.unlink(copy)
-        print(f"   64 MiB through blkfront -> ring -> blkback -> image: {'byte-identical' if same else 'DIFFERENT'}")
-        if not same:
-            raise RuntimeError("the copy differs from the image")
-
-        step("fio randrw with crc32c verification on g1's disk; kill -9 blkback in the middle of it")
-        fio = _fio(export, base, "--rw=randrw", "--time_based", "--runtime=5")
-        time.sleep(1.5)
-        os.kill(ps["blk0"]["pid"], signal.SIGKILL)
-        print(f"   killed blk0 (pid {ps['blk0']['pid']}) with fio's I/O in flight")
-        _, err = fio.communicate(timeout=120)
-        now = rows()
-        print(f"   blk0: restarts {now['blk0']['restarts']}, domid {now['blk0']['domid']} (same); "
-              f"g1 restarts {now['g1']['restarts']}")
-        if fio.returncode != 0:
-            raise RuntimeError(f"fio failed across the blkback restart: {err.strip()[-500:]}")
-        print("   fio finished with every block verified")
-        proved("a crashed disk driver domain is a stall for the guest's programs, not an error")
-
-        step("ping g2 from g1 while netback is killed with SIGKILL")
-        ping = subprocess.Popen(["ip", "netns", "exec", ps["g1"]["netns"], "ping", "-c", "20", "-i", "0.2", "-W", "1",
+        step("kill -9 netback while g1 pings g2")
+        ping = subprocess.Popen(["ip", "netns", "exec", ps["g1"]["netns"], "ping", "-c", "25", "-i", "0.2", "-W", "1",
                                  "10.77.0.2"], stdout=subprocess.PIPE, text=True)
-        time.sleep(1.0)
-        os.kill(ps["net0"]["pid"], signal.SIGKILL)
-        out, _ = ping.communicate(timeout=60)
-        print("   " + out.strip().splitlines()[-2])
-        last = [line for line in out.splitlines() if "icmp_seq=" in line][-1:]
-        print(f"   net0 restarts {rows()['net0']['restarts']}; last reply: {last[0].split(': ', 1)[1] if last else '-'}")
-        if not last or int(last[0].split("icmp_seq=")[1].split()[0]) < 18:
-            raise RuntimeError("the ping did not resume after netback came back")
-        proved("a crashed network driver domain costs a few packets, then traffic resumes")
+        replies: list[int] = []
 
-        step("the xenstore tree of g1's devices")
-        sock = os.path.join(run, "xenstored.sock")
-        g1 = now["g1"]["domid"]
-        for kind in ("vbd", "vif"):
-            listing = _xdom("xenstore", "ls", f"/local/domain/{g1}/device/{kind}", "--socket", sock).stdout
-            print("\n".join(line for line in listing.splitlines() if "ring-ref" in line or "state" in line
-                            or "backend" in line or "event-channel" in line))
-    finally:
+        def read() -> None:
+            assert ping.stdout is not None
+            for line in ping.stdout:
+                if " from " in line and "icmp_seq=" in line:
+                    replies.append(int(line.split("icmp_seq=")[1].split()[0]))
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            until("replies before the kill", lambda: len(replies) >= 3)
+            before = list(replies)
+            os.kill(ps["net0"]["pid"], signal.SIGKILL)
+            back = until("net0 to come back", lambda: (r := rows(run)["net0"])["state"] == "running"
+                         and r["restarts"] == 1 and r)
+            at_restart = len(replies)
+            ping.wait(60)
+        finally:
+            if ping.poll() is None:
+                ping.kill()
+                ping.wait()
+            reader.join(10)
+        after = replies[at_restart:]
+        lost = sorted(set(range(1, 26)) - set(replies))
+        say(f"replies before the kill: icmp_seq {before[0]}..{before[-1]}; killed net0 (pid {ps['net0']['pid']})")
+        say(f"net0 restarted: pid {back['pid']}, same domid {back['domid']}; replies after it came back: "
+            + (f"icmp_seq {after[0]}..{after[-1]}" if after else "NONE") + f"; lost: {lost or 'none'}")
+        if not after or rows(run)["g1"]["restarts"] != 0:
+            raise DemoError("the ping did not resume after netback came back")
+        proved("a crashed network driver domain costs a few packets, then the guests' traffic resumes")
+
+        step("fio on g1's disk (NBD export -> blkfront -> ring -> blkback -> image): random writes, crc32c verify")
+        export = ps["g1"]["devices"][0]["export"]
+        size = 8 << 20
+        job = Fio(export, base, "--rw=randwrite", "--bs=4k", "--iodepth=16", f"--size={size}", "--verify=crc32c",
+                  "--do_verify=1", "--verify_fatal=1").finish()
+        say(verified(job, size))
+        proved("a real program's block I/O crosses the disk driver domain intact")
+
+        step("kill -9 blkback while fio writes to g1's disk")
+        size = 16 << 20
+        fio = Fio(export, base, "--rw=randwrite", "--bs=4k", "--iodepth=16", f"--size={size}", "--offset=16M",
+                  "--verify=crc32c", "--do_verify=1", "--verify_backlog=1024", "--verify_fatal=1", "--rate=8m")
+        try:
+            until("fio's first progress", lambda: fio.written() > 0 or fio.proc.poll() is not None)
+            done = fio.written()
+            if fio.proc.poll() is not None or done >= size:
+                raise DemoError(f"fio finished before blkback could be killed: {fio.stderr.strip()}")
+            os.kill(ps["blk0"]["pid"], signal.SIGKILL)
+            say(f"killed blk0 (pid {ps['blk0']['pid']}) with SIGKILL after fio wrote {mib(done)} of {mib(size)}")
+            back = until("blk0 to come back", lambda: (r := rows(run)["blk0"])["state"] == "running"
+                         and r["restarts"] == 1 and r)
+            say(f"blk0 restarted by its policy: pid {back['pid']}, same domid {back['domid']}")
+            job = fio.finish()
+        finally:
+            fio.kill()
+        say(verified(job, size))
+        with open(os.path.join(state, "logs", "g1.log")) as f:
+            again = [line.split(": ", 1)[-1].strip() for line in f if "came back: reconnecting" in line]
+        if again:
+            say(f"g1's log: {again[-1]}")
+        now = rows(run)
+        if now["g1"]["restarts"] != 0 or back["domid"] != ps["blk0"]["domid"]:
+            raise DemoError("the guest was restarted, or blkback came back as another domain")
+        proved("a crashed disk driver domain is a stall for the guest's programs, not an error: fio's requests "
+               "in flight went again to the new blkback and every block verified")
+
+        step("the xenstore tree under /local/domain (Xen's own xenstore-ls, XENSTORED_PATH=RUN_DIR/xenstored.sock)")
+        tree = subprocess.run(["xenstore-ls", "/local/domain"], capture_output=True, text=True, timeout=30,
+                              env=dict(os.environ, XENSTORED_PATH=os.path.join(run, "xenstored.sock")))
+        if tree.returncode != 0:
+            raise DemoError(f"xenstore-ls failed: {tree.stderr.strip()}")
+        say(tree.stdout.rstrip().replace("\n", "\n   "))
+        proved("the toolstack wrote libxl's nodes: each domain's home, backend/vbd and backend/vif in the driver "
+               "domains, device/vbd and device/vif in the guests, all Connected (state 4)")
+    except BaseException:
         if up:
-            _xdom("down", "--run-dir", run, check=False)
-        shutil.rmtree(base, ignore_errors=True)
+            xdom("down", "--run-dir", run, check=False)
+        raise
+    down(run, ps)
+
+
+def rows(run: str) -> dict[str, dict[str, Any]]:
+    return {r["name"]: r for r in json.loads(xdom("ps", "--json", "--run-dir", run).stdout)}
+
+
+def down(run: str, ps: dict[str, dict[str, Any]]) -> None:
+    step("xdom down")
+    res = xdom("down", "--run-dir", run, check=False)
+    say((res.stdout + res.stderr).strip())
+    if res.returncode != 0:
+        raise DemoError(f"xdom down failed with status {res.returncode}")
+    pids = [r["pid"] for r in ps.values() if r["pid"]]
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    strays = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if run in " ".join(p.info["cmdline"] or []) or run in p.environ().get("XDOM_HYPERCALL", ""):
+                strays.append(p.pid)
+        except psutil.Error:
+            continue
+    spaces = netns.of_host(run)
+    macs = {d["mac"] for r in ps.values() for d in r["devices"] if d["type"] == "vif"}
+    taps = [line for line in subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+            .splitlines() if any(m in line for m in macs)]
+    with open("/proc/net/unix") as f:
+        sockets = [line.split()[-1] for line in f if line.rstrip().endswith(".sock") and run in line]
+    checks = [
+        (f"domain processes ({len(pids)}) and the broker, by pid and by their run directory", alive + strays),
+        ("network namespaces of this host (ip netns list)", spaces),
+        ("TAP devices with the guests' MACs (they lived in the namespaces; none moved to the host's)", taps),
+        ("unix sockets bound under the run directory", sockets),
+        ("the run directory", [run] if os.path.exists(run) else []),
+    ]
+    for what, left in checks:
+        say(f"{what}: {'none left' if not left else f'LEFT: {left}'}")
+    if any(left for _, left in checks):
+        raise DemoError("xdom down left something behind")
+    proved("down stops guests, then driver domains, xenstored and the broker, and leaves nothing behind")
 
 
 if __name__ == "__main__":
