@@ -156,7 +156,17 @@ def test_feature_matrix_data_integrity(rig: Rig, persistent: bool, indirect: boo
     if order:
         assert rig.xs.read(f"{front.path}/ring-page-order") == b"2"
         assert rig.xs.exists(f"{front.path}/{'queue-0/' if queues > 1 else ''}ring-ref3")
-    rng = random.Random(f"{persistent}{indirect}{order}{queues}{abi}")
+    exercise(front, path, f"{persistent}{indirect}{order}{queues}{abi}")
+    vbd = rig.server.vbds[(rig.fe.domid, DEVID)]
+    stats = vbd.stats()
+    assert stats["errors"] == 0 and stats["requests"] >= 48
+    assert read_state(rig.xs, be_path) == XenbusState.Connected
+    assert_features_used(vbd.queue_stats(), persistent, indirect, order, queues)
+
+
+def exercise(front: Blkfront, path: str, seed: str) -> None:
+    """Writes of every size class at once, then 48 concurrent reads and a flush, checked against ``path``."""
+    rng = random.Random(seed)
     model = bytearray(open(path, "rb").read())
     # Writes of every size class at once (sub-page, 11-segment, indirect-sized), overlapping none.
     writes = []
@@ -167,7 +177,7 @@ def test_feature_matrix_data_integrity(rig: Rig, persistent: bool, indirect: boo
         writes.append(("write", offset, memoryview(data), False))
     assert [r[0] for r in run_concurrently(front, writes)] == [0] * len(writes)
     reads = [("read", off, length) for off, length in
-             [(rng.randrange(0, IMAGE_SIZE // 512 - 2048) * 512, rng.choice((512, 4096, 65536, 1 << 20)))
+             [(rng.randrange(0, len(model) // 512 - 2048) * 512, rng.choice((512, 4096, 65536, 1 << 20)))
               for _ in range(48)]]
     for (_, off, length), (err, data) in zip(reads, run_concurrently(front, reads)):
         assert err == 0
@@ -175,11 +185,6 @@ def test_feature_matrix_data_integrity(rig: Rig, persistent: bool, indirect: boo
     assert call(front.submit_flush)[0] == 0
     with open(path, "rb") as f:
         assert f.read() == bytes(model), "image file differs from what was written"
-    vbd = rig.server.vbds[(rig.fe.domid, DEVID)]
-    stats = vbd.stats()
-    assert stats["errors"] == 0 and stats["requests"] >= len(reads)
-    assert read_state(rig.xs, be_path) == XenbusState.Connected
-    assert_features_used(vbd.queue_stats(), persistent, indirect, order, queues)
 
 
 def assert_features_used(per_queue: list[dict[str, int]], persistent: bool, indirect: bool, order: int,

@@ -109,6 +109,7 @@ class _Req:
 class _Queue:
     def __init__(self, index: int, ring: FrontRing, gfns: list[int], refs: list[int], port: int) -> None:
         self.index, self.ring, self.gfns, self.refs, self.port = index, ring, gfns, refs, port
+        self.requests = self.responses = 0       # counters: how work spread over the queues
 
 
 class Blkfront:
@@ -140,6 +141,7 @@ class Blkfront:
         self.can_flush = True
         self.can_write_zeroes = True
         self.reconnects = 0
+        self.indirect_requests = 0                # counters of what the connections really used
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._queues: list[_Queue] = []
@@ -442,6 +444,7 @@ class Blkfront:
                     self.host.memory.frame(ipage.gfn)[:] = pack_segments(part)
                 raw = pack_indirect_request(self.abi, op.kind, rid, sector, self.devid, len(segs),
                                             [p.ref for p in indirect_pages])
+                self.indirect_requests += 1
             else:
                 raw = pack_request(self.abi, op.kind, rid, sector, self.devid, segs)
             req = _Req(rid, raw, op, op.next_byte, page_bytes, indirect_pages)
@@ -456,6 +459,7 @@ class Blkfront:
             raise RingOverflow("no ring room to issue a request again")
         self._shadow[req.id] = req
         q.ring.put_request(req.raw)
+        q.requests += 1
 
     def _push_all(self) -> None:
         for q in self._queues:
@@ -545,6 +549,7 @@ class Blkfront:
                         if req is None:
                             log.warning("vbd %d: response for unknown request id %d ignored", self.devid, rid)
                             continue
+                        q.responses += 1
                         op = req.op
                         op.outstanding -= 1
                         if status != BLKIF_RSP_OKAY and not op.error:
@@ -653,4 +658,11 @@ class Blkfront:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"in_flight": len(self._shadow), "pending": len(self._pending), "reconnects": self.reconnects,
-                    "persistent_frames": self._persistent_count, "frames_still_mapped": len(self._deferred)}
+                    "persistent_frames": self._persistent_count, "frames_still_mapped": len(self._deferred),
+                    "indirect_requests": self.indirect_requests}
+
+    def queue_stats(self) -> list[dict[str, int]]:
+        """Per queue of the current connection: ring pages, requests put on it, responses taken off it."""
+        with self._lock:
+            return [{"ring_pages": len(q.gfns), "requests": q.requests, "responses": q.responses}
+                    for q in self._queues]
