@@ -13,6 +13,12 @@ after ``subprocess`` has already switched to the domain's uid, so that:
   its domains (SIGKILL, OOM), they die with it.  It is set here, after the
   uid change, because changing credentials clears it; it survives the exec.
 
+Not set here: ``PR_SET_DUMPABLE``.  ``execve`` resets it to 1 for an
+ordinary program (checked on this host's kernel), so a domain makes itself
+non-dumpable in ``xdom.domains.xenhost.connect()`` and refuses to run if it
+cannot.  A ``program`` that never connects stays dumpable (the supervisor's
+warning says so).
+
 Standard library only, and nothing imported that ``-S`` hides: it must start
 fast and run under any uid that can run the interpreter.  Exit status 127
 means the program could not be executed (the reason is on stderr, which is

@@ -499,7 +499,7 @@ class Supervisor:
         if d.state == State.STARTING:
             if d.kind == DomainKind.PROGRAM and not d.connected:
                 log.warning("program %s (pid %s) has not connected to the broker within %gs: it runs as a plain "
-                            "process, not a domain (a program calls xdom.domains.xenhost.connect())",
+                            "process, not a domain, and stays dumpable (a program calls xdom.domains.xenhost.connect())",
                             d.name, d.pid, self.ready_timeout)
                 self._progress(f"{d.name}: program started (pid {d.pid}) but not connected to the broker: "
                                f"not a domain")

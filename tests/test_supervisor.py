@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -329,6 +330,43 @@ def test_a_domain_over_its_rss_limit_is_killed_and_restarted(base: str, caplog: 
         r = h.wait("hog", "failed after its second kill", state="failed")
         assert r["generation"] == 2 and "giving up" in r["last_exit"]
     assert "over its limits: rss" in caplog.text and "killing program domain hog" in caplog.text
+
+
+# ---- what a domain process is allowed ---------------------------------------------------
+
+def _readable_by_a_peer(pid: int) -> bool:
+    """Can a process of ``pid``'s own uid, holding no capabilities, read its /proc/PID/environ?
+
+    The kernel lets a peer of the same uid do that only while the target is dumpable
+    (ptrace access mode READ): that is what PR_SET_DUMPABLE 0 takes away.  As root the
+    reader drops every capability (setpriv), so root's CAP_SYS_PTRACE does not count.
+    """
+    uid = psutil.Process(pid).uids().real
+    cmd = ["cat", f"/proc/{pid}/environ"]
+    if os.geteuid() == 0:
+        cmd = ["setpriv", f"--reuid={uid}", f"--regid={psutil.Process(pid).gids().real}", "--clear-groups",
+               "--inh-caps=-all", "--bounding-set=-all", "--", *cmd]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0 or "Permission denied" in res.stderr, res.stderr
+    return res.returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="needs setpriv (util-linux) as root")
+def test_running_domains_are_not_dumpable(base: str) -> None:
+    text = XS + GUEST + program("p1", "wait") + '[[domain]]\nname = "plain"\nkind = "program"\ncommand = ["sleep", "60"]\n'
+    with Host(base, text, ready_timeout=1.0) as h:
+        ps = h.ps()
+        assert ps["plain"]["connected"] is False
+        for name in ("xs", "g1", "p1"):
+            pid = ps[name]["pid"]
+            assert not _readable_by_a_peer(pid), f"{name} is dumpable"
+            if psutil.Process(pid).uids().real != 0:
+                # the files in /proc/PID of a non-dumpable process belong to root, not to its uid
+                assert os.stat(f"/proc/{pid}/status").st_uid == 0
+        # the control: a program that never connects never made itself non-dumpable, and the check sees that
+        assert _readable_by_a_peer(ps["plain"]["pid"])
+        if psutil.Process(ps["plain"]["pid"]).uids().real != 0:
+            assert os.stat(f"/proc/{ps['plain']['pid']}/status").st_uid == psutil.Process(ps["plain"]["pid"]).uids().real
 
 
 # ---- side by side, control channel -----------------------------------------------------

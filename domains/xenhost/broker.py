@@ -175,7 +175,17 @@ def connect(path: str | None = None, token: str | None = None) -> BrokerXenHost:
 
 def _make_non_dumpable() -> None:
     """A domain's memory is its own: no core dumps, no ptrace by same-uid peers,
-    /proc/<pid> owned by root (the broker, as root, still reaches its frames)."""
+    /proc/<pid> owned by root (the broker, as root, still reaches its frames).
+
+    Done here, by the domain process itself: the toolstack's exec wrapper cannot
+    do it for it, because execve() resets the flag to 1 for an ordinary program
+    (checked on this host's kernel).  A domain that cannot drop it does not run.
+    """
     import ctypes
-    PR_SET_DUMPABLE = 4
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_DUMPABLE, 0): {os.strerror(err)}; a domain must not be dumpable")
+    if libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise RuntimeError("prctl(PR_SET_DUMPABLE, 0) did not take effect; a domain must not be dumpable")
