@@ -9,6 +9,8 @@ after ``subprocess`` has already switched to the domain's uid, so that:
 * ``RLIMIT_NOFILE`` is set (soft and hard: the domain cannot raise it back)
   in the process that becomes the domain, without a ``preexec_fn`` in the
   multi-threaded supervisor;
+* ``RLIMIT_CORE`` is 0 (soft and hard): a domain that crashes leaves no core
+  file holding its memory (a guest's pages, a backend's mapped grants);
 * ``PR_SET_PDEATHSIG`` is SIGKILL: if the supervisor dies without stopping
   its domains (SIGKILL, OOM), they die with it.  It is set here, after the
   uid change, because changing credentials clears it; it survives the exec.
@@ -17,7 +19,15 @@ Not set here: ``PR_SET_DUMPABLE``.  ``execve`` resets it to 1 for an
 ordinary program (checked on this host's kernel), so a domain makes itself
 non-dumpable in ``xdom.domains.xenhost.connect()`` and refuses to run if it
 cannot.  A ``program`` that never connects stays dumpable (the supervisor's
-warning says so).
+warning says so); RLIMIT_CORE 0 still keeps its memory out of core files.
+
+Not set here either: a memory rlimit.  ``RLIMIT_AS`` counts address space
+reserved, not memory used (a guest reserves its domain memory up front,
+glibc reserves 64 MiB per malloc arena, every thread a stack), so a limit
+near real use fails allocations at random places with ENOMEM.  A domain's
+memory is bounded by its topology ``limits.rss`` instead, which the
+supervisor measures over the domain and its children and enforces by
+killing it and applying its restart policy.
 
 Standard library only, and nothing imported that ``-S`` hides: it must start
 fast and run under any uid that can run the interpreter.  Exit status 127
@@ -60,6 +70,7 @@ def main(argv: list[str]) -> int:
             print(f"domain_exec: fds limit {nofile} is above the hard limit {hard} of this host", file=sys.stderr)
             return 127
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
         print(f"domain_exec: prctl(PR_SET_PDEATHSIG): {os.strerror(ctypes.get_errno())}", file=sys.stderr)

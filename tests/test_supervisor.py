@@ -187,9 +187,12 @@ def test_start_and_stop_order_nodes_and_limits(base: str) -> None:
         else:
             assert ps["g1"]["netns"] is None
         assert ps["g1"]["grants_mapped_by_others"] == 1          # xenstored maps its ring page
-        # limits.fds is the domain process's RLIMIT_NOFILE, soft and hard
+        # limits.fds is the domain process's RLIMIT_NOFILE, soft and hard; no domain may dump core
         with open(f"/proc/{ps['p1']['pid']}/limits") as f:
             assert re.search(r"^Max open files\s+64\s+64\s", f.read(), re.M)
+        for r in ps.values():
+            with open(f"/proc/{r['pid']}/limits") as f:
+                assert re.search(r"^Max core file size\s+0\s+0\s", f.read(), re.M), r["name"]
         # the nodes libxl writes: dom0's, and each domain's (dom0 owns the home, the domain its control nodes)
         with XenstoreClient.unix(h.layout.xenstored_link) as xs:
             assert xs.read("/local/domain/0/name") == b"Domain-0"
@@ -466,9 +469,9 @@ def _domain_exec(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_domain_exec_sets_the_fd_limit_and_the_parent_death_signal() -> None:
     res = _domain_exec("--parent", str(os.getpid()), "--nofile", "48", "--", PY, "-c",
-                       "import resource; print(resource.getrlimit(resource.RLIMIT_NOFILE))")
+                       "import resource as r; print(r.getrlimit(r.RLIMIT_NOFILE), r.getrlimit(r.RLIMIT_CORE))")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "(48, 48)"
+    assert res.stdout.strip() == "(48, 48) (0, 0)"          # and no core dumps, soft and hard
     # PR_GET_PDEATHSIG (2), asked by the exec'd program itself: the signal survived the exec
     probe = _domain_exec("--", PY, "-c", "import ctypes, signal; v = ctypes.c_int(); "
                          "ctypes.CDLL(None).prctl(2, ctypes.byref(v), 0, 0, 0); print(v.value)")
