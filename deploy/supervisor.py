@@ -383,8 +383,10 @@ class Supervisor:
         self.uid_plan = plan_uids(self.topology, self.uid_mode)
         for d in self.domains:
             d.uid = self.uid_plan.uids.get(d.name)
-        (log.info if self.uid_plan.separate else log.warning)("%s", self.uid_plan.note)
-        self._progress(f"uids: {self.uid_plan.note}")
+        if self._progress_cb is not None:       # said once: where `xdom up` shows progress, else in the log
+            self._progress(f"uids: {self.uid_plan.note}")
+        else:
+            (log.info if self.uid_plan.separate else log.warning)("%s", self.uid_plan.note)
         why_not = netns.unavailable_reason()
         if why_not is None:
             for d in self.domains:

@@ -153,9 +153,9 @@ def _up(args: argparse.Namespace, topo: Topology, state_dir: str, run_dir: str, 
         pipe = os.fdopen(notify_fd, "w", buffering=1)
 
         def notify(msg: dict[str, Any]) -> None:
-            if pipe.closed:     # after start-up the parent is gone: progress goes to the log only
-                if "progress" in msg:
-                    log.info("%s", msg["progress"])
+            if "progress" in msg:       # the daemon's log (supervisor.log) keeps what the parent shows
+                log.info("%s", msg["progress"])
+            if pipe.closed:             # after start-up the parent is gone
                 return
             try:
                 pipe.write(json.dumps(msg) + "\n")
