@@ -328,3 +328,70 @@ def test_xenstore_finds_the_host_by_its_topology(run_dir: str, cleanup: list[str
                          timeout=60, env=env, stdin=subprocess.DEVNULL)
     assert res.returncode == 0 and res.stdout.strip() == str(g1), res.stderr
     assert xdom("down", "--run-dir", lay.run_dir).returncode == 0
+
+
+def _links_everywhere() -> str:
+    """`ip -o link` of the host's namespace and of every named one (ip -all netns exec)."""
+    host = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, timeout=30).stdout
+    named = subprocess.run(["ip", "-all", "netns", "exec", "ip", "-o", "link", "show"], capture_output=True,
+                           text=True, timeout=60).stdout
+    return host + named
+
+
+def _unix_sockets_under(path: str) -> list[str]:
+    """Bound unix sockets under ``path``, in the host's namespace and every named one (a domain binds in its own)."""
+    with open("/proc/net/unix") as f:
+        text = f.read()
+    text += subprocess.run(["ip", "-all", "netns", "exec", "cat", "/proc/net/unix"], capture_output=True, text=True,
+                           timeout=60).stdout
+    return sorted({line.split()[-1] for line in text.splitlines() if f" {path}/" in line})
+
+
+@pytest.mark.skipif(netns.unavailable_reason() is not None, reason="needs root and iproute2 (namespaces, TAPs)")
+def test_down_leaves_no_process_namespace_tap_bridge_or_socket(run_dir: str, cleanup: list[str]) -> None:
+    tag = os.urandom(3)
+    macs = [f"00:16:3e:{tag[0]:02x}:{tag[1]:02x}:{tag[2] & 0xfe | n:02x}" for n in (0, 1)]
+    bridge = f"xdt{tag.hex()}"
+    image = os.path.join(run_dir, "g1.img")
+    with open(image, "wb") as f:
+        f.truncate(8 << 20)
+    body = (XS + '[[domain]]\nname = "blk0"\nkind = "blkback"\n\n[[domain]]\nname = "net0"\nkind = "netback"\n\n'
+            f'[[domain]]\nname = "g1"\nkind = "guest"\nmemory = "16M"\n'
+            f'disk = ["format=raw, vdev=xvda, access=rw, backend=blk0, target={image}"]\n'
+            f'vif = ["mac={macs[0]}, bridge={bridge}, backend=net0, ip=10.79.0.1/24"]\n\n'
+            f'[[domain]]\nname = "g2"\nkind = "guest"\nmemory = "16M"\n'
+            f'vif = ["mac={macs[1]}, bridge={bridge}, backend=net0, ip=10.79.0.2/24"]\n\n')
+    path, lay = topology(run_dir, body)
+    cleanup.append(lay.run_dir)
+    up = xdom("up", path, "--detach")
+    assert up.returncode == 0, up.stdout + up.stderr
+    rows = {r["name"]: r for r in json.loads(xdom("ps", "--json", "--run-dir", lay.run_dir).stdout)}
+    supervisor = running_pid(lay.run_dir)
+    broker = [p.pid for p in psutil.Process(supervisor).children() if "broker" in " ".join(p.cmdline())]
+    pids = [supervisor, *broker, *(r["pid"] for r in rows.values())]
+    export = rows["g1"]["devices"][0]["export"]
+    # what down must remove is there now: the check below can see it
+    assert len(pids) == 7 and all(psutil.pid_exists(p) for p in pids), pids
+    spaces = netns.of_host(lay.run_dir)
+    assert sorted(spaces) == sorted(r["netns"] for r in rows.values())
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
+    assert all(ns in listed for ns in spaces)
+    links = _links_everywhere()
+    assert all(mac in links for mac in macs), "the guests' TAPs are not where the check looks"
+    sockets = _unix_sockets_under(lay.run_dir)
+    assert export in sockets and os.path.join(lay.run_dir, "supervisor.sock") in sockets, sockets
+
+    down = xdom("down", "--run-dir", lay.run_dir)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "everything stopped" in down.stdout
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert alive == [] and leftovers(lay.run_dir) == []
+    assert netns.of_host(lay.run_dir) == []
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
+    assert not any(ns in listed for ns in spaces), listed
+    links = _links_everywhere()
+    assert not any(mac in links for mac in macs), "a TAP outlived its guest"
+    assert bridge not in links                          # no bridge, in the host's namespace or any other
+    assert _unix_sockets_under(lay.run_dir) == []
+    assert not os.path.exists(lay.run_dir) and not os.path.exists(export)
+    assert os.path.getsize(image) == 8 << 20             # the disk is the user's: it stays
