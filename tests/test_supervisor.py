@@ -39,6 +39,7 @@ PY = sys.executable
 #   wait   - SIGUSR1 exits 0, SIGUSR2 exits 1, SIGTERM kills it
 #   exit1  - exits 1 at once
 #   alloc  - touches argv[2] MiB, then waits as "wait" does
+#   fds    - opens argv[2] descriptors and runs `sleep argv[3]` holding them too, then waits as "wait" does
 #   xs     - opens its xenstore ring; each SIGUSR1 writes data/ping = n through it; SIGUSR2 powers off
 PROG = r'''
 import signal, sys
@@ -52,6 +53,10 @@ if mode == "alloc":
     hog = bytearray(int(sys.argv[2]) << 20)
     for i in range(0, len(hog), 4096):
         hog[i] = 1
+if mode == "fds":
+    import os, subprocess
+    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(int(sys.argv[2]))]
+    child = subprocess.Popen(["sleep", sys.argv[3]], pass_fds=held)
 if mode == "xs":
     from xdom.domains.xenstore import XenstoreClient
     xs = XenstoreClient.ring(host)
@@ -333,6 +338,25 @@ def test_a_domain_over_its_rss_limit_is_killed_and_restarted(base: str, caplog: 
         r = h.wait("hog", "failed after its second kill", state="failed")
         assert r["generation"] == 2 and "giving up" in r["last_exit"]
     assert "over its limits: rss" in caplog.text and "killing program domain hog" in caplog.text
+
+
+def test_a_domain_over_its_fd_limit_is_killed_and_restarted(base: str, caplog: pytest.LogCaptureFixture) -> None:
+    """limits.fds counts the domain and its children: each holds 40 here, under the RLIMIT_NOFILE of 64 each."""
+    marker = f"{os.getpid() % 1000}.{int.from_bytes(os.urandom(3), 'big')}"      # a `sleep` argument no one else uses
+    text = program("fdhog", "fds", "40", marker, restart="on-failure",
+                   more="restart_backoff = 0.05\nflap_limit = 1\nlimits = { fds = 64 }")
+
+    def sleepers() -> list[int]:
+        return [p.pid for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", marker]]
+    with Host(base, text, health_interval=0.2) as h:
+        first = h.wait("fdhog", "killed once", generation=lambda g: g >= 2)
+        assert first["last_exit"].startswith("killed by SIGKILL (over its limits: ")
+        assert "open file descriptors is over its limit of 64" in first["last_exit"]
+        r = h.wait("fdhog", "failed after its second kill", state="failed")
+        assert r["generation"] == 2 and "giving up" in r["last_exit"]
+        assert r["pid"] is None
+        wait_until(lambda: not sleepers(), 10, "the domain's child to go with it")
+    assert "over its limits: " in caplog.text and "killing program domain fdhog" in caplog.text
 
 
 # ---- what a domain process is allowed ---------------------------------------------------
