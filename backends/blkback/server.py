@@ -6,9 +6,14 @@ supervisor as a domain (its credentials in the environment).  It watches
 devices, and keeps one :class:`Vbd` per ``<frontend>/<devid>`` there.
 
 Started again after a crash (same domid), it finds the devices the
-toolstack wrote again, and frontends that are still Connected get their
-rings picked up where the dead process left them (see
-:mod:`xdom.domains.xenbus`).
+toolstack wrote again; frontends that are still Connected see it go
+InitWait, set up fresh rings and issue again what was in flight (see
+:mod:`xdom.domains.blkfront.device`).
+
+The options are Linux xen-blkback's module parameters (``max_ring_page_order``,
+``max_queues``, ``feature_persistent``) plus the indirect-segment limit, so an
+operator can run a backend that offers less, and so the frontend's handling
+of a backend that comes back with fewer features can be tested for real.
 """
 
 from __future__ import annotations
@@ -60,7 +65,20 @@ class BlkbackServer:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m xdom.backends.blkback", description="xdom's block driver domain")
     p.add_argument("--ready-fd", type=int, default=None, help="write 'ready' to this fd once serving")
+    defaults = BackendFeatures()
+    p.add_argument("--max-ring-page-order", type=int, choices=range(0, defaults.max_ring_page_order + 1),
+                   default=defaults.max_ring_page_order, metavar="0..4",
+                   help="largest ring a frontend may use: 2^N pages (Linux's max_ring_page_order)")
+    p.add_argument("--max-queues", type=int, choices=range(1, defaults.max_queues + 1),
+                   default=defaults.max_queues, metavar="1..4", help="queues (rings) per device a frontend may use")
+    p.add_argument("--no-persistent", dest="persistent", action="store_false",
+                   help="do not offer feature-persistent (Linux's feature_persistent=0)")
+    p.add_argument("--max-indirect-segments", type=int, choices=range(0, defaults.max_indirect_segments + 1),
+                   default=defaults.max_indirect_segments, metavar="0..256",
+                   help="segments per indirect request; 0 offers no indirect requests")
     args = p.parse_args(argv)
+    features = BackendFeatures(max_ring_page_order=args.max_ring_page_order, max_queues=args.max_queues,
+                               persistent=args.persistent, max_indirect_segments=args.max_indirect_segments)
     logging.basicConfig(level=os.environ.get("XDOM_LOG_LEVEL", "info").upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     faulthandler.register(signal.SIGUSR1)        # `kill -USR1` dumps every thread's stack to the log
@@ -69,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     host = connect()
     xs = XenstoreClient.ring(host)
-    server = BlkbackServer(host, xs)
+    server = BlkbackServer(host, xs, features)
     try:
         server.start()
         log.info("blkback is domain %d, serving %s", host.domid, server.root)

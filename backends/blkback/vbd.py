@@ -110,13 +110,14 @@ class Vbd:
             "discard-granularity": self.disk.discard_granularity,
             "discard-alignment": 0,
             "discard-secure": 0,
-            "feature-max-indirect-segments": self.features.max_indirect_segments,
             "feature-persistent": int(self.features.persistent),
             "max-ring-page-order": self.features.max_ring_page_order,
             "multi-queue-max-queues": self.features.max_queues,
             "sector-size": self.disk.logical_sector_size,
             "physical-sector-size": self.disk.physical_sector_size,
         }
+        if self.features.max_indirect_segments:      # absent: no indirect requests (as a backend without them)
+            nodes["feature-max-indirect-segments"] = self.features.max_indirect_segments
         write_nodes(self.xs, self.path, nodes)
         switch_state(self.xs, self.path, XenbusState.InitWait)
         log.info("%s: %s (%s, %d sectors of 512, logical %d), InitWait", self.name, params,
