@@ -23,8 +23,10 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 from typing import Any, Iterator
 
+import psutil
 import pytest
 
 from helpers import wait_until
@@ -34,7 +36,7 @@ from xdom.deploy.vbd import VbdConfig, add_vbd
 from xdom.deploy.xsnodes import write_dom0_nodes, write_domain_nodes
 from xdom.domains.abi.blkif import PROTOCOL_X86_32, PROTOCOL_X86_64
 from xdom.domains.blkfront.device import Blkfront, FrontendOptions
-from xdom.domains.xenbus import XenbusState, read_state
+from xdom.domains.xenbus import XenbusState, backend_path, read_state
 from xdom.domains.xenhost import BrokerXenHost
 from xdom.domains.xenstore import XenstoreClient, XenstoreError
 
@@ -116,6 +118,31 @@ class BlkHost:
     def log_tail(self) -> str:
         with open(self.blkback_log, errors="replace") as f:
             return f.read()[-3000:]
+
+    def pause_blkback(self) -> None:
+        """SIGSTOP through the broker; returns once every thread of blkback is stopped."""
+        assert self.blkback is not None
+        self.mgmt.request("pause", domid=self.be_domid)
+        proc = psutil.Process(self.blkback.pid)
+        wait_until(lambda: all(psutil.Process(t.id).status() == psutil.STATUS_STOPPED for t in proc.threads()),
+                   WAIT, "blkback to stop")
+
+    def kill_blkback(self) -> None:
+        """SIGKILL; returns once the broker has buried it and xenstored removed the nodes it owned."""
+        assert self.blkback is not None
+        self.blkback.send_signal(signal.SIGKILL)
+        self.blkback.wait()
+        wait_until(lambda: self.domain_state(self.be_domid) not in ("running", "paused"), WAIT,
+                   "the broker to see blkback die")
+        wait_until(lambda: not self.xs.exists(backend_path(self.be_domid, "vbd", self.fronts[0].host.domid, DEVID)),
+                   WAIT, "xenstored to release the dead blkback's nodes")
+
+    def restart_blkback(self, *args: str, images: dict[int, str]) -> None:
+        """What the supervisor does for a dead driver domain: same domid, a new process, its devices again."""
+        self.be_creds = self.mgmt.request("restart", domid=self.be_domid)
+        self.start_blkback(*args)
+        for front in self.fronts:
+            add_vbd(self.xs, VbdConfig(self.be_domid, front.host.domid, front.devid, "xvda", images[front.devid]))
 
     def frontend(self, name: str = "g1", memory: str = "16M") -> tuple[BrokerXenHost, XenstoreClient]:
         """A domain in this process, introduced to xenstored, talking to it over its ring."""
@@ -222,3 +249,108 @@ def test_feature_matrix_across_processes(blkhost: BlkHost, persistent: bool, ind
         assert ring_pages < held <= ring_pages + queues * stats["persistent_frames"], (held, stats)
     else:
         assert held == ring_pages
+
+
+# ---- a blkback that dies with requests in flight ----------------------------------------------------
+
+class Pending:
+    """Operations submitted at once; ``wait`` collects (error, data) in submission order."""
+
+    def __init__(self, front: Blkfront, ops: list[tuple]) -> None:
+        self.results: list = [None] * len(ops)
+        self._left = threading.Semaphore(0)
+        self.completed = 0
+        for i, (kind, *args) in enumerate(ops):
+            getattr(front, f"submit_{kind}")(*args, self._completer(i))
+
+    def _completer(self, i: int):
+        def complete(error: int, data=None) -> None:
+            self.results[i] = (error, b"".join(bytes(d) for d in data) if data is not None else None)
+            self.completed += 1
+            self._left.release()
+        return complete
+
+    def wait(self, timeout: float = WAIT) -> list:
+        for _ in self.results:
+            assert self._left.acquire(timeout=timeout), f"only {self.completed} of {len(self.results)} completed"
+        return self.results
+
+
+RESTARTS = {
+    "same-features": (),
+    "no-indirect": ("--max-indirect-segments", "0"),
+    "smaller-ring": ("--max-ring-page-order", "0"),
+    "no-indirect-smaller-ring-no-persistent": ("--max-indirect-segments", "0", "--max-ring-page-order", "0",
+                                               "--no-persistent"),
+}
+
+
+@pytest.mark.parametrize("new_args", list(RESTARTS.values()), ids=list(RESTARTS))
+def test_requests_in_flight_are_issued_again_for_the_new_backend(blkhost: BlkHost, new_args: tuple[str, ...]) -> None:
+    """blkback is stopped with ~85 requests on a 4-page ring, killed, and started again, maybe offering less.
+
+    As Linux's blkif_recover: what was in flight is cut again for the new
+    backend (11-segment requests when it has no indirect segments; queued for
+    room on a 1-page, 32-slot ring) and completes with the right data; nothing
+    fails.
+    """
+    host, xs = blkhost.frontend()
+    image = make_image(blkhost.run_dir)
+    front = blkhost.attach(host, xs, image, FrontendOptions(ring_page_order=2, persistent=True, indirect=True))
+    model = bytearray(open(image, "rb").read())
+    rng = random.Random("in-flight")
+    # Warm up: persistent grants mapped, one indirect request served.
+    warm = rng.randbytes(1 << 20)
+    model[6 << 20:7 << 20] = warm
+    assert Pending(front, [("write", 6 << 20, memoryview(warm), False)]).wait() == [(0, None)]
+    assert front.stats()["indirect_requests"] == 1
+
+    blkhost.pause_blkback()
+    ops: list[tuple] = []
+    for i in range(3):                                     # indirect-sized: 256 segments each
+        data = rng.randbytes(1 << 20)
+        model[i << 20:(i + 1) << 20] = data
+        ops.append(("write", i << 20, memoryview(data), False))
+    for i in range(60):                                    # one page each
+        off = (3 << 20) + i * 8192
+        data = rng.randbytes(4096)
+        model[off:off + 4096] = data
+        ops.append(("write", off, memoryview(data), False))
+    fua = rng.randbytes(65536)                             # FUA: a write, then a flush
+    model[4 << 20:(4 << 20) + 65536] = fua
+    ops.append(("write", 4 << 20, memoryview(fua), True))
+    reads = [(5 << 20) + i * 65536 for i in range(20)]     # a region nobody writes
+    ops += [("read", off, 16384) for off in reads]
+    ops.append(("flush",))
+    pending = Pending(front, ops)
+    in_flight = front.stats()
+    assert in_flight["in_flight"] > 32 and in_flight["pending"] == 0, in_flight    # more than a 1-page ring holds
+    assert pending.completed == 0
+    indirect_before = in_flight["indirect_requests"]
+
+    blkhost.kill_blkback()
+    blkhost.restart_blkback(*new_args, images={DEVID: image})
+    results = pending.wait()
+    assert [err for err, _ in results] == [0] * len(ops), results
+    for (kind, *args), (_, data) in zip(ops, results):
+        if kind == "read":
+            off, length = args
+            assert data == bytes(model[off:off + length]), f"read {off}+{length} differs"
+    with open(image, "rb") as f:
+        assert f.read() == bytes(model), "image file differs from what was written"
+
+    stats = front.stats()
+    assert stats["reconnects"] == 1 and stats["reissued"] == in_flight["in_flight"], stats
+    order = 0 if "--max-ring-page-order" in new_args else 2
+    assert [q["ring_pages"] for q in front.queue_stats()] == [1 << order]
+    if "--max-indirect-segments" in new_args:
+        assert stats["indirect_requests"] == indirect_before, "an indirect request went to a backend without them"
+        # the three 1 MiB writes alone are 3 x 24 requests of at most 11 segments now
+        assert sum(q["requests"] for q in front.queue_stats()) >= 3 * 24
+    else:
+        assert stats["indirect_requests"] > indirect_before
+    if "--no-persistent" in new_args:
+        assert stats["persistent_frames"] == 0, stats
+        assert blkhost.mappings_held_by_blkback() == 1 << order
+    # and the disk goes on working
+    exercise(front, image, "after-restart")

@@ -16,9 +16,14 @@ in a shadow (its bytes, its frames and its operation) until its response
 arrives.
 
 Backend restart: a backend that comes back (xenstore shows it InitWait
-again while we are Connected) gets fresh rings and event channels; every
-request in the shadow is issued again on them, with the frames it already
-had.  The program using the disk sees a stall, not an error.
+again while we are Connected) gets fresh rings and event channels, and what
+was in flight is issued again as Linux's ``blkif_recover`` does: not the old
+requests' bytes, which were built for the old backend's features, but the
+operations' byte ranges, cut again into requests for what the new backend
+offers (fewer or no indirect segments: more, smaller requests; a smaller
+ring or fewer queues: the rest waits for room, as new work does).  Writes
+take their data from the caller's buffer again, which stays valid until the
+operation completes.  The program using the disk sees a stall, not an error.
 
 Responses are checked (ids we did not issue are ignored), so a broken
 backend cannot make us complete the wrong operation or touch a frame we
@@ -58,6 +63,10 @@ DEFERRED_RETRY_MS = 100               # how often frames the backend still maps 
 CLOSE_PATIENCE = 5.0                  # seconds close() waits for the backend to let go of our frames
 
 
+# What talk_to_backend writes for one connection, besides ring-ref* and queue-*/.
+_CONNECTION_NODES = frozenset({"ring-page-order", "multi-queue-num-queues", "event-channel"})
+
+
 class BlkfrontError(Exception):
     """The device could not be connected."""
 
@@ -91,13 +100,14 @@ class _Op:
     then_flush: bool = False        # FUA
     next_byte: int = 0              # how much has been turned into requests
     outstanding: int = 0
+    redo: list[tuple[int, int]] = field(default_factory=list)   # byte ranges to issue again (a backend restart)
     error: int = 0
     read_pages: dict[int, list[tuple[_Page, int]]] = field(default_factory=dict)   # offset -> pages
 
 
 @dataclass
 class _Req:
-    """One blkif request in flight: what to send again after a backend restart, and what to free."""
+    """One blkif request in flight: which part of which operation it carries, and what to free."""
     id: int
     raw: bytes
     op: _Op
@@ -142,6 +152,7 @@ class Blkfront:
         self.can_write_zeroes = True
         self.reconnects = 0
         self.indirect_requests = 0                # counters of what the connections really used
+        self.reissued = 0                         # requests in flight when a backend went, issued again
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._queues: list[_Queue] = []
@@ -150,6 +161,7 @@ class Blkfront:
         self._shadow: dict[int, _Req] = {}
         self._pending: collections.deque[_Op] = collections.deque()
         self._free_persistent: list[_Page] = []
+        self._persistent = False                  # what the current connection negotiated
         self._persistent_count = 0
         self._deferred: list[tuple[int, int]] = []     # (ref, gfn) still mapped by the backend
         self._next_queue = 0
@@ -216,6 +228,12 @@ class Blkfront:
         order = max(0, min(self.options.ring_page_order, f["max-ring-page-order"]))
         persistent = self.options.persistent and bool(f["feature-persistent"])
         self._persistent = persistent
+        if not persistent and self._free_persistent:
+            # Kept granted for a backend that had the feature (the one before a restart): give them back.
+            free, self._free_persistent = self._free_persistent, []
+            self._persistent_count -= len(free)
+            for page in free:
+                self._end_grant(page.ref, page.gfn)
         self._max_segments = (min(MAX_INDIRECT_SEGMENTS, f["feature-max-indirect-segments"])
                               if self.options.indirect and f["feature-max-indirect-segments"] > 0
                               else BLKIF_MAX_SEGMENTS_PER_REQUEST)
@@ -251,6 +269,11 @@ class Blkfront:
             nodes[f"{prefix}event-channel"] = q.port
 
         def body(tx: int) -> None:
+            # Nodes of an earlier connection (a backend that offered more) would contradict this one:
+            # a stale ring-page-order or multi-queue-num-queues makes the new backend refuse us.
+            for key in self.xs.directory(self.path, tx):
+                if key not in nodes and (key in _CONNECTION_NODES or key.startswith(("ring-ref", "queue-"))):
+                    self.xs.rm(f"{self.path}/{key}", tx)
             for key, value in nodes.items():
                 self.xs.write(f"{self.path}/{key}", str(value), tx)
             self.xs.write(f"{self.path}/state", str(int(XenbusState.Initialised)), tx)
@@ -277,15 +300,42 @@ class Blkfront:
         self.can_trim = bool(self._features.get("feature-discard")) and not self.read_only
         switch_state(self.xs, self.path, XenbusState.Connected)
         self.state = XenbusState.Connected
-        reissue = sorted(self._shadow.values(), key=lambda r: r.id)
-        self._shadow.clear()
-        for req in reissue:
-            self._put(req)
+        recovered = self._recover()
         self._kick_pending()
         self._push_all()
         log.info("vbd %d: connected, %d bytes, %d-byte sectors%s%s", self.devid, self.size, lss,
                  ", read-only" if self.read_only else "",
-                 f", {len(reissue)} request(s) issued again" if reissue else "")
+                 f", {recovered} request(s) in flight to issue again" if recovered else "")
+
+    def _recover(self) -> int:
+        """Turn what the old backend never answered back into work to do (Linux's ``blkif_recover``).
+
+        Each request in the shadow gives back its frames and becomes a byte
+        range of its operation to issue again (a flush or discard is issued
+        again whole); the operations go to the front of the pending queue in
+        the order they were issued, and :meth:`_kick_pending` cuts them into
+        requests for the new connection's features and ring room.
+        """
+        reqs = sorted(self._shadow.values(), key=lambda r: r.id)
+        self._shadow.clear()
+        ops: list[_Op] = []
+        for req in reqs:
+            op = req.op
+            op.outstanding -= 1
+            self._put_pages([p for p, _ in req.pages] + req.indirect)
+            if op.kind in (BLKIF_OP_READ, BLKIF_OP_WRITE):
+                op.redo.append((req.byte_offset, req.byte_offset + sum(n for _, n in req.pages)))
+            else:
+                op.next_byte = 0
+            if not any(o is op for o in ops):
+                ops.append(op)
+        for op in ops:
+            op.redo.sort()
+        # An operation still being cut into requests is at the head of the queue already.
+        waiting = [op for op in ops if not any(o is op for o in self._pending)]
+        self._pending.extendleft(reversed(waiting))
+        self.reissued += len(reqs)
+        return len(reqs)
 
     def _teardown_rings(self) -> None:
         queues, self._queues = self._queues, []
@@ -371,10 +421,11 @@ class Blkfront:
                 self._pending.popleft()
                 op.error = errno.ENOMEM
                 op.next_byte = op.length = max(op.length, 1)
+                op.redo.clear()
                 if not op.outstanding:
                     self._complete_later(op, errno.ENOMEM)
                 continue
-            if op.next_byte >= op.length:
+            if op.next_byte >= op.length and not op.redo:
                 self._pending.popleft()
 
     def _queue_with_room(self) -> _Queue | None:
@@ -400,6 +451,10 @@ class Blkfront:
                 op.next_byte = 1                  # the backend has no cache to flush
                 self._complete_later(op)
                 return True
+            if op.kind == BLKIF_OP_DISCARD and not self.can_trim:
+                op.next_byte = 1                  # a backend that came back without discard
+                self._complete_later(op, errno.EOPNOTSUPP)
+                return True
             q = self._queue_with_room()
             if q is None:
                 return False
@@ -415,11 +470,12 @@ class Blkfront:
             self._put(_Req(rid, raw, op, 0, [], []), q)
             return True
         per_request = self._max_segments * PAGE_SIZE
-        while op.next_byte < op.length:
+        while op.redo or op.next_byte < op.length:
+            start, end = op.redo[0] if op.redo else (op.next_byte, op.length)
             q = self._queue_with_room()
             if q is None:
                 return False
-            chunk = min(per_request, op.length - op.next_byte)
+            chunk = min(per_request, end - start)
             npages = (chunk + PAGE_SIZE - 1) // PAGE_SIZE
             nindirect = (npages + SEGMENTS_PER_INDIRECT_FRAME - 1) // SEGMENTS_PER_INDIRECT_FRAME \
                 if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
@@ -432,12 +488,12 @@ class Blkfront:
             for i, page in enumerate(data_pages):
                 n = min(PAGE_SIZE, chunk - i * PAGE_SIZE)
                 if op.data is not None:
-                    start = op.next_byte + i * PAGE_SIZE
-                    self.host.memory.frame(page.gfn)[:n] = op.data[start:start + n]
+                    at = start + i * PAGE_SIZE
+                    self.host.memory.frame(page.gfn)[:n] = op.data[at:at + n]
                 segs.append((page.ref, 0, n // 512 - 1))
                 page_bytes.append((page, n))
             rid = next(self._ids)
-            sector = (op.offset + op.next_byte) // 512
+            sector = (op.offset + start) // 512
             if nindirect:
                 for k, ipage in enumerate(indirect_pages):
                     part = segs[k * SEGMENTS_PER_INDIRECT_FRAME:(k + 1) * SEGMENTS_PER_INDIRECT_FRAME]
@@ -447,16 +503,19 @@ class Blkfront:
                 self.indirect_requests += 1
             else:
                 raw = pack_request(self.abi, op.kind, rid, sector, self.devid, segs)
-            req = _Req(rid, raw, op, op.next_byte, page_bytes, indirect_pages)
-            op.next_byte += chunk
+            req = _Req(rid, raw, op, start, page_bytes, indirect_pages)
+            if op.redo:
+                if start + chunk < end:
+                    op.redo[0] = (start + chunk, end)
+                else:
+                    op.redo.pop(0)
+            else:
+                op.next_byte += chunk
             op.outstanding += 1
             self._put(req, q)
         return True
 
-    def _put(self, req: _Req, q: _Queue | None = None) -> None:
-        q = q or self._queue_with_room()
-        if q is None:                         # re-issue after a reconnect with smaller rings
-            raise RingOverflow("no ring room to issue a request again")
+    def _put(self, req: _Req, q: _Queue) -> None:
         self._shadow[req.id] = req
         q.ring.put_request(req.raw)
         q.requests += 1
@@ -493,9 +552,11 @@ class Blkfront:
 
     def _put_pages(self, pages: list[_Page]) -> None:
         for p in pages:
-            if p.persistent:
+            if p.persistent and self._persistent:
                 self._free_persistent.append(p)
             else:
+                if p.persistent:              # kept for a backend that had the feature; this one has not
+                    self._persistent_count -= 1
                 self._end_grant(p.ref, p.gfn)
 
     # ---- completions -----------------------------------------------------------------------
@@ -559,7 +620,7 @@ class Blkfront:
                             self._put_pages(req.indirect)
                         else:
                             self._put_pages([p for p, _ in req.pages] + req.indirect)
-                        if op.outstanding == 0 and op.next_byte >= op.length:
+                        if op.outstanding == 0 and op.next_byte >= op.length and not op.redo:
                             finished.append((op, []))
                     if not q.ring.final_check_for_responses():
                         break
@@ -659,7 +720,7 @@ class Blkfront:
         with self._lock:
             return {"in_flight": len(self._shadow), "pending": len(self._pending), "reconnects": self.reconnects,
                     "persistent_frames": self._persistent_count, "frames_still_mapped": len(self._deferred),
-                    "indirect_requests": self.indirect_requests}
+                    "indirect_requests": self.indirect_requests, "reissued": self.reissued}
 
     def queue_stats(self) -> list[dict[str, int]]:
         """Per queue of the current connection: ring pages, requests put on it, responses taken off it."""
