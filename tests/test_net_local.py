@@ -7,6 +7,7 @@ programs (ping, iperf3, a Python socket pair) run in the namespaces.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -50,8 +51,11 @@ class NetRig:
         self.clients.append(c)
         return c
 
-    def plug(self, index: int, mtu: int = 1500) -> str:
-        """Give guest ``index`` (1-based) a vif on the netback and a TAP in its namespace; returns the namespace."""
+    def plug(self, index: int, mtu: int = 1500, offloads: bool = True) -> str:
+        """Give guest ``index`` (1-based) a vif on the netback and a TAP in its namespace; returns the namespace.
+
+        ``offloads=False`` makes its netfront one without checksum offload or GSO.
+        """
         dom = self.guests[index - 1]
         ns = netns.netns_name(f"g{index}", self.run_dir)
         netns.create(ns)
@@ -69,7 +73,7 @@ class NetRig:
         for k, v in {"backend": be_path, "backend-id": self.be.domid, "state": 1, "handle": 0, "mac": mac}.items():
             self.xs.write(f"{fe_path}/{k}", str(v))
         with netns.entered(ns):               # the TAP device is found by name in the caller's namespace
-            front = Netfront(dom, self.client(), 0, "eth0")
+            front = Netfront(dom, self.client(), 0, "eth0", offloads=offloads)
         self.fronts.append(front)
         front.connect(20)
         return ns
@@ -126,16 +130,15 @@ print(n, h.hexdigest(), flush=True)
 """
 
 
-def test_a_64_mib_stream_arrives_byte_identical(rig: NetRig) -> None:
-    ns1, ns2 = rig.plug(1), rig.plug(2)
-    data = os.urandom(64 << 20)
-    sink = subprocess.Popen(["ip", "netns", "exec", ns2, sys.executable, "-c", SINK], stdout=subprocess.PIPE,
-                            text=True)
+def stream(src_ns: str, dst_ns: str, dst_ip: str, data: bytes) -> None:
+    """Send ``data`` over one TCP connection from ``src_ns`` to ``dst_ns``; assert it arrived byte-identical."""
+    sink = subprocess.Popen(["ip", "netns", "exec", dst_ns, sys.executable, "-c", SINK.replace("10.99.0.2", dst_ip)],
+                            stdout=subprocess.PIPE, text=True)
     try:
         assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
         send = ("import socket, sys; d = sys.stdin.buffer.read(); "
-                "c = socket.create_connection(('10.99.0.2', 5001), timeout=60); c.sendall(d); c.close()")
-        res = subprocess.run(["ip", "netns", "exec", ns1, sys.executable, "-c", send], input=data,
+                f"c = socket.create_connection(('{dst_ip}', 5001), timeout=60); c.sendall(d); c.close()")
+        res = subprocess.run(["ip", "netns", "exec", src_ns, sys.executable, "-c", send], input=data,
                              capture_output=True, timeout=90)
         assert res.returncode == 0, res.stderr
         out, _ = sink.communicate(timeout=90)
@@ -143,8 +146,31 @@ def test_a_64_mib_stream_arrives_byte_identical(rig: NetRig) -> None:
         if sink.poll() is None:
             sink.kill()
             sink.communicate()
-    import hashlib
     assert out.split() == [str(len(data)), hashlib.sha256(data).hexdigest()]
+
+
+def test_a_64_mib_stream_arrives_byte_identical(rig: NetRig) -> None:
+    """TCP with offloads on both sides: super-frames (GSO) with blank checksums cross the rings whole."""
+    ns1, ns2 = rig.plug(1), rig.plug(2)
+    stream(ns1, ns2, "10.99.0.2", os.urandom(64 << 20))
+    sender, receiver = (rig.server.vifs[(g.domid, 0)].stats() for g in rig.guests)
+    assert sender["tx_gso"] > 0 and receiver["rx_gso"] > 0, (sender, receiver)
+    assert receiver["rx_segmented"] == 0, receiver
+    assert rig.fronts[0].stats["tx_gso"] > 0 and rig.fronts[1].stats["rx_gso"] > 0
+
+
+def test_a_receiver_without_offloads_gets_segments_it_verifies(rig: NetRig) -> None:
+    """g2's netfront negotiates neither GSO nor checksum offload: netback segments g1's super-frames and
+    finishes their checksums in software, flagged for the receiving kernel to verify (a wrong checksum
+    would be dropped there, and the stream would not complete byte-identical).  The other way, g2's
+    kernel does all the work itself and g1 gets plain frames."""
+    ns1, ns2 = rig.plug(1), rig.plug(2, offloads=False)
+    stream(ns1, ns2, "10.99.0.2", os.urandom(8 << 20))
+    stream(ns2, ns1, "10.99.0.1", os.urandom(8 << 20))
+    g1, g2 = (rig.server.vifs[(g.domid, 0)].stats() for g in rig.guests)
+    assert g1["tx_gso"] > 0 and g2["rx_segmented"] > 0 and g2["rx_gso"] == 0, (g1, g2)
+    assert g2["tx_gso"] == 0 and g1["rx_gso"] == 0, (g1, g2)
+    assert rig.fronts[1].stats["rx_errors"] == 0 and rig.fronts[1].stats["tx_gso"] == 0
 
 
 def test_jumbo_frames_cross_in_several_slots(rig: NetRig) -> None:

@@ -14,6 +14,8 @@ import os
 import threading
 from typing import Deque
 
+from .offload import Frame
+
 PORT_QUEUE = 512          # frames a port holds for its guest before it drops
 
 
@@ -22,13 +24,13 @@ class Port:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.queue: Deque[bytes] = collections.deque()
+        self.queue: Deque[Frame] = collections.deque()
         self.lock = threading.Lock()
         self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.dropped = 0
         self.received = 0
 
-    def put(self, frame: bytes) -> None:
+    def put(self, frame: Frame) -> None:
         with self.lock:
             if len(self.queue) >= PORT_QUEUE:
                 self.dropped += 1
@@ -40,14 +42,9 @@ class Port:
         except BlockingIOError:
             pass
 
-    def take(self) -> bytes | None:
+    def take(self) -> Frame | None:
         with self.lock:
             return self.queue.popleft() if self.queue else None
-
-    def unget(self, frame: bytes) -> None:
-        """Put back a frame the guest had no room for yet (it stays first in line)."""
-        with self.lock:
-            self.queue.appendleft(frame)
 
     def close(self) -> None:
         if self.wake_fd >= 0:
@@ -70,10 +67,12 @@ class LearningSwitch:
             self._ports = [p for p in self._ports if p is not port]
             self._macs = {m: p for m, p in self._macs.items() if p is not port}
 
-    def deliver(self, src: Port, frame: bytes) -> None:
-        if len(frame) < 14:
+    def deliver(self, src: Port, frame: Frame) -> None:
+        """Forward by destination MAC; the frame keeps its offload state (receivers finish it, see offload)."""
+        data = frame.data
+        if len(data) < 14:
             return
-        dst, mac = frame[0:6], frame[6:12]
+        dst, mac = data[0:6], data[6:12]
         with self._lock:
             if not mac[0] & 1:                     # a multicast source address is bogus: do not learn it
                 self._macs[mac] = src

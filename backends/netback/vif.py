@@ -17,6 +17,7 @@ the connection), so the broker is not on the data path.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import select
@@ -29,6 +30,7 @@ from xdom.domains.xenbus import XenbusState, read_int, read_or_none, read_state,
 from xdom.domains.xenhost.base import GrantError, GrantMapping, XenHost
 from xdom.domains.xenstore import XenstoreClient
 
+from .offload import Frame, RxCaps, fit, from_tx
 from .rx import OutgoingPacket, RxDrop, RxPlan, RxPlanner, RxShortage
 from .switch import LearningSwitch, Port
 from .tx import TxDrop, TxFatal, TxMulticast, TxPacket, TxProcessor
@@ -72,8 +74,8 @@ class _PageCache:
 class _Connection:
     """The rings and the thread of one connected vif."""
 
-    def __init__(self, vif: "Vif", tx_ref: int, rx_ref: int, tx_evtchn: int, rx_evtchn: int, sg: bool,
-                 mtu: int) -> None:
+    def __init__(self, vif: "Vif", tx_ref: int, rx_ref: int, tx_evtchn: int, rx_evtchn: int, caps: RxCaps,
+                 tx_mtu: int) -> None:
         self.vif = vif
         host, fe = vif.host, vif.fe
         self.host, self.fe = host, fe
@@ -81,12 +83,15 @@ class _Connection:
         self.ports: list[int] = []
         self.tx_pages = _PageCache(host, fe, readonly=True)
         self.rx_pages = _PageCache(host, fe, readonly=False)
-        self.txp = TxProcessor(mtu=mtu)
-        self.planner = RxPlanner(sg=sg)
+        self.txp = TxProcessor(mtu=tx_mtu)
+        self.caps = caps
+        self.planner = RxPlanner(sg=caps.sg, gso_tcpv4=caps.gso_tcpv4, gso_tcpv6=caps.gso_tcpv6)
         self.posted: list[RxRequest] = []
+        self.fitted: collections.deque[Frame] = collections.deque()   # a frame's segments, waiting for room
         self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.thread: threading.Thread | None = None
-        self.stats = {"tx_packets": 0, "tx_dropped": 0, "rx_packets": 0, "rx_dropped": 0}
+        self.stats = {"tx_packets": 0, "tx_dropped": 0, "tx_gso": 0, "rx_packets": 0, "rx_dropped": 0,
+                      "rx_gso": 0, "rx_segmented": 0}
         try:
             results = host.map_grants([(fe, tx_ref, False), (fe, rx_ref, False)])
             self.maps = [r.mapping for r in results if r.mapping is not None]
@@ -170,13 +175,19 @@ class _Connection:
                         raise _Stopped()
                     responses = action.responses
                     if isinstance(action, TxPacket):
-                        frame = self._gather(action)
-                        if frame is None:
+                        data = self._gather(action)
+                        if data is None:
                             responses = action.error_responses()
                             self.stats["tx_dropped"] += 1
                         else:
-                            self.stats["tx_packets"] += 1
-                            self.vif.switch.deliver(self.vif.port, frame)
+                            frame = from_tx(action, data)
+                            if isinstance(frame, str):
+                                log.debug("%s: dropping a transmitted frame: %s", self.vif.name, frame)
+                                self.stats["tx_dropped"] += 1
+                            else:
+                                self.stats["tx_packets"] += 1
+                                self.stats["tx_gso"] += frame.gso is not None
+                                self.vif.switch.deliver(self.vif.port, frame)
                     elif isinstance(action, TxDrop):
                         self.stats["tx_dropped"] += 1
                     elif isinstance(action, TxMulticast):
@@ -195,25 +206,41 @@ class _Connection:
         return b"".join(bytes(pages[p.gref][p.offset:p.offset + p.length]) for p in pkt.pieces)
 
     def _rx(self) -> None:
-        """Switch to guest: as many queued frames as the frontend has posted buffers for."""
-        port = self.vif.port
+        """Switch to guest: as many queued frames as the frontend has posted buffers for.
+
+        Each frame is first fitted to what this frontend negotiated
+        (segmented, its checksum finished, or dropped); its pieces wait in
+        ``fitted`` until the frontend has posted buffers for them.
+        """
+        port, fitted = self.vif.port, self.fitted
         pushed = False
         while True:
-            frame = port.take()
-            if frame is None:
-                break
+            if not fitted:
+                taken = port.take()
+                if taken is None:
+                    break
+                pieces = fit(taken, self.caps)
+                if isinstance(pieces, str):
+                    log.debug("%s: dropping a frame for the guest: %s", self.vif.name, pieces)
+                    self.stats["rx_dropped"] += 1
+                    continue
+                if taken.gso is not None and len(pieces) > 1:
+                    self.stats["rx_segmented"] += 1
+                fitted.extend(pieces)
+            frame = fitted[0]
             self.posted += [parse_rx_request(raw) for raw in self.rx.take_requests()]
-            decision = self.planner.plan(OutgoingPacket(len(frame)), self.posted)
+            decision = self.planner.plan(OutgoingPacket(len(frame.data), frame.gso, frame.checksum), self.posted)
             if isinstance(decision, RxShortage):
-                port.unget(frame)
                 # Re-arm req_event: when the frontend posts buffers we hear of it.
                 if self.rx.final_check_for_requests():
                     continue
                 break
+            fitted.popleft()
             if isinstance(decision, RxDrop):
                 self.stats["rx_dropped"] += 1
                 continue
-            self._deliver(decision, frame)
+            self._deliver(decision, frame.data)
+            self.stats["rx_gso"] += frame.gso is not None
             self.posted = self.posted[decision.consumed:]
             pushed = True
         if pushed and self.rx.push_responses():
@@ -264,8 +291,8 @@ class Vif:
 
     def _publish(self) -> None:
         write_nodes(self.xs, self.path, {
-            "feature-sg": 1, "feature-rx-copy": 1, "feature-rx-flip": 0, "feature-gso-tcpv4": 0,
-            "feature-gso-tcpv6": 0, "feature-ipv6-csum-offload": 0, "feature-split-event-channels": 1,
+            "feature-sg": 1, "feature-rx-copy": 1, "feature-rx-flip": 0, "feature-gso-tcpv4": 1,
+            "feature-gso-tcpv6": 1, "feature-ipv6-csum-offload": 1, "feature-split-event-channels": 1,
             "feature-multicast-control": 0})
         switch_state(self.xs, self.path, XenbusState.InitWait)
         log.info("%s: InitWait", self.name)
@@ -330,17 +357,25 @@ class Vif:
         if None in (tx_ref, rx_ref, tx_ev, rx_ev):
             raise BadFrontend("tx-ring-ref, rx-ring-ref and event-channel(s) are needed")
         assert tx_ref is not None and rx_ref is not None and tx_ev is not None and rx_ev is not None
-        sg = bool(read_int(self.xs, f"{fe}/feature-sg", 0))
+        def flag(name: str) -> bool:
+            return bool(read_int(self.xs, f"{fe}/{name}", 0))
+        sg = flag("feature-sg")
         # The toolstack's mtu node (libxl writes it), as Linux's xen_net_read_mtu; frames up to it are taken.
         mtu = read_int(self.xs, f"{self.path}/mtu", 1500) or 1500
         if not 68 <= mtu <= 65535:
             raise BadFrontend(f"{self.path}/mtu {mtu} out of range")
-        conn = _Connection(self, tx_ref, rx_ref, tx_ev, rx_ev, sg, mtu)
+        # Without sg a frontend takes single pages only: Linux caps such a vif's MTU at ETH_DATA_LEN.
+        caps = RxCaps.negotiated(sg, flag("feature-gso-tcpv4"), flag("feature-gso-tcpv6"),
+                                 flag("feature-no-csum-offload"), flag("feature-ipv6-csum-offload"),
+                                 mtu if sg else min(mtu, 1500))
+        conn = _Connection(self, tx_ref, rx_ref, tx_ev, rx_ev, caps, mtu)
         self.conn = conn
         conn.start()
         self._switch(XenbusState.Connected)
-        log.info("%s: connected to d%d (sg %s, mtu %d, %s event channels)", self.name, self.fe,
-                 "on" if sg else "off", mtu, "split" if tx_ev != rx_ev else "one")
+        offloads = [n for n, on in (("gso-tcpv4", caps.gso_tcpv4), ("gso-tcpv6", caps.gso_tcpv6),
+                                    ("csum", caps.csum_ipv4), ("ipv6-csum", caps.csum_ipv6)) if on]
+        log.info("%s: connected to d%d (sg %s, mtu %d, %s event channels, offloads: %s)", self.name, self.fe,
+                 "on" if sg else "off", mtu, "split" if tx_ev != rx_ev else "one", ", ".join(offloads) or "none")
 
     def _disconnect(self) -> None:
         conn, self.conn = self.conn, None

@@ -13,6 +13,14 @@ pages (one slot per page, the first slot's ``size`` the frame's length,
 posted as a receive request, and a packet the backend writes into them
 goes to the TAP device and its pages are posted again.
 
+Offloads: the TAP runs with ``IFF_VNET_HDR``, so TCP super-frames (GSO)
+and blank checksums cross it in both directions; they travel on the rings
+as ``NETTXF_csum_blank``/``NETRXF_csum_blank`` and a GSO extra-info slot,
+as between Linux's netfront and netback (:mod:`.offload` translates, and
+finishes in software what the backend did not negotiate).  When the
+transmit ring is full the TAP thread waits for room, as a NIC's queue
+would, instead of dropping.
+
 A backend that comes back after a crash (InitWait while we are Connected)
 gets fresh rings and event channel; frames in flight then are lost, as on
 a real link, and TCP retransmits them.
@@ -30,21 +38,29 @@ import struct
 import threading
 
 from ..abi.netif import (
-    NETRXF_extra_info, NETRXF_more_data, NETTXF_more_data, RX_RING_SIZE, TX_RING_SIZE, RxRequest, TxRequest,
-    pack_rx_request, pack_tx_request, parse_rx_response, parse_tx_response, rx_shared_ring, tx_shared_ring,
+    NETRXF_csum_blank, NETRXF_data_validated, NETRXF_extra_info, NETRXF_more_data, NETTXF_csum_blank,
+    NETTXF_data_validated, NETTXF_extra_info, NETTXF_more_data, RX_RING_SIZE, TX_RING_SIZE,
+    XEN_NETIF_EXTRA_TYPE_GSO, GsoInfo, RxRequest, TxRequest, gso_extra, pack_extra_info, pack_rx_request,
+    pack_tx_request, parse_extra_info, parse_rx_response, parse_tx_response, rx_shared_ring, tx_shared_ring,
+    TX_SLOT_SIZE,
 )
 from ..abi.ring import FrontRing, RingOverflow
 from ..frame_pool import FramePool
+from ..packet import VIRTIO_NET_HDR_SIZE, VirtioNetHdr
 from ..xenbus import XenbusState, read_int, read_or_none, read_state, switch_state
 from ..xenhost.base import XenHost
 from ..xenstore import XenstoreClient
+from .offload import BackendOffloads, TxFrame, from_tap, to_tap
 
 log = logging.getLogger("xdom.netfront")
 
 PAGE_SIZE = 4096
 TUNSETIFF = 0x400454CA
-IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
-MAX_FRAME = 65535
+TUNSETOFFLOAD = 0x400454D0
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+# What one read from the TAP can return: a virtio-net header and a GSO super-frame (GSO_MAX_SIZE is
+# 64 KiB of payload plus headers; BIG TCP is off unless someone raises gso_max_size).
+TAP_READ = VIRTIO_NET_HDR_SIZE + 65536 + 256
 
 
 class NetfrontError(Exception):
@@ -55,16 +71,25 @@ def open_tap(ifname: str, tun_fd: int | None = None) -> int:
     """Attach to the TAP device the toolstack made for us (``tuntap add ... user UID``: no privilege needed).
 
     ``tun_fd`` is a ``/dev/net/tun`` descriptor the toolstack opened for us
-    (a domain under its own uid may not be able to open the device).
+    (a domain under its own uid may not be able to open the device).  The
+    TAP carries a virtio-net header with every frame (``IFF_VNET_HDR``), so
+    checksum and segmentation offload can cross it; what the kernel may
+    leave to us is set per backend with :func:`set_offloads`.
     """
     fd = tun_fd if tun_fd is not None else os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     os.set_inheritable(fd, False)
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", ifname.encode(), IFF_TAP | IFF_NO_PI))
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", ifname.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+        fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
     except OSError:
         os.close(fd)
         raise
     return fd
+
+
+def set_offloads(tap: int, flags: int) -> None:
+    """``TUNSETOFFLOAD``: which offloads the guest kernel may hand us unfinished (no privilege needed)."""
+    fcntl.ioctl(tap, TUNSETOFFLOAD, flags)
 
 
 class _Rings:
@@ -89,11 +114,13 @@ class _Rings:
         self.rx = FrontRing(rx_shared_ring([host.memory.frame(self.gfns[1])]))
         self.tx_free = list(range(TX_RING_SIZE))
         self.rx_partial: list[bytes] = []
+        self.rx_first_flags = 0                 # the packet being received: its first slot's flags,
+        self.rx_gso: GsoInfo | None = None      # its GSO extra,
+        self.rx_in_extras = False               # and whether extra-info slots come next
         # Buffer ids in the order their requests were posted: a response sits in
         # its request's slot, so this (not the response's id, which an
         # extra-info slot does not carry) says whose page it filled.
         self.rx_posted: collections.deque[int] = collections.deque()
-        self.rx_skip = 0
 
     def release(self, deferred: list[tuple[int, int]]) -> None:
         try:
@@ -108,8 +135,10 @@ class Netfront:
     """One vif of this guest, moving frames between its rings and a TAP device."""
 
     def __init__(self, host: XenHost, xs: XenstoreClient, devid: int, ifname: str,
-                 pool: FramePool | None = None, tun_fd: int | None = None) -> None:
+                 pool: FramePool | None = None, tun_fd: int | None = None, offloads: bool = True) -> None:
+        """``offloads=False`` is a netfront without checksum offload or GSO (older or non-Linux PV drivers)."""
         self.host, self.xs, self.devid, self.ifname = host, xs, devid, ifname
+        self.use_offloads = offloads
         self.pool = pool or FramePool.of(host)
         self.path = f"{xs.get_domain_path(host.domid)}/device/vif/{devid}"
         be = read_or_none(xs, f"{self.path}/backend")
@@ -118,7 +147,9 @@ class Netfront:
             raise NetfrontError(f"{self.path}: no backend/backend-id: the toolstack has not added this vif")
         self.backend_path, self.backend_domid = be.decode(errors="replace"), be_id
         self.state = XenbusState.Initialising
-        self.stats = {"tx_packets": 0, "tx_dropped": 0, "rx_packets": 0, "rx_errors": 0, "reconnects": 0}
+        self.stats = {"tx_packets": 0, "tx_dropped": 0, "tx_gso": 0, "rx_packets": 0, "rx_errors": 0,
+                      "rx_gso": 0, "reconnects": 0}
+        self.offloads = BackendOffloads()
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._rings: _Rings | None = None
@@ -161,6 +192,7 @@ class Netfront:
                     self._teardown()
                     self._talk_to_backend()
                 elif be == XenbusState.Connected and self.state == XenbusState.Initialised:
+                    set_offloads(self.tap, self.offloads.tun_flags() if self.use_offloads else 0)
                     switch_state(self.xs, self.path, XenbusState.Connected)
                     self.state = XenbusState.Connected
                     self._post_rx()
@@ -178,9 +210,17 @@ class Netfront:
 
     def _talk_to_backend(self) -> None:
         rings = _Rings(self.host, self.pool, self.backend_domid)
+        # We take everything a Linux netfront takes: the TAP passes GSO and blank checksums to our kernel.
+        on = int(self.use_offloads)
         nodes = {"tx-ring-ref": rings.tx_ring_ref, "rx-ring-ref": rings.rx_ring_ref, "event-channel": rings.port,
-                 "request-rx-copy": 1, "feature-rx-notify": 1, "feature-sg": 1, "feature-gso-tcpv4": 0,
-                 "feature-no-csum-offload": 1, "state": int(XenbusState.Initialised)}
+                 "request-rx-copy": 1, "feature-rx-notify": 1, "feature-sg": 1, "feature-gso-tcpv4": on,
+                 "feature-gso-tcpv6": on, "feature-no-csum-offload": 1 - on, "feature-ipv6-csum-offload": on,
+                 "state": int(XenbusState.Initialised)}
+
+        def feature(name: str) -> bool:
+            return read_int(self.xs, f"{self.backend_path}/{name}", 0) == 1
+        self.offloads = BackendOffloads(feature("feature-sg"), feature("feature-gso-tcpv4"),
+                                        feature("feature-gso-tcpv6"), feature("feature-ipv6-csum-offload"))
 
         def body(tx: int) -> None:
             for key, value in nodes.items():
@@ -215,6 +255,7 @@ class Netfront:
         poller = select.poll()
         poller.register(self.tap, select.POLLIN)
         poller.register(self._tap_wake, select.POLLIN)
+        buf = bytearray(TAP_READ)
         while not self._closing:
             ready = {fd for fd, _ in poller.poll()}
             if self._closing:
@@ -222,32 +263,63 @@ class Netfront:
             if self.tap not in ready:
                 continue
             try:
-                frame = os.read(self.tap, MAX_FRAME)
+                n = os.readv(self.tap, [buf])
             except OSError as e:
                 if e.errno in (errno.EAGAIN, errno.EINTR):
                     continue
                 log.error("vif %d: reading %s: %s", self.devid, self.ifname, e)
                 return
-            self._send(frame)
+            if n < VIRTIO_NET_HDR_SIZE:
+                continue
+            frames = from_tap(VirtioNetHdr.parse(buf), bytes(buf[VIRTIO_NET_HDR_SIZE:n]), self.offloads)
+            if isinstance(frames, str):
+                log.debug("vif %d: dropping a frame from %s: %s", self.devid, self.ifname, frames)
+                self.stats["tx_dropped"] += 1
+                continue
+            self._send(frames)
 
-    def _send(self, frame: bytes) -> None:
+    def _send(self, frames: list[TxFrame]) -> None:
+        """Put frames on the transmit ring, waiting (briefly) for room as a NIC's queue would.
+
+        A link that is down drops; one whose ring stays full for a second
+        drops too, rather than stall the guest's TAP for good.
+        """
         with self._lock:
+            for f in frames:
+                nslots = max(1, -(-len(f.data) // PAGE_SIZE))
+                needed = nslots + (f.gso is not None)
+
+                def room() -> bool:
+                    rings = self._rings
+                    return self._closing or self.state != XenbusState.Connected or rings is None or \
+                        (len(rings.tx_free) >= nslots and rings.tx.free_requests() >= needed)
+                self._tx_room.wait_for(room, 1.0)
+                rings = self._rings
+                if self.state != XenbusState.Connected or rings is None or len(rings.tx_free) < nslots \
+                        or rings.tx.free_requests() < needed:
+                    self.stats["tx_dropped"] += 1
+                    continue
+                self._put_frame(rings, f, nslots)
             rings = self._rings
-            nslots = max(1, -(-len(frame) // PAGE_SIZE))
-            if self.state != XenbusState.Connected or rings is None or len(rings.tx_free) < nslots \
-                    or rings.tx.free_requests() < nslots:
-                self.stats["tx_dropped"] += 1          # a link that is down or full drops, as a NIC does
-                return
-            for i in range(nslots):
-                chunk = frame[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
-                slot = rings.tx_free.pop()
-                self.host.memory.frame(rings.tx_gfns[slot])[:len(chunk)] = chunk
-                more = NETTXF_more_data if i < nslots - 1 else 0
-                size = len(frame) if i == 0 else len(chunk)
-                rings.tx.put_request(pack_tx_request(TxRequest(rings.tx_refs[slot], 0, more, slot, size)))
-            self.stats["tx_packets"] += 1
-            if rings.tx.push_requests():
+            if rings is not None and rings.tx.push_requests():
                 self.host.notify(rings.port)
+
+    def _put_frame(self, rings: _Rings, f: TxFrame, nslots: int) -> None:
+        frame = f.data
+        for i in range(nslots):
+            chunk = frame[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+            slot = rings.tx_free.pop()
+            self.host.memory.frame(rings.tx_gfns[slot])[:len(chunk)] = chunk
+            flags = NETTXF_more_data if i < nslots - 1 else 0
+            if i == 0:
+                flags |= (NETTXF_csum_blank if f.csum_blank else 0) | \
+                    (NETTXF_data_validated if f.data_validated else 0) | (NETTXF_extra_info if f.gso else 0)
+            size = len(frame) if i == 0 else len(chunk)
+            rings.tx.put_request(pack_tx_request(TxRequest(rings.tx_refs[slot], 0, flags, slot, size)))
+            if i == 0 and f.gso is not None:
+                rings.tx.put_request(pack_extra_info(gso_extra(f.gso.size, f.gso.type), TX_SLOT_SIZE))
+        self.stats["tx_packets"] += 1
+        self.stats["tx_gso"] += f.gso is not None
 
     # ---- events: responses and received frames -----------------------------------------
 
@@ -285,23 +357,32 @@ class Netfront:
                         continue
                 else:
                     frames = []
-            for frame in frames:
+            for hdr, frame in frames:
                 try:
-                    os.write(self.tap, frame)
+                    os.writev(self.tap, (hdr, frame))
                 except OSError as e:
                     log.debug("vif %d: writing to %s: %s", self.devid, self.ifname, e)
 
     def _reap_tx(self, rings: _Rings) -> None:
+        freed = False
         while True:
             for raw in rings.tx.take_responses():
                 rsp = parse_tx_response(raw)
                 if 0 <= rsp.id < TX_RING_SIZE and rsp.status != 1 and rsp.id not in rings.tx_free:
                     rings.tx_free.append(rsp.id)
+                    freed = True
             if not rings.tx.final_check_for_responses():
-                return
+                break
+        if freed:
+            self._tx_room.notify_all()
 
-    def _reap_rx(self, rings: _Rings) -> list[bytes]:
-        """Frames the backend wrote; their pages are posted again at once."""
+    def _reap_rx(self, rings: _Rings) -> list[tuple[bytes, bytes]]:
+        """Frames the backend wrote, each with its virtio-net header; their pages are posted again at once.
+
+        A packet is its first data slot, the extra-info slots chained after
+        it (``XEN_NETIF_EXTRA_FLAG_MORE``; a GSO extra says how to segment),
+        then its other data slots.
+        """
         frames, repost = [], []
         while True:
             for raw in rings.rx.take_responses():
@@ -309,12 +390,16 @@ class Netfront:
                     raise RingOverflow("a receive response without a posted request")
                 buf = rings.rx_posted.popleft()
                 repost.append(buf)
-                if rings.rx_skip:                       # an extra-info slot: its buffer was not written
-                    rings.rx_skip -= 1
+                if rings.rx_in_extras:                  # an extra-info slot: its buffer was not written
+                    extra = parse_extra_info(raw)
+                    if extra.type == XEN_NETIF_EXTRA_TYPE_GSO and isinstance(extra.body, GsoInfo):
+                        rings.rx_gso = extra.body
+                    rings.rx_in_extras = extra.more
                     continue
                 rsp = parse_rx_response(raw)
-                if rsp.flags & NETRXF_extra_info:
-                    rings.rx_skip += 1
+                if not rings.rx_partial:
+                    rings.rx_first_flags, rings.rx_gso = rsp.flags, None
+                    rings.rx_in_extras = bool(rsp.flags & NETRXF_extra_info)
                 ok = rsp.status >= 0 and rsp.offset + rsp.status <= PAGE_SIZE
                 if ok:
                     page = self.host.memory.frame(rings.rx_gfns[buf])
@@ -325,8 +410,15 @@ class Netfront:
                 if not rsp.flags & NETRXF_more_data:
                     frame = b"".join(rings.rx_partial)
                     if all(rings.rx_partial) and frame:
-                        frames.append(frame)
-                        self.stats["rx_packets"] += 1
+                        flags = rings.rx_first_flags
+                        out = to_tap(frame, bool(flags & NETRXF_csum_blank), bool(flags & NETRXF_data_validated),
+                                     rings.rx_gso)
+                        if out is None:
+                            self.stats["rx_errors"] += 1
+                        else:
+                            frames.append((out[0].pack(), out[1]))
+                            self.stats["rx_packets"] += 1
+                            self.stats["rx_gso"] += rings.rx_gso is not None
                     rings.rx_partial = []
             if not rings.rx.final_check_for_responses():
                 break
@@ -358,6 +450,7 @@ class Netfront:
             self._closing = True
             os.eventfd_write(self._wake, 1)
             os.eventfd_write(self._tap_wake, 1)
+            self._tx_room.notify_all()
         for t in self._threads:
             if t.is_alive():
                 t.join()
