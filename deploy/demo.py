@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -248,6 +249,9 @@ def default_topology(base: str) -> None:
         out = xdom("up", EXAMPLE, "--detach", "--state-dir", state, "--run-dir", run).stdout
         up = True
         say(out.rstrip().replace("\n", "\n   "))
+        order = [line.split(":")[0].strip() for line in out.splitlines() if line.startswith("  ") and " ready " in line]
+        if order != ["broker", "xs", "blk0", "net0", "g1", "g2"]:
+            raise DemoError(f"domains came up in the order {order}")
         proved("the broker, then xenstored, blkback, netback and the guests started in dependency order, "
                "each once the one before it was ready")
 
@@ -352,8 +356,13 @@ def default_topology(base: str) -> None:
         if tree.returncode != 0:
             raise DemoError(f"xenstore-ls failed: {tree.stderr.strip()}")
         say(tree.stdout.rstrip().replace("\n", "\n   "))
+        flat = xdom("xenstore", "ls", "/local/domain", "--run-dir", run).stdout.splitlines()
+        states = {line.split(" = ")[0]: line.split(" = ")[1].strip('"') for line in flat
+                  if line.split(" = ")[0].endswith("/state") and ("/device/" in line or "/backend/" in line)}
+        if len(states) != 8 or set(states.values()) != {"4"}:      # 2 disks and 2 vifs, each end
+            raise DemoError(f"device states: {states}")
         proved("the toolstack wrote libxl's nodes: each domain's home, backend/vbd and backend/vif in the driver "
-               "domains, device/vbd and device/vif in the guests, all Connected (state 4)")
+               "domains, device/vbd and device/vif in the guests, all 8 ends Connected (state 4)")
     except BaseException:
         if up:
             xdom("down", "--run-dir", run, check=False)
@@ -371,6 +380,11 @@ def down(run: str, ps: dict[str, dict[str, Any]]) -> None:
     say((res.stdout + res.stderr).strip())
     if res.returncode != 0:
         raise DemoError(f"xdom down failed with status {res.returncode}")
+    with open(os.path.join(os.path.dirname(run), "state", "logs", "broker.log")) as f:
+        gone = re.findall(r"domain \d+ \((\w+)\): destroyed", f.read())
+    say(f"the broker destroyed, in this order: {', '.join(gone)}")
+    if gone[-5:] != ["g2", "g1", "net0", "blk0", "xs"]:
+        raise DemoError("the domains were not stopped in reverse start order")
     pids = [r["pid"] for r in ps.values() if r["pid"]]
     alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     strays = []
