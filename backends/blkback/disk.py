@@ -4,6 +4,11 @@ Data moves with ``preadv``/``pwritev`` straight between the disk and the
 granted pages mapped into this process, so the only copies are the
 kernel's.  Discard punches holes in a file (``FALLOC_FL_PUNCH_HOLE``) or
 issues ``BLKDISCARD`` on a block device.
+
+Whether the disk has a volatile write cache decides whether blkback offers
+FLUSH_DISKCACHE and WRITE_BARRIER at all, as Linux's ``flush_support =
+bdev_write_cache(bdev)``: a file always has one (the page cache); a block
+device says so in ``queue/write_cache`` ("write back" or "write through").
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ class Disk:
         try:
             st = os.fstat(self.fd)
             self.is_block_device = stat.S_ISBLK(st.st_mode)
+            self.write_cache = True
             if self.is_block_device:
+                self.write_cache = _block_write_cache(st.st_rdev)
                 buf = bytearray(8)
                 fcntl.ioctl(self.fd, BLKGETSIZE64, buf)
                 self.size = struct.unpack("<Q", buf)[0]
@@ -113,3 +120,15 @@ class Disk:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _block_write_cache(rdev: int) -> bool:
+    """The kernel's view of a block device's cache; a partition has its disk's.  Unknown: assume one."""
+    base = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
+    for queue in (f"{base}/queue", f"{base}/../queue"):
+        try:
+            with open(f"{queue}/write_cache") as f:
+                return f.read().strip() != "write through"
+        except OSError:
+            continue
+    return True

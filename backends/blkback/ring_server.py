@@ -23,8 +23,8 @@ import threading
 from typing import Callable, Iterator, Sequence
 
 from xdom.domains.abi.blkif import (
-    BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, SEGMENT, BlkifABI, Request, parse_indirect_segments,
-    parse_request, pack_response,
+    BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, SEGMENT,
+    BlkifABI, Request, parse_indirect_segments, parse_request, pack_response,
 )
 from xdom.domains.abi.ring import BackRing, RingOverflow, SharedRing
 from xdom.domains.xenhost.base import GrantMapping, XenHost
@@ -60,6 +60,8 @@ class RingServer:
             "requests": 0, "errors": 0, "batches": 0, "notifies": 0,
             "ring_pages": 0,              # pages of this ring mapped
             "indirect_requests": 0,       # BLKIF_OP_INDIRECT requests served
+            "flush_requests": 0,          # FLUSH_DISKCACHE and WRITE_BARRIER served (Linux's st_f_req)
+            "discard_requests": 0,        # DISCARD served (Linux's st_ds_req)
             "grants_mapped": 0,           # data and indirect pages mapped (persistent or per batch)
             "persistent_grants": 0,       # mappings held in the persistent cache now
             "persistent_reuses": 0,       # pages found there instead of being mapped again
@@ -198,6 +200,10 @@ class RingServer:
                     replies[i] = (req.id, req.operation, BLKIF_RSP_OKAY)
                     if req.indirect:
                         self.stats["indirect_requests"] += 1
+                    elif req.operation in (BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER):
+                        self.stats["flush_requests"] += 1
+                    elif req.operation == BLKIF_OP_DISCARD:
+                        self.stats["discard_requests"] += 1
                 except OSError as e:
                     log.warning("%s: %s at %d+%d: %s", self.name, p.kind, p.disk_offset, p.length, e)
                     self._refuse(replies, i, req, Refused(BLKIF_RSP_ERROR, str(e)))

@@ -104,8 +104,9 @@ class Vbd:
             self.disk = None
         self.disk = Disk(params, read_only=mode != "w", logical_sector_size=lss)
         nodes: dict[str, str | int] = {
-            "feature-flush-cache": 1,
-            "feature-barrier": 1,
+            # Nothing to flush on a disk without a volatile cache: Linux offers neither then.
+            "feature-flush-cache": int(self.disk.write_cache),
+            "feature-barrier": int(self.disk.write_cache),
             "feature-discard": 0 if self.disk.read_only else 1,
             "discard-granularity": self.disk.discard_granularity,
             "discard-alignment": 0,

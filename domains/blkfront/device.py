@@ -58,6 +58,7 @@ log = logging.getLogger("xdom.blkfront")
 
 PAGE_SIZE = 4096
 MAX_INDIRECT_SEGMENTS = 256
+ZERO_PAGE = bytes(PAGE_SIZE)
 DEFAULT_PERSISTENT_FRAMES = 1024      # 4 MiB of the guest's memory kept granted for I/O
 DEFERRED_RETRY_MS = 100               # how often frames the backend still maps are tried again
 CLOSE_PATIENCE = 5.0                  # seconds close() waits for the backend to let go of our frames
@@ -98,6 +99,7 @@ class _Op:
     done: Callable
     data: memoryview | None = None  # writes
     then_flush: bool = False        # FUA
+    zeroes: bool = False            # a write of zeroes: every segment is the one zero page
     next_byte: int = 0              # how much has been turned into requests
     outstanding: int = 0
     redo: list[tuple[int, int]] = field(default_factory=list)   # byte ranges to issue again (a backend restart)
@@ -112,7 +114,8 @@ class _Req:
     raw: bytes
     op: _Op
     byte_offset: int                # within the op
-    pages: list[tuple[_Page, int]]  # data pages with their byte counts
+    length: int                     # bytes of the op it carries
+    pages: list[tuple[_Page, int]]  # data pages (ours to free) with their byte counts
     indirect: list[_Page]
 
 
@@ -162,6 +165,7 @@ class Blkfront:
         self._pending: collections.deque[_Op] = collections.deque()
         self._free_persistent: list[_Page] = []
         self._persistent = False                  # what the current connection negotiated
+        self._zero: _Page | None = None
         self._persistent_count = 0
         self._deferred: list[tuple[int, int]] = []     # (ref, gfn) still mapped by the backend
         self._next_queue = 0
@@ -298,6 +302,8 @@ class Blkfront:
         self.size, self.sector_size = sectors * 512, lss
         self.read_only = bool(info & VDISK_READONLY) or mode == "r"
         self.can_trim = bool(self._features.get("feature-discard")) and not self.read_only
+        # Flush (and FUA, which is a write then a flush) only where the backend has a cache to flush.
+        self.can_flush = bool(self._features.get("feature-flush-cache") or self._features.get("feature-barrier"))
         switch_state(self.xs, self.path, XenbusState.Connected)
         self.state = XenbusState.Connected
         recovered = self._recover()
@@ -324,7 +330,7 @@ class Blkfront:
             op.outstanding -= 1
             self._put_pages([p for p, _ in req.pages] + req.indirect)
             if op.kind in (BLKIF_OP_READ, BLKIF_OP_WRITE):
-                op.redo.append((req.byte_offset, req.byte_offset + sum(n for _, n in req.pages)))
+                op.redo.append((req.byte_offset, req.byte_offset + req.length))
             else:
                 op.next_byte = 0
             if not any(o is op for o in ops):
@@ -387,8 +393,15 @@ class Blkfront:
         self._submit(_Op(BLKIF_OP_DISCARD, offset, length, done))
 
     def submit_write_zeroes(self, offset: int, length: int, may_trim: bool, done: Callable[[int], None]) -> None:
-        # Discard reads back as zeros only by luck of the backing store; write real zeros.
-        self._submit(_Op(BLKIF_OP_WRITE, offset, length, done, data=memoryview(bytes(length))))
+        """Real zeroes, written from one granted zero page that every segment names.
+
+        Never a discard, even when the client allows holes (``may_trim``):
+        blkif.h leaves a discarded range's content undefined, and no backend
+        feature promises zeroes.  Nor a buffer of ``length`` zeroes: one page
+        carries any length, so a 32 MiB request costs 4 KiB (plus indirect
+        pages), as Linux's zeroing through ZERO_PAGE does.
+        """
+        self._submit(_Op(BLKIF_OP_WRITE, offset, length, done, zeroes=True))
 
     def _submit(self, op: _Op) -> None:
         with self._lock:
@@ -467,7 +480,7 @@ class Blkfront:
                 raw = pack_request(self.abi, flush_op, rid, 0, self.devid, [])
             op.next_byte = max(op.length, 1)
             op.outstanding += 1
-            self._put(_Req(rid, raw, op, 0, [], []), q)
+            self._put(_Req(rid, raw, op, 0, 0, [], []), q)
             return True
         per_request = self._max_segments * PAGE_SIZE
         while op.redo or op.next_byte < op.length:
@@ -479,10 +492,16 @@ class Blkfront:
             npages = (chunk + PAGE_SIZE - 1) // PAGE_SIZE
             nindirect = (npages + SEGMENTS_PER_INDIRECT_FRAME - 1) // SEGMENTS_PER_INDIRECT_FRAME \
                 if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
-            pages = self._get_pages(npages + nindirect, readonly=op.kind == BLKIF_OP_WRITE)
-            if pages is None:
-                return False
-            data_pages, indirect_pages = pages[:npages], pages[npages:]
+            if op.zeroes:
+                indirect_pages = self._get_pages(nindirect, readonly=True) if nindirect else []
+                if indirect_pages is None:
+                    return False
+                data_pages = [self._zero_page()] * npages
+            else:
+                pages = self._get_pages(npages + nindirect, readonly=op.kind == BLKIF_OP_WRITE)
+                if pages is None:
+                    return False
+                data_pages, indirect_pages = pages[:npages], pages[npages:]
             segs = []
             page_bytes = []
             for i, page in enumerate(data_pages):
@@ -503,7 +522,7 @@ class Blkfront:
                 self.indirect_requests += 1
             else:
                 raw = pack_request(self.abi, op.kind, rid, sector, self.devid, segs)
-            req = _Req(rid, raw, op, start, page_bytes, indirect_pages)
+            req = _Req(rid, raw, op, start, chunk, [] if op.zeroes else page_bytes, indirect_pages)
             if op.redo:
                 if start + chunk < end:
                     op.redo[0] = (start + chunk, end)
@@ -514,6 +533,16 @@ class Blkfront:
             op.outstanding += 1
             self._put(req, q)
         return True
+
+    def _zero_page(self) -> _Page:
+        """The frame of zeroes behind every write-zeroes segment, granted once (read-write: a persistent
+        backend maps all it is given read-write, as Linux's does) and zeroed again for each request, so a
+        backend that scribbles on it spoils at most what it could spoil anyway: the data it writes."""
+        if self._zero is None:
+            (gfn,) = self.pool.alloc(1)
+            self._zero = _Page(gfn, self.host.gnttab.grant_access(self.backend_domid, gfn), False)
+        self.host.memory.frame(self._zero.gfn)[:] = ZERO_PAGE
+        return self._zero
 
     def _put(self, req: _Req, q: _Queue) -> None:
         self._shadow[req.id] = req
@@ -691,6 +720,9 @@ class Blkfront:
             persistent, self._free_persistent = self._free_persistent, []
             for p in persistent:
                 self._end_grant(p.ref, p.gfn)
+            if self._zero is not None:
+                self._end_grant(self._zero.ref, self._zero.gfn)
+                self._zero = None
             self._closing = True
             os.eventfd_write(self._wake, 1)
         if self._thread.is_alive():
