@@ -18,7 +18,7 @@ import os
 import stat
 import struct
 
-__all__ = ["AccessError", "grant_access"]
+__all__ = ["AccessError", "grant_access", "grant_search"]
 
 _XATTR = "system.posix_acl_access"
 _VERSION = 2
@@ -83,10 +83,15 @@ def grant_access(path: str, uid: int, write: bool = False, directory: bool = Fal
     if directory:
         perms |= W | X if write else X
     _add_user(path, uid, perms)
-    parent = os.path.dirname(path)
+    grant_search(os.path.dirname(path), uid)
+
+
+def grant_search(path: str, uid: int) -> None:
+    """Let ``uid`` reach entries under directory ``path``: search-only entries where others cannot search."""
+    path = os.path.abspath(path)
     while True:
-        if not _traversable_by_others(parent):
-            _add_user(parent, uid, X)
-        if parent == "/":
+        if not _traversable_by_others(path):
+            _add_user(path, uid, X)
+        if path == "/":
             break
-        parent = os.path.dirname(parent)
+        path = os.path.dirname(path)

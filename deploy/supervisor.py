@@ -70,7 +70,7 @@ from xdom.broker.mgmt_client import ManagementClient, ManagementError
 from xdom.domains.xenstore import UnixTransport, XenstoreClient
 from xdom.domains.xs_wire import XenstoreError
 
-from .access import AccessError, grant_access
+from .access import AccessError, grant_access, grant_search
 from .control import ControlError, ControlProtocol, ControlServer, endpoint_for, string_field
 from . import netns
 from .isolation import DOMAIN_EXEC, UidMode, UidPlan, plan_uids
@@ -431,6 +431,15 @@ class Supervisor:
             # Domains under other uids must reach the hypercall socket and their own directories (search only).
             for d in (lay.state_dir, lay.run_dir):
                 os.chmod(d, stat.S_IMODE(os.stat(d).st_mode) | 0o011)
+            # ... through whatever ancestors others cannot search (a mkdtemp directory, a home).
+            for uid in sorted({u for u in self.uid_plan.uids.values() if u is not None}):
+                for d in (lay.state_dir, lay.run_dir):
+                    try:
+                        grant_search(d, uid)
+                    except AccessError as e:
+                        raise SupervisorError(f"{e}: domains under their own uids could not reach {d}; make "
+                                              f"its ancestors searchable by others or run with --uids shared") \
+                            from None
         xs_uid = self.xenstored.uid if self.xenstored is not None else None
         shutil.rmtree(lay.xenstored_state, ignore_errors=True)
         for path in (lay.xenstored_state, lay.xenstored_run):

@@ -208,3 +208,19 @@ def test_uids_separate_refuses_a_closed_interpreter_and_starts_nothing(run_dir: 
         assert "install xdom where other users can read it, or use --uids shared" in res.stderr
         assert running_pid(lay.run_dir) is None and not os.path.exists(lay.run_dir)
         assert not [p for p in psutil.process_iter(["cmdline"]) if lay.run_dir in " ".join(p.info["cmdline"] or [])]
+
+
+@ROOT_ONLY
+def test_a_host_under_a_directory_others_cannot_search_still_reaches_its_domains(run_dir: str) -> None:
+    """State and run directories inside a 0700 directory (a mkdtemp, a home): each domain's uid is given
+    search access to the ancestors it needs (an ACL entry), or no domain could reach the hypercall socket."""
+    if not separable():
+        pytest.skip(f"uid {UID_BASE + UID_COUNT - 1} cannot run {sys.executable} with xdom")
+    closed = os.path.join(run_dir, "closed")
+    os.makedirs(closed, mode=0o700)
+    os.chmod(closed, 0o700)
+    with Host(closed, TEXT, uids="separate") as h:
+        ps = h.ps()
+        assert all(r["state"] == "running" for r in ps.values()), ps
+        assert len({r["uid"] for r in ps.values()}) == len(ps)
+    assert os.stat(closed).st_mode & 0o007 == 0       # still closed to others: an ACL entry per uid, no o+x
