@@ -140,7 +140,7 @@ def _pseudo_sum(frame: bytes | memoryview, h: L4Headers, l4_length: int) -> int:
         tail = struct.pack("!IxxxB", l4_length, h.proto)
     else:
         addrs = frame[h.l3_offset + 12:h.l3_offset + 20]
-        tail = struct.pack("!xBH", h.proto, l4_length)
+        tail = struct.pack("!xBI", h.proto, l4_length)      # a 32-bit length, as csum_tcpudp_magic's
     return _fold(ones_sum(addrs) + ones_sum(tail))
 
 
@@ -187,21 +187,22 @@ def segment_tcp(frame: bytes, mss: int, h: L4Headers, *, partial: bool) -> list[
     PSH stay on the last segment only, CWR on the first only.  With
     ``partial`` each TCP checksum is left CHECKSUM_PARTIAL (pseudo-header
     sum in the field, for a receiver with checksum offload); otherwise it
-    is complete.  None when the frame is not TCP or ``mss`` is not positive.
+    is complete.  None when the frame is not TCP, ``mss`` is not positive, or a
+    segment would be too long for its IP length field.
     """
     if h.proto != IPPROTO_TCP or mss <= 0:
         return None
     hlen = h.header_len
     payload = memoryview(frame)[hlen:]
-    if not payload:
-        return [frame]
+    if hlen - h.l3_offset - (40 if h.ipv6 else 0) + min(mss, len(payload)) > 0xFFFF:
+        return None                               # a segment's IP length would not fit its 16-bit field
     header = bytearray(frame[:hlen])
     ip, tcp = h.l3_offset, h.l4_offset
     seq0 = int.from_bytes(header[tcp + 4:tcp + 8], "big")
     flags0 = header[tcp + 13]
     ip_id0 = int.from_bytes(header[ip + 4:ip + 6], "big") if not h.ipv6 else 0
     out = []
-    count = -(-len(payload) // mss)
+    count = max(1, -(-len(payload) // mss))      # a header-only frame is one segment, its checksum done too
     for i in range(count):
         chunk = payload[i * mss:(i + 1) * mss]
         hdr = bytearray(header)

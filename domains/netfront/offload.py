@@ -85,8 +85,8 @@ def from_tap(hdr: VirtioNetHdr, frame: bytes, be: BackendOffloads) -> list[TxFra
         return [TxFrame(frame, True, True, GsoInfo(hdr.gso_size, xen_type))]
     partial = be.ipv6_csum if h.ipv6 else True
     segments = segment_tcp(frame, hdr.gso_size, h, partial=partial)
-    if segments is None:
-        return "a GSO frame that cannot be segmented"
+    if segments is None or len(segments[0]) > MAX_RING_FRAME:      # the first segment is the longest
+        return "a GSO frame that cannot be segmented into frames the ring takes"
     return [TxFrame(s, partial, partial) for s in segments]
 
 
