@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from typing import Iterator
 
 import pytest
@@ -51,10 +52,11 @@ class NetRig:
         self.clients.append(c)
         return c
 
-    def plug(self, index: int, mtu: int = 1500, offloads: bool = True) -> str:
+    def plug(self, index: int, mtu: int = 1500, offloads: bool = True, rate: str | None = None) -> str:
         """Give guest ``index`` (1-based) a vif on the netback and a TAP in its namespace; returns the namespace.
 
-        ``offloads=False`` makes its netfront one without checksum offload or GSO.
+        ``offloads=False`` makes its netfront one without checksum offload or GSO; ``rate`` is the
+        backend's ``rate`` node (libxl's "BYTES,USECS").
         """
         dom = self.guests[index - 1]
         ns = netns.netns_name(f"g{index}", self.run_dir)
@@ -67,8 +69,9 @@ class NetRig:
             subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True)
         be_path = f"/local/domain/{self.be.domid}/backend/vif/{dom.domid}/0"
         fe_path = f"/local/domain/{dom.domid}/device/vif/0"
-        for k, v in {"frontend": fe_path, "frontend-id": dom.domid, "online": 1, "state": 1, "mac": mac,
-                     "handle": 0, "mtu": mtu}.items():
+        be_nodes = {"frontend": fe_path, "frontend-id": dom.domid, "online": 1, "state": 1, "mac": mac,
+                    "handle": 0, "mtu": mtu, **({"rate": rate} if rate else {})}
+        for k, v in be_nodes.items():
             self.xs.write(f"{be_path}/{k}", str(v))
         for k, v in {"backend": be_path, "backend-id": self.be.domid, "state": 1, "handle": 0, "mac": mac}.items():
             self.xs.write(f"{fe_path}/{k}", str(v))
@@ -171,6 +174,22 @@ def test_a_receiver_without_offloads_gets_segments_it_verifies(rig: NetRig) -> N
     assert g1["tx_gso"] > 0 and g2["rx_segmented"] > 0 and g2["rx_gso"] == 0, (g1, g2)
     assert g2["tx_gso"] == 0 and g1["rx_gso"] == 0, (g1, g2)
     assert rig.fronts[1].stats["rx_errors"] == 0 and rig.fronts[1].stats["tx_gso"] == 0
+
+
+def test_a_rate_limited_vif_sends_no_faster_than_its_credit(rig: NetRig) -> None:
+    """rate = 2 MB per 100 ms (xl: 160Mb/s@100ms) on g1's vif: netback holds g1's packets on its ring
+    while credit lasts; 8 MiB cannot cross in less than (8 MiB - one window) / rate, and arrive whole."""
+    ns1, ns2 = rig.plug(1, rate="2000000,100000"), rig.plug(2)
+    data = os.urandom(8 << 20)
+    t0 = time.monotonic()
+    stream(ns1, ns2, "10.99.0.2", data)
+    elapsed = time.monotonic() - t0
+    g1 = rig.server.vifs[(rig.guests[0].domid, 0)].stats()
+    assert g1["tx_rate_waits"] > 0, g1
+    # a lower bound only (a rate limit's correctness, not the machine's speed): slow hosts just take longer
+    assert elapsed >= (len(data) - 2_000_000) / 20e6, elapsed
+    g2 = rig.server.vifs[(rig.guests[1].domid, 0)].stats()
+    assert g2["tx_rate_waits"] == 0, g2          # the limit is g1's alone: g2's ACKs were never held
 
 
 def test_jumbo_frames_cross_in_several_slots(rig: NetRig) -> None:

@@ -12,7 +12,7 @@ For each abuse netback must do what Linux ``xen-netback`` does: answer the
 packet ``NETIF_RSP_ERROR`` and carry on (``xenvif_tx_err``), or close that
 one vif (``xenvif_fatal_tx_err``; here: backend state Closing).  In every
 case it must never crash, the good guests keep pinging each other during and
-after the abuse, their vif threads stay alive, every slot netback consumes is
+after the abuse, netback's loop keeps serving their vifs, every slot netback consumes is
 answered exactly once, no response carries bytes netback did not mean to
 write (a TX response is 4 bytes: the 8 request bytes after it in the slot
 stay the frontend's; an RX request's padding overlaps the response's
@@ -193,6 +193,12 @@ def netback_threads(prefix: str = "netback-") -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith(prefix) and t.is_alive()]
 
 
+def served(server: object, key: tuple[int, int]) -> bool:
+    """Whether netback's loop is moving the packets of vif ``key`` (its connection is in the loop)."""
+    vif = server.vifs.get(key)            # type: ignore[attr-defined]
+    return vif is not None and vif.served
+
+
 # ---- the good pair's traffic -----------------------------------------------------------------------
 
 @dataclass
@@ -356,10 +362,6 @@ class HostileVif:
     @property
     def key(self) -> tuple[int, int]:
         return (self.host.domid, self.devid)
-
-    @property
-    def thread_name(self) -> str:
-        return f"netback-vif{self.host.domid}.{self.devid}"
 
     def backend_state(self) -> XenbusState:
         return read_state(self.xs, self.be_path)
@@ -651,9 +653,9 @@ class Env:
             assert res.returncode == 0 and f" {count} received" in res.stdout, res.stdout + res.stderr
 
     def dead_good_threads(self) -> list[str]:
-        names = {f"netback-vif{g.domid}.0" for g in (self.g1, self.g2)}
-        alive = {t.name for t in netback_threads()}
-        return sorted(names - alive)
+        """The good vifs netback no longer serves (and its loop thread, if that died)."""
+        dead = [f"vif{g.domid}.0" for g in (self.g1, self.g2) if not served(self.server, (g.domid, 0))]
+        return dead + ([] if self.server.loop.alive else ["netback-loop"])
 
     @contextmanager
     def good_traffic(self, min_replies: int = 5, max_rtt_ms: float = STALL_MS) -> Iterator[None]:
@@ -694,11 +696,11 @@ class Env:
                 h.wait_backend(XenbusState.Closing)
                 vif = self.server.vifs[h.key]
                 wait_until(lambda: vif.conn is None, WAIT, "the hostile vif's connection to go")
-                wait_until(lambda: not netback_threads(h.thread_name), WAIT, "the hostile vif's thread to end")
+                wait_until(lambda: not served(self.server, h.key), WAIT, "the loop to let the hostile vif go")
                 h.assert_unmapped()
             else:
                 assert h.backend_state() == XenbusState.Connected
-                assert h.thread_name in {t.name for t in netback_threads()}
+                assert served(self.server, h.key)
                 if ids is not None:
                     self.sentinel(h, ids)
             h.check_ring_headers()
@@ -1357,7 +1359,7 @@ def test_flood_of_random_slots(env: Env) -> None:
             if want is None:
                 fatal += 1
                 h.wait_backend(XenbusState.Closing)
-                wait_until(lambda: not netback_threads(h.thread_name), WAIT, "the closed vif's thread to end")
+                wait_until(lambda: not served(env.server, h.key), WAIT, "the loop to let the closed vif go")
                 assert not env.dead_good_threads(), env.dead_good_threads()
                 h.recreate()
                 h.connect()
@@ -1442,7 +1444,7 @@ def test_lazy_frontend_never_posts_rx_buffers(env: Env) -> None:
             wait_until(lambda: port.dropped > first + 200, WAIT, "the lazy vif's port to keep dropping")
             assert len(port.queue) <= PORT_QUEUE
         assert h.rx.shared.get(_RSP_PROD) == 0, "responses without requests"
-        assert h.thread_name in {t.name for t in netback_threads()}
+        assert served(env.server, h.key)
     assert len(port.queue) <= PORT_QUEUE
     # once the guest posts buffers it gets what is queued (oldest first), each in its request's slot
     refs = [h.grant()[1] for _ in range(32)]
@@ -1581,13 +1583,13 @@ def test_state_flapping(env: Env) -> None:
             env.sniffer.wait_for([f])
             h.set_state(XenbusState.Initialising)
             h.wait_backend(XenbusState.InitWait)
-            assert not netback_threads(h.thread_name)
+            assert not served(env.server, h.key)
             assert not h.mapped(), f"grants still mapped while disconnected: {h.mapped()}"
             # the same rings again (they still hold the indices where we left them)
             h.set_state(XenbusState.Initialised)
             h.wait_backend(XenbusState.Connected)
             h.set_state(XenbusState.Connected)
-            assert len(netback_threads(h.thread_name)) == 1
+            assert served(env.server, h.key)
     env.finish(h, ids)
 
 
@@ -1608,7 +1610,7 @@ def test_frontend_domain_dies_mid_flight(env: Env) -> None:
             env.rig.xs.rm(h.be_path)             # what libxl does for a destroyed domain
             env.rig.xs.rm(h.path)
             wait_until(lambda: h.key not in env.server.vifs, WAIT, "the vif to be removed")
-            wait_until(lambda: not netback_threads(h.thread_name), WAIT, "the dead guest's vif thread to end")
+            wait_until(lambda: not served(env.server, h.key), WAIT, "the loop to let the dead guest's vif go")
     be_dom = env.rig.hv.hv.domains[env.rig.be.domid]
     left = [m for m in be_dom.maptrack.values() if m.granter.domid == h.host.domid]
     assert not left, f"netback still maps {len(left)} grant(s) of the dead guest"

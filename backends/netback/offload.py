@@ -80,7 +80,7 @@ def fit(frame: Frame, caps: RxCaps) -> list[Frame] | str:
     data = frame.data
     limit = caps.mtu + ETH_HLEN + VLAN_HLEN
     if frame.gso is None:
-        if len(data) > limit:
+        if len(data) > min(limit, MAX_RING_FRAME):
             return f"{len(data)}-byte frame exceeds the receiver's MTU {caps.mtu}"
         if frame.checksum == Checksum.PARTIAL:
             h = parse_headers(data)
@@ -95,6 +95,8 @@ def fit(frame: Frame, caps: RxCaps) -> list[Frame] | str:
     # skb_gso_validate_network_len: every segment must fit the receiver's MTU.
     if h.header_len - h.l3_offset + frame.gso.size > caps.mtu:
         return f"GSO segments of {frame.gso.size} bytes exceed the receiver's MTU {caps.mtu}"
+    if h.header_len + frame.gso.size > MAX_RING_FRAME:
+        return f"GSO segments of {frame.gso.size} bytes do not fit a ring slot chain's 16-bit size"
     if caps.takes_gso(frame.gso.type) and len(data) <= MAX_RING_FRAME:
         return [frame]
     partial = caps.csum_ipv6 if h.ipv6 else caps.csum_ipv4

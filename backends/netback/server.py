@@ -3,7 +3,8 @@
 ``python -m xdom.backends.netback [--ready-fd N]``, started by the
 supervisor as a domain.  It watches ``/local/domain/<self>/backend/vif``
 and keeps one :class:`Vif` per ``<frontend>/<devid>``, all ports of one
-built-in learning switch (no bridge, no TAP, no privilege in this domain).
+built-in learning switch (no bridge, no TAP, no privilege in this domain),
+all moved by one :class:`~.loop.NetbackLoop` thread.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from xdom.domains.xenstore import XenstoreClient
 
 from ..device_table import DeviceTable
 
+from .loop import NetbackLoop
 from .switch import LearningSwitch
 from .vif import BadFrontend, Vif
 
@@ -32,6 +34,7 @@ class NetbackServer:
     def __init__(self, host: XenHost, xs: XenstoreClient) -> None:
         self.host, self.xs = host, xs
         self.switch = LearningSwitch()
+        self.loop = NetbackLoop()
         self.table: DeviceTable[Vif] | None = None
 
     @property
@@ -44,13 +47,14 @@ class NetbackServer:
 
     def start(self) -> None:
         self.table = DeviceTable(self.xs, self.host.domid, "vif",
-                                 lambda path, fe, dev: Vif(self.host, self.xs, path, fe, dev, self.switch),
+                                 lambda path, fe, dev: Vif(self.host, self.xs, path, fe, dev, self.switch, self.loop),
                                  (BadFrontend, OSError))
         self.table.start()
 
     def close(self) -> None:
         if self.table is not None:
             self.table.close()
+        self.loop.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,9 +10,8 @@ buffers loses its own frames, never slows the others.
 from __future__ import annotations
 
 import collections
-import os
 import threading
-from typing import Deque
+from typing import Callable, Deque
 
 from .offload import Frame
 
@@ -20,13 +19,18 @@ PORT_QUEUE = 512          # frames a port holds for its guest before it drops
 
 
 class Port:
-    """One vif's side of the switch: frames waiting for the guest, and an eventfd saying so."""
+    """One vif's side of the switch: frames waiting for the guest.
+
+    ``on_put`` is called after a frame is queued: the netback loop sets it
+    to mark the vif's connection as having work (it runs on the loop
+    thread, where the switch delivers).
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.queue: Deque[Frame] = collections.deque()
         self.lock = threading.Lock()
-        self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.on_put: Callable[[], None] | None = None
         self.dropped = 0
         self.received = 0
 
@@ -37,19 +41,18 @@ class Port:
                 return
             self.queue.append(frame)
             self.received += 1
-        try:
-            os.eventfd_write(self.wake_fd, 1)
-        except BlockingIOError:
-            pass
+        on_put = self.on_put
+        if on_put is not None:
+            on_put()
 
     def take(self) -> Frame | None:
         with self.lock:
             return self.queue.popleft() if self.queue else None
 
     def close(self) -> None:
-        if self.wake_fd >= 0:
-            os.close(self.wake_fd)
-            self.wake_fd = -1
+        self.on_put = None
+        with self.lock:
+            self.queue.clear()
 
 
 class LearningSwitch:
@@ -81,3 +84,13 @@ class LearningSwitch:
         for p in ports:
             if p is not src:
                 p.put(frame)
+
+
+class SwitchUplink:
+    """A vif on the learning switch: what its guest sends is switched, what comes for it waits in ``port``."""
+
+    def __init__(self, switch: LearningSwitch, port: Port) -> None:
+        self.switch, self.port = switch, port
+
+    def send(self, frame: Frame) -> None:
+        self.switch.deliver(self.port, frame)

@@ -69,7 +69,7 @@ def from_tap(hdr: VirtioNetHdr, frame: bytes, be: BackendOffloads) -> list[TxFra
         if not hdr.needs_csum:
             return [TxFrame(frame, False, hdr.data_valid)]
         h = parse_headers(frame)
-        if h is None or h.l4_offset != hdr.csum_start:
+        if h is None or h.l4_offset != hdr.csum_start or h.csum_offset != hdr.csum_offset:
             return "NEEDS_CSUM on a frame that is not TCP/UDP over IP"
         if h.ipv6 and not be.ipv6_csum:
             return [TxFrame(finish_checksum(frame, h))]

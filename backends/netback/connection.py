@@ -1,0 +1,291 @@
+"""One connected vif's data path: its rings, event channels and mapped pages, driven by the netback loop.
+
+Transmit (guest to netback): slots are copied off the TX ring, decided by
+:class:`~.tx.TxProcessor` with Linux's rules (a fatal error closes this
+vif only), charged against the vif's rate credit, read straight from the
+frontend's granted pages into one frame, checked as ``checksum_setup``
+does and handed to the vif's uplink (the switch, or its TAP on a bridge)
+with its offload state.  Receive (netback to guest): frames the uplink
+queued for this vif are fitted to what the frontend negotiated
+(:mod:`.offload`), planned over the buffers it posted
+(:class:`~.rx.RxPlanner`) and written straight into those granted pages.
+
+Page mappings are kept per grant reference (xdom's netfront keeps its
+buffers granted for the life of the connection), so the broker is not on
+the data path.  Nothing here blocks on another domain except a grant map
+of a page not yet seen, which a frontend reusing its buffers never causes.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import TYPE_CHECKING, Callable, Protocol
+
+from xdom.domains.abi.netif import (
+    TX_RING_SIZE, RxRequest, pack_tx_response, parse_rx_request, rx_shared_ring, tx_shared_ring,
+)
+from xdom.domains.abi.ring import BackRing, RingOverflow
+from xdom.domains.xenhost.base import GrantMapping, XenHost
+
+from .credit import CreditLimiter
+from .offload import Frame, RxCaps, fit, from_tx
+from .rx import OutgoingPacket, RxDrop, RxPlan, RxPlanner, RxShortage
+from .tx import TxAction, TxDrop, TxFatal, TxPacket, TxProcessor
+
+if TYPE_CHECKING:
+    from .switch import Port
+
+log = logging.getLogger("xdom.netback")
+
+MAX_CACHED_MAPPINGS = 1024      # per vif and direction: our netfront uses 256 buffers each way
+
+
+class BadFrontend(Exception):
+    """The frontend's nodes do not describe a usable connection."""
+
+
+class Uplink(Protocol):
+    """Where a vif's transmitted frames go, and where the frames for its guest wait (a :class:`Port`)."""
+
+    port: "Port"
+
+    def send(self, frame: Frame) -> None:
+        """Forward a frame the guest transmitted."""
+
+
+class _PageCache:
+    """Mappings of the frontend's pages by grant reference, made in batches and kept."""
+
+    def __init__(self, host: XenHost, fe: int, readonly: bool) -> None:
+        self.host, self.fe, self.readonly = host, fe, readonly
+        self.maps: dict[int, GrantMapping] = {}
+
+    def pages(self, grefs: set[int]) -> dict[int, memoryview]:
+        maps = self.maps
+        missing = [g for g in grefs if g not in maps]
+        if missing:
+            if len(maps) + len(missing) > MAX_CACHED_MAPPINGS:
+                self.clear()
+                maps = self.maps
+                missing = list(grefs)
+            for g, res in zip(missing, self.host.map_grants([(self.fe, g, self.readonly) for g in missing])):
+                if res.mapping is not None:
+                    maps[g] = res.mapping
+        return {g: maps[g].view for g in grefs if g in maps}
+
+    def clear(self) -> None:
+        maps, self.maps = list(self.maps.values()), {}
+        if maps:
+            try:
+                self.host.unmap_grants(maps)
+            except Exception as e:
+                log.warning("unmapping %d pages: %s", len(maps), e)
+
+
+class Connection:
+    """The rings of one connected vif; :class:`~.loop.NetbackLoop` calls :meth:`work` when there is some."""
+
+    def __init__(self, name: str, host: XenHost, fe: int, tx_ref: int, rx_ref: int, tx_evtchn: int,
+                 rx_evtchn: int, caps: RxCaps, tx_mtu: int, uplink: Uplink, fatal: Callable[[str], None],
+                 rate: tuple[int, int] | None = None) -> None:
+        self.name, self.host, self.fe = name, host, fe
+        self.uplink = uplink
+        self._fatal = fatal
+        self.maps: list[GrantMapping] = []
+        self.ports: list[int] = []
+        self.tx_pages = _PageCache(host, fe, readonly=True)
+        self.rx_pages = _PageCache(host, fe, readonly=False)
+        self.txp = TxProcessor(mtu=tx_mtu)
+        self.caps = caps
+        self.planner = RxPlanner(sg=caps.sg, gso_tcpv4=caps.gso_tcpv4, gso_tcpv6=caps.gso_tcpv6)
+        self.posted: list[RxRequest] = []
+        self.fitted: collections.deque[Frame] = collections.deque()   # a frame's segments, waiting for room
+        self.held: collections.deque[TxAction] = collections.deque()  # decided, waiting for rate credit
+        self.limiter = CreditLimiter(rate[0], rate[1], time.monotonic()) if rate else None
+        self.dead = False
+        self.stats = {"tx_packets": 0, "tx_dropped": 0, "tx_gso": 0, "tx_rate_waits": 0, "rx_packets": 0,
+                      "rx_dropped": 0, "rx_gso": 0, "rx_segmented": 0, "notifies": 0}
+        try:
+            results = host.map_grants([(fe, tx_ref, False), (fe, rx_ref, False)])
+            self.maps = [r.mapping for r in results if r.mapping is not None]
+            if len(self.maps) != 2:
+                raise BadFrontend(f"cannot map the rings (tx-ring-ref {tx_ref}, rx-ring-ref {rx_ref})")
+            self.tx = BackRing(tx_shared_ring([self.maps[0].view]))
+            self.rx = BackRing(rx_shared_ring([self.maps[1].view]))
+            self.tx_port = host.bind_interdomain(fe, tx_evtchn)
+            self.ports.append(self.tx_port)
+            self.rx_port = self.tx_port if rx_evtchn == tx_evtchn else host.bind_interdomain(fe, rx_evtchn)
+            if self.rx_port != self.tx_port:
+                self.ports.append(self.rx_port)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Unmap and unbind everything (once the loop no longer serves this connection)."""
+        self.dead = True
+        self.tx_pages.clear()
+        self.rx_pages.clear()
+        maps, self.maps = self.maps, []
+        if maps:
+            try:
+                self.host.unmap_grants(maps)
+            except Exception as e:
+                log.warning("%s: unmapping rings: %s", self.name, e)
+        for port in self.ports:
+            try:
+                self.host.close_port(port)
+            except Exception as e:
+                log.warning("%s: closing port %d: %s", self.name, port, e)
+        self.ports = []
+
+    # ---- the loop's interface ----------------------------------------------------------
+
+    def fds(self) -> dict[int, str]:
+        return {self.host.evtchn.fileno(p): "evtchn" for p in self.ports}
+
+    def on_ready(self, what: str) -> None:
+        for p in self.ports:
+            self.host.evtchn.consume(p)
+
+    def deadline(self) -> float | None:
+        return self.limiter.deadline() if self.limiter is not None and self.held else None
+
+    def work(self, now: float) -> bool:
+        if self.dead:
+            return False
+        try:
+            more = self._tx(now)
+            self._rx()
+            return more
+        except RingOverflow as e:
+            self._die(f"ring overflow: {e}")
+        except _Fatal as e:
+            self._die(str(e))
+        return False
+
+    def _die(self, why: str) -> None:
+        self.dead = True
+        self._fatal(why)
+
+    # ---- transmit: ring -> uplink --------------------------------------------------------
+
+    def _tx(self, now: float) -> bool:
+        """One ring's worth of the guest's packets; True if more were published meanwhile."""
+        if not self.held:
+            slots = self.tx.take_requests(TX_RING_SIZE)
+            if slots:
+                self.held.extend(self.txp.feed(slots, at_req_prod=True))
+        held, tx, limiter = self.held, self.tx, self.limiter
+        while held:
+            action = held[0]
+            if isinstance(action, TxFatal):
+                raise _Fatal(f"frontend broke the tx protocol: {action.reason}")
+            if limiter is not None and isinstance(action, TxPacket) and not limiter.admit(action.length, now):
+                self.stats["tx_rate_waits"] += 1
+                break
+            held.popleft()
+            responses = action.responses
+            if isinstance(action, TxPacket):
+                data = self._gather(action)
+                if data is None:
+                    responses = action.error_responses()
+                    self.stats["tx_dropped"] += 1
+                else:
+                    frame = from_tx(action, data)
+                    if isinstance(frame, str):
+                        log.debug("%s: dropping a transmitted frame: %s", self.name, frame)
+                        self.stats["tx_dropped"] += 1
+                    else:
+                        self.stats["tx_packets"] += 1
+                        if frame.gso is not None:
+                            self.stats["tx_gso"] += 1
+                        self.uplink.send(frame)
+            elif isinstance(action, TxDrop):
+                self.stats["tx_dropped"] += 1
+            # TxMulticast: the switch floods multicast; the filter is the guest's business
+            for r in responses:
+                tx.put_response(pack_tx_response(r))
+        if tx.push_responses():
+            self._notify(self.tx_port)
+        if held:
+            return False                  # waiting for rate credit: the deadline brings us back
+        return tx.final_check_for_requests()
+
+    def _gather(self, pkt: TxPacket) -> bytes | None:
+        pieces = pkt.pieces
+        pages = self.tx_pages.pages({p.gref for p in pieces})
+        try:
+            return b"".join([pages[p.gref][p.offset:p.offset + p.length] for p in pieces])
+        except KeyError:
+            return None
+
+    # ---- receive: uplink -> ring ----------------------------------------------------------
+
+    def _rx(self) -> None:
+        """As many queued frames as the frontend has posted buffers for, pushed with one notification.
+
+        Each frame is first fitted to what this frontend negotiated
+        (segmented, its checksum finished, or dropped); its pieces wait in
+        ``fitted`` until the frontend has posted buffers for them.
+        """
+        port, fitted, rx = self.uplink.port, self.fitted, self.rx
+        pushed = False
+        while True:
+            if not fitted:
+                taken = port.take()
+                if taken is None:
+                    break
+                pieces = fit(taken, self.caps)
+                if isinstance(pieces, str):
+                    log.debug("%s: dropping a frame for the guest: %s", self.name, pieces)
+                    self.stats["rx_dropped"] += 1
+                    continue
+                if taken.gso is not None and len(pieces) > 1:
+                    self.stats["rx_segmented"] += 1
+                fitted.extend(pieces)
+            frame = fitted[0]
+            if len(self.posted) < 20:        # enough for any packet: parse requests in batches
+                self.posted += [parse_rx_request(raw) for raw in rx.take_requests()]
+            decision = self.planner.plan(OutgoingPacket(len(frame.data), frame.gso, frame.checksum), self.posted)
+            if isinstance(decision, RxShortage):
+                # Re-arm req_event: when the frontend posts buffers we hear of it.
+                if rx.final_check_for_requests():
+                    self.posted += [parse_rx_request(raw) for raw in rx.take_requests()]
+                    continue
+                break
+            fitted.popleft()
+            if isinstance(decision, RxDrop):
+                self.stats["rx_dropped"] += 1
+                continue
+            self._deliver(decision, frame.data)
+            if frame.gso is not None:
+                self.stats["rx_gso"] += 1
+            del self.posted[:decision.consumed]
+            pushed = True
+        if pushed and rx.push_responses():
+            self._notify(self.rx_port)
+
+    def _deliver(self, plan: RxPlan, frame: bytes) -> None:
+        pages = self.rx_pages.pages({c.gref for c in plan.copies})
+        failed = set()
+        view = memoryview(frame)
+        for c in plan.copies:
+            page = pages.get(c.gref)
+            if page is None:
+                failed.add(c.slot)
+                continue
+            page[c.offset:c.offset + c.length] = view[c.src_offset:c.src_offset + c.length]
+        for raw in plan.packed_responses(failed):
+            self.rx.put_response(raw)
+        self.stats["rx_dropped" if failed else "rx_packets"] += 1
+
+    def _notify(self, port: int) -> None:
+        self.stats["notifies"] += 1
+        self.host.notify(port)
+
+
+class _Fatal(Exception):
+    """The frontend broke the protocol: close this vif."""
