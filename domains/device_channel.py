@@ -1,4 +1,4 @@
-"""Descriptors the toolstack hands a running guest: the ``/dev/net/tun`` fd of a hot-added vif.
+"""Descriptors the toolstack hands a running domain: the ``/dev/net/tun`` fd of a hot-added vif, say.
 
 A guest runs under its own uid and cannot open ``/dev/net/tun`` when the
 host keeps it mode 0600 (Debian's test hosts do); it may only attach to a
@@ -10,7 +10,8 @@ sends ``{"vif": DEVID}`` with the descriptor attached (SCM_RIGHTS) *before*
 it writes the vif's xenstore nodes.  The guest's hotplug thread then
 :meth:`DeviceChannel.take`\\ s it by devid.
 
-The channel carries descriptors only; the devices themselves are still
+A netback in bridge mode gets its vifs' TAP descriptors the same way,
+keyed by (frontend domid, devid).  The channel carries descriptors only; the devices themselves are still
 discovered through xenstore, as under Xen.  A message that is not a
 well-formed offer is dropped with its descriptors closed: the toolstack is
 trusted, but a stray fd must not leak.  An offer never taken (the vif was
@@ -27,7 +28,7 @@ import threading
 
 import msgpack
 
-__all__ = ["DeviceChannel", "offer_fd"]
+__all__ = ["DeviceChannel", "DeviceId", "offer_fd"]
 
 log = logging.getLogger("xdom.device_channel")
 
@@ -35,9 +36,16 @@ MAX_MESSAGE = 256
 MAX_FDS = 4
 
 
-def offer_fd(sock: socket.socket, kind: str, devid: int, fd: int) -> None:
-    """The toolstack's side: send ``fd`` for device ``kind``/``devid``; the caller still owns (closes) ``fd``."""
-    payload = msgpack.packb({kind: devid})
+DeviceId = int | tuple[int, ...]
+
+
+def offer_fd(sock: socket.socket, kind: str, devid: DeviceId, fd: int) -> None:
+    """The toolstack's side: send ``fd`` for device ``kind``/``devid``; the caller still owns (closes) ``fd``.
+
+    ``devid`` is a guest's device number, or a tuple such as a backend's
+    (frontend domid, devid).
+    """
+    payload = msgpack.packb({kind: list(devid) if isinstance(devid, tuple) else devid})
     socket.send_fds(sock, [payload], [fd])
 
 
@@ -47,12 +55,12 @@ class DeviceChannel:
     def __init__(self, fd: int) -> None:
         self._sock = socket.socket(fileno=fd)
         self._cond = threading.Condition()
-        self._fds: dict[tuple[str, int], int] = {}
+        self._fds: dict[tuple[str, DeviceId], int] = {}
         self._closed = False
         self._thread = threading.Thread(target=self._reader, name="device-channel", daemon=True)
         self._thread.start()
 
-    def take(self, kind: str, devid: int, timeout: float) -> int | None:
+    def take(self, kind: str, devid: DeviceId, timeout: float) -> int | None:
         """The descriptor offered for ``kind``/``devid``, now yours; None if none came within ``timeout``."""
         with self._cond:
             self._cond.wait_for(lambda: (kind, devid) in self._fds or self._closed, timeout)
@@ -98,7 +106,7 @@ class DeviceChannel:
             self._cond.notify_all()
 
 
-def _offer_key(data: bytes) -> tuple[str, int] | None:
+def _offer_key(data: bytes) -> tuple[str, DeviceId] | None:
     try:
         msg = msgpack.unpackb(data)
     except Exception:
@@ -106,6 +114,12 @@ def _offer_key(data: bytes) -> tuple[str, int] | None:
     if not isinstance(msg, dict) or len(msg) != 1:
         return None
     ((kind, devid),) = msg.items()
-    if not isinstance(kind, str) or not isinstance(devid, int) or isinstance(devid, bool) or devid < 0:
+    if not isinstance(kind, str):
         return None
-    return kind, devid
+    if isinstance(devid, list) and 0 < len(devid) <= 4 and all(_is_number(n) for n in devid):
+        return kind, tuple(devid)
+    return (kind, devid) if _is_number(devid) else None
+
+
+def _is_number(n: object) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 32

@@ -62,7 +62,9 @@ def test_malformed_offers_are_dropped_with_their_descriptors_closed() -> None:
     try:
         before = _open_fds()
         for payload in (b"\xc1garbage", msgpack.packb([1, 2]), msgpack.packb({"vif": -1}),
-                        msgpack.packb({"vif": True}), msgpack.packb({"vif": 1, "vbd": 2})):
+                        msgpack.packb({"vif": True}), msgpack.packb({"vif": 1, "vbd": 2}),
+                        msgpack.packb({"tap": []}), msgpack.packb({"tap": [1, -2]}), msgpack.packb({"tap": [1] * 5}),
+                        msgpack.packb({"tap": [1, "x"]}), msgpack.packb({3: 1})):
             r, w = os.pipe()
             socket.send_fds(ours, [payload], [r])
             os.close(r)
@@ -102,6 +104,22 @@ def test_an_untaken_offer_is_closed_when_replaced_or_when_the_channel_closes() -
     ours.close()
     assert os.read(r, 1) == b""           # every write end is closed now
     os.close(r)
+
+
+def test_backends_key_descriptors_by_frontend_and_devid() -> None:
+    ours, chan = _pair()
+    try:
+        r, w = os.pipe()
+        offer_fd(ours, "tap", (7, 1), r)
+        os.close(r)
+        assert chan.take("tap", (7, 0), 0.05) is None
+        got = chan.take("tap", (7, 1), 5.0)
+        assert got is not None
+        os.close(got)
+        os.close(w)
+    finally:
+        chan.close()
+        ours.close()
 
 
 def test_take_returns_none_once_the_toolstack_hangs_up() -> None:
