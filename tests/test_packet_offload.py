@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from xdom.backends.netback.offload import MAX_RING_FRAME, Frame, RxCaps, fit, from_tx
 from xdom.backends.netback.tx import Checksum, TxPacket
 from xdom.domains.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6, GsoInfo
-from xdom.domains.netfront.offload import (
+from xdom.domains.vnet import (
     TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, BackendOffloads, TxFrame, from_tap, to_tap,
 )
 from xdom.domains.packet import (

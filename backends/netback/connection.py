@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("xdom.netback")
 
 MAX_CACHED_MAPPINGS = 1024      # per vif and direction: our netfront uses 256 buffers each way
+UPLINK_BUDGET = 64              # frames taken from a vif's TAP per loop pass (a NAPI-like budget)
 
 
 class BadFrontend(Exception):
@@ -47,12 +48,23 @@ class BadFrontend(Exception):
 
 
 class Uplink(Protocol):
-    """Where a vif's transmitted frames go, and where the frames for its guest wait (a :class:`Port`)."""
+    """Where a vif's transmitted frames go, and where the frames for its guest wait (a :class:`Port`).
+
+    The built-in switch (:class:`~.switch.SwitchUplink`) fills the port
+    itself; a TAP on a bridge (:class:`~.tap_uplink.TapUplink`) has a
+    descriptor the loop watches, and :meth:`receive` moves what it holds.
+    """
 
     port: "Port"
 
     def send(self, frame: Frame) -> None:
         """Forward a frame the guest transmitted."""
+
+    def fileno(self) -> int | None:
+        """A descriptor that becomes readable when frames for the guest arrive, or None."""
+
+    def receive(self, budget: int) -> bool:
+        """Queue up to ``budget`` arrived frames on the port; True if more are left."""
 
 
 class _PageCache:
@@ -105,6 +117,7 @@ class Connection:
         self.held: collections.deque[TxAction] = collections.deque()  # decided, waiting for rate credit
         self.limiter = CreditLimiter(rate[0], rate[1], time.monotonic()) if rate else None
         self.dead = False
+        self.uplink_ready = False
         self.stats = {"tx_packets": 0, "tx_dropped": 0, "tx_gso": 0, "tx_rate_waits": 0, "rx_packets": 0,
                       "rx_dropped": 0, "rx_gso": 0, "rx_segmented": 0, "notifies": 0}
         try:
@@ -144,9 +157,16 @@ class Connection:
     # ---- the loop's interface ----------------------------------------------------------
 
     def fds(self) -> dict[int, str]:
-        return {self.host.evtchn.fileno(p): "evtchn" for p in self.ports}
+        fds = {self.host.evtchn.fileno(p): "evtchn" for p in self.ports}
+        up = self.uplink.fileno()
+        if up is not None:
+            fds[up] = "uplink"
+        return fds
 
     def on_ready(self, what: str) -> None:
+        if what == "uplink":
+            self.uplink_ready = True
+            return
         for p in self.ports:
             self.host.evtchn.consume(p)
 
@@ -157,7 +177,10 @@ class Connection:
         if self.dead:
             return False
         try:
-            more = self._tx(now)
+            more = False
+            if self.uplink_ready:
+                more = self.uplink_ready = self.uplink.receive(UPLINK_BUDGET)
+            more = self._tx(now) or more
             self._rx()
             return more
         except RingOverflow as e:

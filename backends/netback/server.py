@@ -2,9 +2,11 @@
 
 ``python -m xdom.backends.netback [--ready-fd N]``, started by the
 supervisor as a domain.  It watches ``/local/domain/<self>/backend/vif``
-and keeps one :class:`Vif` per ``<frontend>/<devid>``, all ports of one
-built-in learning switch (no bridge, no TAP, no privilege in this domain),
-all moved by one :class:`~.loop.NetbackLoop` thread.
+and keeps one :class:`Vif` per ``<frontend>/<devid>``, all moved by one
+:class:`~.loop.NetbackLoop` thread.  Vifs meet either on one built-in
+learning switch (no bridge, no TAP, no privilege in this domain) or, with
+``--bridge``, on Linux bridges in this domain's network namespace, each vif
+a TAP ``vif<domid>.<devid>`` the toolstack made and handed over.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import signal
 import threading
 from typing import Sequence
 
+from xdom.domains.device_channel import DeviceChannel
 from xdom.domains.xenhost import connect
 from xdom.domains.xenhost.base import XenHost
 from xdom.domains.xenstore import XenstoreClient
@@ -30,10 +33,16 @@ from .vif import BadFrontend, Vif
 log = logging.getLogger("xdom.netback")
 
 
+TAP_TIMEOUT = 30.0       # seconds to wait for the toolstack's TAP descriptor of a bridged vif
+
+
 class NetbackServer:
-    def __init__(self, host: XenHost, xs: XenstoreClient) -> None:
+    """``devices`` set: bridge mode, each vif's TAP descriptor comes over the toolstack's device channel."""
+
+    def __init__(self, host: XenHost, xs: XenstoreClient, devices: DeviceChannel | None = None) -> None:
         self.host, self.xs = host, xs
-        self.switch = LearningSwitch()
+        self.devices = devices
+        self.switch = LearningSwitch() if devices is None else None
         self.loop = NetbackLoop()
         self.table: DeviceTable[Vif] | None = None
 
@@ -47,20 +56,32 @@ class NetbackServer:
 
     def start(self) -> None:
         self.table = DeviceTable(self.xs, self.host.domid, "vif",
-                                 lambda path, fe, dev: Vif(self.host, self.xs, path, fe, dev, self.switch, self.loop),
+                                 lambda path, fe, dev: Vif(self.host, self.xs, path, fe, dev, self.switch, self.loop,
+                                                          self._take_tap),
                                  (BadFrontend, OSError))
         self.table.start()
+
+    def _take_tap(self, fe: int, devid: int) -> int | None:
+        return self.devices.take("tap", (fe, devid), TAP_TIMEOUT) if self.devices is not None else None
 
     def close(self) -> None:
         if self.table is not None:
             self.table.close()
         self.loop.stop()
+        if self.devices is not None:
+            self.devices.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m xdom.backends.netback", description="xdom's network driver domain")
     p.add_argument("--ready-fd", type=int, default=None, help="write 'ready' to this fd once serving")
+    p.add_argument("--bridge", action="store_true",
+                   help="bridge mode: each vif is a TAP on a Linux bridge in this domain's namespace, its "
+                        "descriptor handed over the toolstack's device channel (else: the built-in switch)")
+    p.add_argument("--device-fd", type=int, default=None, metavar="FD", help="the toolstack's device channel")
     args = p.parse_args(argv)
+    if args.bridge and args.device_fd is None:
+        p.error("--bridge needs --device-fd: the toolstack hands the TAP descriptors over it")
     logging.basicConfig(level=os.environ.get("XDOM_LOG_LEVEL", "info").upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     faulthandler.register(signal.SIGUSR1)
@@ -69,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     host = connect()
     xs = XenstoreClient.ring(host)
-    server = NetbackServer(host, xs)
+    server = NetbackServer(host, xs, DeviceChannel(args.device_fd) if args.bridge else None)
     try:
         server.start()
         log.info("netback is domain %d, serving %s", host.domid, server.root)

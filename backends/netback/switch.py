@@ -94,3 +94,15 @@ class SwitchUplink:
 
     def send(self, frame: Frame) -> None:
         self.switch.deliver(self.port, frame)
+
+    def fileno(self) -> int | None:
+        return None                     # frames arrive by deliver(), on the loop thread
+
+    def receive(self, budget: int) -> bool:
+        return False
+
+    def set_carrier(self, up: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        self.port.close()

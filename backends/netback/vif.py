@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Callable
 
 from xdom.domains.hypercall_wire import HypercallError
 from xdom.domains.xenbus import XenbusState, read_int, read_or_none, read_state, switch_state, write_nodes
@@ -27,6 +28,7 @@ from .credit import parse_rate_node
 from .loop import NetbackLoop
 from .offload import RxCaps
 from .switch import LearningSwitch, Port, SwitchUplink
+from .tap_uplink import TapUplink
 
 __all__ = ["BadFrontend", "Vif"]
 
@@ -35,12 +37,18 @@ log = logging.getLogger("xdom.netback")
 
 class Vif:
     def __init__(self, host: XenHost, xs: XenstoreClient, path: str, frontend_domid: int, devid: int,
-                 switch: LearningSwitch, loop: NetbackLoop) -> None:
+                 switch: LearningSwitch | None, loop: NetbackLoop,
+                 take_tap: Callable[[int, int], int | None] | None = None) -> None:
+        """On the built-in ``switch``, or (``switch`` None) bridged through the TAP the toolstack gives us:
+        ``take_tap(frontend, devid)`` returns its /dev/net/tun descriptor (None if none came)."""
         self.host, self.xs, self.path = host, xs, path
         self.fe, self.devid, self.switch, self.loop = frontend_domid, devid, switch, loop
         self.name = f"vif{frontend_domid}.{devid}"
-        self.port = Port(self.name)
-        self.uplink = SwitchUplink(switch, self.port)
+        self._take_tap = take_tap
+        self.uplink: SwitchUplink | TapUplink | None = None
+        if switch is not None:
+            self.uplink = SwitchUplink(switch, Port(self.name))
+            self.port = self.uplink.port
         self.frontend_path = ""
         self.conn: Connection | None = None
         self._lock = threading.RLock()
@@ -53,7 +61,15 @@ class Vif:
         if fe_path != expected:
             raise BadFrontend(f"{self.path}/frontend is {fe_path!r}, expected {expected}")
         self.frontend_path = fe_path
-        self.switch.attach(self.port)
+        if self.switch is not None:
+            self.switch.attach(self.port)
+        else:
+            fd = self._take_tap(self.fe, self.devid) if self._take_tap is not None else None
+            if fd is None:
+                raise BadFrontend("bridge mode, but the toolstack gave no TAP for this vif")
+            self.uplink = TapUplink(self.name, fd)
+            self.port = self.uplink.port
+            log.info("%s: bridged on TAP %s", self.name, self.name)
         with self._lock:
             self._publish()
         self.xs.watch(f"{fe_path}/state", self._tokens[0], self._frontend_changed)
@@ -79,8 +95,10 @@ class Vif:
                 pass
         with self._lock:
             self._disconnect()
-        self.switch.detach(self.port)
-        self.port.close()
+        if self.uplink is not None:
+            if self.switch is not None:
+                self.switch.detach(self.port)
+            self.uplink.close()
         log.info("%s: removed", self.name)
 
     def _own_state_changed(self, path: str, token: str) -> None:
@@ -139,7 +157,9 @@ class Vif:
                                  flag("feature-no-csum-offload"), flag("feature-ipv6-csum-offload"),
                                  mtu if sg else min(mtu, 1500))
         rate = parse_rate_node(read_or_none(self.xs, f"{self.path}/rate"))
-        conn = Connection(self.name, self.host, self.fe, tx_ref, rx_ref, tx_ev, rx_ev, caps, mtu, self.uplink,
+        assert self.uplink is not None             # probe() made it
+        uplink = self.uplink
+        conn = Connection(self.name, self.host, self.fe, tx_ref, rx_ref, tx_ev, rx_ev, caps, mtu, uplink,
                           lambda why: self.fatal(conn, why), rate)
         try:
             self.loop.add(conn)
@@ -147,6 +167,7 @@ class Vif:
             conn.release()
             raise
         self.port.on_put = lambda: self.loop.kick(conn)
+        uplink.set_carrier(True)
         self.conn = conn
         self._switch(XenbusState.Connected)
         offloads = [n for n, on in (("gso-tcpv4", caps.gso_tcpv4), ("gso-tcpv6", caps.gso_tcpv6),
@@ -159,6 +180,8 @@ class Vif:
         conn, self.conn = self.conn, None
         if conn is not None:
             self.port.on_put = None
+            if self.uplink is not None:
+                self.uplink.set_carrier(False)
             conn.dead = True
             try:
                 self.loop.remove(conn)

@@ -50,7 +50,7 @@ from ..packet import VIRTIO_NET_HDR_SIZE, VirtioNetHdr
 from ..xenbus import XenbusState, read_int, read_or_none, read_state, switch_state
 from ..xenhost.base import XenHost
 from ..xenstore import XenstoreClient
-from .offload import BackendOffloads, TxFrame, from_tap, to_tap
+from ..vnet import BackendOffloads, TxFrame, from_tap, to_tap
 
 log = logging.getLogger("xdom.netfront")
 

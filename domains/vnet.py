@@ -1,6 +1,8 @@
 """Translating offload state between a TAP's virtio-net header and netif's flags and GSO extra.
 
-The guest's TAP runs with ``IFF_VNET_HDR``: the guest kernel hands us TCP
+Both ends of xdom's network path meet a TAP: netfront hands the guest's
+frames to and from one, and a netback in bridge mode gives each vif one
+on the driver domain's bridge.  The guest's TAP runs with ``IFF_VNET_HDR``: the guest kernel hands us TCP
 super-frames of up to 64 KiB with the checksum left blank, and takes the
 same from us, exactly as a Linux netfront exchanges them with its stack.
 Xen carries that state as ``NETTXF_csum_blank``/``NETRXF_csum_blank``,
@@ -16,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ..abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6, GsoInfo
-from ..packet import (
+from .abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6, GsoInfo
+from .packet import (
     VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM, VirtioGso, VirtioNetHdr, checksum_setup,
     finish_checksum, parse_headers, segment_tcp,
 )
