@@ -277,8 +277,16 @@ def default_topology(base: str) -> None:
             say(line)
         if res.returncode != 0:
             raise DemoError(f"ping failed: {res.stdout}{res.stderr}")
-        proved("g1 reaches g2 through its TAP, netfront, the PV rings and netback's switch: the only way out "
-               "of its namespace")
+        net0 = ps["net0"]
+        if net0.get("switch") == "bridge":
+            ports = subprocess.run(["ip", "-n", net0["netns"], "-o", "link", "show", "type", "tun"],
+                                   capture_output=True, text=True, check=True).stdout
+            say("net0's namespace holds the vifs' TAPs: "
+                + ", ".join(line.split(":")[1].strip() for line in ports.splitlines()))
+            via = f"netback and the Linux bridge {net0['vifs'][0]['bridge']} in net0's namespace"
+        else:
+            via = "netback's builtin switch"
+        proved(f"g1 reaches g2 through its TAP, netfront, the PV rings, {via}: the only way out of its namespace")
 
         step("kill -9 netback while g1 pings g2")
         ping = subprocess.Popen(["ip", "netns", "exec", ps["g1"]["netns"], "ping", "-c", "25", "-i", "0.2", "-W", "1",

@@ -77,15 +77,17 @@ from .isolation import DOMAIN_EXEC, UidMode, UidPlan, plan_uids
 from .launcher import BrokerProcess, start_broker, start_domain_process
 from .policy import Action, ExitStatus, HealthCheck, HealthSample, RestartTracker
 from .rundir import Layout, LayoutError, PidFile, clear_run_files, remove_run_dir, stop_leftovers
-from .topology import DomainKind, DomainSpec, Topology, TopologyError
+from .topology import DEFAULT_BRIDGE, DomainKind, DomainSpec, NetSwitch, Topology, TopologyError, bridge_name_problem
 from .vbd import VbdConfig, add_vbd, remove_vbd
+from .bridge import backend_tap_name, ensure_bridge, ensure_port
 from .tap import TapError, create_tap, delete_tap, open_tun, tap_exists
 from .vif import VifConfig, add_vif, remove_vif
 from .xlcfg import DiskSpec, VifSpec, XlCfgError, generate_mac, parse_disk, parse_vif
 from .xsnodes import domain_path, write_dom0_nodes, write_domain_nodes
 
 __all__ = ["READY_TIMEOUT", "STOP_GRACE", "UNSUPPORTED_KINDS", "AlreadyRunning", "JournalEntry", "State",
-           "StartupError", "Supervisor", "SupervisorError", "UnsupportedTopology", "check_host", "check_supported"]
+           "StartupError", "Supervisor", "SupervisorError", "UnsupportedTopology", "check_host", "check_supported",
+           "check_switches", "switch_of"]
 
 log = logging.getLogger("xdom.supervisor")
 
@@ -128,12 +130,38 @@ def check_supported(topology: Topology) -> None:
                f"they serve) to run the rest"])
 
 
+def switch_of(spec: DomainSpec, unavailable: str | None) -> NetSwitch:
+    """A netback's switch on this host: its ``switch`` key, else bridge where the host can make one.
+
+    ``unavailable`` is :func:`netns.unavailable_reason` (None: root, iproute2, namespaces).
+    """
+    return spec.switch if spec.switch is not None else NetSwitch.default(unavailable)
+
+
+def check_switches(topology: Topology, unavailable: str | None) -> None:
+    """A netback whose topology asks for ``switch = "bridge"`` on a host that cannot make bridges is refused.
+
+    ``unavailable`` is why this host cannot make network namespaces, bridges
+    and TAPs (:func:`netns.unavailable_reason`), or None when it can.
+    """
+    if unavailable is None:
+        return
+    bad = [d for d in topology.domains if d.kind == DomainKind.NETBACK and d.switch == NetSwitch.BRIDGE]
+    if bad:
+        raise TopologyError(
+            [f"{topology.source}: {d.label}.switch: \"bridge\" needs a Linux bridge and TAP devices in netback's own "
+             f"network namespace, which this host cannot make ({unavailable}); run as root with iproute2, or "
+             f"set switch = \"builtin\" (netback's own learning switch)" for d in bad]
+            + [f"{topology.source}: nothing was started"])
+
+
 def check_host(topology: Topology, state_dir: str, run_dir: str) -> None:
-    """Everything that can be refused before anything starts: kinds, and directories (socket path lengths).
+    """Everything that can be refused before anything starts: kinds, switches, directories (socket path lengths).
 
     Raises UnsupportedTopology (a TopologyError) or LayoutError.
     """
     check_supported(topology)
+    check_switches(topology, netns.unavailable_reason())
     Layout(os.path.abspath(state_dir), os.path.abspath(run_dir)).check()
     resolved = topology.resolved(os.path.abspath(state_dir), os.path.abspath(run_dir))
     missing = []
@@ -192,7 +220,10 @@ class _Domain:
     pidfd: int = -1
     ready_fd: int = -1
     ready_seen: bool = False
-    devices: socket.socket | None = None          # a guest's device channel: tun fds for hot-added vifs
+    devices: socket.socket | None = None          # device channel: a guest's hot-added vifs, a bridged netback's TAPs
+    switch: NetSwitch | None = None               # a netback's: bridge or builtin, fixed when the host starts
+    offered: set[tuple[int, int]] = field(default_factory=set)  # a bridged netback's: (fe domid, devid) whose TAP
+                                                                # this process's channel was given
     connected: bool = False
     introduced: bool = False
     started_once: bool = False
@@ -246,6 +277,10 @@ class Supervisor:
         self.log_level = log_level
         self._progress_cb = progress
         self.domains = [_Domain(s, None, RestartTracker.for_spec(s), HealthCheck(s.limits)) for s in topology.domains]
+        unavailable = netns.unavailable_reason()
+        for d in self.domains:
+            if d.kind == DomainKind.NETBACK:
+                d.switch = switch_of(d.spec, unavailable)
         self._by_name = {d.name: d for d in self.domains}
         self.xenstored = next((d for d in self.domains if d.kind == DomainKind.XENSTORED), None)
         self.journal: deque[JournalEntry] = deque(maxlen=JOURNAL_LIMIT)
@@ -629,6 +664,8 @@ class Supervisor:
             cwd = "/"
         elif d.kind == DomainKind.NETBACK:
             argv = [py, "-m", "xdom.backends.netback", "--ready-fd", str(ready_w)]
+            if d.switch == NetSwitch.BRIDGE:
+                argv += ["--bridge", "--device-fd", str(device_fd)]
             cwd = "/"
         else:
             argv = list(d.spec.command or ())
@@ -646,6 +683,9 @@ class Supervisor:
             self._launch_failed(d, f"cannot prepare its disk exports: {e}")
             return
         tun_fds: dict[int, int] = {}
+        if d.kind == DomainKind.GUEST and d.domid is not None:
+            for b in self.domains:          # its vifs' TAPs are offered again when its nodes are written
+                b.offered = {k for k in b.offered if k[0] != d.domid}
         try:
             self._prepare_vifs(d)
             if d.netns is not None:
@@ -668,7 +708,7 @@ class Supervisor:
         if d.kind in _READY_PIPE_KINDS:
             ready_r, ready_w = os.pipe()
         devices = theirs = None
-        if d.kind == DomainKind.GUEST:
+        if d.kind == DomainKind.GUEST or d.switch == NetSwitch.BRIDGE:
             devices, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             devices.setblocking(False)
         argv, cwd = self._argv(d, ready_w, tun_fds, theirs.fileno() if theirs is not None else -1)
@@ -699,6 +739,7 @@ class Supervisor:
             if theirs is not None:
                 theirs.close()
         d.devices = devices
+        d.offered.clear()           # a new channel: the new process has been given nothing yet
         if ready_w >= 0:
             os.close(ready_w)
         d.pidfd = os.pidfd_open(d.proc.pid)
@@ -715,6 +756,14 @@ class Supervisor:
         d.deadline = d.started_mono + self.ready_timeout
         self._set_state(d, State.STARTING, f"pid {d.proc.pid}, domid {d.domid}, generation {d.generation}")
         self._record(d.name, "spawn", f"pid {d.proc.pid} domid {d.domid}")
+        if d.switch == NetSwitch.BRIDGE:
+            # Its TAPs persist in its namespace, but this process has a new channel: every vif it
+            # serves gets its TAP (made again if need be) before the vif's nodes are written anew.
+            for be, fe, devid, vif in self._served_vifs(d):
+                try:
+                    self._plug(be, fe, devid, vif)
+                except (TapError, netns.NetnsError, OSError) as e:
+                    self._plug_failed(fe, devid, be, e)
 
     @contextmanager
     def _in_netns(self, d: _Domain) -> Iterator[None]:
@@ -920,20 +969,90 @@ class Supervisor:
             self._record(fe.name, "vbd", f"{disk.vdev} on {be.name} -> {self._export_path(fe, disk)}")
 
     def _write_vifs(self, xs: XenstoreClient, d: _Domain, only: int | None = None) -> None:
-        """libxl's vif nodes for ``d``'s vifs, or those it serves (again, after a restart)."""
+        """libxl's vif nodes for ``d``'s vifs, or those it serves (again, after a restart).
+
+        A vif of a bridged netback is plugged first (its TAP made and offered
+        to netback, which looks for it once it sees the nodes).  One that
+        cannot be plugged gets no nodes and an error in the log; with
+        ``only`` (a hot-attach) the error is raised instead.
+        """
+        for be, fe, devid, vif in self._served_vifs(d):
+            if only is not None and (d is not fe or devid != only):
+                continue
+            assert vif.mac is not None and be.domid is not None and fe.domid is not None
+            if be.switch == NetSwitch.BRIDGE:
+                try:
+                    self._plug(be, fe, devid, vif)
+                except (TapError, netns.NetnsError, OSError) as e:
+                    if only is not None:
+                        raise
+                    self._plug_failed(fe, devid, be, e)
+                    continue
+            rate = vif.rate
+            add_vif(xs, VifConfig(be.domid, fe.domid, devid, vif.mac, _bridge_of(be, vif), vif.mtu or 1500,
+                                  rate.bytes_per_interval if rate else None, rate.interval_us if rate else None,
+                                  _ifname(devid)))
+            self._record(fe.name, "vif", f"{_ifname(devid)} {vif.mac} on {be.name}")
+
+    def _served_vifs(self, d: _Domain) -> list[tuple[_Domain, _Domain, int, VifSpec]]:
+        """(backend, frontend, devid, vif) for every vif ``d`` uses or serves whose two domains have domids."""
+        out = []
         for fe in self.domains:
             for devid, vif in _vifs(fe.spec):
                 be = self._by_name.get(vif.backend or "")
                 if be is None or (d is not fe and d is not be) or fe.domid is None or be.domid is None:
                     continue
-                if only is not None and (d is not fe or devid != only):
-                    continue
-                assert vif.mac is not None
-                rate = vif.rate
-                add_vif(xs, VifConfig(be.domid, fe.domid, devid, vif.mac, vif.bridge, vif.mtu or 1500,
-                                      rate.bytes_per_interval if rate else None, rate.interval_us if rate else None,
-                                      _ifname(devid)))
-                self._record(fe.name, "vif", f"{_ifname(devid)} {vif.mac} on {be.name}")
+                out.append((be, fe, devid, vif))
+        return out
+
+    def _plug(self, be: _Domain, fe: _Domain, devid: int, vif: VifSpec) -> None:
+        """A vif of a bridged netback: its bridge and TAP in netback's namespace, then the TAP's fd offered.
+
+        What the vif-bridge hotplug script does in a Xen driver domain, plus
+        the descriptor: netback (no CAP_NET_ADMIN) attaches to a TAP its uid
+        owns through a ``/dev/net/tun`` fd opened in its namespace.  Done once
+        per netback process and vif (``be.offered``); a netback not running
+        now gets the fd right after its next spawn.  Raises TapError,
+        NetnsError or OSError.
+        """
+        assert fe.domid is not None and be.netns is not None
+        key = (fe.domid, devid)
+        if key in be.offered:
+            return
+        tap = backend_tap_name(fe.domid, devid)
+        bridge = _bridge_of(be, vif)
+        assert bridge is not None
+        if not netns.exists(be.netns):  # kept across its restarts; made again after a destroy
+            netns.create(be.netns)
+        if ensure_bridge(be.netns, bridge):
+            log.info("made bridge %s in %s's namespace %s", bridge, be.name, be.netns)
+        owner = be.uid if be.uid is not None else os.geteuid()
+        if ensure_port(be.netns, tap, owner, vif.mtu or 1500, bridge):
+            log.info("made %s (vif %d of %s) in %s's namespace, a port of %s", tap, devid, fe.name, be.name, bridge)
+        if be.devices is None:
+            return
+        fd = open_tun(be.netns)
+        try:
+            offer_fd(be.devices, "tap", key, fd)
+        finally:
+            os.close(fd)
+        be.offered.add(key)
+        self._record(be.name, "tap", f"{tap} offered ({fe.name} vif {devid} on {bridge})")
+
+    def _plug_failed(self, fe: _Domain, devid: int, be: _Domain, e: Exception) -> None:
+        log.error("vif %d of %s is not connected to %s's bridge: %s", devid, fe.name, be.name, e)
+        self._progress(f"{fe.name}: vif {devid} not connected: {e}")
+
+    def _unplug(self, fe: _Domain, devid: int, vif: VifSpec) -> None:
+        """A vif going away (detached, or its guest destroyed): its TAP in a bridged netback's namespace goes."""
+        be = self._by_name.get(vif.backend or "")
+        if be is None or be.switch != NetSwitch.BRIDGE or be.netns is None or fe.domid is None:
+            return
+        be.offered.discard((fe.domid, devid))
+        try:
+            delete_tap(be.netns, backend_tap_name(fe.domid, devid))
+        except TapError as e:
+            log.warning("%s", e)
 
     def _prepare_vifs(self, d: _Domain) -> None:
         """The guest's TAP devices, made by us in its namespace (owned by its uid) before it starts."""
@@ -1045,6 +1164,7 @@ class Supervisor:
             except TimeoutError as e:
                 log.warning("destroying domain %s in the broker: %s", d.name, e)
             self._remove_domain_nodes(d.domid)
+        self._release_vifs(d)
         if d.netns is not None:
             self._delete_netns(d.netns)
         self._record(d.name, "destroyed", f"domid {d.domid}")
@@ -1052,6 +1172,23 @@ class Supervisor:
         d.connected = d.introduced = False
         self._set_state(d, State.DESTROYED)
         self._progress(f"{d.name}: destroyed")
+
+    def _release_vifs(self, d: _Domain) -> None:
+        """A destroyed guest's vifs, as libxl's forced device removal: backend nodes gone (netback drops the
+        vif), then the vif's TAP in a bridged netback's namespace."""
+        if d.domid is None:
+            return
+        backends = {vif.backend for _, vif in _vifs(d.spec)}
+        for be in (self._by_name.get(name or "") for name in sorted(backends, key=str)):
+            if be is None or be.domid is None or not self._store_up():
+                continue
+            try:
+                with self._xs() as xs:
+                    xs.rm(f"/local/domain/{be.domid}/backend/vif/{d.domid}")
+            except (XenstoreError, OSError, TimeoutError) as e:
+                log.warning("removing %s's vifs from %s's backend nodes: %s", d.name, be.name, e)
+        for devid, vif in _vifs(d.spec):
+            self._unplug(d, devid, vif)
 
     def _kill(self, d: _Domain, why: str) -> None:
         log.warning("killing %s domain %s (pid %s): %s", d.kind, d.name, d.pid, why)
@@ -1083,6 +1220,7 @@ class Supervisor:
         if d.devices is not None:
             d.devices.close()
             d.devices = None
+        d.offered.clear()
         d.deadline = None
         d.sample = None
         return rc
@@ -1323,6 +1461,8 @@ class Supervisor:
             raise ControlError.of(errno.EINVAL, f"backend {vif.backend!r} is not a netback domain of this host")
         if be.state != State.RUNNING:
             raise ControlError.of(errno.EBUSY, f"backend {be.name} is {be.state}")
+        if vif.bridge is not None and (why := bridge_name_problem(vif.bridge)) is not None:
+            raise ControlError.of(errno.EINVAL, why)
         used = {devid for devid, _ in _vifs(d.spec)}
         devid = max(used, default=-1) + 1
         if vif.mac is None:
@@ -1342,10 +1482,17 @@ class Supervisor:
                 self._write_vifs(xs, d, only=devid)
         except (netns.NetnsError, TapError, XenstoreError, OSError, TimeoutError) as e:
             d.spec = dataclasses.replace(d.spec, vifs=tuple(v for v in d.spec.vifs if v is not vif))
+            self._unplug(d, devid, vif)
+            if d.netns is not None:
+                try:
+                    delete_tap(d.netns, _ifname(devid))
+                except TapError as e2:
+                    log.warning("%s", e2)
             raise ControlError.of(errno.EIO, f"attaching a vif to {d.name}: {e}") from None
         log.info("attached vif %d (%s) to %s on %s", devid, vif.mac, d.name, be.name)
         return {"devid": devid, "ifname": _ifname(devid), "mac": vif.mac, "backend": be.name,
-                "ip": str(vif.ip) if vif.ip else None, "netns": d.netns}
+                "ip": str(vif.ip) if vif.ip else None, "netns": d.netns, "bridge": _bridge_of(be, vif),
+                "backend_tap": _backend_tap(be, d, devid)}
 
     def _offer_tun(self, d: _Domain, devid: int) -> None:
         """Hand the running guest a /dev/net/tun descriptor for its new TAP, before the vif's nodes appear."""
@@ -1375,6 +1522,7 @@ class Supervisor:
             except (XenstoreError, OSError, TimeoutError) as e:
                 raise ControlError.of(errno.EIO, f"detaching vif {devid} from {d.name}: {e}") from None
         d.spec = dataclasses.replace(d.spec, vifs=tuple(v for v in d.spec.vifs if v is not vif))
+        self._unplug(d, devid, vif)
         if d.netns is not None:
             try:
                 delete_tap(d.netns, _ifname(devid))
@@ -1392,7 +1540,7 @@ class Supervisor:
         b = b or {}
         alive = d.state in _ALIVE and d.pidfd >= 0
         s = d.sample
-        return {
+        row: dict[str, Any] = {
             "name": d.name, "domid": d.domid, "kind": str(d.kind), "state": str(d.state),
             "domain_state": b.get("state"), "pid": d.pid, "uid": d.uid if d.uid is not None else os.geteuid(),
             "connected": d.connected, "restarts": max(0, d.generation - 1), "generation": d.generation,
@@ -1412,6 +1560,14 @@ class Supervisor:
                  "ip": str(vif.ip) if vif.ip else None, "mtu": vif.mtu or 1500}
                 for devid, vif in _vifs(d.spec)],
         }
+        if d.kind == DomainKind.NETBACK:
+            # The vifs it serves; bridged, each with its bridge and its TAP in this domain's namespace.
+            row["switch"] = str(d.switch)
+            row["vifs"] = [
+                {"frontend": fe.name, "frontend_domid": fe.domid, "devid": devid, "mac": vif.mac,
+                 "bridge": _bridge_of(d, vif), "tap": _backend_tap(d, fe, devid)}
+                for fe in self.domains for devid, vif in _vifs(fe.spec) if vif.backend == d.name]
+        return row
 
     # ---- bookkeeping -----------------------------------------------------------
 
@@ -1468,6 +1624,23 @@ def _vifs(spec: DomainSpec) -> list[tuple[int, VifSpec]]:
         devid = vif.extra.get("devid")
         out.append((int(devid) if isinstance(devid, str) and devid.isdigit() else i, vif))
     return out
+
+
+def _backend_tap(be: _Domain | None, fe: _Domain, devid: int) -> str | None:
+    """The name of the vif's TAP in a bridged netback's namespace, or None (builtin switch, no domid yet)."""
+    if be is None or be.switch != NetSwitch.BRIDGE or fe.domid is None:
+        return None
+    try:
+        return backend_tap_name(fe.domid, devid)
+    except TapError:
+        return None
+
+
+def _bridge_of(be: _Domain, vif: VifSpec) -> str | None:
+    """The bridge a vif joins: its ``bridge=``, else xdombr0 when its netback bridges; the builtin switch has none."""
+    if be.switch == NetSwitch.BRIDGE:
+        return vif.bridge or DEFAULT_BRIDGE
+    return vif.bridge
 
 
 def _ifname(devid: int) -> str:

@@ -492,7 +492,8 @@ def cmd_network_attach(args: argparse.Namespace) -> int:
     run_dir = _resolve_run_dir(args)
     r = _request(run_dir, args.timeout, "network-attach", name=args.domain, vif=args.vif)
     _say(f"xdom: vif {r['devid']} ({r['mac']}) attached to {args.domain} on {r['backend']}: {r['ifname']}"
-         + (f" {r['ip']}" if r["ip"] else "") + (f" in namespace {r['netns']}" if r["netns"] else ""))
+         + (f" {r['ip']}" if r["ip"] else "") + (f" in namespace {r['netns']}" if r["netns"] else "")
+         + (f"; {r['backend']}'s side: {r['backend_tap']} on bridge {r['bridge']}" if r.get("backend_tap") else ""))
     return EXIT_OK
 
 

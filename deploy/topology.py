@@ -10,6 +10,14 @@ A topology is one ``[[domain]]`` table per domain (see
     disk = ["format=raw, vdev=xvda, backend=blk0, export=nbd:g1-xvda.sock, target=images/g1.img"]
     vif  = ["mac=00:16:3e:00:00:01, bridge=xdombr0, backend=net0, ip=10.77.0.1/24"]
 
+A netback domain may say how it moves frames between its vifs: ``switch =
+"bridge"`` (each vif gets a TAP in netback's own network namespace, a port
+of the Linux bridge its ``bridge=`` names, ``xdombr0`` by default) or
+``switch = "builtin"`` (netback's own learning switch, no privilege needed
+anywhere).  Without the key the host decides when it starts: a bridge where
+the toolstack can make one (root, iproute2, namespaces), else the builtin
+switch (:func:`NetSwitch.default`).
+
 Validation is all-or-nothing: :func:`parse_topology` collects every problem
 in the file and raises one :class:`TopologyError` listing them all, each
 naming the file, the key path and what was expected, because a half-started
@@ -45,8 +53,9 @@ from .xlcfg import MAX_UNIX_PATH, DiskSpec, VifSpec, XlCfgError, generate_mac, p
 __all__ = [
     "DEFAULT_FLAP_LIMIT", "DEFAULT_FLAP_WINDOW", "DEFAULT_MEMORY", "DEFAULT_RESTART", "DEFAULT_RESTART_BACKOFF",
     "MAX_TOPOLOGY_BYTES", "MIN_FDS", "START_RANK",
-    "DomainKind", "DomainSpec", "HostSettings", "Limits", "RestartPolicy", "Topology", "TopologyError",
-    "load_topology", "parse_memory_size", "parse_topology",
+    "DEFAULT_BRIDGE", "DomainKind", "DomainSpec", "HostSettings", "Limits", "NetSwitch", "RestartPolicy", "Topology",
+    "TopologyError",
+    "bridge_name_problem", "load_topology", "parse_memory_size", "parse_topology",
 ]
 
 
@@ -58,6 +67,34 @@ class DomainKind(StrEnum):
     NETBACK = "netback"
     GUEST = "guest"
     PROGRAM = "program"
+
+
+class NetSwitch(StrEnum):
+    """How a netback domain moves frames between its vifs (its ``switch`` key)."""
+
+    BRIDGE = "bridge"      # a TAP per vif, a port of a Linux bridge in netback's own network namespace
+    BUILTIN = "builtin"    # netback's own learning switch: no bridge, no TAP, no privilege
+
+    @classmethod
+    def default(cls, unavailable: str | None) -> NetSwitch:
+        """Without a ``switch`` key: a bridge when the host can make one (``unavailable`` is None), else builtin.
+
+        ``unavailable`` is :func:`xdom.deploy.netns.unavailable_reason` of the host that runs the topology.
+        """
+        return cls.BRIDGE if unavailable is None else cls.BUILTIN
+
+
+# The bridge a vif of a netback in bridge mode joins when its xl string has no bridge=.
+DEFAULT_BRIDGE = "xdombr0"
+_TAP_NAME_RE = re.compile(r"vif[0-9]+\.[0-9]+", re.ASCII)
+
+
+def bridge_name_problem(name: str) -> str | None:
+    """Why ``name`` (a vif's ``bridge=``, already a valid Linux interface name) cannot be a bridge, or None."""
+    if name == "lo" or _TAP_NAME_RE.fullmatch(name):
+        return (f"bridge {name!r} is a name netback's namespace uses for another device (lo, and "
+                f"vif<domid>.<devid> for the vifs' TAPs); choose another bridge name")
+    return None
 
 
 class RestartPolicy(StrEnum):
@@ -97,7 +134,7 @@ _SIZE_RE = re.compile(r"\s*([0-9]+)\s*([KMG]i?B?)?\s*", re.ASCII | re.IGNORECASE
 _TOP_KEYS = ("domain", "host")
 _HOST_KEYS = ("state_dir", "run_dir")
 _DOMAIN_KEYS = ("name", "kind", "memory", "restart", "restart_backoff", "flap_limit", "flap_window",
-                "disk", "vif", "command", "workload", "limits", "uid")
+                "disk", "vif", "command", "workload", "limits", "uid", "switch")
 _LIMIT_KEYS = ("rss", "fds", "cpu_percent")
 _MAX_UID = (1 << 32) - 2  # (uid_t)-1 means "no change" to setuid()
 
@@ -151,6 +188,7 @@ class DomainSpec:
     workload: tuple[str, ...] | None = None
     limits: Limits = field(default_factory=Limits)
     uid: int | None = None
+    switch: NetSwitch | None = None      # a netback's ``switch``; None: the host decides (NetSwitch.default)
     index: int = 0
 
     @property
@@ -480,6 +518,18 @@ def _parse_domain(chk: _Checker, index: int, raw: Mapping[str, Any]) -> _Draft:
                                       "to every process")
         else:
             f["uid"] = _integer(chk, f"{label}.uid", raw["uid"], 1, _MAX_UID)
+    if "switch" in raw:
+        value = raw["switch"]
+        choices = [s.value for s in NetSwitch]
+        if kind is not None and kind != DomainKind.NETBACK:
+            chk.error(f"{label}.switch", f"only netback domains have a switch; this is a {kind.value} domain")
+        elif isinstance(value, str) and value in choices:
+            f["switch"] = NetSwitch(value)
+        else:
+            shown = repr(value) if isinstance(value, str) else _a(value)
+            chk.error(f"{label}.switch", f"switch {shown} is not one of {', '.join(choices)}{_hint(value, choices)} "
+                                         f"(\"bridge\": a Linux bridge in netback's namespace, \"builtin\": "
+                                         f"netback's own learning switch)")
     return draft
 
 
@@ -636,6 +686,8 @@ def _check_devices(chk: _Checker, drafts: list[_Draft]) -> None:
             all_disks.append((where, disk))
         for j, vif in zip(d.vif_at, d.vifs):
             where = f"{d.label}.vif[{j}]"
+            if vif.bridge is not None and (why := bridge_name_problem(vif.bridge)) is not None:
+                chk.error(where, why)
             if vif.mac is not None:
                 if vif.mac in macs:
                     chk.error(where, f"mac {vif.mac} is already used by {macs[vif.mac]}")
@@ -690,6 +742,7 @@ def _finish(d: _Draft) -> DomainSpec:
         workload=f.get("workload"),
         limits=f.get("limits") or Limits(),
         uid=f.get("uid"),
+        switch=f.get("switch"),
         index=d.index,
     )
 
