@@ -25,11 +25,12 @@ frame, never trusted, and a frame that does not parse gives None.
 from __future__ import annotations
 
 import struct
+import zlib
 from enum import IntEnum
 from typing import NamedTuple
 
 __all__ = ["L4Headers", "parse_headers", "ones_sum", "checksum_setup", "finish_checksum", "segment_tcp",
-           "VirtioNetHdr", "VIRTIO_NET_HDR_SIZE", "VirtioGso"]
+           "VirtioNetHdr", "VIRTIO_NET_HDR_SIZE", "VirtioGso", "flow_hash"]
 
 ETH_HLEN = 14
 VLAN_HLEN = 4
@@ -271,3 +272,18 @@ class VirtioNetHdr(NamedTuple):
     @property
     def data_valid(self) -> bool:
         return bool(self.flags & VIRTIO_NET_HDR_F_DATA_VALID)
+
+
+def flow_hash(frame: bytes | memoryview) -> int:
+    """A hash of the frame's flow (IP addresses and TCP/UDP ports), to keep a flow on one queue.
+
+    Frames of one TCP connection always hash alike, so spreading them over
+    several rings never reorders a flow (what ``skb_get_hash`` buys Linux's
+    ``xennet_select_queue`` and ``xenvif_select_queue``).  Anything that is
+    not TCP/UDP over IP hashes to 0.
+    """
+    h = parse_headers(frame)
+    if h is None:
+        return 0
+    addrs = frame[h.l3_offset + 8:h.l3_offset + 40] if h.ipv6 else frame[h.l3_offset + 12:h.l3_offset + 20]
+    return zlib.crc32(bytes(frame[h.l4_offset:h.l4_offset + 4]), zlib.crc32(bytes(addrs), h.proto))

@@ -37,7 +37,7 @@ class NetRig:
     """``bridge=True``: netback in bridge mode, its vifs TAPs on a Linux bridge in a namespace of its own
     (what the supervisor makes for a netback domain), their descriptors handed over a device channel."""
 
-    def __init__(self, run_dir: str, guests: int = 2, bridge: bool = False) -> None:
+    def __init__(self, run_dir: str, guests: int = 2, bridge: bool = False, max_queues: int = 4) -> None:
         self.run_dir = run_dir
         self.xenstored = start_xenstored(run_dir)
         self.hv = LocalHypervisor()
@@ -59,7 +59,7 @@ class NetRig:
                     subprocess.run(["ip", "-n", self.bridge_ns, *args], check=True, capture_output=True)
                 self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 devices = DeviceChannel(theirs.detach())
-            self.server = NetbackServer(self.be, self.client(), devices)
+            self.server = NetbackServer(self.be, self.client(), devices, max_queues=max_queues)
             self.server.start()
         except BaseException:
             self.close()
@@ -70,11 +70,12 @@ class NetRig:
         self.clients.append(c)
         return c
 
-    def plug(self, index: int, mtu: int = 1500, offloads: bool = True, rate: str | None = None) -> str:
+    def plug(self, index: int, mtu: int = 1500, offloads: bool = True, rate: str | None = None,
+             queues: int = 1) -> str:
         """Give guest ``index`` (1-based) a vif on the netback and a TAP in its namespace; returns the namespace.
 
         ``offloads=False`` makes its netfront one without checksum offload or GSO; ``rate`` is the
-        backend's ``rate`` node (libxl's "BYTES,USECS").
+        backend's ``rate`` node (libxl's "BYTES,USECS"); ``queues`` the most its netfront asks for.
         """
         dom = self.guests[index - 1]
         ns = netns.netns_name(f"g{index}", self.run_dir)
@@ -105,7 +106,7 @@ class NetRig:
         for k, v in {"backend": be_path, "backend-id": self.be.domid, "state": 1, "handle": 0, "mac": mac}.items():
             self.xs.write(f"{fe_path}/{k}", str(v))
         with netns.entered(ns):               # the TAP device is found by name in the caller's namespace
-            front = Netfront(dom, self.client(), 0, "eth0", offloads=offloads)
+            front = Netfront(dom, self.client(), 0, "eth0", offloads=offloads, max_queues=queues)
         self.fronts.append(front)
         front.connect(20)
         return ns
@@ -205,6 +206,43 @@ def test_a_receiver_without_offloads_gets_segments_it_verifies(rig: NetRig) -> N
     assert g1["tx_gso"] > 0 and g2["rx_segmented"] > 0 and g2["rx_gso"] == 0, (g1, g2)
     assert g2["tx_gso"] == 0 and g1["rx_gso"] == 0, (g1, g2)
     assert rig.fronts[1].stats["rx_errors"] == 0 and rig.fronts[1].stats["tx_gso"] == 0
+
+
+def test_multi_queue_spreads_flows_over_rings_and_split_event_channels(rig: NetRig) -> None:
+    """Two queues per vif (queue-N/ nodes, event-channel-tx/-rx each): parallel TCP flows land on both
+    rings in both directions, and a one-queue guest talks to a two-queue one."""
+    ns1, ns2 = rig.plug(1, queues=2), rig.plug(2, queues=2)
+    g1, g2 = rig.guests
+    for dom in (g1, g2):
+        fe = f"/local/domain/{dom.domid}/device/vif/0"
+        assert rig.xs.read(f"{fe}/multi-queue-num-queues") == b"2"
+        for q in range(2):
+            tx, rx = (int(rig.xs.read(f"{fe}/queue-{q}/event-channel-{d}")) for d in ("tx", "rx"))
+            assert tx != rx
+        assert not rig.xs.exists(f"{fe}/event-channel") and not rig.xs.exists(f"{fe}/tx-ring-ref")
+    assert [f.queues for f in rig.fronts] == [2, 2]
+    server = subprocess.Popen(["ip", "netns", "exec", ns2, "iperf3", "-s", "-1", "-B", "10.99.0.2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: "10.99.0.2:5201" in in_ns(ns2, "ss", "-ltn").stdout, 20, "iperf3 listening")
+        res = in_ns(ns1, "iperf3", "-c", "10.99.0.2", "-t", "2", "-P", "8")
+        assert res.returncode == 0, res.stdout + res.stderr
+    finally:
+        server.kill()
+        server.wait()
+    for dom in (g1, g2):
+        queues = rig.server.vifs[(dom.domid, 0)].queues
+        assert len(queues) == 2
+        assert all(q.stats["tx_packets"] > 0 and q.stats["rx_packets"] > 0 for q in queues), \
+            [q.stats for q in queues]
+    stream(ns2, ns1, "10.99.0.1", os.urandom(4 << 20))
+
+
+def test_a_one_queue_guest_and_a_two_queue_guest(rig: NetRig) -> None:
+    ns1, ns2 = rig.plug(1, queues=1), rig.plug(2, queues=2)
+    stream(ns1, ns2, "10.99.0.2", os.urandom(4 << 20))
+    stream(ns2, ns1, "10.99.0.1", os.urandom(4 << 20))
+    assert [f.queues for f in rig.fronts] == [1, 2]
 
 
 def test_a_rate_limited_vif_sends_no_faster_than_its_credit(rig: NetRig) -> None:

@@ -1552,7 +1552,19 @@ XENBUS_CASES: dict[str, dict] = {
     "event-channel-huge": dict(extra_nodes={"event-channel": 10**15}),
     "event-channel-not-unbound": dict(extra_nodes={"event-channel": 4000}),
     "split-rx-channel-bad": dict(extra_nodes={"event-channel-tx": "PORT", "event-channel-rx": 9999}),
+    "multi-queue-too-many": dict(extra_nodes={"multi-queue-num-queues": 999}),
+    "multi-queue-zero": dict(extra_nodes={"multi-queue-num-queues": 0}),
+    "multi-queue-without-queue-dirs": dict(extra_nodes={"multi-queue-num-queues": 2}),
 }
+
+
+def test_an_unreadable_queue_count_means_one_queue(env: Env) -> None:
+    """As Linux (xenbus_scanf failing: "Fall back to single queue"), not a reason to close."""
+    h = env.hostile()
+    with env.good_traffic(min_replies=3):
+        h.connect(extra_nodes={"multi-queue-num-queues": "two"})
+    assert len(env.server.vifs[h.key].queues) == 1
+    env.finish(h, Ids())
 
 
 @pytest.mark.parametrize("case", list(XENBUS_CASES))

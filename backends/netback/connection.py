@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import time
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from xdom.domains.abi.netif import (
@@ -101,8 +100,10 @@ class Connection:
 
     def __init__(self, name: str, host: XenHost, fe: int, tx_ref: int, rx_ref: int, tx_evtchn: int,
                  rx_evtchn: int, caps: RxCaps, tx_mtu: int, uplink: Uplink, fatal: Callable[[str], None],
-                 rate: tuple[int, int] | None = None) -> None:
+                 limiter: CreditLimiter | None = None, queue: int = 0) -> None:
+        """Queue ``queue`` of a vif; ``limiter`` is the vif's rate credit (shared by all its queues)."""
         self.name, self.host, self.fe = name, host, fe
+        self.queue = queue
         self.uplink = uplink
         self._fatal = fatal
         self.maps: list[GrantMapping] = []
@@ -115,7 +116,7 @@ class Connection:
         self.posted: list[RxRequest] = []
         self.fitted: collections.deque[Frame] = collections.deque()   # a frame's segments, waiting for room
         self.held: collections.deque[TxAction] = collections.deque()  # decided, waiting for rate credit
-        self.limiter = CreditLimiter(rate[0], rate[1], time.monotonic()) if rate else None
+        self.limiter = limiter
         self.dead = False
         self.uplink_ready = False
         self.stats = {"tx_packets": 0, "tx_dropped": 0, "tx_gso": 0, "tx_rate_waits": 0, "rx_packets": 0,
@@ -258,7 +259,7 @@ class Connection:
         pushed = False
         while True:
             if not fitted:
-                taken = port.take()
+                taken = port.take(self.queue)
                 if taken is None:
                     break
                 pieces = fit(taken, self.caps)

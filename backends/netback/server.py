@@ -34,13 +34,20 @@ log = logging.getLogger("xdom.netback")
 
 
 TAP_TIMEOUT = 30.0       # seconds to wait for the toolstack's TAP descriptor of a bridged vif
+MAX_QUEUES = 64
+# Linux's xenvif_max_queues defaults to the number of CPUs; more queues than that buy nothing here either.
+DEFAULT_MAX_QUEUES = max(1, min(os.cpu_count() or 1, 8))
 
 
 class NetbackServer:
     """``devices`` set: bridge mode, each vif's TAP descriptor comes over the toolstack's device channel."""
 
-    def __init__(self, host: XenHost, xs: XenstoreClient, devices: DeviceChannel | None = None) -> None:
+    def __init__(self, host: XenHost, xs: XenstoreClient, devices: DeviceChannel | None = None,
+                 max_queues: int = DEFAULT_MAX_QUEUES) -> None:
+        if not 1 <= max_queues <= MAX_QUEUES:
+            raise ValueError(f"max_queues must be between 1 and {MAX_QUEUES}")
         self.host, self.xs = host, xs
+        self.max_queues = max_queues
         self.devices = devices
         self.switch = LearningSwitch() if devices is None else None
         self.loop = NetbackLoop()
@@ -57,7 +64,7 @@ class NetbackServer:
     def start(self) -> None:
         self.table = DeviceTable(self.xs, self.host.domid, "vif",
                                  lambda path, fe, dev: Vif(self.host, self.xs, path, fe, dev, self.switch, self.loop,
-                                                          self._take_tap),
+                                                          self._take_tap, self.max_queues),
                                  (BadFrontend, OSError))
         self.table.start()
 
@@ -79,7 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="bridge mode: each vif is a TAP on a Linux bridge in this domain's namespace, its "
                         "descriptor handed over the toolstack's device channel (else: the built-in switch)")
     p.add_argument("--device-fd", type=int, default=None, metavar="FD", help="the toolstack's device channel")
+    p.add_argument("--max-queues", type=int, default=DEFAULT_MAX_QUEUES, metavar="N",
+                   help=f"multi-queue-max-queues offered to frontends (Linux: max_queues; default {DEFAULT_MAX_QUEUES})")
     args = p.parse_args(argv)
+    if not 1 <= args.max_queues <= MAX_QUEUES:
+        p.error(f"--max-queues must be between 1 and {MAX_QUEUES}")
     if args.bridge and args.device_fd is None:
         p.error("--bridge needs --device-fd: the toolstack hands the TAP descriptors over it")
     logging.basicConfig(level=os.environ.get("XDOM_LOG_LEVEL", "info").upper(),
@@ -90,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     host = connect()
     xs = XenstoreClient.ring(host)
-    server = NetbackServer(host, xs, DeviceChannel(args.device_fd) if args.bridge else None)
+    server = NetbackServer(host, xs, DeviceChannel(args.device_fd) if args.bridge else None, args.max_queues)
     try:
         server.start()
         log.info("netback is domain %d, serving %s", host.domid, server.root)

@@ -13,46 +13,66 @@ import collections
 import threading
 from typing import Callable, Deque
 
+from xdom.domains.packet import flow_hash
+
 from .offload import Frame
 
 PORT_QUEUE = 512          # frames a port holds for its guest before it drops
 
 
 class Port:
-    """One vif's side of the switch: frames waiting for the guest.
+    """One vif's side of the switch (or its TAP's): frames waiting for the guest, a queue per ring.
 
-    ``on_put`` is called after a frame is queued: the netback loop sets it
-    to mark the vif's connection as having work (it runs on the loop
-    thread, where the switch delivers).
+    A vif with several queues (multi-queue) gets each flow on one of them,
+    by :func:`~xdom.domains.packet.flow_hash`, so a flow is never
+    reordered.  ``on_put(q)`` is called after a frame is queued on queue
+    ``q``: the netback loop sets it to mark that queue's connection as
+    having work (it runs on the loop thread, where frames are delivered).
     """
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.queue: Deque[Frame] = collections.deque()
+        self.queues: list[Deque[Frame]] = [collections.deque()]
         self.lock = threading.Lock()
-        self.on_put: Callable[[], None] | None = None
+        self.on_put: Callable[[int], None] | None = None
         self.dropped = 0
         self.received = 0
 
+    @property
+    def queue(self) -> Deque[Frame]:
+        """The first (for a single-queue vif: the only) queue."""
+        return self.queues[0]
+
+    def set_queues(self, n: int) -> None:
+        """``n`` queues from now on; frames waiting are dropped (the rings they were for are gone)."""
+        with self.lock:
+            self.queues = [collections.deque() for _ in range(max(1, n))]
+
     def put(self, frame: Frame) -> None:
         with self.lock:
-            if len(self.queue) >= PORT_QUEUE:
+            queues = self.queues
+            q = 0 if len(queues) == 1 else flow_hash(frame.data) % len(queues)
+            if len(queues[q]) >= PORT_QUEUE:
                 self.dropped += 1
                 return
-            self.queue.append(frame)
+            queues[q].append(frame)
             self.received += 1
         on_put = self.on_put
         if on_put is not None:
-            on_put()
+            on_put(q)
 
-    def take(self) -> Frame | None:
+    def take(self, q: int = 0) -> Frame | None:
         with self.lock:
-            return self.queue.popleft() if self.queue else None
+            queues = self.queues
+            if q >= len(queues) or not queues[q]:
+                return None
+            return queues[q].popleft()
 
     def close(self) -> None:
         self.on_put = None
         with self.lock:
-            self.queue.clear()
+            for queue in self.queues:
+                queue.clear()
 
 
 class LearningSwitch:

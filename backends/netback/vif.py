@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
 from xdom.domains.hypercall_wire import HypercallError
@@ -24,7 +25,7 @@ from xdom.domains.xenhost.base import GrantError, XenHost
 from xdom.domains.xenstore import XenstoreClient
 
 from .connection import BadFrontend, Connection
-from .credit import parse_rate_node
+from .credit import CreditLimiter, parse_rate_node
 from .loop import NetbackLoop
 from .offload import RxCaps
 from .switch import LearningSwitch, Port, SwitchUplink
@@ -38,7 +39,7 @@ log = logging.getLogger("xdom.netback")
 class Vif:
     def __init__(self, host: XenHost, xs: XenstoreClient, path: str, frontend_domid: int, devid: int,
                  switch: LearningSwitch | None, loop: NetbackLoop,
-                 take_tap: Callable[[int, int], int | None] | None = None) -> None:
+                 take_tap: Callable[[int, int], int | None] | None = None, max_queues: int = 1) -> None:
         """On the built-in ``switch``, or (``switch`` None) bridged through the TAP the toolstack gives us:
         ``take_tap(frontend, devid)`` returns its /dev/net/tun descriptor (None if none came)."""
         self.host, self.xs, self.path = host, xs, path
@@ -50,7 +51,8 @@ class Vif:
             self.uplink = SwitchUplink(switch, Port(self.name))
             self.port = self.uplink.port
         self.frontend_path = ""
-        self.conn: Connection | None = None
+        self.max_queues = max_queues
+        self.queues: list[Connection] = []
         self._lock = threading.RLock()
         self._removed = False
         self._tokens = (f"fe:{path}", f"be:{path}")
@@ -79,7 +81,7 @@ class Vif:
         write_nodes(self.xs, self.path, {
             "feature-sg": 1, "feature-rx-copy": 1, "feature-rx-flip": 0, "feature-gso-tcpv4": 1,
             "feature-gso-tcpv6": 1, "feature-ipv6-csum-offload": 1, "feature-split-event-channels": 1,
-            "feature-multicast-control": 0})
+            "feature-multicast-control": 0, "multi-queue-max-queues": self.max_queues})
         switch_state(self.xs, self.path, XenbusState.InitWait)
         log.info("%s: InitWait", self.name)
 
@@ -115,7 +117,7 @@ class Vif:
             if self._removed:
                 return
             fe = read_state(self.xs, self.frontend_path)
-            if fe == XenbusState.Initialised and self.conn is None:
+            if fe == XenbusState.Initialised and not self.queues:
                 try:
                     self._connect()
                 except (BadFrontend, OSError, HypercallError, GrantError) as e:
@@ -124,7 +126,7 @@ class Vif:
             elif fe in (XenbusState.Closing, XenbusState.Closed, XenbusState.Unknown):
                 self._disconnect()
                 self._switch(XenbusState.Closing if fe == XenbusState.Closing else XenbusState.Closed)
-            elif fe == XenbusState.Initialising and self.conn is not None:
+            elif fe == XenbusState.Initialising and self.queues:
                 self._disconnect()
                 self._switch(XenbusState.InitWait)
 
@@ -135,16 +137,22 @@ class Vif:
             log.info("%s: cannot switch to %s: %s", self.name, state.name, e)
 
     def _connect(self) -> None:
+        """Read what the frontend negotiated, connect each of its queues, hand them to the loop.
+
+        As ``connect`` in Linux's xenbus.c: ``multi-queue-num-queues``
+        (absent: 1) must not exceed what we advertised; with one queue the
+        ring nodes are in the device directory, with several in
+        ``queue-N/``; each queue has one event channel or a split pair.
+        """
         fe = self.frontend_path
         if read_int(self.xs, f"{fe}/request-rx-copy", 0) != 1:
             raise BadFrontend("the frontend does not request rx-copy (page flipping is not supported)")
-        tx_ref, rx_ref = read_int(self.xs, f"{fe}/tx-ring-ref"), read_int(self.xs, f"{fe}/rx-ring-ref")
-        single = read_int(self.xs, f"{fe}/event-channel")
-        tx_ev = read_int(self.xs, f"{fe}/event-channel-tx", single)
-        rx_ev = read_int(self.xs, f"{fe}/event-channel-rx", single)
-        if None in (tx_ref, rx_ref, tx_ev, rx_ev):
-            raise BadFrontend("tx-ring-ref, rx-ring-ref and event-channel(s) are needed")
-        assert tx_ref is not None and rx_ref is not None and tx_ev is not None and rx_ev is not None
+        nqueues = read_int(self.xs, f"{fe}/multi-queue-num-queues", 1)
+        if nqueues is None or not 1 <= nqueues <= self.max_queues:
+            raise BadFrontend(f"guest requested {read_or_none(self.xs, f'{fe}/multi-queue-num-queues')!r} "
+                              f"queues, not between 1 and the maximum of {self.max_queues}")
+        rings = [self._queue_nodes(fe if nqueues == 1 else f"{fe}/queue-{q}") for q in range(nqueues)]
+
         def flag(name: str) -> bool:
             return bool(read_int(self.xs, f"{fe}/{name}", 0))
         sg = flag("feature-sg")
@@ -157,58 +165,94 @@ class Vif:
                                  flag("feature-no-csum-offload"), flag("feature-ipv6-csum-offload"),
                                  mtu if sg else min(mtu, 1500))
         rate = parse_rate_node(read_or_none(self.xs, f"{self.path}/rate"))
+        # One credit for the whole vif: Linux gives each queue the full rate, which a user asking for
+        # rate=10Mb/s would not expect of a guest with four queues.
+        limiter = CreditLimiter(rate[0], rate[1], time.monotonic()) if rate else None
         assert self.uplink is not None             # probe() made it
         uplink = self.uplink
-        conn = Connection(self.name, self.host, self.fe, tx_ref, rx_ref, tx_ev, rx_ev, caps, mtu, uplink,
-                          lambda why: self.fatal(conn, why), rate)
+        queues: list[Connection] = []
         try:
-            self.loop.add(conn)
+            for q, (tx_ref, rx_ref, tx_ev, rx_ev) in enumerate(rings):
+                conn = Connection(f"{self.name}-q{q}" if nqueues > 1 else self.name, self.host, self.fe, tx_ref,
+                                  rx_ref, tx_ev, rx_ev, caps, mtu, uplink, self._fatal_for(queues), limiter, q)
+                queues.append(conn)
+            self.port.set_queues(nqueues)
+            for conn in queues:
+                self.loop.add(conn)
         except BaseException:
-            conn.release()
+            self._drop(queues)
             raise
-        self.port.on_put = lambda: self.loop.kick(conn)
+        self.port.on_put = lambda q: self.loop.kick(queues[q])
         uplink.set_carrier(True)
-        self.conn = conn
+        self.queues = queues
         self._switch(XenbusState.Connected)
         offloads = [n for n, on in (("gso-tcpv4", caps.gso_tcpv4), ("gso-tcpv6", caps.gso_tcpv6),
                                     ("csum", caps.csum_ipv4), ("ipv6-csum", caps.csum_ipv6)) if on]
-        log.info("%s: connected to d%d (sg %s, mtu %d, %s event channels, offloads: %s%s)", self.name, self.fe,
-                 "on" if sg else "off", mtu, "split" if tx_ev != rx_ev else "one", ", ".join(offloads) or "none",
+        split = any(r[2] != r[3] for r in rings)
+        log.info("%s: connected to d%d (%d queue%s, sg %s, mtu %d, %s event channels, offloads: %s%s)", self.name,
+                 self.fe, nqueues, "s" if nqueues > 1 else "", "on" if sg else "off", mtu,
+                 "split" if split else "one", ", ".join(offloads) or "none",
                  f", rate {rate[0]} bytes per {rate[1]} us" if rate else "")
 
-    def _disconnect(self) -> None:
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            self.port.on_put = None
-            if self.uplink is not None:
-                self.uplink.set_carrier(False)
+    def _queue_nodes(self, base: str) -> tuple[int, int, int, int]:
+        """A queue's ring references and event channels (tx and rx: the same port unless split)."""
+        tx_ref, rx_ref = read_int(self.xs, f"{base}/tx-ring-ref"), read_int(self.xs, f"{base}/rx-ring-ref")
+        single = read_int(self.xs, f"{base}/event-channel")
+        tx_ev = read_int(self.xs, f"{base}/event-channel-tx", single)
+        rx_ev = read_int(self.xs, f"{base}/event-channel-rx", single)
+        if tx_ref is None or rx_ref is None or tx_ev is None or rx_ev is None:
+            raise BadFrontend(f"{base}: tx-ring-ref, rx-ring-ref and event-channel(s) are needed")
+        return tx_ref, rx_ref, tx_ev, rx_ev
+
+    def _fatal_for(self, queues: list[Connection]) -> Callable[[str], None]:
+        return lambda why: self.fatal(queues, why)
+
+    def _drop(self, queues: list[Connection]) -> None:
+        for conn in queues:
             conn.dead = True
             try:
                 self.loop.remove(conn)
             except RuntimeError as e:          # the loop is gone (netback is stopping): nothing serves it
                 log.debug("%s: %s", self.name, e)
             conn.release()
+
+    def _disconnect(self) -> None:
+        queues, self.queues = self.queues, []
+        if queues:
+            self.port.on_put = None
+            if self.uplink is not None:
+                self.uplink.set_carrier(False)
+            self._drop(queues)
             log.info("%s: disconnected from d%d", self.name, self.fe)
 
     @property
-    def served(self) -> bool:
-        """Whether the netback loop is moving this vif's packets."""
-        conn = self.conn
-        return conn is not None and not conn.dead and self.loop.serves(conn)
+    def conn(self) -> Connection | None:
+        """The first queue's connection, None while disconnected."""
+        return self.queues[0] if self.queues else None
 
-    def fatal(self, conn: Connection, why: str) -> None:
-        """Called on the loop thread: close this vif (only) from another thread."""
+    @property
+    def served(self) -> bool:
+        """Whether the netback loop is moving this vif's packets (every queue's)."""
+        queues = self.queues
+        return bool(queues) and all(not c.dead and self.loop.serves(c) for c in queues)
+
+    def fatal(self, queues: list[Connection], why: str) -> None:
+        """Called on the loop thread by one of ``queues``: close this vif (only) from another thread."""
         log.error("%s: closing: %s", self.name, why)
+        for conn in queues:
+            conn.dead = True
 
         def close() -> None:
             with self._lock:
-                if not self._removed and self.conn is conn:
+                if not self._removed and self.queues is queues:
                     self._disconnect()
                     self._switch(XenbusState.Closing)
         threading.Thread(target=close, name=f"close-{self.name}", daemon=True).start()
 
     def stats(self) -> dict[str, int]:
-        conn = self.conn
-        return dict(conn.stats) if conn is not None else {}
-
-
+        """Every queue's counters, summed."""
+        total: dict[str, int] = {}
+        for conn in self.queues:
+            for k, v in conn.stats.items():
+                total[k] = total.get(k, 0) + v
+        return total

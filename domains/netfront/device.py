@@ -1,13 +1,16 @@
 """netfront: a Xen virtual network interface in the guest, bridged to a TAP device in the guest's namespace.
 
 Handshake as Linux ``xen-netfront`` (``talk_to_netback``: rings, event
-channel, ``request-rx-copy``, ``feature-sg``, ``feature-rx-notify``), with
-xdom's Initialised step (see :mod:`xdom.domains.xenbus`) before Connected.
+channels, ``request-rx-copy``, ``feature-sg``, ``feature-rx-notify``, the
+offload features, ``multi-queue-num-queues`` with ``queue-N/`` directories
+when the backend offers several queues, ``event-channel-tx``/``-rx`` when
+it offers split event channels), with xdom's Initialised step (see
+:mod:`xdom.domains.xenbus`) before Connected.
 
-Buffers: 256 transmit and 256 receive pages of guest memory, granted to
-the backend once per connection (transmit read-only, receive read-write)
-and reused, so the backend can keep them mapped and the broker is not on
-the data path.  A frame read from the TAP device is copied into transmit
+Buffers: per queue, 256 transmit and 256 receive pages of guest memory,
+granted to the backend once per connection (transmit read-only, receive
+read-write) and reused, so the backend can keep them mapped and the broker
+is not on the data path.  A frame read from the TAP device is copied into transmit
 pages (one slot per page, the first slot's ``size`` the frame's length,
 ``NETTXF_more_data`` on all but the last); every free receive page is
 posted as a receive request, and a packet the backend writes into them
@@ -16,10 +19,16 @@ goes to the TAP device and its pages are posted again.
 Offloads: the TAP runs with ``IFF_VNET_HDR``, so TCP super-frames (GSO)
 and blank checksums cross it in both directions; they travel on the rings
 as ``NETTXF_csum_blank``/``NETRXF_csum_blank`` and a GSO extra-info slot,
-as between Linux's netfront and netback (:mod:`.offload` translates, and
-finishes in software what the backend did not negotiate).  When the
-transmit ring is full the TAP thread waits for room, as a NIC's queue
-would, instead of dropping.
+as between Linux's netfront and netback (:mod:`xdom.domains.vnet`
+translates, and finishes in software what the backend did not negotiate).
+
+One thread moves the data: it reads the TAP in batches (a budget per
+pass), spreads frames over the queues by flow (a flow stays on one ring,
+in order), pushes each ring once per pass and notifies only when the
+backend asked (``req_event``); received frames go to the TAP after the
+rings are released.  When a ring is full it stops reading the TAP until
+the backend's responses make room, as a NIC's queue would, instead of
+dropping.
 
 A backend that comes back after a crash (InitWait while we are Connected)
 gets fresh rings and event channel; frames in flight then are lost, as on
@@ -36,6 +45,7 @@ import os
 import select
 import struct
 import threading
+from typing import Any
 
 from ..abi.netif import (
     NETRXF_csum_blank, NETRXF_data_validated, NETRXF_extra_info, NETRXF_more_data, NETTXF_csum_blank,
@@ -46,8 +56,9 @@ from ..abi.netif import (
 )
 from ..abi.ring import FrontRing, RingOverflow
 from ..frame_pool import FramePool
-from ..packet import VIRTIO_NET_HDR_SIZE, VirtioNetHdr
+from ..packet import VIRTIO_NET_HDR_SIZE, VirtioNetHdr, flow_hash
 from ..xenbus import XenbusState, read_int, read_or_none, read_state, switch_state
+from ..xs_wire import XenstoreError
 from ..xenhost.base import XenHost
 from ..xenstore import XenstoreClient
 from ..vnet import BackendOffloads, TxFrame, from_tap, to_tap
@@ -61,6 +72,8 @@ IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 # What one read from the TAP can return: a virtio-net header and a GSO super-frame (GSO_MAX_SIZE is
 # 64 KiB of payload plus headers; BIG TCP is off unless someone raises gso_max_size).
 TAP_READ = VIRTIO_NET_HDR_SIZE + 65536 + 256
+TAP_BUDGET = 64            # frames read from the TAP per pass before the rings are pushed
+MAX_QUEUES = 16
 
 
 class NetfrontError(Exception):
@@ -92,27 +105,37 @@ def set_offloads(tap: int, flags: int) -> None:
     fcntl.ioctl(tap, TUNSETOFFLOAD, flags)
 
 
-class _Rings:
-    """One connection's rings, event channel and granted buffers."""
+class _Queue:
+    """One queue's rings, event channel(s) and granted buffers, and the packets it is part-way through."""
 
-    def __init__(self, host: XenHost, pool: FramePool, be: int) -> None:
-        self.host, self.pool, self.be = host, pool, be
+    def __init__(self, host: XenHost, pool: FramePool, be: int, index: int, split: bool) -> None:
+        self.host, self.pool, self.be, self.index = host, pool, be, index
         self.gfns = pool.alloc(2 + TX_RING_SIZE + RX_RING_SIZE)
         self.refs: list[int] = []
-        for g in self.gfns[:2]:
-            host.memory.frame(g)[:] = bytes(PAGE_SIZE)
-        self.tx_gfns = self.gfns[2:2 + TX_RING_SIZE]
-        self.rx_gfns = self.gfns[2 + TX_RING_SIZE:]
-        grant = host.gnttab.grant_access
-        self.tx_ring_ref = grant(be, self.gfns[0])
-        self.rx_ring_ref = grant(be, self.gfns[1])
-        self.tx_refs = [grant(be, g, readonly=True) for g in self.tx_gfns]
-        self.rx_refs = [grant(be, g) for g in self.rx_gfns]
-        self.refs = [self.tx_ring_ref, self.rx_ring_ref, *self.tx_refs, *self.rx_refs]
-        self.port = host.alloc_unbound(be)
+        self.ports: list[int] = []
+        try:
+            for g in self.gfns[:2]:
+                host.memory.frame(g)[:] = bytes(PAGE_SIZE)
+            self.tx_gfns = self.gfns[2:2 + TX_RING_SIZE]
+            self.rx_gfns = self.gfns[2 + TX_RING_SIZE:]
+            grant = host.gnttab.grant_access
+            self.tx_ring_ref = grant(be, self.gfns[0])
+            self.rx_ring_ref = grant(be, self.gfns[1])
+            self.tx_refs = [grant(be, g, readonly=True) for g in self.tx_gfns]
+            self.rx_refs = [grant(be, g) for g in self.rx_gfns]
+            self.refs = [self.tx_ring_ref, self.rx_ring_ref, *self.tx_refs, *self.rx_refs]
+            self.tx_port = host.alloc_unbound(be)
+            self.ports.append(self.tx_port)
+            self.rx_port = host.alloc_unbound(be) if split else self.tx_port
+            if split:
+                self.ports.append(self.rx_port)
+        except BaseException:
+            self.release([])
+            raise
         self.tx = FrontRing(tx_shared_ring([host.memory.frame(self.gfns[0])]))
         self.rx = FrontRing(rx_shared_ring([host.memory.frame(self.gfns[1])]))
         self.tx_free = list(range(TX_RING_SIZE))
+        self.tx_pushed = False
         self.rx_partial: list[bytes] = []
         self.rx_first_flags = 0                 # the packet being received: its first slot's flags,
         self.rx_gso: GsoInfo | None = None      # its GSO extra,
@@ -122,23 +145,151 @@ class _Rings:
         # extra-info slot does not carry) says whose page it filled.
         self.rx_posted: collections.deque[int] = collections.deque()
 
+    def nodes(self) -> dict[str, int]:
+        """This queue's xenstore nodes (in the device directory, or in ``queue-N/``)."""
+        out = {"tx-ring-ref": self.tx_ring_ref, "rx-ring-ref": self.rx_ring_ref}
+        if self.rx_port != self.tx_port:
+            out |= {"event-channel-tx": self.tx_port, "event-channel-rx": self.rx_port}
+        else:
+            out["event-channel"] = self.tx_port
+        return out
+
     def release(self, deferred: list[tuple[int, int]]) -> None:
-        try:
-            self.host.close_port(self.port)
-        except Exception as e:
-            log.warning("closing port %d: %s", self.port, e)
+        for port in self.ports:
+            try:
+                self.host.close_port(port)
+            except Exception as e:
+                log.warning("closing port %d: %s", port, e)
+        self.ports = []
         for ref, gfn in zip(self.refs, self.gfns):
             deferred.append((ref, gfn))
+        self.pool.free(self.gfns[len(self.refs):])       # allocated, never granted (a failed set-up)
+
+    # ---- transmit ------------------------------------------------------------------------
+
+    def room(self, f: TxFrame) -> bool:
+        nslots = max(1, -(-len(f.data) // PAGE_SIZE))
+        return len(self.tx_free) >= nslots and self.tx.free_requests() >= nslots + (f.gso is not None)
+
+    def put(self, f: TxFrame, stats: dict[str, int]) -> None:
+        """The frame into transmit pages and requests (the caller checked :meth:`room`)."""
+        frame = f.data
+        nslots = max(1, -(-len(frame) // PAGE_SIZE))
+        memory, tx = self.host.memory, self.tx
+        for i in range(nslots):
+            chunk = frame[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+            slot = self.tx_free.pop()
+            memory.frame(self.tx_gfns[slot])[:len(chunk)] = chunk
+            flags = NETTXF_more_data if i < nslots - 1 else 0
+            if i == 0:
+                flags |= (NETTXF_csum_blank if f.csum_blank else 0) | \
+                    (NETTXF_data_validated if f.data_validated else 0) | (NETTXF_extra_info if f.gso else 0)
+            size = len(frame) if i == 0 else len(chunk)
+            tx.put_request(pack_tx_request(TxRequest(self.tx_refs[slot], 0, flags, slot, size)))
+            if i == 0 and f.gso is not None:
+                tx.put_request(pack_extra_info(gso_extra(f.gso.size, f.gso.type), TX_SLOT_SIZE))
+        self.tx_pushed = True
+        stats["tx_packets"] += 1
+        if f.gso is not None:
+            stats["tx_gso"] += 1
+
+    def push_tx(self) -> None:
+        if self.tx_pushed:
+            self.tx_pushed = False
+            if self.tx.push_requests():
+                self.host.notify(self.tx_port)
+
+    def reap_tx(self) -> None:
+        free = self.tx_free
+        while True:
+            for raw in self.tx.take_responses():
+                rsp = parse_tx_response(raw)
+                if 0 <= rsp.id < TX_RING_SIZE and rsp.status != 1 and rsp.id not in free:
+                    free.append(rsp.id)
+            if not self.tx.final_check_for_responses():
+                return
+
+    # ---- receive -------------------------------------------------------------------------
+
+    def reap_rx(self, stats: dict[str, int]) -> list[tuple[bytes, bytes]]:
+        """Frames the backend wrote, each with its virtio-net header; their pages are posted again at once.
+
+        A packet is its first data slot, the extra-info slots chained after
+        it (``XEN_NETIF_EXTRA_FLAG_MORE``; a GSO extra says how to segment),
+        then its other data slots.
+        """
+        frames, repost = [], []
+        memory = self.host.memory
+        while True:
+            for raw in self.rx.take_responses():
+                if not self.rx_posted:
+                    raise RingOverflow("a receive response without a posted request")
+                buf = self.rx_posted.popleft()
+                repost.append(buf)
+                if self.rx_in_extras:                  # an extra-info slot: its buffer was not written
+                    extra = parse_extra_info(raw)
+                    if extra.type == XEN_NETIF_EXTRA_TYPE_GSO and isinstance(extra.body, GsoInfo):
+                        self.rx_gso = extra.body
+                    self.rx_in_extras = extra.more
+                    continue
+                rsp = parse_rx_response(raw)
+                if not self.rx_partial:
+                    self.rx_first_flags, self.rx_gso = rsp.flags, None
+                    self.rx_in_extras = bool(rsp.flags & NETRXF_extra_info)
+                if rsp.status >= 0 and rsp.offset + rsp.status <= PAGE_SIZE:
+                    page = memory.frame(self.rx_gfns[buf])
+                    self.rx_partial.append(bytes(page[rsp.offset:rsp.offset + rsp.status]))
+                else:
+                    self.rx_partial.append(b"")
+                    stats["rx_errors"] += 1
+                if not rsp.flags & NETRXF_more_data:
+                    frame = b"".join(self.rx_partial)
+                    if all(self.rx_partial) and frame:
+                        flags = self.rx_first_flags
+                        out = to_tap(frame, bool(flags & NETRXF_csum_blank), bool(flags & NETRXF_data_validated),
+                                     self.rx_gso)
+                        if out is None:
+                            stats["rx_errors"] += 1
+                        else:
+                            frames.append((out[0].pack(), out[1]))
+                            stats["rx_packets"] += 1
+                            if self.rx_gso is not None:
+                                stats["rx_gso"] += 1
+                    self.rx_partial = []
+            if not self.rx.final_check_for_responses():
+                break
+        self.post_rx(repost)
+        return frames
+
+    def post_rx(self, ids: list[int] | range | None = None) -> None:
+        rx, refs, posted = self.rx, self.rx_refs, self.rx_posted
+        for i in (range(RX_RING_SIZE) if ids is None else ids):
+            if rx.full():
+                break
+            rx.put_request(pack_rx_request(RxRequest(i, refs[i])))
+            posted.append(i)
+        if rx.push_requests():
+            self.host.notify(self.rx_port)
 
 
 class Netfront:
     """One vif of this guest, moving frames between its rings and a TAP device."""
 
     def __init__(self, host: XenHost, xs: XenstoreClient, devid: int, ifname: str,
-                 pool: FramePool | None = None, tun_fd: int | None = None, offloads: bool = True) -> None:
-        """``offloads=False`` is a netfront without checksum offload or GSO (older or non-Linux PV drivers)."""
+                 pool: FramePool | None = None, tun_fd: int | None = None, offloads: bool = True,
+                 max_queues: int = 1) -> None:
+        """``offloads=False`` is a netfront without checksum offload or GSO (older or non-Linux PV drivers).
+
+        ``max_queues`` caps the queues asked for (the backend's
+        ``multi-queue-max-queues`` caps it too).  One is the default here,
+        unlike Linux's one per CPU: one Python thread serves every queue, so
+        more rings only cost memory (2 MiB of granted pages each).
+        """
+        if not 1 <= max_queues <= MAX_QUEUES:
+            raise ValueError(f"max_queues must be between 1 and {MAX_QUEUES}")
         self.host, self.xs, self.devid, self.ifname = host, xs, devid, ifname
         self.use_offloads = offloads
+        self.max_queues = max_queues
         self.pool = pool or FramePool.of(host)
         self.path = f"{xs.get_domain_path(host.domid)}/device/vif/{devid}"
         be = read_or_none(xs, f"{self.path}/backend")
@@ -152,24 +303,26 @@ class Netfront:
         self.offloads = BackendOffloads()
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
-        self._rings: _Rings | None = None
+        self._queues: list[_Queue] = []
         self._deferred: list[tuple[int, int]] = []
         self._generation = 0
         self._closing = False
         self._error = ""
-        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)       # the event thread's
-        self._tap_wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)   # the TAP thread's (on close)
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)       # the data thread's
         self.tap = open_tap(ifname, tun_fd)
-        self._tx_room = threading.Condition(self._lock)
-        self._threads = [threading.Thread(target=self._tap_loop, name=f"netfront-tap-{devid}", daemon=True),
-                         threading.Thread(target=self._event_loop, name=f"netfront-ev-{devid}", daemon=True)]
+        os.set_blocking(self.tap, False)
+        self._thread = threading.Thread(target=self._data_loop, name=f"netfront-{devid}", daemon=True)
         self._token = f"netfront:{devid}"
+
+    @property
+    def queues(self) -> int:
+        """How many queues the current connection has (0 while disconnected)."""
+        return len(self._queues)
 
     # ---- xenbus ---------------------------------------------------------------------
 
     def connect(self, timeout: float = 30.0) -> None:
-        for t in self._threads:
-            t.start()
+        self._thread.start()
         switch_state(self.xs, self.path, XenbusState.Initialising)
         self.xs.watch(f"{self.backend_path}/state", self._token, self._backend_changed)
         with self._changed:
@@ -195,50 +348,79 @@ class Netfront:
                     set_offloads(self.tap, self.offloads.tun_flags() if self.use_offloads else 0)
                     switch_state(self.xs, self.path, XenbusState.Connected)
                     self.state = XenbusState.Connected
-                    self._post_rx()
-                    log.info("vif %d: connected as %s", self.devid, self.ifname)
+                    for q in self._queues:
+                        q.post_rx()
+                    self._kick()
+                    log.info("vif %d: connected as %s (%d queue%s)", self.devid, self.ifname, len(self._queues),
+                             "s" if len(self._queues) > 1 else "")
                 elif be in (XenbusState.Closing, XenbusState.Closed) and self.state != XenbusState.Closed:
                     log.info("vif %d: backend is %s: closing", self.devid, be.name)
                     self._teardown()
                     switch_state(self.xs, self.path, XenbusState.Closing)
                     switch_state(self.xs, self.path, XenbusState.Closed)
                     self.state = XenbusState.Closed
-            except (NetfrontError, OSError) as e:
+            except (NetfrontError, OSError, XenstoreError) as e:
                 self._error = str(e)
                 log.error("vif %d: %s", self.devid, e)
             self._changed.notify_all()
 
+    def _backend_int(self, name: str, default: int = 0) -> int:
+        value = read_int(self.xs, f"{self.backend_path}/{name}", default)
+        return default if value is None else value
+
     def _talk_to_backend(self) -> None:
-        rings = _Rings(self.host, self.pool, self.backend_domid)
+        nqueues = max(1, min(self.max_queues, self._backend_int("multi-queue-max-queues", 1)))
+        split = self._backend_int("feature-split-event-channels") == 1
+        queues: list[_Queue] = []
+        try:
+            for i in range(nqueues):
+                queues.append(_Queue(self.host, self.pool, self.backend_domid, i, split))
+        except BaseException:
+            for q in queues:
+                q.release(self._deferred)
+            raise
         # We take everything a Linux netfront takes: the TAP passes GSO and blank checksums to our kernel.
         on = int(self.use_offloads)
-        nodes = {"tx-ring-ref": rings.tx_ring_ref, "rx-ring-ref": rings.rx_ring_ref, "event-channel": rings.port,
-                 "request-rx-copy": 1, "feature-rx-notify": 1, "feature-sg": 1, "feature-gso-tcpv4": on,
-                 "feature-gso-tcpv6": on, "feature-no-csum-offload": 1 - on, "feature-ipv6-csum-offload": on,
-                 "state": int(XenbusState.Initialised)}
-
-        def feature(name: str) -> bool:
-            return read_int(self.xs, f"{self.backend_path}/{name}", 0) == 1
-        self.offloads = BackendOffloads(feature("feature-sg"), feature("feature-gso-tcpv4"),
-                                        feature("feature-gso-tcpv6"), feature("feature-ipv6-csum-offload"))
+        nodes: dict[str, Any] = {
+            "request-rx-copy": 1, "feature-rx-notify": 1, "feature-sg": 1, "feature-gso-tcpv4": on,
+            "feature-gso-tcpv6": on, "feature-no-csum-offload": 1 - on, "feature-ipv6-csum-offload": on}
+        if nqueues == 1:
+            nodes |= queues[0].nodes()
+        else:
+            nodes["multi-queue-num-queues"] = nqueues
+            for q in queues:
+                nodes |= {f"queue-{q.index}/{k}": v for k, v in q.nodes().items()}
+        self.offloads = BackendOffloads(self._backend_int("feature-sg") == 1,
+                                        self._backend_int("feature-gso-tcpv4") == 1,
+                                        self._backend_int("feature-gso-tcpv6") == 1,
+                                        self._backend_int("feature-ipv6-csum-offload") == 1)
 
         def body(tx: int) -> None:
+            # What an earlier connection wrote and this one does not must not mislead the new backend.
+            for stale in ("multi-queue-num-queues", "event-channel", "event-channel-tx", "event-channel-rx",
+                          "tx-ring-ref", "rx-ring-ref", *(f"queue-{i}" for i in range(MAX_QUEUES))):
+                if stale not in nodes:
+                    try:
+                        self.xs.rm(f"{self.path}/{stale}", tx)
+                    except XenstoreError:
+                        pass
             for key, value in nodes.items():
                 self.xs.write(f"{self.path}/{key}", str(value), tx)
-        self._rings = rings
+            self.xs.write(f"{self.path}/state", str(int(XenbusState.Initialised)), tx)
+        self._queues = queues
         self._generation += 1
-        os.eventfd_write(self._wake, 1)
+        self._kick()
         self.xs.transaction(body)
         self.state = XenbusState.Initialised
 
     def _teardown(self) -> None:
-        rings, self._rings = self._rings, None
-        if rings is not None:
+        queues, self._queues = self._queues, []
+        if queues:
             self._generation += 1
-            os.eventfd_write(self._wake, 1)
-            rings.release(self._deferred)
+            self._kick()
+            for q in queues:
+                q.release(self._deferred)
             self._retry_deferred()
-        self._tx_room.notify_all()
 
     def _retry_deferred(self) -> None:
         deferred, self._deferred = self._deferred, []
@@ -249,193 +431,119 @@ class Netfront:
             else:
                 self._deferred.append((ref, gfn))
 
-    # ---- transmit: TAP -> ring -------------------------------------------------------
+    def _kick(self) -> None:
+        os.eventfd_write(self._wake, 1)
 
-    def _tap_loop(self) -> None:
-        poller = select.poll()
-        poller.register(self.tap, select.POLLIN)
-        poller.register(self._tap_wake, select.POLLIN)
+    # ---- the data thread -----------------------------------------------------------------
+
+    def _data_loop(self) -> None:
+        """Rings and TAP, both ways, one pass per wake-up (see the module docstring)."""
+        epoll = select.epoll()
+        epoll.register(self._wake, select.EPOLLIN)
+        watched: set[int] = set()
+        tap_watched = False
+        generation = -1
+        pending: collections.deque[TxFrame] = collections.deque()    # read from the TAP, waiting for room
         buf = bytearray(TAP_READ)
-        while not self._closing:
-            ready = {fd for fd, _ in poller.poll()}
-            if self._closing:
-                return
-            if self.tap not in ready:
-                continue
-            try:
-                n = os.readv(self.tap, [buf])
-            except OSError as e:
-                if e.errno in (errno.EAGAIN, errno.EINTR):
-                    continue
-                log.error("vif %d: reading %s: %s", self.devid, self.ifname, e)
-                return
-            if n < VIRTIO_NET_HDR_SIZE:
-                continue
-            frames = from_tap(VirtioNetHdr.parse(buf), bytes(buf[VIRTIO_NET_HDR_SIZE:n]), self.offloads)
-            if isinstance(frames, str):
-                log.debug("vif %d: dropping a frame from %s: %s", self.devid, self.ifname, frames)
-                self.stats["tx_dropped"] += 1
-                continue
-            self._send(frames)
-
-    def _send(self, frames: list[TxFrame]) -> None:
-        """Put frames on the transmit ring, waiting (briefly) for room as a NIC's queue would.
-
-        A link that is down drops; one whose ring stays full for a second
-        drops too, rather than stall the guest's TAP for good.
-        """
-        with self._lock:
-            for f in frames:
-                nslots = max(1, -(-len(f.data) // PAGE_SIZE))
-                needed = nslots + (f.gso is not None)
-
-                def room() -> bool:
-                    rings = self._rings
-                    return self._closing or self.state != XenbusState.Connected or rings is None or \
-                        (len(rings.tx_free) >= nslots and rings.tx.free_requests() >= needed)
-                self._tx_room.wait_for(room, 1.0)
-                rings = self._rings
-                if self.state != XenbusState.Connected or rings is None or len(rings.tx_free) < nslots \
-                        or rings.tx.free_requests() < needed:
-                    self.stats["tx_dropped"] += 1
-                    continue
-                self._put_frame(rings, f, nslots)
-            rings = self._rings
-            if rings is not None and rings.tx.push_requests():
-                self.host.notify(rings.port)
-
-    def _put_frame(self, rings: _Rings, f: TxFrame, nslots: int) -> None:
-        frame = f.data
-        for i in range(nslots):
-            chunk = frame[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
-            slot = rings.tx_free.pop()
-            self.host.memory.frame(rings.tx_gfns[slot])[:len(chunk)] = chunk
-            flags = NETTXF_more_data if i < nslots - 1 else 0
-            if i == 0:
-                flags |= (NETTXF_csum_blank if f.csum_blank else 0) | \
-                    (NETTXF_data_validated if f.data_validated else 0) | (NETTXF_extra_info if f.gso else 0)
-            size = len(frame) if i == 0 else len(chunk)
-            rings.tx.put_request(pack_tx_request(TxRequest(rings.tx_refs[slot], 0, flags, slot, size)))
-            if i == 0 and f.gso is not None:
-                rings.tx.put_request(pack_extra_info(gso_extra(f.gso.size, f.gso.type), TX_SLOT_SIZE))
-        self.stats["tx_packets"] += 1
-        self.stats["tx_gso"] += f.gso is not None
-
-    # ---- events: responses and received frames -----------------------------------------
-
-    def _event_loop(self) -> None:
-        generation, poller = -1, select.poll()
-        while True:
-            with self._lock:
-                if self._closing:
-                    return
-                if generation != self._generation:
-                    generation = self._generation
-                    poller = select.poll()
-                    poller.register(self._wake, select.POLLIN)
-                    if self._rings is not None:
-                        poller.register(self.host.evtchn.fileno(self._rings.port), select.POLLIN)
-            poller.poll(1000 if self._deferred else None)
-            with self._lock:
-                if self._closing:
-                    return
-                try:
-                    os.eventfd_read(self._wake)
-                except BlockingIOError:
-                    pass
-                if self._deferred:
-                    self._retry_deferred()
-                if generation != self._generation or self._rings is None:
-                    continue
-                self.host.evtchn.consume(self._rings.port)
-                if self.state == XenbusState.Connected:
+        try:
+            while True:
+                with self._lock:
+                    if self._closing:
+                        return
+                    if generation != self._generation:
+                        generation = self._generation
+                        for fd in watched:
+                            try:
+                                epoll.unregister(fd)
+                            except OSError:       # closed with its port: already out of the epoll set
+                                pass
+                        watched = {self.host.evtchn.fileno(p) for q in self._queues for p in q.ports}
+                        for fd in watched:
+                            epoll.register(fd, select.EPOLLIN)
+                    # Read the TAP while frames can go somewhere: to a ring with room, or (link down) nowhere.
+                    want_tap = not pending
+                    if want_tap != tap_watched:
+                        if want_tap:
+                            epoll.register(self.tap, select.EPOLLIN)
+                        else:
+                            epoll.unregister(self.tap)
+                        tap_watched = want_tap
+                    timeout = 1.0 if self._deferred else -1
+                ready = {fd for fd, _ in epoll.poll(timeout)}
+                out: list[tuple[bytes, bytes]] = []
+                with self._lock:
+                    if self._closing:
+                        return
+                    if self._wake in ready:
+                        try:
+                            os.eventfd_read(self._wake)
+                        except BlockingIOError:
+                            pass
+                    if self._deferred:
+                        self._retry_deferred()
+                    if generation != self._generation:
+                        continue
                     try:
-                        self._reap_tx(self._rings)
-                        frames = self._reap_rx(self._rings)
+                        out = self._pass(ready, pending, buf)
                     except RingOverflow as e:
                         log.error("vif %d: backend broke a ring: %s", self.devid, e)
-                        continue
-                else:
-                    frames = []
-            for hdr, frame in frames:
+                    except Exception:       # a bug must not leave the interface dead for good
+                        log.exception("vif %d: data path error", self.devid)
+                for hdr, frame in out:
+                    try:
+                        os.writev(self.tap, (hdr, frame))
+                    except OSError as e:
+                        log.debug("vif %d: writing to %s: %s", self.devid, self.ifname, e)
+        finally:
+            epoll.close()
+
+    def _pass(self, ready: set[int], pending: collections.deque[TxFrame],
+              buf: bytearray) -> list[tuple[bytes, bytes]]:
+        """One pass under the lock: responses in, the TAP's frames out; the frames received are returned."""
+        queues = self._queues
+        connected = self.state == XenbusState.Connected and bool(queues)
+        out: list[tuple[bytes, bytes]] = []
+        if connected:
+            for q in queues:
+                for p in q.ports:
+                    self.host.evtchn.consume(p)
+                q.reap_tx()
+                out += q.reap_rx(self.stats)
+        if self.tap in ready or pending:
+            budget = TAP_BUDGET
+            while budget and len(pending) < TAP_BUDGET:
                 try:
-                    os.writev(self.tap, (hdr, frame))
+                    n = os.readv(self.tap, [buf])
+                except BlockingIOError:
+                    break
                 except OSError as e:
-                    log.debug("vif %d: writing to %s: %s", self.devid, self.ifname, e)
-
-    def _reap_tx(self, rings: _Rings) -> None:
-        freed = False
-        while True:
-            for raw in rings.tx.take_responses():
-                rsp = parse_tx_response(raw)
-                if 0 <= rsp.id < TX_RING_SIZE and rsp.status != 1 and rsp.id not in rings.tx_free:
-                    rings.tx_free.append(rsp.id)
-                    freed = True
-            if not rings.tx.final_check_for_responses():
-                break
-        if freed:
-            self._tx_room.notify_all()
-
-    def _reap_rx(self, rings: _Rings) -> list[tuple[bytes, bytes]]:
-        """Frames the backend wrote, each with its virtio-net header; their pages are posted again at once.
-
-        A packet is its first data slot, the extra-info slots chained after
-        it (``XEN_NETIF_EXTRA_FLAG_MORE``; a GSO extra says how to segment),
-        then its other data slots.
-        """
-        frames, repost = [], []
-        while True:
-            for raw in rings.rx.take_responses():
-                if not rings.rx_posted:
-                    raise RingOverflow("a receive response without a posted request")
-                buf = rings.rx_posted.popleft()
-                repost.append(buf)
-                if rings.rx_in_extras:                  # an extra-info slot: its buffer was not written
-                    extra = parse_extra_info(raw)
-                    if extra.type == XEN_NETIF_EXTRA_TYPE_GSO and isinstance(extra.body, GsoInfo):
-                        rings.rx_gso = extra.body
-                    rings.rx_in_extras = extra.more
+                    if e.errno != errno.EINTR:
+                        log.error("vif %d: reading %s: %s", self.devid, self.ifname, e)
+                    break
+                budget -= 1
+                if n < VIRTIO_NET_HDR_SIZE:
                     continue
-                rsp = parse_rx_response(raw)
-                if not rings.rx_partial:
-                    rings.rx_first_flags, rings.rx_gso = rsp.flags, None
-                    rings.rx_in_extras = bool(rsp.flags & NETRXF_extra_info)
-                ok = rsp.status >= 0 and rsp.offset + rsp.status <= PAGE_SIZE
-                if ok:
-                    page = self.host.memory.frame(rings.rx_gfns[buf])
-                    rings.rx_partial.append(bytes(page[rsp.offset:rsp.offset + rsp.status]))
-                else:
-                    rings.rx_partial.append(b"")
-                    self.stats["rx_errors"] += 1
-                if not rsp.flags & NETRXF_more_data:
-                    frame = b"".join(rings.rx_partial)
-                    if all(rings.rx_partial) and frame:
-                        flags = rings.rx_first_flags
-                        out = to_tap(frame, bool(flags & NETRXF_csum_blank), bool(flags & NETRXF_data_validated),
-                                     rings.rx_gso)
-                        if out is None:
-                            self.stats["rx_errors"] += 1
-                        else:
-                            frames.append((out[0].pack(), out[1]))
-                            self.stats["rx_packets"] += 1
-                            self.stats["rx_gso"] += rings.rx_gso is not None
-                    rings.rx_partial = []
-            if not rings.rx.final_check_for_responses():
-                break
-        self._post_rx(repost)
-        return frames
-
-    def _post_rx(self, ids: list[int] | None = None) -> None:
-        rings = self._rings
-        if rings is None:
-            return
-        for i in (range(RX_RING_SIZE) if ids is None else ids):
-            if rings.rx.full():
-                break
-            rings.rx.put_request(pack_rx_request(RxRequest(i, rings.rx_refs[i])))
-            rings.rx_posted.append(i)
-        if rings.rx.push_requests():
-            self.host.notify(rings.port)
+                frames = from_tap(VirtioNetHdr.parse(buf), bytes(buf[VIRTIO_NET_HDR_SIZE:n]), self.offloads)
+                if isinstance(frames, str):
+                    log.debug("vif %d: dropping a frame from %s: %s", self.devid, self.ifname, frames)
+                    self.stats["tx_dropped"] += 1
+                    continue
+                pending.extend(frames)
+        if not connected:
+            self.stats["tx_dropped"] += len(pending)       # a link that is down drops, as a NIC does
+            pending.clear()
+            return out
+        n = len(queues)
+        while pending:
+            f = pending[0]
+            q = queues[0] if n == 1 else queues[flow_hash(f.data) % n]
+            if not q.room(f):
+                break               # wait for responses; a frame is never reordered past another
+            q.put(f, self.stats)
+            pending.popleft()
+        for q in queues:
+            q.push_tx()
+        return out
 
     # ---- closing -------------------------------------------------------------------------
 
@@ -448,12 +556,9 @@ class Netfront:
             except Exception:
                 pass
             self._closing = True
-            os.eventfd_write(self._wake, 1)
-            os.eventfd_write(self._tap_wake, 1)
-            self._tx_room.notify_all()
-        for t in self._threads:
-            if t.is_alive():
-                t.join()
+            self._kick()
+        if self._thread.is_alive():
+            self._thread.join()
         for state in (XenbusState.Closing, XenbusState.Closed):
             try:
                 switch_state(self.xs, self.path, state)
@@ -463,4 +568,3 @@ class Netfront:
             self._teardown()
         os.close(self.tap)
         os.close(self._wake)
-        os.close(self._tap_wake)
