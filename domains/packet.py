@@ -25,7 +25,6 @@ frame, never trusted, and a frame that does not parse gives None.
 from __future__ import annotations
 
 import struct
-import zlib
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -286,4 +285,6 @@ def flow_hash(frame: bytes | memoryview) -> int:
     if h is None:
         return 0
     addrs = frame[h.l3_offset + 8:h.l3_offset + 40] if h.ipv6 else frame[h.l3_offset + 12:h.l3_offset + 20]
-    return zlib.crc32(bytes(frame[h.l4_offset:h.l4_offset + 4]), zlib.crc32(bytes(addrs), h.proto))
+    # SipHash (Python's bytes hash): well mixed in every bit, unlike a CRC's low bits over ports that
+    # Linux hands out in steps of two.  Per process, which is all a queue choice needs.
+    return hash(bytes(addrs) + bytes(frame[h.l4_offset:h.l4_offset + 4]) + bytes((h.proto,))) & 0xFFFFFFFF

@@ -225,7 +225,7 @@ def test_multi_queue_spreads_flows_over_rings_and_split_event_channels(rig: NetR
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: "10.99.0.2:5201" in in_ns(ns2, "ss", "-ltn").stdout, 20, "iperf3 listening")
-        res = in_ns(ns1, "iperf3", "-c", "10.99.0.2", "-t", "2", "-P", "8")
+        res = in_ns(ns1, "iperf3", "-c", "10.99.0.2", "-t", "2", "-P", "16")   # 16 flows: all on one ring 2^-15
         assert res.returncode == 0, res.stdout + res.stderr
     finally:
         server.kill()
