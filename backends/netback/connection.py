@@ -67,27 +67,37 @@ class Uplink(Protocol):
 
 
 class _PageCache:
-    """Mappings of the frontend's pages by grant reference, made in batches and kept."""
+    """Mappings of the frontend's pages by grant reference, made in batches and kept.
+
+    ``views`` is looked up directly on the data path; :meth:`ensure` maps
+    what is missing (one hypercall for the lot) and is only needed when a
+    lookup misses.
+    """
 
     def __init__(self, host: XenHost, fe: int, readonly: bool) -> None:
         self.host, self.fe, self.readonly = host, fe, readonly
         self.maps: dict[int, GrantMapping] = {}
+        self.views: dict[int, memoryview] = {}
+
+    def ensure(self, grefs: set[int]) -> None:
+        missing = [g for g in grefs if g not in self.maps]
+        if not missing:
+            return
+        if len(self.maps) + len(missing) > MAX_CACHED_MAPPINGS:
+            self.clear()
+            missing = list(grefs)
+        for g, res in zip(missing, self.host.map_grants([(self.fe, g, self.readonly) for g in missing])):
+            if res.mapping is not None:
+                self.maps[g] = res.mapping
+                self.views[g] = res.mapping.view
 
     def pages(self, grefs: set[int]) -> dict[int, memoryview]:
-        maps = self.maps
-        missing = [g for g in grefs if g not in maps]
-        if missing:
-            if len(maps) + len(missing) > MAX_CACHED_MAPPINGS:
-                self.clear()
-                maps = self.maps
-                missing = list(grefs)
-            for g, res in zip(missing, self.host.map_grants([(self.fe, g, self.readonly) for g in missing])):
-                if res.mapping is not None:
-                    maps[g] = res.mapping
-        return {g: maps[g].view for g in grefs if g in maps}
+        self.ensure(grefs)
+        views = self.views
+        return {g: views[g] for g in grefs if g in views}
 
     def clear(self) -> None:
-        maps, self.maps = list(self.maps.values()), {}
+        maps, self.maps, self.views = list(self.maps.values()), {}, {}
         if maps:
             try:
                 self.host.unmap_grants(maps)
@@ -203,6 +213,7 @@ class Connection:
             if slots:
                 self.held.extend(self.txp.feed(slots, at_req_prod=True))
         held, tx, limiter = self.held, self.tx, self.limiter
+        answers: list[bytes] = []
         while held:
             action = held[0]
             if isinstance(action, TxFatal):
@@ -230,8 +241,8 @@ class Connection:
             elif isinstance(action, TxDrop):
                 self.stats["tx_dropped"] += 1
             # TxMulticast: the switch floods multicast; the filter is the guest's business
-            for r in responses:
-                tx.put_response(pack_tx_response(r))
+            answers += [pack_tx_response(r) for r in responses]
+        tx.put_responses(answers)
         if tx.push_responses():
             self._notify(self.tx_port)
         if held:
@@ -240,9 +251,13 @@ class Connection:
 
     def _gather(self, pkt: TxPacket) -> bytes | None:
         pieces = pkt.pieces
-        pages = self.tx_pages.pages({p.gref for p in pieces})
+        views = self.tx_pages.views
         try:
-            return b"".join([pages[p.gref][p.offset:p.offset + p.length] for p in pieces])
+            return b"".join([views[p.gref][p.offset:p.offset + p.length] for p in pieces])
+        except KeyError:
+            self.tx_pages.ensure({p.gref for p in pieces})
+        try:
+            return b"".join([views[p.gref][p.offset:p.offset + p.length] for p in pieces])
         except KeyError:
             return None
 
@@ -293,17 +308,19 @@ class Connection:
             self._notify(self.rx_port)
 
     def _deliver(self, plan: RxPlan, frame: bytes) -> None:
-        pages = self.rx_pages.pages({c.gref for c in plan.copies})
+        copies = plan.copies
+        views = self.rx_pages.views
+        if any(c.gref not in views for c in copies):
+            self.rx_pages.ensure({c.gref for c in copies})
         failed = set()
         view = memoryview(frame)
-        for c in plan.copies:
-            page = pages.get(c.gref)
+        for c in copies:
+            page = views.get(c.gref)
             if page is None:
                 failed.add(c.slot)
                 continue
             page[c.offset:c.offset + c.length] = view[c.src_offset:c.src_offset + c.length]
-        for raw in plan.packed_responses(failed):
-            self.rx.put_response(raw)
+        self.rx.put_responses(plan.packed_responses(failed))
         self.stats["rx_dropped" if failed else "rx_packets"] += 1
 
     def _notify(self, port: int) -> None:

@@ -112,6 +112,39 @@ class SharedRing:
             length -= chunk
         return bytes(out)
 
+    def read_slots(self, idx: int, n: int, length: int) -> list[bytes]:
+        """``n`` consecutive slots from ``idx``, ``length`` bytes each: each byte copied once, in one go.
+
+        On a one-page ring the slots are contiguous but for the wrap, so
+        this is one or two copies of the region and slices of that copy
+        (the peer's later writes cannot reach what we validate).
+        """
+        if not self._single or n <= 1:
+            return [self.read_slot(idx + i, length) for i in range(n)]
+        size, slot = self.slot_size, self.slot_size
+        first = idx & self.mask
+        head = self._head
+        run = min(n, self.size - first)
+        start = RING_HEADER_SIZE + first * slot
+        raw = bytes(head[start:start + run * size])
+        if run < n:
+            raw += bytes(head[RING_HEADER_SIZE:RING_HEADER_SIZE + (n - run) * size])
+        if length == slot:
+            return [raw[i:i + slot] for i in range(0, n * slot, slot)]
+        return [raw[i:i + length] for i in range(0, n * slot, slot)]
+
+    def write_slots(self, idx: int, datas: Sequence[bytes]) -> None:
+        """Each of ``datas`` into consecutive slots from ``idx``: only its own bytes, the rest of a slot
+        stays as it was (a response shorter than its slot leaves the request's tail alone)."""
+        if not self._single:
+            for i, data in enumerate(datas):
+                self.write_slot(idx + i, data)
+            return
+        head, mask, slot = self._head, self.mask, self.slot_size
+        for i, data in enumerate(datas):
+            off = RING_HEADER_SIZE + ((idx + i) & mask) * slot
+            head[off:off + len(data)] = data
+
     def write_slot(self, idx: int, data: bytes) -> None:
         off = RING_HEADER_SIZE + (idx & self.mask) * self.slot_size
         if self._single:
@@ -170,7 +203,7 @@ class FrontRing:
     def take_responses(self) -> list[bytes]:
         """Copy out every published response and consume it."""
         n = self.unconsumed_responses()
-        out = [self.shared.read_slot(self.rsp_cons + i, self.shared.rsp_size) for i in range(n)]
+        out = self.shared.read_slots(self.rsp_cons, n, self.shared.rsp_size) if n else []
         self.rsp_cons = (self.rsp_cons + n) & _MASK32
         return out
 
@@ -213,9 +246,21 @@ class BackRing:
         n = self.unconsumed_requests()
         if limit is not None:
             n = min(n, limit)
-        out = [self.shared.read_slot(self.req_cons + i, self.shared.req_size) for i in range(n)]
+        out = self.shared.read_slots(self.req_cons, n, self.shared.req_size) if n else []
         self.req_cons = (self.req_cons + n) & _MASK32
         return out
+
+    def put_responses(self, datas: Sequence[bytes]) -> None:
+        """:meth:`put_response` for each of ``datas``, checked once for the batch."""
+        n = len(datas)
+        if not n:
+            return
+        if any(len(d) > self.shared.rsp_size for d in datas):
+            raise ValueError("response larger than a slot")
+        if ((self.req_cons - self.rsp_prod_pvt) & _MASK32) < n:
+            raise RingOverflow("response without a consumed request")
+        self.shared.write_slots(self.rsp_prod_pvt, datas)
+        self.rsp_prod_pvt = (self.rsp_prod_pvt + n) & _MASK32
 
     def put_response(self, data: bytes) -> None:
         if len(data) > self.shared.rsp_size:
