@@ -91,6 +91,7 @@ class TapUplink:
     def receive(self, budget: int) -> bool:
         """Move up to ``budget`` frames from the TAP to the port; True if the budget ran out first."""
         buf = self._buf
+        view = memoryview(buf)
         for _ in range(budget):
             try:
                 n = os.readv(self.fd, [buf])
@@ -101,7 +102,7 @@ class TapUplink:
                 return False
             if n < VIRTIO_NET_HDR_SIZE:
                 continue
-            frames = from_tap(VirtioNetHdr.parse(buf), bytes(buf[VIRTIO_NET_HDR_SIZE:n]), _EVERYTHING)
+            frames = from_tap(VirtioNetHdr.parse(buf), bytes(view[VIRTIO_NET_HDR_SIZE:n]), _EVERYTHING)
             if isinstance(frames, str):
                 self.stats["tap_dropped"] += 1
                 continue

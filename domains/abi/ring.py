@@ -184,6 +184,16 @@ class FrontRing:
         self.shared.write_slot(self.req_prod_pvt, data)
         self.req_prod_pvt = (self.req_prod_pvt + 1) & _MASK32
 
+    def put_requests(self, datas: Sequence[bytes]) -> None:
+        """:meth:`put_request` for each of ``datas``, checked once for the batch."""
+        n = len(datas)
+        if any(len(d) > self.shared.req_size for d in datas):
+            raise ValueError("request larger than a slot")
+        if self.free_requests() < n:
+            raise RingOverflow("ring full")
+        self.shared.write_slots(self.req_prod_pvt, datas)
+        self.req_prod_pvt = (self.req_prod_pvt + n) & _MASK32
+
     def push_requests(self) -> bool:
         """``RING_PUSH_REQUESTS_AND_CHECK_NOTIFY``: publish; True if the backend wants an event."""
         old = self.shared.get(_REQ_PROD)

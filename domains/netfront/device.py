@@ -50,8 +50,8 @@ from typing import Any
 from ..abi.netif import (
     NETRXF_csum_blank, NETRXF_data_validated, NETRXF_extra_info, NETRXF_more_data, NETTXF_csum_blank,
     NETTXF_data_validated, NETTXF_extra_info, NETTXF_more_data, RX_RING_SIZE, TX_RING_SIZE,
-    XEN_NETIF_EXTRA_TYPE_GSO, GsoInfo, RxRequest, TxRequest, gso_extra, pack_extra_info, pack_rx_request,
-    pack_tx_request, parse_extra_info, parse_rx_response, parse_tx_response, rx_shared_ring, tx_shared_ring,
+    TX_REQUEST, XEN_NETIF_EXTRA_TYPE_GSO, GsoInfo, RxRequest, gso_extra, pack_extra_info, pack_rx_request,
+    parse_extra_info, parse_rx_response, parse_tx_response, rx_shared_ring, tx_shared_ring,
     TX_SLOT_SIZE,
 )
 from ..abi.ring import FrontRing, RingOverflow
@@ -135,6 +135,7 @@ class _Queue:
         self.tx = FrontRing(tx_shared_ring([host.memory.frame(self.gfns[0])]))
         self.rx = FrontRing(rx_shared_ring([host.memory.frame(self.gfns[1])]))
         self.tx_free = list(range(TX_RING_SIZE))
+        self.tx_in_flight = bytearray(TX_RING_SIZE)
         self.tx_pushed = False
         self.rx_partial: list[bytes] = []
         self.rx_first_flags = 0                 # the packet being received: its first slot's flags,
@@ -173,21 +174,27 @@ class _Queue:
 
     def put(self, f: TxFrame, stats: dict[str, int]) -> None:
         """The frame into transmit pages and requests (the caller checked :meth:`room`)."""
-        frame = f.data
-        nslots = max(1, -(-len(frame) // PAGE_SIZE))
-        memory, tx = self.host.memory, self.tx
+        frame = memoryview(f.data)
+        total = len(frame)
+        nslots = max(1, -(-total // PAGE_SIZE))
+        buffer, free, in_flight, gfns, refs = self.host.memory.buffer, self.tx_free, self.tx_in_flight, \
+            self.tx_gfns, self.tx_refs
+        pack = TX_REQUEST.pack
+        requests = []
         for i in range(nslots):
             chunk = frame[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
-            slot = self.tx_free.pop()
-            memory.frame(self.tx_gfns[slot])[:len(chunk)] = chunk
+            slot = free.pop()
+            in_flight[slot] = 1
+            at = gfns[slot] * PAGE_SIZE
+            buffer[at:at + len(chunk)] = chunk
             flags = NETTXF_more_data if i < nslots - 1 else 0
             if i == 0:
                 flags |= (NETTXF_csum_blank if f.csum_blank else 0) | \
                     (NETTXF_data_validated if f.data_validated else 0) | (NETTXF_extra_info if f.gso else 0)
-            size = len(frame) if i == 0 else len(chunk)
-            tx.put_request(pack_tx_request(TxRequest(self.tx_refs[slot], 0, flags, slot, size)))
+            requests.append(pack(refs[slot], 0, flags, slot, total if i == 0 else len(chunk)))
             if i == 0 and f.gso is not None:
-                tx.put_request(pack_extra_info(gso_extra(f.gso.size, f.gso.type), TX_SLOT_SIZE))
+                requests.append(pack_extra_info(gso_extra(f.gso.size, f.gso.type), TX_SLOT_SIZE))
+        self.tx.put_requests(requests)
         self.tx_pushed = True
         stats["tx_packets"] += 1
         if f.gso is not None:
@@ -200,11 +207,13 @@ class _Queue:
                 self.host.notify(self.tx_port)
 
     def reap_tx(self) -> None:
-        free = self.tx_free
+        """Buffers whose requests were answered are free again (an id answered twice frees once)."""
+        free, in_flight = self.tx_free, self.tx_in_flight
         while True:
             for raw in self.tx.take_responses():
                 rsp = parse_tx_response(raw)
-                if 0 <= rsp.id < TX_RING_SIZE and rsp.status != 1 and rsp.id not in free:
+                if 0 <= rsp.id < TX_RING_SIZE and rsp.status != 1 and in_flight[rsp.id]:
+                    in_flight[rsp.id] = 0
                     free.append(rsp.id)
             if not self.tx.final_check_for_responses():
                 return
@@ -511,6 +520,7 @@ class Netfront:
                 out += q.reap_rx(self.stats)
         if self.tap in ready or pending:
             budget = TAP_BUDGET
+            view = memoryview(buf)
             while budget and len(pending) < TAP_BUDGET:
                 try:
                     n = os.readv(self.tap, [buf])
@@ -523,7 +533,7 @@ class Netfront:
                 budget -= 1
                 if n < VIRTIO_NET_HDR_SIZE:
                     continue
-                frames = from_tap(VirtioNetHdr.parse(buf), bytes(buf[VIRTIO_NET_HDR_SIZE:n]), self.offloads)
+                frames = from_tap(VirtioNetHdr.parse(buf), bytes(view[VIRTIO_NET_HDR_SIZE:n]), self.offloads)
                 if isinstance(frames, str):
                     log.debug("vif %d: dropping a frame from %s: %s", self.devid, self.ifname, frames)
                     self.stats["tx_dropped"] += 1
