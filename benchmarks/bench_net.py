@@ -7,7 +7,9 @@
 Four paths, one iperf3 TCP stream each (client -> server, MTU 1500), measured in one run:
 
 * OURS   g1 -> netfront -> rings + grants -> netback "net0" -> netfront -> g2 (``xdom up --detach``;
-         each guest's eth0 a TAP in its own namespace, opened IFF_TAP|IFF_NO_PI: no offloads)
+         each guest's eth0 a TAP in its own namespace with IFF_VNET_HDR: GSO and checksum offload cross
+         the rings), twice: netback bridging its vifs' TAPs on a Linux bridge (the default as root), and
+         netback's built-in learning switch
 * CEIL   a plain veth pair between two fresh namespaces (the kernel alone)
 * FLOOR  a minimal Python TAP-to-TAP forwarder: one TAP in each of two fresh namespaces, both fds
          held by one Python process in the root namespace, one thread per direction moving whole
@@ -53,6 +55,7 @@ kind = "xenstored"
 [[domain]]
 name = "net0"
 kind = "netback"
+switch = "{switch}"
 [[domain]]
 name = "g1"
 kind = "guest"
@@ -64,7 +67,8 @@ kind = "guest"
 memory = "16M"
 vif = ["mac=00:16:3e:00:00:02, backend=net0, ip=10.77.0.2/24"]
 """
-PATHS = (("ours", "OURS  netfront/netback (g1 -> net0 -> g2)"),
+PATHS = (("ours", "OURS  netfront/netback, bridge (g1 -> net0 -> g2)"),
+         ("builtin", "OURS  netfront/netback, built-in switch"),
          ("veth", "CEIL  veth pair, kernel only"),
          ("plain", "FLOOR Python TAP forwarder, no offloads"),
          ("vnet", "FLOOR Python TAP forwarder, VNET_HDR + TSO"))
@@ -208,10 +212,12 @@ def report(res: dict[str, dict[str, Any]], args: argparse.Namespace, wall: float
     print(f"  {'path':<46} {'Gbit/s':>9} {'retr':>7} {'vs veth':>9} {'ours/this':>10} {'CPU s/GiB':>10}")
     for key, label in PATHS:
         r = res[key]
-        ours = "" if key in ("ours", "veth") else f"{res['ours']['gbit_s'] / r['gbit_s']:>9.4f}x"
+        ours = "" if key in ("ours", "builtin", "veth") else f"{res['ours']['gbit_s'] / r['gbit_s']:>9.4f}x"
         cpu = f"{sum(r['cpu_per_gib'].values()):.2f}" if r["cpu_per_gib"] else "-"
         print(f"  {label:<46} {r['gbit_s']:>9.3f} {r['retr']:>7} {r['gbit_s'] / veth:>8.4f}x {ours:>10} {cpu:>10}")
-    print("  OURS CPU s/GiB by process: " + ", ".join(f"{n} {v:.2f}" for n, v in res["ours"]["cpu_per_gib"].items()))
+    for key, mode in (("ours", "bridge"), ("builtin", "built-in switch")):
+        print(f"  OURS ({mode}) CPU s/GiB by process: "
+              + ", ".join(f"{n} {v:.2f}" for n, v in res[key]["cpu_per_gib"].items()))
     print("  (receiver-side rate; retr: TCP retransmits; CPU s/GiB: user+system s of data-path processes per GiB)")
     print(f"\n(total wall time {wall:.1f} s)\n{line}")
 
@@ -246,31 +252,35 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_term)
     t0, tag = time.monotonic(), f"xnb{os.getpid()}"
     tmp = tempfile.mkdtemp(prefix="xdb-net-", dir="/tmp")
-    state_dir, run_dir = os.path.join(tmp, "state"), os.path.join(tmp, "run")
     made_ns: list[str] = []
     procs: list[subprocess.Popen[bytes]] = []
-    started = False
+    up_dirs: list[tuple[str, str]] = []
     res: dict[str, dict[str, Any]] = {}
     try:
-        topo = os.path.join(tmp, "bench.toml")
-        with open(topo, "w") as f:
-            f.write(TOPOLOGY)
-        print("xdom up (xenstored, net0, g1, g2) ...", file=sys.stderr, flush=True)
-        started = True
-        up = xdom("up", topo, "--detach", "--state-dir", state_dir, "--run-dir", run_dir)
-        if up.returncode != 0:
-            raise BenchError(f"xdom up failed (status {up.returncode}):\n{up.stdout}{up.stderr}")
-        doms = domains(run_dir)
-        pids = {n: doms[n]["pid"] for n in ("net0", "g1", "g2")}
-        bpid = broker_pid(run_dir)
-        if bpid is not None:
-            pids["broker"] = bpid
-        print(f"OURS: iperf3 10.77.0.1 -> 10.77.0.2 for {args.seconds:g} s ...", file=sys.stderr, flush=True)
-        res["ours"] = iperf(doms["g1"]["netns"], doms["g2"]["netns"], "10.77.0.2", args.seconds, pids, procs)
-        after = domains(run_dir)
-        for name in ("xs", "net0", "g1", "g2"):
-            if after[name]["restarts"] or after[name]["pid"] != doms[name]["pid"]:
-                raise BenchError(f"domain {name} restarted during the run ({after[name]['last_exit']})")
+        for key, switch in (("ours", "bridge"), ("builtin", "builtin")):
+            state_dir, run_dir = os.path.join(tmp, switch, "state"), os.path.join(tmp, switch, "run")
+            os.makedirs(os.path.join(tmp, switch), exist_ok=True)
+            topo = os.path.join(tmp, switch, "bench.toml")
+            with open(topo, "w") as f:
+                f.write(TOPOLOGY.replace("{switch}", switch))
+            print(f"xdom up (xenstored, net0 with switch = {switch!r}, g1, g2) ...", file=sys.stderr, flush=True)
+            up_dirs.append((state_dir, run_dir))
+            up = xdom("up", topo, "--detach", "--state-dir", state_dir, "--run-dir", run_dir)
+            if up.returncode != 0:
+                raise BenchError(f"xdom up failed (status {up.returncode}):\n{up.stdout}{up.stderr}")
+            doms = domains(run_dir)
+            pids = {n: doms[n]["pid"] for n in ("net0", "g1", "g2")}
+            bpid = broker_pid(run_dir)
+            if bpid is not None:
+                pids["broker"] = bpid
+            print(f"OURS ({switch}): iperf3 10.77.0.1 -> 10.77.0.2 for {args.seconds:g} s ...", file=sys.stderr,
+                  flush=True)
+            res[key] = iperf(doms["g1"]["netns"], doms["g2"]["netns"], "10.77.0.2", args.seconds, pids, procs)
+            after = domains(run_dir)
+            for name in ("xs", "net0", "g1", "g2"):
+                if after[name]["restarts"] or after[name]["pid"] != doms[name]["pid"]:
+                    raise BenchError(f"domain {name} restarted during the run ({after[name]['last_exit']})")
+            xdom("down", "--run-dir", run_dir)
 
         ns_a, ns_b = f"{tag}-va", f"{tag}-vb"
         add_ns(ns_a, made_ns)
@@ -306,7 +316,7 @@ def main() -> int:
             stop(p)
         for ns in made_ns:            # their veth ends and any TAP left go with them
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True, timeout=30)
-        if started:
+        for state_dir, run_dir in up_dirs:
             down = xdom("down", "--run-dir", run_dir)
             if down.returncode not in (0, 3):
                 print(f"bench_net: xdom down failed (status {down.returncode}): {down.stderr.strip()}",

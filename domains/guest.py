@@ -52,6 +52,7 @@ from .wakeup import WakePipe
 from .xenbus import read_or_none
 from .xenhost import XenHost, connect
 from .xenstore import XenstoreClient
+from .xs_wire import XenstoreError
 
 log = logging.getLogger("xdom.guest")
 
@@ -170,10 +171,8 @@ class Guest:
         """
         if self.stop_reason:
             return
-        try:
-            present = {int(n) for n in xs.directory(f"{home}/device/vif") if n.isdigit()}
-        except Exception as e:
-            log.warning("listing vifs: %s", e)
+        present = self._device_ids(xs, f"{home}/device/vif")
+        if present is None:
             return
         with self._disk_lock:
             gone = [nic for nic in self._nics if nic.devid not in present]
@@ -206,6 +205,20 @@ class Guest:
             self._attach_vif(host, xs, home, devid, ifname, tun_fd)
         except Exception as e:
             log.error("vif %d: hot-attach failed: %s", devid, e)
+
+    @staticmethod
+    def _device_ids(xs: XenstoreClient, path: str) -> set[int] | None:
+        """The device ids under ``path``: none when it does not exist; None when the listing failed
+        (the store restarting, say), which says nothing about what is there: the caller changes nothing."""
+        try:
+            return {int(n) for n in xs.directory(path) if n.isdigit()}
+        except XenstoreError as e:
+            if e.name == "ENOENT":
+                return set()
+            log.warning("listing %s: %s", path, e)
+        except Exception as e:
+            log.warning("listing %s: %s", path, e)
+        return None
 
     def _wait_for_node(self, xs: XenstoreClient, node: str, token: str) -> None:
         present = threading.Event()
@@ -241,10 +254,8 @@ class Guest:
         """
         if self.stop_reason:
             return
-        try:
-            present = {int(n) for n in xs.directory(f"{home}/device/vbd") if n.isdigit()}
-        except Exception as e:          # a failed listing says nothing about what is there: change nothing
-            log.warning("listing disks: %s", e)
+        present = self._device_ids(xs, f"{home}/device/vbd")
+        if present is None:
             return
         with self._disk_lock:
             gone = [d for d in self._attached if d not in present]
