@@ -140,7 +140,8 @@ class _Queue:
         self.rx_partial: list[bytes] = []
         self.rx_first_flags = 0                 # the packet being received: its first slot's flags,
         self.rx_gso: GsoInfo | None = None      # its GSO extra,
-        self.rx_in_extras = False               # and whether extra-info slots come next
+        self.rx_in_extras = False               # whether extra-info slots come next,
+        self.rx_data_done = False               # and whether its last data slot has come
         # Buffer ids in the order their requests were posted: a response sits in
         # its request's slot, so this (not the response's id, which an
         # extra-info slot does not carry) says whose page it filled.
@@ -225,9 +226,12 @@ class _Queue:
 
         A packet is its first data slot, the extra-info slots chained after
         it (``XEN_NETIF_EXTRA_FLAG_MORE``; a GSO extra says how to segment),
-        then its other data slots.
+        then its other data slots.  A packet whose first data slot is also
+        its last is complete only once its extra slots are read: a GSO
+        super-frame can fit one page.
         """
-        frames, repost = [], []
+        frames: list[tuple[bytes, bytes]] = []
+        repost = []
         memory = self.host.memory
         while True:
             for raw in self.rx.take_responses():
@@ -240,6 +244,8 @@ class _Queue:
                     if extra.type == XEN_NETIF_EXTRA_TYPE_GSO and isinstance(extra.body, GsoInfo):
                         self.rx_gso = extra.body
                     self.rx_in_extras = extra.more
+                    if not extra.more and self.rx_data_done:
+                        self._finish_packet(frames, stats)
                     continue
                 rsp = parse_rx_response(raw)
                 if not self.rx_partial:
@@ -252,23 +258,28 @@ class _Queue:
                     self.rx_partial.append(b"")
                     stats["rx_errors"] += 1
                 if not rsp.flags & NETRXF_more_data:
-                    frame = b"".join(self.rx_partial)
-                    if all(self.rx_partial) and frame:
-                        flags = self.rx_first_flags
-                        out = to_tap(frame, bool(flags & NETRXF_csum_blank), bool(flags & NETRXF_data_validated),
-                                     self.rx_gso)
-                        if out is None:
-                            stats["rx_errors"] += 1
-                        else:
-                            frames.append((out[0].pack(), out[1]))
-                            stats["rx_packets"] += 1
-                            if self.rx_gso is not None:
-                                stats["rx_gso"] += 1
-                    self.rx_partial = []
+                    self.rx_data_done = True
+                    if not self.rx_in_extras:
+                        self._finish_packet(frames, stats)
             if not self.rx.final_check_for_responses():
                 break
         self.post_rx(repost)
         return frames
+
+    def _finish_packet(self, frames: list[tuple[bytes, bytes]], stats: dict[str, int]) -> None:
+        frame = b"".join(self.rx_partial)
+        if all(self.rx_partial) and frame:
+            flags = self.rx_first_flags
+            out = to_tap(frame, bool(flags & NETRXF_csum_blank), bool(flags & NETRXF_data_validated), self.rx_gso)
+            if out is None:
+                stats["rx_errors"] += 1
+            else:
+                frames.append((out[0].pack(), out[1]))
+                stats["rx_packets"] += 1
+                if self.rx_gso is not None:
+                    stats["rx_gso"] += 1
+        self.rx_partial = []
+        self.rx_data_done = False
 
     def post_rx(self, ids: list[int] | range | None = None) -> None:
         rx, refs, posted = self.rx, self.rx_refs, self.rx_posted
