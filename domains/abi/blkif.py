@@ -163,16 +163,29 @@ def parse_indirect_segments(page: bytes, count: int) -> list[Segment]:
     return [Segment(*seg) for seg in SEGMENT.iter_unpack(page[:count * SEGMENT.size])]
 
 
+_REQUEST_RUNS: dict[tuple[str, int], struct.Struct] = {}
+
+
+def _request_struct(abi: BlkifABI, nseg: int) -> struct.Struct:
+    """Header, ``nseg`` segments and zero padding to the slot size, as one struct (built once)."""
+    st = _REQUEST_RUNS.get((abi.name, nseg))
+    if st is None:
+        fmt = abi.request.format + "x" * (abi.segments_offset - abi.request.size) + "IBBxx" * nseg
+        pad = abi.request_size - struct.calcsize(fmt)
+        st = _REQUEST_RUNS[(abi.name, nseg)] = struct.Struct(fmt + "x" * pad)
+        assert st.size == abi.request_size
+    return st
+
+
 def pack_request(abi: BlkifABI, operation: int, id: int, sector: int, handle: int,
                  segments: list[tuple[int, int, int]]) -> bytes:
     """A direct READ/WRITE/FLUSH/BARRIER request, zero-padded to the slot size."""
-    if len(segments) > BLKIF_MAX_SEGMENTS_PER_REQUEST:
+    n = len(segments)
+    if n > BLKIF_MAX_SEGMENTS_PER_REQUEST:
         raise ValueError("too many segments for a direct request")
-    buf = bytearray(abi.request_size)
-    abi.request.pack_into(buf, 0, operation, len(segments), handle, id, sector)
-    for i, seg in enumerate(segments):
-        SEGMENT.pack_into(buf, abi.segments_offset + i * SEGMENT.size, *seg)
-    return bytes(buf)
+    if n == 1:
+        return _request_struct(abi, 1).pack(operation, 1, handle, id, sector, *segments[0])
+    return _request_struct(abi, n).pack(operation, n, handle, id, sector, *[v for seg in segments for v in seg])
 
 
 def pack_indirect_request(abi: BlkifABI, operation: int, id: int, sector: int, handle: int,
@@ -192,12 +205,18 @@ def pack_discard_request(abi: BlkifABI, id: int, sector: int, nr_sectors: int, h
     return bytes(buf)
 
 
+_SEGMENT_PAGES: dict[int, struct.Struct] = {}
+
+
 def pack_segments(segments: list[tuple[int, int, int]]) -> bytes:
     """An indirect page's content (a whole page, zero-padded)."""
-    buf = bytearray(4096)
-    for i, seg in enumerate(segments):
-        SEGMENT.pack_into(buf, i * SEGMENT.size, *seg)
-    return bytes(buf)
+    n = len(segments)
+    st = _SEGMENT_PAGES.get(n)
+    if st is None:
+        if n > SEGMENTS_PER_INDIRECT_FRAME:
+            raise ValueError("too many segments for an indirect page")
+        st = _SEGMENT_PAGES[n] = struct.Struct("<" + "IBBxx" * n + "x" * (4096 - n * SEGMENT.size))
+    return st.pack(*[v for seg in segments for v in seg])
 
 
 def pack_response(abi: BlkifABI, id: int, operation: int, status: int) -> bytes:

@@ -40,16 +40,17 @@ import os
 import select
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..abi.blkif import (
     ABIS, BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE,
     BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_OKAY, PROTOCOL_X86_64, SEGMENTS_PER_INDIRECT_FRAME, VDISK_READONLY, abi_for,
-    pack_discard_request, pack_indirect_request, pack_request, pack_segments, parse_response,
+    pack_discard_request, pack_indirect_request, pack_request, pack_segments,
 )
 from ..abi.ring import FrontRing, RingOverflow, SharedRing
 from ..frame_pool import FramePool, OutOfFrames
+from ..nbd.device import completion_batch
 from ..xenbus import XenbusState, read_int, read_or_none, read_state, switch_state
 from ..xenhost.base import XenHost
 from ..xenstore import XenstoreClient
@@ -83,40 +84,54 @@ class FrontendOptions:
     max_persistent_frames: int = DEFAULT_PERSISTENT_FRAMES
 
 
-@dataclass
+# Plain classes with __slots__ rather than dataclasses: one _Op and one _Req are built per I/O.
+
 class _Page:
-    gfn: int
-    ref: int
-    persistent: bool
+    __slots__ = ("gfn", "ref", "persistent")
+
+    def __init__(self, gfn: int, ref: int, persistent: bool) -> None:
+        self.gfn, self.ref, self.persistent = gfn, ref, persistent
+
+    def __repr__(self) -> str:
+        return f"_Page(gfn={self.gfn}, ref={self.ref}, persistent={self.persistent})"
 
 
-@dataclass
 class _Op:
     """One operation from the block-device user; may become several blkif requests."""
-    kind: int                       # BLKIF_OP_*
-    offset: int
-    length: int
-    done: Callable
-    data: memoryview | None = None  # writes
-    then_flush: bool = False        # FUA
-    zeroes: bool = False            # a write of zeroes: every segment is the one zero page
-    next_byte: int = 0              # how much has been turned into requests
-    outstanding: int = 0
-    redo: list[tuple[int, int]] = field(default_factory=list)   # byte ranges to issue again (a backend restart)
-    error: int = 0
-    read_pages: dict[int, list[tuple[_Page, int]]] = field(default_factory=dict)   # offset -> pages
+
+    __slots__ = ("kind", "offset", "length", "done", "data", "then_flush", "zeroes", "next_byte", "outstanding",
+                 "redo", "error", "read_pages")
+
+    def __init__(self, kind: int, offset: int, length: int, done: Callable, data: memoryview | None = None,
+                 then_flush: bool = False, zeroes: bool = False) -> None:
+        self.kind = kind                        # BLKIF_OP_*
+        self.offset = offset
+        self.length = length
+        self.done = done
+        self.data = data                        # writes
+        self.then_flush = then_flush            # FUA
+        self.zeroes = zeroes                    # a write of zeroes: every segment is the one zero page
+        self.next_byte = 0                      # how much has been turned into requests
+        self.outstanding = 0
+        self.redo: list[tuple[int, int]] = []   # byte ranges to issue again (a backend restart)
+        self.error = 0
+        self.read_pages: dict[int, _Req] = {}   # offset in the op -> the answered request that read it
 
 
-@dataclass
 class _Req:
     """One blkif request in flight: which part of which operation it carries, and what to free."""
-    id: int
-    raw: bytes
-    op: _Op
-    byte_offset: int                # within the op
-    length: int                     # bytes of the op it carries
-    pages: list[tuple[_Page, int]]  # data pages (ours to free) with their byte counts
-    indirect: list[_Page]
+
+    __slots__ = ("id", "raw", "op", "byte_offset", "length", "pages", "indirect")
+
+    def __init__(self, id: int, raw: bytes, op: _Op, byte_offset: int, length: int,
+                 pages: list[_Page], indirect: list[_Page]) -> None:
+        self.id = id
+        self.raw = raw
+        self.op = op
+        self.byte_offset = byte_offset          # within the op
+        self.length = length                    # bytes of the op it carries
+        self.pages = pages                      # data pages (ours to free): all full but the last
+        self.indirect = indirect
 
 
 class _Queue:
@@ -169,12 +184,14 @@ class Blkfront:
         self._persistent_count = 0
         self._deferred: list[tuple[int, int]] = []     # (ref, gfn) still mapped by the backend
         self._next_queue = 0
+        self._plugged: set[int] = set()           # threads between plug() and unplug()
         self._features: dict[str, int] = {}
         self._error = ""
         self._closing = False
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._thread = threading.Thread(target=self._completion_loop, name=f"blkfront-{devid}", daemon=True)
         self._token = f"blkfront:{devid}"
+        self._memory = host.memory.buffer         # the domain's frames, frame g at [g * PAGE_SIZE, ...)
 
     # ---- connection ------------------------------------------------------------------
 
@@ -328,7 +345,7 @@ class Blkfront:
         for req in reqs:
             op = req.op
             op.outstanding -= 1
-            self._put_pages([p for p, _ in req.pages] + req.indirect)
+            self._put_pages(req.pages + req.indirect)
             if op.kind in (BLKIF_OP_READ, BLKIF_OP_WRITE):
                 op.redo.append((req.byte_offset, req.byte_offset + req.length))
             else:
@@ -416,9 +433,21 @@ class Blkfront:
                 self._pending.append(op)
                 if self.state == XenbusState.Connected:
                     self._kick_pending()
-                    self._push_all()
+                    if threading.get_ident() not in self._plugged:
+                        self._push_all()
                 return
         self._complete(op, err)
+
+    def plug(self) -> None:
+        """Hold back this thread's submissions from the backend until :meth:`unplug` (the requests go on
+        the ring, the ring is pushed and the backend notified once for all of them)."""
+        self._plugged.add(threading.get_ident())
+
+    def unplug(self) -> None:
+        with self._lock:
+            self._plugged.discard(threading.get_ident())
+            if self.state == XenbusState.Connected:
+                self._push_all()
 
     # ---- turning operations into requests ----------------------------------------------
 
@@ -501,16 +530,23 @@ class Blkfront:
                 pages = self._get_pages(npages + nindirect, readonly=op.kind == BLKIF_OP_WRITE)
                 if pages is None:
                     return False
-                data_pages, indirect_pages = pages[:npages], pages[npages:]
-            segs = []
-            page_bytes = []
-            for i, page in enumerate(data_pages):
-                n = min(PAGE_SIZE, chunk - i * PAGE_SIZE)
-                if op.data is not None:
-                    at = start + i * PAGE_SIZE
-                    self.host.memory.frame(page.gfn)[:n] = op.data[at:at + n]
-                segs.append((page.ref, 0, n // 512 - 1))
-                page_bytes.append((page, n))
+                if nindirect:
+                    data_pages, indirect_pages = pages[:npages], pages[npages:]
+                else:
+                    data_pages, indirect_pages = pages, []
+            # Every page is whole but maybe the last (a chunk is whole 512-byte sectors).
+            last = chunk - (npages - 1) * PAGE_SIZE
+            segs = [(page.ref, 0, 7) for page in data_pages]
+            if last != PAGE_SIZE:
+                segs[-1] = (data_pages[-1].ref, 0, last // 512 - 1)
+            if op.data is not None:
+                mem, data = self._memory, op.data
+                at = start
+                for page in data_pages:
+                    g = page.gfn * PAGE_SIZE
+                    n = min(PAGE_SIZE, chunk + start - at)
+                    mem[g:g + n] = data[at:at + n]
+                    at += n
             rid = next(self._ids)
             sector = (op.offset + start) // 512
             if nindirect:
@@ -522,7 +558,7 @@ class Blkfront:
                 self.indirect_requests += 1
             else:
                 raw = pack_request(self.abi, op.kind, rid, sector, self.devid, segs)
-            req = _Req(rid, raw, op, start, chunk, [] if op.zeroes else page_bytes, indirect_pages)
+            req = _Req(rid, raw, op, start, chunk, [] if op.zeroes else data_pages, indirect_pages)
             if op.redo:
                 if start + chunk < end:
                     op.redo[0] = (start + chunk, end)
@@ -568,7 +604,9 @@ class Blkfront:
                 if self._persistent_count < n and not self._shadow:
                     raise OutOfFrames(f"a request needs {n} frames and only {self._persistent_count} can be had")
                 return None
-            out, self._free_persistent = self._free_persistent[-n:], self._free_persistent[:-n]
+            free = self._free_persistent
+            out = free[-n:]
+            del free[-n:]
             return out
         try:
             gfns = self.pool.alloc(n)
@@ -622,10 +660,11 @@ class Blkfront:
             self._reap()
 
     def _reap(self) -> None:
-        finished: list[tuple[_Op, list[_Req]]] = []
+        finished: list[_Op] = []
         with self._lock:
             if self.state != XenbusState.Connected:
                 return
+            unpack, shadow = self.abi.response.unpack_from, self._shadow
             for q in self._queues:
                 while True:
                     try:
@@ -634,8 +673,8 @@ class Blkfront:
                         log.error("vbd %d: backend broke ring %d: %s", self.devid, q.index, e)
                         raws = []
                     for raw in raws:
-                        rid, _, status = parse_response(self.abi, raw)
-                        req = self._shadow.pop(rid, None)
+                        rid, _, status = unpack(raw)
+                        req = shadow.pop(rid, None)
                         if req is None:
                             log.warning("vbd %d: response for unknown request id %d ignored", self.devid, rid)
                             continue
@@ -645,23 +684,29 @@ class Blkfront:
                         if status != BLKIF_RSP_OKAY and not op.error:
                             op.error = errno.EOPNOTSUPP if status == -2 else errno.EIO
                         if op.kind == BLKIF_OP_READ:
-                            op.read_pages[req.byte_offset] = req.pages
-                            self._put_pages(req.indirect)
-                        else:
-                            self._put_pages([p for p, _ in req.pages] + req.indirect)
+                            op.read_pages[req.byte_offset] = req      # its pages hold the data until done
+                            if req.indirect:
+                                self._put_pages(req.indirect)
+                        elif req.pages or req.indirect:
+                            self._put_pages(req.pages + req.indirect)
                         if op.outstanding == 0 and op.next_byte >= op.length and not op.redo:
-                            finished.append((op, []))
+                            finished.append(op)
                     if not q.ring.final_check_for_responses():
                         break
-        for op, _ in finished:
-            if op.kind == BLKIF_OP_WRITE and op.then_flush and not op.error:
-                op.then_flush = False
-                op.kind, op.next_byte, op.length = BLKIF_OP_FLUSH_DISKCACHE, 0, 0
-                with self._lock:
-                    self._pending.appendleft(op)
-                continue
-            self._complete(op, op.error)
+        release: list[_Page] = []
+        # One batch: the NBD server sends the replies of all these operations together when it ends.
+        with completion_batch():
+            for op in finished:
+                if op.kind == BLKIF_OP_WRITE and op.then_flush and not op.error:
+                    op.then_flush = False
+                    op.kind, op.next_byte, op.length = BLKIF_OP_FLUSH_DISKCACHE, 0, 0
+                    with self._lock:
+                        self._pending.appendleft(op)
+                    continue
+                self._complete(op, op.error, release)
         with self._lock:
+            if release:
+                self._put_pages(release)
             if self.state == XenbusState.Connected:
                 self._kick_pending()
                 self._push_all()
@@ -670,23 +715,34 @@ class Blkfront:
         """Complete without calling back under our lock (the callback may submit more)."""
         threading.Thread(target=self._complete, args=(op, error), daemon=True).start()
 
-    def _complete(self, op: _Op, error: int) -> None:
-        """Hand the result to the user; read data is sent straight from our frames, which are freed after."""
+    def _complete(self, op: _Op, error: int, release: list[_Page] | None = None) -> None:
+        """Hand the result to the user; read data is sent straight from our frames, which are freed after
+        (at once, or added to ``release`` for the caller to free)."""
         try:
             if op.kind == BLKIF_OP_READ:
                 views = []
+                answered = op.read_pages
                 if not error:
-                    for off in sorted(op.read_pages):
-                        for page, n in op.read_pages[off]:
-                            views.append(self.host.memory.frame(page.gfn)[:n])
+                    mem = self._memory
+                    for off in (sorted(answered) if len(answered) > 1 else answered):
+                        req = answered[off]
+                        for page in req.pages:
+                            g = page.gfn * PAGE_SIZE
+                            views.append(mem[g:g + PAGE_SIZE])
+                        last = req.length - (len(req.pages) - 1) * PAGE_SIZE
+                        if last != PAGE_SIZE:
+                            views[-1] = views[-1][:last]
                 try:
                     op.done(error, views)
                 finally:
                     views.clear()
-                    with self._lock:
-                        for pages in op.read_pages.values():
-                            self._put_pages([p for p, _ in pages])
-                        op.read_pages.clear()
+                    pages = [p for req in answered.values() for p in req.pages]
+                    answered.clear()
+                    if release is not None:
+                        release += pages
+                    else:
+                        with self._lock:
+                            self._put_pages(pages)
             else:
                 op.done(error)
         except Exception:
@@ -699,11 +755,13 @@ class Blkfront:
         failed = {id(r.op): r.op for r in self._shadow.values()}
         failed.update({id(op): op for op in self._pending})
         for req in self._shadow.values():
-            self._put_pages([p for p, _ in req.pages] + req.indirect)
+            self._put_pages(req.pages + req.indirect)
         self._shadow.clear()
         self._pending.clear()
         self._teardown_rings()
         for op in failed.values():
+            for req in op.read_pages.values():
+                self._put_pages(req.pages)
             op.read_pages.clear()
             threading.Thread(target=self._complete, args=(op, error), daemon=True).start()
 

@@ -28,6 +28,20 @@ Contract for every ``submit_*`` method (what the server relies on):
   trims and write-zeroes never reach a ``read_only`` device, trims only a
   ``can_trim`` one, write-zeroes only a ``can_write_zeroes`` one, flushes
   only a ``can_flush`` one.  Trim may be up to 4 GiB - 1 bytes long.
+
+Optional, for devices where a request or a completion has a fixed cost
+worth sharing (a ring's notification, a reply's system call):
+
+* ``plug()`` / ``unplug()`` (both or neither; Linux's ``blk_start_plug``):
+  the server calls ``plug()`` before submitting the requests it read in one
+  go and ``unplug()`` after them, on the same thread; in between the device
+  may hold submitted work back (not tell its backend) until ``unplug()``.
+  The server never waits for a completion while plugged.
+* :func:`completion_batch`: a device that completes several requests in a
+  row on one thread does so inside ``with completion_batch():``; ``done``
+  callbacks may then leave work for the end of the batch (the server
+  gathers the replies and sends them with one system call).  A read's
+  buffers are still only valid until its ``done`` returns.
 """
 
 from __future__ import annotations
@@ -42,7 +56,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Protocol, Sequence, Union, runtime_checkable
 
-__all__ = ["ReadDone", "Done", "BlockDevice", "FileBlockDevice"]
+__all__ = ["ReadDone", "Done", "BlockDevice", "FileBlockDevice", "CompletionBatch", "completion_batch",
+           "current_completion_batch"]
 
 log = logging.getLogger("xdom.nbd")
 
@@ -82,6 +97,62 @@ class BlockDevice(Protocol):
     def submit_trim(self, offset: int, length: int, done: Done) -> None: ...
 
     def submit_write_zeroes(self, offset: int, length: int, may_trim: bool, done: Done) -> None: ...
+
+
+class CompletionBatch:
+    """Work ``done`` callbacks left for the end of a run of completions: per key, a list of items and
+    the function that finishes them (called once, at the end of the batch, with that list)."""
+
+    __slots__ = ("_work",)
+
+    def __init__(self) -> None:
+        self._work: dict[object, tuple[list, Callable[[list], None]]] = {}
+
+    def items(self, key: object, finish: Callable[[list], None]) -> list:
+        """The list of ``key``'s deferred items in this batch; ``finish(items)`` runs when the batch ends."""
+        entry = self._work.get(key)
+        if entry is None:
+            entry = self._work[key] = ([], finish)
+        return entry[0]
+
+    def _finish(self) -> None:
+        while self._work:
+            work, self._work = self._work, {}
+            for items, finish in work.values():
+                try:
+                    finish(items)
+                except Exception:
+                    log.exception("finishing a batch of completions failed")
+
+
+_batches = threading.local()
+
+
+class completion_batch:
+    """``with completion_batch(): ...`` around a run of ``done`` calls on this thread (see the module
+    docstring); nested uses join the outermost batch, which finishes the work when it ends."""
+
+    __slots__ = ("_batch",)
+
+    def __enter__(self) -> CompletionBatch | None:
+        if getattr(_batches, "current", None) is not None:
+            self._batch = None
+            return None
+        self._batch = _batches.current = CompletionBatch()
+        return self._batch
+
+    def __exit__(self, *exc: object) -> None:
+        batch = self._batch
+        if batch is not None:
+            try:
+                batch._finish()
+            finally:
+                _batches.current = None
+
+
+def current_completion_batch() -> CompletionBatch | None:
+    """The batch of completions this thread is in, if any."""
+    return getattr(_batches, "current", None)
 
 
 # --- fallocate(2) through libc: Python's os module has no mode flags -----------

@@ -52,7 +52,7 @@ import errno as _errno
 import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, NamedTuple, Sequence, Union
 
 __all__ = [
     "NBDMAGIC", "IHAVEOPT", "OPTION_REPLY_MAGIC", "REQUEST_MAGIC", "SIMPLE_REPLY_MAGIC",
@@ -208,11 +208,19 @@ _ERRNO_TO_NBD = {
 }
 
 
+_ERRNO_TO_WIRE = {k: int(v) for k, v in _ERRNO_TO_NBD.items()}
+_WIRE_EIO = int(NbdErr.EIO)
+
+
 def nbd_error(err: int) -> int:
     """Map a host errno (0 = success) to the value the NBD wire allows."""
     if err == 0:
         return 0
-    return int(_ERRNO_TO_NBD.get(err, NbdErr.EIO))
+    return _ERRNO_TO_WIRE.get(err, _WIRE_EIO)
+
+
+def _nbytes(b: Buffer) -> int:
+    return len(b) if type(b) is bytes or type(b) is bytearray else memoryview(b).nbytes
 
 
 # --- events -----------------------------------------------------------------
@@ -224,14 +232,15 @@ class Ready:
     transmission_flags: int
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
     """A valid transmission request the caller must execute and ``reply`` to.
 
     ``data`` is the WRITE payload (a view of a buffer owned by this request
     alone, so it may be handed to a device and kept until completion); it is
     ``None`` for every other command.  Zero-length requests never appear:
-    they are answered by the protocol itself.
+    they are answered by the protocol itself.  (A NamedTuple: one is built
+    for every request, and a tuple is several times cheaper than a frozen
+    dataclass.)
     """
     kind: Cmd
     handle: int
@@ -354,6 +363,10 @@ class NbdServerConnection:
         if can_multi_conn:
             tf |= TransmissionFlag.CAN_MULTI_CONN
         self._tflags = int(tf)
+        # What the fast path of ``next_event`` checks a READ/WRITE header against (the general path,
+        # ``_begin_request``, handles everything else, errors included).
+        self._rw_flags = int(CmdFlag.FUA) if tf & TransmissionFlag.SEND_FUA else 0
+        self._align_mask = sector_size - 1
 
         self._out = bytearray(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
         self._in = bytearray()
@@ -370,8 +383,8 @@ class NbdServerConnection:
         self._discard_left = 0
         self._then: Callable[..., None] = _noop
         self._after: _State = _State.DONE
-        # handle -> FIFO of (kind, length) for requests handed out, not replied.
-        self._pending: dict[int, deque[tuple[Cmd, int]]] = {}
+        # handle -> FIFO (a list: almost always one entry) of (kind, length) for requests handed out, not replied.
+        self._pending: dict[int, list[tuple[Cmd, int]]] = {}
         self._in_flight = 0
         self._transmission = False
 
@@ -484,6 +497,10 @@ class NbdServerConnection:
     def next_event(self) -> Event | None:
         """The next event, or ``None`` when more input is needed (or the
         connection is closed and everything has been reported)."""
+        if not self._events and self._state is _State.REQ_HEADER:
+            req = self._fast_request()
+            if req is not None:
+                return req
         while not self._events:
             try:
                 progressed = self._advance()
@@ -517,24 +534,29 @@ class NbdServerConnection:
         if not queue:
             raise ValueError(f"no request with handle {handle:#x} is in flight")
         kind, length = queue[0]
-        err = nbd_error(error)
-        bufs: list[Buffer] = []
+        err = _ERRNO_TO_WIRE.get(error, _WIRE_EIO) if error else 0
         if isinstance(data, (bytes, bytearray, memoryview)):
-            data_list: list[Buffer] = [data] if len(data) else []
+            data_list: Sequence[Buffer] = (data,)
         else:
-            data_list = list(data)
+            data_list = data
+        bufs: list[Buffer] = [_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, handle)]
         if err == 0 and kind is Cmd.READ:
-            bufs = [b for b in data_list if memoryview(b).nbytes]
-            total = sum(memoryview(b).nbytes for b in bufs)
+            total = 0
+            for b in data_list:
+                n = _nbytes(b)
+                if n:
+                    bufs.append(b)
+                    total += n
             if total != length:
                 raise ValueError(f"READ reply carries {total} bytes, {length} requested")
-        elif kind is not Cmd.READ and any(memoryview(b).nbytes for b in data_list):
+        elif kind is not Cmd.READ and any(_nbytes(b) for b in data_list):
             raise ValueError(f"{kind.name} replies carry no data")
-        queue.popleft()
-        if not queue:
+        if len(queue) == 1:
             del self._pending[handle]
+        else:
+            queue.pop(0)
         self._in_flight -= 1
-        return [_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, handle), *bufs]
+        return bufs
 
     # --- state machine --------------------------------------------------------
 
@@ -623,6 +645,38 @@ class NbdServerConnection:
             self._begin_request(*_REQUEST.unpack(b))
             return True
         raise AssertionError(f"unhandled state {st}")
+
+    def _fast_request(self) -> Request | None:
+        """The common transmission request in one step, or None to take the general path.
+
+        A valid READ, or a valid WRITE whose payload has arrived with it, is
+        parsed straight out of the input buffer; anything else (other
+        commands, anything ``_validate`` would refuse, a payload still to
+        come) is left untouched for ``_advance``, so behaviour is the same.
+        """
+        inp, pos = self._in, self._inpos
+        if len(inp) - pos < 28:
+            return None
+        magic, flags, kind, handle, offset, length = _REQUEST.unpack_from(inp, pos)
+        if (magic != REQUEST_MAGIC or kind > 1 or flags & ~self._rw_flags or not length
+                or length > self._max_block or (offset | length) & self._align_mask or offset + length > self._size):
+            return None
+        if kind == 0:
+            cmd, data, end = _CMD_READ, None, pos + 28
+        else:
+            end = pos + 28 + length
+            if self._read_only or len(inp) < end:
+                return None
+            cmd, data = _CMD_WRITE, memoryview(inp[pos + 28:end])     # a copy: the request's own buffer
+        self._inpos = end
+        self._compact()
+        queue = self._pending.get(handle)
+        if queue is None:
+            self._pending[handle] = [(cmd, length)]
+        else:
+            queue.append((cmd, length))
+        self._in_flight += 1
+        return Request(cmd, handle, offset, length, flags, data)
 
     def _at_eof_or_wait(self) -> bool:
         if not self._eof:
@@ -819,9 +873,16 @@ class NbdServerConnection:
         self._events.append(RequestRejected(handle, kind, err, reason))
 
     def _emit(self, cmd: Cmd, handle: int, offset: int, length: int, flags: int, data: memoryview | None) -> None:
-        self._pending.setdefault(handle, deque()).append((cmd, length))
+        queue = self._pending.get(handle)
+        if queue is None:
+            self._pending[handle] = [(cmd, length)]
+        else:
+            queue.append((cmd, length))
         self._in_flight += 1
         self._events.append(Request(cmd, handle, offset, length, flags, data))
+
+
+_CMD_READ, _CMD_WRITE = Cmd.READ, Cmd.WRITE
 
 
 def _noop(*_args: object) -> None:

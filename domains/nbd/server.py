@@ -11,7 +11,14 @@ Threads and why:
   the device uses -- send their reply themselves with ``sendmsg(header,
   *buffers)``, serialised by a per-connection send lock.  This is what lets a
   read reply go out from the device's own buffers, which are only valid until
-  the callback returns.
+  the callback returns.  A device that completes in batches
+  (``completion_batch``) gets the batch's replies to one connection in one
+  ``sendmsg`` when the batch ends: small read data is copied into the batch,
+  a large read sends the batch at once from the device's buffers.
+
+The requests one ``recv`` brought are submitted with the device plugged
+(``plug``/``unplug``, where it has them), so a ring is pushed and its
+backend notified once for all of them, not once per request.
 
 Requests are pipelined: the reader keeps submitting while earlier requests
 are in flight, up to ``max_requests_in_flight`` / ``max_bytes_in_flight``,
@@ -44,7 +51,7 @@ import threading
 import time
 from typing import Sequence, Union
 
-from .device import BlockDevice
+from .device import BlockDevice, current_completion_batch
 from .protocol import (
     Cmd,
     Disconnect,
@@ -61,6 +68,9 @@ log = logging.getLogger("xdom.nbd")
 
 _IOV_MAX = 1024
 _MiB = 1024 * 1024
+#: Read data up to this size is copied into a batch of replies (sent when the device's completion batch
+#: ends); larger reads go out at once from the device's own buffers, with whatever the batch holds so far.
+_COPY_MAX = 64 * 1024
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -277,6 +287,12 @@ class _Connection:
         self._stopping = False
         self._busy = 0
         self._busy_bytes = 0
+        # A device that can hold back submissions (blkfront: the ring's notification) is plugged
+        # while the requests of one recv() are submitted; only the reader thread touches _plugged.
+        plug, unplug = getattr(self._dev, "plug", None), getattr(self._dev, "unplug", None)
+        self._plug = plug if callable(plug) and callable(unplug) else None
+        self._unplug = unplug
+        self._plugged = False
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
 
     # --- control from the server --------------------------------------------------
@@ -340,28 +356,49 @@ class _Connection:
                 out = proto.data_to_send()
             if out and not self._send([out]):
                 return True
-            for ev in events:
-                if isinstance(ev, Request):
-                    self._submit(ev)
-                elif isinstance(ev, Ready):
-                    log.info("%s: %s entered transmission on export %r (flags %#x)",
-                             self.name, self.peer, ev.export_name, ev.transmission_flags)
-                elif isinstance(ev, RequestRejected):
-                    log.debug("%s: rejected request %#x (%s): %s", self.name, ev.handle, ev.kind, ev.reason)
-                elif isinstance(ev, Disconnect):
-                    log.debug("%s: client disconnected (%s)", self.name, ev.reason)
-                    return False
-                elif isinstance(ev, ProtocolError):
-                    if self._stopping:
-                        return False
-                    log.warning("%s: protocol error from %s: %s", self.name, self.peer, ev.reason)
-                    return True
+            try:
+                end = self._dispatch(events)
+            finally:
+                if self._plugged:
+                    self._plugged = False
+                    self._unplug()
+            if end is not None:
+                return end
             if self._broken:
                 return True
 
+    def _dispatch(self, events: list) -> bool | None:
+        """Act on what one recv() produced; True/False: the session ends (hard or not)."""
+        for ev in events:
+            if type(ev) is Request:
+                if self._plug is not None and not self._plugged:
+                    self._plug()
+                    self._plugged = True
+                self._submit(ev)
+            elif isinstance(ev, Ready):
+                log.info("%s: %s entered transmission on export %r (flags %#x)",
+                         self.name, self.peer, ev.export_name, ev.transmission_flags)
+            elif isinstance(ev, RequestRejected):
+                log.debug("%s: rejected request %#x (%s): %s", self.name, ev.handle, ev.kind, ev.reason)
+            elif isinstance(ev, Disconnect):
+                log.debug("%s: client disconnected (%s)", self.name, ev.reason)
+                return False
+            elif isinstance(ev, ProtocolError):
+                if self._stopping:
+                    return False
+                log.warning("%s: protocol error from %s: %s", self.name, self.peer, ev.reason)
+                return True
+        return None
+
     def _submit(self, req: Request) -> None:
         srv = self._server
-        cost = req.length if req.kind in (Cmd.READ, Cmd.WRITE) else 0
+        cost = req.length if req.kind is Cmd.READ or req.kind is Cmd.WRITE else 0
+        if self._plugged and (self._busy >= srv.max_requests_in_flight
+                              or self._busy_bytes + cost > srv.max_bytes_in_flight):
+            # About to wait for completions: what is held back must reach the device first.  (Only
+            # completions change _busy meanwhile, and they lower it: this check errs towards unplugging.)
+            self._plugged = False
+            self._unplug()
         with self._lock:
             # Back-pressure: while over the limits, stop reading (one request
             # is always admitted, so a single maximal request still runs).
@@ -419,7 +456,30 @@ class _Connection:
     # --- completion side (any thread) -------------------------------------------------
 
     def _complete(self, req: Request, err: int, bufs: Sequence[Buffer], cost: int | None) -> None:
-        """Reply to ``req``; ``cost`` is its in-flight accounting (None: not counted)."""
+        """Reply to ``req``; ``cost`` is its in-flight accounting (None: not counted).
+
+        Inside a device's completion batch the reply joins the batch's others and they go out
+        together when it ends (read data copied; a large read sends the batch at once, from the
+        device's buffers, which are only valid until we return)."""
+        batch = current_completion_batch() if cost is not None else None
+        if batch is not None:
+            send_now = False
+            if req.kind is Cmd.READ and err == 0:
+                total = 0
+                for b in bufs:
+                    total += len(b) if type(b) is bytes else memoryview(b).nbytes
+                if total != req.length:
+                    log.error("%s: device returned %d bytes for a %d-byte read", self.name, total, req.length)
+                    err, bufs = errno.EIO, ()
+                elif total <= _COPY_MAX:
+                    bufs = (b"".join(bufs),)
+                else:
+                    send_now = True
+            items = batch.items(self, self._reply_all)
+            items.append((req, err, bufs, cost))
+            if send_now:
+                self._reply_all(items)
+            return
         try:
             if req.kind is Cmd.READ and err == 0:
                 total = sum(memoryview(b).nbytes for b in bufs)
@@ -438,6 +498,27 @@ class _Connection:
                     self._busy -= 1
                     self._busy_bytes -= cost
                     self._lock.notify_all()
+
+    def _reply_all(self, items: list) -> None:
+        """Reply to every ``(request, errno, buffers, cost)`` of ``items`` with one send; empties it."""
+        if not items:
+            return
+        done, items[:] = items[:], []
+        try:
+            out: list[Buffer] = []
+            with self._lock:
+                for req, err, bufs, _ in done:
+                    out += self._proto.reply(req.handle, err, bufs)
+            self._send(out)
+        except Exception:
+            log.exception("%s: could not reply to %d request(s)", self.name, len(done))
+            self._break()
+        finally:
+            with self._lock:
+                for item in done:
+                    self._busy -= 1
+                    self._busy_bytes -= item[3]
+                self._lock.notify_all()
 
     def _send(self, bufs: Sequence[Buffer]) -> bool:
         with self._send_lock:
@@ -477,14 +558,16 @@ class _Op:
         self._conn = conn
         self._req = req
         self._cost = cost
-        self._once = threading.Lock()
-        self._stage = threading.Lock()
+        # One token each: list.pop() is atomic, so exactly one caller gets it (cheaper than a Lock).
+        self._once = [True]
+        self._stage = [True]
 
-    def _claim(self, lock: threading.Lock) -> bool:
-        if lock.acquire(blocking=False):
-            return True
-        log.error("%s: device completed request %#x more than once", self._conn.name, self._req.handle)
-        return False
+    def _claim(self, token: list) -> bool:
+        try:
+            return token.pop()
+        except IndexError:
+            log.error("%s: device completed request %#x more than once", self._conn.name, self._req.handle)
+            return False
 
     def read_done(self, err: int, bufs: Sequence[Buffer]) -> None:
         if self._claim(self._once):
@@ -511,7 +594,22 @@ class _Op:
 
 def _sendmsg_all(sock: socket.socket, bufs: Sequence[Buffer]) -> None:
     """sendmsg() every buffer, resuming after partial sends, no concatenation."""
+    sent = 0
+    if len(bufs) <= _IOV_MAX:
+        # The common case: everything in one call, straight from the caller's buffers.
+        total = 0
+        for b in bufs:
+            total += len(b) if type(b) is bytes else memoryview(b).nbytes
+        sent = sock.sendmsg(bufs, (), socket.MSG_NOSIGNAL)
+        if sent == total:
+            return
     views = [v for v in (memoryview(b).cast("B") for b in bufs) if v.nbytes]
+    while sent and views:
+        if sent >= len(views[0]):
+            sent -= len(views.pop(0))
+        else:
+            views[0] = views[0][sent:]
+            sent = 0
     i = 0
     while i < len(views):
         n = sock.sendmsg(views[i:i + _IOV_MAX], (), socket.MSG_NOSIGNAL)
