@@ -101,10 +101,13 @@ class NetRig:
         fe_path = f"/local/domain/{dom.domid}/device/vif/0"
         be_nodes = {"frontend": fe_path, "frontend-id": dom.domid, "online": 1, "state": 1, "mac": mac,
                     "handle": 0, "mtu": mtu, **({"rate": rate} if rate else {})}
-        for k, v in be_nodes.items():
-            self.xs.write(f"{be_path}/{k}", str(v))
-        for k, v in {"backend": be_path, "backend-id": self.be.domid, "state": 1, "handle": 0, "mac": mac}.items():
-            self.xs.write(f"{fe_path}/{k}", str(v))
+        fe_nodes = {"backend": be_path, "backend-id": self.be.domid, "state": 1, "handle": 0, "mac": mac}
+
+        def write(tx: int) -> None:           # all at once, as libxl does: netback never sees half a device
+            for base, nodes in ((be_path, be_nodes), (fe_path, fe_nodes)):
+                for k, v in nodes.items():
+                    self.xs.write(f"{base}/{k}", str(v), tx)
+        self.xs.transaction(write)
         with netns.entered(ns):               # the TAP device is found by name in the caller's namespace
             front = Netfront(dom, self.client(), 0, "eth0", offloads=offloads, max_queues=queues)
         self.fronts.append(front)

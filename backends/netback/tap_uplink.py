@@ -17,12 +17,11 @@ stops forwarding to it instead of filling its queue.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
-import struct
 
 from xdom.domains.packet import VIRTIO_NET_HDR_SIZE, VirtioNetHdr
+from xdom.domains.tun import READ_SIZE, attach_tap, set_carrier
 from xdom.domains.vnet import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, BackendOffloads, from_tap, to_tap
 
 from .offload import Frame
@@ -33,11 +32,6 @@ __all__ = ["TapUplink"]
 
 log = logging.getLogger("xdom.netback")
 
-TUNSETIFF = 0x400454CA
-TUNSETOFFLOAD = 0x400454D0
-TUNSETCARRIER = 0x400454E2
-IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
-READ_SIZE = VIRTIO_NET_HDR_SIZE + 65536 + 256
 # What the bridge may hand us: everything a vif's frontend can be given (fit() finishes what one cannot take).
 _EVERYTHING = BackendOffloads(sg=True, gso_tcpv4=True, gso_tcpv6=True, ipv6_csum=True)
 
@@ -52,14 +46,12 @@ class TapUplink:
         self.stats = {"tap_in": 0, "tap_out": 0, "tap_dropped": 0}
         self._buf = bytearray(READ_SIZE)
         try:
-            os.set_inheritable(fd, False)
-            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
-            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+            attach_tap(fd, name, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
             os.set_blocking(fd, False)
-        except OSError as e:
+        except OSError:
             os.close(fd)
             self.fd = -1
-            raise OSError(e.errno, f"cannot attach to TAP {name}: {e.strerror}") from None
+            raise
         self.set_carrier(False)
 
     def fileno(self) -> int | None:
@@ -68,7 +60,7 @@ class TapUplink:
     def set_carrier(self, up: bool) -> None:
         """Tell the bridge whether anyone is there (TUNSETCARRIER, Linux 5.0+; without it the port stays up)."""
         try:
-            fcntl.ioctl(self.fd, TUNSETCARRIER, struct.pack("i", int(up)))
+            set_carrier(self.fd, up)
         except OSError as e:
             log.debug("%s: TUNSETCARRIER: %s", self.name, e)
 

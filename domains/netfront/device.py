@@ -39,11 +39,9 @@ from __future__ import annotations
 
 import collections
 import errno
-import fcntl
 import logging
 import os
 import select
-import struct
 import threading
 from typing import Any
 
@@ -61,17 +59,13 @@ from ..xenbus import XenbusState, read_int, read_or_none, read_state, switch_sta
 from ..xs_wire import XenstoreError
 from ..xenhost.base import XenHost
 from ..xenstore import XenstoreClient
+from ..tun import READ_SIZE, attach_tap, set_offloads
 from ..vnet import BackendOffloads, TxFrame, from_tap, to_tap
 
 log = logging.getLogger("xdom.netfront")
 
 PAGE_SIZE = 4096
-TUNSETIFF = 0x400454CA
-TUNSETOFFLOAD = 0x400454D0
-IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
-# What one read from the TAP can return: a virtio-net header and a GSO super-frame (GSO_MAX_SIZE is
-# 64 KiB of payload plus headers; BIG TCP is off unless someone raises gso_max_size).
-TAP_READ = VIRTIO_NET_HDR_SIZE + 65536 + 256
+TAP_READ = READ_SIZE
 TAP_BUDGET = 64            # frames read from the TAP per pass before the rings are pushed
 MAX_QUEUES = 16
 
@@ -90,19 +84,12 @@ def open_tap(ifname: str, tun_fd: int | None = None) -> int:
     leave to us is set per backend with :func:`set_offloads`.
     """
     fd = tun_fd if tun_fd is not None else os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-    os.set_inheritable(fd, False)
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", ifname.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
-        fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
+        attach_tap(fd, ifname)
     except OSError:
         os.close(fd)
         raise
     return fd
-
-
-def set_offloads(tap: int, flags: int) -> None:
-    """``TUNSETOFFLOAD``: which offloads the guest kernel may hand us unfinished (no privilege needed)."""
-    fcntl.ioctl(tap, TUNSETOFFLOAD, flags)
 
 
 class _Queue:
