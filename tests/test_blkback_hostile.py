@@ -633,6 +633,42 @@ def test_bad_sector_ranges(env: Env, protocol: str) -> None:
     finish(env, h)
 
 
+@pytest.mark.parametrize("protocol", [PROTOCOL_X86_64, PROTOCOL_X86_32])
+def test_bad_requests_on_pages_already_mapped_persistently(env: Env, protocol: str) -> None:
+    """blkback serves a direct READ/WRITE on persistently mapped pages by a shorter path: once the
+    pages are mapped, every bad count, segment and sector range must still be refused."""
+    h = env.hostile()
+    h.connect(protocol=protocol, persistent=True)
+    _, ref = h.grant()
+    _, ref2 = h.grant()
+    end = h.sectors
+    with env.good_load():
+        h.expect([(h.rw(BLKIF_OP_READ, 0, [(ref, 0, 7), (ref2, 0, 7)]), OK)])     # both mapped now
+        cases = []
+        for op in (BLKIF_OP_READ, BLKIF_OP_WRITE):
+            for n in (0, 12, 255):
+                raw = bytearray(h.rw(op, 0, [(ref, 0, 7)] * 11))
+                raw[1] = n
+                cases.append((bytes(raw), ERR))
+            cases += [
+                (h.rw(op, 0, [(ref, 5, 4)]), ERR),
+                (h.rw(op, 0, [(ref, 0, 8)]), ERR),
+                (h.rw(op, 0, [(ref, 0, 7), (ref2, 3, 2)]), ERR),
+                (h.rw(op, 0, [(ref, 0, 7), (0x7FFF, 0, 7)]), ERR),     # one page never granted
+                (h.rw(op, end, [(ref, 0, 0)]), ERR),
+                (h.rw(op, end - 8, [(ref, 0, 7), (ref2, 0, 0)]), ERR),
+                (h.rw(op, 2**64 - 1, [(ref, 0, 0)]), ERR),
+                (h.rw(op, 2**64 - 8, [(ref, 0, 7), (ref2, 0, 7)]), ERR),
+            ]
+        h.expect(cases)
+        h.expect([(h.rw(BLKIF_OP_READ, end - 8, [(ref, 0, 7)]), OK),
+                  (h.rw(BLKIF_OP_READ, end - 1, [(ref2, 7, 7)]), OK)])
+    h.assert_image_intact()
+    stats = env.server.vbds[(h.host.domid, h.devid)].stats()
+    assert stats["persistent_reuses"] > 0, stats
+    finish(env, h)
+
+
 def test_discard_secure_flag_is_harmless(env: Env) -> None:
     """discard-secure is 0: Linux does a plain discard then (or EOPNOTSUPP); never more."""
     h = env.hostile()

@@ -75,10 +75,15 @@ class Disk:
     def discard_granularity(self) -> int:
         return 4096 if not self.is_block_device else self.physical_sector_size
 
-    def readv(self, buffers: Sequence[memoryview], offset: int) -> None:
+    def readv(self, buffers: Sequence[memoryview], offset: int, length: int = -1) -> None:
+        """Fill ``buffers`` from ``offset``; ``length``, if the caller knows it, is their total size."""
+        if 0 <= length and len(buffers) <= IOV_MAX and os.preadv(self.fd, buffers, offset) == length:
+            return                        # the usual case: all of it in one call
         self._vector_io(os.preadv, buffers, offset, "read")
 
-    def writev(self, buffers: Sequence[memoryview], offset: int) -> None:
+    def writev(self, buffers: Sequence[memoryview], offset: int, length: int = -1) -> None:
+        if 0 <= length and len(buffers) <= IOV_MAX and os.pwritev(self.fd, buffers, offset) == length:
+            return
         self._vector_io(os.pwritev, buffers, offset, "write")
 
     def _vector_io(self, call, buffers: Sequence[memoryview], offset: int, what: str) -> None:

@@ -135,8 +135,9 @@ class Request(NamedTuple):
     discard_flag: int = 0            # discard
 
 
-# One struct per segment count: a request's segments decode in one call.
-_SEGMENT_RUNS = [struct.Struct("<" + "IBBxx" * n) for n in range(BLKIF_MAX_SEGMENTS_PER_REQUEST + 1)]
+# One struct per segment count: a request's segments decode in one call (flat: gref, first, last, ...).
+SEGMENT_RUNS = [struct.Struct("<" + "IBBxx" * n) for n in range(BLKIF_MAX_SEGMENTS_PER_REQUEST + 1)]
+_SEGMENT_RUNS = SEGMENT_RUNS
 
 
 def _segments(raw: bytes, offset: int, count: int) -> tuple[Segment, ...]:
@@ -166,8 +167,9 @@ def parse_indirect_segments(page: bytes, count: int) -> list[Segment]:
 _REQUEST_RUNS: dict[tuple[str, int], struct.Struct] = {}
 
 
-def _request_struct(abi: BlkifABI, nseg: int) -> struct.Struct:
-    """Header, ``nseg`` segments and zero padding to the slot size, as one struct (built once)."""
+def request_struct(abi: BlkifABI, nseg: int) -> struct.Struct:
+    """A direct request with ``nseg`` segments, zero-padded to the slot size, as one struct (built once):
+    ``pack(operation, nseg, handle, id, sector, gref, first_sect, last_sect, ...)``."""
     st = _REQUEST_RUNS.get((abi.name, nseg))
     if st is None:
         fmt = abi.request.format + "x" * (abi.segments_offset - abi.request.size) + "IBBxx" * nseg
@@ -184,8 +186,8 @@ def pack_request(abi: BlkifABI, operation: int, id: int, sector: int, handle: in
     if n > BLKIF_MAX_SEGMENTS_PER_REQUEST:
         raise ValueError("too many segments for a direct request")
     if n == 1:
-        return _request_struct(abi, 1).pack(operation, 1, handle, id, sector, *segments[0])
-    return _request_struct(abi, n).pack(operation, n, handle, id, sector, *[v for seg in segments for v in seg])
+        return request_struct(abi, 1).pack(operation, 1, handle, id, sector, *segments[0])
+    return request_struct(abi, n).pack(operation, n, handle, id, sector, *[v for seg in segments for v in seg])
 
 
 def pack_indirect_request(abi: BlkifABI, operation: int, id: int, sector: int, handle: int,
