@@ -1010,8 +1010,9 @@ def test_misbehaving_device_yields_errors_not_a_broken_stream(tmp_path: Any, soc
 
 class _RingLikeDevice:
     """Shaped like blkfront: ``plug()``/``unplug()`` hold submissions back (nothing runs until unplug),
-    and what is pushed completes in one batch on a thread of its own, inside ``completion_batch()``;
-    a read's buffer is scribbled over as soon as its ``done`` returns."""
+    and what is pushed completes in one batch inside ``completion_batch()``, on a thread of its own or,
+    while a reaper is attached, on the reaper's thread (``completion_fd``/``reap_completions``); a read's
+    buffer is scribbled over as soon as its ``done`` returns."""
 
     def __init__(self, inner: FileBlockDevice) -> None:
         for a in ("size", "sector_size", "read_only", "can_trim", "can_write_zeroes", "can_flush",
@@ -1024,6 +1025,13 @@ class _RingLikeDevice:
         self.threads: list[threading.Thread] = []
         self.plugs = self.batches = 0
         self.in_batch: list[bool] = []
+        self.threads_used: set[str] = set()
+
+    def _run(self, ops: list[Any]) -> None:
+        self.batches += 1
+        with completion_batch():
+            for op in ops:
+                op()
 
     def plug(self) -> None:
         with self._lock:
@@ -1044,12 +1052,6 @@ class _RingLikeDevice:
             self.threads.append(t)
             t.start()
 
-    def _run(self, ops: list[Any]) -> None:
-        self.batches += 1
-        with completion_batch():
-            for op in ops:
-                op()
-
     def _submit(self, op: Any) -> None:
         with self._lock:
             self._held.append(op)
@@ -1061,6 +1063,7 @@ class _RingLikeDevice:
         def op() -> None:
             buf = bytearray(os.pread(self._fd, length, offset))
             self.in_batch.append(current_completion_batch() is not None)
+            self.threads_used.add(threading.current_thread().name)
             done(0, [memoryview(buf)[:length // 2], memoryview(buf)[length // 2:]])
             buf[:] = b"\xa5" * length
         self._submit(op)
@@ -1086,17 +1089,71 @@ class _RingLikeDevice:
         os.close(self._fd)
 
 
-def test_plugged_submissions_and_batched_replies(tmp_path: Any, sock_dir: str) -> None:
+class _ReapedRingDevice(_RingLikeDevice):
+    """The same, but what is pushed is left for a reaper while one is attached: it is "answered"
+    (queued, the completion descriptor made readable) and runs in ``reap_completions``."""
+
+    def __init__(self, inner: FileBlockDevice) -> None:
+        super().__init__(inner)
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._answered: list[Any] = []
+        self.reapers = 0
+
+    def completion_fd(self) -> int:
+        return self._efd
+
+    def attach_reaper(self) -> None:
+        with self._lock:
+            self.reapers += 1
+
+    def detach_reaper(self) -> None:
+        with self._lock:
+            self.reapers -= 1
+            answered, self._answered = self._answered, []
+        if answered:
+            self._run(answered)                         # nobody reaps any more: complete them here
+
+    def reap_completions(self) -> None:
+        try:
+            os.eventfd_read(self._efd)
+        except BlockingIOError:
+            pass
+        with self._lock:
+            answered, self._answered = self._answered, []
+        if answered:
+            self._run(answered)
+
+    def _push(self) -> None:
+        with self._lock:
+            if not self.reapers:
+                reap = False
+            else:
+                reap = True
+                ops, self._held = self._held, []
+                self._answered += ops
+        if reap:
+            os.eventfd_write(self._efd, 1)
+        else:
+            super()._push()
+
+    def close(self) -> None:
+        super().close()
+        os.close(self._efd)
+
+
+@pytest.mark.parametrize("reaped", [False, True], ids=["device-threads", "reaped-by-connection"])
+def test_plugged_submissions_and_batched_replies(tmp_path: Any, sock_dir: str, reaped: bool) -> None:
     """Replies gathered in a completion batch (small reads copied, large ones sent from the device's
     buffers before ``done`` returns) all arrive, matched by handle, with the right data; the server
-    unplugs before it waits for room (else nothing held back would ever complete)."""
+    unplugs before it waits for room (else nothing held back would ever complete); a device that
+    lets the connection's thread reap has its completions run there."""
     content = os.urandom(8 * MiB)
     devices: list[_RingLikeDevice] = []
 
     def wrap(inner: FileBlockDevice) -> _RingLikeDevice:
-        devices.append(_RingLikeDevice(inner))
+        devices.append((_ReapedRingDevice if reaped else _RingLikeDevice)(inner))
         return devices[0]
-    with serving(tmp_path, sock_dir, content=content, device=wrap, max_requests_in_flight=5) as (_s, _i, sock):
+    with serving(tmp_path, sock_dir, content=content, device=wrap, max_requests_in_flight=5) as (srv, _i, sock):
         c = RawClient(sock)
         c.handshake()
         expected = {}
@@ -1134,7 +1191,61 @@ def test_plugged_submissions_and_batched_replies(tmp_path: Any, sock_dir: str) -
         c.close()
         dev = devices[0]
         assert dev.plugs and dev.batches and all(dev.in_batch)
+        if reaped:
+            assert {n.split("-")[1] for n in dev.threads_used} == {"conn"}, dev.threads_used
+            for _ in range(600):
+                if srv.active_connections == 0:
+                    break
+                threading.Event().wait(0.05)             # the client saw EOF: the thread ends soon after
+            assert dev.reapers == 0                      # detached when the connection ended
         dev.close()
+
+
+@pytest.mark.parametrize("reaped", [False, True], ids=["device-threads", "reaped-by-connection"])
+def test_client_that_sends_everything_before_reading_any_reply(tmp_path: Any, sock_dir: str,
+                                                               reaped: bool) -> None:
+    """Megabytes of writes and of read replies at once, from a client that reads nothing until it has
+    sent everything: replies the socket cannot take wait in the output queue, so reading goes on
+    and neither side waits for the other."""
+    content = os.urandom(32 * MiB)
+    devices: list[_RingLikeDevice] = []
+
+    def wrap(inner: FileBlockDevice) -> _RingLikeDevice:
+        devices.append((_ReapedRingDevice if reaped else _RingLikeDevice)(inner))
+        return devices[0]
+    with serving(tmp_path, sock_dir, content=content, device=wrap) as (_srv, _img, sock):
+        c = RawClient(sock)
+        c.handshake()
+        expected = {}
+        for h in range(48):                               # 24 MiB each way: more than socket buffers hold
+            if h % 2:
+                c.send(Cmd.WRITE, h, 16 * MiB + h // 2 * MiB // 2, MiB // 2, 0, os.urandom(MiB // 2))
+                expected[h] = b""
+            else:
+                c.send(Cmd.READ, h, h // 2 * MiB // 2, MiB)
+                expected[h] = content[h // 2 * MiB // 2:h // 2 * MiB // 2 + MiB]
+        got = {}
+        while c.pending:
+            h, err, data = c.reply()
+            assert err == 0
+            got[h] = data
+        assert got == expected
+        c.close()
+        devices[0].close()
+
+
+def test_client_that_stops_reading_is_disconnected_after_the_send_timeout(tmp_path: Any, sock_dir: str) -> None:
+    with serving(tmp_path, sock_dir, send_timeout=0.5) as (srv, _img, sock):
+        c = RawClient(sock)
+        c.handshake()
+        for h in range(40):                               # 40 MiB of replies nobody reads
+            c.send(Cmd.READ, h, (h % 8) * MiB, MiB)
+        for _ in range(600):
+            if srv.active_connections == 0:
+                break
+            threading.Event().wait(0.05)                 # waiting for the server to give up on it
+        assert srv.active_connections == 0
+        c.close()
 
 
 def test_socket_mode_stale_sockets_and_refusals(tmp_path: Any, sock_dir: str) -> None:

@@ -177,12 +177,18 @@ class FrontRing:
         return self.free_requests() == 0
 
     def put_request(self, data: bytes) -> None:
-        if len(data) > self.shared.req_size:
+        shared = self.shared
+        if len(data) > shared.req_size:
             raise ValueError("request larger than a slot")
-        if self.full():
+        prod = self.req_prod_pvt
+        if ((prod - self.rsp_cons) & _MASK32) >= self.size:
             raise RingOverflow("ring full")
-        self.shared.write_slot(self.req_prod_pvt, data)
-        self.req_prod_pvt = (self.req_prod_pvt + 1) & _MASK32
+        if shared._single:
+            off = RING_HEADER_SIZE + (prod & shared.mask) * shared.slot_size
+            shared._head[off:off + len(data)] = data
+        else:
+            shared.write_slot(prod, data)
+        self.req_prod_pvt = (prod + 1) & _MASK32
 
     def put_requests(self, datas: Sequence[bytes]) -> None:
         """:meth:`put_request` for each of ``datas``, checked once for the batch."""

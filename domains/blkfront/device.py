@@ -46,7 +46,7 @@ from typing import Callable, Sequence
 from ..abi.blkif import (
     ABIS, BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE,
     BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_OKAY, PROTOCOL_X86_64, SEGMENTS_PER_INDIRECT_FRAME, VDISK_READONLY, abi_for,
-    pack_discard_request, pack_indirect_request, pack_request, pack_segments,
+    pack_discard_request, pack_indirect_request, pack_request, pack_segments, request_struct,
 )
 from ..abi.ring import FrontRing, RingOverflow, SharedRing
 from ..frame_pool import FramePool, OutOfFrames
@@ -189,6 +189,8 @@ class Blkfront:
         self._error = ""
         self._closing = False
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._epoll = select.epoll()
+        self._reapers = 0
         self._thread = threading.Thread(target=self._completion_loop, name=f"blkfront-{devid}", daemon=True)
         self._token = f"blkfront:{devid}"
         self._memory = host.memory.buffer         # the domain's frames, frame g at [g * PAGE_SIZE, ...)
@@ -299,6 +301,8 @@ class Blkfront:
                 self.xs.write(f"{self.path}/{key}", str(value), tx)
             self.xs.write(f"{self.path}/state", str(int(XenbusState.Initialised)), tx)
         self._queues = queues
+        for q in queues:
+            self._epoll.register(self.host.evtchn.fileno(q.port), select.EPOLLIN)
         self._generation += 1
         os.eventfd_write(self._wake, 1)
         self.xs.transaction(body)
@@ -362,6 +366,11 @@ class Blkfront:
 
     def _teardown_rings(self) -> None:
         queues, self._queues = self._queues, []
+        for q in queues:
+            try:
+                self._epoll.unregister(self.host.evtchn.fileno(q.port))
+            except (OSError, KeyError):
+                pass
         self._generation += 1
         os.eventfd_write(self._wake, 1)
         for q in queues:
@@ -438,6 +447,36 @@ class Blkfront:
                 return
         self._complete(op, err)
 
+    # Completions on the caller's thread (the NBD server's connection thread, which then does all
+    # of a request's work in the guest: no hand-off between threads, no contention for the GIL).
+
+    def completion_fd(self) -> int:
+        """Readable when a backend has answered (an epoll set of every queue's event channel)."""
+        return self._epoll.fileno()
+
+    def attach_reaper(self) -> None:
+        """The caller polls :meth:`completion_fd` and calls :meth:`reap_completions` from now on,
+        until :meth:`detach_reaper`; meanwhile our own thread leaves completions alone."""
+        with self._lock:
+            self._reapers += 1
+            if self._reapers == 1:
+                os.eventfd_write(self._wake, 1)
+
+    def detach_reaper(self) -> None:
+        with self._lock:
+            self._reapers -= 1
+            if self._reapers == 0 and not self._closing:
+                os.eventfd_write(self._wake, 1)     # our thread watches the event channels again
+
+    def reap_completions(self) -> None:
+        """Take the backend's answers and run their callbacks (in one completion batch) on this thread."""
+        with self._lock:
+            if self._closing:
+                return
+            for q in self._queues:
+                self.host.evtchn.consume(q.port)
+        self._reap()
+
     def plug(self) -> None:
         """Hold back this thread's submissions from the backend until :meth:`unplug` (the requests go on
         the ring, the ring is pushed and the backend notified once for all of them)."""
@@ -471,7 +510,11 @@ class Blkfront:
                 self._pending.popleft()
 
     def _queue_with_room(self) -> _Queue | None:
-        n = len(self._queues)
+        queues = self._queues
+        if len(queues) == 1:
+            q = queues[0]
+            return None if q.ring.full() else q
+        n = len(queues)
         for i in range(n):
             q = self._queues[(self._next_queue + i) % n]
             if not q.ring.full():
@@ -548,7 +591,7 @@ class Blkfront:
                     mem[g:g + n] = data[at:at + n]
                     at += n
             rid = next(self._ids)
-            sector = (op.offset + start) // 512
+            sector = (op.offset + start) >> 9
             if nindirect:
                 for k, ipage in enumerate(indirect_pages):
                     part = segs[k * SEGMENTS_PER_INDIRECT_FRAME:(k + 1) * SEGMENTS_PER_INDIRECT_FRAME]
@@ -557,7 +600,8 @@ class Blkfront:
                                             [p.ref for p in indirect_pages])
                 self.indirect_requests += 1
             else:
-                raw = pack_request(self.abi, op.kind, rid, sector, self.devid, segs)
+                raw = request_struct(self.abi, len(segs)).pack(op.kind, len(segs), self.devid, rid, sector,
+                                                               *[v for seg in segs for v in seg])
             req = _Req(rid, raw, op, start, chunk, [] if op.zeroes else data_pages, indirect_pages)
             if op.redo:
                 if start + chunk < end:
@@ -582,7 +626,7 @@ class Blkfront:
 
     def _put(self, req: _Req, q: _Queue) -> None:
         self._shadow[req.id] = req
-        q.ring.put_request(req.raw)
+        q.ring.put_request(req.raw)       # room was checked (_queue_with_room) under the same lock
         q.requests += 1
 
     def _push_all(self) -> None:
@@ -635,13 +679,14 @@ class Blkfront:
             with self._lock:
                 if self._closing:
                     return
-                if generation != self._generation:
-                    generation = self._generation
+                if generation != (self._generation, self._reapers > 0):
+                    generation = (self._generation, self._reapers > 0)
                     poller = select.poll()
                     poller.register(self._wake, select.POLLIN)
-                    ports = {self.host.evtchn.fileno(q.port): q for q in self._queues}
-                    for fd in ports:
-                        poller.register(fd, select.POLLIN)
+                    if not self._reapers:
+                        ports = {self.host.evtchn.fileno(q.port): q for q in self._queues}
+                        for fd in ports:
+                            poller.register(fd, select.POLLIN)
             ready = [fd for fd, _ in poller.poll(DEFERRED_RETRY_MS if self._deferred else None)]
             with self._lock:
                 if self._closing:
@@ -653,7 +698,7 @@ class Blkfront:
                         os.eventfd_read(self._wake)
                     except BlockingIOError:
                         pass
-                if generation != self._generation:
+                if generation != (self._generation, self._reapers > 0) or self._reapers:
                     continue
                 for q in self._queues:
                     self.host.evtchn.consume(q.port)
@@ -801,6 +846,7 @@ class Blkfront:
             log.warning("vbd %d: %d frame(s) still mapped by backend d%d after %gs; left aside", self.devid,
                         len(self._deferred), self.backend_domid, CLOSE_PATIENCE)
         os.close(self._wake)
+        self._epoll.close()
         try:
             switch_state(self.xs, self.path, XenbusState.Closed)
         except Exception:

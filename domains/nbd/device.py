@@ -42,6 +42,17 @@ worth sharing (a ring's notification, a reply's system call):
   callbacks may then leave work for the end of the batch (the server
   gathers the replies and sends them with one system call).  A read's
   buffers are still only valid until its ``done`` returns.
+* ``completion_fd()``, ``reap_completions()``, ``attach_reaper()``,
+  ``detach_reaper()`` (all or none): completions on the server's threads.
+  Between ``attach_reaper()`` and ``detach_reaper()`` a caller polls
+  ``completion_fd()`` and calls ``reap_completions()`` whenever it is
+  readable, which runs the waiting ``done`` callbacks on that thread; the
+  device may then leave its completions to its reapers (while it has at
+  least one) instead of running them on threads of its own.  The server
+  attaches each connection's thread, which then serves a request from the
+  socket to the device and back without a hand-off between threads.  A
+  reaper never blocks on anything but that poll (the server's sends do not
+  block), so completions are never stuck behind it.
 """
 
 from __future__ import annotations

@@ -511,6 +511,18 @@ class NbdServerConnection:
                 return None
         return self._events.popleft()
 
+    def next_events(self) -> list[Event]:
+        """Every event the input buffered so far makes: ``next_event()`` until it returns None, in one
+        call (the common READ/WRITE requests are parsed in one loop)."""
+        out: list[Event] = []
+        while True:
+            if not self._events and self._state is _State.REQ_HEADER:
+                out += self._fast_requests(1 << 30)
+            ev = self.next_event()
+            if ev is None:
+                return out
+            out.append(ev)
+
     # --- sending --------------------------------------------------------------
 
     def data_to_send(self) -> bytes:
@@ -557,6 +569,34 @@ class NbdServerConnection:
             queue.pop(0)
         self._in_flight -= 1
         return bufs
+
+    def reply_many(self, replies: Sequence[tuple[int, int, Buffer | Sequence[Buffer]]]) -> list[Buffer]:
+        """``reply`` for each ``(handle, error, data)``, in order: all their buffers, for one send.
+
+        Raises ``ValueError`` as ``reply`` does, at the first bad one (the replies before it are
+        done and their buffers lost: the caller can only drop the connection then)."""
+        out: list[Buffer] = []
+        pending = self._pending
+        pack = _SIMPLE_REPLY.pack
+        for handle, error, data in replies:
+            queue = pending.get(handle)
+            if queue and len(queue) == 1 and not error:
+                kind, length = queue[0]
+                if kind is _CMD_READ:
+                    # The common success: one READ buffer of exactly the length asked for.
+                    if type(data) is bytes and len(data) == length:
+                        del pending[handle]
+                        self._in_flight -= 1
+                        out.append(pack(SIMPLE_REPLY_MAGIC, 0, handle))
+                        out.append(data)
+                        continue
+                elif not data:
+                    del pending[handle]
+                    self._in_flight -= 1
+                    out.append(pack(SIMPLE_REPLY_MAGIC, 0, handle))
+                    continue
+            out += self.reply(handle, error, data)
+        return out
 
     # --- state machine --------------------------------------------------------
 
@@ -647,36 +687,50 @@ class NbdServerConnection:
         raise AssertionError(f"unhandled state {st}")
 
     def _fast_request(self) -> Request | None:
-        """The common transmission request in one step, or None to take the general path.
+        """The common transmission request in one step, or None to take the general path."""
+        reqs = self._fast_requests(1)
+        return reqs[0] if reqs else None
+
+    def _fast_requests(self, limit: int) -> list[Request]:
+        """Up to ``limit`` common transmission requests, parsed in one loop.
 
         A valid READ, or a valid WRITE whose payload has arrived with it, is
-        parsed straight out of the input buffer; anything else (other
-        commands, anything ``_validate`` would refuse, a payload still to
-        come) is left untouched for ``_advance``, so behaviour is the same.
+        parsed straight out of the input buffer; the loop stops at anything
+        else (other commands, anything ``_validate`` would refuse, a payload
+        still to come), which is left untouched for ``_advance``, so
+        behaviour is the same.
         """
         inp, pos = self._in, self._inpos
-        if len(inp) - pos < 28:
-            return None
-        magic, flags, kind, handle, offset, length = _REQUEST.unpack_from(inp, pos)
-        if (magic != REQUEST_MAGIC or kind > 1 or flags & ~self._rw_flags or not length
-                or length > self._max_block or (offset | length) & self._align_mask or offset + length > self._size):
-            return None
-        if kind == 0:
-            cmd, data, end = _CMD_READ, None, pos + 28
-        else:
-            end = pos + 28 + length
-            if self._read_only or len(inp) < end:
-                return None
-            cmd, data = _CMD_WRITE, memoryview(inp[pos + 28:end])     # a copy: the request's own buffer
-        self._inpos = end
-        self._compact()
-        queue = self._pending.get(handle)
-        if queue is None:
-            self._pending[handle] = [(cmd, length)]
-        else:
-            queue.append((cmd, length))
-        self._in_flight += 1
-        return Request(cmd, handle, offset, length, flags, data)
+        avail = len(inp)
+        out: list[Request] = []
+        rw_flags, max_block, align, size = ~self._rw_flags, self._max_block, self._align_mask, self._size
+        pending = self._pending
+        unpack = _REQUEST.unpack_from
+        while avail - pos >= 28 and len(out) < limit:
+            magic, flags, kind, handle, offset, length = unpack(inp, pos)
+            if (magic != REQUEST_MAGIC or kind > 1 or flags & rw_flags or not length
+                    or length > max_block or (offset | length) & align or offset + length > size):
+                break
+            if kind == 0:
+                cmd, data = _CMD_READ, None
+                pos += 28
+            else:
+                end = pos + 28 + length
+                if self._read_only or avail < end:
+                    break
+                cmd, data = _CMD_WRITE, memoryview(inp[pos + 28:end])     # a copy: the request's own buffer
+                pos = end
+            queue = pending.get(handle)
+            if queue is None:
+                pending[handle] = [(cmd, length)]
+            else:
+                queue.append((cmd, length))
+            out.append(Request(cmd, handle, offset, length, flags, data))
+        if out:
+            self._inpos = pos
+            self._in_flight += len(out)
+            self._compact()
+        return out
 
     def _at_eof_or_wait(self) -> bool:
         if not self._eof:

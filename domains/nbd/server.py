@@ -4,44 +4,56 @@ Threads and why:
 
 * one accept thread, blocked in ``poll()`` on the listening socket and a
   wake-up pipe (closing a socket does not reliably wake ``accept()``);
-* one reader thread per client: ``recv_into()`` the buffer the protocol asks
-  for (a WRITE payload lands directly in its own buffer), turn events into
-  ``device.submit_*`` calls, send the replies the protocol makes on its own;
-* no sender thread: the device's completion callbacks -- on whatever thread
-  the device uses -- send their reply themselves with ``sendmsg(header,
-  *buffers)``, serialised by a per-connection send lock.  This is what lets a
-  read reply go out from the device's own buffers, which are only valid until
-  the callback returns.  A device that completes in batches
-  (``completion_batch``) gets the batch's replies to one connection in one
-  ``sendmsg`` when the batch ends: small read data is copied into the batch,
-  a large read sends the batch at once from the device's buffers.
+* one thread per client, blocked only in ``poll()``: it reads requests with
+  ``recv_into()`` into the buffer the protocol asks for (a WRITE payload
+  lands directly in its own buffer), turns events into ``device.submit_*``
+  calls, and sends what replies could not go out at once;
+* no sender thread: replies are sent by whoever completes the request --
+  the device's callbacks, on whatever thread the device uses -- with a
+  non-blocking ``sendmsg(header, *buffers)`` under a per-connection send
+  lock.  This is what lets a read reply go out from the device's own
+  buffers, which are only valid until the callback returns; what the socket
+  does not take at once is copied to the connection's output queue, which
+  its thread sends on ``POLLOUT``.  No completion ever waits for a client.
+* A device that offers it (``completion_fd`` and friends, see
+  ``device.py``; blkfront does) has its completions run by the client's
+  thread itself, polled with the socket: a request then goes from the
+  socket to the device and its reply back out without a hand-off between
+  threads.  A device that completes in batches (``completion_batch``) gets
+  the batch's replies to one connection in one ``sendmsg`` when the batch
+  ends: small read data is copied into the batch, a large read sends the
+  batch at once from the device's buffers.
 
 The requests one ``recv`` brought are submitted with the device plugged
 (``plug``/``unplug``, where it has them), so a ring is pushed and its
 backend notified once for all of them, not once per request.
 
 Requests are pipelined: the reader keeps submitting while earlier requests
-are in flight, up to ``max_requests_in_flight`` / ``max_bytes_in_flight``,
-beyond which it stops reading (TCP-style back-pressure rather than unbounded
-memory).  Replies go out in completion order, matched by handle.
+are in flight, up to ``max_requests_in_flight`` / ``max_bytes_in_flight``
+(replies waiting in the output queue count against the bytes), beyond which
+it stops reading (TCP-style back-pressure rather than unbounded memory).
+Replies go out in completion order, matched by handle.
 
-A client that stops reading its replies would otherwise block a device
-completion thread forever; the socket's send timeout (``SO_SNDTIMEO``) turns
-that into a hard disconnect of that client after ``send_timeout`` seconds.
+A client that stops reading its replies would otherwise hold their memory
+forever; after ``send_timeout`` seconds without the socket taking any of
+them, that client is disconnected hard.
 
 Ending a connection: on ``NBD_CMD_DISC``/EOF/``NBD_OPT_ABORT`` the reader
 stops reading, waits (up to ``drain_timeout``) for in-flight requests to be
-replied to, then closes.  On a protocol violation or a failed send it shuts
-the socket down first (hard disconnect) and still waits for the device to
-finish with the request buffers before closing the descriptor.  The
-descriptor is only closed under the send lock, so a late completion can never
-write into a recycled file descriptor.
+replied to and the replies sent, then closes.  On a protocol violation or a
+failed send it shuts the socket down first (hard disconnect) and still waits
+for the device to finish with the request buffers before closing the
+descriptor.  The descriptor is only closed under the send lock, so a late
+completion can never write into a recycled file descriptor.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
+import itertools
 import logging
+import math
 import os
 import select
 import socket
@@ -49,7 +61,7 @@ import stat
 import struct
 import threading
 import time
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 from .device import BlockDevice, current_completion_batch
 from .protocol import (
@@ -71,6 +83,15 @@ _MiB = 1024 * 1024
 #: Read data up to this size is copied into a batch of replies (sent when the device's completion batch
 #: ends); larger reads go out at once from the device's own buffers, with whatever the batch holds so far.
 _COPY_MAX = 64 * 1024
+#: Socket send buffer asked for: whole large read replies fit without being queued (the kernel caps
+#: it at net.core.wmem_max).
+_SNDBUF = 4 * _MiB
+#: Plain ints: socket's flags are an IntFlag, and ``|`` on one builds an enum member per call.
+_SEND_FLAGS = int(socket.MSG_NOSIGNAL) | int(socket.MSG_DONTWAIT)
+_READ, _WRITE = Cmd.READ, Cmd.WRITE
+_POLL_INPUT = select.POLLIN | select.POLLHUP | select.POLLERR
+#: A device with all of these runs its completions on the connection's thread (see device.py).
+_REAPER_METHODS = ("completion_fd", "reap_completions", "attach_reaper", "detach_reaper")
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -88,7 +109,7 @@ class NbdServer:
     ``max_connections`` bounds threads (extra clients are closed at once);
     ``max_requests_in_flight``/``max_bytes_in_flight`` bound per-connection
     memory by pausing the reader; ``send_timeout`` (0 = never) bounds how long
-    a device completion thread can be held by a client that stops reading;
+    replies wait for a client that stops reading;
     ``drain_timeout`` bounds how long closing waits for a device that does
     not complete.  ``device`` is not closed by ``close()``: its owner does.
     """
@@ -259,27 +280,33 @@ class NbdServer:
 
 
 class _Connection:
-    """One client: its reader thread plus the state completions share."""
+    """One client: its thread (reading, and sending what could not go at once) plus the state
+    completions share."""
 
     def __init__(self, server: NbdServer, sock: socket.socket, cid: int) -> None:
         self._server = server
         self._dev = server.device
         self._sock = sock
         self.name = f"nbd-conn-{cid}"
-        sock.setblocking(True)
-        sec = max(0.0, server.send_timeout)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                        struct.pack("@ll", int(sec), int((sec - int(sec)) * 1e6)))
+        # Non-blocking: the connection's thread waits in poll(), never in recv() or send(), so it can
+        # reap a device's completions and send queued replies while a client is slow to read.
+        sock.setblocking(False)
+        try:
+            # Room for whole large read replies in the kernel, so they rarely need queueing (capped
+            # by net.core.wmem_max; what is refused is simply not had).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
+        except OSError:
+            pass
         try:
             pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
             self.peer = f"pid={pid} uid={uid}"
         except OSError:
             self.peer = "unknown peer"
         self._proto = NbdServerConnection.for_device(server.device, server.export_name)
-        # _lock guards the protocol object and the in-flight accounting;
-        # _send_lock serialises whole replies on the socket; _fd_lock guards
-        # the descriptor's lifetime against shutdown() from other threads.
-        self._lock = threading.Condition(threading.Lock())
+        # _lock guards the protocol object and the in-flight accounting; _send_lock guards the
+        # output queue and orders whole replies on the socket; _fd_lock guards the descriptor's
+        # lifetime against shutdown() from other threads.
+        self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._fd_lock = threading.Lock()
         self._fd_closed = False
@@ -287,12 +314,29 @@ class _Connection:
         self._stopping = False
         self._busy = 0
         self._busy_bytes = 0
+        self._max_requests = server.max_requests_in_flight
+        self._max_bytes = server.max_bytes_in_flight
+        # Replies that did not fit in the socket: copies, sent by the connection's thread on POLLOUT.
+        self._out: collections.deque[memoryview] = collections.deque()
+        self._out_bytes = 0
+        self._out_since = 0.0           # when the socket last took anything while _out was not empty
+        # Written by other threads when the connection's thread must look again (room freed, a reply
+        # queued, stop, kill); only while it sleeps in poll() (_sleeping), to spare the syscall.
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._sleeping = False
         # A device that can hold back submissions (blkfront: the ring's notification) is plugged
-        # while the requests of one recv() are submitted; only the reader thread touches _plugged.
-        plug, unplug = getattr(self._dev, "plug", None), getattr(self._dev, "unplug", None)
+        # while the requests of one recv() are submitted; only the connection's thread touches _plugged.
+        dev = self._dev
+        plug, unplug = getattr(dev, "plug", None), getattr(dev, "unplug", None)
         self._plug = plug if callable(plug) and callable(unplug) else None
         self._unplug = unplug
         self._plugged = False
+        # A device whose completions this thread may run (see device.py): polled with the socket.
+        self._reaps = all(callable(getattr(dev, a, None)) for a in _REAPER_METHODS)
+        self._dev_fd = -1
+        self._poller = select.poll()
+        self._sock_fd = sock.fileno()
+        self._sock_mask = 0
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
 
     # --- control from the server --------------------------------------------------
@@ -311,24 +355,49 @@ class _Connection:
         """Graceful: stop reading, let in-flight requests answer, then close."""
         with self._lock:
             self._stopping = True
-            self._lock.notify_all()
-        # Wakes the reader's recv() with EOF while replies can still be sent.
+        # Wakes the thread with EOF on the socket while replies can still be sent.
         self._shutdown(socket.SHUT_RD)
+        self._poke()
 
     def kill(self) -> None:
         self._break()
 
-    # --- reader thread ----------------------------------------------------------------
+    def _poke(self) -> None:
+        with self._fd_lock:             # never a write to a descriptor closed (and maybe reused) since
+            if self._wake >= 0:
+                try:
+                    os.eventfd_write(self._wake, 1)
+                except OSError:
+                    pass
+
+    # --- the connection's thread ------------------------------------------------------
 
     def _run(self) -> None:
         hard = True
+        self._poller.register(self._wake, select.POLLIN)
+        if self._reaps:
+            try:
+                self._dev_fd = self._dev.completion_fd()
+                self._dev.attach_reaper()
+                self._poller.register(self._dev_fd, select.POLLIN)
+            except Exception:
+                log.exception("%s: device refused to share its completions; they stay on its threads", self.name)
+                self._reaps = False
+                self._dev_fd = -1
         try:
             log.debug("%s: client connected (%s)", self.name, self.peer)
             hard = self._serve()
         except Exception:
-            log.exception("%s: reader failed", self.name)
+            log.exception("%s: connection failed", self.name)
         finally:
-            self._finish(hard)
+            try:
+                self._finish(hard)
+            finally:
+                if self._reaps:
+                    self._dev.detach_reaper()
+                with self._fd_lock:
+                    os.close(self._wake)
+                    self._wake = -1
 
     def _serve(self) -> bool:
         """Read and dispatch until the session ends; True = hard disconnect."""
@@ -338,34 +407,103 @@ class _Connection:
         if not self._send([greeting]):
             return True
         while True:
-            with self._lock:
-                if self._stopping:
-                    return False
-                buf = proto.get_buffer()
-            try:
-                n = self._sock.recv_into(buf)
-            except OSError as e:
-                log.debug("%s: recv failed: %s", self.name, e)
-                n = 0
-            del buf
-            with self._lock:
-                proto.commit(n)
-                events = []
-                while (ev := proto.next_event()) is not None:
-                    events.append(ev)
-                out = proto.data_to_send()
-            if out and not self._send([out]):
-                return True
-            try:
-                end = self._dispatch(events)
-            finally:
-                if self._plugged:
-                    self._plugged = False
-                    self._unplug()
-            if end is not None:
-                return end
+            if self._stopping:
+                return False
             if self._broken:
                 return True
+            if self._over_limits(0):
+                end = self._pump(read=False, wait=lambda: self._over_limits(0))
+            else:
+                end = self._pump(read=True)
+            if end is not None:
+                return end
+
+    def _over_limits(self, cost: int) -> bool:
+        """Would admitting a request of ``cost`` bytes exceed the limits?  (One is always admitted.)"""
+        return bool((self._busy or self._out_bytes)
+                    and (self._busy >= self._max_requests
+                         or self._busy_bytes + self._out_bytes + cost > self._max_bytes))
+
+    def _pump(self, read: bool, until: float | None = None, wait: Callable[[], bool] | None = None) -> bool | None:
+        """Wait once for something to do and do it: reap the device's completions, send queued
+        replies, and if ``read``, read and dispatch requests.  ``wait`` (the caller's reason to
+        wait) is checked again once other threads will poke us, so a change made just before
+        cannot be slept through.  Returns True/False when the session ends, else None."""
+        self._sleeping = True
+        try:
+            out = bool(self._out) and not self._broken
+            mask = (select.POLLIN if read else 0) | (select.POLLOUT if out else 0)
+            if mask != self._sock_mask:
+                # Not registered at all while there is nothing to do on it: a hung-up socket would
+                # otherwise report POLLHUP at once, forever.
+                if not mask:
+                    self._poller.unregister(self._sock_fd)
+                elif self._sock_mask:
+                    self._poller.modify(self._sock_fd, mask)
+                else:
+                    self._poller.register(self._sock_fd, mask)
+                self._sock_mask = mask
+            timeout: float | None = None
+            if out and self._server.send_timeout > 0:
+                timeout = self._out_since + self._server.send_timeout - time.monotonic()
+            if until is not None:
+                left = until - time.monotonic()
+                timeout = left if timeout is None else min(timeout, left)
+            if wait is not None and not wait():
+                timeout = 0
+            ready = self._poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1000)))
+        finally:
+            self._sleeping = False
+        sock_events = 0
+        for fd, ev in ready:
+            if fd == self._sock_fd:
+                sock_events = ev
+            elif fd == self._wake:
+                try:
+                    os.eventfd_read(self._wake)
+                except BlockingIOError:
+                    pass
+            elif fd == self._dev_fd:
+                if ev & select.POLLNVAL:        # the device closed under us: its own threads finish
+                    self._poller.unregister(fd)
+                    self._dev_fd = -1
+                else:
+                    self._dev.reap_completions()
+        if out and sock_events:
+            self._flush()
+        if read and sock_events & _POLL_INPUT:
+            return self._read()
+        if self._out and not self._broken and self._server.send_timeout > 0 \
+                and time.monotonic() - self._out_since > self._server.send_timeout:
+            log.warning("%s: client read no reply for %gs: disconnecting", self.name, self._server.send_timeout)
+            self._break()
+            return True
+        return None
+
+    def _read(self) -> bool | None:
+        proto = self._proto
+        with self._lock:
+            buf = proto.get_buffer()
+        try:
+            n = self._sock.recv_into(buf)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as e:
+            log.debug("%s: recv failed: %s", self.name, e)
+            n = 0
+        del buf
+        with self._lock:
+            proto.commit(n)
+            events = proto.next_events()
+            out = proto.data_to_send()
+        if out and not self._send([out]):
+            return True
+        try:
+            return self._dispatch(events)
+        finally:
+            if self._plugged:
+                self._plugged = False
+                self._unplug()
 
     def _dispatch(self, events: list) -> bool | None:
         """Act on what one recv() produced; True/False: the session ends (hard or not)."""
@@ -391,35 +529,32 @@ class _Connection:
         return None
 
     def _submit(self, req: Request) -> None:
-        srv = self._server
-        cost = req.length if req.kind is Cmd.READ or req.kind is Cmd.WRITE else 0
-        if self._plugged and (self._busy >= srv.max_requests_in_flight
-                              or self._busy_bytes + cost > srv.max_bytes_in_flight):
-            # About to wait for completions: what is held back must reach the device first.  (Only
-            # completions change _busy meanwhile, and they lower it: this check errs towards unplugging.)
-            self._plugged = False
-            self._unplug()
-        with self._lock:
-            # Back-pressure: while over the limits, stop reading (one request
-            # is always admitted, so a single maximal request still runs).
-            while (self._busy and not self._stopping and not self._broken
-                   and (self._busy >= srv.max_requests_in_flight
-                        or self._busy_bytes + cost > srv.max_bytes_in_flight)):
-                self._lock.wait()
-            refused = self._stopping or self._broken
-            if not refused:
-                self._busy += 1
-                self._busy_bytes += cost
-        if refused:
+        kind = req.kind
+        cost = req.length if kind is _READ or kind is _WRITE else 0
+        if (self._busy >= self._max_requests or self._busy_bytes + self._out_bytes + cost > self._max_bytes) \
+                and self._over_limits(cost):
+            # Back-pressure: stop reading (TCP-style) until completions make room; what is held
+            # back must reach the device first, or nothing would complete.
+            if self._plugged:
+                self._plugged = False
+                self._unplug()
+            def waiting() -> bool:
+                return self._over_limits(cost) and not self._stopping and not self._broken
+            while waiting():
+                self._pump(read=False, wait=waiting)
+        if self._stopping or self._broken:
             # The spec: requests arriving during shutdown get ESHUTDOWN.
             self._complete(req, errno.ESHUTDOWN, (), None)
             return
+        with self._lock:
+            self._busy += 1
+            self._busy_bytes += cost
         op = _Op(self, req, cost)
         dev = self._dev
         try:
-            if req.kind is Cmd.READ:
+            if kind is _READ:
                 dev.submit_read(req.offset, req.length, op.read_done)
-            elif req.kind is Cmd.WRITE:
+            elif kind is _WRITE:
                 assert req.data is not None
                 dev.submit_write(req.offset, req.data, req.fua, op.done)
             elif req.kind is Cmd.FLUSH:
@@ -439,17 +574,22 @@ class _Connection:
             self._break()
         else:
             self._shutdown(socket.SHUT_RD)
+        # In-flight requests still use their buffers and will still reply: wait for them (and, unless
+        # broken, for their replies to leave), reaping the device's completions meanwhile.
         deadline = time.monotonic() + self._server.drain_timeout
-        with self._lock:
-            while self._busy:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    log.warning("%s: %d requests still in flight; closing anyway", self.name, self._busy)
-                    break
-                self._lock.wait(remaining)
+
+        def waiting() -> bool:
+            return bool(self._busy or (self._out and not self._broken))
+        while waiting():
+            if time.monotonic() >= deadline:
+                log.warning("%s: %d requests still in flight; closing anyway", self.name, self._busy)
+                break
+            self._pump(read=False, until=deadline, wait=waiting)
         self._shutdown(socket.SHUT_RDWR)
         with self._send_lock, self._fd_lock:
             self._fd_closed = True
+            self._out.clear()
+            self._out_bytes = 0
             self._sock.close()
         log.debug("%s: closed", self.name)
 
@@ -464,19 +604,26 @@ class _Connection:
         batch = current_completion_batch() if cost is not None else None
         if batch is not None:
             send_now = False
-            if req.kind is Cmd.READ and err == 0:
-                total = 0
-                for b in bufs:
-                    total += len(b) if type(b) is bytes else memoryview(b).nbytes
-                if total != req.length:
-                    log.error("%s: device returned %d bytes for a %d-byte read", self.name, total, req.length)
-                    err, bufs = errno.EIO, ()
-                elif total <= _COPY_MAX:
-                    bufs = (b"".join(bufs),)
+            if req.kind is _READ and not err:
+                length = req.length
+                if length <= _COPY_MAX:
+                    data = b"".join(bufs)        # copies: the buffers are only valid until we return
+                    if len(data) != length:
+                        log.error("%s: device returned %d bytes for a %d-byte read", self.name, len(data), length)
+                        err, data = errno.EIO, b""
                 else:
-                    send_now = True
+                    total = 0
+                    for b in bufs:
+                        total += len(b) if type(b) is bytes else memoryview(b).nbytes
+                    if total != length:
+                        log.error("%s: device returned %d bytes for a %d-byte read", self.name, total, length)
+                        err, data = errno.EIO, b""
+                    else:
+                        data, send_now = bufs, True
+            else:
+                data = b""
             items = batch.items(self, self._reply_all)
-            items.append((req, err, bufs, cost))
+            items.append((req.handle, err, data, cost))
             if send_now:
                 self._reply_all(items)
             return
@@ -494,50 +641,98 @@ class _Connection:
             self._break()
         finally:
             if cost is not None:
-                with self._lock:
-                    self._busy -= 1
-                    self._busy_bytes -= cost
-                    self._lock.notify_all()
+                self._done_with([cost])
 
     def _reply_all(self, items: list) -> None:
-        """Reply to every ``(request, errno, buffers, cost)`` of ``items`` with one send; empties it."""
+        """Reply to every ``(handle, errno, data, cost)`` of ``items`` with one send; empties it."""
         if not items:
             return
-        done, items[:] = items[:], []
+        done = items[:]
+        items.clear()
         try:
-            out: list[Buffer] = []
             with self._lock:
-                for req, err, bufs, _ in done:
-                    out += self._proto.reply(req.handle, err, bufs)
+                out = self._proto.reply_many([item[:3] for item in done])
             self._send(out)
         except Exception:
             log.exception("%s: could not reply to %d request(s)", self.name, len(done))
             self._break()
         finally:
-            with self._lock:
-                for item in done:
-                    self._busy -= 1
-                    self._busy_bytes -= item[3]
-                self._lock.notify_all()
+            self._done_with([item[3] for item in done])
+
+    def _done_with(self, costs: list[int]) -> None:
+        with self._lock:
+            for cost in costs:
+                self._busy -= 1
+                self._busy_bytes -= cost
+        if self._sleeping and threading.current_thread() is not self._thread:
+            self._poke()
 
     def _send(self, bufs: Sequence[Buffer]) -> bool:
+        """Send whole replies now, or what does not fit as a copy for the connection's thread to send
+        (the caller's buffers are only valid until we return).  False: the connection is broken."""
+        queued = False
         with self._send_lock:
             if self._fd_closed or self._broken:
                 return False
             try:
-                _sendmsg_all(self._sock, bufs)
-                return True
+                if self._out:
+                    self._queue(bufs, 0)
+                    queued = True
+                else:
+                    sent, total = _sendmsg_some(self._sock, bufs)
+                    if sent < total:
+                        self._queue(bufs, sent)
+                        self._out_since = time.monotonic()
+                        queued = True
             except OSError as e:
                 log.debug("%s: send failed: %s", self.name, e)
+            else:
+                if queued and self._sleeping and threading.current_thread() is not self._thread:
+                    self._poke()
+                return True
         self._break()
         return False
 
+    def _queue(self, bufs: Sequence[Buffer], skip: int) -> None:
+        """Copy ``bufs`` but their first ``skip`` bytes to the output queue (under _send_lock)."""
+        data = b"".join(bufs)[skip:] if skip else b"".join(bufs)
+        if data:
+            self._out.append(memoryview(data))
+            self._out_bytes += len(data)
+
+    def _flush(self) -> None:
+        """Send what is queued, as far as the socket takes it (the connection's thread, on POLLOUT)."""
+        with self._send_lock:
+            if self._fd_closed or self._broken:
+                return
+            try:
+                while self._out:
+                    n = self._sock.sendmsg(list(itertools.islice(self._out, _IOV_MAX)), (), _SEND_FLAGS)
+                    if n:
+                        self._out_since = time.monotonic()
+                    self._out_bytes -= n
+                    while n:
+                        head = self._out[0]
+                        if n >= len(head):
+                            n -= len(head)
+                            self._out.popleft()
+                        else:
+                            self._out[0] = head[n:]
+                            n = 0
+                return
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.debug("%s: send failed: %s", self.name, e)
+        self._break()
+
     def _break(self) -> None:
-        """Hard disconnect: wakes the reader and any blocked sender."""
+        """Hard disconnect: wakes the connection's thread."""
         with self._lock:
             self._broken = True
-            self._lock.notify_all()
         self._shutdown(socket.SHUT_RDWR)
+        if threading.current_thread() is not self._thread:
+            self._poke()
 
     def _shutdown(self, how: int) -> None:
         with self._fd_lock:
@@ -570,8 +765,12 @@ class _Op:
             return False
 
     def read_done(self, err: int, bufs: Sequence[Buffer]) -> None:
-        if self._claim(self._once):
-            self._conn._complete(self._req, err, bufs, self._cost)
+        try:
+            self._once.pop()
+        except IndexError:
+            log.error("%s: device completed request %#x more than once", self._conn.name, self._req.handle)
+            return
+        self._conn._complete(self._req, err, bufs, self._cost)
 
     def done(self, err: int) -> None:
         if self._claim(self._once):
@@ -592,35 +791,17 @@ class _Op:
         self.done(err)
 
 
-def _sendmsg_all(sock: socket.socket, bufs: Sequence[Buffer]) -> None:
-    """sendmsg() every buffer, resuming after partial sends, no concatenation."""
-    sent = 0
-    if len(bufs) <= _IOV_MAX:
-        # The common case: everything in one call, straight from the caller's buffers.
-        total = 0
-        for b in bufs:
-            total += len(b) if type(b) is bytes else memoryview(b).nbytes
-        sent = sock.sendmsg(bufs, (), socket.MSG_NOSIGNAL)
-        if sent == total:
-            return
-    views = [v for v in (memoryview(b).cast("B") for b in bufs) if v.nbytes]
-    while sent and views:
-        if sent >= len(views[0]):
-            sent -= len(views.pop(0))
-        else:
-            views[0] = views[0][sent:]
-            sent = 0
-    i = 0
-    while i < len(views):
-        n = sock.sendmsg(views[i:i + _IOV_MAX], (), socket.MSG_NOSIGNAL)
-        while n > 0:
-            v = views[i]
-            if n >= len(v):
-                n -= len(v)
-                i += 1
-            else:
-                views[i] = v[n:]
-                n = 0
+def _sendmsg_some(sock: socket.socket, bufs: Sequence[Buffer]) -> tuple[int, int]:
+    """One non-blocking sendmsg() of as much of ``bufs`` as the socket takes: (bytes sent, total)."""
+    total = 0
+    for b in bufs:
+        total += len(b) if type(b) is bytes else memoryview(b).nbytes
+    if len(bufs) > _IOV_MAX:
+        bufs = bufs[:_IOV_MAX]
+    try:
+        return sock.sendmsg(bufs, (), _SEND_FLAGS), total
+    except (BlockingIOError, InterruptedError):
+        return 0, total
 
 
 def _remove_stale_socket(path: str) -> None:
