@@ -779,6 +779,43 @@ def test_indirect_hostile(env: Env, persistent: bool) -> None:
     finish(env, h)
 
 
+def test_indirect_hostile_on_pages_already_mapped_persistently(env: Env) -> None:
+    """blkback serves an indirect READ/WRITE whose pages it already keeps by a shorter path: descriptors
+    rewritten in a kept indirect page, and every bad count or range, must still be refused."""
+    h = env.hostile()
+    h.connect(persistent=True)
+    data = [h.grant() for _ in range(16)]
+    segs = [(ref, 0, 7) for _, ref in data]
+    igfn, iref = h.grant(pack_segments(segs))
+    end = h.sectors
+    with env.good_load():
+        h.expect([(h.indirect(BLKIF_OP_READ, 0, 16, [iref]), OK)])           # everything mapped now
+        page = h.host.memory.frame(igfn)
+        for bad in ([(data[0][1], 7, 0)] + segs[1:],                          # first_sect > last_sect
+                    segs[:3] + [(data[3][1], 0, 8)] + segs[4:],               # past the page
+                    segs[:5] + [(h.host.gnttab.nr_entries + 5, 0, 7)] + segs[6:],   # a page never granted
+                    segs[:15] + [(max(h.refs) + 100, 0, 7)]):
+            page[:] = pack_segments(bad)                                     # the backend sees this at once
+            h.expect([(h.indirect(BLKIF_OP_READ, 0, 16, [iref]), ERR),
+                      (h.indirect(BLKIF_OP_WRITE, 0, 16, [iref]), ERR)])
+        page[:] = pack_segments(segs)
+        h.expect([(h.indirect(BLKIF_OP_READ, 0, 0, [iref]), ERR),
+                  (h.indirect(BLKIF_OP_READ, 0, 257, [iref] * 8), ERR),
+                  (h.indirect(BLKIF_OP_READ, 0, 17, [iref]), ERR),
+                  (h.indirect(BLKIF_OP_READ, end - 8, 16, [iref]), ERR),
+                  (h.indirect(BLKIF_OP_READ, 2**64 - 8, 16, [iref]), ERR),
+                  (h.indirect(BLKIF_OP_WRITE_BARRIER, 0, 16, [iref]), ERR)])
+        h.expect([(h.indirect(BLKIF_OP_READ, 128, 16, [iref]), OK)])
+    with open(h.image, "rb") as f:
+        f.seek(128 * 512)
+        want = f.read(16 * PAGE)
+    assert b"".join(bytes(h.host.memory.frame(g)) for g, _ in data) == want
+    h.assert_image_intact()
+    stats = env.server.vbds[(h.host.domid, h.devid)].stats()
+    assert stats["indirect_requests"] == 2 and stats["persistent_reuses"] > 0, stats
+    finish(env, h)
+
+
 # ---- 4096-byte logical sectors -----------------------------------------------------------------
 
 def test_4k_sector_disk_refuses_unaligned_io(env: Env) -> None:

@@ -19,11 +19,13 @@ from __future__ import annotations
 import logging
 import os
 import select
+import struct
+import sys
 import threading
 from typing import Callable, Iterator, Sequence
 
 from xdom.domains.abi.blkif import (
-    BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ,
+    BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT, BLKIF_OP_READ,
     BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, SEGMENT, SEGMENT_RUNS, BlkifABI, Request,
     parse_indirect_segments, parse_request,
 )
@@ -31,11 +33,16 @@ from xdom.domains.abi.ring import BackRing, RingOverflow, SharedRing
 from xdom.domains.xenhost.base import GrantMapping, XenHost
 
 from .disk import Disk
-from .plan import DiskGeometry, IoPlan, Refused, check_indirect, plan
+from .plan import DiskGeometry, IoPlan, Refused, check_indirect, indirect_pages_needed, plan
 
 log = logging.getLogger("xdom.blkback")
 
+_SEGMENT_LISTS: dict[int, struct.Struct] = {}     # an indirect request's n descriptors, as one struct
+_LITTLE_ENDIAN = sys.byteorder == "little"
+_WHOLE_PAGE = 7 << 8                               # first_sect 0, last_sect 7, no padding bits
+
 LOGGED_REFUSALS = 20
+PUSH_BYTES = 256 * 1024           # within a batch, answers are published once this much data has moved
 BATCH_GRANT_BUDGET = 1024         # grants one batch of one ring may map at once
 MAX_PERSISTENT_GRANTS = 2048      # per ring; Linux's default is 1056 (32 slots x 11 segments x 3)
 
@@ -69,6 +76,7 @@ class RingServer:
         }
         self._persistent: dict[int, GrantMapping] = {}
         self._req_unpack = abi.request.unpack_from
+        self._ind_unpack = abi.indirect.unpack_from
         self._rsp_pack = abi.response.pack
         self._seg_offset = abi.segments_offset
         self._lss_sectors = geometry.logical_sector_size // 512
@@ -149,23 +157,31 @@ class RingServer:
             raws = self.ring.take_requests()
             if raws:
                 self.stats["batches"] += 1
-                self.ring.put_responses(self._serve_batch(raws))
-                if self.ring.push_responses():
-                    self.stats["notifies"] += 1
-                    self.host.notify(self.port)
+                self._serve_batch(raws)
             if not self.ring.final_check_for_requests():
                 return
 
-    def _serve_batch(self, raws: list[bytes]) -> list[bytes]:
-        """Serve a batch of request copies in ring order; the responses, packed, in the same order.
+    def _respond(self, responses: list[bytes]) -> None:
+        """Put responses on the ring, publish them and notify the frontend if it asked (rsp_event)."""
+        self.ring.put_responses(responses)
+        if self.ring.push_responses():
+            self.stats["notifies"] += 1
+            self.host.notify(self.port)
 
-        The common request -- a direct READ or WRITE whose every page is already mapped among
-        the persistent grants -- is checked and served on the spot (:meth:`_fast`); runs of any
-        other are served by the general path, batched as before (one grant map per part).
+    def _serve_batch(self, raws: list[bytes]) -> None:
+        """Serve a batch of request copies in ring order and answer them, in the same order.
+
+        The common request -- a direct or indirect READ or WRITE whose every page is already
+        mapped among the persistent grants -- is checked and served on the spot (:meth:`_fast`);
+        runs of any other are served by the general path, batched as before (one grant map per
+        part).  Answers are published once per batch, or sooner once :data:`PUSH_BYTES` have
+        moved: the frontend can then pass on a large read while the next one is read, instead of
+        waiting for the whole batch.
         """
         out: list[bytes] = []
         slow: list[bytes] = []
         fast = self._fast if self._persistent else None
+        moved = 0
         for raw in raws:
             io = fast(raw) if fast is not None else None
             if io is None:
@@ -175,9 +191,14 @@ class RingServer:
                 out += self._serve_general(slow)
                 slow = []
             out.append(self._fast_execute(*io))
+            moved += io[4]
+            if moved >= PUSH_BYTES:
+                self._respond(out)
+                out, moved = [], 0
         if slow:
             out += self._serve_general(slow)
-        return out
+        if out:
+            self._respond(out)
 
     def _serve_general(self, raws: list[bytes]) -> list[bytes]:
         pack = self.abi.response.pack
@@ -190,7 +211,7 @@ class RingServer:
         path then serves it, or refuses it, exactly as before)."""
         op = raw[0]
         if op > BLKIF_OP_WRITE:
-            return None
+            return self._fast_indirect(raw) if op == BLKIF_OP_INDIRECT else None
         _, nseg, _handle, rid, sector = self._req_unpack(raw)
         if not 0 < nseg <= BLKIF_MAX_SEGMENTS_PER_REQUEST or (op == BLKIF_OP_WRITE and self.geometry.read_only):
             return None
@@ -209,6 +230,59 @@ class RingServer:
         if sector + total > self.geometry.sectors or (lss > 1 and sector % lss):
             return None
         self.stats["persistent_reuses"] += nseg
+        return rid, op, sector * 512, bufs, total * 512
+
+    def _fast_indirect(self, raw: bytes) -> tuple[int, int, int, list[memoryview], int] | None:
+        """:meth:`_fast` for an indirect READ/WRITE whose indirect and data pages are all persistent
+        mappings; the segment descriptors are copied out of the indirect pages before they are read."""
+        _, op, nseg, rid, sector, _handle, *grefs = self._ind_unpack(raw)
+        geometry = self.geometry
+        if (op > BLKIF_OP_WRITE or not 0 < nseg <= geometry.max_indirect_segments
+                or (op == BLKIF_OP_WRITE and geometry.read_only)):
+            return None
+        persistent = self._persistent
+        npages = indirect_pages_needed(nseg)
+        if npages == 1:
+            m = persistent.get(grefs[0])
+            if m is None:
+                return None
+            descriptors = bytes(m.view[:nseg * SEGMENT.size])
+        else:
+            pages = [persistent.get(g) for g in grefs[:npages]]
+            if None in pages:
+                return None
+            descriptors = b"".join([m.view for m in pages])[:nseg * SEGMENT.size]
+        if _LITTLE_ENDIAN:
+            # struct blkif_request_segment as two u32: gref, then first_sect | last_sect << 8 | padding
+            words = memoryview(descriptors).cast("I")
+            grefs, spans = words[0::2].tolist(), words[1::2].tolist()
+            words.release()
+        else:
+            st = _SEGMENT_LISTS.get(nseg)
+            if st is None:
+                st = _SEGMENT_LISTS[nseg] = struct.Struct("<" + "IBBxx" * nseg)
+            flat = st.unpack(descriptors)
+            grefs, spans = list(flat[0::3]), [f | last << 8 for f, last in zip(flat[1::3], flat[2::3])]
+        maps = [persistent.get(g) for g in grefs]
+        if None in maps:
+            return None
+        lss = self._lss_sectors
+        if spans.count(_WHOLE_PAGE) == nseg:
+            bufs = [m.view for m in maps]                  # whole pages: the usual case
+            total = nseg * 8
+        else:
+            bufs = []
+            total = 0
+            for m, span in zip(maps, spans):
+                first, last = span & 0xFF, (span >> 8) & 0xFF
+                if first > last or last >= 8 or (lss > 1 and (last - first + 1) % lss):
+                    return None
+                bufs.append(m.view[first * 512:(last + 1) * 512])
+                total += last - first + 1
+        if sector + total > geometry.sectors or (lss > 1 and sector % lss):
+            return None
+        self.stats["persistent_reuses"] += nseg + npages
+        self.stats["indirect_requests"] += 1
         return rid, op, sector * 512, bufs, total * 512
 
     def _fast_execute(self, rid: int, op: int, offset: int, bufs: list[memoryview], length: int) -> bytes:

@@ -17,9 +17,11 @@ make sense is the backend's job (it knows the disk and the grants).
 
 from __future__ import annotations
 
+import array
 import struct
+import sys
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 BLKIF_OP_READ = 0
 BLKIF_OP_WRITE = 1
@@ -219,6 +221,31 @@ def pack_segments(segments: list[tuple[int, int, int]]) -> bytes:
             raise ValueError("too many segments for an indirect page")
         st = _SEGMENT_PAGES[n] = struct.Struct("<" + "IBBxx" * n + "x" * (4096 - n * SEGMENT.size))
     return st.pack(*[v for seg in segments for v in seg])
+
+
+_WHOLE_PAGE = 7 << 8                 # first_sect 0, last_sect 7, as the u32 after a segment's gref (little-endian)
+
+
+def pack_page_segments(grefs: Sequence[int], last_bytes: int = 4096) -> bytes:
+    """:func:`pack_segments` for segments that each cover a whole page, but the last, which covers
+    the first ``last_bytes`` (whole 512-byte sectors) of its page: a 1 MiB request's indirect page
+    is built without a tuple per segment."""
+    n = len(grefs)
+    if n > SEGMENTS_PER_INDIRECT_FRAME:
+        raise ValueError("too many segments for an indirect page")
+    if sys.byteorder != "little" or not n:
+        segs = [(g, 0, 7) for g in grefs]
+        if segs:
+            segs[-1] = (grefs[-1], 0, last_bytes // 512 - 1)
+        return pack_segments(segs)
+    page = bytearray(4096)
+    words = memoryview(page).cast("I")          # per segment: gref, then first/last/padding
+    words[0:2 * n:2] = array.array("I", grefs)
+    words[1:2 * n:2] = array.array("I", [_WHOLE_PAGE]) * n
+    if last_bytes != 4096:
+        words[2 * n - 1] = (last_bytes // 512 - 1) << 8
+    words.release()
+    return bytes(page)
 
 
 def pack_response(abi: BlkifABI, id: int, operation: int, status: int) -> bytes:

@@ -46,7 +46,7 @@ from typing import Callable, Sequence
 from ..abi.blkif import (
     ABIS, BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE,
     BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_OKAY, PROTOCOL_X86_64, SEGMENTS_PER_INDIRECT_FRAME, VDISK_READONLY, abi_for,
-    pack_discard_request, pack_indirect_request, pack_request, pack_segments, request_struct,
+    pack_discard_request, pack_indirect_request, pack_page_segments, pack_request, request_struct,
 )
 from ..abi.ring import FrontRing, RingOverflow, SharedRing
 from ..frame_pool import FramePool, OutOfFrames
@@ -60,7 +60,7 @@ log = logging.getLogger("xdom.blkfront")
 PAGE_SIZE = 4096
 MAX_INDIRECT_SEGMENTS = 256
 ZERO_PAGE = bytes(PAGE_SIZE)
-DEFAULT_PERSISTENT_FRAMES = 1024      # 4 MiB of the guest's memory kept granted for I/O
+DEFAULT_PERSISTENT_FRAMES = 2048      # 8 MiB of the guest's memory kept granted for I/O (blkback keeps 2048)
 DEFERRED_RETRY_MS = 100               # how often frames the backend still maps are tried again
 CLOSE_PATIENCE = 5.0                  # seconds close() waits for the backend to let go of our frames
 
@@ -87,10 +87,11 @@ class FrontendOptions:
 # Plain classes with __slots__ rather than dataclasses: one _Op and one _Req are built per I/O.
 
 class _Page:
-    __slots__ = ("gfn", "ref", "persistent")
+    __slots__ = ("gfn", "ref", "persistent", "view")
 
-    def __init__(self, gfn: int, ref: int, persistent: bool) -> None:
+    def __init__(self, gfn: int, ref: int, persistent: bool, view: memoryview) -> None:
         self.gfn, self.ref, self.persistent = gfn, ref, persistent
+        self.view = view                # the frame's 4 KiB in our memory (kept: a page is used many times)
 
     def __repr__(self) -> str:
         return f"_Page(gfn={self.gfn}, ref={self.ref}, persistent={self.persistent})"
@@ -579,29 +580,30 @@ class Blkfront:
                     data_pages, indirect_pages = pages, []
             # Every page is whole but maybe the last (a chunk is whole 512-byte sectors).
             last = chunk - (npages - 1) * PAGE_SIZE
-            segs = [(page.ref, 0, 7) for page in data_pages]
-            if last != PAGE_SIZE:
-                segs[-1] = (data_pages[-1].ref, 0, last // 512 - 1)
             if op.data is not None:
-                mem, data = self._memory, op.data
+                data = op.data
                 at = start
-                for page in data_pages:
-                    g = page.gfn * PAGE_SIZE
-                    n = min(PAGE_SIZE, chunk + start - at)
-                    mem[g:g + n] = data[at:at + n]
-                    at += n
+                for page in data_pages[:-1]:
+                    page.view[:] = data[at:at + PAGE_SIZE]
+                    at += PAGE_SIZE
+                data_pages[-1].view[:last] = data[at:at + last]
             rid = next(self._ids)
             sector = (op.offset + start) >> 9
             if nindirect:
+                refs = [page.ref for page in data_pages]
+                per = SEGMENTS_PER_INDIRECT_FRAME
                 for k, ipage in enumerate(indirect_pages):
-                    part = segs[k * SEGMENTS_PER_INDIRECT_FRAME:(k + 1) * SEGMENTS_PER_INDIRECT_FRAME]
-                    self.host.memory.frame(ipage.gfn)[:] = pack_segments(part)
-                raw = pack_indirect_request(self.abi, op.kind, rid, sector, self.devid, len(segs),
+                    part = refs[k * per:(k + 1) * per]
+                    ipage.view[:] = pack_page_segments(part, last if k == nindirect - 1 else PAGE_SIZE)
+                raw = pack_indirect_request(self.abi, op.kind, rid, sector, self.devid, npages,
                                             [p.ref for p in indirect_pages])
                 self.indirect_requests += 1
             else:
-                raw = request_struct(self.abi, len(segs)).pack(op.kind, len(segs), self.devid, rid, sector,
-                                                               *[v for seg in segs for v in seg])
+                segs = [(page.ref, 0, 7) for page in data_pages]
+                if last != PAGE_SIZE:
+                    segs[-1] = (data_pages[-1].ref, 0, last // 512 - 1)
+                raw = request_struct(self.abi, npages).pack(op.kind, npages, self.devid, rid, sector,
+                                                            *[v for seg in segs for v in seg])
             req = _Req(rid, raw, op, start, chunk, [] if op.zeroes else data_pages, indirect_pages)
             if op.redo:
                 if start + chunk < end:
@@ -620,8 +622,9 @@ class Blkfront:
         backend that scribbles on it spoils at most what it could spoil anyway: the data it writes."""
         if self._zero is None:
             (gfn,) = self.pool.alloc(1)
-            self._zero = _Page(gfn, self.host.gnttab.grant_access(self.backend_domid, gfn), False)
-        self.host.memory.frame(self._zero.gfn)[:] = ZERO_PAGE
+            self._zero = _Page(gfn, self.host.gnttab.grant_access(self.backend_domid, gfn), False,
+                               self._frame(gfn))
+        self._zero.view[:] = ZERO_PAGE
         return self._zero
 
     def _put(self, req: _Req, q: _Queue) -> None:
@@ -642,7 +645,7 @@ class Blkfront:
                 except OutOfFrames:
                     break
                 ref = self.host.gnttab.grant_access(self.backend_domid, g)
-                self._free_persistent.append(_Page(g, ref, True))
+                self._free_persistent.append(_Page(g, ref, True, self._frame(g)))
                 self._persistent_count += 1
             if len(self._free_persistent) < n:
                 if self._persistent_count < n and not self._shadow:
@@ -658,10 +661,16 @@ class Blkfront:
             if not self._shadow:
                 raise
             return None
-        return [_Page(g, self.host.gnttab.grant_access(self.backend_domid, g, readonly=readonly), False)
-                for g in gfns]
+        return [_Page(g, self.host.gnttab.grant_access(self.backend_domid, g, readonly=readonly), False,
+                      self._frame(g)) for g in gfns]
+
+    def _frame(self, gfn: int) -> memoryview:
+        return self._memory[gfn * PAGE_SIZE:(gfn + 1) * PAGE_SIZE]
 
     def _put_pages(self, pages: list[_Page]) -> None:
+        if self._persistent and all([p.persistent for p in pages]):
+            self._free_persistent += pages            # the usual case: all back to the pool
+            return
         for p in pages:
             if p.persistent and self._persistent:
                 self._free_persistent.append(p)
@@ -768,12 +777,9 @@ class Blkfront:
                 views = []
                 answered = op.read_pages
                 if not error:
-                    mem = self._memory
                     for off in (sorted(answered) if len(answered) > 1 else answered):
                         req = answered[off]
-                        for page in req.pages:
-                            g = page.gfn * PAGE_SIZE
-                            views.append(mem[g:g + PAGE_SIZE])
+                        views += [page.view for page in req.pages]
                         last = req.length - (len(req.pages) - 1) * PAGE_SIZE
                         if last != PAGE_SIZE:
                             views[-1] = views[-1][:last]

@@ -553,12 +553,12 @@ class NbdServerConnection:
             data_list = data
         bufs: list[Buffer] = [_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, handle)]
         if err == 0 and kind is Cmd.READ:
-            total = 0
-            for b in data_list:
-                n = _nbytes(b)
-                if n:
-                    bufs.append(b)
-                    total += n
+            sizes = [b.nbytes if type(b) is memoryview else _nbytes(b) for b in data_list]
+            total = sum(sizes)
+            if 0 in sizes:
+                bufs += [b for b, n in zip(data_list, sizes) if n]
+            else:
+                bufs += data_list
             if total != length:
                 raise ValueError(f"READ reply carries {total} bytes, {length} requested")
         elif kind is not Cmd.READ and any(_nbytes(b) for b in data_list):

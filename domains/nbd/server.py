@@ -612,9 +612,7 @@ class _Connection:
                         log.error("%s: device returned %d bytes for a %d-byte read", self.name, len(data), length)
                         err, data = errno.EIO, b""
                 else:
-                    total = 0
-                    for b in bufs:
-                        total += len(b) if type(b) is bytes else memoryview(b).nbytes
+                    total = sum([b.nbytes if type(b) is memoryview else memoryview(b).nbytes for b in bufs])
                     if total != length:
                         log.error("%s: device returned %d bytes for a %d-byte read", self.name, total, length)
                         err, data = errno.EIO, b""
@@ -793,9 +791,7 @@ class _Op:
 
 def _sendmsg_some(sock: socket.socket, bufs: Sequence[Buffer]) -> tuple[int, int]:
     """One non-blocking sendmsg() of as much of ``bufs`` as the socket takes: (bytes sent, total)."""
-    total = 0
-    for b in bufs:
-        total += len(b) if type(b) is bytes else memoryview(b).nbytes
+    total = sum([len(b) if type(b) is bytes else memoryview(b).nbytes for b in bufs])
     if len(bufs) > _IOV_MAX:
         bufs = bufs[:_IOV_MAX]
     try:
