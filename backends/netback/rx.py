@@ -38,9 +38,9 @@ from typing import Collection, NamedTuple, Sequence
 
 from xdom.domains.abi.netif import (
     NETIF_RSP_ERROR, NETRXF_csum_blank, NETRXF_data_validated, NETRXF_extra_info, NETRXF_more_data,
-    RX_SLOT_SIZE, XEN_NETIF_EXTRA_FLAG_MORE, XEN_NETIF_EXTRA_TYPE_GSO, XEN_NETIF_EXTRA_TYPE_HASH,
+    RX_RESPONSE, RX_SLOT_SIZE, XEN_NETIF_EXTRA_FLAG_MORE, XEN_NETIF_EXTRA_TYPE_GSO, XEN_NETIF_EXTRA_TYPE_HASH,
     XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6, XEN_NETIF_NR_SLOTS_MIN, ExtraInfo, GsoInfo, HashInfo,
-    RxRequest, RxResponse, pack_extra_info, pack_rx_response, parse_rx_request,
+    RxRequest, RxResponse, pack_extra_info, parse_rx_request,
 )
 
 from .tx import PAGE_SIZE, Checksum
@@ -93,12 +93,12 @@ class RxPlan:
         written as ``NETIF_RSP_ERROR`` (netfront then drops the packet).
         """
         out = []
+        pack = RX_RESPONSE.pack
         for i, r in enumerate(self.responses):
-            if isinstance(r, ExtraInfo):
-                out.append(pack_extra_info(r, RX_SLOT_SIZE))
+            if type(r) is RxResponse:
+                out.append(pack(r.id, r.offset, r.flags, NETIF_RSP_ERROR if failed and i in failed else r.status))
             else:
-                status = NETIF_RSP_ERROR if i in failed else r.status
-                out.append(pack_rx_response(RxResponse(r.id, r.offset, r.flags, status)))
+                out.append(pack_extra_info(r, RX_SLOT_SIZE))
         return out
 
 

@@ -273,25 +273,30 @@ class TxProcessor:
         """
         if self.fatal is not None:
             return []
-        copies = []
+        buf = self._buf
         for s in slots:
-            if len(s) < TX_SLOT_SIZE:
+            if type(s) is bytes and len(s) == TX_SLOT_SIZE:
+                buf.append(s)                  # already a private copy (the ring's read_slots made it)
+            elif len(s) < TX_SLOT_SIZE:
                 raise ValueError(f"a TX slot copy is {TX_SLOT_SIZE} bytes, got {len(s)}")
-            copies.append(bytes(s[:TX_SLOT_SIZE]))
-        self._buf.extend(copies)
+            else:
+                buf.append(bytes(s[:TX_SLOT_SIZE]))
         out: list[TxAction] = []
-        while self._buf:
+        while buf:
             try:
                 action = self._one(at_req_prod)
             except _NeedMore:
                 break
             except _Fatal as e:
                 self.fatal = e.reason
-                self._buf.clear()
+                buf.clear()
                 out.append(TxFatal(e.reason, e.slots))
                 break
-            del self._buf[:action.slots]
             out.append(action)
+            if action.slots >= len(buf):
+                buf.clear()
+            else:
+                del buf[:action.slots]
         return out
 
     # ---- one packet ------------------------------------------------------------------
@@ -399,13 +404,17 @@ class TxProcessor:
         if not first.flags & NETTXF_more_data:
             return frags, None
         remaining = first.size
+        buf, fatal_slots, max_slots = self._buf, self.fatal_slots, self.max_slots
+        easy = min(len(buf), self.ring_size)        # slots _slot() would hand over without a word
         while True:
             n = len(frags)
-            if n >= self.fatal_slots:
-                raise _Fatal(f"malicious frontend using more than {self.fatal_slots} slots", pos + n)
-            if drop is None and n >= self.max_slots:
-                drop = f"too many slots: more than {self.max_slots} after the first"
-            txp = parse_tx_request(self._slot(pos + n, at_req_prod, f"packet needs more than {n} slots"))
+            if n >= fatal_slots:
+                raise _Fatal(f"malicious frontend using more than {fatal_slots} slots", pos + n)
+            if drop is None and n >= max_slots:
+                drop = f"too many slots: more than {max_slots} after the first"
+            i = pos + n
+            txp = parse_tx_request(buf[i] if i < easy else
+                                   self._slot(i, at_req_prod, f"packet needs more than {n} slots"))
             if drop is None and txp.size > remaining:
                 drop = f"slot size {txp.size} > remaining size {remaining}"
             remaining = (remaining - txp.size) & 0xFFFF
