@@ -62,6 +62,7 @@ MAX_INDIRECT_SEGMENTS = 256
 ZERO_PAGE = bytes(PAGE_SIZE)
 DEFAULT_PERSISTENT_FRAMES = 2048      # 8 MiB of the guest's memory kept granted for I/O (blkback keeps 2048)
 DEFERRED_RETRY_MS = 100               # how often frames the backend still maps are tried again
+_DIRECT_MAX = BLKIF_MAX_SEGMENTS_PER_REQUEST * 4096    # what one direct request carries
 CLOSE_PATIENCE = 5.0                  # seconds close() waits for the backend to let go of our frames
 
 
@@ -155,6 +156,7 @@ class Blkfront:
             # for a missing node (x86_32 in Linux, whatever our own layout is).
             raise ValueError(f"blkif protocol {options.protocol!r}: one of {sorted(ABIS)}")
         self.abi = abi_for(options.protocol)
+        self._direct_structs = [request_struct(self.abi, n) for n in range(BLKIF_MAX_SEGMENTS_PER_REQUEST + 1)]
         self.path = f"{xs.get_domain_path(host.domid)}/device/vbd/{devid}"
         be = read_or_none(xs, f"{self.path}/backend")
         be_id = read_int(xs, f"{self.path}/backend-id")
@@ -440,13 +442,53 @@ class Blkfront:
             elif self.read_only and op.kind in (BLKIF_OP_WRITE, BLKIF_OP_DISCARD):
                 err = errno.EPERM
             else:
-                self._pending.append(op)
-                if self.state == XenbusState.Connected:
-                    self._kick_pending()
-                    if threading.get_ident() not in self._plugged:
-                        self._push_all()
+                connected = self.state == XenbusState.Connected
+                if not (connected and not self._pending and self._persistent and op.kind <= BLKIF_OP_WRITE
+                        and op.length <= _DIRECT_MAX and not op.zeroes and op.length and self._start_direct(op)):
+                    self._pending.append(op)
+                    if connected:
+                        self._kick_pending()
+                if connected and threading.get_ident() not in self._plugged:
+                    self._push_all()
                 return
         self._complete(op, err)
+
+    def _start_direct(self, op: _Op) -> bool:
+        """:meth:`_start_some` for the common operation, in one step: a READ or WRITE that fits one
+        direct request, on persistent pages, with nothing queued before it.  False: nothing was
+        done (no room or pages now), the general path takes it."""
+        queues = self._queues
+        q = queues[0] if len(queues) == 1 else self._queue_with_room()
+        if q is None or q.ring.full():
+            return False
+        length = op.length
+        n = (length + PAGE_SIZE - 1) >> 12
+        free = self._free_persistent
+        if len(free) < n:
+            return False
+        pages = free[-n:]
+        del free[-n:]
+        last = length - (n - 1) * PAGE_SIZE
+        if n == 1:
+            flat: list[int] | tuple[int, ...] = (pages[0].ref, 0, (last >> 9) - 1)
+        else:
+            flat = [v for page in pages for v in (page.ref, 0, 7)]
+            flat[-1] = (last >> 9) - 1
+        if op.data is not None:
+            data = op.data
+            at = 0
+            for page in pages[:-1]:
+                page.view[:] = data[at:at + PAGE_SIZE]
+                at += PAGE_SIZE
+            pages[-1].view[:last] = data[at:length]
+        rid = next(self._ids)
+        raw = self._direct_structs[n].pack(op.kind, n, self.devid, rid, op.offset >> 9, *flat)
+        op.next_byte = length
+        op.outstanding = 1
+        self._shadow[rid] = _Req(rid, raw, op, 0, length, pages, [])
+        q.ring.put_request(raw)
+        q.requests += 1
+        return True
 
     # Completions on the caller's thread (the NBD server's connection thread, which then does all
     # of a request's work in the guest: no hand-off between threads, no contention for the GIL).
@@ -715,6 +757,7 @@ class Blkfront:
 
     def _reap(self) -> None:
         finished: list[_Op] = []
+        release: list[_Page] = []                 # freed under the lock taken after the callbacks
         with self._lock:
             if self.state != XenbusState.Connected:
                 return
@@ -740,17 +783,34 @@ class Blkfront:
                         if op.kind == BLKIF_OP_READ:
                             op.read_pages[req.byte_offset] = req      # its pages hold the data until done
                             if req.indirect:
-                                self._put_pages(req.indirect)
-                        elif req.pages or req.indirect:
-                            self._put_pages(req.pages + req.indirect)
+                                release += req.indirect
+                        else:
+                            release += req.pages
+                            if req.indirect:
+                                release += req.indirect
                         if op.outstanding == 0 and op.next_byte >= op.length and not op.redo:
                             finished.append(op)
                     if not q.ring.final_check_for_responses():
                         break
-        release: list[_Page] = []
         # One batch: the NBD server sends the replies of all these operations together when it ends.
         with completion_batch():
             for op in finished:
+                answered = op.read_pages
+                if op.kind == BLKIF_OP_READ and len(answered) == 1 and not op.error:
+                    # The usual read: one request's pages, whole but maybe the last.
+                    _, req = answered.popitem()
+                    pages = req.pages
+                    views = [page.view for page in pages]
+                    last = req.length - (len(pages) - 1) * PAGE_SIZE
+                    if last != PAGE_SIZE:
+                        views[-1] = views[-1][:last]
+                    try:
+                        op.done(0, views)
+                    except Exception:
+                        log.exception("vbd %d: completion callback failed", self.devid)
+                    views.clear()
+                    release += pages
+                    continue
                 if op.kind == BLKIF_OP_WRITE and op.then_flush and not op.error:
                     op.then_flush = False
                     op.kind, op.next_byte, op.length = BLKIF_OP_FLUSH_DISKCACHE, 0, 0
@@ -761,7 +821,7 @@ class Blkfront:
         with self._lock:
             if release:
                 self._put_pages(release)
-            if self.state == XenbusState.Connected:
+            if self._pending and self.state == XenbusState.Connected:
                 self._kick_pending()
                 self._push_all()
 
