@@ -150,13 +150,16 @@ def _fold(s: int) -> int:
     return s
 
 
-def checksum_setup(frame: bytes, recompute_pseudo: bool = False) -> tuple[bytes, L4Headers] | None:
+def checksum_setup(frame: bytes, recompute_pseudo: bool = False,
+                   length: int | None = None) -> tuple[bytes, L4Headers] | None:
     """Locate the checksum of a CHECKSUM_PARTIAL frame; optionally rewrite its pseudo-header sum.
 
     ``recompute_pseudo`` is Linux's ``recalculate_partial_csum``: a GSO
     packet from a frontend that forgot ``csum_blank`` has garbage in the
     field, so netback writes the pseudo-header sum there.  None when the
     frame cannot carry an offloaded checksum (the packet is dropped).
+    ``frame`` may be just the head of a longer frame of ``length`` bytes
+    (what netback copies to look at, as Linux's first 128 bytes).
     """
     h = parse_headers(frame)
     if h is None:
@@ -165,7 +168,8 @@ def checksum_setup(frame: bytes, recompute_pseudo: bool = False) -> tuple[bytes,
         return frame, h
     buf = bytearray(frame)
     pos = h.l4_offset + h.csum_offset
-    buf[pos:pos + 2] = _pseudo_sum(buf, h, len(buf) - h.l4_offset).to_bytes(2, "big")
+    total = len(buf) if length is None else length
+    buf[pos:pos + 2] = _pseudo_sum(buf, h, total - h.l4_offset).to_bytes(2, "big")
     return bytes(buf), h
 
 

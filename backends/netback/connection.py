@@ -40,6 +40,10 @@ log = logging.getLogger("xdom.netback")
 
 MAX_CACHED_MAPPINGS = 1024      # per vif and direction: our netfront uses 256 buffers each way
 UPLINK_BUDGET = 64              # frames taken from a vif's TAP per loop pass (a NAPI-like budget)
+# What netback copies of a frame to look at before it goes to a TAP straight from the granted pages (Linux
+# copies XEN_NETBACK_TX_COPY_LEN = 128 bytes and pulls more when the headers need it; parse_headers needs at
+# most Ethernet + VLAN + a 60-byte IPv4 or an IPv6 header with options + a 60-byte TCP header).
+HEAD_COPY = 256
 
 
 class BadFrontend(Exception):
@@ -213,6 +217,7 @@ class Connection:
             if slots:
                 self.held.extend(self.txp.feed(slots, at_req_prod=True))
         held, tx, limiter = self.held, self.tx, self.limiter
+        send_parts = getattr(self.uplink, "send_parts", None)
         answers: list[bytes] = []
         while held:
             action = held[0]
@@ -224,6 +229,13 @@ class Connection:
             held.popleft()
             responses = action.responses
             if isinstance(action, TxPacket):
+                if send_parts is not None and action.pieces[0].length > HEAD_COPY:
+                    sent = self._send_parts(action, send_parts)
+                    if sent is None:
+                        responses = action.error_responses()
+                    self.stats["tx_packets" if sent else "tx_dropped"] += 1
+                    answers += [pack_tx_response(r) for r in responses]
+                    continue
                 data = self._gather(action)
                 if data is None:
                     responses = action.error_responses()
@@ -248,6 +260,41 @@ class Connection:
         if held:
             return False                  # waiting for rate credit: the deadline brings us back
         return tx.final_check_for_requests()
+
+    def _send_parts(self, pkt: TxPacket, send_parts: Callable[[Frame, list[memoryview]], None]) -> bool | None:
+        """To a TAP, without gathering: the head copied and checked, the rest written from the granted pages.
+
+        True when sent; False when dropped after all (its slots are
+        answered OKAY, as Linux does); None when a page could not be mapped
+        (they are answered with an error).  The frontend may change its
+        pages under us: what reaches the kernel past the head is its own
+        payload, and the kernel checks the virtio-net header against the
+        packet again.  Headers longer than the head copy are looked at in
+        the whole frame, gathered.
+        """
+        views = self.tx_pages.views
+        if any(p.gref not in views for p in pkt.pieces):
+            self.tx_pages.ensure({p.gref for p in pkt.pieces})
+            if any(p.gref not in views for p in pkt.pieces):
+                return None
+        first, *rest = pkt.pieces
+        page = views[first.gref]
+        frame = from_tx(pkt, bytes(page[first.offset:first.offset + HEAD_COPY]))
+        if isinstance(frame, str):
+            data = self._gather(pkt)
+            whole = from_tx(pkt, data) if data is not None else "pages went away"
+            if isinstance(whole, str):
+                log.debug("%s: dropping a transmitted frame: %s", self.name, whole)
+                return False
+            self.uplink.send(whole)
+            frame = whole
+        else:
+            tail = [page[first.offset + HEAD_COPY:first.offset + first.length]]
+            tail += [views[p.gref][p.offset:p.offset + p.length] for p in rest]
+            send_parts(frame, tail)
+        if frame.gso is not None:
+            self.stats["tx_gso"] += 1
+        return True
 
     def _gather(self, pkt: TxPacket) -> bytes | None:
         pieces = pkt.pieces

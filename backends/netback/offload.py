@@ -63,10 +63,12 @@ def from_tx(pkt: TxPacket, data: bytes) -> Frame | str:
     A frame that asks for checksum offload (or GSO, which implies it) must
     carry TCP or UDP over IP that parses (``checksum_setup``); GSO must be
     TCP of the family its type says.  Otherwise the reason to drop it
-    (its slots were already answered OKAY, as in Linux).
+    (its slots were already answered OKAY, as in Linux).  ``data`` may be
+    the frame's head only (a private copy of its first bytes, the rest sent
+    on from the frontend's pages): ``pkt.length`` is the whole.
     """
     if pkt.csum_blank:
-        done = checksum_setup(data, recompute_pseudo=pkt.csum_fixup)
+        done = checksum_setup(data, recompute_pseudo=pkt.csum_fixup, length=pkt.length)
         if done is None:
             return "checksum offload asked for a frame that is not TCP/UDP over IP"
         data, h = done

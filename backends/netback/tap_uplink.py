@@ -80,6 +80,23 @@ class TapUplink:
             if e.errno not in (errno.EAGAIN, errno.EIO):     # EIO: the carrier is off
                 log.warning("%s: writing to the TAP: %s", self.name, e)
 
+    def send_parts(self, head: Frame, tail: list[memoryview]) -> None:
+        """:meth:`send` for a frame whose head was copied and checked and whose rest is ``tail``, views of
+        the frontend's granted pages: the kernel copies it straight from there (no copy of ours)."""
+        out = to_tap(head.data, head.checksum == Checksum.PARTIAL, head.checksum == Checksum.UNNECESSARY,
+                     head.gso)
+        if out is None:
+            self.stats["tap_dropped"] += 1
+            return
+        hdr, data = out
+        try:
+            os.writev(self.fd, [hdr.pack(), data, *tail])
+            self.stats["tap_out"] += 1
+        except OSError as e:
+            self.stats["tap_dropped"] += 1
+            if e.errno not in (errno.EAGAIN, errno.EIO):
+                log.warning("%s: writing to the TAP: %s", self.name, e)
+
     def receive(self, budget: int) -> bool:
         """Move up to ``budget`` frames from the TAP to the port; True if the budget ran out first."""
         buf = self._buf
