@@ -361,6 +361,106 @@ def test_write_payload_is_received_into_its_own_buffer() -> None:
     assert ev.data.obj is target and bytes(ev.data) == payload
 
 
+class _Lender:
+    """``payload_buffer`` for the protocol: lends pieces of odd sizes, records what it lent and got back."""
+
+    def __init__(self, sizes: tuple[int, ...] = (1000, 3096, 4096)) -> None:
+        self.sizes = sizes
+        self.lent: list[Any] = []
+        self.refuse = False
+        self.wrong_size = False
+
+    def __call__(self, offset: int, length: int) -> Any:
+        if self.refuse:
+            return None
+        lender = self
+
+        class Loan:
+            released = 0
+
+            def __init__(self) -> None:
+                self.pieces = []
+                left = length + (512 if lender.wrong_size else 0)
+                k = 0
+                while left:
+                    n = min(left, lender.sizes[k % len(lender.sizes)])
+                    self.pieces.append(bytearray(n))
+                    left -= n
+                    k += 1
+                self.views = [memoryview(p) for p in self.pieces]
+
+            def release(self) -> None:
+                self.released += 1
+
+            def data(self) -> bytes:
+                return b"".join(self.pieces)
+        loan = Loan()
+        self.lent.append(loan)
+        return loan
+
+
+@pytest.mark.parametrize("sizes", [None, [1], [7, 4096, 100], [65536]], ids=["whole", "1", "mixed", "big"])
+def test_write_payload_received_into_lent_memory(sizes: list[int] | None) -> None:
+    lender = _Lender()
+    conn = ready_conn(payload_buffer=lender)
+    payload = os.urandom(5 * 8192)
+    wire = req(Cmd.WRITE, 1, 4096, len(payload)) + payload + req(Cmd.READ, 2, 0, 512)
+    evs: list[Any] = []
+    pos, k = 0, 0
+    while pos < len(wire):                               # recvmsg_into over get_buffers(), as the server does
+        bufs = conn.get_buffers()
+        limit = sizes[k % len(sizes)] if sizes else len(wire)
+        k += 1
+        n = max(1, min(sum(len(b) for b in bufs), len(wire) - pos, limit))
+        at = 0
+        for b in bufs:
+            take = min(len(b), n - at)
+            b[:take] = wire[pos + at:pos + at + take]
+            at += take
+            if at == n:
+                break
+        conn.commit(n)
+        pos += n
+        evs += drain(conn)
+    assert [type(e) for e in evs] == [Request, Request]
+    assert len(lender.lent) == 1 and evs[0].data is lender.lent[0]
+    assert lender.lent[0].data() == payload and lender.lent[0].released == 0
+    assert conn.buffered == 0
+    # Payload bytes that came with the header are copied into the loan, too.
+    conn.receive_data(req(Cmd.WRITE, 3, 0, 8192) + payload[:100])
+    assert drain(conn) == []
+    conn.receive_data(payload[100:8192])
+    [ev] = drain(conn)
+    assert ev.data is lender.lent[1] and lender.lent[1].data() == payload[:8192]
+
+
+def test_lent_payload_memory_goes_back_when_the_payload_never_completes() -> None:
+    lender = _Lender()
+    conn = ready_conn(payload_buffer=lender)
+    conn.receive_data(req(Cmd.WRITE, 1, 0, 8192) + b"x" * 10)
+    assert drain(conn) == [] and conn.buffered == 8192 - 10
+    conn.receive_data(b"")                                       # EOF mid-payload
+    assert isinstance(drain(conn)[-1], ProtocolError)
+    assert lender.lent[0].released == 1
+    conn = ready_conn(payload_buffer=lender)
+    conn.receive_data(req(Cmd.WRITE, 1, 0, 8192))
+    assert drain(conn) == []
+    conn.close()                                                 # the server gives up on the client
+    assert lender.lent[1].released == 1
+    conn.close()
+    assert lender.lent[1].released == 1
+    # A lender that refuses, or lends the wrong amount, leaves the payload to the protocol's own buffer.
+    for refuse, wrong in ((True, False), (False, True)):
+        lender.refuse, lender.wrong_size = refuse, wrong
+        conn = ready_conn(payload_buffer=lender)
+        before = len(lender.lent)
+        evs = feed_via_buffers(conn, req(Cmd.WRITE, 1, 0, 8192) + b"y" * 8192, [28, 4096])
+        [ev] = evs
+        assert isinstance(ev.data, memoryview) and bytes(ev.data) == b"y" * 8192
+        if wrong:
+            assert len(lender.lent) == before + 1 and lender.lent[-1].released == 1
+
+
 def test_pipelined_headers_arrive_together_and_leftover_is_bounded() -> None:
     conn = ready_conn()
     # A small write whose payload arrived in the same recv as its header is
@@ -1232,6 +1332,77 @@ def test_client_that_sends_everything_before_reading_any_reply(tmp_path: Any, so
         assert got == expected
         c.close()
         devices[0].close()
+
+
+class _LendingDevice(_ReapedRingDevice):
+    """Also lends memory for WRITE payloads (pieces of 4 KiB, like pages) and takes it back."""
+
+    def __init__(self, inner: FileBlockDevice) -> None:
+        super().__init__(inner)
+        self.loans: list[Any] = []
+
+    def write_buffer(self, offset: int, length: int) -> Any:
+        if length > 2 * MiB:
+            return None                                  # the server then uses its own memory
+        dev = self
+
+        class Loan:
+            def __init__(self) -> None:
+                self.pages = [bytearray(min(4096, length - at)) for at in range(0, length, 4096)]
+                self.views = [memoryview(p) for p in self.pages]
+                self.released = self.submitted = 0
+
+            def release(self) -> None:
+                self.released += 1
+        loan = Loan()
+        with self._lock:
+            dev.loans.append(loan)
+        return loan
+
+    def submit_write_buffer(self, offset: int, buffer: Any, fua: bool, done: Any) -> None:
+        buffer.submitted += 1
+
+        def op() -> None:
+            os.pwrite(self._fd, b"".join(buffer.pages), offset)
+            done(0)
+        self._submit(op)
+
+
+def test_write_payloads_received_into_the_devices_memory(tmp_path: Any, sock_dir: str) -> None:
+    content = os.urandom(8 * MiB)
+    devices: list[_LendingDevice] = []
+
+    def wrap(inner: FileBlockDevice) -> _LendingDevice:
+        devices.append(_LendingDevice(inner))
+        return devices[0]
+    with serving(tmp_path, sock_dir, content=content, device=wrap) as (srv, img, sock):
+        c = RawClient(sock)
+        c.handshake()
+        model = bytearray(content)
+        for h, length in enumerate((512, 4096, 65536 + 512, MiB, 3 * MiB, 4096)):
+            data = os.urandom(length)
+            off = (h * 1237 % 4) * MiB
+            c.send(Cmd.WRITE, h, off, length, 0, data)
+            model[off:off + length] = data
+        while c.pending:
+            assert c.reply()[1] == 0
+        c.send(Cmd.READ, 99, 0, 8 * MiB)
+        assert c.reply() == (99, 0, bytes(model))
+        # A client gone half way through a payload: the memory lent for it goes back.
+        c.sock.sendall(req(Cmd.WRITE, 100, 0, MiB) + bytes(MiB // 3))
+        c.close()
+        for _ in range(600):
+            if srv.active_connections == 0:
+                break
+            threading.Event().wait(0.05)
+        dev = devices[0]
+        loans = dev.loans
+        assert all(loan.released + loan.submitted == 1 for loan in loans), \
+            [(loan.released, loan.submitted) for loan in loans]
+        assert loans[-1].released == 1 and sum(loan.submitted for loan in loans) >= 2
+        dev.close()
+    with open(img, "rb") as f:
+        assert f.read() == bytes(model)
 
 
 def test_client_that_stops_reading_is_disconnected_after_the_send_timeout(tmp_path: Any, sock_dir: str) -> None:

@@ -63,6 +63,8 @@ ZERO_PAGE = bytes(PAGE_SIZE)
 DEFAULT_PERSISTENT_FRAMES = 2048      # 8 MiB of the guest's memory kept granted for I/O (blkback keeps 2048)
 DEFERRED_RETRY_MS = 100               # how often frames the backend still maps are tried again
 _DIRECT_MAX = BLKIF_MAX_SEGMENTS_PER_REQUEST * 4096    # what one direct request carries
+LEND_MAX = 4 << 20                    # WRITE payloads up to this size are received into our pages (write_buffer)
+LEND_RESERVE = 64                     # ... if this many frames stay available for other requests
 CLOSE_PATIENCE = 5.0                  # seconds close() waits for the backend to let go of our frames
 
 
@@ -102,7 +104,7 @@ class _Op:
     """One operation from the block-device user; may become several blkif requests."""
 
     __slots__ = ("kind", "offset", "length", "done", "data", "then_flush", "zeroes", "next_byte", "outstanding",
-                 "redo", "error", "read_pages")
+                 "redo", "error", "read_pages", "given")
 
     def __init__(self, kind: int, offset: int, length: int, done: Callable, data: memoryview | None = None,
                  then_flush: bool = False, zeroes: bool = False) -> None:
@@ -118,6 +120,30 @@ class _Op:
         self.redo: list[tuple[int, int]] = []   # byte ranges to issue again (a backend restart)
         self.error = 0
         self.read_pages: dict[int, _Req] = {}   # offset in the op -> the answered request that read it
+        self.given: list[_Page] | None = None   # a write's data already in these pages (write_buffer)
+
+
+class _Lent:
+    """Pages lent for a WRITE payload to be received into (:meth:`Blkfront.write_buffer`)."""
+
+    __slots__ = ("front", "pages", "views", "length")
+
+    def __init__(self, front: "Blkfront", pages: list[_Page], length: int) -> None:
+        self.front, self.pages, self.length = front, pages, length
+        self.views = [page.view for page in pages]
+        last = length - (len(pages) - 1) * PAGE_SIZE
+        if last != PAGE_SIZE:
+            self.views[-1] = self.views[-1][:last]
+
+    def take(self) -> list[_Page]:
+        pages, self.pages, self.views = self.pages, [], []
+        return pages
+
+    def release(self) -> None:
+        pages = self.take()
+        if pages:
+            with self.front._lock:
+                self.front._put_pages(pages)
 
 
 class _Req:
@@ -352,6 +378,11 @@ class Blkfront:
         for req in reqs:
             op = req.op
             op.outstanding -= 1
+            if op.given is not None:
+                # Issued again as a copy (the pages go back to a pool the new backend may not share).
+                op.data = memoryview(b"".join([page.view for page in op.given]))[:op.length]
+                self._put_pages(op.given)
+                op.given = None
             self._put_pages(req.pages + req.indirect)
             if op.kind in (BLKIF_OP_READ, BLKIF_OP_WRITE):
                 op.redo.append((req.byte_offset, req.byte_offset + req.length))
@@ -412,6 +443,33 @@ class Blkfront:
     def submit_write(self, offset: int, data: memoryview, fua: bool, done: Callable[[int], None]) -> None:
         self._submit(_Op(BLKIF_OP_WRITE, offset, len(data), done, data=memoryview(data), then_flush=fua))
 
+    def write_buffer(self, offset: int, length: int) -> _Lent | None:
+        """Persistent pages to receive a WRITE payload into (no copy later), or None: not connected
+        with persistent grants, too large, or the pool too short to leave room for other I/O."""
+        if not 0 < length <= LEND_MAX:
+            return None
+        n = (length + PAGE_SIZE - 1) >> 12
+        with self._lock:
+            if self.state != XenbusState.Connected or not self._persistent or self._closing:
+                return None
+            free = self._free_persistent
+            grow = self.options.max_persistent_frames - self._persistent_count
+            if len(free) + grow < n + LEND_RESERVE:
+                return None
+            try:
+                pages = self._get_pages(n, readonly=False)
+            except OutOfFrames:
+                return None
+            if pages is None:
+                return None
+        return _Lent(self, pages, length)
+
+    def submit_write_buffer(self, offset: int, buffer: _Lent, fua: bool, done: Callable[[int], None]) -> None:
+        """``submit_write`` of a payload received into pages :meth:`write_buffer` lent (we take them back)."""
+        op = _Op(BLKIF_OP_WRITE, offset, buffer.length, done, then_flush=fua)
+        op.given = buffer.take()
+        self._submit(op)
+
     def submit_flush(self, done: Callable[[int], None]) -> None:
         self._submit(_Op(BLKIF_OP_FLUSH_DISKCACHE, 0, 0, done))
 
@@ -463,11 +521,15 @@ class Blkfront:
             return False
         length = op.length
         n = (length + PAGE_SIZE - 1) >> 12
-        free = self._free_persistent
-        if len(free) < n:
-            return False
-        pages = free[-n:]
-        del free[-n:]
+        given = op.given
+        if given is not None:
+            pages = given                 # the data is in them already; they are freed with the op
+        else:
+            free = self._free_persistent
+            if len(free) < n:
+                return False
+            pages = free[-n:]
+            del free[-n:]
         last = length - (n - 1) * PAGE_SIZE
         if n == 1:
             flat: list[int] | tuple[int, ...] = (pages[0].ref, 0, (last >> 9) - 1)
@@ -485,7 +547,7 @@ class Blkfront:
         raw = self._direct_structs[n].pack(op.kind, n, self.devid, rid, op.offset >> 9, *flat)
         op.next_byte = length
         op.outstanding = 1
-        self._shadow[rid] = _Req(rid, raw, op, 0, length, pages, [])
+        self._shadow[rid] = _Req(rid, raw, op, 0, length, pages if given is None else [], [])
         q.ring.put_request(raw)
         q.requests += 1
         return True
@@ -612,6 +674,12 @@ class Blkfront:
                 if indirect_pages is None:
                     return False
                 data_pages = [self._zero_page()] * npages
+            elif op.given is not None:
+                # The data is in these pages already (write_buffer); they are freed with the op.
+                indirect_pages = self._get_pages(nindirect, readonly=True) if nindirect else []
+                if indirect_pages is None:
+                    return False
+                data_pages = op.given[start >> 12:(start >> 12) + npages]
             else:
                 pages = self._get_pages(npages + nindirect, readonly=op.kind == BLKIF_OP_WRITE)
                 if pages is None:
@@ -646,7 +714,8 @@ class Blkfront:
                     segs[-1] = (data_pages[-1].ref, 0, last // 512 - 1)
                 raw = request_struct(self.abi, npages).pack(op.kind, npages, self.devid, rid, sector,
                                                             *[v for seg in segs for v in seg])
-            req = _Req(rid, raw, op, start, chunk, [] if op.zeroes else data_pages, indirect_pages)
+            req = _Req(rid, raw, op, start, chunk, [] if op.zeroes or op.given is not None else data_pages,
+                       indirect_pages)
             if op.redo:
                 if start + chunk < end:
                     op.redo[0] = (start + chunk, end)
@@ -813,6 +882,8 @@ class Blkfront:
                     continue
                 if op.kind == BLKIF_OP_WRITE and op.then_flush and not op.error:
                     op.then_flush = False
+                    if op.given is not None:
+                        self._free_given(op, release)
                     op.kind, op.next_byte, op.length = BLKIF_OP_FLUSH_DISKCACHE, 0, 0
                     with self._lock:
                         self._pending.appendleft(op)
@@ -855,9 +926,20 @@ class Blkfront:
                         with self._lock:
                             self._put_pages(pages)
             else:
+                if op.given is not None:          # a lent payload's pages: ours again
+                    self._free_given(op, release)
                 op.done(error)
         except Exception:
             log.exception("vbd %d: completion callback failed", self.devid)
+
+    def _free_given(self, op: _Op, release: list[_Page] | None = None) -> None:
+        pages, op.given = op.given, None
+        if pages:
+            if release is not None:
+                release += pages
+            else:
+                with self._lock:
+                    self._put_pages(pages)
 
     # ---- shutting down -----------------------------------------------------------------------
 
@@ -874,6 +956,9 @@ class Blkfront:
             for req in op.read_pages.values():
                 self._put_pages(req.pages)
             op.read_pages.clear()
+            if op.given is not None:
+                self._put_pages(op.given)
+                op.given = None
             threading.Thread(target=self._complete, args=(op, error), daemon=True).start()
 
     def close(self) -> None:

@@ -53,6 +53,16 @@ worth sharing (a ring's notification, a reply's system call):
   socket to the device and back without a hand-off between threads.  A
   reaper never blocks on anything but that poll (the server's sends do not
   block), so completions are never stuck behind it.
+* ``write_buffer(offset, length)`` and ``submit_write_buffer(offset,
+  buffer, fua, done)`` (both or neither): a WRITE payload received straight
+  into the device's own memory, with no copy.  ``write_buffer`` lends an
+  object with ``views`` (writable buffers totalling ``length`` bytes) and
+  ``release()``, or returns None (the server then uses memory of its own
+  and ``submit_write``).  The server fills the views with the payload and
+  passes the object to ``submit_write_buffer``, which takes it back
+  (``done`` is called as for ``submit_write``; the device frees the memory
+  itself, whatever happens), or calls ``release()`` if it never submits it
+  (the client went away mid-payload, the server is shutting down).
 """
 
 from __future__ import annotations

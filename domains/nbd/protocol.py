@@ -28,6 +28,14 @@ Receiving.  Two equivalent ways to feed bytes in:
   ``bytearray`` with no concatenation; at most one scratch buffer's worth
   (``RECV_SCRATCH_SIZE``) that arrived together with the header is copied.
 
+A WRITE payload that has not arrived with its header may instead go
+straight into memory the caller lends: ``payload_buffer(offset, length)``
+(a constructor argument) returns an object with ``views`` (writable buffers
+totalling ``length`` bytes) and ``release()``, or None.  ``get_buffers()``
+then offers those views for one ``recvmsg_into``, the Request carries the
+object as its ``data``, and if the payload never completes (EOF, a protocol
+error, ``close()``) the object is ``release()``\\ d.
+
 Either way the object holds at most one partially received message: a
 request header, one WRITE payload (<= the maximum block size) or one option
 (<= ``MAX_OPTION_DATA``).  Anything larger is skipped without being buffered
@@ -49,6 +57,7 @@ from __future__ import annotations
 
 import enum
 import errno as _errno
+import operator
 import struct
 from collections import deque
 from dataclasses import dataclass
@@ -236,8 +245,9 @@ class Request(NamedTuple):
     """A valid transmission request the caller must execute and ``reply`` to.
 
     ``data`` is the WRITE payload (a view of a buffer owned by this request
-    alone, so it may be handed to a device and kept until completion); it is
-    ``None`` for every other command.  Zero-length requests never appear:
+    alone, so it may be handed to a device and kept until completion), or
+    the object ``payload_buffer`` lent for it, filled; it is ``None`` for
+    every other command.  Zero-length requests never appear:
     they are answered by the protocol itself.  (A NamedTuple: one is built
     for every request, and a tuple is several times cheaper than a frozen
     dataclass.)
@@ -302,6 +312,7 @@ class _State(enum.Enum):
 _TARGET_SCRATCH = 1
 _TARGET_BODY = 2
 _TARGET_DISCARD = 3
+_TARGET_PAYLOAD = 4
 
 
 def _is_pow2(n: int) -> bool:
@@ -326,6 +337,7 @@ class NbdServerConnection:
         can_write_zeroes: bool = False,
         can_multi_conn: bool = False,
         max_block_size: int = MAX_BLOCK_SIZE,
+        payload_buffer: Callable[[int, int], Any] | None = None,
     ) -> None:
         if not 0 <= size < 1 << 63:
             raise ValueError(f"export size {size} out of range")
@@ -381,6 +393,13 @@ class NbdServerConnection:
         self._body = bytearray()
         self._body_fill = 0
         self._discard_left = 0
+        # A WRITE payload received into memory the caller lends (``payload_buffer``): the lender's
+        # object, the views still to fill (from _pidx on) and how many bytes they take.
+        self._payload_buffer = payload_buffer
+        self._payload: Any = None
+        self._pviews: list[memoryview] = []
+        self._pidx = 0
+        self._pleft = 0
         self._then: Callable[..., None] = _noop
         self._after: _State = _State.DONE
         # handle -> FIFO (a list: almost always one entry) of (kind, length) for requests handed out, not replied.
@@ -389,7 +408,8 @@ class NbdServerConnection:
         self._transmission = False
 
     @classmethod
-    def for_device(cls, device: Any, export_name: str = "") -> "NbdServerConnection":
+    def for_device(cls, device: Any, export_name: str = "",
+                   payload_buffer: Callable[[int, int], Any] | None = None) -> "NbdServerConnection":
         """Build from anything with the ``BlockDevice`` attributes."""
         return cls(
             int(device.size),
@@ -400,6 +420,7 @@ class NbdServerConnection:
             can_trim=bool(device.can_trim),
             can_write_zeroes=bool(device.can_write_zeroes),
             can_multi_conn=bool(device.can_multi_conn),
+            payload_buffer=payload_buffer,
         )
 
     # --- introspection --------------------------------------------------------
@@ -434,7 +455,7 @@ class NbdServerConnection:
         the message being received.  Once ``next_event()`` has returned
         ``None`` this is at most one header plus one payload, whatever the
         client sends -- the bound the I/O layer's memory use rests on."""
-        return len(self._in) - self._inpos + len(self._body)
+        return len(self._in) - self._inpos + len(self._body) + self._pleft
 
     # --- receiving ------------------------------------------------------------
 
@@ -459,6 +480,9 @@ class NbdServerConnection:
         # Never hand out an empty view: recv_into() would return 0, which
         # reads as EOF.
         if self._inpos == len(self._in) and not self._eof:
+            if self._pleft and self._state is _State.BODY:
+                self._rx_target = _TARGET_PAYLOAD
+                return self._pviews[self._pidx]
             if self._state is _State.BODY and self._body_fill < len(self._body):
                 self._rx_target = _TARGET_BODY
                 return memoryview(self._body)[self._body_fill:]
@@ -468,9 +492,17 @@ class NbdServerConnection:
         self._rx_target = _TARGET_SCRATCH
         return memoryview(self._scratch)
 
+    def get_buffers(self, limit: int = 1024) -> list[memoryview]:
+        """``get_buffer()``, or several views (at most ``limit``) to ``recvmsg_into`` at once
+        while a payload is received into lent memory of several pieces; ``commit`` the total."""
+        if self._pleft and self._state is _State.BODY and self._inpos == len(self._in) and not self._eof:
+            self._rx_target = _TARGET_PAYLOAD
+            return self._pviews[self._pidx:self._pidx + limit]
+        return [self.get_buffer()]
+
     def commit(self, nbytes: int) -> None:
-        """Account for ``nbytes`` received into the last ``get_buffer()`` view;
-        0 means EOF, as from ``recv``."""
+        """Account for ``nbytes`` received into the last ``get_buffer()`` view (or
+        ``get_buffers()`` views); 0 means EOF, as from ``recv``."""
         target, self._rx_target = self._rx_target, 0
         if not target:
             raise RuntimeError("commit without get_buffer")
@@ -485,6 +517,10 @@ class NbdServerConnection:
             if nbytes > len(self._body) - self._body_fill:
                 raise ValueError("commit beyond the buffer")
             self._body_fill += nbytes
+        elif target == _TARGET_PAYLOAD:
+            if nbytes > self._pleft:
+                raise ValueError("commit beyond the buffer")
+            self._payload_filled(nbytes)
         elif target == _TARGET_DISCARD:
             if nbytes > self._discard_left:
                 raise ValueError("commit beyond the buffer")
@@ -625,6 +661,28 @@ class NbdServerConnection:
         st = self._state
         if st is _State.DONE:
             return False
+        if st is _State.BODY and self._payload is not None:
+            n = min(self._pleft, self._avail())
+            if n:
+                src = memoryview(self._in)[self._inpos:self._inpos + n]
+                at, idx = 0, self._pidx
+                while at < n:
+                    v = self._pviews[idx]
+                    k = min(len(v), n - at)
+                    v[:k] = src[at:at + k]
+                    at += k
+                    idx += 1
+                src.release()
+                self._inpos += n
+                self._payload_filled(n)
+                self._compact()
+            if self._pleft:
+                return self._at_eof_or_wait()
+            payload, then = self._payload, self._then
+            self._payload, self._pviews, self._then = None, [], _noop
+            self._state = self._after
+            then(payload)
+            return True
         if st is _State.BODY:
             want = len(self._body) - self._body_fill
             n = min(want, self._avail())
@@ -725,7 +783,7 @@ class NbdServerConnection:
                 pending[handle] = [(cmd, length)]
             else:
                 queue.append((cmd, length))
-            out.append(Request(cmd, handle, offset, length, flags, data))
+            out.append(_new_tuple(Request, (cmd, handle, offset, length, flags, data)))
         if out:
             self._inpos = pos
             self._in_flight += len(out)
@@ -752,7 +810,68 @@ class NbdServerConnection:
         self._in.clear()
         self._inpos = 0
         self._body = bytearray()
+        self._drop_payload()
         self._then = _noop
+
+    def close(self) -> None:
+        """The caller is done with this connection: memory lent for a payload still being received
+        goes back to its lender (``release()``).  Nothing is reported."""
+        if self._state is not _State.DONE:
+            self._state = _State.DONE
+            self._in.clear()
+            self._inpos = 0
+            self._body = bytearray()
+            self._then = _noop
+        self._drop_payload()
+
+    def _drop_payload(self) -> None:
+        payload, self._payload, self._pviews, self._pleft = self._payload, None, [], 0
+        if payload is not None:
+            try:
+                payload.release()
+            except Exception:          # the lender's problem; the protocol carries on
+                pass
+
+    def _read_payload(self, payload: Any, length: int, then: Callable[[Any], None], after: _State) -> bool:
+        """Receive the next ``length`` bytes into the views a ``payload_buffer`` lent; False (and the
+        loan given back) if they are not exactly ``length`` bytes of writable memory."""
+        try:
+            views = list(payload.views)
+            try:
+                ok = sum(map(_NBYTES, views)) == length          # memoryviews: the usual, checked in C
+            except AttributeError:
+                views = [memoryview(v) for v in views]
+                ok = sum(map(_NBYTES, views)) == length
+            if ok and (set(map(_FORMAT, views)) != {"B"} or not all(map(_CONTIGUOUS, views))):
+                views = [memoryview(v).cast("B") for v in views]
+            ok = ok and not any(map(_READONLY, views))
+        except Exception:
+            ok = False
+        if not ok:
+            try:
+                payload.release()
+            except Exception:
+                pass
+            return False
+        self._payload, self._pviews, self._pidx, self._pleft = payload, list(filter(len, views)), 0, length
+        self._then = then
+        self._after = after
+        self._state = _State.BODY
+        return True
+
+    def _payload_filled(self, n: int) -> None:
+        """``n`` more bytes of the lent payload views are filled."""
+        self._pleft -= n
+        views, idx = self._pviews, self._pidx
+        while n:
+            v = views[idx]
+            if n >= len(v):
+                n -= len(v)
+                idx += 1
+            else:
+                views[idx] = v[n:]
+                n = 0
+        self._pidx = idx
 
     def _read_body(self, length: int, then: Callable[[bytearray], None], after: _State) -> None:
         self._body = bytearray(length)
@@ -881,6 +1000,15 @@ class NbdServerConnection:
             self._out += _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)
             return
         if cmd is Cmd.WRITE:
+            if self._payload_buffer is not None and self._avail() < length:
+                # Received straight into memory the device lends (its own I/O pages), if it will.
+                try:
+                    payload = self._payload_buffer(offset, length)
+                except Exception:
+                    payload = None
+                if payload is not None and self._read_payload(
+                        payload, length, lambda p: self._emit(cmd, handle, offset, length, flags, p), nxt):
+                    return
             self._read_body(length, lambda body: self._emit(cmd, handle, offset, length, flags, memoryview(body)), nxt)
         else:
             self._emit(cmd, handle, offset, length, flags, None)
@@ -937,6 +1065,12 @@ class NbdServerConnection:
 
 
 _CMD_READ, _CMD_WRITE = Cmd.READ, Cmd.WRITE
+#: ``Request(...)`` without the NamedTuple's Python-level __new__ (one per request on the fast path).
+_new_tuple = tuple.__new__
+_NBYTES = operator.attrgetter("nbytes")
+_FORMAT = operator.attrgetter("format")
+_CONTIGUOUS = operator.attrgetter("c_contiguous")
+_READONLY = operator.attrgetter("readonly")
 
 
 def _noop(*_args: object) -> None:

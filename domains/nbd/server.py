@@ -87,6 +87,9 @@ _COPY_MAX = 64 * 1024
 #: it at net.core.wmem_max).
 _SNDBUF = 4 * _MiB
 #: Plain ints: socket's flags are an IntFlag, and ``|`` on one builds an enum member per call.
+#: At most this many pieces of a lent WRITE payload per recvmsg_into (each costs a buffer acquisition,
+#: and a socket rarely holds more than 256 KiB at once).
+_RECV_IOVECS = 64
 _SEND_FLAGS = int(socket.MSG_NOSIGNAL) | int(socket.MSG_DONTWAIT)
 _READ, _WRITE = Cmd.READ, Cmd.WRITE
 _POLL_INPUT = select.POLLIN | select.POLLHUP | select.POLLERR
@@ -302,7 +305,10 @@ class _Connection:
             self.peer = f"pid={pid} uid={uid}"
         except OSError:
             self.peer = "unknown peer"
-        self._proto = NbdServerConnection.for_device(server.device, server.export_name)
+        dev = self._dev
+        lend = getattr(dev, "write_buffer", None)
+        self._lends = callable(lend) and callable(getattr(dev, "submit_write_buffer", None))
+        self._proto = NbdServerConnection.for_device(dev, server.export_name, lend if self._lends else None)
         # _lock guards the protocol object and the in-flight accounting; _send_lock guards the
         # output queue and orders whole replies on the socket; _fd_lock guards the descriptor's
         # lifetime against shutdown() from other threads.
@@ -326,7 +332,6 @@ class _Connection:
         self._sleeping = False
         # A device that can hold back submissions (blkfront: the ring's notification) is plugged
         # while the requests of one recv() are submitted; only the connection's thread touches _plugged.
-        dev = self._dev
         plug, unplug = getattr(dev, "plug", None), getattr(dev, "unplug", None)
         self._plug = plug if callable(plug) and callable(unplug) else None
         self._unplug = unplug
@@ -483,15 +488,16 @@ class _Connection:
     def _read(self) -> bool | None:
         proto = self._proto
         with self._lock:
-            buf = proto.get_buffer()
+            bufs = proto.get_buffers(_RECV_IOVECS)
         try:
-            n = self._sock.recv_into(buf)
+            # Several views while a WRITE payload goes straight into the device's pages.
+            n = self._sock.recv_into(bufs[0]) if len(bufs) == 1 else self._sock.recvmsg_into(bufs)[0]
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as e:
             log.debug("%s: recv failed: %s", self.name, e)
             n = 0
-        del buf
+        del bufs
         with self._lock:
             proto.commit(n)
             events = proto.next_events()
@@ -544,6 +550,8 @@ class _Connection:
                 self._pump(read=False, wait=waiting)
         if self._stopping or self._broken:
             # The spec: requests arriving during shutdown get ESHUTDOWN.
+            if kind is _WRITE and type(req.data) is not memoryview:
+                req.data.release()               # the device's lent pages, never submitted
             self._complete(req, errno.ESHUTDOWN, (), None)
             return
         with self._lock:
@@ -556,7 +564,10 @@ class _Connection:
                 dev.submit_read(req.offset, req.length, op.read_done)
             elif kind is _WRITE:
                 assert req.data is not None
-                dev.submit_write(req.offset, req.data, req.fua, op.done)
+                if type(req.data) is memoryview:
+                    dev.submit_write(req.offset, req.data, req.fua, op.done)
+                else:                            # received into the device's own buffer: it takes it back
+                    dev.submit_write_buffer(req.offset, req.data, req.fua, op.done)
             elif req.kind is Cmd.FLUSH:
                 dev.submit_flush(op.done)
             elif req.kind is Cmd.TRIM:
@@ -586,6 +597,8 @@ class _Connection:
                 break
             self._pump(read=False, until=deadline, wait=waiting)
         self._shutdown(socket.SHUT_RDWR)
+        with self._lock:
+            self._proto.close()                  # a payload half received gives its lent pages back
         with self._send_lock, self._fd_lock:
             self._fd_closed = True
             self._out.clear()
