@@ -518,6 +518,20 @@ class _Connection:
                 if self._plug is not None and not self._plugged:
                     self._plug()
                     self._plugged = True
+                length = ev.length
+                if (ev.kind is _READ and self._busy < self._max_requests and not self._stopping
+                        and self._busy_bytes + self._out_bytes + length <= self._max_bytes and not self._broken):
+                    # The common request, admitted at once (what _submit does, without its other cases).
+                    with self._lock:
+                        self._busy += 1
+                        self._busy_bytes += length
+                    op = _Op(self, ev, length)
+                    try:
+                        self._dev.submit_read(ev.offset, length, op.read_done)
+                    except Exception:
+                        log.exception("%s: device rejected READ", self.name)
+                        op.done(errno.EIO)
+                    continue
                 self._submit(ev)
             elif isinstance(ev, Ready):
                 log.info("%s: %s entered transmission on export %r (flags %#x)",
@@ -781,7 +795,17 @@ class _Op:
         except IndexError:
             log.error("%s: device completed request %#x more than once", self._conn.name, self._req.handle)
             return
-        self._conn._complete(self._req, err, bufs, self._cost)
+        req = self._req
+        if not err and req.length <= _COPY_MAX:
+            batch = current_completion_batch()
+            if batch is not None:
+                # The common completion: a small read in a batch, its data copied into the batch's reply.
+                data = b"".join(bufs)
+                if len(data) == req.length:
+                    conn = self._conn
+                    batch.items(conn, conn._reply_all).append((req.handle, 0, data, self._cost))
+                    return
+        self._conn._complete(req, err, bufs, self._cost)
 
     def done(self, err: int) -> None:
         if self._claim(self._once):
