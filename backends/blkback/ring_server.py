@@ -42,7 +42,7 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 _WHOLE_PAGE = 7 << 8                               # first_sect 0, last_sect 7, no padding bits
 
 LOGGED_REFUSALS = 20
-PUSH_BYTES = 256 * 1024           # within a batch, answers are published once this much data has moved
+PUSH_BYTES = 16 * 1024            # within a batch, answers are published once this much data has moved
 BATCH_GRANT_BUDGET = 1024         # grants one batch of one ring may map at once
 MAX_PERSISTENT_GRANTS = 2048      # per ring; Linux's default is 1056 (32 slots x 11 segments x 3)
 
@@ -175,8 +175,9 @@ class RingServer:
         mapped among the persistent grants -- is checked and served on the spot (:meth:`_fast`);
         runs of any other are served by the general path, batched as before (one grant map per
         part).  Answers are published once per batch, or sooner once :data:`PUSH_BYTES` have
-        moved: the frontend can then pass on a large read while the next one is read, instead of
-        waiting for the whole batch.
+        moved: the frontend can then pass on the first answers (a large read, or the first few
+        small ones) while the next are served, instead of waiting for the whole batch.  A push
+        only notifies if the frontend asked (rsp_event), so one that is busy costs nothing.
         """
         out: list[bytes] = []
         slow: list[bytes] = []
