@@ -1043,6 +1043,16 @@ class Supervisor:
         log.error("vif %d of %s is not connected to %s's bridge: %s", devid, fe.name, be.name, e)
         self._progress(f"{fe.name}: vif {devid} not connected: {e}")
 
+    def _forget_vif(self, d: _Domain, devid: int, vif: VifSpec) -> None:
+        """A vif detached (or whose attach failed): out of the guest's spec, both its TAPs gone."""
+        d.spec = dataclasses.replace(d.spec, vifs=tuple(v for v in d.spec.vifs if v is not vif))
+        self._unplug(d, devid, vif)
+        if d.netns is not None:
+            try:
+                delete_tap(d.netns, _ifname(devid))
+            except TapError as e:
+                log.warning("%s", e)
+
     def _unplug(self, fe: _Domain, devid: int, vif: VifSpec) -> None:
         """A vif going away (detached, or its guest destroyed): its TAP in a bridged netback's namespace goes."""
         be = self._by_name.get(vif.backend or "")
@@ -1481,13 +1491,7 @@ class Supervisor:
             with self._xs() as xs:
                 self._write_vifs(xs, d, only=devid)
         except (netns.NetnsError, TapError, XenstoreError, OSError, TimeoutError) as e:
-            d.spec = dataclasses.replace(d.spec, vifs=tuple(v for v in d.spec.vifs if v is not vif))
-            self._unplug(d, devid, vif)
-            if d.netns is not None:
-                try:
-                    delete_tap(d.netns, _ifname(devid))
-                except TapError as e2:
-                    log.warning("%s", e2)
+            self._forget_vif(d, devid, vif)
             raise ControlError.of(errno.EIO, f"attaching a vif to {d.name}: {e}") from None
         log.info("attached vif %d (%s) to %s on %s", devid, vif.mac, d.name, be.name)
         return {"devid": devid, "ifname": _ifname(devid), "mac": vif.mac, "backend": be.name,
@@ -1521,13 +1525,7 @@ class Supervisor:
                     closed = remove_vif(xs, be.domid, d.domid, devid, timeout=DETACH_TIMEOUT)
             except (XenstoreError, OSError, TimeoutError) as e:
                 raise ControlError.of(errno.EIO, f"detaching vif {devid} from {d.name}: {e}") from None
-        d.spec = dataclasses.replace(d.spec, vifs=tuple(v for v in d.spec.vifs if v is not vif))
-        self._unplug(d, devid, vif)
-        if d.netns is not None:
-            try:
-                delete_tap(d.netns, _ifname(devid))
-            except TapError as e:
-                log.warning("%s", e)
+        self._forget_vif(d, devid, vif)
         log.info("detached vif %d from %s%s", devid, d.name, "" if closed else " (the backend did not confirm)")
         return {"devid": devid, "clean": closed}
 
