@@ -53,7 +53,8 @@ from ..abi.netif import (
     TX_SLOT_SIZE,
 )
 from ..abi.ring import FrontRing, RingOverflow
-from ..frame_pool import FramePool
+from ..frame_pool import FramePool, OutOfFrames
+from ..grant_table import GrantTableFull
 from ..packet import VIRTIO_NET_HDR_SIZE, VirtioNetHdr, flow_hash
 from ..xenbus import XenbusState, read_int, read_or_none, read_state, switch_state
 from ..xs_wire import XenstoreError
@@ -95,29 +96,32 @@ def open_tap(ifname: str, tun_fd: int | None = None) -> int:
 class _Queue:
     """One queue's rings, event channel(s) and granted buffers, and the packets it is part-way through."""
 
-    def __init__(self, host: XenHost, pool: FramePool, be: int, index: int, split: bool) -> None:
+    def __init__(self, host: XenHost, pool: FramePool, be: int, index: int, split: bool,
+                 deferred: list[tuple[int, int]]) -> None:
+        """On failure what was granted goes to ``deferred`` (ended once the backend lets go), the rest back
+        to the pool."""
         self.host, self.pool, self.be, self.index = host, pool, be, index
         self.gfns = pool.alloc(2 + TX_RING_SIZE + RX_RING_SIZE)
-        self.refs: list[int] = []
+        self.refs: list[int] = []           # granted so far, in the order of gfns
         self.ports: list[int] = []
         try:
             for g in self.gfns[:2]:
                 host.memory.frame(g)[:] = bytes(PAGE_SIZE)
             self.tx_gfns = self.gfns[2:2 + TX_RING_SIZE]
             self.rx_gfns = self.gfns[2 + TX_RING_SIZE:]
-            grant = host.gnttab.grant_access
-            self.tx_ring_ref = grant(be, self.gfns[0])
-            self.rx_ring_ref = grant(be, self.gfns[1])
-            self.tx_refs = [grant(be, g, readonly=True) for g in self.tx_gfns]
-            self.rx_refs = [grant(be, g) for g in self.rx_gfns]
-            self.refs = [self.tx_ring_ref, self.rx_ring_ref, *self.tx_refs, *self.rx_refs]
+            grant, refs = host.gnttab.grant_access, self.refs
+            for i, g in enumerate(self.gfns):        # rings, then transmit pages (read-only), then receive
+                refs.append(grant(be, g, readonly=2 <= i < 2 + TX_RING_SIZE))
+            self.tx_ring_ref, self.rx_ring_ref = refs[0], refs[1]
+            self.tx_refs = refs[2:2 + TX_RING_SIZE]
+            self.rx_refs = refs[2 + TX_RING_SIZE:]
             self.tx_port = host.alloc_unbound(be)
             self.ports.append(self.tx_port)
             self.rx_port = host.alloc_unbound(be) if split else self.tx_port
             if split:
                 self.ports.append(self.rx_port)
         except BaseException:
-            self.release([])
+            self.release(deferred)
             raise
         self.tx = FrontRing(tx_shared_ring([host.memory.frame(self.gfns[0])]))
         self.rx = FrontRing(rx_shared_ring([host.memory.frame(self.gfns[1])]))
@@ -366,8 +370,8 @@ class Netfront:
                     switch_state(self.xs, self.path, XenbusState.Closing)
                     switch_state(self.xs, self.path, XenbusState.Closed)
                     self.state = XenbusState.Closed
-            except (NetfrontError, OSError, XenstoreError) as e:
-                self._error = str(e)
+            except (NetfrontError, OSError, XenstoreError, GrantTableFull, OutOfFrames) as e:
+                self._error = f"{type(e).__name__}: {e}"
                 log.error("vif %d: %s", self.devid, e)
             self._changed.notify_all()
 
@@ -381,7 +385,7 @@ class Netfront:
         queues: list[_Queue] = []
         try:
             for i in range(nqueues):
-                queues.append(_Queue(self.host, self.pool, self.backend_domid, i, split))
+                queues.append(_Queue(self.host, self.pool, self.backend_domid, i, split, self._deferred))
         except BaseException:
             for q in queues:
                 q.release(self._deferred)
