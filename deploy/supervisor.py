@@ -85,13 +85,12 @@ from .vif import VifConfig, add_vif, remove_vif
 from .xlcfg import DiskSpec, VifSpec, XlCfgError, generate_mac, parse_disk, parse_vif
 from .xsnodes import domain_path, write_dom0_nodes, write_domain_nodes
 
-__all__ = ["READY_TIMEOUT", "STOP_GRACE", "UNSUPPORTED_KINDS", "AlreadyRunning", "JournalEntry", "State",
-           "StartupError", "Supervisor", "SupervisorError", "UnsupportedTopology", "check_host", "check_supported",
+__all__ = ["READY_TIMEOUT", "STOP_GRACE", "AlreadyRunning", "JournalEntry", "State",
+           "StartupError", "Supervisor", "SupervisorError", "check_host",
            "check_switches", "switch_of"]
 
 log = logging.getLogger("xdom.supervisor")
 
-UNSUPPORTED_KINDS: tuple[DomainKind, ...] = ()
 READY_TIMEOUT = 20.0        # seconds from launch to ready
 STOP_GRACE = 5.0            # seconds between SIGTERM and SIGKILL
 HEALTH_INTERVAL = 1.0       # seconds between health samples
@@ -113,21 +112,6 @@ class StartupError(SupervisorError):
 
 class AlreadyRunning(SupervisorError):
     """Another supervisor holds this run directory."""
-
-
-class UnsupportedTopology(TopologyError):
-    """A valid topology this version cannot run."""
-
-
-def check_supported(topology: Topology) -> None:
-    """Refuse, before anything starts, kinds whose driver this version does not have."""
-    bad = [d for d in topology.domains if d.kind in UNSUPPORTED_KINDS]
-    if bad:
-        raise UnsupportedTopology(
-            [f"{topology.source}: {d.label} is a {d.kind} domain: the {d.kind} driver is not available in this "
-             f"version of xdom" for d in bad]
-            + [f"{topology.source}: nothing was started; remove {', '.join(d.name for d in bad)} (and the devices "
-               f"they serve) to run the rest"])
 
 
 def switch_of(spec: DomainSpec, unavailable: str | None) -> NetSwitch:
@@ -156,11 +140,10 @@ def check_switches(topology: Topology, unavailable: str | None) -> None:
 
 
 def check_host(topology: Topology, state_dir: str, run_dir: str) -> None:
-    """Everything that can be refused before anything starts: kinds, switches, directories (socket path lengths).
+    """Everything that can be refused before anything starts: switches, directories (socket path lengths).
 
-    Raises UnsupportedTopology (a TopologyError) or LayoutError.
+    Raises TopologyError or LayoutError.
     """
-    check_supported(topology)
     check_switches(topology, netns.unavailable_reason())
     Layout(os.path.abspath(state_dir), os.path.abspath(run_dir)).check()
     resolved = topology.resolved(os.path.abspath(state_dir), os.path.abspath(run_dir))
@@ -258,8 +241,8 @@ class Supervisor:
 
     ``progress`` receives one line per step worth telling a person (the
     command line prints them).  Constructing checks the topology and the
-    directories and starts nothing: raises UnsupportedTopology (a
-    TopologyError) or LayoutError.
+    directories and starts nothing: raises TopologyError (a bridge this
+    host cannot make) or LayoutError.
     """
 
     def __init__(self, topology: Topology, state_dir: str, run_dir: str, *, uids: UidMode | str = UidMode.AUTO,

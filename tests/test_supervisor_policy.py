@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import tomllib
 
 import msgpack
 import pytest
@@ -20,8 +19,7 @@ from xdom.deploy.policy import (
     CPU_WINDOW, MAX_BACKOFF, Action, ExitStatus, HealthCheck, HealthSample, RestartTracker,
 )
 from xdom.deploy.rundir import Layout, LayoutError, PidFile, running_pid, topology_name
-from xdom.deploy.supervisor import check_supported
-from xdom.deploy.topology import Limits, RestartPolicy, parse_topology
+from xdom.deploy.topology import Limits, RestartPolicy
 
 CLEAN, FAIL, KILL = ExitStatus(code=0), ExitStatus(code=1), ExitStatus(signal=signal.SIGKILL)
 
@@ -224,26 +222,3 @@ def test_pid_file_is_exclusive_and_stale_once_released(run_dir: str) -> None:
     with open(path, "w") as f:          # a pid file left by a crash names a pid nobody holds
         f.write("1\n")
     assert running_pid(run_dir) is None
-
-
-def _topology(text: str):
-    return parse_topology(tomllib.loads(text), "t.toml")
-
-
-def test_every_kind_is_supported_now() -> None:
-    topo = _topology("""
-[[domain]]
-name = "xs"
-kind = "xenstored"
-[[domain]]
-name = "blk0"
-kind = "blkback"
-[[domain]]
-name = "net0"
-kind = "netback"
-[[domain]]
-name = "p"
-kind = "program"
-command = ["true"]
-""")
-    check_supported(topo)          # blkback and netback drivers exist: nothing is refused
