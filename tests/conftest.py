@@ -18,6 +18,8 @@ import pytest
 from xdom.broker.mgmt_client import ManagementClient
 from xdom.deploy.launcher import BrokerProcess, start_broker
 from xdom.domains.xenhost import BrokerXenHost, LocalHypervisor, XenHost
+from xdom.domains.xenstore import XenstoreClient
+from xs_fixtures import Xenstored, start_xenstored
 
 
 @pytest.fixture
@@ -110,3 +112,23 @@ def domains(request: pytest.FixtureRequest, run_dir: str) -> Iterator[DomainFact
         f.close()
         c.close()
         b.stop()
+
+
+@pytest.fixture
+def xenstored(run_dir: str) -> Iterator[Xenstored]:
+    """A standalone xenstored on a unix socket of this test's own."""
+    xsd = start_xenstored(run_dir)
+    try:
+        yield xsd
+    finally:
+        xsd.stop()
+
+
+@pytest.fixture
+def xs(xenstored: Xenstored) -> Iterator[XenstoreClient]:
+    """A client of :func:`xenstored`."""
+    c = XenstoreClient.unix(xenstored.socket_path)
+    try:
+        yield c
+    finally:
+        c.close()

@@ -10,11 +10,10 @@ detach handshake against a backend played by hand.
 from __future__ import annotations
 
 import threading
-from typing import Iterator
 
 import pytest
 
-from xs_fixtures import Xenstored, start_xenstored
+from xs_fixtures import Xenstored, nodes
 from xdom.deploy.vbd import VbdConfig, add_vbd, remove_vbd
 from xdom.domains.xenbus import XenbusState, read_state, switch_state
 from xdom.domains.xenstore import XenstoreClient
@@ -24,28 +23,6 @@ pytestmark = pytest.mark.timeout(60)
 BE, FE, DEVID = 3, 7, 51712          # xvda
 BE_PATH = f"/local/domain/{BE}/backend/vbd/{FE}/{DEVID}"
 FE_PATH = f"/local/domain/{FE}/device/vbd/{DEVID}"
-
-
-@pytest.fixture
-def xenstored(run_dir: str) -> Iterator[Xenstored]:
-    xsd = start_xenstored(run_dir)
-    try:
-        yield xsd
-    finally:
-        xsd.stop()
-
-
-@pytest.fixture
-def xs(xenstored: Xenstored) -> Iterator[XenstoreClient]:
-    c = XenstoreClient.unix(xenstored.socket_path)
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-def nodes(xs: XenstoreClient, path: str) -> dict[str, str]:
-    return {key: xs.read(f"{path}/{key}").decode() for key in xs.directory(path)}
 
 
 def test_add_vbd_writes_libxl_nodes(xs: XenstoreClient) -> None:

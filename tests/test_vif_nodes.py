@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from xs_fixtures import Xenstored, start_xenstored
+from xs_fixtures import Xenstored, nodes
 from xdom.deploy import netns
 from xdom.deploy.tap import TUN_PATH, TapError, create_tap, delete_tap, open_tun, tap_exists
 from xdom.deploy.vif import VifConfig, add_vif, remove_vif
@@ -36,28 +36,6 @@ FE_PATH = f"/local/domain/{FE}/device/vif/{DEVID}"
 
 
 # ---- xenstore nodes -------------------------------------------------------------------------------
-
-@pytest.fixture
-def xenstored(run_dir: str) -> Iterator[Xenstored]:
-    xsd = start_xenstored(run_dir)
-    try:
-        yield xsd
-    finally:
-        xsd.stop()
-
-
-@pytest.fixture
-def xs(xenstored: Xenstored) -> Iterator[XenstoreClient]:
-    c = XenstoreClient.unix(xenstored.socket_path)
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-def nodes(xs: XenstoreClient, path: str) -> dict[str, str]:
-    return {key: xs.read(f"{path}/{key}").decode() for key in xs.directory(path)}
-
 
 def test_add_vif_writes_libxl_nodes(xs: XenstoreClient) -> None:
     add_vif(xs, VifConfig(BE, FE, DEVID, MAC, bridge="xenbr0", mtu=1400, rate_bytes_per_interval=12500,

@@ -84,3 +84,8 @@ def start_guest(mgmt, dom0: XenstoreClient, xenstored: XenstoredDomain, name: st
     dom0.set_perms(path, [f"n{guest.domid}"])
     dom0.introduce(guest.domid, store["gfn"], store["port"])
     return guest
+
+
+def nodes(xs: XenstoreClient, path: str) -> dict[str, str]:
+    """Every node directly under ``path`` with its value."""
+    return {key: xs.read(f"{path}/{key}").decode() for key in xs.directory(path)}
