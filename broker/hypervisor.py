@@ -70,6 +70,7 @@ class Domain:
     restarts: int = 0
     stats: dict[str, int] = field(default_factory=lambda: {"map": 0, "unmap": 0, "copy": 0, "hypercalls": 0})
     params: dict[int, int] = field(default_factory=dict)     # HVM_PARAM_* set by the toolstack
+    uid: int | None = None          # the uid the toolstack runs this domain under; hello must come from it
 
     @property
     def alive(self) -> bool:
@@ -81,7 +82,7 @@ class Domain:
             "memory_kib": self.nr_frames * PAGE_SIZE // 1024, "privileged": self.privileged,
             "grant_frames": self.gnttab.nr_frames, "mappings_held": len(self.maptrack),
             "grants_mapped_by_others": self.gnttab.mapped_count(), "event_channels": len(self.ports.ports),
-            "restarts": self.restarts, "shutdown_reason": self.shutdown_reason,
+            "restarts": self.restarts, "shutdown_reason": self.shutdown_reason, "uid": self.uid,
             "uptime": round(time.time() - self.started_at, 3) if self.alive else 0.0,
             **{f"{k}_ops": v for k, v in self.stats.items()},
         }
@@ -111,7 +112,8 @@ class Hypervisor:
     # ---- domain lifecycle -------------------------------------------------
 
     def create_domain(self, name: str, nr_frames: int, privileged: bool = False,
-                      grant_frames: int = DEFAULT_GRANT_FRAMES, domid: int | None = None) -> Domain:
+                      grant_frames: int = DEFAULT_GRANT_FRAMES, domid: int | None = None,
+                      uid: int | None = None) -> Domain:
         if not name or len(name) > 64 or not name.isprintable() or "/" in name:
             raise _err(errno.EINVAL, f"bad domain name {name!r:.70}")
         if any(d.name == name for d in self.domains.values()):
@@ -124,8 +126,10 @@ class Hypervisor:
             domid = self._allocate_domid()
         elif not 0 <= domid < DOMID_FIRST_RESERVED or domid in self.domains:
             raise _err(errno.EEXIST, f"domid {domid} is taken or reserved")
+        if uid is not None and not 0 <= uid < 1 << 32:
+            raise _err(errno.EINVAL, f"uid {uid} out of range")
         dom = Domain(domid, name, nr_frames, privileged, BrokerGrantTable(grant_frames, domid),
-                     token=secrets.token_hex(16))
+                     token=secrets.token_hex(16), uid=uid)
         self.domains[domid] = dom
         self.on_event("created", dom)
         return dom

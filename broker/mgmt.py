@@ -131,7 +131,7 @@ class Management:
         dom = self.hv.create_domain(
             name, frames, privileged=_field(req, "privileged", bool, False),
             grant_frames=_field(req, "grant_frames", int, DEFAULT_GRANT_FRAMES),
-            domid=_field(req, "domid", int, None))
+            domid=_field(req, "domid", int, None), uid=_field(req, "uid", int, None))
         return self._credentials(dom)
 
     def _credentials(self, dom: Domain) -> dict[str, Any]:
@@ -157,7 +157,11 @@ class Management:
     def restart(self, req: dict[str, Any]) -> dict[str, Any]:
         """Give a dead domain a new token so a new process can take its domid."""
         dom = self._domain(req)
+        uid = _field(req, "uid", int, dom.uid)
+        if uid is not None and not 0 <= uid < 1 << 32:
+            raise ManagementError(errno.EINVAL, f"uid {uid} out of range")
         self.hv.reset_domain(dom)
+        dom.uid = uid
         return self._credentials(dom)
 
     def _pause(self, req: dict[str, Any], paused: bool) -> dict[str, Any]:

@@ -348,6 +348,13 @@ class BrokerServer:
         dom = self.hv.find_by_token(args["token"])
         if dom is None:
             raise HypercallError(errno.EACCES, "unknown or used token")
+        if dom.uid is not None and conn.uid != dom.uid:
+            # A token read or guessed by another domain's uid is worthless: the
+            # toolstack said which uid runs this domain, and the kernel says who
+            # connected (SO_PEERCRED).  The token stays valid for the real one.
+            log.warning("hello for domain %d (%s) from pid %d uid %d, not its uid %d: refused",
+                        dom.domid, dom.name, conn.pid, conn.uid, dom.uid)
+            raise HypercallError(errno.EACCES, f"domain {dom.domid} runs as uid {dom.uid}, not uid {conn.uid}")
         try:
             conn.pidfd = os.pidfd_open(conn.pid)
         except OSError as e:

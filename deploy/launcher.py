@@ -94,7 +94,8 @@ def spawn_domain(mgmt: ManagementClient, name: str, argv: Sequence[str], memory:
                  privileged: bool = False, env: dict[str, str] | None = None, uid: int | None = None,
                  **popen: Any) -> tuple[dict[str, Any], subprocess.Popen[bytes]]:
     """Create a domain in the broker and start its process with its credentials."""
-    creds = mgmt.request("create", name=name, memory=memory, privileged=privileged)
+    creds = mgmt.request("create", name=name, memory=memory, privileged=privileged,
+                         uid=uid if uid is not None else os.geteuid())
     return creds, start_domain_process(creds, argv, env=env, uid=uid, **popen)
 
 

@@ -608,7 +608,7 @@ class Supervisor:
         assert self.mgmt is not None
         if d.domid is not None:
             try:
-                return self.mgmt.request("restart", domid=d.domid)
+                return self.mgmt.request("restart", domid=d.domid, uid=self._runs_as(d))
             except ManagementError as e:
                 if e.errno_name == "ESRCH":           # destroyed behind our back: a new domain
                     d.domid = d.creds = None
@@ -619,7 +619,12 @@ class Supervisor:
                 else:
                     raise
         return self.mgmt.request("create", name=d.name, memory=d.spec.memory_arg,
-                                 privileged=d.kind == DomainKind.XENSTORED)
+                                 privileged=d.kind == DomainKind.XENSTORED, uid=self._runs_as(d))
+
+    @staticmethod
+    def _runs_as(d: _Domain) -> int:
+        """The uid d's process runs under: the broker accepts its hello from that uid only."""
+        return d.uid if d.uid is not None else os.geteuid()
 
     def _argv(self, d: _Domain, ready_w: int, tun_fds: dict[int, int] | None = None,
               device_fd: int = -1) -> tuple[list[str], str]:

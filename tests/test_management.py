@@ -548,3 +548,25 @@ def test_cli_without_a_broker_exits_3(run_dir: str) -> None:
     out = xdom("ps", "--json", "--timeout", "1", "--run-dir", nowhere, timeout=30)
     assert out.returncode == 3 and out.stdout == ""
     assert time.monotonic() - started < 25
+
+
+def test_hello_is_accepted_only_from_the_uid_given_at_create(mgmt: ManagementClient) -> None:
+    """A token is bound to the uid the toolstack runs the domain as: another uid that
+    reads or guesses it gets EACCES, and the token stays good for the real process."""
+    from xdom.domains.hypercall_wire import HypercallError
+    from xdom.domains.xenhost import BrokerXenHost
+
+    other = os.geteuid() + 4242
+    creds = mgmt.request("create", name="uidbound", memory="1M", uid=other)
+    with pytest.raises(HypercallError) as e:
+        BrokerXenHost(creds["hypercall"], creds["token"])
+    assert e.value.name == "EACCES" and f"uid {other}" in e.value.message
+    assert mgmt.request("info", domid=creds["domid"])["domain"]["state"] == "created"
+    creds = mgmt.request("create", name="mine", memory="1M", uid=os.geteuid())
+    host = BrokerXenHost(creds["hypercall"], creds["token"])
+    try:
+        assert mgmt.request("info", domid=creds["domid"])["domain"]["uid"] == os.geteuid()
+    finally:
+        host.close()
+    with pytest.raises(ManagementError):
+        mgmt.request("create", name="baduid", memory="1M", uid=-1)
