@@ -26,13 +26,22 @@ MAX_PORTS = 4096   # per domain; each port costs the broker one or two fds
 
 
 class EventPair:
-    """Two eventfds shared by both ends of a channel, closed with the last end."""
+    """Two eventfds shared by both ends of a channel, closed with the last end.
 
-    def __init__(self) -> None:
+    ``charged`` is whoever pays for the two descriptors (the domain that
+    allocated the unbound port), until the pair closes.
+    """
+
+    def __init__(self, charged: object = None) -> None:
         flags = os.EFD_CLOEXEC | os.EFD_NONBLOCK
         self.to_owner = os.eventfd(0, flags)
-        self.to_peer = os.eventfd(0, flags)
+        try:
+            self.to_peer = os.eventfd(0, flags)
+        except BaseException:
+            os.close(self.to_owner)
+            raise
         self.refs = 0
+        self.charged = charged
 
     def close(self) -> None:
         os.close(self.to_owner)
@@ -79,17 +88,24 @@ class PortTable:
         port.owner_side = owner_side
         pair.refs += 1
 
-    def release(self, port: Port) -> None:
-        """Drop ``port`` and its hold on its fds."""
+    def release(self, port: Port) -> list[tuple[object, int]]:
+        """Drop ``port`` and its hold on its fds.
+
+        Returns (who was charged, count) for the fds closed; None for the
+        port's own domain."""
+        freed: list[tuple[object, int]] = []
         self.ports.pop(port.port, None)
         if port.pair is not None:
             port.pair.refs -= 1
             if port.pair.refs == 0:
                 port.pair.close()
+                freed.append((port.pair.charged, 2))
             port.pair = None
         if port.virq_fd >= 0:
             os.close(port.virq_fd)
             port.virq_fd = -1
+            freed.append((None, 1))          # paid by the port's own domain
+        return freed
 
 
 def new_virq_fd() -> int:

@@ -6,91 +6,51 @@ Two sources, one interface:
   own process; the broker opens ``/proc/<pid>/map_files/<start>-<end>`` for
   exactly one frame (O_RDONLY for a read-only grant, so the grantee's
   ``mmap(PROT_WRITE)`` and later ``mprotect`` fail with EACCES) and copies
-  with process_vm_readv/writev, which honour the domain's own page
-  protections.  It keeps no per-frame descriptors.
+  through such descriptors too.  It keeps no per-frame descriptors.
 * ``LocalFrames`` (the in-process variant): a checked memoryview slice.
 
-A hostile domain controls what is mapped at its frame addresses, so every
-frame the broker opens is checked to be a 4 KiB memfd of the domain's own:
-a domain cannot re-grant, writable, a page it only mapped from someone else.
+**Frame identity.**  A hostile domain controls what is mapped at its frame
+addresses: it can put a page it only mapped from someone else (read-only,
+say) over one of its own gfns with ``MAP_FIXED``.  So the broker does not
+trust addresses.  It creates every frame of every domain itself
+(``FrameAllocator``, the ``populate_physmap`` hypercall), sends the memfd to
+the domain to map at its gfn, and records the memfd's inode.  Every frame it
+later opens through map_files is checked to be *that* inode: the granter's
+own frame for that gfn, never a page the granter got from another domain.
+Copies go through the same checked descriptors (``pread``/``pwrite`` or
+``copy_file_range`` on the frame itself), so what a domain maps at its
+addresses between the check and the copy does not matter either.  And
+unmap verification looks for the exact frame (its inode) anywhere in the
+grantee's address space and fd table, allowing it only at the granter's
+own address when granter and grantee share a process.
+
+The broker's frame memfds are root's with mode 0600: a domain under any
+other uid cannot reopen one through ``/proc/<pid>/fd`` (to turn a read-only
+mapping's descriptor into a writable one), whoever else's uid it runs under.
 """
 
 from __future__ import annotations
 
+import array
 import ctypes
+import errno
+import fcntl
 import os
 import stat
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol
 
-from xdom.domains import sysmem
-from xdom.domains.memory import DomainMemory
-from xdom.domains.abi.grant_table import PAGE_SIZE
+from xdom.domains.abi.grant_table import GNTST_bad_page, GNTST_okay, PAGE_SIZE
+from xdom.domains.memory import FRAME_MEMFD_NAME, DomainMemory
 
 FrameId = tuple[int, int]   # (st_dev, st_ino) of the frame's memfd
 
 
-class FrameCopier:
-    """Copies between frames wherever they live: memmove within this
-    process, process_vm_readv/writev between others."""
-
-    def __init__(self) -> None:
-        self._vm = sysmem.VmCopier()
-        self._self = os.getpid()
-
-    def copy(self, src: "FrameSource", sgfn: int, soff: int,
-             dst: "FrameSource", dgfn: int, doff: int, length: int) -> None:
-        spid, saddr = src.locate(sgfn)
-        dpid, daddr = dst.locate(dgfn)
-        if spid == dpid == self._self:
-            ctypes.memmove(daddr + doff, saddr + soff, length)
-            return
-        try:
-            self._vm.copy(spid, saddr + soff, dpid, daddr + doff, length)
-        except OSError as e:
-            raise BadFrame(f"copy: {e.strerror}") from None
-
-
-    def copy_batch(self, plans: list[tuple[int, "FrameSource", int, int, "FrameSource", int, int, int]],
-                   statuses: list[int]) -> None:
-        """Run (index, src, sgfn, soff, dst, dgfn, doff, length) copies, setting
-        ``statuses[index]`` to 0 or GNTST_bad_page.  Runs between the same two
-        processes go in two syscalls; one that faults is redone piece by piece."""
-        from xdom.domains.abi.grant_table import GNTST_bad_page, GNTST_okay
-        located = []
-        for index, src, sgfn, soff, dst, dgfn, doff, length in plans:
-            try:
-                spid, saddr = src.locate(sgfn)
-                dpid, daddr = dst.locate(dgfn)
-            except BadFrame:
-                statuses[index] = GNTST_bad_page
-                continue
-            located.append((index, spid, saddr + soff, dpid, daddr + doff, length))
-        start = 0
-        while start < len(located):
-            spid, dpid = located[start][1], located[start][3]
-            end = start
-            while end < len(located) and (located[end][1], located[end][3]) == (spid, dpid):
-                end += 1
-            run = located[start:end]
-            if spid == dpid == self._self:
-                for index, _, saddr, _, daddr, length in run:
-                    ctypes.memmove(daddr, saddr, length)
-                    statuses[index] = GNTST_okay
-            elif self._vm.copy_many(spid, [(sa, n) for _, _, sa, _, _, n in run], dpid, [da for *_, da, _ in run]):
-                for index, *_ in run:
-                    statuses[index] = GNTST_okay
-            else:
-                for index, _, saddr, _, daddr, length in run:
-                    try:
-                        self._vm.copy(spid, saddr, dpid, daddr, length)
-                        statuses[index] = GNTST_okay
-                    except OSError:
-                        statuses[index] = GNTST_bad_page
-            start = end
-
-
 class BadFrame(Exception):
-    """The frame is out of range or not a frame of this domain (GNTST_bad_page)."""
+    """The frame is out of range or not this domain's own frame (GNTST_bad_page)."""
+
+
+class NoFrameSpace(Exception):
+    """The broker is out of descriptors to open the frame (GNTST_no_space): not the granter's fault."""
 
 
 def _memfd_device() -> int:
@@ -102,33 +62,90 @@ def _memfd_device() -> int:
 
 
 MEMFD_DEV = _memfd_device()
+FRAME_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+class FrameAllocator:
+    """Makes a domain's frames (XENMEM_populate_physmap) and remembers who they are.
+
+    Frames are made in gfn order, each a 4 KiB memfd of root's, mode 0600,
+    sealed against shrinking and growing: whoever holds a descriptor of a
+    frame (its domain, a grantee with a writable mapping) cannot truncate it
+    under another mapper, who would take SIGBUS.  The broker hands each fd
+    out once and closes its copy; what it keeps is the inode, 8 bytes a
+    frame.
+    """
+
+    def __init__(self, nr_frames: int) -> None:
+        self.nr_frames = nr_frames
+        self.inodes = array.array("Q", bytes(8 * nr_frames))
+        self.populated = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.populated == self.nr_frames
+
+    def populate(self, start: int, count: int) -> list[int]:
+        """The fds of frames ``start .. start+count-1``, which must be the next unpopulated ones."""
+        if start != self.populated:
+            raise ValueError(f"frames are populated in order: next is gfn {self.populated}, not {start}")
+        if not 0 < count <= self.nr_frames - start:
+            raise ValueError(f"{count} frames from gfn {start} do not fit in {self.nr_frames}")
+        fds: list[int] = []
+        try:
+            for gfn in range(start, start + count):
+                fd = os.memfd_create(FRAME_MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+                fds.append(fd)
+                os.ftruncate(fd, PAGE_SIZE)
+                os.fchmod(fd, 0o600)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, FRAME_SEALS)
+                self.inodes[gfn] = os.fstat(fd).st_ino
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self.populated += count
+        return fds
 
 
 class FrameSource(Protocol):
     nr_frames: int
 
     def open_frame(self, gfn: int, readonly: bool) -> tuple[object, FrameId]: ...
-    def locate(self, gfn: int) -> tuple[int, int]: ...
-    def still_mapped(self, ids: set[FrameId], own: Sequence[tuple[int, int]] = ()) -> set[FrameId]: ...
-    def region(self) -> tuple[int, int, int]: ...
+    def frame_id(self, gfn: int) -> FrameId: ...
+    def address(self, gfn: int) -> tuple[int, int]: ...
+    def still_mapped(self, ids: set[FrameId], allowed: set[tuple[FrameId, int]] = ...) -> set[FrameId]: ...
     def close_frame(self, frame: object) -> None: ...
 
 
 class ProcFrames:
-    """Frames of a domain process, reached through procfs."""
+    """Frames of a domain process, reached through procfs and checked by inode."""
 
-    def __init__(self, pid: int, base: int, nr_frames: int) -> None:
+    def __init__(self, pid: int, base: int, inodes: "array.array[int]") -> None:
         self.pid = pid
         self.base = base
-        self.nr_frames = nr_frames
+        self.inodes = inodes
+        self.nr_frames = len(inodes)
 
     def _addr(self, gfn: int) -> int:
         if not 0 <= gfn < self.nr_frames:
             raise BadFrame(f"gfn {gfn} outside 0..{self.nr_frames - 1}")
         return self.base + gfn * PAGE_SIZE
 
+    def frame_id(self, gfn: int) -> FrameId:
+        self._addr(gfn)
+        return MEMFD_DEV, self.inodes[gfn]
+
+    def address(self, gfn: int) -> tuple[int, int]:
+        """(pid, address) where this domain keeps frame ``gfn`` (if it has not moved it)."""
+        return self.pid, self._addr(gfn)
+
     def open_frame(self, gfn: int, readonly: bool) -> tuple[int, FrameId]:
-        """An fd for exactly frame ``gfn``; the caller sends it and closes it."""
+        """An fd for exactly this domain's frame ``gfn``; the caller sends or uses it, then closes it.
+
+        Whatever the domain has mapped at the gfn's address, the fd is
+        accepted only if it is the memfd the broker made for that gfn.
+        """
         start = self._addr(gfn)
         path = f"/proc/{self.pid}/map_files/{start:x}-{start + PAGE_SIZE:x}"
         try:
@@ -137,12 +154,14 @@ class ProcFrames:
             raise BadFrame(f"gfn {gfn} is not mapped as one frame") from None
         except PermissionError as e:
             raise BadFrame(f"gfn {gfn}: {e.strerror} (the broker needs root or CAP_CHECKPOINT_RESTORE)") from None
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                raise NoFrameSpace(f"gfn {gfn}: {e.strerror}") from None
+            raise BadFrame(f"gfn {gfn}: {e.strerror}") from None
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size != PAGE_SIZE or st.st_dev != MEMFD_DEV or st.st_nlink:
-                raise BadFrame(f"gfn {gfn} is not a frame memfd")
-            if st.st_mode & 0o077:
-                os.fchmod(fd, 0o600)
+            if st.st_ino != self.inodes[gfn] or st.st_dev != MEMFD_DEV or not stat.S_ISREG(st.st_mode):
+                raise BadFrame(f"gfn {gfn} is not this domain's own frame")
         except BaseException:
             os.close(fd)
             raise
@@ -152,23 +171,16 @@ class ProcFrames:
         assert isinstance(frame, int)
         os.close(frame)
 
-    def locate(self, gfn: int) -> tuple[int, int]:
-        """(pid, address) of frame ``gfn``, for copies by process_vm_*."""
-        return self.pid, self._addr(gfn)
-
-    def region(self) -> tuple[int, int, int]:
-        """(pid, start, end) of this domain's frames."""
-        return self.pid, self.base, self.base + self.nr_frames * PAGE_SIZE
-
-    def still_mapped(self, ids: set[FrameId], own: Sequence[tuple[int, int]] = ()) -> set[FrameId]:
-        """Which of ``ids`` this process still maps or holds an fd of.
+    def still_mapped(self, ids: set[FrameId], allowed: set[tuple[FrameId, int]] = set()) -> set[FrameId]:  # noqa: B006
+        """Which of ``ids`` this process still maps (anywhere) or holds an fd of.
 
         The broker cannot unmap inside a grantee; it checks the grantee's
         claim before it clears GTF_reading/GTF_writing, so a grantee that
-        says "unmapped" while keeping the page cannot let the granter reuse
-        it under its feet.  Mappings inside ``own`` (address ranges that are
-        domains' own memory in this same process, as when several domains
-        share a test process) are the granter's, not the grantee's.
+        says "unmapped" while keeping the page -- at a fresh address or over
+        one of its own gfns -- cannot let the granter reuse it under its
+        feet.  The one mapping not counted is a frame at its own granter's
+        address, ``(frame id, address)`` in ``allowed``, for when granter and
+        grantee are domains of one (test) process.
         """
         if not ids:
             return set()
@@ -184,7 +196,8 @@ class ProcFrames:
             while pos >= 0:
                 line = maps.rfind(b"\n", 0, pos) + 1
                 start = int(maps[line:maps.index(b"-", line)], 16)
-                if not any(lo <= start < hi for lo, hi in own):
+                end = int(maps[maps.index(b"-", line) + 1:maps.index(b" ", line)], 16)
+                if not ((dev, ino), start) in allowed or end - start != PAGE_SIZE:
                     left.add((dev, ino))
                     break
                 pos = maps.find(key, pos + 1)
@@ -213,7 +226,7 @@ class ProcFrames:
 
 
 class LocalFrames:
-    """Frames of a domain that lives in the broker's own process."""
+    """Frames of a domain that lives in the broker's own process (the in-process variant)."""
 
     def __init__(self, memory: DomainMemory) -> None:
         self.memory = memory
@@ -224,6 +237,14 @@ class LocalFrames:
             raise BadFrame(f"gfn {gfn} outside 0..{self.nr_frames - 1}")
         return self.memory.frame(gfn)
 
+    def frame_id(self, gfn: int) -> FrameId:
+        self._frame(gfn)
+        return id(self.memory), gfn
+
+    def address(self, gfn: int) -> tuple[int, int]:
+        self._frame(gfn)
+        return os.getpid(), self.memory.base + gfn * PAGE_SIZE
+
     def open_frame(self, gfn: int, readonly: bool) -> tuple[memoryview, FrameId]:
         view = self._frame(gfn)
         return (view.toreadonly() if readonly else view), (id(self.memory), gfn)
@@ -232,14 +253,81 @@ class LocalFrames:
         assert isinstance(frame, memoryview)
         frame.release()
 
-    def locate(self, gfn: int) -> tuple[int, int]:
-        self._frame(gfn)
-        return os.getpid(), self.memory.base + gfn * PAGE_SIZE
-
-    def region(self) -> tuple[int, int, int]:
-        return os.getpid(), self.memory.base, self.memory.base + self.memory.size
-
-    def still_mapped(self, ids: set[FrameId], own: Sequence[tuple[int, int]] = ()) -> set[FrameId]:
+    def still_mapped(self, ids: set[FrameId], allowed: set[tuple[FrameId, int]] = set()) -> set[FrameId]:  # noqa: B006
         return set()  # views are released by the local xenhost on unmap
 
 
+CopyPlan = tuple[int, FrameSource, int, int, FrameSource, int, int, int]
+
+
+class FrameCopier:
+    """GNTTABOP_copy's data movement, through the frames themselves.
+
+    Between domain processes a copy reads and writes the checked frame
+    descriptors (``copy_file_range``, one syscall an op), never addresses: a
+    domain that remaps its gfns cannot steer a copy to a page it got from
+    someone else.  Each frame a batch names is opened (and checked) once
+    for the batch and closed after it: a gfn that no longer maps its frame
+    fails the ops that name it (GNTST_bad_page), as a hole in the p2m does
+    in Xen, and the broker holds no frame descriptors between hypercalls.
+    In-process domains (the local variant) are copied with memmove.
+    """
+
+    def copy_batch(self, plans: Iterable[CopyPlan], statuses: list[int]) -> None:
+        """Run (index, src, sgfn, soff, dst, dgfn, doff, length) copies, setting
+        ``statuses[index]`` to GNTST_okay or GNTST_bad_page."""
+        opened: dict[tuple[int, int], int | None] = {}     # (id(frames), gfn) -> fd, None if bad
+        keep: list[FrameSource] = []                       # keeps the ids above unique
+        try:
+            for index, src, sgfn, soff, dst, dgfn, doff, length in plans:
+                if isinstance(src, LocalFrames) and isinstance(dst, LocalFrames):
+                    try:
+                        _, saddr = src.address(sgfn)
+                        _, daddr = dst.address(dgfn)
+                    except BadFrame:
+                        statuses[index] = GNTST_bad_page
+                        continue
+                    ctypes.memmove(daddr + doff, saddr + soff, length)
+                    statuses[index] = GNTST_okay
+                    continue
+                sfd = self._open(opened, keep, src, sgfn)
+                dfd = self._open(opened, keep, dst, dgfn)
+                if sfd is None or dfd is None:
+                    statuses[index] = GNTST_bad_page
+                    continue
+                try:
+                    self._copy_fd(sfd, soff, dfd, doff, length)
+                    statuses[index] = GNTST_okay
+                except OSError:
+                    statuses[index] = GNTST_bad_page
+        finally:
+            for fd in opened.values():
+                if fd is not None:
+                    os.close(fd)
+
+    @staticmethod
+    def _open(opened: dict[tuple[int, int], int | None], keep: list[FrameSource],
+              frames: FrameSource, gfn: int) -> int | None:
+        key = (id(frames), gfn)
+        if key not in opened:
+            keep.append(frames)
+            try:
+                fd, _ = frames.open_frame(gfn, readonly=False)
+                assert isinstance(fd, int)
+                opened[key] = fd
+            except (BadFrame, NoFrameSpace):
+                opened[key] = None
+        return opened[key]
+
+    @staticmethod
+    def _copy_fd(sfd: int, soff: int, dfd: int, doff: int, length: int) -> None:
+        if sfd == dfd and soff < doff + length and doff < soff + length:
+            data = os.pread(sfd, length, soff)          # overlapping within one frame
+            if os.pwrite(dfd, data, doff) != length:
+                raise OSError(5, "short write")
+            return
+        while length:
+            n = os.copy_file_range(sfd, dfd, length, soff, doff)
+            if n <= 0:
+                raise OSError(5, "short copy")
+            soff, doff, length = soff + n, doff + n, length - n

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -28,11 +29,18 @@ from xdom.domains.abi.grant_table import (
 )
 from xdom.domains.hypercall_wire import HypercallError
 
-from .evtchn import EventPair, Port, PortTable, new_virq_fd, signal
-from .frames import BadFrame, FrameCopier, FrameId, FrameSource
+from .evtchn import MAX_PORTS, EventPair, Port, PortTable, new_virq_fd, signal
+from .fd_budget import FdBudget
+from .frames import BadFrame, FrameCopier, FrameId, FrameSource, NoFrameSpace
 from .gnttab import BrokerGrantTable
 
 MAX_MAPTRACK = 65536          # live mappings per domain (Xen's default maptrack size is similar)
+# Descriptors the broker keeps for one domain's event channels (2 per unbound
+# port it allocates, 1 per virq): 255 channels, as many as a guest with a dozen
+# multi-queue devices needs; a privileged domain (xenstored) gets more.
+DEFAULT_EVTCHN_FDS = 512
+PRIVILEGED_EVTCHN_FDS = 4096
+DOMAIN_FDS = 4                # per domain: its connection, pidfd, grant table memfd and its mapping
 DEFAULT_GRANT_FRAMES = 32     # 16384 references
 MAX_GRANT_FRAMES = 256
 
@@ -48,6 +56,7 @@ class Mapping:
     ref: int
     readonly: bool
     frame_id: FrameId
+    gfn: int
 
 
 @dataclass
@@ -71,6 +80,8 @@ class Domain:
     stats: dict[str, int] = field(default_factory=lambda: {"map": 0, "unmap": 0, "copy": 0, "hypercalls": 0})
     params: dict[int, int] = field(default_factory=dict)     # HVM_PARAM_* set by the toolstack
     uid: int | None = None          # the uid the toolstack runs this domain under; hello must come from it
+    evtchn_fd_quota: int = DEFAULT_EVTCHN_FDS
+    evtchn_fds: int = 0             # descriptors the broker keeps for this domain's channels now
 
     @property
     def alive(self) -> bool:
@@ -83,6 +94,7 @@ class Domain:
             "grant_frames": self.gnttab.nr_frames, "mappings_held": len(self.maptrack),
             "grants_mapped_by_others": self.gnttab.mapped_count(), "event_channels": len(self.ports.ports),
             "restarts": self.restarts, "shutdown_reason": self.shutdown_reason, "uid": self.uid,
+            "evtchn_fds": self.evtchn_fds, "evtchn_fd_quota": self.evtchn_fd_quota,
             "uptime": round(time.time() - self.started_at, 3) if self.alive else 0.0,
             **{f"{k}_ops": v for k, v in self.stats.items()},
         }
@@ -102,7 +114,10 @@ def _err(code: int, message: str) -> HypercallError:
 class Hypervisor:
     """Domains and the resources they share.  Single-threaded: callers serialise."""
 
-    def __init__(self, on_event: Callable[[str, Domain], None] | None = None) -> None:
+    def __init__(self, on_event: Callable[[str, Domain], None] | None = None,
+                 fd_limit: int | None = None) -> None:
+        """``fd_limit``: the process's descriptor limit, which the domains' charges must stay under."""
+        self.budget = FdBudget(fd_limit)
         self.domains: dict[int, Domain] = {}
         self._next_domid = 1
         self._virq_handlers: dict[int, tuple[Domain, Port]] = {}
@@ -113,7 +128,7 @@ class Hypervisor:
 
     def create_domain(self, name: str, nr_frames: int, privileged: bool = False,
                       grant_frames: int = DEFAULT_GRANT_FRAMES, domid: int | None = None,
-                      uid: int | None = None) -> Domain:
+                      uid: int | None = None, evtchn_fd_quota: int | None = None) -> Domain:
         if not name or len(name) > 64 or not name.isprintable() or "/" in name:
             raise _err(errno.EINVAL, f"bad domain name {name!r:.70}")
         if any(d.name == name for d in self.domains.values()):
@@ -128,8 +143,20 @@ class Hypervisor:
             raise _err(errno.EEXIST, f"domid {domid} is taken or reserved")
         if uid is not None and not 0 <= uid < 1 << 32:
             raise _err(errno.EINVAL, f"uid {uid} out of range")
-        dom = Domain(domid, name, nr_frames, privileged, BrokerGrantTable(grant_frames, domid),
-                     token=secrets.token_hex(16), uid=uid)
+        if evtchn_fd_quota is None:
+            evtchn_fd_quota = PRIVILEGED_EVTCHN_FDS if privileged else DEFAULT_EVTCHN_FDS
+        if not 0 <= evtchn_fd_quota <= 2 * MAX_PORTS:
+            raise _err(errno.EINVAL, f"evtchn_fd_quota must be 0..{2 * MAX_PORTS}")
+        if not self.budget.take(DOMAIN_FDS):
+            raise _err(errno.ENOMEM, f"the broker's descriptor budget is spent ({self._budget_text()}): "
+                                     f"no room for another domain")
+        try:
+            table = BrokerGrantTable(grant_frames, domid)
+        except OSError as e:
+            self.budget.give(DOMAIN_FDS)
+            raise _err(errno.ENOMEM, f"cannot make a grant table: {e.strerror}") from None
+        dom = Domain(domid, name, nr_frames, privileged, table, token=secrets.token_hex(16), uid=uid,
+                     evtchn_fd_quota=evtchn_fd_quota)
         self.domains[domid] = dom
         self.on_event("created", dom)
         return dom
@@ -206,7 +233,10 @@ class Hypervisor:
     def remove_domain(self, dom: Domain) -> None:
         if dom.alive:
             self.domain_died(dom, "destroyed")
-        self.domains.pop(dom.domid, None)
+        for port in list(dom.ports.ports.values()):   # a domain that never ran: the toolstack's ports
+            self._close_port(dom, port)
+        if self.domains.pop(dom.domid, None) is not None:
+            self.budget.give(DOMAIN_FDS)
         dom.gnttab.retire()
         self.on_event("destroyed", dom)
 
@@ -274,8 +304,11 @@ class Hypervisor:
         except BadFrame:
             table.unpin(ref, readonly)
             return MapResult(GNTST_bad_page)
+        except NoFrameSpace:
+            table.unpin(ref, readonly)
+            return MapResult(GNTST_no_space)
         handle = next(caller.handles) & 0xFFFFFFFF
-        caller.maptrack[handle] = Mapping(granter, table, ref, readonly, frame_id)
+        caller.maptrack[handle] = Mapping(granter, table, ref, readonly, frame_id, gfn)
         return MapResult(GNTST_okay, handle, frame)
 
     def grant_unmap(self, caller: Domain, handles: Sequence[int]) -> list[int]:
@@ -290,10 +323,7 @@ class Hypervisor:
         kept = {m.frame_id for h, m in caller.maptrack.items() if h not in known}
         still: set[FrameId] = set()
         if caller.frames is not None and claimed - kept:
-            pid = caller.frames.region()[0]
-            own = [r[1:] for r in (d.frames.region() for d in self.domains.values() if d.frames is not None)
-                   if r[0] == pid]
-            still = caller.frames.still_mapped(claimed - kept, own)
+            still = caller.frames.still_mapped(claimed - kept, self._own_places(caller, known))
         out = []
         for h in handles:
             m = caller.maptrack.get(h)
@@ -307,6 +337,23 @@ class Hypervisor:
         caller.stats["unmap"] += len(handles)
         return out
 
+    @staticmethod
+    def _own_places(caller: Domain, handles: set[int]) -> set[tuple[FrameId, int]]:
+        """Where the frames of these mappings legitimately sit in the caller's process:
+        at their granter's own address, when the granter lives in that same
+        process (domains of one test process).  Anywhere else they count."""
+        assert caller.frames is not None
+        pid = caller.frames.address(0)[0]
+        places = set()
+        for h in handles:
+            m = caller.maptrack[h]
+            frames = m.granter.frames
+            if frames is not None and m.granter.gnttab is m.table:
+                gpid, addr = frames.address(m.gfn)
+                if gpid == pid:
+                    places.add((m.frame_id, addr))
+        return places
+
     def _unmap_one(self, caller: Domain, handle: int) -> None:
         m = caller.maptrack.pop(handle)
         if m.ref in m.table.pins:
@@ -318,8 +365,8 @@ class Hypervisor:
 
         Every grant the batch names is validated and its entry lock held
         (once per entry) for the whole batch, so the granter cannot end
-        access mid-copy; then the copies run, those between the same two
-        processes in two syscalls; then the locks go.
+        access mid-copy; then the copies run on the frames' own descriptors
+        (each frame opened and identity-checked once a batch); then the locks go.
         """
         statuses = [GNTST_general_error] * len(ops)
         held: dict[tuple[BrokerGrantTable, int], int] = {}     # (table, ref) -> gfn
@@ -389,9 +436,20 @@ class Hypervisor:
     def evtchn_alloc_unbound(self, caller: Domain, remote_dom: int) -> Port:
         remote = caller.domid if remote_dom == DOMID_SELF else remote_dom
         self.domain(remote)
-        port = self._allocate_port(caller, EVTCHNSTAT_unbound)
+        self._charge(caller, 2)
+        try:
+            pair = EventPair(charged=caller)
+        except OSError as e:
+            self._uncharge(caller, 2)
+            raise _err(errno.ENOMEM, f"no event channel: {e.strerror}") from None
+        try:
+            port = self._allocate_port(caller, EVTCHNSTAT_unbound)
+        except BaseException:
+            pair.close()
+            self._uncharge(caller, 2)
+            raise
         port.remote_domid = remote
-        caller.ports.attach(port, EventPair(), owner_side=True)
+        caller.ports.attach(port, pair, owner_side=True)
         return port
 
     def evtchn_bind_interdomain(self, caller: Domain, remote_dom: int, remote_port: int) -> Port:
@@ -419,12 +477,40 @@ class Hypervisor:
                 raise _err(errno.EBUSY, f"virq {virq} is bound by domain {holder[0].domid}")
         if any(p.virq == virq for p in caller.ports.ports.values()):
             raise _err(errno.EEXIST, f"virq {virq} is already bound")
-        port = self._allocate_port(caller, EVTCHNSTAT_virq)
-        port.virq = virq
-        port.virq_fd = new_virq_fd()
+        self._charge(caller, 1)
+        try:
+            fd = new_virq_fd()
+        except OSError as e:
+            self._uncharge(caller, 1)
+            raise _err(errno.ENOMEM, f"no event channel: {e.strerror}") from None
+        try:
+            port = self._allocate_port(caller, EVTCHNSTAT_virq)
+        except BaseException:
+            os.close(fd)
+            self._uncharge(caller, 1)
+            raise
+        port.virq, port.virq_fd = virq, fd
         if virq in GLOBAL_VIRQS:
             self._virq_handlers[virq] = (caller, port)
         return port
+
+    def _charge(self, dom: Domain, n: int) -> None:
+        """Charge ``n`` kept descriptors to ``dom`` and to the broker's budget, or refuse."""
+        if dom.evtchn_fds + n > dom.evtchn_fd_quota:
+            raise _err(errno.ENOSPC, f"domain {dom.domid} has used its quota of {dom.evtchn_fd_quota} "
+                                     f"event-channel descriptors in the broker; close ports first")
+        if not self.budget.take(n):
+            raise _err(errno.ENOMEM, f"the broker's descriptor budget is spent ({self._budget_text()})")
+        dom.evtchn_fds += n
+
+    def _uncharge(self, dom: object, n: int) -> None:
+        if isinstance(dom, Domain):
+            dom.evtchn_fds -= n
+        self.budget.give(n)
+
+    def _budget_text(self) -> str:
+        return f"{self.budget.used} of {self.budget.limit} descriptors kept for domains, " \
+               f"{self.budget.reserve} reserved for the broker"
 
     def _allocate_port(self, dom: Domain, state: int) -> Port:
         try:
@@ -443,7 +529,8 @@ class Hypervisor:
                 rp.state, rp.remote_domid, rp.remote_port = EVTCHNSTAT_unbound, dom.domid, 0
         if p.state == EVTCHNSTAT_virq and self._virq_handlers.get(p.virq, (None, None))[1] is p:
             del self._virq_handlers[p.virq]
-        dom.ports.release(p)
+        for charged, n in dom.ports.release(p):
+            self._uncharge(dom if charged is None else charged, n)
 
     def evtchn_status(self, caller: Domain, port: int) -> dict[str, int]:
         p = self._port(caller, port)

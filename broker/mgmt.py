@@ -9,6 +9,7 @@ nothing a client sends can stop the broker.
 from __future__ import annotations
 
 import errno
+import logging
 import re
 from typing import Any, Callable, Protocol
 
@@ -18,6 +19,8 @@ from xdom.domains.abi.grant_table import PAGE_SIZE
 from xdom.domains.hypercall_wire import HypercallError
 
 from .hypervisor import DEFAULT_GRANT_FRAMES, Domain, Hypervisor
+
+log = logging.getLogger("xdom.broker")
 
 MAX_REQUEST = 64 * 1024
 _MEMORY = re.compile(r"^\s*(\d+)\s*([KMG]i?B?)?\s*$", re.IGNORECASE)
@@ -108,6 +111,14 @@ class Management:
             return {"ok": False, "errno": errno.errorcode.get(e.code, str(e.code)), "error": str(e)}
         except HypercallError as e:
             return {"ok": False, "errno": e.name, "error": e.message}
+        except OSError as e:
+            # Out of descriptors or memory, say: the request failed, the toolstack is told why.
+            log.error("management request failed: %s", e)
+            code = e.errno or errno.EIO
+            return {"ok": False, "errno": errno.errorcode.get(code, str(code)), "error": f"broker: {e}"}
+        except Exception as e:   # a bug: report it rather than leave the caller without an answer
+            log.exception("management request failed")
+            return {"ok": False, "errno": "EIO", "error": f"internal broker error: {e.__class__.__name__}"}
 
     def _domain(self, req: dict[str, Any]) -> Domain:
         if "name" in req and "domid" not in req:
@@ -131,7 +142,8 @@ class Management:
         dom = self.hv.create_domain(
             name, frames, privileged=_field(req, "privileged", bool, False),
             grant_frames=_field(req, "grant_frames", int, DEFAULT_GRANT_FRAMES),
-            domid=_field(req, "domid", int, None), uid=_field(req, "uid", int, None))
+            domid=_field(req, "domid", int, None), uid=_field(req, "uid", int, None),
+            evtchn_fd_quota=_field(req, "evtchn_fd_quota", int, None))
         return self._credentials(dom)
 
     def _credentials(self, dom: Domain) -> dict[str, Any]:

@@ -36,7 +36,8 @@ from xdom.domains.hypercall_wire import (
     encode_reply, int_tuple, take_fds,
 )
 
-from .frames import ProcFrames
+from .fd_budget import raise_nofile_limit
+from .frames import FrameAllocator, ProcFrames
 from .hypervisor import CREATED, Domain, Hypervisor
 from .mgmt import Management
 
@@ -58,6 +59,7 @@ class Connection:
     domain: Domain | None = None
     pidfd: int = -1
     memory_set: bool = False
+    frames: FrameAllocator | None = None    # the domain's frames as the broker makes them
 
 
 Reply = tuple[dict[str, Any], list[int], list[int]]   # fields, fds to send, fds to close after
@@ -92,7 +94,12 @@ class BrokerServer:
         self.events = self.ctx.socket(zmq.PUB)
         self.events.setsockopt(zmq.LINGER, 0)
         self.events.bind(self.events_endpoint)
-        self.hv = Hypervisor(on_event=self._publish)
+        self.fd_limit = raise_nofile_limit()
+        self.hv = Hypervisor(on_event=self._publish, fd_limit=self.fd_limit)
+        # One descriptor kept spare: if accept() ever meets EMFILE, it is given
+        # up to take the connection off the backlog and close it, rather than
+        # leave the listener readable forever (a busy loop).
+        self._spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         self.mgmt = Management(self.hv, self)
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
@@ -115,7 +122,8 @@ class BrokerServer:
         self.running = True
         self._next_housekeeping = 0.0
         self.handlers: dict[str, Callable[[Connection, dict[str, Any]], Reply]] = {
-            "hello": self._hello, "set_memory": self._set_memory, "shutdown": self._shutdown,
+            "hello": self._hello, "populate_physmap": self._populate_physmap, "set_memory": self._set_memory,
+            "shutdown": self._shutdown,
             "map": self._map, "unmap": self._unmap, "copy": self._copy,
             "evtchn_alloc_unbound": self._alloc_unbound, "evtchn_bind_interdomain": self._bind_interdomain,
             "evtchn_bind_virq": self._bind_virq, "evtchn_close": self._close,
@@ -236,12 +244,29 @@ class BrokerServer:
                 sock, _ = self.listener.accept()
             except BlockingIOError:
                 return
+            except OSError as e:
+                if e.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                self._shed_connection()
+                return
             sock.setblocking(False)
             pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
             self._make_room_for_pending()
             conn = Connection(sock, pid, uid)
             self.conns[sock.fileno()] = conn
             self.poller.register(sock.fileno(), zmq.POLLIN)
+
+    def _shed_connection(self) -> None:
+        """Out of descriptors: accept one connection on the spare fd and close it."""
+        log.error("out of descriptors (limit %d): refusing a hypercall connection", self.fd_limit)
+        os.close(self._spare_fd)
+        try:
+            sock, _ = self.listener.accept()
+            sock.close()
+        except OSError:
+            pass
+        finally:
+            self._spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
 
     def _make_room_for_pending(self) -> None:
         """Keep unauthenticated connections under PENDING_LIMIT without refusing newcomers.
@@ -297,7 +322,7 @@ class BrokerServer:
             op, args = decode_request(data)
             if op != "hello" and conn.domain is None:
                 raise HypercallError(errno.EPERM, "say hello with your token first")
-            if op not in ("hello", "set_memory", "shutdown") and not conn.memory_set:
+            if op not in ("hello", "populate_physmap", "set_memory", "shutdown") and not conn.memory_set:
                 raise HypercallError(errno.EPERM, "register memory with set_memory first")
             if conn.domain is not None:
                 conn.domain.stats["hypercalls"] += 1
@@ -369,16 +394,42 @@ class BrokerServer:
                  "grant_frames": dom.gnttab.nr_frames, "privileged": dom.privileged},
                 [gnt_fd], [gnt_fd])
 
+    def _populate_physmap(self, conn: Connection, args: dict[str, Any]) -> Reply:
+        """XENMEM_populate_physmap: the next ``count`` frames of the domain's memory.
+
+        The broker makes every frame and records its identity, so that no
+        page a domain got from elsewhere can ever pass for one of its own.
+        """
+        dom = conn.domain
+        assert dom is not None
+        if conn.memory_set:
+            raise HypercallError(errno.EALREADY, "memory is registered")
+        start, count = int_tuple([args["start"], args["count"]], 2, "populate_physmap")
+        if count > MAX_FDS:
+            raise HypercallError(errno.E2BIG, f"at most {MAX_FDS} frames per call")
+        if conn.frames is None:
+            conn.frames = FrameAllocator(dom.nr_frames)
+        try:
+            fds = conn.frames.populate(start, count)
+        except ValueError as e:
+            raise HypercallError(errno.EINVAL, str(e)) from None
+        except OSError as e:
+            raise HypercallError(errno.ENOMEM, f"cannot make frames: {e.strerror}") from None
+        return {"start": start, "count": count}, fds, fds
+
     def _set_memory(self, conn: Connection, args: dict[str, Any]) -> Reply:
         dom = conn.domain
         assert dom is not None
         if conn.memory_set:
             raise HypercallError(errno.EALREADY, "memory is registered")
+        if conn.frames is None or not conn.frames.complete:
+            done = conn.frames.populated if conn.frames else 0
+            raise HypercallError(errno.EINVAL, f"populate all {dom.nr_frames} frames first ({done} done)")
         base = args["base"]
         if base <= 0 or base % PAGE_SIZE or base >= 1 << 47:
             raise HypercallError(errno.EINVAL, "memory base must be a page-aligned user address")
-        frames = ProcFrames(conn.pid, base, dom.nr_frames)
-        for gfn in (0, dom.nr_frames - 1):   # spot-check: real frames of this process
+        frames = ProcFrames(conn.pid, base, conn.frames.inodes)
+        for gfn in (0, dom.nr_frames - 1):   # spot-check: our frames, where the domain says
             try:
                 fd, _ = frames.open_frame(gfn, readonly=True)
                 os.close(fd)
@@ -471,6 +522,7 @@ class BrokerServer:
         self.events.close(0)
         self.poller.unregister(self._wake.fileno())
         self._wake.close()
+        os.close(self._spare_fd)
 
 
 def _domid(value: int) -> int:

@@ -27,6 +27,7 @@ MAX_FDS: Final = MAX_BATCH       # descriptors beside one reply
 # op name -> {field: type}; every field is required, no other is allowed.
 REQUESTS: Final[dict[str, dict[str, type]]] = {
     "hello": {"token": str},
+    "populate_physmap": {"start": int, "count": int},   # the broker's frames, by SCM_RIGHTS
     "set_memory": {"base": int},
     "shutdown": {"reason": str},
     "map": {"ops": list},           # [[domid, ref, readonly], ...]

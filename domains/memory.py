@@ -5,12 +5,19 @@ region, and its fd is closed at once.  The domain gets a contiguous buffer
 (gfn -> offset gfn*4096) and holds no per-frame descriptors; the broker can
 reach exactly one frame, and nothing else, through
 ``/proc/<pid>/map_files/<start>-<end>`` because every frame is its own VMA.
+
+Under a broker the frames are the broker's (``populate``: the
+populate_physmap hypercall hands them over in batches), so that the broker
+knows each frame's identity and never takes a domain's word, or its
+address space, for which page is its own.  The in-process variant makes
+its own.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from typing import Callable
 
 from . import sysmem
 from .abi.grant_table import PAGE_SIZE
@@ -33,7 +40,10 @@ class DomainMemory:
     reopen a read-only mapping's fd for writing through /proc/self/fd.
     """
 
-    def __init__(self, nr_frames: int) -> None:
+    def __init__(self, nr_frames: int, populate: Callable[[int, int], list[int]] | None = None,
+                 batch: int = 128) -> None:
+        """``populate(start, count)`` returns the fds of frames start..start+count-1
+        (the broker's); without it the frames are made here."""
         if nr_frames <= 0:
             raise ValueError("a domain needs at least one frame")
         limit = max_map_count()
@@ -47,19 +57,22 @@ class DomainMemory:
         self.base = sysmem.mmap(0, self.size, sysmem.PROT_NONE,
                                 sysmem.MAP_PRIVATE | sysmem.MAP_ANONYMOUS | sysmem.MAP_NORESERVE)
         try:
-            for gfn in range(nr_frames):
-                fd = os.memfd_create(FRAME_MEMFD_NAME, os.MFD_CLOEXEC)
+            for start in range(0, nr_frames, batch):
+                count = min(batch, nr_frames - start)
+                fds = populate(start, count) if populate is not None else _make_frames(count)
                 try:
-                    os.ftruncate(fd, PAGE_SIZE)
-                    os.fchmod(fd, 0o600)
-                    sysmem.mmap(self.base + gfn * PAGE_SIZE, PAGE_SIZE,
-                                sysmem.PROT_READ | sysmem.PROT_WRITE,
-                                sysmem.MAP_SHARED | sysmem.MAP_FIXED, fd, 0)
+                    if len(fds) != count:
+                        raise OSError(errno.EPROTO, f"{len(fds)} frames given for {count}")
+                    for i, fd in enumerate(fds):
+                        sysmem.mmap(self.base + (start + i) * PAGE_SIZE, PAGE_SIZE,
+                                    sysmem.PROT_READ | sysmem.PROT_WRITE,
+                                    sysmem.MAP_SHARED | sysmem.MAP_FIXED, fd, 0)
                 finally:
-                    os.close(fd)
-        except OSError as e:
+                    for fd in fds:
+                        os.close(fd)
+        except BaseException as e:
             sysmem.munmap(self.base, self.size)
-            if e.errno == errno.ENOMEM:
+            if isinstance(e, OSError) and e.errno == errno.ENOMEM:
                 raise MemoryError(f"cannot map {nr_frames} frames (vm.max_map_count={limit}): {e}") from e
             raise
         self.buffer = sysmem.view(self.base, self.size)
@@ -84,3 +97,18 @@ class DomainMemory:
                 return        # someone still exports the buffer: keep the pages rather than fault
             sysmem.munmap(self.base, self.size)
             self.base = 0
+
+
+def _make_frames(count: int) -> list[int]:
+    fds: list[int] = []
+    try:
+        for _ in range(count):
+            fd = os.memfd_create(FRAME_MEMFD_NAME, os.MFD_CLOEXEC)
+            fds.append(fd)
+            os.ftruncate(fd, PAGE_SIZE)
+            os.fchmod(fd, 0o600)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds

@@ -42,3 +42,80 @@ def test_eight_32mib_guests_granting_to_one_backend(mgmt, broker) -> None:
     finally:
         for d in reversed(doms):
             d.stop()
+
+
+# ---- event-channel descriptors: per-domain quota and the broker's budget ------
+
+import pytest  # noqa: E402
+
+from xdom.broker.hypervisor import DOMAIN_FDS, Hypervisor  # noqa: E402
+from xdom.domains.abi.event_channel import DOMID_SELF, VIRQ_DOM_EXC  # noqa: E402
+from xdom.domains.hypercall_wire import HypercallError  # noqa: E402
+
+
+def _errno_of(fn, *args) -> str:
+    with pytest.raises(HypercallError) as e:
+        fn(*args)
+    return e.value.name
+
+
+def test_a_domain_cannot_keep_more_channel_descriptors_than_its_quota() -> None:
+    hv = Hypervisor()
+    try:
+        greedy = hv.create_domain("greedy", 16, evtchn_fd_quota=20)
+        other = hv.create_domain("other", 16)
+        ports = [hv.evtchn_alloc_unbound(greedy, DOMID_SELF).port for _ in range(10)]
+        assert greedy.evtchn_fds == 20
+        assert _errno_of(hv.evtchn_alloc_unbound, greedy, DOMID_SELF) == "ENOSPC"
+        assert greedy.evtchn_fds == 20 and len(greedy.ports.ports) == 10     # nothing half-made
+        assert hv.evtchn_alloc_unbound(other, DOMID_SELF).port == 1          # others are not affected
+        hv.evtchn_close(greedy, ports[0])
+        assert greedy.evtchn_fds == 18
+        hv.evtchn_alloc_unbound(greedy, DOMID_SELF)
+        assert greedy.evtchn_fds == 20
+    finally:
+        hv.close()
+
+
+def test_the_pair_stays_charged_to_its_allocator_until_the_last_end_closes() -> None:
+    hv = Hypervisor()
+    try:
+        front = hv.create_domain("front", 16)
+        back = hv.create_domain("back", 16)
+        p = hv.evtchn_alloc_unbound(front, back.domid)
+        b = hv.evtchn_bind_interdomain(back, front.domid, p.port)
+        assert (front.evtchn_fds, back.evtchn_fds) == (2, 0)
+        hv.evtchn_close(front, p.port)           # the backend still holds the channel's fds
+        assert front.evtchn_fds == 2 and hv.budget.used == 2 * DOMAIN_FDS + 2
+        hv.evtchn_close(back, b.port)
+        assert front.evtchn_fds == 0 and hv.budget.used == 2 * DOMAIN_FDS
+    finally:
+        hv.close()
+
+
+def test_the_broker_budget_refuses_before_its_descriptors_run_out() -> None:
+    # A limit 60 over the reserve: room for two domains (4 each) and 26 channels.
+    hv = Hypervisor(fd_limit=hv_limit(60))
+    try:
+        a = hv.create_domain("a", 16, privileged=True)
+        b = hv.create_domain("b", 16)
+        for _ in range(26):
+            hv.evtchn_alloc_unbound(a, DOMID_SELF)
+        assert _errno_of(hv.evtchn_alloc_unbound, a, DOMID_SELF) == "ENOMEM"
+        assert _errno_of(hv.evtchn_alloc_unbound, b, DOMID_SELF) == "ENOMEM"
+        assert _errno_of(hv.evtchn_bind_virq, a, VIRQ_DOM_EXC) == "ENOMEM"
+        with pytest.raises(HypercallError) as e:
+            hv.create_domain("c", 16)
+        assert e.value.name == "ENOMEM" and "budget" in e.value.message
+        hv.domain_died(a, "crash")                 # its channels go, and with them the charges
+        assert hv.budget.used == 2 * DOMAIN_FDS
+        hv.evtchn_bind_virq(b, 0)
+        hv.create_domain("c", 16)
+    finally:
+        hv.close()
+    assert hv.budget.used == 0
+
+
+def hv_limit(room: int) -> int:
+    from xdom.broker.fd_budget import RESERVE
+    return RESERVE + room

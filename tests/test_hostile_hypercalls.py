@@ -17,6 +17,7 @@ import os
 import random
 import select
 import socket
+import stat
 import time
 from typing import Any, Iterator, Sequence, TypeVar
 
@@ -57,6 +58,7 @@ REFUSALS = {"EBADMSG", "ENOSYS", "EINVAL", "E2BIG", "EMSGSIZE", "EPERM", "EALREA
 # One well-formed request per op, with valid field types.
 VALID_SHAPES: dict[str, dict[str, Any]] = {
     "hello": {"token": "0" * 32},
+    "populate_physmap": {"start": 0, "count": 1},
     "set_memory": {"base": 0x7F0000000000},
     "shutdown": {"reason": "poweroff"},
     "map": {"ops": []},
@@ -107,14 +109,17 @@ class RawConn:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         self.sock.sendmsg([payload], anc)
 
-    def recv(self) -> dict[str, Any]:
+    def recv(self, keep: list[int] | None = None) -> dict[str, Any]:
         try:
             data, anc, flags, _ = self.sock.recvmsg(MAX_MESSAGE + 1, socket.CMSG_SPACE(MAX_FDS * 4))
         except ConnectionResetError:
             raise BrokerClosed() from None
         fds = take_fds(anc)
-        for fd in fds:
-            os.close(fd)
+        if keep is not None:
+            keep.extend(fds)
+        else:
+            for fd in fds:
+                os.close(fd)
         self.last_fds = len(fds)
         if not data:
             raise BrokerClosed()
@@ -148,8 +153,15 @@ class RawConn:
         self.domid = reply["domid"]
         return reply
 
+    def populate(self, start: int, count: int) -> list[int]:
+        fds: list[int] = []
+        self.send(pack({"op": "populate_physmap", "start": start, "count": count}))
+        reply = self.recv(fds)
+        assert reply["ok"] is True, reply
+        return fds
+
     def set_memory(self, nr_frames: int) -> None:
-        self.memory = DomainMemory(nr_frames)
+        self.memory = DomainMemory(nr_frames, self.populate)
         self.ok({"op": "set_memory", "base": self.memory.base})
 
     def probe(self) -> None:
@@ -297,7 +309,7 @@ def test_every_op_before_hello_is_eperm(raw: Raw, bystanders: Bystanders) -> Non
 def test_ops_before_set_memory_are_eperm(raw: Raw, bystanders: Bystanders) -> None:
     conn, creds = raw.introduced()
     for op in REQUESTS:
-        if op not in ("hello", "set_memory", "shutdown"):
+        if op not in ("hello", "populate_physmap", "set_memory", "shutdown"):
             conn.expect(request_shape(op), "EPERM")
     conn.expect({"op": "hello", "token": creds["token"]}, "EALREADY")
     bystanders.check()
@@ -652,18 +664,59 @@ def test_event_channel_arguments_out_of_range(raw: Raw, bystanders: Bystanders) 
 
 def test_set_memory_with_bad_bases(raw: Raw, bystanders: Bystanders) -> None:
     conn, creds = raw.introduced()
+    nr = creds["nr_frames"]
+    conn.expect({"op": "set_memory", "base": 0x7F0000000000}, "EINVAL")   # nothing populated yet
+    own = DomainMemory(nr, conn.populate)                                  # the broker's frames, mapped
     for base in (0, -PAGE_SIZE, 1, PAGE_SIZE + 1, 1 << 47, 2**64 - PAGE_SIZE):
         conn.expect({"op": "set_memory", "base": base}, "EINVAL")
     conn.expect({"op": "set_memory", "base": PAGE_SIZE}, "EFAULT")          # nothing mapped there
-    anon = sysmem.mmap(0, creds["nr_frames"] * PAGE_SIZE, sysmem.PROT_READ | sysmem.PROT_WRITE,
+    anon = sysmem.mmap(0, nr * PAGE_SIZE, sysmem.PROT_READ | sysmem.PROT_WRITE,
                        sysmem.MAP_PRIVATE | sysmem.MAP_ANONYMOUS)
+    homemade = DomainMemory(nr)                                            # frame-like memfds, not the broker's
     try:
         conn.expect({"op": "set_memory", "base": anon}, "EFAULT")            # not frame memfds
+        conn.expect({"op": "set_memory", "base": homemade.base}, "EFAULT")   # memfds, but not its frames
     finally:
-        sysmem.munmap(anon, creds["nr_frames"] * PAGE_SIZE)
+        sysmem.munmap(anon, nr * PAGE_SIZE)
+        homemade.close()
     assert raw.mgmt.request("info", domid=creds["domid"])["domain"]["state"] == "created"
-    conn.set_memory(creds["nr_frames"])
+    conn.memory = own
+    conn.ok({"op": "set_memory", "base": own.base})
     conn.probe()
+    bystanders.check()
+
+
+def test_populate_physmap_hands_out_each_frame_once_sealed_and_root_owned(raw: Raw, bystanders: Bystanders) -> None:
+    """The broker makes a domain's frames: in order, each once, in batches it bounds,
+    and each sealed against truncation (a holder of a frame's fd cannot make
+    another mapper fault) and closed to other uids (mode 0600, root's)."""
+    conn, creds = raw.introduced()
+    nr = creds["nr_frames"]
+    conn.expect({"op": "populate_physmap", "start": 1, "count": 1}, "EINVAL")     # out of order
+    conn.expect({"op": "populate_physmap", "start": 0, "count": 0}, "EINVAL")
+    conn.expect({"op": "populate_physmap", "start": 0, "count": MAX_FDS + 1}, "E2BIG")
+    conn.expect({"op": "populate_physmap", "start": -1, "count": 1}, "EINVAL")
+    fds = conn.populate(0, 2)
+    try:
+        assert len(fds) == 2
+        inodes = set()
+        for fd in fds:
+            st = os.fstat(fd)
+            assert (st.st_size, st.st_uid, stat.S_IMODE(st.st_mode)) == (PAGE_SIZE, 0, 0o600)
+            inodes.add(st.st_ino)
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, 0)
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, 2 * PAGE_SIZE)
+        assert len(inodes) == 2
+    finally:
+        for fd in fds:
+            os.close(fd)
+    conn.expect({"op": "populate_physmap", "start": 0, "count": 1}, "EINVAL")     # given already
+    for start in range(2, nr, MAX_FDS):
+        for fd in conn.populate(start, min(MAX_FDS, nr - start)):
+            os.close(fd)
+    conn.expect({"op": "populate_physmap", "start": nr, "count": 1}, "EINVAL")    # beyond its memory
     bystanders.check()
 
 

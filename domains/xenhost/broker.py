@@ -22,6 +22,11 @@ from ..hypercall_wire import MAX_BATCH, MAX_FDS, MAX_MESSAGE, decode_reply, enco
 from ..memory import DomainMemory
 from .base import CopyOp, EventChannels, GrantMapping, MapResult, XenHost
 
+# Frames asked for per populate_physmap: each arrives as a descriptor, so a
+# batch needs that many free fds for a moment (domains may run under an
+# RLIMIT_NOFILE of 64); 32 keeps 32 MiB of memory at 256 calls.
+POPULATE_BATCH = 32
+
 ENV_SOCKET = "XDOM_HYPERCALL"
 ENV_TOKEN = "XDOM_TOKEN"
 
@@ -36,7 +41,7 @@ class BrokerXenHost(XenHost):
         self.name: str = hello["name"]
         self.privileged: bool = hello["privileged"]
         self.gnttab = GrantTable(fds[0], hello["grant_frames"])
-        self.memory = DomainMemory(hello["nr_frames"])
+        self.memory = DomainMemory(hello["nr_frames"], self._populate, batch=POPULATE_BATCH)
         self.call("set_memory", base=self.memory.base)
         self.evtchn = EventChannels()
         self._maps: dict[int, tuple[int, GrantMapping]] = {}   # handle -> (addr, mapping)
@@ -57,6 +62,11 @@ class BrokerXenHost(XenHost):
             for fd in fds:
                 os.close(fd)
             raise
+
+    def _populate(self, start: int, count: int) -> list[int]:
+        """The broker's frames start..start+count-1, to map as our memory."""
+        _reply, fds = self.call("populate_physmap", start=start, count=count)
+        return fds
 
     # ---- grants -------------------------------------------------------------
 
