@@ -15,6 +15,7 @@ the lock is deferred and retried, the pin count having dropped already.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import struct
@@ -45,8 +46,12 @@ class BrokerGrantTable:
         self.owner = owner
         self.nr_frames = nr_frames
         self.nr_entries = nr_frames * ENTRIES_PER_FRAME
-        self.fd = os.memfd_create(f"xdom-gnttab-d{owner}", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(f"xdom-gnttab-d{owner}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, nr_frames * PAGE_SIZE)
+        # The domain holds a read-write description of this file: sealed, it
+        # cannot shrink it under the broker's mapping (a SIGBUS would kill the
+        # hypervisor) nor grow it.
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         self._map = mmap.mmap(self.fd, nr_frames * PAGE_SIZE)
         self.pins: dict[int, Pin] = {}
         self._deferred: set[int] = set()

@@ -961,3 +961,30 @@ def test_broker_survives_everything_at_once(raw: Raw, bystanders: Bystanders, br
     for c in conns:
         c.probe()
     assert broker.proc.poll() is None
+
+
+def test_a_domain_cannot_resize_its_grant_table_under_the_broker(raw: Raw, bystanders: Bystanders) -> None:
+    """The granter holds a read-write description of its table, which the broker
+    has mapped: truncated, the broker's next look at an entry would be a SIGBUS
+    that kills the hypervisor.  The table is sealed against it."""
+    from xdom.domains.xenhost import BrokerXenHost
+    creds = raw.create()
+    host = BrokerXenHost(creds["hypercall"], creds["token"])
+    try:
+        for size in (0, PAGE_SIZE, 1 << 30):
+            with pytest.raises(PermissionError):
+                os.ftruncate(host.gnttab.fd, size)
+        with pytest.raises(PermissionError):
+            os.posix_fallocate(host.gnttab.fd, 0, 1 << 30)
+        peer = raw.create()
+        other = BrokerXenHost(peer["hypercall"], peer["token"])
+        try:
+            ref = host.gnttab.grant_access(other.domid, 3)
+            (res,) = other.map_grants([(host.domid, ref, False)])
+            assert res.status == GNTST_okay
+            other.unmap_grants([res.mapping])
+        finally:
+            other.close()
+    finally:
+        host.close()
+    bystanders.check()
