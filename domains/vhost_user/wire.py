@@ -547,8 +547,22 @@ class MessageReader:
                 self._fail(f"internal codec error: {exc!r}")
         return self._events.popleft() if self._events else None
 
+    def close(self) -> None:
+        """Stop decoding (the receiver ended the connection): every fd still held, in queued
+        events or waiting for its message, moves to ``take_unclaimed_fds()``."""
+        if self._done and not self._events and not self._pending:
+            return
+        self._done = True
+        for ev in self._events:
+            self._unclaimed.extend(ev.fds)
+        self._events.clear()
+        self._unclaimed.extend(self._all_pending_fds())
+        self._buf.clear()
+        self._pos = 0
+
     def take_unclaimed_fds(self) -> list[int]:
-        """Descriptors that arrived after the reader closed: the caller closes them."""
+        """Descriptors that arrived after the reader closed (or were held when ``close`` was
+        called): the caller closes them."""
         out, self._unclaimed = self._unclaimed, []
         return out
 

@@ -1,0 +1,437 @@
+"""The I/O shell around ``VhostUserBackend``: a unix socket, SCM_RIGHTS, mmap, eventfds.
+
+Rules of this module:
+
+* All protocol decisions live in ``backend``; this file only carries out its
+  actions.  It owns every fd: the listening and connection sockets, each
+  region fd until mapped (then closed: a mapping costs no descriptor, see
+  ``domains/sysmem``), each ring's kick/call/err eventfd, the inflight memfd.
+* Carrying out an action is idempotent where the core may repeat one on a
+  failure path: stopping a stopped ring, unmapping an unknown slot and
+  clearing an absent fd are no-ops.
+* Bounded: one front end at a time (vhost-user is one-to-one; a second
+  connection waits in the listen backlog until the first ends), at most
+  ``RECV_SIZE`` bytes and ``wire.MAX_FDS_PER_MESSAGE`` fds per ``recvmsg``,
+  ancillary data truncated by the kernel is a protocol error.
+* One thread runs the loop: the device's ``process`` callback runs on it, and
+  regions are only unmapped between callbacks, so no view outlives its
+  mapping while in use.  ``stop()`` may be called from any thread.
+
+The device side: ``QueueHandler.process(index, queue)`` is called when ring
+``index`` is kicked (and once when it starts, since kicks sent before the
+start are lost); it pops chains, does the work and pushes completions.  After
+it returns the shell signals the call eventfd if ``queue.should_notify()``,
+and the err eventfd once if the queue fell into NEEDS_RESET.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import selectors
+import socket
+import threading
+from typing import Any, Callable, Protocol
+
+from .. import sysmem
+from . import backend as be
+from .backend import FdKind, VhostUserBackend, VhostUserDevice
+from .virtqueue import SplitVirtqueue
+from .wire import MAX_FDS_PER_MESSAGE
+
+__all__ = ["RECV_SIZE", "POLL_INTERVAL", "QueueHandler", "VhostUserServer"]
+
+log = logging.getLogger(__name__)
+
+#: Bytes read per recvmsg: many small vhost-user messages at once.
+RECV_SIZE = 64 * 1024
+#: How often a ring without a kick fd (the front end asked for polling) is processed, seconds.
+POLL_INTERVAL = 0.05
+_FD_SIZE = array.array("i").itemsize
+
+
+class QueueHandler(Protocol):
+    """The device's data path, called on the loop thread."""
+
+    def queue_started(self, index: int, queue: SplitVirtqueue, enabled: bool) -> None: ...
+
+    def queue_enabled(self, index: int, enabled: bool) -> None: ...
+
+    def process(self, index: int, queue: SplitVirtqueue) -> None: ...
+
+    def queue_stopped(self, index: int) -> None: ...
+
+
+class _Connection:
+    """Per-connection resources the shell holds on the core's behalf."""
+
+    def __init__(self, sock: socket.socket, core: VhostUserBackend) -> None:
+        self.sock = sock
+        self.core = core
+        self.regions: dict[int, tuple[int, int]] = {}            # slot -> (addr, length)
+        self.fds: dict[tuple[int, FdKind], int] = {}            # (ring, kind) -> eventfd
+        self.queues: dict[int, SplitVirtqueue] = {}
+        self.err_reported: set[int] = set()
+        self.inflight: tuple[int, int, int] | None = None       # (fd or -1, addr, length)
+
+
+class VhostUserServer:
+    """Serve a vhost-user device on a unix socket path, one front end after another.
+
+    ``device_factory`` makes the device class for each new connection (a
+    reconnecting front end renegotiates from scratch); ``handler`` receives
+    the rings.  ``backend_options`` go to ``VhostUserBackend``.
+    """
+
+    def __init__(self, path: str, device_factory: Callable[[], VhostUserDevice],
+                 handler: QueueHandler | None = None, *, backend_options: dict[str, Any] | None = None,
+                 max_connections: int | None = None) -> None:
+        self.path = path
+        self._device_factory = device_factory
+        self._handler = handler
+        self._options = dict(backend_options or {})
+        self._max_connections = max_connections
+        self._listener: socket.socket | None = None
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._stop = threading.Event()
+        self._conn: _Connection | None = None
+        self._served = 0
+        #: Requests of every connection, in arrival order (for tests and diagnostics).
+        self.request_log: list[int] = []
+        #: ("refused"|"closed", text) notes from the core.
+        self.notes: list[tuple[str, str]] = []
+        #: Set once a connection has been accepted.
+        self.connected = threading.Event()
+
+    # --- life cycle -----------------------------------------------------------------
+
+    def listen(self) -> None:
+        """Bind and listen (before the front end is started: QEMU connects as a client)."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            s.bind(self.path)
+            s.listen(1)
+        except BaseException:
+            s.close()
+            raise
+        self._listener = s
+        self._sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self._sel.register(s, selectors.EVENT_READ, ("listen", None))
+
+    def stop(self) -> None:
+        """Ask the loop to end (thread-safe)."""
+        self._stop.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Release everything (call after ``serve`` returned)."""
+        if self._conn is not None:
+            self._end_connection("server closed")
+        if self._listener is not None:
+            self._unwatch(self._listener)
+            self._listener.close()
+            self._listener = None
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        self._sel.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+
+    def serve(self) -> None:
+        """Run the loop until ``stop()`` (or ``max_connections`` connections have ended)."""
+        if self._listener is None:
+            self.listen()
+        while not self._stop.is_set():
+            timeout = POLL_INTERVAL if self._polled_queues() else None
+            for key, _mask in self._sel.select(timeout):
+                kind, arg = key.data
+                if kind == "wake":
+                    try:
+                        os.read(self._wake_r, 64)
+                    except BlockingIOError:
+                        pass
+                elif kind == "listen":
+                    self._accept()
+                elif kind == "conn":
+                    self._receive()
+                elif kind == "kick":
+                    self._kicked(arg)
+                if self._stop.is_set():
+                    break
+            for index in self._polled_queues():
+                self._run_queue(index)
+
+    # --- connections ------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        if self._conn is not None:        # cannot happen with the listener unregistered; be safe
+            sock.close()
+            return
+        sock.setblocking(True)
+        core = VhostUserBackend(self._device_factory(), **self._options)
+        self._conn = _Connection(sock, core)
+        self._sel.unregister(self._listener)
+        self._sel.register(sock, selectors.EVENT_READ, ("conn", None))
+        self.connected.set()
+
+    def _end_connection(self, reason: str) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        if not conn.core.closed:
+            conn.core.close(reason)
+        self._drain(conn)
+        self._conn = None
+        self._sel.unregister(conn.sock)
+        conn.sock.close()
+        # The core released everything through actions; anything left is a shell bug: do not leak it.
+        for index in list(conn.queues):
+            self._stop_queue(conn, index)
+        for key in list(conn.fds):
+            self._set_fd(conn, key[0], key[1], None)
+        for slot in list(conn.regions):
+            self._unmap_region(conn, slot)
+        self._unmap_inflight(conn)
+        self._served += 1
+        if self._max_connections is not None and self._served >= self._max_connections:
+            self._stop.set()
+        elif self._listener is not None and not self._stop.is_set():
+            self._sel.register(self._listener, selectors.EVENT_READ, ("listen", None))
+
+    def _receive(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            data, anc, flags, _ = conn.sock.recvmsg(RECV_SIZE, socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE),
+                                                    socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            log.warning("vhost-user: recvmsg failed: %s", e)
+            data, anc, flags = b"", [], 0
+        fds: list[int] = []
+        for level, typ, payload in anc:
+            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(payload[:len(payload) - len(payload) % _FD_SIZE])
+                fds.extend(arr)
+        if flags & socket.MSG_CTRUNC:
+            for fd in fds:
+                os.close(fd)
+            log.warning("vhost-user: front end sent more fds than a message may carry")
+            self._end_connection("ancillary data truncated")
+            return
+        conn.core.receive_data(data, fds)
+        if self._drain(conn) or not data:
+            self._end_connection("front end closed the connection")
+
+    def _drain(self, conn: _Connection) -> bool:
+        """Carry out every action the core has, in order; True once the core closed."""
+        core = conn.core
+        closed = False
+        while (act := core.next_action()) is not None:
+            self._carry_out(conn, act)
+            if isinstance(act, be.Closed):
+                closed = True
+                self.notes.append(("closed", act.reason))
+                if act.error:
+                    log.warning("vhost-user: connection failed: %s", act.reason)
+        self.request_log.extend(core.log)
+        core.log.clear()
+        return closed
+
+    # --- actions --------------------------------------------------------------------
+
+    def _carry_out(self, conn: _Connection, act: be.Action) -> None:
+        if isinstance(act, be.SendReply):
+            self._send(conn, act.data, act.fds)
+        elif isinstance(act, be.CloseFds):
+            for fd in act.fds:
+                _close(fd)
+        elif isinstance(act, be.MapRegion):
+            try:
+                addr = sysmem.mmap(0, act.region.mapping_length, sysmem.PROT_READ | sysmem.PROT_WRITE,
+                                   sysmem.MAP_SHARED | sysmem.MAP_NORESERVE, act.fd, 0)
+            except OSError as e:
+                log.warning("vhost-user: cannot map region slot %d: %s", act.slot, e)
+            else:
+                conn.regions[act.slot] = (addr, act.region.mapping_length)
+                conn.core.region_mapped(act.slot, sysmem.view(addr, act.region.mapping_length))
+            finally:
+                _close(act.fd)
+        elif isinstance(act, be.UnmapRegion):
+            self._unmap_region(conn, act.slot)
+        elif isinstance(act, be.SetQueueFd):
+            self._set_fd(conn, act.index, act.kind, act.fd)
+        elif isinstance(act, be.StartQueue):
+            conn.queues[act.index] = act.queue
+            conn.err_reported.discard(act.index)
+            self._watch_kick(conn, act.index)
+            if self._handler is not None:
+                self._handler.queue_started(act.index, act.queue, act.enabled)
+            self._run_queue(act.index)
+        elif isinstance(act, be.StopQueue):
+            self._stop_queue(conn, act.index)
+        elif isinstance(act, be.QueueEnabled):
+            if self._handler is not None:
+                self._handler.queue_enabled(act.index, act.enabled)
+        elif isinstance(act, be.AllocateInflight):
+            self._allocate_inflight(conn, act.size)
+        elif isinstance(act, be.MapInflight):
+            self._map_inflight(conn, act)
+        elif isinstance(act, be.UnmapInflight):
+            self._unmap_inflight(conn)
+        elif isinstance(act, be.Refused):
+            self.notes.append(("refused", act.reason))
+            log.info("vhost-user: refused request %d: %s", act.request, act.reason)
+        # FeaturesAcked and Closed need nothing here.
+
+    def _send(self, conn: _Connection, data: bytes, fds: tuple[int, ...]) -> None:
+        view = memoryview(data)
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        try:
+            while view:
+                n = conn.sock.sendmsg([view], anc)
+                view = view[n:]
+                anc = []                     # the fds went with the first bytes
+        except OSError as e:
+            log.warning("vhost-user: send failed: %s", e)
+
+    def _unmap_region(self, conn: _Connection, slot: int) -> None:
+        got = conn.regions.pop(slot, None)
+        if got is not None:
+            sysmem.munmap(*got)
+
+    def _set_fd(self, conn: _Connection, index: int, kind: FdKind, fd: int | None) -> None:
+        old = conn.fds.pop((index, kind), None)
+        if old is not None:
+            if kind is FdKind.KICK:
+                self._unwatch(old)
+            _close(old)
+        if fd is not None:
+            conn.fds[(index, kind)] = fd
+            if kind is FdKind.KICK and index in conn.queues:
+                self._watch_kick(conn, index)
+
+    def _watch_kick(self, conn: _Connection, index: int) -> None:
+        fd = conn.fds.get((index, FdKind.KICK))
+        if fd is not None:
+            self._unwatch(fd)
+            self._sel.register(fd, selectors.EVENT_READ, ("kick", index))
+
+    def _unwatch(self, fd: int | socket.socket) -> None:
+        try:
+            self._sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def _stop_queue(self, conn: _Connection, index: int) -> None:
+        if conn.queues.pop(index, None) is None:
+            return
+        fd = conn.fds.get((index, FdKind.KICK))
+        if fd is not None:
+            self._unwatch(fd)
+        if self._handler is not None:
+            self._handler.queue_stopped(index)
+
+    def _allocate_inflight(self, conn: _Connection, size: int) -> None:
+        self._unmap_inflight(conn)
+        fd = os.memfd_create("xdom-vhost-inflight", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            addr = sysmem.mmap(0, size, sysmem.PROT_READ | sysmem.PROT_WRITE, sysmem.MAP_SHARED, fd, 0)
+        except OSError as e:
+            os.close(fd)
+            log.warning("vhost-user: cannot create the inflight area: %s", e)
+            return
+        conn.inflight = (fd, addr, size)
+        conn.core.inflight_allocated(fd, sysmem.view(addr, size))
+
+    def _map_inflight(self, conn: _Connection, act: be.MapInflight) -> None:
+        self._unmap_inflight(conn)
+        try:
+            addr = sysmem.mmap(0, act.size, sysmem.PROT_READ | sysmem.PROT_WRITE, sysmem.MAP_SHARED,
+                               act.fd, act.offset)
+        except OSError as e:
+            log.warning("vhost-user: cannot map the inflight area: %s", e)
+            return
+        finally:
+            _close(act.fd)
+        conn.inflight = (-1, addr, act.size)
+        conn.core.inflight_mapped(sysmem.view(addr, act.size))
+
+    def _unmap_inflight(self, conn: _Connection) -> None:
+        if conn.inflight is not None:
+            fd, addr, size = conn.inflight
+            conn.inflight = None
+            sysmem.munmap(addr, size)
+            if fd >= 0:
+                _close(fd)
+
+    # --- rings --------------------------------------------------------------------
+
+    def _polled_queues(self) -> list[int]:
+        conn = self._conn
+        if conn is None:
+            return []
+        return [i for i in conn.queues if (i, FdKind.KICK) not in conn.fds]
+
+    def _kicked(self, index: int) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        fd = conn.fds.get((index, FdKind.KICK))
+        if fd is not None:
+            try:
+                os.read(fd, 8)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as e:
+                if e.errno != errno.EAGAIN:
+                    log.warning("vhost-user: reading kick fd of ring %d: %s", index, e)
+        self._run_queue(index)
+
+    def _run_queue(self, index: int) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        queue = conn.queues.get(index)
+        if queue is None:
+            return
+        before = queue.used_idx
+        if self._handler is not None and queue.needs_reset is None:
+            self._handler.process(index, queue)
+        if queue.used_idx != before and queue.should_notify():
+            call = conn.fds.get((index, FdKind.CALL))
+            if call is not None:
+                os.eventfd_write(call, 1)
+        if queue.needs_reset is not None and index not in conn.err_reported:
+            conn.err_reported.add(index)
+            log.warning("vhost-user: ring %d needs a reset: %s", index, queue.needs_reset)
+            err = conn.fds.get((index, FdKind.ERR))
+            if err is not None:
+                os.eventfd_write(err, 1)
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
