@@ -87,6 +87,8 @@ class BrokerServer:
                  events_endpoint: str | None = None) -> None:
         self.run_dir = run_dir
         os.makedirs(run_dir, mode=0o755, exist_ok=True)
+        from .pathtrust import check_dir
+        check_dir(run_dir, "run directory")     # UntrustedPath: whoever can write it could replace our sockets
         self.hypercall_sock_path = os.path.join(run_dir, "hypercall.sock")
         self.mgmt_endpoint = mgmt_endpoint or f"ipc://{os.path.join(run_dir, 'mgmt.sock')}"
         self.events_endpoint = events_endpoint or f"ipc://{os.path.join(run_dir, 'events.sock')}"

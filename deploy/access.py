@@ -9,6 +9,12 @@ to each ancestor directory the uid could not otherwise traverse.
 
 The ACL is written as the kernel's ``system.posix_acl_access`` xattr
 (``struct posix_acl_xattr_header`` + entries), so no ``setfacl`` is needed.
+
+Write access to a directory is only ever given by :func:`private_dir`: a
+directory of the supervisor's own whose ACL is *set* (not added to) so that
+exactly one domain uid may write it, so a uid a host used before (and now
+another domain's) keeps nothing.  :func:`grant_access` with ``write`` is for
+files (a disk image blkback serves).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import os
 import stat
 import struct
 
-__all__ = ["AccessError", "grant_access", "grant_search"]
+__all__ = ["AccessError", "grant_access", "grant_search", "private_dir"]
 
 _XATTR = "system.posix_acl_access"
 _VERSION = 2
@@ -74,10 +80,15 @@ def _traversable_by_others(path: str) -> bool:
 
 
 def grant_access(path: str, uid: int, write: bool = False, directory: bool = False) -> None:
-    """Let ``uid`` read (and write) ``path``; for a directory, also create entries in it.
+    """Let ``uid`` read (and write) ``path``; for a directory, read and search it.
 
     Ancestors that others cannot search get a search-only entry for ``uid``.
+    Write access to a directory is refused here (ValueError): whoever can
+    write a directory can replace anything in it; give a domain a directory
+    of its own with :func:`private_dir`.
     """
+    if write and directory:
+        raise ValueError(f"refusing write access to the directory {path} for uid {uid}: use private_dir")
     path = os.path.abspath(path)
     perms = R | (W if write else 0) | (X if directory else 0)
     if directory:
@@ -95,3 +106,36 @@ def grant_search(path: str, uid: int) -> None:
         if path == "/":
             break
         path = os.path.dirname(path)
+
+
+def private_dir(path: str, uid: int | None) -> None:
+    """Make the existing directory ``path`` (not a symlink, owned by this process's uid) private: mode 0700
+    and, with ``uid``, an ACL giving that uid rwx and nobody else anything; without, no ACL at all.
+
+    Works on the directory's descriptor (``O_NOFOLLOW``): a symlink put in its
+    place is refused, never followed.  Raises AccessError.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise AccessError(f"cannot open the directory {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise AccessError(f"{path} is owned by uid {st.st_uid}, not by uid {os.geteuid()}: not ours to give")
+        os.fchmod(fd, 0o700)
+        if uid is None:
+            try:
+                os.removexattr(fd, _XATTR)
+            except OSError as e:
+                if e.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                    raise
+            return
+        entries = [(ACL_USER_OBJ, R | W | X, _UNDEFINED_ID), (ACL_USER, R | W | X, uid),
+                   (ACL_GROUP_OBJ, 0, _UNDEFINED_ID), (ACL_MASK, R | W | X, _UNDEFINED_ID),
+                   (ACL_OTHER, 0, _UNDEFINED_ID)]
+        os.setxattr(fd, _XATTR, struct.pack("<I", _VERSION) + b"".join(_ENTRY.pack(*e) for e in entries))
+    except OSError as e:
+        raise AccessError(f"cannot give uid {uid} its directory {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)

@@ -7,10 +7,13 @@ import json
 import logging
 import os
 import signal
+import socket
+import struct
 import sys
 from typing import Any, Sequence
 
 from xdom.broker.mgmt_client import ManagementClient, ManagementError, endpoint_for
+from xdom.broker.pathtrust import UntrustedPath
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -24,7 +27,7 @@ def default_run_dir() -> str:
 def cmd_broker(args: argparse.Namespace) -> int:
     from xdom.broker.server import BrokerServer, check_isolation
     check_isolation()
-    server = BrokerServer(args.run_dir, args.mgmt, args.events)
+    server = BrokerServer(args.run_dir, args.mgmt, args.events)     # refuses a run directory others can write
 
     def stop(signum: int, frame: Any) -> None:
         server.stop()
@@ -77,17 +80,30 @@ def cmd_xenstore(args: argparse.Namespace) -> int:
     """Xenstore access through our own client (like xenstore-read/-write/-ls/-rm/-watch)."""
     from xdom.domains.xenstore import XenstoreClient
     from xdom.domains.xs_wire import XenstoreError
-    from .supervisor_cli import CommandError, xenstored_socket
+    from xdom.domains.xenstore import DEFAULT_SOCKET, UnixTransport
+    from .supervisor_cli import CommandError, xenstored_endpoint
     try:
-        socket_path = xenstored_socket(args.socket, args.run_dir, args.topology)
+        socket_path, server_uid = xenstored_endpoint(args.socket, args.run_dir, args.topology)
     except CommandError as e:
         print(f"xdom: {e}", file=sys.stderr)
         return e.code
+    path = socket_path or os.environ.get("XENSTORED_PATH") or DEFAULT_SOCKET
     try:
-        client = XenstoreClient.unix(socket_path)
+        transport = UnixTransport(path)
     except OSError as e:
         print(f"xdom: cannot reach xenstored: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    if server_uid is not None:
+        # A host's xenstored socket lives in the xenstore domain's own directory: believed only when that
+        # domain's uid serves it.
+        uid = struct.unpack("3i", transport.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                            struct.calcsize("3i")))[1]
+        if uid != server_uid:
+            transport.close()
+            print(f"xdom: refusing {path}: it is served by uid {uid}, not by the xenstore domain's uid {server_uid}",
+                  file=sys.stderr)
+            return EXIT_ERROR
+    client = XenstoreClient(transport)
     try:
         if args.action == "read":
             for path in args.paths:
@@ -134,6 +150,14 @@ def _fmt_uptime(seconds: float) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    if not args.mgmt:
+        # the broker's socket is believed only in a run directory nobody else can write, as root's (or ours)
+        from xdom.broker.pathtrust import check_file
+        sock = os.path.join(args.run_dir, "mgmt.sock")
+        try:
+            check_file(sock, "socket", f"the broker's management socket {sock}")
+        except FileNotFoundError:
+            pass        # nothing there: the request times out and says so
     with _client(args) as c:
         domains = c.request("list")["domains"]
     if args.json:
@@ -202,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"xdom: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except ManagementError as e:
+        print(f"xdom: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except UntrustedPath as e:
         print(f"xdom: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -41,7 +41,7 @@ def start_broker(run_dir: str, log_path: str | None = None, timeout: float = 30.
     ``die_with_parent``: the broker gets PR_SET_PDEATHSIG (through
     domain_exec), so a supervisor killed outright takes its broker along.
     """
-    os.makedirs(run_dir, exist_ok=True)
+    os.makedirs(run_dir, mode=0o755, exist_ok=True)    # the broker refuses a run directory others can write
     argv = [sys.executable, "-m", "xdom.deploy.cli", "broker", "--run-dir", run_dir, *extra_args]
     if die_with_parent:
         from .isolation import DOMAIN_EXEC

@@ -10,8 +10,20 @@ Two directories per host, one pair per topology so that hosts run side by side:
   sockets (``hypercall.sock``, ``mgmt.sock``, ``events.sock``, so ``xdom list
   --run-dir`` works on it), ``xenstored.sock`` (a symlink into
   ``xenstored/``, a directory the xenstore domain's uid owns),
-  ``supervisor.sock`` and ``supervisor.pid``.  Empty, and removed, once the
+  ``supervisor.sock``, ``supervisor.pid`` and ``exports/GUEST/``, each
+  guest's directory for its NBD export sockets.  Empty, and removed, once the
   host is down.
+
+Both directories, and every directory above them, are writable by root (or
+the supervisor's own uid) only: everything the toolstack or the broker reads
+back or connects to lives there.  A domain writes only in a directory of its
+own: ``xenstored/`` (owned by the xenstore domain's uid), ``exports/GUEST/``
+(root's, mode 0700, with an ACL entry giving the guest's uid rwx) and the
+xenstore domain's store ``STATE_DIR/xenstored/``.  :meth:`Layout.check_trust`
+refuses directories others can write before anything starts, and
+:func:`running_pid` believes a pid file only in such a directory, owned by
+root or the caller's uid and writable by nobody else
+(``xdom.broker.pathtrust``).
 
 Unix socket addresses hold at most 107 bytes; :meth:`Layout.check` refuses a
 run directory too long for them before anything starts.
@@ -29,21 +41,25 @@ import glob
 import logging
 import os
 import re
+import shutil
+import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from xdom.broker.mgmt_client import endpoint_for as mgmt_endpoint_for
 from xdom.broker.mgmt_client import events_endpoint_for
+from xdom.broker.pathtrust import UntrustedPath, check_dir, check_file
 
-from .xlcfg import MAX_UNIX_PATH
+from .xlcfg import EXPORTS_DIR, MAX_UNIX_PATH, default_export, export_dir
 
 if TYPE_CHECKING:
     import psutil
 
 log = logging.getLogger("xdom.supervisor")
 
-__all__ = ["PID_FILE", "Layout", "LayoutError", "PidFile", "clear_run_files", "default_base", "default_dirs",
-           "find_supervisors", "leftover_processes", "remove_run_dir", "running_pid", "stop_leftovers", "topology_name"]
+__all__ = ["PID_FILE", "Layout", "LayoutError", "PidFile", "UntrustedPath", "clear_run_files", "default_base",
+           "default_dirs", "find_supervisors", "leftover_processes", "make_dirs", "remove_run_dir", "running_pid",
+           "stop_leftovers", "topology_name"]
 
 PID_FILE = "supervisor.pid"
 CONTROL_SOCKET = "supervisor.sock"
@@ -90,6 +106,18 @@ class Layout:
         return os.path.join(self.run_dir, CONTROL_SOCKET)
 
     @property
+    def exports_dir(self) -> str:
+        """``RUN_DIR/exports``: root's; one directory per guest in it."""
+        return os.path.join(self.run_dir, EXPORTS_DIR)
+
+    def export_dir(self, guest: str) -> str:
+        """``RUN_DIR/exports/GUEST``: the only directory of the run directory ``guest``'s uid may write."""
+        return export_dir(self.run_dir, guest)
+
+    def default_export(self, guest: str, vdev: str) -> str:
+        return default_export(self.run_dir, guest, vdev)
+
+    @property
     def pid_file(self) -> str:
         return os.path.join(self.run_dir, PID_FILE)
 
@@ -121,6 +149,19 @@ class Layout:
             raise LayoutError(f"the run directory {self.run_dir!r} is too long: {longest!r} is "
                               f"{len(os.fsencode(longest))} bytes, more than the {MAX_UNIX_PATH} a unix socket "
                               f"address holds; choose a shorter --run-dir")
+        self.check_trust()
+
+    def check_trust(self) -> None:
+        """Raise LayoutError unless only root (or this uid) can write the two directories and those above them.
+
+        A directory not made yet is judged by the nearest existing one above
+        it, which must be such a directory too, or sticky (``/tmp``).
+        """
+        for what, d in (("state directory", self.state_dir), ("run directory", self.run_dir)):
+            try:
+                _check_dir_or_above(d, what)
+            except UntrustedPath as e:
+                raise LayoutError(str(e)) from None
 
 
 def topology_name(path: str) -> str:
@@ -153,29 +194,96 @@ def run_dirs_under(base: str) -> list[str]:
     return sorted({os.path.dirname(p) for p in found})
 
 
-def running_pid(run_dir: str) -> int | None:
-    """The pid of the supervisor holding ``run_dir``'s pid file, or None if none does."""
-    path = os.path.join(run_dir, PID_FILE)
+def _check_dir_or_above(path: str, what: str) -> None:
+    """:func:`check_dir` on ``path``, or, while it does not exist, on the nearest directory above it."""
+    path = os.path.abspath(path)
+    probe, sticky_ok = path, False
+    while not os.path.lexists(probe):
+        probe, sticky_ok = os.path.dirname(probe), True
+    if probe == path:
+        check_dir(path, what)
+    else:
+        try:
+            check_dir(probe, "directory", sticky_ok=sticky_ok)
+        except UntrustedPath as e:
+            raise UntrustedPath(f"refusing the {what} {path}: {e}") from None
+
+
+def make_dirs(path: str, mode: int = 0o755) -> None:
+    """``os.makedirs``, each directory made with exactly ``mode`` (whatever the umask): made by us, ours."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return
+    make_dirs(os.path.dirname(path), 0o755)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return
+    os.chmod(path, mode)
+
+
+def running_pid(run_dir: str) -> int | None:
+    """The pid of the supervisor holding ``run_dir``'s pid file, or None if none does.
+
+    Raises UntrustedPath (never a pid) when someone other than root or this
+    uid could have written the run directory, or the pid file, or when the
+    pid it names runs under another uid than the file's owner: ``xdom down``
+    must never signal a pid a domain chose.
+    """
+    path = os.path.join(run_dir, PID_FILE)
+    if not os.path.isdir(run_dir):
+        return None
+    check_dir(run_dir, "run directory")
+    try:
+        st = check_file(path, "file", f"the pid file {path}")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
         return None
     try:
+        if (os.fstat(fd).st_ino, os.fstat(fd).st_dev) != (st.st_ino, st.st_dev):
+            raise UntrustedPath(f"refusing the pid file {path}: it was replaced while it was read")
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
             text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else None
-        return None     # nobody holds it: stale
+            pid = int(text) if text.isdigit() else None
+        else:
+            return None     # nobody holds it: stale
     finally:
         os.close(fd)
+    if pid is not None:
+        import psutil
+        try:
+            uid = psutil.Process(pid).uids().real
+        except psutil.NoSuchProcess:
+            return None
+        if uid != st.st_uid:
+            raise UntrustedPath(f"refusing the pid file {path}: it names pid {pid}, which runs as uid {uid}, not "
+                                f"as the file's owner (uid {st.st_uid})")
+    return pid
 
 
 def find_supervisors(base: str | None = None) -> list[str]:
-    """Run directories under ``base`` (default: :func:`default_base`) with a live supervisor."""
-    return [d for d in run_dirs_under(base or default_base()) if running_pid(d) is not None]
+    """Run directories under ``base`` (default: :func:`default_base`) with a live supervisor.
+
+    Raises UntrustedPath when others can write ``base``; a run directory
+    under it that is not to be believed is left out, with a warning.
+    """
+    base = base or default_base()
+    if os.path.isdir(base):
+        check_dir(base, "directory of hosts")
+    found = []
+    for d in run_dirs_under(base):
+        try:
+            if running_pid(d) is not None:
+                found.append(d)
+        except UntrustedPath as e:
+            log.warning("%s", e)
+    return found
 
 
 class PidFile:
@@ -187,7 +295,12 @@ class PidFile:
 
     def acquire(self) -> None:
         """Raise LayoutError naming the other supervisor if one holds the file."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+            os.close(fd)
+            raise LayoutError(f"refusing the pid file {self.path}: not a regular file of uid {os.geteuid()}'s own "
+                              f"(owner uid {st.st_uid}); remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -197,6 +310,12 @@ class PidFile:
                 raise LayoutError(f"a supervisor (pid {other or '?'}) already runs in "
                                   f"{os.path.dirname(self.path)}; stop it with xdom down") from None
             raise
+        os.fchmod(fd, 0o644)
+        try:
+            os.removexattr(fd, "system.posix_acl_access")
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
@@ -217,7 +336,9 @@ class PidFile:
 
 
 def clear_run_files(layout: Layout) -> None:
-    """Remove the run directory's sockets and xenstored's socket directory (not the state directory)."""
+    """Remove the run directory's sockets, xenstored's socket directory and the guests' export directories
+    (not the state directory).  Only call this on a run directory :func:`check_dir` accepts: what domains
+    left in their own directories goes too (``shutil.rmtree`` follows no symlink)."""
     for path in layout.socket_paths():
         try:
             os.unlink(path)
@@ -225,12 +346,13 @@ def clear_run_files(layout: Layout) -> None:
             pass
         except OSError as e:
             log.warning("cannot remove %s: %s", path, e)
-    try:
-        os.rmdir(layout.xenstored_run)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        log.warning("cannot remove %s: %s", layout.xenstored_run, e)
+    for path in (layout.xenstored_run, layout.exports_dir):
+        if not os.path.lexists(path):
+            continue
+        try:
+            shutil.rmtree(path)
+        except OSError as e:
+            log.warning("cannot remove %s: %s", path, e)
 
 
 def remove_run_dir(layout: Layout) -> None:

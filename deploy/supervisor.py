@@ -51,6 +51,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -70,18 +71,19 @@ from xdom.broker.mgmt_client import ManagementClient, ManagementError
 from xdom.domains.xenstore import UnixTransport, XenstoreClient
 from xdom.domains.xs_wire import XenstoreError
 
-from .access import AccessError, grant_access, grant_search
+from .access import AccessError, grant_access, grant_search, private_dir
 from .control import ControlError, ControlProtocol, ControlServer, endpoint_for, string_field
 from . import netns
 from .isolation import DOMAIN_EXEC, UidMode, UidPlan, plan_uids
 from .launcher import BrokerProcess, start_broker, start_domain_process
 from .policy import Action, ExitStatus, HealthCheck, HealthSample, RestartTracker
-from .rundir import Layout, LayoutError, PidFile, clear_run_files, remove_run_dir, stop_leftovers
+from .rundir import Layout, LayoutError, PidFile, clear_run_files, make_dirs, remove_run_dir, stop_leftovers
 from .topology import DEFAULT_BRIDGE, DomainKind, DomainSpec, NetSwitch, Topology, TopologyError, bridge_name_problem
 from .vbd import VbdConfig, add_vbd, remove_vbd
 from .bridge import backend_tap_name, ensure_bridge, ensure_port
 from .tap import TapError, create_tap, delete_tap, open_tun, tap_exists
 from .vif import VifConfig, add_vif, remove_vif
+from .topology import export_problem
 from .xlcfg import DiskSpec, VifSpec, XlCfgError, generate_mac, parse_disk, parse_vif
 from .xsnodes import domain_path, write_dom0_nodes, write_domain_nodes
 
@@ -287,6 +289,7 @@ class Supervisor:
         self._dom0_written = False
         self._next_health = 0.0
         self._next_broker_poll = 0.0
+        self._made_exports: dict[str, str] = {}     # export directories outside the run directory we made: guest
 
     # ---- public API ----------------------------------------------------------
 
@@ -366,6 +369,8 @@ class Supervisor:
             owner = self._pidfile.held        # never touch the files of another supervisor's run directory
             if owner:
                 clear_run_files(self.layout)
+                for folder in self._made_exports:
+                    _remove_made_dir(folder)
                 # xenstored's store names domids and rings of this broker: meaningless once it is gone
                 shutil.rmtree(self.layout.xenstored_state, ignore_errors=True)
             if self.uid_plan is not None:
@@ -392,7 +397,11 @@ class Supervisor:
 
     def _setup(self) -> None:
         lay = self.layout
-        os.makedirs(lay.run_dir, mode=0o755, exist_ok=True)
+        try:
+            lay.check_trust()           # nothing is made, read or connected to in a directory others can write
+        except LayoutError as e:
+            raise SupervisorError(str(e)) from None
+        make_dirs(lay.run_dir, 0o755)
         try:
             self._pidfile.acquire()
         except LayoutError as e:
@@ -443,8 +452,8 @@ class Supervisor:
         rings of a broker that is gone.
         """
         lay = self.layout
-        os.makedirs(lay.state_dir, mode=0o755, exist_ok=True)
-        os.makedirs(lay.logs_dir, mode=0o750, exist_ok=True)
+        make_dirs(lay.state_dir, 0o755)
+        make_dirs(lay.logs_dir, 0o750)
         if self.uid_plan is not None and self.uid_plan.separate:
             # Domains under other uids must reach the hypercall socket and their own directories (search only).
             for d in (lay.state_dir, lay.run_dir):
@@ -459,11 +468,16 @@ class Supervisor:
                                               f"its ancestors searchable by others or run with --uids shared") \
                             from None
         xs_uid = self.xenstored.uid if self.xenstored is not None else None
-        shutil.rmtree(lay.xenstored_state, ignore_errors=True)
+        # What an earlier host left in directories domains could write goes (rmtree follows no symlink):
+        # the guests' export directories are made afresh for this host's uids, each when its guest starts.
+        for path in (lay.xenstored_state, lay.xenstored_run, lay.exports_dir):
+            shutil.rmtree(path, ignore_errors=True)
         for path in (lay.xenstored_state, lay.xenstored_run):
-            os.makedirs(path, mode=0o700, exist_ok=True)
+            os.mkdir(path, 0o700)
             if xs_uid is not None:
                 os.chown(path, xs_uid, xs_uid)
+        os.mkdir(lay.exports_dir, 0o755)
+        os.chmod(lay.exports_dir, 0o755)
         if os.path.lexists(lay.xenstored_link):
             os.unlink(lay.xenstored_link)
         if self.xenstored is not None:
@@ -865,11 +879,34 @@ class Supervisor:
 
     @contextmanager
     def _xs(self) -> Iterator[XenstoreClient]:
-        client = XenstoreClient(UnixTransport(self.layout.xenstored_socket), timeout=XS_TIMEOUT)
+        transport = UnixTransport(self.layout.xenstored_socket)
+        try:
+            self._check_xenstored_peer(transport.sock)
+        except BaseException:
+            transport.close()
+            raise
+        client = XenstoreClient(transport, timeout=XS_TIMEOUT)
         try:
             yield client
         finally:
             client.close()
+
+    def _check_xenstored_peer(self, sock: socket.socket) -> None:
+        """Raise OSError (EPERM) unless the process at the other end is the xenstore domain's.
+
+        The socket lives in a directory xenstored's uid owns, so whatever is
+        there is only believed when ``SO_PEERCRED`` names xenstored's process
+        and uid (dom0's requests must never reach a guest that put a socket
+        of its own there).
+        """
+        xs = self.xenstored
+        assert xs is not None
+        pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))
+        want_uid = self._runs_as(xs)
+        if uid != want_uid or (xs.pid is not None and pid != xs.pid):
+            raise OSError(errno.EPERM, f"{self.layout.xenstored_socket} is served by pid {pid} (uid {uid}), not by "
+                                       f"xenstore domain {xs.name} (pid {xs.pid}, uid {want_uid}): not believed")
 
     def _on_store_up(self) -> None:
         """xenstored serves (first start or restart): domain 0's nodes, then whoever waited for it."""
@@ -928,7 +965,7 @@ class Supervisor:
         self._record(d.name, "introduced", f"gfn {d.store[0]} port {d.store[1]}")
 
     def _export_path(self, d: _Domain, disk: DiskSpec) -> str:
-        return disk.export_path or os.path.join(self.layout.run_dir, f"{d.name}-{disk.vdev}.sock")
+        return disk.export_path or self.layout.default_export(d.name, disk.vdev)
 
     def _vbds_of(self, d: _Domain) -> list[tuple[_Domain, _Domain, DiskSpec]]:
         """(backend, frontend, disk) for every disk ``d`` serves or uses whose two domains have domids."""
@@ -1069,16 +1106,44 @@ class Supervisor:
             create_tap(d.netns, _ifname(devid), owner, vif.mac, vif.mtu or 1500, str(vif.ip) if vif.ip else None)
 
     def _prepare_exports(self, d: _Domain, disks: tuple[DiskSpec, ...] | None = None) -> None:
-        """The guest's export sockets go in directories its uid can write; stale sockets go away.
+        """Each export socket's directory is the guest's own, writable by its uid only; stale sockets go away.
 
-        Before the guest starts (all its disks), or for a disk being hot-attached.
+        Before the guest starts (all its disks), or for a disk being
+        hot-attached.  ``RUN_DIR/exports/GUEST`` and a directory an absolute
+        ``export=`` names that does not exist yet are made here (root's, mode
+        0700, an ACL entry giving the guest's uid rwx: :func:`private_dir`);
+        the latter is removed when the host stops.  An existing directory
+        that is not the guest's (owned by its uid) is refused (AccessError):
+        giving its uid write access would let the guest replace whatever is
+        in it.
         """
+        separate = d.uid is not None and self.uid_plan is not None and self.uid_plan.separate
+        uid = d.uid if separate else None
         for disk in d.spec.disks if disks is None else disks:
             path = self._export_path(d, disk)
-            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            folder = os.path.dirname(path)
+            own = folder == self.layout.export_dir(d.name)
+            if own or self._made_exports.get(folder) == d.name:
+                if not os.path.lexists(folder):
+                    os.mkdir(folder, 0o700)
+                private_dir(folder, uid)
+            elif not os.path.lexists(folder):
+                make_dirs(os.path.dirname(folder), 0o755)
+                os.mkdir(folder, 0o700)
+                self._made_exports[folder] = d.name
+                private_dir(folder, uid)
+                if uid is not None:
+                    grant_search(os.path.dirname(folder), uid)
+            elif separate:
+                st = os.lstat(folder)
+                if not stat.S_ISDIR(st.st_mode) or st.st_uid != d.uid:
+                    raise AccessError(
+                        f"the export directory {folder} already exists and is not {d.name}'s own (owner uid "
+                        f"{st.st_uid}, {d.name} runs as uid {d.uid}): giving {d.name} write access to it would let "
+                        f"it replace anything in it; name a directory that does not exist yet (xdom makes it "
+                        f"{d.name}'s and removes it at xdom down), or give export= a plain socket name "
+                        f"({self.layout.export_dir(d.name)}/)")
             _unlink_socket(path)
-            if d.uid is not None and self.uid_plan is not None and self.uid_plan.separate:
-                grant_access(os.path.dirname(path), d.uid, write=True, directory=True)
 
     def _remove_domain_nodes(self, domid: int) -> None:
         if not self._store_up():
@@ -1399,7 +1464,20 @@ class Supervisor:
         target = disk.target if os.path.isabs(disk.target) else os.path.join(self.layout.state_dir, disk.target)
         export = disk.export_path
         if export is not None and not os.path.isabs(export):
-            export = os.path.join(self.layout.run_dir, export)
+            name = os.path.normpath(export)
+            if os.sep in name or name == "..":
+                raise ControlError.of(errno.EINVAL, f"export socket {export!r}: a relative export is a socket name "
+                                                    f"in {d.name}'s own directory {self.layout.export_dir(d.name)}/, "
+                                                    f"without '/'")
+            export = os.path.join(self.layout.export_dir(d.name), name)
+        if export is not None:
+            export = os.path.normpath(export)
+            why = export_problem(d.name, export, self.layout.run_dir, self.layout.state_dir,
+                                 [(g.name, self._export_path(g, x)) for g in self.domains for x in g.spec.disks],
+                                 [x.target for g in self.domains for x in g.spec.disks if x.target is not None]
+                                 + [target])
+            if why is not None:
+                raise ControlError.of(errno.EINVAL, why)
         disk = dataclasses.replace(disk, target=os.path.normpath(target), export_path=export)
         try:
             st = os.stat(disk.target)
@@ -1636,6 +1714,16 @@ def _ifname(devid: int) -> str:
 
 DETACH_TIMEOUT = 5.0      # seconds block-detach waits for the backend to report Closed
 _READY_PIPE_KINDS = (DomainKind.XENSTORED, DomainKind.GUEST, DomainKind.BLKBACK, DomainKind.NETBACK)
+
+
+def _remove_made_dir(path: str) -> None:
+    """An export directory this supervisor made outside the run directory goes, with what its guest left in it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+        shutil.rmtree(path, ignore_errors=True)     # follows no symlink
 
 
 def _unlink_socket(path: str) -> None:

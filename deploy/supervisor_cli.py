@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from .control import ControlClient, ControlError, endpoint_for
 from .rundir import (
-    Layout, clear_run_files, default_base, default_dirs, find_supervisors, remove_run_dir, running_pid,
-    stop_leftovers, topology_name,
+    Layout, UntrustedPath, clear_run_files, default_base, default_dirs, find_supervisors, make_dirs, remove_run_dir,
+    running_pid, stop_leftovers, topology_name,
 )
 
 if TYPE_CHECKING:
@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 # that need them: every `xdom broker` and `xdom xenstored` builds this parser.
 UID_MODES = ("auto", "separate", "shared")
 
-__all__ = ["EXIT_ERROR", "EXIT_NOTHING", "EXIT_OK", "EXIT_USAGE", "CommandError", "add_parsers", "xenstored_socket"]
+__all__ = ["EXIT_ERROR", "EXIT_NOTHING", "EXIT_OK", "EXIT_USAGE", "CommandError", "add_parsers", "xenstored_endpoint",
+           "xenstored_socket"]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOTHING = 0, 1, 2, 3
 log = logging.getLogger("xdom.cli")
@@ -91,25 +92,62 @@ def _resolve_run_dir(args: argparse.Namespace) -> str:
 def xenstored_socket(socket: str | None, run_dir: str | None, topology: str | None) -> str | None:
     """The socket ``xdom xenstore`` talks to: ``--socket``; the host named by ``--run-dir`` or
     ``--topology``; ``$XENSTORED_PATH``; the only host running.  None: Xen's default socket."""
+    return xenstored_endpoint(socket, run_dir, topology)[0]
+
+
+def xenstored_endpoint(socket: str | None, run_dir: str | None, topology: str | None) -> tuple[str | None, int | None]:
+    """:func:`xenstored_socket`, and for a host's xenstored the uid its server must run as (else None).
+
+    A host's ``xenstored.sock`` is believed only as the supervisor made it: a
+    symlink of root's (or this uid's) in a trusted run directory, to
+    ``xenstored/socket``; that directory's owner is the xenstore domain's
+    uid, which the caller checks the server against (``SO_PEERCRED``).
+    Raises UntrustedPath otherwise.
+    """
     if socket:
-        return socket
+        return socket, None
     if not run_dir and not topology and os.environ.get("XENSTORED_PATH"):
-        return None
+        return None, None
     try:
         found = _resolve_run_dir(argparse.Namespace(run_dir=run_dir, topology=topology))
     except CommandError as e:
         if e.code == EXIT_NOTHING:
-            return None             # no host here: Xen's default socket, as xenstore-ls would use
+            return None, None       # no host here: Xen's default socket, as xenstore-ls would use
         raise
     if (run_dir or topology) and running_pid(found) is None:
         raise CommandError(EXIT_NOTHING, f"no supervisor is running in {found}")
-    return Layout("/", found).xenstored_link
+    from xdom.broker.pathtrust import check_file
+    lay = Layout("/", found)
+    try:
+        check_file(lay.xenstored_link, "symlink", f"the xenstored link {lay.xenstored_link}")
+    except FileNotFoundError:
+        raise CommandError(EXIT_ERROR, f"the host in {found} has no xenstored ({lay.xenstored_link})") from None
+    want = os.path.relpath(lay.xenstored_socket, found)
+    if os.readlink(lay.xenstored_link) != want:
+        raise UntrustedPath(f"refusing {lay.xenstored_link}: it points to {os.readlink(lay.xenstored_link)!r}, "
+                            f"not to {want!r}")
+    import stat
+    st = os.lstat(lay.xenstored_run)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UntrustedPath(f"refusing {lay.xenstored_run}: not a directory")
+    return lay.xenstored_link, st.st_uid
 
 
 def _client(run_dir: str, timeout: float) -> ControlClient:
-    if running_pid(run_dir) is None:
+    if running_pid(run_dir) is None:      # which checked the run directory: only root (or we) can write it
         raise CommandError(EXIT_NOTHING, f"no supervisor is running in {run_dir}")
-    return ControlClient(endpoint_for(Layout("/", run_dir).control_socket), timeout)
+    return ControlClient(endpoint_for(_control_socket(run_dir)), timeout)
+
+
+def _control_socket(run_dir: str) -> str:
+    """``supervisor.sock``, believed only as a socket of root's (or ours) in a trusted run directory."""
+    from xdom.broker.pathtrust import check_file
+    path = Layout("/", run_dir).control_socket
+    try:
+        check_file(path, "socket", f"the control socket {path}")
+    except FileNotFoundError:
+        raise CommandError(EXIT_ERROR, f"the supervisor in {run_dir} has no control socket ({path}) yet") from None
+    return path
 
 
 def _request(run_dir: str, timeout: float, op: str, **fields: Any) -> dict[str, Any]:
@@ -207,7 +245,7 @@ def _up(args: argparse.Namespace, topo: Topology, state_dir: str, run_dir: str, 
 def _up_detached(args: argparse.Namespace, state_dir: str, run_dir: str) -> int:
     """Start ``xdom up`` again as a daemon (its own session, stdio to supervisor.log); wait until it is up."""
     lay = Layout(state_dir, run_dir)
-    os.makedirs(lay.logs_dir, mode=0o750, exist_ok=True)
+    make_dirs(lay.logs_dir, 0o750)           # check_host found the state directory trusted, or its parent
     log_path = lay.log_path("supervisor")
     rfd, wfd = os.pipe()
     argv = [sys.executable, "-m", "xdom.deploy.cli", "--log-level", args.log_level, "up",
@@ -284,9 +322,10 @@ def cmd_down(args: argparse.Namespace) -> int:
             _say(f"  {what}")
         return EXIT_OK
     try:
-        with ControlClient(endpoint_for(Layout("/", run_dir).control_socket), timeout=5.0) as c:
+        with ControlClient(endpoint_for(_control_socket(run_dir)), timeout=5.0) as c:
             c.request("stop")
-    except (ControlError, TimeoutError) as e:
+    except (ControlError, TimeoutError, CommandError) as e:
+        # pid comes from a pid file running_pid believed: root's (or ours), in a directory nobody else can write
         log.warning("the supervisor did not take the stop request (%s); sending it SIGTERM", e)
         try:
             os.kill(pid, signal.SIGTERM)
@@ -615,5 +654,8 @@ def _run(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespa
         except CommandError as e:
             print(f"xdom: {e}", file=sys.stderr, flush=True)
             return e.code
+        except UntrustedPath as e:
+            print(f"xdom: {e}", file=sys.stderr, flush=True)
+            return EXIT_ERROR
     run.__doc__ = cmd.__doc__
     return run

@@ -29,7 +29,15 @@ frames, and the domains are in start order.
 Relative paths stay relative here, since the state and run directories are
 only known when a host starts: :meth:`Topology.resolved` makes a disk's
 ``target`` absolute against the state directory and its ``export=nbd:``
-socket against the run directory.
+socket a file of the guest's own export directory, ``RUN_DIR/exports/GUEST/``
+(:func:`export_dir`).
+
+Export sockets are made by the guest, so the directory one lives in is
+writable by the guest's uid: it must hold nothing anyone else trusts.  A
+relative ``export=nbd:NAME`` is a plain file name (no ``/``); an absolute one
+may not be in the run directory (except the guest's own export directory),
+in the state directory, above either, above a disk image, or in (or above
+or below) another guest's export directory (:func:`export_problem`).
 """
 
 from __future__ import annotations
@@ -48,15 +56,66 @@ from typing import Any, Iterable, Mapping
 
 from xdom.domains.abi.grant_table import PAGE_SIZE
 
-from .xlcfg import MAX_UNIX_PATH, DiskSpec, VifSpec, XlCfgError, generate_mac, parse_disk, parse_vif
+from .xlcfg import (
+    EXPORTS_DIR, MAX_UNIX_PATH, DiskSpec, VifSpec, XlCfgError, default_export, export_dir, generate_mac, parse_disk,
+    parse_vif,
+)
 
 __all__ = [
     "DEFAULT_FLAP_LIMIT", "DEFAULT_FLAP_WINDOW", "DEFAULT_MEMORY", "DEFAULT_RESTART", "DEFAULT_RESTART_BACKOFF",
     "MAX_TOPOLOGY_BYTES", "MIN_FDS", "START_RANK",
     "DEFAULT_BRIDGE", "DomainKind", "DomainSpec", "HostSettings", "Limits", "NetSwitch", "RestartPolicy", "Topology",
     "TopologyError",
-    "bridge_name_problem", "load_topology", "parse_memory_size", "parse_topology",
+    "bridge_name_problem", "default_export", "export_dir", "export_problem", "load_topology", "parse_memory_size",
+    "parse_topology",
 ]
+
+
+def _within(path: str, top: str) -> bool:
+    """``path`` is ``top`` or below it (both normalised, absolute)."""
+    return path == top or path.startswith(top.rstrip(os.sep) + os.sep)
+
+
+def export_problem(guest: str, path: str, run_dir: str | None, state_dir: str | None,
+                   others: Iterable[tuple[str, str]] = (), targets: Iterable[str] = ()) -> str | None:
+    """Why the absolute export socket ``path`` of ``guest`` cannot be, or None.
+
+    The guest's uid gets write access to the socket's directory, so that
+    directory must be the guest's alone: not the run directory or anything in
+    it but ``RUN_DIR/exports/GUEST``, not the state directory or anything in
+    it, not a directory above either, not one holding a disk image (the guest
+    could swap it), and not the directory of another guest's export, or one
+    above or below it (``others``: (guest, socket path) pairs).
+    """
+    folder = os.path.dirname(os.path.normpath(path))
+    own = None if run_dir is None else export_dir(os.path.normpath(run_dir), guest)
+    hint = (f"; leave export= a plain socket name (it goes in {own}/) or name a directory of {guest}'s own"
+            if own else "")
+    for what, top in (("run", run_dir), ("state", state_dir)):
+        if top is None or folder == own:
+            continue
+        top = os.path.normpath(top)
+        if _within(folder, top):
+            why = ("the toolstack's and the broker's sockets and pid file live there" if what == "run" else
+                   "logs, the store and disk images live there")
+            return (f"export socket {path!r} is in the {what} directory {top}, which no domain may write "
+                    f"({why}){hint}")
+        if _within(top, folder):
+            return (f"export socket {path!r}: its directory {folder} holds the {what} directory {top}; "
+                    f"{guest} could write {folder} and replace {top}{hint}")
+    for target in targets:
+        if _within(os.path.normpath(target), folder):
+            return (f"export socket {path!r}: its directory {folder} holds the disk image {target}; "
+                    f"{guest} could write {folder} and replace the image{hint}")
+    for other, other_path in others:
+        if other == guest:
+            continue
+        theirs = os.path.dirname(os.path.normpath(other_path))
+        if _within(folder, theirs) or _within(theirs, folder):
+            return (f"export socket {path!r}: its directory {folder} is shared with {other}'s export "
+                    f"{other_path!r}; each guest's exports need a directory of their own, or one guest could "
+                    f"replace the other's socket")
+    return None
 
 
 class DomainKind(StrEnum):
@@ -259,13 +318,30 @@ class Topology:
                         chk.error(where, f"export socket {export!r} is relative and no run directory is set "
                                          f"([host] run_dir or the command line)")
                     else:
-                        export = os.path.normpath(os.path.join(run, export))
-                if export is not None and len(export.encode("utf-8", "surrogatepass")) > MAX_UNIX_PATH:
-                    chk.error(where, f"export socket path {export!r} is longer than {MAX_UNIX_PATH} bytes, "
-                                     f"the limit of a unix socket address")
+                        export = os.path.join(export_dir(run, d.name), os.path.normpath(export))
+                length_of = export if export is not None else (
+                    default_export(run, d.name, disk.vdev) if run is not None else None)
+                if length_of is not None and len(length_of.encode("utf-8", "surrogatepass")) > MAX_UNIX_PATH:
+                    chk.error(where, f"export socket path {length_of!r} is longer than {MAX_UNIX_PATH} bytes, "
+                                     f"the limit of a unix socket address"
+                                     + ("" if export is not None else "; choose a shorter --run-dir"))
                 disks.append(dataclasses.replace(disk, target=target, export_path=export))
             domains.append(dataclasses.replace(d, disks=tuple(disks)))
-        _check_shared_paths(chk, [(f"{d.label}.disk[{j}]", disk) for d in domains for j, disk in enumerate(d.disks)])
+        placed = [(d.name, disk.export_path) for d in domains for disk in d.disks if disk.export_path is not None]
+        targets = [disk.target for d in domains for disk in d.disks if disk.target is not None]
+        bad = set()
+        for others in ((), placed):         # where each may not be, then (among those that may) who shares
+            for d in domains:
+                for j, disk in enumerate(d.disks):
+                    if disk.export_path is None or (d.name, disk.export_path) in bad:
+                        continue
+                    why = export_problem(d.name, disk.export_path, run, state,
+                                         [o for o in others if o not in bad], targets)
+                    if why is not None:
+                        bad.add((d.name, disk.export_path))
+                        chk.error(f"{d.label}.disk[{j}]", why)
+        _check_shared_paths(chk, [(f"{d.label}.disk[{j}]", d.name, disk) for d in domains
+                                  for j, disk in enumerate(d.disks)])
         chk.raise_if_any()
         return Topology(domains, HostSettings(state, run), self.source)
 
@@ -551,17 +627,21 @@ def _parse_limits(chk: _Checker, where: str, raw: object) -> Limits | None:
     return Limits(rss, fds, cpu)
 
 
-def _check_shared_paths(chk: _Checker, disks: list[tuple[str, DiskSpec]]) -> None:
+def _check_shared_paths(chk: _Checker, disks: list[tuple[str, str | None, DiskSpec]]) -> None:
     """Two disks on one export socket, or one image writable by two disks, are errors.
 
     Read-only sharing of an image is fine (Xen allows it too); a writable
-    image seen by two frontends is corrupted by the first write.
+    image seen by two frontends is corrupted by the first write.  A relative
+    export socket is a name in its guest's own directory, so two guests may
+    use the same one.
     """
-    exports: dict[str, str] = {}
+    exports: dict[object, str] = {}
     targets: dict[str, tuple[str, DiskSpec]] = {}
-    for where, disk in disks:
+    for where, guest, disk in disks:
         if disk.export_path is not None:
-            key = os.path.normpath(disk.export_path)
+            key: object = os.path.normpath(disk.export_path)
+            if not os.path.isabs(disk.export_path):
+                key = (guest, key)
             if key in exports:
                 chk.error(where, f"export socket {disk.export_path!r} is already used by {exports[key]}")
             else:
@@ -665,7 +745,7 @@ def _resolve_backends(chk: _Checker, drafts: list[_Draft], by_name: Mapping[str,
 def _check_devices(chk: _Checker, drafts: list[_Draft]) -> None:
     """Per guest: what xdom's blkback can serve, distinct vdevs.  Across the topology:
     distinct MACs, IPs, export sockets and writable images.  Then generate the missing MACs."""
-    all_disks: list[tuple[str, DiskSpec]] = []
+    all_disks: list[tuple[str, str | None, DiskSpec]] = []
     macs: dict[str, str] = {}
     ips: dict[Any, str] = {}
     for d in drafts:
@@ -683,7 +763,12 @@ def _check_devices(chk: _Checker, drafts: list[_Draft]) -> None:
                                  f"own vdev")
             else:
                 devids[disk.devid] = (j, disk.vdev)
-            all_disks.append((where, disk))
+            if disk.export_path is not None and not os.path.isabs(disk.export_path) and (
+                    os.sep in os.path.normpath(disk.export_path) or os.path.normpath(disk.export_path) == ".."):
+                chk.error(where, f"export socket {disk.export_path!r}: a relative export is a socket name in "
+                                 f"{d.name or 'the guest'}'s own directory RUN_DIR/{EXPORTS_DIR}/"
+                                 f"{d.name or 'GUEST'}/, without '/'; give a plain name or an absolute path")
+            all_disks.append((where, d.name, disk))
         for j, vif in zip(d.vif_at, d.vifs):
             where = f"{d.label}.vif[{j}]"
             if vif.bridge is not None and (why := bridge_name_problem(vif.bridge)) is not None:

@@ -25,15 +25,16 @@ from __future__ import annotations
 import difflib
 import hashlib
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Union
 
 __all__ = [
     "DEFAULT_IPV4_PREFIX", "DEFAULT_IPV6_PREFIX", "DEFAULT_RATE_INTERVAL_US", "DISK_FORMATS",
-    "MAX_SPEC_LEN", "MAX_UNIX_PATH", "MTU_MAX", "MTU_MIN", "XEN_OUI",
+    "EXPORTS_DIR", "MAX_SPEC_LEN", "MAX_UNIX_PATH", "MTU_MAX", "MTU_MIN", "XEN_OUI",
     "DiskSpec", "VifRate", "VifSpec", "XlCfgError",
-    "generate_mac", "parse_disk", "parse_mac", "parse_rate", "parse_vif", "vdev_to_devid",
+    "default_export", "export_dir", "generate_mac", "parse_disk", "parse_mac", "parse_rate", "parse_vif", "vdev_to_devid",
 ]
 
 # A device string longer than this is a mistake, not a configuration; the
@@ -41,6 +42,9 @@ __all__ = [
 MAX_SPEC_LEN = 4096
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_UNIX_PATH = 107
+# A guest's NBD export sockets live in RUN_DIR/exports/GUEST/, a directory only its uid may write; a relative
+# export=nbd:NAME is a name there, a disk without export= gets VDEV.sock there.
+EXPORTS_DIR = "exports"
 # Formats xl accepts (xl-disk-configuration(5), "format"); xdom's blkback
 # serves raw only, which the topology layer enforces, not this parser.
 DISK_FORMATS = ("raw", "qcow", "qcow2", "vhd", "qed")
@@ -319,6 +323,16 @@ def _disk_items(spec: str) -> list[tuple[str, bool]]:
             return items
         items.append((spec[start:comma].strip(), False))
         start = comma + 1
+
+
+def export_dir(run_dir: str, guest: str) -> str:
+    """The directory of ``guest``'s export sockets: its own, the only place in the run directory it may write."""
+    return os.path.join(run_dir, EXPORTS_DIR, guest)
+
+
+def default_export(run_dir: str, guest: str, vdev: str) -> str:
+    """The export socket of a disk without ``export=``: ``RUN_DIR/exports/GUEST/VDEV.sock``."""
+    return os.path.join(export_dir(run_dir, guest), f"{vdev}.sock")
 
 
 def parse_disk(spec: str) -> DiskSpec:

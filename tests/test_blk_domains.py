@@ -74,7 +74,8 @@ def test_a_guest_disk_through_blkback_serves_real_tools(run_dir: str) -> None:
         assert devs["xvda"]["backend"] == "blk0" and devs["xvda"]["mode"] == "w"
         assert devs["xvdb"]["mode"] == "r"
         xvda, xvdb = devs["xvda"]["export"], devs["xvdb"]["export"]
-        assert xvdb == os.path.join(h.layout.run_dir, "g1-xvdb.sock")     # the default export socket
+        assert xvdb == os.path.join(h.layout.run_dir, "exports", "g1", "xvdb.sock")     # the default export socket
+        assert xvda == os.path.join(h.layout.run_dir, "exports", "g1", "g1-xvda.sock")  # a name in g1's directory
 
         info = subprocess.run(["nbdinfo", "--json", uri(xvda)], capture_output=True, text=True, check=True)
         assert '"export-size": 50331648' in info.stdout
@@ -238,7 +239,7 @@ def test_block_attach_and_detach_while_the_guest_runs(run_dir: str) -> None:
         spec = f"format=raw, vdev=xvdb, access=rw, backend=blk0, export=nbd:g1-xvdb.sock, target={b}"
         res = xdom("block-attach", "g1", spec, *run)
         assert res.returncode == 0, res.stderr
-        xvdb = os.path.join(h.layout.run_dir, "g1-xvdb.sock")
+        xvdb = os.path.join(h.layout.export_dir("g1"), "g1-xvdb.sock")
         assert xvdb in res.stdout
         wait_until(lambda: nbd_serves(xvdb), 30, "the hot-attached disk's export")
         assert "xvdb" in devices(h, "g1")

@@ -20,6 +20,9 @@ from xdom.deploy.topology import (
     RestartPolicy,
     Topology,
     TopologyError,
+    default_export,
+    export_dir,
+    export_problem,
     load_topology,
     parse_memory_size,
     parse_topology,
@@ -83,7 +86,7 @@ def test_default_example_loads() -> None:
         assert g.memory_bytes == 32 << 20
         (disk,) = g.disks
         assert disk == DiskSpec(vdev="xvda", target=f"images/g{n}.img", format="raw", mode="w", backend="blk0",
-                                export_path=f"g{n}-xvda.sock")
+                                export_path="xvda.sock")
         (vif,) = g.vifs
         assert vif.backend == "net0" and vif.bridge == "xdombr0"
         assert vif.ip == ipaddress.ip_interface(f"10.77.0.{n}/24")
@@ -91,7 +94,7 @@ def test_default_example_loads() -> None:
         assert g.backends == ("blk0", "net0")
     resolved = topo.resolved(state_dir="/var/lib/xdom", run_dir="/run/xdom")
     assert resolved.by_name("g1").disks[0].target == "/var/lib/xdom/images/g1.img"
-    assert resolved.by_name("g2").disks[0].export_path == "/run/xdom/g2-xvda.sock"
+    assert resolved.by_name("g2").disks[0].export_path == "/run/xdom/exports/g2/xvda.sock"
 
 
 def test_minimal_example_loads() -> None:
@@ -464,10 +467,59 @@ def test_duplicate_ips() -> None:
 
 
 def test_duplicate_export_paths() -> None:
-    err = one_error(HEAD + guest("g1", disk='["/a,,xvda,export=nbd:run/x.sock"]')
-                    + guest("g2", disk='["/b,,xvda,export=nbd:./run//x.sock"]'))
-    assert err == ("topo.toml: domain[4] (\"g2\").disk[0]: export socket './run//x.sock' is already used by "
+    err = one_error(HEAD + guest("g1", disk='["/a,,xvda,export=nbd:/srv/e/x.sock"]')
+                    + guest("g2", disk='["/b,,xvda,export=nbd:/srv//e/./x.sock"]'))
+    assert err == ("topo.toml: domain[4] (\"g2\").disk[0]: export socket '/srv//e/./x.sock' is already used by "
                    "domain[3] (\"g1\").disk[0]")
+    # a relative export is a name in its guest's own directory: two guests may use the same one
+    parse(HEAD + guest("g1", disk='["/a,,xvda,export=nbd:x.sock"]') + guest("g2", disk='["/b,,xvda,export=nbd:x.sock"]'))
+    # ... but one guest may not use it twice
+    err = one_error(HEAD + guest("g1", disk='["/a,,xvda,export=nbd:x.sock", "/b,,xvdb,export=nbd:./x.sock"]'))
+    assert err == ("topo.toml: domain[3] (\"g1\").disk[1]: export socket './x.sock' is already used by "
+                   "domain[3] (\"g1\").disk[0]")
+
+
+def test_a_relative_export_is_a_plain_name_in_the_guests_own_directory() -> None:
+    for bad in ("run/x.sock", "../x.sock", "a/../../x.sock", ".."):
+        err = one_error(HEAD + guest("g1", disk=f'["/a,,xvda,export=nbd:{bad}"]'))
+        assert err == (f"topo.toml: domain[3] (\"g1\").disk[0]: export socket {bad!r}: a relative export is a "
+                       f"socket name in g1's own directory RUN_DIR/exports/g1/, without '/'; give a plain name or "
+                       f"an absolute path"), bad
+    r = parse(HEAD + guest("g1", disk='["/a,,xvda,export=nbd:./x.sock", "/b,,xvdb"]')).resolved("/s", "/r")
+    assert [d.export_path for d in r.by_name("g1").disks] == ["/r/exports/g1/x.sock", None]
+    assert default_export("/r", "g1", "xvdb") == "/r/exports/g1/xvdb.sock" and export_dir("/r", "g1") == "/r/exports/g1"
+
+
+@pytest.mark.parametrize("path, why", [
+    ("/r/x.sock", "export socket '/r/x.sock' is in the run directory /r, which no domain may write (the "
+                  "toolstack's and the broker's sockets and pid file live there); leave export= a plain socket "
+                  "name (it goes in /r/exports/g1/) or name a directory of g1's own"),
+    ("/r/exports/x.sock", "is in the run directory /r"),
+    ("/r/exports/g2/x.sock", "is in the run directory /r"),           # another guest's own directory
+    ("/r/xenstored/x.sock", "is in the run directory /r"),
+    ("/s/x.sock", "is in the state directory /s, which no domain may write (logs, the store and disk images"),
+    ("/s/logs/x.sock", "is in the state directory /s"),
+    ("/x.sock", "its directory / holds the run directory /r; g1 could write / and replace /r"),
+    ("/img/x.sock", "its directory /img holds the disk image /img/a; g1 could write /img and replace the image"),
+    ("/img/sub/x.sock", None),
+    ("/srv/g2/x.sock", "its directory /srv/g2 is shared with g2's export '/srv/g2/y.sock'"),
+    ("/srv/x.sock", "its directory /srv is shared with g2's export '/srv/g2/y.sock'"),      # above it
+    ("/srv/g2/in/x.sock", "its directory /srv/g2/in is shared with g2's export"),           # below it
+    ("/srv/g1/x.sock", None),
+    ("/r/exports/g1/x.sock", None),                                                         # its own, spelt out
+])
+def test_an_absolute_export_needs_a_directory_of_the_guests_own(path: str, why: str | None) -> None:
+    text = (HEAD + guest("g1", disk=f'["/img/a,,xvda,export=nbd:{path}"]')
+            + guest("g2", disk='["/b,,xvda,export=nbd:/srv/g2/y.sock"]'))
+    topo = parse(text)
+    if why is None:
+        topo.resolved("/s", "/r")
+        return
+    with pytest.raises(TopologyError) as e:
+        topo.resolved("/s", "/r")
+    assert len(e.value.errors) == 1 and why in e.value.errors[0], e.value.errors
+    assert e.value.errors[0].startswith("topo.toml: domain[3] (\"g1\").disk[0]: ")
+    assert export_problem("g1", path, "/r", "/s", [("g2", "/srv/g2/y.sock")], ["/img/a"]) is not None
 
 
 def test_shared_images_only_read_only() -> None:
@@ -583,11 +635,12 @@ def test_resolved_uses_host_settings_and_arguments_override_them() -> None:
     topo = parse(text)
     r = topo.resolved()
     assert [(d.target, d.export_path) for d in r.by_name("g1").disks] == \
-        [("/srv/xdom/images/g1.img", "/run/xdom/g1.sock"), ("/abs/b.img", None)]
+        [("/srv/xdom/images/g1.img", "/run/xdom/exports/g1/g1.sock"), ("/abs/b.img", None)]
     assert r.host == HostSettings("/srv/xdom", "/run/xdom")
     r2 = topo.resolved(state_dir="/tmp/st", run_dir="/tmp/run")
     assert r2.by_name("g1").disks[0].target == "/tmp/st/images/g1.img"
-    assert r2.by_name("g1").disks[0].export_path == "/tmp/run/g1.sock"
+    assert r2.by_name("g1").disks[0].export_path == "/tmp/run/exports/g1/g1.sock"
+    assert r2.resolved() == r2          # resolving again changes nothing
     assert [d.name for d in r2.domains] == [d.name for d in topo.domains]
     assert topo.by_name("g1").disks[0].target == "images/g1.img"   # the original is unchanged
 
@@ -604,10 +657,14 @@ def test_resolved_errors() -> None:
     ]
     with pytest.raises(TopologyError, match="longer than 107 bytes"):
         topo.resolved(state_dir="/s", run_dir="/run/" + "d" * 100)
+    # the default export socket (RUN_DIR/exports/GUEST/VDEV.sock) must fit too
+    topo = parse(HEAD + guest(disk='["/a,,xvda"]'))
+    with pytest.raises(TopologyError, match="longer than 107 bytes.*choose a shorter --run-dir"):
+        topo.resolved(state_dir="/s", run_dir="/run/" + "d" * 90)
     # relative and absolute names of one socket collide once resolved
-    topo = parse(HEAD + guest("g1", disk='["/a,,xvda,export=nbd:x.sock"]')
-                 + guest("g2", disk='["/b,,xvda,export=nbd:/run/xdom/x.sock"]'))
-    with pytest.raises(TopologyError, match=r"export socket '/run/xdom/x.sock' is already used by domain\[3\]"):
+    topo = parse(HEAD + guest("g1", disk='["/a,,xvda,export=nbd:x.sock", "/b,,xvdb,export=nbd:/run/xdom/exports/g1/x.sock"]'))
+    with pytest.raises(TopologyError, match=r"export socket '/run/xdom/exports/g1/x.sock' is already used by "
+                                            r"domain\[3\]"):
         topo.resolved(run_dir="/run/xdom")
 
 
