@@ -13,6 +13,9 @@ answer the toolstack.  So, as Xen bounds each domain's event channels
   to the domain (its quota, ``ENOSPC`` when spent, as Xen answers a domain
   out of ports) and to the broker's budget (``ENOMEM`` when spent, as Xen
   answers when its heap is);
+* no domain's quota exceeds ``1/SHARE_DIVISOR`` of the budget, whatever the
+  toolstack asked for, so one domain (or a few colluding ones) cannot
+  spend it all on its own;
 * the budget stops ``RESERVE`` descriptors short of the limit: what the
   broker needs for itself (its sockets, connections not yet introduced,
   the frame descriptors a map or copy batch opens for a moment), so that
@@ -25,11 +28,12 @@ from __future__ import annotations
 
 import resource
 
-__all__ = ["RESERVE", "FdBudget", "raise_nofile_limit"]
+__all__ = ["RESERVE", "SHARE_DIVISOR", "FdBudget", "raise_nofile_limit"]
 
 # Per batch: up to 128 frame fds for a map reply, 2 x 128 for a copy, plus the
 # broker's own sockets and up to 64 connections that have not said hello.
 RESERVE = 512
+SHARE_DIVISOR = 8
 
 
 class FdBudget:
@@ -46,6 +50,13 @@ class FdBudget:
         if self.limit is None:
             return None
         return max(0, self.limit - self.reserve - self.used)
+
+    @property
+    def share(self) -> int | None:
+        """The most descriptors any one domain may keep: a fraction of the budget."""
+        if self.limit is None:
+            return None
+        return max(0, self.limit - self.reserve) // SHARE_DIVISOR
 
     def take(self, n: int) -> bool:
         """Charge ``n`` descriptors; False (and nothing charged) if the budget cannot cover them."""

@@ -37,7 +37,7 @@ import errno
 import fcntl
 import os
 import stat
-from typing import Iterable, Protocol
+from typing import Iterable, Protocol, Sequence
 
 from xdom.domains.abi.grant_table import GNTST_bad_page, GNTST_okay, PAGE_SIZE
 from xdom.domains.memory import FRAME_MEMFD_NAME, DomainMemory
@@ -94,12 +94,8 @@ class FrameAllocator:
         fds: list[int] = []
         try:
             for gfn in range(start, start + count):
-                fd = os.memfd_create(FRAME_MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+                fd, self.inodes[gfn] = make_frame()
                 fds.append(fd)
-                os.ftruncate(fd, PAGE_SIZE)
-                os.fchmod(fd, 0o600)
-                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, FRAME_SEALS)
-                self.inodes[gfn] = os.fstat(fd).st_ino
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -108,11 +104,26 @@ class FrameAllocator:
         return fds
 
 
+def make_frame() -> tuple[int, int]:
+    """A new frame: (its memfd, its inode)."""
+    fd = os.memfd_create(FRAME_MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, PAGE_SIZE)
+        os.fchmod(fd, 0o600)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, FRAME_SEALS)
+        return fd, os.fstat(fd).st_ino
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class FrameSource(Protocol):
     nr_frames: int
 
     def open_frame(self, gfn: int, readonly: bool) -> tuple[object, FrameId]: ...
     def frame_id(self, gfn: int) -> FrameId: ...
+    def expose(self, gfn: int) -> None: ...
+    def replace(self, gfns: Sequence[int], busy: set[int]) -> tuple[list[int], list[int]]: ...
     def address(self, gfn: int) -> tuple[int, int]: ...
     def still_mapped(self, ids: set[FrameId], allowed: set[tuple[FrameId, int]] = ...) -> set[FrameId]: ...
     def close_frame(self, frame: object) -> None: ...
@@ -126,6 +137,37 @@ class ProcFrames:
         self.base = base
         self.inodes = inodes
         self.nr_frames = len(inodes)
+        self.exposed = bytearray(self.nr_frames)    # mapped by a grantee since it was made
+
+    def expose(self, gfn: int) -> None:
+        """A grantee was given frame ``gfn``: from now on it may keep it out of sight."""
+        self.exposed[gfn] = 1
+
+    def replace(self, gfns: Sequence[int], busy: set[int]) -> tuple[list[int], list[int]]:
+        """New frames for the exposed ``gfns`` (not those in ``busy``, still mapped
+        through another grant): returns (gfns replaced, their fds).
+
+        Only a frame some grantee was given is replaced, once per exposure:
+        a domain cannot make the broker mint memory at will.  From now on
+        only the new frame passes for the gfn.
+        """
+        done: list[int] = []
+        fds: list[int] = []
+        try:
+            for gfn in gfns:
+                self._addr(gfn)
+                if not self.exposed[gfn] or gfn in busy or gfn in done:
+                    continue
+                fd, ino = make_frame()
+                fds.append(fd)
+                done.append(gfn)
+                self.inodes[gfn] = ino
+                self.exposed[gfn] = 0
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return done, fds
 
     def _addr(self, gfn: int) -> int:
         if not 0 <= gfn < self.nr_frames:
@@ -240,6 +282,12 @@ class LocalFrames:
     def frame_id(self, gfn: int) -> FrameId:
         self._frame(gfn)
         return id(self.memory), gfn
+
+    def expose(self, gfn: int) -> None:
+        pass    # the in-process variant does not isolate: nothing to revoke later
+
+    def replace(self, gfns: Sequence[int], busy: set[int]) -> tuple[list[int], list[int]]:
+        return [], []   # the in-process variant does not isolate; nothing to revoke
 
     def address(self, gfn: int) -> tuple[int, int]:
         self._frame(gfn)

@@ -25,7 +25,7 @@ from xdom.domains import grant_lock
 from xdom.domains.abi.grant_table import (
     ENTRIES_PER_FRAME, GNTST_eagain, GNTST_general_error, GNTST_bad_gntref, GNTST_okay,
     GRANT_ENTRY_V1, GRANT_ENTRY_V1_SIZE, GTF_permit_access, GTF_readonly, GTF_reading,
-    GTF_sub_page, GTF_type_mask, GTF_writing, PAGE_SIZE,
+    GTF_sub_page, GTF_type_mask, GTF_writing, PAGE_SIZE, XDOM_GTF_mapped,
 )
 
 LOCK_TRIES = 64
@@ -104,7 +104,7 @@ class BrokerGrantTable:
                 pin.readers += 1
             else:
                 pin.writers += 1
-            new = flags | GTF_reading | (0 if readonly else GTF_writing)
+            new = flags | GTF_reading | (0 if readonly else GTF_writing) | XDOM_GTF_mapped
             if new != flags:
                 _FLAGS.pack_into(self._map, ref * GRANT_ENTRY_V1_SIZE, new)
             self._deferred.discard(ref)
@@ -177,6 +177,9 @@ class BrokerGrantTable:
             return
         for ref in list(self._deferred):
             self._sync_flags(ref)
+
+    def pinned_gfns(self) -> set[int]:
+        return {p.gfn for p in self.pins.values()}
 
     def mapped_count(self) -> int:
         return sum(p.readers + p.writers for p in self.pins.values())

@@ -307,9 +307,29 @@ class Hypervisor:
         except NoFrameSpace:
             table.unpin(ref, readonly)
             return MapResult(GNTST_no_space)
+        granter.frames.expose(gfn)
         handle = next(caller.handles) & 0xFFFFFFFF
         caller.maptrack[handle] = Mapping(granter, table, ref, readonly, frame_id, gfn)
         return MapResult(GNTST_okay, handle, frame)
+
+    def replace_frames(self, caller: Domain, gfns: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Fresh frames for gfns whose grants the caller ended after a grantee mapped them.
+
+        Revocation by replacement: the hypervisor cannot take a page back
+        from a grantee that hid it (a forked child, a descriptor in flight
+        in a socket, a page in a pipe), but it can make sure the granter
+        never puts anything private in that page again.  Gfns still mapped
+        through another of the caller's grants are left as they are.
+        Returns (gfns replaced, their fds).
+        """
+        if caller.frames is None:
+            raise _err(errno.EPERM, "register memory first")
+        try:
+            return caller.frames.replace(gfns, caller.gnttab.pinned_gfns())
+        except BadFrame as e:
+            raise _err(errno.EINVAL, str(e)) from None
+        except OSError as e:
+            raise _err(errno.ENOMEM, f"cannot make frames: {e.strerror}") from None
 
     def grant_unmap(self, caller: Domain, handles: Sequence[int]) -> list[int]:
         """GNTTABOP_unmap_grant_ref: the caller says it has unmapped these.
@@ -496,12 +516,18 @@ class Hypervisor:
 
     def _charge(self, dom: Domain, n: int) -> None:
         """Charge ``n`` kept descriptors to ``dom`` and to the broker's budget, or refuse."""
-        if dom.evtchn_fds + n > dom.evtchn_fd_quota:
-            raise _err(errno.ENOSPC, f"domain {dom.domid} has used its quota of {dom.evtchn_fd_quota} "
+        quota = self.evtchn_fd_quota(dom)
+        if dom.evtchn_fds + n > quota:
+            raise _err(errno.ENOSPC, f"domain {dom.domid} has used its quota of {quota} "
                                      f"event-channel descriptors in the broker; close ports first")
         if not self.budget.take(n):
             raise _err(errno.ENOMEM, f"the broker's descriptor budget is spent ({self._budget_text()})")
         dom.evtchn_fds += n
+
+    def evtchn_fd_quota(self, dom: Domain) -> int:
+        """The domain's own quota, capped at its share of the broker's budget."""
+        share = self.budget.share
+        return dom.evtchn_fd_quota if share is None else min(dom.evtchn_fd_quota, share)
 
     def _uncharge(self, dom: object, n: int) -> None:
         if isinstance(dom, Domain):

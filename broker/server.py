@@ -126,7 +126,7 @@ class BrokerServer:
         self.handlers: dict[str, Callable[[Connection, dict[str, Any]], Reply]] = {
             "hello": self._hello, "populate_physmap": self._populate_physmap, "set_memory": self._set_memory,
             "shutdown": self._shutdown,
-            "map": self._map, "unmap": self._unmap, "copy": self._copy,
+            "map": self._map, "unmap": self._unmap, "copy": self._copy, "replace_frames": self._replace_frames,
             "evtchn_alloc_unbound": self._alloc_unbound, "evtchn_bind_interdomain": self._bind_interdomain,
             "evtchn_bind_virq": self._bind_virq, "evtchn_close": self._close,
             "evtchn_status": self._status, "evtchn_send": self._send, "domain_info": self._domain_info,
@@ -463,6 +463,11 @@ class BrokerServer:
     def _unmap(self, conn: Connection, args: dict[str, Any]) -> Reply:
         handles = [int_tuple([h], 1, "unmap")[0] for h in args["handles"]]
         return {"results": self.hv.grant_unmap(conn.domain, handles)}, [], []
+
+    def _replace_frames(self, conn: Connection, args: dict[str, Any]) -> Reply:
+        gfns = [int_tuple([g], 1, "replace_frames")[0] for g in args["gfns"]]
+        done, fds = self.hv.replace_frames(conn.domain, gfns)
+        return {"gfns": done}, fds, fds
 
     def _copy(self, conn: Connection, args: dict[str, Any]) -> Reply:
         ops = [int_tuple(e, 8, "copy") for e in args["ops"]]

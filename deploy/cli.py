@@ -64,10 +64,19 @@ def cmd_xenstored(args: argparse.Namespace) -> int:
     logging.getLogger("xdom.xenstored").info(
         "xenstored serving%s%s", f" on {args.unix_socket}" if args.unix_socket else "",
         f" and domain rings as domain {host.domid}" if host else "")
+    message = b"ready\n"
+    if host is not None:
+        # A domain: its store and its socket's directory only, then its syscalls (it has no threads).
+        from xdom.domains import confinement
+        confinement.restrict_files("xenstored", state_dirs=[args.state_dir] if args.state_dir else [],
+                                   socket_dirs=[os.path.dirname(os.path.abspath(args.unix_socket))]
+                                   if args.unix_socket else [])
+        confinement.lock_down("xenstored")
+        message = confinement.ready_message()
 
     def ready() -> None:
         if args.ready_fd is not None:
-            os.write(args.ready_fd, b"ready\n")
+            os.write(args.ready_fd, message)
             os.close(args.ready_fd)
     server.serve_forever(ready)
     if host is not None:

@@ -65,13 +65,15 @@ import msgpack
 import psutil
 import zmq
 
+from xdom.domains.confinement import mode as confinement_mode
 from xdom.domains.device_channel import offer_fd
 from xdom.domains.wakeup import WakePipe
 from xdom.broker.mgmt_client import ManagementClient, ManagementError
 from xdom.domains.xenstore import UnixTransport, XenstoreClient
 from xdom.domains.xs_wire import XenstoreError
 
-from .access import AccessError, grant_access, grant_search, private_dir
+from .access import AccessError, grant_search, private_dir
+from .confined import SeccompKills, confinement_of, parse_ready
 from .control import ControlError, ControlProtocol, ControlServer, endpoint_for, string_field
 from . import netns
 from .isolation import DOMAIN_EXEC, UidMode, UidPlan, plan_uids
@@ -220,6 +222,7 @@ class _Domain:
     reset_since: float | None = None
     after_stop: str = ""
     kill_reason: str = ""
+    confinement: str = ""                         # as the process reported it with its readiness
     netns: str | None = None                      # its network namespace (as root), made before it starts
     last_exit: str = ""
     sample: HealthSample | None = None
@@ -290,6 +293,8 @@ class Supervisor:
         self._next_health = 0.0
         self._next_broker_poll = 0.0
         self._made_exports: dict[str, str] = {}     # export directories outside the run directory we made: guest
+        self._seccomp_kills = SeccompKills()      # the kernel log from now on: which syscall a filter refused
+        self._disk_serial = 0                     # images handed to blkbacks, numbered
 
     # ---- public API ----------------------------------------------------------
 
@@ -407,6 +412,7 @@ class Supervisor:
         except LayoutError as e:
             raise AlreadyRunning(str(e)) from None
         self._sweep_leftovers()
+        self._seccomp_kills.open()
         self.uid_plan = plan_uids(self.topology, self.uid_mode)
         for d in self.domains:
             d.uid = self.uid_plan.uids.get(d.name)
@@ -658,11 +664,13 @@ class Supervisor:
                                                              else "") for devid, _ in _vifs(d.spec)]
             if device_fd >= 0:
                 disks.append(f"--device-fd={device_fd}")
+            disks.append(f"--export-dir={self.layout.export_dir(d.name)}")    # where hot-attached disks' exports go
             argv = [py, "-m", "xdom.domains.guest", "--ready-fd", str(ready_w), *disks, "--",
                     *(d.spec.workload or ())]
             cwd = "/"
         elif d.kind == DomainKind.BLKBACK:
-            argv = [py, "-m", "xdom.backends.blkback", "--ready-fd", str(ready_w)]
+            # Images come open over its device channel: blkback opens nothing by path.
+            argv = [py, "-m", "xdom.backends.blkback", "--ready-fd", str(ready_w), "--device-fd", str(device_fd)]
             cwd = "/"
         elif d.kind == DomainKind.NETBACK:
             argv = [py, "-m", "xdom.backends.netback", "--ready-fd", str(ready_w)]
@@ -710,7 +718,7 @@ class Supervisor:
         if d.kind in _READY_PIPE_KINDS:
             ready_r, ready_w = os.pipe()
         devices = theirs = None
-        if d.kind == DomainKind.GUEST or d.switch == NetSwitch.BRIDGE:
+        if d.kind in (DomainKind.GUEST, DomainKind.BLKBACK) or d.switch == NetSwitch.BRIDGE:
             devices, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             devices.setblocking(False)
         argv, cwd = self._argv(d, ready_w, tun_fds, theirs.fileno() if theirs is not None else -1)
@@ -751,6 +759,7 @@ class Supervisor:
             self._watch_fd(ready_r, lambda: self._on_ready_pipe(d))
         d.connected = d.introduced = False
         d.kill_reason = ""
+        d.confinement = ""
         d.sample = None
         d.ps_cache.clear()
         d.health.reset()
@@ -792,12 +801,13 @@ class Supervisor:
 
     def _on_ready_pipe(self, d: _Domain) -> None:
         try:
-            data = os.read(d.ready_fd, 64)
+            data = os.read(d.ready_fd, 256)
         except OSError:
             data = b""
         self._close_ready(d)
         if data:
             d.ready_seen = True
+            d.confinement = parse_ready(data)
             if d.kind == DomainKind.XENSTORED:
                 d.connected = True      # it connects to the broker before it serves
             self._maybe_ready(d)
@@ -983,15 +993,35 @@ class Supervisor:
         for be, fe, disk in self._vbds_of(d):
             if disk.target is None or (only is not None and disk is not only):
                 continue
-            if be.uid is not None and self.uid_plan is not None and self.uid_plan.separate:
-                try:
-                    grant_access(disk.target, be.uid, write=not disk.readonly)
-                except (AccessError, OSError) as e:
-                    log.error("%s cannot open %s: %s", be.name, disk.target, e)
             assert be.domid is not None and fe.domid is not None
             add_vbd(xs, VbdConfig(be.domid, fe.domid, disk.devid, disk.vdev, disk.target, disk.readonly,
-                                  export=self._export_path(fe, disk)))
+                                  export=self._export_path(fe, disk), disk_fd=self._offer_disk(be, fe, disk)))
             self._record(fe.name, "vbd", f"{disk.vdev} on {be.name} -> {self._export_path(fe, disk)}")
+
+    def _offer_disk(self, be: _Domain, fe: _Domain, disk: DiskSpec) -> int | None:
+        """Open the image (as a Xen hotplug script does) and hand it to blkback before its nodes are written.
+
+        Returns the offer's serial for the vbd's ``xdom-disk-fd`` node, or
+        None when blkback is not running (its next start gets one) or the
+        image cannot be opened (blkback then reports the device failed).
+        """
+        if be.devices is None or disk.target is None:
+            return None
+        assert fe.domid is not None
+        try:
+            fd = os.open(disk.target, (os.O_RDONLY if disk.readonly else os.O_RDWR) | os.O_CLOEXEC | os.O_NOCTTY)
+        except OSError as e:
+            log.error("%s: cannot open %s for %s: %s", be.name, disk.target, fe.name, e.strerror)
+            return None
+        try:
+            self._disk_serial += 1
+            offer_fd(be.devices, "disk", (fe.domid, disk.devid, self._disk_serial), fd)
+        except OSError as e:
+            log.error("%s: cannot hand it %s: %s", be.name, disk.target, e)
+            return None
+        finally:
+            os.close(fd)
+        return self._disk_serial
 
     def _write_vifs(self, xs: XenstoreClient, d: _Domain, only: int | None = None) -> None:
         """libxl's vif nodes for ``d``'s vifs, or those it serves (again, after a restart).
@@ -1163,6 +1193,8 @@ class Supervisor:
         rc = self._reap(d)
         status = ExitStatus.from_returncode(rc)
         reason, d.kill_reason = d.kill_reason, ""
+        if status.signal == signal.SIGSYS and not reason:
+            reason = self._seccomp_kills.describe(pid)
         self._record(d.name, "exit", status.describe() + (f" ({reason})" if reason else ""))
         self._log_to(d, f"pid {pid} {status.describe()}{f' ({reason})' if reason else ''} after {uptime:.1f}s")
         if was == State.STOPPING:
@@ -1488,6 +1520,12 @@ class Supervisor:
         path = self._export_path(d, disk)
         if any(self._export_path(g, x) == path for g in self.domains for x in g.spec.disks):
             raise ControlError.of(errno.EEXIST, f"export socket {path} is already in use")
+        # A running guest's Landlock domain lets it bind sockets only where its command line said.
+        dirs = {a.partition("=")[2] if a.startswith("--export-dir=") else os.path.dirname(a.partition(":")[2])
+                for a in (d.proc.args if d.proc is not None else ()) if a.startswith(("--export-dir=", "--disk="))}
+        if os.path.dirname(path) not in dirs and confinement_mode() != "off":
+            raise ControlError.of(errno.EACCES, f"{d.name} is confined to export sockets in {', '.join(sorted(dirs))}"
+                                                f"; put {disk.vdev} in its topology to export it elsewhere")
         d.spec = dataclasses.replace(d.spec, disks=(*d.spec.disks, disk))
         try:
             self._prepare_exports(d, (disk,))
@@ -1616,7 +1654,8 @@ class Supervisor:
             "mappings_held": b.get("mappings_held"), "grants_mapped_by_others": b.get("grants_mapped_by_others"),
             "grant_frames": b.get("grant_frames"), "event_channels": b.get("event_channels"),
             "last_exit": d.last_exit or None, "log": self.layout.log_path(d.name),
-            "netns": d.netns, "devices": [
+            "netns": d.netns, "confinement": confinement_of(d.pid if alive else None, d.confinement),
+            "devices": [
                 {"type": "vbd", "vdev": disk.vdev, "devid": disk.devid, "backend": disk.backend,
                  "target": disk.target, "mode": disk.mode, "export": self._export_path(d, disk)}
                 for disk in d.spec.disks] + [
@@ -1663,6 +1702,7 @@ class Supervisor:
                 log.exception("progress callback failed")
 
     def _close_loop(self) -> None:
+        self._seccomp_kills.close()
         if self._control is not None:
             self._poller.unregister(self._control.socket)
             self._control.close()

@@ -28,6 +28,7 @@ class VbdConfig:
     read_only: bool = False
     logical_sector_size: int | None = None
     export: str | None = None        # xdom: the unix socket the guest serves the disk on over NBD
+    disk_fd: int | None = None       # xdom: the serial of the image's descriptor on blkback's device channel
 
 
 def add_vbd(xs: XenstoreClient, cfg: VbdConfig) -> None:
@@ -43,6 +44,8 @@ def add_vbd(xs: XenstoreClient, cfg: VbdConfig) -> None:
     }
     if cfg.logical_sector_size:
         be_nodes["logical-sector-size"] = cfg.logical_sector_size
+    if cfg.disk_fd is not None:     # blkback opens nothing by path: the toolstack's descriptor, by serial
+        be_nodes["xdom-disk-fd"] = cfg.disk_fd
     fe_nodes = {"backend": be, "backend-id": cfg.backend_domid, "state": int(XenbusState.Initialising),
                 "virtual-device": cfg.devid, "device-type": "disk"}
     if cfg.export:

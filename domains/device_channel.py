@@ -11,7 +11,10 @@ it writes the vif's xenstore nodes.  The guest's hotplug thread then
 :meth:`DeviceChannel.take`\\ s it by devid.
 
 A netback in bridge mode gets its vifs' TAP descriptors the same way,
-keyed by (frontend domid, devid).  The channel carries descriptors only; the devices themselves are still
+keyed by (frontend domid, devid), and a blkback its disk images (kind
+``"disk"``, key (frontend domid, devid, serial), the serial written to the
+vbd's ``xdom-disk-fd`` node so that a re-created device never takes the
+image of an earlier one).  The channel carries descriptors only; the devices themselves are still
 discovered through xenstore, as under Xen.  A message that is not a
 well-formed offer is dropped with its descriptors closed: the toolstack is
 trusted, but a stray fd must not leak.  An offer never taken (the vif was
@@ -25,6 +28,7 @@ import logging
 import os
 import socket
 import threading
+from typing import Callable
 
 import msgpack
 
@@ -65,6 +69,15 @@ class DeviceChannel:
         with self._cond:
             self._cond.wait_for(lambda: (kind, devid) in self._fds or self._closed, timeout)
             return self._fds.pop((kind, devid), None)
+
+    def discard(self, kind: str, match: Callable[[DeviceId], bool]) -> int:
+        """Close the offers of ``kind`` held for devids ``match`` accepts (superseded ones); how many."""
+        with self._cond:
+            keys = [k for k in self._fds if k[0] == kind and match(k[1])]
+            fds = [self._fds.pop(k) for k in keys]
+        for fd in fds:
+            os.close(fd)
+        return len(fds)
 
     def close(self) -> None:
         try:

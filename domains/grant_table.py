@@ -5,6 +5,11 @@ The table lives in frames shared between this domain and the broker only.
 ``end_access`` revokes it under the entry lock of ``grant_lock`` and refuses
 while the broker has the entry pinned (GTF_reading/GTF_writing set), exactly
 as Linux's ``gnttab_end_foreign_access_ref`` refuses.
+
+An entry the broker has ever mapped for a grantee carries XDOM_GTF_mapped:
+the grantee may have kept the page where no one can see it, so ending such
+an entry hands its gfn to ``on_revoked`` (the xenhost swaps in a fresh frame
+from the broker, contents copied) before the page is ours again.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ import mmap
 import os
 import struct
 import threading
+from typing import Callable
 
 from . import grant_lock
 from .abi.grant_table import (
     ENTRIES_PER_FRAME, GNTTAB_NR_RESERVED_ENTRIES, GRANT_ENTRY_V1, GRANT_ENTRY_V1_SIZE,
-    GTF_permit_access, GTF_readonly, GTF_reading, GTF_writing, PAGE_SIZE,
+    GTF_permit_access, GTF_readonly, GTF_reading, GTF_writing, PAGE_SIZE, XDOM_GTF_mapped,
 )
 
 _FLAGS = struct.Struct("<H")
@@ -47,6 +53,7 @@ class GrantTable:
         # Reserved entries (console, xenstore, ...) are only handed out by
         # explicit reference; the free list starts after them.
         self._free = list(range(self.nr_entries - 1, GNTTAB_NR_RESERVED_ENTRIES - 1, -1))
+        self.on_revoked: Callable[[int], None] | None = None
 
     def grant_access(self, domid: int, gfn: int, readonly: bool = False) -> int:
         """Grant ``domid`` access to frame ``gfn``; returns the reference."""
@@ -71,12 +78,14 @@ class GrantTable:
         off = ref * GRANT_ENTRY_V1_SIZE
         grant_lock.lock_entry(self.fd, ref, wait=True)
         try:
-            (flags,) = _FLAGS.unpack_from(self._map, off)
+            flags, _domid, gfn = GRANT_ENTRY_V1.unpack_from(self._map, off)
             if flags & (GTF_reading | GTF_writing):
                 raise GrantInUse(f"grant {ref} is still mapped (flags {flags:#x})")
             _FLAGS.pack_into(self._map, off, 0)
         finally:
             grant_lock.unlock_entry(self.fd, ref)
+        if flags & XDOM_GTF_mapped and flags & GTF_permit_access and self.on_revoked is not None:
+            self.on_revoked(gfn)
 
     def try_end_access(self, ref: int) -> bool:
         try:

@@ -17,7 +17,10 @@ guest does now, and nothing more:
 4. says "ready" on ``--ready-fd`` (the supervisor's readiness pipe);
 5. runs the workload, if the topology gives one, as its child and waits for
    it: the guest's exit status is the workload's (128 + n for signal n), and
-   the guest powers off when it ends.  Without a workload it stays up until
+   the guest powers off when it ends.  The child is forked before the guest
+   confines itself and held until the guest is ready (:class:`HeldWorkload`):
+   the workload is the user's program and inherits none of the guest's
+   confinement (:mod:`xdom.domains.confinement`).  Without a workload it stays up until
    SIGTERM/SIGINT or a poweroff request;
 6. shuts down cleanly: ``shutdown("poweroff")`` to the broker (so the broker
    records a shutdown, not a crash), then closes xenstore and the hypercall
@@ -39,11 +42,11 @@ import logging
 import os
 import select
 import signal
-import subprocess
 import sys
 import threading
 from typing import Sequence
 
+from . import confinement
 from .blkfront.device import Blkfront
 from .device_channel import DeviceChannel
 from .nbd.server import NbdServer
@@ -64,10 +67,10 @@ WORKLOAD_GRACE = 5.0     # seconds a workload gets between SIGTERM and SIGKILL w
 class Guest:
     """One guest's life: :meth:`run` returns its exit status (the workload's, or 0 when told to stop)."""
 
-    def __init__(self, workload: Sequence[str] = (), ready_fd: int | None = None,
+    def __init__(self, workload: HeldWorkload | None = None, ready_fd: int | None = None,
                  disks: Sequence[tuple[int, str]] = (), vifs: Sequence[tuple[int, str, int | None]] = (),
                  device_fd: int | None = None) -> None:
-        self.workload = list(workload)
+        self.workload = workload
         self._devices = DeviceChannel(device_fd) if device_fd is not None else None
         self.disks = list(disks)
         self.vifs = list(vifs)
@@ -122,6 +125,7 @@ class Guest:
             # Until here SIGTERM kills outright: there is nothing to shut down cleanly yet.
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda signum, frame: self.request_stop(signal.Signals(signum).name))
+            confinement.lock_down("guest")
             self._ready()
             status = self._run_workload() if self.workload else self._wait_for_stop()
             log.info("guest powering off (%s)", self.stop_reason or "workload finished")
@@ -144,6 +148,8 @@ class Guest:
                 xs.close()
             if self._devices is not None:
                 self._devices.close()
+            if self.workload is not None:
+                self.workload.cancel()
             host.close()
 
     def _attach_disk(self, host: XenHost, xs: XenstoreClient, home: str, devid: int, export: str) -> None:
@@ -287,7 +293,7 @@ class Guest:
 
     def _ready(self) -> None:
         if self.ready_fd is not None:
-            os.write(self.ready_fd, b"ready\n")
+            os.write(self.ready_fd, confinement.ready_message())
             os.close(self.ready_fd)
             self.ready_fd = None
 
@@ -298,30 +304,101 @@ class Guest:
         return 0
 
     def _run_workload(self) -> int:
+        proc = self.workload
+        assert proc is not None
+        proc.start()
+        while True:
+            r, _, _ = select.select([self._wake, proc.pidfd], [], [])
+            if proc.pidfd in r:
+                rc = proc.wait()
+                log.info("workload %s", f"exited with status {rc}" if rc >= 0 else f"killed by signal {-rc}")
+                return rc if rc >= 0 else 128 - rc
+            self._wake.drain()
+            if self.stop_reason:
+                proc.send_signal(signal.SIGTERM)
+                if proc.wait(WORKLOAD_GRACE) is None:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                return 0
+
+
+class HeldWorkload:
+    """The workload's process: forked now, before the guest confines itself; it execs on :meth:`start`.
+
+    Forked while the guest still runs one thread, with the domain's token
+    already out of its environment; until :meth:`start` it only waits on a
+    pipe.  If the guest goes away first (or :meth:`cancel`), it sees the
+    pipe close and exits without running anything.  Like the
+    ``subprocess.Popen`` it replaces: stdin is ``/dev/null``, every other
+    descriptor but stdout and stderr is closed, SIGPIPE is default again.
+    A program that cannot be executed exits with status 127.
+    """
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        if not argv:
+            raise ValueError("a workload needs a program")
         env = {k: v for k, v in os.environ.items() if k != "XDOM_TOKEN"}
-        proc = subprocess.Popen(self.workload, env=env, stdin=subprocess.DEVNULL)
-        pidfd = os.pidfd_open(proc.pid)
-        try:
-            while True:
-                r, _, _ = select.select([self._wake, pidfd], [], [])
-                if pidfd in r:
-                    rc = proc.wait()
-                    log.info("workload %s", f"exited with status {rc}" if rc >= 0 else f"killed by signal {-rc}")
-                    return rc if rc >= 0 else 128 - rc
-                self._wake.drain()
-                if self.stop_reason:
-                    proc.terminate()
-                    try:
-                        proc.wait(WORKLOAD_GRACE)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
-                    return 0
-        finally:
-            os.close(pidfd)
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        r, self._go = os.pipe2(os.O_CLOEXEC)
+        self.pid = os.fork()
+        if self.pid == 0:               # the workload-to-be
+            os.close(self._go)
+            _exec_when_told(r, list(argv), env)
+        os.close(r)
+        self.pidfd = os.pidfd_open(self.pid)
+        self.returncode: int | None = None
+
+    def start(self) -> None:
+        os.write(self._go, b"1")
+        os.close(self._go)
+        self._go = -1
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            signal.pidfd_send_signal(self.pidfd, sig)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Its status as ``Popen.returncode`` (-N: killed by signal N); None if still running after ``timeout``."""
+        if self.returncode is None:
+            if timeout is not None and not select.select([self.pidfd], [], [], timeout)[0]:
+                return None
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+            os.close(self.pidfd)
+        return self.returncode
+
+    def cancel(self) -> None:
+        """Never started (or to be stopped): it exits (or is killed), and is reaped."""
+        if self._go >= 0:
+            os.close(self._go)          # it reads EOF and exits without running anything
+            self._go = -1
+        elif self.returncode is None and self.wait(0) is None:
+            self.send_signal(signal.SIGKILL)
+        self.wait()
+
+
+def _exec_when_told(go: int, argv: list[str], env: dict[str, str]) -> None:
+    """In the forked child: wait for the guest's word, then exec the workload; never returns.
+
+    Every descriptor but stdio and the pipe is closed at once: a copy of
+    the ready pipe, a TAP or the device channel must not outlive the guest.
+    """
+    try:
+        top = os.sysconf("SC_OPEN_MAX")
+        os.closerange(3, go)
+        os.closerange(go + 1, top)
+        if os.read(go, 1) == b"1":
+            for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(sig, signal.SIG_DFL)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.closerange(3, top)
+            os.execvpe(argv[0], argv, env)
+        os._exit(0)
+    except BaseException as e:
+        why = e.strerror if isinstance(e, OSError) else repr(e)
+        os.write(2, f"guest: cannot run the workload {argv[0]!r}: {why}\n".encode(errors="replace"))
+    finally:
+        os._exit(127)
 
 
 
@@ -350,12 +427,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "/dev/net/tun descriptor TUNFD when given (repeatable)")
     p.add_argument("--device-fd", type=int, default=None, metavar="FD",
                    help="the toolstack's device channel: descriptors for hot-added devices arrive on it")
+    p.add_argument("--export-dir", action="append", default=[], metavar="DIR",
+                   help="a directory where hot-attached disks' NBD sockets may go (besides those of --disk)")
     p.add_argument("workload", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS...: run and wait for it")
     args = p.parse_args(argv)
     workload = args.workload[1:] if args.workload[:1] == ["--"] else args.workload
     logging.basicConfig(level=os.environ.get("XDOM_LOG_LEVEL", "info").upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return Guest(workload, args.ready_fd, args.disk, args.vif, args.device_fd).run()
+    held = HeldWorkload(workload) if workload else None     # before any confinement: it is the user's
+    try:
+        # Before the first thread: its export sockets' directories, /dev/net/tun for a vif that comes
+        # without a descriptor, and the interpreter; nothing else.
+        confinement.restrict_files("guest", socket_dirs=[*args.export_dir,
+                                                         *(os.path.dirname(os.path.abspath(sock))
+                                                           for _, sock in args.disk)],
+                                   devices=["/dev/net/tun"])
+    except BaseException:
+        if held is not None:
+            held.cancel()
+        raise
+    return Guest(held, args.ready_fd, args.disk, args.vif, args.device_fd).run()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ REQUESTS: Final[dict[str, dict[str, type]]] = {
     "map": {"ops": list},           # [[domid, ref, readonly], ...]
     "unmap": {"handles": list},     # [handle, ...]
     "copy": {"ops": list},          # [[flags, sdom, sref, soff, ddom, dref, doff, len], ...]
+    "replace_frames": {"gfns": list},   # fresh frames for gfns a grantee was given (XDOM_GTF_mapped)
     "evtchn_alloc_unbound": {"remote_dom": int},
     "evtchn_bind_interdomain": {"remote_dom": int, "remote_port": int},
     "evtchn_bind_virq": {"virq": int},

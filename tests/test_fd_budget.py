@@ -94,23 +94,29 @@ def test_the_pair_stays_charged_to_its_allocator_until_the_last_end_closes() -> 
 
 
 def test_the_broker_budget_refuses_before_its_descriptors_run_out() -> None:
-    # A limit 60 over the reserve: room for two domains (4 each) and 26 channels.
-    hv = Hypervisor(fd_limit=hv_limit(60))
+    # A budget of 160 over the reserve: each domain may keep at most 160/8 = 20, so
+    # one greedy domain is stopped by its share; eight together fill the budget.
+    hv = Hypervisor(fd_limit=hv_limit(160))
     try:
-        a = hv.create_domain("a", 16, privileged=True)
-        b = hv.create_domain("b", 16)
-        for _ in range(26):
-            hv.evtchn_alloc_unbound(a, DOMID_SELF)
-        assert _errno_of(hv.evtchn_alloc_unbound, a, DOMID_SELF) == "ENOMEM"
-        assert _errno_of(hv.evtchn_alloc_unbound, b, DOMID_SELF) == "ENOMEM"
-        assert _errno_of(hv.evtchn_bind_virq, a, VIRQ_DOM_EXC) == "ENOMEM"
+        doms = [hv.create_domain(f"d{i}", 16, privileged=True) for i in range(9)]   # 36 of 160
+        assert hv.evtchn_fd_quota(doms[0]) == 20
+        for _ in range(10):
+            hv.evtchn_alloc_unbound(doms[0], DOMID_SELF)
+        assert _errno_of(hv.evtchn_alloc_unbound, doms[0], DOMID_SELF) == "ENOSPC"   # its share
+        for d in doms[1:6]:
+            for _ in range(10):
+                hv.evtchn_alloc_unbound(d, DOMID_SELF)
+        hv.evtchn_alloc_unbound(doms[6], DOMID_SELF)
+        hv.evtchn_alloc_unbound(doms[6], DOMID_SELF)
+        assert hv.budget.used == 160                 # 36 for nine domains, 124 for channels
+        assert _errno_of(hv.evtchn_alloc_unbound, doms[7], DOMID_SELF) == "ENOMEM"   # the budget
+        assert _errno_of(hv.evtchn_bind_virq, doms[7], VIRQ_DOM_EXC) == "ENOMEM"
         with pytest.raises(HypercallError) as e:
-            hv.create_domain("c", 16)
+            hv.create_domain("late", 16)
         assert e.value.name == "ENOMEM" and "budget" in e.value.message
-        hv.domain_died(a, "crash")                 # its channels go, and with them the charges
-        assert hv.budget.used == 2 * DOMAIN_FDS
-        hv.evtchn_bind_virq(b, 0)
-        hv.create_domain("c", 16)
+        hv.domain_died(doms[0], "crash")             # its channels go, and with them the charges
+        hv.evtchn_bind_virq(doms[7], VIRQ_DOM_EXC)
+        hv.create_domain("late", 16)
     finally:
         hv.close()
     assert hv.budget.used == 0

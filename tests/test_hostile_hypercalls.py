@@ -64,6 +64,7 @@ VALID_SHAPES: dict[str, dict[str, Any]] = {
     "map": {"ops": []},
     "unmap": {"handles": []},
     "copy": {"ops": []},
+    "replace_frames": {"gfns": []},
     "evtchn_alloc_unbound": {"remote_dom": DOMID_SELF},
     "evtchn_bind_interdomain": {"remote_dom": 0, "remote_port": 1},
     "evtchn_bind_virq": {"virq": 0},
@@ -987,4 +988,44 @@ def test_a_domain_cannot_resize_its_grant_table_under_the_broker(raw: Raw, bysta
             other.close()
     finally:
         host.close()
+    bystanders.check()
+
+
+def test_ending_a_mapped_grant_replaces_the_frame_and_nothing_else_can(raw: Raw, bystanders: Bystanders) -> None:
+    """Revocation by replacement: a granter ending access to an entry the broker
+    mapped gets a fresh frame for that gfn (contents kept, same address), so
+    whatever the grantee kept out of sight is no longer the granter's page.
+    A domain cannot mint frames by asking: only exposed gfns are replaced, once."""
+    from xdom.domains.xenhost import BrokerXenHost
+    a_creds, x_creds = raw.create(), raw.create()
+    a = BrokerXenHost(a_creds["hypercall"], a_creds["token"])
+    x = BrokerXenHost(x_creds["hypercall"], x_creds["token"])
+    try:
+        pid = os.getpid()
+
+        def inode(gfn: int) -> int:
+            addr = a.memory.frame_address(gfn)
+            return os.stat(f"/proc/{pid}/map_files/{addr:x}-{addr + PAGE_SIZE:x}").st_ino
+
+        a.memory.frame(6)[:5] = b"hello"
+        before, untouched = inode(6), inode(7)
+        assert a.call("replace_frames", gfns=[6, 7])[0]["gfns"] == []      # never given to anyone
+        ref = a.gnttab.grant_access(x.domid, 6)
+        (res,) = x.map_grants([(a.domid, ref, False)])
+        assert res.status == GNTST_okay
+        kept = bytes(res.mapping.view[:5])
+        assert x.unmap_grants([res.mapping]) == [GNTST_okay]
+        ref7 = a.gnttab.grant_access(x.domid, 7)
+        a.gnttab.end_access(ref7)                    # granted, never mapped: nothing to replace
+        a.gnttab.end_access(ref)                     # mapped once: replaced on the way
+        assert kept == b"hello" and bytes(a.memory.frame(6)[:5]) == b"hello"
+        assert inode(6) != before and inode(7) == untouched
+        assert a.call("replace_frames", gfns=[6])[0]["gfns"] == []          # once per exposure
+        ref = a.gnttab.grant_access(x.domid, 6)      # the new frame is granted as the gfn's own
+        (res,) = x.map_grants([(a.domid, ref, True)])
+        assert res.status == GNTST_okay and bytes(res.mapping.view[:5]) == b"hello"
+        x.unmap_grants([res.mapping])
+    finally:
+        x.close()
+        a.close()
     bystanders.check()

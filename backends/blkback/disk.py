@@ -5,6 +5,12 @@ granted pages mapped into this process, so the only copies are the
 kernel's.  Discard punches holes in a file (``FALLOC_FL_PUNCH_HOLE``) or
 issues ``BLKDISCARD`` on a block device.
 
+Under the supervisor the image is opened by the toolstack and its
+descriptor handed over the device channel (as a Xen hotplug script opens
+the backing device and blkback only finds it by ``physical-device``):
+blkback itself opens nothing by path, so its Landlock domain can refuse
+every file outside its interpreter.
+
 Whether the disk has a volatile write cache decides whether blkback offers
 FLUSH_DISKCACHE and WRITE_BARRIER at all, as Linux's ``flush_support =
 bdev_write_cache(bdev)``: a file always has one (the page cache); a block
@@ -36,13 +42,19 @@ IOV_MAX = 1024
 class Disk:
     """One open backing store; thread-safe (positional I/O only)."""
 
-    def __init__(self, path: str, read_only: bool, logical_sector_size: int | None = None) -> None:
+    def __init__(self, path: str, read_only: bool, logical_sector_size: int | None = None,
+                 fd: int | None = None) -> None:
+        """``fd``: the image the toolstack opened for us (now ours); else ``path`` is opened here."""
         if logical_sector_size not in (None, 512, 4096):
+            if fd is not None:
+                os.close(fd)
             raise ValueError(f"logical sector size {logical_sector_size}: 512 or 4096")
         self.path = path
         self.read_only = read_only
-        self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        self.fd = fd if fd is not None else os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         try:
+            if fd is not None and not read_only and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+                raise ValueError(f"{path}: the descriptor handed over is read-only, the disk is not")
             st = os.fstat(self.fd)
             self.is_block_device = stat.S_ISBLK(st.st_mode)
             self.write_cache = True

@@ -26,6 +26,8 @@ import signal
 import threading
 from typing import Sequence
 
+from xdom.domains import confinement
+from xdom.domains.device_channel import DeviceChannel
 from xdom.domains.xenhost import connect
 from xdom.domains.xenhost.base import XenHost
 from xdom.domains.xenstore import XenstoreClient
@@ -38,9 +40,11 @@ log = logging.getLogger("xdom.blkback")
 
 
 class BlkbackServer:
-    def __init__(self, host: XenHost, xs: XenstoreClient, features: BackendFeatures | None = None) -> None:
+    def __init__(self, host: XenHost, xs: XenstoreClient, features: BackendFeatures | None = None,
+                 devices: DeviceChannel | None = None) -> None:
         self.host, self.xs = host, xs
         self.features = features or BackendFeatures()
+        self.devices = devices          # the toolstack's device channel: images come open over it
         self.table: DeviceTable[Vbd] | None = None
 
     @property
@@ -53,18 +57,24 @@ class BlkbackServer:
 
     def start(self) -> None:
         self.table = DeviceTable(self.xs, self.host.domid, "vbd",
-                                 lambda path, fe, dev: Vbd(self.host, self.xs, path, fe, dev, self.features),
+                                 lambda path, fe, dev: Vbd(self.host, self.xs, path, fe, dev, self.features,
+                                                           self.devices),
                                  (BadFrontend, OSError, ValueError))
         self.table.start()
 
     def close(self) -> None:
         if self.table is not None:
             self.table.close()
+        if self.devices is not None:
+            self.devices.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m xdom.backends.blkback", description="xdom's block driver domain")
     p.add_argument("--ready-fd", type=int, default=None, help="write 'ready' to this fd once serving")
+    p.add_argument("--device-fd", type=int, default=None, metavar="FD",
+                   help="the toolstack's device channel: each disk image comes over it, opened (else blkback "
+                        "opens the vbd's params path itself)")
     defaults = BackendFeatures()
     p.add_argument("--max-ring-page-order", type=int, choices=range(0, defaults.max_ring_page_order + 1),
                    default=defaults.max_ring_page_order, metavar="0..4",
@@ -86,13 +96,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     host = connect()
+    # Before the first thread: no file of its own to write; without the device channel it must open
+    # the images the toolstack names, by path, so reading and writing files is left to DAC then.
+    confinement.restrict_files("blkback", open_by_path=args.device_fd is None)
     xs = XenstoreClient.ring(host)
-    server = BlkbackServer(host, xs, features)
+    server = BlkbackServer(host, xs, features, DeviceChannel(args.device_fd) if args.device_fd is not None else None)
     try:
         server.start()
         log.info("blkback is domain %d, serving %s", host.domid, server.root)
+        confinement.lock_down("blkback")
         if args.ready_fd is not None:
-            os.write(args.ready_fd, b"ready\n")
+            os.write(args.ready_fd, confinement.ready_message())
             os.close(args.ready_fd)
         while not stop.wait(3600):
             pass

@@ -18,6 +18,7 @@ import threading
 from dataclasses import dataclass
 
 from xdom.domains.abi.blkif import VDISK_READONLY, abi_for
+from xdom.domains.device_channel import DeviceChannel
 from xdom.domains.xenbus import XenbusState, read_int, read_or_none, read_state, switch_state, write_nodes
 from xdom.domains.hypercall_wire import HypercallError
 from xdom.domains.xenhost.base import GrantError, XenHost
@@ -28,6 +29,8 @@ from .plan import MAX_INDIRECT_SEGMENTS, DiskGeometry, Refused
 from .ring_server import RingServer
 
 log = logging.getLogger("xdom.blkback")
+
+DISK_TIMEOUT = 10.0     # seconds for an image's descriptor to follow its nodes (it is sent before them)
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,11 @@ def backend_action(connected: bool, frontend: XenbusState) -> str:
 
 class Vbd:
     def __init__(self, host: XenHost, xs: XenstoreClient, path: str, frontend_domid: int, devid: int,
-                 features: BackendFeatures) -> None:
+                 features: BackendFeatures, devices: DeviceChannel | None = None) -> None:
+        """``devices``: the toolstack's device channel, over which each image comes open (else: by path)."""
         self.host, self.xs, self.path = host, xs, path
+        self.devices = devices
+        self._disk_serial = -1
         self.fe = frontend_domid
         self.devid = devid
         self.features = features
@@ -102,7 +108,7 @@ class Vbd:
         if self.disk is not None:
             self.disk.close()
             self.disk = None
-        self.disk = Disk(params, read_only=mode != "w", logical_sector_size=lss)
+        self.disk = Disk(params, read_only=mode != "w", logical_sector_size=lss, fd=self._take_disk(params))
         nodes: dict[str, str | int] = {
             # Nothing to flush on a disk without a volatile cache: Linux offers neither then.
             "feature-flush-cache": int(self.disk.write_cache),
@@ -123,6 +129,28 @@ class Vbd:
         switch_state(self.xs, self.path, XenbusState.InitWait)
         log.info("%s: %s (%s, %d sectors of 512, logical %d), InitWait", self.name, params,
                  "ro" if self.disk.read_only else "rw", self.disk.sectors, self.disk.logical_sector_size)
+
+    def _take_disk(self, params: str) -> int | None:
+        """The image the toolstack opened for this device (its offer named by ``xdom-disk-fd``), or None
+        without a device channel (blkback started by hand opens ``params`` itself)."""
+        if self.devices is None:
+            return None
+        serial = read_int(self.xs, f"{self.path}/xdom-disk-fd", None)
+        if serial is None:
+            raise BadFrontend(f"{self.path}/xdom-disk-fd is missing: the toolstack could not open {params}")
+        fd = self.devices.take("disk", (self.fe, self.devid, serial), DISK_TIMEOUT)
+        if fd is None:
+            raise BadFrontend(f"the toolstack's descriptor of {params} did not come within {DISK_TIMEOUT:g}s")
+        self._disk_serial = serial
+        self._drop_offers(serial)
+        return fd
+
+    def _drop_offers(self, upto: int) -> None:
+        """Close offers for this device older than the one taken (a re-creation superseded them)."""
+        if self.devices is not None:
+            fe, devid = self.fe, self.devid
+            self.devices.discard("disk", lambda k: isinstance(k, tuple) and len(k) == 3 and k[:2] == (fe, devid)
+                                 and k[2] <= upto)
 
     def _own_state_changed(self, path: str, token: str) -> None:
         with self._lock:
@@ -154,6 +182,7 @@ class Vbd:
             if self.disk is not None:
                 self.disk.close()
                 self.disk = None
+            self._drop_offers(self._disk_serial)
         log.info("%s: removed", self.name)
 
     # ---- xenbus ---------------------------------------------------------------------

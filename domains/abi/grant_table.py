@@ -32,6 +32,16 @@ GTF_PCD: Final = 1 << 6
 GTF_PAT: Final = 1 << 7
 GTF_sub_page: Final = 1 << 8
 
+# xdom's extension, not Xen's ABI (bits 9-15 of a v1 entry's flags are unused
+# by Xen and the table is shared by the granter and the broker only): the
+# broker sets this bit when it maps the entry's frame for a grantee, and never
+# clears it.  A grantee may keep a mapped frame in ways no hypervisor outside
+# its address space can see (a forked child, a descriptor in flight in a
+# socket, a page spliced into a pipe), so a granter that ends access to an
+# entry with this bit set takes a fresh frame for that gfn from the broker
+# (replace_frames) before it reuses the page.
+XDOM_GTF_mapped: Final = 1 << 15
+
 # GNTMAP_* flags of gnttab_map_grant_ref
 GNTMAP_device_map: Final = 1 << 0
 GNTMAP_host_map: Final = 1 << 1

@@ -43,6 +43,7 @@ class BrokerXenHost(XenHost):
         self.gnttab = GrantTable(fds[0], hello["grant_frames"])
         self.memory = DomainMemory(hello["nr_frames"], self._populate, batch=POPULATE_BATCH)
         self.call("set_memory", base=self.memory.base)
+        self.gnttab.on_revoked = self._renew_frame
         self.evtchn = EventChannels()
         self._maps: dict[int, tuple[int, GrantMapping]] = {}   # handle -> (addr, mapping)
 
@@ -67,6 +68,23 @@ class BrokerXenHost(XenHost):
         """The broker's frames start..start+count-1, to map as our memory."""
         _reply, fds = self.call("populate_physmap", start=start, count=count)
         return fds
+
+    def _renew_frame(self, gfn: int) -> None:
+        """A grantee was given frame ``gfn`` and may still hold it: take a fresh one.
+
+        The new frame gets the old contents and is mapped over the old at
+        the same address (views into our memory stay valid); whatever the
+        grantee kept is the old page, which we never touch again.
+        """
+        reply, fds = self.call("replace_frames", gfns=[gfn])
+        try:
+            for g, fd in zip(reply["gfns"], fds):
+                os.pwrite(fd, self.memory.frame(g), 0)
+                sysmem.mmap(self.memory.frame_address(g), PAGE_SIZE, sysmem.PROT_READ | sysmem.PROT_WRITE,
+                            sysmem.MAP_SHARED | sysmem.MAP_FIXED, fd, 0)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     # ---- grants -------------------------------------------------------------
 
