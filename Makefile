@@ -10,8 +10,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # Debian packages: Xen's public headers (ABI tests compile against them), a C compiler,
 # and the real programs the devices are checked with (fio's nbd engine, nbdkit,
-# qemu-img, nbdinfo/nbdcopy, iperf3); gcc-multilib for the x86_32 ABI checks.
-DEB_PACKAGES := libxen-dev xenstore-utils gcc gcc-multilib libc6-dev python3-venv fio nbdkit qemu-utils libnbd-bin iperf3 iproute2 iputils-ping
+# qemu-img, nbdinfo/nbdcopy, iperf3); gcc-multilib for the x86_32 ABI checks; the VM image's
+# kernel and busybox, and QEMU (with qemu-storage-daemon) to boot it (deploy/vm/).
+DEB_PACKAGES := libxen-dev xenstore-utils gcc gcc-multilib libc6-dev python3-venv fio nbdkit qemu-utils libnbd-bin iperf3 iproute2 iputils-ping linux-image-cloud-amd64 busybox-static qemu-system-x86
 PYTEST_ARGS ?=
 
 .PHONY: demo test sysdeps venv bench clean

@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     # up, down, ps, logs, restart, destroy: the supervisor's commands
     from .supervisor_cli import add_parsers
     add_parsers(sub)
+    # vm-image: the VM image the project builds itself
+    from .vm.cli import add_parsers as add_vm_parsers
+    add_vm_parsers(sub)
     return p
 
 

@@ -1,0 +1,246 @@
+"""QEMU command lines for xdom VMs, and the QEMU process that runs one.
+
+A VM's disks and NICs are vhost-user devices its guest domain serves, so
+the command line always has what vhost-user needs, whatever devices the VM
+has now (a disk may be hot-attached later):
+
+* guest RAM is one shared memfd (``-object memory-backend-memfd,...,share=on``
+  as the machine's ``memory-backend``): the back end maps the regions QEMU
+  passes in SET_MEM_TABLE, which only works for shared, fd-backed memory;
+* each device's socket is a client chardev with ``reconnect=N``, so QEMU
+  waits for a restarted guest domain instead of failing the device;
+* the serial console is a unix socket QEMU serves (``server=on,wait=off``)
+  with everything the VM prints also appended to a log file, and QMP is a
+  second unix socket, for the supervisor.
+
+``-nodefaults -display none -no-reboot``: no devices but the ones named
+here, no window, and a guest reboot (or panic, the image boots with
+``panic=-1``) ends QEMU, so the supervisor sees it and applies the
+restart policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import time
+from typing import IO, Sequence
+
+QEMU = "qemu-system-x86_64"
+ACCELS = ("kvm", "tcg", "auto")
+
+
+@dataclasses.dataclass
+class VhostUserBlk:
+    """A vhost-user-blk disk: the guest domain listens on ``socket``."""
+
+    socket: str
+    num_queues: int = 1
+    id: str | None = None
+
+
+@dataclasses.dataclass
+class VhostUserNet:
+    """A vhost-user-net NIC with ``queues`` queue pairs and the vif's MAC."""
+
+    socket: str
+    mac: str
+    queues: int = 1
+    id: str | None = None
+
+
+@dataclasses.dataclass
+class VmSpec:
+    """What a ``[domain.vm]`` table says: the VM itself, not where its sockets live."""
+
+    kernel: str
+    initrd: str | None = None
+    append: str = ""
+    cpus: int = 1
+    memory: str | int = "256M"           # QEMU's -m syntax; an int is MiB
+    accel: str = "auto"                  # "kvm" | "tcg" | "auto" (see accel.py)
+    vhost_user_blk: list[VhostUserBlk] = dataclasses.field(default_factory=list)
+    vhost_user_net: list[VhostUserNet] = dataclasses.field(default_factory=list)
+    extra_args: list[str] = dataclasses.field(default_factory=list)
+    name: str = "vm"
+    reconnect: int = 1                   # seconds between QEMU's attempts to reach a device socket
+
+
+@dataclasses.dataclass
+class VmPaths:
+    """Where one VM's control files live (unix socket paths: keep them short)."""
+
+    console: str
+    qmp: str
+    console_log: str
+    qemu_log: str
+
+    @classmethod
+    def in_dir(cls, run_dir: str, name: str = "vm") -> "VmPaths":
+        j = os.path.join
+        return cls(console=j(run_dir, f"{name}.con"), qmp=j(run_dir, f"{name}.qmp"),
+                   console_log=j(run_dir, f"{name}.console.log"), qemu_log=j(run_dir, f"{name}.qemu.log"))
+
+
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+def memory_mib(memory: str | int) -> int:
+    """``256M``, ``1G``, ``512`` (MiB, as QEMU reads a bare -m number) -> MiB."""
+    if isinstance(memory, int):
+        return memory
+    m = re.fullmatch(r"\s*(\d+)\s*([MmGg]?)(i?[Bb])?\s*", memory)
+    if not m:
+        raise ValueError(f"memory {memory!r}: want e.g. 256M or 1G")
+    n = int(m.group(1))
+    return n * 1024 if m.group(2).lower() == "g" else n
+
+
+def _opt(value: str) -> str:
+    """A value inside a QEMU option list: commas are doubled, as QEMU's parser wants."""
+    return value.replace(",", ",,")
+
+
+def qemu_argv(spec: VmSpec, paths: VmPaths, accel: str, qemu: str = QEMU) -> list[str]:
+    """The whole QEMU command line for ``spec`` with ``accel`` already resolved ("kvm" or "tcg")."""
+    if accel not in ("kvm", "tcg"):
+        raise ValueError(f"accel must be resolved to kvm or tcg here, not {accel!r}")
+    mib = memory_mib(spec.memory)
+    argv = [qemu, "-name", _opt(spec.name),
+            "-machine", f"q35,accel={accel},memory-backend=mem",
+            "-object", f"memory-backend-memfd,id=mem,size={mib}M,share=on",
+            "-m", f"{mib}M", "-smp", str(spec.cpus)]
+    if accel == "kvm":
+        argv += ["-cpu", "host"]
+    argv += ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+             "-kernel", spec.kernel]
+    if spec.initrd:
+        argv += ["-initrd", spec.initrd]
+    if spec.append:
+        argv += ["-append", spec.append]
+    argv += ["-chardev", f"socket,id=con,path={_opt(paths.console)},server=on,wait=off,"
+                         f"logfile={_opt(paths.console_log)},logappend=on",
+             "-serial", "chardev:con",
+             "-chardev", f"socket,id=qmp,path={_opt(paths.qmp)},server=on,wait=off",
+             "-mon", "chardev=qmp,mode=control"]
+    for i, d in enumerate(spec.vhost_user_blk):
+        did = d.id or f"blk{i}"
+        if d.num_queues < 1:
+            raise ValueError(f"{did}: num_queues must be >= 1")
+        argv += ["-chardev", f"socket,id={did}-sock,path={_opt(d.socket)},reconnect={spec.reconnect}",
+                 "-device", f"vhost-user-blk-pci,id={did},chardev={did}-sock,num-queues={d.num_queues}"]
+    for i, n in enumerate(spec.vhost_user_net):
+        nid = n.id or f"net{i}"
+        if not _MAC.match(n.mac):
+            raise ValueError(f"{nid}: bad MAC {n.mac!r}")
+        if n.queues < 1:
+            raise ValueError(f"{nid}: queues must be >= 1")
+        argv += ["-chardev", f"socket,id={nid}-sock,path={_opt(n.socket)},reconnect={spec.reconnect}",
+                 "-netdev", f"vhost-user,id={nid},chardev={nid}-sock,queues={n.queues}"]
+        dev = f"virtio-net-pci,id={nid}-dev,netdev={nid},mac={n.mac}"
+        if n.queues > 1:
+            # one MSI-X vector per queue, plus config and control queue
+            dev += f",mq=on,vectors={2 * n.queues + 2}"
+        argv += ["-device", dev]
+    return argv + list(spec.extra_args)
+
+
+# QEMU's own devices, for comparing against (tests, benchmarks): not what xdom serves.
+
+def own_virtio_blk(path: str, id: str = "d0", fmt: str = "raw", readonly: bool = False,
+                   cache: str = "none") -> list[str]:
+    """Extra args for QEMU's own virtio-blk on an image file (``cache=none``: O_DIRECT, like a real disk)."""
+    ro = ",read-only=on" if readonly else ""
+    return ["-blockdev", f"driver=file,node-name={id}-file,filename={_opt(path)},"
+                         f"cache.direct={'on' if cache == 'none' else 'off'}{ro}",
+            "-blockdev", f"driver={fmt},node-name={id},file={id}-file{ro}",
+            "-device", f"virtio-blk-pci,drive={id},id={id}-dev"]
+
+
+def own_virtio_net(netdev: str, mac: str, id: str = "n0") -> list[str]:
+    """Extra args for QEMU's own virtio-net on a netdev such as ``user`` or ``socket,listen=...``."""
+    return ["-netdev", f"{netdev},id={id}", "-device", f"virtio-net-pci,netdev={id},mac={mac}"]
+
+
+class QemuProcess:
+    """One running QEMU: its argv, its files, and a stop that always reaps it.
+
+    QEMU's stdout and stderr go to ``paths.qemu_log`` (accelerator errors
+    such as "KVM internal error" are printed there).  QEMU ends its own
+    process group so a signal to the supervisor's group does not reach it.
+    """
+
+    def __init__(self, argv: Sequence[str], paths: VmPaths, accel: str, accel_reason: str = "") -> None:
+        self.argv = list(argv)
+        self.paths = paths
+        self.accel = accel
+        self.accel_reason = accel_reason
+        for p in (paths.console, paths.qmp):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+        self._log: IO[bytes] = open(paths.qemu_log, "ab")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def log_text(self) -> str:
+        """What QEMU itself printed so far."""
+        try:
+            with open(self.paths.qemu_log, "rb") as f:
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_socket(self, path: str, timeout: float = 10.0) -> None:
+        """Wait until QEMU has created ``path`` (it does before the guest runs); fail if QEMU exits."""
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(path):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"QEMU exited with {self.proc.returncode}: {self.log_text().strip()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"QEMU did not create {path} within {timeout}s")
+            time.sleep(0.01)
+
+    def stop(self, timeout: float = 5.0) -> int:
+        """SIGTERM (QEMU exits cleanly on it), then SIGKILL after ``timeout``; returns the exit status."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> "QemuProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_qemu(spec: VmSpec, paths: VmPaths, accel: str | None = None, qemu: str = QEMU) -> QemuProcess:
+    """Start QEMU for ``spec``; ``accel`` overrides ``spec.accel`` ("auto" is resolved by a probe, cached)."""
+    requested = accel or spec.accel
+    if requested not in ACCELS:
+        raise ValueError(f"accel {requested!r}: want one of {ACCELS}")
+    if requested == "auto":
+        from .accel import choose_accel
+        choice = choose_accel(qemu=qemu)
+        chosen, reason = choice.accel, choice.reason
+    else:
+        chosen, reason = requested, "asked for"
+    return QemuProcess(qemu_argv(spec, paths, chosen, qemu), paths, chosen, reason)
