@@ -25,7 +25,7 @@ import pytest
 from xdom.domains.confinement import landlock, policy
 from xdom.domains.confinement.seccomp import (
     AUDIT_ARCH_X86_64, SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO, SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_LOG, ArgIn,
-    ArgNoBits, FilterSpec, build_filter,
+    ArgBits, FilterSpec, build_filter,
 )
 from xdom.domains.confinement.syscalls import NR
 
@@ -33,6 +33,7 @@ PY = sys.executable
 AUDIT_ARCH_I386 = 0x40000003
 CLONE_THREAD_FLAGS = 0x3D0F00          # what glibc's pthread_create passes
 CLONE_NEWUSER = 0x10000000
+FORK_FLAGS = 0x01200011                 # what glibc's fork passes: CHILD_CLEARTID|CHILD_SETTID|SIGCHLD
 TIOCSTI = 0x5412
 
 needs_x86_64 = pytest.mark.skipif(os.uname().machine != "x86_64", reason="the filters are built for x86_64")
@@ -50,6 +51,9 @@ def run_bpf(prog: bytes, nr: int, arch: int = AUDIT_ARCH_X86_64, args: tuple[int
         if code == 0x20:
             a = struct.unpack_from("<I", data, k)[0]
             pc += 1
+        elif code == 0x54:
+            a &= k
+            pc += 1
         elif code in (0x15, 0x35, 0x45):
             taken = a == k if code == 0x15 else a >= k if code == 0x35 else bool(a & k)
             pc += 1 + (jt if taken else jf)
@@ -61,7 +65,7 @@ def run_bpf(prog: bytes, nr: int, arch: int = AUDIT_ARCH_X86_64, args: tuple[int
 
 
 def test_the_builder_allows_refuses_and_checks_arguments() -> None:
-    spec = FilterSpec.by_name({"read": None, "write": None, "clone": ArgNoBits(0, CLONE_NEWUSER),
+    spec = FilterSpec.by_name({"read": None, "write": None, "clone": ArgBits(0, CLONE_NEWUSER, 0x10100),
                                "ioctl": ArgIn(1, frozenset({0x5401}))}, {"clone3": 38})
     prog = build_filter(spec)
     assert len(prog) % 8 == 0
@@ -70,6 +74,7 @@ def test_the_builder_allows_refuses_and_checks_arguments() -> None:
     assert run_bpf(prog, NR["clone3"]) == SECCOMP_RET_ERRNO | 38
     assert run_bpf(prog, NR["clone"], args=(CLONE_THREAD_FLAGS,)) == SECCOMP_RET_ALLOW
     assert run_bpf(prog, NR["clone"], args=(CLONE_THREAD_FLAGS | CLONE_NEWUSER,)) == SECCOMP_RET_KILL_PROCESS
+    assert run_bpf(prog, NR["clone"], args=(FORK_FLAGS,)) == SECCOMP_RET_KILL_PROCESS          # required bits
     assert run_bpf(prog, NR["ioctl"], args=(0, 0x5401)) == SECCOMP_RET_ALLOW
     assert run_bpf(prog, NR["ioctl"], args=(0, TIOCSTI)) == SECCOMP_RET_KILL_PROCESS
     # another architecture, and x32 numbers, are fatal whatever the number
@@ -105,6 +110,7 @@ def test_every_kind_has_a_filter_without_the_dangerous_calls() -> None:
         # threads, not namespaces; unix sockets only, where a kind makes sockets at all
         assert run_bpf(prog, NR["clone"], args=(CLONE_THREAD_FLAGS,)) == SECCOMP_RET_ALLOW
         assert run_bpf(prog, NR["clone"], args=(CLONE_THREAD_FLAGS | CLONE_NEWUSER,)) == SECCOMP_RET_KILL_PROCESS
+        assert run_bpf(prog, NR["clone"], args=(FORK_FLAGS,)) == SECCOMP_RET_KILL_PROCESS
         assert run_bpf(prog, NR["socket"], args=(socket.AF_UNIX,)) == (
             SECCOMP_RET_ALLOW if "socket" in policy.syscalls_of(kind) else SECCOMP_RET_KILL_PROCESS)
         for family in (socket.AF_INET, socket.AF_INET6, socket.AF_NETLINK, socket.AF_PACKET):
@@ -140,6 +146,8 @@ elif what == "ptrace":
     libc.ptrace(0, 0, 0, 0)
 elif what == "x32":
     libc.syscall(ctypes.c_long(0x40000000 + 39))
+elif what == "fork":
+    os.fork()
 elif what == "newuser":
     libc.syscall(ctypes.c_long(56), ctypes.c_long(0x10000000 | 17), ctypes.c_long(0), ctypes.c_long(0),
                  ctypes.c_long(0), ctypes.c_long(0))
@@ -166,7 +174,7 @@ def test_an_allowed_call_works_and_threads_start_without_clone3() -> None:
 
 
 @needs_x86_64
-@pytest.mark.parametrize("what", ["ptrace", "x32", "newuser"])
+@pytest.mark.parametrize("what", ["ptrace", "x32", "newuser", "fork"])
 def test_a_forbidden_call_kills_the_process(what: str) -> None:
     res = _child("domain", what)
     assert res.returncode == -signal.SIGSYS, (res.returncode, res.stderr)

@@ -8,9 +8,9 @@ The program (classic BPF over ``struct seccomp_data``) is, in order:
    unfiltered table);
 2. a syscall number with the x32 bit (``0x40000000``) kills the process
    (same token, other ABI);
-3. syscalls whose allowance depends on an argument (``clone`` flags,
-   ``ioctl`` requests, ``socket`` families), each a self-contained block
-   that ends in a return;
+3. syscalls whose allowance depends on an argument (``clone`` flags:
+   threads only, no namespaces; ``ioctl`` requests; ``socket``
+   families), each a self-contained block that ends in a return;
 4. the unconditional allows, one ``jeq; ret ALLOW`` pair each (no jump
    ever spans more than a block, so the 8-bit jump offsets of classic BPF
    never overflow however long the list);
@@ -52,7 +52,7 @@ from typing import Mapping
 
 from .syscalls import NR, X32_SYSCALL_BIT
 
-__all__ = ["AUDIT_ARCH_X86_64", "ArgIn", "ArgNoBits", "FilterSpec", "SeccompError", "build_filter",
+__all__ = ["AUDIT_ARCH_X86_64", "ArgBits", "ArgIn", "FilterSpec", "SeccompError", "build_filter",
            "install_filter", "no_new_privs", "SECCOMP_RET_ALLOW", "SECCOMP_RET_ERRNO",
            "SECCOMP_RET_KILL_PROCESS", "SECCOMP_RET_LOG"]
 
@@ -76,6 +76,7 @@ BPF_JMP_JEQ_K = 0x05 | 0x10 | 0x00
 BPF_JMP_JGE_K = 0x05 | 0x30 | 0x00
 BPF_JMP_JSET_K = 0x05 | 0x40 | 0x00
 BPF_RET_K = 0x06 | 0x00
+BPF_ALU_AND_K = 0x04 | 0x50 | 0x00
 BPF_MAXINSNS = 4096
 
 OFF_NR = 0
@@ -93,13 +94,14 @@ class ArgIn:
 
 
 @dataclass(frozen=True)
-class ArgNoBits:
-    """Allowed when argument ``index`` (low 32 bits) has none of the bits of ``mask`` set."""
+class ArgBits:
+    """Allowed when argument ``index`` (low 32 bits) has none of the bits of ``forbidden`` and all of ``required``."""
     index: int
-    mask: int
+    forbidden: int = 0
+    required: int = 0
 
 
-ArgCheck = ArgIn | ArgNoBits
+ArgCheck = ArgIn | ArgBits
 
 
 @dataclass(frozen=True)
@@ -135,9 +137,12 @@ def _ret(action: int) -> bytes:
 def _arg_block(nr: int, check: ArgCheck, default: int) -> list[bytes]:
     """``if nr == N: load the argument; allow if the check holds, else the default`` (ends in a return)."""
     body = [_insn(BPF_LD_W_ABS, OFF_ARGS + 8 * check.index)]
-    if isinstance(check, ArgNoBits):
-        # jset: any forbidden bit set -> the default action; else allow
-        body += [_insn(BPF_JMP_JSET_K, check.mask, 1, 0), _ret(SECCOMP_RET_ALLOW), _ret(default)]
+    if isinstance(check, ArgBits):
+        if check.forbidden:         # jset: any forbidden bit set -> the default action
+            body.append(_insn(BPF_JMP_JSET_K, check.forbidden, 3 if check.required else 1, 0))
+        if check.required:          # A &= required; all of them there -> allow
+            body += [_insn(BPF_ALU_AND_K, check.required), _insn(BPF_JMP_JEQ_K, check.required, 0, 1)]
+        body += [_ret(SECCOMP_RET_ALLOW), _ret(default)]
     else:
         for value in sorted(check.values):
             body += [_insn(BPF_JMP_JEQ_K, value, 0, 1), _ret(SECCOMP_RET_ALLOW)]
