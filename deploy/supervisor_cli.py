@@ -369,14 +369,24 @@ def cmd_ps(args: argparse.Namespace) -> int:
     _say(f"supervisor pid {reply['pid']} ({reply['phase']}), broker pid {reply['broker_pid']}, "
          f"run {reply['run_dir']}, uids {reply['uids']}")
     _say(f"{'NAME':<16} {'KIND':<9} {'ID':>4} {'STATE':<9} {'PID':>7} {'UPTIME':>8} {'RSS(MiB)':>8} "
-         f"{'RESTARTS':>8} {'MAPS':>5} {'GRANTED':>7} {'EVTCHN':>6}  LAST EXIT")
+         f"{'RESTARTS':>8} {'MAPS':>5} {'GRANTED':>7} {'EVTCHN':>6} {'CONFINED':<24} LAST EXIT")
     for r in rows:
         dash = "-"
         _say(f"{r['name']:<16} {r['kind']:<9} {r['domid'] if r['domid'] is not None else dash:>4} {r['state']:<9} "
              f"{r['pid'] or dash:>7} {_uptime(r['uptime']):>8} {_mib(r['rss']):>8} {r['restarts']:>8} "
-             f"{_n(r['mappings_held']):>5} {_n(r['grants_mapped_by_others']):>7} {_n(r['event_channels']):>6}  "
-             f"{r['last_exit'] or ''}")
+             f"{_n(r['mappings_held']):>5} {_n(r['grants_mapped_by_others']):>7} {_n(r['event_channels']):>6} "
+             f"{_confined(r.get('confinement')):<24} {r['last_exit'] or ''}")
     return EXIT_OK
+
+
+def _confined(c: dict[str, Any] | None) -> str:
+    """``kill:blkback+landlock7``: the seccomp filter (as the kernel shows it) and the Landlock ABI."""
+    if c is None:
+        return "-"
+    parts = [c["seccomp"]] if c.get("seccomp") else []
+    if c.get("landlock"):
+        parts.append(str(c["landlock"]).replace("abi", "landlock"))
+    return "+".join(parts) or "none"
 
 
 def cmd_top(args: argparse.Namespace) -> int:
