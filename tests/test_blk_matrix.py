@@ -18,7 +18,7 @@ from typing import Iterator
 
 import pytest
 
-from xs_fixtures import start_xenstored
+from xs_fixtures import introduce, start_xenstored
 from xdom.backends.blkback.server import BlkbackServer
 from xdom.deploy.vbd import VbdConfig, add_vbd, remove_vbd
 from xdom.domains.abi.blkif import PROTOCOL_X86_32, PROTOCOL_X86_64
@@ -69,6 +69,7 @@ class Rig:
 
     def attach(self, path: str, devid: int = DEVID, options: FrontendOptions = FrontendOptions(),
                **cfg: object) -> Blkfront:
+        introduce(self.xs, self.be.domid, self.fe.domid)
         add_vbd(self.xs, VbdConfig(self.be.domid, self.fe.domid, devid, "xvda", path, **cfg))  # type: ignore[arg-type]
         front = Blkfront(self.fe, self.client(), devid, options)
         front.connect(20)

@@ -32,7 +32,7 @@ from typing import Iterator
 import pytest
 
 from helpers import wait_until
-from xs_fixtures import start_xenstored
+from xs_fixtures import introduce, start_xenstored
 from xdom.backends.blkback.server import BlkbackServer
 from xdom.deploy.vbd import VbdConfig, add_vbd
 from xdom.domains.abi.blkif import (
@@ -106,6 +106,7 @@ class GoodDevice:
         self.host = env.hv.create_domain("good", "8M")
         env.hosts.append(self.host)
         self.image = env.make_image("good.img", GOOD_IMAGE)
+        introduce(env.xs, env.be.domid, self.host.domid)
         add_vbd(env.xs, VbdConfig(env.be.domid, self.host.domid, GOOD_DEVID, "xvdb", self.image))
         self.front = Blkfront(self.host, env.client(), GOOD_DEVID, options)
         self.front.connect(WAIT)
@@ -168,6 +169,7 @@ class Hostile:
         self.sectors = image_size // 512
         self.devid = HOSTILE_DEVID
         self.read_only = read_only
+        introduce(env.xs, env.be.domid, self.host.domid)
         add_vbd(env.xs, VbdConfig(env.be.domid, self.host.domid, self.devid, "xvda", self.image,
                                   read_only=read_only, logical_sector_size=logical_sector_size))
         self.path = frontend_path(self.host.domid, "vbd", self.devid)

@@ -48,6 +48,7 @@ import pytest
 
 from helpers import wait_until
 from test_net_local import NetRig, in_ns
+from xs_fixtures import introduce
 from xdom.backends.netback.switch import PORT_QUEUE, Port
 from xdom.backends.netback.tx import TxDrop, TxFatal, TxMulticast, TxPacket, TxProcessor
 from xdom.deploy import netns
@@ -356,6 +357,7 @@ class HostileVif:
         self.rx_extra_next = False
         self.closed = False
         # the toolstack's part: libxl's nodes, both directories in one transaction
+        introduce(self.xs, self.be_domid, self.host.domid)
         add_vif(self.xs, VifConfig(self.be_domid, self.host.domid, devid, ":".join(f"{b:02x}" for b in EVIL_MAC)))
 
     # xenbus ------------------------------------------------------------------------------
@@ -624,6 +626,7 @@ class Env:
         for args in (["tuntap", "add", "dev", "eth0", "mode", "tap"], ["link", "set", "eth0", "address", mac],
                      ["addr", "add", f"10.99.0.{index}/24", "dev", "eth0"], ["link", "set", "eth0", "up"]):
             subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True)
+        introduce(rig.xs, rig.be.domid, dom.domid)
         add_vif(rig.xs, VifConfig(rig.be.domid, dom.domid, 0, mac))
         with netns.entered(ns):               # the TAP device is found by name in the caller's namespace
             front = Netfront(dom, rig.client(), 0, "eth0")

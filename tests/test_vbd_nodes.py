@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from xs_fixtures import Xenstored, nodes
+from xs_fixtures import Xenstored, introduce, nodes
 from xdom.deploy.vbd import VbdConfig, add_vbd, remove_vbd
 from xdom.domains.xenbus import XenbusState, read_state, switch_state
 from xdom.domains.xenstore import XenstoreClient
@@ -23,6 +23,15 @@ pytestmark = pytest.mark.timeout(60)
 BE, FE, DEVID = 3, 7, 51712          # xvda
 BE_PATH = f"/local/domain/{BE}/backend/vbd/{FE}/{DEVID}"
 FE_PATH = f"/local/domain/{FE}/device/vbd/{DEVID}"
+
+
+@pytest.fixture
+def xs(xs: XenstoreClient) -> XenstoreClient:
+    """The conftest client, with the backend and frontend domains introduced: a xenstored
+    without a hypervisor knows only introduced domains, and refuses (ENOENT) permissions
+    owned by any other, as Xen's does (XSA-322)."""
+    introduce(xs, BE, FE)
+    return xs
 
 
 def test_add_vbd_writes_libxl_nodes(xs: XenstoreClient) -> None:

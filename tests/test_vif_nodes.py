@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from xs_fixtures import Xenstored, nodes
+from xs_fixtures import Xenstored, introduce, nodes
 from xdom.deploy import netns
 from xdom.deploy.tap import TUN_PATH, TapError, create_tap, delete_tap, open_tun, tap_exists
 from xdom.deploy.vif import VifConfig, add_vif, remove_vif
@@ -33,6 +33,15 @@ BE, FE, DEVID = 3, 7, 0
 MAC = "00:16:3e:12:34:56"
 BE_PATH = f"/local/domain/{BE}/backend/vif/{FE}/{DEVID}"
 FE_PATH = f"/local/domain/{FE}/device/vif/{DEVID}"
+
+
+@pytest.fixture
+def xs(xs: XenstoreClient) -> XenstoreClient:
+    """The conftest client, with the backend and frontend domains introduced: a xenstored
+    without a hypervisor knows only introduced domains, and refuses (ENOENT) permissions
+    owned by any other, as Xen's does (XSA-322)."""
+    introduce(xs, BE, FE)
+    return xs
 
 
 # ---- xenstore nodes -------------------------------------------------------------------------------

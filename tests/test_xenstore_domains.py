@@ -102,3 +102,51 @@ def test_a_guest_that_breaks_its_ring_is_cut_off_alone(mgmt, xenstored, dom0) ->
     finally:
         good.stop()
         bad.stop()
+
+
+def test_a_domain_named_before_its_introduction_is_forgotten_when_it_dies(mgmt, xenstored, dom0) -> None:
+    """The toolstack may name a domain the broker created before introducing it (libxl's
+    order): the hypervisor vouches for it.  If it dies first, xenstored forgets it on
+    VIRQ_DOM_EXC (C's check_domains walks every domain it knows, introduced or not), so the
+    next domain given its domid does not inherit what was granted to the dead one."""
+    from xdom.deploy.agent_client import AgentProcess
+    from xdom.domains.xs_wire import XenstoreError, XsType
+
+    def known(domid: int) -> bool:
+        try:
+            dom0.request(XsType.XS_CONTROL, f"quota\0{domid}\0".encode())
+            return True
+        except XenstoreError as e:
+            assert e.name == "ENOENT"
+            return False
+
+    early = AgentProcess(mgmt, "early")                  # running, never introduced
+    again = None
+    try:
+        domid = early.domid
+        dom0.write("/secret", "s")
+        dom0.set_perms("/secret", ["n0", f"r{domid}"])
+        dom0.write("/given", "g")
+        dom0.set_perms("/given", [f"n{domid}"])
+        assert known(domid)
+        with pytest.raises(XenstoreError) as refused:      # a domid the broker never handed out
+            dom0.set_perms("/given", ["n7000"])
+        assert refused.value.name == "ENOENT"
+        early.kill()
+        wait_until(lambda: not known(domid), what="xenstored to forget the dead domain")
+        assert not dom0.exists("/given")                 # what it owned went with it
+
+        creds = mgmt.request("restart", domid=domid)     # the same domid, a new domain
+        store = mgmt.request("setup_store", domid=domid, xenstore_domid=xenstored.domid)
+        again = AgentProcess(mgmt, "early", creds=creds)
+        home = f"/local/domain/{domid}"
+        dom0.write(home, "")
+        dom0.set_perms(home, [f"n{domid}"])
+        dom0.introduce(domid, store["gfn"], store["port"])
+        again.call("xs_connect")
+        assert again.call("xs_read", path="/secret")["errno"] == "EACCES"
+        assert again.call("xs_read", path=f"{home}")["value"] == ""
+    finally:
+        early.stop()
+        if again is not None:
+            again.stop()

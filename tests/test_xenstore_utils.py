@@ -175,3 +175,18 @@ def test_many_clients_at_once(xs: Xs) -> None:
     procs = [subprocess.Popen(["xenstore-write", f"/many/{i}", str(i)], env=xs.env) for i in range(20)]
     assert [p.wait(timeout=20) for p in procs] == [0] * 20
     assert sorted(xs.run("xenstore-list", "/many").stdout.split(), key=int) == [str(i) for i in range(20)]
+
+
+def test_chmod_refuses_an_owner_that_does_not_exist(xs: Xs) -> None:
+    """XSA-322: a domain that does not exist cannot own a node, or a later domain given its
+    domid would inherit it: ENOENT.  Another entry naming it is kept and shown but grants
+    nothing.  (The xenstored here has no hypervisor: only domain 0 exists, as for Xen's C
+    xenstored started with no other domain.)"""
+    xs.write("/absent-owner", "v")
+    res = xs.run("xenstore-chmod", "/absent-owner", "r7", "r1", check=False)
+    assert res.returncode == 1 and "No such file or directory" in res.stderr
+    res = xs.run("xenstore-chmod", "-r", "/absent-owner", "n32752", check=False)
+    assert res.returncode == 1 and "No such file or directory" in res.stderr
+    assert [ln for ln in xs.ls("-fp", "/") if ln.startswith("/absent-owner")] == ['/absent-owner = "v"   (n0)']
+    xs.run("xenstore-chmod", "/absent-owner", "n0", "r7")
+    assert [ln for ln in xs.ls("-fp", "/") if ln.startswith("/absent-owner")] == ['/absent-owner = "v"   (n0,r7)']

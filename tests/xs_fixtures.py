@@ -89,3 +89,16 @@ def start_guest(mgmt, dom0: XenstoreClient, xenstored: XenstoredDomain, name: st
 def nodes(xs: XenstoreClient, path: str) -> dict[str, str]:
     """Every node directly under ``path`` with its value."""
     return {key: xs.read(f"{path}/{key}").decode() for key in xs.directory(path)}
+
+
+def introduce(xs: XenstoreClient, *domids: int) -> None:
+    """XS_INTRODUCE each domain not introduced yet, as a toolstack does before writing its devices.
+
+    For a standalone xenstored beside an in-process (local) hypervisor: it cannot
+    ask that hypervisor which domains exist, so it knows only those introduced to
+    it and refuses (ENOENT) permissions owned by any other, as Xen's does (XSA-322).
+    No ring is mapped (it has no hypervisor connection); clients stay on the socket.
+    """
+    for domid in domids:
+        if not xs.is_domain_introduced(domid):
+            xs.introduce(domid, 0, 1)

@@ -18,6 +18,18 @@ Rules:
 * Domain 0 is privileged and is also what unix-socket clients are.  Every
   other domid is an unprivileged domain; a SET_TARGET gives it a target's
   rights over the target's nodes.
+* Permissions may only name domains that exist (XSA-322; C's
+  ``domain_alloc_permrefs``, ``chk_domain_generation`` and
+  ``domain_adjust_node_perms``).  A domain exists if xenstored knows it
+  (domain 0, an introduced domain, one with a connection, one an earlier
+  permission named while it lived) or else if the hypervisor hook says so.
+  SET_PERMS whose owner does not exist is ENOENT; any other entry naming a
+  domain that does not exist is kept but marked ignored.  A domain is dated
+  by the store generation when xenstored first heard of it: an entry naming
+  it on a node last written before that belongs to a dead namesake and is
+  ignored, for good.  Without a hook (standalone, no hypervisor) only
+  known domains exist, as in C with dom0 alone, so the toolstack must
+  INTRODUCE a domain before it names it.
 
 Deliberate differences from C xenstored 4.17:
 
@@ -42,6 +54,14 @@ Deliberate differences from C xenstored 4.17:
   transaction fails with EAGAIN either way).
 * CONTROL knows check, help, log, print, quota and quota-soft; RESUME only
   validates its argument (no shutdown tracking here).
+* A domain record takes a generation number of its own (C reuses the
+  current one, so a grant on the node written last before a domid is
+  reused still reaches the new domain).
+* A transaction's written nodes have their permissions checked for stale
+  entries at commit against the generation they were written with, before
+  they take their commit generation: a domid released and introduced again
+  while the transaction was open does not gain the rights it granted the
+  old domain (C checks against the commit generation only).
 """
 
 from __future__ import annotations
@@ -119,9 +139,9 @@ Effect = Introduced | Released
 class _Domain:
     """What xenstored knows of one domain (C's ``struct domain``).
 
-    ``generation`` is the store generation when xenstored first heard of the
-    domain: a permission entry naming it on a node written *before* that is
-    a dead namesake's and is ignored.
+    ``generation`` dates the record: a generation number of its own, taken
+    when xenstored first heard of the domain.  A permission entry naming it
+    on a node last written *before* that is a dead namesake's and is ignored.
     """
 
     domid: int
@@ -217,14 +237,15 @@ class XenstoreCore:
 
     def __init__(self, quota: Quota | None = None,
                  domain_exists: Callable[[int], bool] | None = None) -> None:
-        """``domain_exists`` asks the hypervisor whether a domid is a live
-        domain, as C xenstored does; without it (standalone, no hypervisor)
-        every domid not reported dead counts as existing."""
+        """``domain_exists`` asks the hypervisor whether a domid xenstored does
+        not know yet is a live domain, as C's ``get_domain_info`` does (it may
+        raise: the domain then counts as absent).  Without it (standalone, no
+        hypervisor) a domain exists only once xenstored knows it: domain 0,
+        an introduced domain or a connected one."""
         self.quota = quota or Quota()
         self._domain_exists_hook = domain_exists
         self._store = Store.initial()
         self._domains: dict[int, _Domain] = {PRIVILEGED_DOMID: _Domain(PRIVILEGED_DOMID, 0, introduced=True)}
-        self._gone: set[int] = set()          # died; a domid here does not exist until introduced again
         self._conns: dict[ConnId, _Connection] = {}
         self._conn_order: dict[ConnId, int] = {}
         self._next_conn_seq = 0
@@ -258,8 +279,7 @@ class XenstoreCore:
         self._conns[conn] = c
         self._conn_order[conn] = c.seq
         if domid != PRIVILEGED_DOMID:
-            self._gone.discard(domid)
-            self._find_or_alloc_domain(domid)
+            self._find_or_alloc_domain(domid)      # a domain with a connection exists
             for path, token, relative_base in self._restored_watches.pop(domid, []):
                 watch = self._add_watch(c, path, token, relative_base)
                 self._queue_event(c, watch.event_path(watch.path), watch.token)
@@ -322,10 +342,25 @@ class XenstoreCore:
         return c is not None and c.backlogged
 
     def domain_gone(self, domid: int) -> None:
-        """The hypervisor says ``domid`` died: release it, remove the nodes it owns, fire @releaseDomain."""
+        """The hypervisor says ``domid`` died: release it, remove the nodes it owns, fire @releaseDomain.
+
+        Permission entries naming it elsewhere stay (GET_PERMS shows them) but
+        never match again, not even for a later domain given the same domid.
+        """
         if domid == PRIVILEGED_DOMID:
             return
         self._destroy_domain(domid, dead=True)
+
+    def known_domains(self) -> dict[int, bool]:
+        """Every domain xenstored knows but domain 0, with whether it was introduced.
+
+        The shell asks the hypervisor about each after VIRQ_DOM_EXC (and after a
+        restart) and calls ``domain_gone`` for the dead, as C's
+        ``check_domains`` walks its domain list: a domain only ever named in
+        permissions must be forgotten when it dies too, or a new domain with
+        its domid would inherit its rights.
+        """
+        return {d.domid: d.introduced for d in self._domains.values() if d.domid != PRIVILEGED_DOMID}
 
     def node_count(self) -> int:
         return len(self._store)
@@ -376,7 +411,6 @@ class XenstoreCore:
             "nodes": nodes,
             "domains": [[d.domid, d.generation, d.introduced, d.gfn, d.port, d.target]
                         for d in self._domains.values() if d.domid != PRIVILEGED_DOMID],
-            "gone": sorted(self._gone),
             "special_perms": {name: perms_out(p) for name, p in self._special_perms.items()},
             "watches": watches,
         }
@@ -420,7 +454,6 @@ class XenstoreCore:
             for domid, generation, introduced, gfn, port, target in state["domains"]:
                 core._domains[int(domid)] = _Domain(int(domid), int(generation), bool(introduced), int(gfn),
                                                     int(port), None if target is None else int(target))
-            core._gone = {int(d) for d in state["gone"]}
             for name in (INTRODUCE_DOMAIN, RELEASE_DOMAIN):
                 if name in state["special_perms"]:
                     core._special_perms[name] = perms_in(state["special_perms"][name])
@@ -664,20 +697,41 @@ class XenstoreCore:
     # ---- domains ---------------------------------------------------------------------------------
 
     def _domain_exists(self, domid: int) -> bool:
-        """Ask the hypervisor if we can; else any real domid we were not told is dead."""
-        if domid >= DOMID_FIRST_RESERVED:
+        """Whether a domid xenstored does not know is a live domain (C's ``get_domain_info``).
+
+        Only the hypervisor can say; without it, or when asking fails, the
+        answer is no: a permission for a domain nobody vouches for is exactly
+        what a later domain with that domid would inherit.
+        """
+        if domid >= DOMID_FIRST_RESERVED or self._domain_exists_hook is None:
             return False
-        if self._domain_exists_hook is not None:
-            try:
-                return self._domain_exists_hook(domid)
-            except Exception:
-                return domid not in self._gone
-        return domid not in self._gone
+        try:
+            return bool(self._domain_exists_hook(domid))
+        except Exception as e:
+            log.warning("xenstored: cannot ask the hypervisor about domain %d (%s): taking it for absent",
+                        domid, e)
+            return False
+
+    def _find_or_alloc_existing_domain(self, domid: int) -> _Domain | None:
+        """The known domain, or a new record if the hypervisor says it exists (C's namesake)."""
+        domain = self._domains.get(domid)
+        if domain is None and self._domain_exists(domid):
+            domain = self._find_or_alloc_domain(domid)
+        return domain
 
     def _find_or_alloc_domain(self, domid: int) -> _Domain:
+        """The record of ``domid``, made now if there is none.
+
+        A new record takes a generation of its own: C dates it with the
+        current count without a step, so the node written last before it
+        shares its generation and counts as younger, and a grant on that node
+        to a dead namesake passes to the new domain.  With the step, every
+        node written before the record is older than it, everything after
+        younger (nodes the toolstack writes for it before its introduction).
+        """
         domain = self._domains.get(domid)
         if domain is None:
-            domain = self._domains[domid] = _Domain(domid, self._store.generation)
+            domain = self._domains[domid] = _Domain(domid, self._store.next_generation())
         return domain
 
     def _introduced(self, domid: int | None) -> _Domain | None:
@@ -685,14 +739,13 @@ class XenstoreCore:
         return domain if domain is not None and domain.introduced else None
 
     def _alloc_permrefs(self, perms: Perms) -> Perms:
-        """C's ``domain_alloc_permrefs``: entries naming a domain that does not exist are ignored."""
+        """C's ``domain_alloc_permrefs``: an existing domain not known yet gets its record
+        (dated now, so the node about to be written is younger than it); entries naming a
+        domain that does not exist are marked ignored."""
         out = []
         for p in perms:
-            if p.domid not in self._domains:
-                if self._domain_exists(p.domid):
-                    self._find_or_alloc_domain(p.domid)
-                else:
-                    p = replace(p, ignored=True)
+            if self._find_or_alloc_existing_domain(p.domid) is None:
+                p = replace(p, ignored=True)
             out.append(p)
         return tuple(out)
 
@@ -711,8 +764,6 @@ class XenstoreCore:
                 c.transactions.clear()
                 c.stale = True
         self._restored_watches.pop(domid, None)
-        if dead:
-            self._gone.add(domid)
         self._remove_owned_nodes(domid)
         for name, perms in self._special_perms.items():
             self._special_perms[name] = without_domain(perms, domid)
@@ -1007,14 +1058,20 @@ class XenstoreCore:
             return _OK
         if tx.failed:
             raise XenstoreError("ENOMEM", "a request in the transaction failed half-way")
-        if tx.node_created and req.unprivileged:
-            for domid, delta in tx.entry_delta.items():
-                if domid != PRIVILEGED_DOMID and max(0, self._store.entries[domid] + delta) >= self.quota.nodes:
-                    raise XenstoreError("ENOSPC", "node quota")
+        check_quota = tx.node_created and req.unprivileged
+        for domid, delta in tx.entry_delta.items():
+            # C's transaction_fix_domains: every domain whose node count the commit
+            # changes must still exist, or it would own nodes a later namesake inherits.
+            if self._find_or_alloc_existing_domain(domid) is None:
+                raise XenstoreError("ENOMEM", f"domain {domid} owning nodes of the transaction is gone")
+            if check_quota and domid != PRIVILEGED_DOMID and \
+                    max(0, self._store.entries[domid] + delta) >= self.quota.nodes:
+                raise XenstoreError("ENOSPC", "node quota")
         if tx.conflicts_with(self._store):
             raise XenstoreError("EAGAIN")
         for path, accessed in tx.modified_nodes():
             if accessed.node is not None:
+                self._adjust_perms(accessed.node)      # against when it was written, before its new generation
                 accessed.node.generation = self._store.next_generation()
                 self._store.put(accessed.node)
             elif accessed.generation is not None:
@@ -1033,8 +1090,7 @@ class XenstoreCore:
         if domid is None or port is None or gfn is None or port == 0 or \
                 not PRIVILEGED_DOMID < domid < DOMID_FIRST_RESERVED:
             raise XenstoreError("EINVAL")
-        self._gone.discard(domid)
-        domain = self._find_or_alloc_domain(domid)
+        domain = self._find_or_alloc_domain(domid)       # introducing a domain makes it exist (C too)
         again = domain.introduced
         domain.introduced, domain.gfn, domain.port = True, gfn, port
         if again:
@@ -1145,7 +1201,7 @@ class XenstoreCore:
         if domid is None:
             raise XenstoreError("EINVAL")
         if domid not in self._domains:
-            raise XenstoreError("ENOENT")
+            raise XenstoreError("ENOENT")       # (C) only domains xenstored knows
         transactions = sum(len(c.transactions) for c in self._conns.values() if c.domid == domid)
         rows = (("nodes", self._store.entries[domid]), ("watches", self._watch_count[domid]),
                 ("transactions", transactions), ("outstanding", 0), ("memory", self._domain_memory(domid)))

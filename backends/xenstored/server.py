@@ -85,6 +85,10 @@ class XenstoredServer:
             self.sel.register(xenhost.evtchn.fileno(self.virq_port), selectors.EVENT_READ, ("virq", None))
         self._apply_effects()   # rings of domains restored from the database
         self._resume_rings()
+        if xenhost is not None:
+            # C's lu_read_state ends with check_domains: a domain that died while no
+            # xenstored ran is released now, not inherited by whoever gets its domid.
+            self._check_domains()
 
     # ---- set-up ------------------------------------------------------------
 
@@ -95,17 +99,20 @@ class XenstoredServer:
                 saved = msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
             if not isinstance(saved, dict) or saved.get("version") != DB_VERSION:
                 raise SystemExit(f"xenstored: {self.db_path} is not a database this version reads")
-            core = XenstoreCore.restore(saved["core"], domain_exists=self._domain_exists)
+            core = XenstoreCore.restore(saved["core"], domain_exists=self._exists_hook())
             self._saved_rings = {int(k): v for k, v in saved["rings"].items()}
             log.info("restored the store from %s (%d nodes, %d domain rings)", self.db_path,
                      core.node_count(), len(self._saved_rings))
             return core
-        return XenstoreCore(domain_exists=self._domain_exists)
+        return XenstoreCore(domain_exists=self._exists_hook())
+
+    def _exists_hook(self) -> Callable[[int], bool] | None:
+        """Standalone (no hypervisor), only the domains the core knows exist: no hook."""
+        return self._domain_exists if self.xenhost is not None else None
 
     def _domain_exists(self, domid: int) -> bool:
-        """For the core's permission checks, as C xenstored asks the hypervisor."""
-        if self.xenhost is None:
-            raise LookupError("no hypervisor")      # the core falls back to what it was told
+        """For the core's permission checks, as C xenstored asks the hypervisor
+        (a domain the broker created but that has not started yet exists)."""
         try:
             return self.xenhost.domain_info(domid)["state"] not in ("shutdown", "crashed")
         except Exception as e:
@@ -348,17 +355,32 @@ class XenstoredServer:
                 log.debug("ring teardown of domain %d: %s", conn.domid, e)
 
     def _check_domains(self) -> None:
-        """VIRQ_DOM_EXC: some domain died; find out which of ours."""
-        for domid in list(self.rings):
+        """VIRQ_DOM_EXC: some domain died; find out which of ours (C's ``check_domains``).
+
+        Every domain the core knows is asked about, not only those with a ring:
+        one that was merely named in permissions (or introduced without a ring
+        we could map) must be forgotten when it dies too, or a new domain given
+        its domid would inherit its rights.  An introduced domain had run, so
+        finding it back in "created" means it was restarted under its domid and
+        the one we knew is dead.  A domain never introduced may be "created"
+        legitimately (the toolstack writes its nodes before it starts), so only
+        a dead or vanished one is released.
+        """
+        known = self.core.known_domains()
+        for domid in sorted(set(self.rings) | set(known)):
             try:
                 state = self.xenhost.domain_info(domid)["state"]
             except Exception as e:
                 state = "gone" if getattr(e, "errno", None) == errno.ESRCH else "unknown"
-            if state not in ("running", "paused", "unknown"):
-                log.info("domain %d is %s: releasing it", domid, state)
-                self._drop(self.rings[domid], state)
-                self.core.domain_gone(domid)
-                self.dirty = True
+            introduced = known.get(domid, False) or domid in self.rings
+            if state in ("running", "paused", "unknown") or (state == "created" and not introduced):
+                continue
+            log.info("domain %d is %s: releasing it", domid, state)
+            ring = self.rings.get(domid)
+            if ring is not None:
+                self._drop(ring, state)
+            self.core.domain_gone(domid)
+            self.dirty = True
 
     def close(self) -> None:
         for conn in list(self.conns.values()):
