@@ -231,7 +231,8 @@ class Hypervisor:
         self.on_event("reset", dom)
 
     def remove_domain(self, dom: Domain) -> None:
-        if dom.alive:
+        ran = dom.alive
+        if ran:
             self.domain_died(dom, "destroyed")
         for port in list(dom.ports.ports.values()):   # a domain that never ran: the toolstack's ports
             self._close_port(dom, port)
@@ -239,6 +240,11 @@ class Hypervisor:
             self.budget.give(DOMAIN_FDS)
         dom.gnttab.retire()
         self.on_event("destroyed", dom)
+        if not ran:
+            # Xen raises VIRQ_DOM_EXC for every domain destroyed, started or
+            # not: xenstored forgets what it knew of the domid (permissions
+            # naming it, a record from an XS_INTRODUCE) only when told.
+            self.raise_virq(VIRQ_DOM_EXC)
 
     def find_by_token(self, token: str) -> Domain | None:
         """The created domain this one-time token belongs to; a used token is ""."""

@@ -513,7 +513,10 @@ class BrokerServer:
         other = self.hv.domains.get(target)
         if other is None:
             raise HypercallError(errno.ESRCH, f"no domain {target}")
-        return {"domid": other.domid, "name": other.name, "state": other.state}, [], []
+        # incarnation: how many times the domid was restarted, so that a
+        # privileged caller (xenstored) can tell a restarted domain from the one it knew.
+        return {"domid": other.domid, "name": other.name, "state": other.state,
+                "incarnation": other.restarts}, [], []
 
     def close(self) -> None:
         for conn in list(self.conns.values()):

@@ -206,7 +206,10 @@ class XenHost(ABC):
 
     @abstractmethod
     def domain_info(self, domid: int) -> dict[str, Any]:
-        """{"domid", "name", "state"} of a domain (privileged domains may ask about others)."""
+        """{"domid", "name", "state", "incarnation"} of a domain (privileged domains may ask about others).
+
+        ``incarnation`` counts the domid's restarts: a domain restarted under
+        its domid is a different domain to anyone who remembers the old one."""
 
     # lifecycle
     @abstractmethod

@@ -166,7 +166,7 @@ class BrokerXenHost(XenHost):
 
     def domain_info(self, domid: int) -> dict[str, Any]:
         reply, _ = self.call("domain_info", domid=domid)
-        return {k: reply[k] for k in ("domid", "name", "state")}
+        return {k: reply[k] for k in ("domid", "name", "state", "incarnation")}
 
     # ---- lifecycle ----------------------------------------------------------
 

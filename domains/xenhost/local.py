@@ -119,7 +119,7 @@ class LocalXenHost(XenHost):
     def domain_info(self, domid: int) -> dict[str, Any]:
         with self._host.lock:
             d = self._host.hv.domain(domid)
-            return {"domid": d.domid, "name": d.name, "state": d.state}
+            return {"domid": d.domid, "name": d.name, "state": d.state, "incarnation": d.restarts}
 
     def shutdown(self, reason: str = "poweroff") -> None:
         if reason not in SHUTDOWN_REASONS:
