@@ -14,9 +14,13 @@ import base64
 import gzip
 import hashlib
 import os
+import pty
+import re
+import select
 import shutil
 import socket
 import stat
+import termios
 import threading
 import time
 from typing import Iterator
@@ -24,7 +28,7 @@ from typing import Iterator
 import pytest
 
 from xdom.deploy.vm import accel as accel_mod
-from xdom.deploy.vm.console import ConsoleError
+from xdom.deploy.vm.console import Console, ConsoleError, attach
 from xdom.deploy.vm.cpio import CpioWriter, read_entries
 from xdom.deploy.vm.image import ImageError, VmImage, ensure_image, resolve_modules
 from xdom.deploy.vm.machine import RunningVm, boot_vm
@@ -184,6 +188,11 @@ def test_boot_under_tcg_and_run_commands(vm_image: VmImage, run_dir: str) -> Non
         with pytest.raises(ConsoleError):
             vm.run("sleep 5", timeout=0.5)
         assert vm.run("echo after-timeout") == (0, "after-timeout\n")   # the late answer is skipped
+        # a person: `xdom console` on a terminal, a line typed, Ctrl-] to leave
+        vm.console.close()                     # QEMU serves one console client at a time
+        _attach_and_type(vm.paths.console)
+        vm.console = Console(vm.paths.console)
+        vm.console.wait_ready(30)
         vm.console.poweroff()
         deadline = time.monotonic() + 30
         while vm.qemu.poll() is None and time.monotonic() < deadline:
@@ -191,6 +200,36 @@ def test_boot_under_tcg_and_run_commands(vm_image: VmImage, run_dir: str) -> Non
         assert vm.qemu.poll() == 0, "QEMU did not exit on the VM's poweroff"
     with open(vm.paths.console_log, errors="replace") as f:
         assert "XDOM-VM-READY" in f.read()
+
+
+def _attach_and_type(console_path: str) -> None:
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    result: dict[str, int] = {}
+    th = threading.Thread(target=lambda: result.setdefault("rc", attach(console_path, "vm", slave, slave)),
+                          daemon=True)
+    th.start()
+    try:
+        deadline = time.monotonic() + 10
+        while termios.tcgetattr(slave)[3] & termios.ICANON:       # raw mode set: keys go through as typed
+            assert time.monotonic() < deadline and th.is_alive(), "attach did not put the terminal in raw mode"
+            time.sleep(0.01)
+        os.write(master, b"echo $((6*7))\n")
+        seen = b""
+        while not re.search(rb"(^|\n)42\r?\n", seen):
+            assert time.monotonic() < deadline + 20, f"no answer through attach: {seen!r}"
+            r, _, _ = select.select([master], [], [], 1)
+            if r:
+                seen += os.read(master, 4096)
+        assert b"Connected to vm; escape character is ^]" in seen
+        os.write(master, b"\x1d")                                   # Ctrl-]
+        th.join(10)
+        assert not th.is_alive() and result["rc"] == 0
+        assert termios.tcgetattr(slave) == before, "attach left the terminal raw"
+    finally:
+        th.join(1)
+        os.close(master)
+        os.close(slave)
 
 
 def test_one_shot_command_from_the_kernel_command_line(vm_image: VmImage, run_dir: str) -> None:
@@ -232,14 +271,30 @@ def _file_sha(path: str, offset: int, length: int) -> str:
         return hashlib.sha256(f.read(length)).hexdigest()
 
 
-def test_qemu_virtio_blk_on_a_raw_file(vm_image: VmImage, run_dir: str) -> None:
-    """The image's block drivers, with QEMU's own virtio-blk."""
+@pytest.fixture(scope="session")
+def fio_image(vm_image: VmImage) -> VmImage:
+    try:
+        return ensure_image(fio=True)
+    except ImageError as e:
+        pytest.skip(f"no fio image: {e}")
+
+
+def test_qemu_virtio_blk_on_a_raw_file_with_fio(fio_image: VmImage, run_dir: str) -> None:
+    """The image's block drivers with QEMU's own virtio-blk, and the fio layer (its libraries all resolve)."""
     disk = os.path.join(run_dir, "disk.raw")
     with open(disk, "wb") as f:
         f.truncate(64 << 20)
-    with _boot(vm_image, run_dir, extra_args=own_virtio_blk(disk, cache="writeback")) as vm:
+    with _boot(fio_image, run_dir, memory=fio_image.min_memory_mib,
+               extra_args=own_virtio_blk(disk, cache="writeback")) as vm:
         assert vm.check("cat /sys/block/vda/size").strip() == str((64 << 20) // 512)
         digest = _write_read_back(vm)
+        # fio writes 4 MiB at 32 MiB with checksums in every block, then reads and verifies them
+        st, out = vm.run("fio --name=v --filename=/dev/vda --offset=32M --size=4M --bs=4k --rw=randwrite "
+                         "--ioengine=libaio --iodepth=8 --direct=1 --verify=crc32c --do_verify=1 "
+                         "--output-format=terse", timeout=120)
+        assert st == 0, out
+        fields = out.strip().splitlines()[-1].split(";")
+        assert fields[1].startswith("fio-") and fields[4] == "0", out           # terse: version, ..., error
     assert _file_sha(disk, 16 * 65536, 1 << 20) == digest
 
 

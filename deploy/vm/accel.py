@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .image import default_cache_root, ensure_image
+from .image import ImageError, default_cache_root, ensure_image
 from .qemu import QEMU, VmPaths, VmSpec, QemuProcess, qemu_argv
 
 KVM_GET_API_VERSION = 0xAE00
@@ -140,7 +140,12 @@ def choose_accel(qemu: str = QEMU, cache_root: str | os.PathLike[str] | None = N
     if problem:
         return AccelChoice("tcg", problem)
     qemu_path = shutil.which(qemu) or qemu
-    img = ensure_image()
+    try:
+        img = ensure_image()
+    except ImageError as e:
+        # "KVM only where it really works": unverified is not known to work
+        return AccelChoice("tcg", f"KVM could not be verified (no probe image: {e}); "
+                                  f"XDOM_VM_ACCEL=kvm uses it unverified")
     root = Path(cache_root) if cache_root is not None else default_cache_root().parent / "accel"
     root.mkdir(parents=True, exist_ok=True)
     key = _probe_key(qemu_path, img.kernel_release)

@@ -130,7 +130,12 @@ class Console:
                 return int(b or 255), base64.b64decode("".join(out))
 
     def run_bytes(self, script: str, timeout: float = 30.0) -> tuple[int, bytes]:
-        """Run ``script`` with ``sh`` in the VM; its exit status and raw output (stdout + stderr)."""
+        """Run ``script`` with ``sh`` in the VM; its exit status and raw output (stdout + stderr).
+
+        The VM runs one request at a time: after a timeout here the script
+        goes on inside, and later requests wait behind it (their answers are
+        still told apart by id).
+        """
         rid = self._submit(script)
         got = self._collect(rid, time.monotonic() + timeout)
         if got is None:
