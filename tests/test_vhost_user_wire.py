@@ -101,13 +101,17 @@ def test_round_trip_whole_bytewise_and_with_trailing_data(request_id: int, paylo
     for i in range(len(raw)):
         got += feed_all(r, raw[i:i + 1], fds if i == 0 else ())
     assert got == evs
-    # followed by another message in the same chunk
-    tail = wire.encode_request(Request.GET_QUEUE_NUM)
-    evs2 = feed_all(MessageReader(), raw + tail, fds)
-    assert evs2 == evs + [Message(request=Request.GET_QUEUE_NUM, flags=wire.VERSION, payload=Empty())]
+    # after an fd-less message in the same read (a read never goes past the fds' message), then more
+    other = wire.encode_request(Request.GET_QUEUE_NUM)
+    r = MessageReader()
+    evs2 = feed_all(r, other + raw, fds) + feed_all(r, other)
+    plain = Message(request=Request.GET_QUEUE_NUM, flags=wire.VERSION, payload=Empty())
+    assert evs2 == [plain] + evs + [plain]
+    if not nfds:
+        assert feed_all(MessageReader(), raw + other) == evs + [plain]
 
 
-def test_fds_belong_to_the_first_message_starting_in_their_chunk() -> None:
+def test_fds_belong_to_the_message_holding_their_chunks_last_byte() -> None:
     a = wire.encode_request(Request.GET_FEATURES)
     b = wire.encode_request(Request.SET_VRING_CALL, wire.pack_vring_file(0))
     r = MessageReader()
@@ -117,6 +121,15 @@ def test_fds_belong_to_the_first_message_starting_in_their_chunk() -> None:
     assert evs == [Message(request=Request.GET_FEATURES, flags=1, payload=Empty())]
     evs = feed_all(r, b[3:])
     assert evs == [Message(request=Request.SET_VRING_CALL, flags=1, payload=VringFile(index=0, no_fd=False), fds=(7,))]
+
+
+def test_fds_after_whole_fdless_messages_in_one_read() -> None:
+    # QEMU 7.2 at device start: SET_FEATURES, then ADD_MEM_REG with its fd, returned by one recvmsg.
+    a = wire.encode_request(Request.SET_FEATURES, wire.pack_u64(1 << 32))
+    b = wire.encode_request(Request.ADD_MEM_REG, wire.pack_single_region(region()), need_reply=True)
+    evs = feed_all(MessageReader(), a + b, (11,))
+    assert [ev.fds for ev in evs] == [(), (11,)]
+    assert [ev.request for ev in evs] == [Request.SET_FEATURES, Request.ADD_MEM_REG]
 
 
 def test_fds_arriving_mid_message_belong_to_that_message() -> None:
@@ -166,7 +179,7 @@ BAD = [
 @pytest.mark.parametrize("what,raw,fds", BAD, ids=[b[0] for b in BAD])
 def test_malformed_input_is_a_protocol_error_returning_every_fd(what: str, raw: bytes, fds: tuple[int, ...]) -> None:
     r = MessageReader()
-    evs = feed_all(r, raw + wire.encode_request(Request.GET_FEATURES), fds)
+    evs = feed_all(r, raw, fds) + feed_all(r, wire.encode_request(Request.GET_FEATURES))
     assert len(evs) == 1 and isinstance(evs[0], ProtocolError), evs
     assert sorted(evs[0].fds) == sorted(fds)
     assert r.closed
@@ -254,23 +267,21 @@ def messages(draw: st.DrawFn) -> tuple[bytes, Message]:
 @settings(max_examples=200, deadline=None)
 @given(st.lists(messages(), min_size=1, max_size=8), st.data())
 def test_valid_streams_split_anywhere_decode_exactly(msgs: list[tuple[bytes, Message]], data: st.DataObject) -> None:
-    # Each message's fds travel with its first byte (as sendmsg does); the stream is cut at random
-    # points, but never so that one chunk holds the starts of two fd-carrying messages.
+    # The kernel's behaviour: reads are cut anywhere, except that a read returning a message's fds
+    # (with its first bytes, perhaps after fd-less bytes before it) stops inside that message.
     stream = b"".join(raw for raw, _ in msgs)
-    starts = []
+    spans = []
     pos = 0
     for raw, m in msgs:
-        starts.append((pos, m.fds))
+        spans.append((pos, pos + len(raw), m.fds))
         pos += len(raw)
-    cuts = sorted(set(data.draw(st.lists(st.integers(1, len(stream) - 1), max_size=10)) if len(stream) > 1 else []))
-    cuts = sorted(set(cuts) | {s for s, fds in starts if fds} | {0})
-    bounds = cuts + [len(stream)]
+    cuts = set(data.draw(st.lists(st.integers(1, len(stream) - 1), max_size=10)) if len(stream) > 1 else [])
+    cuts |= {end for _, end, fds in spans if fds} | {0}
+    bounds = sorted(cuts | {len(stream)})
     r = MessageReader()
     evs: list[wire.Event] = []
-    fd_at = {s: fds for s, fds in starts}
     for a, b in zip(bounds, bounds[1:]):
-        if a == b:
-            continue
-        r.receive_data(stream[a:b], fd_at.get(a, ()))
+        fds = tuple(fd for s, _, mfds in spans if a <= s < b for fd in mfds)
+        r.receive_data(stream[a:b], fds)
         evs += _drain(r)
     assert evs == [m for _, m in msgs]

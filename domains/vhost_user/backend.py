@@ -799,7 +799,7 @@ class VhostUserBackend:
             return self._refuse(msg, f"ring {index}: {e}")
         inflight = None
         if self._inflight is not None and self.has_protocol_feature(PF.INFLIGHT_SHMFD) \
-                and index < self._inflight.num_queues and self._inflight.queue_size == vr.num:
+                and index < self._inflight.num_queues and self._inflight.queue_size >= vr.num:
             inflight = self._inflight.queue(index)
         q = SplitVirtqueue(self.memory, layout,
                            event_idx=bool(self.acked_features & (1 << VF.RING_EVENT_IDX)),

@@ -160,8 +160,9 @@ class SplitVirtqueue:
             raise ValueError(f"last_avail_idx {last_avail_idx} is not a u16")
         if max_chain_bytes <= 0:
             raise ValueError("max_chain_bytes must be positive")
-        if inflight is not None and inflight.queue_size != layout.num:
-            raise ValueError("inflight region tracks a queue of another size")
+        if inflight is not None and inflight.queue_size < layout.num:
+            # QEMU sizes the area by its queue-size property; the driver may pick a smaller ring.
+            raise ValueError("inflight region tracks fewer entries than the ring has")
         self._mem = memory
         self._layout = layout
         self._num = layout.num
@@ -190,7 +191,8 @@ class SplitVirtqueue:
             self._used_idx = self._read_u16(self._used + 2)
             self._signalled_used = self._used_idx
             if inflight is not None:
-                heads = inflight.recover(self._used_idx)
+                # Entries past this ring's size can only be garbage left in the area.
+                heads = [h for h in inflight.recover(self._used_idx) if h < self._num]
                 self._resubmit.extend(heads)
                 if heads:
                     self._last_avail = (self._used_idx + len(heads)) & 0xFFFF
@@ -202,6 +204,11 @@ class SplitVirtqueue:
     @property
     def layout(self) -> RingLayout:
         return self._layout
+
+    @property
+    def memory(self) -> MemoryAccess:
+        """The guest memory the chains' segments point into (bounded by the memory table)."""
+        return self._mem
 
     @property
     def num(self) -> int:

@@ -26,11 +26,14 @@ order (the spec says so); the structs are packed, except that the payload of
 layout (24 bytes, what QEMU sends and checks).
 
 Which descriptors go with which message.  QEMU sends each message with one
-``sendmsg`` and attaches the fds to it; the kernel returns them with the
-``recvmsg`` that reads the first bytes of that message, and stops the read
-after that segment.  So the rule here is: the fds that arrived with a chunk
-belong to the first message that *starts* in that chunk, or, if none starts
-there, to the message being received when the chunk began.
+``sendmsg`` and attaches the fds to it.  A unix stream ``recvmsg`` may return
+the tail of earlier fd-less messages together with it, but it hands over the
+fds when it first copies from the segment carrying them and then stops
+(``unix_stream_read_generic``: "if (scm.fp) break"), so the chunk that
+brings fds always *ends* inside the message they were sent with.  The rule
+here is therefore: the fds that arrived with a chunk belong to the message
+holding that chunk's last byte.  (Seen with QEMU 7.2: SET_FEATURES and the
+ADD_MEM_REG after it, with its fd, arrive in one read.)
 """
 
 from __future__ import annotations
@@ -580,11 +583,13 @@ class MessageReader:
         self._pos = 0
 
     def _claim_fds(self, start: int, end: int) -> tuple[int, ...]:
-        """The fds of the message at stream offsets [start, end) (see the module docstring)."""
+        """The fds of the message at stream offsets [start, end): those of every chunk whose last
+        byte (offset c1 - 1) lies in it (see the module docstring).  Chunks are in stream order
+        and messages are claimed in order, so the ones to take are at the front."""
         out: list[int] = []
         while self._pending:
             c0, c1, fds = self._pending[0]
-            if c0 <= start < c1 or (start < c0 and c1 <= end):
+            if c1 - 1 < end:
                 out.extend(fds)
                 self._pending.popleft()
             else:
