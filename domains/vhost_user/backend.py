@@ -75,6 +75,8 @@ FORBIDDEN_DEVICE_FEATURES = (1 << VF.LOG_ALL) | (1 << VF.ACCESS_PLATFORM) | (1 <
     | (1 << VF.IN_ORDER) | (1 << VF.NOTIFY_ON_EMPTY)
 #: virtio status bit reported through GET_STATUS once a ring needs a reset.
 DEVICE_STATUS_NEEDS_RESET = 0x40
+#: Requests remembered in ``VhostUserBackend.log``.
+LOG_SIZE = 1024
 #: Most rings a device may have: SET_VRING_KICK/CALL/ERR carry the index in 8 bits.
 MAX_QUEUES = 256
 
@@ -306,8 +308,8 @@ class VhostUserBackend:
         self._inflight_held = False          # the shell holds an inflight mapping/fd
         self._pending_view: tuple[int, memoryview] | None = None
         self._mapped_slots: set[int] = set()
-        #: Every request handled, in order (the real-peer test reads the negotiation from it).
-        self.log: list[int] = []
+        #: The last ``LOG_SIZE`` requests handled, in order (the shell drains it for diagnostics).
+        self.log: deque[int] = deque(maxlen=LOG_SIZE)
         self._handlers: dict[int, Callable[[wire.Message], None]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,

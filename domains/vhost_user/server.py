@@ -33,6 +33,7 @@ import os
 import selectors
 import socket
 import threading
+from collections import deque
 from typing import Any, Callable, Protocol
 
 from .. import sysmem
@@ -41,12 +42,14 @@ from .backend import FdKind, VhostUserBackend, VhostUserDevice
 from .virtqueue import SplitVirtqueue
 from .wire import MAX_FDS_PER_MESSAGE
 
-__all__ = ["RECV_SIZE", "POLL_INTERVAL", "QueueHandler", "VhostUserServer"]
+__all__ = ["RECV_SIZE", "POLL_INTERVAL", "REQUEST_LOG_SIZE", "QueueHandler", "VhostUserServer"]
 
 log = logging.getLogger(__name__)
 
 #: Bytes read per recvmsg: many small vhost-user messages at once.
 RECV_SIZE = 64 * 1024
+#: How many requests and notes the server remembers.
+REQUEST_LOG_SIZE = 1024
 #: How often a ring without a kick fd (the front end asked for polling) is processed, seconds.
 POLL_INTERVAL = 0.05
 _FD_SIZE = array.array("i").itemsize
@@ -59,7 +62,11 @@ class QueueHandler(Protocol):
 
     def queue_enabled(self, index: int, enabled: bool) -> None: ...
 
-    def process(self, index: int, queue: SplitVirtqueue) -> None: ...
+    def process(self, index: int, queue: SplitVirtqueue) -> None:
+        """Pop, serve and push.  Called for disabled rings too: the spec wants them processed
+        "without side effects" (a net device drops TX and supplies no RX), which only the device
+        can do; ``queue_enabled`` says which state a ring is in."""
+        ...
 
     def queue_stopped(self, index: int) -> None: ...
 
@@ -99,10 +106,10 @@ class VhostUserServer:
         self._stop = threading.Event()
         self._conn: _Connection | None = None
         self._served = 0
-        #: Requests of every connection, in arrival order (for tests and diagnostics).
-        self.request_log: list[int] = []
-        #: ("refused"|"closed", text) notes from the core.
-        self.notes: list[tuple[str, str]] = []
+        #: The last ``REQUEST_LOG_SIZE`` requests of every connection, in arrival order (diagnostics, tests).
+        self.request_log: deque[int] = deque(maxlen=REQUEST_LOG_SIZE)
+        #: The last ("refused"|"closed", text) notes from the core.
+        self.notes: deque[tuple[str, str]] = deque(maxlen=REQUEST_LOG_SIZE)
         #: Set once a connection has been accepted.
         self.connected = threading.Event()
 
