@@ -4,12 +4,10 @@ Usage (as root, strace installed)::
 
     .venv/bin/python benchmarks/profile_syscalls.py [--out DIR] -- COMMAND ARGS...
 
-for instance, the runs behind ``domains/confinement/PROFILE.md``::
+for instance the demo (the test-suite runs behind the lists are in
+``domains/confinement/PROFILE.md``)::
 
-    P=".venv/bin/python benchmarks/profile_syscalls.py --out /tmp/prof"
-    $P -- .venv/bin/python -m pytest -p no:randomly -x tests/test_supervisor.py tests/test_blk_processes.py \\
-          tests/test_blk_domains.py tests/test_net_domains.py tests/test_net_bridge.py tests/test_xenstored_restart.py
-    $P -- .venv/bin/python -m xdom.deploy.demo
+    .venv/bin/python benchmarks/profile_syscalls.py --out /tmp/prof -- .venv/bin/python -m xdom.deploy.demo
 
 It runs COMMAND with ``XDOM_CONFINE=log`` (every domain still installs its
 filter, but an unlisted syscall is logged instead of killing, so the

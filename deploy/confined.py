@@ -119,8 +119,8 @@ class SeccompKills:
         """The reason given for a death by SIGSYS."""
         nr = self.syscall_of(pid) if pid is not None else None
         if nr is None:
-            return "killed by its seccomp filter (SIGSYS; the syscall is not in the kernel log)"
-        return f"killed by its seccomp filter: syscall {nr} ({NAME.get(nr, 'unknown')}) is not allowed"
+            return "its seccomp filter refused a syscall (which one is not in the kernel log)"
+        return f"its seccomp filter refused syscall {nr} ({NAME.get(nr, 'unknown')})"
 
     def close(self) -> None:
         fd, self.fd = self.fd, None
