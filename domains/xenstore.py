@@ -3,7 +3,23 @@
 Synchronous calls (``read``, ``write``, ``directory``, ...) from any thread;
 a reader thread matches replies to requests by req_id and hands watch
 events to a dispatcher thread, which runs the callbacks (so a callback may
-itself call the store).  ``transaction()`` retries on EAGAIN.
+itself call the store).
+
+``transaction()`` runs its body again from the start whenever xenstored
+answers EAGAIN: to the commit (a conflict, as libxenstore's callers retry),
+and to the start or any request inside it (the transaction died with a
+xenstored that was restarted: the new one answers EAGAIN for its id).
+
+xenstored restarts are invisible on a ring (it keeps its positions).  A
+unix-socket connection dies with the process; a client made with
+``reconnect`` (``XenstoreClient.unix(path, reconnect=True)``) connects
+again, for up to its timeout, registers its watches again (each fires once)
+and sends again every request that was in flight, so each is answered once:
+reads and writes outside transactions are idempotent, a request naming a
+transaction of the old connection gets EAGAIN and ``transaction()`` starts
+over.  Requests that are not safe to repeat (INTRODUCE, RELEASE,
+SET_TARGET, RESUME, RESET_WATCHES, CONTROL) fail with ConnectionError
+instead: they may or may not have been done.
 """
 
 from __future__ import annotations
@@ -14,6 +30,7 @@ import queue
 import select
 import socket
 import threading
+import time
 from typing import Any, Callable, Iterator, TypeVar
 
 from .abi.hvm_params import HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_PFN
@@ -26,6 +43,15 @@ from .xs_wire import (
 T = TypeVar("T")
 DEFAULT_SOCKET = "/run/xenstored/socket"
 WatchCallback = Callable[[str, str], None]
+RECONNECT_INTERVAL = 0.05     # seconds between attempts to reach a restarting xenstored
+# What a reconnected client sends again: repeating it cannot do anything twice that
+# matters (a transaction of the old connection is answered EAGAIN).
+_RESENDABLE = frozenset({
+    XsType.XS_READ, XsType.XS_DIRECTORY, XsType.XS_DIRECTORY_PART, XsType.XS_GET_PERMS,
+    XsType.XS_GET_DOMAIN_PATH, XsType.XS_IS_DOMAIN_INTRODUCED, XsType.XS_WRITE, XsType.XS_MKDIR,
+    XsType.XS_RM, XsType.XS_SET_PERMS, XsType.XS_WATCH, XsType.XS_UNWATCH,
+    XsType.XS_TRANSACTION_START, XsType.XS_TRANSACTION_END,
+})
 
 
 class UnixTransport:
@@ -91,17 +117,27 @@ class RingTransport:
 
 
 class _Pending:
-    __slots__ = ("done", "reply")
+    __slots__ = ("done", "reply", "msg", "epoch", "error")
 
-    def __init__(self) -> None:
+    def __init__(self, msg: Message) -> None:
         self.done = threading.Event()
         self.reply: Message | None = None
+        self.msg = msg
+        self.epoch: int | None = None       # the connection it was sent on; None: not sent yet
+        self.error: BaseException | None = None
 
 
 class XenstoreClient:
-    def __init__(self, transport: Any, timeout: float = 30.0) -> None:
+    def __init__(self, transport: Any, timeout: float = 30.0,
+                 reconnect: Callable[[], Any] | None = None) -> None:
+        """``reconnect`` makes a new transport when the connection drops (xenstored
+        restarted); it may raise OSError while xenstored is not back, and is tried
+        for up to ``timeout`` seconds.  Without it, a dropped connection fails
+        every request in flight and the client is closed."""
         self._t = transport
         self.timeout = timeout
+        self._reconnect = reconnect
+        self._epoch = 0             # connections made so far, less one
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()
@@ -116,9 +152,13 @@ class XenstoreClient:
         self._dispatcher.start()
 
     @classmethod
-    def unix(cls, path: str | None = None) -> "XenstoreClient":
-        """Connect like Xen's tools: XENSTORED_PATH, else the default socket."""
-        return cls(UnixTransport(path or os.environ.get("XENSTORED_PATH") or DEFAULT_SOCKET))
+    def unix(cls, path: str | None = None, reconnect: bool = False, timeout: float = 30.0) -> "XenstoreClient":
+        """Connect like Xen's tools: XENSTORED_PATH, else the default socket.
+
+        With ``reconnect``, a restart of xenstored is ridden out (see the module's docstring).
+        """
+        where = path or os.environ.get("XENSTORED_PATH") or DEFAULT_SOCKET
+        return cls(UnixTransport(where), timeout, (lambda: UnixTransport(where)) if reconnect else None)
 
     @classmethod
     def ring(cls, host: Any) -> "XenstoreClient":
@@ -133,9 +173,17 @@ class XenstoreClient:
         reader = MessageReader()
         try:
             while True:
-                data = self._t.recv()
+                try:
+                    data = self._t.recv()
+                except OSError as e:
+                    if self._reconnect is None:
+                        raise
+                    self._error, data = e, b""
                 if not data:
-                    break
+                    if self._reconnect is None or self._closed or not self._connect_again():
+                        break
+                    reader = MessageReader()
+                    continue
                 for msg in reader.feed(data):
                     if msg.type == XsType.XS_WATCH_EVENT:
                         parts = msg.payload.split(b"\0")
@@ -156,6 +204,52 @@ class XenstoreClient:
             for p in pending.values():
                 p.done.set()
             self._events.put(None)
+
+    def _connect_again(self) -> bool:
+        """The connection dropped: make a new one, register the watches again, resend what was in flight."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if self._closed:
+                return False
+            try:
+                transport = self._reconnect()           # type: ignore[misc]
+                break
+            except OSError as e:
+                self._error = e
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(RECONNECT_INTERVAL)
+        with self._send_lock:
+            old, self._t = self._t, transport
+            self._epoch += 1
+            try:
+                old.close()
+            except OSError:
+                pass
+            with self._lock:
+                in_flight = sorted((rid, p) for rid, p in self._pending.items()
+                                   if p.epoch is not None and p.epoch < self._epoch)
+                # A WATCH or UNWATCH still to be answered re-registers or drops its watch itself.
+                asked = {(p.msg.type, *_strings(p.msg.payload)[:2]) for p in self._pending.values()
+                         if p.msg.type == XsType.XS_WATCH}
+                watches = [w for w in self._watches if (XsType.XS_WATCH, *w) not in asked]
+            try:
+                for path, token in watches:     # replies to these match no request: dropped
+                    self._t.send(Message(XsType.XS_WATCH, next(self._ids) & 0xFFFFFFFF, 0,
+                                         _z(path) + _z(token)).encode())
+                for rid, p in in_flight:
+                    if p.msg.type in _RESENDABLE:
+                        p.epoch = self._epoch
+                        self._t.send(p.msg.encode())
+                    else:
+                        with self._lock:
+                            self._pending.pop(rid, None)
+                        p.error = ConnectionError(f"xenstored restarted with {p.msg.type.name} in flight: "
+                                                  f"it may or may not have been done")
+                        p.done.set()
+            except OSError as e:
+                self._error = e         # dropped again: the reader sees it and starts over
+        return True
 
     def _dispatch_loop(self) -> None:
         while True:
@@ -183,15 +277,25 @@ class XenstoreClient:
         if self._closed:
             raise ConnectionError(f"xenstore connection closed ({self._error})")
         req_id = next(self._ids) & 0xFFFFFFFF
-        p = _Pending()
+        p = _Pending(Message(type_, req_id, tx, payload))
         with self._lock:
             self._pending[req_id] = p
         with self._send_lock:
-            self._t.send(Message(type_, req_id, tx, payload).encode())
+            p.epoch = self._epoch
+            try:
+                self._t.send(p.msg.encode())
+            except OSError:
+                if self._reconnect is None:
+                    with self._lock:
+                        self._pending.pop(req_id, None)
+                    raise
+                # the connection dropped: the reader connects again and sends it again
         if not p.done.wait(self.timeout):
             with self._lock:
                 self._pending.pop(req_id, None)
             raise TimeoutError(f"xenstore did not answer {type_.name} within {self.timeout}s")
+        if p.error is not None:
+            raise p.error
         if p.reply is None:
             raise ConnectionError(f"xenstore connection lost ({self._error})")
         if p.reply.type == XsType.XS_ERROR:
@@ -269,16 +373,29 @@ class XenstoreClient:
         self.request(XsType.XS_TRANSACTION_END, b"T\0" if commit else b"F\0", tx)
 
     def transaction(self, body: Callable[[int], T], retries: int = 16) -> T:
-        """Run ``body(tx)`` in a transaction, again from the start on EAGAIN."""
+        """Run ``body(tx)`` in a transaction, again from the start on EAGAIN.
+
+        EAGAIN may come from the commit (another writer changed what the body
+        read) or from the start or any request of the body: a restarted
+        xenstored aborted the transaction.  ``body`` must be safe to run again
+        (every body is, in Xen's toolstack); its other errors abort and raise.
+        """
         for _ in range(retries):
-            tx = self.transaction_start()
+            try:
+                tx = self.transaction_start()
+            except XenstoreError as e:
+                if e.name != "EAGAIN":
+                    raise
+                continue
             try:
                 result = body(tx)
-            except BaseException:
+            except BaseException as e:
                 try:
                     self.transaction_end(tx, commit=False)
                 except (XenstoreError, ConnectionError):
                     pass
+                if isinstance(e, XenstoreError) and e.name == "EAGAIN":
+                    continue
                 raise
             try:
                 self.transaction_end(tx, commit=True)

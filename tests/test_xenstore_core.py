@@ -1215,7 +1215,10 @@ def test_dump_restore_keeps_tree_perms_generations_domains_and_domain_watches(xs
     restored.write("dom0", "/tool", b"t")
     assert restored.take_events("dom5 again") == [(b"device/x", b"rel"), (b"/local/domain/5/device/x", b"abs")]
     assert restored.take_events("dom0") == []
-    assert restored.error("dom5 again", T.XS_TRANSACTION_END, b"T\0", tx=1) == "ENOENT"
+    # its transaction died with the old process: EAGAIN (retry), not C's ENOENT; a new one gets a new id
+    assert restored.error("dom5 again", T.XS_TRANSACTION_END, b"T\0", tx=1) == "EAGAIN"
+    assert restored.error("dom5 again", T.XS_TRANSACTION_END, b"T\0", tx=9) == "ENOENT"    # never issued
+    assert restored.start("dom5 again") == 2
     # new writes get later generations than anything before the restart
     assert restored.generation("dom0", "/tool") > max(generations.values())
     # the target relation and special perms came back
@@ -1236,6 +1239,86 @@ def test_dump_restore_keeps_tree_perms_generations_domains_and_domain_watches(xs
 def test_restore_refuses_what_it_cannot_read(data: bytes) -> None:
     with pytest.raises(ValueError):
         XenstoreCore.restore(data)
+
+
+def test_a_transaction_open_at_a_restart_ends_with_eagain_on_any_connection_of_its_domid() -> None:
+    """A restarted xenstored aborted every open transaction: a request naming an id given out
+    before the restart is EAGAIN (the client retries the transaction), on a domain's ring and
+    on a unix socket that reconnected (domain 0), however many restarts ago.  An id never
+    given out stays ENOENT, as in C."""
+    xs = XS()
+    xs.connect("a", 0)
+    xs.connect("b", 0)
+    xs.connect("dom0", 0)
+    xs.introduce("a", 5)
+    home_for(xs, 5)
+    assert [xs.start("a"), xs.start("a"), xs.start("a")] == [1, 2, 3]
+    assert xs.end("a", 3) == "OK"
+    assert xs.start("b") == 1
+    assert xs.start("dom5") == 1
+    assert xs.error("a", T.XS_READ, b"/\0", tx=9) == "ENOENT"                  # (C) bogus, before a restart
+
+    restored = XS(XenstoreCore.restore(XenstoreCore.restore(xs.core.dump()).dump()))   # two restarts
+    restored.core.take_effects()
+    restored.connect("socket", 0)
+    assert restored.error("socket", T.XS_READ, b"/\0", tx=1) == "EAGAIN"
+    assert restored.error("socket", T.XS_WRITE, b"/x\0v", tx=2) == "EAGAIN"
+    assert restored.error("socket", T.XS_TRANSACTION_END, b"T\0", tx=1) == "EAGAIN"
+    assert restored.error("socket", T.XS_TRANSACTION_END, b"F\0", tx=1) == "EAGAIN"  # b's tx 1 was open too
+    # ended before the restart: its commit's reply may have died with xenstored (on a socket)
+    assert restored.error("socket", T.XS_TRANSACTION_END, b"T\0", tx=3) == "EAGAIN"
+    assert restored.error("socket", T.XS_READ, b"/\0", tx=9) == "ENOENT"        # never given out
+    assert restored.start("socket") == 4                                        # after every id given out
+    restored.connect("other socket", 0)
+    assert restored.start("other socket") == 4                                  # ids are per connection (C)
+    assert restored.error("x", T.XS_READ, b"/\0") == "EACCES"                   # unknown connection first
+    restored.connect("dom5 again", 5)
+    assert restored.error("dom5 again", T.XS_TRANSACTION_END, b"T\0", tx=1) == "EAGAIN"
+    assert restored.start("dom5 again") == 2
+    restored.write("dom5 again", "/local/domain/5/k", b"v", tx=2)
+    assert restored.end("dom5 again", 2) == "OK"
+    assert restored.read("socket", "/local/domain/5/k") == b"v"
+    # a domain that dies takes its ids with it: a new domain 5 is a stranger to them
+    restored.core.domain_gone(5)
+    restored.core.disconnect("dom5 again")
+    restored.introduce("socket", 5)
+    restored.connect("new dom5", 5)
+    assert restored.error("new dom5", T.XS_READ, b"/\0", tx=1) == "ENOENT"
+    assert restored.start("new dom5") == 1
+    assert restored.core.check() == []
+
+
+def test_transaction_ids_of_a_fresh_core_are_cs() -> None:
+    """Without a restart nothing changes: ids from 1 per connection, unknown ids ENOENT."""
+    xs = XS()
+    xs.connect("a", 0)
+    assert xs.error("a", T.XS_TRANSACTION_END, b"T\0", tx=1) == "ENOENT"       # (C)
+    assert xs.start("a") == 1
+    again = XS(XenstoreCore.restore(XS().core.dump()))
+    again.connect("a", 0)
+    assert again.error("a", T.XS_READ, b"/\0", tx=1) == "ENOENT"
+    assert again.start("a") == 1
+
+
+def test_incarnations_are_recorded_and_kept_across_dump_and_restore() -> None:
+    """The hypervisor hook may answer with the domid's incarnation; the record keeps it."""
+    alive = {5: 2, 6: 0}
+    core = XenstoreCore(domain_exists=lambda d: alive.get(d, False))
+    xs = XS(core)
+    xs.connect("dom0", 0)
+    xs.write("dom0", "/n", b"v")
+    xs.set_perms("dom0", "/n", "n0", "r5")                                   # made by the hook's answer
+    xs.introduce("dom0", 6)                                                  # made by an introduction
+    assert (core.incarnation(5), core.incarnation(6), core.incarnation(7)) == (2, 0, None)
+    again = XenstoreCore.restore(core.dump())
+    assert (again.incarnation(5), again.incarnation(6)) == (2, 0)
+    again.set_incarnation(6, 1)
+    assert XenstoreCore.restore(again.dump()).incarnation(6) == 1
+    plain = XS()                                                             # no hypervisor: not known
+    plain.connect("dom0", 0)
+    plain.introduce("dom0", 6)
+    assert plain.core.incarnation(6) is None
+    assert XenstoreCore.restore(plain.core.dump()).incarnation(6) is None
 
 
 def test_restore_refuses_a_torn_tree() -> None:

@@ -150,3 +150,82 @@ def test_a_domain_named_before_its_introduction_is_forgotten_when_it_dies(mgmt, 
         early.stop()
         if again is not None:
             again.stop()
+
+
+def _known(dom0: XenstoreClient, domid: int) -> bool:
+    """Whether xenstored has a record of ``domid`` (CONTROL quota answers ENOENT otherwise, as C)."""
+    from xdom.domains.xs_wire import XenstoreError, XsType
+    try:
+        dom0.request(XsType.XS_CONTROL, f"quota\0{domid}\0".encode())
+        return True
+    except XenstoreError as e:
+        assert e.name == "ENOENT"
+        return False
+
+
+def test_a_domain_restarted_before_xenstored_handles_its_death_is_a_new_domain(mgmt, xenstored, dom0) -> None:
+    """The race of a domid restarted and running again before xenstored looked (here xenstored
+    is stopped with SIGSTOP meanwhile): the broker's incarnation tells the two apart, so the
+    old domain is released (@releaseDomain fires, its nodes go) and the new one inherits
+    nothing, not even when the toolstack's next request arrives together with VIRQ_DOM_EXC."""
+    import queue
+    import signal
+    from xdom.deploy.agent_client import AgentProcess
+    from xdom.domains.xs_wire import XsType
+    from xs_fixtures import RawConn
+
+    events: queue.Queue[str] = queue.Queue()
+    dom0.watch("@releaseDomain", "rel", lambda p, t: events.put(p))
+    assert events.get(timeout=10) == "@releaseDomain"          # the first event
+    g = start_guest(mgmt, dom0, xenstored, "g")
+    again = None
+    try:
+        domid, home = g.domid, f"/local/domain/{g.domid}"
+        dom0.write("/secret", "s")
+        dom0.set_perms("/secret", ["n0", f"r{domid}"])
+        g.call("xs_connect")
+        g.call("xs_write", path="mine", value="old")
+        dom0.write("/for-new", "n")
+        toolstack = RawConn(xenstored.socket_path)
+        xenstored.proc.send_signal(signal.SIGSTOP)
+        try:
+            g.kill()
+            wait_until(lambda: mgmt.request("info", domid=domid)["domain"]["state"] == "crashed",
+                       what="the broker to see the guest die")
+            creds = mgmt.request("restart", domid=domid)         # the same domid, a new domain, running
+            store = mgmt.request("setup_store", domid=domid, xenstore_domid=xenstored.domid)
+            again = AgentProcess(mgmt, "g", creds=creds)
+            assert mgmt.request("info", domid=domid)["domain"]["state"] == "running"
+            # the toolstack's grant for the new domain, sent while xenstored still sleeps: it
+            # arrives with VIRQ_DOM_EXC, and must not be taken for a grant to the dead domain
+            toolstack.send(XsType.XS_SET_PERMS, f"/for-new\0n0\0r{domid}\0".encode())
+        finally:
+            xenstored.proc.send_signal(signal.SIGCONT)
+        assert toolstack.recv().type == XsType.XS_SET_PERMS
+        assert events.get(timeout=10) == "@releaseDomain"
+        assert not dom0.is_domain_introduced(domid)
+        assert not dom0.exists(f"{home}/mine")                    # the old domain's nodes went with it
+        dom0.write(home, "")
+        dom0.set_perms(home, [f"n{domid}"])
+        dom0.introduce(domid, store["gfn"], store["port"])
+        again.call("xs_connect")
+        assert again.call("xs_read", path="/secret")["errno"] == "EACCES"     # granted to the old one
+        assert again.call("xs_read", path="mine")["errno"] == "ENOENT"
+        assert again.call("xs_read", path="/for-new")["value"] == "n"
+        toolstack.close()
+    finally:
+        g.stop()
+        if again is not None:
+            again.stop()
+
+
+def test_a_domain_destroyed_before_it_ever_ran_is_forgotten(mgmt, xenstored, dom0) -> None:
+    """The broker raises VIRQ_DOM_EXC for a domain destroyed without ever running (as Xen does):
+    the record a permission made for it goes, so the next domain with its domid is a stranger."""
+    creds = mgmt.request("create", name="never", memory="1M")
+    domid = creds["domid"]
+    dom0.write("/for-never", "x")
+    dom0.set_perms("/for-never", ["n0", f"r{domid}"])
+    assert _known(dom0, domid)
+    mgmt.request("destroy", domid=domid)
+    wait_until(lambda: not _known(dom0, domid), what="xenstored to forget the destroyed domain")

@@ -30,6 +30,20 @@ Rules:
   ignored, for good.  Without a hook (standalone, no hypervisor) only
   known domains exist, as in C with dom0 alone, so the toolstack must
   INTRODUCE a domain before it names it.
+* A domain record also keeps the domid's *incarnation* when the hypervisor
+  tells it (how many times the domid was restarted): the shell compares it
+  when it checks its domains, and a domid found in another incarnation is
+  the old domain's death (released, @releaseDomain) and a new domain.
+* Transactions do not outlive the process, but their numbering does:
+  ``dump`` keeps, per domid, the next id its connections would give out.
+  A restored core answers EAGAIN to a request naming an id below that
+  (issued before the restart, so aborted by it, or committed with its reply
+  lost), on any connection of that domid: the domain's ring, or a
+  unix-socket client (domain 0) that connected again.  New connections of
+  that domid number their transactions from there on, so no old id is
+  given out again.  An id never issued is ENOENT, as in C (whose live
+  update drops open transactions and then answers ENOENT for them too: its
+  clients give up instead of retrying, which xdom does not copy).
 
 Deliberate differences from C xenstored 4.17:
 
@@ -99,6 +113,7 @@ DUMP_FORMAT: Final = "xdom-xenstored-core"
 DUMP_VERSION: Final = 1
 
 _OK: Final = b"OK\0"
+_ASK: Final = object()
 _DECIMAL = re.compile(rb"[0-9]{1,10}")
 _SIGNED_DECIMAL = re.compile(rb"-?[0-9]{1,20}")
 
@@ -150,6 +165,7 @@ class _Domain:
     gfn: int = 0
     port: int = 0
     target: int | None = None
+    incarnation: int | None = None      # the hypervisor's restart count of the domid, when it said
 
 
 @dataclass(slots=True)
@@ -239,9 +255,13 @@ class XenstoreCore:
                  domain_exists: Callable[[int], bool] | None = None) -> None:
         """``domain_exists`` asks the hypervisor whether a domid xenstored does
         not know yet is a live domain, as C's ``get_domain_info`` does (it may
-        raise: the domain then counts as absent).  Without it (standalone, no
-        hypervisor) a domain exists only once xenstored knows it: domain 0,
-        an introduced domain or a connected one."""
+        raise: the domain then counts as absent).  It answers False (or None)
+        for no, True or the domid's incarnation (an int, not a bool) for yes;
+        the incarnation is kept in the record it makes.  It is also asked for
+        the incarnation when a record is made for an introduced or connected
+        domain.  Without it (standalone, no hypervisor) a domain exists only
+        once xenstored knows it: domain 0, an introduced domain or a connected
+        one."""
         self.quota = quota or Quota()
         self._domain_exists_hook = domain_exists
         self._store = Store.initial()
@@ -259,6 +279,9 @@ class XenstoreCore:
         self._effects: list[Effect] = []
         # Work that C does after queueing the reply: a new watch's first event, a release.
         self._after_reply: list[Callable[[], None]] = []
+        # Per domid, from a restored dump: the first transaction id its connections give out;
+        # a request naming an id below it names a transaction of an earlier process (EAGAIN).
+        self._tx_floor: dict[int, int] = {}
         self.internal_errors = 0      # requests answered EIO because of a bug here (tests expect 0)
 
     # ==== the shell's API ========================================================================
@@ -275,7 +298,7 @@ class XenstoreCore:
         if conn in self._conns:
             self.disconnect(conn)
         self._next_conn_seq += 1
-        c = _Connection(conn, domid, self._next_conn_seq)
+        c = _Connection(conn, domid, self._next_conn_seq, next_tx_id=self._tx_floor.get(domid, 1))
         self._conns[conn] = c
         self._conn_order[conn] = c.seq
         if domid != PRIVILEGED_DOMID:
@@ -362,6 +385,17 @@ class XenstoreCore:
         """
         return {d.domid: d.introduced for d in self._domains.values() if d.domid != PRIVILEGED_DOMID}
 
+    def incarnation(self, domid: int) -> int | None:
+        """The incarnation of ``domid`` xenstored knows (None: not known, or no record)."""
+        domain = self._domains.get(domid)
+        return domain.incarnation if domain is not None else None
+
+    def set_incarnation(self, domid: int, incarnation: int) -> None:
+        """Date a record the hypervisor could not date when it was made (the shell, after a check)."""
+        domain = self._domains.get(domid)
+        if domain is not None and domid != PRIVILEGED_DOMID:
+            domain.incarnation = incarnation
+
     def node_count(self) -> int:
         return len(self._store)
 
@@ -387,9 +421,10 @@ class XenstoreCore:
         """Everything that must survive a restart, as versioned msgpack.
 
         Kept: nodes (value, perms, generation, child order), domains
-        (introduction, ring, target, generation), the special watch perms, and
-        the watches of domain connections by domid.  Not kept: unix-socket
-        (domain 0) watches and open transactions; their clients reconnect.
+        (introduction, ring, target, generation, incarnation), the special
+        watch perms, the watches of domain connections by domid, and per domid
+        the next transaction id.  Not kept: unix-socket (domain 0) watches and
+        open transactions; a restored core answers EAGAIN for their ids.
         """
         def perms_out(perms: Perms) -> list[list[Any]]:
             return [[p.domid, int(p.access), p.ignored] for p in perms]
@@ -409,12 +444,21 @@ class XenstoreCore:
             "version": DUMP_VERSION,
             "generation": self._store.generation,
             "nodes": nodes,
-            "domains": [[d.domid, d.generation, d.introduced, d.gfn, d.port, d.target]
+            "domains": [[d.domid, d.generation, d.introduced, d.gfn, d.port, d.target, d.incarnation]
                         for d in self._domains.values() if d.domid != PRIVILEGED_DOMID],
             "special_perms": {name: perms_out(p) for name, p in self._special_perms.items()},
             "watches": watches,
+            "transactions": self._transactions_out(),
         }
         return msgpack.packb(state, use_bin_type=True)
+
+    def _transactions_out(self) -> list[list[int]]:
+        """[domid, next transaction id] for each domid whose connections gave any out (ever, across restarts)."""
+        table = dict(self._tx_floor)
+        for c in self._conns.values():
+            if not c.stale and c.next_tx_id > table.get(c.domid, 1):
+                table[c.domid] = c.next_tx_id
+        return [[domid, next_id] for domid, next_id in sorted(table.items()) if next_id > 1]
 
     @classmethod
     def restore(cls, data: bytes, quota: Quota | None = None,
@@ -451,15 +495,22 @@ class XenstoreCore:
             if problems:
                 raise ValueError(f"inconsistent tree: {problems[:3]}")
             core._store = store
-            for domid, generation, introduced, gfn, port, target in state["domains"]:
+            for row in state["domains"]:
+                domid, generation, introduced, gfn, port, target = row[:6]
+                incarnation = row[6] if len(row) > 6 else None      # dumps made before incarnations
                 core._domains[int(domid)] = _Domain(int(domid), int(generation), bool(introduced), int(gfn),
-                                                    int(port), None if target is None else int(target))
+                                                    int(port), None if target is None else int(target),
+                                                    None if incarnation is None else int(incarnation))
             for name in (INTRODUCE_DOMAIN, RELEASE_DOMAIN):
                 if name in state["special_perms"]:
                     core._special_perms[name] = perms_in(state["special_perms"][name])
             for domid, path, token, base in state["watches"]:
                 core._restored_watches.setdefault(int(domid), []).append(
                     (str(path), bytes(token), None if base is None else str(base)))
+            for domid, next_id in state.get("transactions", []):
+                if not 0 <= int(domid) < DOMID_FIRST_RESERVED or not 1 <= int(next_id) <= 0xFFFFFFFF:
+                    raise ValueError(f"transaction ids {domid!r}: {next_id!r}")
+                core._tx_floor[int(domid)] = int(next_id)
             core._effects = [Introduced(d.domid, d.gfn, d.port) for d in core._domains.values()
                              if d.introduced and d.domid != PRIVILEGED_DOMID]
             return core
@@ -493,7 +544,9 @@ class XenstoreCore:
             if not op.ignores_transaction and msg.tx_id != 0:
                 tx = c.transactions.get(msg.tx_id)
                 if tx is None:
-                    raise _Reply("ENOENT")
+                    # Given out before a restart, gone with the process that held it: the
+                    # client retries (EAGAIN).  Any other id was never given out: C's ENOENT.
+                    raise _Reply("EAGAIN" if msg.tx_id < self._tx_floor.get(c.domid, 1) else "ENOENT")
             request = self._request(c, tx)
             payload = op.handler(self, request, msg)
         except (_Reply, XenstoreError) as e:
@@ -696,30 +749,35 @@ class XenstoreCore:
 
     # ---- domains ---------------------------------------------------------------------------------
 
-    def _domain_exists(self, domid: int) -> bool:
-        """Whether a domid xenstored does not know is a live domain (C's ``get_domain_info``).
+    def _ask_hypervisor(self, domid: int) -> tuple[bool, int | None]:
+        """Whether a domid is a live domain (C's ``get_domain_info``), and its incarnation if told.
 
         Only the hypervisor can say; without it, or when asking fails, the
         answer is no: a permission for a domain nobody vouches for is exactly
         what a later domain with that domid would inherit.
         """
         if domid >= DOMID_FIRST_RESERVED or self._domain_exists_hook is None:
-            return False
+            return False, None
         try:
-            return bool(self._domain_exists_hook(domid))
+            answer = self._domain_exists_hook(domid)
         except Exception as e:
             log.warning("xenstored: cannot ask the hypervisor about domain %d (%s): taking it for absent",
                         domid, e)
-            return False
+            return False, None
+        if answer is None or isinstance(answer, bool):
+            return bool(answer), None
+        return True, int(answer)
 
     def _find_or_alloc_existing_domain(self, domid: int) -> _Domain | None:
         """The known domain, or a new record if the hypervisor says it exists (C's namesake)."""
         domain = self._domains.get(domid)
-        if domain is None and self._domain_exists(domid):
-            domain = self._find_or_alloc_domain(domid)
+        if domain is None:
+            exists, incarnation = self._ask_hypervisor(domid)
+            if exists:
+                domain = self._find_or_alloc_domain(domid, incarnation)
         return domain
 
-    def _find_or_alloc_domain(self, domid: int) -> _Domain:
+    def _find_or_alloc_domain(self, domid: int, incarnation: Any = _ASK) -> _Domain:
         """The record of ``domid``, made now if there is none.
 
         A new record takes a generation of its own: C dates it with the
@@ -731,7 +789,10 @@ class XenstoreCore:
         """
         domain = self._domains.get(domid)
         if domain is None:
-            domain = self._domains[domid] = _Domain(domid, self._store.next_generation())
+            if incarnation is _ASK:
+                incarnation = self._ask_hypervisor(domid)[1] if domid != PRIVILEGED_DOMID else None
+            domain = self._domains[domid] = _Domain(domid, self._store.next_generation(),
+                                                    incarnation=incarnation)
         return domain
 
     def _introduced(self, domid: int | None) -> _Domain | None:
@@ -764,6 +825,7 @@ class XenstoreCore:
                 c.transactions.clear()
                 c.stale = True
         self._restored_watches.pop(domid, None)
+        self._tx_floor.pop(domid, None)          # a later domain with this domid starts afresh
         self._remove_owned_nodes(domid)
         for name, perms in self._special_perms.items():
             self._special_perms[name] = without_domain(perms, domid)

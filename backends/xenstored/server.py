@@ -7,8 +7,19 @@ told to introduce).  Nothing here knows xenstore semantics.
 
 Persistence: the store is dumped to ``<state_dir>/xenstore.db`` (write to a
 temporary file, rename) after every loop turn that handled a mutating
-request and *before* the replies leave, so a reply a client saw is on disk
-when xenstored is killed with SIGKILL.
+request or started a transaction, and *before* the replies leave, so a
+reply a client saw is on disk when xenstored is killed with SIGKILL (a
+transaction id a client was given is known to the next xenstored, which
+answers EAGAIN for it).
+
+Domains: the shell asks the hypervisor (``domain_info``) about every domain
+the core knows when ``VIRQ_DOM_EXC`` fires and when it starts on a saved
+store, before it maps any restored ring.  A domain that is dead or gone, or
+that runs in another incarnation than the one recorded (restarted under its
+domid), is released: the core removes what it owned and fires
+@releaseDomain.  A pending ``VIRQ_DOM_EXC`` is handled before the requests
+of a turn, and before those read from a unix socket, so a toolstack that
+restarted a domain after its death never finds the dead one's record.
 """
 
 from __future__ import annotations
@@ -83,12 +94,14 @@ class XenstoredServer:
         if xenhost is not None:
             self.virq_port = xenhost.bind_virq(VIRQ_DOM_EXC)
             self.sel.register(xenhost.evtchn.fileno(self.virq_port), selectors.EVENT_READ, ("virq", None))
+        if xenhost is not None:
+            # C's lu_read_state ends with check_domains: a domain that died (or was restarted
+            # under its domid) while no xenstored ran is released now, not inherited by whoever
+            # has its domid, and before its ring is mapped: a new incarnation's page is not
+            # the ring whose positions were saved.
+            self._check_domains()
         self._apply_effects()   # rings of domains restored from the database
         self._resume_rings()
-        if xenhost is not None:
-            # C's lu_read_state ends with check_domains: a domain that died while no
-            # xenstored ran is released now, not inherited by whoever gets its domid.
-            self._check_domains()
 
     # ---- set-up ------------------------------------------------------------
 
@@ -110,15 +123,20 @@ class XenstoredServer:
         """Standalone (no hypervisor), only the domains the core knows exist: no hook."""
         return self._domain_exists if self.xenhost is not None else None
 
-    def _domain_exists(self, domid: int) -> bool:
+    def _domain_exists(self, domid: int) -> int | bool:
         """For the core's permission checks, as C xenstored asks the hypervisor
-        (a domain the broker created but that has not started yet exists)."""
+        (a domain the broker created but that has not started yet exists):
+        False, or the domid's incarnation, which the core keeps in its record."""
         try:
-            return self.xenhost.domain_info(domid)["state"] not in ("shutdown", "crashed")
+            info = self.xenhost.domain_info(domid)
         except Exception as e:
             if getattr(e, "errno", None) == errno.ESRCH:
                 return False
             raise
+        if info["state"] in ("shutdown", "crashed"):
+            return False
+        incarnation = info.get("incarnation")
+        return int(incarnation) if isinstance(incarnation, int) and not isinstance(incarnation, bool) else True
 
     def _listen(self, path: str) -> None:
         try:
@@ -146,7 +164,8 @@ class XenstoredServer:
         self.close()
 
     def run_once(self, timeout: float | None) -> None:
-        for key, _ in self.sel.select(timeout):
+        # A domain's death first: requests that arrived with it may concern its successor.
+        for key, _ in sorted(self.sel.select(timeout), key=lambda ready: ready[0].data[0] != "virq"):
             kind, conn = key.data
             try:
                 if kind == "listen":
@@ -154,8 +173,7 @@ class XenstoredServer:
                 elif kind == "wake":
                     self._wake.drain()
                 elif kind == "virq":
-                    self.xenhost.evtchn.consume(self.virq_port)
-                    self._check_domains()
+                    self._virq()
                 elif kind == "conn":
                     self._read(conn)
                 elif kind == "ring":
@@ -223,6 +241,10 @@ class XenstoredServer:
         except (TransportClosed, ProtocolError) as e:
             self._drop(conn, str(e))
             return
+        if msgs and conn.kind == "socket":
+            # The toolstack may have seen a death we have not handled yet (VIRQ_DOM_EXC raised
+            # after this turn's select) and restarted the domain: handle the death first.
+            self._virq()
         for msg in msgs:
             self.core.handle(id(conn), msg)
             for conn_key, out in self.core.take_output():
@@ -239,8 +261,12 @@ class XenstoredServer:
         """Did this (successful) request change what a restart must keep?
 
         Writes inside a transaction only count at commit; aborts never;
-        watches only for domains (socket clients' watches are not kept).
+        watches only for domains (socket clients' watches are not kept).  A
+        transaction's start counts: the next xenstored must know its id to
+        answer EAGAIN for it (rings are saved every turn anyway).
         """
+        if msg.type == XsType.XS_TRANSACTION_START:
+            return True
         if msg.type == XsType.XS_TRANSACTION_END:
             return msg.payload[:1] == b"T"
         if msg.type in (XsType.XS_WATCH, XsType.XS_UNWATCH, XsType.XS_RESET_WATCHES):
@@ -308,6 +334,8 @@ class XenstoredServer:
     def _apply_effects(self) -> None:
         for effect in self.core.take_effects():
             if isinstance(effect, Introduced):
+                if not self.core.known_domains().get(effect.domid):
+                    continue          # released since (a restored domain found dead at start)
                 self._map_ring(effect.domid, effect.port)
             elif isinstance(effect, Released):
                 conn = self.rings.get(effect.domid)
@@ -354,26 +382,43 @@ class XenstoredServer:
             except Exception as e:       # the domain may be gone already
                 log.debug("ring teardown of domain %d: %s", conn.domid, e)
 
+    def _virq(self) -> None:
+        """Handle VIRQ_DOM_EXC if it is pending (it is a counter: reading it clears it)."""
+        if self.virq_port and self.xenhost.evtchn.consume(self.virq_port):
+            self._check_domains()
+
     def _check_domains(self) -> None:
         """VIRQ_DOM_EXC: some domain died; find out which of ours (C's ``check_domains``).
 
         Every domain the core knows is asked about, not only those with a ring:
         one that was merely named in permissions (or introduced without a ring
         we could map) must be forgotten when it dies too, or a new domain given
-        its domid would inherit its rights.  An introduced domain had run, so
-        finding it back in "created" means it was restarted under its domid and
-        the one we knew is dead.  A domain never introduced may be "created"
-        legitimately (the toolstack writes its nodes before it starts), so only
-        a dead or vanished one is released.
+        its domid would inherit its rights.  A domain whose incarnation is not
+        the one recorded was restarted under its domid: the one we knew is
+        dead, whatever state its successor is in (running already, when the
+        restart beat us or happened while no xenstored ran).  Without a
+        recorded incarnation: an introduced domain had run, so finding it back
+        in "created" means it was restarted; a domain never introduced may be
+        "created" legitimately (the toolstack writes its nodes before it
+        starts), so only a dead or vanished one is released.
         """
         known = self.core.known_domains()
         for domid in sorted(set(self.rings) | set(known)):
+            incarnation = None
             try:
-                state = self.xenhost.domain_info(domid)["state"]
+                info = self.xenhost.domain_info(domid)
+                state = info["state"]
+                incarnation = info.get("incarnation")
             except Exception as e:
                 state = "gone" if getattr(e, "errno", None) == errno.ESRCH else "unknown"
             introduced = known.get(domid, False) or domid in self.rings
-            if state in ("running", "paused", "unknown") or (state == "created" and not introduced):
+            recorded = self.core.incarnation(domid)
+            if recorded is not None and incarnation is not None and incarnation != recorded:
+                state = f"restarted (incarnation {incarnation}, not {recorded})"
+            elif state in ("running", "paused", "unknown") or (state == "created" and not introduced):
+                if recorded is None and incarnation is not None and state != "unknown" and domid in known:
+                    self.core.set_incarnation(domid, incarnation)      # a record from an older store
+                    self.dirty = True
                 continue
             log.info("domain %d is %s: releasing it", domid, state)
             ring = self.rings.get(domid)
