@@ -295,6 +295,9 @@ class Supervisor:
         self._made_exports: dict[str, str] = {}     # export directories outside the run directory we made: guest
         self._seccomp_kills = SeccompKills()      # the kernel log from now on: which syscall a filter refused
         self._disk_serial = 0                     # images handed to blkbacks, numbered
+        # Devices whose attach was refused after xenstored stopped answering mid-way: their
+        # nodes may have been committed, so they are removed once it serves again.
+        self._undo_attach: list[tuple[str, str, int, str, str | None]] = []   # kind, guest, devid, backend, export
 
     # ---- public API ----------------------------------------------------------
 
@@ -929,6 +932,7 @@ class Supervisor:
                 self._write_domain_nodes(xs, self.xenstored)
         except (XenstoreError, OSError, TimeoutError) as e:
             log.warning("xenstore set-up of domain 0 failed: %s", e)
+        self._undo_refused_attaches()
         for d in self.domains:
             if d is not self.xenstored and d.connected and not d.introduced and d.state in (State.STARTING,
                                                                                              State.RUNNING):
@@ -962,7 +966,12 @@ class Supervisor:
                     if e.name != "ENOENT":
                         raise
                     written = False
-                xs.introduce(d.domid, *d.store)
+                # Once only: an earlier try whose reply died with xenstored may have introduced it,
+                # and XS_INTRODUCE of an introduced domain resets its connection (C's
+                # domain_conn_reset drops its watches).  A domain restarted under its domid is not
+                # introduced any more: xenstored released the old one when it died.
+                if not xs.is_domain_introduced(d.domid):
+                    xs.introduce(d.domid, *d.store)
                 if not written:
                     self._write_domain_nodes(xs, d)
                 self._write_devices(xs, d)
@@ -1533,6 +1542,8 @@ class Supervisor:
                 self._write_devices(xs, d, only=disk)
         except (XenstoreError, OSError, TimeoutError, AccessError) as e:
             d.spec = dataclasses.replace(d.spec, disks=tuple(x for x in d.spec.disks if x is not disk))
+            if not isinstance(e, (XenstoreError, AccessError)):      # xenstored may have committed them
+                self._refused_attach("vbd", d, disk.devid, be, self._export_path(d, disk))
             raise ControlError.of(errno.EIO, f"attaching {disk.vdev} to {d.name}: {e}") from None
         log.info("attached %s (%s) to %s on %s", disk.vdev, disk.target, d.name, be.name)
         return {"vdev": disk.vdev, "devid": disk.devid, "export": path, "backend": be.name}
@@ -1596,11 +1607,49 @@ class Supervisor:
                 self._write_vifs(xs, d, only=devid)
         except (netns.NetnsError, TapError, XenstoreError, OSError, TimeoutError) as e:
             self._forget_vif(d, devid, vif)
+            if isinstance(e, (ConnectionError, TimeoutError)):         # xenstored may have committed them
+                self._refused_attach("vif", d, devid, be)
             raise ControlError.of(errno.EIO, f"attaching a vif to {d.name}: {e}") from None
         log.info("attached vif %d (%s) to %s on %s", devid, vif.mac, d.name, be.name)
         return {"devid": devid, "ifname": _ifname(devid), "mac": vif.mac, "backend": be.name,
                 "ip": str(vif.ip) if vif.ip else None, "netns": d.netns, "bridge": _bridge_of(be, vif),
                 "backend_tap": _backend_tap(be, d, devid)}
+
+    def _refused_attach(self, kind: str, d: _Domain, devid: int, be: _Domain, export: str | None = None) -> None:
+        """An attach refused because xenstored stopped answering (killed, restarting): its transaction
+        may have committed before the reply was lost.  The device's nodes go once xenstored serves again
+        (now, if it still does), so a refusal leaves nothing behind."""
+        if d.domid is None or be.domid is None:
+            return
+        self._undo_attach.append((kind, d.name, devid, f"/local/domain/{be.domid}/backend/{kind}/{d.domid}/{devid}",
+                                  export))
+        if self._store_up():
+            self._undo_refused_attaches()
+
+    def _undo_refused_attaches(self) -> None:
+        pending, self._undo_attach = self._undo_attach, []
+        for kind, name, devid, be_path, export in pending:
+            d = self._by_name.get(name)
+            if d is None or d.domid is None:
+                continue
+            if any(x.devid == devid for x in d.spec.disks) if kind == "vbd" else \
+                    any(i == devid for i, _ in _vifs(d.spec)):
+                continue                        # attached again since: its nodes are wanted
+            try:
+                with self._xs() as xs:
+                    for path in (be_path, f"/local/domain/{d.domid}/device/{kind}/{devid}"):
+                        try:
+                            xs.rm(path)
+                        except XenstoreError as e:
+                            if e.name != "ENOENT":      # its parent is not there either: nothing to remove
+                                raise
+                if export is not None:
+                    _unlink_socket(export)
+                log.info("removed what may be left of %s %d of %s, whose attach was refused", kind, devid, name)
+            except (XenstoreError, OSError, TimeoutError) as e:
+                log.warning("removing the nodes of %s %d of %s, whose attach was refused: %s; retried when "
+                            "xenstored restarts", kind, devid, name, e)
+                self._undo_attach.append((kind, name, devid, be_path, export))
 
     def _offer_tun(self, d: _Domain, devid: int) -> None:
         """Hand the running guest a /dev/net/tun descriptor for its new TAP, before the vif's nodes appear."""
