@@ -13,7 +13,7 @@ from typing import Hashable
 import msgpack
 import pytest
 
-from xdom.backends.xenstored.core import DOMID_SELF, Introduced, Released, XenstoreCore
+from xdom.backends.xenstored.core import DOMID_SELF, TX_ID_RESERVE, Introduced, Released, XenstoreCore
 from xdom.backends.xenstored.quota import Quota
 from xdom.domains.xs_wire import XENSTORE_PAYLOAD_MAX, Message, XsType, split_strings
 
@@ -1217,8 +1217,8 @@ def test_dump_restore_keeps_tree_perms_generations_domains_and_domain_watches(xs
     assert restored.take_events("dom0") == []
     # its transaction died with the old process: EAGAIN (retry), not C's ENOENT; a new one gets a new id
     assert restored.error("dom5 again", T.XS_TRANSACTION_END, b"T\0", tx=1) == "EAGAIN"
-    assert restored.error("dom5 again", T.XS_TRANSACTION_END, b"T\0", tx=9) == "ENOENT"    # never issued
-    assert restored.start("dom5 again") == 2
+    assert restored.error("dom5 again", T.XS_TRANSACTION_END, b"T\0", tx=1 << 20) == "ENOENT"    # never issued
+    assert restored.start("dom5 again") == 2 + TX_ID_RESERVE                  # after the ids the dump reserved
     # new writes get later generations than anything before the restart
     assert restored.generation("dom0", "/tool") > max(generations.values())
     # the target relation and special perms came back
@@ -1244,8 +1244,8 @@ def test_restore_refuses_what_it_cannot_read(data: bytes) -> None:
 def test_a_transaction_open_at_a_restart_ends_with_eagain_on_any_connection_of_its_domid() -> None:
     """A restarted xenstored aborted every open transaction: a request naming an id given out
     before the restart is EAGAIN (the client retries the transaction), on a domain's ring and
-    on a unix socket that reconnected (domain 0), however many restarts ago.  An id never
-    given out stays ENOENT, as in C."""
+    on a unix socket that reconnected (domain 0), however many restarts ago.  An id beyond
+    those given out (and the few a dump reserves ahead) stays ENOENT, as in C."""
     xs = XS()
     xs.connect("a", 0)
     xs.connect("b", 0)
@@ -1267,16 +1267,22 @@ def test_a_transaction_open_at_a_restart_ends_with_eagain_on_any_connection_of_i
     assert restored.error("socket", T.XS_TRANSACTION_END, b"F\0", tx=1) == "EAGAIN"  # b's tx 1 was open too
     # ended before the restart: its commit's reply may have died with xenstored (on a socket)
     assert restored.error("socket", T.XS_TRANSACTION_END, b"T\0", tx=3) == "EAGAIN"
-    assert restored.error("socket", T.XS_READ, b"/\0", tx=9) == "ENOENT"        # never given out
-    assert restored.start("socket") == 4                                        # after every id given out
+    assert restored.error("socket", T.XS_READ, b"/\0", tx=4 + TX_ID_RESERVE) == "ENOENT"   # never given out
+    first = 4 + TX_ID_RESERVE                                                   # after every id given out
+    assert restored.start("socket") == first
     restored.connect("other socket", 0)
-    assert restored.start("other socket") == 4                                  # ids are per connection (C)
+    assert restored.start("other socket") == first                              # ids are per connection (C)
+    assert restored.core.transaction_ids_unsaved()                              # the shell saves now
+    restored.core.dump()
+    assert restored.start("other socket") == first + 1
+    assert not restored.core.transaction_ids_unsaved()                          # the dump reserved it
     assert restored.error("x", T.XS_READ, b"/\0") == "EACCES"                   # unknown connection first
     restored.connect("dom5 again", 5)
     assert restored.error("dom5 again", T.XS_TRANSACTION_END, b"T\0", tx=1) == "EAGAIN"
-    assert restored.start("dom5 again") == 2
-    restored.write("dom5 again", "/local/domain/5/k", b"v", tx=2)
-    assert restored.end("dom5 again", 2) == "OK"
+    tx = restored.start("dom5 again")
+    assert tx == 2 + TX_ID_RESERVE
+    restored.write("dom5 again", "/local/domain/5/k", b"v", tx=tx)
+    assert restored.end("dom5 again", tx) == "OK"
     assert restored.read("socket", "/local/domain/5/k") == b"v"
     # a domain that dies takes its ids with it: a new domain 5 is a stranger to them
     restored.core.domain_gone(5)

@@ -35,7 +35,9 @@ Rules:
   when it checks its domains, and a domid found in another incarnation is
   the old domain's death (released, @releaseDomain) and a new domain.
 * Transactions do not outlive the process, but their numbering does:
-  ``dump`` keeps, per domid, the next id its connections would give out.
+  ``dump`` keeps, per domid, an id above every one its connections gave
+  out (the next one plus ``TX_ID_RESERVE``, so that a dump is needed only
+  once that many more were given out: ``transaction_ids_unsaved``).
   A restored core answers EAGAIN to a request naming an id below that
   (issued before the restart, so aborted by it, or committed with its reply
   lost), on any connection of that domid: the domain's ring, or a
@@ -114,6 +116,7 @@ DUMP_VERSION: Final = 1
 
 _OK: Final = b"OK\0"
 _ASK: Final = object()
+TX_ID_RESERVE: Final = 256      # transaction ids a dump covers ahead, per domid
 _DECIMAL = re.compile(rb"[0-9]{1,10}")
 _SIGNED_DECIMAL = re.compile(rb"-?[0-9]{1,20}")
 
@@ -282,6 +285,8 @@ class XenstoreCore:
         # Per domid, from a restored dump: the first transaction id its connections give out;
         # a request naming an id below it names a transaction of an earlier process (EAGAIN).
         self._tx_floor: dict[int, int] = {}
+        self._tx_saved: dict[int, int] = {}      # per domid: ids below this are covered by the last dump
+        self._tx_unsaved = False
         self.internal_errors = 0      # requests answered EIO because of a bug here (tests expect 0)
 
     # ==== the shell's API ========================================================================
@@ -385,6 +390,11 @@ class XenstoreCore:
         """
         return {d.domid: d.introduced for d in self._domains.values() if d.domid != PRIVILEGED_DOMID}
 
+    def transaction_ids_unsaved(self) -> bool:
+        """Whether a transaction id was given out that the last ``dump`` does not cover: the shell
+        must save the state before the reply leaves, so that a restarted core knows the id."""
+        return self._tx_unsaved
+
     def incarnation(self, domid: int) -> int | None:
         """The incarnation of ``domid`` xenstored knows (None: not known, or no record)."""
         domain = self._domains.get(domid)
@@ -453,12 +463,17 @@ class XenstoreCore:
         return msgpack.packb(state, use_bin_type=True)
 
     def _transactions_out(self) -> list[list[int]]:
-        """[domid, next transaction id] for each domid whose connections gave any out (ever, across restarts)."""
+        """[domid, an id above all it gave out] for each domid whose connections gave any (ever, across
+        restarts); the ids up to there are reserved, so giving them out needs no new dump."""
         table = dict(self._tx_floor)
         for c in self._conns.values():
-            if not c.stale and c.next_tx_id > table.get(c.domid, 1):
-                table[c.domid] = c.next_tx_id
-        return [[domid, next_id] for domid, next_id in sorted(table.items()) if next_id > 1]
+            if not c.stale and c.next_tx_id > 1:
+                table[c.domid] = max(table.get(c.domid, 1), min(c.next_tx_id + TX_ID_RESERVE, 0xFFFFFFFF))
+        for domid, ceiling in self._tx_saved.items():
+            table[domid] = max(table.get(domid, 1), ceiling)
+        self._tx_saved = {domid: ceiling for domid, ceiling in table.items() if ceiling > 1}
+        self._tx_unsaved = False
+        return [[domid, ceiling] for domid, ceiling in sorted(self._tx_saved.items())]
 
     @classmethod
     def restore(cls, data: bytes, quota: Quota | None = None,
@@ -826,6 +841,7 @@ class XenstoreCore:
                 c.stale = True
         self._restored_watches.pop(domid, None)
         self._tx_floor.pop(domid, None)          # a later domain with this domid starts afresh
+        self._tx_saved.pop(domid, None)
         self._remove_owned_nodes(domid)
         for name, perms in self._special_perms.items():
             self._special_perms[name] = without_domain(perms, domid)
@@ -1105,6 +1121,8 @@ class XenstoreCore:
         while tx_id == 0 or tx_id in c.transactions:
             tx_id = (tx_id + 1) & 0xFFFFFFFF
         c.next_tx_id = (tx_id + 1) & 0xFFFFFFFF
+        if tx_id >= self._tx_saved.get(c.domid, 1):
+            self._tx_unsaved = True
         c.transactions[tx_id] = Transaction(tx_id, self._store.next_generation())
         return str(tx_id).encode() + b"\0"
 

@@ -7,10 +7,10 @@ told to introduce).  Nothing here knows xenstore semantics.
 
 Persistence: the store is dumped to ``<state_dir>/xenstore.db`` (write to a
 temporary file, rename) after every loop turn that handled a mutating
-request or started a transaction, and *before* the replies leave, so a
-reply a client saw is on disk when xenstored is killed with SIGKILL (a
-transaction id a client was given is known to the next xenstored, which
-answers EAGAIN for it).
+request or gave out a transaction id the last save did not cover, and
+*before* the replies leave, so a reply a client saw is on disk when
+xenstored is killed with SIGKILL (a transaction id a client was given is
+known to the next xenstored, which answers EAGAIN for it).
 
 Domains: the shell asks the hypervisor (``domain_info``) about every domain
 the core knows when ``VIRQ_DOM_EXC`` fires and when it starts on a saved
@@ -201,7 +201,7 @@ class XenstoredServer:
             if self.core.backlogged(id(conn)):       # watch events it cannot keep up with
                 self._drop(conn, "watch event backlog")
         rings_moved = any(c.transport.cursor != c.committed for c in self.rings.values())
-        if self.dirty or rings_moved:
+        if self.dirty or rings_moved or self.core.transaction_ids_unsaved():
             self._persist()
             self.dirty = False
         for conn in self.rings.values():
@@ -261,12 +261,10 @@ class XenstoredServer:
         """Did this (successful) request change what a restart must keep?
 
         Writes inside a transaction only count at commit; aborts never;
-        watches only for domains (socket clients' watches are not kept).  A
-        transaction's start counts: the next xenstored must know its id to
-        answer EAGAIN for it (rings are saved every turn anyway).
+        watches only for domains (socket clients' watches are not kept).  (A
+        transaction id the last save does not cover is saved too, before its
+        reply leaves: ``core.transaction_ids_unsaved``.)
         """
-        if msg.type == XsType.XS_TRANSACTION_START:
-            return True
         if msg.type == XsType.XS_TRANSACTION_END:
             return msg.payload[:1] == b"T"
         if msg.type in (XsType.XS_WATCH, XsType.XS_UNWATCH, XsType.XS_RESET_WATCHES):
