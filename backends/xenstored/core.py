@@ -6,7 +6,8 @@ Rules:
   docs/misc/xenstore.txt; where this file departs from C it says so.
 * ``handle`` answers every request exactly once and never raises.  The
   checks run in C's order: unknown type (ENOSYS), privileged-only op from an
-  unprivileged domain (EACCES), unknown transaction id (ENOENT), then the op.
+  unprivileged domain (EACCES), unknown transaction id (ENOENT; EAGAIN for
+  one of an earlier process, see below), then the op.
 * A request either succeeds or leaves the store as it was: quotas and
   permissions are checked before anything changes.  (One exception, as in
   C: an RM inside a transaction whose snapshot is torn by concurrent changes
