@@ -32,16 +32,28 @@ class EventPair:
     allocated the unbound port), until the pair closes.
     """
 
-    def __init__(self, charged: object = None) -> None:
+    def __init__(self, charged: object = None, fds: tuple[int, int] | None = None) -> None:
+        """``fds``: adopt two existing eventfds (a broker taking over its predecessor's channels)."""
         flags = os.EFD_CLOEXEC | os.EFD_NONBLOCK
-        self.to_owner = os.eventfd(0, flags)
-        try:
-            self.to_peer = os.eventfd(0, flags)
-        except BaseException:
-            os.close(self.to_owner)
-            raise
+        if fds is not None:
+            self.to_owner, self.to_peer = fds
+        else:
+            self.to_owner = os.eventfd(0, flags)
+            try:
+                self.to_peer = os.eventfd(0, flags)
+            except BaseException:
+                os.close(self.to_owner)
+                raise
         self.refs = 0
         self.charged = charged
+        self._ids: tuple[int, int] | None = None
+
+    @property
+    def ids(self) -> tuple[int, int]:
+        """The kernel's ``eventfd-id`` of both eventfds: how a new broker finds them in the domains."""
+        if self._ids is None:
+            self._ids = (eventfd_id(self.to_owner), eventfd_id(self.to_peer))
+        return self._ids
 
     def close(self) -> None:
         os.close(self.to_owner)
@@ -108,6 +120,15 @@ class PortTable:
         return freed
 
 
+def eventfd_id(fd: int, pid: int | str = "self") -> int:
+    """An eventfd's ``eventfd-id`` (unique among live eventfds), from /proc/PID/fdinfo."""
+    with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+        for line in f:
+            if line.startswith(b"eventfd-id:"):
+                return int(line.split()[1])
+    raise OSError(f"fd {fd} of {pid} is not an eventfd")
+
+
 def new_virq_fd() -> int:
     return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
@@ -120,5 +141,5 @@ def signal(fd: int) -> None:
         pass
 
 
-__all__ = ["EventPair", "Port", "PortTable", "MAX_PORTS", "EVTCHNSTAT_interdomain",
+__all__ = ["EventPair", "Port", "PortTable", "MAX_PORTS", "eventfd_id", "EVTCHNSTAT_interdomain",
            "EVTCHNSTAT_unbound", "EVTCHNSTAT_virq", "new_virq_fd", "signal"]

@@ -29,6 +29,7 @@ from xdom.domains.abi.grant_table import (
 )
 
 LOCK_TRIES = 64
+TABLE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _FLAGS = struct.Struct("<H")
 
 
@@ -42,21 +43,47 @@ class Pin:
 
 
 class BrokerGrantTable:
-    def __init__(self, nr_frames: int, owner: int) -> None:
+    def __init__(self, nr_frames: int, owner: int, fd: int | None = None) -> None:
+        """``fd``: adopt the table a previous broker made (its domain still holds it), checked sealed."""
         self.owner = owner
         self.nr_frames = nr_frames
         self.nr_entries = nr_frames * ENTRIES_PER_FRAME
-        self.fd = os.memfd_create(f"xdom-gnttab-d{owner}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        os.ftruncate(self.fd, nr_frames * PAGE_SIZE)
-        # The domain holds a read-write description of this file: sealed, it
-        # cannot shrink it under the broker's mapping (a SIGBUS would kill the
-        # hypervisor) nor grow it.
-        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        if fd is None:
+            fd = os.memfd_create(f"xdom-gnttab-d{owner}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            os.ftruncate(fd, nr_frames * PAGE_SIZE)
+            # The domain holds a read-write description of this file: sealed, it
+            # cannot shrink it under the broker's mapping (a SIGBUS would kill the
+            # hypervisor) nor grow it.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, TABLE_SEALS)
+        elif fcntl.fcntl(fd, fcntl.F_GET_SEALS) & TABLE_SEALS != TABLE_SEALS \
+                or os.fstat(fd).st_size != nr_frames * PAGE_SIZE:
+            os.close(fd)
+            raise ValueError(f"domain {owner}'s grant table is not the sealed table of {nr_frames} frames")
+        self.fd = fd
+        self.ino = os.fstat(fd).st_ino
         self._map = mmap.mmap(self.fd, nr_frames * PAGE_SIZE)
         self.pins: dict[int, Pin] = {}
         self._deferred: set[int] = set()
         self.retired = False
         self.closed = False
+
+    @classmethod
+    def detached(cls, nr_frames: int, owner: int) -> "BrokerGrantTable":
+        """A table that is gone (its domain restarted while the broker was down), kept only
+        so that mappings of it can be counted and released; no flags to clear."""
+        t = cls.__new__(cls)
+        t.owner, t.nr_frames, t.nr_entries = owner, nr_frames, nr_frames * ENTRIES_PER_FRAME
+        t.fd, t.ino, t.pins, t._deferred = -1, 0, {}, set()
+        t.retired = t.closed = True
+        return t
+
+    def sweep_flags(self) -> None:
+        """Clear GTF_reading/GTF_writing of entries no pin holds (a previous broker's, unpinned since)."""
+        flags_mask = GTF_reading | GTF_writing
+        for ref in range(self.nr_entries):
+            (flags,) = _FLAGS.unpack_from(self._map, ref * GRANT_ENTRY_V1_SIZE)
+            if flags & flags_mask and ref not in self.pins:
+                self._sync_flags(ref)
 
     def domain_fd(self) -> int:
         """A fresh open file description for the domain (its own OFD locks)."""

@@ -10,12 +10,11 @@ escaping is a bug.
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from xdom.domains.abi.event_channel import (
     DOMID_FIRST_RESERVED, DOMID_SELF, EVTCHNSTAT_interdomain, EVTCHNSTAT_unbound,
@@ -57,6 +56,7 @@ class Mapping:
     readonly: bool
     frame_id: FrameId
     gfn: int
+    incarnation: int = 0        # the granter's restarts when mapped: which of its tables this pins
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Domain:
     pid: int = 0
     ports: PortTable = field(default_factory=PortTable)
     maptrack: dict[int, Mapping] = field(default_factory=dict)
-    handles: "itertools.count[int]" = field(default_factory=lambda: itertools.count(1))
+    next_handle: int = 1
     created_at: float = field(default_factory=time.time)
     started_at: float = 0.0
     shutdown_reason: str = ""
@@ -82,6 +82,9 @@ class Domain:
     uid: int | None = None          # the uid the toolstack runs this domain under; hello must come from it
     evtchn_fd_quota: int = DEFAULT_EVTCHN_FDS
     evtchn_fds: int = 0             # descriptors the broker keeps for this domain's channels now
+    starttime: int = 0              # the process's start time (/proc/PID/stat): a pid is not enough
+    rejoin_hash: bytes = b""        # sha256 of the key this process rejoins a restarted broker with
+    last: tuple[int, bytes, list[Any]] | None = None   # (seq, reply, fd spec) of its last state-changing call
 
     @property
     def alive(self) -> bool:
@@ -98,6 +101,23 @@ class Domain:
             "uptime": round(time.time() - self.started_at, 3) if self.alive else 0.0,
             **{f"{k}_ops": v for k, v in self.stats.items()},
         }
+
+
+class Changes:
+    """What changed since the last journal write: marks now, records (takeover.records) later."""
+
+    def __init__(self) -> None:
+        self.info: set[int] = set()
+        self.ports: set[int] = set()
+        self.frames: set[int] = set()
+        self.maps: list[tuple[int, int]] = []      # (domid, handle)
+        self.gfns: list[tuple[int, int]] = []      # (domid, gfn)
+        self.removed: list[int] = []
+        self.next_domid = False
+
+    def __bool__(self) -> bool:
+        return bool(self.info or self.ports or self.frames or self.maps or self.gfns or self.removed
+                    or self.next_domid)
 
 
 @dataclass(frozen=True)
@@ -119,10 +139,11 @@ class Hypervisor:
         """``fd_limit``: the process's descriptor limit, which the domains' charges must stay under."""
         self.budget = FdBudget(fd_limit)
         self.domains: dict[int, Domain] = {}
-        self._next_domid = 1
-        self._virq_handlers: dict[int, tuple[Domain, Port]] = {}
+        self.next_domid = 1
+        self.virq_handlers: dict[int, tuple[Domain, Port]] = {}
         self._copier = FrameCopier()
         self.on_event = on_event or (lambda kind, dom: None)
+        self.changes = Changes()
 
     # ---- domain lifecycle -------------------------------------------------
 
@@ -158,13 +179,17 @@ class Hypervisor:
         dom = Domain(domid, name, nr_frames, privileged, table, token=secrets.token_hex(16), uid=uid,
                      evtchn_fd_quota=evtchn_fd_quota)
         self.domains[domid] = dom
+        self.changes.info.add(domid)
+        self.changes.ports.add(domid)
+        self.changes.next_domid = True
         self.on_event("created", dom)
         return dom
 
     def _allocate_domid(self) -> int:
         for _ in range(DOMID_FIRST_RESERVED):
-            domid = self._next_domid
-            self._next_domid = domid + 1 if domid + 1 < DOMID_FIRST_RESERVED else 1
+            domid = self.next_domid
+            self.next_domid = domid + 1 if domid + 1 < DOMID_FIRST_RESERVED else 1
+            self.changes.next_domid = True
             if domid not in self.domains:
                 return domid
         raise _err(errno.ENOSPC, "no free domain id")
@@ -183,12 +208,15 @@ class Hypervisor:
         dom.pid = pid
         dom.state = RUNNING
         dom.started_at = time.time()
+        self.changes.info.add(dom.domid)
+        self.changes.frames.add(dom.domid)
         self.on_event("running", dom)
 
     def set_paused(self, dom: Domain, paused: bool) -> None:
         if not dom.alive:
             raise _err(errno.EINVAL, f"domain {dom.domid} is {dom.state}")
         dom.state = PAUSED if paused else RUNNING
+        self.changes.info.add(dom.domid)
         self.on_event("paused" if paused else "unpaused", dom)
 
     def domain_died(self, dom: Domain, reason: str = "") -> None:
@@ -211,6 +239,9 @@ class Hypervisor:
             self._close_port(dom, port)
         dom.frames = None
         dom.pid = 0
+        self.changes.info.add(dom.domid)
+        self.changes.frames.add(dom.domid)
+        self.changes.ports.add(dom.domid)
         if not destroyed:            # remove_domain reports "destroyed" itself
             self.on_event(dom.state, dom)
         self.raise_virq(VIRQ_DOM_EXC)
@@ -228,6 +259,7 @@ class Hypervisor:
         old = dom.gnttab
         dom.gnttab = BrokerGrantTable(old.nr_frames, dom.domid)
         old.retire()
+        self.changes.info.add(dom.domid)
         self.on_event("reset", dom)
 
     def remove_domain(self, dom: Domain) -> None:
@@ -238,6 +270,7 @@ class Hypervisor:
             self._close_port(dom, port)
         if self.domains.pop(dom.domid, None) is not None:
             self.budget.give(DOMAIN_FDS)
+            self.changes.removed.append(dom.domid)
         dom.gnttab.retire()
         self.on_event("destroyed", dom)
         if not ran:
@@ -274,6 +307,7 @@ class Hypervisor:
         dom.gnttab.seed(GNTTAB_RESERVED_XENSTORE, xenstore.domid, gfn)
         dom.params[HVM_PARAM_STORE_PFN] = gfn
         dom.params[HVM_PARAM_STORE_EVTCHN] = port.port
+        self.changes.info.add(dom.domid)
         return gfn, port.port
 
     def get_param(self, caller: Domain, index: int) -> int:
@@ -314,8 +348,12 @@ class Hypervisor:
             table.unpin(ref, readonly)
             return MapResult(GNTST_no_space)
         granter.frames.expose(gfn)
-        handle = next(caller.handles) & 0xFFFFFFFF
-        caller.maptrack[handle] = Mapping(granter, table, ref, readonly, frame_id, gfn)
+        self.changes.gfns.append((granter.domid, gfn))
+        handle = caller.next_handle
+        caller.next_handle = handle + 1 if handle < 0xFFFFFFFF else 1
+        caller.maptrack[handle] = Mapping(granter, table, ref, readonly, frame_id, gfn, granter.restarts)
+        self.changes.maps.append((caller.domid, handle))
+        self.changes.info.add(caller.domid)          # next_handle
         return MapResult(GNTST_okay, handle, frame)
 
     def replace_frames(self, caller: Domain, gfns: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -331,7 +369,9 @@ class Hypervisor:
         if caller.frames is None:
             raise _err(errno.EPERM, "register memory first")
         try:
-            return caller.frames.replace(gfns, caller.gnttab.pinned_gfns())
+            done, fds = caller.frames.replace(gfns, caller.gnttab.pinned_gfns())
+            self.changes.gfns.extend((caller.domid, g) for g in done)
+            return done, fds
         except BadFrame as e:
             raise _err(errno.EINVAL, str(e)) from None
         except OSError as e:
@@ -382,6 +422,7 @@ class Hypervisor:
 
     def _unmap_one(self, caller: Domain, handle: int) -> None:
         m = caller.maptrack.pop(handle)
+        self.changes.maps.append((caller.domid, handle))
         if m.ref in m.table.pins:
             m.table.unpin(m.ref, m.readonly)
         m.table.close_if_retired()
@@ -476,6 +517,7 @@ class Hypervisor:
             raise
         port.remote_domid = remote
         caller.ports.attach(port, pair, owner_side=True)
+        self.changes.ports.add(caller.domid)
         return port
 
     def evtchn_bind_interdomain(self, caller: Domain, remote_dom: int, remote_port: int) -> Port:
@@ -487,6 +529,7 @@ class Hypervisor:
         caller.ports.attach(lp, rp.pair, owner_side=not rp.owner_side)
         lp.remote_domid, lp.remote_port = remote.domid, rp.port
         rp.state, rp.remote_domid, rp.remote_port = EVTCHNSTAT_interdomain, caller.domid, lp.port
+        self.changes.ports.update((caller.domid, remote.domid))
         # Xen marks the new local port pending: events sent to the unbound
         # port before the bind must not be lost.
         signal(lp.wait_fd)
@@ -498,7 +541,7 @@ class Hypervisor:
         if virq in GLOBAL_VIRQS:
             if not caller.privileged:
                 raise _err(errno.EPERM, f"virq {virq} is global: only a privileged domain binds it")
-            holder = self._virq_handlers.get(virq)
+            holder = self.virq_handlers.get(virq)
             if holder is not None and holder[0] is not caller:
                 raise _err(errno.EBUSY, f"virq {virq} is bound by domain {holder[0].domid}")
         if any(p.virq == virq for p in caller.ports.ports.values()):
@@ -516,8 +559,9 @@ class Hypervisor:
             self._uncharge(caller, 1)
             raise
         port.virq, port.virq_fd = virq, fd
+        self.changes.ports.add(caller.domid)
         if virq in GLOBAL_VIRQS:
-            self._virq_handlers[virq] = (caller, port)
+            self.virq_handlers[virq] = (caller, port)
         return port
 
     def _charge(self, dom: Domain, n: int) -> None:
@@ -559,10 +603,12 @@ class Hypervisor:
             rp = remote.ports.ports.get(p.remote_port) if remote else None
             if rp is not None and rp.remote_domid == dom.domid and rp.remote_port == p.port:
                 rp.state, rp.remote_domid, rp.remote_port = EVTCHNSTAT_unbound, dom.domid, 0
-        if p.state == EVTCHNSTAT_virq and self._virq_handlers.get(p.virq, (None, None))[1] is p:
-            del self._virq_handlers[p.virq]
+                self.changes.ports.add(p.remote_domid)
+        if p.state == EVTCHNSTAT_virq and self.virq_handlers.get(p.virq, (None, None))[1] is p:
+            del self.virq_handlers[p.virq]
         for charged, n in dom.ports.release(p):
             self._uncharge(dom if charged is None else charged, n)
+        self.changes.ports.add(dom.domid)
 
     def evtchn_status(self, caller: Domain, port: int) -> dict[str, int]:
         p = self._port(caller, port)
@@ -574,7 +620,7 @@ class Hypervisor:
             signal(p.notify_fd)
 
     def raise_virq(self, virq: int) -> None:
-        holder = self._virq_handlers.get(virq)
+        holder = self.virq_handlers.get(virq)
         if holder is not None:
             signal(holder[1].wait_fd)
 

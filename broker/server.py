@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import array
 import errno
+import hashlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import struct
@@ -29,7 +31,7 @@ import psutil
 import zmq
 
 from xdom.domains.abi.event_channel import DOMID_SELF
-from xdom.domains.abi.grant_table import PAGE_SIZE
+from xdom.domains.abi.grant_table import GNTST_okay, PAGE_SIZE
 from xdom.domains.wakeup import WakePipe
 from xdom.domains.hypercall_wire import (
     MAX_FDS, MAX_MESSAGE, SHUTDOWN_REASONS, HypercallError, decode_request, encode_error,
@@ -37,9 +39,11 @@ from xdom.domains.hypercall_wire import (
 )
 
 from .fd_budget import raise_nofile_limit
-from .frames import FrameAllocator, ProcFrames
+from .frames import BadFrame, FrameAllocator, ProcFrames
 from .hypervisor import CREATED, Domain, Hypervisor
 from .mgmt import Management
+from .persist import COMPACT_BYTES, StateFiles
+from .takeover import Takeover, model_of, process_starttime, rebuild, records
 
 log = logging.getLogger("xdom.broker")
 
@@ -48,6 +52,23 @@ HELLO_TIMEOUT = 10.0        # seconds a connection may take to say hello
 MESSAGES_PER_TURN = 32      # fairness: requests served per connection per loop turn
 HOUSEKEEPING_INTERVAL = 0.1  # seconds between hello-timeout and deferred-unpin sweeps
 _UCRED = struct.Struct("3i")
+
+FAILPOINT_ENV = "XDOM_BROKER_DIE_BEFORE_REPLY"   # tests: an op name; the broker exits before replying to it
+
+# Hypercalls whose effect a retry must not repeat: the broker remembers each
+# domain's last one (its reply, and what its descriptors were: handles, a
+# port, gfns) so that a domain asking again after a broker died gets the
+# reply it missed.  The others are safe to run twice.
+REMEMBERED: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "map": lambda f: [h for st, h in f["results"] if st == GNTST_okay],
+    "unmap": lambda f: None,
+    "replace_frames": lambda f: list(f["gfns"]),
+    "evtchn_alloc_unbound": lambda f: f["port"],
+    "evtchn_bind_interdomain": lambda f: f["port"],
+    "evtchn_bind_virq": lambda f: f["port"],
+    "evtchn_close": lambda f: None,
+    "shutdown": lambda f: None,
+}
 
 
 @dataclass
@@ -84,7 +105,9 @@ def check_isolation() -> None:
 
 class BrokerServer:
     def __init__(self, run_dir: str, mgmt_endpoint: str | None = None,
-                 events_endpoint: str | None = None) -> None:
+                 events_endpoint: str | None = None, state_dir: str | None = None) -> None:
+        """``state_dir``: where the broker writes down its tables, so that a broker
+        started after this one died takes over its domains (see broker.takeover)."""
         self.run_dir = run_dir
         os.makedirs(run_dir, mode=0o755, exist_ok=True)
         from .pathtrust import check_dir
@@ -130,8 +153,97 @@ class BrokerServer:
             "evtchn_alloc_unbound": self._alloc_unbound, "evtchn_bind_interdomain": self._bind_interdomain,
             "evtchn_bind_virq": self._bind_virq, "evtchn_close": self._close,
             "evtchn_status": self._status, "evtchn_send": self._send, "domain_info": self._domain_info,
-            "get_param": self._get_param, "evtchn_fds": self._evtchn_fds,
+            "get_param": self._get_param, "evtchn_fds": self._evtchn_fds, "rejoin": self._rejoin,
         }
+        self.absent: dict[int, Domain] = {}          # pidfd -> a running domain that has not rejoined yet
+        self._die_before_reply = os.environ.get(FAILPOINT_ENV, "")
+        self.state: StateFiles | None = StateFiles(state_dir) if state_dir else None
+        self.takeover: Takeover | None = None
+        if self.state is not None:
+            self._take_over(self.state)
+
+    # ---- taking over from a broker that died --------------------------------
+
+    def _take_over(self, state: StateFiles) -> None:
+        """Rebuild the tables of the broker that ran before, if there was one; start a journal."""
+        if state.exists():
+            model = state.load()
+            self.takeover = rebuild(model, self.hv)
+            for domid, pidfd in self.takeover.live.items():
+                self.absent[pidfd] = self.hv.domains[domid]
+                self.poller.register(pidfd, zmq.POLLIN)
+            log.warning("took over from a broker that died: %s", self.takeover.summary())
+        state.write_snapshot(model_of(self.hv))
+
+    def _journal(self, last: tuple[Domain, list[Any]] | None = None) -> None:
+        """Write down what changed (before the reply that makes it visible leaves)."""
+        if self.state is None:
+            self.hv.changes.__init__()
+            return
+        recs = records(self.hv)
+        if last is not None:
+            recs.append(("last", last[0].domid, last[1]))
+        self.state.append(recs)
+        if self.state.journal_bytes > COMPACT_BYTES:
+            self.state.write_snapshot(model_of(self.hv))
+
+    def _rejoin(self, conn: Connection, args: dict[str, Any]) -> Reply:
+        """A running domain whose broker died comes back: the same process, with its key."""
+        if conn.domain is not None:
+            raise HypercallError(errno.EALREADY, "already introduced")
+        for pidfd, dom in self.absent.items():
+            if dom.domid == args["domid"]:
+                break
+        else:
+            raise HypercallError(errno.ESRCH, f"no domain {args['domid']} waits to rejoin")
+        key = args["key"].encode("utf-8", "surrogatepass")
+        if not dom.rejoin_hash or not secrets.compare_digest(hashlib.sha256(key).digest(), dom.rejoin_hash) \
+                or conn.pid != dom.pid:
+            raise HypercallError(errno.EACCES, f"not domain {dom.domid}'s process and key")
+        del self.absent[pidfd]
+        conn.domain, conn.pidfd, conn.memory_set = dom, pidfd, True
+        self.pidfds[pidfd] = conn
+        log.info("domain %d (%s) rejoined", dom.domid, dom.name)
+        return {"domid": dom.domid, "name": dom.name, "seq": dom.last[0] if dom.last else -1}, [], []
+
+    def _replay(self, conn: Connection, op: str, seq: int) -> tuple[bytes, list[int], list[int]] | None:
+        """The reply to a request this domain already made (seq, op): the broker it was
+        made to died before the reply left.  Its descriptors are found or made again.
+        None: not a repeat, or nothing of its effect survived -- carry it out."""
+        dom = conn.domain
+        if dom is None or dom.last is None or dom.last[0] != seq or dom.last[2][0] != op:
+            return None
+        _, payload, (_, spec) = dom.last
+        fds: list[int] = []
+        try:
+            if op == "map":
+                for handle in spec:
+                    m = dom.maptrack[handle]
+                    if m.granter.frames is None:
+                        raise HypercallError(errno.EAGAIN, "the granter of a mapping went away")
+                    fd, _ = m.granter.frames.open_frame(m.gfn, m.readonly)
+                    fds.append(fd)   # type: ignore[arg-type]
+            elif op in ("evtchn_alloc_unbound", "evtchn_bind_interdomain", "evtchn_bind_virq"):
+                p = self.hv.port_fds(dom, spec)
+                fds = [p.wait_fd] + ([p.notify_fd] if p.notify_fd >= 0 else [])
+                return payload, fds, []
+            elif op == "replace_frames":
+                # The frames made then were lost with the reply: make them again.
+                assert isinstance(dom.frames, ProcFrames)
+                for gfn in spec:
+                    dom.frames.exposed[gfn] = 1
+                done, fds = self.hv.replace_frames(dom, spec)
+                self._journal()
+        except (KeyError, HypercallError, BadFrame):
+            # What it made is gone with the broker that made it (a channel whose
+            # eventfds only that broker held): nothing of it is left, so doing
+            # it again is doing it once.
+            for fd in fds:
+                os.close(fd)
+            log.info("domain %d: the effect of %s (seq %d) did not survive the takeover; doing it again",
+                     dom.domid, op, seq)
+            return None
+        return payload, fds, fds
 
     # ---- DomainControl, for the management API -----------------------------
 
@@ -212,6 +324,13 @@ class BrokerServer:
             self._accept()
         elif sock in self.pidfds:
             self._drop(self.pidfds[sock], "exited")
+            self._journal()
+        elif sock in self.absent:
+            dom = self.absent.pop(sock)
+            self.poller.unregister(sock)
+            os.close(sock)
+            self.hv.domain_died(dom, "exited")
+            self._journal()
         elif sock in self.conns:
             self._serve(self.conns[sock])
 
@@ -235,6 +354,7 @@ class BrokerServer:
                 continue
             envelope, payload = frames[:-1], frames[-1]
             reply = self.mgmt.handle_bytes(payload)
+            self._journal()
             try:
                 self.router.send_multipart([*envelope, reply], zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -322,18 +442,35 @@ class BrokerServer:
     def _dispatch(self, conn: Connection, data: bytes) -> tuple[bytes, list[int], list[int]]:
         try:
             op, args = decode_request(data)
-            if op != "hello" and conn.domain is None:
+            if op not in ("hello", "rejoin") and conn.domain is None:
                 raise HypercallError(errno.EPERM, "say hello with your token first")
-            if op not in ("hello", "populate_physmap", "set_memory", "shutdown") and not conn.memory_set:
+            if op not in ("hello", "rejoin", "populate_physmap", "set_memory", "shutdown") and not conn.memory_set:
                 raise HypercallError(errno.EPERM, "register memory with set_memory first")
+            seq = args.pop("seq", None)
+            if seq is not None and op in REMEMBERED:
+                again = self._replay(conn, op, seq)
+                if again is not None:
+                    return again
             if conn.domain is not None:
                 conn.domain.stats["hypercalls"] += 1
             fields, send, close = self.handlers[op](conn, args)
-            return encode_reply(**fields), send, close
+            payload = encode_reply(**fields)
+            last = None
+            if seq is not None and op in REMEMBERED and conn.domain is not None:
+                conn.domain.last = (seq, payload, [op, REMEMBERED[op](fields)])
+                last = (conn.domain, list(conn.domain.last))
+            self._journal(last)
+            if op == self._die_before_reply:
+                # A failpoint for tests of the takeover: the effect is written down, the reply never leaves.
+                log.error("failpoint %s=%s: dying before the reply", FAILPOINT_ENV, op)
+                os._exit(70)
+            return payload, send, close
         except HypercallError as e:
+            self._journal()
             return encode_error(e), [], []
         except Exception:   # a bug, not the caller's fault: report it, keep serving
             log.exception("hypercall from pid %d failed", conn.pid)
+            self._journal()
             return encode_error(HypercallError(errno.EIO, "internal broker error")), [], []
 
     def _reply(self, conn: Connection, payload: bytes, fds: list[int]) -> bool:
@@ -386,14 +523,24 @@ class BrokerServer:
             conn.pidfd = os.pidfd_open(conn.pid)
         except OSError as e:
             raise HypercallError(errno.ESRCH, f"peer process: {e.strerror}") from None
+        try:
+            starttime = process_starttime(conn.pid)
+        except (OSError, ValueError, IndexError) as e:
+            os.close(conn.pidfd)
+            conn.pidfd = -1
+            raise HypercallError(errno.ESRCH, f"peer process: {e}") from None
         dom.token = ""          # one use only
-        dom.pid = conn.pid
+        dom.pid, dom.starttime = conn.pid, starttime
+        # The key this process rejoins a broker that takes over from us with; we keep its hash.
+        key = secrets.token_hex(16)
+        dom.rejoin_hash = hashlib.sha256(key.encode()).digest()
+        self.hv.changes.info.add(dom.domid)
         conn.domain = dom
         self.pidfds[conn.pidfd] = conn
         self.poller.register(conn.pidfd, zmq.POLLIN)
         gnt_fd = dom.gnttab.domain_fd()
         return ({"domid": dom.domid, "name": dom.name, "nr_frames": dom.nr_frames,
-                 "grant_frames": dom.gnttab.nr_frames, "privileged": dom.privileged},
+                 "grant_frames": dom.gnttab.nr_frames, "privileged": dom.privileged, "rejoin_key": key},
                 [gnt_fd], [gnt_fd])
 
     def _populate_physmap(self, conn: Connection, args: dict[str, Any]) -> Reply:
@@ -446,6 +593,7 @@ class BrokerServer:
             raise HypercallError(errno.EINVAL, f"reason must be one of {SHUTDOWN_REASONS}")
         assert conn.domain is not None
         conn.domain.shutdown_reason = args["reason"]
+        self.hv.changes.info.add(conn.domain.domid)
         return {}, [], []
 
     def _map(self, conn: Connection, args: dict[str, Any]) -> Reply:
@@ -519,9 +667,16 @@ class BrokerServer:
                 "incarnation": other.restarts}, [], []
 
     def close(self) -> None:
+        """A clean stop: the domains lose their hypervisor for good, and nothing is left to take over."""
         for conn in list(self.conns.values()):
             self._drop(conn, "broker stopped")
+        for pidfd in list(self.absent):
+            self.poller.unregister(pidfd)
+            os.close(pidfd)
+        self.absent.clear()
         self.hv.close()
+        if self.state is not None:
+            self.state.discard()
         self.poller.unregister(self.listener.fileno())
         self.listener.close()
         try:

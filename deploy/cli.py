@@ -27,7 +27,9 @@ def default_run_dir() -> str:
 def cmd_broker(args: argparse.Namespace) -> int:
     from xdom.broker.server import BrokerServer, check_isolation
     check_isolation()
-    server = BrokerServer(args.run_dir, args.mgmt, args.events)     # refuses a run directory others can write
+    state_dir = args.state_dir or os.path.join(args.run_dir, "broker-state")
+    # refuses a run directory others can write; takes over from a broker that died on the same state
+    server = BrokerServer(args.run_dir, args.mgmt, args.events, state_dir=state_dir)
 
     def stop(signum: int, frame: Any) -> None:
         server.stop()
@@ -195,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(b)
     b.add_argument("--events", default=None, help="lifecycle event PUB endpoint")
     b.add_argument("--ready-fd", type=int, default=None, help="write 'ready' to this fd once serving")
+    b.add_argument("--state-dir", default=None,
+                   help="where the broker writes down its tables so that a broker started after it died takes "
+                        "over its running domains (default RUN_DIR/broker-state)")
     b.set_defaults(func=cmd_broker)
 
     x = sub.add_parser("xenstored", help="run xenstored in the foreground")

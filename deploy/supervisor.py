@@ -104,6 +104,9 @@ RESET_PATIENCE = 5.0        # seconds before such a restart is given up
 JOURNAL_LIMIT = 10000       # entries kept (a long-lived host restarts things)
 XS_TIMEOUT = 5.0            # seconds for one xenstore request from the supervisor
 _BROKER = "broker"
+BROKER_STATE = "broker-state"   # RUN_DIR/broker-state: what a broker writes down for the one that takes over
+BROKER_FLAP_LIMIT = 3           # broker deaths within BROKER_FLAP_WINDOW before the host is given up
+BROKER_FLAP_WINDOW = 60.0
 
 
 class SupervisorError(Exception):
@@ -284,6 +287,7 @@ class Supervisor:
         self._wake: WakePipe | None = WakePipe()
         self._poller.register(self._wake.fileno(), zmq.POLLIN)
         self._broker_pidfd = -1
+        self._broker_deaths: list[float] = []
         self._stop_requested = False
         self._stopped = False
         self._fatal = ""
@@ -432,6 +436,8 @@ class Supervisor:
             log.warning("every domain shares the host's network namespace: %s", why_not)
             self._progress(f"network: every domain shares the host's namespace ({why_not})")
         self._prepare_dirs()
+        # A new host: whatever a broker of an earlier run wrote down describes domains long gone.
+        shutil.rmtree(os.path.join(lay.run_dir, BROKER_STATE), ignore_errors=True)
         try:
             self.broker = start_broker(lay.run_dir, log_path=lay.log_path(_BROKER), die_with_parent=True)
         except (RuntimeError, TimeoutError) as e:
@@ -1356,15 +1362,43 @@ class Supervisor:
             d.state = State.STOPPED
 
     def _on_broker_exit(self) -> None:
+        """The broker died: start another, which takes over the running domains from its
+        predecessor's state (broker.takeover); they see a slow hypercall.  Only when it
+        cannot start, or dies again and again, is the host lost."""
         assert self.broker is not None
         rc = self.broker.proc.wait()
         self._unwatch_fd(self._broker_pidfd)
         os.close(self._broker_pidfd)
         self._broker_pidfd = -1
-        self._fatal = (f"the broker (the hypervisor) {ExitStatus.from_returncode(rc).describe()}: every domain is "
+        how = ExitStatus.from_returncode(rc).describe()
+        self._record(_BROKER, "exit", how)
+        now = time.monotonic()
+        self._broker_deaths = [t for t in self._broker_deaths if now - t < BROKER_FLAP_WINDOW] + [now]
+        why = ""
+        if self._stop_requested:
+            why = "while the host stops"
+        elif len(self._broker_deaths) > BROKER_FLAP_LIMIT:
+            why = f"for the {len(self._broker_deaths)}th time in {BROKER_FLAP_WINDOW:g}s"
+        else:
+            log.error("the broker (the hypervisor) %s; starting another to take over the running domains", how)
+            if self.mgmt is not None:
+                self.mgmt.close()
+                self.mgmt = None
+            try:
+                self.broker = start_broker(self.layout.run_dir, log_path=self.layout.log_path(_BROKER),
+                                           die_with_parent=True)
+            except (RuntimeError, TimeoutError) as e:
+                why = f"and another did not start ({e})"
+            else:
+                self._broker_pidfd = os.pidfd_open(self.broker.proc.pid)
+                self._watch_fd(self._broker_pidfd, self._on_broker_exit)
+                self.mgmt = self.broker.client()
+                self._record(_BROKER, "restarted", f"pid {self.broker.proc.pid}: took over")
+                self._progress(f"broker: {how}; a new one (pid {self.broker.proc.pid}) took over")
+                return
+        self._fatal = (f"the broker (the hypervisor) {how} {why}: every domain is "
                        f"gone; see {self.layout.log_path(_BROKER)}")
         log.error("%s; stopping", self._fatal)
-        self._record(_BROKER, "exit", ExitStatus.from_returncode(rc).describe())
         self.request_stop()
 
     # ---- health --------------------------------------------------------------

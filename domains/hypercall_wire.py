@@ -27,6 +27,7 @@ MAX_FDS: Final = MAX_BATCH       # descriptors beside one reply
 # op name -> {field: type}; every field is required, no other is allowed.
 REQUESTS: Final[dict[str, dict[str, type]]] = {
     "hello": {"token": str},
+    "rejoin": {"domid": int, "key": str},   # a running domain, to a broker that took over from a dead one
     "populate_physmap": {"start": int, "count": int},   # the broker's frames, by SCM_RIGHTS
     "set_memory": {"base": int},
     "shutdown": {"reason": str},
@@ -87,6 +88,11 @@ def decode_request(data: bytes) -> tuple[str, dict[str, Any]]:
     if not isinstance(op, str) or op not in REQUESTS:
         raise HypercallError(_errno.ENOSYS, f"unknown hypercall {op!r:.40}")
     spec = REQUESTS[op]
+    # Any request may carry "seq", the caller's sequence number: a domain that
+    # asks again after the broker died gets the reply it missed, not a second effect.
+    seq = msg.pop("seq", None)
+    if seq is not None and (type(seq) is not int or not 0 <= seq < 2**63):
+        raise HypercallError(_errno.EINVAL, f"{op}: seq must be a non-negative integer")
     extra = set(msg) - set(spec) - {"op"}
     if extra:
         raise HypercallError(_errno.EINVAL, f"{op}: unexpected fields {sorted(map(str, extra))[:4]}")
@@ -102,6 +108,8 @@ def decode_request(data: bytes) -> tuple[str, dict[str, Any]]:
         if kind is list and len(value) > MAX_BATCH:
             raise HypercallError(_errno.E2BIG, f"{op}: {len(value)} entries exceed the batch limit {MAX_BATCH}")
         args[name] = value
+    if seq is not None:
+        args["seq"] = seq
     return op, args
 
 

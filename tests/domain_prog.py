@@ -99,6 +99,23 @@ class HostileAgent(DomainAgent):
             self.h.evtchn.wait(0.1)
         return {"ring_error": 0}
 
+    def cmd_notify(self, port: int) -> dict[str, Any]:
+        """An event to our peer: an eventfd write, no hypercall (works with no broker)."""
+        self.h.notify(port)
+        return {}
+
+    def cmd_write_map(self, handle: int, data: str) -> dict[str, Any]:
+        """Write through a live writable mapping (no hypercall)."""
+        raw = data.encode()
+        self.maps[handle].view[:len(raw)] = raw
+        return {}
+
+    def cmd_port_status(self, port: int) -> dict[str, Any]:
+        return self.h.port_status(port)
+
+    def cmd_broker_restarts(self) -> dict[str, Any]:
+        return {"restarts": self.h.broker_restarts}   # type: ignore[attr-defined]
+
     def cmd_drop_frame(self, gfn: int) -> dict[str, Any]:
         """Unmap one of our own frames (its grant now names a hole)."""
         sysmem.munmap(self.h.memory.frame_address(gfn), PAGE_SIZE)

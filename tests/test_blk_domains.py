@@ -294,3 +294,48 @@ def test_a_restarted_guest_gets_its_disk_back(run_dir: str) -> None:
         res = fio(export, run_dir, "--rw=randwrite", "--bs=4k", "--iodepth=8", "--size=4M", "--verify=crc32c",
                   "--do_verify=1")
         assert res.returncode == 0, res.stderr
+
+
+def test_fio_survives_a_broker_kill_and_a_blkback_kill_after_it(run_dir: str) -> None:
+    """kill -9 of the hypervisor itself under a verified write job: a new broker takes over the
+    running domains (their memory, grants and channels live on in them), the supervisor keeps the
+    host, fio sees no error; then blkback is killed too, and its restart -- new grants, new
+    channels, all through the new broker -- costs a stall again, not an error."""
+    a = os.path.join(run_dir, "a.img")
+    make_image(a)
+    size = 32 << 20
+    with Host(run_dir, topology({"a": a})) as h:
+        export = devices(h, "g1")["xvda"]["export"]
+        before = h.ps()
+        fio_job = FioRun(["fio", "--name=xdom", "--ioengine=nbd", f"--uri={uri(export)}", "--verify_state_save=0",
+                          "--rw=randwrite", "--bs=4k", "--iodepth=16", f"--size={size}", "--verify=crc32c",
+                          "--do_verify=1", "--verify_backlog=1024", "--verify_fatal=1", "--rate=6m"], run_dir)
+        try:
+            wait_until(lambda: fio_job.progress()[0] > 0 or fio_job.proc.poll() is not None, 60,
+                       "fio's first progress report", interval=0.05)
+            assert fio_job.proc.poll() is None, fio_job.stderr
+            assert h.sup.broker is not None
+            old_broker = h.sup.broker.proc.pid
+            os.kill(old_broker, signal.SIGKILL)
+            wait_until(lambda: h.sup.broker is not None and h.sup.broker.proc.pid != old_broker
+                       and h.sup.broker.proc.poll() is None, 30, "a new broker")
+            assert any(e.event == "restarted" for e in h.journal("broker"))
+            written_mid, _ = fio_job.progress()
+            assert written_mid < size and fio_job.proc.poll() is None, "the kills must land mid-job"
+            os.kill(before["blk0"]["pid"], signal.SIGKILL)
+            r = h.wait("blk0", "restarted", state="running", generation=2, timeout=60)
+            assert r["domid"] == before["blk0"]["domid"]
+            job = fio_job.finish(timeout=180)
+        finally:
+            fio_job.stop()
+        assert fio_job.proc.returncode == 0, fio_job.stderr
+        assert job["error"] == 0, job
+        assert job["write"]["io_bytes"] == size and job["read"]["io_bytes"] == size
+        after = h.ps()
+        for name in ("xs", "g1"):                  # the broker's death cost them nothing
+            assert after[name]["pid"] == before[name]["pid"] and after[name]["restarts"] == 0, after[name]
+        copy = os.path.join(run_dir, "copy.img")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri(export), copy], check=True,
+                       capture_output=True, timeout=120)
+        with open(a, "rb") as f1, open(copy, "rb") as f2:
+            assert f1.read() == f2.read()

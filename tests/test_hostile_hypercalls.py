@@ -58,6 +58,7 @@ REFUSALS = {"EBADMSG", "ENOSYS", "EINVAL", "E2BIG", "EMSGSIZE", "EPERM", "EALREA
 # One well-formed request per op, with valid field types.
 VALID_SHAPES: dict[str, dict[str, Any]] = {
     "hello": {"token": "0" * 32},
+    "rejoin": {"domid": 1, "key": "0" * 32},
     "populate_physmap": {"start": 0, "count": 1},
     "set_memory": {"base": 0x7F0000000000},
     "shutdown": {"reason": "poweroff"},
@@ -298,8 +299,10 @@ def request_shape(op: str, **override: Any) -> dict[str, Any]:
 def test_every_op_before_hello_is_eperm(raw: Raw, bystanders: Bystanders) -> None:
     conn, creds = raw.fresh()
     for op in REQUESTS:
-        if op != "hello":
+        if op not in ("hello", "rejoin"):
             conn.expect(request_shape(op), "EPERM")
+    # rejoin is for a running domain whose broker died: this broker has none waiting
+    conn.expect(request_shape("rejoin"), "ESRCH")
     bystanders.check()
     # The connection can still introduce itself afterwards.
     conn.hello(creds["token"])
@@ -310,9 +313,10 @@ def test_every_op_before_hello_is_eperm(raw: Raw, bystanders: Bystanders) -> Non
 def test_ops_before_set_memory_are_eperm(raw: Raw, bystanders: Bystanders) -> None:
     conn, creds = raw.introduced()
     for op in REQUESTS:
-        if op not in ("hello", "populate_physmap", "set_memory", "shutdown"):
+        if op not in ("hello", "rejoin", "populate_physmap", "set_memory", "shutdown"):
             conn.expect(request_shape(op), "EPERM")
     conn.expect({"op": "hello", "token": creds["token"]}, "EALREADY")
+    conn.expect(request_shape("rejoin"), "EALREADY")
     bystanders.check()
     conn.set_memory(creds["nr_frames"])
     conn.probe()
@@ -520,7 +524,7 @@ def test_missing_extra_and_mistyped_fields_are_einval(raw: Raw, bystanders: Byst
         for name in shape:                                  # each field missing
             cases.append({"op": op, **{k: v for k, v in shape.items() if k != name}})
         # No field ever names the caller, and unknown fields are refused.
-        for extra in ({"domid": creds["domid"]} if op != "domain_info" else {"caller": 0}, {"z": None}):
+        for extra in ({"domid": creds["domid"]} if op not in ("domain_info", "rejoin") else {"caller": 0}, {"z": None}):
             cases.append({"op": op, **shape, **extra})
         for name, value in shape.items():                   # each field mistyped
             for wrong in (None, 1.0, "1", b"1", [1], {"a": 1}, 0 if not isinstance(value, int) else "0"):

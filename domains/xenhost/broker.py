@@ -6,19 +6,32 @@ grant table the broker shares with it, allocates its memory frames and
 registers them (``set_memory``).  From then on grants and event channels
 are hypercalls on this one connection, and notifications are eventfd
 writes that never touch the broker.
+
+If the broker dies, notifications go on (they never touched it) and the
+next hypercall waits: the domain connects again, as often as it takes for
+up to ``XDOM_BROKER_PATIENCE`` seconds, and ``rejoin``s a broker that took
+over from the dead one, with the key the dead one gave it at hello; then it
+sends its request again, with the same sequence number, so that one the
+dead broker carried out is answered, not done twice.  To the domain's
+drivers a broker restart is a slow hypercall.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import socket
 import threading
+import time
 from typing import Any, Sequence
 
 from .. import sysmem
 from ..abi.grant_table import GNTST_okay, PAGE_SIZE
 from ..grant_table import GrantTable
-from ..hypercall_wire import MAX_BATCH, MAX_FDS, MAX_MESSAGE, decode_reply, encode_request, take_fds
+from ..hypercall_wire import (
+    MAX_BATCH, MAX_FDS, MAX_MESSAGE, HypercallError, decode_reply, encode_request, take_fds,
+)
 from ..memory import DomainMemory
 from .base import CopyOp, EventChannels, GrantMapping, MapResult, XenHost
 
@@ -27,6 +40,10 @@ from .base import CopyOp, EventChannels, GrantMapping, MapResult, XenHost
 # RLIMIT_NOFILE of 64); 32 keeps 32 MiB of memory at 256 calls.
 POPULATE_BATCH = 32
 
+ENV_PATIENCE = "XDOM_BROKER_PATIENCE"
+DEFAULT_PATIENCE = 60.0      # seconds a domain waits for a broker to come back
+log = logging.getLogger("xdom.xenhost")
+
 ENV_SOCKET = "XDOM_HYPERCALL"
 ENV_TOKEN = "XDOM_TOKEN"
 
@@ -34,6 +51,10 @@ ENV_TOKEN = "XDOM_TOKEN"
 class BrokerXenHost(XenHost):
     def __init__(self, path: str, token: str) -> None:
         self._lock = threading.Lock()
+        self._path = path
+        self._seq = 0
+        self._rejoin_key = ""          # set once this domain runs: what a broker taking over recognises us by
+        self.broker_restarts = 0       # how many times this domain rejoined a new broker
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self._sock.connect(path)
         hello, fds = self.call("hello", token=token)
@@ -43,6 +64,7 @@ class BrokerXenHost(XenHost):
         self.gnttab = GrantTable(fds[0], hello["grant_frames"])
         self.memory = DomainMemory(hello["nr_frames"], self._populate, batch=POPULATE_BATCH)
         self.call("set_memory", base=self.memory.base)
+        self._rejoin_key = hello.get("rejoin_key", "")
         self.gnttab.on_revoked = self._renew_frame
         self.evtchn = EventChannels()
         self._maps: dict[int, tuple[int, GrantMapping]] = {}   # handle -> (addr, mapping)
@@ -50,19 +72,62 @@ class BrokerXenHost(XenHost):
     def call(self, op: str, **fields: Any) -> tuple[dict[str, Any], list[int]]:
         """One hypercall: returns the reply fields and the fds that came with it."""
         with self._lock:
-            self._sock.sendmsg([encode_request(op, **fields)])
-            data, anc, _flags, _ = self._sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4))
-        fds = take_fds(anc)
-        if not data:
-            for fd in fds:
-                os.close(fd)
-            raise ConnectionError("the broker closed the hypercall connection")
+            self._seq += 1
+            msg = encode_request(op, seq=self._seq, **fields)
+            while True:
+                try:
+                    self._sock.sendmsg([msg])
+                    data, anc, _flags, _ = self._sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4))
+                except OSError as e:
+                    if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
+                        raise
+                    data, anc = b"", []
+                fds = take_fds(anc)
+                if data:
+                    break
+                for fd in fds:
+                    os.close(fd)
+                if not self._rejoin_key:
+                    raise ConnectionError("the broker closed the hypercall connection")
+                self._rejoin()
         try:
             return decode_reply(data), fds
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
+
+    def _rejoin(self) -> None:
+        """The broker is gone: wait for one that took over, and rejoin it (the call lock is held)."""
+        self._sock.close()
+        patience = float(os.environ.get(ENV_PATIENCE, DEFAULT_PATIENCE))
+        deadline = time.monotonic() + patience
+        delay = 0.005
+        log.warning("domain %d: the broker is gone; waiting up to %gs for one to rejoin", self.domid, patience)
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            try:
+                sock.connect(self._path)
+                sock.sendmsg([encode_request("rejoin", domid=self.domid, key=self._rejoin_key)])
+                data, anc, _flags, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4))
+                for fd in take_fds(anc):
+                    os.close(fd)
+                if data:
+                    decode_reply(data)          # raises HypercallError if we are refused
+                    self._sock = sock
+                    self.broker_restarts += 1
+                    log.warning("domain %d: rejoined a new broker", self.domid)
+                    return
+            except HypercallError as e:
+                sock.close()
+                raise ConnectionError(f"the new broker does not take domain {self.domid} back: {e}") from None
+            except OSError:
+                pass
+            sock.close()
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"no broker came back within {patience:g}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
     def _populate(self, start: int, count: int) -> list[int]:
         """The broker's frames start..start+count-1, to map as our memory."""
