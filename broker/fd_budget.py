@@ -30,7 +30,7 @@ import resource
 
 __all__ = ["RESERVE", "SHARE_DIVISOR", "FdBudget", "raise_nofile_limit"]
 
-# Per batch: up to 128 frame fds for a map reply, 2 x 128 for a copy, plus the
+# Up to 128 frame fds for a map reply, 128 kept by the copier's cache, plus the
 # broker's own sockets and up to 64 connections that have not said hello.
 RESERVE = 512
 SHARE_DIVISOR = 8

@@ -37,6 +37,7 @@ import errno
 import fcntl
 import os
 import stat
+from collections import OrderedDict
 from typing import Iterable, Protocol, Sequence
 
 from xdom.domains.abi.grant_table import GNTST_bad_page, GNTST_okay, PAGE_SIZE
@@ -311,61 +312,83 @@ CopyPlan = tuple[int, FrameSource, int, int, FrameSource, int, int, int]
 class FrameCopier:
     """GNTTABOP_copy's data movement, through the frames themselves.
 
-    Between domain processes a copy reads and writes the checked frame
-    descriptors (``copy_file_range``, one syscall an op), never addresses: a
-    domain that remaps its gfns cannot steer a copy to a page it got from
-    someone else.  Each frame a batch names is opened (and checked) once
-    for the batch and closed after it: a gfn that no longer maps its frame
-    fails the ops that name it (GNTST_bad_page), as a hole in the p2m does
-    in Xen, and the broker holds no frame descriptors between hypercalls.
-    In-process domains (the local variant) are copied with memmove.
+    Between domain processes a copy reads and writes frame descriptors
+    (``copy_file_range``, one syscall an op), never addresses: a domain that
+    remaps its gfns cannot steer a copy to a page it got from someone else.
+    A frame's descriptor is opened through map_files (and checked to be the
+    frame made for that gfn) the first time a copy names it, then kept in a
+    small LRU (``cache_size``; copies come back to the same pages, a ring's
+    data pages) for as long as that gfn's frame is the same inode: a frame
+    replaced (``replace_frames``) is never copied to again, and a dead or
+    restarted domain's descriptors go with it (:meth:`forget`).  So a copy
+    reaches the gfn's own frame by identity; a domain that unmaps one of its
+    own frames gets GNTST_bad_page or the frame as it was, whichever the
+    cache holds -- the grant, not the domain's address space, is what
+    revokes.  In-process domains (the local variant) are copied with memmove.
     """
+
+    def __init__(self, cache_size: int = 128) -> None:
+        self._cache: OrderedDict[tuple[int, int], tuple[FrameSource, int, int]] = OrderedDict()
+        self._cache_size = max(2, cache_size)
 
     def copy_batch(self, plans: Iterable[CopyPlan], statuses: list[int]) -> None:
         """Run (index, src, sgfn, soff, dst, dgfn, doff, length) copies, setting
         ``statuses[index]`` to GNTST_okay or GNTST_bad_page."""
-        opened: dict[tuple[int, int], int | None] = {}     # (id(frames), gfn) -> fd, None if bad
-        keep: list[FrameSource] = []                       # keeps the ids above unique
-        try:
-            for index, src, sgfn, soff, dst, dgfn, doff, length in plans:
-                if isinstance(src, LocalFrames) and isinstance(dst, LocalFrames):
-                    try:
-                        _, saddr = src.address(sgfn)
-                        _, daddr = dst.address(dgfn)
-                    except BadFrame:
-                        statuses[index] = GNTST_bad_page
-                        continue
-                    ctypes.memmove(daddr + doff, saddr + soff, length)
-                    statuses[index] = GNTST_okay
-                    continue
-                sfd = self._open(opened, keep, src, sgfn)
-                dfd = self._open(opened, keep, dst, dgfn)
-                if sfd is None or dfd is None:
-                    statuses[index] = GNTST_bad_page
-                    continue
+        for index, src, sgfn, soff, dst, dgfn, doff, length in plans:
+            if isinstance(src, LocalFrames) and isinstance(dst, LocalFrames):
                 try:
-                    self._copy_fd(sfd, soff, dfd, doff, length)
-                    statuses[index] = GNTST_okay
-                except OSError:
+                    _, saddr = src.address(sgfn)
+                    _, daddr = dst.address(dgfn)
+                except BadFrame:
                     statuses[index] = GNTST_bad_page
-        finally:
-            for fd in opened.values():
-                if fd is not None:
-                    os.close(fd)
-
-    @staticmethod
-    def _open(opened: dict[tuple[int, int], int | None], keep: list[FrameSource],
-              frames: FrameSource, gfn: int) -> int | None:
-        key = (id(frames), gfn)
-        if key not in opened:
-            keep.append(frames)
+                    continue
+                ctypes.memmove(daddr + doff, saddr + soff, length)
+                statuses[index] = GNTST_okay
+                continue
+            sfd = self._fd(src, sgfn)
+            dfd = self._fd(dst, dgfn)
+            if sfd is None or dfd is None:
+                statuses[index] = GNTST_bad_page
+                continue
             try:
-                fd, _ = frames.open_frame(gfn, readonly=False)
-                assert isinstance(fd, int)
-                opened[key] = fd
-            except (BadFrame, NoFrameSpace):
-                opened[key] = None
-        return opened[key]
+                self._copy_fd(sfd, soff, dfd, doff, length)
+                statuses[index] = GNTST_okay
+            except OSError:
+                statuses[index] = GNTST_bad_page
+
+    def _fd(self, frames: FrameSource, gfn: int) -> int | None:
+        key = (id(frames), gfn)
+        try:
+            ino = frames.frame_id(gfn)[1]
+        except BadFrame:
+            return None
+        hit = self._cache.get(key)
+        if hit is not None:
+            if hit[0] is frames and hit[1] == ino:
+                self._cache.move_to_end(key)
+                return hit[2]
+            del self._cache[key]
+            os.close(hit[2])
+        try:
+            fd, _ = frames.open_frame(gfn, readonly=False)
+        except (BadFrame, NoFrameSpace):
+            return None
+        assert isinstance(fd, int)
+        self._cache[key] = (frames, ino, fd)
+        while len(self._cache) > self._cache_size:
+            _, (_, _, old) = self._cache.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def forget(self, frames: FrameSource) -> None:
+        """Close the descriptors kept for a domain that died or restarted."""
+        for key in [k for k, v in self._cache.items() if v[0] is frames]:
+            os.close(self._cache.pop(key)[2])
+
+    def close(self) -> None:
+        for _, _, fd in self._cache.values():
+            os.close(fd)
+        self._cache.clear()
 
     @staticmethod
     def _copy_fd(sfd: int, soff: int, dfd: int, doff: int, length: int) -> None:

@@ -237,6 +237,8 @@ class Hypervisor:
             self._unmap_one(dom, handle)
         for port in list(dom.ports.ports.values()):
             self._close_port(dom, port)
+        if dom.frames is not None:
+            self._copier.forget(dom.frames)
         dom.frames = None
         dom.pid = 0
         self.changes.info.add(dom.domid)
@@ -632,6 +634,7 @@ class Hypervisor:
     def close(self) -> None:
         for dom in list(self.domains.values()):
             self.remove_domain(dom)
+        self._copier.close()
 
 
 def check_domid(domid: int) -> int:
