@@ -65,6 +65,7 @@ PID_FILE = "supervisor.pid"
 CONTROL_SOCKET = "supervisor.sock"
 XENSTORED_LINK = "xenstored.sock"
 XENSTORED_DIR = "xenstored"
+VMS_DIR = "vms"
 
 
 class LayoutError(Exception):
@@ -109,6 +110,11 @@ class Layout:
     def exports_dir(self) -> str:
         """``RUN_DIR/exports``: root's; one directory per guest in it."""
         return os.path.join(self.run_dir, EXPORTS_DIR)
+
+    @property
+    def vms_dir(self) -> str:
+        """``RUN_DIR/vms``: root's; one directory per VM guest in it, for its QEMU's console and QMP sockets."""
+        return os.path.join(self.run_dir, VMS_DIR)
 
     def export_dir(self, guest: str) -> str:
         """``RUN_DIR/exports/GUEST``: the only directory of the run directory ``guest``'s uid may write."""
@@ -346,7 +352,7 @@ def clear_run_files(layout: Layout) -> None:
             pass
         except OSError as e:
             log.warning("cannot remove %s: %s", path, e)
-    for path in (layout.xenstored_run, layout.exports_dir):
+    for path in (layout.xenstored_run, layout.exports_dir, layout.vms_dir):
         if not os.path.lexists(path):
             continue
         try:
@@ -370,11 +376,12 @@ def remove_run_dir(layout: Layout) -> None:
 
 
 def leftover_processes(run_dir: str) -> list[psutil.Process]:
-    """xdom's broker and xenstored processes serving ``run_dir``, other than this process and its ancestors.
+    """xdom's broker and xenstored processes serving ``run_dir``, and VMs' QEMUs with sockets in it, other
+    than this process and its ancestors.
 
-    Domain processes die with their supervisor (PR_SET_PDEATHSIG); these,
-    started with the run directory on their command line, may outlive a
-    supervisor killed outright.  Only call this without a live supervisor.
+    Domain processes and QEMUs die with their supervisor (PR_SET_PDEATHSIG);
+    these, started with the run directory on their command line, may outlive
+    a supervisor killed outright.  Only call this without a live supervisor.
     """
     import psutil
     run, prefix = run_dir, run_dir.rstrip(os.sep) + os.sep
@@ -383,9 +390,12 @@ def leftover_processes(run_dir: str) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = p.info.get("cmdline") or []
-        if p.info["pid"] in spared or "xdom.deploy.cli" not in cmd or not {"broker", "xenstored"} & set(cmd):
+        if p.info["pid"] in spared:
             continue
-        if any(a == run or a.startswith(prefix) for a in cmd):
+        qemu = bool(cmd) and os.path.basename(cmd[0]).startswith("qemu-system")
+        if not qemu and ("xdom.deploy.cli" not in cmd or not {"broker", "xenstored"} & set(cmd)):
+            continue
+        if any(a == run or a.startswith(prefix) or (qemu and f"path={prefix}" in a) for a in cmd):
             found.append(p)
     return found
 

@@ -80,13 +80,16 @@ from .isolation import DOMAIN_EXEC, UidMode, UidPlan, plan_uids
 from .launcher import BrokerProcess, start_broker, start_domain_process
 from .policy import Action, ExitStatus, HealthCheck, HealthSample, RestartTracker
 from .rundir import Layout, LayoutError, PidFile, clear_run_files, make_dirs, remove_run_dir, stop_leftovers
-from .topology import DEFAULT_BRIDGE, DomainKind, DomainSpec, NetSwitch, Topology, TopologyError, bridge_name_problem
+from .topology import (DEFAULT_BRIDGE, DomainKind, DomainSpec, NetSwitch, Topology, TopologyError, bridge_name_problem,
+                       vif_devids)
 from .vbd import VbdConfig, add_vbd, remove_vbd
 from .bridge import backend_tap_name, ensure_bridge, ensure_port
 from .tap import TapError, create_tap, delete_tap, open_tun, tap_exists
 from .vif import VifConfig, add_vif, remove_vif
 from .topology import export_problem
-from .xlcfg import DiskSpec, VifSpec, XlCfgError, generate_mac, parse_disk, parse_vif
+from .vm.supervised import VmPlan, VmSupervisor, check_vms
+from .xlcfg import EXPORT_VHOST_USER, DiskSpec, VifSpec, XlCfgError, default_vif_export, generate_mac, parse_disk, \
+    parse_vif
 from .xsnodes import domain_path, write_dom0_nodes, write_domain_nodes
 
 __all__ = ["READY_TIMEOUT", "STOP_GRACE", "AlreadyRunning", "JournalEntry", "State",
@@ -146,10 +149,11 @@ def check_switches(topology: Topology, unavailable: str | None) -> None:
             + [f"{topology.source}: nothing was started"])
 
 
-def check_host(topology: Topology, state_dir: str, run_dir: str) -> None:
-    """Everything that can be refused before anything starts: switches, directories (socket path lengths).
+def check_host(topology: Topology, state_dir: str, run_dir: str) -> dict[str, VmPlan]:
+    """Everything that can be refused before anything starts: switches, directories (socket path lengths),
+    disk images, and what the VMs need (QEMU, their image, memory, the accelerator: ``vm/supervised.py``).
 
-    Raises TopologyError or LayoutError.
+    Returns each VM guest's plan.  Raises TopologyError or LayoutError.
     """
     check_switches(topology, netns.unavailable_reason())
     Layout(os.path.abspath(state_dir), os.path.abspath(run_dir)).check()
@@ -169,6 +173,7 @@ def check_host(topology: Topology, state_dir: str, run_dir: str) -> None:
                                f"nor a block device")
     if missing:
         raise TopologyError(missing + [f"{topology.source}: nothing was started"])
+    return check_vms(resolved, os.path.abspath(run_dir))
 
 
 class State(StrEnum):
@@ -257,7 +262,7 @@ class Supervisor:
                  ready_timeout: float = READY_TIMEOUT, stop_grace: float = STOP_GRACE,
                  health_interval: float = HEALTH_INTERVAL, progress: Callable[[str], None] | None = None,
                  log_level: str = "info") -> None:
-        check_host(topology, state_dir, run_dir)
+        plans = check_host(topology, state_dir, run_dir)
         topology = topology.resolved(os.path.abspath(state_dir), os.path.abspath(run_dir))
         self.topology = topology
         self.layout = Layout(os.path.abspath(state_dir), os.path.abspath(run_dir))
@@ -302,6 +307,10 @@ class Supervisor:
         # Devices whose attach was refused after xenstored stopped answering mid-way: their
         # nodes may have been committed, so they are removed once it serves again.
         self._undo_attach: list[tuple[str, str, int, str, str | None]] = []   # kind, guest, devid, backend, export
+        # The guests' VMs (QEMU beside their guest domains): vm/supervised.py, called at the hooks below.
+        self.vms = VmSupervisor(self.domains, plans, self.layout, watch_fd=self._watch_fd,
+                                unwatch_fd=self._unwatch_fd, record=self._record, progress=self._progress,
+                                ready_timeout=ready_timeout, stop_grace=stop_grace)
 
     # ---- public API ----------------------------------------------------------
 
@@ -373,10 +382,11 @@ class Supervisor:
                 self.broker = None
         finally:
             for d in self.domains:
-                for disk in d.spec.disks:
-                    _unlink_socket(self._export_path(d, disk))
+                for path in self._export_sockets(d):
+                    _unlink_socket(path)
                 if d.netns is not None and self._pidfile.held:
                     self._delete_netns(d.netns)
+            self.vms.close()
             self._close_loop()
             owner = self._pidfile.held        # never touch the files of another supervisor's run directory
             if owner:
@@ -423,6 +433,7 @@ class Supervisor:
         self.uid_plan = plan_uids(self.topology, self.uid_mode)
         for d in self.domains:
             d.uid = self.uid_plan.uids.get(d.name)
+        self.vms.separate_uids = self.uid_plan.separate
         if self._progress_cb is not None:       # said once: where `xdom up` shows progress, else in the log
             self._progress(f"uids: {self.uid_plan.note}")
         else:
@@ -485,7 +496,7 @@ class Supervisor:
         xs_uid = self.xenstored.uid if self.xenstored is not None else None
         # What an earlier host left in directories domains could write goes (rmtree follows no symlink):
         # the guests' export directories are made afresh for this host's uids, each when its guest starts.
-        for path in (lay.xenstored_state, lay.xenstored_run, lay.exports_dir):
+        for path in (lay.xenstored_state, lay.xenstored_run, lay.exports_dir, lay.vms_dir):
             shutil.rmtree(path, ignore_errors=True)
         for path in (lay.xenstored_state, lay.xenstored_run):
             os.mkdir(path, 0o700)
@@ -522,6 +533,7 @@ class Supervisor:
         now = time.monotonic()
         due = [self._next_health]
         due += [d.deadline for d in self.domains if d.deadline is not None]
+        due += self.vms.deadlines()
         if self._awaiting_connect():
             due.append(self._next_broker_poll)
         timeout = max(0.0, min(min(due) - now, 1.0))
@@ -552,6 +564,8 @@ class Supervisor:
             if any(d.state == State.RUNNING and not d.connected and d.pidfd >= 0 for d in self.domains):
                 self._poll_broker()     # a program that connects late: slower than while starting
             self._check_health()
+            self.vms.check_health()
+        self.vms.timers(now)
 
     def _deadline(self, d: _Domain, now: float) -> None:
         if d.state == State.STARTING:
@@ -579,8 +593,13 @@ class Supervisor:
             if head.state == State.PENDING:
                 self._launch(head)
             if head.started_once:
-                self._start_queue.popleft()
-                continue
+                why = self.vms.start_problem(head)      # a guest's VM, if it has one, is part of its start
+                if why:
+                    self._startup_error = why
+                if why is None:
+                    self._start_queue.popleft()
+                    continue
+                return
             if head.state in (State.EXITED, State.FAILED, State.DESTROYED):
                 self._startup_error = (f"{head.kind} domain {head.name} did not start: {head.last_exit or head.state}"
                                        f"; see {self.layout.log_path(head.name)}")
@@ -665,12 +684,17 @@ class Supervisor:
                     "--ready-fd", str(ready_w)]
             cwd = "/"
         elif d.kind == DomainKind.GUEST:
-            disks = [f"--disk={disk.devid}:{self._export_path(d, disk)}" for disk in d.spec.disks]
-            # Each vif comes with a /dev/net/tun descriptor we opened in its namespace: a
+            # A disk is an NBD export for host programs, or a vhost-user-blk device for a VM.
+            disks = [(f"--vhost-user-disk={disk.devid}:" if disk.export_kind == EXPORT_VHOST_USER else
+                      f"--disk={disk.devid}:") + self._export_path(d, disk) for disk in d.spec.disks]
+            # Each TAP vif comes with a /dev/net/tun descriptor we opened in its namespace: a
             # domain under its own uid cannot open the device (mode 0600 here), but may
             # attach to a TAP it owns.
             disks += [f"--vif={devid}:{_ifname(devid)}" + (f":{tun_fds[devid]}" if tun_fds and devid in tun_fds
-                                                             else "") for devid, _ in _vifs(d.spec)]
+                                                             else "") for devid, _ in _tap_vifs(d.spec)]
+            # A VM's vif is a vhost-user-net device on a socket of the guest domain's.
+            disks += [f"--vhost-user-vif={devid}:{self._vif_export(d, devid, vif)}"
+                      for devid, vif in _vifs(d.spec) if vif.export_kind == EXPORT_VHOST_USER]
             if device_fd >= 0:
                 disks.append(f"--device-fd={device_fd}")
             disks.append(f"--export-dir={self.layout.export_dir(d.name)}")    # where hot-attached disks' exports go
@@ -708,7 +732,7 @@ class Supervisor:
         try:
             self._prepare_vifs(d)
             if d.netns is not None:
-                for devid, _ in _vifs(d.spec):
+                for devid, _ in _tap_vifs(d.spec):
                     tun_fds[devid] = open_tun(d.netns)
         except (netns.NetnsError, TapError, OSError) as e:
             for fd in tun_fds.values():
@@ -893,6 +917,7 @@ class Supervisor:
         self._progress(f"{d.name}: {what} ready (pid {d.pid}, {took:.2f}s, log {self.layout.log_path(d.name)})")
         if d is self.xenstored:
             self._on_store_up()
+        self.vms.domain_ready(d)            # a guest's VM starts once its guest domain serves its sockets
 
     # ---- xenstore ------------------------------------------------------------
 
@@ -991,6 +1016,15 @@ class Supervisor:
 
     def _export_path(self, d: _Domain, disk: DiskSpec) -> str:
         return disk.export_path or self.layout.default_export(d.name, disk.vdev)
+
+    def _vif_export(self, d: _Domain, devid: int, vif: VifSpec) -> str:
+        """The vhost-user socket of a VM's vif."""
+        return vif.export_path or default_vif_export(self.layout.run_dir, d.name, devid)
+
+    def _export_sockets(self, d: _Domain) -> list[str]:
+        """Every socket ``d`` serves its devices on: its disks' NBD or vhost-user exports, its vhost-user vifs."""
+        return [self._export_path(d, disk) for disk in d.spec.disks] + [
+            self._vif_export(d, devid, vif) for devid, vif in _vifs(d.spec) if vif.export_kind == EXPORT_VHOST_USER]
 
     def _vbds_of(self, d: _Domain) -> list[tuple[_Domain, _Domain, DiskSpec]]:
         """(backend, frontend, disk) for every disk ``d`` serves or uses whose two domains have domids."""
@@ -1136,7 +1170,7 @@ class Supervisor:
 
     def _prepare_vifs(self, d: _Domain) -> None:
         """The guest's TAP devices, made by us in its namespace (owned by its uid) before it starts."""
-        vifs = _vifs(d.spec)
+        vifs = _tap_vifs(d.spec)
         if not vifs:
             return
         if d.netns is None:
@@ -1164,8 +1198,7 @@ class Supervisor:
         """
         separate = d.uid is not None and self.uid_plan is not None and self.uid_plan.separate
         uid = d.uid if separate else None
-        for disk in d.spec.disks if disks is None else disks:
-            path = self._export_path(d, disk)
+        for path in self._export_sockets(d) if disks is None else [self._export_path(d, disk) for disk in disks]:
             folder = os.path.dirname(path)
             own = folder == self.layout.export_dir(d.name)
             if own or self._made_exports.get(folder) == d.name:
@@ -1247,6 +1280,8 @@ class Supervisor:
             self._progress(f"{d.name}: failed: {decision.reason}")
         if d is self.xenstored and d.state != State.BACKOFF:
             log.error("the xenstore domain is down for good: domains cannot reach the store")
+        if d.state != State.BACKOFF:
+            self.vms.domain_gone(d, f"its guest domain {d.last_exit} and stays down")
 
     def _after_stop(self, d: _Domain, status: ExitStatus) -> None:
         then, d.after_stop = d.after_stop, ""
@@ -1261,6 +1296,13 @@ class Supervisor:
     def _begin_stop(self, d: _Domain, then: str) -> None:
         d.after_stop = then
         self._set_state(d, State.STOPPING, then)
+        d.deadline = None
+        if not self.vms.stop_first(d, then, lambda: self._signal_stop(d)):   # a VM powers off first
+            self._signal_stop(d)
+
+    def _signal_stop(self, d: _Domain) -> None:
+        if d.state != State.STOPPING or d.pidfd < 0:
+            return
         self._signal_group(d, signal.SIGTERM)
         d.deadline = time.monotonic() + self.stop_grace
 
@@ -1275,6 +1317,7 @@ class Supervisor:
                 log.warning("destroying domain %s in the broker: %s", d.name, e)
             self._remove_domain_nodes(d.domid)
         self._release_vifs(d)
+        self.vms.domain_gone(d, "destroyed")
         if d.netns is not None:
             self._delete_netns(d.netns)
         self._record(d.name, "destroyed", f"domid {d.domid}")
@@ -1342,7 +1385,12 @@ class Supervisor:
             d.ready_fd = -1
 
     def _stop_now(self, d: _Domain) -> None:
-        """Blocking stop for the host's shutdown: SIGTERM, grace, SIGKILL, reap, destroy in the broker."""
+        """Blocking stop for the host's shutdown: a guest's VM first (powered off), then the domain:
+        SIGTERM, grace, SIGKILL, reap, destroy in the broker."""
+        try:
+            self.vms.stop_now(d)
+        except Exception:
+            log.exception("stopping the VM of %s failed; going on", d.name)
         if d.proc is not None and d.pidfd >= 0:
             self._signal_group(d, signal.SIGTERM)
             select.select([d.pidfd], [], [], self.stop_grace)
@@ -1470,6 +1518,7 @@ class Supervisor:
             raise ControlError.of(errno.EBUSY, f"the host is {self.phase}; try again once it is running")
         generation = d.generation
         d.tracker.reset()
+        self.vms.restart_requested(d)
         if d.state == State.STOPPING:
             if d.after_stop == "destroy":
                 raise ControlError.of(errno.EBUSY, f"domain {d.name} is being destroyed")
@@ -1511,6 +1560,9 @@ class Supervisor:
             raise ControlError.of(errno.EINVAL, f"{d.name} is a {d.kind} domain; disks attach to guests")
         if d.state != State.RUNNING or d.domid is None:
             raise ControlError.of(errno.EBUSY, f"{d.name} is {d.state}; disks attach to a running guest")
+        if d.spec.vm is not None:
+            raise ControlError.of(errno.EOPNOTSUPP, f"{d.name} runs a VM, whose devices are fixed on QEMU's command "
+                                                    f"line; change them in the topology (and xdom restart {d.name})")
         return d
 
     def _op_block_attach(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -1740,12 +1792,17 @@ class Supervisor:
             "netns": d.netns, "confinement": confinement_of(d.pid if alive else None, d.confinement),
             "devices": [
                 {"type": "vbd", "vdev": disk.vdev, "devid": disk.devid, "backend": disk.backend,
-                 "target": disk.target, "mode": disk.mode, "export": self._export_path(d, disk)}
+                 "target": disk.target, "mode": disk.mode, "export": self._export_path(d, disk),
+                 "export_kind": disk.export_kind}
                 for disk in d.spec.disks] + [
-                {"type": "vif", "devid": devid, "ifname": _ifname(devid), "mac": vif.mac, "backend": vif.backend,
-                 "ip": str(vif.ip) if vif.ip else None, "mtu": vif.mtu or 1500}
+                {"type": "vif", "devid": devid, "ifname": _ifname(devid) if vif.export_kind is None else None,
+                 "mac": vif.mac, "backend": vif.backend, "ip": str(vif.ip) if vif.ip else None,
+                 "mtu": vif.mtu or 1500, "export_kind": vif.export_kind or "tap",
+                 "export": self._vif_export(d, devid, vif) if vif.export_kind == EXPORT_VHOST_USER else None}
                 for devid, vif in _vifs(d.spec)],
         }
+        if d.kind == DomainKind.GUEST:
+            row["vm"] = self.vms.row(d)
         if d.kind == DomainKind.NETBACK:
             # The vifs it serves; bridged, each with its bridge and its TAP in this domain's namespace.
             row["switch"] = str(d.switch)
@@ -1806,11 +1863,12 @@ class Supervisor:
 
 def _vifs(spec: DomainSpec) -> list[tuple[int, VifSpec]]:
     """(devid, vif): libxl numbers a domain's vifs 0, 1, ... unless xl's devid= says otherwise."""
-    out = []
-    for i, vif in enumerate(spec.vifs):
-        devid = vif.extra.get("devid")
-        out.append((int(devid) if isinstance(devid, str) and devid.isdigit() else i, vif))
-    return out
+    return vif_devids(spec.vifs)
+
+
+def _tap_vifs(spec: DomainSpec) -> list[tuple[int, VifSpec]]:
+    """The vifs that are TAP devices in the guest's namespace (not a VM's vhost-user NICs)."""
+    return [(devid, vif) for devid, vif in vif_devids(spec.vifs) if vif.export_kind is None]
 
 
 def _backend_tap(be: _Domain | None, fe: _Domain, devid: int) -> str | None:

@@ -1,4 +1,4 @@
-"""``xdom up/down/ps/logs/restart/destroy/block-*``: the command line of the supervisor.
+"""``xdom up/down/ps/logs/console/restart/destroy/block-*``: the command line of the supervisor.
 
 ``up`` runs a :class:`~xdom.deploy.supervisor.Supervisor` in the foreground
 (Ctrl-C or SIGTERM stops everything cleanly) or, with ``--detach``, as a
@@ -376,6 +376,15 @@ def cmd_ps(args: argparse.Namespace) -> int:
              f"{r['pid'] or dash:>7} {_uptime(r['uptime']):>8} {_mib(r['rss']):>8} {r['restarts']:>8} "
              f"{_n(r['mappings_held']):>5} {_n(r['grants_mapped_by_others']):>7} {_n(r['event_channels']):>6} "
              f"{_confined(r.get('confinement')):<24} {r['last_exit'] or ''}")
+        vm = r.get("vm")
+        if vm:
+            # The guest's VMM: a process of its own, supervised beside the guest domain.
+            note = f"accel {vm['accel']} ({vm['accel_reason']})"
+            if vm.get("last_exit"):
+                note += f"; last exit: {vm['last_exit']}"
+            _say(f"{'  vm':<16} {'qemu':<9} {dash:>4} {vm['state']:<9} {vm['pid'] or dash:>7} "
+                 f"{_uptime(vm['uptime']):>8} {_mib(vm['rss']):>8} {vm['restarts']:>8} {dash:>5} {dash:>7} {dash:>6} "
+                 f"{'qemu-sandbox':<24} {note}")
     return EXIT_OK
 
 
@@ -419,13 +428,29 @@ def _broker_list(run_dir: str, args: argparse.Namespace) -> int:
 
 # ---- logs ------------------------------------------------------------------------
 
+# A VM guest's other logs: NAME-vm (what QEMU printed, the supervisor's lines about it) and NAME-console.
+_VM_LOGS = (("-vm", "log"), ("-console", "console_log"))
+
+
+def _log_path(run_dir: str, name: str, timeout: float) -> str:
+    for suffix, key in _VM_LOGS:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            try:
+                row = _request(run_dir, timeout, "info", name=name[:-len(suffix)])["domain"]
+            except CommandError:
+                break
+            if row.get("vm"):
+                return str(row["vm"][key])
+    return str(_request(run_dir, timeout, "info", name=name)["domain"]["log"])
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     run_dir: str | None = None
     if args.state_dir:
         path = Layout(os.path.abspath(args.state_dir), "/").log_path(args.domain)
     else:
         run_dir = _resolve_run_dir(args)
-        path = _request(run_dir, args.timeout, "info", name=args.domain)["domain"]["log"]
+        path = _log_path(run_dir, args.domain, args.timeout)
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -453,6 +478,62 @@ def cmd_logs(args: argparse.Namespace) -> int:
         out.write(f.read())
         out.flush()
     return EXIT_OK
+
+
+# ---- console -------------------------------------------------------------------------
+
+def _console_socket(vm: dict[str, Any], name: str) -> Any:
+    """A connection to the VM's console, believed only when SO_PEERCRED says its QEMU serves it."""
+    import socket
+    import struct
+    path = vm["console"]
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+        pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+    except OSError as e:
+        sock.close()
+        raise CommandError(EXIT_ERROR, f"cannot reach the console of {name}'s VM at {path}: {e.strerror or e}") \
+            from None
+    if pid != vm["pid"]:
+        sock.close()
+        raise CommandError(EXIT_ERROR, f"refusing {path}: it is served by pid {pid}, not by {name}'s QEMU "
+                                       f"(pid {vm['pid']})")
+    return sock
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    """``xl console``: the VM's serial console on this terminal (Ctrl-] leaves), or one command with --run."""
+    from .vm.console import ConsoleError, Console, attach
+    run_dir = _resolve_run_dir(args)
+    row = _request(run_dir, args.timeout, "info", name=args.domain)["domain"]
+    vm = row.get("vm")
+    if not vm:
+        raise CommandError(EXIT_ERROR, f"{args.domain} is a {row['kind']} domain without a VM; a console is a VM's "
+                                       f"(a guest with a [domain.vm] table)")
+    if vm["state"] not in ("starting", "running") or not vm["pid"]:
+        raise CommandError(EXIT_ERROR, f"the VM of {args.domain} is {vm['state']}"
+                                       + (f" ({vm['last_exit']})" if vm.get("last_exit") else "")
+                                       + f"; see xdom logs {args.domain}-vm")
+    sock = _console_socket(vm, args.domain)
+    if args.run is None:
+        try:
+            return attach(vm["console"], name=f"{args.domain}'s console (QEMU pid {vm['pid']})", sock=sock)
+        except ConsoleError as e:
+            raise CommandError(EXIT_ERROR, str(e)) from None
+    con = Console(vm["console"], sock=sock)
+    try:
+        con.wait_ready(args.wait)
+        status, out = con.run_bytes(args.run, args.wait)
+    except ConsoleError as e:
+        hint = ("" if vm.get("own_image") else "; --run speaks the console protocol of the project's image "
+                                                "(xdom vm-image), which this VM does not boot")
+        raise CommandError(EXIT_ERROR, f"{args.domain}: {e}{hint}") from None
+    finally:
+        con.close()
+    sys.stdout.buffer.write(out)
+    sys.stdout.flush()
+    return status
 
 
 # ---- restart / destroy -------------------------------------------------------------
@@ -603,13 +684,23 @@ def add_parsers(sub: Any) -> None:
     top.add_argument("--iterations", "-n", type=int, default=None, help="stop after N refreshes")
     top.set_defaults(func=_run(cmd_top), json=False)
 
-    logs = sub.add_parser("logs", help="a domain's log")
+    logs = sub.add_parser("logs", help="a domain's log (NAME-vm: a VM guest's QEMU, NAME-console: its console)")
     logs.add_argument("domain")
     target(logs)
     logs.add_argument("--state-dir", default=None, help="read STATE_DIR/logs/DOMAIN.log without a supervisor")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing while the host runs")
     logs.add_argument("--lines", "-n", type=int, default=None, help="only the last N lines")
     logs.set_defaults(func=_run(cmd_logs))
+
+    console = sub.add_parser("console", help="attach to a VM guest's serial console (Ctrl-] leaves), as xl console")
+    console.add_argument("domain")
+    target(console)
+    console.add_argument("--run", default=None, metavar="CMD",
+                         help="run CMD in the VM (sh) instead, print its output and exit with its status "
+                              "(the project's image only)")
+    console.add_argument("--wait", type=float, default=60.0,
+                         help="with --run: seconds for the VM to answer (it may still be booting) and for CMD")
+    console.set_defaults(func=_run(cmd_console))
 
     for name, func, what in (("restart", cmd_restart, "restart a domain (it keeps its domid)"),
                              ("destroy", cmd_destroy, "stop a domain and remove it from the broker")):

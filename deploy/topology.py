@@ -32,6 +32,16 @@ only known when a host starts: :meth:`Topology.resolved` makes a disk's
 socket a file of the guest's own export directory, ``RUN_DIR/exports/GUEST/``
 (:func:`export_dir`).
 
+A guest may run a virtual machine: a ``[domain.vm]`` table (kernel, initrd,
+append, cpus, memory, accel, extra_args; without kernel the project's own
+image, :mod:`xdom.deploy.vm.image`) makes the supervisor start QEMU beside
+the guest domain, and the guest domain serves the VM's devices over
+vhost-user: every disk and vif of such a guest is an
+``export=vhost-user:PATH`` socket (the default: ``VDEV.sock`` for a disk,
+``vifDEVID.sock`` for a vif, in the guest's export directory), never an NBD
+export or a TAP device the VM could not see.  A guest without a VM may still
+export a disk or vif over vhost-user, for a VMM its user runs.
+
 Export sockets are made by the guest, so the directory one lives in is
 writable by the guest's uid: it must hold nothing anyone else trusts.  A
 relative ``export=nbd:NAME`` is a plain file name (no ``/``); an absolute one
@@ -57,15 +67,16 @@ from typing import Any, Iterable, Mapping
 from xdom.domains.abi.grant_table import PAGE_SIZE
 
 from .xlcfg import (
-    EXPORTS_DIR, MAX_UNIX_PATH, DiskSpec, VifSpec, XlCfgError, default_export, export_dir, generate_mac, parse_disk,
-    parse_vif,
+    EXPORT_NBD, EXPORT_VHOST_USER, EXPORTS_DIR, MAX_UNIX_PATH, DiskSpec, VifSpec, XlCfgError, default_export,
+    default_vif_export, export_dir, generate_mac, parse_disk, parse_vif,
 )
 
 __all__ = [
     "DEFAULT_FLAP_LIMIT", "DEFAULT_FLAP_WINDOW", "DEFAULT_MEMORY", "DEFAULT_RESTART", "DEFAULT_RESTART_BACKOFF",
     "MAX_TOPOLOGY_BYTES", "MIN_FDS", "START_RANK",
-    "DEFAULT_BRIDGE", "DomainKind", "DomainSpec", "HostSettings", "Limits", "NetSwitch", "RestartPolicy", "Topology",
-    "TopologyError",
+    "DEFAULT_BRIDGE", "DEFAULT_VM_MEMORY", "MIN_VM_MEMORY_MIB", "VM_ACCELS", "VM_LOG_SUFFIXES",
+    "DomainKind", "DomainSpec", "HostSettings", "Limits", "NetSwitch", "RestartPolicy", "Topology",
+    "TopologyError", "VmConfig", "vif_devids",
     "bridge_name_problem", "default_export", "export_dir", "export_problem", "load_topology", "parse_memory_size",
     "parse_topology",
 ]
@@ -193,8 +204,18 @@ _SIZE_RE = re.compile(r"\s*([0-9]+)\s*([KMG]i?B?)?\s*", re.ASCII | re.IGNORECASE
 _TOP_KEYS = ("domain", "host")
 _HOST_KEYS = ("state_dir", "run_dir")
 _DOMAIN_KEYS = ("name", "kind", "memory", "restart", "restart_backoff", "flap_limit", "flap_window",
-                "disk", "vif", "command", "workload", "limits", "uid", "switch")
+                "disk", "vif", "command", "workload", "limits", "uid", "switch", "vm")
 _LIMIT_KEYS = ("rss", "fds", "cpu_percent")
+_VM_KEYS = ("kernel", "initrd", "append", "cpus", "memory", "accel", "extra_args", "fio", "limits")
+VM_ACCELS = ("kvm", "tcg", "auto")
+DEFAULT_VM_MEMORY = "256M"
+# Below this no Linux kernel gets far; the project's image needs more (the supervisor checks its own figure).
+MIN_VM_MEMORY_MIB = 16
+MAX_VM_CPUS = 255
+# A VM guest's other logs: STATE_DIR/logs/NAME-vm.log (what QEMU printed) and NAME-console.log (the serial console).
+VM_LOG_SUFFIXES = ("-vm", "-console")
+# QEMU options that would take the VM out of the supervisor's hands (QEMU forks away from its pid).
+_FORBIDDEN_VM_ARGS = {"-daemonize": "QEMU would fork away from the process the supervisor watches"}
 _MAX_UID = (1 << 32) - 2  # (uid_t)-1 means "no change" to setuid()
 
 
@@ -224,13 +245,53 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class VmConfig:
+    """A guest's ``[domain.vm]`` table: the VM the supervisor runs (QEMU) beside the guest domain.
+
+    ``kernel`` None means the project's own image (kernel and initrd,
+    ``xdom vm-image``; ``fio`` picks the variant carrying fio); a relative
+    ``kernel``/``initrd`` resolves against the state directory, as a disk's
+    target does.  ``append`` None: the image's own command line (or
+    ``console=ttyS0 panic=-1`` for a kernel of your own).  ``limits`` apply
+    to the QEMU process (its RSS includes the VM's memory as the VM touches
+    it).
+    """
+
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str | None = None
+    cpus: int = 1
+    memory_mib: int = 256
+    accel: str = "auto"
+    extra_args: tuple[str, ...] = ()
+    fio: bool = False
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def own_image(self) -> bool:
+        """True when the VM boots the project's image (no kernel given)."""
+        return self.kernel is None
+
+
+def vif_devids(vifs: Iterable[VifSpec]) -> list[tuple[int, VifSpec]]:
+    """(devid, vif): libxl numbers a domain's vifs 0, 1, ... unless xl's devid= says otherwise."""
+    out = []
+    for i, vif in enumerate(vifs):
+        devid = vif.extra.get("devid")
+        out.append((int(devid) if isinstance(devid, str) and devid.isdigit() else i, vif))
+    return out
+
+
+@dataclass(frozen=True)
 class DomainSpec:
     """One validated ``[[domain]]`` table, with every default applied.
 
     ``memory_frames`` counts 4 KiB frames (what the broker's ``create``
     allocates).  Each disk and vif names its backend domain; each vif has its
-    final MAC.  ``command`` is set for programs only, ``workload`` for
-    guests that have one.  ``index`` is the table's position in the file,
+    final MAC.  Each disk has its ``export_kind`` ("nbd" or "vhost-user");
+    a vif's is "vhost-user" or None (a TAP device).  ``command`` is set for
+    programs only, ``workload`` for guests that have one, ``vm`` for guests
+    that run a VM.  ``index`` is the table's position in the file,
     for messages.
     """
 
@@ -248,6 +309,7 @@ class DomainSpec:
     limits: Limits = field(default_factory=Limits)
     uid: int | None = None
     switch: NetSwitch | None = None      # a netback's ``switch``; None: the host decides (NetSwitch.default)
+    vm: VmConfig | None = None
     index: int = 0
 
     @property
@@ -289,61 +351,91 @@ class Topology:
         raise KeyError(f"{self.source}: no domain named {name!r}")
 
     def resolved(self, state_dir: str | None = None, run_dir: str | None = None) -> Topology:
-        """This topology with relative disk targets and export sockets made absolute.
+        """This topology with relative disk targets, VM kernels and export sockets made absolute.
 
-        Targets resolve against ``state_dir``, export sockets against
-        ``run_dir``; each argument, when given (the command line), overrides
-        the file's ``[host]`` setting.  Raises :class:`TopologyError` when a
-        relative path has no directory to resolve against, when a socket path
-        ends up too long for a unix socket address, or when two disks end up
-        on the same socket or writable image.
+        Targets and a VM's kernel and initrd resolve against ``state_dir``,
+        export sockets (disks' and vifs') against ``run_dir``; each argument,
+        when given (the command line), overrides the file's ``[host]``
+        setting.  Raises :class:`TopologyError` when a relative path has no
+        directory to resolve against, when a socket path ends up too long for
+        a unix socket address, or when two devices end up on the same socket
+        or two disks on one writable image.
         """
         state = state_dir if state_dir is not None else self.host.state_dir
         run = run_dir if run_dir is not None else self.host.run_dir
         chk = _Checker(self.source)
+
+        def socket_of(where: str, guest: str, export: str | None, default: str | None) -> str | None:
+            if export is not None and not os.path.isabs(export):
+                if run is None:
+                    chk.error(where, f"export socket {export!r} is relative and no run directory is set "
+                                     f"([host] run_dir or the command line)")
+                else:
+                    export = os.path.join(export_dir(run, guest), os.path.normpath(export))
+            length_of = export if export is not None else default
+            if length_of is not None and len(length_of.encode("utf-8", "surrogatepass")) > MAX_UNIX_PATH:
+                chk.error(where, f"export socket path {length_of!r} is longer than {MAX_UNIX_PATH} bytes, "
+                                 f"the limit of a unix socket address"
+                                 + ("" if export is not None else "; choose a shorter --run-dir"))
+            return export
+
+        def in_state(where: str, what: str, path: str | None) -> str | None:
+            if path is not None and not os.path.isabs(path):
+                if state is None:
+                    chk.error(where, f"{what} {path!r} is relative and no state directory is set "
+                                     f"([host] state_dir or the command line)")
+                else:
+                    path = os.path.normpath(os.path.join(state, path))
+            return path
+
         domains = []
         for d in self.domains:
             disks = []
             for j, disk in enumerate(d.disks):
                 where = f"{d.label}.disk[{j}]"
-                target, export = disk.target, disk.export_path
-                if target is not None and not os.path.isabs(target):
-                    if state is None:
-                        chk.error(where, f"target {target!r} is relative and no state directory is set "
-                                         f"([host] state_dir or the command line)")
-                    else:
-                        target = os.path.normpath(os.path.join(state, target))
-                if export is not None and not os.path.isabs(export):
-                    if run is None:
-                        chk.error(where, f"export socket {export!r} is relative and no run directory is set "
-                                         f"([host] run_dir or the command line)")
-                    else:
-                        export = os.path.join(export_dir(run, d.name), os.path.normpath(export))
-                length_of = export if export is not None else (
-                    default_export(run, d.name, disk.vdev) if run is not None else None)
-                if length_of is not None and len(length_of.encode("utf-8", "surrogatepass")) > MAX_UNIX_PATH:
-                    chk.error(where, f"export socket path {length_of!r} is longer than {MAX_UNIX_PATH} bytes, "
-                                     f"the limit of a unix socket address"
-                                     + ("" if export is not None else "; choose a shorter --run-dir"))
+                target = in_state(where, "target", disk.target)
+                export = socket_of(where, d.name, disk.export_path,
+                                   default_export(run, d.name, disk.vdev) if run is not None else None)
                 disks.append(dataclasses.replace(disk, target=target, export_path=export))
-            domains.append(dataclasses.replace(d, disks=tuple(disks)))
-        placed = [(d.name, disk.export_path) for d in domains for disk in d.disks if disk.export_path is not None]
+            vifs = []
+            for j, (devid, vif) in enumerate(vif_devids(d.vifs)):
+                if vif.export_kind is not None:
+                    vif = dataclasses.replace(vif, export_path=socket_of(
+                        f"{d.label}.vif[{j}]", d.name, vif.export_path,
+                        default_vif_export(run, d.name, devid) if run is not None else None))
+                vifs.append(vif)
+            vm = d.vm
+            if vm is not None:
+                vm = dataclasses.replace(vm, kernel=in_state(f"{d.label}.vm.kernel", "kernel", vm.kernel),
+                                         initrd=in_state(f"{d.label}.vm.initrd", "initrd", vm.initrd))
+            domains.append(dataclasses.replace(d, disks=tuple(disks), vifs=tuple(vifs), vm=vm))
+        placed = [(d.name, path) for d in domains for path in _export_sockets(d)]
         targets = [disk.target for d in domains for disk in d.disks if disk.target is not None]
         bad = set()
         for others in ((), placed):         # where each may not be, then (among those that may) who shares
             for d in domains:
-                for j, disk in enumerate(d.disks):
-                    if disk.export_path is None or (d.name, disk.export_path) in bad:
+                for where, path in _export_sockets(d, labelled=True):
+                    if (d.name, path) in bad:
                         continue
-                    why = export_problem(d.name, disk.export_path, run, state,
-                                         [o for o in others if o not in bad], targets)
+                    why = export_problem(d.name, path, run, state, [o for o in others if o not in bad], targets)
                     if why is not None:
-                        bad.add((d.name, disk.export_path))
-                        chk.error(f"{d.label}.disk[{j}]", why)
+                        bad.add((d.name, path))
+                        chk.error(where, why)
         _check_shared_paths(chk, [(f"{d.label}.disk[{j}]", d.name, disk) for d in domains
-                                  for j, disk in enumerate(d.disks)])
+                                  for j, disk in enumerate(d.disks)],
+                            [(f"{d.label}.vif[{j}]", d.name, vif) for d in domains for j, vif in enumerate(d.vifs)])
         chk.raise_if_any()
         return Topology(domains, HostSettings(state, run), self.source)
+
+
+def _export_sockets(d: DomainSpec, labelled: bool = False) -> list[Any]:
+    """The export sockets ``d``'s devices name explicitly (disks', then vifs'), as paths or (where, path)."""
+    out: list[Any] = []
+    for key, devices in (("disk", d.disks), ("vif", d.vifs)):
+        for j, dev in enumerate(devices):
+            if dev.export_path is not None:
+                out.append((f"{d.label}.{key}[{j}]", dev.export_path) if labelled else dev.export_path)
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -495,6 +587,7 @@ class _Draft:
     # Positions in the file's disk/vif arrays (entries that failed to parse are absent above).
     disk_at: list[int] = field(default_factory=list)
     vif_at: list[int] = field(default_factory=list)
+    has_vm: bool = False        # a [domain.vm] table, valid or not (so the checks that depend on it still run)
 
 
 def _parse_domain(chk: _Checker, index: int, raw: Mapping[str, Any]) -> _Draft:
@@ -606,7 +699,113 @@ def _parse_domain(chk: _Checker, index: int, raw: Mapping[str, Any]) -> _Draft:
             chk.error(f"{label}.switch", f"switch {shown} is not one of {', '.join(choices)}{_hint(value, choices)} "
                                          f"(\"bridge\": a Linux bridge in netback's namespace, \"builtin\": "
                                          f"netback's own learning switch)")
+    if "vm" in raw:
+        if kind is not None and kind != DomainKind.GUEST:
+            chk.error(f"{label}.vm", f"only guest domains run a VM; this is a {kind.value} domain")
+        else:
+            f["vm"] = _parse_vm(chk, f"{label}.vm", raw["vm"])
+            draft.has_vm = True
+            if "workload" in raw:
+                chk.error(f"{label}.workload", "a guest with a VM ([domain.vm]) has no workload: the VM is what it "
+                                               "runs")
     return draft
+
+
+def _path_string(chk: _Checker, where: str, value: object, what: str) -> str | None:
+    if not isinstance(value, str):
+        chk.error(where, f"expected a string (the path of the {what}), found {_a(value)}")
+    elif not value or "\0" in value:
+        chk.error(where, f"expected the path of the {what}, found {value!r}")
+    else:
+        return value
+    return None
+
+
+def _parse_vm(chk: _Checker, where: str, raw: object) -> VmConfig | None:
+    """A ``[domain.vm]`` table; None (with errors recorded) when it is not valid."""
+    if not isinstance(raw, Mapping):
+        chk.error(where, f"expected a table ([domain.vm], or vm = {{ memory = \"256M\" }}), found {_a(raw)}")
+        return None
+    before = len(chk.errors)
+    _unknown_keys(chk, where, raw, _VM_KEYS)
+    f: dict[str, Any] = {}
+    for key, what in (("kernel", "VM's kernel"), ("initrd", "VM's initramfs")):
+        if key in raw:
+            f[key] = _path_string(chk, f"{where}.{key}", raw[key], what)
+    if "initrd" in raw and "kernel" not in raw:
+        chk.error(f"{where}.initrd", "an initrd without a kernel: without kernel the VM boots the project's own "
+                                     "image, which brings its own initrd; give kernel too, or neither")
+    if "append" in raw:
+        value = raw["append"]
+        if not isinstance(value, str):
+            chk.error(f"{where}.append", f"expected a string (the kernel command line), found {_a(value)}")
+        elif any(ch in value for ch in "\0\n\r"):
+            chk.error(f"{where}.append", "the kernel command line is one line, without NUL")
+        else:
+            f["append"] = value
+    if "cpus" in raw:
+        f["cpus"] = _integer(chk, f"{where}.cpus", raw["cpus"], 1, MAX_VM_CPUS)
+    memory = raw.get("memory", DEFAULT_VM_MEMORY)
+    try:
+        nbytes = parse_memory_size(memory, "memory")
+    except ValueError as e:
+        chk.error(f"{where}.memory", str(e))
+    else:
+        if nbytes % (1 << 20):
+            chk.error(f"{where}.memory", f"memory {memory!r} is not a whole number of MiB (QEMU's RAM is one "
+                                         f"memfd of N MiB)")
+        elif nbytes >> 20 < MIN_VM_MEMORY_MIB:
+            chk.error(f"{where}.memory", f"memory {memory!r} is less than {MIN_VM_MEMORY_MIB} MiB: no Linux kernel "
+                                         f"boots in that")
+        else:
+            f["memory_mib"] = nbytes >> 20
+    if "accel" in raw:
+        value = raw["accel"]
+        if isinstance(value, str) and value in VM_ACCELS:
+            f["accel"] = value
+        else:
+            shown = repr(value) if isinstance(value, str) else _a(value)
+            chk.error(f"{where}.accel", f"accel {shown} is not one of {', '.join(VM_ACCELS)}{_hint(value, VM_ACCELS)} "
+                                        f"(\"auto\": KVM where a probe VM really boots with it, else TCG)")
+    if "extra_args" in raw:
+        value = raw["extra_args"]
+        if not isinstance(value, list):
+            chk.error(f"{where}.extra_args", f"expected an array of strings (QEMU arguments), found {_a(value)}")
+        else:
+            ok = True
+            for k, arg in enumerate(value):
+                if not isinstance(arg, str):
+                    chk.error(f"{where}.extra_args[{k}]", f"expected a string, found {_a(arg)}")
+                    ok = False
+                elif "\0" in arg:
+                    chk.error(f"{where}.extra_args[{k}]", "contains a NUL character, which no exec() argument can")
+                    ok = False
+                elif arg in _FORBIDDEN_VM_ARGS:
+                    chk.error(f"{where}.extra_args[{k}]", f"{arg} is not allowed: {_FORBIDDEN_VM_ARGS[arg]}")
+                    ok = False
+            if ok:
+                f["extra_args"] = tuple(value)
+    if "fio" in raw:
+        value = raw["fio"]
+        if not isinstance(value, bool):
+            chk.error(f"{where}.fio", f"expected true or false, found {_a(value)}")
+        elif value and "kernel" in raw:
+            chk.error(f"{where}.fio", "fio = true picks the project's image with fio in it; a VM with a kernel of "
+                                      "its own has no such variant")
+        else:
+            f["fio"] = value
+    if "limits" in raw:
+        f["limits"] = _parse_limits(chk, f"{where}.limits", raw["limits"])
+        lim = f["limits"]
+        if lim is not None and lim.rss_bytes is not None and "memory_mib" in f \
+                and lim.rss_bytes <= f["memory_mib"] << 20:
+            chk.error(f"{where}.limits.rss", f"rss {raw['limits']['rss']!r} is not above the VM's memory "
+                                             f"({f['memory_mib']} MiB): QEMU's RSS grows to the VM's memory as the VM "
+                                             f"touches it, and the VM would be killed for doing so; leave room for "
+                                             f"QEMU itself (e.g. memory + 128M)")
+    if len(chk.errors) != before:
+        return None
+    return VmConfig(**{k: v for k, v in f.items() if v is not None})
 
 
 def _parse_limits(chk: _Checker, where: str, raw: object) -> Limits | None:
@@ -627,8 +826,9 @@ def _parse_limits(chk: _Checker, where: str, raw: object) -> Limits | None:
     return Limits(rss, fds, cpu)
 
 
-def _check_shared_paths(chk: _Checker, disks: list[tuple[str, str | None, DiskSpec]]) -> None:
-    """Two disks on one export socket, or one image writable by two disks, are errors.
+def _check_shared_paths(chk: _Checker, disks: list[tuple[str, str | None, DiskSpec]],
+                        vifs: Iterable[tuple[str, str | None, VifSpec]] = ()) -> None:
+    """Two devices on one export socket, or one image writable by two disks, are errors.
 
     Read-only sharing of an image is fine (Xen allows it too); a writable
     image seen by two frontends is corrupted by the first write.  A relative
@@ -637,22 +837,23 @@ def _check_shared_paths(chk: _Checker, disks: list[tuple[str, str | None, DiskSp
     """
     exports: dict[object, str] = {}
     targets: dict[str, tuple[str, DiskSpec]] = {}
-    for where, guest, disk in disks:
-        if disk.export_path is not None:
-            key: object = os.path.normpath(disk.export_path)
-            if not os.path.isabs(disk.export_path):
+    devices: list[tuple[str, str | None, DiskSpec | VifSpec]] = [*disks, *vifs]
+    for where, guest, dev in devices:
+        if dev.export_path is not None:
+            key: object = os.path.normpath(dev.export_path)
+            if not os.path.isabs(dev.export_path):
                 key = (guest, key)
             if key in exports:
-                chk.error(where, f"export socket {disk.export_path!r} is already used by {exports[key]}")
+                chk.error(where, f"export socket {dev.export_path!r} is already used by {exports[key]}")
             else:
                 exports[key] = where
-        if disk.target is not None:
-            key = os.path.normpath(disk.target)
+        if isinstance(dev, DiskSpec) and dev.target is not None:
+            key = os.path.normpath(dev.target)
             other = targets.get(key)
             if other is None:
-                targets[key] = (where, disk)
-            elif not (disk.readonly and other[1].readonly):
-                chk.error(where, f"target {disk.target!r} is also used by {other[0]}, and one of them is "
+                targets[key] = (where, dev)
+            elif not (dev.readonly and other[1].readonly):
+                chk.error(where, f"target {dev.target!r} is also used by {other[0]}, and one of them is "
                                  f"writable; only read-only disks may share an image")
 
 
@@ -695,6 +896,7 @@ def parse_topology(data: Mapping[str, Any], source: str = "<topology>") -> Topol
             by_name[d.name] = d
 
     _check_xenstored(chk, drafts)
+    _check_vm_log_names(chk, drafts, by_name)
     _resolve_backends(chk, drafts, by_name)
     _check_devices(chk, drafts)
     _check_uids(chk, drafts)
@@ -746,10 +948,19 @@ def _check_devices(chk: _Checker, drafts: list[_Draft]) -> None:
     """Per guest: what xdom's blkback can serve, distinct vdevs.  Across the topology:
     distinct MACs, IPs, export sockets and writable images.  Then generate the missing MACs."""
     all_disks: list[tuple[str, str | None, DiskSpec]] = []
+    all_vifs: list[tuple[str, str | None, VifSpec]] = []
     macs: dict[str, str] = {}
     ips: dict[Any, str] = {}
     for d in drafts:
         devids: dict[int, tuple[int, str]] = {}
+        vm: VmConfig | None = d.fields.get("vm")
+        limits: Limits | None = d.fields.get("limits")
+        if vm is not None and (d.disks or d.vifs) and limits is not None and limits.rss_bytes is not None \
+                and limits.rss_bytes <= vm.memory_mib << 20:
+            chk.error(f"{d.label}.limits.rss", f"rss {limits.rss_bytes >> 20} MiB is not above the VM's memory "
+                                               f"({vm.memory_mib} MiB): the guest domain maps the VM's memory to "
+                                               f"serve its vhost-user devices, and its RSS grows toward the VM's "
+                                               f"memory as the VM does I/O; raise limits.rss (e.g. vm.memory + 64M)")
         for j, disk in zip(d.disk_at, d.disks):
             where = f"{d.label}.disk[{j}]"
             if disk.format != "raw":
@@ -763,14 +974,16 @@ def _check_devices(chk: _Checker, drafts: list[_Draft]) -> None:
                                  f"own vdev")
             else:
                 devids[disk.devid] = (j, disk.vdev)
-            if disk.export_path is not None and not os.path.isabs(disk.export_path) and (
-                    os.sep in os.path.normpath(disk.export_path) or os.path.normpath(disk.export_path) == ".."):
-                chk.error(where, f"export socket {disk.export_path!r}: a relative export is a socket name in "
-                                 f"{d.name or 'the guest'}'s own directory RUN_DIR/{EXPORTS_DIR}/"
-                                 f"{d.name or 'GUEST'}/, without '/'; give a plain name or an absolute path")
+            _check_relative_export(chk, where, d, disk.export_path)
+            if d.has_vm and disk.export_kind == EXPORT_NBD:
+                chk.error(where, f"export=nbd: serves the disk to programs on the host, but {d.name or 'this guest'} "
+                                 f"runs a VM ([domain.vm]), which reaches its disks over vhost-user only; write "
+                                 f"export=vhost-user:NAME, or leave export= out (VDEV.sock in its export directory)")
             all_disks.append((where, d.name, disk))
         for j, vif in zip(d.vif_at, d.vifs):
             where = f"{d.label}.vif[{j}]"
+            _check_relative_export(chk, where, d, vif.export_path)
+            all_vifs.append((where, d.name, vif))
             if vif.bridge is not None and (why := bridge_name_problem(vif.bridge)) is not None:
                 chk.error(where, why)
             if vif.mac is not None:
@@ -783,7 +996,7 @@ def _check_devices(chk: _Checker, drafts: list[_Draft]) -> None:
                     chk.error(where, f"ip {vif.ip.ip} is already used by {ips[vif.ip.ip]}")
                 else:
                     ips[vif.ip.ip] = where
-    _check_shared_paths(chk, all_disks)
+    _check_shared_paths(chk, all_disks, all_vifs)
     # Generated MACs come after every explicit one is known, so a generated
     # address never takes one the file spells out.
     for d in drafts:
@@ -794,6 +1007,26 @@ def _check_devices(chk: _Checker, drafts: list[_Draft]) -> None:
                     attempt += 1
                 macs[mac] = f"{d.label}.vif[{j}]"
                 d.vifs[k] = dataclasses.replace(vif, mac=mac)
+
+
+def _check_relative_export(chk: _Checker, where: str, d: _Draft, export: str | None) -> None:
+    if export is not None and not os.path.isabs(export) and (
+            os.sep in os.path.normpath(export) or os.path.normpath(export) == ".."):
+        chk.error(where, f"export socket {export!r}: a relative export is a socket name in "
+                         f"{d.name or 'the guest'}'s own directory RUN_DIR/{EXPORTS_DIR}/"
+                         f"{d.name or 'GUEST'}/, without '/'; give a plain name or an absolute path")
+
+
+def _check_vm_log_names(chk: _Checker, drafts: list[_Draft], by_name: Mapping[str, _Draft]) -> None:
+    """A VM guest's QEMU and console logs are NAME-vm.log and NAME-console.log: no domain may be called so."""
+    for d in drafts:
+        if d.name is None or not d.has_vm:
+            continue
+        for suffix in VM_LOG_SUFFIXES:
+            other = by_name.get(d.name + suffix)
+            if other is not None:
+                chk.error(f"{other.label}.name", f"name {other.name!r} is taken by the log of {d.label}'s VM "
+                                                 f"(STATE_DIR/logs/{other.name}.log); choose another name")
 
 
 def _check_uids(chk: _Checker, drafts: list[_Draft]) -> None:
@@ -813,6 +1046,7 @@ def _finish(d: _Draft) -> DomainSpec:
     if d.name is None or d.kind is None:  # each of these was reported as an error
         raise RuntimeError(f"{d.label} finished without a name or kind")
     f = d.fields
+    vm: VmConfig | None = f.get("vm")
     return DomainSpec(
         name=d.name,
         kind=d.kind,
@@ -821,13 +1055,16 @@ def _finish(d: _Draft) -> DomainSpec:
         restart_backoff=f.get("restart_backoff", DEFAULT_RESTART_BACKOFF),
         flap_limit=f.get("flap_limit", DEFAULT_FLAP_LIMIT),
         flap_window=f.get("flap_window", DEFAULT_FLAP_WINDOW),
-        disks=tuple(d.disks),
-        vifs=tuple(d.vifs),
+        disks=tuple(dataclasses.replace(disk, export_kind=disk.export_kind or (EXPORT_VHOST_USER if vm else EXPORT_NBD))
+                    for disk in d.disks),
+        vifs=tuple(dataclasses.replace(vif, export_kind=vif.export_kind or (EXPORT_VHOST_USER if vm else None))
+                   for vif in d.vifs),
         command=f.get("command"),
         workload=f.get("workload"),
         limits=f.get("limits") or Limits(),
         uid=f.get("uid"),
         switch=f.get("switch"),
+        vm=vm,
         index=d.index,
     )
 

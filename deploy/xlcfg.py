@@ -6,8 +6,12 @@ xdom what it means in an ``xl create`` file.  The rules below follow
 xl-disk-configuration(5), xl-network-configuration(5) and
 xen-vbd-interface(7), and where those documents are silent, what xl itself
 does (tools/libs/util/libxlu_disk_l.l, libxlu_vif.c, tools/xl/xl_parse.c and
-libxl_device.c in xen.git).  xdom adds one key of its own, ``export=nbd:PATH``
-on a disk: the unix socket on which the disk's backend serves the image.
+libxl_device.c in xen.git).  xdom adds one key of its own, ``export=``: on a
+disk ``export=nbd:PATH`` (the unix socket on which the guest serves the disk
+to host programs over NBD) or ``export=vhost-user:PATH`` (the socket on which
+the guest serves it to a VM as a vhost-user-blk device); on a vif
+``export=vhost-user:PATH`` (a vhost-user-net device for a VM; without it a
+vif is a TAP device in the guest's network namespace).
 
 Where xdom is deliberately stricter than xl, it is because xl would silently
 do something surprising (last-one-wins respecification, octal rate numbers, a
@@ -31,10 +35,10 @@ from dataclasses import dataclass, field
 from typing import Literal, Mapping, Union
 
 __all__ = [
-    "DEFAULT_IPV4_PREFIX", "DEFAULT_IPV6_PREFIX", "DEFAULT_RATE_INTERVAL_US", "DISK_FORMATS",
-    "EXPORTS_DIR", "MAX_SPEC_LEN", "MAX_UNIX_PATH", "MTU_MAX", "MTU_MIN", "XEN_OUI",
+    "DEFAULT_IPV4_PREFIX", "DEFAULT_IPV6_PREFIX", "DEFAULT_RATE_INTERVAL_US", "DISK_EXPORTS", "DISK_FORMATS",
+    "EXPORTS_DIR", "EXPORT_NBD", "EXPORT_VHOST_USER", "VIF_EXPORTS", "MAX_SPEC_LEN", "MAX_UNIX_PATH", "MTU_MAX", "MTU_MIN", "XEN_OUI",
     "DiskSpec", "VifRate", "VifSpec", "XlCfgError",
-    "default_export", "export_dir", "generate_mac", "parse_disk", "parse_mac", "parse_rate", "parse_vif", "vdev_to_devid",
+    "default_export", "default_vif_export", "export_dir", "generate_mac", "parse_disk", "parse_mac", "parse_rate", "parse_vif", "vdev_to_devid",
 ]
 
 # A device string longer than this is a mistake, not a configuration; the
@@ -42,9 +46,15 @@ __all__ = [
 MAX_SPEC_LEN = 4096
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_UNIX_PATH = 107
-# A guest's NBD export sockets live in RUN_DIR/exports/GUEST/, a directory only its uid may write; a relative
-# export=nbd:NAME is a name there, a disk without export= gets VDEV.sock there.
+# A guest's export sockets live in RUN_DIR/exports/GUEST/, a directory only its uid may write; a relative
+# export=nbd:NAME (or vhost-user:NAME) is a name there, a disk without export= gets VDEV.sock there, a vif of a
+# VM guest vifDEVID.sock.
 EXPORTS_DIR = "exports"
+# The export= schemes: NBD for host programs, vhost-user for a VM (a VMM connects to the guest's socket).
+EXPORT_NBD = "nbd"
+EXPORT_VHOST_USER = "vhost-user"
+DISK_EXPORTS = (EXPORT_NBD, EXPORT_VHOST_USER)
+VIF_EXPORTS = (EXPORT_VHOST_USER,)
 # Formats xl accepts (xl-disk-configuration(5), "format"); xdom's blkback
 # serves raw only, which the topology layer enforces, not this parser.
 DISK_FORMATS = ("raw", "qcow", "qcow2", "vhd", "qed")
@@ -211,7 +221,10 @@ class DiskSpec:
 
     ``target`` is None only for an empty cdrom drive.  ``mode`` is "r" or
     "w", the value blkback writes to xenstore.  ``export_path`` is the unix
-    socket of xdom's ``export=nbd:PATH`` key.  ``extra`` keeps keys and flags
+    socket of xdom's ``export=SCHEME:PATH`` key and ``export_kind`` its
+    scheme (``"nbd"`` or ``"vhost-user"``); both are None without the key
+    (the topology then picks the guest's default: NBD for a process guest,
+    vhost-user for a guest with a VM).  ``extra`` keeps keys and flags
     xl accepts and xdom does not act on (``script``, ``backendtype``,
     ``discard``, COLO settings...), so nothing a user wrote is silently
     lost; flags appear as booleans (``no-discard`` is ``discard: False``).
@@ -224,6 +237,7 @@ class DiskSpec:
     devtype: Literal["disk", "cdrom"] = "disk"
     backend: str | None = None
     export_path: str | None = None
+    export_kind: str | None = None
     extra: Mapping[str, str | bool] = field(default_factory=dict, hash=False)
 
     @property
@@ -243,7 +257,7 @@ class DiskSpec:
         if self.backend is not None:
             parts.append(f"backend={self.backend}")
         if self.export_path is not None:
-            parts.append(f"export=nbd:{self.export_path}")
+            parts.append(f"export={self.export_kind or EXPORT_NBD}:{self.export_path}")
         for key, value in self.extra.items():
             if isinstance(value, bool):
                 parts.append(_DISK_FLAG_WORDS[key][value])
@@ -335,6 +349,29 @@ def default_export(run_dir: str, guest: str, vdev: str) -> str:
     return os.path.join(export_dir(run_dir, guest), f"{vdev}.sock")
 
 
+_DISK_EXPORT_WHY = "nbd serves the disk to host programs, vhost-user to a VM"
+_VIF_EXPORT_WHY = "a vif without export= is a TAP device in the guest's network namespace"
+
+
+def default_vif_export(run_dir: str, guest: str, devid: int) -> str:
+    """The vhost-user socket of a VM guest's vif without ``export=``: ``RUN_DIR/exports/GUEST/vifDEVID.sock``."""
+    return os.path.join(export_dir(run_dir, guest), f"vif{devid}.sock")
+
+
+def _parse_export(value: str, where: str, schemes: tuple[str, ...], why: str) -> tuple[str, str]:
+    """``SCHEME:PATH`` of an ``export=`` value: (scheme, path); XlCfgError naming what was expected."""
+    scheme, sep, path = value.partition(":")
+    if not sep or scheme not in schemes:
+        raise XlCfgError(f"export {value!r}{where}: expected "
+                         f"{' or '.join(f'{s}:<unix socket path>' for s in schemes)} ({why})")
+    if not path:
+        raise XlCfgError(f"export {value!r}{where}: the socket path after '{scheme}:' is empty")
+    if path.startswith("/") and len(path.encode("utf-8", "surrogatepass")) > MAX_UNIX_PATH:
+        raise XlCfgError(f"export socket path {path!r} is longer than {MAX_UNIX_PATH} bytes, "
+                         f"the limit of a unix socket address")
+    return scheme, path
+
+
 def parse_disk(spec: str) -> DiskSpec:
     """Parse one xl ``disk=`` string, in keyword form, positional form or a mix.
 
@@ -420,6 +457,7 @@ def parse_disk(spec: str) -> DiskSpec:
     if target is None and devtype != "cdrom":
         raise XlCfgError("no target specified: a disk needs target (only an empty cdrom drive may omit it)")
     export = str(given.get("export") or "")
+    export_kind, export_path = _parse_export(export, "", DISK_EXPORTS, _DISK_EXPORT_WHY) if export else (None, None)
     extra = {k: v for k, v in given.items() if k not in _DISK_KEYS or k in _DISK_EXTRA_KEYS}
     extra = {k: v for k, v in extra.items() if v != ""}
     return DiskSpec(
@@ -429,7 +467,8 @@ def parse_disk(spec: str) -> DiskSpec:
         mode=mode,
         devtype="cdrom" if devtype == "cdrom" else "disk",
         backend=str(given.get("backend") or "") or None,
-        export_path=export[len("nbd:"):] if export else None,
+        export_path=export_path,
+        export_kind=export_kind,
         extra=extra,
     )
 
@@ -458,15 +497,7 @@ def _check_disk_value(key: str, value: str, item: str) -> None:
         if any(ch.isspace() or ch == "/" for ch in value):
             raise XlCfgError(f"backend {value!r}{where} is not a domain name")
     elif key == "export":
-        scheme, sep, path = value.partition(":")
-        if not sep or scheme != "nbd":
-            raise XlCfgError(f"export {value!r}{where}: expected nbd:<unix socket path> "
-                             f"(nbd is the only export scheme)")
-        if not path:
-            raise XlCfgError(f"export {value!r}{where}: the socket path after 'nbd:' is empty")
-        if path.startswith("/") and len(path.encode("utf-8", "surrogatepass")) > MAX_UNIX_PATH:
-            raise XlCfgError(f"export socket path {path!r} is longer than {MAX_UNIX_PATH} bytes, "
-                             f"the limit of a unix socket address")
+        _parse_export(value, where, DISK_EXPORTS, _DISK_EXPORT_WHY)
     elif key == "colo-port":
         port = _decimal(value, "colo-port", 5)
         if not 0 < port < 65536:
@@ -608,7 +639,10 @@ class VifSpec:
 
     ``mac`` is None when the string has none; the topology then fills in
     :func:`generate_mac`.  ``ip`` carries its prefix length.  ``nictype`` is
-    xl's ``type`` key ("vif" or "ioemu").  ``extra`` keeps documented xl
+    xl's ``type`` key ("vif" or "ioemu").  ``export_kind`` and
+    ``export_path`` come from xdom's ``export=vhost-user:PATH`` (None
+    without it: the topology picks a TAP device for a process guest,
+    vhost-user for a guest with a VM).  ``extra`` keeps documented xl
     keys xdom does not act on (``gatewaydev``, ``devid``, ``vlan``,
     ``trusted``/``untrusted`` as ``trusted: bool``).
     """
@@ -623,15 +657,18 @@ class VifSpec:
     vifname: str | None = None
     script: str | None = None
     backend: str | None = None
+    export_kind: str | None = None
+    export_path: str | None = None
     extra: Mapping[str, str | bool] = field(default_factory=dict, hash=False)
 
     def to_xl(self) -> str:
         """The canonical keyword form; ``parse_vif(v.to_xl()) == v``."""
         parts = []
+        export = f"{self.export_kind or EXPORT_VHOST_USER}:{self.export_path}" if self.export_path else None
         for key, value in (("mac", self.mac), ("bridge", self.bridge), ("ip", self.ip),
                            ("rate", self.rate.to_xl() if self.rate else None), ("mtu", self.mtu),
                            ("model", self.model), ("type", self.nictype), ("vifname", self.vifname),
-                           ("script", self.script), ("backend", self.backend)):
+                           ("script", self.script), ("backend", self.backend), ("export", export)):
             if value is not None:
                 parts.append(f"{key}={value}")
         for key, extra in self.extra.items():
@@ -642,7 +679,7 @@ class VifSpec:
         return ", ".join(parts)
 
 
-_VIF_FIELD_KEYS = ("mac", "bridge", "ip", "rate", "mtu", "model", "type", "vifname", "script", "backend")
+_VIF_FIELD_KEYS = ("mac", "bridge", "ip", "rate", "mtu", "model", "type", "vifname", "script", "backend", "export")
 _VIF_EXTRA_KEYS = ("gatewaydev", "netdev", "devid", "vlan")
 _VIF_KEYS = frozenset((*_VIF_FIELD_KEYS, *_VIF_EXTRA_KEYS))
 _VIF_FLAGS = {"trusted": True, "untrusted": False}
@@ -750,6 +787,9 @@ def parse_vif(spec: str) -> VifSpec:
     backend = values.get("backend")
     if backend is not None and any(ch.isspace() or ch == "/" for ch in backend):
         raise XlCfgError(f"backend {backend!r} is not a domain name")
+    export_kind = export_path = None
+    if "export" in values:
+        export_kind, export_path = _parse_export(values["export"], "", VIF_EXPORTS, _VIF_EXPORT_WHY)
     return VifSpec(
         mac=parse_mac(values["mac"]) if "mac" in values else None,
         bridge=_ifname(values["bridge"], "bridge") if "bridge" in values else None,
@@ -761,5 +801,7 @@ def parse_vif(spec: str) -> VifSpec:
         vifname=_ifname(values["vifname"], "vifname") if "vifname" in values else None,
         script=values.get("script"),
         backend=backend,
+        export_kind=export_kind,
+        export_path=export_path,
         extra=extra,
     )

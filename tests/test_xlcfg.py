@@ -183,7 +183,7 @@ def test_backend_and_export() -> None:
 
 @pytest.mark.parametrize("spec, fragment", [
     ("/a,,xvda,export=/run/x.sock", "expected nbd:<unix socket path>"),
-    ("/a,,xvda,export=iscsi:/x", "nbd is the only export scheme"),
+    ("/a,,xvda,export=iscsi:/x", "expected nbd:<unix socket path> or vhost-user:<unix socket path>"),
     ("/a,,xvda,export=nbd:", "the socket path after 'nbd:' is empty"),
     ("/a,,xvda,export=nbd:/" + "x" * 200, "longer than 107 bytes"),
 ])

@@ -48,10 +48,11 @@ class Console:
     removed), which is what a failing test wants to print.
     """
 
-    def __init__(self, path: str, connect_timeout: float = 10.0) -> None:
+    def __init__(self, path: str, connect_timeout: float = 10.0, sock: socket.socket | None = None) -> None:
+        """Connect to ``path`` (retrying while QEMU makes it), or use ``sock``, already connected to it."""
         self.path = path
         deadline = time.monotonic() + connect_timeout
-        while True:
+        while sock is None:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 s.connect(path)
@@ -61,7 +62,9 @@ class Console:
                 if time.monotonic() > deadline:
                     raise ConsoleError(f"cannot connect to the console {path}") from None
                 time.sleep(0.02)
-        self.sock = s
+                continue
+            sock = s
+        self.sock = sock
         self._buf = b""
         self.transcript: list[str] = []
         self.ready_release: str | None = None
@@ -181,8 +184,10 @@ class Console:
         self.send_line(proto.POWEROFF)
 
 
-def attach(path: str, name: str | None = None, stdin: int | None = None, stdout: int | None = None) -> int:
-    """Connect the terminal to the console at ``path`` until Ctrl-] or the VM goes away.
+def attach(path: str, name: str | None = None, stdin: int | None = None, stdout: int | None = None,
+           sock: socket.socket | None = None) -> int:
+    """Connect the terminal to the console at ``path`` (or ``sock``, already connected) until Ctrl-] or the
+    VM goes away.
 
     The terminal is put in raw mode (every key goes to the VM, Ctrl-C
     included) and restored on the way out, whatever happens.  Returns 0
@@ -190,12 +195,14 @@ def attach(path: str, name: str | None = None, stdin: int | None = None, stdout:
     """
     fd_in = sys.stdin.fileno() if stdin is None else stdin
     fd_out = sys.stdout.fileno() if stdout is None else stdout
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-    except OSError as e:
-        s.close()
-        raise ConsoleError(f"cannot connect to the console {path}: {e}") from e
+    s = sock
+    if s is None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+        except OSError as e:
+            s.close()
+            raise ConsoleError(f"cannot connect to the console {path}: {e}") from e
     os.write(fd_out, f"Connected to {name or path}; escape character is ^]\r\n".encode())
     saved = termios.tcgetattr(fd_in) if os.isatty(fd_in) else None
     status = 1

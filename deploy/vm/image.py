@@ -54,9 +54,14 @@ BUSYBOX = "/bin/busybox"
 # to the guest) and virtio-console (an optional second console, hvc0).
 # Dependencies (virtio, virtio_ring, failover, ...) come from modules.dep.
 VIRTIO_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console")
+# The ACPI power button and its input events: QMP's system_powerdown (how the supervisor stops a VM) presses
+# it, and /init powers off when it sees the press.
+POWER_MODULES = ("button", "evdev")
+GUEST_MODULES = VIRTIO_MODULES + POWER_MODULES
 # Config symbols of those drivers, to say which are built in rather than modules.
 _CONFIG_SYMBOLS = {"virtio_pci": "CONFIG_VIRTIO_PCI", "virtio_blk": "CONFIG_VIRTIO_BLK",
-                   "virtio_net": "CONFIG_VIRTIO_NET", "virtio_console": "CONFIG_VIRTIO_CONSOLE"}
+                   "virtio_net": "CONFIG_VIRTIO_NET", "virtio_console": "CONFIG_VIRTIO_CONSOLE",
+                   "button": "CONFIG_ACPI_BUTTON", "evdev": "CONFIG_INPUT_EVDEV"}
 
 DEFAULT_APPEND = "console=ttyS0 panic=-1 quiet loglevel=3"
 
@@ -150,7 +155,7 @@ def _modname(path: str) -> str:
     return base.replace("-", "_")
 
 
-def resolve_modules(release: str, wanted: Iterable[str] = VIRTIO_MODULES,
+def resolve_modules(release: str, wanted: Iterable[str] = GUEST_MODULES,
                     moddir: str = "/lib/modules") -> tuple[list[str], list[str]]:
     """The module files to load, dependencies first, and the wanted drivers that are built in.
 

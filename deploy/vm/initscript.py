@@ -1,9 +1,10 @@
 """The VM image's ``/init`` and the console line protocol it speaks.
 
 The init script is the whole userland of the test VM: it mounts the
-pseudo file systems, loads the virtio modules the builder listed, sets up
-the NICs from the kernel command line, prints a readiness marker, and then
-serves commands on the serial console.  The protocol is line based so it
+pseudo file systems, loads the virtio modules the builder listed, powers
+off when the ACPI power button is pressed (QMP ``system_powerdown``), sets
+up the NICs from the kernel command line, prints a readiness marker, and
+then serves commands on the serial console.  The protocol is line based so it
 survives a tty (echo, ``\\n`` -> ``\\r\\n``) and the odd kernel message, and
 everything a command prints travels base64-encoded so binary output and
 lines that look like markers cannot confuse the host.
@@ -93,6 +94,14 @@ done
 while read -r mod; do
     [ -n "$mod" ] && { insmod "/lib/modules/$mod" 2>/dev/null || echo "XDOM-WARN insmod $mod failed"; }
 done </etc/xdom/modules
+
+# The ACPI power button (QMP system_powerdown: how the supervisor stops a VM): sync and power off.
+# An evdev read needs room for a whole struct input_event (24 bytes); any event is the press.
+for ev in $(ls /sys/class/input); do
+    case "$ev" in event*) ;; *) continue ;; esac
+    [ "$(cat /sys/class/input/$ev/device/name 2>/dev/null)" = "Power Button" ] || continue
+    (dd if=/dev/input/$ev of=/dev/null bs=24 count=1 2>/dev/null && { sync; poweroff -f; }) &
+done
 
 ip link set lo up
 i=0

@@ -67,6 +67,7 @@ class VmSpec:
     extra_args: list[str] = dataclasses.field(default_factory=list)
     name: str = "vm"
     reconnect: int = 1                   # seconds between QEMU's attempts to reach a device socket
+    sandbox: bool = False                # QEMU's own seccomp filter (-sandbox on, no spawning, no new privileges)
 
 
 @dataclasses.dataclass
@@ -104,8 +105,20 @@ def _opt(value: str) -> str:
     return value.replace(",", ",,")
 
 
-def qemu_argv(spec: VmSpec, paths: VmPaths, accel: str, qemu: str = QEMU) -> list[str]:
-    """The whole QEMU command line for ``spec`` with ``accel`` already resolved ("kvm" or "tcg")."""
+# QEMU's -sandbox: its own seccomp filter, with everything a VM with vhost-user devices does not need denied.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+CONSOLE_LOG_FDSET = 1
+
+
+def qemu_argv(spec: VmSpec, paths: VmPaths, accel: str, qemu: str = QEMU,
+              console_log_fd: int | None = None) -> list[str]:
+    """The whole QEMU command line for ``spec`` with ``accel`` already resolved ("kvm" or "tcg").
+
+    With ``console_log_fd`` (a descriptor open for appending, which QEMU
+    inherits) the console is logged there instead of to
+    ``paths.console_log``: QEMU reaches it as an fd set (``-add-fd``), so
+    a QEMU running under a guest's uid logs into a file it could not open.
+    """
     if accel not in ("kvm", "tcg"):
         raise ValueError(f"accel must be resolved to kvm or tcg here, not {accel!r}")
     mib = memory_mib(spec.memory)
@@ -115,14 +128,21 @@ def qemu_argv(spec: VmSpec, paths: VmPaths, accel: str, qemu: str = QEMU) -> lis
             "-m", f"{mib}M", "-smp", str(spec.cpus)]
     if accel == "kvm":
         argv += ["-cpu", "host"]
-    argv += ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-             "-kernel", spec.kernel]
+    argv += ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-msg", "timestamp=on"]
+    if spec.sandbox:
+        argv += ["-sandbox", SANDBOX]
+    argv += ["-kernel", spec.kernel]
     if spec.initrd:
         argv += ["-initrd", spec.initrd]
     if spec.append:
         argv += ["-append", spec.append]
+    if console_log_fd is not None:
+        argv += ["-add-fd", f"fd={console_log_fd},set={CONSOLE_LOG_FDSET},opaque=console-log"]
+        logfile = f"/dev/fdset/{CONSOLE_LOG_FDSET}"
+    else:
+        logfile = paths.console_log
     argv += ["-chardev", f"socket,id=con,path={_opt(paths.console)},server=on,wait=off,"
-                         f"logfile={_opt(paths.console_log)},logappend=on",
+                         f"logfile={_opt(logfile)},logappend=on",
              "-serial", "chardev:con",
              "-chardev", f"socket,id=qmp,path={_opt(paths.qmp)},server=on,wait=off",
              "-mon", "chardev=qmp,mode=control"]
