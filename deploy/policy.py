@@ -11,10 +11,12 @@ Rules (the topology's ``restart``, ``restart_backoff``, ``flap_limit`` and
   (a signal, including the supervisor's own SIGKILL for a limit).
 * ``never`` never restarts; ``on-failure`` restarts failures and kills, not
   clean exits; ``always`` restarts every exit.
-* Backoff: a restart decided when ``n`` restarts already happened within the
-  flap window waits ``restart_backoff * 2**n`` seconds, capped at
-  :data:`MAX_BACKOFF`.  A domain that crashes once a day always waits the
-  base delay; one that crashes in a loop waits longer each time.
+* Backoff: the first restart within the flap window is immediate (a driver
+  domain's guests are stalled until it is back: every millisecond counts);
+  one decided when ``n >= 1`` restarts already happened within the window
+  waits ``restart_backoff * 2**(n-1)`` seconds, capped at
+  :data:`MAX_BACKOFF`.  A domain that crashes once a day always comes back
+  at once; one that crashes in a loop waits longer each time.
 * Flap limit: when ``flap_limit`` restarts already happened within the last
   ``flap_window`` seconds, the next exit gives up (state ``failed``) instead
   of restarting.  A manual ``xdom restart`` clears the history.
@@ -110,8 +112,10 @@ class RestartTracker:
         return len(self._restarts)
 
     def delay_for(self, n: int) -> float:
-        """The wait before a restart that follows ``n`` recent ones."""
-        return min(self.max_backoff, self.backoff * (2.0 ** min(n, 64)))
+        """The wait before a restart that follows ``n`` recent ones: none for the first."""
+        if n == 0:
+            return 0.0
+        return min(self.max_backoff, self.backoff * (2.0 ** min(n - 1, 64)))
 
     def on_exit(self, status: ExitStatus, now: float) -> Decision:
         if self.policy == RestartPolicy.NEVER:

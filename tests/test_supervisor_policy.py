@@ -59,15 +59,15 @@ def test_each_policy_against_each_kind_of_exit(policy: str, status: ExitStatus, 
 def test_backoff_doubles_and_is_capped() -> None:
     t = tracker(backoff=0.5, limit=100, window=1000.0)
     delays = [t.on_exit(FAIL, now=float(i)).delay for i in range(10)]
-    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, MAX_BACKOFF, MAX_BACKOFF, MAX_BACKOFF, MAX_BACKOFF]
+    assert delays == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, MAX_BACKOFF, MAX_BACKOFF, MAX_BACKOFF]
 
 
 def test_backoff_starts_again_once_restarts_leave_the_window() -> None:
     t = tracker(backoff=1.0, limit=100, window=10.0)
-    assert [t.on_exit(FAIL, now=n).delay for n in (0.0, 1.0, 2.0)] == [1.0, 2.0, 4.0]
-    assert t.on_exit(FAIL, now=11.5).delay == 2.0      # 0 and 1 left the window; 2 remains
+    assert [t.on_exit(FAIL, now=n).delay for n in (0.0, 1.0, 2.0)] == [0.0, 1.0, 2.0]
+    assert t.on_exit(FAIL, now=11.5).delay == 1.0      # 0 and 1 left the window; 2 remains
     assert t.recent(11.5) == 2                          # 2 and 11.5
-    assert t.on_exit(FAIL, now=30.0).delay == 1.0      # a quiet spell: back to the base delay
+    assert t.on_exit(FAIL, now=30.0).delay == 0.0      # a quiet spell: back at once
 
 
 def test_zero_backoff_restarts_at_once() -> None:
@@ -128,7 +128,7 @@ def test_decisions_are_always_legal(policy: RestartPolicy, backoff: float, limit
             assert d.action == Action.GIVE_UP
         else:
             assert d.action == Action.RESTART
-            assert d.delay == min(MAX_BACKOFF, backoff * 2 ** len(recent))
+            assert d.delay == (0.0 if not recent else min(MAX_BACKOFF, backoff * 2 ** (len(recent) - 1)))
             restarts.append(now)
 
 
