@@ -31,7 +31,10 @@ connected with blkfront before the guest says ready, each exported as an
 NBD server on its unix socket for real programs (qemu-img, nbdcopy, fio).
 Vifs (``--vif DEVID:IFNAME``) are connected with netfront to the TAP
 device the toolstack made in the guest's network namespace (the guest
-process starts inside it), so programs there use the network normally.  A workload sees ``XDOM_DOMID`` and ``XDOM_NAME``; the
+process starts inside it), so programs there use the network normally.
+A VM's disks (``--vhost-user-disk DEVID:SOCKET``) are connected with
+blkfront and served to the VM's virtio-blk as vhost-user-blk on SOCKET
+(:mod:`xdom.domains.vhost_user.blk`).  A workload sees ``XDOM_DOMID`` and ``XDOM_NAME``; the
 domain's one-time token is not passed on.
 """
 
@@ -47,10 +50,11 @@ import threading
 from typing import Sequence
 
 from . import confinement
-from .blkfront.device import Blkfront
+from .blkfront.device import Blkfront, FrontendOptions
 from .device_channel import DeviceChannel
 from .nbd.server import NbdServer
 from .netfront.device import Netfront
+from .vhost_user.blk import DEFAULT_QUEUES as VHOST_USER_BLK_QUEUES, VhostUserBlkExport
 from .wakeup import WakePipe
 from .xenbus import read_or_none
 from .xenhost import XenHost, connect
@@ -69,13 +73,14 @@ class Guest:
 
     def __init__(self, workload: HeldWorkload | None = None, ready_fd: int | None = None,
                  disks: Sequence[tuple[int, str]] = (), vifs: Sequence[tuple[int, str, int | None]] = (),
-                 device_fd: int | None = None) -> None:
+                 device_fd: int | None = None, vhost_user_disks: Sequence[tuple[int, str]] = ()) -> None:
         self.workload = workload
         self._devices = DeviceChannel(device_fd) if device_fd is not None else None
         self.disks = list(disks)
         self.vifs = list(vifs)
+        self.vhost_user_disks = list(vhost_user_disks)
         self._nics: list[Netfront] = []
-        self._attached: dict[int, tuple[Blkfront, NbdServer]] = {}
+        self._attached: dict[int, tuple[Blkfront, NbdServer | VhostUserBlkExport]] = {}
         self._disk_lock = threading.Lock()
         self._hotplug: list[threading.Thread] = []
         self.ready_fd = ready_fd
@@ -118,6 +123,8 @@ class Guest:
             xs.write(f"{home}/control/feature-poweroff", "1")
             for devid, export in self.disks:
                 self._attach_disk(host, xs, home, devid, export)
+            for devid, sock in self.vhost_user_disks:
+                self._attach_vhost_user_disk(host, xs, home, devid, sock)
             xs.watch(f"{home}/device/vbd", "vbd-hotplug", lambda path, token: self._hotplug_scan(host, xs, home))
             for devid, ifname, tun_fd in self.vifs:
                 self._attach_vif(host, xs, home, devid, ifname, tun_fd)
@@ -156,6 +163,31 @@ class Guest:
         """Connect blkfront to the disk the toolstack added and export it over NBD."""
         self._wait_for_node(xs, f"{home}/device/vbd/{devid}/backend", f"vbd-{devid}")
         self._connect_and_export(host, xs, devid, export)
+
+    def _attach_vhost_user_disk(self, host: XenHost, xs: XenstoreClient, home: str, devid: int, sock: str) -> None:
+        """Connect blkfront to the disk the toolstack added and serve it to a VM as vhost-user-blk on ``sock``.
+
+        blkfront asks blkback for ``VHOST_USER_BLK_QUEUES`` rings and the VM is
+        offered one virtqueue per ring it got (its ``num-queues`` may be fewer);
+        GET_ID answers the vbd's vdev (``xvda``).  QEMU may be started before
+        the socket exists: it retries (``reconnect=``), as after a restart of
+        this domain, when the stale socket of the one before is replaced.
+        """
+        self._wait_for_node(xs, f"{home}/device/vbd/{devid}/backend", f"vbd-{devid}")
+        front = Blkfront(host, xs, devid, FrontendOptions(queues=VHOST_USER_BLK_QUEUES))
+        try:
+            front.connect(TOOLSTACK_TIMEOUT)
+            vdev = read_or_none(xs, f"{front.backend_path}/dev")
+            export = VhostUserBlkExport(sock, front, serial=vdev.decode(errors="replace") if vdev
+                                        else f"xdom-vbd-{devid}")
+            export.start()
+        except BaseException:
+            front.close()
+            raise
+        with self._disk_lock:
+            self._attached[devid] = (front, export)
+        log.info("disk %d: %d bytes served as vhost-user-blk on %s (%d queues)", devid, front.size, sock,
+                 export.num_queues)
 
     def _attach_vif(self, host: XenHost, xs: XenstoreClient, home: str, devid: int, ifname: str,
                     tun_fd: int | None) -> None:
@@ -425,6 +457,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--vif", action="append", default=[], type=_vif_arg, metavar="DEVID:IFNAME[:TUNFD]",
                    help="connect vif DEVID to TAP device IFNAME in this domain's namespace, through the "
                         "/dev/net/tun descriptor TUNFD when given (repeatable)")
+    p.add_argument("--vhost-user-disk", action="append", default=[], type=_disk_arg, metavar="DEVID:SOCKET",
+                   help="connect vbd DEVID and serve it to a VM as vhost-user-blk on unix socket SOCKET "
+                        "(repeatable)")
     p.add_argument("--device-fd", type=int, default=None, metavar="FD",
                    help="the toolstack's device channel: descriptors for hot-added devices arrive on it")
     p.add_argument("--export-dir", action="append", default=[], metavar="DIR",
@@ -440,13 +475,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # without a descriptor, and the interpreter; nothing else.
         confinement.restrict_files("guest", socket_dirs=[*args.export_dir,
                                                          *(os.path.dirname(os.path.abspath(sock))
-                                                           for _, sock in args.disk)],
+                                                           for _, sock in args.disk),
+                                                         *(os.path.dirname(os.path.abspath(sock))
+                                                           for _, sock in args.vhost_user_disk)],
                                    devices=["/dev/net/tun"])
     except BaseException:
         if held is not None:
             held.cancel()
         raise
-    return Guest(held, args.ready_fd, args.disk, args.vif, args.device_fd).run()
+    return Guest(held, args.ready_fd, args.disk, args.vif, args.device_fd,
+                 vhost_user_disks=args.vhost_user_disk).run()
 
 
 if __name__ == "__main__":

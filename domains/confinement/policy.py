@@ -90,9 +90,10 @@ KIND_SYSCALLS: dict[str, frozenset[str]] = {
     # rings and TAPs: the runtime's calls are enough
     "netback": frozenset(),
     # NBD exports (bind, chmod, accept, a stale socket probed with connect and unlinked), waiting for
-    # and stopping its workload
+    # and stopping its workload; a VM's vhost-user devices: the INFLIGHT_SHMFD area it creates for QEMU
+    # (GET_INFLIGHT_FD: memfd_create, ftruncate; measured, tests/test_vhost_user_blk.py)
     "guest": frozenset({"bind", "listen", "accept4", "chmod", "unlink", "wait4",
-                        "pidfd_send_signal"}),
+                        "pidfd_send_signal", "memfd_create", "ftruncate"}),
 }
 KINDS = tuple(KIND_SYSCALLS)
 

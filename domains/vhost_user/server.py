@@ -21,7 +21,11 @@ The device side: ``QueueHandler.process(index, queue)`` is called when ring
 ``index`` is kicked (and once when it starts, since kicks sent before the
 start are lost); it pops chains, does the work and pushes completions.  After
 it returns the shell signals the call eventfd if ``queue.should_notify()``,
-and the err eventfd once if the queue fell into NEEDS_RESET.
+and the err eventfd once if the queue fell into NEEDS_RESET.  A ring is also
+processed when it is enabled.  A device that completes later (a block
+device's ring) gets its completions onto the loop thread with
+``add_reader(fd, callback)`` (its completion fd, or an eventfd its other
+threads signal) and, after pushing them, calls ``notify_used(index, queue)``.
 """
 
 from __future__ import annotations
@@ -94,8 +98,9 @@ class VhostUserServer:
 
     def __init__(self, path: str, device_factory: Callable[[], VhostUserDevice],
                  handler: QueueHandler | None = None, *, backend_options: dict[str, Any] | None = None,
-                 max_connections: int | None = None) -> None:
+                 max_connections: int | None = None, mode: int | None = None) -> None:
         self.path = path
+        self._mode = mode                   # the socket's permissions, set before listen() (None: umask)
         self._device_factory = device_factory
         self._handler = handler
         self._options = dict(backend_options or {})
@@ -120,6 +125,8 @@ class VhostUserServer:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             s.bind(self.path)
+            if self._mode is not None:
+                os.chmod(self.path, self._mode)     # nobody can connect before listen(): no window
             s.listen(1)
         except BaseException:
             s.close()
@@ -175,6 +182,11 @@ class VhostUserServer:
                     self._receive()
                 elif kind == "kick":
                     self._kicked(arg)
+                elif kind == "reader":
+                    try:
+                        arg()
+                    except Exception:
+                        log.exception("vhost-user: a reader callback failed")
                 if self._stop.is_set():
                     break
             for index in self._polled_queues():
@@ -299,6 +311,8 @@ class VhostUserServer:
         elif isinstance(act, be.QueueEnabled):
             if self._handler is not None:
                 self._handler.queue_enabled(act.index, act.enabled)
+            if act.enabled:
+                self._run_queue(act.index)      # chains that waited while it was disabled get no new kick
         elif isinstance(act, be.AllocateInflight):
             self._allocate_inflight(conn, act.size)
         elif isinstance(act, be.MapInflight):
@@ -414,6 +428,24 @@ class VhostUserServer:
                 if e.errno != errno.EAGAIN:
                     log.warning("vhost-user: reading kick fd of ring %d: %s", index, e)
         self._run_queue(index)
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the loop thread whenever ``fd`` is readable (a device's completion fd, an
+        eventfd its other threads hand completions over with).  Call before ``serve`` or on the loop."""
+        self._sel.register(fd, selectors.EVENT_READ, ("reader", callback))
+
+    def remove_reader(self, fd: int) -> None:
+        self._unwatch(fd)
+
+    def notify_used(self, index: int, queue: SplitVirtqueue) -> None:
+        """After the device pushed to ``queue`` outside ``process`` (completions that came later): signal
+        ring ``index``'s call fd if the queue says so.  Loop thread only; also while the ring is stopping."""
+        conn = self._conn
+        if conn is None or queue.needs_reset is not None or not queue.should_notify():
+            return
+        call = conn.fds.get((index, FdKind.CALL))
+        if call is not None:
+            os.eventfd_write(call, 1)
 
     def _run_queue(self, index: int) -> None:
         conn = self._conn

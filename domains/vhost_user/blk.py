@@ -1,0 +1,731 @@
+"""vhost-user-blk on top of blkfront: a VM's virtio-blk disk, served by its guest domain.
+
+::
+
+    VM's virtio-blk driver -> virtqueue in the VM's memory (QEMU's shared memfd)
+      -> this module, in the guest domain: one copy between the VM's buffers and ...
+      -> blkfront's persistently granted pages -> blkback, which sees only those pages
+
+Rules of this module:
+
+* Trusted: the block device (blkfront, in this very process) and the
+  vhost-user core (``backend``, ``virtqueue``, ``memory``), which already
+  checked every chain's shape and that each of its buffers lies in the VM's
+  memory table.
+* Not trusted: what the VM put in its buffers.  A request's 16-byte header
+  (and a discard/write-zeroes range list) is *copied* out of guest memory
+  before it is looked at, so the VM rewriting it meanwhile changes nothing;
+  type, sector, lengths and ranges are checked against the disk before
+  anything is submitted.  What breaks a rule gets a status: IOERR for what is
+  malformed, misaligned or out of range, UNSUPP for what the device does not
+  do; a chain without a writable byte for the status is handed back with
+  nothing written.  ``process`` never raises: a VM cannot crash its guest
+  domain.
+* Bounded: a queue has at most its ring size of requests in flight (a head is
+  only reused once we pushed it); a request's data is at most the core's
+  ``max_chain_bytes``; a discard or write-zeroes request names at most
+  ``MAX_DWZ_SEGMENTS`` ranges; completions handed over from other threads are
+  bounded by the requests in flight; stopping a ring waits at most
+  ``drain_timeout`` seconds for them.
+* One thread touches guest memory and the queues: the vhost-user loop's.
+  blkfront completes on that thread too (the loop polls its
+  ``completion_fd`` and runs ``reap_completions``: no hand-off, and read data
+  is copied from the granted pages straight into the VM's buffers while the
+  ``done`` callback runs).  The few completions that come on another thread
+  (blkfront's reconnection after a blkback restart reaps on its xenstore
+  thread, errors it reports from a thread of its own) are handed over:
+  read data is copied out first (its pages are only valid during ``done``),
+  then the loop finishes the request.
+
+Data moves once each way: a read is copied from blkfront's pages into the
+chain's writable buffers inside ``done``; a write's readable buffers are
+gathered into pages blkfront lends (``write_buffer``: its granted pages, no
+copy later), or into one buffer of ours when it lends none.
+
+Completions are pushed to the used ring in batches -- everything one reap
+(or one ``process``) finished, per queue, with one used-index update -- and
+the call eventfd is signalled once per batch when ``should_notify`` says so
+(EVENT_IDX's ``used_event`` or NO_INTERRUPT).  With INFLIGHT_SHMFD the core
+marks a head in flight when it is popped and clears it only once its used
+element is published (``SplitVirtqueue.push_batch``), so a guest domain that
+dies with requests in flight leaves them in QEMU's area for the next one.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import select
+import struct
+import threading
+import time
+from typing import Any, Callable, Protocol, Sequence
+
+from ..nbd.device import BlockDevice
+from .backend import DeviceSpec
+from .memory import GuestMemoryError
+from .server import VhostUserServer
+from .virtqueue import DescriptorChain, Segment, SplitVirtqueue
+
+__all__ = [
+    "VIRTIO_BLK_F_SIZE_MAX", "VIRTIO_BLK_F_SEG_MAX", "VIRTIO_BLK_F_RO", "VIRTIO_BLK_F_BLK_SIZE",
+    "VIRTIO_BLK_F_FLUSH", "VIRTIO_BLK_F_MQ", "VIRTIO_BLK_F_DISCARD", "VIRTIO_BLK_F_WRITE_ZEROES",
+    "VIRTIO_BLK_T_IN", "VIRTIO_BLK_T_OUT", "VIRTIO_BLK_T_FLUSH", "VIRTIO_BLK_T_GET_ID", "VIRTIO_BLK_T_DISCARD",
+    "VIRTIO_BLK_T_WRITE_ZEROES", "VIRTIO_BLK_S_OK", "VIRTIO_BLK_S_IOERR", "VIRTIO_BLK_S_UNSUPP",
+    "VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP", "VIRTIO_BLK_ID_BYTES", "CONFIG_SIZE", "SEG_MAX", "SIZE_MAX",
+    "MAX_DWZ_SEGMENTS", "MAX_DISCARD_SECTORS", "MAX_WRITE_ZEROES_SECTORS", "MAX_QUEUE_SIZE", "DEFAULT_QUEUES",
+    "DRAIN_TIMEOUT",
+    "blk_features", "blk_config", "blk_device_spec", "VirtioBlkHandler", "VhostUserBlkExport",
+]
+
+log = logging.getLogger("xdom.vhost_user.blk")
+
+# virtio 1.2, 5.2.3: feature bits of the block device.
+VIRTIO_BLK_F_SIZE_MAX = 1
+VIRTIO_BLK_F_SEG_MAX = 2
+VIRTIO_BLK_F_RO = 5
+VIRTIO_BLK_F_BLK_SIZE = 6
+VIRTIO_BLK_F_FLUSH = 9
+VIRTIO_BLK_F_MQ = 12
+VIRTIO_BLK_F_DISCARD = 13
+VIRTIO_BLK_F_WRITE_ZEROES = 14
+
+# 5.2.6: request types and status values.
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_T_DISCARD = 11
+VIRTIO_BLK_T_WRITE_ZEROES = 13
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
+VIRTIO_BLK_ID_BYTES = 20
+
+_OUTHDR = struct.Struct("<IIQ")           # struct virtio_blk_outhdr: type, ioprio, sector
+_DWZ = struct.Struct("<QII")              # struct virtio_blk_discard_write_zeroes: sector, num_sectors, flags
+SECTOR = 512                              # virtio-blk's sector numbers are always in 512-byte units
+
+#: Segments per request the driver may use (``seg_max``).  A chain is header + data + status, and the
+#: virtqueue refuses chains longer than the ring (indirect tables included, as the spec says), so this is
+#: QEMU's default queue size for vhost-user-blk (128) minus 2: a VM whose disk has a smaller
+#: ``queue-size`` must not be given more.
+SEG_MAX = 126
+#: Largest segment (``size_max``): 126 of them are under 32 MiB, well inside the core's chain limit.
+SIZE_MAX = 256 << 10
+#: Ranges one DISCARD or WRITE_ZEROES request may carry (``max_discard_seg``, ``max_write_zeroes_seg``).
+MAX_DWZ_SEGMENTS = 16
+#: Sectors one range may cover: 1 GiB of discard, 32 MiB of zeroes (written from blkfront's one zero page).
+MAX_DISCARD_SECTORS = (1 << 30) // SECTOR
+MAX_WRITE_ZEROES_SECTORS = (32 << 20) // SECTOR
+#: Ring size accepted (QEMU's limit for vhost-user-blk's ``queue-size``).
+MAX_QUEUE_SIZE = 1024
+#: blkif rings a guest domain asks blkback for, for a VM's disk (blkback offers up to 4, as Linux's);
+#: the VM is offered one virtqueue per ring it got.
+DEFAULT_QUEUES = 4
+#: Seconds a stopping ring (GET_VRING_BASE, the front end going away) waits for its requests in flight.
+DRAIN_TIMEOUT = 10.0
+#: ``struct virtio_blk_config`` up to ``unused1`` (60 bytes); later fields (secure erase, zoned) read as zero.
+CONFIG_SIZE = 60
+_REAPER_METHODS = ("completion_fd", "reap_completions", "attach_reaper", "detach_reaper")
+
+
+class SpanMemory(Protocol):
+    """What the data path needs from guest memory (``memory.GuestMemory``)."""
+
+    def read(self, gpa: int, length: int) -> bytes: ...
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None: ...
+
+    def spans(self, gpa: int, length: int) -> list[tuple[memoryview, int, int]]: ...
+
+
+# --- the device: features and config space ---------------------------------------------------
+
+def blk_features(dev: BlockDevice, num_queues: int) -> int:
+    """virtio-blk feature bits for what blkfront negotiated with its backend.
+
+    FLUSH only where blkback has a cache to flush (a VM without it writes
+    through, as it should); DISCARD and WRITE_ZEROES only on a writable disk
+    (and DISCARD only where blkback offers it); RO for a read-only disk.
+    """
+    f = (1 << VIRTIO_BLK_F_SIZE_MAX) | (1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_BLK_SIZE)
+    if dev.read_only:
+        f |= 1 << VIRTIO_BLK_F_RO
+    if dev.can_flush:
+        f |= 1 << VIRTIO_BLK_F_FLUSH
+    if dev.can_trim and not dev.read_only:
+        f |= 1 << VIRTIO_BLK_F_DISCARD
+    if dev.can_write_zeroes and not dev.read_only:
+        f |= 1 << VIRTIO_BLK_F_WRITE_ZEROES
+    if num_queues > 1:
+        f |= 1 << VIRTIO_BLK_F_MQ
+    return f
+
+
+def blk_config(dev: BlockDevice, num_queues: int) -> bytearray:
+    """``struct virtio_blk_config`` (little-endian) for ``dev``.
+
+    Offsets: capacity 0 (512-byte sectors), size_max 8, seg_max 12, geometry
+    16, blk_size 20, topology 24..31, writeback 32, num_queues 34,
+    max_discard_sectors 36, max_discard_seg 40, discard_sector_alignment 44,
+    max_write_zeroes_sectors 48, max_write_zeroes_seg 52,
+    write_zeroes_may_unmap 56.  Discard is aligned to the logical sector
+    (blkif takes whole sectors); write-zeroes never unmaps (blkfront writes
+    real zeroes).
+    """
+    cfg = bytearray(CONFIG_SIZE)
+    struct.pack_into("<Q", cfg, 0, dev.size // SECTOR)
+    struct.pack_into("<I", cfg, 8, SIZE_MAX)
+    struct.pack_into("<I", cfg, 12, SEG_MAX)
+    struct.pack_into("<I", cfg, 20, dev.sector_size)
+    struct.pack_into("<H", cfg, 34, num_queues)
+    struct.pack_into("<III", cfg, 36, MAX_DISCARD_SECTORS, MAX_DWZ_SEGMENTS, dev.sector_size // SECTOR)
+    struct.pack_into("<II", cfg, 48, MAX_WRITE_ZEROES_SECTORS, MAX_DWZ_SEGMENTS)
+    return cfg
+
+
+def blk_device_spec(dev: BlockDevice, num_queues: int) -> DeviceSpec:
+    """The vhost-user device for one front-end connection (read again each time: a reconnecting
+    VMM must find what the disk is now).  No config field is writable (no CONFIG_WCE)."""
+    return DeviceSpec(device_features=blk_features(dev, num_queues), num_queues=num_queues,
+                      config=blk_config(dev, num_queues), max_queue_size=MAX_QUEUE_SIZE)
+
+
+# --- chains as byte streams ---------------------------------------------------------------
+
+def _pieces(mem: SpanMemory, segs: Sequence[Segment], start: int, length: int) -> list[memoryview]:
+    """Views of guest memory covering bytes ``[start, start + length)`` of the stream ``segs`` make.
+
+    Raises ``GuestMemoryError`` if a piece is not mapped (the memory table
+    changed under an in-flight request)."""
+    out: list[memoryview] = []
+    pos = 0
+    end = start + length
+    for seg in segs:
+        seg_end = pos + seg.length
+        if seg_end > start and pos < end:
+            lo = max(start, pos)
+            hi = min(end, seg_end)
+            for view, off, n in mem.spans(seg.gpa + (lo - pos), hi - lo):
+                out.append(view[off:off + n])
+        pos = seg_end
+        if pos >= end:
+            break
+    return out
+
+
+def _copy(src: Sequence[memoryview | bytes], dst: Sequence[memoryview]) -> int:
+    """Copy the concatenation of ``src`` into the concatenation of ``dst``, as far as both go."""
+    si = di = so = do = moved = 0
+    while si < len(src) and di < len(dst):
+        s, d = src[si], dst[di]
+        ls, ld = len(s), len(d)
+        n = min(ls - so, ld - do)
+        if n:
+            d[do:do + n] = s[so:so + n]
+            moved += n
+            so += n
+            do += n
+        if so >= ls:
+            si += 1
+            so = 0
+        if do >= ld:
+            di += 1
+            do = 0
+    return moved
+
+
+def _read_stream(mem: SpanMemory, segs: Sequence[Segment], start: int, length: int) -> bytes:
+    """A copy of ``length`` bytes of the stream (validated afterwards: the VM may change the original)."""
+    return b"".join([bytes(v) for v in _pieces(mem, segs, start, length)])
+
+
+def _status_of(err: int) -> int:
+    if err == 0:
+        return VIRTIO_BLK_S_OK
+    if err in (errno.EOPNOTSUPP, errno.ENOTSUP):
+        return VIRTIO_BLK_S_UNSUPP
+    return VIRTIO_BLK_S_IOERR
+
+
+class _Request:
+    """One chain being served: where its status goes and how many block operations it waits for."""
+
+    __slots__ = ("index", "queue", "head", "writable", "wbytes", "pending", "error", "submitted")
+
+    def __init__(self, index: int, queue: SplitVirtqueue, chain: DescriptorChain) -> None:
+        self.index = index
+        self.queue = queue
+        self.head = chain.head
+        self.writable = chain.writable
+        self.wbytes = chain.writable_bytes          # >= 1: the last byte is the status
+        self.pending = 0
+        self.error = 0
+        self.submitted = False
+
+
+# --- the queue handler (sans-IO: fds and polling belong to the shell) ---------------------------
+
+class VirtioBlkHandler:
+    """The data path of a vhost-user-blk device over a block device (blkfront, or any ``BlockDevice``).
+
+    Implements ``server.QueueHandler``.  The shell fills in three hooks:
+    ``notify(index, queue)`` signals a ring's call fd if the queue wants it
+    (after a push outside ``process``); ``wake()`` tells the loop that
+    completions were handed over (it then calls ``run_handoffs``);
+    ``wait(timeout)`` blocks up to ``timeout`` seconds for completions and runs
+    them (used while a stopping ring drains).  Without them (unit tests) the
+    caller runs ``run_handoffs``/``flush`` itself.
+    """
+
+    def __init__(self, dev: BlockDevice, serial: str | bytes = b"", *, drain_timeout: float = DRAIN_TIMEOUT) -> None:
+        self.dev = dev
+        raw = serial.encode(errors="replace") if isinstance(serial, str) else bytes(serial)
+        self.serial = raw[:VIRTIO_BLK_ID_BYTES]
+        self.drain_timeout = drain_timeout
+        self.notify: Callable[[int, SplitVirtqueue], None] | None = None
+        self.wake: Callable[[], None] | None = None
+        self.wait: Callable[[float], None] | None = None
+        self._queues: dict[int, SplitVirtqueue] = {}
+        self._enabled: dict[int, bool] = {}
+        self._in_flight: dict[int, int] = {}
+        self._done: dict[int, list[tuple[int, int]]] = {}
+        self._handoff: collections.deque[Callable[[], None]] = collections.deque()
+        self._loop_ident: int | None = None
+        lend = getattr(dev, "write_buffer", None)
+        self._lends = callable(lend) and callable(getattr(dev, "submit_write_buffer", None))
+        plug, unplug = getattr(dev, "plug", None), getattr(dev, "unplug", None)
+        self._plug = plug if callable(plug) and callable(unplug) else None
+        self._unplug = unplug
+        #: Counters for tests and logs: requests by type, statuses, malformed chains, hand-offs, abandoned.
+        self.stats: collections.Counter[str] = collections.Counter()
+
+    # --- QueueHandler ---------------------------------------------------------------
+
+    def adopt_thread(self) -> None:
+        """The calling thread is now the loop thread (the shell's, or whoever runs after it ended)."""
+        self._loop_ident = threading.get_ident()
+
+    def queue_started(self, index: int, queue: SplitVirtqueue, enabled: bool) -> None:
+        self._loop_ident = threading.get_ident()
+        self._queues[index] = queue
+        self._enabled[index] = enabled
+        self._in_flight[index] = 0
+        self._done[index] = []
+        if queue.pending_resubmissions:
+            log.info("ring %d: %d request(s) the previous back end had in flight, served again", index,
+                     queue.pending_resubmissions)
+            self.stats["resubmitted"] += queue.pending_resubmissions
+
+    def queue_enabled(self, index: int, enabled: bool) -> None:
+        # A disabled ring's chains wait (a block request cannot be served "without side effects");
+        # the shell processes the ring again when it is enabled.
+        self._enabled[index] = enabled
+
+    def queue_stopped(self, index: int) -> None:
+        """The ring stops (GET_VRING_BASE, a reset, the front end gone): finish what is in flight first,
+        bounded, so the index the front end gets back covers it; what does not finish in time is
+        abandoned (its completion is dropped; with INFLIGHT_SHMFD the area still says it is in flight)."""
+        queue = self._queues.get(index)
+        if queue is None:
+            return
+        try:
+            if self._in_flight.get(index) and self.wait is not None:
+                deadline = time.monotonic() + self.drain_timeout
+                while self._in_flight.get(index, 0) > 0:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.wait(left)
+            self._push(index, notify=True)
+        except Exception:
+            log.exception("ring %d: draining failed", index)
+        left = self._in_flight.get(index, 0)
+        if left:
+            log.warning("ring %d stopped with %d request(s) still in flight: abandoned", index, left)
+            self.stats["abandoned"] += left
+        for d in (self._queues, self._enabled, self._in_flight, self._done):
+            d.pop(index, None)
+
+    def process(self, index: int, queue: SplitVirtqueue) -> None:
+        """Serve every available chain of ring ``index``; push what finished at once (the shell signals)."""
+        self._loop_ident = threading.get_ident()
+        if self._queues.get(index) is not queue:
+            self.queue_started(index, queue, self._enabled.get(index, True))
+        if not self._enabled.get(index, False):
+            return
+        plugged = False
+        try:
+            if self._plug is not None:
+                self._plug()
+                plugged = True
+            while True:
+                chain = queue.pop()
+                if chain is None:
+                    # Re-arm the kick and look once more: a chain added meanwhile would get no kick.
+                    if queue.needs_reset is not None or not queue.set_kick_notifications(True):
+                        break
+                    continue
+                self.stats["requests"] += 1
+                try:
+                    self._serve(index, queue, chain)
+                except Exception:          # a bug, not the guest: fail the request, keep the domain
+                    log.exception("ring %d: serving chain %d failed", index, chain.head)
+                    self._fail_unsubmitted(index, queue, chain)
+        finally:
+            if plugged:
+                try:
+                    self._unplug()
+                except Exception:
+                    log.exception("unplug failed")
+        self._push(index, notify=False)
+
+    # --- completions --------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Push every finished request to its used ring, one batch per ring, and signal (shell: after a reap)."""
+        for index in list(self._done):
+            self._push(index, notify=True)
+
+    def run_handoffs(self) -> None:
+        """Finish the completions other threads handed over (on the loop thread), then push them."""
+        self._loop_ident = threading.get_ident()
+        for _ in range(len(self._handoff)):
+            try:
+                fn = self._handoff.popleft()
+            except IndexError:
+                break
+            try:
+                fn()
+            except Exception:
+                log.exception("a handed-over completion failed")
+        self.flush()
+
+    @property
+    def pending_handoffs(self) -> int:
+        return len(self._handoff)
+
+    def in_flight(self, index: int) -> int:
+        """Requests of ring ``index`` submitted to the device and not yet finished."""
+        return self._in_flight.get(index, 0)
+
+    def _push(self, index: int, notify: bool) -> None:
+        done = self._done.get(index)
+        queue = self._queues.get(index)
+        if not done or queue is None:
+            return
+        self._done[index] = []
+        try:
+            queue.push_batch(done)
+        except ValueError:
+            log.exception("ring %d: pushing %d completions failed", index, len(done))
+            return
+        if notify and self.notify is not None:
+            self.notify(index, queue)
+
+    def _on_loop(self) -> bool:
+        return threading.get_ident() == self._loop_ident
+
+    def _hand_off(self, fn: Callable[[], None]) -> None:
+        self._handoff.append(fn)
+        self.stats["handed_off"] += 1
+        if self.wake is not None:
+            self.wake()
+
+    def _current(self, req: _Request) -> bool:
+        """Is the request's ring still the one running?  (A stopped or restarted ring drops it.)"""
+        if self._queues.get(req.index) is req.queue:
+            return True
+        self.stats["dropped"] += 1
+        return False
+
+    def _complete(self, req: _Request, status: int) -> None:
+        """Write the status byte and queue the used element (loop thread)."""
+        if req.submitted:
+            if not self._current(req):
+                return
+            self._in_flight[req.index] -= 1
+        self.stats[f"status{status}"] += 1
+        try:
+            mem: SpanMemory = req.queue.memory          # type: ignore[assignment]
+            views = _pieces(mem, req.writable, req.wbytes - 1, 1)
+            views[0][0] = status
+        except (GuestMemoryError, IndexError):
+            # The memory table changed under the request: nothing to report into; give the chain back.
+            self._done[req.index].append((req.head, 0))
+            return
+        self._done[req.index].append((req.head, req.wbytes))
+
+    def _fail_unsubmitted(self, index: int, queue: SplitVirtqueue, chain: DescriptorChain) -> None:
+        req = _Request(index, queue, chain)
+        if req.wbytes:
+            self._complete(req, VIRTIO_BLK_S_IOERR)
+        else:
+            self._done[index].append((chain.head, 0))
+
+    def _sub_done(self, req: _Request, err: int) -> None:
+        """One block operation of ``req`` ended (loop thread)."""
+        if err and not req.error:
+            req.error = err
+        req.pending -= 1
+        if req.pending == 0:
+            self._complete(req, _status_of(req.error))
+
+    def _done_cb(self, req: _Request) -> Callable[[int], None]:
+        def done(err: int) -> None:
+            if self._on_loop():
+                self._sub_done(req, err)
+            else:
+                self._hand_off(lambda: self._sub_done(req, err))
+        return done
+
+    def _read_cb(self, req: _Request, length: int) -> Callable[[int, Sequence[memoryview | bytes]], None]:
+        def done(err: int, bufs: Sequence[memoryview | bytes]) -> None:
+            if self._on_loop():
+                self._read_finished(req, length, err, bufs)
+            else:
+                # The buffers are blkfront's pages, valid only until we return: copy them out.
+                data = [bytes(b) for b in bufs] if not err else []
+                self._hand_off(lambda: self._read_finished(req, length, err, data))
+        return done
+
+    def _read_finished(self, req: _Request, length: int, err: int, bufs: Sequence[memoryview | bytes]) -> None:
+        if not self._current(req):
+            return
+        if not err:
+            try:
+                mem: SpanMemory = req.queue.memory      # type: ignore[assignment]
+                moved = _copy(bufs, _pieces(mem, req.writable, 0, length))
+                if moved != length:
+                    err = errno.EIO
+            except GuestMemoryError:
+                err = errno.EFAULT
+        self._sub_done(req, err)
+
+    # --- requests -----------------------------------------------------------------------
+
+    def _serve(self, index: int, queue: SplitVirtqueue, chain: DescriptorChain) -> None:
+        if chain.writable_bytes == 0:
+            # Nowhere to put a status: hand the chain back with nothing written (QEMU would break the device).
+            self.stats["malformed"] += 1
+            self._done[index].append((chain.head, 0))
+            return
+        req = _Request(index, queue, chain)
+        mem: SpanMemory = queue.memory                  # type: ignore[assignment]
+        rbytes = chain.readable_bytes
+        if rbytes < _OUTHDR.size:
+            self.stats["malformed"] += 1
+            return self._complete(req, VIRTIO_BLK_S_IOERR)
+        kind, _ioprio, sector = _OUTHDR.unpack(_read_stream(mem, chain.readable, 0, _OUTHDR.size))
+        self.stats[f"type{kind}"] += 1
+        dev = self.dev
+        if kind == VIRTIO_BLK_T_IN:
+            length = req.wbytes - 1
+            if not length:
+                return self._complete(req, VIRTIO_BLK_S_OK)
+            if not self._in_range(sector, length):
+                return self._complete(req, VIRTIO_BLK_S_IOERR)
+            self._submit(req, 1, lambda: dev.submit_read(sector * SECTOR, length, self._read_cb(req, length)))
+        elif kind == VIRTIO_BLK_T_OUT:
+            length = rbytes - _OUTHDR.size
+            if dev.read_only or not self._in_range(sector, length):
+                return self._complete(req, VIRTIO_BLK_S_IOERR)
+            if not length:
+                return self._complete(req, VIRTIO_BLK_S_OK)
+            self._write(req, mem, chain.readable, sector * SECTOR, length)
+        elif kind == VIRTIO_BLK_T_FLUSH:
+            if not dev.can_flush:                   # no cache behind us: written is durable
+                return self._complete(req, VIRTIO_BLK_S_OK)
+            self._submit(req, 1, lambda: dev.submit_flush(self._done_cb(req)))
+        elif kind == VIRTIO_BLK_T_GET_ID:
+            # As QEMU: as much of the 20-byte id as the buffer takes, NUL-padded.
+            room = min(req.wbytes - 1, VIRTIO_BLK_ID_BYTES)
+            if room:
+                _copy([self.serial.ljust(room, b"\0")[:room]], _pieces(mem, req.writable, 0, room))
+            self._complete(req, VIRTIO_BLK_S_OK)
+        elif kind in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+            self._discard_or_zeroes(req, mem, chain, kind)
+        else:
+            self._complete(req, VIRTIO_BLK_S_UNSUPP)
+
+    def _in_range(self, sector: int, length: int) -> bool:
+        """Inside the disk and aligned to its logical sector (blkif moves whole sectors)."""
+        ss = self.dev.sector_size
+        offset = sector * SECTOR
+        return offset + length <= self.dev.size and offset % ss == 0 and length % ss == 0
+
+    def _submit(self, req: _Request, operations: int, submit: Callable[[], None]) -> None:
+        req.pending = operations
+        req.submitted = True
+        self._in_flight[req.index] += 1
+        submit()
+
+    def _write(self, req: _Request, mem: SpanMemory, readable: Sequence[Segment], offset: int, length: int) -> None:
+        dev = self.dev
+        lent = dev.write_buffer(offset, length) if self._lends else None    # type: ignore[attr-defined]
+        if lent is not None:
+            try:
+                moved = _copy(_pieces(mem, readable, _OUTHDR.size, length), lent.views)
+            except BaseException:
+                lent.release()
+                raise
+            if moved != length:
+                lent.release()
+                return self._complete(req, VIRTIO_BLK_S_IOERR)
+            self._submit(req, 1, lambda: dev.submit_write_buffer(offset, lent, False,  # type: ignore[attr-defined]
+                                                                 self._done_cb(req)))
+            return
+        buf = bytearray(length)
+        _copy(_pieces(mem, readable, _OUTHDR.size, length), [memoryview(buf)])
+        self._submit(req, 1, lambda: dev.submit_write(offset, memoryview(buf), False, self._done_cb(req)))
+
+    def _discard_or_zeroes(self, req: _Request, mem: SpanMemory, chain: DescriptorChain, kind: int) -> None:
+        dev = self.dev
+        discard = kind == VIRTIO_BLK_T_DISCARD
+        if dev.read_only or not (dev.can_trim if discard else dev.can_write_zeroes):
+            return self._complete(req, VIRTIO_BLK_S_UNSUPP)
+        payload = chain.readable_bytes - _OUTHDR.size
+        if payload <= 0 or payload % _DWZ.size or payload // _DWZ.size > MAX_DWZ_SEGMENTS:
+            self.stats["malformed"] += 1
+            return self._complete(req, VIRTIO_BLK_S_IOERR)
+        raw = _read_stream(mem, chain.readable, _OUTHDR.size, payload)      # copied, then checked
+        ranges: list[tuple[int, int, int]] = []
+        limit = MAX_DISCARD_SECTORS if discard else MAX_WRITE_ZEROES_SECTORS
+        for sector, num, flags in _DWZ.iter_unpack(raw):
+            if flags & ~(0 if discard else VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP):
+                return self._complete(req, VIRTIO_BLK_S_UNSUPP)
+            if num > limit or not self._in_range(sector, num * SECTOR):
+                return self._complete(req, VIRTIO_BLK_S_IOERR)
+            if num:
+                ranges.append((sector * SECTOR, num * SECTOR, flags))
+        if not ranges:
+            return self._complete(req, VIRTIO_BLK_S_OK)
+
+        def submit_all() -> None:
+            for offset, length, flags in ranges:
+                if discard:
+                    dev.submit_trim(offset, length, self._done_cb(req))
+                else:
+                    dev.submit_write_zeroes(offset, length, bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP),
+                                            self._done_cb(req))
+        self._submit(req, len(ranges), submit_all)
+
+
+# --- the I/O shell: a vhost-user server thread over blkfront ------------------------------------
+
+class VhostUserBlkExport:
+    """Serve ``dev`` as a vhost-user-blk device on the unix socket ``path`` (QEMU connects to it).
+
+    One thread runs the vhost-user loop; with a device that offers its
+    completions to callers (blkfront's ``completion_fd`` and friends) that
+    thread is also the device's reaper, so a request goes from the VM's ring
+    to blkfront's ring and back on one thread.  ``num_queues`` defaults to
+    blkfront's number of rings (one virtqueue per blkif ring); the VMM may use
+    fewer.  A stale socket left by a guest domain that died is replaced (the
+    VMM, reconnecting, finds the new one); one that someone listens on is
+    refused.  ``close()`` drains the rings (bounded) and joins the thread; the
+    device is its owner's to close, after.
+    """
+
+    def __init__(self, path: str, dev: BlockDevice, *, serial: str | bytes = b"", num_queues: int | None = None,
+                 mode: int = 0o600, drain_timeout: float = DRAIN_TIMEOUT) -> None:
+        if num_queues is None:
+            stats = getattr(dev, "queue_stats", None)
+            num_queues = max(1, len(stats())) if callable(stats) else 1
+        self.path = path
+        self.dev = dev
+        self.num_queues = num_queues
+        self.handler = VirtioBlkHandler(dev, serial, drain_timeout=drain_timeout)
+        self.server = VhostUserServer(path, lambda: blk_device_spec(dev, num_queues), self.handler,
+                                      mode=mode)
+        self._reaper = all(callable(getattr(dev, m, None)) for m in _REAPER_METHODS)
+        self._efd = -1
+        self._cfd = -1
+        self._attached = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        from ..nbd.server import _remove_stale_socket
+        _remove_stale_socket(self.path)
+        self.server.listen()
+        try:
+            self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self.server.add_reader(self._efd, self._handoffs_ready)
+            if self._reaper:
+                self._cfd = self.dev.completion_fd()          # type: ignore[attr-defined]
+                self.dev.attach_reaper()                      # type: ignore[attr-defined]
+                self._attached = True
+                self.server.add_reader(self._cfd, self._reap)
+            self.handler.notify = self.server.notify_used
+            self.handler.wake = self._wake
+            self.handler.wait = self._wait
+            self._thread = threading.Thread(target=self._run, name=f"vhost-user-blk:{os.path.basename(self.path)}",
+                                            daemon=True)
+            self._thread.start()
+        except BaseException:
+            self.close()
+            raise
+        log.info("vhost-user-blk: %d bytes, %d queue(s) on %s", self.dev.size, self.num_queues, self.path)
+
+    def _run(self) -> None:
+        self.handler.adopt_thread()
+        try:
+            self.server.serve()
+        except Exception:
+            log.exception("vhost-user-blk on %s: the loop failed", self.path)
+
+    def close(self) -> None:
+        self.server.stop()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.handler.adopt_thread()          # the loop is over: this thread finishes what is left
+        self.server.close()
+        if self._attached:
+            self._attached = False
+            self.dev.detach_reaper()                          # type: ignore[attr-defined]
+        if self._efd >= 0:
+            os.close(self._efd)
+            self._efd = -1
+
+    @property
+    def connected(self) -> threading.Event:
+        return self.server.connected
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self.handler.stats)
+
+    # --- on the loop thread ---------------------------------------------------------------
+
+    def _wake(self) -> None:
+        try:
+            os.eventfd_write(self._efd, 1)
+        except OSError:
+            pass
+
+    def _handoffs_ready(self) -> None:
+        try:
+            os.eventfd_read(self._efd)
+        except BlockingIOError:
+            pass
+        self.handler.run_handoffs()
+
+    def _reap(self) -> None:
+        self.dev.reap_completions()                           # type: ignore[attr-defined]
+        self.handler.flush()
+
+    def _wait(self, timeout: float) -> None:
+        """While a ring drains: wait for the device's completions or hand-offs, and run them."""
+        fds = [fd for fd in (self._cfd, self._efd) if fd >= 0]
+        if not fds:
+            time.sleep(min(timeout, 0.01))
+            return
+        ready, _, _ = select.select(fds, [], [], timeout)
+        if self._cfd in ready:
+            self._reap()
+        if self._efd in ready or self.handler.pending_handoffs:
+            self._handoffs_ready()

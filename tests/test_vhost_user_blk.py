@@ -1,0 +1,765 @@
+"""vhost-user-blk on blkfront: the device class against a driver written here, then real VMs.
+
+Part 1 (no processes): ``VirtioBlkHandler`` over the sans-IO core -- a
+``GuestMemory`` of bytearrays, a split ring laid out by a driver written
+from the virtio spec, and a fake block device that completes at once, later,
+or from another thread.  Hostile chains (a short header, no writable status
+byte, data beyond the disk, a GET_ID buffer too small, a zero-length chain,
+unknown types, bad discard ranges) get a status or are handed back; none
+raises.
+
+Part 2 (real VMs under TCG): a broker, xenstored and blkback as domain
+processes, and a guest domain process (``python -m xdom.domains.guest
+--vhost-user-disk DEVID:SOCKET``) serving blkfront as vhost-user-blk to a
+QEMU VM booted from the project's image.  The VM writes with ``dd
+oflag=direct`` and reads back; the host checks the image file.  Every
+process a test starts is stopped by that test.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import select
+import socket
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from xdom.domains.vhost_user.blk import (
+    MAX_DWZ_SEGMENTS, SEG_MAX, SIZE_MAX, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES, VirtioBlkHandler, blk_config, blk_features,
+)
+from xdom.domains.vhost_user.inflight import InflightArea, area_size
+from xdom.domains.vhost_user.memory import GuestMemory, MemoryRegion
+from xdom.domains.vhost_user.virtqueue import (
+    VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, RingLayout, SplitVirtqueue,
+)
+import struct
+
+# ---------------------------------------------------------------- part 1: the device class, no I/O
+
+MEM_SIZE = 0x800000
+DESC, AVAIL, USED = 0x1000, 0x3000, 0x4000
+BUF = 0x100000            # each head's buffers: BUF + head * SLOT
+SLOT = 0x20000
+DATA_OFF, STATUS_OFF = 0x1000, 0x1FFFF
+
+
+class FakeDisk:
+    """A ``BlockDevice`` on a bytearray: completes at once (``mode="sync"``) or when told."""
+
+    can_multi_conn = False
+
+    def __init__(self, size: int = 1 << 20, sector_size: int = 512, *, read_only: bool = False,
+                 can_flush: bool = True, can_trim: bool = True, mode: str = "sync", fail: int = 0) -> None:
+        self.data = bytearray(random.Random(size).randbytes(size))
+        self.size, self.sector_size, self.read_only = size, sector_size, read_only
+        self.can_flush, self.can_trim, self.can_write_zeroes = can_flush, can_trim, True
+        self.mode = mode
+        self.fail = fail
+        self.ops: list[tuple[Any, ...]] = []
+        self.pending: list[Callable[[], None]] = []
+        self.plugs = 0
+
+    def plug(self) -> None:
+        self.plugs += 1
+
+    def unplug(self) -> None:
+        pass
+
+    def _do(self, fn: Callable[[], None]) -> None:
+        if self.mode == "sync":
+            fn()
+        else:
+            self.pending.append(fn)
+
+    def complete_all(self, on_thread: bool = False) -> None:
+        pending, self.pending = self.pending, []
+        if on_thread:
+            t = threading.Thread(target=lambda: [fn() for fn in pending])
+            t.start()
+            t.join()
+        else:
+            for fn in pending:
+                fn()
+
+    def submit_read(self, offset: int, length: int, done: Callable) -> None:
+        self.ops.append(("read", offset, length))
+
+        def finish() -> None:
+            if self.fail:
+                return done(self.fail, [])
+            # in 4 KiB views, as blkfront's granted pages, valid only during the call
+            data = bytearray(self.data[offset:offset + length])
+            views = [memoryview(data)[i:i + 4096] for i in range(0, length, 4096)]
+            done(0, views)
+            data[:] = b"\xee" * len(data)           # scribbled over afterwards: a copy must be taken inside
+        self._do(finish)
+
+    def submit_write(self, offset: int, data: memoryview, fua: bool, done: Callable) -> None:
+        self.ops.append(("write", offset, len(data)))
+
+        def finish() -> None:
+            if not self.fail:
+                self.data[offset:offset + len(data)] = data
+            done(self.fail)
+        self._do(finish)
+
+    def submit_flush(self, done: Callable) -> None:
+        self.ops.append(("flush",))
+        self._do(lambda: done(self.fail))
+
+    def submit_trim(self, offset: int, length: int, done: Callable) -> None:
+        self.ops.append(("trim", offset, length))
+        self._do(lambda: done(self.fail))
+
+    def submit_write_zeroes(self, offset: int, length: int, may_trim: bool, done: Callable) -> None:
+        self.ops.append(("zeroes", offset, length, may_trim))
+
+        def finish() -> None:
+            self.data[offset:offset + length] = bytes(length)
+            done(self.fail)
+        self._do(finish)
+
+
+class LendingDisk(FakeDisk):
+    """A device that lends pages for WRITE payloads (blkfront's ``write_buffer``)."""
+
+    class Lent:
+        def __init__(self, length: int) -> None:
+            self.buf = bytearray(length)
+            self.views = [memoryview(self.buf)[i:i + 4096] for i in range(0, length, 4096)]
+            self.length = length
+            self.released = False
+
+        def release(self) -> None:
+            self.released = True
+
+    def write_buffer(self, offset: int, length: int) -> "LendingDisk.Lent":
+        return self.Lent(length)
+
+    def submit_write_buffer(self, offset: int, buffer: "LendingDisk.Lent", fua: bool, done: Callable) -> None:
+        self.submit_write(offset, memoryview(buffer.buf), fua, done)
+
+
+class Driver:
+    """The guest's virtio-blk driver on one split ring, from the virtio 1.x spec."""
+
+    def __init__(self, num: int = 16) -> None:
+        self.mem = GuestMemory()
+        self.ram = bytearray(MEM_SIZE)
+        slot = self.mem.add(MemoryRegion(guest_phys_addr=0, memory_size=MEM_SIZE, userspace_addr=0x7F0000000000,
+                                         mmap_offset=0))
+        self.mem.attach(slot, memoryview(self.ram))
+        self.num = num
+        self.avail_idx = 0
+        self.used_seen = 0
+        self.layout = RingLayout(num=num, desc_gpa=DESC, avail_gpa=AVAIL, used_gpa=USED)
+
+    def queue(self, *, event_idx: bool = True, **kw: Any) -> SplitVirtqueue:
+        return SplitVirtqueue(self.mem, self.layout, event_idx=event_idx, indirect_desc=True, **kw)
+
+    def w(self, gpa: int, data: bytes) -> None:
+        self.ram[gpa:gpa + len(data)] = data
+
+    def r(self, gpa: int, n: int) -> bytes:
+        return bytes(self.ram[gpa:gpa + n])
+
+    def chain(self, head: int, segs: list[tuple[int, int, bool]], indirect: bool = False) -> None:
+        """Descriptors for ``segs`` (addr, len, device-writable), direct from ``head`` on, or in a table."""
+        table = BUF + head * SLOT + 0x1F000
+        for k, (addr, n, wr) in enumerate(segs):
+            last = k == len(segs) - 1
+            flags = (VIRTQ_DESC_F_WRITE if wr else 0) | (0 if last else VIRTQ_DESC_F_NEXT)
+            where = (table + 16 * k) if indirect else DESC + 16 * ((head + k) % self.num)
+            nxt = (k + 1) if indirect else (head + k + 1) % self.num
+            self.w(where, struct.pack("<QIHH", addr, n, flags, 0 if last else nxt))
+        if indirect:
+            self.w(DESC + 16 * head, struct.pack("<QIHH", table, 16 * len(segs), VIRTQ_DESC_F_INDIRECT, 0))
+
+    def offer(self, *heads: int) -> None:
+        for h in heads:
+            self.w(AVAIL + 4 + 2 * (self.avail_idx % self.num), struct.pack("<H", h))
+            self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.w(AVAIL + 2, struct.pack("<H", self.avail_idx))
+
+    def set_used_event(self, v: int) -> None:
+        self.w(AVAIL + 4 + 2 * self.num, struct.pack("<H", v))
+
+    @property
+    def used_idx(self) -> int:
+        return struct.unpack("<H", self.r(USED + 2, 2))[0]
+
+    def take_used(self) -> list[tuple[int, int]]:
+        out = []
+        while self.used_seen != self.used_idx:
+            out.append(struct.unpack("<II", self.r(USED + 4 + 8 * (self.used_seen % self.num), 8)))
+            self.used_seen = (self.used_seen + 1) & 0xFFFF
+        return out
+
+    def request(self, head: int, kind: int, sector: int = 0, out: bytes = b"", in_len: int = 0, *,
+                status: bool = True, split_header: bool = False, indirect: bool = False,
+                offer: bool = True) -> int:
+        """A virtio-blk request as Linux builds it; returns the status byte's address."""
+        base = BUF + head * SLOT
+        self.w(base, struct.pack("<IIQ", kind, 0, sector))
+        self.w(base + STATUS_OFF, b"\xff")
+        segs: list[tuple[int, int, bool]] = [(base, 4, False), (base + 4, 12, False)] if split_header \
+            else [(base, 16, False)]
+        if out:
+            self.w(base + DATA_OFF, out)
+            segs.append((base + DATA_OFF, len(out), False))
+        if in_len:
+            self.w(base + DATA_OFF, b"\xaa" * in_len)
+            # scatter the IN buffer over two descriptors, as a bio of two pages would be
+            half = in_len // 2
+            segs += [(base + DATA_OFF, half, True), (base + DATA_OFF + half, in_len - half, True)] if half \
+                else [(base + DATA_OFF, in_len, True)]
+        if status:
+            segs.append((base + STATUS_OFF, 1, True))
+        self.chain(head, segs, indirect=indirect)
+        if offer:
+            self.offer(head)
+        return base + STATUS_OFF
+
+    def status(self, head: int) -> int:
+        return self.ram[BUF + head * SLOT + STATUS_OFF]
+
+    def data(self, head: int, n: int) -> bytes:
+        return self.r(BUF + head * SLOT + DATA_OFF, n)
+
+
+class Harness:
+    """Driver + queue + handler, with the shell's hooks recorded."""
+
+    def __init__(self, disk: FakeDisk, *, num: int = 64, event_idx: bool = True, serial: str = "xvda",
+                 inflight: InflightArea | None = None) -> None:
+        self.disk = disk
+        self.drv = Driver(num)
+        self.q = self.drv.queue(event_idx=event_idx, inflight=inflight.queue(0) if inflight else None)
+        self.h = VirtioBlkHandler(disk, serial, drain_timeout=0.2)
+        self.notified: list[int] = []
+        self.woken = 0
+        self.h.notify = lambda index, queue: self.notified.append(index) if queue.should_notify() else None
+        self.h.wake = self._wake
+        self.h.queue_started(0, self.q, True)
+
+    def _wake(self) -> None:
+        self.woken += 1
+
+    def process(self) -> list[tuple[int, int]]:
+        self.h.process(0, self.q)
+        assert self.q.needs_reset is None, self.q.needs_reset
+        return self.drv.take_used()
+
+
+def test_config_space_and_features_follow_the_disk() -> None:
+    rw = FakeDisk(8 << 20, 4096)
+    f = blk_features(rw, 2)
+    assert f & (1 << VIRTIO_BLK_F_FLUSH) and f & (1 << VIRTIO_BLK_F_DISCARD) and f & (1 << VIRTIO_BLK_F_WRITE_ZEROES)
+    assert f & (1 << VIRTIO_BLK_F_MQ) and not f & (1 << VIRTIO_BLK_F_RO)
+    cfg = blk_config(rw, 2)
+    assert struct.unpack_from("<QII", cfg, 0) == ((8 << 20) // 512, SIZE_MAX, SEG_MAX)
+    assert struct.unpack_from("<I", cfg, 20)[0] == 4096 and struct.unpack_from("<H", cfg, 34)[0] == 2
+    max_discard, discard_seg, align = struct.unpack_from("<III", cfg, 36)
+    assert discard_seg == MAX_DWZ_SEGMENTS and align == 8 and max_discard >= 1 << 20
+    assert struct.unpack_from("<II", cfg, 48)[1] == MAX_DWZ_SEGMENTS and cfg[56] == 0    # zeroes never unmap
+    ro = FakeDisk(1 << 20, read_only=True, can_flush=False, can_trim=False)
+    f = blk_features(ro, 1)
+    assert f & (1 << VIRTIO_BLK_F_RO) and not f & ((1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_DISCARD)
+                                                     | (1 << VIRTIO_BLK_F_WRITE_ZEROES) | (1 << VIRTIO_BLK_F_MQ))
+
+
+@pytest.mark.parametrize("lending", [False, True])
+def test_write_read_flush_get_id(lending: bool) -> None:
+    disk = (LendingDisk if lending else FakeDisk)(1 << 20)
+    t = Harness(disk)
+    drv = t.drv
+    payload = random.Random(1).randbytes(12288)
+    drv.request(0, VIRTIO_BLK_T_OUT, 8, out=payload, split_header=True)
+    drv.request(4, VIRTIO_BLK_T_IN, 8, in_len=12288, indirect=True)
+    drv.request(8, VIRTIO_BLK_T_FLUSH)
+    drv.request(12, VIRTIO_BLK_T_GET_ID, in_len=20)
+    used = t.process()
+    assert used == [(0, 1), (4, 12289), (8, 1), (12, 21)]              # one batch, in completion order
+    assert [drv.status(h) for h in (0, 4, 8, 12)] == [VIRTIO_BLK_S_OK] * 4
+    assert disk.data[4096:4096 + 12288] == payload and drv.data(4, 12288) == payload
+    assert drv.data(12, 20) == b"xvda".ljust(20, b"\0")
+    assert disk.ops == [("write", 4096, 12288), ("read", 4096, 12288), ("flush",)]
+    assert disk.plugs == 1                      # the batch went to the device plugged
+
+
+def test_completions_later_are_pushed_in_one_batch_with_one_notification() -> None:
+    disk = FakeDisk(mode="later")
+    t = Harness(disk)
+    for h in (0, 4, 8, 12):
+        t.drv.request(h, VIRTIO_BLK_T_IN, h, in_len=512)
+    assert t.process() == [] and t.h.in_flight(0) == 4
+    t.drv.set_used_event(0)                      # EVENT_IDX: interrupt me once the used index passes 0
+    disk.complete_all()
+    assert t.drv.take_used() == []               # nothing published until the batch ends
+    t.h.flush()
+    assert sorted(h for h, _ in t.drv.take_used()) == [0, 4, 8, 12]
+    assert t.notified == [0] and t.h.in_flight(0) == 0
+    # the driver asks for no interrupt before used index 100: the next batch is not signalled
+    t.drv.set_used_event(100)
+    t.drv.request(16, VIRTIO_BLK_T_FLUSH)
+    t.process()
+    disk.complete_all()
+    t.h.flush()
+    assert t.drv.take_used() == [(16, 1)] and t.notified == [0]
+
+
+def test_completions_from_another_thread_are_handed_to_the_loop() -> None:
+    disk = FakeDisk(mode="later")
+    t = Harness(disk)
+    payload = disk.data[0:4096]
+    t.drv.request(0, VIRTIO_BLK_T_IN, 0, in_len=4096)
+    t.drv.request(4, VIRTIO_BLK_T_OUT, 16, out=b"\x01" * 1024)
+    t.process()
+    disk.complete_all(on_thread=True)            # e.g. blkfront reaping on its xenstore thread after a reconnect
+    assert t.drv.take_used() == [] and t.woken == 2 and t.h.pending_handoffs == 2
+    t.h.run_handoffs()
+    assert sorted(t.drv.take_used()) == [(0, 4097), (4, 1)]
+    assert t.drv.data(0, 4096) == payload        # copied while the pages were valid
+    assert t.h.stats["handed_off"] == 2
+
+
+def test_errors_and_unsupported() -> None:
+    disk = FakeDisk(1 << 20, can_trim=False, fail=errno.EIO)
+    t = Harness(disk)
+    t.drv.request(0, VIRTIO_BLK_T_IN, 0, in_len=512)
+    t.drv.request(4, VIRTIO_BLK_T_DISCARD, out=struct.pack("<QII", 0, 8, 0))
+    t.drv.request(8, 0x7777)
+    t.drv.request(12, VIRTIO_BLK_T_OUT, 0, out=b"x" * 512)
+    t.process()
+    assert [t.drv.status(h) for h in (0, 4, 8, 12)] == [VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP,
+                                                       VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_S_IOERR]
+    disk.fail = errno.EOPNOTSUPP
+    t.drv.request(16, VIRTIO_BLK_T_FLUSH)
+    t.process()
+    assert t.drv.status(16) == VIRTIO_BLK_S_UNSUPP
+
+
+def test_read_only_disk_refuses_writes_and_no_cache_flushes_at_once() -> None:
+    disk = FakeDisk(1 << 20, read_only=True, can_flush=False)
+    t = Harness(disk)
+    t.drv.request(0, VIRTIO_BLK_T_OUT, 0, out=b"x" * 512)
+    t.drv.request(4, VIRTIO_BLK_T_WRITE_ZEROES, out=struct.pack("<QII", 0, 8, 0))
+    t.drv.request(8, VIRTIO_BLK_T_FLUSH)
+    t.drv.request(12, VIRTIO_BLK_T_IN, 0, in_len=512)
+    t.process()
+    assert [t.drv.status(h) for h in (0, 4, 8, 12)] == [VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_S_OK,
+                                                       VIRTIO_BLK_S_OK]
+    assert disk.ops == [("read", 0, 512)]
+
+
+def test_discard_and_write_zeroes_ranges() -> None:
+    disk = FakeDisk(1 << 20, 4096)
+    t = Harness(disk)
+    two = struct.pack("<QII", 8, 16, 0) + struct.pack("<QII", 64, 8, 0)
+    t.drv.request(0, VIRTIO_BLK_T_DISCARD, out=two)
+    t.drv.request(4, VIRTIO_BLK_T_WRITE_ZEROES, out=struct.pack("<QII", 128, 8, 1))
+    t.drv.request(8, VIRTIO_BLK_T_DISCARD, out=struct.pack("<QII", 8, 16, 1))            # unmap flag on discard
+    t.drv.request(12, VIRTIO_BLK_T_WRITE_ZEROES, out=struct.pack("<QII", 2047, 8, 0))     # beyond the disk
+    t.drv.request(16, VIRTIO_BLK_T_DISCARD, out=struct.pack("<QII", 9, 8, 0))             # not 4 KiB aligned
+    t.drv.request(20, VIRTIO_BLK_T_DISCARD, out=struct.pack("<QII", 0, 8, 0) * (MAX_DWZ_SEGMENTS + 1))
+    t.drv.request(24, VIRTIO_BLK_T_DISCARD, out=b"\0" * 20)                             # not whole ranges
+    t.process()
+    assert [t.drv.status(h) for h in range(0, 28, 4)] == [
+        VIRTIO_BLK_S_OK, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_IOERR,
+        VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_IOERR]
+    assert disk.ops == [("trim", 4096, 8192), ("trim", 32768, 4096), ("zeroes", 65536, 4096, True)]
+    assert disk.data[65536:69632] == bytes(4096)
+
+
+def test_hostile_chains_never_raise() -> None:
+    disk = FakeDisk(1 << 20)
+    t = Harness(disk)
+    drv = t.drv
+    base = BUF
+    # a short header: 8 bytes, then a status byte -> IOERR
+    drv.w(base, b"\0" * 8)
+    drv.chain(0, [(base, 8, False), (base + STATUS_OFF, 1, True)])
+    drv.offer(0)
+    # the status descriptor is not writable (and nothing else is): handed back with nothing written
+    drv.request(4, VIRTIO_BLK_T_IN, 0, in_len=0, status=False, offer=False)
+    drv.chain(4, [(BUF + 4 * SLOT, 16, False), (BUF + 4 * SLOT + STATUS_OFF, 1, False)])
+    drv.offer(4)
+    # data beyond the capacity, and straddling its end
+    drv.request(8, VIRTIO_BLK_T_IN, 2048, in_len=512)
+    drv.request(12, VIRTIO_BLK_T_OUT, 2047, out=b"y" * 1024)
+    drv.request(16, VIRTIO_BLK_T_IN, 1 << 60, in_len=512)
+    # a GET_ID buffer too small: as much of the id as fits
+    drv.request(20, VIRTIO_BLK_T_GET_ID, in_len=3)
+    # a zero-length chain: one readable descriptor of length 0
+    drv.chain(24, [(BUF + 24 * SLOT, 0, False)])
+    drv.offer(24)
+    # a read whose length is not whole sectors
+    drv.request(28, VIRTIO_BLK_T_IN, 0, in_len=100)
+    used = dict(t.process())
+    # the used length is the whole writable part, as QEMU reports it, whatever the status
+    assert used == {0: 1, 4: 0, 8: 513, 12: 1, 16: 513, 20: 4, 24: 0, 28: 101}
+    assert drv.status(0) == VIRTIO_BLK_S_IOERR and drv.r(BUF + 4 * SLOT + STATUS_OFF, 1) == b"\xff"
+    assert [drv.status(h) for h in (8, 12, 16, 28)] == [VIRTIO_BLK_S_IOERR] * 4
+    assert drv.data(20, 3) == b"xvd" and drv.status(20) == VIRTIO_BLK_S_OK
+    assert disk.ops == [] and t.h.stats["malformed"] == 3
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.binary(min_size=0, max_size=48), st.integers(0, 600), st.booleans()),
+                min_size=1, max_size=8))
+def test_random_requests_always_complete_every_head(reqs: list[tuple[bytes, int, bool]]) -> None:
+    """Any header bytes, any lengths: every head comes back exactly once and the ring stays healthy."""
+    disk = FakeDisk(64 << 10)
+    t = Harness(disk)
+    heads = []
+    for k, (raw, in_len, with_status) in enumerate(reqs):
+        head = 4 * k
+        base = BUF + head * SLOT
+        t.drv.w(base, raw)
+        segs = [(base, len(raw), False)] if raw else []
+        if in_len:
+            segs.append((base + DATA_OFF, in_len, True))
+        if with_status:
+            segs.append((base + STATUS_OFF, 1, True))
+        if not segs:
+            segs = [(base, 0, False)]
+        t.drv.chain(head, segs)
+        heads.append(head)
+    t.drv.offer(*heads)
+    used = t.process()
+    assert sorted(h for h, _ in used) == heads
+    assert t.q.in_flight == 0
+
+
+def test_a_disabled_ring_waits_until_enabled() -> None:
+    t = Harness(FakeDisk())
+    t.h.queue_enabled(0, False)
+    t.drv.request(0, VIRTIO_BLK_T_FLUSH)
+    assert t.process() == []
+    t.h.queue_enabled(0, True)                   # the shell processes the ring again on enable
+    assert t.process() == [(0, 1)]
+
+
+def test_stopping_a_ring_drains_then_abandons() -> None:
+    disk = FakeDisk(mode="later")
+    t = Harness(disk)
+    t.drv.request(0, VIRTIO_BLK_T_IN, 0, in_len=512)
+    t.drv.request(4, VIRTIO_BLK_T_IN, 1, in_len=512)
+    t.process()
+    waits: list[float] = []
+
+    def wait(timeout: float) -> None:            # the shell's poll: one completion per wait
+        waits.append(timeout)
+        if disk.pending:
+            disk.pending.pop(0)()
+            t.h.flush()
+    t.h.wait = wait
+    t.h.queue_stopped(0)
+    assert sorted(h for h, _ in t.drv.take_used()) == [0, 4] and len(waits) == 2 and t.notified
+    # a device that never answers: the stop gives up after drain_timeout and a late answer is dropped
+    t.h.queue_started(0, t.q, True)
+    t.drv.request(8, VIRTIO_BLK_T_IN, 0, in_len=512)
+    t.process()
+    t.h.wait = lambda timeout: time.sleep(timeout / 4)
+    t0 = time.monotonic()
+    t.h.queue_stopped(0)
+    assert time.monotonic() - t0 < 2 and t.h.stats["abandoned"] == 1
+    disk.complete_all()
+    t.h.flush()
+    assert t.drv.take_used() == [] and t.h.stats["dropped"] == 1
+
+
+def test_inflight_area_clears_a_head_only_once_it_is_used() -> None:
+    area = InflightArea(bytearray(area_size(1, 64)), 1, 64)
+    disk = FakeDisk(mode="later")
+    t = Harness(disk, inflight=area)
+    t.drv.request(0, VIRTIO_BLK_T_OUT, 0, out=b"z" * 512)
+    t.drv.request(4, VIRTIO_BLK_T_OUT, 1, out=b"z" * 512)
+    t.process()
+    iq = area.queue(0)
+    assert iq.is_in_flight(0) and iq.is_in_flight(4)
+    disk.complete_all()                          # finished in the device, not yet published
+    assert iq.is_in_flight(0) and iq.is_in_flight(4)
+    t.h.flush()
+    assert not iq.is_in_flight(0) and not iq.is_in_flight(4) and iq.used_idx == 2
+    # a request in flight when the back end dies is served again by the next one, from the area
+    t.drv.request(8, VIRTIO_BLK_T_OUT, 2, out=b"w" * 512)
+    t.process()
+    disk.pending.clear()                         # the guest domain died: its answer is lost
+    disk2 = FakeDisk()
+    disk2.data[:] = disk.data
+    q2 = t.drv.queue(inflight=InflightArea(area._mv, 1, 64).queue(0), last_avail_idx=t.drv.used_idx)
+    h2 = VirtioBlkHandler(disk2, "xvda")
+    h2.queue_started(0, q2, True)
+    h2.process(0, q2)
+    assert t.drv.take_used() == [(8, 1)] and disk2.data[1024:1536] == b"w" * 512
+    assert h2.stats["resubmitted"] == 1
+
+
+# ---------------------------------------------------------------- part 2: real VMs under TCG
+
+from helpers import wait_until                                             # noqa: E402
+from test_blk_processes import BlkHost                                     # noqa: E402
+from xdom.deploy.launcher import start_domain_process, stop_process        # noqa: E402
+from xdom.deploy.vbd import VbdConfig, add_vbd                             # noqa: E402
+from xdom.deploy.vm.image import ImageError, VmImage, ensure_image          # noqa: E402
+from xdom.deploy.vm.console import Console                                 # noqa: E402
+from xdom.deploy.vm.machine import RunningVm                               # noqa: E402
+from xdom.deploy.vm.qemu import VhostUserBlk, VmPaths, VmSpec, start_qemu  # noqa: E402
+from xdom.domains.xenbus import backend_path                               # noqa: E402
+
+WAIT = 60.0
+BLOCK = 64 << 10                          # the VM's write loop writes 64 KiB per dd
+
+
+class VmDisk:
+    def __init__(self, devid: int, vdev: str, image: str, sock: str, *, read_only: bool = False,
+                 num_queues: int = 1) -> None:
+        self.devid, self.vdev, self.image, self.sock = devid, vdev, image, sock
+        self.read_only, self.num_queues = read_only, num_queues
+
+
+class VmDiskHost(BlkHost):
+    """BlkHost's broker, xenstored and blkback, plus a guest domain *process* serving vhost-user-blk.
+
+    The toolstack's steps for the guest are done by hand, in the supervisor's
+    order: create (or restart) the domain, start ``python -m
+    xdom.domains.guest --vhost-user-disk ...`` with its credentials,
+    introduce it, write its nodes and its vbds' nodes, wait for "ready".
+    """
+
+    def __init__(self, run_dir: str, disks: list[VmDisk]) -> None:
+        self.disks = disks
+        self.guest: subprocess.Popen[bytes] | None = None
+        self.g_domid: int | None = None
+        os.makedirs(os.path.join(run_dir, "exports"), mode=0o700, exist_ok=True)
+        super().__init__(run_dir)
+        try:
+            self.start_guest()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def guest_log(self) -> str:
+        return os.path.join(self.run_dir, "g1.log")
+
+    def guest_log_tail(self) -> str:
+        with open(self.guest_log, errors="replace") as f:
+            return f.read()[-4000:]
+
+    def start_guest(self) -> None:
+        if self.g_domid is None:
+            creds = self.mgmt.request("create", name="g1", memory="48M")
+            self.g_domid = int(creds["domid"])
+        else:
+            creds = self.mgmt.request("restart", domid=self.g_domid)
+        store = self.mgmt.request("setup_store", domid=self.g_domid, xenstore_domid=self.xenstored.domid)
+        rfd, wfd = os.pipe()
+        argv = [sys.executable, "-m", "xdom.domains.guest", "--ready-fd", str(wfd),
+                *(f"--vhost-user-disk={d.devid}:{d.sock}" for d in self.disks)]
+        with open(self.guest_log, "ab") as log:
+            self.guest = start_domain_process(creds, argv, pass_fds=(wfd,), stdout=log, stderr=subprocess.STDOUT)
+        os.close(wfd)
+        try:
+            wait_until(lambda: self.guest.poll() is not None or self.domain_state(self.g_domid) == "running",
+                       WAIT, "the guest process to connect to the broker")
+            assert self.guest.poll() is None, self.guest_log_tail()
+            self._introduce(self.g_domid, "g1", 48 * 1024, store)
+            for d in self.disks:
+                add_vbd(self.xs, VbdConfig(self.be_domid, self.g_domid, d.devid, d.vdev, d.image, d.read_only))
+            ready, _, _ = select.select([rfd], [], [], WAIT)
+            assert ready and os.read(rfd, 64), f"the guest did not get ready: {self.guest_log_tail()}"
+        finally:
+            os.close(rfd)
+
+    def kill_guest(self) -> None:
+        assert self.guest is not None and self.g_domid is not None
+        self.guest.send_signal(signal.SIGKILL)
+        self.guest.wait()
+        wait_until(lambda: self.domain_state(self.g_domid) not in ("running", "paused"), WAIT,
+                   "the broker to see the guest die")
+
+    def kill_blkback(self) -> None:
+        assert self.blkback is not None and self.g_domid is not None
+        self.blkback.send_signal(signal.SIGKILL)
+        self.blkback.wait()
+        wait_until(lambda: self.domain_state(self.be_domid) not in ("running", "paused"), WAIT,
+                   "the broker to see blkback die")
+        wait_until(lambda: not self.xs.exists(backend_path(self.be_domid, "vbd", self.g_domid, self.disks[0].devid)),
+                   WAIT, "xenstored to release the dead blkback's nodes")
+
+    def restart_blkback_for_guest(self) -> None:
+        """What the supervisor does for a dead driver domain: same domid, a new process, its devices again."""
+        assert self.g_domid is not None
+        self.be_creds = self.mgmt.request("restart", domid=self.be_domid)
+        self.start_blkback()
+        for d in self.disks:
+            add_vbd(self.xs, VbdConfig(self.be_domid, self.g_domid, d.devid, d.vdev, d.image, d.read_only))
+
+    def close(self) -> None:
+        if self.guest is not None:
+            stop_process(self.guest)
+        super().close()
+
+
+@pytest.fixture(scope="session")
+def vm_image() -> VmImage:
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 missing (apt-get install qemu-system-x86)")
+    try:
+        return ensure_image()
+    except ImageError as e:
+        pytest.skip(f"no VM image: {e}")
+
+
+def boot(img: VmImage, run_dir: str, disks: list[VmDisk], cpus: int = 1) -> RunningVm:
+    """A VM with ``disks``; Linux uses min(vCPUs, num-queues) queues, so a multi-queue disk needs cpus > 1."""
+    spec = VmSpec(kernel=str(img.kernel), initrd=str(img.initrd), append=img.append(), accel="tcg", cpus=cpus,
+                  vhost_user_blk=[VhostUserBlk(d.sock, num_queues=d.num_queues) for d in disks])
+    return boot_vm_connected(spec, VmPaths.in_dir(run_dir), ready_timeout=90)
+
+
+def boot_vm_connected(spec: VmSpec, paths: VmPaths, ready_timeout: float) -> RunningVm:
+    """``boot_vm``, but with the console socket connected here and handed to ``Console(sock=)``: at
+    f13f842 ``Console(path)`` leaves its socket None after a successful connect (deploy/vm is not ours)."""
+    q = start_qemu(spec, paths)
+    try:
+        q.wait_socket(paths.console)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(paths.console)
+        except BaseException:
+            s.close()
+            raise
+        con = Console(paths.console, sock=s)
+        try:
+            con.wait_ready(ready_timeout)
+        except BaseException:
+            con.close()
+            raise
+    except BaseException as e:
+        q.stop()
+        e.add_note(f"QEMU said: {q.log_text().strip()[-2000:]}")
+        raise
+    return RunningVm(q, con, time.monotonic() - q.started)
+
+
+def make_image(path: str, size: int) -> bytes:
+    data = random.Random(path).randbytes(size)
+    with open(path, "wb") as f:
+        f.write(data)
+    return data
+
+
+def file_sha(path: str, offset: int, length: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return hashlib.sha256(f.read(length)).hexdigest()
+
+
+# The kernel's words for a failed request; a stall prints none of them.
+IO_ERRORS = "I/O error|blk_update_request|Buffer I/O|critical medium|virtio_blk.*(error|fail)|hung_task"
+
+
+def dmesg_errors(vm: RunningVm) -> str:
+    _, out = vm.run(f"dmesg | grep -iE '{IO_ERRORS}' || true")
+    return out.strip()
+
+
+WRITE_LOOP = r"""
+dd if=/dev/urandom of=/tmp/src bs=64k count={n} 2>/dev/null
+sha256sum /tmp/src | cut -d' ' -f1 > /tmp/src.sha
+rm -f /tmp/result /tmp/progress
+(
+  i=0
+  while [ $i -lt {n} ]; do
+    if ! dd if=/tmp/src of=/dev/vda bs=64k skip=$i seek=$((i + {base})) count=1 oflag=direct conv=notrunc \
+         2>/tmp/dd.err; then
+      echo "FAIL $i $(cat /tmp/dd.err)" > /tmp/result; exit 1
+    fi
+    i=$((i + 1)); echo $i > /tmp/progress
+  done
+  echo DONE > /tmp/result
+) </dev/null >/dev/null 2>&1 &
+cat /tmp/src.sha
+"""
+
+
+def start_write_loop(vm: RunningVm, blocks: int, base: int) -> str:
+    """A loop in the VM writing ``blocks`` blocks of random data, one O_DIRECT dd each, in the background."""
+    return vm.check(WRITE_LOOP.format(n=blocks, base=base), 60).strip()
+
+
+def progress(vm: RunningVm) -> int:
+    out = vm.check("cat /tmp/progress 2>/dev/null || echo 0").strip()
+    return int(out or 0)
+
+
+def wait_loop_done(vm: RunningVm, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = vm.check("cat /tmp/result 2>/dev/null || true").strip()
+        if out:
+            return out
+        time.sleep(0.5)
+    raise AssertionError(f"the VM's write loop did not end within {timeout}s (progress {progress(vm)})")
+
+
+def test_a_vm_disk_served_by_the_guest_domain_through_blkback(vm_image: VmImage, run_dir: str) -> None:
+    """Read-write with two queues and a read-only disk, in one VM: data, flush, discard, serial, refusals."""
+    a, b = os.path.join(run_dir, "a.img"), os.path.join(run_dir, "b.img")
+    make_image(a, 16 << 20)
+    make_image(b, 4 << 20)
+    disks = [VmDisk(51712, "xvda", a, os.path.join(run_dir, "exports", "xvda.sock"), num_queues=2),
+             VmDisk(51728, "xvdb", b, os.path.join(run_dir, "exports", "xvdb.sock"), read_only=True)]
+    h = VmDiskHost(run_dir, disks)
+    try:
+        with boot(vm_image, run_dir, disks, cpus=2) as vm:
+            info = vm.check("for f in vda/size vda/serial vda/queue/write_cache vda/ro vdb/size vdb/ro; do "
+                            "cat /sys/block/$f; echo; done; ls /sys/block/vda/mq | wc -l")
+            lines = info.split()
+            assert lines[0] == str((16 << 20) // 512) and lines[1] == "xvda", info
+            assert " ".join(lines[2:4]) == "write back", info          # FLUSH offered: blkback's file has a cache
+            assert lines[4:8] == ["0", str((4 << 20) // 512), "1", "2"], info     # vdb read-only; vda: 2 queues
+            # a pattern written with O_DIRECT and fsync (a FLUSH), read back through the disk and on the host
+            digest = vm.check("dd if=/dev/urandom of=/tmp/p bs=64k count=16 2>/dev/null && "
+                              "dd if=/tmp/p of=/dev/vda bs=64k seek=16 oflag=direct conv=fsync,notrunc 2>/dev/null && "
+                              "sha256sum /tmp/p | cut -d' ' -f1").strip()
+            back = vm.check("dd if=/dev/vda bs=64k skip=16 count=16 iflag=direct 2>/dev/null | sha256sum").split()[0]
+            assert back == digest
+            assert file_sha(a, 16 * BLOCK, 16 * BLOCK) == digest
+            # many requests at once on both queues: parallel readers, every block checked against the host
+            vm.check("for k in 0 1 2 3; do dd if=/dev/vda of=/tmp/r$k bs=4k skip=$((k * 256)) count=256 "
+                     "iflag=direct 2>/dev/null & done; wait")
+            sums = vm.check("for k in 0 1 2 3; do sha256sum /tmp/r$k | cut -d' ' -f1; done").split()
+            assert sums == [file_sha(a, k << 20, 1 << 20) for k in range(4)]
+            # discard: blkback punches a hole, which reads back as zeroes on the host
+            vm.check("blkdiscard -o 4194304 -l 1048576 /dev/vda")
+            assert file_sha(a, 4 << 20, 1 << 20) == hashlib.sha256(bytes(1 << 20)).hexdigest()
+            # the read-only disk reads, and refuses writes
+            assert vm.check("dd if=/dev/vdb bs=64k count=64 iflag=direct 2>/dev/null | sha256sum").split()[0] \
+                == file_sha(b, 0, 4 << 20)
+            st, out = vm.run("dd if=/dev/zero of=/dev/vdb bs=4k count=1 oflag=direct")
+            assert st != 0 and re.search("Operation not permitted|Read-only|Permission denied|I/O error", out), out
+            assert dmesg_errors(vm) == ""
+    finally:
+        h.close()
+    log = open(h.guest_log, errors="replace").read()
+    assert "Traceback" not in log, log[-3000:]
