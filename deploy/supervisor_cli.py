@@ -384,7 +384,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
                 note += f"; last exit: {vm['last_exit']}"
             _say(f"{'  vm':<16} {'qemu':<9} {dash:>4} {vm['state']:<9} {vm['pid'] or dash:>7} "
                  f"{_uptime(vm['uptime']):>8} {_mib(vm['rss']):>8} {vm['restarts']:>8} {dash:>5} {dash:>7} {dash:>6} "
-                 f"{'qemu-sandbox':<24} {note}")
+                 f"{'qemu-sandbox' if vm.get('seccomp') else '-' if vm.get('seccomp') is None else 'none':<24} {note}")
     return EXIT_OK
 
 

@@ -511,7 +511,7 @@ class VmSupervisor:
             "cpu_percent": round(s.cpu_percent, 1) if s and alive else None,
             "memory_mib": cfg.memory_mib, "cpus": cfg.cpus, "kernel": vm.plan.kernel, "initrd": vm.plan.initrd,
             "append": vm.plan.append, "own_image": vm.plan.own_image, "uid": self._uid(vm),
-            "netns": vm.guest.netns, "sandbox": SANDBOX,
+            "netns": vm.guest.netns, "sandbox": SANDBOX, "seccomp": _seccomp_filtered(vm.pid) if alive else None,
             "console": vm.paths.console, "qmp": vm.paths.qmp, "log": vm.paths.qemu_log,
             "console_log": vm.paths.console_log, "last_exit": vm.last_exit or None,
             "disks": [{"vdev": disk.vdev, "socket": self._disk_socket(d, disk)} for disk in d.spec.disks
@@ -535,8 +535,8 @@ class VmSupervisor:
     def _spec(self, vm: _Vm) -> VmSpec:
         d = vm.guest
         cfg = vm.config
-        blk = [VhostUserBlk(self._disk_socket(d, disk), id=_qemu_id(disk.vdev)) for disk in d.spec.disks
-               if disk.export_kind == EXPORT_VHOST_USER]
+        blk = [VhostUserBlk(self._disk_socket(d, disk), num_queues=cfg.cpus, id=_qemu_id(disk.vdev))
+               for disk in d.spec.disks if disk.export_kind == EXPORT_VHOST_USER]
         net = [VhostUserNet(self._vif_socket(d, devid, vif), vif.mac, id=f"vif{devid}")
                for devid, vif in vif_devids(d.spec.vifs) if vif.export_kind == EXPORT_VHOST_USER]
         return VmSpec(kernel=vm.plan.kernel, initrd=vm.plan.initrd, append=vm.plan.append, cpus=cfg.cpus,
@@ -809,6 +809,18 @@ class VmSupervisor:
             _write_marker(fd, text)
         finally:
             os.close(fd)
+
+
+def _seccomp_filtered(pid: int | None) -> bool | None:
+    """Whether the kernel shows a seccomp filter on ``pid`` (QEMU's -sandbox), None if it cannot tell."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Seccomp:"):
+                    return line.split()[1] == "2"
+    except (OSError, IndexError):
+        pass
+    return None
 
 
 def _qemu_id(vdev: str) -> str:
