@@ -262,8 +262,13 @@ class Guest:
         present = threading.Event()
 
         def check(path: str, tok: str) -> None:
-            if xs.exists(node):
-                present.set()
+            try:
+                if xs.exists(node):
+                    present.set()
+            except XenstoreError:
+                # A restarted domain may not read its directory until the toolstack has set its
+                # permissions again (EACCES): not there yet; its writes fire the watch again.
+                pass
         xs.watch(node, token, check)
         try:
             if not present.wait(TOOLSTACK_TIMEOUT):

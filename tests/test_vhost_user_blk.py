@@ -763,3 +763,74 @@ def test_a_vm_disk_served_by_the_guest_domain_through_blkback(vm_image: VmImage,
         h.close()
     log = open(h.guest_log, errors="replace").read()
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_blkback_killed_under_a_vm_writing_is_a_stall(vm_image: VmImage, run_dir: str) -> None:
+    """SIGKILL of blkback in the middle of the VM's write loop, blkback restarted as the supervisor would:
+    the VM's program sees no error, its kernel logs none, and every block reads back (in the VM and on the host)."""
+    a = os.path.join(run_dir, "a.img")
+    make_image(a, 16 << 20)
+    disks = [VmDisk(51712, "xvda", a, os.path.join(run_dir, "exports", "xvda.sock"))]
+    h = VmDiskHost(run_dir, disks)
+    blocks, base = 96, 32                     # 6 MiB written at 2 MiB, one 64 KiB O_DIRECT dd at a time
+    try:
+        with boot(vm_image, run_dir, disks) as vm:
+            digest = start_write_loop(vm, blocks, base)
+            wait_until(lambda: progress(vm) >= blocks // 4, WAIT, "the VM's write loop to get going")
+            h.kill_blkback()
+            stalled_at = progress(vm)
+            h.restart_blkback_for_guest()
+            assert wait_loop_done(vm, 120) == "DONE"
+            assert stalled_at < blocks, "the loop ended before blkback was killed: nothing was tested"
+            back = vm.check(f"dd if=/dev/vda bs=64k skip={base} count={blocks} iflag=direct 2>/dev/null "
+                            "| sha256sum").split()[0]
+            assert back == digest
+            assert dmesg_errors(vm) == ""
+        assert file_sha(a, base * BLOCK, blocks * BLOCK) == digest
+    finally:
+        h.close()
+    log = open(h.guest_log, errors="replace").read()
+    # blkfront saw the new blkback and issued again what the old one had not answered
+    assert "came back: reconnecting" in log and "Traceback" not in log, log[-3000:]
+
+
+def test_the_guest_domain_restarted_under_a_vm_writing_is_a_stall(vm_image: VmImage, run_dir: str) -> None:
+    """Issue 12's last step: the guest domain itself SIGKILLed with a VM's write in flight and started
+    again (same domid, same arguments) while QEMU waits (``reconnect=1``).  blkback is paused first, so
+    the write the VM sent is in the dying guest domain's hands (popped, marked in QEMU's INFLIGHT_SHMFD
+    area, waiting in blkfront).  The new process reconnects blkfront to blkback and serves the socket
+    again; QEMU sends its set-up again with the same area; the new process finds the write there and
+    serves it again.  The VM sees a stall: no error, every block where it belongs."""
+    a = os.path.join(run_dir, "a.img")
+    make_image(a, 16 << 20)
+    disks = [VmDisk(51712, "xvda", a, os.path.join(run_dir, "exports", "xvda.sock"))]
+    h = VmDiskHost(run_dir, disks)
+    blocks, base = 96, 32
+    try:
+        with boot(vm_image, run_dir, disks) as vm:
+            digest = start_write_loop(vm, blocks, base)
+            wait_until(lambda: progress(vm) >= blocks // 4, WAIT, "the VM's write loop to get going")
+            h.pause_blkback()
+            seen: list[int] = []
+
+            def stuck() -> bool:            # the loop no longer moves: its write waits in the guest domain
+                seen.append(progress(vm))
+                time.sleep(0.3)
+                return len(seen) > 2 and seen[-1] == seen[-2] == seen[-3]
+            wait_until(stuck, WAIT, "the VM's write loop to stall behind the paused blkback")
+            h.kill_guest()
+            h.mgmt.request("unpause", domid=h.be_domid)
+            h.start_guest()
+            assert wait_loop_done(vm, 120) == "DONE"
+            assert seen[-1] < blocks
+            back = vm.check(f"dd if=/dev/vda bs=64k skip={base} count={blocks} iflag=direct 2>/dev/null "
+                            "| sha256sum").split()[0]
+            assert back == digest
+            assert dmesg_errors(vm) == ""
+        assert file_sha(a, base * BLOCK, blocks * BLOCK) == digest
+    finally:
+        h.close()
+    log = open(h.guest_log, errors="replace").read()
+    assert "Traceback" not in log, log[-3000:]
+    # the second guest domain process served the dead one's request again, from QEMU's area
+    assert log.count("guest g1 is domain") == 2 and "the previous back end had in flight, served again" in log, log
