@@ -1,4 +1,4 @@
-"""netfront: a Xen virtual network interface in the guest, bridged to a TAP device in the guest's namespace.
+"""netfront: a Xen virtual network interface in the guest, bridged to a packet port (a TAP, a VM's virtio-net).
 
 Handshake as Linux ``xen-netfront`` (``talk_to_netback``: rings, event
 channels, ``request-rx-copy``, ``feature-sg``, ``feature-rx-notify``, the
@@ -10,11 +10,17 @@ it offers split event channels), with xdom's Initialised step (see
 Buffers: per queue, 256 transmit and 256 receive pages of guest memory,
 granted to the backend once per connection (transmit read-only, receive
 read-write) and reused, so the backend can keep them mapped and the broker
-is not on the data path.  A frame read from the TAP device is copied into transmit
+is not on the data path.  A frame read from the port is copied into transmit
 pages (one slot per page, the first slot's ``size`` the frame's length,
 ``NETTXF_more_data`` on all but the last); every free receive page is
 posted as a receive request, and a packet the backend writes into them
-goes to the TAP device and its pages are posted again.
+goes to the port and its pages are posted again.
+
+The port (:mod:`.port`) is what the frames come from and go to: a TAP
+device in the guest's namespace (:class:`~.port.TapPort`, the default) or
+a VM's NIC served over vhost-user
+(:class:`xdom.domains.vhost_user.net.VhostUserNetPort`).  Either speaks
+virtio-net headers, so netfront does not care which.
 
 Offloads: the TAP runs with ``IFF_VNET_HDR``, so TCP super-frames (GSO)
 and blank checksums cross it in both directions; they travel on the rings
@@ -22,11 +28,11 @@ as ``NETTXF_csum_blank``/``NETRXF_csum_blank`` and a GSO extra-info slot,
 as between Linux's netfront and netback (:mod:`xdom.domains.vnet`
 translates, and finishes in software what the backend did not negotiate).
 
-One thread moves the data: it reads the TAP in batches (a budget per
+One thread moves the data: it reads the port in batches (a budget per
 pass), spreads frames over the queues by flow (a flow stays on one ring,
 in order), pushes each ring once per pass and notifies only when the
-backend asked (``req_event``); received frames go to the TAP after the
-rings are released.  When a ring is full it stops reading the TAP until
+backend asked (``req_event``); received frames go to the port after the
+rings are released.  When a ring is full it stops reading the port until
 the backend's responses make room, as a NIC's queue would, instead of
 dropping.
 
@@ -38,7 +44,6 @@ a real link, and TCP retransmits them.
 from __future__ import annotations
 
 import collections
-import errno
 import logging
 import os
 import select
@@ -55,42 +60,27 @@ from ..abi.netif import (
 from ..abi.ring import FrontRing, RingOverflow
 from ..frame_pool import FramePool, OutOfFrames
 from ..grant_table import GrantTableFull
-from ..packet import VIRTIO_NET_HDR_SIZE, VirtioNetHdr, flow_hash
+from ..packet import flow_hash
 from ..xenbus import XenbusState, read_int, read_or_none, read_state, switch_state
 from ..xs_wire import XenstoreError
 from ..xenhost.base import XenHost
 from ..xenstore import XenstoreClient
-from ..tun import READ_SIZE, attach_tap, set_offloads
+from ..tun import READ_SIZE
 from ..vnet import BackendOffloads, TxFrame, from_tap, to_tap
+from .port import PacketPort, TapPort, open_tap
+
+__all__ = ["Netfront", "NetfrontError", "open_tap", "PacketPort", "TapPort"]
 
 log = logging.getLogger("xdom.netfront")
 
 PAGE_SIZE = 4096
 TAP_READ = READ_SIZE
-TAP_BUDGET = 64            # frames read from the TAP per pass before the rings are pushed
+TAP_BUDGET = 64            # frames read from the port per pass before the rings are pushed
 MAX_QUEUES = 16
 
 
 class NetfrontError(Exception):
     """The interface could not be connected."""
-
-
-def open_tap(ifname: str, tun_fd: int | None = None) -> int:
-    """Attach to the TAP device the toolstack made for us (``tuntap add ... user UID``: no privilege needed).
-
-    ``tun_fd`` is a ``/dev/net/tun`` descriptor the toolstack opened for us
-    (a domain under its own uid may not be able to open the device).  The
-    TAP carries a virtio-net header with every frame (``IFF_VNET_HDR``), so
-    checksum and segmentation offload can cross it; what the kernel may
-    leave to us is set per backend with :func:`set_offloads`.
-    """
-    fd = tun_fd if tun_fd is not None else os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-    try:
-        attach_tap(fd, ifname)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
 
 
 class _Queue:
@@ -284,21 +274,28 @@ class _Queue:
 
 
 class Netfront:
-    """One vif of this guest, moving frames between its rings and a TAP device."""
+    """One vif of this guest, moving frames between its rings and a packet port (by default a TAP device)."""
 
-    def __init__(self, host: XenHost, xs: XenstoreClient, devid: int, ifname: str,
+    def __init__(self, host: XenHost, xs: XenstoreClient, devid: int, ifname: str | None = None,
                  pool: FramePool | None = None, tun_fd: int | None = None, offloads: bool = True,
-                 max_queues: int = 1) -> None:
+                 max_queues: int = 1, port: PacketPort | None = None) -> None:
         """``offloads=False`` is a netfront without checksum offload or GSO (older or non-Linux PV drivers).
 
         ``max_queues`` caps the queues asked for (the backend's
         ``multi-queue-max-queues`` caps it too).  One is the default here,
         unlike Linux's one per CPU: one Python thread serves every queue, so
         more rings only cost memory (2 MiB of granted pages each).
+
+        The frames go to ``port`` when given (netfront owns it once this
+        returns, and closes it in :meth:`close`), else to the TAP device
+        ``ifname`` (through ``tun_fd`` when given).
         """
         if not 1 <= max_queues <= MAX_QUEUES:
             raise ValueError(f"max_queues must be between 1 and {MAX_QUEUES}")
-        self.host, self.xs, self.devid, self.ifname = host, xs, devid, ifname
+        if port is None and not ifname:
+            raise ValueError("netfront needs a TAP device name or a packet port")
+        self.host, self.xs, self.devid = host, xs, devid
+        self.ifname = ifname if port is None or ifname else port.name
         self.use_offloads = offloads
         self.max_queues = max_queues
         self.pool = pool or FramePool.of(host)
@@ -320,8 +317,7 @@ class Netfront:
         self._closing = False
         self._error = ""
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)       # the data thread's
-        self.tap = open_tap(ifname, tun_fd)
-        os.set_blocking(self.tap, False)
+        self.port: PacketPort = port if port is not None else TapPort(self.ifname, tun_fd)
         self._thread = threading.Thread(target=self._data_loop, name=f"netfront-{devid}", daemon=True)
         self._token = f"netfront:{devid}"
 
@@ -356,7 +352,7 @@ class Netfront:
                     self._teardown()
                     self._talk_to_backend()
                 elif be == XenbusState.Connected and self.state == XenbusState.Initialised:
-                    set_offloads(self.tap, self.offloads.tun_flags() if self.use_offloads else 0)
+                    self.port.set_offloads(self.offloads.tun_flags() if self.use_offloads else 0)
                     switch_state(self.xs, self.path, XenbusState.Connected)
                     self.state = XenbusState.Connected
                     for q in self._queues:
@@ -390,7 +386,7 @@ class Netfront:
             for q in queues:
                 q.release(self._deferred)
             raise
-        # We take everything a Linux netfront takes: the TAP passes GSO and blank checksums to our kernel.
+        # We take everything a Linux netfront takes: the port passes GSO and blank checksums on.
         on = int(self.use_offloads)
         nodes: dict[str, Any] = {
             "request-rx-copy": 1, "feature-rx-notify": 1, "feature-sg": 1, "feature-gso-tcpv4": on,
@@ -448,14 +444,17 @@ class Netfront:
     # ---- the data thread -----------------------------------------------------------------
 
     def _data_loop(self) -> None:
-        """Rings and TAP, both ways, one pass per wake-up (see the module docstring)."""
+        """Rings and port, both ways, one pass per wake-up (see the module docstring)."""
         epoll = select.epoll()
         epoll.register(self._wake, select.EPOLLIN)
+        port = self.port
+        port_fd, control_fd = port.fileno(), port.control_fileno()
+        if control_fd is not None:
+            epoll.register(control_fd, select.EPOLLIN)
         watched: set[int] = set()
-        tap_watched = False
+        port_watched = False
         generation = -1
-        pending: collections.deque[TxFrame] = collections.deque()    # read from the TAP, waiting for room
-        buf = bytearray(TAP_READ)
+        pending: collections.deque[TxFrame] = collections.deque()    # read from the port, waiting for room
         try:
             while True:
                 with self._lock:
@@ -471,16 +470,24 @@ class Netfront:
                         watched = {self.host.evtchn.fileno(p) for q in self._queues for p in q.ports}
                         for fd in watched:
                             epoll.register(fd, select.EPOLLIN)
-                    # Read the TAP while frames can go somewhere: to a ring with room, or (link down) nowhere.
-                    want_tap = not pending
-                    if want_tap != tap_watched:
-                        if want_tap:
-                            epoll.register(self.tap, select.EPOLLIN)
+                    # Read the port while frames can go somewhere: to a ring with room, or (link down) nowhere.
+                    want_port = not pending
+                    if want_port != port_watched:
+                        if want_port:
+                            epoll.register(port_fd, select.EPOLLIN)
                         else:
-                            epoll.unregister(self.tap)
-                        tap_watched = want_tap
-                    timeout = 1.0 if self._deferred else -1
+                            epoll.unregister(port_fd)
+                        port_watched = want_port
+                    timeout: float = 1.0 if self._deferred else -1
+                interval = port.poll_interval()
+                if interval is not None:
+                    timeout = interval if timeout < 0 else min(timeout, interval)
                 ready = {fd for fd, _ in epoll.poll(timeout)}
+                if control_fd is not None and (control_fd in ready or interval is not None):
+                    try:
+                        port.control()      # outside the lock: the port's own work, never netfront's state
+                    except Exception:
+                        log.exception("vif %d: %s: control error", self.devid, port.name)
                 out: list[tuple[bytes, bytes]] = []
                 with self._lock:
                     if self._closing:
@@ -495,22 +502,21 @@ class Netfront:
                     if generation != self._generation:
                         continue
                     try:
-                        out = self._pass(ready, pending, buf)
+                        out = self._pass(port_fd in ready, pending)
                     except RingOverflow as e:
                         log.error("vif %d: backend broke a ring: %s", self.devid, e)
                     except Exception:       # a bug must not leave the interface dead for good
                         log.exception("vif %d: data path error", self.devid)
-                for hdr, frame in out:
+                if out:
                     try:
-                        os.writev(self.tap, (hdr, frame))
-                    except OSError as e:
-                        log.debug("vif %d: writing to %s: %s", self.devid, self.ifname, e)
+                        port.write_batch(out)
+                    except Exception:
+                        log.exception("vif %d: %s: write error", self.devid, port.name)
         finally:
             epoll.close()
 
-    def _pass(self, ready: set[int], pending: collections.deque[TxFrame],
-              buf: bytearray) -> list[tuple[bytes, bytes]]:
-        """One pass under the lock: responses in, the TAP's frames out; the frames received are returned."""
+    def _pass(self, port_ready: bool, pending: collections.deque[TxFrame]) -> list[tuple[bytes, bytes]]:
+        """One pass under the lock: responses in, the port's frames out; the frames received are returned."""
         queues = self._queues
         connected = self.state == XenbusState.Connected and bool(queues)
         out: list[tuple[bytes, bytes]] = []
@@ -520,27 +526,21 @@ class Netfront:
                     self.host.evtchn.consume(p)
                 q.reap_tx()
                 out += q.reap_rx(self.stats)
-        if self.tap in ready or pending:
+        if port_ready or pending:
             budget = TAP_BUDGET
-            view = memoryview(buf)
+            offloads, stats, read = self.offloads, self.stats, self.port.read_batch
             while budget and len(pending) < TAP_BUDGET:
-                try:
-                    n = os.readv(self.tap, [buf])
-                except BlockingIOError:
+                batch = read(min(budget, TAP_BUDGET - len(pending)))
+                if not batch:
                     break
-                except OSError as e:
-                    if e.errno != errno.EINTR:
-                        log.error("vif %d: reading %s: %s", self.devid, self.ifname, e)
-                    break
-                budget -= 1
-                if n < VIRTIO_NET_HDR_SIZE:
-                    continue
-                frames = from_tap(VirtioNetHdr.parse(buf), bytes(view[VIRTIO_NET_HDR_SIZE:n]), self.offloads)
-                if isinstance(frames, str):
-                    log.debug("vif %d: dropping a frame from %s: %s", self.devid, self.ifname, frames)
-                    self.stats["tx_dropped"] += 1
-                    continue
-                pending.extend(frames)
+                budget -= len(batch)
+                for hdr, data in batch:
+                    frames = from_tap(hdr, data, offloads)
+                    if isinstance(frames, str):
+                        log.debug("vif %d: dropping a frame from %s: %s", self.devid, self.ifname, frames)
+                        stats["tx_dropped"] += 1
+                        continue
+                    pending.extend(frames)
         if not connected:
             self.stats["tx_dropped"] += len(pending)       # a link that is down drops, as a NIC does
             pending.clear()
@@ -578,5 +578,5 @@ class Netfront:
                 break
         with self._lock:
             self._teardown()
-        os.close(self.tap)
+        self.port.close()
         os.close(self._wake)
