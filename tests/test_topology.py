@@ -86,7 +86,8 @@ def test_default_example_loads() -> None:
         assert g.memory_bytes == 32 << 20
         (disk,) = g.disks
         assert disk == DiskSpec(vdev="xvda", target=f"images/g{n}.img", format="raw", mode="w", backend="blk0",
-                                export_path="xvda.sock", export_kind="nbd")
+                                export_path="xvda.sock", export_kind="vhost-user")
+        assert g.vm is not None and g.vm.memory_mib == 128 and g.vm.own_image    # each guest runs a VM
         (vif,) = g.vifs
         assert vif.backend == "net0" and vif.bridge == "xdombr0"
         assert vif.ip == ipaddress.ip_interface(f"10.77.0.{n}/24")

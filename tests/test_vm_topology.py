@@ -266,6 +266,38 @@ def rows(run: str) -> dict[str, dict[str, Any]]:
     return {r["name"]: r for r in json.loads(ok("ps", "--json", "--run-dir", run))}
 
 
+def attach_on_a_pty(run: str, guest: str) -> None:
+    """``xdom console GUEST`` with a terminal: what is typed runs in the VM, Ctrl-] leaves with status 0."""
+    import pty
+    import re
+    import select
+    import time
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([*XDOM, "console", guest, "--run-dir", run], stdin=slave, stdout=slave, stderr=slave,
+                            start_new_session=True)
+    os.close(slave)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 30
+        while b"escape character is ^]" not in seen:
+            assert time.monotonic() < deadline and proc.poll() is None, seen
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 4096)
+        os.write(master, b"echo $((6*7))-from-the-terminal\r")
+        deadline = time.monotonic() + 60
+        while not re.search(rb"42-from-the-terminal\r?\n", seen):
+            assert time.monotonic() < deadline, f"no answer through xdom console: {seen!r}"
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 4096)
+        os.write(master, b"\x1d")                                   # Ctrl-]
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+
+
 class VmHost:
     """A host started with ``xdom up --detach`` from a topology written here; ``down()`` checks it left nothing."""
 
@@ -366,6 +398,9 @@ def test_a_supervised_vm_guest_without_devices(vm_image: Any, run_dir: str, host
     res = xdom("console", "g1", "--run-dir", h.run, "--run", "echo to-stderr >&2; exit 3")
     assert res.returncode == 3 and res.stdout == "to-stderr\n", res
 
+    # the console, for people: xdom console on a terminal, a line typed, Ctrl-] leaves
+    attach_on_a_pty(h.run, "g1")
+
     # the guest domain dies: it alone is restarted, the VM goes on (QEMU waits for its sockets)
     os.kill(g1["pid"], signal.SIGKILL)
     now = wait_until(lambda: (r := rows(h.run)["g1"])["state"] == "running" and r["restarts"] == 1 and r,
@@ -383,8 +418,19 @@ def test_a_supervised_vm_guest_without_devices(vm_image: Any, run_dir: str, host
     assert "killed by SIGKILL" in ok("logs", "g1-vm", "--run-dir", h.run)
     assert "XDOM-VM-READY" in ok("logs", "g1-console", "--run-dir", h.run)
 
-    seen["g1"] = again
-    seen["g1-first"] = g1
+    # destroy powers the VM off before the guest domain stops; restart brings both back
+    ok("destroy", "g1", "--run-dir", h.run)
+    gone = rows(h.run)["g1"]
+    assert gone["state"] == "destroyed" and gone["vm"]["state"] == "stopped" and gone["vm"]["pid"] is None
+    assert gone["vm"]["last_exit"] == "exited with status 0 (powered off by the toolstack)"
+    assert not psutil.pid_exists(again["vm"]["pid"]) and not h.qemus()
+    ok("restart", "g1", "--run-dir", h.run)
+    back = wait_until(lambda: (r := rows(h.run)["g1"])["vm"]["state"] == "running" and r, timeout=30,
+                      what="the VM to start with its guest domain")
+    assert back["vm"]["pid"] not in (vm["pid"], again["vm"]["pid"]) and back["state"] == "running"
+    assert vm_run(h.run, "g1", "echo back").strip() == "back"
+
+    seen.update({"g1": back, "g1-first": g1, "g1-second": again})
     h.down(seen)
     with open(h.layout.log_path("g1-vm")) as f:
         assert "powered off with the host" in f.read()          # system_powerdown: the image powers off at once
@@ -471,3 +517,16 @@ def test_the_vm_example_loads() -> None:
     topo = load_topology(os.path.join(root, "deploy", "examples", "vm.toml"))
     g1 = topo.by_name("g1")
     assert g1.vm == VmConfig(memory_mib=128, cpus=1, accel="auto") and not g1.disks and not g1.vifs
+
+
+def test_the_default_example_runs_vms_and_processes_toml_the_process_guests() -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from xdom.deploy.topology import load_topology
+    vms = load_topology(os.path.join(root, "deploy", "examples", "default.toml"))
+    procs = load_topology(os.path.join(root, "deploy", "examples", "processes.toml"))
+    for g in ("g1", "g2"):
+        v, p = vms.by_name(g), procs.by_name(g)
+        assert v.vm is not None and p.vm is None
+        assert [d.export_kind for d in v.disks] == ["vhost-user"] and [x.export_kind for x in v.vifs] == ["vhost-user"]
+        assert [d.export_kind for d in p.disks] == ["nbd"] and [x.export_kind for x in p.vifs] == [None]
+        assert [x.ip for x in v.vifs] == [x.ip for x in p.vifs] and [x.mac for x in v.vifs] == [x.mac for x in p.vifs]

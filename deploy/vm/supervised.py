@@ -78,6 +78,9 @@ log = logging.getLogger("xdom.supervisor")
 QMP_RETRY = 0.05            # seconds between tries to reach a starting QEMU's QMP socket
 QUIT_GRACE = 2.0            # seconds between QMP quit (or SIGTERM) and SIGKILL
 QMP_LINE_LIMIT = 1 << 20    # a QMP message longer than this ends the connection (QEMU is the VM's side)
+# QEMU 7.2 under TCG dereferences a missing irqfd table (SIGSEGV) when a vhost-user-net device's MSI-X vectors
+# are unmasked (virtio_pci_vector_unmask -> kvm_virtio_pci_irqfd_use): without MSI-X the NIC uses INTx.
+TCG_NET_ARGS = ("-global", "virtio-net-pci.vectors=0")
 _FAILED_STATUS = ("internal-error", "guest-panicked", "shutdown")   # a VM stopped in one of these is dead
 
 
@@ -539,9 +542,12 @@ class VmSupervisor:
                for disk in d.spec.disks if disk.export_kind == EXPORT_VHOST_USER]
         net = [VhostUserNet(self._vif_socket(d, devid, vif), vif.mac, id=f"vif{devid}")
                for devid, vif in vif_devids(d.spec.vifs) if vif.export_kind == EXPORT_VHOST_USER]
+        extra = list(cfg.extra_args)
+        if net and vm.plan.accel == "tcg":
+            extra = [*TCG_NET_ARGS, *extra]
         return VmSpec(kernel=vm.plan.kernel, initrd=vm.plan.initrd, append=vm.plan.append, cpus=cfg.cpus,
                       memory=f"{cfg.memory_mib}M", accel=vm.plan.accel, vhost_user_blk=blk, vhost_user_net=net,
-                      extra_args=list(cfg.extra_args), name=d.name, reconnect=1, sandbox=True)
+                      extra_args=extra, name=d.name, reconnect=1, sandbox=True)
 
     def _prepare_dir(self, vm: _Vm) -> None:
         """``RUN_DIR/vms/GUEST``: root's, 0700, an ACL giving the guest's uid rwx (its QEMU makes sockets there)."""
