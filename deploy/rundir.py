@@ -66,6 +66,7 @@ CONTROL_SOCKET = "supervisor.sock"
 XENSTORED_LINK = "xenstored.sock"
 XENSTORED_DIR = "xenstored"
 VMS_DIR = "vms"
+BROKER_STATE = "broker-state"    # what a broker writes down for the one that takes over (broker/persist.py)
 
 
 class LayoutError(Exception):
@@ -342,8 +343,8 @@ class PidFile:
 
 
 def clear_run_files(layout: Layout) -> None:
-    """Remove the run directory's sockets, xenstored's socket directory and the guests' export directories
-    (not the state directory).  Only call this on a run directory :func:`check_dir` accepts: what domains
+    """Remove the run directory's sockets, xenstored's socket directory, the guests' export directories, the
+    VMs' socket directories and what a broker wrote down for a successor (not the state directory).  Only call this on a run directory :func:`check_dir` accepts: what domains
     left in their own directories goes too (``shutil.rmtree`` follows no symlink)."""
     for path in layout.socket_paths():
         try:
@@ -352,7 +353,8 @@ def clear_run_files(layout: Layout) -> None:
             pass
         except OSError as e:
             log.warning("cannot remove %s: %s", path, e)
-    for path in (layout.xenstored_run, layout.exports_dir, layout.vms_dir):
+    # A broker's state only means something to a broker taking over under a live supervisor: gone with it.
+    for path in (layout.xenstored_run, layout.exports_dir, layout.vms_dir, os.path.join(layout.run_dir, BROKER_STATE)):
         if not os.path.lexists(path):
             continue
         try:

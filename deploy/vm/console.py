@@ -56,7 +56,6 @@ class Console:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 s.connect(path)
-                break
             except (FileNotFoundError, ConnectionRefusedError):
                 s.close()
                 if time.monotonic() > deadline:
