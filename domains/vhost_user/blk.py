@@ -399,6 +399,7 @@ class VirtioBlkHandler:
                 fn = self._handoff.popleft()
             except IndexError:
                 break
+            self.stats["handed_off"] += 1
             try:
                 fn()
             except Exception:
@@ -431,8 +432,8 @@ class VirtioBlkHandler:
         return threading.get_ident() == self._loop_ident
 
     def _hand_off(self, fn: Callable[[], None]) -> None:
+        """From another thread: leave ``fn`` for the loop (deque appends are atomic) and wake it."""
         self._handoff.append(fn)
-        self.stats["handed_off"] += 1
         if self.wake is not None:
             self.wake()
 
