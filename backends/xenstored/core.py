@@ -87,7 +87,7 @@ import logging
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Final, Hashable
+from typing import Any, Callable, Final, Hashable, Iterable
 
 import msgpack
 
@@ -248,6 +248,18 @@ def _parse_u32(raw: bytes | str | None) -> int | None:
     return value if value <= 0xFFFFFFFF else None
 
 
+def _perms_out(perms: Perms) -> list[list[Any]]:
+    return [[p.domid, int(p.access), p.ignored] for p in perms]
+
+
+def _node_out(node: Node) -> list[Any]:
+    return [node.path, node.value, _perms_out(node.perms), node.generation, list(node.children)]
+
+
+def _domain_out(d: _Domain) -> list[Any]:
+    return [d.domid, d.generation, d.introduced, d.gfn, d.port, d.target, d.incarnation]
+
+
 class XenstoreCore:
     """The store, its transactions, watches, permissions, quotas and domains.
 
@@ -288,6 +300,12 @@ class XenstoreCore:
         self._tx_floor: dict[int, int] = {}
         self._tx_saved: dict[int, int] = {}      # per domid: ids below this are covered by the last dump
         self._tx_unsaved = False
+        # What changed since the last dump or take_changes (the journal; nodes: Store.changed).
+        self._changed_domains: set[int] = set()
+        self._changed_watches: set[int] = set()        # domids whose kept watches changed
+        self._changed_special = False
+        self._changed_tx = False
+        self._tracking = True
         self.internal_errors = 0      # requests answered EIO because of a bug here (tests expect 0)
 
     # ==== the shell's API ========================================================================
@@ -406,6 +424,7 @@ class XenstoreCore:
         domain = self._domains.get(domid)
         if domain is not None and domid != PRIVILEGED_DOMID:
             domain.incarnation = incarnation
+            self._changed_domains.add(domid)
 
     def node_count(self) -> int:
         return len(self._store)
@@ -437,12 +456,10 @@ class XenstoreCore:
         the next transaction id.  Not kept: unix-socket (domain 0) watches and
         open transactions; a restored core answers EAGAIN for their ids.
         """
-        def perms_out(perms: Perms) -> list[list[Any]]:
-            return [[p.domid, int(p.access), p.ignored] for p in perms]
-
+        self._forget_changes()
         nodes = []
         for node in self._tree_order():
-            nodes.append([node.path, node.value, perms_out(node.perms), node.generation, list(node.children)])
+            nodes.append(_node_out(node))
         watches: list[list[Any]] = []
         for w in sorted(self._watches.all(), key=lambda w: w.seq):
             c = self._conns.get(w.conn)
@@ -455,13 +472,74 @@ class XenstoreCore:
             "version": DUMP_VERSION,
             "generation": self._store.generation,
             "nodes": nodes,
-            "domains": [[d.domid, d.generation, d.introduced, d.gfn, d.port, d.target, d.incarnation]
-                        for d in self._domains.values() if d.domid != PRIVILEGED_DOMID],
-            "special_perms": {name: perms_out(p) for name, p in self._special_perms.items()},
+            "domains": [_domain_out(d) for d in self._domains.values() if d.domid != PRIVILEGED_DOMID],
+            "special_perms": {name: _perms_out(p) for name, p in self._special_perms.items()},
             "watches": watches,
             "transactions": self._transactions_out(),
         }
         return msgpack.packb(state, use_bin_type=True)
+
+    def track_changes(self, on: bool) -> None:
+        """Whether to note changes for ``take_changes`` (on by default; off: a store kept in memory
+        only, which would otherwise note every path it ever removed)."""
+        self._tracking = on
+        self._forget_changes()
+
+    def _forget_changes(self) -> None:
+        self._store.changed = {} if self._tracking else None
+        self._changed_domains = set()
+        self._changed_watches = set()
+        self._changed_special = self._changed_tx = False
+
+    def take_changes(self) -> bytes | None:
+        """What changed since the last ``dump`` or ``take_changes``, as a msgpack journal record
+        (None: nothing a restart must know).  ``restore(dump, [record, ...])`` replays them.
+
+        A record holds the generation counter, each node put or removed (its
+        whole record, or its path alone when it is gone), and, when they
+        changed, the records of the domains concerned, their kept watches,
+        the special watch permissions and the transaction-id table.  Costs
+        what changed, not the size of the store.
+        """
+        store = self._store
+        if not self._tracking:
+            raise RuntimeError("take_changes: change tracking is off")
+        if not (store.changed or self._changed_domains or self._changed_watches or self._changed_special
+                or self._changed_tx or self._tx_unsaved):
+            return None
+        record: dict[str, Any] = {"g": store.generation}
+        if store.changed:
+            get = store.get
+            nodes = []
+            for path in store.changed:
+                node = get(path)
+                nodes.append(_node_out(node) if node is not None else [path])
+            record["n"] = nodes
+            store.changed = {}
+        if self._changed_domains:
+            domains = self._domains
+            record["d"] = [[domid, _domain_out(domains[domid]) if domid in domains else None]
+                           for domid in sorted(self._changed_domains)]
+            self._changed_domains = set()
+        if self._changed_watches:
+            record["w"] = [[domid, self._kept_watches(domid)] for domid in sorted(self._changed_watches)]
+            self._changed_watches = set()
+        if self._changed_special:
+            record["s"] = {name: _perms_out(p) for name, p in self._special_perms.items()}
+            self._changed_special = False
+        if self._changed_tx or self._tx_unsaved:
+            record["t"] = self._transactions_out()
+            self._changed_tx = False
+        return msgpack.packb(record, use_bin_type=True)
+
+    def _kept_watches(self, domid: int) -> list[list[Any]]:
+        """The watches of ``domid`` a dump keeps, in registration order (as [path, token, base])."""
+        watches = [w for c in self._conns.values() if c.domid == domid and not c.stale
+                   for w in self._watches.of(c.conn)]
+        watches.sort(key=lambda w: w.seq)
+        out = [[w.path, w.token, w.relative_base] for w in watches]
+        out.extend([path, token, base] for path, token, base in self._restored_watches.get(domid, ()))
+        return out
 
     def _transactions_out(self) -> list[list[int]]:
         """[domid, an id above all it gave out] for each domid whose connections gave any (ever, across
@@ -478,8 +556,10 @@ class XenstoreCore:
 
     @classmethod
     def restore(cls, data: bytes, quota: Quota | None = None,
-                domain_exists: Callable[[int], bool] | None = None) -> XenstoreCore:
-        """Rebuild a core from ``dump()``; raises ValueError if ``data`` is not a dump we can read.
+                domain_exists: Callable[[int], bool] | None = None,
+                journal: Iterable[bytes] = ()) -> XenstoreCore:
+        """Rebuild a core from ``dump()`` and the ``take_changes()`` records made after it, in
+        order; raises ValueError if they are not something we can read.
 
         ``take_effects()`` then holds one ``Introduced`` per restored
         introduced domain, so the shell maps their rings again as it would
@@ -499,36 +579,74 @@ class XenstoreCore:
                     raise ValueError("node without permissions")
                 return perms
 
-            store = Store()
-            for path, value, perms, generation, children in state["nodes"]:
+            def node_in(row: list[Any]) -> Node:
+                path, value, perms, generation, children = row
                 if not isinstance(path, str) or not is_valid_node_path(path, XENSTORE_ABS_PATH_MAX):
                     raise ValueError(f"bad node path {path!r}")
-                store.put(Node(path, bytes(value), perms_in(perms), int(generation),
-                               {str(c): None for c in children}))
+                return Node(path, bytes(value), perms_in(perms), int(generation), {str(c): None for c in children})
+
+            nodes = {node.path: node for node in map(node_in, state["nodes"])}
+            generation = int(state["generation"])
+            domains = {int(row[0]): row for row in state["domains"]}
+            special = dict(state["special_perms"])
+            kept: dict[int, list[list[Any]]] = {}
+            for domid, path, token, base in state["watches"]:
+                kept.setdefault(int(domid), []).append([path, token, base])
+            tx_table = state.get("transactions", [])
+            for raw in journal:
+                record = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+                if not isinstance(record, dict):
+                    raise ValueError("journal record is not a map")
+                generation = max(generation, int(record["g"]))
+                for row in record.get("n", ()):
+                    if len(row) == 1:
+                        nodes.pop(row[0], None)
+                    else:
+                        node = node_in(row)
+                        nodes[node.path] = node
+                for domid, row in record.get("d", ()):
+                    if row is None:
+                        domains.pop(int(domid), None)
+                    else:
+                        domains[int(domid)] = row
+                for domid, watches in record.get("w", ()):
+                    if watches:
+                        kept[int(domid)] = watches
+                    else:
+                        kept.pop(int(domid), None)
+                if "s" in record:
+                    special = dict(record["s"])
+                if "t" in record:
+                    tx_table = record["t"]
+            store = Store()
+            for node in nodes.values():
+                store.put(node)
+            store.changed = {}
             # Never hand out a generation again, even if the dump's counter were behind.
-            store.generation = max([int(state["generation"])] + [n.generation for n in store])
+            store.generation = max([generation] + [n.generation for n in store])
             problems = store.check_invariants()
             if problems:
                 raise ValueError(f"inconsistent tree: {problems[:3]}")
             core._store = store
-            for row in state["domains"]:
+            for row in domains.values():
                 domid, generation, introduced, gfn, port, target = row[:6]
                 incarnation = row[6] if len(row) > 6 else None      # dumps made before incarnations
                 core._domains[int(domid)] = _Domain(int(domid), int(generation), bool(introduced), int(gfn),
                                                     int(port), None if target is None else int(target),
                                                     None if incarnation is None else int(incarnation))
             for name in (INTRODUCE_DOMAIN, RELEASE_DOMAIN):
-                if name in state["special_perms"]:
-                    core._special_perms[name] = perms_in(state["special_perms"][name])
-            for domid, path, token, base in state["watches"]:
-                core._restored_watches.setdefault(int(domid), []).append(
-                    (str(path), bytes(token), None if base is None else str(base)))
-            for domid, next_id in state.get("transactions", []):
+                if name in special:
+                    core._special_perms[name] = perms_in(special[name])
+            for domid, watches in kept.items():
+                core._restored_watches[domid] = [(str(path), bytes(token), None if base is None else str(base))
+                                                 for path, token, base in watches]
+            for domid, next_id in tx_table:
                 if not 0 <= int(domid) < DOMID_FIRST_RESERVED or not 1 <= int(next_id) <= 0xFFFFFFFF:
                     raise ValueError(f"transaction ids {domid!r}: {next_id!r}")
                 core._tx_floor[int(domid)] = int(next_id)
             core._effects = [Introduced(d.domid, d.gfn, d.port) for d in core._domains.values()
                              if d.introduced and d.domid != PRIVILEGED_DOMID]
+            core._forget_changes()
             return core
         except (ValueError, TypeError, KeyError, msgpack.UnpackException) as e:
             raise ValueError(f"cannot restore xenstored state: {e}") from e
@@ -748,11 +866,15 @@ class XenstoreCore:
 
     def _add_watch(self, c: _Connection, path: str, token: bytes, relative_base: str | None) -> Watch:
         watch = self._watches.add(c.conn, path, token, relative_base)
+        if c.domid != PRIVILEGED_DOMID:
+            self._changed_watches.add(c.domid)
         self._watch_count[c.domid] += 1
         self._watch_memory[c.domid] += watch.memory()
         return watch
 
     def _forget_watch(self, c: _Connection, watch: Watch) -> None:
+        if c.domid != PRIVILEGED_DOMID:
+            self._changed_watches.add(c.domid)
         self._watch_count[c.domid] -= 1
         self._watch_memory[c.domid] -= watch.memory()
         if self._watch_count[c.domid] <= 0:
@@ -809,6 +931,7 @@ class XenstoreCore:
                 incarnation = self._ask_hypervisor(domid)[1] if domid != PRIVILEGED_DOMID else None
             domain = self._domains[domid] = _Domain(domid, self._store.next_generation(),
                                                     incarnation=incarnation)
+            self._changed_domains.add(domid)
         return domain
 
     def _introduced(self, domid: int | None) -> _Domain | None:
@@ -835,6 +958,9 @@ class XenstoreCore:
         @releaseDomain fires.
         """
         domain = self._domains.pop(domid, None)
+        self._changed_domains.add(domid)
+        self._changed_watches.add(domid)
+        self._changed_special = self._changed_tx = True
         for c in self._conns.values():
             if c.domid == domid:
                 self._drop_watches(c)
@@ -1060,6 +1186,7 @@ class XenstoreCore:
             if access_for(req.who, current) & need != need:
                 raise XenstoreError("EACCES")
             self._special_perms[raw_path] = perms
+            self._changed_special = True
             return _OK
         node = self._get_node(req, self._path_arg(req, raw_path), Access.WRITE | Access.OWNER)
         if req.unprivileged and perms[0].domid != node.owner:
@@ -1174,6 +1301,7 @@ class XenstoreCore:
         domain = self._find_or_alloc_domain(domid)       # introducing a domain makes it exist (C too)
         again = domain.introduced
         domain.introduced, domain.gfn, domain.port = True, gfn, port
+        self._changed_domains.add(domid)
         if again:
             # C's domain_conn_reset: the domain starts over on its ring.
             for c in self._conns.values():
@@ -1218,6 +1346,7 @@ class XenstoreCore:
         if domain is None or self._introduced(target) is None:
             raise XenstoreError("ENOENT")
         domain.target = target
+        self._changed_domains.add(domid)
         return _OK
 
     def _op_get_domain_path(self, req: _Request, msg: Message) -> bytes:

@@ -5,12 +5,16 @@ the core, persist if anything changed, then deliver the core's replies and
 watch events and act on its effects (mapping the ring of a domain it was
 told to introduce).  Nothing here knows xenstore semantics.
 
-Persistence: the store is dumped to ``<state_dir>/xenstore.db`` (write to a
-temporary file, rename) after every loop turn that handled a mutating
-request or gave out a transaction id the last save did not cover, and
-*before* the replies leave, so a reply a client saw is on disk when
-xenstored is killed with SIGKILL (a transaction id a client was given is
-known to the next xenstored, which answers EAGAIN for it).
+Persistence (``state_dir``, see journal.py): a snapshot, and a journal
+record appended after every loop turn that changed what a restart must
+know (the core's ``take_changes``: nodes written or removed, domains, their
+watches, transaction ids given out beyond the last reservation; and each
+domain ring's position, unsent replies and half-received request), *before*
+the replies leave, so a reply a client saw is on disk when xenstored is
+killed with SIGKILL (with ``fsync``, also when the machine loses power).
+A turn costs what it changed, not the size of the store; the journal is
+compacted into a new snapshot once it outgrows twice the last one.  A
+restarted xenstored replays it, then starts a new snapshot.
 
 Domains: the shell asks the hypervisor (``domain_info``) about every domain
 the core knows when ``VIRQ_DOM_EXC`` fires and when it starts on a saved
@@ -37,22 +41,17 @@ import msgpack
 from xdom.domains.abi.event_channel import VIRQ_DOM_EXC
 from xdom.domains.abi.grant_table import GNTTAB_RESERVED_XENSTORE
 from xdom.domains.wakeup import WakePipe
-from xdom.domains.xs_wire import Message, MessageReader, ProtocolError, XsType
+from xdom.domains.xs_wire import MessageReader, ProtocolError
 
 from .core import Introduced, Released, XenstoreCore
+from .journal import StateDir
 from .transport import RingTransport, SocketTransport, TransportClosed
 
 log = logging.getLogger("xdom.xenstored")
 
 OUTPUT_LIMIT = 1 << 20        # bytes queued for a peer that does not read before we drop it
 READ_PAUSE = 64 << 10         # stop reading a peer while this much output waits for it
-MUTATING = frozenset({XsType.XS_WRITE, XsType.XS_MKDIR, XsType.XS_RM, XsType.XS_SET_PERMS,
-                      XsType.XS_TRANSACTION_END, XsType.XS_INTRODUCE, XsType.XS_RELEASE,
-                      XsType.XS_SET_TARGET, XsType.XS_WATCH, XsType.XS_UNWATCH,
-                      XsType.XS_RESET_WATCHES})
-TRANSACTIONAL = frozenset({XsType.XS_WRITE, XsType.XS_MKDIR, XsType.XS_RM, XsType.XS_SET_PERMS})
-DB_NAME = "xenstore.db"
-DB_VERSION = 1
+FSYNC_ENV = "XDOM_XENSTORED_FSYNC"   # "1": as --fsync (for a xenstored started by a toolstack)
 
 
 @dataclass(eq=False)
@@ -72,17 +71,24 @@ class Connection:
 
 class XenstoredServer:
     def __init__(self, unix_path: str | None = None, state_dir: str | None = None,
-                 xenhost: Any = None, core: XenstoreCore | None = None) -> None:
+                 xenhost: Any = None, core: XenstoreCore | None = None, fsync: bool | None = None) -> None:
+        """``fsync``: journal records reach stable storage before the replies leave (safe across
+        a power loss; a flush per loop turn).  None: as the environment's XDOM_XENSTORED_FSYNC."""
         self.state_dir = state_dir
-        self.db_path = os.path.join(state_dir, DB_NAME) if state_dir else None
+        if fsync is None:
+            fsync = os.environ.get(FSYNC_ENV, "") == "1"
+        self.files = StateDir(state_dir, fsync) if state_dir else None
         self.xenhost = xenhost
+        self._ring_saved: dict[int, tuple[int, int, int, bytes, bytes]] = {}   # domid -> as last journaled
+        self._rings_touched: set[int] = set()
         self.core = core or self._load()
+        if self.files is None:
+            self.core.track_changes(False)
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, Connection] = {}          # id(conn) -> conn
         self.rings: dict[int, Connection] = {}          # domid -> ring connection
         self.port_conns: dict[int, Connection] = {}     # event channel port -> ring connection
         self.running = True
-        self.dirty = False
         self.xenhost = xenhost
         self.unix_path = unix_path
         self.listener: socket.socket | None = None
@@ -102,22 +108,32 @@ class XenstoredServer:
             self._check_domains()
         self._apply_effects()   # rings of domains restored from the database
         self._resume_rings()
+        if self.files is not None:
+            self._snapshot()      # the replayed journal (and any damaged tail) goes into a new snapshot
 
     # ---- set-up ------------------------------------------------------------
 
     def _load(self) -> XenstoreCore:
         self._saved_rings: dict[int, dict[str, Any]] = {}
-        if self.db_path and os.path.exists(self.db_path):
-            with open(self.db_path, "rb") as f:
-                saved = msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
-            if not isinstance(saved, dict) or saved.get("version") != DB_VERSION:
-                raise SystemExit(f"xenstored: {self.db_path} is not a database this version reads")
-            core = XenstoreCore.restore(saved["core"], domain_exists=self._exists_hook())
-            self._saved_rings = {int(k): v for k, v in saved["rings"].items()}
-            log.info("restored the store from %s (%d nodes, %d domain rings)", self.db_path,
-                     core.node_count(), len(self._saved_rings))
-            return core
-        return XenstoreCore(domain_exists=self._exists_hook())
+        saved, records = self.files.load() if self.files is not None else (None, [])
+        if saved is None:
+            return XenstoreCore(domain_exists=self._exists_hook())
+        rings = {int(k): v for k, v in saved["rings"].items()}
+        core_records = []
+        for raw in records:
+            core_record, ring_changes = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+            if core_record is not None:
+                core_records.append(core_record)
+            for domid, ring in ring_changes.items():
+                if ring is None:
+                    rings.pop(int(domid), None)
+                else:
+                    rings[int(domid)] = ring
+        core = XenstoreCore.restore(saved["core"], domain_exists=self._exists_hook(), journal=core_records)
+        self._saved_rings = rings
+        log.info("restored the store from %s and %d journal records (%d nodes, %d domain rings)",
+                 self.files.db_path, len(records), core.node_count(), len(rings))
+        return core
 
     def _exists_hook(self) -> Callable[[int], bool] | None:
         """Standalone (no hypervisor), only the domains the core knows exist: no hook."""
@@ -197,13 +213,13 @@ class XenstoredServer:
             conn = self.conns.get(conn_key)
             if conn is not None:
                 conn.out += msg.encode()
+                if conn.port:
+                    self._rings_touched.add(conn.domid)
         for conn in list(self.conns.values()):
             if self.core.backlogged(id(conn)):       # watch events it cannot keep up with
                 self._drop(conn, "watch event backlog")
-        rings_moved = any(c.transport.cursor != c.committed for c in self.rings.values())
-        if self.dirty or rings_moved or self.core.transaction_ids_unsaved():
-            self._persist()
-            self.dirty = False
+        if self.files is not None:
+            self._journal()
         for conn in self.rings.values():
             conn.transport.commit()
             conn.committed = conn.transport.cursor
@@ -228,6 +244,8 @@ class XenstoredServer:
         self.sel.register(fd, selectors.EVENT_READ, data)
 
     def _read(self, conn: Connection) -> None:
+        if conn.port:
+            self._rings_touched.add(conn.domid)
         if isinstance(conn.transport, RingTransport) and conn.transport.reconnect_requested():
             conn.reader = MessageReader()
             conn.out.clear()
@@ -252,26 +270,8 @@ class XenstoredServer:
                 if target is None:
                     continue
                 target.out += out.encode()
-                if target is conn and out.req_id == msg.req_id and out.type == msg.type \
-                        and self._persists(conn, msg):
-                    self.dirty = True
-
-    @staticmethod
-    def _persists(conn: Connection, msg: Message) -> bool:
-        """Did this (successful) request change what a restart must keep?
-
-        Writes inside a transaction only count at commit; aborts never;
-        watches only for domains (socket clients' watches are not kept).  (A
-        transaction id the last save does not cover is saved too, before its
-        reply leaves: ``core.transaction_ids_unsaved``.)
-        """
-        if msg.type == XsType.XS_TRANSACTION_END:
-            return msg.payload[:1] == b"T"
-        if msg.type in (XsType.XS_WATCH, XsType.XS_UNWATCH, XsType.XS_RESET_WATCHES):
-            return conn.kind == "ring"
-        if msg.type in TRANSACTIONAL:
-            return msg.tx_id == 0
-        return msg.type in MUTATING
+                if target.port:
+                    self._rings_touched.add(target.domid)
 
     def _flush(self, conn: Connection) -> None:
         try:
@@ -299,18 +299,60 @@ class XenstoredServer:
         else:
             self._unmap_ring(conn)
 
-    def _persist(self) -> None:
-        if not self.db_path:
+    @staticmethod
+    def _ring_state(c: Connection) -> tuple[int, int, int, bytes, bytes]:
+        return c.port, c.transport.cursor, c.transport.rsp_prod, bytes(c.out), c.reader.partial
+
+    @staticmethod
+    def _ring_record(state: tuple[int, int, int, bytes, bytes]) -> dict[str, Any]:
+        port, cons, rsp_prod, out, partial = state
+        return {"port": port, "cons": cons, "rsp_prod": rsp_prod, "out": out, "partial": partial}
+
+    def _ring_changes(self) -> dict[int, dict[str, Any] | None]:
+        """The rings whose saved state a restart would get wrong now (None: the ring is gone).
+
+        A ring whose replies were only written out since its last record
+        needs none: the restart skips what the guest's ``rsp_prod`` says was
+        written (``_resume_rings``).
+        """
+        changes: dict[int, dict[str, Any] | None] = {}
+        for domid in self._rings_touched:
+            conn = self.rings.get(domid)
+            if conn is None:
+                if self._ring_saved.pop(domid, None) is not None:
+                    changes[domid] = None
+                continue
+            state = self._ring_state(conn)
+            prev = self._ring_saved.get(domid)
+            if prev == state:
+                continue
+            if prev is not None and prev[:2] == state[:2] and prev[4] == state[4] and \
+                    state[3] == prev[3][(state[2] - prev[2]) & 0xFFFFFFFF:]:
+                continue
+            self._ring_saved[domid] = state
+            changes[domid] = self._ring_record(state)
+        self._rings_touched.clear()
+        return changes
+
+    def _journal(self) -> None:
+        """Append what this turn changed, before its replies leave; compact a journal grown large."""
+        assert self.files is not None
+        core_record = self.core.take_changes()
+        rings = self._ring_changes() if self._rings_touched else {}
+        if core_record is None and not rings:
             return
-        rings = {domid: {"port": c.port, "cons": c.transport.cursor, "rsp_prod": c.transport.rsp_prod,
-                         "out": bytes(c.out), "partial": c.reader.partial}
-                 for domid, c in self.rings.items()}
-        data = msgpack.packb({"version": DB_VERSION, "core": self.core.dump(), "rings": rings},
-                             use_bin_type=True)
-        tmp = self.db_path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, self.db_path)     # atomic: a SIGKILL leaves the old or the new file
+        self.files.append(msgpack.packb([core_record, rings], use_bin_type=True))
+        if self.files.wants_compaction():
+            self._snapshot()
+
+    def _snapshot(self) -> None:
+        """Everything in a new snapshot, and an empty journal after it."""
+        assert self.files is not None
+        states = {domid: self._ring_state(c) for domid, c in self.rings.items()}
+        self.files.write_snapshot({"core": self.core.dump(),
+                                   "rings": {domid: self._ring_record(st) for domid, st in states.items()}})
+        self._ring_saved = states
+        self._rings_touched.clear()
 
     def _resume_rings(self) -> None:
         """Pick up each restored domain's ring where the previous xenstored left it."""
@@ -325,6 +367,7 @@ class XenstoredServer:
             sent = (t.rsp_prod - saved["rsp_prod"]) & 0xFFFFFFFF     # written before we died
             out = saved["out"]
             conn.out = bytearray(out[sent:] if sent <= len(out) else out)
+            self._rings_touched.add(domid)
         self._saved_rings = {}
 
     # ---- domains (rings) -----------------------------------------------------
@@ -342,6 +385,7 @@ class XenstoredServer:
 
     def _map_ring(self, domid: int, port: int) -> None:
         """Map the domain's ring through reserved grant 1 and bind its port."""
+        self._rings_touched.add(domid)
         if self.xenhost is None:
             log.warning("cannot map the ring of domain %d: no hypervisor connection", domid)
             return
@@ -366,6 +410,7 @@ class XenstoredServer:
         # bind_interdomain left our new port pending: the first turn reads what is waiting
 
     def _unmap_ring(self, conn: Connection) -> None:
+        self._rings_touched.add(conn.domid)
         self.rings.pop(conn.domid, None)
         self.port_conns.pop(conn.port, None)
         try:
@@ -416,14 +461,12 @@ class XenstoredServer:
             elif state in ("running", "paused", "unknown") or (state == "created" and not introduced):
                 if recorded is None and incarnation is not None and state != "unknown" and domid in known:
                     self.core.set_incarnation(domid, incarnation)      # a record from an older store
-                    self.dirty = True
                 continue
             log.info("domain %d is %s: releasing it", domid, state)
             ring = self.rings.get(domid)
             if ring is not None:
                 self._drop(ring, state)
             self.core.domain_gone(domid)
-            self.dirty = True
 
     def close(self) -> None:
         for conn in list(self.conns.values()):
@@ -438,4 +481,6 @@ class XenstoredServer:
                     pass
         self.sel.close()
         self._wake.close()
+        if self.files is not None:
+            self.files.close()
 

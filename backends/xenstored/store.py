@@ -8,6 +8,8 @@ Rules (Xen 4.17 ``xenstored_core.c`` and the theory in ``xenstored_transaction.c
   transaction or not, and each TRANSACTION_START takes the next value; a
   written node records it.  Commit gives each committed node a fresh one.
   Generation counts are what transaction conflict checks compare.
+* Every ``put``/``remove`` notes the path in ``changed`` (what a journal
+  must write since the last time it looked; the owner empties it).
 * Accounting follows ownership: the store keeps, per owning domain, how many
   nodes it owns and their size in bytes (path + record), updated on every
   ``put``/``remove``, so the numbers can never drift from the tree.
@@ -85,6 +87,8 @@ class Store:
         self.generation = 0
         self.entries: Counter[int] = Counter()
         self.memory: Counter[int] = Counter()
+        # Paths put or removed since the owner last took them (the journal of a persisted store).
+        self.changed: dict[str, None] | None = {}      # None: not noted
 
     @classmethod
     def initial(cls) -> Store:
@@ -116,6 +120,8 @@ class Store:
         """Store ``node`` (new or replacing) and re-charge its owner."""
         self._uncharge(node.path)
         self._nodes[node.path] = node
+        if self.changed is not None:
+            self.changed[node.path] = None
         owner, size = node.owner, node.memory()
         self._charged[node.path] = (owner, size)
         self.entries[owner] += 1
@@ -124,6 +130,8 @@ class Store:
     def remove(self, path: str) -> None:
         self._uncharge(path)
         self._nodes.pop(path, None)
+        if self.changed is not None:
+            self.changed[path] = None
 
     def recharge(self, node: Node) -> None:
         """Account for an in-place change that does not bump the generation (ownership handover)."""
