@@ -32,9 +32,13 @@ NBD server on its unix socket for real programs (qemu-img, nbdcopy, fio).
 Vifs (``--vif DEVID:IFNAME``) are connected with netfront to the TAP
 device the toolstack made in the guest's network namespace (the guest
 process starts inside it), so programs there use the network normally.
-A VM's disks (``--vhost-user-disk DEVID:SOCKET``) are connected with
-blkfront and served to the VM's virtio-blk as vhost-user-blk on SOCKET
-(:mod:`xdom.domains.vhost_user.blk`).  A workload sees ``XDOM_DOMID`` and ``XDOM_NAME``; the
+A VM's vifs (``--vhost-user-vif DEVID:SOCKET[:PAIRS]``) are connected with
+netfront too, and served to the VM's virtio-net as a vhost-user device on
+SOCKET with PAIRS queue pairs, one per netif queue (default 1;
+:mod:`xdom.domains.vhost_user.net`).  A VM's disks (``--vhost-user-disk
+DEVID:SOCKET``) are connected with blkfront and served to the VM's
+virtio-blk as vhost-user-blk on SOCKET (:mod:`xdom.domains.vhost_user.blk`).
+A workload sees ``XDOM_DOMID`` and ``XDOM_NAME``; the
 domain's one-time token is not passed on.
 """
 
@@ -54,6 +58,7 @@ from .blkfront.device import Blkfront, FrontendOptions
 from .device_channel import DeviceChannel
 from .nbd.server import NbdServer
 from .netfront.device import Netfront
+from .vhost_user.net import VhostUserNetPort
 from .vhost_user.blk import DEFAULT_QUEUES as VHOST_USER_BLK_QUEUES, VhostUserBlkExport
 from .wakeup import WakePipe
 from .xenbus import read_or_none
@@ -73,11 +78,13 @@ class Guest:
 
     def __init__(self, workload: HeldWorkload | None = None, ready_fd: int | None = None,
                  disks: Sequence[tuple[int, str]] = (), vifs: Sequence[tuple[int, str, int | None]] = (),
-                 device_fd: int | None = None, vhost_user_disks: Sequence[tuple[int, str]] = ()) -> None:
+                 device_fd: int | None = None, vhost_user_vifs: Sequence[tuple[int, str, int]] = (),
+                 vhost_user_disks: Sequence[tuple[int, str]] = ()) -> None:
         self.workload = workload
         self._devices = DeviceChannel(device_fd) if device_fd is not None else None
         self.disks = list(disks)
         self.vifs = list(vifs)
+        self.vhost_user_vifs = list(vhost_user_vifs)
         self.vhost_user_disks = list(vhost_user_disks)
         self._nics: list[Netfront] = []
         self._attached: dict[int, tuple[Blkfront, NbdServer | VhostUserBlkExport]] = {}
@@ -128,6 +135,8 @@ class Guest:
             xs.watch(f"{home}/device/vbd", "vbd-hotplug", lambda path, token: self._hotplug_scan(host, xs, home))
             for devid, ifname, tun_fd in self.vifs:
                 self._attach_vif(host, xs, home, devid, ifname, tun_fd)
+            for devid, sock, pairs in self.vhost_user_vifs:
+                self._attach_vhost_user_vif(host, xs, home, devid, sock, pairs)
             xs.watch(f"{home}/device/vif", "vif-hotplug", lambda path, token: self._vif_hotplug(host, xs, home))
             # Until here SIGTERM kills outright: there is nothing to shut down cleanly yet.
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -198,6 +207,30 @@ class Guest:
             self._nics.append(nic)
         nic.connect(TOOLSTACK_TIMEOUT)
         log.info("vif %d: connected on %s", devid, ifname)
+
+    def _attach_vhost_user_vif(self, host: XenHost, xs: XenstoreClient, home: str, devid: int, sock: str,
+                               pairs: int = 1) -> None:
+        """Connect netfront to the vif the toolstack added and serve it to a VM as vhost-user-net on ``sock``.
+
+        The VM's NIC gets the vif's MAC (its ``mac`` node) and ``pairs``
+        queue pairs, netfront as many netif queues at most (the VMM must be
+        given the same number); QEMU may connect before netfront is
+        connected (it waits in the listen backlog) or after.
+        """
+        self._wait_for_node(xs, f"{home}/device/vif/{devid}/backend", f"vif-{devid}")
+        mac = read_or_none(xs, f"{home}/device/vif/{devid}/mac")
+        if mac is None:
+            raise RuntimeError(f"vif {devid}: the toolstack wrote no mac node")
+        port = VhostUserNetPort(sock, mac, max_pairs=pairs)
+        try:
+            nic = Netfront(host, xs, devid, port=port, max_queues=pairs)
+        except BaseException:
+            port.close()
+            raise
+        with self._disk_lock:
+            self._nics.append(nic)
+        nic.connect(TOOLSTACK_TIMEOUT)
+        log.info("vif %d: connected, served as vhost-user-net on %s", devid, sock)
 
     def _vif_hotplug(self, host: XenHost, xs: XenstoreClient, home: str) -> None:
         """Vifs added or removed while we run (xdom network-attach / network-detach); attach on a thread.
@@ -446,6 +479,16 @@ def _disk_arg(text: str) -> tuple[int, str]:
     return int(devid), path
 
 
+def _vhost_vif_arg(text: str) -> tuple[int, str, int]:
+    devid, sock = _disk_arg(text)
+    head, sep, tail = sock.rpartition(":")
+    if sep and tail.isdigit():
+        if not head or not 1 <= int(tail) <= 16:
+            raise argparse.ArgumentTypeError(f"{text!r}: DEVID:SOCKET[:PAIRS] expected, PAIRS 1..16")
+        return devid, head, int(tail)
+    return devid, sock, 1
+
+
 def _vif_arg(text: str) -> tuple[int, str, int | None]:
     parts = text.split(":")
     if not 2 <= len(parts) <= 3 or not parts[0].isdigit() or not parts[1] or len(parts[1]) > 15 \
@@ -465,6 +508,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--vhost-user-disk", action="append", default=[], type=_disk_arg, metavar="DEVID:SOCKET",
                    help="connect vbd DEVID and serve it to a VM as vhost-user-blk on unix socket SOCKET "
                         "(repeatable)")
+    p.add_argument("--vhost-user-vif", action="append", default=[], type=_vhost_vif_arg,
+                   metavar="DEVID:SOCKET[:PAIRS]",
+                   help="connect vif DEVID and serve it to a VM as vhost-user-net on unix socket SOCKET, with "
+                        "PAIRS queue pairs (default 1; repeatable)")
     p.add_argument("--device-fd", type=int, default=None, metavar="FD",
                    help="the toolstack's device channel: descriptors for hot-added devices arrive on it")
     p.add_argument("--export-dir", action="append", default=[], metavar="DIR",
@@ -482,6 +529,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                          *(os.path.dirname(os.path.abspath(sock))
                                                            for _, sock in args.disk),
                                                          *(os.path.dirname(os.path.abspath(sock))
+                                                           for _, sock, _ in args.vhost_user_vif),
+                                                         *(os.path.dirname(os.path.abspath(sock))
                                                            for _, sock in args.vhost_user_disk)],
                                    devices=["/dev/net/tun"])
     except BaseException:
@@ -489,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             held.cancel()
         raise
     return Guest(held, args.ready_fd, args.disk, args.vif, args.device_fd,
-                 vhost_user_disks=args.vhost_user_disk).run()
+                 vhost_user_vifs=args.vhost_user_vif, vhost_user_disks=args.vhost_user_disk).run()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,11 @@ Rules of this module:
   ancillary data truncated by the kernel is a protocol error.
 * One thread runs the loop: the device's ``process`` callback runs on it, and
   regions are only unmapped between callbacks, so no view outlives its
-  mapping while in use.  ``stop()`` may be called from any thread.
+  mapping while in use.  ``stop()`` may be called from any thread.  The loop
+  is ``serve()``, or someone else's: a thread that has its own (netfront's
+  data thread, for vhost-user-net) polls ``fileno()`` and calls
+  ``run_once(0)`` when it is readable, and ``run_queue(index)`` to have a
+  ring processed (and its call fd signalled) outside a kick.
 
 The device side: ``QueueHandler.process(index, queue)`` is called when ring
 ``index`` is kicked (and once when it starts, since kicks sent before the
@@ -168,29 +172,45 @@ class VhostUserServer:
         if self._listener is None:
             self.listen()
         while not self._stop.is_set():
-            timeout = POLL_INTERVAL if self._polled_queues() else None
-            for key, _mask in self._sel.select(timeout):
-                kind, arg = key.data
-                if kind == "wake":
-                    try:
-                        os.read(self._wake_r, 64)
-                    except BlockingIOError:
-                        pass
-                elif kind == "listen":
-                    self._accept()
-                elif kind == "conn":
-                    self._receive()
-                elif kind == "kick":
-                    self._kicked(arg)
-                elif kind == "reader":
-                    try:
-                        arg()
-                    except Exception:
-                        log.exception("vhost-user: a reader callback failed")
-                if self._stop.is_set():
-                    break
-            for index in self._polled_queues():
-                self._run_queue(index)
+            self.run_once(self.poll_interval())
+
+    @property
+    def acked_features(self) -> int:
+        """The virtio features the current front end acknowledged (0 without a connection)."""
+        return self._conn.core.acked_features if self._conn is not None else 0
+
+    def fileno(self) -> int:
+        """The loop's epoll fd: readable when ``run_once`` has something to do (for an outside loop)."""
+        return self._sel.fileno()
+
+    def poll_interval(self) -> float | None:
+        """How long the loop may sleep: ``POLL_INTERVAL`` while a ring has no kick fd, else None."""
+        return POLL_INTERVAL if self._polled_queues() else None
+
+    def run_once(self, timeout: float | None = 0) -> None:
+        """One turn of the loop: wait up to ``timeout`` for events, handle them, run polled rings."""
+        for key, _mask in self._sel.select(timeout):
+            kind, arg = key.data
+            if kind == "wake":
+                try:
+                    os.read(self._wake_r, 64)
+                except BlockingIOError:
+                    pass
+            elif kind == "listen":
+                self._accept()
+            elif kind == "conn":
+                self._receive()
+            elif kind == "kick":
+                self._kicked(arg)
+            elif kind == "reader":
+                try:
+                    arg()
+                except Exception:
+                    log.exception("vhost-user: a reader callback failed")
+            if self._stop.is_set():
+                break
+        for index in self._polled_queues():
+            self._run_queue(index)
 
     # --- connections ------------------------------------------------------------------
 
@@ -446,6 +466,10 @@ class VhostUserServer:
         call = conn.fds.get((index, FdKind.CALL))
         if call is not None:
             os.eventfd_write(call, 1)
+
+    def run_queue(self, index: int) -> None:
+        """Have ring ``index`` processed now (if started), then signal its call fd as after a kick."""
+        self._run_queue(index)
 
     def _run_queue(self, index: int) -> None:
         conn = self._conn
