@@ -441,7 +441,8 @@ def test_a_vm_disk_served_by_blkback(vm_image: Any, run_dir: str, hosts: list[Vm
     if not _guest_supports("--vhost-user-disk"):
         pytest.skip("the guest domain has no --vhost-user-disk yet (domains/guest.py)")
     h = VmHost(run_dir, HEAD.replace('[[domain]]\nname = "net0"\nkind = "netback"\n', "")
-               + vm_guest(vm=VM_SMALL, disk='["format=raw, vdev=xvda, access=rw, target=images/g1.img"]'))
+               + vm_guest(vm=VM_SMALL, disk='["format=raw, vdev=xvda, access=rw, target=images/g1.img"]',
+                          restart='"on-failure"'))
     hosts.append(h)
     image = h.image("g1.img", 32 << 20)
     h.up()
@@ -462,6 +463,24 @@ def test_a_vm_disk_served_by_blkback(vm_image: Any, run_dir: str, hosts: list[Vm
     import hashlib
     with open(image, "rb") as f:
         assert hashlib.sha256(f.read(8 << 20)).hexdigest() == written
+
+    # the guest domain killed while the VM writes: it alone restarts, QEMU reconnects, the writes go on
+    import threading
+    import time
+    result: dict[str, str] = {}
+    script = ("i=0; while [ $i -lt 30 ]; do dd if=/dev/urandom of=/dev/vda bs=64k count=1 seek=$((256 + i)) "
+              "oflag=direct 2>/dev/null || echo FAIL $i; i=$((i + 1)); usleep 100000; done; echo done")
+    writer = threading.Thread(target=lambda: result.setdefault("out", vm_run(h.run, "g1", script, timeout=90)))
+    writer.start()
+    time.sleep(1.5)
+    assert writer.is_alive()                    # the writes are under way (they take 3 s at least)
+    os.kill(seen["g1"]["pid"], signal.SIGKILL)
+    writer.join(120)
+    assert result.get("out", "").strip() == "done", result
+    now = rows(h.run)["g1"]
+    assert now["restarts"] == 1 and now["vm"]["pid"] == seen["g1"]["vm"]["pid"] and now["vm"]["restarts"] == 0
+    assert "I/O error" not in vm_run(h.run, "g1", "dmesg")
+    seen["g1-first"], seen["g1"] = seen["g1"], now
     h.down(seen)
 
 
