@@ -12,21 +12,27 @@ Part 2 (real VMs under TCG): a broker, xenstored and blkback as domain
 processes, and a guest domain process (``python -m xdom.domains.guest
 --vhost-user-disk DEVID:SOCKET``) serving blkfront as vhost-user-blk to a
 QEMU VM booted from the project's image.  The VM writes with ``dd
-oflag=direct`` and reads back; the host checks the image file.  Every
-process a test starts is stopped by that test.
+oflag=direct`` and reads back; the host checks the image file; flush,
+discard, the serial, two queues, a read-only disk.  Then the restarts: blkback
+SIGKILLed under the VM's write loop, and the guest domain itself SIGKILLed
+with a write in flight and started again while QEMU reconnects: stalls, never
+an error in the VM.  Each VM test boots one VM (1-2 vCPUs, TCG); the module
+takes under a minute on an idle 2-CPU machine.  Every process a test starts
+is stopped by that test.
 """
 
 from __future__ import annotations
 
 import errno
-import re
-import select
-import socket
 import hashlib
 import os
 import random
+import re
+import select
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -37,6 +43,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import wait_until
+from test_blk_processes import BlkHost
+from xdom.deploy.launcher import start_domain_process, stop_process
+from xdom.deploy.vbd import VbdConfig, add_vbd
+from xdom.deploy.vm.console import Console
+from xdom.deploy.vm.image import ImageError, VmImage, ensure_image
+from xdom.deploy.vm.machine import RunningVm
+from xdom.deploy.vm.qemu import VhostUserBlk, VmPaths, VmSpec, start_qemu
 from xdom.domains.vhost_user.blk import (
     MAX_DWZ_SEGMENTS, SEG_MAX, SIZE_MAX, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -48,7 +62,7 @@ from xdom.domains.vhost_user.memory import GuestMemory, MemoryRegion
 from xdom.domains.vhost_user.virtqueue import (
     VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, RingLayout, SplitVirtqueue,
 )
-import struct
+from xdom.domains.xenbus import backend_path
 
 # ---------------------------------------------------------------- part 1: the device class, no I/O
 
@@ -513,16 +527,6 @@ def test_inflight_area_clears_a_head_only_once_it_is_used() -> None:
 
 
 # ---------------------------------------------------------------- part 2: real VMs under TCG
-
-from helpers import wait_until                                             # noqa: E402
-from test_blk_processes import BlkHost                                     # noqa: E402
-from xdom.deploy.launcher import start_domain_process, stop_process        # noqa: E402
-from xdom.deploy.vbd import VbdConfig, add_vbd                             # noqa: E402
-from xdom.deploy.vm.image import ImageError, VmImage, ensure_image          # noqa: E402
-from xdom.deploy.vm.console import Console                                 # noqa: E402
-from xdom.deploy.vm.machine import RunningVm                               # noqa: E402
-from xdom.deploy.vm.qemu import VhostUserBlk, VmPaths, VmSpec, start_qemu  # noqa: E402
-from xdom.domains.xenbus import backend_path                               # noqa: E402
 
 WAIT = 60.0
 BLOCK = 64 << 10                          # the VM's write loop writes 64 KiB per dd
