@@ -434,6 +434,24 @@ def test_hostile_chains_never_raise() -> None:
     assert disk.ops == [] and t.h.stats["malformed"] == 3
 
 
+
+def test_a_device_that_raises_fails_that_request_only() -> None:
+    """A bug in the device (blkfront reports errors through ``done``, never by raising) costs one IOERR."""
+    disk = FakeDisk(mode="later")
+    t = Harness(disk)
+
+    def broken(offset: int, length: int, done: Callable) -> None:
+        disk.pending.append(lambda: done(0, [bytes(length)]))      # ... and it even answers later
+        raise RuntimeError("device bug")
+    disk.submit_read = broken                                     # type: ignore[method-assign]
+    t.drv.request(0, VIRTIO_BLK_T_IN, 0, in_len=512)
+    t.drv.request(4, VIRTIO_BLK_T_FLUSH)
+    assert t.process() == [(0, 513)] and t.drv.status(0) == VIRTIO_BLK_S_IOERR
+    disk.complete_all()                          # the flush, and the broken read's late answer: ignored
+    t.h.flush()
+    assert t.drv.take_used() == [(4, 1)] and t.drv.status(4) == VIRTIO_BLK_S_OK
+    assert t.h.in_flight(0) == 0 and t.q.needs_reset is None
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.binary(min_size=0, max_size=48), st.integers(0, 600), st.booleans()),
                 min_size=1, max_size=8))

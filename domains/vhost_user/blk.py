@@ -470,6 +470,8 @@ class VirtioBlkHandler:
 
     def _sub_done(self, req: _Request, err: int) -> None:
         """One block operation of ``req`` ended (loop thread)."""
+        if req.pending <= 0:
+            return
         if err and not req.error:
             req.error = err
         req.pending -= 1
@@ -495,7 +497,7 @@ class VirtioBlkHandler:
         return done
 
     def _read_finished(self, req: _Request, length: int, err: int, bufs: Sequence[memoryview | bytes]) -> None:
-        if not self._current(req):
+        if req.pending <= 0 or not self._current(req):     # (failed already: its chain is the VM's again)
             return
         if not err:
             try:
@@ -563,7 +565,15 @@ class VirtioBlkHandler:
         req.pending = operations
         req.submitted = True
         self._in_flight[req.index] += 1
-        submit()
+        try:
+            submit()
+        except Exception:
+            # A device bug (blkfront reports errors through ``done``): fail the request once, now, and
+            # make whatever the device still calls back with count for nothing.
+            log.exception("ring %d: submitting chain %d failed", req.index, req.head)
+            if req.pending > 0:
+                req.pending = -(1 << 30)
+                self._complete(req, VIRTIO_BLK_S_IOERR)
 
     def _write(self, req: _Request, mem: SpanMemory, readable: Sequence[Segment], offset: int, length: int) -> None:
         dev = self.dev
