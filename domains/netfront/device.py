@@ -483,9 +483,11 @@ class Netfront:
                 if interval is not None:
                     timeout = interval if timeout < 0 else min(timeout, interval)
                 ready = {fd for fd, _ in epoll.poll(timeout)}
+                port_ready = port_fd in ready
                 if control_fd is not None and (control_fd in ready or interval is not None):
                     try:
-                        port.control()      # outside the lock: the port's own work, never netfront's state
+                        # outside the lock: the port's own work, never netfront's state
+                        port_ready = port.control() or port_ready
                     except Exception:
                         log.exception("vif %d: %s: control error", self.devid, port.name)
                 out: list[tuple[bytes, bytes]] = []
@@ -502,7 +504,7 @@ class Netfront:
                     if generation != self._generation:
                         continue
                     try:
-                        out = self._pass(port_fd in ready, pending)
+                        out = self._pass(port_ready, pending)
                     except RingOverflow as e:
                         log.error("vif %d: backend broke a ring: %s", self.devid, e)
                     except Exception:       # a bug must not leave the interface dead for good

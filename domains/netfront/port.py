@@ -58,8 +58,12 @@ class PacketPort(Protocol):
         """Polled always (None: nothing to poll); when readable, the data thread calls :meth:`control`."""
         ...
 
-    def control(self) -> None:
-        """Work that does not wait for ring room (a protocol socket, kicks): cheap, never blocks."""
+    def control(self) -> bool:
+        """Work that does not wait for ring room (a protocol socket, kicks): cheap, never blocks.
+
+        True when :meth:`read_batch` may have frames now (the data fd was
+        just made readable): the data thread reads in the same pass instead
+        of waking up again for it."""
         ...
 
     def poll_interval(self) -> float | None:
@@ -116,8 +120,8 @@ class TapPort:
     def control_fileno(self) -> int | None:
         return None
 
-    def control(self) -> None:
-        pass
+    def control(self) -> bool:
+        return False
 
     def poll_interval(self) -> float | None:
         return None

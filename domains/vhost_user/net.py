@@ -470,8 +470,9 @@ class VhostUserNetPort:
     def control_fileno(self) -> int | None:
         return self._server.fileno()
 
-    def control(self) -> None:
+    def control(self) -> bool:
         self._server.run_once(0)
+        return bool(self._tx_pending)
 
     def poll_interval(self) -> float | None:
         return self._server.poll_interval()
@@ -544,6 +545,7 @@ class VhostUserNetPort:
     def close(self) -> None:
         self._server.close()
         if self._tx_ready >= 0:
+            log.info("vhost-user-net %s closed: %s", self.name, ", ".join(f"{k} {v}" for k, v in self.stats.items()))
             os.close(self._tx_ready)
             self._tx_ready = -1
 
