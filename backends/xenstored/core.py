@@ -116,6 +116,9 @@ DUMP_FORMAT: Final = "xdom-xenstored-core"
 DUMP_VERSION: Final = 1
 
 _OK: Final = b"OK\0"
+_READ: Final = int(XsType.XS_READ)
+_DIRECTORY: Final = int(XsType.XS_DIRECTORY)
+PATH_CACHE_SIZE: Final = 256     # canonical paths remembered per connection
 _ASK: Final = object()
 TX_ID_RESERVE: Final = 256      # transaction ids a dump covers ahead, per domid
 _DECIMAL = re.compile(rb"[0-9]{1,10}")
@@ -183,6 +186,10 @@ class _Connection:
     queued_event_bytes: int = 0
     queued_events: set[bytes] = field(default_factory=set)    # payloads not yet taken, for de-duplication
     backlogged: bool = False
+    # Path arguments already made canonical and found valid (for ``paths_max``): a one-argument
+    # payload (with its NUL) or a bare path -> the canonical path.  Bounded; see _canonical_path.
+    paths: dict[bytes, str] = field(default_factory=dict)
+    paths_max: int = -1
 
     @property
     def privileged(self) -> bool:
@@ -306,6 +313,9 @@ class XenstoreCore:
         self._changed_special = False
         self._changed_tx = False
         self._tracking = True
+        self._event_conns: dict[ConnId, _Connection] = {}    # connections with events since take_output
+        self._backlogged: dict[ConnId, None] = {}            # backlogged since take_backlogged
+        self._global_view = GlobalView(self._store, self._adjust_perms)
         self.internal_errors = 0      # requests answered EIO because of a bug here (tests expect 0)
 
     # ==== the shell's API ========================================================================
@@ -337,6 +347,8 @@ class XenstoreCore:
         if c is None:
             return
         self._conn_order.pop(conn, None)
+        self._event_conns.pop(conn, None)
+        self._backlogged.pop(conn, None)
         self._drop_watches(c)
         c.transactions.clear()
         if any(k == conn for k, _ in self._output):
@@ -355,6 +367,8 @@ class XenstoreCore:
             if c is None:
                 self._output.append((conn, msg.error("EACCES")))
                 return
+            if (msg.type == _READ or msg.type == _DIRECTORY) and msg.tx_id == 0 and self._read_fast(c, msg):
+                return
             self._process(c, msg)
         except Exception:
             self.internal_errors += 1
@@ -366,12 +380,36 @@ class XenstoreCore:
         finally:
             self._after_reply.clear()
 
+    def _read_fast(self, c: _Connection, msg: Message) -> bool:
+        """READ or DIRECTORY outside a transaction of a path this connection named before, of a
+        node that is there and readable: what ``_process`` answers, without its general
+        machinery.  False: let ``_process`` answer (errors, first sight of a path, ...)."""
+        if c.stale or c.paths_max != self.quota.path_max:
+            return False
+        path = c.paths.get(msg.payload)
+        if path is None:
+            return False
+        node = self._store.get(path)
+        if node is None:
+            return False
+        if len(node.perms) > 1:
+            self._adjust_perms(node)
+        if not c.privileged and not access_for(self._accessor(c), node.perms) & Access.READ:
+            return False
+        data = node.value if msg.type == _READ else node.children_bytes()
+        if len(data) > XENSTORE_PAYLOAD_MAX:
+            return False
+        self._output.append((c.conn, Message(msg.type, msg.req_id, 0, data)))
+        return True
+
     def take_output(self) -> list[tuple[ConnId, Message]]:
         """Replies and watch events queued since the last call, in order."""
         out, self._output = self._output, []
-        for c in self._conns.values():
-            c.queued_event_bytes = 0
-            c.queued_events.clear()
+        if self._event_conns:
+            for c in self._event_conns.values():
+                c.queued_event_bytes = 0
+                c.queued_events.clear()
+            self._event_conns = {}
         return out
 
     def take_effects(self) -> list[Effect]:
@@ -387,6 +425,13 @@ class XenstoreCore:
         """
         c = self._conns.get(conn)
         return c is not None and c.backlogged
+
+    def take_backlogged(self) -> list[ConnId]:
+        """The connections that became ``backlogged`` since the last call (still connected)."""
+        conns = self._conns
+        out = [conn for conn in self._backlogged if conn in conns and conns[conn].backlogged]
+        self._backlogged = {}
+        return out
 
     def domain_gone(self, domid: int) -> None:
         """The hypervisor says ``domid`` died: release it, remove the nodes it owns, fire @releaseDomain.
@@ -701,7 +746,9 @@ class XenstoreCore:
         who = self._accessor(c)
         view: NodeView
         if tx is None:
-            view = GlobalView(self._store, self._adjust_perms)
+            view = self._global_view
+            if view._store is not self._store:        # restored
+                view = self._global_view = GlobalView(self._store, self._adjust_perms)
         else:
             limit = None if who.privileged else self.quota.transaction_nodes
             view = TransactionView(tx, self._store, self._adjust_perms, limit)
@@ -736,6 +783,27 @@ class XenstoreCore:
             raise XenstoreError("EINVAL")
         return path
 
+    def _canonical_path(self, req: _Request, key: bytes, raw: bytes) -> str:
+        """``_path_arg`` of ``raw`` (wire bytes), remembered per connection under ``key`` (the
+        one-argument payload, or the path itself), as long as the path-max quota stays."""
+        c = req.conn
+        if c.paths_max != self.quota.path_max:
+            c.paths.clear()
+            c.paths_max = self.quota.path_max
+        path = c.paths.get(key)
+        if path is None:
+            path = self._path_arg(req, decode(raw))
+            if len(c.paths) >= PATH_CACHE_SIZE:
+                c.paths.clear()
+            c.paths[key] = path
+        return path
+
+    def _onearg_path(self, req: _Request, payload: bytes) -> str:
+        """The single argument (C's onearg) as a canonical node path; EINVAL if it is none."""
+        if not payload or payload.find(b"\0") != len(payload) - 1:
+            raise XenstoreError("EINVAL")
+        return self._canonical_path(req, payload, payload[:-1])
+
     def _get_node(self, req: _Request, path: str, need: Access) -> Node:
         """The node at (valid, canonical) ``path`` if ``req`` may ``need`` it; else C's errno.
 
@@ -745,7 +813,7 @@ class XenstoreCore:
         """
         node = req.view.read(path)
         if node is not None:
-            if access_for(req.who, node.perms) & need == need:
+            if req.who.privileged or access_for(req.who, node.perms) & need == need:
                 return node
             errno = "EACCES"
         else:
@@ -855,10 +923,13 @@ class XenstoreCore:
             if payload in c.queued_events:
                 return
             c.queued_events.add(payload)
+            self._event_conns[c.conn] = c
         size = HEADER_SIZE + len(payload)
+        self._event_conns[c.conn] = c
         if c.queued_event_bytes + size > self.quota.event_backlog_bytes:
             if not c.backlogged:
                 log.warning("xenstored: watch events for domain %d piled up; dropping them", c.domid)
+                self._backlogged[c.conn] = None
             c.backlogged = True
             return
         c.queued_event_bytes += size
@@ -1085,10 +1156,10 @@ class XenstoreCore:
     # ==== the requests ===========================================================================
 
     def _op_read(self, req: _Request, msg: Message) -> bytes:
-        return self._get_node(req, self._path_arg(req, _onearg(msg.payload)), Access.READ).value
+        return self._get_node(req, self._onearg_path(req, msg.payload), Access.READ).value
 
     def _op_directory(self, req: _Request, msg: Message) -> bytes:
-        return self._get_node(req, self._path_arg(req, _onearg(msg.payload)), Access.READ).children_bytes()
+        return self._get_node(req, self._onearg_path(req, msg.payload), Access.READ).children_bytes()
 
     def _op_directory_part(self, req: _Request, msg: Message) -> bytes:
         """``<gencnt>\\0`` then children from byte ``offset`` on, as many as fit; a final
@@ -1117,14 +1188,15 @@ class XenstoreCore:
         return chunk + b"\0" if offset + length == len(children) else chunk
 
     def _op_get_perms(self, req: _Request, msg: Message) -> bytes:
-        node = self._get_node(req, self._path_arg(req, _onearg(msg.payload)), Access.READ)
+        node = self._get_node(req, self._onearg_path(req, msg.payload), Access.READ)
         return format_perms(node.perms)
 
     def _op_write(self, req: _Request, msg: Message) -> bytes:
         cut = msg.payload.find(b"\0")
         if cut < 0:
             raise XenstoreError("EINVAL")
-        path = self._path_arg(req, decode(msg.payload[:cut]))
+        raw_path = msg.payload[:cut]
+        path = self._canonical_path(req, raw_path, raw_path)
         value = msg.payload[cut + 1:]
         try:
             node = self._get_node(req, path, Access.WRITE)
@@ -1140,7 +1212,7 @@ class XenstoreCore:
         return _OK
 
     def _op_mkdir(self, req: _Request, msg: Message) -> bytes:
-        path = self._path_arg(req, _onearg(msg.payload))
+        path = self._onearg_path(req, msg.payload)
         try:
             self._get_node(req, path, Access.WRITE)
         except XenstoreError as e:
@@ -1151,7 +1223,7 @@ class XenstoreCore:
         return _OK
 
     def _op_rm(self, req: _Request, msg: Message) -> bytes:
-        path = self._path_arg(req, _onearg(msg.payload))
+        path = self._onearg_path(req, msg.payload)
         try:
             self._get_node(req, path, Access.WRITE)
         except XenstoreError as e:

@@ -41,7 +41,7 @@ import msgpack
 from xdom.domains.abi.event_channel import VIRQ_DOM_EXC
 from xdom.domains.abi.grant_table import GNTTAB_RESERVED_XENSTORE
 from xdom.domains.wakeup import WakePipe
-from xdom.domains.xs_wire import MessageReader, ProtocolError
+from xdom.domains.xs_wire import HEADER, Message, MessageReader, ProtocolError
 
 from .core import Introduced, Released, XenstoreCore
 from .journal import StateDir
@@ -63,10 +63,12 @@ class Connection:
     port: int = 0                 # ring connections: the event channel
     mapping: Any = None           # ring connections: the grant mapping of the page
     committed: int = 0            # ring connections: req_cons as last published
+    is_ring: bool = False
+    writing: bool = False         # sockets: waiting for room to write (EVENT_WRITE registered)
 
     @property
     def kind(self) -> str:
-        return "ring" if isinstance(self.transport, RingTransport) else "socket"
+        return "ring" if self.is_ring else "socket"
 
 
 class XenstoredServer:
@@ -81,6 +83,8 @@ class XenstoredServer:
         self.xenhost = xenhost
         self._ring_saved: dict[int, tuple[int, int, int, bytes, bytes]] = {}   # domid -> as last journaled
         self._rings_touched: set[int] = set()
+        self._rings_read: dict[int, Connection] = {}     # this turn: rings whose requests were read
+        self._pending: dict[int, Connection] = {}        # connections with output to write
         self.core = core or self._load()
         if self.files is None:
             self.core.track_changes(False)
@@ -180,8 +184,11 @@ class XenstoredServer:
         self.close()
 
     def run_once(self, timeout: float | None) -> None:
-        # A domain's death first: requests that arrived with it may concern its successor.
-        for key, _ in sorted(self.sel.select(timeout), key=lambda ready: ready[0].data[0] != "virq"):
+        ready = self.sel.select(timeout)
+        if self.virq_port and len(ready) > 1:
+            # A domain's death first: requests that arrived with it may concern its successor.
+            ready.sort(key=lambda r: r[0].data[0] != "virq")
+        for key, _ in ready:
             kind, conn = key.data
             try:
                 if kind == "listen":
@@ -209,24 +216,43 @@ class XenstoredServer:
         and any partial request are saved too, so a restarted xenstored
         neither loses nor repeats a domain's request or reply.
         """
-        for conn_key, msg in self.core.take_output():
+        out = self.core.take_output()
+        if out:
+            self._route(out)
+        for conn_key in self.core.take_backlogged():       # watch events it cannot keep up with
             conn = self.conns.get(conn_key)
             if conn is not None:
-                conn.out += msg.encode()
-                if conn.port:
-                    self._rings_touched.add(conn.domid)
-        for conn in list(self.conns.values()):
-            if self.core.backlogged(id(conn)):       # watch events it cannot keep up with
                 self._drop(conn, "watch event backlog")
         if self.files is not None:
             self._journal()
-        for conn in self.rings.values():
-            conn.transport.commit()
-            conn.committed = conn.transport.cursor
+        if self._rings_read:
+            for conn in self._rings_read.values():
+                if self.rings.get(conn.domid) is conn:
+                    conn.transport.commit()
+                    conn.committed = conn.transport.cursor
+            self._rings_read = {}
         self._apply_effects()
-        for conn in list(self.conns.values()):
-            if conn.out:
-                self._flush(conn)
+        if self._pending:
+            pending, self._pending = self._pending, {}
+            for key, conn in pending.items():
+                if conn.out and key in self.conns:
+                    self._flush(conn)
+                    if conn.out and key in self.conns:
+                        self._pending[key] = conn        # the rest when it has room
+
+    def _route(self, out: list[tuple[Any, Message]]) -> None:
+        """Replies and events to their connections' output (one buffer each, written once a turn)."""
+        conns, pending, pack = self.conns, self._pending, HEADER.pack
+        for conn_key, msg in out:
+            target = conns.get(conn_key)
+            if target is None:
+                continue
+            payload = msg.payload
+            target.out += pack(msg.type, msg.req_id, msg.tx_id, len(payload))
+            target.out += payload
+            pending[conn_key] = target
+            if target.is_ring:
+                self._rings_touched.add(target.domid)
 
     def _accept(self) -> None:
         assert self.listener is not None
@@ -244,9 +270,10 @@ class XenstoredServer:
         self.sel.register(fd, selectors.EVENT_READ, data)
 
     def _read(self, conn: Connection) -> None:
-        if conn.port:
+        if conn.is_ring:
             self._rings_touched.add(conn.domid)
-        if isinstance(conn.transport, RingTransport) and conn.transport.reconnect_requested():
+            self._rings_read[id(conn)] = conn
+        if conn.is_ring and conn.transport.reconnect_requested():
             conn.reader = MessageReader()
             conn.out.clear()
             conn.transport.reset()
@@ -259,19 +286,16 @@ class XenstoredServer:
         except (TransportClosed, ProtocolError) as e:
             self._drop(conn, str(e))
             return
-        if msgs and conn.kind == "socket":
+        if not msgs:
+            return
+        if not conn.is_ring and self.virq_port:
             # The toolstack may have seen a death we have not handled yet (VIRQ_DOM_EXC raised
             # after this turn's select) and restarted the domain: handle the death first.
             self._virq()
+        handle, key = self.core.handle, id(conn)
         for msg in msgs:
-            self.core.handle(id(conn), msg)
-            for conn_key, out in self.core.take_output():
-                target = self.conns.get(conn_key)
-                if target is None:
-                    continue
-                target.out += out.encode()
-                if target.port:
-                    self._rings_touched.add(target.domid)
+            handle(key, msg)
+        self._route(self.core.take_output())
 
     def _flush(self, conn: Connection) -> None:
         try:
@@ -283,7 +307,8 @@ class XenstoredServer:
         if len(conn.out) > OUTPUT_LIMIT:
             self._drop(conn, f"{len(conn.out)} bytes of replies not read")
             return
-        if conn.kind == "socket":
+        if not conn.is_ring and conn.writing != bool(conn.out):
+            conn.writing = bool(conn.out)
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
             self.sel.modify(conn.transport.fileno(), events, ("conn", conn))
 
@@ -292,6 +317,8 @@ class XenstoredServer:
             return
         log.info("dropping %s connection of domain %d: %s", conn.kind, conn.domid, why)
         del self.conns[id(conn)]
+        self._pending.pop(id(conn), None)
+        self._rings_read.pop(id(conn), None)
         self.core.disconnect(id(conn))
         if conn.kind == "socket":
             self.sel.unregister(conn.transport.fileno())
@@ -403,7 +430,7 @@ class XenstoredServer:
             self.xenhost.unmap_grants([mapping])
             return
         transport = RingTransport(mapping.view, lambda: self.xenhost.notify(local))
-        conn = Connection(transport, domid, port=local, mapping=mapping, committed=transport.cursor)
+        conn = Connection(transport, domid, port=local, mapping=mapping, committed=transport.cursor, is_ring=True)
         self.rings[domid] = conn
         self.port_conns[local] = conn
         self._add(conn, ("ring", conn), self.xenhost.evtchn.fileno(local))

@@ -90,10 +90,14 @@ class WatchRegistry:
 
     def matching(self, path: str, exact: bool, conn_order: Mapping[ConnId, int]) -> list[Watch]:
         """Watches an event on ``path`` reaches, in delivery order."""
+        by_path = self._by_path
+        if not by_path:
+            return []
         candidates: list[Watch] = []
         for watched in ((path,) if exact else ancestors_and_self(path)):
-            at_path = self._by_path.get(watched)
+            at_path = by_path.get(watched)
             if at_path:
                 candidates.extend(at_path.values())
-        candidates.sort(key=lambda w: (conn_order.get(w.conn, 0), w.seq))
+        if len(candidates) > 1:
+            candidates.sort(key=lambda w: (conn_order.get(w.conn, 0), w.seq))
         return candidates
