@@ -764,7 +764,7 @@ SENDER = "for i in $(seq {n}); do cat /tmp/chunk; usleep 100000; done"
 
 @pytest.mark.timeout(240)
 def test_two_vms_talk_through_netback_and_ride_out_its_restart(run_dir: str, vm_image: Any) -> None:
-    rig = VmNet(run_dir, image=vm_image, pairs={1: 2})
+    rig = VmNet(run_dir, image=vm_image, pairs={1: 2}, netback_args=("--max-queues", "2"))
     try:
         vm1, vm2 = rig.vms
         # the NIC as the VM sees it: the vif's MAC, link up.  VM 1's NIC has two queue pairs (one per netif
