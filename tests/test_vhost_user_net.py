@@ -18,7 +18,9 @@ driver using one).  Ping between the VMs, a TCP transfer (busybox nc)
 checked by sha256, and netback killed with SIGKILL during a ping and during
 a TCP stream and started again: the pings resume, the stream completes
 intact, the VM's link never went down.  Then VM 2's QEMU is replaced by a
-new one on the same guest domain, and pings again.  QEMU 7.2 under TCG
+new one on the same guest domain, and pings again; and VM 1's guest domain
+is SIGKILLed under a running ping and started again (QEMU reconnects): the
+pings resume.  QEMU 7.2 under TCG
 crashes when a vhost-user-net device uses MSI-X (``virtio_pci_vector_unmask``
 takes the KVM irqfd path with no irqfd table), so the VMs' NICs run with
 ``vectors=0`` (INTx).
@@ -702,6 +704,19 @@ class VmNet:
         for i, name in enumerate(self.names, 1):
             add_vif(self.xs, VifConfig(self.domid("net0"), self.domid(name), 0, self.mac(i)))
 
+    def restart_guest(self, i: int) -> None:
+        """SIGKILL guest domain ``i`` under its running VM, then the supervisor's steps: same domid, a new
+        process with the same arguments (QEMU reconnects to the socket it makes), its vif written again."""
+        name = self.names[i - 1]
+        proc = self.procs[name]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        domid = self.domid(name)
+        wait_until(lambda: self.state(domid) not in ("running", "paused"), WAIT, f"the broker to see {name} die")
+        self.creds[name] = self.mgmt.request("restart", domid=domid)
+        self._start(name, ["-m", "xdom.domains.guest", "--vhost-user-vif",
+                           f"0:{self.socket(i)}:{self.pairs.get(i, 1)}"], 16 << 10, vif=i)
+
     def vm_spec(self, image: Any, i: int) -> Any:
         from xdom.deploy.vm.qemu import VhostUserNet, VmSpec
         return VmSpec(kernel=str(image.kernel), initrd=str(image.initrd),
@@ -822,5 +837,15 @@ def test_two_vms_talk_through_netback_and_ride_out_its_restart(run_dir: str, vm_
         out = vm2.check("ping -c 2 -W 5 10.78.0.1", timeout=60)
         assert "2 packets received" in out, out
         assert rig.procs["g2"].poll() is None
+
+        # VM 1's guest domain SIGKILLed under a running ping and started again: QEMU reconnects, the
+        # pings resume
+        vm1.check("ping -i 0.2 -W 1 10.78.0.2 > /tmp/ping2 2>&1 &")
+        wait_until(lambda: int(vm1.check("grep -c 'bytes from' /tmp/ping2 || true")) >= 3, 30, "pings")
+        rig.restart_guest(1)
+        before = int(vm1.check("grep -c 'bytes from' /tmp/ping2 || true"))
+        wait_until(lambda: int(vm1.check("grep -c 'bytes from' /tmp/ping2 || true")) > before + 5, 30,
+                   "pings after the guest domain's restart")
+        vm1.check("killall ping")
     finally:
         rig.close()
