@@ -157,7 +157,8 @@ def test_guests_talk_through_netback_and_survive_its_restart(run_dir: str) -> No
         ps = h.ps()
         ns1, ns2 = ps["g1"]["netns"], ps["g2"]["netns"]
         assert ps["g1"]["devices"] == [{"type": "vif", "devid": 0, "ifname": "eth0", "mac": "00:16:3e:00:00:01",
-                                         "backend": "net0", "ip": "10.77.0.1/24", "mtu": 1500}]
+                                         "backend": "net0", "ip": "10.77.0.1/24", "mtu": 1500,
+                                         "export_kind": "tap", "export": None}]
         link = in_ns(ns2, "ip", "-o", "link", "show", "eth0")
         assert "mtu 9000" in link.stdout and "00:16:3e:00:00:02" in link.stdout
         for ns, peer in ((ns1, "10.77.0.2"), (ns2, "10.77.0.1")):

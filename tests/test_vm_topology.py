@@ -284,7 +284,7 @@ def attach_on_a_pty(run: str, guest: str) -> None:
             if select.select([master], [], [], 0.5)[0]:
                 seen += os.read(master, 4096)
         os.write(master, b"echo $((6*7))-from-the-terminal\r")
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while not re.search(rb"42-from-the-terminal\r?\n", seen):
             assert time.monotonic() < deadline, f"no answer through xdom console: {seen!r}"
             if select.select([master], [], [], 0.5)[0]:
