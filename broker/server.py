@@ -187,6 +187,10 @@ class BrokerServer:
         if self.state.journal_bytes > COMPACT_BYTES:
             self.state.write_snapshot(model_of(self.hv))
 
+    def _journal_last(self, dom: Domain) -> None:
+        if self.state is not None:
+            self.state.append([("last", dom.domid, None)])
+
     def _rejoin(self, conn: Connection, args: dict[str, Any]) -> Reply:
         """A running domain whose broker died comes back: the same process, with its key."""
         if conn.domain is not None:
@@ -214,6 +218,10 @@ class BrokerServer:
         if dom is None or dom.last is None or dom.last[0] != seq or dom.last[2][0] != op:
             return None
         _, payload, (_, spec) = dom.last
+        # Once: a domain that asks again and again gets the same effect carried out
+        # anew (or refused), never a fresh batch of frames minted at each asking.
+        dom.last = None
+        self._journal_last(dom)
         fds: list[int] = []
         try:
             if op == "map":

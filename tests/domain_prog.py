@@ -113,6 +113,10 @@ class HostileAgent(DomainAgent):
     def cmd_port_status(self, port: int) -> dict[str, Any]:
         return self.h.port_status(port)
 
+    def cmd_leak_rejoin_key(self) -> dict[str, Any]:
+        """What a compromised domain could hand a colluder: the key it rejoins a new broker with."""
+        return {"key": self.h._rejoin_key}   # type: ignore[attr-defined]
+
     def cmd_broker_restarts(self) -> dict[str, Any]:
         return {"restarts": self.h.broker_restarts}   # type: ignore[attr-defined]
 

@@ -192,3 +192,43 @@ def test_other_calls_answered_once_across_a_takeover(host: Host, monkeypatch: py
         assert port in a.call("wait", secs=10)["ports"]
         a.call("notify", port=port)
         assert xp in x.call("wait", secs=10)["ports"]
+
+
+def test_only_the_domain_s_own_process_rejoins_with_its_own_key(host: Host) -> None:
+    """A new broker takes a domain back only from the process that said hello (pid and start
+    time) and with the key it was given then: a colluder holding the key, or the domain's
+    process with a guessed key, or any process naming a domid that does not wait, is refused."""
+    import socket as socket_mod
+
+    from xdom.domains.hypercall_wire import MAX_MESSAGE, decode_reply, encode_request
+
+    a, x = host.spawn("a"), host.spawn("x")
+    key = a.call("leak_rejoin_key")["key"]
+    assert len(key) == 32
+    host.kill_broker()
+    host.start_broker()
+
+    def rejoin(domid: int, k: str) -> str:
+        s = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_SEQPACKET)
+        try:
+            s.connect(os.path.join(host.dir, "hypercall.sock"))
+            s.sendmsg([encode_request("rejoin", domid=domid, key=k)])
+            data = s.recv(MAX_MESSAGE)
+            try:
+                decode_reply(data)
+            except Exception as e:
+                return getattr(e, "name", repr(e))
+            return "OK"
+        finally:
+            s.close()
+
+    assert rejoin(a.domid, key) == "EACCES"             # the right key from the wrong process
+    assert rejoin(a.domid, "0" * 32) == "EACCES"
+    assert rejoin(999, key) == "ESRCH"
+    # the colluder's tries cost the real domain nothing: it rejoins on its next call
+    ref = a.call("grant", domid=x.domid, gfn=5, data="still a")["ref"]
+    (status, handle), = x.call("map", domid=a.domid, refs=[ref])["results"]
+    assert status == GNTST_okay and x.call("peek", handle=handle, len=7)["data"] == "still a"
+    a.call("alloc_unbound", remote=x.domid)             # a's first hypercall since: it rejoins
+    assert a.call("broker_restarts")["restarts"] == 1
+    assert rejoin(a.domid, key) == "ESRCH"              # rejoined: no longer waiting
