@@ -602,9 +602,9 @@ class XenstoreCore:
     @classmethod
     def restore(cls, data: bytes, quota: Quota | None = None,
                 domain_exists: Callable[[int], bool] | None = None,
-                journal: Iterable[bytes] = ()) -> XenstoreCore:
+                journal: Iterable[bytes | dict[str, Any]] = ()) -> XenstoreCore:
         """Rebuild a core from ``dump()`` and the ``take_changes()`` records made after it, in
-        order; raises ValueError if they are not something we can read.
+        order (as given, or unpacked); raises ValueError if they are not something we can read.
 
         ``take_effects()`` then holds one ``Introduced`` per restored
         introduced domain, so the shell maps their rings again as it would
@@ -639,7 +639,7 @@ class XenstoreCore:
                 kept.setdefault(int(domid), []).append([path, token, base])
             tx_table = state.get("transactions", [])
             for raw in journal:
-                record = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+                record = raw if isinstance(raw, dict) else msgpack.unpackb(raw, raw=False, strict_map_key=False)
                 if not isinstance(record, dict):
                     raise ValueError("journal record is not a map")
                 generation = max(generation, int(record["g"]))

@@ -1,6 +1,6 @@
 """xenstored's I/O shell: sockets, rings and persistence around the core.
 
-One loop: wait (selectors), read bytes, frame them, hand each message to
+One loop: wait (epoll), read bytes, frame them, hand each message to
 the core, persist if anything changed, then deliver the core's replies and
 watch events and act on its effects (mapping the ring of a domain it was
 told to introduce).  Nothing here knows xenstore semantics.
@@ -31,7 +31,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import selectors
+import select
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -41,11 +41,11 @@ import msgpack
 from xdom.domains.abi.event_channel import VIRQ_DOM_EXC
 from xdom.domains.abi.grant_table import GNTTAB_RESERVED_XENSTORE
 from xdom.domains.wakeup import WakePipe
-from xdom.domains.xs_wire import HEADER, Message, MessageReader, ProtocolError
+from xdom.domains.xs_wire import HEADER, Message, ProtocolError
 
 from .core import Introduced, Released, XenstoreCore
 from .journal import StateDir
-from .transport import RingTransport, SocketTransport, TransportClosed
+from .transport import FrameReader, RingTransport, SocketTransport, TransportClosed
 
 log = logging.getLogger("xdom.xenstored")
 
@@ -58,17 +58,50 @@ FSYNC_ENV = "XDOM_XENSTORED_FSYNC"   # "1": as --fsync (for a xenstored started 
 class Connection:
     transport: Any
     domid: int
-    reader: MessageReader = field(default_factory=MessageReader)
+    reader: FrameReader = field(default_factory=FrameReader)
     out: bytearray = field(default_factory=bytearray)
     port: int = 0                 # ring connections: the event channel
     mapping: Any = None           # ring connections: the grant mapping of the page
     committed: int = 0            # ring connections: req_cons as last published
     is_ring: bool = False
+    sock: Any = None              # unix-socket connections: the socket
     writing: bool = False         # sockets: waiting for room to write (EVENT_WRITE registered)
 
     @property
     def kind(self) -> str:
         return "ring" if self.is_ring else "socket"
+
+
+EVENT_READ, EVENT_WRITE = select.EPOLLIN, select.EPOLLOUT
+
+
+class _Poller:
+    """epoll with a value per descriptor (what the loop does when it is ready)."""
+
+    def __init__(self) -> None:
+        self._ep = select.epoll()
+        self.data: dict[int, Any] = {}
+
+    def register(self, fd: Any, events: int, data: Any) -> None:
+        fd = fd if isinstance(fd, int) else fd.fileno()
+        self._ep.register(fd, events)
+        self.data[fd] = data
+
+    def modify(self, fd: int, events: int, data: Any) -> None:
+        self._ep.modify(fd, events)
+        self.data[fd] = data
+
+    def unregister(self, fd: Any) -> None:
+        fd = fd if isinstance(fd, int) else fd.fileno()
+        if self.data.pop(fd, None) is None:
+            raise KeyError(fd)
+        self._ep.unregister(fd)
+
+    def select(self, timeout: float | None) -> list[tuple[int, int]]:
+        return self._ep.poll(-1 if timeout is None else timeout)
+
+    def close(self) -> None:
+        self._ep.close()
 
 
 class XenstoredServer:
@@ -88,7 +121,7 @@ class XenstoredServer:
         self.core = core or self._load()
         if self.files is None:
             self.core.track_changes(False)
-        self.sel = selectors.DefaultSelector()
+        self.sel = _Poller()
         self.conns: dict[int, Connection] = {}          # id(conn) -> conn
         self.rings: dict[int, Connection] = {}          # domid -> ring connection
         self.port_conns: dict[int, Connection] = {}     # event channel port -> ring connection
@@ -97,13 +130,15 @@ class XenstoredServer:
         self.unix_path = unix_path
         self.listener: socket.socket | None = None
         self._wake = WakePipe()
-        self.sel.register(self._wake.fileno(), selectors.EVENT_READ, ("wake", None))
+        self.sel.register(self._wake.fileno(), EVENT_READ, ("wake", None))
         if unix_path:
             self._listen(unix_path)
         self.virq_port = 0
+        self._virq_fd = -1
         if xenhost is not None:
             self.virq_port = xenhost.bind_virq(VIRQ_DOM_EXC)
-            self.sel.register(xenhost.evtchn.fileno(self.virq_port), selectors.EVENT_READ, ("virq", None))
+            self._virq_fd = xenhost.evtchn.fileno(self.virq_port)
+            self.sel.register(self._virq_fd, EVENT_READ, ("virq", None))
         if xenhost is not None:
             # C's lu_read_state ends with check_domains: a domain that died (or was restarted
             # under its domid) while no xenstored ran is released now, not inherited by whoever
@@ -168,7 +203,7 @@ class XenstoredServer:
         os.chmod(path, 0o600)       # socket clients are dom0: privileged
         self.listener.listen(1024)
         self.listener.setblocking(False)
-        self.sel.register(self.listener, selectors.EVENT_READ, ("listen", None))
+        self.sel.register(self.listener, EVENT_READ, ("listen", None))
 
     # ---- loop ----------------------------------------------------------------
 
@@ -185,20 +220,24 @@ class XenstoredServer:
 
     def run_once(self, timeout: float | None) -> None:
         ready = self.sel.select(timeout)
+        handlers = self.sel.data
         if self.virq_port and len(ready) > 1:
             # A domain's death first: requests that arrived with it may concern its successor.
-            ready.sort(key=lambda r: r[0].data[0] != "virq")
-        for key, _ in ready:
-            kind, conn = key.data
+            ready.sort(key=lambda r: r[0] != self._virq_fd)
+        for fd, _ in ready:
+            data = handlers.get(fd)
+            if data is None:
+                continue                # dropped earlier in this turn
+            kind, conn = data
             try:
-                if kind == "listen":
+                if kind == "conn":
+                    self._read_socket(conn)
+                elif kind == "listen":
                     self._accept()
                 elif kind == "wake":
                     self._wake.drain()
                 elif kind == "virq":
                     self._virq()
-                elif kind == "conn":
-                    self._read(conn)
                 elif kind == "ring":
                     self.xenhost.evtchn.consume(conn.port)
                     self._read(conn)
@@ -261,20 +300,50 @@ class XenstoredServer:
                 sock, _ = self.listener.accept()
             except BlockingIOError:
                 return
-            conn = Connection(SocketTransport(sock), domid=0)
+            conn = Connection(SocketTransport(sock), domid=0, sock=sock)
             self._add(conn, ("conn", conn), sock.fileno())
 
     def _add(self, conn: Connection, data: tuple[str, Connection], fd: int) -> None:
         self.conns[id(conn)] = conn
         self.core.connect(id(conn), conn.domid)
-        self.sel.register(fd, selectors.EVENT_READ, data)
+        self.sel.register(fd, EVENT_READ, data)
+
+    def _read_socket(self, conn: Connection) -> None:
+        """A unix-socket client: one recv, every whole request in it handled, replies routed."""
+        if len(conn.out) > READ_PAUSE:
+            return            # let it drain its replies first
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._drop(conn, str(e))
+            return
+        if not data:
+            self._drop(conn, "peer closed")
+            return
+        try:
+            msgs = conn.reader.feed(data)
+        except ProtocolError as e:
+            self._drop(conn, str(e))
+            return
+        if not msgs:
+            return
+        if self.virq_port:
+            # The toolstack may have seen a death we have not handled yet (VIRQ_DOM_EXC raised
+            # after this turn's select) and restarted the domain: handle the death first.
+            self._virq()
+        handle, key = self.core.handle, id(conn)
+        for msg in msgs:
+            handle(key, msg)
+        self._route(self.core.take_output())
 
     def _read(self, conn: Connection) -> None:
         if conn.is_ring:
             self._rings_touched.add(conn.domid)
             self._rings_read[id(conn)] = conn
         if conn.is_ring and conn.transport.reconnect_requested():
-            conn.reader = MessageReader()
+            conn.reader = FrameReader()
             conn.out.clear()
             conn.transport.reset()
             return
@@ -298,18 +367,27 @@ class XenstoredServer:
         self._route(self.core.take_output())
 
     def _flush(self, conn: Connection) -> None:
-        try:
-            n = conn.transport.send(memoryview(conn.out))
-        except TransportClosed as e:
-            self._drop(conn, str(e))
-            return
+        if conn.sock is not None:
+            try:
+                n = conn.sock.send(conn.out)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as e:
+                self._drop(conn, str(e))
+                return
+        else:
+            try:
+                n = conn.transport.send(memoryview(conn.out))
+            except TransportClosed as e:
+                self._drop(conn, str(e))
+                return
         del conn.out[:n]
         if len(conn.out) > OUTPUT_LIMIT:
             self._drop(conn, f"{len(conn.out)} bytes of replies not read")
             return
         if not conn.is_ring and conn.writing != bool(conn.out):
             conn.writing = bool(conn.out)
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
+            events = EVENT_READ | (EVENT_WRITE if conn.out else 0)
             self.sel.modify(conn.transport.fileno(), events, ("conn", conn))
 
     def _drop(self, conn: Connection, why: str) -> None:
@@ -368,7 +446,8 @@ class XenstoredServer:
         rings = self._ring_changes() if self._rings_touched else {}
         if core_record is None and not rings:
             return
-        self.files.append(msgpack.packb([core_record, rings], use_bin_type=True))
+        # [core record, ring changes] as one msgpack array; the core's record is already msgpack
+        self.files.append(b"\x92" + (core_record or b"\xc0") + (msgpack.packb(rings) if rings else b"\x80"))
         if self.files.wants_compaction():
             self._snapshot()
 
@@ -390,7 +469,7 @@ class XenstoredServer:
             t = conn.transport
             t.resume_at(saved["cons"])
             conn.committed = t.cursor
-            conn.reader = MessageReader(partial=saved["partial"])
+            conn.reader = FrameReader(partial=saved["partial"])
             sent = (t.rsp_prod - saved["rsp_prod"]) & 0xFFFFFFFF     # written before we died
             out = saved["out"]
             conn.out = bytearray(out[sent:] if sent <= len(out) else out)

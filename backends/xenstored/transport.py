@@ -14,12 +14,53 @@ from typing import Callable
 
 from xdom.domains.xs_ring import RingIndexError, ring_peek, ring_write
 from xdom.domains.xs_wire import (
+    HEADER, HEADER_SIZE, XENSTORE_PAYLOAD_MAX, Message, ProtocolError,
     RING_CONNECTION, RING_ERROR, RING_REQ_CONS, RING_REQ_OFFSET, RING_REQ_PROD, RING_RSP_CONS,
     RING_RSP_OFFSET, RING_RSP_PROD, RING_SERVER_FEATURES, XENSTORE_RING_SIZE, XENSTORE_CONNECTED, XENSTORE_ERROR_RINGIDX,
     XENSTORE_RECONNECT, XENSTORE_SERVER_FEATURE_ERROR,
     XENSTORE_SERVER_FEATURE_RECONNECTION,
 )
 
+
+
+class FrameReader:
+    """Bytes in, whole messages out; ``xs_wire.MessageReader``'s contract (oversized payloads raise
+    ProtocolError; ``pending``/``partial`` give the incomplete message held), without copying the
+    bytes of whole messages through a buffer: only an incomplete tail is kept."""
+
+    __slots__ = ("_buf", "_max")
+
+    def __init__(self, max_payload: int = XENSTORE_PAYLOAD_MAX, partial: bytes = b"") -> None:
+        self._buf = bytes(partial)
+        self._max = max_payload
+
+    def feed(self, data: bytes) -> list[Message]:
+        if self._buf:
+            data = self._buf + data
+            self._buf = b""
+        out = []
+        pos, n, unpack, limit = 0, len(data), HEADER.unpack_from, self._max
+        while n - pos >= HEADER_SIZE:
+            type_, req_id, tx_id, length = unpack(data, pos)
+            if length > limit:
+                raise ProtocolError(f"payload of {length} bytes exceeds {limit}")
+            start = pos + HEADER_SIZE
+            end = start + length
+            if end > n:
+                break
+            out.append(Message(type_, req_id, tx_id, data[start:end]))
+            pos = end
+        if pos < n:
+            self._buf = data[pos:]
+        return out
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+    @property
+    def partial(self) -> bytes:
+        return self._buf
 
 
 class TransportClosed(Exception):
