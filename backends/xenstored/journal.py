@@ -5,10 +5,15 @@
   file and renamed over the old one, so a SIGKILL leaves the old or the new.
 * ``xenstore.journal`` holds what changed after the snapshot of the same
   epoch: a 12-byte header (``XSJ1`` and the epoch, u64 little-endian), then
-  records, each ``<u32 length><u32 crc32>`` and that many bytes.  A record
-  is appended (one ``write``) before the replies of the turn it describes
-  leave; with ``fsync`` it is also on stable storage by then (``fdatasync``
-  per record, so the replies of one loop turn share one flush).
+  records, each ``<u32 length><u32 crc32>`` and that many bytes (never
+  empty), then zeros up to the file's size.  A record is in the journal
+  before the replies of the turn it describes leave.  Without ``fsync`` the
+  file is made at its full size and mapped (MAP_SHARED): a record is copied
+  into the page cache, where a SIGKILL cannot take it back, without a
+  system call; a record that does not fit starts a new snapshot instead.
+  With ``fsync`` it is appended with ``write`` and ``fdatasync``-ed (one
+  flush per loop turn, shared by the replies of that turn), so it survives
+  a power loss too.
 * Compaction (``write_snapshot``): a new snapshot with the next epoch, then
   a new, empty journal of that epoch (created beside it, renamed over the
   old one).  Killed between the two renames, the new snapshot is found with
@@ -26,6 +31,7 @@ after every change) are read as an epoch-0 snapshot without a journal.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import struct
 import zlib
@@ -43,6 +49,7 @@ _MAGIC = b"XSJ1"
 _HEADER = struct.Struct("<4sQ")
 _RECORD = struct.Struct("<II")
 COMPACT_MIN_BYTES = 1 << 20      # a journal is compacted past this, or twice the snapshot, whichever is more
+MAPPED_MIN_BYTES = 4 << 20       # a mapped journal's size: this, or four times the snapshot, whichever is more
 
 
 class StateDir:
@@ -55,6 +62,7 @@ class StateDir:
         self.snapshot_bytes = 0
         self.journal_bytes = 0
         self._fd = -1
+        self._map: mmap.mmap | None = None
 
     # ---- reading -----------------------------------------------------------------------------
 
@@ -89,6 +97,8 @@ class StateDir:
         view = memoryview(data)
         while pos + _RECORD.size <= len(data):
             length, crc = _RECORD.unpack_from(data, pos)
+            if length == 0 and crc == 0:
+                break                   # the unused end of a mapped journal
             start = pos + _RECORD.size
             if start + length > len(data) or zlib.crc32(view[start:start + length]) != crc:
                 log.warning("xenstored: %s ends with a damaged record at byte %d (%d bytes dropped): "
@@ -100,8 +110,19 @@ class StateDir:
 
     # ---- writing -----------------------------------------------------------------------------
 
-    def append(self, payload: bytes) -> None:
-        """One record, on disk (in the page cache; with fsync, on stable storage) when this returns."""
+    def append(self, payload: bytes) -> bool:
+        """One (non-empty) record, in the page cache (with fsync: on stable storage) when this
+        returns True.  False: the mapped journal has no room left; write a snapshot instead."""
+        m = self._map
+        if m is not None:
+            pos = self.journal_bytes
+            end = pos + _RECORD.size + len(payload)
+            if end > len(m):
+                return False
+            m[pos + _RECORD.size:end] = payload
+            m[pos:pos + _RECORD.size] = _RECORD.pack(len(payload), zlib.crc32(payload))
+            self.journal_bytes = end
+            return True
         record = _RECORD.pack(len(payload), zlib.crc32(payload)) + payload
         n = os.write(self._fd, record)
         if n != len(record):            # a full disk: the tail is damaged, the next load drops it
@@ -109,6 +130,7 @@ class StateDir:
         self.journal_bytes += n
         if self.fsync:
             os.fdatasync(self._fd)
+        return True
 
     def wants_compaction(self) -> bool:
         return self.journal_bytes > max(COMPACT_MIN_BYTES, 2 * self.snapshot_bytes)
@@ -124,20 +146,32 @@ class StateDir:
 
     def _open_journal(self) -> None:
         tmp = self.journal_path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        mapped = not self.fsync
+        flags = os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | (os.O_RDWR if mapped else os.O_WRONLY | os.O_APPEND)
+        fd = os.open(tmp, flags, 0o600)
+        new_map = None
         try:
             os.write(fd, _HEADER.pack(_MAGIC, self.epoch))
+            if mapped:
+                # Written, not sparse: the blocks are the file's before a record needs them.
+                size = -(-max(MAPPED_MIN_BYTES, 4 * self.snapshot_bytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+                zeros = bytes(1 << 20)
+                left = size - _HEADER.size
+                while left > 0:
+                    left -= os.write(fd, zeros[:left])
+                new_map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             if self.fsync:
                 os.fdatasync(fd)
             os.replace(tmp, self.journal_path)
             if self.fsync:
                 self._sync_dir()
         except BaseException:
+            if new_map is not None:
+                new_map.close()
             os.close(fd)
             raise
-        if self._fd >= 0:
-            os.close(self._fd)
-        self._fd = fd
+        self.close()
+        self._fd, self._map = fd, new_map
         self.journal_bytes = _HEADER.size
 
     def _replace(self, path: str, data: bytes) -> None:
@@ -159,6 +193,9 @@ class StateDir:
             os.close(fd)
 
     def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -447,9 +447,9 @@ class XenstoredServer:
         if core_record is None and not rings:
             return
         # [core record, ring changes] as one msgpack array; the core's record is already msgpack
-        self.files.append(b"\x92" + (core_record or b"\xc0") + (msgpack.packb(rings) if rings else b"\x80"))
-        if self.files.wants_compaction():
-            self._snapshot()
+        if not self.files.append(b"\x92" + (core_record or b"\xc0") + (msgpack.packb(rings) if rings else b"\x80")) \
+                or self.files.wants_compaction():
+            self._snapshot()          # (a record that did not fit is in the snapshot: it is the state now)
 
     def _snapshot(self) -> None:
         """Everything in a new snapshot, and an empty journal after it."""
