@@ -816,6 +816,60 @@ def bringup(path: str, domids: range) -> None:
         tool.close()
 
 
+# ---- a real host: `xdom up` of N process guests, xenstored's CPU (opt-in: --host-guests)
+
+
+def peer_pid(sock_path: str) -> int:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.connect(sock_path)
+        return struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+    finally:
+        s.close()
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process since it started (/proc/PID/stat), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def host_bringup(n: int, tmp: str) -> dict[str, float]:
+    """``xdom up --detach`` of xenstored, blkback, netback (builtin switch) and ``n`` process guests
+    (32 MiB, one disk, one vif each); xenstored's CPU from its start to every guest ready, and
+    the wall time of ``up``.  Then ``xdom down``."""
+    base = tempfile.mkdtemp(prefix=f"host{n}-", dir=tmp)
+    os.chmod(base, 0o755)
+    state, run = os.path.join(base, "state"), os.path.join(base, "run")
+    os.makedirs(os.path.join(state, "images"))
+    text = [f'[host]\nstate_dir = "{state}"\nrun_dir = "{run}"\n',
+            '[[domain]]\nname = "xs"\nkind = "xenstored"\n', '[[domain]]\nname = "blk0"\nkind = "blkback"\n',
+            '[[domain]]\nname = "net0"\nkind = "netback"\nswitch = "builtin"\n']
+    for g in range(1, n + 1):
+        image = os.path.join(state, "images", f"g{g}.img")
+        with open(image, "wb") as f:
+            f.truncate(4 << 20)
+        text.append(f'[[domain]]\nname = "g{g}"\nkind = "guest"\nmemory = "32M"\n'
+                    f'disk = ["format=raw, vdev=xvda, access=rw, backend=blk0, target={image}"]\n'
+                    f'vif = ["mac=00:16:3e:00:{g // 256:02x}:{g % 256:02x}, backend=net0"]\n')
+    topo = os.path.join(base, "host.toml")
+    with open(topo, "w") as f:
+        f.write("\n".join(text))
+    xdom = [sys.executable, "-m", "xdom.deploy.cli"]
+    t0 = time.monotonic()
+    up = subprocess.run([*xdom, "up", topo, "--detach"], capture_output=True, text=True, timeout=600,
+                        stdin=subprocess.DEVNULL)
+    wall = time.monotonic() - t0
+    try:
+        if up.returncode != 0:
+            raise BenchError(f"xdom up of {n} guests failed: {(up.stdout + up.stderr)[-800:]}")
+        pid = peer_pid(os.path.join(run, "xenstored.sock"))
+        return {"up_wall_s": wall, "xenstored_cpu_s": proc_cpu_s(pid)}
+    finally:
+        subprocess.run([*xdom, "down", "--run-dir", run], capture_output=True, timeout=600, stdin=subprocess.DEVNULL)
+
+
 class Pool:
     """MAX_CLIENTS worker processes, forked once, each fed measurements over a pipe."""
 
@@ -1062,6 +1116,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for i, (key, label, op, n, depth, _) in enumerate(scale, len(plain) + 1):
             print(f"{i}/{len(ROWS)} {label}, {n} client(s) ...", file=sys.stderr, flush=True)
             measure_row(key, op, n, depth)
+        for n in args.host_guests:
+            print(f"xdom up of {n} guests (a real host) ...", file=sys.stderr, flush=True)
+            res.setdefault("host", {})[str(n)] = host_bringup(n, tmp)
         res["state_files"] = {}
         for kind in ("xs_state", "xs_fsync"):
             if kind in servers and servers[kind].state_dir:
@@ -1157,6 +1214,11 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> None:
                 last = str(ns[-1])
                 ratio = f"   CPU {v[last]['cpu_s'] / max(res['bringup']['ref'][last]['cpu_s'], 1e-9):.2f}x REF's"
             print(f"  {LABEL[k]:<26} " + "; ".join(cells) + ratio)
+    if res.get("host"):
+        print("\nxdom up of N process guests (xenstored, blkback, netback; one disk and one vif each): xenstored's "
+              "CPU from its start to all guests ready (no reference: the supervisor runs only ours)")
+        for n, h in res["host"].items():
+            print(f"  {n:>4} guests: xenstored {h['xenstored_cpu_s']:6.2f} s CPU, `xdom up` {h['up_wall_s']:6.1f} s wall")
     if res.get("state_files"):
         print("\nstate directories at the end: " + "; ".join(
             f"{LABEL[k]}: " + ", ".join(f"{f} {size:,} B" for f, size in files.items())
@@ -1188,11 +1250,15 @@ def main() -> int:
                          "(default: $XDOM_REF_XENSTORED, else ../shared/tools/ref-xenstored/start.sh if present)")
     ap.add_argument("--only", metavar="ROWS", default=None,
                     help="comma-separated row keys to run (" + ",".join(r[0] for r in ROWS) + ",bringup)")
+    ap.add_argument("--host-guests", metavar="N,N", default="",
+                    help="also bring a real host up (xdom up --detach) with N process guests, for each N, and "
+                         "report xenstored's CPU (slow: not in the default run)")
     ap.add_argument("--json", action="store_true", help="also print the raw results as JSON")
     ap.add_argument("--keep-logs", action="store_true", help="keep the temporary directory with the server logs")
     ap.add_argument("--echo-server", metavar="PATH", help=argparse.SUPPRESS)
     ap.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.host_guests = [int(n) for n in args.host_guests.split(",") if n.strip()]
     if args.echo_server:
         echo_server_main(args.echo_server, args.ready_fd)
         return 0
