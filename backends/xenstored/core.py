@@ -367,8 +367,11 @@ class XenstoreCore:
             if c is None:
                 self._output.append((conn, msg.error("EACCES")))
                 return
-            if (msg.type == _READ or msg.type == _DIRECTORY) and msg.tx_id == 0 and self._read_fast(c, msg):
-                return
+            if (msg.type == _READ or msg.type == _DIRECTORY) and msg.tx_id == 0:
+                data = self.read_fast(conn, msg.type, msg.payload)
+                if data is not None:
+                    self._output.append((conn, Message(msg.type, msg.req_id, 0, data)))
+                    return
             self._process(c, msg)
         except Exception:
             self.internal_errors += 1
@@ -380,27 +383,30 @@ class XenstoreCore:
         finally:
             self._after_reply.clear()
 
-    def _read_fast(self, c: _Connection, msg: Message) -> bool:
-        """READ or DIRECTORY outside a transaction of a path this connection named before, of a
-        node that is there and readable: what ``_process`` answers, without its general
-        machinery.  False: let ``_process`` answer (errors, first sight of a path, ...)."""
-        if c.stale or c.paths_max != self.quota.path_max:
-            return False
-        path = c.paths.get(msg.payload)
+    def read_fast(self, conn: ConnId, type_: int, payload: bytes) -> bytes | None:
+        """The reply payload of a READ or DIRECTORY outside a transaction, when it is a plain
+        success: a path this connection named before, a node that is there and readable.  Then
+        the request is answered (by the caller: nothing is queued) exactly as ``handle`` would;
+        None: it is not that simple, ``handle`` it.  (A READ changes nothing and fires nothing.)"""
+        c = self._conns.get(conn)
+        if c is None or c.stale or c.paths_max != self.quota.path_max:
+            return None
+        path = c.paths.get(payload)
         if path is None:
-            return False
+            return None
         node = self._store.get(path)
         if node is None:
-            return False
+            return None
         if len(node.perms) > 1:
             self._adjust_perms(node)
         if not c.privileged and not access_for(self._accessor(c), node.perms) & Access.READ:
-            return False
-        data = node.value if msg.type == _READ else node.children_bytes()
-        if len(data) > XENSTORE_PAYLOAD_MAX:
-            return False
-        self._output.append((c.conn, Message(msg.type, msg.req_id, 0, data)))
-        return True
+            return None
+        data = node.value if type_ == _READ else node.children_bytes()
+        return data if len(data) <= XENSTORE_PAYLOAD_MAX else None
+
+    def has_output(self) -> bool:
+        """Whether replies or events wait for ``take_output``."""
+        return bool(self._output)
 
     def take_output(self) -> list[tuple[ConnId, Message]]:
         """Replies and watch events queued since the last call, in order."""
@@ -411,6 +417,9 @@ class XenstoreCore:
                 c.queued_events.clear()
             self._event_conns = {}
         return out
+
+    def has_effects(self) -> bool:
+        return bool(self._effects)
 
     def take_effects(self) -> list[Effect]:
         """Rings to map (Introduced) or unmap (Released), in order."""
@@ -428,6 +437,8 @@ class XenstoreCore:
 
     def take_backlogged(self) -> list[ConnId]:
         """The connections that became ``backlogged`` since the last call (still connected)."""
+        if not self._backlogged:
+            return []
         conns = self._conns
         out = [conn for conn in self._backlogged if conn in conns and conns[conn].backlogged]
         self._backlogged = {}

@@ -41,7 +41,7 @@ import msgpack
 from xdom.domains.abi.event_channel import VIRQ_DOM_EXC
 from xdom.domains.abi.grant_table import GNTTAB_RESERVED_XENSTORE
 from xdom.domains.wakeup import WakePipe
-from xdom.domains.xs_wire import HEADER, Message, ProtocolError
+from xdom.domains.xs_wire import HEADER, Message, ProtocolError, XsType
 
 from .core import Introduced, Released, XenstoreCore
 from .journal import StateDir
@@ -51,6 +51,8 @@ log = logging.getLogger("xdom.xenstored")
 
 OUTPUT_LIMIT = 1 << 20        # bytes queued for a peer that does not read before we drop it
 READ_PAUSE = 64 << 10         # stop reading a peer while this much output waits for it
+_READ, _DIRECTORY = int(XsType.XS_READ), int(XsType.XS_DIRECTORY)
+_pack = HEADER.pack
 FSYNC_ENV = "XDOM_XENSTORED_FSYNC"   # "1": as --fsync (for a xenstored started by a toolstack)
 
 
@@ -255,10 +257,10 @@ class XenstoredServer:
         and any partial request are saved too, so a restarted xenstored
         neither loses nor repeats a domain's request or reply.
         """
-        out = self.core.take_output()
-        if out:
-            self._route(out)
-        for conn_key in self.core.take_backlogged():       # watch events it cannot keep up with
+        core = self.core
+        if core.has_output():
+            self._route(core.take_output())
+        for conn_key in core.take_backlogged():       # watch events it cannot keep up with
             conn = self.conns.get(conn_key)
             if conn is not None:
                 self._drop(conn, "watch event backlog")
@@ -270,7 +272,8 @@ class XenstoredServer:
                     conn.transport.commit()
                     conn.committed = conn.transport.cursor
             self._rings_read = {}
-        self._apply_effects()
+        if core.has_effects():
+            self._apply_effects()
         if self._pending:
             pending, self._pending = self._pending, {}
             for key, conn in pending.items():
@@ -323,20 +326,32 @@ class XenstoredServer:
             self._drop(conn, "peer closed")
             return
         try:
-            msgs = conn.reader.feed(data)
+            frames = conn.reader.frames(data)
         except ProtocolError as e:
             self._drop(conn, str(e))
             return
-        if not msgs:
+        if not frames:
             return
         if self.virq_port:
             # The toolstack may have seen a death we have not handled yet (VIRQ_DOM_EXC raised
             # after this turn's select) and restarted the domain: handle the death first.
             self._virq()
-        handle, key = self.core.handle, id(conn)
-        for msg in msgs:
-            handle(key, msg)
-        self._route(self.core.take_output())
+        core, key, out = self.core, id(conn), conn.out
+        for type_, req_id, tx_id, payload in frames:
+            if (type_ == _READ or type_ == _DIRECTORY) and tx_id == 0:
+                # A plain read: its reply straight into the buffer, after whatever came before it.
+                reply = core.read_fast(key, type_, payload)
+                if reply is not None:
+                    if core.has_output():
+                        self._route(core.take_output())
+                    out += _pack(type_, req_id, 0, len(reply))
+                    out += reply
+                    continue
+            core.handle(key, Message(type_, req_id, tx_id, payload))
+        if core.has_output():
+            self._route(core.take_output())
+        if out:
+            self._pending[key] = conn
 
     def _read(self, conn: Connection) -> None:
         if conn.is_ring:

@@ -35,6 +35,10 @@ class FrameReader:
         self._max = max_payload
 
     def feed(self, data: bytes) -> list[Message]:
+        return [Message(*frame) for frame in self.frames(data)]
+
+    def frames(self, data: bytes) -> list[tuple[int, int, int, bytes]]:
+        """As ``feed``, each message as (type, req_id, tx_id, payload)."""
         if self._buf:
             data = self._buf + data
             self._buf = b""
@@ -48,7 +52,7 @@ class FrameReader:
             end = start + length
             if end > n:
                 break
-            out.append(Message(type_, req_id, tx_id, data[start:end]))
+            out.append((type_, req_id, tx_id, data[start:end]))
             pos = end
         if pos < n:
             self._buf = data[pos:]
