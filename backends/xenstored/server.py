@@ -266,10 +266,12 @@ class XenstoredServer:
                 self._drop(conn, "watch event backlog")
         if self.files is not None:
             self._journal()
+        notify: dict[int, Connection] = {}
         if self._rings_read:
-            for conn in self._rings_read.values():
+            for key, conn in self._rings_read.items():
                 if self.rings.get(conn.domid) is conn:
-                    conn.transport.commit()
+                    if conn.transport.commit(notify=False):
+                        notify[key] = conn          # told below, with the replies if there are any
                     conn.committed = conn.transport.cursor
             self._rings_read = {}
         if core.has_effects():
@@ -278,10 +280,13 @@ class XenstoredServer:
             pending, self._pending = self._pending, {}
             for key, conn in pending.items():
                 if conn.out and key in self.conns:
-                    self._flush(conn)
+                    if self._flush(conn) and notify:
+                        notify.pop(key, None)            # the ring's event covers both
                     if conn.out and key in self.conns:
                         self._pending[key] = conn        # the rest when it has room
-
+        for key, conn in notify.items():
+            if key in self.conns:
+                conn.transport.notify()                  # room freed, no reply written
     def _route(self, out: list[tuple[Any, Message]]) -> None:
         """Replies and events to their connections' output (one buffer each, written once a turn)."""
         conns, pending, pack = self.conns, self._pending, HEADER.pack
@@ -336,6 +341,9 @@ class XenstoredServer:
             # The toolstack may have seen a death we have not handled yet (VIRQ_DOM_EXC raised
             # after this turn's select) and restarted the domain: handle the death first.
             self._virq()
+        self._handle_frames(conn, frames)
+
+    def _handle_frames(self, conn: Connection, frames: list[tuple[int, int, int, bytes]]) -> None:
         core, key, out = self.core, id(conn), conn.out
         for type_, req_id, tx_id, payload in frames:
             if (type_ == _READ or type_ == _DIRECTORY) and tx_id == 0:
@@ -352,6 +360,8 @@ class XenstoredServer:
             self._route(core.take_output())
         if out:
             self._pending[key] = conn
+            if conn.is_ring:
+                self._rings_touched.add(conn.domid)
 
     def _read(self, conn: Connection) -> None:
         if conn.is_ring:
@@ -366,22 +376,15 @@ class XenstoredServer:
             return            # let it drain its replies first
         try:
             data = conn.transport.recv()
-            msgs = conn.reader.feed(data) if data else []
+            frames = conn.reader.frames(data) if data else []
         except (TransportClosed, ProtocolError) as e:
             self._drop(conn, str(e))
             return
-        if not msgs:
-            return
-        if not conn.is_ring and self.virq_port:
-            # The toolstack may have seen a death we have not handled yet (VIRQ_DOM_EXC raised
-            # after this turn's select) and restarted the domain: handle the death first.
-            self._virq()
-        handle, key = self.core.handle, id(conn)
-        for msg in msgs:
-            handle(key, msg)
-        self._route(self.core.take_output())
+        if frames:
+            self._handle_frames(conn, frames)
 
-    def _flush(self, conn: Connection) -> None:
+    def _flush(self, conn: Connection) -> bool:
+        """Write what the connection can take; True if a ring was written (and told so)."""
         if conn.sock is not None:
             try:
                 n = conn.sock.send(conn.out)
@@ -389,21 +392,24 @@ class XenstoredServer:
                 n = 0
             except OSError as e:
                 self._drop(conn, str(e))
-                return
+                return False
         else:
             try:
                 n = conn.transport.send(memoryview(conn.out))
             except TransportClosed as e:
                 self._drop(conn, str(e))
-                return
+                return False
         del conn.out[:n]
         if len(conn.out) > OUTPUT_LIMIT:
             self._drop(conn, f"{len(conn.out)} bytes of replies not read")
-            return
-        if not conn.is_ring and conn.writing != bool(conn.out):
+            return False
+        if conn.is_ring:
+            return n > 0
+        if conn.writing != bool(conn.out):
             conn.writing = bool(conn.out)
             events = EVENT_READ | (EVENT_WRITE if conn.out else 0)
             self.sel.modify(conn.transport.fileno(), events, ("conn", conn))
+        return False
 
     def _drop(self, conn: Connection, why: str) -> None:
         if id(conn) not in self.conns:

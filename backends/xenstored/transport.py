@@ -169,11 +169,16 @@ class RingTransport:
             raise self._fail("request ring producer index jumped")
         return data
 
-    def commit(self) -> None:
-        """Free what was read for the guest (after it is handled and persisted)."""
+    def commit(self, notify: bool = True) -> bool:
+        """Free what was read for the guest (after it is handled and persisted).  The guest may be
+        waiting for room: it is notified, unless ``notify`` is False (the caller does it, with the
+        replies).  Returns whether anything was freed."""
         if self._get(RING_REQ_CONS) != self.cursor:
             self._set(RING_REQ_CONS, self.cursor)
-            self.notify()                        # the guest may be waiting for room
+            if notify:
+                self.notify()
+            return True
+        return False
 
     def send(self, data: bytes | memoryview) -> int:
         try:
