@@ -26,10 +26,11 @@ from hypothesis import strategies as st
 from xdom.backends.xenstored import journal as journal_mod
 from xdom.backends.xenstored.core import TX_ID_RESERVE, XenstoreCore
 from xdom.backends.xenstored.journal import StateDir
-from xdom.deploy.launcher import start_ready
+from xdom.deploy.launcher import start_ready, start_xenstored_domain
 from xdom.domains.xenstore import XenstoreClient
 from xdom.domains.xs_wire import Message, XsType
 
+from helpers import wait_until
 from test_xenstore_fuzz import CONNS, MESSAGES, new_core, send
 from xs_fixtures import Xenstored, start_xenstored
 
@@ -330,3 +331,29 @@ def test_fsync_mode_serves_and_survives_sigkill(run_dir: str) -> None:
             assert [c.read(f"/durable/n{i}") for i in range(20)] == [str(i).encode() for i in range(20)]
     finally:
         xsd.stop()
+
+
+def test_a_confined_xenstored_domain_compacts_its_journal_and_restarts_on_it(mgmt: Any, run_dir: str) -> None:
+    """The compaction after the domain locked itself down (seccomp, Landlock) uses only what its
+    policy allows: a new snapshot, a new mapped journal, renames."""
+    sock, state = os.path.join(run_dir, "xs.sock"), os.path.join(run_dir, "xs-state")
+    xs = start_xenstored_domain(mgmt, sock, state)
+    value = "y" * 3000
+    try:
+        with XenstoreClient.unix(sock) as c:
+            db_before, _ = files(state)
+            for i in range(500):
+                c.write(f"/big/n{i % 40}", f"{i}:{value}")
+            assert files(state)[0].st_ino != db_before.st_ino        # compacted while confined
+            c.write("/big/after", "compaction")
+        xs.proc.send_signal(signal.SIGKILL)
+        xs.proc.wait()
+        wait_until(lambda: mgmt.request("info", domid=xs.domid)["domain"]["state"] == "crashed",
+                   what="the broker to see xenstored die")
+        xs = start_xenstored_domain(mgmt, sock, state, creds=mgmt.request("restart", domid=xs.domid))
+        with XenstoreClient.unix(sock) as c:
+            last = {i % 40: i for i in range(500)}
+            assert [c.read(f"/big/n{k}") for k in range(40)] == [f"{last[k]}:{value}".encode() for k in range(40)]
+            assert c.read("/big/after") == b"compaction"
+    finally:
+        xs.stop()
