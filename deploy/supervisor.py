@@ -81,15 +81,15 @@ from .launcher import BrokerProcess, start_broker, start_domain_process
 from .policy import Action, ExitStatus, HealthCheck, HealthSample, RestartTracker
 from .rundir import Layout, LayoutError, PidFile, clear_run_files, make_dirs, remove_run_dir, stop_leftovers
 from .topology import (DEFAULT_BRIDGE, DomainKind, DomainSpec, NetSwitch, Topology, TopologyError, bridge_name_problem,
-                       vif_devids)
+                       vif_devids, vif_queues)
 from .vbd import VbdConfig, add_vbd, remove_vbd
 from .bridge import backend_tap_name, ensure_bridge, ensure_port
 from .tap import TapError, create_tap, delete_tap, open_tun, tap_exists
 from .vif import VifConfig, add_vif, remove_vif
 from .topology import export_problem
 from .vm.supervised import VmPlan, VmSupervisor, check_vms
-from .xlcfg import EXPORT_VHOST_USER, DiskSpec, VifSpec, XlCfgError, default_vif_export, generate_mac, parse_disk, \
-    parse_vif
+from .xlcfg import EXPORT_NBD, EXPORT_VHOST_USER, DiskSpec, VifSpec, XlCfgError, default_vif_export, generate_mac, \
+    parse_disk, parse_vif
 from .xsnodes import domain_path, write_dom0_nodes, write_domain_nodes
 
 __all__ = ["READY_TIMEOUT", "STOP_GRACE", "AlreadyRunning", "JournalEntry", "State",
@@ -693,7 +693,7 @@ class Supervisor:
             disks += [f"--vif={devid}:{_ifname(devid)}" + (f":{tun_fds[devid]}" if tun_fds and devid in tun_fds
                                                              else "") for devid, _ in _tap_vifs(d.spec)]
             # A VM's vif is a vhost-user-net device on a socket of the guest domain's.
-            disks += [f"--vhost-user-vif={devid}:{self._vif_export(d, devid, vif)}"
+            disks += [f"--vhost-user-vif={devid}:{self._vif_export(d, devid, vif)}:{vif_queues(vif, d.spec.vm)}"
                       for devid, vif in _vifs(d.spec) if vif.export_kind == EXPORT_VHOST_USER]
             if device_fd >= 0:
                 disks.append(f"--device-fd={device_fd}")
@@ -1044,7 +1044,8 @@ class Supervisor:
                 continue
             assert be.domid is not None and fe.domid is not None
             add_vbd(xs, VbdConfig(be.domid, fe.domid, disk.devid, disk.vdev, disk.target, disk.readonly,
-                                  export=self._export_path(fe, disk), disk_fd=self._offer_disk(be, fe, disk)))
+                                  export=self._export_path(fe, disk), export_kind=disk.export_kind or EXPORT_NBD,
+                                  disk_fd=self._offer_disk(be, fe, disk)))
             self._record(fe.name, "vbd", f"{disk.vdev} on {be.name} -> {self._export_path(fe, disk)}")
 
     def _offer_disk(self, be: _Domain, fe: _Domain, disk: DiskSpec) -> int | None:
@@ -1093,9 +1094,11 @@ class Supervisor:
                     self._plug_failed(fe, devid, be, e)
                     continue
             rate = vif.rate
+            vhost_user = vif.export_kind == EXPORT_VHOST_USER        # served to a VM: its socket and queue pairs
             add_vif(xs, VifConfig(be.domid, fe.domid, devid, vif.mac, _bridge_of(be, vif), vif.mtu or 1500,
                                   rate.bytes_per_interval if rate else None, rate.interval_us if rate else None,
-                                  _ifname(devid)))
+                                  _ifname(devid), export=self._vif_export(fe, devid, vif) if vhost_user else None,
+                                  queues=vif_queues(vif, fe.spec.vm)))
             self._record(fe.name, "vif", f"{_ifname(devid)} {vif.mac} on {be.name}")
 
     def _served_vifs(self, d: _Domain) -> list[tuple[_Domain, _Domain, int, VifSpec]]:
@@ -1222,6 +1225,10 @@ class Supervisor:
                         f"{d.name}'s and removes it at xdom down), or give export= a plain socket name "
                         f"({self.layout.export_dir(d.name)}/)")
             _unlink_socket(path)
+        if disks is None and d.kind == DomainKind.GUEST and not os.path.lexists(self.layout.export_dir(d.name)):
+            # Where hot-attached devices' sockets go: it must exist before the guest confines itself (Landlock).
+            os.mkdir(self.layout.export_dir(d.name), 0o700)
+            private_dir(self.layout.export_dir(d.name), uid)
 
     def _remove_domain_nodes(self, domid: int) -> None:
         if not self._store_up():
@@ -1560,9 +1567,8 @@ class Supervisor:
             raise ControlError.of(errno.EINVAL, f"{d.name} is a {d.kind} domain; disks attach to guests")
         if d.state != State.RUNNING or d.domid is None:
             raise ControlError.of(errno.EBUSY, f"{d.name} is {d.state}; disks attach to a running guest")
-        if d.spec.vm is not None:
-            raise ControlError.of(errno.EOPNOTSUPP, f"{d.name} runs a VM, whose devices are fixed on QEMU's command "
-                                                    f"line; change them in the topology (and xdom restart {d.name})")
+        if (why := self.vms.devices_problem(d)) is not None:      # a VM's: hot-plugged over QMP (vm/supervised.py)
+            raise ControlError.of(errno.EBUSY, why)
         return d
 
     def _op_block_attach(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -1605,7 +1611,11 @@ class Supervisor:
                                  + [target])
             if why is not None:
                 raise ControlError.of(errno.EINVAL, why)
-        disk = dataclasses.replace(disk, target=os.path.normpath(target), export_path=export)
+        kind = disk.export_kind or (EXPORT_VHOST_USER if d.spec.vm is not None else EXPORT_NBD)
+        if d.spec.vm is not None and kind != EXPORT_VHOST_USER:
+            raise ControlError.of(errno.EINVAL, f"export={kind}: {d.name} runs a VM, which reaches its disks over "
+                                                f"vhost-user only; leave export= out or write export=vhost-user:NAME")
+        disk = dataclasses.replace(disk, target=os.path.normpath(target), export_path=export, export_kind=kind)
         try:
             st = os.stat(disk.target)
         except OSError as e:
@@ -1617,22 +1627,25 @@ class Supervisor:
             raise ControlError.of(errno.EEXIST, f"export socket {path} is already in use")
         # A running guest's Landlock domain lets it bind sockets only where its command line said.
         dirs = {a.partition("=")[2] if a.startswith("--export-dir=") else os.path.dirname(a.partition(":")[2])
-                for a in (d.proc.args if d.proc is not None else ()) if a.startswith(("--export-dir=", "--disk="))}
+                for a in (d.proc.args if d.proc is not None else ()) if a.startswith(_EXPORT_ARGS)}
         if os.path.dirname(path) not in dirs and confinement_mode() != "off":
             raise ControlError.of(errno.EACCES, f"{d.name} is confined to export sockets in {', '.join(sorted(dirs))}"
                                                 f"; put {disk.vdev} in its topology to export it elsewhere")
+        plug = self.vms.plug_disk(d, disk, path)         # a VM's disk: into the VM once served (vm/supervised.py)
         d.spec = dataclasses.replace(d.spec, disks=(*d.spec.disks, disk))
         try:
             self._prepare_exports(d, (disk,))
             with self._xs() as xs:
                 self._write_devices(xs, d, only=disk)
         except (XenstoreError, OSError, TimeoutError, AccessError) as e:
+            self.vms.forget_plug(d, plug.get("device", ""))
             d.spec = dataclasses.replace(d.spec, disks=tuple(x for x in d.spec.disks if x is not disk))
             if not isinstance(e, (XenstoreError, AccessError)):      # xenstored may have committed them
                 self._refused_attach("vbd", d, disk.devid, be, self._export_path(d, disk))
             raise ControlError.of(errno.EIO, f"attaching {disk.vdev} to {d.name}: {e}") from None
         log.info("attached %s (%s) to %s on %s", disk.vdev, disk.target, d.name, be.name)
-        return {"vdev": disk.vdev, "devid": disk.devid, "export": path, "backend": be.name}
+        return {"vdev": disk.vdev, "devid": disk.devid, "export": path, "backend": be.name, "export_kind": kind,
+                **({"vm": plug} if plug else {})}
 
     def _op_block_detach(self, req: dict[str, Any]) -> dict[str, Any]:
         """``xl block-detach``: the backend closes, the guest lets go, then the nodes go."""
@@ -1643,17 +1656,24 @@ class Supervisor:
             raise ControlError.of(errno.ENODEV, f"{d.name} has no disk {which!r:.40} "
                                                 f"(disks: {', '.join(x.vdev for x in d.spec.disks) or 'none'})")
         be = self._by_name.get(disk.backend or "")
-        closed = False
-        if be is not None and be.domid is not None and d.domid is not None:
-            try:
+
+        def teardown() -> bool:
+            closed = False
+            if be is not None and be.domid is not None and d.domid is not None:
                 with self._xs() as xs:
                     closed = remove_vbd(xs, be.domid, d.domid, disk.devid, timeout=DETACH_TIMEOUT)
-            except (XenstoreError, OSError, TimeoutError) as e:
-                raise ControlError.of(errno.EIO, f"detaching {disk.vdev} from {d.name}: {e}") from None
-        d.spec = dataclasses.replace(d.spec, disks=tuple(x for x in d.spec.disks if x is not disk))
-        _unlink_socket(self._export_path(d, disk))
-        log.info("detached %s from %s%s", disk.vdev, d.name, "" if closed else " (the backend did not confirm)")
-        return {"vdev": disk.vdev, "clean": closed}
+            d.spec = dataclasses.replace(d.spec, disks=tuple(x for x in d.spec.disks if x is not disk))
+            _unlink_socket(self._export_path(d, disk))
+            log.info("detached %s from %s%s", disk.vdev, d.name, "" if closed else " (the backend did not confirm)")
+            return closed
+        # A VM's disk leaves the VM first (device_del, answered when its kernel let go): the rest follows then.
+        pending = self.vms.unplug_disk(d, disk, lambda: _logged(teardown, f"detaching {disk.vdev} from {d.name}"))
+        if pending is not None:
+            return {"vdev": disk.vdev, "clean": None, "vm": pending}
+        try:
+            return {"vdev": disk.vdev, "clean": teardown()}
+        except (XenstoreError, OSError, TimeoutError) as e:
+            raise ControlError.of(errno.EIO, f"detaching {disk.vdev} from {d.name}: {e}") from None
 
     def _op_network_attach(self, req: dict[str, Any]) -> dict[str, Any]:
         """``xl network-attach``: a new vif on a running guest: its TAP in the guest's namespace, then the nodes."""
@@ -1685,21 +1705,60 @@ class Supervisor:
         elif any(v.mac == vif.mac for g in self.domains for v in g.spec.vifs):
             raise ControlError.of(errno.EEXIST, f"MAC {vif.mac} is already in use on this host")
         vif = dataclasses.replace(vif, extra={**vif.extra, "devid": str(devid)})
+        vif, export = self._vhost_user_vif(d, devid, vif)     # a VM's NIC, or a vif served to a VMM: its socket
+        plug = self.vms.plug_nic(d, devid, vif, export) if export is not None else {}   # into the VM once served
         d.spec = dataclasses.replace(d.spec, vifs=(*d.spec.vifs, vif))
         try:
             self._prepare_vifs(d)
-            self._offer_tun(d, devid)
+            if export is None:
+                self._offer_tun(d, devid)
             with self._xs() as xs:
                 self._write_vifs(xs, d, only=devid)
         except (netns.NetnsError, TapError, XenstoreError, OSError, TimeoutError) as e:
+            self.vms.forget_plug(d, plug.get("device", ""))
             self._forget_vif(d, devid, vif)
             if isinstance(e, (ConnectionError, TimeoutError)):         # xenstored may have committed them
                 self._refused_attach("vif", d, devid, be)
             raise ControlError.of(errno.EIO, f"attaching a vif to {d.name}: {e}") from None
         log.info("attached vif %d (%s) to %s on %s", devid, vif.mac, d.name, be.name)
-        return {"devid": devid, "ifname": _ifname(devid), "mac": vif.mac, "backend": be.name,
-                "ip": str(vif.ip) if vif.ip else None, "netns": d.netns, "bridge": _bridge_of(be, vif),
-                "backend_tap": _backend_tap(be, d, devid)}
+        return {"devid": devid, "ifname": _ifname(devid) if export is None else None, "mac": vif.mac,
+                "backend": be.name, "ip": str(vif.ip) if vif.ip else None, "netns": d.netns,
+                "bridge": _bridge_of(be, vif), "backend_tap": _backend_tap(be, d, devid), "export": export,
+                **({"queues": vif_queues(vif, d.spec.vm)} if export is not None else {}),
+                **({"vm": plug} if plug else {})}
+
+    def _vhost_user_vif(self, d: _Domain, devid: int, vif: VifSpec) -> tuple[VifSpec, str | None]:
+        """A vif being attached to ``d``: a VM's is vhost-user-net on a socket in the guest's export
+        directory (or where its ``export=`` says, within the directories its Landlock rules allow); its
+        socket, or None for a TAP vif."""
+        kind = vif.export_kind or (EXPORT_VHOST_USER if d.spec.vm is not None else None)
+        if kind is None:
+            if vif.queues is not None:
+                raise ControlError.of(errno.EINVAL, f"queues={vif.queues}: queues are a vhost-user NIC's queue pairs; "
+                                                    f"this vif is a TAP device, which has one")
+            return vif, None
+        export = vif.export_path
+        if export is not None and not os.path.isabs(export):
+            name = os.path.normpath(export)
+            if os.sep in name or name == "..":
+                raise ControlError.of(errno.EINVAL, f"export socket {export!r}: a relative export is a socket name "
+                                                    f"in {d.name}'s own directory {self.layout.export_dir(d.name)}/")
+            export = os.path.join(self.layout.export_dir(d.name), name)
+        vif = dataclasses.replace(vif, export_kind=kind, export_path=os.path.normpath(export) if export else None)
+        path = self._vif_export(d, devid, vif)
+        if path in self._export_sockets_of_host():
+            raise ControlError.of(errno.EEXIST, f"export socket {path} is already in use")
+        dirs = {a.partition("=")[2] if a.startswith("--export-dir=") else os.path.dirname(a.partition(":")[2])
+                for a in (d.proc.args if d.proc is not None else ()) if a.startswith(_EXPORT_ARGS)}
+        if os.path.dirname(path) not in dirs and confinement_mode() != "off":
+            raise ControlError.of(errno.EACCES, f"{d.name} is confined to export sockets in {', '.join(sorted(dirs))}"
+                                                f"; leave export= out (its socket then goes in "
+                                                f"{self.layout.export_dir(d.name)}/)")
+        _unlink_socket(path)            # a stale one would look served
+        return vif, path
+
+    def _export_sockets_of_host(self) -> set[str]:
+        return {p for g in self.domains for p in self._export_sockets(g)}
 
     def _refused_attach(self, kind: str, d: _Domain, devid: int, be: _Domain, export: str | None = None) -> None:
         """An attach refused because xenstored stopped answering (killed, restarting): its transaction
@@ -1757,16 +1816,25 @@ class Supervisor:
                                                 f"{', '.join(f'{i} {v.mac}' for i, v in _vifs(d.spec)) or 'none'})")
         devid, vif = found
         be = self._by_name.get(vif.backend or "")
-        closed = False
-        if be is not None and be.domid is not None and d.domid is not None:
-            try:
+
+        def teardown() -> bool:
+            closed = False
+            if be is not None and be.domid is not None and d.domid is not None:
                 with self._xs() as xs:
                     closed = remove_vif(xs, be.domid, d.domid, devid, timeout=DETACH_TIMEOUT)
-            except (XenstoreError, OSError, TimeoutError) as e:
-                raise ControlError.of(errno.EIO, f"detaching vif {devid} from {d.name}: {e}") from None
-        self._forget_vif(d, devid, vif)
-        log.info("detached vif %d from %s%s", devid, d.name, "" if closed else " (the backend did not confirm)")
-        return {"devid": devid, "clean": closed}
+            self._forget_vif(d, devid, vif)
+            if vif.export_kind == EXPORT_VHOST_USER:
+                _unlink_socket(self._vif_export(d, devid, vif))
+            log.info("detached vif %d from %s%s", devid, d.name, "" if closed else " (the backend did not confirm)")
+            return closed
+        # A VM's NIC leaves the VM first (device_del, answered when its kernel let go): the rest follows then.
+        pending = self.vms.unplug_nic(d, devid, lambda: _logged(teardown, f"detaching vif {devid} from {d.name}"))
+        if pending is not None:
+            return {"devid": devid, "clean": None, "vm": pending}
+        try:
+            return {"devid": devid, "clean": teardown()}
+        except (XenstoreError, OSError, TimeoutError) as e:
+            raise ControlError.of(errno.EIO, f"detaching vif {devid} from {d.name}: {e}") from None
 
     def _op_stop(self, req: dict[str, Any]) -> dict[str, Any]:
         log.info("stop requested over the control channel")
@@ -1861,6 +1929,15 @@ class Supervisor:
             self._wake.close()
             self._wake = None
 
+
+def _logged(step: Callable[[], Any], what: str) -> None:
+    """A step that runs later, with no one to answer: its failure goes to the log."""
+    try:
+        step()
+    except (XenstoreError, OSError, TimeoutError) as e:
+        log.error("%s: %s", what, e)
+
+
 def _vifs(spec: DomainSpec) -> list[tuple[int, VifSpec]]:
     """(devid, vif): libxl numbers a domain's vifs 0, 1, ... unless xl's devid= says otherwise."""
     return vif_devids(spec.vifs)
@@ -1894,6 +1971,8 @@ def _ifname(devid: int) -> str:
 
 
 DETACH_TIMEOUT = 5.0      # seconds block-detach waits for the backend to report Closed
+# A guest's arguments naming where it may bind export sockets (its Landlock rules allow those directories).
+_EXPORT_ARGS = ("--export-dir=", "--disk=", "--vhost-user-disk=", "--vhost-user-vif=")
 _READY_PIPE_KINDS = (DomainKind.XENSTORED, DomainKind.GUEST, DomainKind.BLKBACK, DomainKind.NETBACK)
 
 

@@ -591,6 +591,10 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 def cmd_block_attach(args: argparse.Namespace) -> int:
     run_dir = _resolve_run_dir(args)
     r = _request(run_dir, args.timeout, "block-attach", name=args.domain, disk=args.disk)
+    if "vm" in r:               # a VM's disk: in the VM once its guest domain serves it (vm/supervised.py)
+        _say(f"xdom: {r['vdev']} (devid {r['devid']}) attached to {args.domain} on {r['backend']}; "
+             + _follow_vm_plug(run_dir, args.domain, "disks", r["vm"], removing=False))
+        return EXIT_OK
     _say(f"xdom: {r['vdev']} (devid {r['devid']}) attached to {args.domain} on {r['backend']}; "
          f"NBD export nbd+unix:///?socket={r['export']}")
     return EXIT_OK
@@ -599,9 +603,46 @@ def cmd_block_attach(args: argparse.Namespace) -> int:
 def cmd_block_detach(args: argparse.Namespace) -> int:
     run_dir = _resolve_run_dir(args)
     r = _request(run_dir, args.timeout, "block-detach", name=args.domain, vdev=args.vdev)
+    if "vm" in r:
+        _follow_vm_plug(run_dir, args.domain, "disks", r["vm"], removing=True)
+        _say(f"xdom: {r['vdev']} detached from {args.domain} (removed from its VM, then from xenbus)")
+        return EXIT_OK
     _say(f"xdom: {r['vdev']} detached from {args.domain}"
          + ("" if r["clean"] else " (the backend did not confirm it closed; its nodes were removed anyway)"))
     return EXIT_OK
+
+
+VM_PLUG_WAIT = 120.0    # seconds a VM device's hot-add (its guest domain connects first) or removal may take
+
+
+def _follow_vm_plug(run_dir: str, name: str, key: str, vm: dict[str, Any], *, removing: bool) -> str:
+    """Wait until a VM device's hot-plug step is done (``xdom ps``'s ``vm.disks``/``vm.nics`` rows); what
+    the VM got, or CommandError with why not."""
+    dev = vm.get("device")
+    if vm.get("at_start"):
+        return f"its VM is not running: it gets {dev} when it starts"
+    deadline = time.monotonic() + VM_PLUG_WAIT
+    with _client(run_dir, 10.0) as c:
+        while True:
+            try:
+                row = c.request("info", name=name)["domain"]
+            except (ControlError, TimeoutError) as e:
+                raise CommandError(EXIT_ERROR, str(e)) from None
+            x = next((x for x in (row.get("vm") or {}).get(key, []) if x.get("id") == dev), None)
+            plug = (x or {}).get("plug") or {}
+            if removing and x is None:
+                return ""
+            if not removing and plug.get("state") == "present":
+                return (f"the VM has it as a virtio device (vhost-user on {x and x.get('socket')}, PCIe slot "
+                        f"{plug.get('bus')})")
+            if plug.get("state") == "failed":
+                undo = "" if removing else (f"; its xenbus device stays until xdom "
+                                            f"{'block' if key == 'disks' else 'network'}-detach")
+                raise CommandError(EXIT_ERROR, f"{dev}: {plug.get('error')}{undo}")
+            if time.monotonic() > deadline:
+                raise CommandError(EXIT_ERROR, f"the VM of {name} has not {'let go of' if removing else 'got'} {dev} "
+                                               f"within {VM_PLUG_WAIT:g}s (its plug state: xdom ps --json)")
+            time.sleep(0.05)    # polling the supervisor, with a deadline
 
 
 def cmd_block_list(args: argparse.Namespace) -> int:
@@ -621,6 +662,11 @@ def cmd_block_list(args: argparse.Namespace) -> int:
 def cmd_network_attach(args: argparse.Namespace) -> int:
     run_dir = _resolve_run_dir(args)
     r = _request(run_dir, args.timeout, "network-attach", name=args.domain, vif=args.vif)
+    if "vm" in r:
+        _say(f"xdom: vif {r['devid']} ({r['mac']}, {r['queues']} queue pair{'s' if r['queues'] > 1 else ''}) attached "
+             f"to {args.domain} on {r['backend']}; " + _follow_vm_plug(run_dir, args.domain, "nics", r["vm"],
+                                                                      removing=False))
+        return EXIT_OK
     _say(f"xdom: vif {r['devid']} ({r['mac']}) attached to {args.domain} on {r['backend']}: {r['ifname']}"
          + (f" {r['ip']}" if r["ip"] else "") + (f" in namespace {r['netns']}" if r["netns"] else "")
          + (f"; {r['backend']}'s side: {r['backend_tap']} on bridge {r['bridge']}" if r.get("backend_tap") else ""))
@@ -630,6 +676,10 @@ def cmd_network_attach(args: argparse.Namespace) -> int:
 def cmd_network_detach(args: argparse.Namespace) -> int:
     run_dir = _resolve_run_dir(args)
     r = _request(run_dir, args.timeout, "network-detach", name=args.domain, vif=args.vif)
+    if "vm" in r:
+        _follow_vm_plug(run_dir, args.domain, "nics", r["vm"], removing=True)
+        _say(f"xdom: vif {r['devid']} detached from {args.domain} (removed from its VM, then from xenbus)")
+        return EXIT_OK
     _say(f"xdom: vif {r['devid']} detached from {args.domain}"
          + ("" if r["clean"] else " (the backend did not confirm it closed; its nodes were removed anyway)"))
     return EXIT_OK

@@ -67,8 +67,8 @@ from typing import Any, Iterable, Mapping
 from xdom.domains.abi.grant_table import PAGE_SIZE
 
 from .xlcfg import (
-    EXPORT_NBD, EXPORT_VHOST_USER, EXPORTS_DIR, MAX_UNIX_PATH, DiskSpec, VifSpec, XlCfgError, default_export,
-    default_vif_export, export_dir, generate_mac, parse_disk, parse_vif,
+    EXPORT_NBD, EXPORT_VHOST_USER, EXPORTS_DIR, MAX_UNIX_PATH, MAX_VIF_QUEUES, DiskSpec, VifSpec, XlCfgError,
+    default_export, default_vif_export, export_dir, generate_mac, parse_disk, parse_vif,
 )
 
 __all__ = [
@@ -76,7 +76,7 @@ __all__ = [
     "MAX_TOPOLOGY_BYTES", "MIN_FDS", "START_RANK",
     "DEFAULT_BRIDGE", "DEFAULT_VM_MEMORY", "MIN_VM_MEMORY_MIB", "VM_ACCELS", "VM_LOG_SUFFIXES",
     "DomainKind", "DomainSpec", "HostSettings", "Limits", "NetSwitch", "RestartPolicy", "Topology",
-    "TopologyError", "VmConfig", "vif_devids",
+    "TopologyError", "VmConfig", "vif_devids", "vif_queues",
     "bridge_name_problem", "default_export", "export_dir", "export_problem", "load_topology", "parse_memory_size",
     "parse_topology",
 ]
@@ -280,6 +280,14 @@ def vif_devids(vifs: Iterable[VifSpec]) -> list[tuple[int, VifSpec]]:
         devid = vif.extra.get("devid")
         out.append((int(devid) if isinstance(devid, str) and devid.isdigit() else i, vif))
     return out
+
+
+def vif_queues(vif: VifSpec, vm: VmConfig | None) -> int:
+    """A vhost-user NIC's queue pairs: its ``queues=``, else one per vCPU of its VM (as a disk's queues),
+    at most MAX_VIF_QUEUES; 1 for a NIC served to a VMM the user runs."""
+    if vif.queues is not None:
+        return vif.queues
+    return min(vm.cpus, MAX_VIF_QUEUES) if vm is not None else 1
 
 
 @dataclass(frozen=True)
@@ -983,6 +991,9 @@ def _check_devices(chk: _Checker, drafts: list[_Draft]) -> None:
         for j, vif in zip(d.vif_at, d.vifs):
             where = f"{d.label}.vif[{j}]"
             _check_relative_export(chk, where, d, vif.export_path)
+            if vif.queues is not None and vif.export_kind is None and not d.has_vm:
+                chk.error(where, f"queues={vif.queues}: queues are a vhost-user NIC's queue pairs (a VM's, or "
+                                 f"export=vhost-user:PATH); this vif is a TAP device, which has one")
             all_vifs.append((where, d.name, vif))
             if vif.bridge is not None and (why := bridge_name_problem(vif.bridge)) is not None:
                 chk.error(where, why)

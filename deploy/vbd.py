@@ -27,7 +27,8 @@ class VbdConfig:
     target: str
     read_only: bool = False
     logical_sector_size: int | None = None
-    export: str | None = None        # xdom: the unix socket the guest serves the disk on over NBD
+    export: str | None = None        # xdom: the unix socket the guest serves the disk on
+    export_kind: str = "nbd"         # xdom: over NBD (for host programs) or "vhost-user" (to its VM)
     disk_fd: int | None = None       # xdom: the serial of the image's descriptor on blkback's device channel
 
 
@@ -48,8 +49,8 @@ def add_vbd(xs: XenstoreClient, cfg: VbdConfig) -> None:
         be_nodes["xdom-disk-fd"] = cfg.disk_fd
     fe_nodes = {"backend": be, "backend-id": cfg.backend_domid, "state": int(XenbusState.Initialising),
                 "virtual-device": cfg.devid, "device-type": "disk"}
-    if cfg.export:
-        fe_nodes["xdom-export"] = cfg.export
+    if cfg.export:                  # NBD's a bare path (as before there were kinds), else KIND:PATH
+        fe_nodes["xdom-export"] = cfg.export if cfg.export_kind == "nbd" else f"{cfg.export_kind}:{cfg.export}"
 
     be_dirs = [f"/local/domain/{cfg.backend_domid}/backend", f"/local/domain/{cfg.backend_domid}/backend/vbd",
                f"/local/domain/{cfg.backend_domid}/backend/vbd/{cfg.frontend_domid}"]

@@ -6,7 +6,9 @@ directory (owned by the frontend, readable by the backend), with the nodes
 of ``libxl__set_xenstore_nic``; netback and netfront do the rest through
 xenbus.  xdom adds ``xdom-ifname`` to the frontend directory: the TAP
 device (made by :mod:`xdom.deploy.tap` in the guest's namespace) that the
-guest attaches its side of the interface to.  Detach is libxl's, exactly as
+guest attaches its side of the interface to, or for a VM's NIC
+``xdom-export = vhost-user:PATH`` and ``xdom-queues``: the socket the guest
+serves it on and its queue pairs.  Detach is libxl's, exactly as
 for a vbd: backend ``online = 0`` and ``state = Closing``, wait until the
 backend reports Closed, then remove both directories.
 """
@@ -34,6 +36,8 @@ class VifConfig:
     rate_bytes_per_interval: int | None = None  # libxl's credit: both or neither, as xl computes them
     rate_interval_us: int | None = None
     ifname: str = "eth0"                       # xdom: the guest-side TAP in the guest's namespace
+    export: str | None = None                  # xdom: a VM's NIC: the vhost-user socket its guest serves it on
+    queues: int = 1                            # xdom: that NIC's queue pairs
 
     def __post_init__(self) -> None:
         if (self.rate_bytes_per_interval is None) != (self.rate_interval_us is None):
@@ -57,6 +61,9 @@ def add_vif(xs: XenstoreClient, cfg: VifConfig) -> None:
     fe_nodes: dict[str, str | int] = {"backend": be, "backend-id": cfg.backend_domid,
                                       "state": int(XenbusState.Initialising), "handle": cfg.devid,
                                       "mac": cfg.mac, "mtu": cfg.mtu, "xdom-ifname": cfg.ifname}
+    if cfg.export:                  # served to a VM as vhost-user-net, not on a TAP device
+        fe_nodes["xdom-export"] = f"vhost-user:{cfg.export}"
+        fe_nodes["xdom-queues"] = cfg.queues
 
     be_dirs = [f"/local/domain/{cfg.backend_domid}/backend", f"/local/domain/{cfg.backend_domid}/backend/vif",
                f"/local/domain/{cfg.backend_domid}/backend/vif/{cfg.frontend_domid}"]

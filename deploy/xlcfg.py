@@ -36,7 +36,8 @@ from typing import Literal, Mapping, Union
 
 __all__ = [
     "DEFAULT_IPV4_PREFIX", "DEFAULT_IPV6_PREFIX", "DEFAULT_RATE_INTERVAL_US", "DISK_EXPORTS", "DISK_FORMATS",
-    "EXPORTS_DIR", "EXPORT_NBD", "EXPORT_VHOST_USER", "VIF_EXPORTS", "MAX_SPEC_LEN", "MAX_UNIX_PATH", "MTU_MAX", "MTU_MIN", "XEN_OUI",
+    "EXPORTS_DIR", "EXPORT_NBD", "EXPORT_VHOST_USER", "VIF_EXPORTS", "MAX_SPEC_LEN", "MAX_UNIX_PATH", "MAX_VIF_QUEUES", "MTU_MAX",
+    "MTU_MIN", "XEN_OUI",
     "DiskSpec", "VifRate", "VifSpec", "XlCfgError",
     "default_export", "default_vif_export", "export_dir", "generate_mac", "parse_disk", "parse_mac", "parse_rate", "parse_vif", "vdev_to_devid",
 ]
@@ -642,7 +643,8 @@ class VifSpec:
     xl's ``type`` key ("vif" or "ioemu").  ``export_kind`` and
     ``export_path`` come from xdom's ``export=vhost-user:PATH`` (None
     without it: the topology picks a TAP device for a process guest,
-    vhost-user for a guest with a VM).  ``extra`` keeps documented xl
+    vhost-user for a guest with a VM); ``queues`` from xdom's ``queues=N``,
+    a vhost-user NIC's queue pairs (None: the VM's vCPUs, 1 without a VM).  ``extra`` keeps documented xl
     keys xdom does not act on (``gatewaydev``, ``devid``, ``vlan``,
     ``trusted``/``untrusted`` as ``trusted: bool``).
     """
@@ -659,6 +661,7 @@ class VifSpec:
     backend: str | None = None
     export_kind: str | None = None
     export_path: str | None = None
+    queues: int | None = None
     extra: Mapping[str, str | bool] = field(default_factory=dict, hash=False)
 
     def to_xl(self) -> str:
@@ -668,7 +671,8 @@ class VifSpec:
         for key, value in (("mac", self.mac), ("bridge", self.bridge), ("ip", self.ip),
                            ("rate", self.rate.to_xl() if self.rate else None), ("mtu", self.mtu),
                            ("model", self.model), ("type", self.nictype), ("vifname", self.vifname),
-                           ("script", self.script), ("backend", self.backend), ("export", export)):
+                           ("script", self.script), ("backend", self.backend), ("export", export),
+                           ("queues", self.queues)):
             if value is not None:
                 parts.append(f"{key}={value}")
         for key, extra in self.extra.items():
@@ -679,7 +683,9 @@ class VifSpec:
         return ", ".join(parts)
 
 
-_VIF_FIELD_KEYS = ("mac", "bridge", "ip", "rate", "mtu", "model", "type", "vifname", "script", "backend", "export")
+_VIF_FIELD_KEYS = ("mac", "bridge", "ip", "rate", "mtu", "model", "type", "vifname", "script", "backend", "export",
+                   "queues")
+MAX_VIF_QUEUES = 16     # a vhost-user NIC's most queue pairs (the guest domain's, netfront's most netif queues)
 _VIF_EXTRA_KEYS = ("gatewaydev", "netdev", "devid", "vlan")
 _VIF_KEYS = frozenset((*_VIF_FIELD_KEYS, *_VIF_EXTRA_KEYS))
 _VIF_FLAGS = {"trusted": True, "untrusted": False}
@@ -778,6 +784,11 @@ def parse_vif(spec: str) -> VifSpec:
         mtu = _decimal(values["mtu"], "mtu", max_digits=5)
         if not MTU_MIN <= mtu <= MTU_MAX:
             raise XlCfgError(f"mtu {mtu} is outside {MTU_MIN}..{MTU_MAX}")
+    queues = None
+    if "queues" in values:
+        queues = _decimal(values["queues"], "queues", max_digits=3)
+        if not 1 <= queues <= MAX_VIF_QUEUES:
+            raise XlCfgError(f"queues {queues} is outside 1..{MAX_VIF_QUEUES} (a VM's NIC's queue pairs)")
     nictype = values.get("type")
     if nictype is not None and nictype not in ("vif", "ioemu"):
         raise XlCfgError(f"type {nictype!r} is not 'vif' or 'ioemu'")
@@ -803,5 +814,6 @@ def parse_vif(spec: str) -> VifSpec:
         backend=backend,
         export_kind=export_kind,
         export_path=export_path,
+        queues=queues,
         extra=extra,
     )

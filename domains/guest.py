@@ -58,7 +58,7 @@ from .blkfront.device import Blkfront, FrontendOptions
 from .device_channel import DeviceChannel
 from .nbd.server import NbdServer
 from .netfront.device import Netfront
-from .vhost_user.net import VhostUserNetPort
+from .vhost_user.net import MAX_PAIRS as MAX_VHOST_USER_PAIRS, VhostUserNetPort
 from .vhost_user.blk import DEFAULT_QUEUES as VHOST_USER_BLK_QUEUES, VhostUserBlkExport
 from .wakeup import WakePipe
 from .xenbus import read_or_none
@@ -67,6 +67,8 @@ from .xenstore import XenstoreClient
 from .xs_wire import XenstoreError
 
 log = logging.getLogger("xdom.guest")
+
+EXPORT_NBD, EXPORT_VHOST_USER = "nbd", "vhost-user"     # an xdom-export node's kinds (deploy/xlcfg.py's names)
 
 POWEROFF_REQUESTS = ("poweroff", "halt")
 TOOLSTACK_TIMEOUT = 30.0  # seconds to wait for the toolstack's nodes
@@ -183,6 +185,9 @@ class Guest:
         this domain, when the stale socket of the one before is replaced.
         """
         self._wait_for_node(xs, f"{home}/device/vbd/{devid}/backend", f"vbd-{devid}")
+        self._serve_vhost_user_disk(host, xs, devid, sock)
+
+    def _serve_vhost_user_disk(self, host: XenHost, xs: XenstoreClient, devid: int, sock: str) -> None:
         front = Blkfront(host, xs, devid, FrontendOptions(queues=VHOST_USER_BLK_QUEUES))
         try:
             front.connect(TOOLSTACK_TIMEOUT)
@@ -218,6 +223,10 @@ class Guest:
         connected (it waits in the listen backlog) or after.
         """
         self._wait_for_node(xs, f"{home}/device/vif/{devid}/backend", f"vif-{devid}")
+        self._serve_vhost_user_vif(host, xs, home, devid, sock, pairs)
+
+    def _serve_vhost_user_vif(self, host: XenHost, xs: XenstoreClient, home: str, devid: int, sock: str,
+                              pairs: int) -> None:
         mac = read_or_none(xs, f"{home}/device/vif/{devid}/mac")
         if mac is None:
             raise RuntimeError(f"vif {devid}: the toolstack wrote no mac node")
@@ -258,9 +267,19 @@ class Guest:
             state = read_or_none(xs, f"{home}/device/vif/{devid}/state")
             if raw is None or state != b"1":
                 continue
-            ifname = raw.decode(errors="replace")
-            t = threading.Thread(target=self._vif_hotplug_attach, args=(host, xs, home, devid, ifname),
-                                 name=f"vifplug-{devid}", daemon=True)
+            kind, sock = _export_node(read_or_none(xs, f"{home}/device/vif/{devid}/xdom-export"))
+            if kind == EXPORT_VHOST_USER:
+                queues = read_or_none(xs, f"{home}/device/vif/{devid}/xdom-queues") or b"1"
+                pairs = int(queues) if queues.isdigit() and 1 <= int(queues) <= MAX_VHOST_USER_PAIRS else 1
+                t = threading.Thread(target=self._vif_hotplug_vhost_user, args=(host, xs, home, devid, sock, pairs),
+                                     name=f"vifplug-{devid}", daemon=True)
+            elif kind is not None:
+                log.error("vif %d: export %r is not served (a vif is a TAP device or vhost-user)", devid, kind)
+                continue
+            else:
+                t = threading.Thread(target=self._vif_hotplug_attach,
+                                     args=(host, xs, home, devid, raw.decode(errors="replace")),
+                                     name=f"vifplug-{devid}", daemon=True)
             with self._disk_lock:
                 self._hotplug.append(t)
             t.start()
@@ -276,6 +295,13 @@ class Guest:
             self._attach_vif(host, xs, home, devid, ifname, tun_fd)
         except Exception as e:
             log.error("vif %d: hot-attach failed: %s", devid, e)
+
+    def _vif_hotplug_vhost_user(self, host: XenHost, xs: XenstoreClient, home: str, devid: int, sock: str,
+                                pairs: int) -> None:
+        try:
+            self._serve_vhost_user_vif(host, xs, home, devid, sock, pairs)
+        except Exception as e:
+            log.error("vif %d: hot-attach as vhost-user-net on %s failed: %s", devid, sock, e)
 
     @staticmethod
     def _device_ids(xs: XenstoreClient, path: str) -> set[int] | None:
@@ -349,17 +375,24 @@ class Guest:
             state = read_or_none(xs, f"{home}/device/vbd/{devid}/state")
             if raw is None or state != b"1":      # not ours to export, or being torn down
                 continue
-            t = threading.Thread(target=self._hotplug_attach, args=(host, xs, devid, raw.decode(errors="replace")),
+            kind, export = _export_node(raw)
+            if kind not in (EXPORT_NBD, EXPORT_VHOST_USER):
+                log.error("disk %d: export %r is not served (nbd or vhost-user)", devid, kind)
+                continue
+            t = threading.Thread(target=self._hotplug_attach, args=(host, xs, devid, kind, export),
                                  name=f"hotplug-{devid}", daemon=True)
             with self._disk_lock:
                 self._hotplug.append(t)
             t.start()
 
-    def _hotplug_attach(self, host: XenHost, xs: XenstoreClient, devid: int, export: str) -> None:
+    def _hotplug_attach(self, host: XenHost, xs: XenstoreClient, devid: int, kind: str, export: str) -> None:
         try:
-            self._connect_and_export(host, xs, devid, export)
+            if kind == EXPORT_VHOST_USER:
+                self._serve_vhost_user_disk(host, xs, devid, export)
+            else:
+                self._connect_and_export(host, xs, devid, export)
         except Exception as e:
-            log.error("disk %d: hot-attach failed: %s", devid, e)
+            log.error("disk %d: hot-attach failed: %s", devid, e, exc_info=True)
 
     def _ready(self) -> None:
         if self.ready_fd is not None:
@@ -470,6 +503,18 @@ def _exec_when_told(go: int, argv: list[str], env: dict[str, str]) -> None:
     finally:
         os._exit(127)
 
+
+
+def _export_node(raw: bytes | None) -> tuple[str | None, str]:
+    """A device's ``xdom-export`` node: ``vhost-user:PATH`` (a VM's device), ``nbd:PATH`` or a bare absolute
+    PATH (NBD, what the toolstack wrote before there were kinds); (None, "") without one."""
+    if raw is None:
+        return None, ""
+    text = raw.decode(errors="replace")
+    if text.startswith("/"):
+        return EXPORT_NBD, text
+    kind, _, path = text.partition(":")
+    return kind, path
 
 
 def _disk_arg(text: str) -> tuple[int, str]:

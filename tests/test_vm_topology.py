@@ -78,6 +78,20 @@ def test_vhost_user_exports_in_xl_strings() -> None:
     assert (v.export_kind, v.export_path) == ("vhost-user", "/r/g1/vif0.sock")
     assert parse_vif(v.to_xl()) == v
     assert parse_vif("bridge=xdombr0").export_kind is None      # a TAP device, or vhost-user for a VM
+    q = parse_vif("mac=00:16:3e:00:00:01, queues=4")
+    assert q.queues == 4 and parse_vif(q.to_xl()) == q and parse_vif("").queues is None
+
+
+def test_a_vm_nics_queue_pairs_are_its_vcpus_or_its_queues_key() -> None:
+    from xdom.deploy.topology import vif_queues
+    g = parse(HEAD + vm_guest(vm="cpus = 3", vif='["", "queues=1", "queues=16"]')).by_name("g1")
+    assert [vif_queues(v, g.vm) for v in g.vifs] == [3, 1, 16]
+    assert vif_queues(g.vifs[0], VmConfig(cpus=40)) == 16                  # at most the guest domain's 16 pairs
+    plain = parse(HEAD + '\n[[domain]]\nname = "p1"\nkind = "guest"\nvif = ["export=vhost-user:v.sock, queues=2", '
+                         '""]\n').by_name("p1")
+    assert [vif_queues(v, plain.vm) for v in plain.vifs] == [2, 1]         # a VMM of the user's: as asked, or 1
+    (err,) = errors(HEAD + '\n[[domain]]\nname = "p1"\nkind = "guest"\nvif = ["queues=2"]\n')
+    assert err.startswith('topo.toml: domain[3] ("p1").vif[0]: queues=2: queues are a vhost-user NIC\'s queue pairs')
 
 
 @pytest.mark.parametrize("parse_it, spec, fragment", [
@@ -85,6 +99,8 @@ def test_vhost_user_exports_in_xl_strings() -> None:
     (parse_disk, "/a,,xvda,export=vhost-user:", "the socket path after 'vhost-user:' is empty"),
     (parse_vif, "export=nbd:/x", "expected vhost-user:<unix socket path> (a vif without export= is a TAP device"),
     (parse_vif, "export=vhost-user:/" + "x" * 200, "longer than 107 bytes"),
+    (parse_vif, "queues=17", "queues 17 is outside 1..16"),
+    (parse_vif, "queues=0", "queues 0 is outside 1..16"),
 ])
 def test_bad_vhost_user_exports(parse_it: Any, spec: str, fragment: str) -> None:
     with pytest.raises(XlCfgError) as e:
@@ -447,8 +463,9 @@ def test_a_vm_disk_served_by_blkback(vm_image: Any, run_dir: str, hosts: list[Vm
     image = h.image("g1.img", 32 << 20)
     h.up()
     seen = rows(h.run)
-    assert seen["g1"]["vm"]["disks"] == [{"vdev": "xvda", "socket": os.path.join(h.run, "exports", "g1",
-                                                                                 "xvda.sock")}]
+    assert seen["g1"]["vm"]["disks"] == [{"vdev": "xvda", "id": "xvda", "socket": os.path.join(h.run, "exports", "g1",
+                                                                                             "xvda.sock"),
+                                          "plug": {"state": "present", "error": None, "bus": "port-xvda"}}]
     assert seen["g1"]["devices"][0]["export_kind"] == "vhost-user"
     size = vm_run(h.run, "g1", "cat /sys/block/vda/size").strip()
     assert int(size) * 512 == 32 << 20
@@ -521,7 +538,7 @@ def test_the_guest_domain_is_told_to_serve_the_vms_sockets(vm_image: Any, run_di
     exports = os.path.join(run, "exports", "g1")
     assert f"--vhost-user-disk=51712:{exports}/xvda.sock" in argv
     assert f"--vhost-user-disk=51728:{exports}/b.sock" in argv
-    assert f"--vhost-user-vif=0:{exports}/vif0.sock" in argv
+    assert f"--vhost-user-vif=0:{exports}/vif0.sock:1" in argv              # a queue pair per vCPU
     assert not any(a.startswith(("--disk=", "--vif=")) for a in argv)
     p1 = next(d for d in sup.domains if d.name == "p1")
     argv, _ = sup._argv(p1, 9, {0: 5})

@@ -174,8 +174,8 @@ class Connection:
     def fds(self) -> dict[int, str]:
         fds = {self.host.evtchn.fileno(p): "evtchn" for p in self.ports}
         up = self.uplink.fileno()
-        if up is not None:
-            fds[up] = "uplink"
+        if up is not None and self.queue == 0:      # a bridged vif's one TAP: read by queue 0, whose receive
+            fds[up] = "uplink"                      # spreads the frames over the queues by flow (port.put)
         return fds
 
     def on_ready(self, what: str) -> None:

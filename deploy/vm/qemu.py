@@ -68,6 +68,7 @@ class VmSpec:
     name: str = "vm"
     reconnect: int = 1                   # seconds between QEMU's attempts to reach a device socket
     sandbox: bool = False                # QEMU's own seccomp filter (-sandbox on, no spawning, no new privileges)
+    hotplug_slots: int = 0               # empty PCIe root ports for devices added later (each device then on its own)
 
 
 @dataclasses.dataclass
@@ -146,26 +147,158 @@ def qemu_argv(spec: VmSpec, paths: VmPaths, accel: str, qemu: str = QEMU,
              "-serial", "chardev:con",
              "-chardev", f"socket,id=qmp,path={_opt(paths.qmp)},server=on,wait=off",
              "-mon", "chardev=qmp,mode=control"]
+    ports = spec.hotplug_slots > 0
+    if ports and len(spec.vhost_user_blk) + len(spec.vhost_user_net) + spec.hotplug_slots > MAX_ROOT_PORTS:
+        raise ValueError(f"more than {MAX_ROOT_PORTS} PCIe root ports (devices plus hot-plug slots)")
+    chassis = 0
+
+    def port_for(dev_id: str) -> str | None:
+        nonlocal chassis
+        if not ports:
+            return None
+        chassis += 1
+        argv.extend(["-device", root_port(boot_port(dev_id), chassis)])
+        return boot_port(dev_id)
     for i, d in enumerate(spec.vhost_user_blk):
         did = d.id or f"blk{i}"
         if d.num_queues < 1:
             raise ValueError(f"{did}: num_queues must be >= 1")
-        argv += ["-chardev", f"socket,id={did}-sock,path={_opt(d.socket)},reconnect={spec.reconnect}",
-                 "-device", f"vhost-user-blk-pci,id={did},chardev={did}-sock,num-queues={d.num_queues}"]
+        bus = port_for(did)
+        argv += ["-chardev", socket_chardev(f"{did}-sock", d.socket, spec.reconnect),
+                 "-device", device_arg(blk_device(d, did, bus))]
     for i, n in enumerate(spec.vhost_user_net):
         nid = n.id or f"net{i}"
-        if not _MAC.match(n.mac):
-            raise ValueError(f"{nid}: bad MAC {n.mac!r}")
-        if n.queues < 1:
-            raise ValueError(f"{nid}: queues must be >= 1")
-        argv += ["-chardev", f"socket,id={nid}-sock,path={_opt(n.socket)},reconnect={spec.reconnect}",
-                 "-netdev", f"vhost-user,id={nid},chardev={nid}-sock,queues={n.queues}"]
-        dev = f"virtio-net-pci,id={nid}-dev,netdev={nid},mac={n.mac}"
-        if n.queues > 1:
-            # one MSI-X vector per queue, plus config and control queue
-            dev += f",mq=on,vectors={2 * n.queues + 2}"
-        argv += ["-device", dev]
+        check_net(n, nid)
+        bus = port_for(nid)
+        argv += ["-chardev", socket_chardev(f"{nid}-sock", n.socket, spec.reconnect),
+                 "-netdev", f"vhost-user,id={nid},chardev={nid}-sock,queues={n.queues}",
+                 "-device", device_arg(net_device(n, nid, accel, bus))]
+    for k in range(spec.hotplug_slots):
+        chassis += 1
+        argv += ["-device", root_port(hotplug_port(k), chassis)]
     return argv + list(spec.extra_args)
+
+
+# ---- vhost-user devices: the same properties on the command line and over QMP (hot-plug) -----------
+#
+# With ``VmSpec.hotplug_slots`` each vhost-user device sits on a PCIe root port of its own (``port-ID``),
+# so it can be removed while the VM runs (a device on q35's root bus cannot), and that many empty root
+# ports (``hpN``) wait for devices added later.  The VM's kernel takes them with ACPI PCI hot-plug
+# (QEMU 7.2's default on q35's root ports): a device_add is seen in well under a second, and a device_del
+# is granted by the VM's kernel once its driver let go (QEMU then sends DEVICE_DELETED).
+
+def boot_port(dev_id: str) -> str:
+    """The root port of a device present at boot."""
+    return f"port-{dev_id}"
+
+
+def hotplug_port(k: int) -> str:
+    """The ``k``-th empty root port kept for hot-plugged devices."""
+    return f"hp{k}"
+
+
+def root_port(bus: str, chassis: int) -> str:
+    """A ``pcie-root-port`` (each needs a chassis number of its own, 1..255)."""
+    return f"pcie-root-port,id={bus},chassis={chassis},slot=0"
+
+
+def socket_chardev(chardev_id: str, path: str, reconnect: int) -> str:
+    """A client socket chardev that keeps trying ``path`` every ``reconnect`` seconds (a restarting back end)."""
+    return f"socket,id={chardev_id},path={_opt(path)},reconnect={reconnect}"
+
+
+def check_net(n: VhostUserNet, nid: str) -> None:
+    if not _MAC.match(n.mac):
+        raise ValueError(f"{nid}: bad MAC {n.mac!r}")
+    if not 1 <= n.queues <= MAX_NET_QUEUES:
+        raise ValueError(f"{nid}: queues must be between 1 and {MAX_NET_QUEUES}")
+
+
+MAX_NET_QUEUES = 16      # the guest domain's most queue pairs (netfront's most netif queues)
+MAX_ROOT_PORTS = 32      # each takes a PCI bus number and bridge windows; far more than a VM here needs
+
+
+Device = tuple[str, dict[str, object]]        # (driver, properties): one -device value or one device_add
+
+
+def blk_device(d: VhostUserBlk, did: str, bus: str | None = None) -> Device:
+    """A vhost-user-blk disk's ``vhost-user-blk-pci``."""
+    props: dict[str, object] = {"id": did, "chardev": f"{did}-sock", "num-queues": d.num_queues}
+    if bus is not None:
+        props["bus"] = bus
+    return "vhost-user-blk-pci", props
+
+
+def net_device(n: VhostUserNet, nid: str, accel: str, bus: str | None = None) -> Device:
+    """A vhost-user NIC's ``virtio-net-pci``.
+
+    Under TCG the NIC has no MSI-X (``vectors=0``, INTx): QEMU 7.2 under TCG
+    dereferences a missing irqfd table (SIGSEGV) when a vhost-user-net
+    device's MSI-X vectors are unmasked (virtio_pci_vector_unmask ->
+    kvm_virtio_pci_irqfd_use), whatever its queue count.  Under KVM a
+    multi-queue NIC gets a vector per queue plus config and control queue,
+    as QEMU's docs advise.
+    """
+    props: dict[str, object] = {"id": f"{nid}-dev", "netdev": nid, "mac": n.mac}
+    if n.queues > 1:
+        props["mq"] = True
+    if accel == "tcg":
+        props["vectors"] = 0
+    elif n.queues > 1:
+        props["vectors"] = 2 * n.queues + 2
+    if bus is not None:
+        props["bus"] = bus
+    return "virtio-net-pci", props
+
+
+def device_arg(dev: Device) -> str:
+    """A ``-device`` value."""
+    driver, props = dev
+    return ",".join([driver, *(f"{k}={_flag(v)}" for k, v in props.items())])
+
+
+def _flag(v: object) -> str:
+    return "on" if v is True else "off" if v is False else _opt(str(v))
+
+
+def device_add_args(dev: Device) -> dict[str, object]:
+    """QMP ``device_add`` arguments (typed values: QEMU reads JSON device properties by their types)."""
+    driver, props = dev
+    return {"driver": driver, **props}
+
+
+def chardev_add_args(chardev_id: str, path: str, reconnect: int) -> dict[str, object]:
+    """QMP ``chardev-add`` for :func:`socket_chardev`."""
+    return {"id": chardev_id, "backend": {"type": "socket", "data": {
+        "addr": {"type": "unix", "data": {"path": path}}, "server": False, "reconnect": reconnect}}}
+
+
+def hotplug_blk(d: VhostUserBlk, did: str, bus: str, reconnect: int) -> list[tuple[str, dict[str, object]]]:
+    """The QMP commands that add a vhost-user-blk disk to a running VM, in order."""
+    return [("chardev-add", chardev_add_args(f"{did}-sock", d.socket, reconnect)),
+            ("device_add", device_add_args(blk_device(d, did, bus)))]
+
+
+def hotplug_net(n: VhostUserNet, nid: str, accel: str, bus: str, reconnect: int) -> list[tuple[str, dict[str, object]]]:
+    """The QMP commands that add a vhost-user-net NIC to a running VM, in order."""
+    check_net(n, nid)
+    return [("chardev-add", chardev_add_args(f"{nid}-sock", n.socket, reconnect)),
+            ("netdev_add", {"type": "vhost-user", "id": nid, "chardev": f"{nid}-sock", "queues": n.queues}),
+            ("device_add", device_add_args(net_device(n, nid, accel, bus)))]
+
+
+def unplug_device_id(kind: str, dev_id: str) -> str:
+    """The id device_del takes (and DEVICE_DELETED names): a disk's own id, a NIC's ``ID-dev``."""
+    return dev_id if kind == "blk" else f"{dev_id}-dev"
+
+
+def after_unplug(kind: str, dev_id: str) -> list[tuple[str, dict[str, object]]]:
+    """What goes once the VM let go of the device (DEVICE_DELETED): its netdev, then its chardev."""
+    cmds: list[tuple[str, dict[str, object]]] = []
+    if kind == "net":
+        cmds.append(("netdev_del", {"id": dev_id}))
+    cmds.append(("chardev-remove", {"id": f"{dev_id}-sock"}))
+    return cmds
 
 
 # QEMU's own devices, for comparing against (tests, benchmarks): not what xdom serves.

@@ -60,12 +60,14 @@ import psutil
 
 from .. import netns
 from ..access import AccessError, private_dir
+from ..control import ControlError
 from ..isolation import DOMAIN_EXEC
 from ..policy import Action, ExitStatus, HealthCheck, HealthSample, RestartTracker
 from ..rundir import VMS_DIR          # RUN_DIR/vms/GUEST/: a VM's console and QMP sockets, made by its QEMU
-from ..topology import DomainSpec, Topology, TopologyError, VmConfig, vif_devids
+from ..topology import DomainSpec, Topology, TopologyError, VmConfig, vif_devids, vif_queues
 from ..xlcfg import EXPORT_VHOST_USER, MAX_UNIX_PATH, default_export, default_vif_export
-from .qemu import QEMU, SANDBOX, VhostUserBlk, VhostUserNet, VmPaths, VmSpec, qemu_argv
+from .qemu import (QEMU, SANDBOX, VhostUserBlk, VhostUserNet, VmPaths, VmSpec, after_unplug, boot_port, hotplug_blk,
+                   hotplug_net, hotplug_port, qemu_argv, unplug_device_id)
 
 if TYPE_CHECKING:
     from ..rundir import Layout
@@ -78,9 +80,12 @@ log = logging.getLogger("xdom.supervisor")
 QMP_RETRY = 0.05            # seconds between tries to reach a starting QEMU's QMP socket
 QUIT_GRACE = 2.0            # seconds between QMP quit (or SIGTERM) and SIGKILL
 QMP_LINE_LIMIT = 1 << 20    # a QMP message longer than this ends the connection (QEMU is the VM's side)
-# QEMU 7.2 under TCG dereferences a missing irqfd table (SIGSEGV) when a vhost-user-net device's MSI-X vectors
-# are unmasked (virtio_pci_vector_unmask -> kvm_virtio_pci_irqfd_use): without MSI-X the NIC uses INTx.
+# A NIC under TCG has no MSI-X (qemu.net_device: QEMU 7.2 crashes otherwise); -global covers any virtio-net-pci
+# a user adds in extra_args too.
 TCG_NET_ARGS = ("-global", "virtio-net-pci.vectors=0")
+HOTPLUG_SLOTS = 4           # empty PCIe root ports a VM keeps for hot-added disks and NICs
+PLUG_TIMEOUT = 60.0         # seconds the guest domain has to serve a hot-added device's socket
+SOCKET_POLL = 0.05          # seconds between looks for that socket
 _FAILED_STATUS = ("internal-error", "guest-panicked", "shutdown")   # a VM stopped in one of these is dead
 
 
@@ -242,19 +247,32 @@ class _QmpLink:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._buf = b""
+        self._serial = 0
+        self._replies: dict[str, Callable[[dict[str, Any]], None]] = {}
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, command: str, **arguments: Any) -> bool:
+    def send(self, command: str, _reply: Callable[[dict[str, Any]], None] | None = None, **arguments: Any) -> bool:
+        """Send ``command``; ``_reply`` (if given) gets QEMU's answer to it, ``return`` or ``error``."""
         msg: dict[str, Any] = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
+        if _reply is not None:
+            self._serial += 1
+            msg["id"] = f"xdom-{self._serial}"
         try:
             self.sock.sendall(json.dumps(msg).encode() + b"\n")
-            return True
         except OSError:
             return False            # QEMU is going; its pidfd says so
+        if _reply is not None:
+            self._replies[msg["id"]] = _reply
+        return True
+
+    def reply_to(self, msg: dict[str, Any]) -> Callable[[dict[str, Any]], None] | None:
+        """The callback waiting for ``msg`` (an answer to a command sent with one), taken out."""
+        rid = msg.get("id")
+        return self._replies.pop(rid, None) if isinstance(rid, str) else None
 
     def read(self) -> list[dict[str, Any]] | None:
         """The messages that arrived; None at EOF (or when QEMU floods the connection)."""
@@ -292,6 +310,33 @@ def _peer_pid(sock: socket.socket) -> int:
 
 # ---- the VMs of a host -----------------------------------------------------------------------------
 
+class PlugState(StrEnum):
+    WAITING = "waiting"          # for the guest domain to serve the device's socket
+    ADDING = "adding"            # QMP commands under way (chardev-add, netdev_add, device_add)
+    PRESENT = "present"          # in the VM
+    REMOVING = "removing"        # device_del sent; the VM's kernel lets go, then QEMU says DEVICE_DELETED
+    FAILED = "failed"
+
+
+@dataclass(eq=False)
+class _Plug:
+    """A device being hot-added to or removed from a running VM (or whose last such step failed)."""
+
+    kind: str                        # "blk" or "net"
+    dev_id: str                      # QEMU's id: the disk's (xvdb), the NIC's netdev (vif1)
+    socket: str
+    bus: str                         # its PCIe root port
+    state: PlugState
+    commands: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    poll_at: float | None = None     # WAITING: the next look for the socket
+    give_up: float = 0.0             # WAITING: then it failed
+    error: str = ""
+    done: Callable[[], None] | None = None     # REMOVING: the toolstack's teardown, once the VM let go
+
+    def row(self) -> dict[str, Any]:
+        return {"state": str(self.state), "error": self.error or None, "bus": self.bus}
+
+
 @dataclass(eq=False)
 class _Vm:
     guest: Any                       # the supervisor's _Domain of the guest
@@ -317,6 +362,8 @@ class _Vm:
     changes: int = 0
     sample: HealthSample | None = None
     ps_cache: dict[int, psutil.Process] = field(default_factory=dict)
+    plugs: dict[str, _Plug] = field(default_factory=dict)         # by QEMU id: hot-plug steps of this QEMU
+    free_ports: list[str] = field(default_factory=list)           # empty root ports of this QEMU
 
     @property
     def name(self) -> str:
@@ -421,12 +468,191 @@ class VmSupervisor:
                     f"{vm.paths.qemu_log}")
         return ""
 
+    # ---- hot-plug: xdom block-attach/-detach, network-attach/-detach on a VM guest --------------------
+    #
+    # Attach: the toolstack writes the device's nodes as for any guest; the guest domain connects
+    # blkfront/netfront and serves the device on a new vhost-user socket; once that socket is there the
+    # device is added to the running VM over QMP (a chardev with reconnect, the netdev for a NIC, then
+    # device_add on a free root port).  Detach: device_del; once the VM's kernel let go (DEVICE_DELETED)
+    # the netdev and the chardev go, then the toolstack's xenbus teardown (``done``).  Nothing here waits:
+    # the client follows a device's ``plug`` state in ``xdom ps``.  A VM not running now gets the device
+    # on its command line when it starts (every device of the guest's spec is).
+
+    def devices_problem(self, d: Any) -> str | None:
+        """Why ``d``'s devices cannot change now (its VM is starting or stopping), None when they can."""
+        vm = self._of(d)
+        if vm is not None and vm.state in (VmState.STARTING, VmState.STOPPING):
+            return f"the VM of {vm.name} is {vm.state}; add or remove its devices once it runs (or is down)"
+        return None
+
+    def plug_disk(self, d: Any, disk: Any, sock: str) -> dict[str, Any]:
+        """A disk is being attached to ``d`` (its nodes are written next): into its VM once served on
+        ``sock``.  Returns the reply's ``vm`` part; raises ControlError (nothing done) when it cannot be."""
+        vm = self._of(d)
+        if vm is None:
+            return {}
+        dev = VhostUserBlk(sock, num_queues=vm.config.cpus, id=_qemu_id(disk.vdev))
+        return self._plug(vm, "blk", _qemu_id(disk.vdev), sock,
+                          lambda bus: hotplug_blk(dev, _qemu_id(disk.vdev), bus, 1))
+
+    def plug_nic(self, d: Any, devid: int, vif: Any, sock: str) -> dict[str, Any]:
+        """:meth:`plug_disk` for a vif: a virtio-net NIC on vhost-user-net."""
+        vm = self._of(d)
+        if vm is None:
+            return {}
+        nic = VhostUserNet(sock, vif.mac, queues=vif_queues(vif, vm.config), id=f"vif{devid}")
+        accel = vm.plan.accel
+        return self._plug(vm, "net", f"vif{devid}", sock,
+                          lambda bus: hotplug_net(nic, f"vif{devid}", accel, bus, 1))
+
+    def forget_plug(self, d: Any, dev_id: str) -> None:
+        """The attach did not happen after all (its nodes could not be written): its slot is free again."""
+        vm = self._of(d)
+        plug = vm.plugs.get(dev_id) if vm is not None else None
+        if vm is not None and plug is not None and plug.state == PlugState.WAITING:
+            del vm.plugs[dev_id]
+            vm.free_ports.insert(0, plug.bus)
+
+    def unplug_disk(self, d: Any, disk: Any, done: Callable[[], None]) -> dict[str, Any] | None:
+        return self.unplug(d, _qemu_id(disk.vdev), done)
+
+    def unplug_nic(self, d: Any, devid: int, done: Callable[[], None]) -> dict[str, Any] | None:
+        return self.unplug(d, f"vif{devid}", done)
+
+    def unplug(self, d: Any, dev_id: str, done: Callable[[], None]) -> dict[str, Any] | None:
+        """A device of ``d`` is being detached: out of its VM first.  None when its VM is not running
+        (nothing to do there: the caller tears it down now); else the reply's ``vm`` part, and ``done`` is
+        called once the VM let go of it.  Raises ControlError when it cannot be removed now."""
+        vm = self._of(d)
+        if vm is None or vm.state != VmState.RUNNING or vm.qmp is None:
+            return None
+        plug = vm.plugs.get(dev_id)
+        if plug is not None and plug.state in (PlugState.WAITING, PlugState.ADDING):
+            raise ControlError.of(errno.EBUSY, f"{dev_id} is still being added to the VM of {vm.name}; detach it "
+                                               f"once it is there (xdom ps shows its plug state)")
+        if plug is not None and plug.state == PlugState.REMOVING:
+            plug.done = done
+            return {"device": dev_id, "plug": plug.row()}
+        kind = "net" if dev_id.startswith("vif") else "blk"
+        if plug is None or plug.state == PlugState.FAILED:
+            plug = _Plug(kind, dev_id, "", plug.bus if plug is not None else boot_port(dev_id), PlugState.REMOVING)
+        plug.state, plug.error, plug.done = PlugState.REMOVING, "", done
+        vm.plugs[dev_id] = plug
+        self._record(vm.name, "vm-unplug", dev_id)
+        vm.qmp.send("device_del", lambda msg: self._unplug_answered(vm, plug, msg), id=unplug_device_id(kind, dev_id))
+        return {"device": dev_id, "plug": plug.row()}
+
+    def _plug(self, vm: _Vm, kind: str, dev_id: str, sock: str,
+              commands: Callable[[str], list[tuple[str, dict[str, Any]]]]) -> dict[str, Any]:
+        if vm.state != VmState.RUNNING:
+            return {"device": dev_id, "plug": None, "at_start": True}
+        old = vm.plugs.get(dev_id)
+        if old is not None and old.state != PlugState.FAILED:
+            raise ControlError.of(errno.EBUSY, f"{dev_id} is {old.state} in the VM of {vm.name}")
+        if not vm.free_ports:
+            raise ControlError.of(errno.ENOSPC, f"the VM of {vm.name} has no free PCIe slot for {dev_id}: it keeps "
+                                                f"{HOTPLUG_SLOTS} for hot-added devices and each device removed frees "
+                                                f"one (its next start gives every device a slot of its own)")
+        bus = old.bus if old is not None else vm.free_ports.pop(0)
+        now = time.monotonic()
+        plug = _Plug(kind, dev_id, sock, bus, PlugState.WAITING, commands(bus), poll_at=now + SOCKET_POLL,
+                     give_up=now + PLUG_TIMEOUT)
+        vm.plugs[dev_id] = plug
+        self._record(vm.name, "vm-plug", f"{dev_id} on {bus} once {sock} is served")
+        return {"device": dev_id, "plug": plug.row()}
+
+    def _plug_poll(self, vm: _Vm, plug: _Plug, now: float) -> None:
+        """WAITING: the socket is there (the guest domain's blkfront/netfront connected): add the device."""
+        plug.poll_at = None
+        try:
+            served = stat.S_ISSOCK(os.stat(plug.socket).st_mode)
+        except OSError:
+            served = False
+        if not served:
+            if now < plug.give_up:
+                plug.poll_at = now + SOCKET_POLL
+            else:
+                self._plug_failed(vm, plug, f"the guest domain did not serve {plug.socket} within "
+                                            f"{PLUG_TIMEOUT:g}s (see its log: xdom logs {vm.name})")
+            return
+        plug.state = PlugState.ADDING
+        self._plug_next(vm, plug, [])
+
+    def _plug_next(self, vm: _Vm, plug: _Plug, sent: list[tuple[str, dict[str, Any]]]) -> None:
+        """Send the next add command; each is sent once the one before succeeded."""
+        if plug.state != PlugState.ADDING or vm.plugs.get(plug.dev_id) is not plug:
+            return
+        if len(sent) == len(plug.commands):
+            plug.state = PlugState.PRESENT
+            self._record(vm.name, "vm-plugged", f"{plug.dev_id} on {plug.bus}")
+            log.info("the VM of %s: %s added (%s)", vm.name, plug.dev_id, plug.socket)
+            return
+        command, args = plug.commands[len(sent)]
+
+        def answered(msg: dict[str, Any]) -> None:
+            if "error" in msg:
+                self._plug_failed(vm, plug, f"QMP {command}: {_qmp_error(msg)}")
+                for undo, undo_args in _undo(sent):
+                    if vm.qmp is not None:
+                        vm.qmp.send(undo, lambda _msg: None, **undo_args)
+            else:
+                self._plug_next(vm, plug, sent + [(command, args)])
+        if vm.qmp is None or not vm.qmp.send(command, answered, **args):
+            self._plug_failed(vm, plug, "QEMU's QMP connection is gone")
+
+    def _plug_failed(self, vm: _Vm, plug: _Plug, why: str) -> None:
+        plug.state, plug.error, plug.poll_at = PlugState.FAILED, why, None
+        log.error("the VM of %s: cannot add %s: %s", vm.name, plug.dev_id, why)
+        self._record(vm.name, "vm-plug-failed", f"{plug.dev_id}: {why}"[:200])
+
+    def _unplug_answered(self, vm: _Vm, plug: _Plug, msg: dict[str, Any]) -> None:
+        if "error" not in msg or plug.state != PlugState.REMOVING:
+            return                   # accepted: DEVICE_DELETED follows once the VM's kernel let go
+        why = _qmp_error(msg)
+        if "not found" in why.lower():
+            self._unplugged(vm, plug)            # already gone (QEMU restarted without it, say)
+            return
+        plug.state, plug.error = PlugState.FAILED, f"QMP device_del: {why}"
+        plug.done = None
+        log.error("the VM of %s: cannot remove %s: %s", vm.name, plug.dev_id, why)
+        self._record(vm.name, "vm-unplug-failed", f"{plug.dev_id}: {why}"[:200])
+
+    def _unplugged(self, vm: _Vm, plug: _Plug) -> None:
+        """The VM let go of the device: its netdev and chardev go, its slot is free, the teardown goes on."""
+        if vm.plugs.get(plug.dev_id) is not plug:
+            return
+        del vm.plugs[plug.dev_id]
+        if vm.qmp is not None:
+            for command, args in after_unplug(plug.kind, plug.dev_id):
+                vm.qmp.send(command, lambda _msg: None, **args)
+        if plug.bus not in vm.free_ports:
+            vm.free_ports.append(plug.bus)
+        self._record(vm.name, "vm-unplugged", plug.dev_id)
+        log.info("the VM of %s: %s removed", vm.name, plug.dev_id)
+        done, plug.done = plug.done, None
+        if done is not None:
+            done()
+
+    def _plugs_at_exit(self, vm: _Vm, teardown: bool) -> None:
+        """QEMU is gone, and its devices with it: a removal under way is complete (``teardown``: its
+        toolstack half goes on now), anything being added is on the next QEMU's command line."""
+        plugs, vm.plugs = list(vm.plugs.values()), {}
+        vm.free_ports = []
+        for plug in plugs:
+            done, plug.done = plug.done, None
+            if plug.state == PlugState.REMOVING and done is not None and teardown:
+                done()
+
     def deadlines(self) -> list[float]:
         return [vm.deadline for vm in self.vms.values() if vm.deadline is not None] + \
-               [vm.ready_by for vm in self.vms.values() if vm.ready_by is not None]
+               [vm.ready_by for vm in self.vms.values() if vm.ready_by is not None] + \
+               [p.poll_at for vm in self.vms.values() for p in vm.plugs.values() if p.poll_at is not None]
 
     def timers(self, now: float) -> None:
         for vm in self.vms.values():
+            for plug in list(vm.plugs.values()):
+                if plug.poll_at is not None and now >= plug.poll_at:
+                    self._plug_poll(vm, plug, now)
             if vm.ready_by is not None and now >= vm.ready_by and vm.state == VmState.STARTING:
                 vm.ready_by = None
                 self._kill(vm, f"QMP did not report the VM running within {self.ready_timeout:g}s "
@@ -477,6 +703,7 @@ class VmSupervisor:
                     self._signal(vm, signal.SIGKILL)
                     how = "killed"
             status = ExitStatus.from_returncode(self._reap(vm))
+            self._plugs_at_exit(vm, teardown=False)
             took = time.monotonic() - t0
             self._record(vm.name, "vm-stopped", f"{how} in {took:.2f}s: {status.describe()}")
             self._log_to(vm, f"QEMU pid {vm.proc.pid} {how} with the host in {took:.2f}s ({status.describe()})")
@@ -517,11 +744,23 @@ class VmSupervisor:
             "netns": vm.guest.netns, "sandbox": SANDBOX, "seccomp": _seccomp_filtered(vm.pid) if alive else None,
             "console": vm.paths.console, "qmp": vm.paths.qmp, "log": vm.paths.qemu_log,
             "console_log": vm.paths.console_log, "last_exit": vm.last_exit or None,
-            "disks": [{"vdev": disk.vdev, "socket": self._disk_socket(d, disk)} for disk in d.spec.disks
-                      if disk.export_kind == EXPORT_VHOST_USER],
-            "nics": [{"devid": devid, "mac": vif.mac, "socket": self._vif_socket(d, devid, vif)}
+            "disks": [{"vdev": disk.vdev, "id": _qemu_id(disk.vdev), "socket": self._disk_socket(d, disk),
+                       "plug": self._plug_state(vm, _qemu_id(disk.vdev))}
+                      for disk in d.spec.disks if disk.export_kind == EXPORT_VHOST_USER],
+            "nics": [{"devid": devid, "id": f"vif{devid}", "mac": vif.mac, "socket": self._vif_socket(d, devid, vif),
+                      "queues": vif_queues(vif, cfg), "plug": self._plug_state(vm, f"vif{devid}")}
                      for devid, vif in vif_devids(d.spec.vifs) if vif.export_kind == EXPORT_VHOST_USER],
+            "free_slots": len(vm.free_ports) if vm.state in _ALIVE else None,
         }
+
+    @staticmethod
+    def _plug_state(vm: _Vm, dev_id: str) -> dict[str, Any]:
+        """A device's hot-plug state: its step under way (or failed), else present while QEMU runs."""
+        plug = vm.plugs.get(dev_id)
+        if plug is not None:
+            return plug.row()
+        alive = vm.state in _ALIVE
+        return {"state": "present" if alive else "at-start", "error": None, "bus": boot_port(dev_id) if alive else None}
 
     # ---- starting ----------------------------------------------------------------------------------
 
@@ -540,14 +779,14 @@ class VmSupervisor:
         cfg = vm.config
         blk = [VhostUserBlk(self._disk_socket(d, disk), num_queues=cfg.cpus, id=_qemu_id(disk.vdev))
                for disk in d.spec.disks if disk.export_kind == EXPORT_VHOST_USER]
-        net = [VhostUserNet(self._vif_socket(d, devid, vif), vif.mac, id=f"vif{devid}")
+        net = [VhostUserNet(self._vif_socket(d, devid, vif), vif.mac, queues=vif_queues(vif, cfg), id=f"vif{devid}")
                for devid, vif in vif_devids(d.spec.vifs) if vif.export_kind == EXPORT_VHOST_USER]
         extra = list(cfg.extra_args)
-        if net and vm.plan.accel == "tcg":
+        if vm.plan.accel == "tcg":
             extra = [*TCG_NET_ARGS, *extra]
         return VmSpec(kernel=vm.plan.kernel, initrd=vm.plan.initrd, append=vm.plan.append, cpus=cfg.cpus,
                       memory=f"{cfg.memory_mib}M", accel=vm.plan.accel, vhost_user_blk=blk, vhost_user_net=net,
-                      extra_args=extra, name=d.name, reconnect=1, sandbox=True)
+                      extra_args=extra, name=d.name, reconnect=1, sandbox=True, hotplug_slots=HOTPLUG_SLOTS)
 
     def _prepare_dir(self, vm: _Vm) -> None:
         """``RUN_DIR/vms/GUEST``: root's, 0700, an ACL giving the guest's uid rwx (its QEMU makes sockets there)."""
@@ -604,6 +843,8 @@ class VmSupervisor:
         vm.status = ""
         vm.sample = None
         vm.ps_cache.clear()
+        vm.plugs.clear()
+        vm.free_ports = [hotplug_port(k) for k in range(HOTPLUG_SLOTS)]
         vm.health.reset()
         vm.started_mono = now
         vm.ready_by = now + self.ready_timeout
@@ -660,7 +901,10 @@ class VmSupervisor:
             return
         for msg in msgs:
             ret = msg.get("return")
-            if isinstance(ret, dict) and isinstance(ret.get("status"), str):
+            answer = link.reply_to(msg)
+            if answer is not None:
+                answer(msg)
+            elif isinstance(ret, dict) and isinstance(ret.get("status"), str):
                 self._on_status(vm, ret["status"])
             elif isinstance(msg.get("event"), str):
                 event = msg["event"]
@@ -668,6 +912,11 @@ class VmSupervisor:
                 self._record(vm.name, f"vm:{event}", json.dumps(data)[:200] if data else "")
                 if event in ("STOP", "RESUME"):
                     link.send("query-status")
+                elif event == "DEVICE_DELETED" and isinstance(data.get("device"), str):
+                    for plug in list(vm.plugs.values()):
+                        if plug.state == PlugState.REMOVING and unplug_device_id(plug.kind, plug.dev_id) == \
+                                data["device"]:
+                            self._unplugged(vm, plug)
                 elif event == "SHUTDOWN":
                     vm.status = "shutdown"
             elif "error" in msg:
@@ -749,6 +998,7 @@ class VmSupervisor:
         uptime = time.monotonic() - vm.started_mono
         pid = vm.pid
         status = ExitStatus.from_returncode(self._reap(vm))
+        self._plugs_at_exit(vm, teardown=True)
         reason, vm.kill_reason = vm.kill_reason, ""
         if not reason and not status.clean and status.signal is None:
             reason = _last_line(vm.paths.qemu_log)     # QEMU says why it gave up
@@ -827,6 +1077,24 @@ def _seccomp_filtered(pid: int | None) -> bool | None:
     except (OSError, IndexError):
         pass
     return None
+
+
+def _qmp_error(msg: dict[str, Any]) -> str:
+    err = msg.get("error")
+    if isinstance(err, dict):
+        return str(err.get("desc") or err.get("class") or err)[:300]
+    return str(err)[:300]
+
+
+def _undo(sent: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """What takes back the add commands that succeeded before one failed, last first."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for command, args in reversed(sent):
+        if command == "chardev-add":
+            out.append(("chardev-remove", {"id": args["id"]}))
+        elif command == "netdev_add":
+            out.append(("netdev_del", {"id": args["id"]}))
+    return out
 
 
 def _qemu_id(vdev: str) -> str:
