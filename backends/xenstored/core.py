@@ -255,6 +255,9 @@ def _parse_u32(raw: bytes | str | None) -> int | None:
     return value if value <= 0xFFFFFFFF else None
 
 
+_pack = msgpack.Packer(use_bin_type=True).pack      # one packer, reset after each record
+
+
 def _perms_out(perms: Perms) -> list[list[Any]]:
     return [[p.domid, int(p.access), p.ignored] for p in perms]
 
@@ -558,20 +561,24 @@ class XenstoreCore:
         what changed, not the size of the store.
         """
         store = self._store
-        if not self._tracking:
+        changed = store.changed
+        if changed is None:
             raise RuntimeError("take_changes: change tracking is off")
-        if not (store.changed or self._changed_domains or self._changed_watches or self._changed_special
-                or self._changed_tx or self._tx_unsaved):
+        tables = (self._changed_domains or self._changed_watches or self._changed_special or self._changed_tx
+                  or self._tx_unsaved)
+        if not changed and not tables:
             return None
         record: dict[str, Any] = {"g": store.generation}
-        if store.changed:
+        if changed:
             get = store.get
             nodes = []
-            for path in store.changed:
+            for path in changed:
                 node = get(path)
                 nodes.append(_node_out(node) if node is not None else [path])
             record["n"] = nodes
             store.changed = {}
+            if not tables:
+                return _pack(record)
         if self._changed_domains:
             domains = self._domains
             record["d"] = [[domid, _domain_out(domains[domid]) if domid in domains else None]
@@ -586,7 +593,7 @@ class XenstoreCore:
         if self._changed_tx or self._tx_unsaved:
             record["t"] = self._transactions_out()
             self._changed_tx = False
-        return msgpack.packb(record, use_bin_type=True)
+        return _pack(record)
 
     def _kept_watches(self, domid: int) -> list[list[Any]]:
         """The watches of ``domid`` a dump keeps, in registration order (as [path, token, base])."""
