@@ -33,7 +33,6 @@ import random
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,9 +44,8 @@ import psutil
 from xdom.deploy.launcher import start_broker, start_domain_process, start_xenstored_domain, stop_process
 from xdom.deploy.vbd import VbdConfig, add_vbd
 from xdom.deploy.vm.image import ensure_image
-from xdom.deploy.vm.console import Console
-from xdom.deploy.vm.machine import RunningVm
-from xdom.deploy.vm.qemu import VhostUserBlk, VmPaths, VmSpec, own_virtio_blk, start_qemu
+from xdom.deploy.vm.machine import RunningVm, boot_vm
+from xdom.deploy.vm.qemu import VhostUserBlk, VmPaths, VmSpec, own_virtio_blk
 from xdom.deploy.xsnodes import write_dom0_nodes, write_domain_nodes
 from xdom.domains.xenstore import XenstoreClient
 
@@ -157,30 +155,6 @@ class XdomDisk:
         if self.mgmt is not None:
             self.mgmt.close()
         self.broker.stop()
-
-
-def boot_vm(spec: VmSpec, paths: VmPaths, ready_timeout: float) -> RunningVm:
-    """``machine.boot_vm`` with the console socket connected here and handed to ``Console(sock=)``:
-    at f13f842 ``Console(path)`` keeps no socket after a successful connect."""
-    q = start_qemu(spec, paths)
-    try:
-        q.wait_socket(paths.console)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(paths.console)
-        except BaseException:
-            s.close()
-            raise
-        con = Console(paths.console, sock=s)
-        try:
-            con.wait_ready(ready_timeout)
-        except BaseException:
-            con.close()
-            raise
-    except BaseException:
-        q.stop()
-        raise
-    return RunningVm(q, con, time.monotonic() - q.started)
 
 
 def fio_in_vm(vm: RunningVm, name: str, rw: str, bs: str, qd: int, runtime: float, size: int) -> dict[str, float]:

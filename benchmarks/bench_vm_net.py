@@ -163,19 +163,12 @@ def qemu_bridge(tmp: str, image: Any, size_mib: int, runs: int, accel: str) -> d
 
 
 def boot_in_netns(ns: str, spec: VmSpec, paths: VmPaths, accel: str) -> RunningVm:
-    """``boot_vm`` for a QEMU started inside network namespace ``ns`` (where its TAP is)."""
-    import socket
+    """``machine.boot_vm`` for a QEMU started inside network namespace ``ns`` (where its TAP is)."""
     argv = ["ip", "netns", "exec", ns, *qemu_argv(spec, paths, accel)]      # -global: no MSI-X, as for ours
     q = QemuProcess(argv, paths, accel, "asked for")
     try:
         q.wait_socket(paths.console)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(paths.console)
-        except BaseException:
-            s.close()
-            raise
-        con = Console(paths.console, sock=s)
+        con = Console(paths.console)
         try:
             con.wait_ready(120)
         except BaseException:

@@ -31,7 +31,6 @@ import re
 import select
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -47,10 +46,9 @@ from helpers import wait_until
 from test_blk_processes import BlkHost
 from xdom.deploy.launcher import start_domain_process, stop_process
 from xdom.deploy.vbd import VbdConfig, add_vbd
-from xdom.deploy.vm.console import Console
 from xdom.deploy.vm.image import ImageError, VmImage, ensure_image
-from xdom.deploy.vm.machine import RunningVm
-from xdom.deploy.vm.qemu import VhostUserBlk, VmPaths, VmSpec, start_qemu
+from xdom.deploy.vm.machine import RunningVm, boot_vm
+from xdom.deploy.vm.qemu import VhostUserBlk, VmPaths, VmSpec
 from xdom.domains.vhost_user.blk import (
     MAX_DWZ_SEGMENTS, SEG_MAX, SIZE_MAX, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -655,32 +653,7 @@ def boot(img: VmImage, run_dir: str, disks: list[VmDisk], cpus: int = 1) -> Runn
     """A VM with ``disks``; Linux uses min(vCPUs, num-queues) queues, so a multi-queue disk needs cpus > 1."""
     spec = VmSpec(kernel=str(img.kernel), initrd=str(img.initrd), append=img.append(), accel="tcg", cpus=cpus,
                   vhost_user_blk=[VhostUserBlk(d.sock, num_queues=d.num_queues) for d in disks])
-    return boot_vm_connected(spec, VmPaths.in_dir(run_dir), ready_timeout=90)
-
-
-def boot_vm_connected(spec: VmSpec, paths: VmPaths, ready_timeout: float) -> RunningVm:
-    """``boot_vm``, but with the console socket connected here and handed to ``Console(sock=)``: at
-    f13f842 ``Console(path)`` leaves its socket None after a successful connect (deploy/vm is not ours)."""
-    q = start_qemu(spec, paths)
-    try:
-        q.wait_socket(paths.console)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(paths.console)
-        except BaseException:
-            s.close()
-            raise
-        con = Console(paths.console, sock=s)
-        try:
-            con.wait_ready(ready_timeout)
-        except BaseException:
-            con.close()
-            raise
-    except BaseException as e:
-        q.stop()
-        e.add_note(f"QEMU said: {q.log_text().strip()[-2000:]}")
-        raise
-    return RunningVm(q, con, time.monotonic() - q.started)
+    return boot_vm(spec, VmPaths.in_dir(run_dir), ready_timeout=90)
 
 
 def make_image(path: str, size: int) -> bytes:

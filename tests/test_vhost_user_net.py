@@ -23,7 +23,7 @@ is SIGKILLed under a running ping and started again (QEMU reconnects): the
 pings resume.  QEMU 7.2 under TCG
 crashes when a vhost-user-net device uses MSI-X (``virtio_pci_vector_unmask``
 takes the KVM irqfd path with no irqfd table), so the VMs' NICs run with
-``vectors=0`` (INTx).
+``vectors=0`` (INTx): ``qemu_argv`` writes it for every NIC under TCG.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from typing import Any, Iterator
 
 import pytest
@@ -541,48 +540,9 @@ QEMU = shutil.which("qemu-system-x86_64")
 WAIT = 60.0
 # QEMU 7.2 under TCG dereferences a missing irqfd table when a vhost-user-net device's MSI-X vectors are
 # unmasked (virtio_pci_vector_unmask -> kvm_virtio_pci_irqfd_use): without MSI-X the NIC uses INTx.
+# qemu_argv writes vectors=0 on the vhost-user NICs under TCG; this covers any other virtio-net-pci
+# (bench_vm_net's QEMU-only reference NICs).
 TCG_NET_ARGS = ["-global", "virtio-net-pci.vectors=0"]
-
-
-def without_msix(argv: list[str]) -> list[str]:
-    """QEMU's argv with every virtio-net-pci at ``vectors=0`` (a multi-queue one has its own ``vectors=N``,
-    which ``-global`` does not override)."""
-    out = []
-    for a in argv:
-        if a.startswith("virtio-net-pci,"):
-            a = ",".join(p for p in a.split(",") if not p.startswith("vectors=")) + ",vectors=0"
-        out.append(a)
-    return out
-
-
-def boot_vm(spec: Any, paths: Any, ready_timeout: float) -> Any:
-    """``deploy.vm.machine.boot_vm`` with the console socket connected here and handed to ``Console(sock=)``
-    (at f13f842 ``Console(path)`` leaves its socket None after a successful connect; deploy/vm is not ours)."""
-    import socket
-    from xdom.deploy.vm.console import Console
-    from xdom.deploy.vm.machine import RunningVm
-    from xdom.deploy.vm.qemu import QemuProcess, qemu_argv
-    argv = qemu_argv(spec, paths, spec.accel)
-    q = QemuProcess(without_msix(argv) if spec.accel == "tcg" else argv, paths, spec.accel, "asked for")
-    try:
-        q.wait_socket(paths.console)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(paths.console)
-        except BaseException:
-            s.close()
-            raise
-        con = Console(paths.console, sock=s)
-        try:
-            con.wait_ready(ready_timeout)
-        except BaseException:
-            con.close()
-            raise
-    except BaseException as e:
-        q.stop()
-        e.add_note(f"QEMU said: {q.log_text().strip()[-2000:]}")
-        raise
-    return RunningVm(q, con, time.monotonic() - q.started)
 
 
 class VmNet:
@@ -725,12 +685,14 @@ class VmNet:
 
     def boot(self, image: Any) -> None:
         """Boot one VM per guest, at the same time (TCG boots are CPU-bound but mostly waiting)."""
+        from xdom.deploy.vm.machine import boot_vm
         from xdom.deploy.vm.qemu import VmPaths
         results: dict[int, Any] = {}
 
         def one(i: int) -> None:
             try:
-                results[i] = boot_vm(self.vm_spec(image, i), VmPaths.in_dir(self.run_dir, f"vm{i}"), 120)
+                results[i] = boot_vm(self.vm_spec(image, i), VmPaths.in_dir(self.run_dir, f"vm{i}"),
+                                     ready_timeout=120)
             except BaseException as e:
                 results[i] = e
         threads = [threading.Thread(target=one, args=(i,)) for i in range(1, len(self.names) + 1)]
@@ -829,10 +791,11 @@ def test_two_vms_talk_through_netback_and_ride_out_its_restart(run_dir: str, vm_
         assert "Link is Down" not in dmesg and "TX timeout" not in dmesg.lower(), dmesg[-2000:]
 
         # VM 2's QEMU goes away and a new one connects to the same guest domain: its NIC works again
+        from xdom.deploy.vm.machine import boot_vm
         from xdom.deploy.vm.qemu import VmPaths
         rig.vms.remove(vm2)
         vm2.stop()
-        vm2 = boot_vm(rig.vm_spec(vm_image, 2), VmPaths.in_dir(run_dir, "vm2b"), 120)
+        vm2 = boot_vm(rig.vm_spec(vm_image, 2), VmPaths.in_dir(run_dir, "vm2b"), ready_timeout=120)
         rig.vms.append(vm2)
         out = vm2.check("ping -c 2 -W 5 10.78.0.1", timeout=60)
         assert "2 packets received" in out, out
