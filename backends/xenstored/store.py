@@ -34,7 +34,7 @@ from .quota import record_size
 class Node:
     """One node; ``children`` is an insertion-ordered set of leaf names."""
 
-    __slots__ = ("path", "value", "perms", "generation", "children", "children_len")
+    __slots__ = ("path", "value", "perms", "generation", "children", "children_len", "_listing")
 
     def __init__(self, path: str, value: bytes = b"", perms: Perms = DEFAULT_PERMS,
                  generation: int = 0, children: dict[str, None] | None = None) -> None:
@@ -44,6 +44,7 @@ class Node:
         self.generation = generation
         self.children: dict[str, None] = children if children is not None else {}
         self.children_len = sum(len(c) + 1 for c in self.children)
+        self._listing: bytes | None = None      # children_bytes(), until the children change
 
     @property
     def owner(self) -> int:
@@ -56,15 +57,21 @@ class Node:
         if name not in self.children:
             self.children[name] = None
             self.children_len += len(name) + 1
+            self._listing = None
 
     def remove_child(self, name: str) -> None:
         if name in self.children:
             del self.children[name]
             self.children_len -= len(name) + 1
+            self._listing = None
 
     def children_bytes(self) -> bytes:
-        """The children as C stores them: each name NUL-terminated."""
-        return b"".join(c.encode("latin-1") + b"\0" for c in self.children)
+        """The children as C stores them: each name NUL-terminated.  (``children`` changes only
+        through add_child/remove_child, which forget the listing made here.)"""
+        listing = self._listing
+        if listing is None:
+            listing = self._listing = b"".join(c.encode("latin-1") + b"\0" for c in self.children)
+        return listing
 
     def record_size(self) -> int:
         return record_size(len(self.perms), len(self.value), self.children_len)
