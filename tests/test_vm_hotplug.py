@@ -45,6 +45,163 @@ def hosts(run_dir: str) -> Iterator[list[VmHost]]:
         h.cleanup()
 
 
+# ---- the supervisor's hot-plug steps, against a QMP peer played by the test (no QEMU) ----------------
+
+class FakeQemu:
+    """The QEMU side of a VM's QMP connection: reads the supervisor's commands, answers them."""
+
+    def __init__(self) -> None:
+        import socket
+        self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.theirs.setblocking(False)
+        self._buf = b""
+
+    def commands(self) -> list[dict[str, Any]]:
+        import json
+        import select
+        while select.select([self.ours], [], [], 0.2)[0]:
+            self._buf += self.ours.recv(65536)
+        lines, self._buf = self._buf.split(b"\n")[:-1], self._buf.split(b"\n")[-1]
+        return [json.loads(line) for line in lines]
+
+    def say(self, *msgs: dict[str, Any]) -> None:
+        import json
+        self.ours.sendall(b"".join(json.dumps(m).encode() + b"\n" for m in msgs))
+
+
+class Guest:
+    def __init__(self, spec: Any) -> None:
+        self.spec, self.name, self.uid, self.netns, self.state = spec, spec.name, None, None, "running"
+
+
+def supervisor_with_a_running_vm(tmp: str) -> tuple[Any, Any, Any, FakeQemu, list[tuple[str, str, str]]]:
+    from xdom.deploy.rundir import Layout
+    from xdom.deploy.topology import parse_topology
+    from xdom.deploy.vm.supervised import VmPlan, VmState, VmSupervisor, _QmpLink
+    import tomllib
+    topo = parse_topology(tomllib.loads(XS + BLK + NET + vm_guest(vm='accel = "tcg"\ncpus = 2')), "t.toml")
+    g = Guest(topo.by_name("g1"))
+    records: list[tuple[str, str, str]] = []
+    sup = VmSupervisor([g], {"g1": VmPlan("/k", None, "", "tcg", "test", False, "qemu")},
+                       Layout(os.path.join(tmp, "s"), os.path.join(tmp, "r")), watch_fd=lambda fd, cb: None,
+                       unwatch_fd=lambda fd: None, record=lambda *r: records.append(r), progress=lambda t: None,
+                       ready_timeout=10, stop_grace=1)
+    vm = sup.vms["g1"]
+    qemu = FakeQemu()
+    vm.qmp = _QmpLink(qemu.theirs)
+    vm.state = VmState.RUNNING
+    vm.free_ports = ["hp0", "hp1"]
+    return sup, g, vm, qemu, records
+
+
+def soon() -> float:
+    """A moment past the next look for a socket (and well before the plug gives up)."""
+    import time
+    return time.monotonic() + 1.0
+
+
+def serve(path: str) -> Any:
+    import socket
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.listen()
+    return s
+
+
+def test_plug_steps_wait_for_the_socket_then_add_and_remove_in_order(run_dir: str) -> None:
+    from xdom.deploy.control import ControlError
+    from xdom.deploy.xlcfg import parse_disk, parse_vif
+    sup, g, vm, qemu, records = supervisor_with_a_running_vm(run_dir)
+    sock = os.path.join(run_dir, "xvdb.sock")
+    out = sup.plug_disk(g, parse_disk("vdev=xvdb, target=/x"), sock)
+    assert out == {"device": "xvdb", "plug": {"state": "waiting", "error": None, "bus": "hp0"}}
+    sup.timers(soon())                               # no socket yet: nothing sent, still waiting
+    assert qemu.commands() == [] and vm.plugs["xvdb"].state == "waiting" and sup.deadlines()
+    listener = serve(sock)
+    try:
+        sup.timers(soon())
+        (add,) = qemu.commands()                     # one command at a time, each after the one before succeeded
+        assert add["execute"] == "chardev-add" and add["arguments"]["id"] == "xvdb-sock"
+        assert add["arguments"]["backend"]["data"]["reconnect"] == 1
+        qemu.say({"return": {}, "id": add["id"]})
+        sup._on_qmp(vm)
+        (dev,) = qemu.commands()
+        assert dev["arguments"] == {"driver": "vhost-user-blk-pci", "id": "xvdb", "chardev": "xvdb-sock",
+                                    "num-queues": 2, "bus": "hp0"}             # a queue per vCPU
+        qemu.say({"event": "NIC_RX_FILTER_CHANGED", "data": {}}, {"return": {}, "id": dev["id"]})
+        sup._on_qmp(vm)
+        assert sup.row(g)["disks"] == [] and vm.plugs["xvdb"].state == "present" and vm.free_ports == ["hp1"]
+
+        # a second device while the first is there; the third finds no slot (refused, nothing done)
+        nic = sup.plug_nic(g, 1, parse_vif("mac=00:16:3e:00:00:31"), sock)
+        assert nic["plug"]["bus"] == "hp1"
+        with pytest.raises(ControlError) as e:
+            sup.plug_nic(g, 2, parse_vif("mac=00:16:3e:00:00:32"), sock)
+        assert e.value.errno_name == "ENOSPC" and "no free PCIe slot for vif2" in e.value.message
+        sup.timers(soon())
+        (add,) = qemu.commands()
+        qemu.say({"return": {}, "id": add["id"]})
+        sup._on_qmp(vm)
+        (netdev,) = qemu.commands()
+        assert netdev["arguments"] == {"type": "vhost-user", "id": "vif1", "chardev": "vif1-sock", "queues": 2}
+        qemu.say({"return": {}, "id": netdev["id"]})
+        sup._on_qmp(vm)
+        (dev,) = qemu.commands()
+        assert dev["arguments"]["vectors"] == 0 and dev["arguments"]["mq"] is True       # TCG: no MSI-X
+        # QEMU refuses the device: the plug fails, saying why, and what was added is taken back, last first
+        qemu.say({"error": {"class": "GenericError", "desc": "Bus 'hp1' does not support hotplugging"},
+                  "id": dev["id"]})
+        sup._on_qmp(vm)
+        undo = qemu.commands()
+        assert [c["execute"] for c in undo] == ["netdev_del", "chardev-remove"]
+        assert vm.plugs["vif1"].state == "failed" and "does not support hotplugging" in vm.plugs["vif1"].error
+    finally:
+        listener.close()
+
+    # removal: device_del, then (DEVICE_DELETED) its chardev, its slot back, and the toolstack's teardown
+    done: list[str] = []
+    out = sup.unplug_disk(g, parse_disk("vdev=xvdb, target=/x"), lambda: done.append("xvdb"))
+    assert out == {"device": "xvdb", "plug": {"state": "removing", "error": None, "bus": "hp0"}}
+    (dele,) = qemu.commands()
+    assert dele["execute"] == "device_del" and dele["arguments"] == {"id": "xvdb"}
+    qemu.say({"return": {}, "id": dele["id"]},
+             {"event": "DEVICE_DELETED", "data": {"path": "/machine/peripheral/xvdb/virtio-backend"}})
+    sup._on_qmp(vm)
+    assert done == [] and vm.plugs["xvdb"].state == "removing"       # the VM has not let go yet
+    qemu.say({"event": "DEVICE_DELETED", "data": {"device": "xvdb", "path": "/machine/peripheral/xvdb"}})
+    sup._on_qmp(vm)
+    assert done == ["xvdb"] and "xvdb" not in vm.plugs and "hp0" in vm.free_ports
+    assert [c["execute"] for c in qemu.commands()] == ["chardev-remove"]
+    # a boot device leaves its own root port; a device QEMU does not have is gone already
+    gone: list[str] = []
+    sup.unplug(g, "vif0", lambda: gone.append("vif0"))
+    (dele,) = qemu.commands()
+    assert dele["arguments"] == {"id": "vif0-dev"} and vm.plugs["vif0"].bus == "port-vif0"
+    qemu.say({"error": {"class": "DeviceNotFound", "desc": "Device 'vif0-dev' not found"}, "id": dele["id"]})
+    sup._on_qmp(vm)
+    assert gone == ["vif0"] and "port-vif0" in vm.free_ports
+    assert [r[1] for r in records if "plug" in r[1]] == ["vm-plug", "vm-plugged", "vm-plug", "vm-plug-failed",
+                                                         "vm-unplug", "vm-unplugged", "vm-unplug", "vm-unplugged"]
+
+
+def test_a_qemu_that_dies_mid_removal_completes_it(run_dir: str) -> None:
+    from xdom.deploy.vm.supervised import VmState
+    sup, g, vm, qemu, _ = supervisor_with_a_running_vm(run_dir)
+    done: list[str] = []
+    sup.unplug(g, "xvda", lambda: done.append("xvda"))
+    assert [c["execute"] for c in qemu.commands()] == ["device_del"]
+    sup._plugs_at_exit(vm, teardown=True)            # QEMU exited: the device went with it
+    assert done == ["xvda"] and vm.plugs == {} and vm.free_ports == []
+    # not running: nothing for the VM to do, the caller tears down at once; starting: refused
+    vm.state = VmState.BACKOFF
+    assert sup.unplug(g, "xvda", lambda: None) is None
+    from xdom.deploy.xlcfg import parse_vif
+    assert sup.plug_nic(g, 1, parse_vif("mac=00:16:3e:00:00:33"), "/x.sock") == {"device": "vif1", "plug": None,
+                                                                                  "at_start": True}
+    vm.state = VmState.STARTING
+    assert "is starting" in (sup.devices_problem(g) or "")
+
+
 XS = '\n[[domain]]\nname = "xs"\nkind = "xenstored"\n'
 BLK = '\n[[domain]]\nname = "blk0"\nkind = "blkback"\n'
 NET = '\n[[domain]]\nname = "net0"\nkind = "netback"\n'

@@ -524,8 +524,11 @@ class VmSupervisor:
         (nothing to do there: the caller tears it down now); else the reply's ``vm`` part, and ``done`` is
         called once the VM let go of it.  Raises ControlError when it cannot be removed now."""
         vm = self._of(d)
-        if vm is None or vm.state != VmState.RUNNING or vm.qmp is None:
+        if vm is None or vm.state != VmState.RUNNING:
             return None
+        if vm.qmp is None:
+            raise ControlError.of(errno.EAGAIN, f"the VM of {vm.name} runs but its QMP socket is not connected yet: "
+                                                f"{dev_id} cannot be taken out of it now; try again")
         plug = vm.plugs.get(dev_id)
         if plug is not None and plug.state in (PlugState.WAITING, PlugState.ADDING):
             raise ControlError.of(errno.EBUSY, f"{dev_id} is still being added to the VM of {vm.name}; detach it "
@@ -546,6 +549,9 @@ class VmSupervisor:
               commands: Callable[[str], list[tuple[str, dict[str, Any]]]]) -> dict[str, Any]:
         if vm.state != VmState.RUNNING:
             return {"device": dev_id, "plug": None, "at_start": True}
+        if vm.qmp is None:
+            raise ControlError.of(errno.EAGAIN, f"the VM of {vm.name} runs but its QMP socket is not connected yet: "
+                                                f"{dev_id} cannot be added to it now; try again")
         old = vm.plugs.get(dev_id)
         if old is not None and old.state != PlugState.FAILED:
             raise ControlError.of(errno.EBUSY, f"{dev_id} is {old.state} in the VM of {vm.name}")
