@@ -1,8 +1,8 @@
-"""Exec a domain's program with the limits and the parent-death signal its supervisor wants.
+"""Exec a domain's program with the limits its supervisor wants (and, on request, a parent-death signal).
 
-The supervisor runs every domain process as::
+The supervisor runs every domain process (and every VM's QEMU) as::
 
-    python -I -S domain_exec.py --parent PID [--nofile N] -- PROGRAM ARGS...
+    python -I -S domain_exec.py [--nofile N] -- PROGRAM ARGS...
 
 after ``subprocess`` has already switched to the domain's uid, so that:
 
@@ -11,9 +11,13 @@ after ``subprocess`` has already switched to the domain's uid, so that:
   multi-threaded supervisor;
 * ``RLIMIT_CORE`` is 0 (soft and hard): a domain that crashes leaves no core
   file holding its memory (a guest's pages, a backend's mapped grants);
-* ``PR_SET_PDEATHSIG`` is SIGKILL: if the supervisor dies without stopping
-  its domains (SIGKILL, OOM), they die with it.  It is set here, after the
-  uid change, because changing credentials clears it; it survives the exec.
+* with ``--parent PID`` only, ``PR_SET_PDEATHSIG`` is SIGKILL (the process
+  dies with PID, and refuses to start if PID is already gone).  It is set
+  here, after the uid change, because changing credentials clears it; it
+  survives the exec.  The supervisor does not ask for it: a host outlives
+  its supervisor (as containers outlive containerd), and a new supervisor
+  adopts it (``deploy/adopt.py``).  Tests and tools that start a broker of
+  their own use it (``launcher.start_broker(die_with_parent=True)``).
 
 Not set here: ``PR_SET_DUMPABLE``.  ``execve`` resets it to 1 for an
 ordinary program (checked on this host's kernel), so a domain makes itself
@@ -71,12 +75,13 @@ def main(argv: list[str]) -> int:
             return 127
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
-        print(f"domain_exec: prctl(PR_SET_PDEATHSIG): {os.strerror(ctypes.get_errno())}", file=sys.stderr)
-        return 127
-    if parent is not None and os.getppid() != parent:
-        return 127      # the supervisor died before the signal was armed
+    if parent is not None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            print(f"domain_exec: prctl(PR_SET_PDEATHSIG): {os.strerror(ctypes.get_errno())}", file=sys.stderr)
+            return 127
+        if os.getppid() != parent:
+            return 127      # the parent died before the signal was armed
     try:
         os.execvp(program[0], program)
     except OSError as e:

@@ -8,8 +8,10 @@ supervisor therefore runs each domain under its own uid:
 * the topology's ``uid`` when it gives one, else one allocated from
   :data:`UID_BASE` upwards, skipping uids that name a user of this system;
 * every uid in use is held under an ``flock`` on ``/run/xdom/uids/<uid>`` for
-  the supervisor's life, so two hosts running side by side never share one
-  (a lock dies with its holder: nothing to clean up after a crash).
+  the host's life, so two hosts running side by side never share one (a
+  lock dies with its holders: nothing to clean up after a crash).  The
+  supervisor holds it, and so does the host's keeper (``deploy/keeper.py``),
+  so that a supervisor's death does not free the uids of running domains.
 
 Separate uids only work when those uids can run the interpreter and import
 xdom: a checkout or a venv under a 0700 home directory cannot.  ``auto``
@@ -59,11 +61,14 @@ class UidPlan:
     uids: dict[str, int | None]
     note: str
     _locks: list[int] = field(default_factory=list, repr=False)
+    lock_of: dict[str, int] = field(default_factory=dict, repr=False)     # domain name -> its uid's lock
+
 
     def release(self) -> None:
         for fd in self._locks:
             os.close(fd)
         self._locks.clear()
+        self.lock_of.clear()
 
 
 def probe_uid(uid: int) -> str | None:
@@ -126,12 +131,14 @@ def plan_uids(topology: Topology, mode: UidMode = UidMode.AUTO, lock_dir: str = 
                 if fd is None:
                     raise IsolationError(f"uid {d.uid} of domain {d.name!r} is in use by another xdom host")
                 plan._locks.append(fd)
+                plan.lock_of[d.name] = fd
                 plan.uids[d.name] = d.uid
                 continue
             for uid in candidates:
                 fd = _lock(lock_dir, uid)
                 if fd is not None:
                     plan._locks.append(fd)
+                    plan.lock_of[d.name] = fd
                     plan.uids[d.name] = uid
                     break
             else:

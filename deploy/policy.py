@@ -34,34 +34,54 @@ from enum import StrEnum
 
 from .topology import DomainSpec, Limits, RestartPolicy
 
-__all__ = ["CPU_WINDOW", "MAX_BACKOFF", "Action", "Decision", "ExitStatus", "HealthCheck", "HealthSample",
-           "RestartTracker"]
+__all__ = ["CPU_WINDOW", "MAX_BACKOFF", "UNKNOWN_RETURNCODE", "Action", "Decision", "ExitStatus", "HealthCheck",
+           "HealthSample", "RestartTracker"]
 
 MAX_BACKOFF = 30.0
 CPU_WINDOW = 5
+# What an adopted process's ``wait()`` gives (deploy/host_state.py): it is not our child, so its exit status
+# went to whoever reaped it.  No real status is this large (an exit code is 0..255, a signal -1..-64).
+UNKNOWN_RETURNCODE = 1 << 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExitStatus:
-    """How a process ended: an exit status or the signal that killed it (exactly one is set)."""
+    """How a process ended: an exit status or the signal that killed it (exactly one is set), or, for a
+    process this supervisor adopted (not its child: no ``waitpid``), neither, with ``unknown`` saying why.
+
+    An unknown status is a failure for the restart policy unless ``seen_clean``: something else saw the
+    end and says it was clean (the broker recorded the domain's own ``poweroff``, QMP reported the VM's
+    shutdown), as Xen's toolstack decides between ``on_poweroff`` and ``on_crash`` from the hypervisor's
+    shutdown code rather than from a process status.
+    """
 
     code: int | None = None
     signal: int | None = None
+    unknown: str = ""
+    seen_clean: bool = False
 
     def __post_init__(self) -> None:
-        if (self.code is None) == (self.signal is None):
+        if self.unknown:
+            if self.code is not None or self.signal is not None:
+                raise ValueError("an unknown exit has neither a status code nor a signal")
+        elif (self.code is None) == (self.signal is None):
             raise ValueError("an exit has either a status code or a signal")
 
     @classmethod
     def from_returncode(cls, returncode: int) -> ExitStatus:
-        """From ``Popen.returncode``: negative means killed by that signal."""
+        """From ``Popen.returncode``: negative means killed by that signal; :data:`UNKNOWN_RETURNCODE`, an
+        adopted process whose status nobody here could read."""
+        if returncode == UNKNOWN_RETURNCODE:
+            return cls(unknown="adopted")
         return cls(signal=-returncode) if returncode < 0 else cls(code=returncode)
 
     @property
     def clean(self) -> bool:
-        return self.code == 0
+        return self.code == 0 or (bool(self.unknown) and self.seen_clean)
 
     def describe(self) -> str:
+        if self.unknown:
+            return f"exit status unknown ({self.unknown})"
         if self.signal is not None:
             try:
                 name = signal.Signals(self.signal).name

@@ -8,11 +8,13 @@ Two directories per host, one pair per topology so that hosts run side by side:
   discarded when the host stops: it names domids of a broker that is gone);
 * the **run directory** (``/run/xdom/<topology>`` as root): the broker's
   sockets (``hypercall.sock``, ``mgmt.sock``, ``events.sock``, so ``xdom list
-  --run-dir`` works on it), ``xenstored.sock`` (a symlink into
-  ``xenstored/``, a directory the xenstore domain's uid owns),
-  ``supervisor.sock``, ``supervisor.pid`` and ``exports/GUEST/``, each
-  guest's directory for its NBD export sockets.  Empty, and removed, once the
-  host is down.
+  --run-dir`` works on it) and what it writes down (``broker-state/``),
+  ``xenstored.sock`` (a symlink into ``xenstored/``, a directory the
+  xenstore domain's uid owns), ``supervisor.sock``, ``supervisor.pid``,
+  ``supervisor-state`` (what a new supervisor adopts the host from:
+  ``host_state.py``), ``keeper.sock`` (the keeper's: ``keeper.py``),
+  ``exports/GUEST/``, each guest's directory for its NBD export sockets, and
+  ``vms/GUEST/``.  Empty, and removed, once the host is down.
 
 Both directories, and every directory above them, are writable by root (or
 the supervisor's own uid) only: everything the toolstack or the broker reads
@@ -57,9 +59,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("xdom.supervisor")
 
-__all__ = ["PID_FILE", "Layout", "LayoutError", "PidFile", "UntrustedPath", "clear_run_files", "default_base",
-           "default_dirs", "find_supervisors", "leftover_processes", "make_dirs", "remove_run_dir", "running_pid",
-           "stop_leftovers", "topology_name"]
+__all__ = ["PID_FILE", "STATE_FILE", "Layout", "LayoutError", "PidFile", "UntrustedPath", "clear_run_files",
+           "default_base", "default_dirs", "find_supervisors", "find_unsupervised", "leftover_processes", "make_dirs",
+           "remove_run_dir", "running_pid", "stop_leftovers", "topology_name"]
 
 PID_FILE = "supervisor.pid"
 CONTROL_SOCKET = "supervisor.sock"
@@ -67,6 +69,8 @@ XENSTORED_LINK = "xenstored.sock"
 XENSTORED_DIR = "xenstored"
 VMS_DIR = "vms"
 BROKER_STATE = "broker-state"    # what a broker writes down for the one that takes over (broker/persist.py)
+STATE_FILE = "supervisor-state"  # what a supervisor writes down for the one that adopts its host (host_state.py)
+KEEPER_SOCKET = "keeper.sock"    # the host's keeper of descriptors (keeper.py)
 
 
 class LayoutError(Exception):
@@ -140,10 +144,18 @@ class Layout:
     def events_endpoint(self) -> str:
         return events_endpoint_for(self.run_dir)
 
+    @property
+    def state_file(self) -> str:
+        return os.path.join(self.run_dir, STATE_FILE)
+
+    @property
+    def keeper_socket(self) -> str:
+        return os.path.join(self.run_dir, KEEPER_SOCKET)
+
     def socket_paths(self) -> list[str]:
         return [self.hypercall_socket, os.path.join(self.run_dir, "mgmt.sock"),
                 os.path.join(self.run_dir, "events.sock"), self.control_socket, self.xenstored_socket,
-                self.xenstored_link]
+                self.xenstored_link, self.keeper_socket]
 
     def check(self) -> None:
         """Raise LayoutError unless both directories are absolute and every socket path fits."""
@@ -194,10 +206,11 @@ def default_dirs(name: str) -> tuple[str, str]:
     return os.path.join(base, "state", name), os.path.join(base, "run", name)
 
 
-def run_dirs_under(base: str) -> list[str]:
-    """Run directories that could hold a supervisor, for both layouts of :func:`default_dirs`."""
-    found = glob.glob(os.path.join(glob.escape(base), "*", PID_FILE))
-    found += glob.glob(os.path.join(glob.escape(base), "run", "*", PID_FILE))
+def run_dirs_under(base: str, name: str = PID_FILE) -> list[str]:
+    """Run directories that could hold a supervisor (or, with ``name=STATE_FILE``, a host whose supervisor
+    died), for both layouts of :func:`default_dirs`."""
+    found = glob.glob(os.path.join(glob.escape(base), "*", name))
+    found += glob.glob(os.path.join(glob.escape(base), "run", "*", name))
     return sorted({os.path.dirname(p) for p in found})
 
 
@@ -293,6 +306,23 @@ def find_supervisors(base: str | None = None) -> list[str]:
     return found
 
 
+def find_unsupervised(base: str | None = None) -> list[str]:
+    """Run directories under ``base`` holding a host whose supervisor is gone (a state file, no live supervisor).
+
+    Whether anything of such a host still runs is for ``adopt.report`` to
+    say; a directory others could write is left out, with a warning.
+    """
+    base = base or default_base()
+    found = []
+    for d in run_dirs_under(base, STATE_FILE):
+        try:
+            if running_pid(d) is None:
+                found.append(d)
+        except UntrustedPath as e:
+            log.warning("%s", e)
+    return found
+
+
 class PidFile:
     """``run_dir/supervisor.pid``, locked for as long as this supervisor lives."""
 
@@ -353,7 +383,12 @@ def clear_run_files(layout: Layout) -> None:
             pass
         except OSError as e:
             log.warning("cannot remove %s: %s", path, e)
-    # A broker's state only means something to a broker taking over under a live supervisor: gone with it.
+    for path in (layout.state_file, layout.state_file + ".tmp"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    # A broker's state only means something to a broker taking over in a live host: gone with it.
     for path in (layout.xenstored_run, layout.exports_dir, layout.vms_dir, os.path.join(layout.run_dir, BROKER_STATE)):
         if not os.path.lexists(path):
             continue
@@ -377,27 +412,37 @@ def remove_run_dir(layout: Layout) -> None:
                      ", ".join(sorted(os.listdir(layout.run_dir))))
 
 
-def leftover_processes(run_dir: str) -> list[psutil.Process]:
-    """xdom's broker and xenstored processes serving ``run_dir``, and VMs' QEMUs with sockets in it, other
-    than this process and its ancestors.
+def leftover_processes(run_dir: str, spared: set[int] | None = None) -> list[psutil.Process]:
+    """Every process of the host at ``run_dir`` but ``spared`` (default: this process and its ancestors):
+    xdom's broker, xenstored and keeper with the run directory on their command line, VMs' QEMUs with
+    sockets in it, and domain processes, whose environment names its hypercall socket.
 
-    Domain processes and QEMUs die with their supervisor (PR_SET_PDEATHSIG);
-    these, started with the run directory on their command line, may outlive
-    a supervisor killed outright.  Only call this without a live supervisor.
+    A host outlives its supervisor; a new supervisor adopts what its state
+    file names and stops the rest with this, and ``xdom down`` without a
+    supervisor stops it all.
     """
     import psutil
     run, prefix = run_dir, run_dir.rstrip(os.sep) + os.sep
-    me = psutil.Process()
-    spared = {me.pid, *(p.pid for p in me.parents())}
+    hypercall = os.path.join(run_dir, "hypercall.sock")
+    if spared is None:
+        me = psutil.Process()
+        spared = {me.pid, *(p.pid for p in me.parents())}
     found = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = p.info.get("cmdline") or []
         if p.info["pid"] in spared:
             continue
         qemu = bool(cmd) and os.path.basename(cmd[0]).startswith("qemu-system")
-        if not qemu and ("xdom.deploy.cli" not in cmd or not {"broker", "xenstored"} & set(cmd)):
+        keeper = any(a.endswith(os.path.join("deploy", "keeper.py")) for a in cmd[:4])
+        if qemu or keeper or ("xdom.deploy.cli" in cmd and {"broker", "xenstored"} & set(cmd)):
+            if any(a == run or a.startswith(prefix) or (qemu and f"path={prefix}" in a) for a in cmd):
+                found.append(p)
             continue
-        if any(a == run or a.startswith(prefix) or (qemu and f"path={prefix}" in a) for a in cmd):
+        try:
+            env = p.environ()
+        except psutil.Error:
+            continue
+        if env.get("XDOM_HYPERCALL") == hypercall and "XDOM_TOKEN" in env and "XDOM_DOMID" in env:
             found.append(p)
     return found
 

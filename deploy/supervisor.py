@@ -34,10 +34,17 @@ domain restarts on its own state directory, so guests keep their rings.
 
 Stopping runs in reverse start order: SIGTERM to the domain's process group,
 ``stop_grace`` seconds, SIGKILL to the group, reap, ``destroy`` in the
-broker; then the broker; then the run directory's files.  :meth:`stop` is
-idempotent and runs on every error path, so nothing outlives it; domain
-processes also carry PR_SET_PDEATHSIG (``deploy/domain_exec.py``), so a
-supervisor killed outright takes them with it.
+broker; then the broker; then the keeper; then the run directory's files.
+:meth:`stop` is idempotent and runs on every error path, so nothing outlives
+it.
+
+The host outlives a supervisor that dies outright (SIGKILL, OOM): nothing
+it starts has a parent-death signal, everything runs in a session of its
+own, the descriptors it must not lose live on in the host's keeper
+(``deploy/keeper.py``) and what it knows is in ``RUN_DIR/supervisor-state``
+(``deploy/host_state.py``), rewritten whenever it changes.  A new supervisor
+of the same topology adopts the host from there (``deploy/adopt.py``), and
+``xdom down`` stops it without one.
 """
 
 from __future__ import annotations
@@ -77,6 +84,8 @@ from .confined import SeccompKills, confinement_of, parse_ready
 from .control import ControlError, ControlProtocol, ControlServer, endpoint_for, string_field
 from . import netns
 from .isolation import DOMAIN_EXEC, UidMode, UidPlan, plan_uids
+from . import adopt, host_state
+from .keeper import KeeperClient, KeeperError
 from .launcher import BrokerProcess, start_broker, start_domain_process
 from .policy import Action, ExitStatus, HealthCheck, HealthSample, RestartTracker
 from .rundir import Layout, LayoutError, PidFile, clear_run_files, make_dirs, remove_run_dir, stop_leftovers
@@ -235,6 +244,7 @@ class _Domain:
     last_exit: str = ""
     sample: HealthSample | None = None
     ps_cache: dict[int, psutil.Process] = field(default_factory=dict)
+    ident: dict[str, int] | None = None           # its process by pid and start time, as the state file names it
 
     @property
     def name(self) -> str:
@@ -307,6 +317,18 @@ class Supervisor:
         # Devices whose attach was refused after xenstored stopped answering mid-way: their
         # nodes may have been committed, so they are removed once it serves again.
         self._undo_attach: list[tuple[str, str, int, str, str | None]] = []   # kind, guest, devid, backend, export
+        # Adoption (adopt.py): what this supervisor writes down, and the host's keeper of descriptors.
+        self._boot_id = host_state.boot_id()
+        self._digest = host_state.topology_digest(topology)
+        self._ident = host_state.identity(os.getpid())
+        self._broker_ident: dict[str, int] | None = None
+        self._keeper: KeeperClient | None = None
+        self._keeper_proc: Any = None
+        self._keeper_ident: dict[str, int] | None = None
+        self._keeper_pidfd = -1
+        self._state_written = b""
+        self._adopted_dead: list[_Domain] = []    # adopted domains found dead: handled when the loop starts
+        self.adopted = False
         # The guests' VMs (QEMU beside their guest domains): vm/supervised.py, called at the hooks below.
         self.vms = VmSupervisor(self.domains, plans, self.layout, watch_fd=self._watch_fd,
                                 unwatch_fd=self._unwatch_fd, record=self._record, progress=self._progress,
@@ -367,28 +389,34 @@ class Supervisor:
         self._stopped = True
         self._stop_requested = True
         self.phase = "stopping"
+        owner = self._pidfile.held        # never touch the files of another supervisor's run directory
         try:
+            self._save_state()            # a supervisor killed now leaves a host `xdom down` finishes stopping
             for d in reversed(self.domains):
                 try:
                     self._stop_now(d)
                 except Exception:
                     log.exception("stopping domain %s failed; going on", d.name)
+                self._save_state()
             if self.mgmt is not None:
                 self.mgmt.close()
                 self.mgmt = None
             if self.broker is not None:
                 status = self.broker.stop()
-                self._record(_BROKER, "stopped", f"status {status}")
+                self._record(_BROKER, "stopped", ExitStatus.from_returncode(status).describe())
                 self.broker = None
+                self._broker_ident = None
+                self._save_state()
         finally:
-            for d in self.domains:
-                for path in self._export_sockets(d):
-                    _unlink_socket(path)
-                if d.netns is not None and self._pidfile.held:
-                    self._delete_netns(d.netns)
-            self.vms.close()
+            if owner:
+                for d in self.domains:
+                    for path in self._export_sockets(d):
+                        _unlink_socket(path)
+                    if d.netns is not None:
+                        self._delete_netns(d.netns)
+                self.vms.close()
             self._close_loop()
-            owner = self._pidfile.held        # never touch the files of another supervisor's run directory
+            self._stop_keeper()
             if owner:
                 clear_run_files(self.layout)
                 for folder in self._made_exports:
@@ -428,8 +456,12 @@ class Supervisor:
             self._pidfile.acquire()
         except LayoutError as e:
             raise AlreadyRunning(str(e)) from None
-        self._sweep_leftovers()
+        saved = self._saved_host()
         self._seccomp_kills.open()
+        if saved is not None:
+            self._adopt(saved)
+            return
+        self._sweep_leftovers()
         self.uid_plan = plan_uids(self.topology, self.uid_mode)
         for d in self.domains:
             d.uid = self.uid_plan.uids.get(d.name)
@@ -447,17 +479,32 @@ class Supervisor:
             log.warning("every domain shares the host's network namespace: %s", why_not)
             self._progress(f"network: every domain shares the host's namespace ({why_not})")
         self._prepare_dirs()
+        self._start_keeper()
         # A new host: whatever a broker of an earlier run wrote down describes domains long gone.
         shutil.rmtree(os.path.join(lay.run_dir, BROKER_STATE), ignore_errors=True)
         try:
-            self.broker = start_broker(lay.run_dir, log_path=lay.log_path(_BROKER), die_with_parent=True)
+            self._start_broker()
         except (RuntimeError, TimeoutError) as e:
             raise SupervisorError(f"the broker did not start ({e}): {_last_line(lay.log_path(_BROKER))}") from None
+        assert self.broker is not None
         self._record(_BROKER, "ready", f"pid {self.broker.proc.pid}")
         self._progress(f"broker: ready (pid {self.broker.proc.pid}, log {lay.log_path(_BROKER)})")
+        self._connect_loop()
+        self._save_state()
+
+    def _start_broker(self) -> None:
+        """A broker for this host (it takes over from RUN_DIR/broker-state when there is one), watched."""
+        lay = self.layout
+        self.broker = start_broker(lay.run_dir, log_path=lay.log_path(_BROKER))
+        self._broker_ident = host_state.identity(self.broker.proc.pid)
         self._broker_pidfd = os.pidfd_open(self.broker.proc.pid)
         self._watch_fd(self._broker_pidfd, self._on_broker_exit)
         self.mgmt = self.broker.client()
+        self._save_state()
+
+    def _connect_loop(self) -> None:
+        """The broker's events and the control socket, in the loop."""
+        lay = self.layout
         sub = zmq.Context.instance().socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"domain")
@@ -470,6 +517,181 @@ class Supervisor:
             "block-detach": self._op_block_detach, "network-attach": self._op_network_attach,
             "network-detach": self._op_network_detach}))
         self._poller.register(self._control.socket, zmq.POLLIN)
+
+    # ---- adoption (adopt.py), the state file (host_state.py), the keeper (keeper.py) ------------------
+
+    def _saved_host(self) -> dict[str, Any] | None:
+        """The state file of a host still running in this run directory, to adopt; None to start afresh.
+
+        Raises AlreadyRunning (the pid file released, nothing touched) when
+        the live host was started from another topology.
+        """
+        lay = self.layout
+        try:
+            model = host_state.load(lay.run_dir)
+        except host_state.StateError as e:
+            log.warning("%s: not adopted; whatever of this run directory still runs is stopped", e)
+            return None
+        if model is None:
+            return None
+        if not adopt.host_alive(model):
+            log.info("the host a supervisor of %s left has stopped: starting afresh", lay.run_dir)
+            self._clear_dead_host(model)
+            return None
+        if model.get("digest") != self._digest or model.get("state_dir") != lay.state_dir:
+            self._pidfile.release()
+            raise AlreadyRunning(
+                f"a host started from {model.get('topology')} (state {model.get('state_dir')}) still runs in "
+                f"{lay.run_dir}, without its supervisor, and it is not this topology's (its domains differ): "
+                f"xdom up {model.get('topology')} adopts it, xdom down --run-dir {lay.run_dir} stops it")
+        if model.get("phase") in ("stopping", "stopped"):
+            # Its supervisor died while stopping it: finish that, then start afresh.
+            self._pidfile.release()
+            done, _ = adopt.stop_orphaned(lay.run_dir)
+            log.warning("finished stopping the host its supervisor was stopping when it died: %s", "; ".join(done))
+            make_dirs(lay.run_dir, 0o755)
+            try:
+                self._pidfile.acquire()
+            except LayoutError as e:
+                raise AlreadyRunning(str(e)) from None
+            return None
+        return model
+
+    def _clear_dead_host(self, model: dict[str, Any]) -> None:
+        """What a host that stopped while no supervisor ran left: its namespaces, its export directories."""
+        for rec in model.get("domains", []):
+            if rec.get("netns") and netns.unavailable_reason() is None and netns.exists(rec["netns"]):
+                self._delete_netns(rec["netns"])
+        for folder in model.get("made_exports") or {}:
+            _remove_made_dir(str(folder))
+
+    def _adopt(self, model: dict[str, Any]) -> None:
+        self.adopted = True
+        for line in adopt.adopt(self, model):
+            self._progress(line)
+        self._record("supervisor", "adopted", f"from pid {(model.get('supervisor') or {}).get('pid')}")
+        self._save_state()
+        dead, self._adopted_dead = self._adopted_dead, []
+        for d in dead:
+            pid = ((d.ident or {}) if d.ident else {}).get("pid")
+            status = adopt.status_after_adopted_death(self.mgmt, d.domid, pid, settle=0.0)
+            reason = "it ended while no supervisor ran"
+            self._record(d.name, "exit", f"{status.describe()} ({reason})")
+            self._log_to(d, f"{status.describe()} ({reason})")
+            self._after_death(d, status, reason, uptime=time.monotonic() - d.started_mono)
+
+    def _our_pids(self) -> list[int]:
+        """Every process this supervisor watches: the broker, the keeper, the domains, the VMs."""
+        pids = [p.pid for p in (self.broker.proc if self.broker else None, self._keeper_proc) if p is not None]
+        pids += [d.proc.pid for d in self.domains if d.proc is not None and d.pidfd >= 0]
+        pids += self.vms.pids()
+        return pids
+
+    def _save_state(self) -> None:
+        """Write RUN_DIR/supervisor-state if anything in it changed (host_state.py)."""
+        if not self._pidfile.held or self.phase == "stopped":
+            return
+        model = adopt.snapshot(self)
+        written = model.pop("written")
+        data = msgpack.packb(model, use_bin_type=True)
+        if data == self._state_written:
+            return
+        model["written"] = written
+        try:
+            host_state.save(self.layout.run_dir, model)
+        except OSError as e:
+            log.warning("cannot write %s: %s", self.layout.state_file, e)
+            return
+        self._state_written = data
+
+    def _start_keeper(self) -> None:
+        """The host's keeper (keeper.py), given every descriptor this supervisor must not lose with its life."""
+        try:
+            proc, client = adopt.keeper_start(self.layout)
+        except (RuntimeError, TimeoutError, KeeperError, OSError) as e:
+            log.error("the keeper did not start (%s): a supervisor that dies now takes the device channels and "
+                      "uid locks of its domains along", e)
+            return
+        self._keeper_proc, self._keeper = proc, client
+        self._keeper_ident = host_state.identity(proc.pid)
+        self._watch_keeper()
+        self._keep_uid_locks()
+        for d in self.domains:
+            if d.devices is not None:
+                self._keep(f"dev/{d.name}", d.devices.fileno())
+            if d.ready_fd >= 0:
+                self._keep(f"ready/{d.name}", d.ready_fd)
+        self._save_state()
+
+    def _watch_keeper(self) -> None:
+        proc = self._keeper_proc
+        assert proc is not None
+        if self._keeper_ident is None:
+            self._keeper_ident = host_state.identity(proc.pid)
+        self._keeper_pidfd = proc.pidfd() if getattr(proc, "adopted", False) else os.pidfd_open(proc.pid)
+        self._watch_fd(self._keeper_pidfd, self._on_keeper_exit)
+
+    def _on_keeper_exit(self) -> None:
+        proc = self._keeper_proc
+        self._unwatch_fd(self._keeper_pidfd)
+        os.close(self._keeper_pidfd)
+        self._keeper_pidfd = -1
+        how = ExitStatus.from_returncode(proc.wait()).describe() if proc is not None else "ended"
+        if self._keeper is not None:
+            self._keeper.close()
+        self._keeper = self._keeper_proc = self._keeper_ident = None
+        self._record("keeper", "exit", how)
+        if self._stop_requested:
+            return
+        log.error("the keeper %s; starting another and giving it what it held", how)
+        self._start_keeper()
+
+    def _stop_keeper(self) -> None:
+        if self._keeper_pidfd >= 0:
+            self._unwatch_fd(self._keeper_pidfd)
+            os.close(self._keeper_pidfd)
+            self._keeper_pidfd = -1
+        if self._keeper is not None:
+            try:
+                self._keeper.exit()
+            except KeeperError as e:
+                log.warning("%s", e)
+            self._keeper.close()
+            self._keeper = None
+        proc, self._keeper_proc = self._keeper_proc, None
+        if proc is not None:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if getattr(proc, "adopted", False):
+                proc.close()
+        self._keeper_ident = None
+
+    def _keep(self, name: str, fd: int) -> None:
+        if self._keeper is None:
+            return
+        try:
+            self._keeper.put(name, fd)
+        except KeeperError as e:
+            log.warning("the keeper did not take %s: %s", name, e)
+
+    def _unkeep(self, *names: str) -> None:
+        if self._keeper is None:
+            return
+        try:
+            self._keeper.drop(*names)
+        except KeeperError as e:
+            log.warning("the keeper did not drop %s: %s", ", ".join(names), e)
+
+    def _forget_kept(self, d: _Domain) -> None:
+        self._unkeep(f"dev/{d.name}", f"ready/{d.name}")
+
+    def _keep_uid_locks(self) -> None:
+        if self.uid_plan is not None:
+            for name, fd in self.uid_plan.lock_of.items():
+                self._keep(f"uid/{name}", fd)
 
     def _prepare_dirs(self) -> None:
         """Logs are the supervisor's (domains get an fd); xenstored's store and socket directories are its own.
@@ -547,6 +769,7 @@ class Supervisor:
             elif isinstance(sock, int) and sock in self._fd_handlers:
                 self._fd_handlers[sock]()
         self._timers(time.monotonic())
+        self._save_state()
 
     def _awaiting_connect(self) -> bool:
         return any(d.state == State.STARTING and not d.connected and d.pidfd >= 0 for d in self.domains)
@@ -623,6 +846,8 @@ class Supervisor:
                 d.last_exit = f"its xenstore domain {self.xenstored.name} is {self.xenstored.state}"
                 log.error("%s domain %s cannot start: %s", d.kind, d.name, d.last_exit)
                 self._set_state(d, State.FAILED, d.last_exit)
+                self.vms.domain_gone(d, d.last_exit)
+                self._release_down(d)
                 return
             d.waiting_for_store = True          # launched when xenstored is running again
             self._set_state(d, State.BACKOFF, "waiting for xenstored")
@@ -636,6 +861,8 @@ class Supervisor:
                     d.last_exit = f"the broker still reports domain {d.domid} alive after {RESET_PATIENCE:g}s"
                     log.error("%s domain %s cannot restart: %s", d.kind, d.name, d.last_exit)
                     self._set_state(d, State.FAILED, d.last_exit)
+                    self.vms.domain_gone(d, d.last_exit)
+                    self._release_down(d)
                     return
                 self._set_state(d, State.BACKOFF, "waiting for the broker")
                 d.deadline = now + RESET_RETRY
@@ -714,7 +941,7 @@ class Supervisor:
             argv = list(d.spec.command or ())
             cwd = os.path.dirname(os.path.abspath(self.topology.source)) if os.path.exists(self.topology.source) \
                 else "/"
-        wrap = [py, "-I", "-S", DOMAIN_EXEC, "--parent", str(os.getpid())]
+        wrap = [py, "-I", "-S", DOMAIN_EXEC]        # no parent-death signal: the host outlives its supervisor
         if d.spec.limits.fds is not None:
             wrap += ["--nofile", str(d.spec.limits.fds)]
         return [*wrap, "--", *argv], cwd
@@ -785,6 +1012,11 @@ class Supervisor:
         d.offered.clear()           # a new channel: the new process has been given nothing yet
         if ready_w >= 0:
             os.close(ready_w)
+        d.ident = host_state.identity(d.proc.pid)
+        if devices is not None:
+            self._keep(f"dev/{d.name}", devices.fileno())
+        if ready_r >= 0:
+            self._keep(f"ready/{d.name}", ready_r)
         d.pidfd = os.pidfd_open(d.proc.pid)
         self._watch_fd(d.pidfd, lambda: self._on_process_exit(d))
         d.ready_fd, d.ready_seen = ready_r, False
@@ -800,6 +1032,7 @@ class Supervisor:
         d.deadline = d.started_mono + self.ready_timeout
         self._set_state(d, State.STARTING, f"pid {d.proc.pid}, domid {d.domid}, generation {d.generation}")
         self._record(d.name, "spawn", f"pid {d.proc.pid} domid {d.domid}")
+        self._save_state()          # a supervisor that dies from now on leaves this process written down
         if d.switch == NetSwitch.BRIDGE:
             # Its TAPs persist in its namespace, but this process has a new channel: every vif it
             # serves gets its TAP (made again if need be) before the vif's nodes are written anew.
@@ -838,6 +1071,7 @@ class Supervisor:
         except OSError:
             data = b""
         self._close_ready(d)
+        self._unkeep(f"ready/{d.name}")
         if data:
             d.ready_seen = True
             d.confinement = parse_ready(data)
@@ -1247,6 +1481,8 @@ class Supervisor:
         pid = d.pid
         rc = self._reap(d)
         status = ExitStatus.from_returncode(rc)
+        if status.unknown:          # adopted: not our child; what the broker saw decides
+            status = adopt.status_after_adopted_death(self.mgmt, d.domid, pid)
         reason, d.kill_reason = d.kill_reason, ""
         if status.signal == signal.SIGSYS and not reason:
             reason = self._seccomp_kills.describe(pid)
@@ -1289,6 +1525,7 @@ class Supervisor:
             log.error("the xenstore domain is down for good: domains cannot reach the store")
         if d.state != State.BACKOFF:
             self.vms.domain_gone(d, f"its guest domain {d.last_exit} and stays down")
+            self._release_down(d)
 
     def _after_stop(self, d: _Domain, status: ExitStatus) -> None:
         then, d.after_stop = d.after_stop, ""
@@ -1322,16 +1559,59 @@ class Supervisor:
                     log.warning("destroying domain %s in the broker: %s", d.name, e)
             except TimeoutError as e:
                 log.warning("destroying domain %s in the broker: %s", d.name, e)
-            self._remove_domain_nodes(d.domid)
-        self._release_vifs(d)
+            if d.kind != DomainKind.GUEST:
+                self._remove_domain_nodes(d.domid)      # a guest's go with its devices (_release_down)
         self.vms.domain_gone(d, "destroyed")
-        if d.netns is not None:
-            self._delete_netns(d.netns)
+        self._release_down(d)
         self._record(d.name, "destroyed", f"domid {d.domid}")
         d.domid = d.creds = d.store = None
         d.connected = d.introduced = False
         self._set_state(d, State.DESTROYED)
         self._progress(f"{d.name}: destroyed")
+
+    def _release_down(self, d: _Domain) -> None:
+        """A domain that stays down (its policy, a failure, a destroy) keeps only what restarting it needs:
+        its domid in the broker, its logs, and (xenstored) its store.  Its sockets and export directories,
+        its device nodes, its TAPs (its own and a bridged netback's for its vifs) and its namespace go;
+        starting it again makes them again."""
+        if d is self.xenstored or not self._pidfile.held:
+            return
+        gone = []
+        if d.kind == DomainKind.GUEST:
+            if d.domid is not None:
+                self._release_vbds(d)
+                self._release_vifs(d)
+                self._remove_domain_nodes(d.domid)
+            for path in self._export_sockets(d):
+                if os.path.lexists(path):
+                    _unlink_socket(path)
+                    gone.append(path)
+            own = self.layout.export_dir(d.name)
+            if os.path.isdir(own):
+                shutil.rmtree(own, ignore_errors=True)
+            for folder, guest in self._made_exports.items():
+                if guest == d.name:
+                    _remove_made_dir(folder)      # kept in _made_exports: made again, ours, at its next start
+        if d.netns is not None and netns.exists(d.netns):
+            self._delete_netns(d.netns)           # its TAPs (a bridged netback's bridge) go with it
+            gone.append(f"namespace {d.netns}")
+        d.offered.clear()
+        if gone:
+            self._record(d.name, "released", ", ".join(gone))
+
+    def _release_vbds(self, d: _Domain) -> None:
+        """A guest that stays down: its disks' backend nodes go (blkback closes the images), as libxl's."""
+        for be, fe, _disk in self._vbds_of(d):
+            if fe is not d or be.domid is None or not self._store_up():
+                continue
+            try:
+                with self._xs() as xs:
+                    xs.rm(f"/local/domain/{be.domid}/backend/vbd/{d.domid}")
+            except XenstoreError as e:
+                if e.name != "ENOENT":
+                    log.warning("removing %s's disks from %s's backend nodes: %s", d.name, be.name, e)
+            except (OSError, TimeoutError) as e:
+                log.warning("removing %s's disks from %s's backend nodes: %s", d.name, be.name, e)
 
     def _release_vifs(self, d: _Domain) -> None:
         """A destroyed guest's vifs, as libxl's forced device removal: backend nodes gone (netback drops the
@@ -1371,11 +1651,16 @@ class Supervisor:
     def _reap(self, d: _Domain) -> int:
         """The process has exited (its pidfd said so): kill what is left of its group, reap, forget its fds."""
         assert d.proc is not None
-        self._signal_group(d, signal.SIGKILL)   # the leader is a zombie until reaped: the group id is safe
+        # The leader is a zombie until reaped: the group id is safe.  An adopted leader was reaped by its
+        # reaper already; its group id is still its group's while any of the group lives (Linux frees a
+        # pid only once no process uses it as pid, group or session).
+        self._signal_group(d, signal.SIGKILL)
         rc = d.proc.wait()
         self._unwatch_fd(d.pidfd)
         os.close(d.pidfd)
         d.pidfd = -1
+        d.ident = None
+        self._forget_kept(d)
         self._close_ready(d)
         if d.devices is not None:
             d.devices.close()
@@ -1425,6 +1710,7 @@ class Supervisor:
         self._unwatch_fd(self._broker_pidfd)
         os.close(self._broker_pidfd)
         self._broker_pidfd = -1
+        self._broker_ident = None
         how = ExitStatus.from_returncode(rc).describe()
         self._record(_BROKER, "exit", how)
         now = time.monotonic()
@@ -1440,14 +1726,11 @@ class Supervisor:
                 self.mgmt.close()
                 self.mgmt = None
             try:
-                self.broker = start_broker(self.layout.run_dir, log_path=self.layout.log_path(_BROKER),
-                                           die_with_parent=True)
+                self._start_broker()
             except (RuntimeError, TimeoutError) as e:
                 why = f"and another did not start ({e})"
             else:
-                self._broker_pidfd = os.pidfd_open(self.broker.proc.pid)
-                self._watch_fd(self._broker_pidfd, self._on_broker_exit)
-                self.mgmt = self.broker.client()
+                assert self.broker is not None
                 self._record(_BROKER, "restarted", f"pid {self.broker.proc.pid}: took over")
                 self._progress(f"broker: {how}; a new one (pid {self.broker.proc.pid}) took over")
                 return
@@ -1507,7 +1790,8 @@ class Supervisor:
     def _op_ping(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"pid": os.getpid(), "phase": self.phase, "topology": os.path.abspath(self.topology.source),
                 "state_dir": self.layout.state_dir, "run_dir": self.layout.run_dir,
-                "broker_pid": self.broker.proc.pid if self.broker else None,
+                "broker_pid": self.broker.proc.pid if self.broker else None, "adopted": self.adopted,
+                "keeper_pid": self._keeper_proc.pid if self._keeper_proc is not None else None,
                 "uids": "separate" if self.uid_plan and self.uid_plan.separate else "shared",
                 "xenstored_socket": self.layout.xenstored_link if self.xenstored else None}
 

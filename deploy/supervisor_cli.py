@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from .control import ControlClient, ControlError, endpoint_for
 from .rundir import (
-    Layout, UntrustedPath, clear_run_files, default_base, default_dirs, find_supervisors, make_dirs, remove_run_dir,
-    running_pid, stop_leftovers, topology_name,
+    STATE_FILE, Layout, UntrustedPath, default_base, default_dirs, find_supervisors, find_unsupervised, make_dirs,
+    running_pid, topology_name,
 )
 
 if TYPE_CHECKING:
@@ -74,12 +74,16 @@ def _dirs_for(topo: Topology, state_dir: str | None, run_dir: str | None) -> tup
             os.path.abspath(run_dir or topo.host.run_dir or d_run))
 
 
-def _resolve_run_dir(args: argparse.Namespace) -> str:
+def _resolve_run_dir(args: argparse.Namespace, unsupervised: bool = False) -> str:
+    """The host's run directory: ``--run-dir``, ``--topology``, or the only one running (with
+    ``unsupervised``, counting hosts whose supervisor died: ``ps`` and ``down`` deal with those)."""
     if args.run_dir:
         return os.path.abspath(args.run_dir)
     if args.topology:
         return _dirs_for(_load(args.topology), None, None)[1]
     found = find_supervisors()
+    if unsupervised:
+        found = sorted({*found, *find_unsupervised()})
     if len(found) == 1:
         return found[0]
     if not found:
@@ -135,6 +139,10 @@ def xenstored_endpoint(socket: str | None, run_dir: str | None, topology: str | 
 
 def _client(run_dir: str, timeout: float) -> ControlClient:
     if running_pid(run_dir) is None:      # which checked the run directory: only root (or we) can write it
+        if os.path.exists(os.path.join(run_dir, STATE_FILE)):
+            raise CommandError(EXIT_NOTHING, f"no supervisor is running in {run_dir}: its host runs on without one "
+                                             f"(xdom ps shows what is alive; xdom up TOPOLOGY adopts it, xdom down "
+                                             f"stops it)")
         raise CommandError(EXIT_NOTHING, f"no supervisor is running in {run_dir}")
     return ControlClient(endpoint_for(_control_socket(run_dir)), timeout)
 
@@ -292,35 +300,28 @@ def _gone(pid: int) -> bool:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    run_dir = _resolve_run_dir(args)
+    run_dir = _resolve_run_dir(args, unsupervised=True)
     pid = running_pid(run_dir)
-    if pid is None:
-        # A supervisor killed outright: its domains and broker died with it
-        # (PR_SET_PDEATHSIG), but stop anything that did not and clear its files.
-        stopped = stop_leftovers(run_dir)
-        from . import netns
-        for name in netns.of_host(run_dir):
-            try:
-                netns.delete(name)
-                stopped.append(f"network namespace {name}")
-            except netns.NetnsError as e:
-                log.warning("%s", e)
-        lay = Layout("/", run_dir)
-        leftover_files = os.path.isdir(run_dir) and bool(os.listdir(run_dir))
-        clear_run_files(lay)
+    if pid is None and os.path.isdir(run_dir):
+        # A supervisor killed outright: its host runs on.  Stop it from what the supervisor wrote down
+        # (and whatever else of this run directory runs), without adopting it (adopt.py).
+        from .adopt import stop_orphaned
+        from .rundir import LayoutError
         try:
-            os.unlink(lay.pid_file)
-        except FileNotFoundError:
-            pass
-        remove_run_dir(lay)
-        if not stopped:
-            if leftover_files:
-                _say(f"xdom: no supervisor in {run_dir}; cleared the files one that died left behind")
-            raise CommandError(EXIT_NOTHING, f"no supervisor is running in {run_dir}")
-        _say(f"xdom: no supervisor in {run_dir}; stopped what one that died left behind:")
-        for what in stopped:
-            _say(f"  {what}")
-        return EXIT_OK
+            stopped, had_state = stop_orphaned(run_dir)
+        except LayoutError:
+            pid = running_pid(run_dir)      # a supervisor started meanwhile: ask it, below
+        else:
+            if not stopped:
+                raise CommandError(EXIT_NOTHING, f"no supervisor is running in {run_dir}")
+            _say(f"xdom: no supervisor in {run_dir}; stopped the host it left"
+                 f"{'' if had_state else ' (no state file: by what runs)'}:")
+            for what in stopped:
+                _say(f"  {what}")
+            _say(f"xdom: {run_dir}: everything stopped")
+            return EXIT_OK
+    if pid is None:
+        raise CommandError(EXIT_NOTHING, f"no supervisor is running in {run_dir}")
     try:
         with ControlClient(endpoint_for(_control_socket(run_dir)), timeout=5.0) as c:
             c.request("stop")
@@ -353,12 +354,14 @@ def _uptime(seconds: float) -> str:
 
 def cmd_ps(args: argparse.Namespace) -> int:
     try:
-        run_dir = _resolve_run_dir(args)
+        run_dir = _resolve_run_dir(args, unsupervised=True)
     except CommandError as e:
         if e.code == EXIT_NOTHING and not args.topology and os.path.exists(
                 os.path.join(args.run_dir or default_base(), "mgmt.sock")):
             return _broker_list(args.run_dir or default_base(), args)
         raise
+    if running_pid(run_dir) is None and os.path.exists(os.path.join(run_dir, STATE_FILE)):
+        return _unsupervised_ps(run_dir, args)  # its supervisor died: what it wrote down, checked against /proc
     if running_pid(run_dir) is None and os.path.exists(os.path.join(run_dir, "mgmt.sock")):
         return _broker_list(run_dir, args)      # a broker started by hand: its own table
     reply = _request(run_dir, args.timeout, "ps")
@@ -385,6 +388,38 @@ def cmd_ps(args: argparse.Namespace) -> int:
             _say(f"{'  vm':<16} {'qemu':<9} {dash:>4} {vm['state']:<9} {vm['pid'] or dash:>7} "
                  f"{_uptime(vm['uptime']):>8} {_mib(vm['rss']):>8} {vm['restarts']:>8} {dash:>5} {dash:>7} {dash:>6} "
                  f"{'qemu-sandbox' if vm.get('seccomp') else '-' if vm.get('seccomp') is None else 'none':<24} {note}")
+    return EXIT_OK
+
+
+def _unsupervised_ps(run_dir: str, args: argparse.Namespace) -> int:
+    """``ps`` of a host whose supervisor died, from its state file (adopt.report): plain, and quick."""
+    from .adopt import report
+    from .host_state import StateError
+    try:
+        r = report(run_dir)
+    except StateError as e:
+        raise CommandError(EXIT_ERROR, f"no supervisor is running in {run_dir}, and its state cannot be read: {e}") \
+            from None
+    if r is None:
+        raise CommandError(EXIT_NOTHING, f"no supervisor is running in {run_dir}")
+    rows = r["domains"]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    age = time.time() - float(r["written"] or 0)
+    _say(f"supervisor not running (pid {r['dead_supervisor_pid']} is gone; it last wrote its state {age:.0f}s ago); "
+         f"host adopted by none; {r['domains_alive']} of {len(rows)} domains alive; broker "
+         + (f"pid {r['broker_pid']} alive" if r["broker_alive"] else "dead") + f"; run {run_dir}")
+    _say(f"  xdom up {r['topology']} adopts it; xdom down --run-dir {run_dir} stops it")
+    _say(f"{'NAME':<16} {'KIND':<9} {'ID':>4} {'STATE':<9} {'PID':>7} {'RESTARTS':>8} {'BROKER SAYS':<12} LAST EXIT")
+    for row in rows:
+        dash = "-"
+        _say(f"{row['name']:<16} {row['kind']:<9} {row['domid'] if row['domid'] is not None else dash:>4} "
+             f"{row['state']:<9} {row['pid'] or dash:>7} {row['restarts']:>8} {row['domain_state'] or dash:<12} "
+             f"{row['last_exit'] or ''}")
+        vm = row.get("vm")
+        if vm:
+            _say(f"{'  vm':<16} {'qemu':<9} {dash:>4} {vm['state']:<9} {vm['pid'] or dash:>7}")
     return EXIT_OK
 
 

@@ -8,8 +8,9 @@ runs them in that order and this module does the VMM's half:
 
 * **Start.**  Once the guest domain is ready (its sockets listen), QEMU is
   started under the guest's uid, in the guest's network namespace, through
-  ``domain_exec`` (parent-death signal, no core file, ``limits.fds`` as
-  ``RLIMIT_NOFILE``), with QEMU's own seccomp sandbox, every device socket a
+  ``domain_exec`` (no core file, ``limits.fds`` as ``RLIMIT_NOFILE``; no
+  parent-death signal: a VM outlives its supervisor, and the next one adopts
+  it), with QEMU's own seccomp sandbox, every device socket a
   ``reconnect=1`` client chardev, the serial console and QMP on unix sockets
   in ``RUN_DIR/vms/GUEST/`` (root's, 0700, an ACL giving the guest's uid
   rwx; the guest domain's Landlock does not reach it), its output in
@@ -31,7 +32,14 @@ runs them in that order and this module does the VMM's half:
   gone).  A VM over its ``vm.limits`` is killed and restarted like a domain.
 * **Stop.**  Before its guest domain, always: QMP ``system_powerdown`` (the
   project's image powers off at once on the ACPI power button), a grace
-  period, then ``quit``, then SIGKILL.
+  period, then ``quit``, then SIGKILL.  A VM that stays down leaves nothing:
+  its console and QMP sockets and their directory go.
+* **Adoption.**  A supervisor adopting the host (``deploy/adopt.py``) finds
+  each QEMU by pid and start time, watches it through a pidfd and connects
+  to its QMP socket again (believed only when ``SO_PEERCRED`` names that
+  QEMU).  An adopted QEMU is not the supervisor's child: its exit status is
+  unknown, and its exit counts as a clean power-off only when QMP reported
+  ``SHUTDOWN`` first.
 
 Nothing here waits in the supervisor's loop except :meth:`VmSupervisor.stop_now`,
 which the host's shutdown calls (it is blocking, like the domains' stop).
@@ -62,6 +70,8 @@ from .. import netns
 from ..access import AccessError, private_dir
 from ..control import ControlError
 from ..isolation import DOMAIN_EXEC
+from .. import host_state
+from ..host_state import AdoptedProcess
 from ..policy import Action, ExitStatus, HealthCheck, HealthSample, RestartTracker
 from ..rundir import VMS_DIR          # RUN_DIR/vms/GUEST/: a VM's console and QMP sockets, made by its QEMU
 from ..topology import DomainSpec, Topology, TopologyError, VmConfig, vif_devids, vif_queues
@@ -364,6 +374,7 @@ class _Vm:
     ps_cache: dict[int, psutil.Process] = field(default_factory=dict)
     plugs: dict[str, _Plug] = field(default_factory=dict)         # by QEMU id: hot-plug steps of this QEMU
     free_ports: list[str] = field(default_factory=list)           # empty root ports of this QEMU
+    ident: dict[str, int] | None = None       # QEMU by pid and start time, as the state file names it
 
     @property
     def name(self) -> str:
@@ -403,6 +414,62 @@ class VmSupervisor:
     def __bool__(self) -> bool:
         return bool(self.vms)
 
+    # ---- the state file and adoption (deploy/host_state.py, deploy/adopt.py) ---------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {name: {"state": str(vm.state), "ident": vm.ident, "generation": vm.generation,
+                       "started_once": vm.started_once, "started_mono": vm.started_mono, "last_exit": vm.last_exit,
+                       "changes": vm.changes, "status": vm.status, "restarts": list(vm.tracker._restarts),
+                       "then": vm.then, "deadline": vm.deadline}
+                for name, vm in self.vms.items()}
+
+    def pids(self) -> list[int]:
+        return [vm.proc.pid for vm in self.vms.values() if vm.proc is not None and vm.pidfd >= 0]
+
+    def adopt(self, model: dict[str, Any], now: float, said: list[str]) -> None:
+        """Each VM as the state file has it; a QEMU still running is watched again and its QMP reconnected.
+
+        Hot-plug bookkeeping is not carried over: an adopted QEMU keeps the
+        devices it has, but has no free slot for another until it restarts.
+        """
+        for name, rec in model.items():
+            vm = self.vms.get(name)
+            if vm is None or not isinstance(rec, dict):
+                continue
+            vm.state = VmState(rec.get("state", "pending"))
+            vm.generation = int(rec.get("generation") or 0)
+            vm.started_once = bool(rec.get("started_once"))
+            vm.started_mono = float(rec.get("started_mono") or now)
+            vm.last_exit = str(rec.get("last_exit") or "")
+            vm.changes = int(rec.get("changes") or 0) + 1
+            vm.status = str(rec.get("status") or "")
+            vm.then = str(rec.get("then") or "")
+            vm.tracker._restarts.clear()
+            vm.tracker._restarts.extend(float(t) for t in rec.get("restarts") or [])
+            if vm.state not in _ALIVE:
+                if vm.state == VmState.BACKOFF:
+                    vm.deadline = max(now, float(rec.get("deadline") or now))
+                continue
+            proc = AdoptedProcess.of(rec.get("ident"))
+            if proc is None:
+                status = ExitStatus(unknown="adopted; it ended while no supervisor ran",
+                                    seen_clean=vm.status == "shutdown")
+                self._record(vm.name, "vm-exit", status.describe())
+                self._after_death(vm, status, "", now - vm.started_mono)
+                continue
+            vm.proc = proc       # type: ignore[assignment]
+            vm.ident = rec.get("ident")
+            vm.pidfd = proc.pidfd()
+            self._watch_fd(vm.pidfd, lambda vm=vm: self._on_exit(vm))
+            self._connect_qmp(vm, now)
+            if vm.state == VmState.STARTING:
+                vm.ready_by = now + self.ready_timeout
+            elif vm.state == VmState.STOPPING:
+                self._escalate_stop(vm, now, first=True)
+            self._record(vm.name, "vm-adopted", f"pid {proc.pid}")
+            said.append(f"{vm.name}: VM adopted (QEMU pid {proc.pid}"
+                        f"{', QMP reconnected' if vm.qmp is not None else ', QMP not reachable yet'})")
+
     def _of(self, d: Any) -> _Vm | None:
         return self.vms.get(d.name) if d.spec.vm is not None else None
 
@@ -428,6 +495,7 @@ class VmSupervisor:
         elif vm.state in (VmState.BACKOFF, VmState.PENDING):
             vm.deadline = None
             self._set_state(vm, VmState.STOPPED)
+            self._release(vm)
 
     def restart_requested(self, d: Any) -> None:
         """``xdom restart GUEST``: the VM starts again with its guest domain, whatever its policy said before."""
@@ -726,8 +794,7 @@ class VmSupervisor:
                 self._unwatch_fd(vm.pidfd)
                 os.close(vm.pidfd)
                 vm.pidfd = -1
-            for path in (vm.paths.console, vm.paths.qmp):
-                _unlink_socket(path)
+            self._release(vm)
 
     def row(self, d: Any) -> dict[str, Any] | None:
         """``xdom ps --json``'s ``vm`` object of a guest, None for a guest without a VM."""
@@ -820,7 +887,7 @@ class VmSupervisor:
             logfd = os.open(vm.paths.qemu_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             conlog = os.open(vm.paths.console_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             argv = qemu_argv(self._spec(vm), vm.paths, vm.plan.accel, vm.plan.qemu, console_log_fd=conlog)
-            wrap = [sys.executable, "-I", "-S", DOMAIN_EXEC, "--parent", str(os.getpid())]
+            wrap = [sys.executable, "-I", "-S", DOMAIN_EXEC]    # no parent-death signal: the VM outlives us
             if vm.config.limits.fds is not None:
                 wrap += ["--nofile", str(vm.config.limits.fds)]
             vm.generation += 1
@@ -843,6 +910,7 @@ class VmSupervisor:
             for fd in (logfd, conlog):
                 if fd >= 0:
                     os.close(fd)
+        vm.ident = host_state.identity(vm.proc.pid)
         vm.pidfd = os.pidfd_open(vm.proc.pid)
         self._watch_fd(vm.pidfd, lambda: self._on_exit(vm))
         vm.kill_reason = ""
@@ -879,6 +947,8 @@ class VmSupervisor:
 
     def _connect_qmp(self, vm: _Vm, now: float) -> None:
         assert vm.proc is not None
+        if vm.qmp is not None:
+            return
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
             sock.connect(vm.paths.qmp)
@@ -994,6 +1064,7 @@ class VmSupervisor:
         self._unwatch_fd(vm.pidfd)
         os.close(vm.pidfd)
         vm.pidfd = -1
+        vm.ident = None
         self._close_qmp(vm)
         vm.deadline = vm.ready_by = None
         vm.sample = None
@@ -1004,9 +1075,12 @@ class VmSupervisor:
         uptime = time.monotonic() - vm.started_mono
         pid = vm.pid
         status = ExitStatus.from_returncode(self._reap(vm))
+        if status.unknown:          # an adopted QEMU: not our child; QMP's SHUTDOWN says it powered off
+            status = ExitStatus(unknown="adopted" + ("; QMP reported its shutdown" if vm.status == "shutdown" else ""),
+                                seen_clean=vm.status == "shutdown")
         self._plugs_at_exit(vm, teardown=True)
         reason, vm.kill_reason = vm.kill_reason, ""
-        if not reason and not status.clean and status.signal is None:
+        if not reason and not status.clean and status.signal is None and not status.unknown:
             reason = _last_line(vm.paths.qemu_log)     # QEMU says why it gave up
         elif not reason and status.clean and vm.status == "shutdown":
             reason = "the VM powered off"
@@ -1016,6 +1090,8 @@ class VmSupervisor:
         if was == VmState.STOPPING:
             vm.last_exit = f"{status.describe()} (powered off by the toolstack)"
             self._set_state(vm, VmState.PENDING if vm.then == "restart" else VmState.STOPPED)
+            if vm.state == VmState.STOPPED:
+                self._release(vm)
             resume, vm.resume = vm.resume, None
             if resume is not None:
                 resume()
@@ -1037,11 +1113,22 @@ class VmSupervisor:
             log.info("%s; not restarted: %s", what, decision.reason)
             self._set_state(vm, VmState.EXITED)
             self._progress(f"{vm.name}: VM {vm.last_exit}; not restarted ({decision.reason})")
+            self._release(vm)
         else:
             log.error("%s; %s", what, decision.reason)
             vm.last_exit += f"; {decision.reason}"
             self._set_state(vm, VmState.FAILED)
             self._progress(f"{vm.name}: VM failed: {decision.reason}")
+            self._release(vm)
+
+    def _release(self, vm: _Vm) -> None:
+        """A VM that stays down: its console and QMP sockets, and their directory, go (made again at its start)."""
+        for path in (vm.paths.console, vm.paths.qmp):
+            _unlink_socket(path)
+        try:
+            os.rmdir(os.path.dirname(vm.paths.console))
+        except OSError:
+            pass
 
     # ---- bookkeeping -------------------------------------------------------------------------------
 
