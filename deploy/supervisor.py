@@ -86,6 +86,8 @@ from . import netns
 from .isolation import DOMAIN_EXEC, UidMode, UidPlan, plan_uids
 from . import adopt, host_state
 from .keeper import KeeperClient, KeeperError
+from .host_limits import HostFacts
+from .host_limits import problems as host_limit_problems
 from .launcher import BrokerProcess, start_broker, start_domain_process
 from .policy import Action, ExitStatus, HealthCheck, HealthSample, RestartTracker
 from .rundir import Layout, LayoutError, PidFile, clear_run_files, make_dirs, remove_run_dir, stop_leftovers
@@ -158,16 +160,21 @@ def check_switches(topology: Topology, unavailable: str | None) -> None:
             + [f"{topology.source}: nothing was started"])
 
 
-def check_host(topology: Topology, state_dir: str, run_dir: str) -> dict[str, VmPlan]:
+def check_host(topology: Topology, state_dir: str, run_dir: str, ready_timeout: float = READY_TIMEOUT,
+               uids: UidMode | str = UidMode.AUTO, facts: HostFacts | None = None) -> dict[str, VmPlan]:
     """Everything that can be refused before anything starts: switches, directories (socket path lengths),
-    disk images, and what the VMs need (QEMU, their image, memory, the accelerator: ``vm/supervised.py``).
+    this host's limits (``host_limits.py``: memory against vm.max_map_count and the host's RAM, starting
+    within the ready timeout, uids, the broker's descriptors), disk images, and what the VMs need (QEMU,
+    their image, memory, the accelerator: ``vm/supervised.py``).
 
     Returns each VM guest's plan.  Raises TopologyError or LayoutError.
     """
     check_switches(topology, netns.unavailable_reason())
     Layout(os.path.abspath(state_dir), os.path.abspath(run_dir)).check()
     resolved = topology.resolved(os.path.abspath(state_dir), os.path.abspath(run_dir))
-    missing = []
+    if facts is None:
+        facts = HostFacts.measure(separate_uids=os.geteuid() == 0 and UidMode(uids) != UidMode.SHARED)
+    missing = host_limit_problems(resolved, facts, ready_timeout)
     for d in resolved.domains:
         for disk in d.disks:
             if disk.target is None:
@@ -272,7 +279,7 @@ class Supervisor:
                  ready_timeout: float = READY_TIMEOUT, stop_grace: float = STOP_GRACE,
                  health_interval: float = HEALTH_INTERVAL, progress: Callable[[str], None] | None = None,
                  log_level: str = "info") -> None:
-        plans = check_host(topology, state_dir, run_dir)
+        plans = check_host(topology, state_dir, run_dir, ready_timeout, uids)
         topology = topology.resolved(os.path.abspath(state_dir), os.path.abspath(run_dir))
         self.topology = topology
         self.layout = Layout(os.path.abspath(state_dir), os.path.abspath(run_dir))

@@ -178,7 +178,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     state_dir, run_dir = _dirs_for(topo, args.state_dir, args.run_dir)
     try:
         topo = topo.resolved(state_dir, run_dir)
-        check_host(topo, state_dir, run_dir)
+        check_host(topo, state_dir, run_dir, args.ready_timeout, args.uids)
     except (TopologyError, LayoutError) as e:
         raise CommandError(EXIT_USAGE, str(e)) from None
     other = running_pid(run_dir)

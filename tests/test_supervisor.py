@@ -511,3 +511,45 @@ def test_domain_exec_reports_what_it_cannot_do() -> None:
     assert orphan.returncode == 127
     assert _domain_exec("--bogus", "--", "true").returncode == 127
     assert _domain_exec("--nofile", str(1 << 40), "--", "true").returncode == 127
+
+
+# ---- refusals up front: what this host cannot run, with the limit named (deploy/host_limits.py) -------------
+
+def _facts(**kw: Any) -> Any:
+    from xdom.deploy.host_limits import HostFacts
+    return HostFacts(**{"max_map_count": 65530, "mem_total": 8 << 30, "cpus": 2, "nofile_hard": 20000,
+                        "uid_slots": 1000, **kw})
+
+
+def _refusals(text: str, ready_timeout: float = 20.0, **facts: Any) -> list[str]:
+    from xdom.deploy.host_limits import problems
+    from xdom.deploy.topology import parse_topology
+    import tomllib
+    return problems(parse_topology(tomllib.loads(text), "t.toml"), _facts(**facts), ready_timeout)
+
+
+def test_memory_beyond_what_a_domain_can_map_is_refused_naming_vm_max_map_count() -> None:
+    assert _refusals(XS + GUEST) == []
+    big = _refusals(XS + GUEST.replace('"4M"', '"1G"'))
+    assert len(big) == 1 and 'domain[1] ("g1").memory: 1024 MiB is 262144 frames' in big[0]
+    assert "vm.max_map_count is 65530" in big[0] and "at most 64506 frames" in big[0]
+    assert "sysctl vm.max_map_count=263168" in big[0]
+    assert _refusals(XS + GUEST.replace('"4M"', '"1G"'), max_map_count=300000) == []
+    assert _refusals(XS + GUEST.replace('"4M"', '"251M"')) == []           # just under: 64256 frames
+
+
+def test_memory_beyond_the_hosts_and_starts_beyond_the_ready_timeout_are_refused() -> None:
+    many = XS + "".join(GUEST.replace('"g1"', f'"g{n}"').replace('"4M"', '"200M"') for n in range(1, 6))
+    [ram] = _refusals(many, mem_total=512 << 20)
+    assert "adds up to 1004 MiB, more than this host's 512 MiB (MemTotal)" in ram
+    slow = _refusals(XS + GUEST.replace('"4M"', '"200M"'), ready_timeout=1.0)
+    assert len(slow) == 1 and "starting it takes about 1.8s" in slow[0] and "ready timeout of 1s" in slow[0]
+    [crowd] = _refusals(many, ready_timeout=3.0)
+    assert "5 domains that may have to start at once" in crowd and "2 CPU(s)" in crowd
+    assert "more domains than it can bring up" in crowd
+    assert _refusals(many, ready_timeout=3.0, cpus=8) == []
+    uids = _refusals(XS + GUEST, uid_slots=1)
+    assert len(uids) == 1 and "2 domains need a uid of their own and xdom has 1" in uids[0]
+    assert _refusals(XS + GUEST, uid_slots=None) == []
+    [fds] = _refusals(XS + GUEST, nofile_hard=515)
+    assert "hard RLIMIT_NOFILE (515, less 512 for itself) leaves room for 0" in fds

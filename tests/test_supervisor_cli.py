@@ -410,3 +410,13 @@ def test_down_leaves_no_process_namespace_tap_bridge_or_socket(run_dir: str, cle
     assert _unix_sockets_under(lay.run_dir) == []
     assert not os.path.exists(lay.run_dir) and not os.path.exists(export)
     assert os.path.getsize(image) == 8 << 20             # the disk is the user's: it stays
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_up_refuses_memory_beyond_vm_max_map_count_up_front(run_dir: str, detach: bool) -> None:
+    path, lay = topology(run_dir, XS + GUEST.replace('"4M"', '"1G"'))
+    res = xdom("up", path, *(["--detach"] if detach else []))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert 'domain[1] ("g1").memory: 1024 MiB' in res.stderr and "vm.max_map_count" in res.stderr
+    assert "nothing was started" in res.stderr
+    assert not os.path.exists(lay.run_dir) and leftovers(lay.run_dir) == []
