@@ -28,6 +28,7 @@ bench: sysdeps venv
 	$(BIN)/python benchmarks/bench_xenstored.py
 	$(BIN)/python benchmarks/bench_blk.py
 	$(BIN)/python benchmarks/bench_net.py
+	$(BIN)/python benchmarks/bench_stall.py
 
 venv: $(STAMP)
 
