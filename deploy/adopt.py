@@ -417,35 +417,50 @@ def report(run_dir: str) -> dict[str, Any] | None:
             "domains_alive": sum(1 for r in rows if r["alive"]), "domains": rows}
 
 
-def _stop_one(ident: dict[str, Any] | None, grace: float, group: bool = True) -> str | None:
-    """SIGTERM (pidfd and process group), up to ``grace`` seconds, SIGKILL; what it was, or None if not running."""
-    fd = host_state.open_pidfd(ident)
-    if fd is None:
-        return None
-    assert ident is not None
-    pid = int(ident["pid"])
-    cmd = " ".join(host_state._cmdline(pid))[:160]
-    try:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+def _stop_together(idents: list[tuple[str, dict[str, Any] | None]], grace: float, group: bool = True) -> list[str]:
+    """Stop these processes together: SIGTERM (through each pidfd, and to its process group: a guest's
+    workload too), up to ``grace`` seconds for all, SIGKILL for the rest; what they were."""
+    live: list[tuple[str, int, int]] = []
+    for what, ident in idents:
+        fd = host_state.open_pidfd(ident)
+        if fd is not None:
+            assert ident is not None
+            pid = int(ident["pid"])
+            live.append((f"{what}, pid {pid}: {' '.join(host_state._cmdline(pid))[:160]}", pid, fd))
+
+    def signal_all(sig: int, procs: list[tuple[str, int, int]]) -> None:
+        for _, pid, fd in procs:
             try:
                 signal.pidfd_send_signal(fd, sig)
             except ProcessLookupError:
-                break
+                continue
             if group:
                 try:
-                    os.killpg(pid, sig)     # its session: its children (a guest's workload) too
+                    os.killpg(pid, sig)
                 except (ProcessLookupError, PermissionError):
                     pass
-            if select.select([fd], [], [], grace if sig == signal.SIGTERM else 10.0)[0]:
-                break
+
+    try:
+        signal_all(signal.SIGTERM, live)
+        deadline = time.monotonic() + grace
+        left = list(live)
+        while left and time.monotonic() < deadline:
+            ready, _, _ = select.select([fd for _, _, fd in left], [], [], deadline - time.monotonic())
+            left = [p for p in left if p[2] not in ready]
+        if left:
+            signal_all(signal.SIGKILL, left)
+            for _, _, fd in left:
+                select.select([fd], [], [], 10.0)
         if group:
-            try:
-                os.killpg(pid, signal.SIGKILL)      # whatever of its group outlived it
-            except (ProcessLookupError, PermissionError):
-                pass
+            for _, pid, _ in live:
+                try:
+                    os.killpg(pid, signal.SIGKILL)      # whatever of its group outlived it
+                except (ProcessLookupError, PermissionError):
+                    pass
     finally:
-        os.close(fd)
-    return f"pid {pid}: {cmd}"
+        for _, _, fd in live:
+            os.close(fd)
+    return [what for what, _, _ in live]
 
 
 def stop_orphaned(run_dir: str) -> tuple[list[str], bool]:
@@ -466,20 +481,15 @@ def stop_orphaned(run_dir: str) -> tuple[list[str], bool]:
             model = None
         if model is not None:
             grace = min(float(model.get("stop_grace") or ORPHAN_GRACE), ORPHAN_GRACE)
-            for vm in (model.get("vms") or {}).values():
-                what = _stop_one(vm.get("ident"), grace)
-                if what:
-                    done.append(f"VM {what}")
-            for rec in reversed(model.get("domains", [])):
-                what = _stop_one(rec.get("ident"), grace)
-                if what:
-                    done.append(f"{rec.get('kind')} domain {rec.get('name')}, {what}")
-            what = _stop_one(model.get("broker"), grace)
-            if what:
-                done.append(f"broker, {what}")
-            what = _stop_one(model.get("keeper"), grace, group=False)
-            if what:
-                done.append(f"keeper, {what}")
+            # The VMs first, then every domain together, then the broker, then the keeper.
+            done += _stop_together([(f"VM of {name}", vm.get("ident")) for name, vm in (model.get("vms") or {}).items()
+                                    if isinstance(vm, dict)], grace)
+            # Without a broker a domain cannot say its poweroff (it would wait for a broker to rejoin): short.
+            broker_alive = host_state.alive(model.get("broker"))
+            done += _stop_together([(f"{r.get('kind')} domain {r.get('name')}", r.get("ident"))
+                                    for r in model.get("domains", [])], grace if broker_alive else 0.5)
+            done += _stop_together([("broker", model.get("broker"))], grace)
+            done += _stop_together([("keeper", model.get("keeper"))], grace, group=False)
         me = psutil.Process()
         for p in leftover_processes(run_dir, {me.pid, *(q.pid for q in me.parents())}):
             try:

@@ -507,7 +507,6 @@ class Supervisor:
         self._broker_pidfd = os.pidfd_open(self.broker.proc.pid)
         self._watch_fd(self._broker_pidfd, self._on_broker_exit)
         self.mgmt = self.broker.client()
-        self._save_state()
 
     def _connect_loop(self) -> None:
         """The broker's events and the control socket, in the loop."""
@@ -586,6 +585,11 @@ class Supervisor:
             self._record(d.name, "exit", f"{status.describe()} ({reason})")
             self._log_to(d, f"{status.describe()} ({reason})")
             self._after_death(d, status, reason, uptime=time.monotonic() - d.started_mono)
+        for d in self.domains:          # adopted mid-start: what its dead supervisor had not done yet
+            if d.state == State.STARTING and d.pidfd >= 0 and d.connected:
+                if self._needs_store(d) and self._store_up() and not d.introduced:
+                    self._introduce(d)
+                self._maybe_ready(d)
 
     def _our_pids(self) -> list[int]:
         """Every process this supervisor watches: the broker, the keeper, the domains, the VMs."""
@@ -1739,6 +1743,7 @@ class Supervisor:
             else:
                 assert self.broker is not None
                 self._record(_BROKER, "restarted", f"pid {self.broker.proc.pid}: took over")
+                self._save_state()
                 self._progress(f"broker: {how}; a new one (pid {self.broker.proc.pid}) took over")
                 return
         self._fatal = (f"the broker (the hypervisor) {how} {why}: every domain is "
