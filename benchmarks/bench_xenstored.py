@@ -31,11 +31,10 @@ Servers, all started before the first measurement and measured interleaved
          carries it, but it cannot start without a hypervisor (it opens
          privcmd first), so the benchmark runs it only through a launcher:
          ``--ref-xenstored CMD`` or ``XDOM_REF_XENSTORED`` (CMD gets the socket
-         path as its last argument and must exec xenstored in the foreground),
-         else ``../shared/tools/ref-xenstored/start.sh`` beside the checkout if
-         present (a development aid outside xdom: an LD_PRELOAD shim faking
-         the hypervisor calls; the report says when it was used).  Without
-         one the reference is reported missing and ratios fall back to ECHO.
+         path as its last argument and must exec xenstored in the foreground,
+         e.g. a wrapper that fakes the hypervisor calls with LD_PRELOAD).
+         Without one the reference is reported missing and ratios fall back
+         to ECHO.
 * OURS   ``python -m xdom.deploy.cli xenstored --unix-socket ...`` (store in memory)
 * OURS   the same with ``--state-dir`` (what a restart needs is on disk before
          the replies leave), and for the WRITE and transaction rows also
@@ -56,7 +55,6 @@ Nothing is pinned and nothing is asserted about timings.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -83,8 +81,6 @@ SCALE_GROUPS = 100         # watched subtrees (one watcher connection each)
 SCALE_PER_GROUP = 100      # nodes per subtree: 10,000 nodes
 READY_TIMEOUT = 60.0       # seconds a server may take to say "ready"
 RESULT_SLACK = 30.0        # seconds past its window a measurement may take before we call it hung
-HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED_REF = os.path.join(HERE, "..", "..", "shared", "tools", "ref-xenstored", "start.sh")
 
 
 class BenchError(Exception):
@@ -617,18 +613,8 @@ def find_reference(args: argparse.Namespace) -> tuple[list[str] | None, str]:
     cmd = args.ref_xenstored or os.environ.get("XDOM_REF_XENSTORED")
     if cmd:
         return shlex.split(cmd), f"--ref-xenstored {cmd}"
-    if os.access(SHARED_REF, os.X_OK):
-        return [SHARED_REF], (f"{os.path.normpath(SHARED_REF)} (beside the checkout, not part of xdom: "
-                              "Debian's xen-utils-4.17 xenstored under an LD_PRELOAD hypervisor shim)")
     return None, ("missing: Debian's C xenstored cannot start without a hypervisor; give a launcher with "
                   "--ref-xenstored CMD (ratios below are against the ECHO floor)")
-
-
-def fsync_supported() -> bool:
-    try:
-        return importlib.util.find_spec("xdom.backends.xenstored.__main__") is not None
-    except ImportError:
-        return False
 
 
 def start_server(name: str, tmp: str, ref_argv: list[str] | None) -> Server:
@@ -645,7 +631,7 @@ def start_server(name: str, tmp: str, ref_argv: list[str] | None) -> Server:
         if name == "echo":
             argv = [sys.executable, os.path.abspath(__file__), "--echo-server", sock_path, "--ready-fd", str(w)]
         elif name == "xs_fsync":
-            argv = [sys.executable, "-m", "xdom.backends.xenstored", "--unix-socket", sock_path,
+            argv = [sys.executable, "-m", "xdom.deploy.cli", "xenstored", "--unix-socket", sock_path,
                     "--ready-fd", str(w), "--state-dir", state_dir, "--fsync"]
         else:
             argv = [sys.executable, "-m", "xdom.deploy.cli", "xenstored", "--unix-socket", sock_path,
@@ -1078,8 +1064,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
     tmp = tempfile.mkdtemp(prefix="xsb-", dir="/tmp")       # short: unix socket paths max 108 bytes
     ref_argv, ref_source = find_reference(args)
-    available = ["echo"] + (["ref"] if ref_argv else []) + ["xs", "xs_state"] + \
-        (["xs_fsync"] if fsync_supported() else [])
+    available = ["echo"] + (["ref"] if ref_argv else []) + ["xs", "xs_state", "xs_fsync"]
     servers: dict[str, Server] = {}
     pool: Pool | None = None
     watcher: Watcher | None = None
@@ -1274,7 +1259,7 @@ def main() -> int:
                     help="interleaved rounds the duration is split into (default 4, quick 1); the median is shown")
     ap.add_argument("--ref-xenstored", metavar="CMD", default=None,
                     help="command running Xen's C xenstored in the foreground on the socket path appended to it "
-                         "(default: $XDOM_REF_XENSTORED, else ../shared/tools/ref-xenstored/start.sh if present)")
+                         "(default: $XDOM_REF_XENSTORED)")
     ap.add_argument("--only", metavar="ROWS", default=None,
                     help="comma-separated row keys to run (" + ",".join(r[0] for r in ROWS) + ",bringup)")
     ap.add_argument("--host-guests", metavar="N,N", default="",

@@ -48,7 +48,12 @@ def cmd_broker(args: argparse.Namespace) -> int:
 def cmd_xenstored(args: argparse.Namespace) -> int:
     """A xenstored in the foreground: on a unix socket, and on domain rings
     when started as a domain (XDOM_HYPERCALL/XDOM_TOKEN in the environment)."""
-    from xdom.backends.xenstored.server import XenstoredServer
+    from xdom.backends.xenstored.server import FSYNC_ENV, XenstoredServer
+    if args.fsync:
+        if not args.state_dir:
+            print("xdom xenstored: --fsync needs --state-dir", file=sys.stderr)
+            return EXIT_USAGE
+        os.environ[FSYNC_ENV] = "1"
     host = None
     if os.environ.get("XDOM_HYPERCALL") and os.environ.get("XDOM_TOKEN"):
         from xdom.domains.xenhost import connect
@@ -205,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("xenstored", help="run xenstored in the foreground")
     x.add_argument("--unix-socket", default=None, help="serve Xen's tools on this socket (XENSTORED_PATH)")
     x.add_argument("--state-dir", default=None, help="keep the store here across restarts")
+    x.add_argument("--fsync", action="store_true",
+                   help="with --state-dir: every journal record on stable storage before its replies leave "
+                        "(survives power loss, not only a SIGKILL); also XDOM_XENSTORED_FSYNC=1")
     x.add_argument("--ready-fd", type=int, default=None, help="write 'ready' to this fd once serving")
     x.set_defaults(func=cmd_xenstored)
 

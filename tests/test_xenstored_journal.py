@@ -315,7 +315,7 @@ def test_a_large_journal_is_compacted_and_what_follows_survives(run_dir: str) ->
 
 def test_fsync_mode_serves_and_survives_sigkill(run_dir: str) -> None:
     sock, state_dir = os.path.join(run_dir, "xs.sock"), os.path.join(run_dir, "xs-state")
-    proc = start_ready([sys.executable, "-m", "xdom.backends.xenstored", "--unix-socket", sock,
+    proc = start_ready([sys.executable, "-m", "xdom.deploy.cli", "xenstored", "--unix-socket", sock,
                         "--state-dir", state_dir, "--fsync"], os.path.join(run_dir, "xenstored.log"), "xenstored")
     xsd = Xenstored(proc, sock, state_dir)
     try:
@@ -333,9 +333,13 @@ def test_fsync_mode_serves_and_survives_sigkill(run_dir: str) -> None:
         xsd.stop()
 
 
-def test_a_confined_xenstored_domain_compacts_its_journal_and_restarts_on_it(mgmt: Any, run_dir: str) -> None:
+@pytest.mark.parametrize("fsync", [False, True], ids=["mapped", "fsync"])
+def test_a_confined_xenstored_domain_compacts_its_journal_and_restarts_on_it(mgmt: Any, run_dir: str, fsync: bool,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The compaction after the domain locked itself down (seccomp, Landlock) uses only what its
-    policy allows: a new snapshot, a new mapped journal, renames."""
+    policy allows: a new snapshot, a new mapped journal, renames; with --fsync, fdatasync and fsync."""
+    if fsync:
+        monkeypatch.setenv("XDOM_XENSTORED_FSYNC", "1")
     sock, state = os.path.join(run_dir, "xs.sock"), os.path.join(run_dir, "xs-state")
     xs = start_xenstored_domain(mgmt, sock, state)
     value = "y" * 3000

@@ -84,7 +84,8 @@ KIND_SYSCALLS: dict[str, frozenset[str]] = {
     # what a program that opts in gets: the runtime and the xenhost, nothing more
     "domain": frozenset(),
     # its socket's clients, and the store written to a temporary file then renamed over the old one
-    "xenstored": frozenset({"accept4", "rename", "unlink"}),
+    # (--fsync: each journal record and snapshot on stable storage, fdatasync/fsync)
+    "xenstored": frozenset({"accept4", "rename", "unlink", "fdatasync", "fsync"}),
     # positional I/O on the images (os.preadv/pwritev are preadv2/pwritev2), discard, flush
     "blkback": frozenset({"preadv2", "pwritev2", "fallocate", "fdatasync"}),
     # rings and TAPs: the runtime's calls are enough
