@@ -24,6 +24,7 @@ import pytest
 from test_blk_domains import FioRun, make_image, nbd_serves, uri
 from test_net_domains import Iperf3Stream, in_ns
 from test_supervisor import XS, Host, assert_nothing_left, program
+from test_vm_topology import NEEDS_ROOT, VM_SMALL, VmHost, vm_guest, vm_image, vm_run  # noqa: F401 (a fixture)
 from xdom.deploy import host_state, netns
 from xdom.deploy.keeper import KeeperClient, KeeperError, keeper_argv
 from xdom.deploy.launcher import start_ready
@@ -413,3 +414,35 @@ def test_an_exit_nobody_could_read_is_a_failure_unless_seen_clean() -> None:
     assert clean.clean and t.on_exit(clean, 1.0).action == Action.STAY_DOWN
     with pytest.raises(ValueError):
         ExitStatus(unknown="adopted", code=0)
+
+
+# ---- a VM guest: QEMU adopted, its QMP and console reconnected ----------------------------------------------
+
+@NEEDS_ROOT
+@pytest.mark.timeout(240)
+@pytest.mark.usefixtures("vm_image")
+def test_a_vm_guest_is_adopted_with_its_qemu(run_dir: str, down_after: list[str]) -> None:
+    h = VmHost(run_dir, XS + vm_guest(vm=VM_SMALL, memory='"4M"', restart='"on-failure"', restart_backoff="0.1"))
+    down_after.append(h.run)
+    h.up()
+    before = ps(h.layout)["g1"]
+    qemu = before["vm"]["pid"]
+    assert vm_run(h.run, "g1", "echo before > /tmp/mark; echo ok").strip() == "ok"
+    kill_supervisor(h.layout)
+    said = xdom("ps", "--run-dir", h.run)
+    assert "2 of 2 domains alive" in said.stdout, said.stdout
+    assert any(line.split() == ["vm", "qemu", "-", "running", str(qemu)] for line in said.stdout.splitlines())
+    up = xdom("up", h.path, "--detach")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert f"g1: VM adopted (QEMU pid {qemu}, QMP reconnected)" in up.stdout, up.stdout
+    now = ps(h.layout)["g1"]
+    assert (now["pid"], now["vm"]["pid"], now["vm"]["state"]) == (before["pid"], qemu, "running")
+    assert vm_run(h.run, "g1", "cat /tmp/mark").strip() == "before"      # the same VM, its console reached again
+    # QEMU killed after adoption: the new supervisor restarts the VM by the guest's policy
+    os.kill(qemu, signal.SIGKILL)
+    again = wait_until(lambda: (r := ps(h.layout)["g1"])["vm"]["state"] == "running" and r["vm"]["restarts"] == 1
+                       and r, 60, "the VM restarted by the new supervisor", interval=0.2)
+    assert again["vm"]["pid"] != qemu and again["pid"] == before["pid"]
+    assert again["vm"]["last_exit"] == "exit status unknown (adopted)"
+    assert vm_run(h.run, "g1", "echo back").strip() == "back"
+    h.down({"g1": again, "g1-first": before})
