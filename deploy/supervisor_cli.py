@@ -369,8 +369,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
-    _say(f"supervisor pid {reply['pid']} ({reply['phase']}), broker pid {reply['broker_pid']}, "
-         f"run {reply['run_dir']}, uids {reply['uids']}")
+    _say(f"supervisor pid {reply['pid']} ({reply['phase']}{', adopted the host' if reply.get('adopted') else ''}), "
+         f"broker pid {reply['broker_pid']}, run {reply['run_dir']}, uids {reply['uids']}")
     _say(f"{'NAME':<16} {'KIND':<9} {'ID':>4} {'STATE':<9} {'PID':>7} {'UPTIME':>8} {'RSS(MiB)':>8} "
          f"{'RESTARTS':>8} {'MAPS':>5} {'GRANTED':>7} {'EVTCHN':>6} {'CONFINED':<24} LAST EXIT")
     for r in rows:
