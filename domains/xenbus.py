@@ -35,6 +35,7 @@ from enum import IntEnum
 from typing import Callable
 
 from .xenstore import XenstoreClient, XenstoreError
+from .xs_wire import XsType
 
 
 class XenbusState(IntEnum):
@@ -82,23 +83,42 @@ def read_state(xs: XenstoreClient, dev_path: str) -> XenbusState:
     return parse_state(read_or_none(xs, f"{dev_path}/state"))
 
 
-def switch_state(xs: XenstoreClient, dev_path: str, state: XenbusState) -> bool:
-    """Write our ``state``, unless the toolstack has removed the device (Linux's ``__xenbus_switch_state``).
+class _Gone(Exception):
+    """The device's ``state`` node is gone: the transaction is abandoned."""
+
+
+def switch_state(xs: XenstoreClient, dev_path: str, state: XenbusState,
+                 nodes: dict[str, str | int] | None = None) -> bool:
+    """Write our ``state``, unless the toolstack has removed the device (Linux's ``__xenbus_switch_state``),
+    with ``nodes`` (under ``dev_path``) in the same transaction: a peer sees them no later than the state.
 
     Writing blindly would recreate a directory the toolstack just removed.
-    Returns whether the state was written.
+    Returns whether the state was written.  Three round trips to xenstored
+    whatever the number of nodes (start; the state read and every write
+    sent together; commit, or abort when the state was not there): a
+    restarted driver domain's handshake is on its guests' stall.
     """
+    writes = [(XsType.XS_WRITE, f"{dev_path}/{key}".encode() + b"\0" + str(value).encode())
+              for key, value in (nodes or {}).items()]
+    writes.append((XsType.XS_WRITE, f"{dev_path}/state".encode() + b"\0" + str(int(state)).encode()))
+    probe = (XsType.XS_READ, f"{dev_path}/state".encode() + b"\0")
+
     def body(tx: int) -> bool:
-        if not xs.exists(f"{dev_path}/state", tx):
-            return False
-        xs.write(f"{dev_path}/state", str(int(state)), tx)
+        there, *written = xs.requests([probe, *writes], tx)
+        if isinstance(there, XenstoreError):
+            raise _Gone() if there.name == "ENOENT" else there
+        for r in written:
+            if isinstance(r, XenstoreError):
+                raise r
         return True
-    return xs.transaction(body)
+    try:
+        return xs.transaction(body)
+    except _Gone:
+        return False
 
 
-def read_int(xs: XenstoreClient, path: str, default: int | None = None) -> int | None:
-    """An unsigned decimal node, or ``default`` when absent or malformed (peers are not trusted)."""
-    raw = read_or_none(xs, path)
+def parse_int(raw: bytes | None, default: int | None = None) -> int | None:
+    """An unsigned decimal node's value, or ``default`` when absent or malformed (peers are not trusted)."""
     if raw is None:
         return default
     try:
@@ -110,11 +130,21 @@ def read_int(xs: XenstoreClient, path: str, default: int | None = None) -> int |
     return int(text)
 
 
+def read_int(xs: XenstoreClient, path: str, default: int | None = None) -> int | None:
+    """An unsigned decimal node, or ``default`` when absent or malformed (peers are not trusted)."""
+    return parse_int(read_or_none(xs, path), default)
+
+
+def read_nodes(xs: XenstoreClient, base: str, names: list[str]) -> dict[str, bytes | None]:
+    """The nodes ``names`` under ``base`` in one round trip; None for one that is absent or unreadable."""
+    replies = xs.requests([(XsType.XS_READ, f"{base}/{name}".encode() + b"\0") for name in names])
+    return {name: None if isinstance(r, XenstoreError) else r for name, r in zip(names, replies)}
+
+
 def write_nodes(xs: XenstoreClient, base: str, values: dict[str, str | int]) -> None:
-    """Write ``values`` under ``base`` in one transaction, so a peer sees all or none."""
+    """Write ``values`` under ``base`` in one transaction, so a peer sees all or none (three round trips)."""
     def body(tx: int) -> None:
-        for key, value in values.items():
-            xs.write(f"{base}/{key}", str(value), tx)
+        xs.write_many({f"{base}/{key}": str(value) for key, value in values.items()}, tx)
     xs.transaction(body)
 
 

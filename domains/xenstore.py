@@ -274,6 +274,21 @@ class XenstoreClient:
 
     def request(self, type_: XsType, payload: bytes, tx: int = 0) -> bytes:
         """One request; returns the reply payload or raises XenstoreError."""
+        return self._wait(self._send(type_, payload, tx))
+
+    def requests(self, batch: list[tuple[XsType, bytes]], tx: int = 0) -> list[bytes | XenstoreError]:
+        """Several requests sent together, then their replies awaited (one round trip instead of one each:
+        xenstored answers a connection's requests in order); each reply's payload, or its XenstoreError."""
+        sent = [self._send(type_, payload, tx) for type_, payload in batch]
+        out: list[bytes | XenstoreError] = []
+        for p in sent:
+            try:
+                out.append(self._wait(p))
+            except XenstoreError as e:
+                out.append(e)
+        return out
+
+    def _send(self, type_: XsType, payload: bytes, tx: int) -> _Pending:
         if self._closed:
             raise ConnectionError(f"xenstore connection closed ({self._error})")
         req_id = next(self._ids) & 0xFFFFFFFF
@@ -290,10 +305,13 @@ class XenstoreClient:
                         self._pending.pop(req_id, None)
                     raise
                 # the connection dropped: the reader connects again and sends it again
+        return p
+
+    def _wait(self, p: _Pending) -> bytes:
         if not p.done.wait(self.timeout):
             with self._lock:
-                self._pending.pop(req_id, None)
-            raise TimeoutError(f"xenstore did not answer {type_.name} within {self.timeout}s")
+                self._pending.pop(p.msg.req_id, None)
+            raise TimeoutError(f"xenstore did not answer {p.msg.type.name} within {self.timeout}s")
         if p.error is not None:
             raise p.error
         if p.reply is None:
@@ -307,9 +325,31 @@ class XenstoreClient:
     def read(self, path: str, tx: int = 0) -> bytes:
         return self.request(XsType.XS_READ, _z(path), tx)
 
+    def read_many(self, paths: list[str], tx: int = 0) -> list[bytes | None]:
+        """Several READs in one round trip; None for a node that does not exist (ENOENT).  Any other
+        error is raised (the first one), once every reply is in."""
+        out: list[bytes | None] = []
+        for path, r in zip(paths, self.requests([(XsType.XS_READ, _z(path)) for path in paths], tx)):
+            if isinstance(r, XenstoreError):
+                if r.name != "ENOENT":
+                    raise r
+                out.append(None)
+            else:
+                out.append(r)
+        return out
+
     def write(self, path: str, value: bytes | str, tx: int = 0) -> None:
         data = value.encode() if isinstance(value, str) else value
         self.request(XsType.XS_WRITE, path.encode() + b"\0" + data, tx)
+
+    def write_many(self, values: dict[str, bytes | str], tx: int = 0) -> None:
+        """Several WRITEs in one round trip (in a transaction, usually); the first error is raised, once
+        every reply is in."""
+        batch = [(XsType.XS_WRITE, path.encode() + b"\0" + (v.encode() if isinstance(v, str) else v))
+                 for path, v in values.items()]
+        for r in self.requests(batch, tx):
+            if isinstance(r, XenstoreError):
+                raise r
 
     def mkdir(self, path: str, tx: int = 0) -> None:
         self.request(XsType.XS_MKDIR, _z(path), tx)

@@ -135,3 +135,32 @@ def test_remove_vbd_of_a_missing_device_creates_nothing(xs: XenstoreClient) -> N
     assert remove_vbd(xs, BE, FE, DEVID + 16, timeout=0.2) is False
     assert not xs.exists(f"/local/domain/{BE}/backend/vbd/{FE}/{DEVID + 16}")
     assert not xs.exists(f"/local/domain/{FE}/device/vbd/{DEVID + 16}")
+
+
+def test_switch_state_publishes_nodes_with_the_state_and_nothing_once_the_device_is_gone(
+        xs: XenstoreClient) -> None:
+    """A driver's features (or a disk's size) go in the transaction that writes its state, sent in one
+    batch with the state's existence check (a restarted backend's handshake is its guests' stall); once
+    the toolstack removed the device, nothing is written back, not even a node of the batch."""
+    from xdom.domains.xenbus import read_nodes
+    add_vbd(xs, VbdConfig(BE, FE, DEVID, "xvda", "/srv/g1.img"))
+    assert switch_state(xs, BE_PATH, XenbusState.InitWait, {"feature-persistent": 1, "max-ring-page-order": 4})
+    got = read_nodes(xs, BE_PATH, ["state", "feature-persistent", "max-ring-page-order", "absent"])
+    assert got == {"state": b"2", "feature-persistent": b"1", "max-ring-page-order": b"4", "absent": None}
+    xs.rm(BE_PATH)
+    assert not switch_state(xs, BE_PATH, XenbusState.Connected, {"sectors": 8})
+    assert not xs.exists(BE_PATH)
+
+
+def test_pipelined_requests_are_answered_each_in_its_place(xs: XenstoreClient) -> None:
+    """Requests sent together get their own replies, errors included, and a transaction's batch of writes
+    commits together."""
+    from xdom.domains.xs_wire import XenstoreError, XsType
+    xs.write("/a", "1")
+    replies = xs.requests([(XsType.XS_READ, b"/a\0"), (XsType.XS_READ, b"/missing\0"), (XsType.XS_WRITE, b"/b\0" + b"2"),
+                           (XsType.XS_READ, b"/b\0")])
+    assert replies[0] == b"1" and isinstance(replies[1], XenstoreError) and replies[1].name == "ENOENT"
+    assert replies[3] == b"2"
+    assert xs.read_many(["/a", "/missing", "/b"]) == [b"1", None, b"2"]
+    xs.transaction(lambda tx: xs.write_many({"/c": "3", "/d": "4"}, tx))
+    assert xs.read_many(["/c", "/d"]) == [b"3", b"4"]

@@ -1,5 +1,8 @@
 import sys
 
-from .server import main
+from xdom.domains import startup
+
+startup.begin()
+from .server import main  # noqa: E402  (after begin(): the imports are a phase of the start-up)
 
 sys.exit(main())

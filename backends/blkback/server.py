@@ -26,7 +26,7 @@ import signal
 import threading
 from typing import Sequence
 
-from xdom.domains import confinement
+from xdom.domains import confinement, startup
 from xdom.domains.device_channel import DeviceChannel
 from xdom.domains.xenhost import connect
 from xdom.domains.xenhost.base import XenHost
@@ -95,15 +95,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    startup.mark("imports")
     host = connect()
+    startup.mark("broker")
     # Before the first thread: no file of its own to write; without the device channel it must open
     # the images the toolstack names, by path, so reading and writing files is left to DAC then.
     confinement.restrict_files("blkback", open_by_path=args.device_fd is None)
     xs = XenstoreClient.ring(host)
+    startup.mark("xenstore")
     server = BlkbackServer(host, xs, features, DeviceChannel(args.device_fd) if args.device_fd is not None else None)
     try:
         server.start()
-        log.info("blkback is domain %d, serving %s", host.domid, server.root)
+        startup.mark("devices")
+        log.info("blkback is domain %d, serving %s (%s)", host.domid, server.root, startup.summary())
         confinement.lock_down("blkback")
         if args.ready_fd is not None:
             os.write(args.ready_fd, confinement.ready_message())

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from xdom.domains.abi.blkif import VDISK_READONLY, abi_for
 from xdom.domains.device_channel import DeviceChannel
-from xdom.domains.xenbus import XenbusState, read_int, read_or_none, read_state, switch_state, write_nodes
+from xdom.domains.xenbus import XenbusState, parse_int, read_nodes, read_or_none, read_state, switch_state
 from xdom.domains.hypercall_wire import HypercallError
 from xdom.domains.xenhost.base import GrantError, XenHost
 from xdom.domains.xenstore import XenstoreClient
@@ -100,15 +100,17 @@ class Vbd:
         self.xs.watch(f"{self.path}/state", self._own_token, self._own_state_changed)
 
     def _open_and_publish(self) -> None:
-        params = (read_or_none(self.xs, f"{self.path}/params") or b"").decode(errors="replace")
-        mode = (read_or_none(self.xs, f"{self.path}/mode") or b"w").decode(errors="replace")
-        lss = read_int(self.xs, f"{self.path}/logical-sector-size", None)
+        got = read_nodes(self.xs, self.path, ["params", "mode", "logical-sector-size", "xdom-disk-fd"])
+        params = (got["params"] or b"").decode(errors="replace")
+        mode = (got["mode"] or b"w").decode(errors="replace")
+        lss = parse_int(got["logical-sector-size"], None)
         if not params:
             raise BadFrontend(f"{self.path}/params is missing")
         if self.disk is not None:
             self.disk.close()
             self.disk = None
-        self.disk = Disk(params, read_only=mode != "w", logical_sector_size=lss, fd=self._take_disk(params))
+        self.disk = Disk(params, read_only=mode != "w", logical_sector_size=lss,
+                         fd=self._take_disk(params, parse_int(got["xdom-disk-fd"], None)))
         nodes: dict[str, str | int] = {
             # Nothing to flush on a disk without a volatile cache: Linux offers neither then.
             "feature-flush-cache": int(self.disk.write_cache),
@@ -125,17 +127,15 @@ class Vbd:
         }
         if self.features.max_indirect_segments:      # absent: no indirect requests (as a backend without them)
             nodes["feature-max-indirect-segments"] = self.features.max_indirect_segments
-        write_nodes(self.xs, self.path, nodes)
-        switch_state(self.xs, self.path, XenbusState.InitWait)
+        switch_state(self.xs, self.path, XenbusState.InitWait, nodes)      # the features with the state
         log.info("%s: %s (%s, %d sectors of 512, logical %d), InitWait", self.name, params,
                  "ro" if self.disk.read_only else "rw", self.disk.sectors, self.disk.logical_sector_size)
 
-    def _take_disk(self, params: str) -> int | None:
-        """The image the toolstack opened for this device (its offer named by ``xdom-disk-fd``), or None
-        without a device channel (blkback started by hand opens ``params`` itself)."""
+    def _take_disk(self, params: str, serial: int | None) -> int | None:
+        """The image the toolstack opened for this device (its offer named by ``xdom-disk-fd``, whose value
+        is ``serial``), or None without a device channel (blkback started by hand opens ``params`` itself)."""
         if self.devices is None:
             return None
-        serial = read_int(self.xs, f"{self.path}/xdom-disk-fd", None)
         if serial is None:
             raise BadFrontend(f"{self.path}/xdom-disk-fd is missing: the toolstack could not open {params}")
         fd = self.devices.take("disk", (self.fe, self.devid, serial), DISK_TIMEOUT)
@@ -213,9 +213,9 @@ class Vbd:
                 self._disconnect()
                 self._switch(XenbusState.Closed)
 
-    def _switch(self, state: XenbusState) -> None:
+    def _switch(self, state: XenbusState, nodes: dict[str, str | int] | None = None) -> None:
         try:
-            switch_state(self.xs, self.path, state)
+            switch_state(self.xs, self.path, state, nodes)
         except Exception as e:          # the toolstack may have removed the device meanwhile
             log.info("%s: cannot switch to %s: %s", self.name, state.name, e)
 
@@ -241,18 +241,21 @@ class Vbd:
     def _connect(self) -> None:
         assert self.disk is not None
         fe = self.frontend_path
-        protocol = (read_or_none(self.xs, f"{fe}/protocol") or b"").decode(errors="replace")
+        # What a one-queue, one-page frontend (the usual one) publishes, in one round trip.
+        got = read_nodes(self.xs, fe, ["protocol", "multi-queue-num-queues", "ring-page-order", "feature-persistent",
+                                       "ring-ref", "event-channel"])
+        protocol = (got["protocol"] or b"").decode(errors="replace")
         try:
             abi = abi_for(protocol)
         except ValueError as e:
             raise BadFrontend(str(e)) from None
-        queues = read_int(self.xs, f"{fe}/multi-queue-num-queues", 1)
+        queues = parse_int(got["multi-queue-num-queues"], 1)
         if queues is None or not 1 <= queues <= self.features.max_queues:
             raise BadFrontend(f"multi-queue-num-queues {queues} (max {self.features.max_queues})")
-        order = read_int(self.xs, f"{fe}/ring-page-order", 0)
+        order = parse_int(got["ring-page-order"], 0)
         if order is None or order > self.features.max_ring_page_order:
             raise BadFrontend(f"ring-page-order {order} (max {self.features.max_ring_page_order})")
-        persistent = bool(read_int(self.xs, f"{fe}/feature-persistent", 0)) and self.features.persistent
+        persistent = bool(parse_int(got["feature-persistent"], 0)) and self.features.persistent
         geometry = DiskGeometry(sectors=self.disk.sectors, logical_sector_size=self.disk.logical_sector_size,
                                 read_only=self.disk.read_only, discard=not self.disk.read_only,
                                 max_indirect_segments=self.features.max_indirect_segments)
@@ -260,8 +263,14 @@ class Vbd:
         try:
             for q in range(queues):
                 qdir = fe if queues == 1 else f"{fe}/queue-{q}"
-                refs = self._ring_refs(qdir, order)
-                port = read_int(self.xs, f"{qdir}/event-channel")
+                if queues == 1 and order == 0:
+                    refs, port = self._ring_refs(qdir, order, {"ring-ref": got["ring-ref"]}), \
+                        parse_int(got["event-channel"])
+                else:
+                    names = ["event-channel", *(["ring-ref"] if order == 0 else
+                                                [f"ring-ref{i}" for i in range(1 << order)])]
+                    more = read_nodes(self.xs, qdir, names)
+                    refs, port = self._ring_refs(qdir, order, more), parse_int(more["event-channel"])
                 if port is None:
                     raise BadFrontend(f"{qdir}/event-channel missing")
                 rings.append(RingServer(self.host, self.fe, refs, port, abi, self.disk, geometry, persistent,
@@ -272,20 +281,20 @@ class Vbd:
             raise
         self.rings = rings
         info = VDISK_READONLY if self.disk.read_only else 0
-        write_nodes(self.xs, self.path, {"sectors": self.disk.sectors, "info": info,
-                                         "sector-size": self.disk.logical_sector_size,
-                                         "physical-sector-size": self.disk.physical_sector_size})
         for r in rings:
             r.start()
-        self._switch(XenbusState.Connected)
+        # The disk's size with the state, in one transaction (the frontend reads it once it sees Connected).
+        self._switch(XenbusState.Connected, {"sectors": self.disk.sectors, "info": info,
+                                             "sector-size": self.disk.logical_sector_size,
+                                             "physical-sector-size": self.disk.physical_sector_size})
         log.info("%s: connected to d%d: %d queue(s), %d-page rings, %s, persistent %s", self.name, self.fe,
                  queues, 1 << order, abi.name, "on" if persistent else "off")
 
-    def _ring_refs(self, qdir: str, order: int) -> list[int]:
+    def _ring_refs(self, qdir: str, order: int, got: dict[str, bytes | None]) -> list[int]:
         names = ["ring-ref"] if order == 0 else [f"ring-ref{i}" for i in range(1 << order)]
         refs = []
         for name in names:
-            ref = read_int(self.xs, f"{qdir}/{name}")
+            ref = parse_int(got.get(name))
             if ref is None or ref >= 1 << 32:
                 raise BadFrontend(f"{qdir}/{name} missing or not a grant reference")
             refs.append(ref)

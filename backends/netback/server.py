@@ -19,7 +19,7 @@ import signal
 import threading
 from typing import Sequence
 
-from xdom.domains import confinement
+from xdom.domains import confinement, startup
 from xdom.domains.device_channel import DeviceChannel
 from xdom.domains.xenhost import connect
 from xdom.domains.xenhost.base import XenHost
@@ -100,14 +100,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    startup.mark("imports")
     host = connect()
+    startup.mark("broker")
     # Before the first thread: netback opens no file once it runs (a bridged vif's TAP comes open).
     confinement.restrict_files("netback")
     xs = XenstoreClient.ring(host)
+    startup.mark("xenstore")
     server = NetbackServer(host, xs, DeviceChannel(args.device_fd) if args.bridge else None, args.max_queues)
     try:
         server.start()
-        log.info("netback is domain %d, serving %s", host.domid, server.root)
+        startup.mark("devices")
+        log.info("netback is domain %d, serving %s (%s)", host.domid, server.root, startup.summary())
         confinement.lock_down("netback")
         if args.ready_fd is not None:
             os.write(args.ready_fd, confinement.ready_message())

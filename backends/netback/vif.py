@@ -20,7 +20,7 @@ import time
 from typing import Callable
 
 from xdom.domains.hypercall_wire import HypercallError
-from xdom.domains.xenbus import XenbusState, read_int, read_or_none, read_state, switch_state, write_nodes
+from xdom.domains.xenbus import XenbusState, parse_int, read_nodes, read_or_none, read_state, switch_state
 from xdom.domains.xenhost.base import GrantError, XenHost
 from xdom.domains.xenstore import XenstoreClient
 
@@ -34,6 +34,11 @@ from .tap_uplink import TapUplink
 __all__ = ["BadFrontend", "Vif"]
 
 log = logging.getLogger("xdom.netback")
+
+# What _connect reads of the frontend besides request-rx-copy and multi-queue-num-queues.
+_FLAGS = ("feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6", "feature-no-csum-offload",
+          "feature-ipv6-csum-offload")
+_QUEUE_NODES = ("tx-ring-ref", "rx-ring-ref", "event-channel", "event-channel-tx", "event-channel-rx")
 
 
 class Vif:
@@ -78,11 +83,10 @@ class Vif:
         self.xs.watch(f"{self.path}/state", self._tokens[1], self._own_state_changed)
 
     def _publish(self) -> None:
-        write_nodes(self.xs, self.path, {
+        switch_state(self.xs, self.path, XenbusState.InitWait, {         # the features with the state
             "feature-sg": 1, "feature-rx-copy": 1, "feature-rx-flip": 0, "feature-gso-tcpv4": 1,
             "feature-gso-tcpv6": 1, "feature-ipv6-csum-offload": 1, "feature-split-event-channels": 1,
             "feature-multicast-control": 0, "multi-queue-max-queues": self.max_queues})
-        switch_state(self.xs, self.path, XenbusState.InitWait)
         log.info("%s: InitWait", self.name)
 
     def remove(self) -> None:
@@ -145,26 +149,31 @@ class Vif:
         ``queue-N/``; each queue has one event channel or a split pair.
         """
         fe = self.frontend_path
-        if read_int(self.xs, f"{fe}/request-rx-copy", 0) != 1:
+        # Everything a one-queue frontend publishes, and the toolstack's nodes: one round trip.
+        got = read_nodes(self.xs, fe, ["request-rx-copy", "multi-queue-num-queues", *_FLAGS, *_QUEUE_NODES])
+        mine = read_nodes(self.xs, self.path, ["mtu", "rate"])
+        if parse_int(got["request-rx-copy"], 0) != 1:
             raise BadFrontend("the frontend does not request rx-copy (page flipping is not supported)")
-        nqueues = read_int(self.xs, f"{fe}/multi-queue-num-queues", 1)
+        nqueues = parse_int(got["multi-queue-num-queues"], 1)
         if nqueues is None or not 1 <= nqueues <= self.max_queues:
-            raise BadFrontend(f"guest requested {read_or_none(self.xs, f'{fe}/multi-queue-num-queues')!r} "
+            raise BadFrontend(f"guest requested {got['multi-queue-num-queues']!r} "
                               f"queues, not between 1 and the maximum of {self.max_queues}")
-        rings = [self._queue_nodes(fe if nqueues == 1 else f"{fe}/queue-{q}") for q in range(nqueues)]
+        rings = [self._queue_nodes(fe, got) if nqueues == 1 else
+                 self._queue_nodes(f"{fe}/queue-{q}", read_nodes(self.xs, f"{fe}/queue-{q}", list(_QUEUE_NODES)))
+                 for q in range(nqueues)]
 
         def flag(name: str) -> bool:
-            return bool(read_int(self.xs, f"{fe}/{name}", 0))
+            return bool(parse_int(got[name], 0))
         sg = flag("feature-sg")
         # The toolstack's mtu node (libxl writes it), as Linux's xen_net_read_mtu; frames up to it are taken.
-        mtu = read_int(self.xs, f"{self.path}/mtu", 1500) or 1500
+        mtu = parse_int(mine["mtu"], 1500) or 1500
         if not 68 <= mtu <= 65535:
             raise BadFrontend(f"{self.path}/mtu {mtu} out of range")
         # Without sg a frontend takes single pages only: Linux caps such a vif's MTU at ETH_DATA_LEN.
         caps = RxCaps.negotiated(sg, flag("feature-gso-tcpv4"), flag("feature-gso-tcpv6"),
                                  flag("feature-no-csum-offload"), flag("feature-ipv6-csum-offload"),
                                  mtu if sg else min(mtu, 1500))
-        rate = parse_rate_node(read_or_none(self.xs, f"{self.path}/rate"))
+        rate = parse_rate_node(mine["rate"])
         # One credit for the whole vif: Linux gives each queue the full rate, which a user asking for
         # rate=10Mb/s would not expect of a guest with four queues.
         limiter = CreditLimiter(rate[0], rate[1], time.monotonic()) if rate else None
@@ -194,12 +203,14 @@ class Vif:
                  "split" if split else "one", ", ".join(offloads) or "none",
                  f", rate {rate[0]} bytes per {rate[1]} us" if rate else "")
 
-    def _queue_nodes(self, base: str) -> tuple[int, int, int, int]:
-        """A queue's ring references and event channels (tx and rx: the same port unless split)."""
-        tx_ref, rx_ref = read_int(self.xs, f"{base}/tx-ring-ref"), read_int(self.xs, f"{base}/rx-ring-ref")
-        single = read_int(self.xs, f"{base}/event-channel")
-        tx_ev = read_int(self.xs, f"{base}/event-channel-tx", single)
-        rx_ev = read_int(self.xs, f"{base}/event-channel-rx", single)
+    @staticmethod
+    def _queue_nodes(base: str, got: dict[str, bytes | None]) -> tuple[int, int, int, int]:
+        """A queue's ring references and event channels (tx and rx: the same port unless split), from
+        its nodes ``got`` (read under ``base``)."""
+        tx_ref, rx_ref = parse_int(got["tx-ring-ref"]), parse_int(got["rx-ring-ref"])
+        single = parse_int(got["event-channel"])
+        tx_ev = parse_int(got["event-channel-tx"], single)
+        rx_ev = parse_int(got["event-channel-rx"], single)
         if tx_ref is None or rx_ref is None or tx_ev is None or rx_ev is None:
             raise BadFrontend(f"{base}: tx-ring-ref, rx-ring-ref and event-channel(s) are needed")
         return tx_ref, rx_ref, tx_ev, rx_ev

@@ -51,9 +51,10 @@ from ..abi.blkif import (
 from ..abi.ring import FrontRing, RingOverflow, SharedRing
 from ..frame_pool import FramePool, OutOfFrames
 from ..nbd.device import completion_batch
-from ..xenbus import XenbusState, read_int, read_or_none, read_state, switch_state
+from ..xenbus import XenbusState, parse_int, read_int, read_nodes, read_or_none, read_state, switch_state
 from ..xenhost.base import XenHost
 from ..xenstore import XenstoreClient
+from ..xs_wire import XenstoreError, XsType
 
 log = logging.getLogger("xdom.blkfront")
 
@@ -272,9 +273,10 @@ class Blkfront:
 
     def _talk_to_backend(self) -> None:
         be = self.backend_path
-        f = {k: read_int(self.xs, f"{be}/{k}", 0) or 0 for k in (
+        got = read_nodes(self.xs, be, [
             "multi-queue-max-queues", "max-ring-page-order", "feature-persistent", "feature-max-indirect-segments",
-            "feature-flush-cache", "feature-barrier", "feature-discard")}
+            "feature-flush-cache", "feature-barrier", "feature-discard"])          # one round trip
+        f = {k: parse_int(v, 0) or 0 for k, v in got.items()}
         self._features = f
         nq = max(1, min(self.options.queues, f["multi-queue-max-queues"] or 1))
         order = max(0, min(self.options.ring_page_order, f["max-ring-page-order"]))
@@ -323,12 +325,14 @@ class Blkfront:
         def body(tx: int) -> None:
             # Nodes of an earlier connection (a backend that offered more) would contradict this one:
             # a stale ring-page-order or multi-queue-num-queues makes the new backend refuse us.
-            for key in self.xs.directory(self.path, tx):
-                if key not in nodes and (key in _CONNECTION_NODES or key.startswith(("ring-ref", "queue-"))):
-                    self.xs.rm(f"{self.path}/{key}", tx)
-            for key, value in nodes.items():
-                self.xs.write(f"{self.path}/{key}", str(value), tx)
-            self.xs.write(f"{self.path}/state", str(int(XenbusState.Initialised)), tx)
+            batch = [(XsType.XS_RM, f"{self.path}/{key}".encode() + b"\0")
+                     for key in self.xs.directory(self.path, tx)
+                     if key not in nodes and (key in _CONNECTION_NODES or key.startswith(("ring-ref", "queue-")))]
+            batch += [(XsType.XS_WRITE, f"{self.path}/{key}".encode() + b"\0" + str(value).encode())
+                      for key, value in {**nodes, "state": int(XenbusState.Initialised)}.items()]
+            for r in self.xs.requests(batch, tx):      # one round trip for them all
+                if isinstance(r, XenstoreError):
+                    raise r
         self._queues = queues
         for q in queues:
             self._epoll.register(self.host.evtchn.fileno(q.port), select.EPOLLIN)
@@ -341,14 +345,15 @@ class Blkfront:
 
     def _backend_connected(self) -> None:
         be = self.backend_path
-        sectors = read_int(self.xs, f"{be}/sectors")
+        got = read_nodes(self.xs, be, ["sectors", "sector-size", "mode", "info"])       # one round trip
+        sectors = parse_int(got["sectors"])
         if sectors is None:
             raise BlkfrontError(f"{be}/sectors missing")
-        lss = read_int(self.xs, f"{be}/sector-size", 512) or 512
+        lss = parse_int(got["sector-size"], 512) or 512
         if lss not in (512, 4096):
             raise BlkfrontError(f"{be}/sector-size {lss}: 512 or 4096 expected")
-        mode = (read_or_none(self.xs, f"{be}/mode") or b"w").decode(errors="replace")
-        info = read_int(self.xs, f"{be}/info", 0) or 0
+        mode = (got["mode"] or b"w").decode(errors="replace")
+        info = parse_int(got["info"], 0) or 0
         self.size, self.sector_size = sectors * 512, lss
         self.read_only = bool(info & VDISK_READONLY) or mode == "r"
         self.can_trim = bool(self._features.get("feature-discard")) and not self.read_only

@@ -68,7 +68,6 @@ worth sharing (a ring's notification, a reply's system call):
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -181,7 +180,7 @@ def current_completion_batch() -> CompletionBatch | None:
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)     # the interpreter's own libc (find_library runs ldconfig)
 _fallocate_fn = getattr(_libc, "fallocate64", None) or _libc.fallocate
 _fallocate_fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate_fn.restype = ctypes.c_int

@@ -61,8 +61,8 @@ from ..abi.ring import FrontRing, RingOverflow
 from ..frame_pool import FramePool, OutOfFrames
 from ..grant_table import GrantTableFull
 from ..packet import flow_hash
-from ..xenbus import XenbusState, read_int, read_or_none, read_state, switch_state
-from ..xs_wire import XenstoreError
+from ..xenbus import XenbusState, parse_int, read_int, read_nodes, read_or_none, read_state, switch_state
+from ..xs_wire import XenstoreError, XsType
 from ..xenhost.base import XenHost
 from ..xenstore import XenstoreClient
 from ..tun import READ_SIZE
@@ -77,6 +77,9 @@ PAGE_SIZE = 4096
 TAP_READ = READ_SIZE
 TAP_BUDGET = 64            # frames read from the port per pass before the rings are pushed
 MAX_QUEUES = 16
+# What netfront reads of the backend's offer (and the value of an absent or malformed node).
+_OFFER = {"multi-queue-max-queues": 1, "feature-split-event-channels": 0, "feature-sg": 0, "feature-gso-tcpv4": 0,
+          "feature-gso-tcpv6": 0, "feature-ipv6-csum-offload": 0}
 
 
 class NetfrontError(Exception):
@@ -371,13 +374,11 @@ class Netfront:
                 log.error("vif %d: %s", self.devid, e)
             self._changed.notify_all()
 
-    def _backend_int(self, name: str, default: int = 0) -> int:
-        value = read_int(self.xs, f"{self.backend_path}/{name}", default)
-        return default if value is None else value
-
     def _talk_to_backend(self) -> None:
-        nqueues = max(1, min(self.max_queues, self._backend_int("multi-queue-max-queues", 1)))
-        split = self._backend_int("feature-split-event-channels") == 1
+        offer = read_nodes(self.xs, self.backend_path, list(_OFFER))           # one round trip
+        feature = {k: parse_int(offer[k], default) for k, default in _OFFER.items()}
+        nqueues = max(1, min(self.max_queues, feature["multi-queue-max-queues"] or 1))
+        split = feature["feature-split-event-channels"] == 1
         queues: list[_Queue] = []
         try:
             for i in range(nqueues):
@@ -397,23 +398,24 @@ class Netfront:
             nodes["multi-queue-num-queues"] = nqueues
             for q in queues:
                 nodes |= {f"queue-{q.index}/{k}": v for k, v in q.nodes().items()}
-        self.offloads = BackendOffloads(self._backend_int("feature-sg") == 1,
-                                        self._backend_int("feature-gso-tcpv4") == 1,
-                                        self._backend_int("feature-gso-tcpv6") == 1,
-                                        self._backend_int("feature-ipv6-csum-offload") == 1)
+        self.offloads = BackendOffloads(feature["feature-sg"] == 1, feature["feature-gso-tcpv4"] == 1,
+                                        feature["feature-gso-tcpv6"] == 1, feature["feature-ipv6-csum-offload"] == 1)
+        stale = [(XsType.XS_RM, f"{self.path}/{key}".encode() + b"\0") for key in (
+            "multi-queue-num-queues", "event-channel", "event-channel-tx", "event-channel-rx", "tx-ring-ref",
+            "rx-ring-ref", *(f"queue-{i}" for i in range(MAX_QUEUES))) if key not in nodes]
+        writes = [(XsType.XS_WRITE, f"{self.path}/{key}".encode() + b"\0" + str(value).encode())
+                  for key, value in {**nodes, "state": int(XenbusState.Initialised)}.items()]
 
         def body(tx: int) -> None:
-            # What an earlier connection wrote and this one does not must not mislead the new backend.
-            for stale in ("multi-queue-num-queues", "event-channel", "event-channel-tx", "event-channel-rx",
-                          "tx-ring-ref", "rx-ring-ref", *(f"queue-{i}" for i in range(MAX_QUEUES))):
-                if stale not in nodes:
-                    try:
-                        self.xs.rm(f"{self.path}/{stale}", tx)
-                    except XenstoreError:
-                        pass
-            for key, value in nodes.items():
-                self.xs.write(f"{self.path}/{key}", str(value), tx)
-            self.xs.write(f"{self.path}/state", str(int(XenbusState.Initialised)), tx)
+            # What an earlier connection wrote and this one does not must not mislead the new backend (an
+            # absent one is ENOENT, and fine).  Removals and writes go in one round trip.
+            replies = self.xs.requests(stale + writes, tx)
+            for r in replies[:len(stale)]:
+                if isinstance(r, XenstoreError) and r.name == "EAGAIN":
+                    raise r
+            for r in replies[len(stale):]:
+                if isinstance(r, XenstoreError):
+                    raise r
         self._queues = queues
         self._generation += 1
         self._kick()
