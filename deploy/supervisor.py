@@ -121,6 +121,7 @@ _BROKER = "broker"
 BROKER_STATE = "broker-state"   # RUN_DIR/broker-state: what a broker writes down for the one that takes over
 BROKER_FLAP_LIMIT = 3           # broker deaths within BROKER_FLAP_WINDOW before the host is given up
 BROKER_FLAP_WINDOW = 60.0
+TAKEOVER_FAILED = "still starting when the broker died: the new broker could not take it over"
 
 
 class SupervisorError(Exception):
@@ -1743,6 +1744,7 @@ class Supervisor:
             else:
                 assert self.broker is not None
                 self._record(_BROKER, "restarted", f"pid {self.broker.proc.pid}: took over")
+                self._name_takeover_failures()
                 self._save_state()
                 self._progress(f"broker: {how}; a new one (pid {self.broker.proc.pid}) took over")
                 return
@@ -1750,6 +1752,22 @@ class Supervisor:
                        f"gone; see {self.layout.log_path(_BROKER)}")
         log.error("%s; stopping", self._fatal)
         self.request_stop()
+
+    def _name_takeover_failures(self) -> None:
+        """A domain still starting when the broker died cannot be taken over (broker.takeover):
+        its process dies or is killed, and its restart says why instead of a bare exit status."""
+        assert self.mgmt is not None
+        try:
+            listed = {s["domid"]: s for s in self.mgmt.request("list")["domains"]}
+        except (ManagementError, TimeoutError) as e:
+            log.warning("cannot ask the new broker what it took over: %s", e)
+            return
+        for d in self.domains:
+            s = listed.get(d.domid)
+            if s is not None and s["state"] == "crashed" and s["shutdown_reason"] == "broker restart" \
+                    and d.state in (State.STARTING, State.RUNNING) and not d.kill_reason:
+                d.kill_reason = TAKEOVER_FAILED
+                log.warning("%s domain %s: %s", d.kind, d.name, TAKEOVER_FAILED)
 
     # ---- health --------------------------------------------------------------
 
