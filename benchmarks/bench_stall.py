@@ -20,10 +20,12 @@ exported over NBD and a vif), brought up with ``xdom up --detach``.  Each cycle 
         not counted), with the sender's TCP retransmits.
 
 and, ~1.5-2.5 s in (seeded), SIGKILL to one process: blkback, netback, xenstored, the broker (the
-hypervisor; a new one takes over the running domains), or guest g2 (restart = on-failure: iperf3's
-stream crosses its restart; fio runs on g1).  BACK is the time from the kill until the supervisor
+hypervisor; a new one takes over the running domains), guest g2 (restart = on-failure: iperf3's
+stream crosses its restart; fio runs on g1), or the supervisor (the host runs on without it; a new
+``xdom up`` of the topology adopts it at once).  BACK is the time from the kill until the supervisor
 reports the replacement running (``xdom ps``'s state and pid, polled every 20 ms over the control
-socket; for the broker, the supervisor's new broker pid once it took over).  Reference cycles run
+socket; for the broker, the supervisor's new broker pid once it took over; for the supervisor, the
+adopting ``xdom up`` returned and its control socket answers).  Reference cycles run
 the same load with no kill: their worst fio clat max and longest zero run are the normal jitter
 the stalls are read against.
 
@@ -60,8 +62,8 @@ from xdom.deploy.rundir import Layout
 
 GOAL = 0.5                      # seconds: issue 13's longest guest-visible stall
 FLAP_WINDOW = 20.0              # seconds: the topology's flap_window, and the least time between kills of a kind
-KINDS = ("blkback", "netback", "xenstored", "broker", "guest")
-TARGET = {"blkback": "blk0", "netback": "net0", "xenstored": "xs", "broker": None, "guest": "g2"}
+KINDS = ("blkback", "netback", "xenstored", "broker", "guest", "supervisor")
+TARGET = {"blkback": "blk0", "netback": "net0", "xenstored": "xs", "broker": None, "guest": "g2", "supervisor": None}
 FIO_SIZE, FIO_RATE = 32 << 20, "8m"
 IPERF_SECONDS, INTERVAL = 6, 0.1
 STALLED = 0.01                  # an interval below this share of the run's median throughput is a stalled one
@@ -168,6 +170,21 @@ class Host:
     def row(self, name: str) -> dict[str, Any]:
         assert self.control is not None
         return self.control.request("info", name=name)["domain"]
+
+    def supervisor_pid(self) -> int:
+        assert self.control is not None
+        return int(self.control.request("ping")["pid"])
+
+    def adopt(self) -> None:
+        """``xdom up`` of the same topology adopts the host its killed supervisor left running."""
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        res = xdom("up", self.topology, "--detach")
+        if res.returncode != 0 or "adopting the host" not in res.stdout:
+            raise BenchError(f"xdom up did not adopt the host (status {res.returncode}):\n{res.stdout}{res.stderr}")
+        self.control = ControlClient(endpoint_for(self.layout.control_socket), timeout=15)
+        self.control.request("ping")
 
     def broker_pid(self) -> int:
         assert self.control is not None
@@ -311,6 +328,8 @@ class Bench:
 
     def victim(self, kind: str) -> int:
         name = TARGET[kind]
+        if kind == "supervisor":
+            return self.host.supervisor_pid()
         if name is None:
             return self.host.broker_pid()
         row = self.host.row(name)
@@ -321,6 +340,9 @@ class Bench:
     def wait_back(self, kind: str, old_pid: int, killed_at: float) -> float:
         """Seconds from the kill to the supervisor reporting a replacement running."""
         name = TARGET[kind]
+        if kind == "supervisor":
+            self.host.adopt()
+            return time.monotonic() - killed_at
         deadline = killed_at + BACK_TIMEOUT
         while time.monotonic() < deadline:
             if name is None:
