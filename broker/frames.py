@@ -250,7 +250,7 @@ class ProcFrames:
         return left
 
     def _held_fds(self, ids: set[FrameId]) -> set[FrameId]:
-        held = set()
+        held: set[FrameId] = set()
         fddir = f"/proc/{self.pid}/fd"
         try:
             names = os.listdir(fddir)

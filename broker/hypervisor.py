@@ -107,6 +107,10 @@ class Changes:
     """What changed since the last journal write: marks now, records (takeover.records) later."""
 
     def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget them (they are written down)."""
         self.info: set[int] = set()
         self.ports: set[int] = set()
         self.frames: set[int] = set()

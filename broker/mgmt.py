@@ -90,7 +90,8 @@ class Management:
         }
 
     def handle_bytes(self, payload: bytes) -> bytes:
-        return msgpack.packb(self.handle(payload), use_bin_type=True)
+        out: bytes = msgpack.packb(self.handle(payload), use_bin_type=True)
+        return out
 
     def handle(self, payload: bytes) -> dict[str, Any]:
         try:
@@ -128,10 +129,10 @@ class Management:
                     return dom
             raise ManagementError(errno.ESRCH, f"no domain named {name!r:.70}")
         domid = _field(req, "domid", int)
-        dom = self.hv.domains.get(domid)
-        if dom is None:
+        found = self.hv.domains.get(domid)
+        if found is None:
             raise ManagementError(errno.ESRCH, f"no domain {domid}")
-        return dom
+        return found
 
     def create(self, req: dict[str, Any]) -> dict[str, Any]:
         name = _field(req, "name", str)

@@ -39,8 +39,8 @@ class RequestClient:
         self.timeout = timeout
         self._sock = self._connect()
 
-    def _connect(self) -> zmq.Socket:
-        sock = zmq.Context.instance().socket(zmq.DEALER)
+    def _connect(self) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
         return sock
@@ -77,7 +77,7 @@ class EventSubscriber:
     """Lifecycle events published by the broker."""
 
     def __init__(self, endpoint: str) -> None:
-        self._sock = zmq.Context.instance().socket(zmq.SUB)
+        self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SUBSCRIBE, b"domain")
         self._sock.connect(endpoint)
@@ -86,7 +86,8 @@ class EventSubscriber:
         if not self._sock.poll(int(timeout * 1000)):
             return None
         _topic, body = self._sock.recv_multipart()
-        return msgpack.unpackb(body, raw=False)
+        event: dict[str, Any] = msgpack.unpackb(body, raw=False)     # the broker publishes maps only
+        return event
 
     def close(self) -> None:
         self._sock.close(0)

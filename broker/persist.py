@@ -96,7 +96,8 @@ def apply(model: Model, record: Record) -> None:
 
 
 def encode(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    out: bytes = msgpack.packb(obj, use_bin_type=True)
+    return out
 
 
 def decode_stream(data: bytes) -> Iterable[Any]:

@@ -86,6 +86,13 @@ class Connection:
 Reply = tuple[dict[str, Any], list[int], list[int]]   # fields, fds to send, fds to close after
 
 
+def _domain(conn: Connection) -> Domain:
+    """The caller's domain (``_dispatch`` lets nothing but hello and rejoin through before it is known)."""
+    if conn.domain is None:
+        raise HypercallError(errno.EPERM, "say hello with your token first")
+    return conn.domain
+
+
 def check_isolation() -> None:
     """Refuse to start where page-granular mapping cannot work.
 
@@ -115,7 +122,7 @@ class BrokerServer:
         self.hypercall_sock_path = os.path.join(run_dir, "hypercall.sock")
         self.mgmt_endpoint = mgmt_endpoint or f"ipc://{os.path.join(run_dir, 'mgmt.sock')}"
         self.events_endpoint = events_endpoint or f"ipc://{os.path.join(run_dir, 'events.sock')}"
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.events = self.ctx.socket(zmq.PUB)
         self.events.setsockopt(zmq.LINGER, 0)
         self.events.bind(self.events_endpoint)
@@ -178,7 +185,7 @@ class BrokerServer:
     def _journal(self, last: tuple[Domain, list[Any]] | None = None) -> None:
         """Write down what changed (before the reply that makes it visible leaves)."""
         if self.state is None:
-            self.hv.changes.__init__()
+            self.hv.changes.clear()
             return
         recs = records(self.hv)
         if last is not None:
@@ -315,7 +322,7 @@ class BrokerServer:
                 # A bug must not take the hypervisor down with every domain:
                 # log it and end service to the one peer involved.
                 log.exception("internal error while serving %r", sock)
-                conn = self.conns.get(sock) or self.pidfds.get(sock)   # type: ignore[arg-type]
+                conn = self.conns.get(sock) or self.pidfds.get(sock)
                 if conn is not None:
                     try:
                         self._drop(conn, "crash")
@@ -612,51 +619,51 @@ class BrokerServer:
                 raise HypercallError(errno.EINVAL, "map: each entry is [domid, ref, readonly (bool or 0/1)]")
             domid, ref = int_tuple(entry[:2], 2, "map")
             ops.append((domid, ref, bool(entry[2])))
-        results = self.hv.grant_map(conn.domain, ops)
-        fds = [r.frame for r in results if r.frame is not None]
+        results = self.hv.grant_map(_domain(conn), ops)
+        fds = [r.frame for r in results if isinstance(r.frame, int)]    # descriptors: ProcFrames
         return {"results": [[r.status, r.handle] for r in results]}, fds, fds
 
     def _unmap(self, conn: Connection, args: dict[str, Any]) -> Reply:
         handles = [int_tuple([h], 1, "unmap")[0] for h in args["handles"]]
-        return {"results": self.hv.grant_unmap(conn.domain, handles)}, [], []
+        return {"results": self.hv.grant_unmap(_domain(conn), handles)}, [], []
 
     def _replace_frames(self, conn: Connection, args: dict[str, Any]) -> Reply:
         gfns = [int_tuple([g], 1, "replace_frames")[0] for g in args["gfns"]]
-        done, fds = self.hv.replace_frames(conn.domain, gfns)
+        done, fds = self.hv.replace_frames(_domain(conn), gfns)
         return {"gfns": done}, fds, fds
 
     def _copy(self, conn: Connection, args: dict[str, Any]) -> Reply:
         ops = [int_tuple(e, 8, "copy") for e in args["ops"]]
-        return {"results": self.hv.grant_copy(conn.domain, ops)}, [], []
+        return {"results": self.hv.grant_copy(_domain(conn), ops)}, [], []
 
     def _alloc_unbound(self, conn: Connection, args: dict[str, Any]) -> Reply:
-        p = self.hv.evtchn_alloc_unbound(conn.domain, _domid(args["remote_dom"]))
+        p = self.hv.evtchn_alloc_unbound(_domain(conn), _domid(args["remote_dom"]))
         return {"port": p.port}, [p.wait_fd, p.notify_fd], []
 
     def _bind_interdomain(self, conn: Connection, args: dict[str, Any]) -> Reply:
-        p = self.hv.evtchn_bind_interdomain(conn.domain, _domid(args["remote_dom"]), args["remote_port"])
+        p = self.hv.evtchn_bind_interdomain(_domain(conn), _domid(args["remote_dom"]), args["remote_port"])
         return {"port": p.port}, [p.wait_fd, p.notify_fd], []
 
     def _bind_virq(self, conn: Connection, args: dict[str, Any]) -> Reply:
-        p = self.hv.evtchn_bind_virq(conn.domain, args["virq"])
+        p = self.hv.evtchn_bind_virq(_domain(conn), args["virq"])
         return {"port": p.port}, [p.wait_fd], []
 
     def _close(self, conn: Connection, args: dict[str, Any]) -> Reply:
-        self.hv.evtchn_close(conn.domain, args["port"])
+        self.hv.evtchn_close(_domain(conn), args["port"])
         return {}, [], []
 
     def _status(self, conn: Connection, args: dict[str, Any]) -> Reply:
-        return self.hv.evtchn_status(conn.domain, args["port"]), [], []
+        return self.hv.evtchn_status(_domain(conn), args["port"]), [], []
 
     def _send(self, conn: Connection, args: dict[str, Any]) -> Reply:
-        self.hv.evtchn_send(conn.domain, args["port"])
+        self.hv.evtchn_send(_domain(conn), args["port"])
         return {}, [], []
 
     def _get_param(self, conn: Connection, args: dict[str, Any]) -> Reply:
-        return {"value": self.hv.get_param(conn.domain, args["index"])}, [], []
+        return {"value": self.hv.get_param(_domain(conn), args["index"])}, [], []
 
     def _evtchn_fds(self, conn: Connection, args: dict[str, Any]) -> Reply:
-        p = self.hv.port_fds(conn.domain, args["port"])
+        p = self.hv.port_fds(_domain(conn), args["port"])
         fds = [p.wait_fd] + ([p.notify_fd] if p.notify_fd >= 0 else [])
         return {"port": p.port}, fds, []
 

@@ -114,7 +114,7 @@ def records(hv: Hypervisor) -> list[Record]:
             out.append(("map", domid, handle, map_of(m) if m is not None else None))
     removed = set(ch.removed)
     out = [r for r in out if r[0] in ("next_domid", "remove") or r[1] not in removed]
-    hv.changes.__init__()
+    hv.changes.clear()
     return out
 
 
@@ -126,7 +126,7 @@ def model_of(hv: Hypervisor) -> Model:
         model["domains"][domid] = {"info": info_of(dom), "frames": frames_of(dom), "ports": ports_of(dom),
                                    "maps": {h: map_of(m) for h, m in dom.maptrack.items()},
                                    "last": list(dom.last) if dom.last is not None else None}
-    hv.changes.__init__()
+    hv.changes.clear()
     return model
 
 
@@ -140,7 +140,7 @@ def process_starttime(pid: int) -> int:
 
 
 def pidfd_getfd(pidfd: int, fd: int) -> int:
-    res = _libc.syscall(_SYS_pidfd_getfd, pidfd, fd, 0)
+    res: int = _libc.syscall(_SYS_pidfd_getfd, pidfd, fd, 0)
     if res < 0:
         e = ctypes.get_errno()
         raise OSError(e, f"pidfd_getfd: {os.strerror(e)}")
@@ -287,7 +287,7 @@ def _open_if_same(dom: Domain) -> int | None:
 def _kill(dom: Domain, pidfd: int | None = None) -> None:
     """Stop a process the new broker cannot take over (the toolstack restarts it)."""
     own = pidfd is None
-    if own:
+    if pidfd is None:
         pidfd = _open_if_same(dom)
         if pidfd is None:
             return
