@@ -1,13 +1,17 @@
-"""netfront's queue set-up when the grant table runs out part-way: nothing leaks, nothing is freed while granted."""
+"""netfront's queues: set-up when the grant table runs out part-way (nothing leaks, nothing is freed while
+granted), and which frames a backend that died left unanswered (they go on the next rings)."""
 
 from __future__ import annotations
 
 import pytest
 
+from xdom.domains.abi.netif import TxResponse, pack_tx_response, parse_tx_request, tx_shared_ring
+from xdom.domains.abi.ring import BackRing
 from xdom.domains.frame_pool import FramePool
 from xdom.domains.netfront.device import _Queue
 from xdom.domains.xenhost import LocalHypervisor
 from xdom.domains.grant_table import GrantTableFull
+from xdom.domains.vnet import TxFrame
 
 
 def test_a_queue_that_cannot_grant_all_its_pages_gives_back_what_it_took() -> None:
@@ -28,6 +32,43 @@ def test_a_queue_that_cannot_grant_all_its_pages_gives_back_what_it_took() -> No
         assert len(set(gfns)) == granted and not set(gfns) & set(pool._free)
         for ref, _ in deferred:                     # the backend never mapped them: they end at once
             assert guest.gnttab.try_end_access(ref)
+    finally:
+        guest.close()
+        backend.close()
+        hv.close()
+
+
+def test_frames_a_dead_backend_left_unanswered_are_the_ones_sent_again_in_order() -> None:
+    """A netback that dies answers some frames and not others; a new ring gets exactly those others."""
+    hv = LocalHypervisor()
+    guest = hv.create_domain("g", "8M")
+    backend = hv.create_domain("b", "1M")
+    try:
+        deferred: list[tuple[int, int]] = []
+        q = _Queue(guest, FramePool.of(guest), backend.domid, 0, split=False, deferred=deferred)
+        frames = [TxFrame(bytes([i]) * size) for i, size in enumerate((60, 5000, 1514, 9000, 64))]
+        stats = {"tx_packets": 0, "tx_gso": 0}
+        for f in frames:
+            assert q.room(f)
+            q.put(f, stats)
+        q.push_tx()
+        # The backend's side of the same page: it takes every request and answers the first two frames only
+        # (1 + 2 slots), then dies.
+        back = BackRing(tx_shared_ring([guest.memory.frame(q.gfns[0])]))
+        requests = [parse_tx_request(r) for r in back.take_requests()]
+        assert len(requests) == 1 + 2 + 1 + 3 + 1
+        back.put_responses([pack_tx_response(TxResponse(r.id, 0)) for r in requests[:3]])
+        back.push_responses()
+        q.reap_tx()
+        assert q.unanswered() == frames[2:]
+        # The third frame answered, and one slot of the three-slot fourth: that one is not answered yet.
+        back.put_responses([pack_tx_response(TxResponse(requests[3].id, 0)), pack_tx_response(
+            TxResponse(requests[4].id, 0))])
+        back.push_responses()
+        q.reap_tx()
+        assert q.unanswered() == frames[3:]
+        assert len(q.tx_sent) == 2                  # the answered ones are no longer kept
+        q.release(deferred)
     finally:
         guest.close()
         backend.close()

@@ -37,8 +37,14 @@ the backend's responses make room, as a NIC's queue would, instead of
 dropping.
 
 A backend that comes back after a crash (InitWait while we are Connected)
-gets fresh rings and event channel; frames in flight then are lost, as on
-a real link, and TCP retransmits them.
+gets fresh rings and event channel.  Nothing the guest sent is lost for
+it: a frame still on the old transmit ring without its responses is put
+on the new one first (the dead backend may have forwarded it already: a
+duplicate, which TCP and the rest tolerate as on any link, where a loss
+would cost a retransmission timeout of 200 ms or more), and from the
+backend's death until it is Connected again frames wait in the port (the
+TAP's own queue) instead of being dropped.  Only a link that was never up,
+or that the backend closed, drops what it is given.
 """
 
 from __future__ import annotations
@@ -120,6 +126,8 @@ class _Queue:
         self.rx = FrontRing(rx_shared_ring([host.memory.frame(self.gfns[1])]))
         self.tx_free = list(range(TX_RING_SIZE))
         self.tx_in_flight = bytearray(TX_RING_SIZE)
+        # Frames on the ring, oldest first, with their slots: what a new ring takes over if the backend dies.
+        self.tx_sent: collections.deque[tuple[list[int], TxFrame]] = collections.deque()
         self.tx_pushed = False
         self.rx_partial: list[bytes] = []
         self.rx_first_flags = 0                 # the packet being received: its first slot's flags,
@@ -166,9 +174,11 @@ class _Queue:
             self.tx_gfns, self.tx_refs
         pack = TX_REQUEST.pack
         requests = []
+        slots: list[int] = []
         for i in range(nslots):
             chunk = frame[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
             slot = free.pop()
+            slots.append(slot)
             in_flight[slot] = 1
             at = gfns[slot] * PAGE_SIZE
             buffer[at:at + len(chunk)] = chunk
@@ -180,6 +190,7 @@ class _Queue:
             if i == 0 and f.gso is not None:
                 requests.append(pack_extra_info(gso_extra(f.gso.size, f.gso.type), TX_SLOT_SIZE))
         self.tx.put_requests(requests)
+        self.tx_sent.append((slots, f))
         self.tx_pushed = True
         stats["tx_packets"] += 1
         if f.gso is not None:
@@ -201,7 +212,14 @@ class _Queue:
                     in_flight[rsp.id] = 0
                     free.append(rsp.id)
             if not self.tx.final_check_for_responses():
-                return
+                break
+        sent = self.tx_sent
+        while sent and not any(in_flight[slot] for slot in sent[0][0]):
+            sent.popleft()
+
+    def unanswered(self) -> list[TxFrame]:
+        """Frames the backend has not answered, in the order they were sent (it died: they go on again)."""
+        return [f for slots, f in self.tx_sent if any(self.tx_in_flight[slot] for slot in slots)]
 
     # ---- receive -------------------------------------------------------------------------
 
@@ -310,13 +328,15 @@ class Netfront:
         self.backend_path, self.backend_domid = be.decode(errors="replace"), be_id
         self.state = XenbusState.Initialising
         self.stats = {"tx_packets": 0, "tx_dropped": 0, "tx_gso": 0, "rx_packets": 0, "rx_errors": 0,
-                      "rx_gso": 0, "reconnects": 0}
+                      "rx_gso": 0, "reconnects": 0, "tx_resent": 0}
         self.offloads = BackendOffloads()
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._queues: list[_Queue] = []
         self._deferred: list[tuple[int, int]] = []
         self._generation = 0
+        self._resend: list[TxFrame] = []        # from a dead backend's rings, for the next ones
+        self._was_up = False                    # connected once: frames wait for a reconnect, not dropped
         self._closing = False
         self._error = ""
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)       # the data thread's
@@ -358,6 +378,7 @@ class Netfront:
                     self.port.set_offloads(self.offloads.tun_flags() if self.use_offloads else 0)
                     switch_state(self.xs, self.path, XenbusState.Connected)
                     self.state = XenbusState.Connected
+                    self._was_up = True
                     for q in self._queues:
                         q.post_rx()
                     self._kick()
@@ -366,6 +387,8 @@ class Netfront:
                 elif be in (XenbusState.Closing, XenbusState.Closed) and self.state != XenbusState.Closed:
                     log.info("vif %d: backend is %s: closing", self.devid, be.name)
                     self._teardown()
+                    self._was_up = False
+                    self._resend.clear()
                     switch_state(self.xs, self.path, XenbusState.Closing)
                     switch_state(self.xs, self.path, XenbusState.Closed)
                     self.state = XenbusState.Closed
@@ -428,6 +451,8 @@ class Netfront:
             self._generation += 1
             self._kick()
             for q in queues:
+                q.reap_tx()
+                self._resend += q.unanswered()
                 q.release(self._deferred)
             self._retry_deferred()
 
@@ -545,10 +570,15 @@ class Netfront:
                         stats["tx_dropped"] += 1
                         continue
                     pending.extend(frames)
+        if self._resend:
+            pending.extendleft(reversed(self._resend))      # sent before anything read since
+            self.stats["tx_resent"] += len(self._resend)
+            self._resend = []
         if not connected:
-            self.stats["tx_dropped"] += len(pending)       # a link that is down drops, as a NIC does
-            pending.clear()
-            return out
+            if not self._was_up or self._closing:
+                self.stats["tx_dropped"] += len(pending)   # a link that is down drops, as a NIC does
+                pending.clear()
+            return out                                      # a backend coming back: they wait for it
         n = len(queues)
         while pending:
             f = pending[0]
