@@ -66,7 +66,9 @@ from .host_state import AdoptedProcess
 from .isolation import LOCK_DIR, UidPlan, _lock
 from .keeper import KeeperClient, KeeperError, keeper_argv
 from .launcher import BrokerProcess, start_ready
+from .lifecycle import Lifecycle, Phase, State
 from .policy import ExitStatus
+from .supervised_domain import SupervisorError
 from .rundir import Layout, PidFile, clear_run_files, leftover_processes, remove_run_dir
 
 if TYPE_CHECKING:
@@ -105,9 +107,9 @@ def _domain_row(d: Any) -> dict[str, Any]:
     return {
         "name": d.name, "kind": str(d.kind), "state": str(d.state), "domid": d.domid, "creds": d.creds,
         "store": list(d.store) if d.store is not None else None, "ident": d.ident, "generation": d.generation,
-        "started_once": d.started_once, "connected": d.connected, "introduced": d.introduced,
-        "ready_seen": d.ready_seen, "waiting_for_store": d.waiting_for_store, "started_mono": d.started_mono,
-        "deadline": d.deadline, "reset_since": d.reset_since, "after_stop": d.after_stop,
+        "phase": str(d.phase), "ever_ready": d.life.ever_ready, "connected": d.connected, "introduced": d.introduced,
+        "ready_seen": d.ready_seen, "started_mono": d.started_mono,
+        "deadline": d.deadline, "reset_since": d.reset_since,
         "kill_reason": d.kill_reason, "confinement": d.confinement, "netns": d.netns, "uid": d.uid,
         "switch": str(d.switch) if d.switch is not None else None, "last_exit": d.last_exit, "changes": d.changes,
         "offered": [list(k) for k in sorted(d.offered)], "restarts": list(d.tracker._restarts),
@@ -148,7 +150,6 @@ def adopt(sup: Supervisor, model: dict[str, Any]) -> list[str]:
     SupervisorError when the host cannot be adopted (the broker is gone and
     another cannot take over).
     """
-    from .supervisor import State, SupervisorError
     said: list[str] = []
     lay = sup.layout
     now = time.monotonic()
@@ -232,7 +233,6 @@ def _adopt_uids(sup: Supervisor, model: dict[str, Any], kept: dict[str, int]) ->
 
 
 def _adopt_broker(sup: Supervisor, model: dict[str, Any], said: list[str]) -> None:
-    from .supervisor import SupervisorError
     bproc = AdoptedProcess.of(model.get("broker"))
     lay = sup.layout
     if bproc is not None:
@@ -266,25 +266,35 @@ def _broker_list(sup: Supervisor) -> dict[int, dict[str, Any]]:
         return {}
 
 
+def _phase_of(rec: dict[str, Any]) -> Phase:
+    """A domain's lifecycle phase as the state file has it (or, written by an earlier xdom, its state with
+    the after_stop and waiting_for_store that said the rest)."""
+    if rec.get("phase"):
+        return Phase(rec["phase"])
+    state = State(rec.get("state", "pending"))
+    if state == State.STOPPING:
+        return {"restart": Phase.STOPPING_RESTART, "destroy": Phase.STOPPING_DESTROY}.get(
+            str(rec.get("after_stop") or ""), Phase.STOPPING)
+    if state == State.BACKOFF and rec.get("waiting_for_store"):
+        return Phase.AWAITING_STORE
+    return Phase(state.value)
+
+
 def _adopt_domain(sup: Supervisor, d: Any, rec: dict[str, Any], kept: dict[str, int],
                   listed: dict[int, dict[str, Any]], now: float, said: list[str]) -> None:
-    from .supervisor import State
     from .topology import NetSwitch
     d.spec = dataclasses.replace(d.spec, disks=host_state.decode_disks(rec.get("disks")),
                                  vifs=host_state.decode_vifs(rec.get("vifs")))
-    d.state = State(rec.get("state", "pending"))
+    d.life = Lifecycle(_phase_of(rec), bool(rec.get("ever_ready", rec.get("started_once"))))
     d.domid = rec.get("domid")
     d.creds = rec.get("creds")
     d.store = tuple(rec["store"]) if rec.get("store") else None
     d.generation = int(rec.get("generation") or 0)
-    d.started_once = bool(rec.get("started_once"))
     d.connected = bool(rec.get("connected"))
     d.introduced = bool(rec.get("introduced"))
     d.ready_seen = bool(rec.get("ready_seen"))
-    d.waiting_for_store = bool(rec.get("waiting_for_store"))
     d.started_mono = float(rec.get("started_mono") or now)
     d.reset_since = rec.get("reset_since")
-    d.after_stop = str(rec.get("after_stop") or "")
     d.kill_reason = str(rec.get("kill_reason") or "")
     d.confinement = str(rec.get("confinement") or "")
     d.netns = rec.get("netns")

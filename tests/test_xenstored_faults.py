@@ -346,7 +346,7 @@ HOST = ('[[domain]]\nname = "xs"\nkind = "xenstored"\nrestart_backoff = 0.05\n'
 def test_an_attach_whose_reply_was_lost_leaves_nothing(run_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The supervisor's transaction committed, then its connection died before the reply (xenstored
     killed in between): the attach is refused, and what reached the store is removed."""
-    import xdom.deploy.supervisor as supervisor
+    import xdom.deploy.devices as supervisor     # the supervisor's device wiring (deploy/devices.py)
     from test_supervisor import Host
 
     real = supervisor.add_vbd
