@@ -457,7 +457,7 @@ def _n(v: int | None) -> str:
 
 
 def _broker_list(run_dir: str, args: argparse.Namespace) -> int:
-    from .cli import cmd_list
+    from .broker_list import cmd_list
     return cmd_list(argparse.Namespace(mgmt=None, run_dir=run_dir, timeout=args.timeout, json=args.json))
 
 
