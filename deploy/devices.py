@@ -434,7 +434,8 @@ class Devices(SupervisorBase):
         for devid, vif in _vifs(d.spec):
             self._unplug(d, devid, vif)
 
-    def _refused_attach(self, kind: str, d: SupervisedDomain, devid: int, be: SupervisedDomain, export: str | None = None) -> None:
+    def _refused_attach(self, kind: str, d: SupervisedDomain, devid: int, be: SupervisedDomain,
+                        export: str | None = None) -> None:
         """An attach refused because xenstored stopped answering (killed, restarting): its transaction
         may have committed before the reply was lost.  The device's nodes go once xenstored serves again
         (now, if it still does), so a refusal leaves nothing behind."""

@@ -156,7 +156,8 @@ class SupervisorBase:
         self.health_interval = health_interval
         self.log_level = log_level
         self._progress_cb = progress
-        self.domains = [SupervisedDomain(s, None, RestartTracker.for_spec(s), HealthCheck(s.limits)) for s in topology.domains]
+        self.domains = [SupervisedDomain(s, None, RestartTracker.for_spec(s), HealthCheck(s.limits))
+                        for s in topology.domains]
         unavailable = netns.unavailable_reason()
         for d in self.domains:
             if d.kind == DomainKind.NETBACK:

@@ -78,8 +78,8 @@ from .control_ops import ControlOps
 from .devices import _remove_made_dir, _unlink_socket
 from .lifecycle_driver import _Death
 from .supervised_domain import AlreadyRunning, JournalEntry, StartupError, SupervisorError
-from .supervision import (_BROKER, BROKER_POLL, BROKER_STATE, READY_TIMEOUT, STOP_GRACE, TAKEOVER_FAILED, _last_line, check_host,
-                          check_switches, switch_of)
+from .supervision import (_BROKER, BROKER_POLL, BROKER_STATE, READY_TIMEOUT, STOP_GRACE, TAKEOVER_FAILED, _last_line,
+                          check_host, check_switches, switch_of)
 
 __all__ = ["READY_TIMEOUT", "STOP_GRACE", "TAKEOVER_FAILED", "AlreadyRunning", "JournalEntry", "State",
            "StartupError", "Supervisor", "SupervisorError", "check_host", "check_switches", "switch_of"]

@@ -392,7 +392,7 @@ class _Vm:
 
 
 class VmSupervisor:
-    """The VMs of one supervised host.  The supervisor calls in at a handful of points (see supervisor.py:
+    """The VMs of one supervised host.  The supervisor calls in at a handful of points (see lifecycle_driver.py:
     ``domain_ready``, ``domain_gone``, ``stop_first``, ``stop_now``, ``timers``, ``check_health``, ``row``)."""
 
     def __init__(self, domains: list[Any], plans: dict[str, VmPlan], layout: Layout, *,
