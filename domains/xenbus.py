@@ -31,23 +31,14 @@ answer is taken again.  The frontend sees a stall, not a reset.
 
 from __future__ import annotations
 
-from enum import IntEnum
-from typing import Callable
+from collections.abc import Callable
 
+from .abi.xenbus import XenbusState
 from .xenstore import XenstoreClient, XenstoreError
 from .xs_wire import XsType
 
-
-class XenbusState(IntEnum):
-    Unknown = 0
-    Initialising = 1
-    InitWait = 2
-    Initialised = 3
-    Connected = 4
-    Closing = 5
-    Closed = 6
-    Reconfiguring = 7
-    Reconfigured = 8
+__all__ = ["XenbusState", "WatchHandler", "backend_path", "frontend_path", "parse_state", "read_or_none",
+           "read_state", "switch_state", "parse_int", "read_int", "read_nodes", "write_nodes"]
 
 
 def backend_path(backend_domid: int, kind: str, frontend_domid: int, devid: int) -> str:
