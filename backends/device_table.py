@@ -37,6 +37,7 @@ class DeviceTable(Generic[D]):
     def __init__(self, xs: XenstoreClient, domid: int, kind: str, make: Callable[[str, int, int], D],
                  expected: tuple[type[BaseException], ...]) -> None:
         self.xs, self.kind, self.make, self.expected = xs, kind, make, expected
+        self._errors: tuple[type[BaseException], ...] = (*expected, XenstoreError)
         self.root = f"{xs.get_domain_path(domid)}/backend/{kind}"
         self.devices: dict[tuple[int, int], D] = {}
         self._lock = threading.Lock()
@@ -66,7 +67,7 @@ class DeviceTable(Generic[D]):
             device = self.make(path, fe, dev)
             try:
                 device.probe()
-            except (*self.expected, XenstoreError) as e:
+            except self._errors as e:
                 log.error("%s %d/%d: %s", self.kind, fe, dev, e)
                 try:
                     self.xs.write(f"{path}/hotplug-error", str(e))

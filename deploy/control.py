@@ -98,7 +98,7 @@ class ControlServer:
 
     def __init__(self, endpoint: str, protocol: ControlProtocol) -> None:
         self.protocol = protocol
-        self.socket = zmq.Context.instance().socket(zmq.ROUTER)
+        self.socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(endpoint)
 

@@ -100,7 +100,8 @@ class _Keeper:
 
     def serve(self, wake: int) -> None:
         while self.running:
-            readable, _, _ = select.select([self.listener, wake, *self.conns], [], [])
+            watched: list[socket.socket | int] = [self.listener, wake, *self.conns]
+            readable, _, _ = select.select(watched, [], [])
             for r in readable:
                 if r is self.listener:
                     conn, _ = self.listener.accept()

@@ -178,14 +178,14 @@ def _parse_vdev(vdev: str) -> tuple[str, int, int]:
         raise XlCfgError(f"vdev {vdev!r} is not a Xen virtual device name ({_VDEV_EXPECTED})")
     kind, letters, digits = m.group(1), m.group(2), m.group(3)
     max_disk, max_part = _VDEV_LIMITS[kind]
-    disk = _letters_to_index(letters, max_disk)
+    index = _letters_to_index(letters, max_disk)
     part = 0 if digits is None else (int(digits) if len(digits) <= 3 else max_part + 1)
-    if disk is None or part > max_part:
+    if index is None or part > max_part:
         ranges = {"xvd": "Xen virtual disks xvda..xvdbgqcv (disk numbers below 2^20), partitions 1..255",
                   "hd": "IDE disks hda..hdd, partitions 1..63",
                   "sd": "SCSI disks sda..sdp, partitions 1..15"}[kind]
         raise XlCfgError(f"vdev {vdev!r} is out of range: {ranges}")
-    return kind, disk, part
+    return kind, index, part
 
 
 def vdev_to_devid(vdev: str) -> int:
@@ -426,8 +426,8 @@ def parse_disk(spec: str) -> DiskSpec:
             _check_disk_value(key, value, item)
             give(key, value, item)
         elif item in _DISK_FLAGS:
-            name, value = _DISK_FLAGS[item]
-            give(name, value, item)
+            name, flag = _DISK_FLAGS[item]
+            give(name, flag, item)
         else:
             m = _DEPRECATED_PREFIX_RE.match(item)
             if m:

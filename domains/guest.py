@@ -411,9 +411,10 @@ class Guest:
         assert proc is not None
         proc.start()
         while True:
-            r, _, _ = select.select([self._wake, proc.pidfd], [], [])
+            r, _, _ = select.select([self._wake.fileno(), proc.pidfd], [], [])
             if proc.pidfd in r:
                 rc = proc.wait()
+                assert rc is not None       # no timeout
                 log.info("workload %s", f"exited with status {rc}" if rc >= 0 else f"killed by signal {-rc}")
                 return rc if rc >= 0 else 128 - rc
             self._wake.drain()

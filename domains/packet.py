@@ -64,7 +64,7 @@ class L4Headers(NamedTuple):
         return self.l4_offset + self.l4_len
 
 
-def parse_headers(frame: bytes | memoryview) -> L4Headers | None:
+def parse_headers(frame: bytes | bytearray | memoryview) -> L4Headers | None:
     """The L3/L4 layout of an Ethernet frame carrying TCP or UDP over IPv4/IPv6 (one VLAN tag allowed).
 
     None for anything else, for an IPv4 fragment, and for headers that run
@@ -120,7 +120,7 @@ def parse_headers(frame: bytes | memoryview) -> L4Headers | None:
     return L4Headers(off, ipv6, l4, proto, l4_len)
 
 
-def ones_sum(data: bytes | memoryview) -> int:
+def ones_sum(data: bytes | bytearray | memoryview) -> int:
     """The one's-complement sum of ``data`` as big-endian 16-bit words (odd length: zero-padded), 0..0xFFFF.
 
     Returns 0xFFFF, not 0, for a nonzero sum that wraps to zero, as a
@@ -133,7 +133,7 @@ def ones_sum(data: bytes | memoryview) -> int:
     return 0xFFFF if folded == 0 and value else folded
 
 
-def _pseudo_sum(frame: bytes | memoryview, h: L4Headers, l4_length: int) -> int:
+def _pseudo_sum(frame: bytes | bytearray | memoryview, h: L4Headers, l4_length: int) -> int:
     """The pseudo-header sum for an L4 segment of ``l4_length`` bytes (addresses, protocol, length)."""
     if h.ipv6:
         addrs = frame[h.l3_offset + 8:h.l3_offset + 40]
@@ -265,7 +265,7 @@ class VirtioNetHdr(NamedTuple):
         return VIRTIO_NET_HDR.pack(*self)
 
     @classmethod
-    def parse(cls, raw: bytes | memoryview) -> "VirtioNetHdr":
+    def parse(cls, raw: bytes | bytearray | memoryview) -> "VirtioNetHdr":
         return cls(*VIRTIO_NET_HDR.unpack_from(raw))
 
     @property

@@ -244,7 +244,7 @@ class XenstoreClient:
                     else:
                         with self._lock:
                             self._pending.pop(rid, None)
-                        p.error = ConnectionError(f"xenstored restarted with {p.msg.type.name} in flight: "
+                        p.error = ConnectionError(f"xenstored restarted with {XsType(p.msg.type).name} in flight: "
                                                   f"it may or may not have been done")
                         p.done.set()
             except OSError as e:
@@ -311,7 +311,7 @@ class XenstoreClient:
         if not p.done.wait(self.timeout):
             with self._lock:
                 self._pending.pop(p.msg.req_id, None)
-            raise TimeoutError(f"xenstore did not answer {p.msg.type.name} within {self.timeout}s")
+            raise TimeoutError(f"xenstore did not answer {XsType(p.msg.type).name} within {self.timeout}s")
         if p.error is not None:
             raise p.error
         if p.reply is None:

@@ -22,7 +22,7 @@ import select
 import struct
 import sys
 import threading
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, cast
 
 from xdom.domains.abi.blkif import (
     BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT, BLKIF_OP_READ,
@@ -252,7 +252,7 @@ class RingServer:
             pages = [persistent.get(g) for g in grefs[:npages]]
             if None in pages:
                 return None
-            descriptors = b"".join([m.view for m in pages])[:nseg * SEGMENT.size]
+            descriptors = b"".join([m.view for m in cast("list[GrantMapping]", pages)])[:nseg * SEGMENT.size]
         if _LITTLE_ENDIAN:
             # struct blkif_request_segment as two u32: gref, then first_sect | last_sect << 8 | padding
             words = memoryview(descriptors).cast("I")
@@ -264,9 +264,10 @@ class RingServer:
                 st = _SEGMENT_LISTS[nseg] = struct.Struct("<" + "IBBxx" * nseg)
             flat = st.unpack(descriptors)
             grefs, spans = list(flat[0::3]), [f | last << 8 for f, last in zip(flat[1::3], flat[2::3])]
-        maps = [persistent.get(g) for g in grefs]
-        if None in maps:
+        got = [persistent.get(g) for g in grefs]
+        if None in got:
             return None
+        maps = cast("list[GrantMapping]", got)
         lss = self._lss_sectors
         if spans.count(_WHOLE_PAGE) == nseg:
             bufs = [m.view for m in maps]                  # whole pages: the usual case

@@ -34,7 +34,7 @@ failed copy's status.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Collection, NamedTuple, Sequence
+from typing import Collection, NamedTuple, Sequence, cast
 
 from xdom.domains.abi.netif import (
     NETIF_RSP_ERROR, NETRXF_csum_blank, NETRXF_data_validated, NETRXF_extra_info, NETRXF_more_data,
@@ -98,7 +98,7 @@ class RxPlan:
             if type(r) is RxResponse:
                 out.append(pack(r.id, r.offset, r.flags, NETIF_RSP_ERROR if failed and i in failed else r.status))
             else:
-                out.append(pack_extra_info(r, RX_SLOT_SIZE))
+                out.append(pack_extra_info(cast(ExtraInfo, r), RX_SLOT_SIZE))
         return out
 
 

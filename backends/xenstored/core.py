@@ -278,7 +278,7 @@ class XenstoreCore:
     """
 
     def __init__(self, quota: Quota | None = None,
-                 domain_exists: Callable[[int], bool] | None = None) -> None:
+                 domain_exists: Callable[[int], int | bool] | None = None) -> None:
         """``domain_exists`` asks the hypervisor whether a domid xenstored does
         not know yet is a live domain, as C's ``get_domain_info`` does (it may
         raise: the domain then counts as absent).  It answers False (or None)
@@ -619,7 +619,7 @@ class XenstoreCore:
 
     @classmethod
     def restore(cls, data: bytes, quota: Quota | None = None,
-                domain_exists: Callable[[int], bool] | None = None,
+                domain_exists: Callable[[int], int | bool] | None = None,
                 journal: Iterable[bytes | dict[str, Any]] = ()) -> XenstoreCore:
         """Rebuild a core from ``dump()`` and the ``take_changes()`` records made after it, in
         order (as given, or unpacked); raises ValueError if they are not something we can read.

@@ -43,7 +43,7 @@ from xdom.domains.abi.grant_table import GNTTAB_RESERVED_XENSTORE
 from xdom.domains.wakeup import WakePipe
 from xdom.domains.xs_wire import HEADER, Message, ProtocolError, XsType
 
-from .core import Introduced, Released, XenstoreCore
+from .core import ConnId, Introduced, Released, XenstoreCore
 from .journal import StateDir
 from .transport import FrameReader, RingTransport, SocketTransport, TransportClosed
 
@@ -124,7 +124,7 @@ class XenstoredServer:
         if self.files is None:
             self.core.track_changes(False)
         self.sel = _Poller()
-        self.conns: dict[int, Connection] = {}          # id(conn) -> conn
+        self.conns: dict[ConnId, Connection] = {}       # id(conn) -> conn
         self.rings: dict[int, Connection] = {}          # domid -> ring connection
         self.port_conns: dict[int, Connection] = {}     # event channel port -> ring connection
         self.running = True
@@ -173,10 +173,10 @@ class XenstoredServer:
         core = XenstoreCore.restore(saved["core"], domain_exists=self._exists_hook(), journal=core_records)
         self._saved_rings = rings
         log.info("restored the store from %s and %d journal records (%d nodes, %d domain rings)",
-                 self.files.db_path, len(records), core.node_count(), len(rings))
+                 self.files.db_path if self.files is not None else "nowhere", len(records), core.node_count(), len(rings))
         return core
 
-    def _exists_hook(self) -> Callable[[int], bool] | None:
+    def _exists_hook(self) -> Callable[[int], int | bool] | None:
         """Standalone (no hypervisor), only the domains the core knows exist: no hook."""
         return self._domain_exists if self.xenhost is not None else None
 

@@ -292,9 +292,9 @@ class Blkfront:
                               if self.options.indirect and f["feature-max-indirect-segments"] > 0
                               else BLKIF_MAX_SEGMENTS_PER_REQUEST)
         self._indirect = self._max_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST
-        queues = []
+        queues: list[_Queue] = []
         try:
-            for q in range(nq):
+            for index in range(nq):
                 gfns = self.pool.alloc(1 << order)
                 refs = []
                 for g in gfns:
@@ -303,7 +303,7 @@ class Blkfront:
                 port = self.host.alloc_unbound(self.backend_domid)
                 shared = SharedRing([self.host.memory.frame(g) for g in gfns], self.abi.request_size,
                                     self.abi.response_size)
-                queues.append(_Queue(q, FrontRing(shared, init=True), gfns, refs, port))
+                queues.append(_Queue(index, FrontRing(shared, init=True), gfns, refs, port))
         except BaseException:
             for q in queues:
                 self._release_queue(q)
@@ -798,7 +798,7 @@ class Blkfront:
     # ---- completions -----------------------------------------------------------------------
 
     def _completion_loop(self) -> None:
-        generation = -1
+        generation: tuple[int, bool] | None = None
         poller = select.poll()
         while True:
             with self._lock:

@@ -61,7 +61,7 @@ import stat
 import struct
 import threading
 import time
-from typing import Callable, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 from .device import BlockDevice, current_completion_batch
 from .protocol import (
@@ -95,6 +95,10 @@ _READ, _WRITE = Cmd.READ, Cmd.WRITE
 _POLL_INPUT = select.POLLIN | select.POLLHUP | select.POLLERR
 #: A device with all of these runs its completions on the connection's thread (see device.py).
 _REAPER_METHODS = ("completion_fd", "reap_completions", "attach_reaper", "detach_reaper")
+
+
+def _nothing() -> None:
+    pass
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -334,10 +338,11 @@ class _Connection:
         # while the requests of one recv() are submitted; only the connection's thread touches _plugged.
         plug, unplug = getattr(dev, "plug", None), getattr(dev, "unplug", None)
         self._plug = plug if callable(plug) and callable(unplug) else None
-        self._unplug = unplug
+        self._unplug: Callable[[], None] = unplug if plug is not None and callable(unplug) else _nothing
         self._plugged = False
         # A device whose completions this thread may run (see device.py): polled with the socket.
         self._reaps = all(callable(getattr(dev, a, None)) for a in _REAPER_METHODS)
+        self._reaper: Any = dev         # only when _reaps: it has the _REAPER_METHODS
         self._dev_fd = -1
         self._poller = select.poll()
         self._sock_fd = sock.fileno()
@@ -382,8 +387,8 @@ class _Connection:
         self._poller.register(self._wake, select.POLLIN)
         if self._reaps:
             try:
-                self._dev_fd = self._dev.completion_fd()
-                self._dev.attach_reaper()
+                self._dev_fd = self._reaper.completion_fd()
+                self._reaper.attach_reaper()
                 self._poller.register(self._dev_fd, select.POLLIN)
             except Exception:
                 log.exception("%s: device refused to share its completions; they stay on its threads", self.name)
@@ -399,7 +404,7 @@ class _Connection:
                 self._finish(hard)
             finally:
                 if self._reaps:
-                    self._dev.detach_reaper()
+                    self._reaper.detach_reaper()
                 with self._fd_lock:
                     os.close(self._wake)
                     self._wake = -1
@@ -473,7 +478,7 @@ class _Connection:
                     self._poller.unregister(fd)
                     self._dev_fd = -1
                 else:
-                    self._dev.reap_completions()
+                    self._reaper.reap_completions()
         if out and sock_events:
             self._flush()
         if read and sock_events & _POLL_INPUT:
@@ -564,7 +569,7 @@ class _Connection:
                 self._pump(read=False, wait=waiting)
         if self._stopping or self._broken:
             # The spec: requests arriving during shutdown get ESHUTDOWN.
-            if kind is _WRITE and type(req.data) is not memoryview:
+            if kind is _WRITE and req.data is not None and type(req.data) is not memoryview:
                 req.data.release()               # the device's lent pages, never submitted
             self._complete(req, errno.ESHUTDOWN, (), None)
             return
@@ -631,6 +636,7 @@ class _Connection:
         batch = current_completion_batch() if cost is not None else None
         if batch is not None:
             send_now = False
+            data: bytes | Sequence[Buffer]
             if req.kind is _READ and not err:
                 length = req.length
                 if length <= _COPY_MAX:

@@ -377,7 +377,7 @@ class VirtioBlkHandler:
                     log.exception("ring %d: serving chain %d failed", index, chain.head)
                     self._fail_unsubmitted(index, queue, chain)
         finally:
-            if plugged:
+            if plugged and self._unplug is not None:
                 try:
                     self._unplug()
                 except Exception:

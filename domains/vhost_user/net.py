@@ -165,7 +165,7 @@ def device_features(max_pairs: int) -> int:
     when there are several pairs.  Not offered: ECN and UFO (netif carries
     neither), CTRL_RX/VLAN/MAC_ADDR/ANNOUNCE (netback does the filtering).
     """
-    bits = (VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_GUEST_TSO4,
+    bits: tuple[int, ...] = (VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_GUEST_TSO4,
             VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MRG_RXBUF,
             VIRTIO_NET_F_STATUS)
     if max_pairs > 1:
