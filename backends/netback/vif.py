@@ -1,9 +1,11 @@
-"""One virtual network interface on the backend side: its xenbus life and its uplink.
+"""One virtual network interface on the backend side: its uplink and its queues.
 
-xenbus as Linux ``xen-netback/xenbus.c`` (features, InitWait, connect,
-follow the frontend through Closing/Closed), with xdom's rule from
-:mod:`xdom.domains.xenbus`: connect when the frontend is Initialised, so a
-restarted netback never takes a dead predecessor's rings for fresh ones.
+xenbus as Linux ``xen-netback/xenbus.c`` (features with InitWait, connect,
+follow the frontend through Closing/Closed), in
+:class:`~xdom.backends.xenbus_backend.XenbusBackend` with blkback's vbds,
+after :mod:`xdom.domains.xenbus_machine`: connect when the frontend is
+Initialised, so a restarted netback never takes a dead predecessor's rings
+for fresh ones.
 
 Connecting reads what the frontend negotiated and the toolstack's ``mtu``
 and ``rate`` nodes, maps the rings and binds the event channels
@@ -15,15 +17,15 @@ it out of the loop before anything is unmapped.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from xdom.domains.hypercall_wire import HypercallError
-from xdom.domains.xenbus import XenbusState, parse_int, read_nodes, read_or_none, read_state, switch_state
+from xdom.domains.xenbus import parse_int, read_nodes
 from xdom.domains.xenhost.base import GrantError, XenHost
 from xdom.domains.xenstore import XenstoreClient
 
+from ..xenbus_backend import Nodes, XenbusBackend
 from .connection import BadFrontend, Connection
 from .credit import CreditLimiter, parse_rate_node
 from .loop import NetbackLoop
@@ -41,33 +43,29 @@ _FLAGS = ("feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6", "feature-no-cs
 _QUEUE_NODES = ("tx-ring-ref", "rx-ring-ref", "event-channel", "event-channel-tx", "event-channel-rx")
 
 
-class Vif:
+class Vif(XenbusBackend):
+    kind = "vif"
+    log = log
+    bad_frontend = BadFrontend
+    publish_errors = (BadFrontend, OSError)
+    connect_errors = (BadFrontend, OSError, HypercallError, GrantError)
+
     def __init__(self, host: XenHost, xs: XenstoreClient, path: str, frontend_domid: int, devid: int,
                  switch: LearningSwitch | None, loop: NetbackLoop,
                  take_tap: Callable[[int, int], int | None] | None = None, max_queues: int = 1) -> None:
         """On the built-in ``switch``, or (``switch`` None) bridged through the TAP the toolstack gives us:
         ``take_tap(frontend, devid)`` returns its /dev/net/tun descriptor (None if none came)."""
-        self.host, self.xs, self.path = host, xs, path
-        self.fe, self.devid, self.switch, self.loop = frontend_domid, devid, switch, loop
-        self.name = f"vif{frontend_domid}.{devid}"
+        super().__init__(xs, path, frontend_domid, devid)
+        self.host, self.switch, self.loop = host, switch, loop
         self._take_tap = take_tap
         self.uplink: SwitchUplink | TapUplink | None = None
         if switch is not None:
             self.uplink = SwitchUplink(switch, Port(self.name))
             self.port = self.uplink.port
-        self.frontend_path = ""
         self.max_queues = max_queues
         self.queues: list[Connection] = []
-        self._lock = threading.RLock()
-        self._removed = False
-        self._tokens = (f"fe:{path}", f"be:{path}")
 
-    def probe(self) -> None:
-        fe_path = (read_or_none(self.xs, f"{self.path}/frontend") or b"").decode(errors="replace")
-        expected = f"/local/domain/{self.fe}/device/vif/{self.devid}"
-        if fe_path != expected:
-            raise BadFrontend(f"{self.path}/frontend is {fe_path!r}, expected {expected}")
-        self.frontend_path = fe_path
+    def _prepare(self) -> None:
         if self.switch is not None:
             self.switch.attach(self.port)
         else:
@@ -77,70 +75,20 @@ class Vif:
             self.uplink = TapUplink(self.name, fd)
             self.port = self.uplink.port
             log.info("%s: bridged on TAP %s", self.name, self.name)
-        with self._lock:
-            self._publish()
-        self.xs.watch(f"{fe_path}/state", self._tokens[0], self._frontend_changed)
-        self.xs.watch(f"{self.path}/state", self._tokens[1], self._own_state_changed)
 
-    def _publish(self) -> None:
-        switch_state(self.xs, self.path, XenbusState.InitWait, {         # the features with the state
-            "feature-sg": 1, "feature-rx-copy": 1, "feature-rx-flip": 0, "feature-gso-tcpv4": 1,
-            "feature-gso-tcpv6": 1, "feature-ipv6-csum-offload": 1, "feature-split-event-channels": 1,
-            "feature-multicast-control": 0, "multi-queue-max-queues": self.max_queues})
+    def _publish(self) -> Nodes:
         log.info("%s: InitWait", self.name)
+        return {"feature-sg": 1, "feature-rx-copy": 1, "feature-rx-flip": 0, "feature-gso-tcpv4": 1,
+                "feature-gso-tcpv6": 1, "feature-ipv6-csum-offload": 1, "feature-split-event-channels": 1,
+                "feature-multicast-control": 0, "multi-queue-max-queues": self.max_queues}
 
-    def remove(self) -> None:
-        with self._lock:
-            if self._removed:
-                return
-            self._removed = True
-        for watched, token in zip((f"{self.frontend_path}/state", f"{self.path}/state"), self._tokens):
-            try:
-                self.xs.unwatch(watched, token)
-            except Exception:
-                pass
-        with self._lock:
-            self._disconnect()
+    def _release(self) -> None:
         if self.uplink is not None:
             if self.switch is not None:
                 self.switch.detach(self.port)
             self.uplink.close()
-        log.info("%s: removed", self.name)
 
-    def _own_state_changed(self, path: str, token: str) -> None:
-        with self._lock:
-            if self._removed or read_state(self.xs, self.path) != XenbusState.Initialising:
-                return
-            log.info("%s: the toolstack re-created the device: starting over", self.name)
-            self._disconnect()
-            self._publish()
-        self._frontend_changed(path, token)
-
-    def _frontend_changed(self, path: str, token: str) -> None:
-        with self._lock:
-            if self._removed:
-                return
-            fe = read_state(self.xs, self.frontend_path)
-            if fe == XenbusState.Initialised and not self.queues:
-                try:
-                    self._connect()
-                except (BadFrontend, OSError, HypercallError, GrantError) as e:
-                    log.error("%s: cannot connect to d%d: %s", self.name, self.fe, e)
-                    self._switch(XenbusState.Closing)
-            elif fe in (XenbusState.Closing, XenbusState.Closed, XenbusState.Unknown):
-                self._disconnect()
-                self._switch(XenbusState.Closing if fe == XenbusState.Closing else XenbusState.Closed)
-            elif fe == XenbusState.Initialising and self.queues:
-                self._disconnect()
-                self._switch(XenbusState.InitWait)
-
-    def _switch(self, state: XenbusState) -> None:
-        try:
-            switch_state(self.xs, self.path, state)
-        except Exception as e:
-            log.info("%s: cannot switch to %s: %s", self.name, state.name, e)
-
-    def _connect(self) -> None:
+    def _connect(self) -> Nodes:
         """Read what the frontend negotiated, connect each of its queues, hand them to the loop.
 
         As ``connect`` in Linux's xenbus.c: ``multi-queue-num-queues``
@@ -194,7 +142,6 @@ class Vif:
         self.port.on_put = lambda q: self.loop.kick(queues[q])
         uplink.set_carrier(True)
         self.queues = queues
-        self._switch(XenbusState.Connected)
         offloads = [n for n, on in (("gso-tcpv4", caps.gso_tcpv4), ("gso-tcpv6", caps.gso_tcpv6),
                                     ("csum", caps.csum_ipv4), ("ipv6-csum", caps.csum_ipv6)) if on]
         split = any(r[2] != r[3] for r in rings)
@@ -202,6 +149,7 @@ class Vif:
                  self.fe, nqueues, "s" if nqueues > 1 else "", "on" if sg else "off", mtu,
                  "split" if split else "one", ", ".join(offloads) or "none",
                  f", rate {rate[0]} bytes per {rate[1]} us" if rate else "")
+        return {}
 
     @staticmethod
     def _queue_nodes(base: str, got: dict[str, bytes | None]) -> tuple[int, int, int, int]:
@@ -249,16 +197,9 @@ class Vif:
 
     def fatal(self, queues: list[Connection], why: str) -> None:
         """Called on the loop thread by one of ``queues``: close this vif (only) from another thread."""
-        log.error("%s: closing: %s", self.name, why)
         for conn in queues:
             conn.dead = True
-
-        def close() -> None:
-            with self._lock:
-                if not self._removed and self.queues is queues:
-                    self._disconnect()
-                    self._switch(XenbusState.Closing)
-        threading.Thread(target=close, name=f"close-{self.name}", daemon=True).start()
+        self._close_from_ring(lambda: self.queues is queues, why)
 
     def stats(self) -> dict[str, int]:
         """Every queue's counters, summed."""
