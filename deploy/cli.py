@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     # vm-image: the VM image the project builds itself
     from .vm.cli import add_parsers as add_vm_parsers
     add_vm_parsers(sub)
+    # keys, events, --host/--fleet, ps --all: many hosts (fleet_cli.py)
+    from .fleet_cli import add_parsers as add_fleet_parsers
+    add_fleet_parsers(sub, p)
     return p
 
 
@@ -214,6 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .fleet_cli import run_remote, wants_remote
+    if args.command not in ("events", "keys") and wants_remote(args):
+        return run_remote(args)
     try:
         return args.func(args)
     except TimeoutError as e:

@@ -171,6 +171,7 @@ def _request(run_dir: str, timeout: float, op: str, **fields: Any) -> dict[str, 
 # ---- up --------------------------------------------------------------------------
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from . import remote
     from .rundir import LayoutError
     from .supervisor import check_host
     from .topology import TopologyError
@@ -179,7 +180,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         topo = topo.resolved(state_dir, run_dir)
         check_host(topo, state_dir, run_dir, args.ready_timeout, args.uids)
-    except (TopologyError, LayoutError) as e:
+        listener = remote.listener_config(topo.host, state_dir)
+        if listener is not None:        # no tcp listener without a server key and an allow-list
+            remote.check_listener(listener)
+    except (TopologyError, LayoutError, remote.RemoteError) as e:
         raise CommandError(EXIT_USAGE, str(e)) from None
     other = running_pid(run_dir)
     if other is not None:

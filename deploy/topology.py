@@ -202,7 +202,9 @@ MAX_TOPOLOGY_BYTES = 1 << 20
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}", re.ASCII)
 _SIZE_RE = re.compile(r"\s*([0-9]+)\s*([KMG]i?B?)?\s*", re.ASCII | re.IGNORECASE)
 _TOP_KEYS = ("domain", "host")
-_HOST_KEYS = ("state_dir", "run_dir")
+_HOST_KEYS = ("state_dir", "run_dir", "listen", "events_listen", "server_key", "allowed_clients")
+# A remote host's listener: tcp only (ipc:// is the local control socket), an address to bind and a port.
+_LISTEN_RE = re.compile(r"tcp://(\*|[0-9.]+|\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):([0-9]{1,5})", re.ASCII)
 _DOMAIN_KEYS = ("name", "kind", "memory", "restart", "restart_backoff", "flap_limit", "flap_window",
                 "disk", "vif", "command", "workload", "limits", "uid", "switch", "vm")
 _LIMIT_KEYS = ("rss", "fds", "cpu_percent")
@@ -229,10 +231,23 @@ class TopologyError(Exception):
 
 @dataclass(frozen=True)
 class HostSettings:
-    """The optional ``[host]`` table: absolute directories, or None to use the command line's defaults."""
+    """The optional ``[host]`` table: absolute directories, or None to use the command line's defaults.
+
+    ``listen`` (``tcp://ADDR:PORT``) makes the host serve its control
+    operations to remote ``xdom`` clients over CurveZMQ, and its broker's
+    lifecycle events on ``events_listen`` (default: the next port); the
+    server's secret key and the allow-list of client keys are files
+    (``server_key``, ``allowed_clients``: absolute, or relative to the state
+    directory; by default ``keys/server.key_secret`` and
+    ``keys/allowed_clients``).  See :mod:`xdom.deploy.remote`.
+    """
 
     state_dir: str | None = None
     run_dir: str | None = None
+    listen: str | None = None
+    events_listen: str | None = None
+    server_key: str | None = None
+    allowed_clients: str | None = None
 
 
 @dataclass(frozen=True)
@@ -433,7 +448,7 @@ class Topology:
                                   for j, disk in enumerate(d.disks)],
                             [(f"{d.label}.vif[{j}]", d.name, vif) for d in domains for j, vif in enumerate(d.vifs)])
         chk.raise_if_any()
-        return Topology(domains, HostSettings(state, run), self.source)
+        return Topology(domains, dataclasses.replace(self.host, state_dir=state, run_dir=run), self.source)
 
 
 def _export_sockets(d: DomainSpec, labelled: bool = False) -> list[Any]:
@@ -578,7 +593,30 @@ def _parse_host(chk: _Checker, raw: object) -> HostSettings:
     _unknown_keys(chk, "host", raw, _HOST_KEYS)
     state = _host_dir(chk, "host.state_dir", raw["state_dir"]) if "state_dir" in raw else None
     run = _host_dir(chk, "host.run_dir", raw["run_dir"]) if "run_dir" in raw else None
-    return HostSettings(state, run)
+    listen = {key: _listen(chk, f"host.{key}", raw[key]) for key in ("listen", "events_listen") if key in raw}
+    if "events_listen" in listen and "listen" not in raw:
+        chk.error("host.events_listen", "needs host.listen (the control operations' address) too")
+    if listen.get("listen") and listen.get("listen") == listen.get("events_listen"):
+        chk.error("host.events_listen", "must differ from host.listen")
+    files: dict[str, str | None] = {}
+    for key in ("server_key", "allowed_clients"):
+        if key in raw:
+            value = raw[key]
+            if not isinstance(value, str) or not value or "\0" in value:
+                chk.error(f"host.{key}", f"expected a path (absolute, or relative to the state directory), "
+                                         f"found {_a(value)}")
+            else:
+                files[key] = os.path.normpath(value)
+    return HostSettings(state, run, listen.get("listen"), listen.get("events_listen"), files.get("server_key"),
+                        files.get("allowed_clients"))
+
+
+def _listen(chk: _Checker, where: str, value: object) -> str | None:
+    if not isinstance(value, str) or not (m := _LISTEN_RE.fullmatch(value)) or not 0 < int(m.group(2)) < 65536:
+        chk.error(where, f"expected tcp://ADDRESS:PORT (CurveZMQ; plaintext and ipc:// are not served remotely), "
+                         f"found {value!r:.80}")
+        return None
+    return value
 
 
 @dataclass

@@ -268,7 +268,7 @@ def test_unknown_keys_everywhere_with_hints() -> None:
     errs = errors(text)
     assert "topo.toml: hots: unknown key (did you mean 'host'?); expected one of domain, host" in errs
     assert ("topo.toml: host.state_dri: unknown key (did you mean 'state_dir'?); "
-            "expected one of state_dir, run_dir") in errs
+            "expected one of state_dir, run_dir, listen, events_listen, server_key, allowed_clients") in errs
     assert any(e.startswith("topo.toml: domain[3] (\"g1\").memroy: unknown key (did you mean 'memory'?)")
                for e in errs)
     assert any(e.startswith("topo.toml: domain[3] (\"g1\").disks: unknown key (did you mean 'disk'?)")
