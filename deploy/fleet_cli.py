@@ -33,6 +33,7 @@ from .fleet import (
     follow_events,
     load_fleet,
 )
+from .remote import JOB_TIMEOUT
 
 __all__ = ["REMOTE_COMMANDS", "add_parsers", "run_remote", "wants_remote"]
 
@@ -146,7 +147,7 @@ def _remote_path(path: str) -> str:
 def remote_up(args: argparse.Namespace) -> int:
     fleet, host = _one(args)
     with HostClient(host, fleet.timeout) as c:
-        r = _ask(c, "up", max(fleet.timeout, args.wait), topology=_remote_path(args.topology))
+        r = _ask(c, "up", JOB_TIMEOUT + fleet.timeout, topology=_remote_path(args.topology))
     sys.stdout.write("".join(f"  {host.name}: {line}\n" for line in r.get("output", "").splitlines()))
     if r.get("status") != 0:
         raise _Fail(EXIT_ERROR, f"{host.name}: xdom up {args.topology} exited with status {r.get('status')}")
