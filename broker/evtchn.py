@@ -19,7 +19,9 @@ import os
 from dataclasses import dataclass, field
 
 from xdom.domains.abi.event_channel import (
-    EVTCHNSTAT_interdomain, EVTCHNSTAT_unbound, EVTCHNSTAT_virq,
+    EVTCHNSTAT_interdomain,
+    EVTCHNSTAT_unbound,
+    EVTCHNSTAT_virq,
 )
 
 MAX_PORTS = 4096   # per domain; each port costs the broker one or two fds

@@ -40,7 +40,7 @@ import stat
 from collections import OrderedDict
 from typing import Iterable, Protocol, Sequence
 
-from xdom.domains.abi.grant_table import GNTST_bad_page, GNTST_okay, PAGE_SIZE
+from xdom.domains.abi.grant_table import PAGE_SIZE, GNTST_bad_page, GNTST_okay
 from xdom.domains.memory import FRAME_MEMFD_NAME, DomainMemory
 
 FrameId = tuple[int, int]   # (st_dev, st_ino) of the frame's memfd

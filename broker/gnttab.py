@@ -23,9 +23,21 @@ from dataclasses import dataclass
 
 from xdom.domains import grant_lock
 from xdom.domains.abi.grant_table import (
-    ENTRIES_PER_FRAME, GNTST_eagain, GNTST_general_error, GNTST_bad_gntref, GNTST_okay,
-    GRANT_ENTRY_V1, GRANT_ENTRY_V1_SIZE, GTF_permit_access, GTF_readonly, GTF_reading,
-    GTF_sub_page, GTF_type_mask, GTF_writing, PAGE_SIZE, XDOM_GTF_mapped,
+    ENTRIES_PER_FRAME,
+    GRANT_ENTRY_V1,
+    GRANT_ENTRY_V1_SIZE,
+    PAGE_SIZE,
+    GNTST_bad_gntref,
+    GNTST_eagain,
+    GNTST_general_error,
+    GNTST_okay,
+    GTF_permit_access,
+    GTF_reading,
+    GTF_readonly,
+    GTF_sub_page,
+    GTF_type_mask,
+    GTF_writing,
+    XDOM_GTF_mapped,
 )
 
 LOCK_TRIES = 64

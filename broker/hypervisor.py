@@ -17,15 +17,30 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from xdom.domains.abi.event_channel import (
-    DOMID_FIRST_RESERVED, DOMID_SELF, EVTCHNSTAT_interdomain, EVTCHNSTAT_unbound,
-    EVTCHNSTAT_virq, GLOBAL_VIRQS, NR_VIRQS, VIRQ_DOM_EXC,
+    DOMID_FIRST_RESERVED,
+    DOMID_SELF,
+    GLOBAL_VIRQS,
+    NR_VIRQS,
+    VIRQ_DOM_EXC,
+    EVTCHNSTAT_interdomain,
+    EVTCHNSTAT_unbound,
+    EVTCHNSTAT_virq,
+)
+from xdom.domains.abi.grant_table import (
+    GNTTAB_RESERVED_XENSTORE,
+    PAGE_SIZE,
+    GNTCOPY_dest_gref,
+    GNTCOPY_source_gref,
+    GNTST_bad_copy_arg,
+    GNTST_bad_domain,
+    GNTST_bad_handle,
+    GNTST_bad_page,
+    GNTST_general_error,
+    GNTST_no_space,
+    GNTST_okay,
+    GNTST_permission_denied,
 )
 from xdom.domains.abi.hvm_params import HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_PFN
-from xdom.domains.abi.grant_table import (
-    GNTTAB_RESERVED_XENSTORE, GNTCOPY_dest_gref, GNTCOPY_source_gref, GNTST_bad_copy_arg, GNTST_bad_domain,
-    GNTST_bad_handle, GNTST_bad_page, GNTST_general_error, GNTST_no_space, GNTST_okay,
-    GNTST_permission_denied, PAGE_SIZE,
-)
 from xdom.domains.hypercall_wire import HypercallError
 
 from .evtchn import MAX_PORTS, EventPair, Port, PortTable, new_virq_fd, signal

@@ -31,12 +31,19 @@ import psutil
 import zmq
 
 from xdom.domains.abi.event_channel import DOMID_SELF
-from xdom.domains.abi.grant_table import GNTST_okay, PAGE_SIZE
-from xdom.domains.wakeup import WakePipe
+from xdom.domains.abi.grant_table import PAGE_SIZE, GNTST_okay
 from xdom.domains.hypercall_wire import (
-    MAX_FDS, MAX_MESSAGE, SHUTDOWN_REASONS, HypercallError, decode_request, encode_error,
-    encode_reply, int_tuple, take_fds,
+    MAX_FDS,
+    MAX_MESSAGE,
+    SHUTDOWN_REASONS,
+    HypercallError,
+    decode_request,
+    encode_error,
+    encode_reply,
+    int_tuple,
+    take_fds,
 )
+from xdom.domains.wakeup import WakePipe
 
 from .fd_budget import raise_nofile_limit
 from .frames import BadFrame, FrameAllocator, ProcFrames

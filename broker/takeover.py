@@ -37,7 +37,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any
 
-from xdom.domains.abi.event_channel import EVTCHNSTAT_unbound, GLOBAL_VIRQS
+from xdom.domains.abi.event_channel import GLOBAL_VIRQS, EVTCHNSTAT_unbound
 
 from .evtchn import EventPair, Port, PortTable, eventfd_id
 from .frames import MEMFD_DEV, ProcFrames

@@ -68,8 +68,8 @@ from .keeper import KeeperClient, KeeperError, keeper_argv
 from .launcher import BrokerProcess, start_ready
 from .lifecycle import Lifecycle, Phase, State
 from .policy import ExitStatus
-from .supervised_domain import SupervisorError
 from .rundir import Layout, PidFile, clear_run_files, leftover_processes, remove_run_dir
+from .supervised_domain import SupervisorError
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor

@@ -19,7 +19,6 @@ import stat
 import time
 from typing import Any
 
-
 from xdom.broker.mgmt_client import ManagementError
 from xdom.domains.confinement import mode as confinement_mode
 from xdom.domains.xs_wire import XenstoreError
@@ -28,18 +27,15 @@ from . import netns
 from .access import AccessError
 from .confined import confinement_of
 from .control import ControlError, string_field
+from .devices import _EXPORT_ARGS, DETACH_TIMEOUT, _backend_tap, _bridge_of, _ifname, _logged, _unlink_socket, _vifs
 from .lifecycle import Effect, Event, State, step
-from .tap import TapError
-from .topology import (DomainKind, bridge_name_problem,
-                       export_problem, vif_queues)
-from .vbd import remove_vbd
-from .vif import remove_vif
-from .xlcfg import (EXPORT_NBD, EXPORT_VHOST_USER, VifSpec, XlCfgError, generate_mac,
-                    parse_disk, parse_vif)
-
-from .devices import DETACH_TIMEOUT, _EXPORT_ARGS, _backend_tap, _bridge_of, _ifname, _logged, _unlink_socket, _vifs
 from .lifecycle_driver import LifecycleDriver
 from .supervised_domain import SupervisedDomain
+from .tap import TapError
+from .topology import DomainKind, bridge_name_problem, export_problem, vif_queues
+from .vbd import remove_vbd
+from .vif import remove_vif
+from .xlcfg import EXPORT_NBD, EXPORT_VHOST_USER, VifSpec, XlCfgError, generate_mac, parse_disk, parse_vif
 
 __all__ = ["ControlOps"]
 

@@ -22,7 +22,6 @@ import struct
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-
 from xdom.domains.device_channel import offer_fd
 from xdom.domains.xenstore import UnixTransport, XenstoreClient
 from xdom.domains.xs_wire import XenstoreError
@@ -31,15 +30,14 @@ from . import netns
 from .access import AccessError, grant_search, private_dir
 from .bridge import backend_tap_name, ensure_bridge, ensure_port
 from .rundir import make_dirs
-from .tap import TapError, create_tap, delete_tap, open_tun, tap_exists
-from .topology import (DEFAULT_BRIDGE, DomainKind, DomainSpec, NetSwitch, vif_devids, vif_queues)
-from .vbd import VbdConfig, add_vbd
-from .vif import VifConfig, add_vif
-from .xlcfg import (EXPORT_NBD, EXPORT_VHOST_USER, DiskSpec, VifSpec, default_vif_export)
-from .xsnodes import domain_path, write_domain_nodes
-
 from .supervised_domain import SupervisedDomain
 from .supervision import XS_TIMEOUT, SupervisorBase
+from .tap import TapError, create_tap, delete_tap, open_tun, tap_exists
+from .topology import DEFAULT_BRIDGE, DomainKind, DomainSpec, NetSwitch, vif_devids, vif_queues
+from .vbd import VbdConfig, add_vbd
+from .vif import VifConfig, add_vif
+from .xlcfg import EXPORT_NBD, EXPORT_VHOST_USER, DiskSpec, VifSpec, default_vif_export
+from .xsnodes import domain_path, write_domain_nodes
 
 __all__ = ["DETACH_TIMEOUT", "Devices"]
 

@@ -39,12 +39,11 @@ from .control import ControlError
 from .launcher import start_broker
 from .lifecycle import Effect, Event, Phase, State, died, is_ready
 from .policy import Action, ExitStatus, HealthSample
-from .topology import (DomainKind)
-from .xsnodes import write_dom0_nodes
-
 from .spawning import Spawning
 from .supervised_domain import READY_PIPE_KINDS, SupervisedDomain
 from .supervision import _BROKER, BROKER_FLAP_LIMIT, BROKER_FLAP_WINDOW, RESET_RETRY, TAKEOVER_FAILED
+from .topology import DomainKind
+from .xsnodes import write_dom0_nodes
 
 __all__ = ["LifecycleDriver"]
 

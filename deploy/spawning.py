@@ -18,21 +18,19 @@ import sys
 import time
 from typing import Any
 
-
 from xdom.broker.mgmt_client import ManagementError
 
 from . import host_state, netns
 from .access import AccessError
+from .devices import Devices, _ifname, _tap_vifs, _vifs
 from .isolation import DOMAIN_EXEC
 from .launcher import start_domain_process
 from .lifecycle import Event, State
-from .tap import TapError, open_tun
-from .topology import (DomainKind, NetSwitch, vif_queues)
-from .xlcfg import (EXPORT_VHOST_USER)
-
-from .devices import Devices, _ifname, _tap_vifs, _vifs
 from .supervised_domain import READY_PIPE_KINDS, SupervisedDomain
 from .supervision import RESET_PATIENCE, _log_marker
+from .tap import TapError, open_tun
+from .topology import DomainKind, NetSwitch, vif_queues
+from .xlcfg import EXPORT_VHOST_USER
 
 __all__ = ["Spawning"]
 

@@ -22,8 +22,16 @@ from typing import Callable
 
 from . import grant_lock
 from .abi.grant_table import (
-    ENTRIES_PER_FRAME, GNTTAB_NR_RESERVED_ENTRIES, GRANT_ENTRY_V1, GRANT_ENTRY_V1_SIZE,
-    GTF_permit_access, GTF_readonly, GTF_reading, GTF_writing, PAGE_SIZE, XDOM_GTF_mapped,
+    ENTRIES_PER_FRAME,
+    GNTTAB_NR_RESERVED_ENTRIES,
+    GRANT_ENTRY_V1,
+    GRANT_ENTRY_V1_SIZE,
+    PAGE_SIZE,
+    GTF_permit_access,
+    GTF_reading,
+    GTF_readonly,
+    GTF_writing,
+    XDOM_GTF_mapped,
 )
 
 _FLAGS = struct.Struct("<H")

@@ -20,8 +20,14 @@ from typing import NamedTuple
 
 from .abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6, GsoInfo
 from .packet import (
-    VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM, VirtioGso, VirtioNetHdr, checksum_setup,
-    finish_checksum, parse_headers, segment_tcp,
+    VIRTIO_NET_HDR_F_DATA_VALID,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VirtioGso,
+    VirtioNetHdr,
+    checksum_setup,
+    finish_checksum,
+    parse_headers,
+    segment_tcp,
 )
 
 __all__ = ["BackendOffloads", "TxFrame", "from_tap", "to_tap", "TUN_F_CSUM", "TUN_F_TSO4", "TUN_F_TSO6"]

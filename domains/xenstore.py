@@ -36,8 +36,16 @@ from typing import Any, Callable, Iterator, TypeVar
 from .abi.hvm_params import HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_PFN
 from .xs_ring import RingIndexError, ring_read, ring_write
 from .xs_wire import (
-    RING_REQ_CONS, RING_REQ_OFFSET, RING_REQ_PROD, RING_RSP_CONS, RING_RSP_OFFSET,
-    RING_RSP_PROD, Message, MessageReader, XenstoreError, XsType,
+    RING_REQ_CONS,
+    RING_REQ_OFFSET,
+    RING_REQ_PROD,
+    RING_RSP_CONS,
+    RING_RSP_OFFSET,
+    RING_RSP_PROD,
+    Message,
+    MessageReader,
+    XenstoreError,
+    XsType,
 )
 
 T = TypeVar("T")

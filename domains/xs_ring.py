@@ -8,8 +8,8 @@ checked against the ring size before any byte is touched.
 
 from __future__ import annotations
 
-
 from .xs_wire import XENSTORE_RING_SIZE
+
 
 def _get(page: memoryview, off: int) -> int:
     """A shared u32 index, read with one aligned load (struct's byte-wise unpacking could tear)."""

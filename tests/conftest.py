@@ -14,12 +14,12 @@ from typing import Iterator
 
 import psutil
 import pytest
+from xs_fixtures import Xenstored, start_xenstored
 
 from xdom.broker.mgmt_client import ManagementClient
 from xdom.deploy.launcher import BrokerProcess, start_broker
 from xdom.domains.xenhost import BrokerXenHost, LocalHypervisor, XenHost
 from xdom.domains.xenstore import XenstoreClient
-from xs_fixtures import Xenstored, start_xenstored
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from xdom.domains import sysmem
-from xdom.domains.abi.grant_table import GNTST_okay, PAGE_SIZE
+from xdom.domains.abi.grant_table import PAGE_SIZE, GNTST_okay
 from xdom.domains.agent import DomainAgent
 from xdom.domains.xenhost import connect
 
@@ -84,6 +84,7 @@ class HostileAgent(DomainAgent):
     def cmd_xs_break_ring(self) -> dict[str, Any]:
         """Publish a request producer index far past the ring size, then look at the error field."""
         import struct
+
         from xdom.domains.abi.hvm_params import HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_PFN
         from xdom.domains.xs_wire import RING_ERROR, RING_REQ_CONS, RING_REQ_PROD
         page = self.h.memory.frame(self.h.get_param(HVM_PARAM_STORE_PFN))

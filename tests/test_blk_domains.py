@@ -21,10 +21,10 @@ import threading
 from typing import Any
 
 import pytest
-
-from test_supervisor import Host, assert_nothing_left
-from xdom.domains.xenstore import XenstoreClient
 from helpers import wait_until
+from test_supervisor import Host, assert_nothing_left
+
+from xdom.domains.xenstore import XenstoreClient
 
 pytestmark = [pytest.mark.timeout(240),
               pytest.mark.skipif(not all(shutil.which(t) for t in ("fio", "qemu-img", "qemu-io", "nbdinfo")),

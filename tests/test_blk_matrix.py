@@ -17,8 +17,9 @@ import threading
 from typing import Iterator
 
 import pytest
-
+from helpers import wait_until
 from xs_fixtures import introduce, start_xenstored
+
 from xdom.backends.blkback.server import BlkbackServer
 from xdom.deploy.vbd import VbdConfig, add_vbd, remove_vbd
 from xdom.domains.abi.blkif import PROTOCOL_X86_32, PROTOCOL_X86_64
@@ -26,7 +27,6 @@ from xdom.domains.blkfront.device import Blkfront, FrontendOptions
 from xdom.domains.xenbus import XenbusState, read_state
 from xdom.domains.xenhost import LocalHypervisor
 from xdom.domains.xenstore import XenstoreClient
-from helpers import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -20,9 +20,9 @@ import tempfile
 from typing import Iterator
 
 import pytest
-
 import test_blk_matrix
 from test_blk_matrix import DEVID, Rig, call
+
 from xdom.domains.blkfront.device import Blkfront, FrontendOptions
 from xdom.domains.nbd.server import NbdServer
 

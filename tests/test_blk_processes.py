@@ -28,9 +28,9 @@ from typing import Any, Iterator
 
 import psutil
 import pytest
-
 from helpers import wait_until
 from test_blk_matrix import exercise
+
 from xdom.deploy.launcher import start_broker, start_domain_process, start_xenstored_domain, stop_process
 from xdom.deploy.vbd import VbdConfig, add_vbd
 from xdom.deploy.xsnodes import write_dom0_nodes, write_domain_nodes

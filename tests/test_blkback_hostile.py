@@ -30,16 +30,35 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import pytest
-
 from helpers import wait_until
 from xs_fixtures import introduce, start_xenstored
+
 from xdom.backends.blkback.server import BlkbackServer
 from xdom.deploy.vbd import VbdConfig, add_vbd
 from xdom.domains.abi.blkif import (
-    ABIS, BLKIF_DISCARD_SECURE, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT, BLKIF_OP_READ,
-    BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY,
-    PROTOCOL_X86_32, PROTOCOL_X86_64, X86_32, X86_64, BlkifABI, abi_for, pack_discard_request,
-    pack_indirect_request, pack_request, pack_response, pack_segments, parse_response,
+    ABIS,
+    BLKIF_DISCARD_SECURE,
+    BLKIF_OP_DISCARD,
+    BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_INDIRECT,
+    BLKIF_OP_READ,
+    BLKIF_OP_WRITE,
+    BLKIF_OP_WRITE_BARRIER,
+    BLKIF_RSP_EOPNOTSUPP,
+    BLKIF_RSP_ERROR,
+    BLKIF_RSP_OKAY,
+    PROTOCOL_X86_32,
+    PROTOCOL_X86_64,
+    X86_32,
+    X86_64,
+    BlkifABI,
+    abi_for,
+    pack_discard_request,
+    pack_indirect_request,
+    pack_request,
+    pack_response,
+    pack_segments,
+    parse_response,
 )
 from xdom.domains.abi.ring import RING_HEADER_SIZE, FrontRing, SharedRing
 from xdom.domains.blkfront.device import Blkfront, FrontendOptions

@@ -14,13 +14,12 @@ import signal
 from typing import Iterator
 
 import pytest
+from helpers import RemoteDomain, wait_until
 
 from xdom.broker.mgmt_client import ManagementClient
 from xdom.deploy.launcher import BrokerProcess, start_broker
-from xdom.domains.abi.event_channel import EVTCHNSTAT_interdomain, EVTCHNSTAT_unbound, VIRQ_DOM_EXC
+from xdom.domains.abi.event_channel import VIRQ_DOM_EXC, EVTCHNSTAT_interdomain, EVTCHNSTAT_unbound
 from xdom.domains.abi.grant_table import GNTST_okay
-
-from helpers import RemoteDomain, wait_until
 
 
 class Host:

@@ -24,8 +24,15 @@ import pytest
 
 from xdom.domains.confinement import landlock, policy
 from xdom.domains.confinement.seccomp import (
-    AUDIT_ARCH_X86_64, SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO, SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_LOG, ArgIn,
-    ArgBits, FilterSpec, build_filter,
+    AUDIT_ARCH_X86_64,
+    SECCOMP_RET_ALLOW,
+    SECCOMP_RET_ERRNO,
+    SECCOMP_RET_KILL_PROCESS,
+    SECCOMP_RET_LOG,
+    ArgBits,
+    ArgIn,
+    FilterSpec,
+    build_filter,
 )
 from xdom.domains.confinement.syscalls import NR
 

@@ -10,11 +10,10 @@ import sys
 from typing import Iterator
 
 import pytest
+from helpers import RemoteDomain, wait_until
 
 from xdom.domains.abi.event_channel import VIRQ_DOM_EXC
 from xdom.domains.abi.grant_table import GNTST_bad_domain, GNTST_general_error, GNTST_okay
-
-from helpers import RemoteDomain, wait_until
 
 
 @pytest.fixture

@@ -5,13 +5,16 @@ from __future__ import annotations
 import errno
 
 import pytest
+from helpers import wait_until
 
 from xdom.domains.abi.event_channel import (
-    DOMID_SELF, EVTCHNSTAT_interdomain, EVTCHNSTAT_unbound, EVTCHNSTAT_virq, VIRQ_DOM_EXC,
+    DOMID_SELF,
+    VIRQ_DOM_EXC,
+    EVTCHNSTAT_interdomain,
+    EVTCHNSTAT_unbound,
+    EVTCHNSTAT_virq,
 )
 from xdom.domains.hypercall_wire import HypercallError
-
-from helpers import wait_until
 
 
 def _bound_pair(domains):

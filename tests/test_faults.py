@@ -51,13 +51,12 @@ from typing import Any
 
 import psutil
 import pytest
+from helpers import wait_until
 
 from xdom.deploy import netns
 from xdom.deploy.control import ControlClient, endpoint_for
 from xdom.deploy.rundir import Layout, running_pid
 from xdom.deploy.supervisor import TAKEOVER_FAILED
-
-from helpers import wait_until
 
 pytestmark = [pytest.mark.timeout(900),
               pytest.mark.skipif(netns.unavailable_reason() is not None

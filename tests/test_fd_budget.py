@@ -9,9 +9,9 @@ below the 20000-descriptor hard limit.
 
 from __future__ import annotations
 
-from xdom.domains.abi.grant_table import GNTST_okay
-
 from helpers import RemoteDomain
+
+from xdom.domains.abi.grant_table import GNTST_okay
 
 GUESTS = 8
 PAGES_PER_GUEST = 512

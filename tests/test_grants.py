@@ -10,16 +10,24 @@ granter does not have GNTST_bad_page, an unknown handle GNTST_bad_handle.
 from __future__ import annotations
 
 import pytest
+from helpers import wait_until
 
 from xdom.domains.abi.grant_table import (
-    GNTST_bad_copy_arg, GNTST_bad_domain, GNTST_bad_gntref, GNTST_bad_handle, GNTST_bad_page,
-    GNTST_general_error, GNTST_okay, GNTST_permission_denied, GTF_readonly, GTF_reading,
-    GTF_writing, PAGE_SIZE,
+    PAGE_SIZE,
+    GNTST_bad_copy_arg,
+    GNTST_bad_domain,
+    GNTST_bad_gntref,
+    GNTST_bad_handle,
+    GNTST_bad_page,
+    GNTST_general_error,
+    GNTST_okay,
+    GNTST_permission_denied,
+    GTF_reading,
+    GTF_readonly,
+    GTF_writing,
 )
 from xdom.domains.grant_table import GrantInUse
 from xdom.domains.xenhost import CopyOp
-
-from helpers import wait_until
 
 
 def test_map_write_read_back(domains) -> None:

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Sequence, TypeVar
 
 import msgpack
 import pytest
+from helpers import wait_until  # noqa: E402
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,19 +31,36 @@ from xdom.broker.mgmt_client import ManagementClient
 from xdom.deploy.launcher import BrokerProcess
 from xdom.domains import sysmem
 from xdom.domains.abi.event_channel import (
-    DOMID_SELF, EVTCHNSTAT_interdomain, EVTCHNSTAT_unbound, NR_VIRQS, VIRQ_DOM_EXC,
+    DOMID_SELF,
+    NR_VIRQS,
+    VIRQ_DOM_EXC,
+    EVTCHNSTAT_interdomain,
+    EVTCHNSTAT_unbound,
 )
 from xdom.domains.abi.grant_table import (
-    GNTCOPY_source_gref, GNTST_bad_copy_arg, GNTST_bad_domain, GNTST_bad_gntref, GNTST_bad_handle,
-    GNTST_bad_page, GNTST_general_error, GNTST_okay, GNTST_permission_denied, GTF_reading, PAGE_SIZE,
+    PAGE_SIZE,
+    GNTCOPY_source_gref,
+    GNTST_bad_copy_arg,
+    GNTST_bad_domain,
+    GNTST_bad_gntref,
+    GNTST_bad_handle,
+    GNTST_bad_page,
+    GNTST_general_error,
+    GNTST_okay,
+    GNTST_permission_denied,
+    GTF_reading,
 )
 from xdom.domains.hypercall_wire import (
-    MAX_BATCH, MAX_FDS, MAX_MESSAGE, REQUESTS, HypercallError, decode_request, take_fds,
+    MAX_BATCH,
+    MAX_FDS,
+    MAX_MESSAGE,
+    REQUESTS,
+    HypercallError,
+    decode_request,
+    take_fds,
 )
 from xdom.domains.memory import DomainMemory
 from xdom.domains.xenhost import BrokerXenHost
-
-from helpers import wait_until  # noqa: E402
 
 T = TypeVar("T")
 

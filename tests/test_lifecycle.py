@@ -5,8 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xdom.deploy.lifecycle import (DOWN, LAUNCHABLE, Effect, Event, Lifecycle, Phase, State, died, is_ready,
-                                   step)
+from xdom.deploy.lifecycle import DOWN, LAUNCHABLE, Effect, Event, Lifecycle, Phase, State, died, is_ready, step
 from xdom.deploy.policy import Action, ExitStatus, RestartTracker
 from xdom.deploy.topology import RestartPolicy
 

@@ -23,11 +23,10 @@ import msgpack
 import psutil
 import pytest
 import zmq
+from helpers import wait_until  # noqa: E402
 
 from xdom.broker.mgmt_client import EventSubscriber, ManagementClient, ManagementError, events_endpoint_for
 from xdom.deploy.launcher import BrokerProcess, spawn_domain, stop_process
-
-from helpers import wait_until  # noqa: E402
 
 T = TypeVar("T")
 

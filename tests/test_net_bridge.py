@@ -27,19 +27,18 @@ from typing import Any, Iterator
 
 import psutil
 import pytest
-
+from helpers import wait_until
 from test_supervisor import Host, assert_nothing_left
 from test_supervisor_cli import cleanup, leftovers, topology, xdom  # noqa: F401  (cleanup is a fixture)
+
 from xdom.deploy import netns
-from xdom.deploy.control import ControlError
 from xdom.deploy.bridge import backend_tap_name, ensure_bridge, ensure_port, link_kind
+from xdom.deploy.control import ControlError
 from xdom.deploy.rundir import running_pid
 from xdom.deploy.supervisor import Supervisor, check_switches, switch_of
 from xdom.deploy.tap import TapError, delete_tap
 from xdom.deploy.topology import NetSwitch, TopologyError, load_topology, parse_topology
 from xdom.domains.xenstore import XenstoreClient
-
-from helpers import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEEDS_ROOT = pytest.mark.skipif(netns.unavailable_reason() is not None,

@@ -24,11 +24,11 @@ import time
 from typing import Callable, Iterator
 
 import pytest
-
+from helpers import wait_until
 from test_net_local import stream
 from test_supervisor import Host, assert_nothing_left
+
 from xdom.deploy import netns
-from helpers import wait_until
 
 pytestmark = [pytest.mark.timeout(240),
               pytest.mark.skipif(netns.unavailable_reason() is not None or not shutil.which("ping")

@@ -17,9 +17,9 @@ import time
 from typing import Iterator
 
 import pytest
-
 from helpers import wait_until
 from xs_fixtures import start_xenstored
+
 from xdom.backends.netback.server import NetbackServer
 from xdom.deploy import netns
 from xdom.deploy.tap import open_tun

@@ -20,8 +20,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xdom.backends.netback import (
-    Checksum, OutgoingPacket, RxDrop, RxPlan, RxPlanner, RxShortage, TxDrop, TxFatal, TxMulticast, TxPacket,
-    TxPiece, TxProcessor,
+    Checksum,
+    OutgoingPacket,
+    RxDrop,
+    RxPlan,
+    RxPlanner,
+    RxShortage,
+    TxDrop,
+    TxFatal,
+    TxMulticast,
+    TxPacket,
+    TxPiece,
+    TxProcessor,
 )
 from xdom.backends.netback.tx import FATAL_SKB_SLOTS_DEFAULT, XEN_NETBK_MCAST_MAX, TxAction
 from xdom.domains.abi import netif as n

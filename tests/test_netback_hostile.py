@@ -33,8 +33,8 @@ import logging
 import random
 import re
 import select
-import signal
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -45,22 +45,46 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import pytest
-
 from helpers import wait_until
 from test_net_local import NetRig, in_ns
 from xs_fixtures import introduce
+
 from xdom.backends.netback.switch import PORT_QUEUE, Port
 from xdom.backends.netback.tx import TxDrop, TxFatal, TxMulticast, TxPacket, TxProcessor
 from xdom.deploy import netns
 from xdom.deploy.vif import VifConfig, add_vif
 from xdom.domains.abi.grant_table import GTF_permit_access, GTF_reading, GTF_type_mask, GTF_writing
 from xdom.domains.abi.netif import (
-    NETIF_RSP_ERROR, NETIF_RSP_NULL, NETIF_RSP_OKAY, NETRXF_csum_blank, NETRXF_data_validated, NETRXF_extra_info,
+    NETIF_RSP_ERROR,
+    NETIF_RSP_NULL,
+    NETIF_RSP_OKAY,
+    RX_SLOT_SIZE,
+    TX_SLOT_SIZE,
+    XEN_NETIF_EXTRA_FLAG_MORE,
+    XEN_NETIF_EXTRA_TYPE_GSO,
+    XEN_NETIF_GSO_TYPE_TCPV4,
+    ExtraInfo,
+    GsoInfo,
+    NETRXF_csum_blank,
+    NETRXF_data_validated,
+    NETRXF_extra_info,
     NETRXF_more_data,
-    NETTXF_csum_blank, NETTXF_data_validated, NETTXF_extra_info, NETTXF_more_data, RX_SLOT_SIZE, TX_SLOT_SIZE,
-    XEN_NETIF_EXTRA_FLAG_MORE, XEN_NETIF_EXTRA_TYPE_GSO, XEN_NETIF_GSO_TYPE_TCPV4, ExtraInfo, GsoInfo,
-    TxRequest, TxResponse, gso_extra, hash_extra, mcast_extra, pack_extra_info, pack_tx_request, parse_extra_info,
-    parse_rx_response, parse_tx_response, rx_shared_ring, tx_shared_ring,
+    NETTXF_csum_blank,
+    NETTXF_data_validated,
+    NETTXF_extra_info,
+    NETTXF_more_data,
+    TxRequest,
+    TxResponse,
+    gso_extra,
+    hash_extra,
+    mcast_extra,
+    pack_extra_info,
+    pack_tx_request,
+    parse_extra_info,
+    parse_rx_response,
+    parse_tx_response,
+    rx_shared_ring,
+    tx_shared_ring,
 )
 from xdom.domains.abi.ring import RING_HEADER_SIZE, FrontRing
 from xdom.domains.frame_pool import FramePool

@@ -8,10 +8,10 @@ import pytest
 from xdom.domains.abi.netif import TxResponse, pack_tx_response, parse_tx_request, tx_shared_ring
 from xdom.domains.abi.ring import BackRing
 from xdom.domains.frame_pool import FramePool
-from xdom.domains.netfront.device import _Queue
-from xdom.domains.xenhost import LocalHypervisor
 from xdom.domains.grant_table import GrantTableFull
+from xdom.domains.netfront.device import _Queue
 from xdom.domains.vnet import TxFrame
+from xdom.domains.xenhost import LocalHypervisor
 
 
 def test_a_queue_that_cannot_grant_all_its_pages_gives_back_what_it_took() -> None:

@@ -19,12 +19,25 @@ from hypothesis import strategies as st
 from xdom.backends.netback.offload import MAX_RING_FRAME, Frame, RxCaps, fit, from_tx
 from xdom.backends.netback.tx import Checksum, TxPacket
 from xdom.domains.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6, GsoInfo
-from xdom.domains.vnet import (
-    TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, BackendOffloads, TxFrame, from_tap, to_tap,
-)
 from xdom.domains.packet import (
-    VIRTIO_NET_HDR_SIZE, L4Headers, VirtioGso, VirtioNetHdr, checksum_setup, finish_checksum, ones_sum,
-    parse_headers, segment_tcp,
+    VIRTIO_NET_HDR_SIZE,
+    L4Headers,
+    VirtioGso,
+    VirtioNetHdr,
+    checksum_setup,
+    finish_checksum,
+    ones_sum,
+    parse_headers,
+    segment_tcp,
+)
+from xdom.domains.vnet import (
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    BackendOffloads,
+    TxFrame,
+    from_tap,
+    to_tap,
 )
 
 TCP, UDP = 6, 17

@@ -38,8 +38,8 @@ import textwrap
 from typing import Any
 
 import pytest
-
 from test_supervisor import Host
+
 from xdom.broker.pathtrust import UntrustedPath
 from xdom.deploy.control import ControlError
 from xdom.deploy.isolation import UID_BASE, UID_COUNT, probe_uid

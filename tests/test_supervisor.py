@@ -21,17 +21,16 @@ import msgpack
 import psutil
 import pytest
 import zmq
+from helpers import wait_until
 
 from xdom.broker.mgmt_client import ManagementClient
-from xdom.deploy.control import ControlClient, ControlError, endpoint_for
 from xdom.deploy import netns
+from xdom.deploy.control import ControlClient, ControlError, endpoint_for
 from xdom.deploy.isolation import DOMAIN_EXEC
 from xdom.deploy.rundir import Layout, running_pid
 from xdom.deploy.supervisor import JournalEntry, StartupError, Supervisor
 from xdom.deploy.topology import load_topology
 from xdom.domains.xenstore import XenstoreClient
-
-from helpers import wait_until
 
 PY = sys.executable
 
@@ -522,9 +521,10 @@ def _facts(**kw: Any) -> Any:
 
 
 def _refusals(text: str, ready_timeout: float = 20.0, **facts: Any) -> list[str]:
+    import tomllib
+
     from xdom.deploy.host_limits import problems
     from xdom.deploy.topology import parse_topology
-    import tomllib
     return problems(parse_topology(tomllib.loads(text), "t.toml"), _facts(**facts), ready_timeout)
 
 

@@ -20,11 +20,12 @@ from typing import Any, Iterator
 
 import psutil
 import pytest
-
+from helpers import wait_until
 from test_blk_domains import FioRun, make_image, nbd_serves, uri
 from test_net_domains import Iperf3Stream, in_ns
 from test_supervisor import XS, Host, assert_nothing_left, program
 from test_vm_topology import NEEDS_ROOT, VM_SMALL, VmHost, vm_guest, vm_image, vm_run  # noqa: F401 (a fixture)
+
 from xdom.deploy import host_state, netns
 from xdom.deploy.keeper import KeeperClient, KeeperError, keeper_argv
 from xdom.deploy.launcher import start_ready
@@ -33,8 +34,6 @@ from xdom.deploy.rundir import Layout, running_pid
 from xdom.deploy.topology import RestartPolicy
 from xdom.deploy.xlcfg import EXPORT_VHOST_USER, parse_disk, parse_vif
 from xdom.domains.xenstore import XenstoreClient
-
-from helpers import wait_until
 
 LIVE = pytest.mark.skipif(netns.unavailable_reason() is not None or not all(
     shutil.which(t) for t in ("fio", "iperf3", "ping", "nbdinfo", "qemu-img")),

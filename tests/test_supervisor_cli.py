@@ -13,11 +13,10 @@ from typing import Iterator
 
 import psutil
 import pytest
+from helpers import wait_until
 
 from xdom.deploy import netns
 from xdom.deploy.rundir import Layout, default_base, running_pid
-
-from helpers import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XDOM = [sys.executable, "-m", "xdom.deploy.cli"]

@@ -16,7 +16,13 @@ from hypothesis import strategies as st
 
 from xdom.deploy.control import ControlError, ControlProtocol, string_field
 from xdom.deploy.policy import (
-    CPU_WINDOW, MAX_BACKOFF, Action, ExitStatus, HealthCheck, HealthSample, RestartTracker,
+    CPU_WINDOW,
+    MAX_BACKOFF,
+    Action,
+    ExitStatus,
+    HealthCheck,
+    HealthSample,
+    RestartTracker,
 )
 from xdom.deploy.rundir import Layout, LayoutError, PidFile, running_pid, topology_name
 from xdom.deploy.topology import Limits, RestartPolicy

@@ -21,8 +21,8 @@ from typing import Iterator
 
 import psutil
 import pytest
-
 from test_supervisor import GUEST, XS, Host, program
+
 from xdom.deploy.isolation import UID_BASE, UID_COUNT, IsolationError, UidMode, plan_uids, probe_uid
 from xdom.deploy.rundir import Layout, running_pid
 from xdom.deploy.topology import Topology, parse_topology

@@ -12,8 +12,8 @@ from __future__ import annotations
 import threading
 
 import pytest
-
 from xs_fixtures import Xenstored, introduce, nodes
+
 from xdom.deploy.vbd import VbdConfig, add_vbd, remove_vbd
 from xdom.domains.xenbus import XenbusState, read_state, switch_state
 from xdom.domains.xenstore import XenstoreClient

@@ -39,26 +39,46 @@ import time
 from typing import Any, Callable
 
 import pytest
+from helpers import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from helpers import wait_until
 from test_blk_processes import BlkHost
+
 from xdom.deploy.launcher import start_domain_process, stop_process
 from xdom.deploy.vbd import VbdConfig, add_vbd
 from xdom.deploy.vm.image import ImageError, VmImage, ensure_image
 from xdom.deploy.vm.machine import RunningVm, boot_vm
 from xdom.deploy.vm.qemu import VhostUserBlk, VmPaths, VmSpec
 from xdom.domains.vhost_user.blk import (
-    MAX_DWZ_SEGMENTS, SEG_MAX, SIZE_MAX, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
-    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
-    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
-    VIRTIO_BLK_T_WRITE_ZEROES, VirtioBlkHandler, blk_config, blk_features,
+    MAX_DWZ_SEGMENTS,
+    SEG_MAX,
+    SIZE_MAX,
+    VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+    VirtioBlkHandler,
+    blk_config,
+    blk_features,
 )
 from xdom.domains.vhost_user.inflight import InflightArea, area_size
 from xdom.domains.vhost_user.memory import GuestMemory, MemoryRegion
 from xdom.domains.vhost_user.virtqueue import (
-    VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, RingLayout, SplitVirtqueue,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    RingLayout,
+    SplitVirtqueue,
 )
 from xdom.domains.xenbus import backend_path
 

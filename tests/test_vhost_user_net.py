@@ -39,21 +39,35 @@ import threading
 from typing import Any, Iterator
 
 import pytest
+from helpers import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from helpers import wait_until
 from test_packet_offload import build, check_segments, l4_checksum_ok
+
 from xdom.domains.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, GsoInfo
 from xdom.domains.packet import VirtioGso, VirtioNetHdr
 from xdom.domains.vhost_user import net
 from xdom.domains.vhost_user.memory import GuestMemory, MemoryRegion
 from xdom.domains.vhost_user.net import (
-    NET_HDR_SIZE, RX_DROP, RX_WAIT, VIRTIO_NET_ERR, VIRTIO_NET_OK, ControlState, RxRing, VhostUserNetPort,
-    control_command, fill_rx, frames_for_guest, read_tx_chain,
+    NET_HDR_SIZE,
+    RX_DROP,
+    RX_WAIT,
+    VIRTIO_NET_ERR,
+    VIRTIO_NET_OK,
+    ControlState,
+    RxRing,
+    VhostUserNetPort,
+    control_command,
+    fill_rx,
+    frames_for_guest,
+    read_tx_chain,
 )
 from xdom.domains.vhost_user.virtqueue import (
-    VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, RingLayout, SplitVirtqueue,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    RingLayout,
+    SplitVirtqueue,
 )
 from xdom.domains.vnet import BackendOffloads, from_tap, to_tap
 

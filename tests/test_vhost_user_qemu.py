@@ -35,7 +35,11 @@ import pytest
 from xdom.domains.vhost_user.backend import DeviceSpec
 from xdom.domains.vhost_user.server import VhostUserServer
 from xdom.domains.vhost_user.virtqueue import (
-    VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, DescriptorChain, SplitVirtqueue,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    DescriptorChain,
+    SplitVirtqueue,
 )
 from xdom.domains.vhost_user.wire import Request as R
 

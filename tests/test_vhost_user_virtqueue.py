@@ -12,8 +12,16 @@ from hypothesis import strategies as st
 from xdom.domains.vhost_user.inflight import InflightArea, area_size, queue_region_size
 from xdom.domains.vhost_user.memory import GuestMemory, GuestMemoryError, MemoryRegion, MemoryTableError
 from xdom.domains.vhost_user.virtqueue import (
-    VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VRING_AVAIL_F_NO_INTERRUPT,
-    VRING_USED_F_NO_NOTIFY, DescriptorChain, RingLayout, Segment, SplitVirtqueue, vring_need_event,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_USED_F_NO_NOTIFY,
+    DescriptorChain,
+    RingLayout,
+    Segment,
+    SplitVirtqueue,
+    vring_need_event,
 )
 
 # Guest memory: two adjacent regions (a buffer may cross from one into the other) and one after a gap.

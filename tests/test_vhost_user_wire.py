@@ -11,8 +11,22 @@ from hypothesis import strategies as st
 from xdom.domains.vhost_user import wire
 from xdom.domains.vhost_user.memory import MemoryRegion
 from xdom.domains.vhost_user.wire import (
-    ConfigSpace, Empty, EndOfStream, InflightInfo, LogArea, Message, MemoryTable, MessageReader, ProtocolError,
-    Raw, Request, SingleRegion, U64, VringAddr, VringFile, VringState,
+    U64,
+    ConfigSpace,
+    Empty,
+    EndOfStream,
+    InflightInfo,
+    LogArea,
+    MemoryTable,
+    Message,
+    MessageReader,
+    ProtocolError,
+    Raw,
+    Request,
+    SingleRegion,
+    VringAddr,
+    VringFile,
+    VringState,
 )
 
 

@@ -18,14 +18,14 @@ import time
 from typing import Any, Iterator
 
 import pytest
-
+from helpers import wait_until
 from xs_fixtures import Xenstored, introduce, nodes
+
 from xdom.deploy import netns
 from xdom.deploy.tap import TUN_PATH, TapError, create_tap, delete_tap, open_tun, tap_exists
 from xdom.deploy.vif import VifConfig, add_vif, remove_vif
 from xdom.domains.xenbus import XenbusState, read_state, switch_state
 from xdom.domains.xenstore import XenstoreClient
-from helpers import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,11 +16,10 @@ import re
 from typing import Any, Iterator
 
 import pytest
-
-from xdom.domains.xenstore import XenstoreClient
-
 from helpers import wait_until
 from test_vm_topology import NEEDS_ROOT, VM_SMALL, VmHost, ok, rows, vm_guest, vm_run, xdom
+
+from xdom.domains.xenstore import XenstoreClient
 
 pytestmark = [pytest.mark.timeout(420), NEEDS_ROOT]
 
@@ -28,6 +27,7 @@ pytestmark = [pytest.mark.timeout(420), NEEDS_ROOT]
 @pytest.fixture(scope="module")
 def vm_image() -> Any:
     import shutil
+
     from xdom.deploy.vm.image import ImageError, ensure_image
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 missing (apt-get install qemu-system-x86)")
@@ -75,10 +75,11 @@ class Guest:
 
 
 def supervisor_with_a_running_vm(tmp: str) -> tuple[Any, Any, Any, FakeQemu, list[tuple[str, str, str]]]:
+    import tomllib
+
     from xdom.deploy.rundir import Layout
     from xdom.deploy.topology import parse_topology
     from xdom.deploy.vm.supervised import VmPlan, VmState, VmSupervisor, _QmpLink
-    import tomllib
     topo = parse_topology(tomllib.loads(XS + BLK + NET + vm_guest(vm='accel = "tcg"\ncpus = 2')), "t.toml")
     g = Guest(topo.by_name("g1"))
     records: list[tuple[str, str, str]] = []

@@ -33,8 +33,20 @@ from xdom.deploy.vm.console import Console, ConsoleError, attach
 from xdom.deploy.vm.cpio import CpioWriter, read_entries
 from xdom.deploy.vm.image import ImageError, VmImage, ensure_image, resolve_modules
 from xdom.deploy.vm.machine import RunningVm, boot_vm
-from xdom.deploy.vm.qemu import (QemuProcess, VhostUserBlk, VhostUserNet, VmPaths, VmSpec, after_unplug, hotplug_blk,
-                                 hotplug_net, own_virtio_blk, own_virtio_net, qemu_argv, unplug_device_id)
+from xdom.deploy.vm.qemu import (
+    QemuProcess,
+    VhostUserBlk,
+    VhostUserNet,
+    VmPaths,
+    VmSpec,
+    after_unplug,
+    hotplug_blk,
+    hotplug_net,
+    own_virtio_blk,
+    own_virtio_net,
+    qemu_argv,
+    unplug_device_id,
+)
 from xdom.deploy.vm.qmp import Qmp
 from xdom.deploy.vm.reference import StorageDaemon
 

@@ -19,16 +19,20 @@ from typing import Any, Iterator
 
 import psutil
 import pytest
+from helpers import wait_until
 
 from xdom.deploy import netns
 from xdom.deploy.rundir import Layout, running_pid
 from xdom.deploy.topology import (
-    DomainKind, Limits, Topology, TopologyError, VmConfig, parse_topology,
+    DomainKind,
+    Limits,
+    Topology,
+    TopologyError,
+    VmConfig,
+    parse_topology,
 )
 from xdom.deploy.vm import supervised
 from xdom.deploy.xlcfg import XlCfgError, parse_disk, parse_vif
-
-from helpers import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 

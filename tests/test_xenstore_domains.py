@@ -11,12 +11,11 @@ import os
 from typing import Iterator
 
 import pytest
+from helpers import wait_until
+from xs_fixtures import start_guest
 
 from xdom.deploy.launcher import XenstoredDomain, start_xenstored_domain
 from xdom.domains.xenstore import XenstoreClient
-
-from helpers import wait_until
-from xs_fixtures import start_guest
 
 
 @pytest.fixture
@@ -86,6 +85,7 @@ def test_release_domain_fires_when_a_guest_dies(mgmt, xenstored, dom0) -> None:
 
 def test_a_guest_that_breaks_its_ring_is_cut_off_alone(mgmt, xenstored, dom0) -> None:
     from helpers import RemoteDomain
+
     from xdom.domains.xs_wire import XENSTORE_ERROR_RINGIDX
     good = start_guest(mgmt, dom0, xenstored, "good")
     creds = mgmt.request("create", name="bad", memory="1M")
@@ -170,9 +170,11 @@ def test_a_domain_restarted_before_xenstored_handles_its_death_is_a_new_domain(m
     nothing, not even when the toolstack's next request arrives together with VIRQ_DOM_EXC."""
     import queue
     import signal
+
+    from xs_fixtures import RawConn
+
     from xdom.deploy.agent_client import AgentProcess
     from xdom.domains.xs_wire import XsType
-    from xs_fixtures import RawConn
 
     events: queue.Queue[str] = queue.Queue()
     dom0.watch("@releaseDomain", "rel", lambda p, t: events.put(p))

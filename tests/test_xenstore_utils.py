@@ -15,9 +15,7 @@ import subprocess
 from typing import Iterator
 
 import pytest
-
 from xs_fixtures import start_xenstored
-
 
 pytestmark = pytest.mark.skipif(shutil.which("xenstore-read") is None,
                                 reason="needs Debian's xenstore-utils (make test installs it as root)")

@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 import psutil
 import pytest
+from helpers import wait_until
 
 from xdom.deploy import netns
 from xdom.deploy.control import ControlClient, endpoint_for
@@ -47,8 +48,6 @@ from xdom.deploy.rundir import Layout, running_pid
 from xdom.deploy.xlcfg import vdev_to_devid
 from xdom.domains.xenstore import XenstoreClient
 from xdom.domains.xs_wire import XenstoreError
-
-from helpers import wait_until
 
 pytestmark = [pytest.mark.timeout(600),
               pytest.mark.skipif(netns.unavailable_reason() is not None,
@@ -346,8 +345,9 @@ HOST = ('[[domain]]\nname = "xs"\nkind = "xenstored"\nrestart_backoff = 0.05\n'
 def test_an_attach_whose_reply_was_lost_leaves_nothing(run_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The supervisor's transaction committed, then its connection died before the reply (xenstored
     killed in between): the attach is refused, and what reached the store is removed."""
-    import xdom.deploy.devices as supervisor     # the supervisor's device wiring (deploy/devices.py)
     from test_supervisor import Host
+
+    import xdom.deploy.devices as supervisor  # the supervisor's device wiring (deploy/devices.py)
 
     real = supervisor.add_vbd
 

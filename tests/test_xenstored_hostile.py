@@ -9,11 +9,10 @@ import struct
 from typing import Iterator
 
 import pytest
-
-from xdom.domains.xs_wire import HEADER, XENSTORE_PAYLOAD_MAX, XsType
-
 from helpers import wait_until
 from xs_fixtures import RawConn, Xenstored, start_xenstored
+
+from xdom.domains.xs_wire import HEADER, XENSTORE_PAYLOAD_MAX, XsType
 
 
 @pytest.fixture

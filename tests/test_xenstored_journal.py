@@ -20,8 +20,11 @@ from typing import Any
 
 import msgpack
 import pytest
+from helpers import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_xenstore_fuzz import CONNS, MESSAGES, new_core, send
+from xs_fixtures import Xenstored, start_xenstored
 
 from xdom.backends.xenstored import journal as journal_mod
 from xdom.backends.xenstored.core import TX_ID_RESERVE, XenstoreCore
@@ -29,10 +32,6 @@ from xdom.backends.xenstored.journal import StateDir
 from xdom.deploy.launcher import start_ready, start_xenstored_domain
 from xdom.domains.xenstore import XenstoreClient
 from xdom.domains.xs_wire import Message, XsType
-
-from helpers import wait_until
-from test_xenstore_fuzz import CONNS, MESSAGES, new_core, send
-from xs_fixtures import Xenstored, start_xenstored
 
 T = XsType
 

@@ -8,10 +8,11 @@ import select
 import signal
 import threading
 import time
-
 from collections import Counter
 
 import pytest
+from helpers import wait_until
+from xs_fixtures import RawConn, Xenstored, start_guest, start_xenstored
 
 from xdom.deploy.agent_client import AgentProcess
 from xdom.deploy.launcher import XenstoredDomain, start_xenstored_domain
@@ -19,11 +20,18 @@ from xdom.domains.abi.hvm_params import HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_
 from xdom.domains.xenhost import BrokerXenHost
 from xdom.domains.xenstore import XenstoreClient
 from xdom.domains.xs_ring import ring_read, ring_write
-from xdom.domains.xs_wire import (RING_REQ_CONS, RING_REQ_OFFSET, RING_REQ_PROD, RING_RSP_CONS, RING_RSP_OFFSET,
-                                  RING_RSP_PROD, Message, MessageReader, XenstoreError, XsType)
-
-from helpers import wait_until
-from xs_fixtures import RawConn, Xenstored, start_guest, start_xenstored
+from xdom.domains.xs_wire import (
+    RING_REQ_CONS,
+    RING_REQ_OFFSET,
+    RING_REQ_PROD,
+    RING_RSP_CONS,
+    RING_RSP_OFFSET,
+    RING_RSP_PROD,
+    Message,
+    MessageReader,
+    XenstoreError,
+    XsType,
+)
 
 
 def sigkill(xsd: Xenstored | XenstoredDomain) -> None:

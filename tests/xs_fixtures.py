@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import psutil
 
 from xdom.deploy.agent_client import AgentProcess
-
 from xdom.deploy.launcher import XenstoredDomain, start_ready, stop_process
 from xdom.domains.xenstore import XenstoreClient
 from xdom.domains.xs_wire import Message, MessageReader, XsType

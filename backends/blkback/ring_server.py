@@ -25,9 +25,21 @@ import threading
 from typing import Callable, Iterator, Sequence, cast
 
 from xdom.domains.abi.blkif import (
-    BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT, BLKIF_OP_READ,
-    BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, SEGMENT, SEGMENT_RUNS, BlkifABI, Request,
-    parse_indirect_segments, parse_request,
+    BLKIF_MAX_SEGMENTS_PER_REQUEST,
+    BLKIF_OP_DISCARD,
+    BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_INDIRECT,
+    BLKIF_OP_READ,
+    BLKIF_OP_WRITE,
+    BLKIF_OP_WRITE_BARRIER,
+    BLKIF_RSP_ERROR,
+    BLKIF_RSP_OKAY,
+    SEGMENT,
+    SEGMENT_RUNS,
+    BlkifABI,
+    Request,
+    parse_indirect_segments,
+    parse_request,
 )
 from xdom.domains.abi.ring import BackRing, RingOverflow, SharedRing
 from xdom.domains.xenhost.base import GrantMapping, XenHost

@@ -33,7 +33,6 @@ from xdom.domains.xenhost.base import XenHost
 from xdom.domains.xenstore import XenstoreClient
 
 from ..device_table import DeviceTable
-
 from .vbd import BackendFeatures, BadFrontend, Vbd
 
 log = logging.getLogger("xdom.blkback")

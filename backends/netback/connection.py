@@ -23,7 +23,12 @@ import logging
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from xdom.domains.abi.netif import (
-    TX_RING_SIZE, RxRequest, pack_tx_response, parse_rx_request, rx_shared_ring, tx_shared_ring,
+    TX_RING_SIZE,
+    RxRequest,
+    pack_tx_response,
+    parse_rx_request,
+    rx_shared_ring,
+    tx_shared_ring,
 )
 from xdom.domains.abi.ring import BackRing, RingOverflow
 from xdom.domains.xenhost.base import GrantMapping, XenHost

@@ -37,10 +37,26 @@ from dataclasses import dataclass
 from typing import Collection, NamedTuple, Sequence, cast
 
 from xdom.domains.abi.netif import (
-    NETIF_RSP_ERROR, NETRXF_csum_blank, NETRXF_data_validated, NETRXF_extra_info, NETRXF_more_data,
-    RX_RESPONSE, RX_SLOT_SIZE, XEN_NETIF_EXTRA_FLAG_MORE, XEN_NETIF_EXTRA_TYPE_GSO, XEN_NETIF_EXTRA_TYPE_HASH,
-    XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6, XEN_NETIF_NR_SLOTS_MIN, ExtraInfo, GsoInfo, HashInfo,
-    RxRequest, RxResponse, pack_extra_info, parse_rx_request,
+    NETIF_RSP_ERROR,
+    RX_RESPONSE,
+    RX_SLOT_SIZE,
+    XEN_NETIF_EXTRA_FLAG_MORE,
+    XEN_NETIF_EXTRA_TYPE_GSO,
+    XEN_NETIF_EXTRA_TYPE_HASH,
+    XEN_NETIF_GSO_TYPE_TCPV4,
+    XEN_NETIF_GSO_TYPE_TCPV6,
+    XEN_NETIF_NR_SLOTS_MIN,
+    ExtraInfo,
+    GsoInfo,
+    HashInfo,
+    NETRXF_csum_blank,
+    NETRXF_data_validated,
+    NETRXF_extra_info,
+    NETRXF_more_data,
+    RxRequest,
+    RxResponse,
+    pack_extra_info,
+    parse_rx_request,
 )
 
 from .tx import PAGE_SIZE, Checksum

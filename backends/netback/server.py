@@ -26,7 +26,6 @@ from xdom.domains.xenhost.base import XenHost
 from xdom.domains.xenstore import XenstoreClient
 
 from ..device_table import DeviceTable
-
 from .loop import NetbackLoop
 from .switch import LearningSwitch
 from .vif import BadFrontend, Vif

@@ -43,11 +43,31 @@ from enum import IntEnum
 from typing import Callable, NamedTuple, Sequence
 
 from xdom.domains.abi.netif import (
-    NETIF_RSP_ERROR, NETIF_RSP_NULL, NETIF_RSP_OKAY, NETTXF_csum_blank, NETTXF_data_validated, NETTXF_extra_info,
-    NETTXF_more_data, TX_RING_SIZE, TX_SLOT_SIZE, XEN_NETIF_EXTRA_TYPE_GSO, XEN_NETIF_EXTRA_TYPE_HASH,
-    XEN_NETIF_EXTRA_TYPE_MCAST_ADD, XEN_NETIF_EXTRA_TYPE_MCAST_DEL, XEN_NETIF_GSO_TYPE_TCPV4,
-    XEN_NETIF_GSO_TYPE_TCPV6, XEN_NETIF_NR_SLOTS_MIN, ExtraInfo, GsoInfo, HashInfo, McastInfo, TxRequest,
-    TxResponse, HASH_TYPE_BITS, parse_extra_info, parse_tx_request,
+    HASH_TYPE_BITS,
+    NETIF_RSP_ERROR,
+    NETIF_RSP_NULL,
+    NETIF_RSP_OKAY,
+    TX_RING_SIZE,
+    TX_SLOT_SIZE,
+    XEN_NETIF_EXTRA_TYPE_GSO,
+    XEN_NETIF_EXTRA_TYPE_HASH,
+    XEN_NETIF_EXTRA_TYPE_MCAST_ADD,
+    XEN_NETIF_EXTRA_TYPE_MCAST_DEL,
+    XEN_NETIF_GSO_TYPE_TCPV4,
+    XEN_NETIF_GSO_TYPE_TCPV6,
+    XEN_NETIF_NR_SLOTS_MIN,
+    ExtraInfo,
+    GsoInfo,
+    HashInfo,
+    McastInfo,
+    NETTXF_csum_blank,
+    NETTXF_data_validated,
+    NETTXF_extra_info,
+    NETTXF_more_data,
+    TxRequest,
+    TxResponse,
+    parse_extra_info,
+    parse_tx_request,
 )
 
 #: XEN_PAGE_SIZE: a slot's buffer lies within one granted page.

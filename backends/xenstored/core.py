@@ -91,13 +91,41 @@ from typing import Any, Callable, Final, Hashable, Iterable
 
 import msgpack
 
-from xdom.domains.xs_wire import (HEADER_SIZE, XENSTORE_ABS_PATH_MAX, XENSTORE_PAYLOAD_MAX, Message,
-                                  XenstoreError, XsType)
+from xdom.domains.xs_wire import (
+    HEADER_SIZE,
+    XENSTORE_ABS_PATH_MAX,
+    XENSTORE_PAYLOAD_MAX,
+    Message,
+    XenstoreError,
+    XsType,
+)
 
-from .paths import (INTRODUCE_DOMAIN, RELEASE_DOMAIN, ROOT, SPECIAL_WATCH_PATH_MAX, basename, canonicalize,
-                    child_path, decode, domain_path, encode, is_special, is_valid_node_path, parent_of)
-from .permissions import (DEFAULT_PERMS, Access, Accessor, Perm, Perms, access_for, format_perms, parse_perms,
-                          without_domain)
+from .paths import (
+    INTRODUCE_DOMAIN,
+    RELEASE_DOMAIN,
+    ROOT,
+    SPECIAL_WATCH_PATH_MAX,
+    basename,
+    canonicalize,
+    child_path,
+    decode,
+    domain_path,
+    encode,
+    is_special,
+    is_valid_node_path,
+    parent_of,
+)
+from .permissions import (
+    DEFAULT_PERMS,
+    Access,
+    Accessor,
+    Perm,
+    Perms,
+    access_for,
+    format_perms,
+    parse_perms,
+    without_domain,
+)
 from .quota import Quota, record_size
 from .store import GlobalView, Node, NodeView, Store
 from .transactions import Transaction, TransactionView

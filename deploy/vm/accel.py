@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from .image import ImageError, default_cache_root, ensure_image
-from .qemu import QEMU, VmPaths, VmSpec, QemuProcess, qemu_argv
+from .qemu import QEMU, QemuProcess, VmPaths, VmSpec, qemu_argv
 
 KVM_GET_API_VERSION = 0xAE00
 KVM_API_VERSION = 12

@@ -66,18 +66,30 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import psutil
 
-from .. import netns
+from .. import host_state, netns
 from ..access import AccessError, private_dir
 from ..control import ControlError
-from ..isolation import DOMAIN_EXEC
-from .. import host_state
 from ..host_state import AdoptedProcess
+from ..isolation import DOMAIN_EXEC
 from ..policy import Action, ExitStatus, HealthCheck, HealthSample, RestartTracker
-from ..rundir import VMS_DIR          # RUN_DIR/vms/GUEST/: a VM's console and QMP sockets, made by its QEMU
+from ..rundir import VMS_DIR  # RUN_DIR/vms/GUEST/: a VM's console and QMP sockets, made by its QEMU
 from ..topology import DomainSpec, Topology, TopologyError, VmConfig, vif_devids, vif_queues
 from ..xlcfg import EXPORT_VHOST_USER, MAX_UNIX_PATH, default_export, default_vif_export
-from .qemu import (QEMU, SANDBOX, VhostUserBlk, VhostUserNet, VmPaths, VmSpec, after_unplug, boot_port, hotplug_blk,
-                   hotplug_net, hotplug_port, qemu_argv, unplug_device_id)
+from .qemu import (
+    QEMU,
+    SANDBOX,
+    VhostUserBlk,
+    VhostUserNet,
+    VmPaths,
+    VmSpec,
+    after_unplug,
+    boot_port,
+    hotplug_blk,
+    hotplug_net,
+    hotplug_port,
+    qemu_argv,
+    unplug_device_id,
+)
 
 if TYPE_CHECKING:
     from ..rundir import Layout

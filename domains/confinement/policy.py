@@ -22,7 +22,7 @@ import sys
 from typing import Iterable
 
 from .landlock import FS, NET, SCOPE, Ruleset
-from .seccomp import SECCOMP_RET_KILL_PROCESS, ArgCheck, ArgBits, ArgIn, FilterSpec
+from .seccomp import SECCOMP_RET_KILL_PROCESS, ArgBits, ArgCheck, ArgIn, FilterSpec
 
 __all__ = ["KINDS", "NEVER", "filter_spec", "ruleset", "syscalls_of"]
 

@@ -56,7 +56,9 @@ from . import wire
 from .inflight import MAX_INFLIGHT_SIZE, InflightArea, area_size
 from .memory import MAX_REGIONS, GuestMemory, GuestMemoryError, MemoryRegion, MemoryTableError
 from .virtqueue import DEFAULT_MAX_CHAIN_BYTES, MAX_QUEUE_SIZE, RingLayout, SplitVirtqueue
-from .wire import Request, ProtocolFeature as PF, VhostFeature as VF
+from .wire import ProtocolFeature as PF
+from .wire import Request
+from .wire import VhostFeature as VF
 
 __all__ = [
     "TRANSPORT_FEATURES", "FORBIDDEN_DEVICE_FEATURES", "DEVICE_STATUS_NEEDS_RESET", "MAX_QUEUES",

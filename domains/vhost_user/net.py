@@ -80,11 +80,16 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from ..packet import (
-    VIRTIO_NET_HDR_F_NEEDS_CSUM, VirtioGso, VirtioNetHdr, finish_checksum,
-    flow_hash, parse_headers, segment_tcp,
-)
 from ..nbd.server import _remove_stale_socket
+from ..packet import (
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VirtioGso,
+    VirtioNetHdr,
+    finish_checksum,
+    flow_hash,
+    parse_headers,
+    segment_tcp,
+)
 from .backend import DeviceSpec
 from .memory import GuestMemoryError, MemoryAccess
 from .server import VhostUserServer

@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from ..abi.grant_table import GNTCOPY_dest_gref, GNTCOPY_source_gref, GNTST_NAMES, GNTST_okay
+from ..abi.grant_table import GNTST_NAMES, GNTCOPY_dest_gref, GNTCOPY_source_gref, GNTST_okay
 from ..grant_table import GrantTable
 from ..memory import DomainMemory
 

@@ -27,10 +27,16 @@ import time
 from typing import Any, Sequence
 
 from .. import sysmem
-from ..abi.grant_table import GNTST_okay, PAGE_SIZE
+from ..abi.grant_table import PAGE_SIZE, GNTST_okay
 from ..grant_table import GrantTable
 from ..hypercall_wire import (
-    MAX_BATCH, MAX_FDS, MAX_MESSAGE, HypercallError, decode_reply, encode_request, take_fds,
+    MAX_BATCH,
+    MAX_FDS,
+    MAX_MESSAGE,
+    HypercallError,
+    decode_reply,
+    encode_request,
+    take_fds,
 )
 from ..memory import DomainMemory
 from .base import CopyOp, EventChannels, GrantMapping, MapResult, XenHost

@@ -29,7 +29,7 @@ from typing import Any
 
 import msgpack
 
-from xdom.domains.abi.grant_table import GNTST_okay, PAGE_SIZE
+from xdom.domains.abi.grant_table import PAGE_SIZE, GNTST_okay
 from xdom.domains.agent import DomainAgent
 from xdom.domains.hypercall_wire import MAX_FDS, MAX_MESSAGE, HypercallError, encode_request, take_fds
 

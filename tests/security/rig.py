@@ -25,13 +25,13 @@ import subprocess
 import sys
 from typing import Any
 
+from helpers import wait_until
+
 from xdom.broker.mgmt_client import ManagementClient, ManagementError
 from xdom.deploy.agent_client import AgentProcess
 from xdom.deploy.isolation import LOCK_DIR, UID_BASE, UID_COUNT, probe_uid
 from xdom.deploy.launcher import BrokerProcess, start_domain_process, start_ready
 from xdom.domains.xenhost import BrokerXenHost
-
-from helpers import wait_until
 
 ATTACKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attacker.py")
 CHECK_GFN = 200          # the frame of a victim that the after-check grants (every victim has 1M = 256 frames)

@@ -15,8 +15,15 @@ import errno
 
 from xdom.domains.abi.event_channel import DOMID_SELF, VIRQ_DOM_EXC
 from xdom.domains.abi.grant_table import (
-    GNTCOPY_dest_gref, GNTCOPY_source_gref, GNTST_bad_copy_arg, GNTST_bad_gntref, GNTST_bad_handle,
-    GNTST_general_error, GNTST_okay, GNTST_permission_denied, PAGE_SIZE,
+    PAGE_SIZE,
+    GNTCOPY_dest_gref,
+    GNTCOPY_source_gref,
+    GNTST_bad_copy_arg,
+    GNTST_bad_gntref,
+    GNTST_bad_handle,
+    GNTST_general_error,
+    GNTST_okay,
+    GNTST_permission_denied,
 )
 
 from .rig import Dom, World

@@ -29,8 +29,8 @@ import subprocess
 import sys
 
 import pytest
-
 from test_supervisor import Host
+
 from xdom.broker.mgmt_client import ManagementClient
 
 from .rig import uid_problem
