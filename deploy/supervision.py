@@ -32,7 +32,8 @@ import stat
 import subprocess
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 import zmq
@@ -40,7 +41,7 @@ import zmq
 from xdom.broker.mgmt_client import ManagementClient
 from xdom.domains.wakeup import WakePipe
 
-from . import adopt, host_state, netns, remote
+from . import adopt, host_state, netns
 from .confined import SeccompKills
 from .control import ControlServer
 from .host_limits import HostFacts
@@ -51,10 +52,9 @@ from .launcher import BrokerProcess
 from .lifecycle import State
 from .policy import ExitStatus, HealthCheck, RestartTracker
 from .rundir import Layout, PidFile
-from .topology import (DomainKind, DomainSpec, NetSwitch, Topology, TopologyError)
+from .supervised_domain import JournalEntry, SupervisedDomain
+from .topology import DomainKind, DomainSpec, NetSwitch, Topology, TopologyError
 from .vm.supervised import VmPlan, VmSupervisor, check_vms
-from .supervised_domain import (JournalEntry, SupervisedDomain)
-
 
 __all__ = ["READY_TIMEOUT", "STOP_GRACE", "SupervisorBase", "check_host", "check_switches", "switch_of"]
 
@@ -172,7 +172,6 @@ class SupervisorBase:
         self._pidfile = PidFile(self.layout.pid_file)
         self._sub: zmq.Socket[bytes] | None = None
         self._control: ControlServer | None = None
-        self._front_door: remote.FrontDoor | None = None     # [host] listen: remote clients (remote.py)
         self._poller = zmq.Poller()
         self._fd_handlers: dict[int, Callable[[], None]] = {}
         self._wake: WakePipe | None = WakePipe()

@@ -65,21 +65,29 @@ from typing import Any
 
 import zmq
 
-
-from . import adopt, host_state, netns, remote
+from . import adopt, host_state, netns
 from .access import AccessError, grant_search
 from .control import ControlProtocol, ControlServer, endpoint_for
-from .isolation import plan_uids
-from .lifecycle import Event, State
-from .policy import ExitStatus
-from .rundir import LayoutError, clear_run_files, make_dirs, remove_run_dir, stop_leftovers
-
 from .control_ops import ControlOps
 from .devices import _remove_made_dir, _unlink_socket
+from .isolation import plan_uids
+from .lifecycle import Event, State
 from .lifecycle_driver import _Death
+from .policy import ExitStatus
+from .rundir import LayoutError, clear_run_files, make_dirs, remove_run_dir, stop_leftovers
 from .supervised_domain import AlreadyRunning, JournalEntry, StartupError, SupervisorError
-from .supervision import (_BROKER, BROKER_POLL, BROKER_STATE, READY_TIMEOUT, STOP_GRACE, TAKEOVER_FAILED, _last_line,
-                          check_host, check_switches, switch_of)
+from .supervision import (
+    _BROKER,
+    BROKER_POLL,
+    BROKER_STATE,
+    READY_TIMEOUT,
+    STOP_GRACE,
+    TAKEOVER_FAILED,
+    _last_line,
+    check_host,
+    check_switches,
+    switch_of,
+)
 
 __all__ = ["READY_TIMEOUT", "STOP_GRACE", "TAKEOVER_FAILED", "AlreadyRunning", "JournalEntry", "State",
            "StartupError", "Supervisor", "SupervisorError", "check_host", "check_switches", "switch_of"]
@@ -121,6 +129,7 @@ class Supervisor(ControlOps):
                 return False
             self.phase = "running"
             self._record("supervisor", "up")
+            self._save_state()      # written down as running before start() returns, not at the loop's next turn
             return True
         except BaseException:
             self.stop()
@@ -246,11 +255,6 @@ class Supervisor(ControlOps):
             "block-detach": self._op_block_detach, "network-attach": self._op_network_attach,
             "network-detach": self._op_network_detach}))
         self._poller.register(self._control.socket, zmq.POLLIN)
-        try:
-            self._front_door = remote.start_for(self.topology.host, lay.state_dir, lay.control_socket,
-                                                lay.events_endpoint, self.topology.source)
-        except remote.RemoteError as e:
-            raise SupervisorError(str(e)) from None
 
     def _prepare_dirs(self) -> None:
         """Logs are the supervisor's (domains get an fd); xenstored's store and socket directories are its own.
@@ -426,9 +430,6 @@ class Supervisor(ControlOps):
 
     def _close_loop(self) -> None:
         self._seccomp_kills.close()
-        if self._front_door is not None:
-            self._front_door.close()
-            self._front_door = None
         if self._control is not None:
             self._poller.unregister(self._control.socket)
             self._control.close()
