@@ -51,7 +51,8 @@ from ..abi.blkif import (
 from ..abi.ring import FrontRing, RingOverflow, SharedRing
 from ..frame_pool import FramePool, OutOfFrames
 from ..nbd.device import completion_batch
-from ..xenbus import XenbusState, parse_int, read_int, read_nodes, read_or_none, read_state, switch_state
+from ..xenbus import XenbusState, parse_int, read_nodes
+from ..xenbus_frontend import XenbusFrontend
 from ..xenhost.base import XenHost
 from ..xenstore import XenstoreClient
 from ..xs_wire import XenstoreError, XsType
@@ -169,9 +170,14 @@ class _Queue:
         self.requests = self.responses = 0       # counters: how work spread over the queues
 
 
-class Blkfront:
+class Blkfront(XenbusFrontend):
     """One vbd of this guest; implements the NBD server's block-device interface."""
 
+    kind = "vbd"
+    driver = "blkfront"
+    log = log
+    error = BlkfrontError
+    step_errors = (OutOfFrames, BlkfrontError, RingOverflow)
     can_multi_conn = False
 
     def __init__(self, host: XenHost, xs: XenstoreClient, devid: int,
@@ -184,14 +190,7 @@ class Blkfront:
             raise ValueError(f"blkif protocol {options.protocol!r}: one of {sorted(ABIS)}")
         self.abi = abi_for(options.protocol)
         self._direct_structs = [request_struct(self.abi, n) for n in range(BLKIF_MAX_SEGMENTS_PER_REQUEST + 1)]
-        self.path = f"{xs.get_domain_path(host.domid)}/device/vbd/{devid}"
-        be = read_or_none(xs, f"{self.path}/backend")
-        be_id = read_int(xs, f"{self.path}/backend-id")
-        if be is None or be_id is None:
-            raise BlkfrontError(f"{self.path}: no backend/backend-id: the toolstack has not added this device")
-        self.backend_path = be.decode(errors="replace")
-        self.backend_domid = be_id
-        self.state = XenbusState.Initialising
+        super().__init__(xs, host.domid, devid)
         self.size = 0
         self.sector_size = 512
         self.read_only = False
@@ -201,8 +200,6 @@ class Blkfront:
         self.reconnects = 0
         self.indirect_requests = 0                # counters of what the connections really used
         self.reissued = 0                         # requests in flight when a backend went, issued again
-        self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)
         self._queues: list[_Queue] = []
         self._generation = 0
         self._ids = itertools.count(1)
@@ -216,62 +213,27 @@ class Blkfront:
         self._next_queue = 0
         self._plugged: set[int] = set()           # threads between plug() and unplug()
         self._features: dict[str, int] = {}
-        self._error = ""
-        self._closing = False
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll = select.epoll()
         self._reapers = 0
         self._thread = threading.Thread(target=self._completion_loop, name=f"blkfront-{devid}", daemon=True)
-        self._token = f"blkfront:{devid}"
         self._memory = host.memory.buffer         # the domain's frames, frame g at [g * PAGE_SIZE, ...)
 
     # ---- connection ------------------------------------------------------------------
 
-    def connect(self, timeout: float = 30.0) -> None:
-        """Run the handshake; returns once Connected (raises BlkfrontError otherwise)."""
-        self._thread.start()
-        switch_state(self.xs, self.path, XenbusState.Initialising)
-        self.xs.watch(f"{self.backend_path}/state", self._token, self._backend_changed)
-        with self._changed:
-            if not self._changed.wait_for(lambda: self.state == XenbusState.Connected or self._error, timeout):
-                raise BlkfrontError(f"vbd {self.devid}: backend {self.backend_path} did not connect within "
-                                    f"{timeout:g}s (backend state {read_state(self.xs, self.backend_path).name})")
-            if self._error:
-                raise BlkfrontError(f"vbd {self.devid}: {self._error}")
+    # The xenbus life is XenbusFrontend's (domains/xenbus_frontend.py); these are its blkfront parts.
 
-    def _backend_changed(self, path: str, token: str) -> None:
-        with self._lock:
-            if self._closing:
-                return
-            be = read_state(self.xs, self.backend_path)
-            try:
-                if be == XenbusState.InitWait and self.state == XenbusState.Initialising:
-                    self._talk_to_backend()
-                elif be == XenbusState.InitWait and self.state == XenbusState.Connected:
-                    log.warning("vbd %d: backend d%d came back: reconnecting, %d request(s) to issue again",
-                                self.devid, self.backend_domid, len(self._shadow))
-                    self.reconnects += 1
-                    self._reap()                  # answers the old backend gave before it went
-                    self._teardown_rings()
-                    self._talk_to_backend()
-                elif be == XenbusState.Connected and self.state == XenbusState.Initialised:
-                    self._backend_connected()
-                elif be in (XenbusState.Closing, XenbusState.Closed) and self.state != XenbusState.Closed:
-                    # Detach (the toolstack closes the backend): fail what is in flight, let go.
-                    log.info("vbd %d: backend is %s: closing", self.devid, be.name)
-                    self._shut(errno.ENODEV)
-                    switch_state(self.xs, self.path, XenbusState.Closing)
-                    switch_state(self.xs, self.path, XenbusState.Closed)
-                    self.state = XenbusState.Closed
-                elif be in (XenbusState.Unknown, XenbusState.Initialising) and self.state == XenbusState.Connected:
-                    log.info("vbd %d: backend d%d is away (%s): I/O waits for it", self.devid,
-                             self.backend_domid, be.name)
-            except (OutOfFrames, BlkfrontError, RingOverflow) as e:
-                self._error = str(e)
-                log.error("vbd %d: %s", self.devid, e)
-            self._changed.notify_all()
+    def _backend_came_back(self) -> None:
+        log.warning("vbd %d: backend d%d came back: reconnecting, %d request(s) to issue again",
+                    self.devid, self.backend_domid, len(self._shadow))
+        self.reconnects += 1
+        self._reap()                  # answers the old backend gave before it went
+        self._teardown_rings()
 
-    def _talk_to_backend(self) -> None:
+    def _backend_closing(self) -> None:
+        self._shut(errno.ENODEV)
+
+    def _talk_to_backend(self, state: XenbusState) -> None:
         be = self.backend_path
         got = read_nodes(self.xs, be, [
             "multi-queue-max-queues", "max-ring-page-order", "feature-persistent", "feature-max-indirect-segments",
@@ -329,7 +291,7 @@ class Blkfront:
                      for key in self.xs.directory(self.path, tx)
                      if key not in nodes and (key in _CONNECTION_NODES or key.startswith(("ring-ref", "queue-")))]
             batch += [(XsType.XS_WRITE, f"{self.path}/{key}".encode() + b"\0" + str(value).encode())
-                      for key, value in {**nodes, "state": int(XenbusState.Initialised)}.items()]
+                      for key, value in {**nodes, "state": int(state)}.items()]
             for r in self.xs.requests(batch, tx):      # one round trip for them all
                 if isinstance(r, XenstoreError):
                     raise r
@@ -339,11 +301,10 @@ class Blkfront:
         self._generation += 1
         os.eventfd_write(self._wake, 1)
         self.xs.transaction(body)
-        self.state = XenbusState.Initialised
         log.info("vbd %d: %d queue(s), %d-page rings, persistent %s, %d segments per request, %s", self.devid, nq,
                  1 << order, "on" if persistent else "off", self._max_segments, self.options.protocol)
 
-    def _backend_connected(self) -> None:
+    def _read_backend(self) -> None:
         be = self.backend_path
         got = read_nodes(self.xs, be, ["sectors", "sector-size", "mode", "info"])       # one round trip
         sectors = parse_int(got["sectors"])
@@ -359,12 +320,12 @@ class Blkfront:
         self.can_trim = bool(self._features.get("feature-discard")) and not self.read_only
         # Flush (and FUA, which is a write then a flush) only where the backend has a cache to flush.
         self.can_flush = bool(self._features.get("feature-flush-cache") or self._features.get("feature-barrier"))
-        switch_state(self.xs, self.path, XenbusState.Connected)
-        self.state = XenbusState.Connected
+
+    def _on_connected(self) -> None:
         recovered = self._recover()
         self._kick_pending()
         self._push_all()
-        log.info("vbd %d: connected, %d bytes, %d-byte sectors%s%s", self.devid, self.size, lss,
+        log.info("vbd %d: connected, %d bytes, %d-byte sectors%s%s", self.devid, self.size, self.sector_size,
                  ", read-only" if self.read_only else "",
                  f", {recovered} request(s) in flight to issue again" if recovered else "")
 
@@ -971,10 +932,7 @@ class Blkfront:
         with self._lock:
             if self._closing:
                 return
-            try:
-                self.xs.unwatch(f"{self.backend_path}/state", self._token)
-            except Exception:
-                pass
+            self._stop_watching()
             self._shut(errno.ENODEV)
             persistent, self._free_persistent = self._free_persistent, []
             for p in persistent:
@@ -986,10 +944,7 @@ class Blkfront:
             os.eventfd_write(self._wake, 1)
         if self._thread.is_alive():
             self._thread.join()
-        try:
-            switch_state(self.xs, self.path, XenbusState.Closing)
-        except Exception:
-            pass
+        self._say(XenbusState.Closing)
         # The backend unmaps when it sees Closing; wait for it (bounded) before saying Closed.
         deadline = time.monotonic() + CLOSE_PATIENCE
         while True:
@@ -1003,10 +958,7 @@ class Blkfront:
                         len(self._deferred), self.backend_domid, CLOSE_PATIENCE)
         os.close(self._wake)
         self._epoll.close()
-        try:
-            switch_state(self.xs, self.path, XenbusState.Closed)
-        except Exception:
-            pass
+        self._say(XenbusState.Closed)
 
     def stats(self) -> dict[str, int]:
         with self._lock:
