@@ -67,7 +67,8 @@ from ..abi.ring import FrontRing, RingOverflow
 from ..frame_pool import FramePool, OutOfFrames
 from ..grant_table import GrantTableFull
 from ..packet import flow_hash
-from ..xenbus import XenbusState, parse_int, read_int, read_nodes, read_or_none, read_state, switch_state
+from ..xenbus import XenbusState, parse_int, read_nodes
+from ..xenbus_frontend import XenbusFrontend
 from ..xs_wire import XenstoreError, XsType
 from ..xenhost.base import XenHost
 from ..xenstore import XenstoreClient
@@ -294,8 +295,14 @@ class _Queue:
             self.host.notify(self.rx_port)
 
 
-class Netfront:
+class Netfront(XenbusFrontend):
     """One vif of this guest, moving frames between its rings and a packet port (by default a TAP device)."""
+
+    kind = "vif"
+    driver = "netfront"
+    log = log
+    error = NetfrontError
+    step_errors = (NetfrontError, OSError, GrantTableFull, OutOfFrames)
 
     def __init__(self, host: XenHost, xs: XenstoreClient, devid: int, ifname: str | None = None,
                  pool: FramePool | None = None, tun_fd: int | None = None, offloads: bool = True,
@@ -320,29 +327,21 @@ class Netfront:
         self.use_offloads = offloads
         self.max_queues = max_queues
         self.pool = pool or FramePool.of(host)
-        self.path = f"{xs.get_domain_path(host.domid)}/device/vif/{devid}"
-        be = read_or_none(xs, f"{self.path}/backend")
-        be_id = read_int(xs, f"{self.path}/backend-id")
-        if be is None or be_id is None:
-            raise NetfrontError(f"{self.path}: no backend/backend-id: the toolstack has not added this vif")
-        self.backend_path, self.backend_domid = be.decode(errors="replace"), be_id
-        self.state = XenbusState.Initialising
+        super().__init__(xs, host.domid, devid)
         self.stats = {"tx_packets": 0, "tx_dropped": 0, "tx_gso": 0, "rx_packets": 0, "rx_errors": 0,
                       "rx_gso": 0, "reconnects": 0, "tx_resent": 0}
         self.offloads = BackendOffloads()
-        self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)
         self._queues: list[_Queue] = []
         self._deferred: list[tuple[int, int]] = []
         self._generation = 0
         self._resend: list[TxFrame] = []        # from a dead backend's rings, for the next ones
         self._was_up = False                    # connected once: frames wait for a reconnect, not dropped
-        self._closing = False
-        self._error = ""
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)       # the data thread's
-        self.port: PacketPort = port if port is not None else TapPort(self.ifname, tun_fd)
+        if port is None:
+            assert ifname is not None           # checked above
+            port = TapPort(ifname, tun_fd)
+        self.port: PacketPort = port
         self._thread = threading.Thread(target=self._data_loop, name=f"netfront-{devid}", daemon=True)
-        self._token = f"netfront:{devid}"
 
     @property
     def queues(self) -> int:
@@ -351,53 +350,30 @@ class Netfront:
 
     # ---- xenbus ---------------------------------------------------------------------
 
-    def connect(self, timeout: float = 30.0) -> None:
-        self._thread.start()
-        switch_state(self.xs, self.path, XenbusState.Initialising)
-        self.xs.watch(f"{self.backend_path}/state", self._token, self._backend_changed)
-        with self._changed:
-            if not self._changed.wait_for(lambda: self.state == XenbusState.Connected or self._error, timeout):
-                raise NetfrontError(f"vif {self.devid}: backend {self.backend_path} did not connect within "
-                                    f"{timeout:g}s (state {read_state(self.xs, self.backend_path).name})")
-            if self._error:
-                raise NetfrontError(f"vif {self.devid}: {self._error}")
+    # The xenbus life is XenbusFrontend's (domains/xenbus_frontend.py); these are its netfront parts.
 
-    def _backend_changed(self, path: str, token: str) -> None:
-        with self._lock:
-            if self._closing:
-                return
-            be = read_state(self.xs, self.backend_path)
-            try:
-                if be == XenbusState.InitWait and self.state in (XenbusState.Initialising, XenbusState.Connected):
-                    if self.state == XenbusState.Connected:
-                        log.warning("vif %d: backend d%d came back: reconnecting", self.devid, self.backend_domid)
-                        self.stats["reconnects"] += 1
-                    self._teardown()
-                    self._talk_to_backend()
-                elif be == XenbusState.Connected and self.state == XenbusState.Initialised:
-                    self.port.set_offloads(self.offloads.tun_flags() if self.use_offloads else 0)
-                    switch_state(self.xs, self.path, XenbusState.Connected)
-                    self.state = XenbusState.Connected
-                    self._was_up = True
-                    for q in self._queues:
-                        q.post_rx()
-                    self._kick()
-                    log.info("vif %d: connected as %s (%d queue%s)", self.devid, self.ifname, len(self._queues),
-                             "s" if len(self._queues) > 1 else "")
-                elif be in (XenbusState.Closing, XenbusState.Closed) and self.state != XenbusState.Closed:
-                    log.info("vif %d: backend is %s: closing", self.devid, be.name)
-                    self._teardown()
-                    self._was_up = False
-                    self._resend.clear()
-                    switch_state(self.xs, self.path, XenbusState.Closing)
-                    switch_state(self.xs, self.path, XenbusState.Closed)
-                    self.state = XenbusState.Closed
-            except (NetfrontError, OSError, XenstoreError, GrantTableFull, OutOfFrames) as e:
-                self._error = f"{type(e).__name__}: {e}"
-                log.error("vif %d: %s", self.devid, e)
-            self._changed.notify_all()
+    def _backend_came_back(self) -> None:
+        log.warning("vif %d: backend d%d came back: reconnecting", self.devid, self.backend_domid)
+        self.stats["reconnects"] += 1
+        self._teardown()
 
-    def _talk_to_backend(self) -> None:
+    def _read_backend(self) -> None:
+        self.port.set_offloads(self.offloads.tun_flags() if self.use_offloads else 0)
+
+    def _on_connected(self) -> None:
+        self._was_up = True
+        for q in self._queues:
+            q.post_rx()
+        self._kick()
+        log.info("vif %d: connected as %s (%d queue%s)", self.devid, self.ifname, len(self._queues),
+                 "s" if len(self._queues) > 1 else "")
+
+    def _backend_closing(self) -> None:
+        self._teardown()
+        self._was_up = False
+        self._resend.clear()
+
+    def _talk_to_backend(self, state: XenbusState) -> None:
         offer = read_nodes(self.xs, self.backend_path, list(_OFFER))           # one round trip
         feature = {k: parse_int(offer[k], default) for k, default in _OFFER.items()}
         nqueues = max(1, min(self.max_queues, feature["multi-queue-max-queues"] or 1))
@@ -427,7 +403,7 @@ class Netfront:
             "multi-queue-num-queues", "event-channel", "event-channel-tx", "event-channel-rx", "tx-ring-ref",
             "rx-ring-ref", *(f"queue-{i}" for i in range(MAX_QUEUES))) if key not in nodes]
         writes = [(XsType.XS_WRITE, f"{self.path}/{key}".encode() + b"\0" + str(value).encode())
-                  for key, value in {**nodes, "state": int(XenbusState.Initialised)}.items()]
+                  for key, value in {**nodes, "state": int(state)}.items()]
 
         def body(tx: int) -> None:
             # What an earlier connection wrote and this one does not must not mislead the new backend (an
@@ -443,7 +419,6 @@ class Netfront:
         self._generation += 1
         self._kick()
         self.xs.transaction(body)
-        self.state = XenbusState.Initialised
 
     def _teardown(self) -> None:
         queues, self._queues = self._queues, []
@@ -597,19 +572,13 @@ class Netfront:
         with self._lock:
             if self._closing:
                 return
-            try:
-                self.xs.unwatch(f"{self.backend_path}/state", self._token)
-            except Exception:
-                pass
+            self._stop_watching()
             self._closing = True
             self._kick()
         if self._thread.is_alive():
             self._thread.join()
-        for state in (XenbusState.Closing, XenbusState.Closed):
-            try:
-                switch_state(self.xs, self.path, state)
-            except Exception:
-                break
+        if self._say(XenbusState.Closing):
+            self._say(XenbusState.Closed)
         with self._lock:
             self._teardown()
         self.port.close()
