@@ -37,7 +37,8 @@ import sys
 import tempfile
 import textwrap
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 PAGE = 4096
 BATCHES = (1, 16, 64)

@@ -38,7 +38,8 @@ import fcntl
 import os
 import stat
 from collections import OrderedDict
-from typing import Iterable, Protocol, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 from xdom.domains.abi.grant_table import PAGE_SIZE, GNTST_bad_page, GNTST_okay
 from xdom.domains.memory import FRAME_MEMFD_NAME, DomainMemory
@@ -133,7 +134,7 @@ class FrameSource(Protocol):
 class ProcFrames:
     """Frames of a domain process, reached through procfs and checked by inode."""
 
-    def __init__(self, pid: int, base: int, inodes: "array.array[int]") -> None:
+    def __init__(self, pid: int, base: int, inodes: array.array[int]) -> None:
         self.pid = pid
         self.base = base
         self.inodes = inodes

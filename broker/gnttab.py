@@ -80,7 +80,7 @@ class BrokerGrantTable:
         self.closed = False
 
     @classmethod
-    def detached(cls, nr_frames: int, owner: int) -> "BrokerGrantTable":
+    def detached(cls, nr_frames: int, owner: int) -> BrokerGrantTable:
         """A table that is gone (its domain restarted while the broker was down), kept only
         so that mappings of it can be counted and released; no flags to clear."""
         t = cls.__new__(cls)

@@ -13,8 +13,9 @@ import errno
 import os
 import secrets
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from xdom.domains.abi.event_channel import (
     DOMID_FIRST_RESERVED,
@@ -65,7 +66,7 @@ CREATED, RUNNING, PAUSED, SHUTDOWN, CRASHED = "created", "running", "paused", "s
 @dataclass
 class Mapping:
     """One maptrack entry: a grant some domain has mapped."""
-    granter: "Domain"
+    granter: Domain
     table: BrokerGrantTable
     ref: int
     readonly: bool

@@ -62,7 +62,7 @@ class RequestClient:
     def close(self) -> None:
         self._sock.close(0)
 
-    def __enter__(self) -> "RequestClient":
+    def __enter__(self) -> RequestClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

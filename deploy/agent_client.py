@@ -7,7 +7,8 @@ import select
 import signal
 import subprocess
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from xdom.broker.mgmt_client import ManagementClient
 

@@ -9,7 +9,8 @@ import signal
 import socket
 import struct
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from xdom.broker.mgmt_client import ManagementError
 from xdom.broker.pathtrust import UntrustedPath
@@ -95,9 +96,9 @@ def cmd_xenstored(args: argparse.Namespace) -> int:
 
 def cmd_xenstore(args: argparse.Namespace) -> int:
     """Xenstore access through our own client (like xenstore-read/-write/-ls/-rm/-watch)."""
-    from xdom.domains.xenstore import XenstoreClient
+    from xdom.domains.xenstore import DEFAULT_SOCKET, UnixTransport, XenstoreClient
     from xdom.domains.xs_wire import XenstoreError
-    from xdom.domains.xenstore import DEFAULT_SOCKET, UnixTransport
+
     from .supervisor_cli import CommandError, xenstored_endpoint
     try:
         socket_path, server_uid = xenstored_endpoint(args.socket, args.run_dir, args.topology)

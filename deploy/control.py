@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 import zmq

@@ -19,8 +19,9 @@ import shutil
 import socket
 import stat
 import struct
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from xdom.domains.device_channel import offer_fd
 from xdom.domains.xenstore import UnixTransport, XenstoreClient

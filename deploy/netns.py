@@ -21,8 +21,8 @@ import hashlib
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 __all__ = ["NETNS_DIR", "NetnsError", "create", "delete", "entered", "exists", "netns_name", "of_host",
            "unavailable_reason"]

@@ -23,12 +23,21 @@ import signal
 import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, TextIO
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .control import ControlClient, ControlError, endpoint_for
 from .rundir import (
-    STATE_FILE, Layout, UntrustedPath, default_base, default_dirs, find_supervisors, find_unsupervised, make_dirs,
-    running_pid, topology_name,
+    STATE_FILE,
+    Layout,
+    UntrustedPath,
+    default_base,
+    default_dirs,
+    find_supervisors,
+    find_unsupervised,
+    make_dirs,
+    running_pid,
+    topology_name,
 )
 
 if TYPE_CHECKING:
@@ -543,7 +552,7 @@ def _console_socket(vm: dict[str, Any], name: str) -> Any:
 
 def cmd_console(args: argparse.Namespace) -> int:
     """``xl console``: the VM's serial console on this terminal (Ctrl-] leaves), or one command with --run."""
-    from .vm.console import ConsoleError, Console, attach
+    from .vm.console import Console, ConsoleError, attach
     run_dir = _resolve_run_dir(args)
     row = _request(run_dir, args.timeout, "info", name=args.domain)["domain"]
     vm = row.get("vm")

@@ -60,15 +60,28 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from xdom.domains.abi.grant_table import PAGE_SIZE
 
 from .xlcfg import (
-    EXPORT_NBD, EXPORT_VHOST_USER, EXPORTS_DIR, MAX_UNIX_PATH, MAX_VIF_QUEUES, DiskSpec, VifSpec, XlCfgError,
-    default_export, default_vif_export, export_dir, generate_mac, parse_disk, parse_vif,
+    EXPORT_NBD,
+    EXPORT_VHOST_USER,
+    EXPORTS_DIR,
+    MAX_UNIX_PATH,
+    MAX_VIF_QUEUES,
+    DiskSpec,
+    VifSpec,
+    XlCfgError,
+    default_export,
+    default_vif_export,
+    export_dir,
+    generate_mac,
+    parse_disk,
+    parse_vif,
 )
 
 __all__ = [

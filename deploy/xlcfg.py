@@ -31,8 +31,9 @@ import hashlib
 import ipaddress
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, Union
+from typing import Literal
 
 __all__ = [
     "DEFAULT_IPV4_PREFIX", "DEFAULT_IPV6_PREFIX", "DEFAULT_RATE_INTERVAL_US", "DISK_EXPORTS", "DISK_FORMATS",
@@ -85,7 +86,7 @@ class XlCfgError(ValueError):
     """
 
 
-IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 
 # --------------------------------------------------------------------------
@@ -102,7 +103,7 @@ def _check_spec(spec: object, what: str) -> str:
     return spec
 
 
-def _hint(word: str, choices: "list[str] | tuple[str, ...] | frozenset[str]") -> str:
+def _hint(word: str, choices: list[str] | tuple[str, ...] | frozenset[str]) -> str:
     close = difflib.get_close_matches(word, sorted(choices), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 

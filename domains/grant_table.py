@@ -18,7 +18,7 @@ import mmap
 import os
 import struct
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from . import grant_lock
 from .abi.grant_table import (

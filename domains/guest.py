@@ -51,7 +51,7 @@ import select
 import signal
 import sys
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import confinement
 from .blkfront.device import Blkfront, FrontendOptions

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from . import sysmem
 from .abi.grant_table import PAGE_SIZE

@@ -265,7 +265,7 @@ class VirtioNetHdr(NamedTuple):
         return VIRTIO_NET_HDR.pack(*self)
 
     @classmethod
-    def parse(cls, raw: bytes | bytearray | memoryview) -> "VirtioNetHdr":
+    def parse(cls, raw: bytes | bytearray | memoryview) -> VirtioNetHdr:
         return cls(*VIRTIO_NET_HDR.unpack_from(raw))
 
     @property

@@ -109,10 +109,10 @@ class Message:
     def encode(self) -> bytes:
         return HEADER.pack(self.type, self.req_id, self.tx_id, len(self.payload)) + self.payload
 
-    def reply(self, payload: bytes) -> "Message":
+    def reply(self, payload: bytes) -> Message:
         return Message(self.type, self.req_id, self.tx_id, payload)
 
-    def error(self, name: str) -> "Message":
+    def error(self, name: str) -> Message:
         return Message(XsType.XS_ERROR, self.req_id, self.tx_id, name.encode() + b"\0")
 
     @property

@@ -17,7 +17,7 @@ import random
 import shutil
 import subprocess
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import test_blk_matrix

@@ -26,8 +26,8 @@ import select
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import pytest
 from helpers import wait_until
@@ -120,7 +120,7 @@ def sha(path: str) -> str:
 class GoodDevice:
     """Our well-behaved Blkfront on its own domain; :meth:`check` writes, reads back and compares."""
 
-    def __init__(self, env: "Env", options: FrontendOptions) -> None:
+    def __init__(self, env: Env, options: FrontendOptions) -> None:
         self.env = env
         self.host = env.hv.create_domain("good", "8M")
         env.hosts.append(self.host)
@@ -175,7 +175,7 @@ class GoodDevice:
 class Hostile:
     """A frontend written by hand: it follows the protocol only as far as each test wants."""
 
-    def __init__(self, env: "Env", name: str = "evil", read_only: bool = False,
+    def __init__(self, env: Env, name: str = "evil", read_only: bool = False,
                  logical_sector_size: int | None = None, image_size: int = HOSTILE_IMAGE,
                  grant_frames: int = 32) -> None:
         self.env = env

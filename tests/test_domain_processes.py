@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from helpers import RemoteDomain, wait_until

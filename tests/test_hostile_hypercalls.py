@@ -19,7 +19,8 @@ import select
 import socket
 import stat
 import time
-from typing import Any, Iterator, Sequence, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
 
 import msgpack
 import pytest

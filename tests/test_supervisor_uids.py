@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import tomllib
-from typing import Iterator
+from collections.abc import Iterator
 
 import psutil
 import pytest

@@ -36,7 +36,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from helpers import wait_until
@@ -181,10 +182,10 @@ class LendingDisk(FakeDisk):
         def release(self) -> None:
             self.released = True
 
-    def write_buffer(self, offset: int, length: int) -> "LendingDisk.Lent":
+    def write_buffer(self, offset: int, length: int) -> LendingDisk.Lent:
         return self.Lent(length)
 
-    def submit_write_buffer(self, offset: int, buffer: "LendingDisk.Lent", fua: bool, done: Callable) -> None:
+    def submit_write_buffer(self, offset: int, buffer: LendingDisk.Lent, fua: bool, done: Callable) -> None:
         self.submit_write(offset, memoryview(buffer.buf), fua, done)
 
 

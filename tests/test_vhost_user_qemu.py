@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import psutil
 import pytest

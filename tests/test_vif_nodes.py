@@ -15,7 +15,8 @@ import shutil
 import stat
 import subprocess
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from helpers import wait_until

@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from helpers import wait_until

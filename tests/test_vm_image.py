@@ -24,7 +24,7 @@ import stat
 import termios
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

@@ -15,7 +15,8 @@ import signal
 import subprocess
 import sys
 import tomllib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import pytest

@@ -8,7 +8,7 @@ was written); the suite itself needs nothing but the core.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Hashable
+from collections.abc import Hashable
 
 import msgpack
 import pytest
@@ -346,7 +346,7 @@ def test_directory_lists_children_in_creation_order(xs: XS) -> None:
 
 
 def test_directory_part_pages_a_big_directory(xs: XS) -> None:
-    names = [("c%04d" % i + "x" * (i % 37)).encode() for i in range(300)]
+    names = [(f"c{i:04d}" + "x" * (i % 37)).encode() for i in range(300)]
     for name in names:
         xs.write("dom0", "/big/" + name.decode())
     full = b"".join(n + b"\0" for n in names)

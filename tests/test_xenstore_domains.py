@@ -8,7 +8,7 @@ guest's client then reaches xenstored through the ring alone.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from helpers import wait_until

@@ -10,7 +10,7 @@ only, the store behaves like a dict of paths.
 
 from __future__ import annotations
 
-from typing import Hashable
+from collections.abc import Hashable
 
 import msgpack
 from hypothesis import HealthCheck, given, settings

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import random
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from helpers import wait_until

@@ -22,7 +22,8 @@ import select
 import struct
 import sys
 import threading
-from typing import Callable, Iterator, Sequence, cast
+from collections.abc import Callable, Iterator, Sequence
+from typing import cast
 
 from xdom.domains.abi.blkif import (
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
@@ -64,7 +65,7 @@ class RingServer:
 
     def __init__(self, host: XenHost, frontend_domid: int, ring_refs: Sequence[int], remote_port: int,
                  abi: BlkifABI, disk: Disk, geometry: DiskGeometry, persistent: bool, name: str,
-                 on_fatal: Callable[["RingServer", str], None]) -> None:
+                 on_fatal: Callable[[RingServer, str], None]) -> None:
         self.host = host
         self.fe = frontend_domid
         self.abi = abi

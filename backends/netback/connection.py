@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import TYPE_CHECKING, Callable, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from xdom.domains.abi.netif import (
     TX_RING_SIZE,
@@ -63,7 +64,7 @@ class Uplink(Protocol):
     descriptor the loop watches, and :meth:`receive` moves what it holds.
     """
 
-    port: "Port"
+    port: Port
 
     def send(self, frame: Frame) -> None:
         """Forward a frame the guest transmitted."""

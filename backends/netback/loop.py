@@ -29,7 +29,8 @@ import queue
 import select
 import threading
 import time
-from typing import Callable, Protocol, TypeVar
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 log = logging.getLogger("xdom.netback")
 

@@ -47,7 +47,7 @@ class RxCaps:
 
     @classmethod
     def negotiated(cls, sg: bool, gso_tcpv4: bool, gso_tcpv6: bool, no_csum_offload: bool,
-                   ipv6_csum_offload: bool, mtu: int) -> "RxCaps":
+                   ipv6_csum_offload: bool, mtu: int) -> RxCaps:
         """As ``xenvif_fix_features``: TSO needs SG and the checksum offload of its family."""
         csum4, csum6 = not no_csum_offload, ipv6_csum_offload
         return cls(sg, sg and gso_tcpv4 and csum4, sg and gso_tcpv6 and csum6, csum4, csum6, mtu)

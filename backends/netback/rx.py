@@ -33,8 +33,9 @@ failed copy's status.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Collection, NamedTuple, Sequence, cast
+from typing import NamedTuple, cast
 
 from xdom.domains.abi.netif import (
     NETIF_RSP_ERROR,

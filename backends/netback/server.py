@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 from xdom.domains import confinement, startup
 from xdom.domains.device_channel import DeviceChannel

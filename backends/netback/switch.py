@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Callable, Deque
+from collections.abc import Callable
 
 from xdom.domains.packet import flow_hash
 
@@ -32,14 +32,14 @@ class Port:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.queues: list[Deque[Frame]] = [collections.deque()]
+        self.queues: list[collections.deque[Frame]] = [collections.deque()]
         self.lock = threading.Lock()
         self.on_put: Callable[[int], None] | None = None
         self.dropped = 0
         self.received = 0
 
     @property
-    def queue(self) -> Deque[Frame]:
+    def queue(self) -> collections.deque[Frame]:
         """The first (for a single-queue vif: the only) queue."""
         return self.queues[0]
 

@@ -38,9 +38,10 @@ rewrite its granted pages at any time (Linux copies the first
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 from xdom.domains.abi.netif import (
     HASH_TYPE_BITS,

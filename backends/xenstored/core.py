@@ -86,8 +86,9 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Final, Hashable, Iterable
+from typing import Any, Final
 
 import msgpack
 
@@ -1506,8 +1507,8 @@ class XenstoreCore:
         if command == "help":
             if args:
                 raise XenstoreError("EINVAL")
-            return ("check\t\nlog\ton|off\nprint\t<string>\nquota\t[set <name> <val>|<domid>]\n"
-                    "quota-soft\t[set <name> <val>]\nhelp\t\n").encode() + b"\0"
+            return (b"check\t\nlog\ton|off\nprint\t<string>\nquota\t[set <name> <val>|<domid>]\n"
+                    b"quota-soft\t[set <name> <val>]\nhelp\t\n") + b"\0"
         if command in ("quota", "quota-soft"):
             return self._control_quota(args, soft=command == "quota-soft")
         raise XenstoreError("EINVAL")

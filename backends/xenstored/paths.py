@@ -18,7 +18,8 @@ Paths travel as ``str`` decoded from latin-1, so any byte string round-trips.
 from __future__ import annotations
 
 import re
-from typing import Final, Iterator
+from collections.abc import Iterator
+from typing import Final
 
 from xdom.domains.xs_wire import XENSTORE_REL_PATH_MAX
 

@@ -24,7 +24,8 @@ Rules (Xen 4.17 ``xenstored_core.c`` and the theory in ``xenstored_transaction.c
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from .paths import ROOT, basename, parent_of
 from .permissions import DEFAULT_PERMS, Perms

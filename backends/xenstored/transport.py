@@ -10,7 +10,7 @@ Xen's ``domain.c``.  A broken ring is reported through the interface's
 from __future__ import annotations
 
 import socket
-from typing import Callable
+from collections.abc import Callable
 
 from xdom.domains.xs_ring import RingIndexError, ring_peek, ring_write
 from xdom.domains.xs_wire import (

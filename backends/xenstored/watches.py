@@ -17,8 +17,8 @@ Rules (docs/misc/xenstore.txt, Xen 4.17 ``xenstored_watch.c``):
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Hashable, Iterable, Mapping
 
 from .paths import ancestors_and_self, watch_display_path
 

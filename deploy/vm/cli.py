@@ -31,7 +31,7 @@ def cmd_vm_image(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``vm-image`` to the ``xdom`` command's subcommands."""
     p = sub.add_parser("vm-image", help="build the VM image (kernel + initramfs) if needed and say where it is")
     p.add_argument("--print", action="store_true", help="print only the kernel and initrd paths, one a line")

@@ -72,7 +72,7 @@ class Console:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "Console":
+    def __enter__(self) -> Console:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -38,8 +38,9 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .cpio import CpioWriter
 from .initscript import INIT_SCRIPT

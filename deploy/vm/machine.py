@@ -40,7 +40,7 @@ class RunningVm:
         self.console.close()
         return self.qemu.stop(timeout)
 
-    def __enter__(self) -> "RunningVm":
+    def __enter__(self) -> RunningVm:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -27,7 +27,8 @@ import re
 import signal
 import subprocess
 import time
-from typing import IO, Sequence
+from collections.abc import Sequence
+from typing import IO
 
 QEMU = "qemu-system-x86_64"
 ACCELS = ("kvm", "tcg", "auto")
@@ -81,7 +82,7 @@ class VmPaths:
     qemu_log: str
 
     @classmethod
-    def in_dir(cls, run_dir: str, name: str = "vm") -> "VmPaths":
+    def in_dir(cls, run_dir: str, name: str = "vm") -> VmPaths:
         j = os.path.join
         return cls(console=j(run_dir, f"{name}.con"), qmp=j(run_dir, f"{name}.qmp"),
                    console_log=j(run_dir, f"{name}.console.log"), qemu_log=j(run_dir, f"{name}.qemu.log"))
@@ -378,7 +379,7 @@ class QemuProcess:
         self._log.close()
         return self.proc.returncode
 
-    def __enter__(self) -> "QemuProcess":
+    def __enter__(self) -> QemuProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -70,7 +70,7 @@ class Qmp:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "Qmp":
+    def __enter__(self) -> Qmp:
         return self
 
     def __exit__(self, *exc: object) -> None:

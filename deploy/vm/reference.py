@@ -89,7 +89,7 @@ class StorageDaemon:
         self._log.close()
         return self.proc.returncode
 
-    def __enter__(self) -> "StorageDaemon":
+    def __enter__(self) -> StorageDaemon:
         return self
 
     def __exit__(self, *exc: object) -> None:

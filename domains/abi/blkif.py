@@ -20,8 +20,9 @@ from __future__ import annotations
 import array
 import struct
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 BLKIF_OP_READ = 0
 BLKIF_OP_WRITE = 1

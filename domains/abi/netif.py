@@ -30,8 +30,9 @@ the backend's business (see :class:`TxPacket`).
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 from .ring import SharedRing, ring_size
 

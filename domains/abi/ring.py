@@ -23,7 +23,7 @@ the XSA-155 lesson).
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 PAGE_SIZE = 4096
 RING_HEADER_SIZE = 64          # offsetof(struct X_sring, ring)

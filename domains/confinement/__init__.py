@@ -64,8 +64,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from . import landlock, policy, seccomp
 from .seccomp import SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_LOG

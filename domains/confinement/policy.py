@@ -19,7 +19,7 @@ import importlib.util
 import os
 import socket
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 from .landlock import FS, NET, SCOPE, Ruleset
 from .seccomp import SECCOMP_RET_KILL_PROCESS, ArgBits, ArgCheck, ArgIn, FilterSpec

@@ -47,8 +47,8 @@ import ctypes
 import errno as _errno
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from .syscalls import NR, X32_SYSCALL_BIT
 

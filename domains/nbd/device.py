@@ -73,8 +73,9 @@ import logging
 import os
 import stat
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Protocol, Sequence, Union, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 __all__ = ["ReadDone", "Done", "BlockDevice", "FileBlockDevice", "CompletionBatch", "completion_batch",
            "current_completion_batch"]
@@ -82,7 +83,7 @@ __all__ = ["ReadDone", "Done", "BlockDevice", "FileBlockDevice", "CompletionBatc
 log = logging.getLogger("xdom.nbd")
 
 #: ``done(error, buffers)`` for reads; ``buffers`` valid only during the call.
-ReadDone = Callable[[int, Sequence[Union[memoryview, bytes]]], None]
+ReadDone = Callable[[int, Sequence[memoryview | bytes]], None]
 #: ``done(error)`` for everything else.
 Done = Callable[[int], None]
 
@@ -275,7 +276,7 @@ class FileBlockDevice:
         self._pool.shutdown(wait=True)
         os.close(self._fd)
 
-    def __enter__(self) -> "FileBlockDevice":
+    def __enter__(self) -> FileBlockDevice:
         return self
 
     def __exit__(self, *exc: object) -> None:

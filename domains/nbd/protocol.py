@@ -60,8 +60,9 @@ import errno as _errno
 import operator
 import struct
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Sequence, Union
+from typing import Any, NamedTuple
 
 __all__ = [
     "NBDMAGIC", "IHAVEOPT", "OPTION_REPLY_MAGIC", "REQUEST_MAGIC", "SIMPLE_REPLY_MAGIC",
@@ -295,9 +296,9 @@ class ProtocolError:
     reason: str
 
 
-Event = Union[Ready, Request, RequestRejected, Disconnect, ProtocolError]
+Event = Ready | Request | RequestRejected | Disconnect | ProtocolError
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 
 class _State(enum.Enum):
@@ -409,7 +410,7 @@ class NbdServerConnection:
 
     @classmethod
     def for_device(cls, device: Any, export_name: str = "",
-                   payload_buffer: Callable[[int, int], Any] | None = None) -> "NbdServerConnection":
+                   payload_buffer: Callable[[int, int], Any] | None = None) -> NbdServerConnection:
         """Build from anything with the ``BlockDevice`` attributes."""
         return cls(
             int(device.size),

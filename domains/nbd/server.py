@@ -61,7 +61,8 @@ import stat
 import struct
 import threading
 import time
-from typing import Any, Callable, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .device import BlockDevice, current_completion_batch
 from .protocol import (
@@ -100,7 +101,7 @@ _REAPER_METHODS = ("completion_fd", "reap_completions", "attach_reaper", "detach
 def _nothing() -> None:
     pass
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 
 class NbdServer:
@@ -219,7 +220,7 @@ class NbdServer:
         self._conns.clear()
         log.info("NBD server on %s closed", self.socket_path)
 
-    def __enter__(self) -> "NbdServer":
+    def __enter__(self) -> NbdServer:
         self.start()
         return self
 

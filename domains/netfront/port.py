@@ -34,7 +34,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from ..packet import VIRTIO_NET_HDR_SIZE, VirtioNetHdr
 from ..tun import READ_SIZE, attach_tap, set_offloads

@@ -49,8 +49,9 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence, Union
+from typing import Protocol
 
 from . import wire
 from .inflight import MAX_INFLIGHT_SIZE, InflightArea, area_size
@@ -244,9 +245,9 @@ class Closed:
     error: bool
 
 
-Action = Union[SendReply, CloseFds, MapRegion, UnmapRegion, SetQueueFd, StartQueue, StopQueue, QueueEnabled,
-               AllocateInflight, MapInflight, UnmapInflight, FeaturesAcked, Refused, Closed]
-_Step = Union[Action, Callable[[], Union[Action, None]]]
+Action = (SendReply | CloseFds | MapRegion | UnmapRegion | SetQueueFd | StartQueue | StopQueue | QueueEnabled
+          | AllocateInflight | MapInflight | UnmapInflight | FeaturesAcked | Refused | Closed)
+_Step = Action | Callable[[], Action | None]
 
 
 class _Vring:

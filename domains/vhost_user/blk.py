@@ -61,7 +61,8 @@ import select
 import struct
 import threading
 import time
-from typing import Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from ..nbd.device import BlockDevice
 from .backend import DeviceSpec

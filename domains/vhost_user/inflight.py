@@ -38,7 +38,7 @@ the order they were first fetched.
 from __future__ import annotations
 
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = [
     "INFLIGHT_ALIGNMENT", "INFLIGHT_VERSION", "QUEUE_HEADER_SIZE", "DESC_STATE_SIZE", "MAX_INFLIGHT_SIZE",

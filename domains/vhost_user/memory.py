@@ -100,7 +100,7 @@ class MemoryRegion:
         if self.mmap_offset > MAX_MMAP_OFFSET:
             raise MemoryTableError(f"region mmap offset {self.mmap_offset:#x} exceeds {MAX_MMAP_OFFSET:#x}")
 
-    def same_range(self, other: "MemoryRegion") -> bool:
+    def same_range(self, other: MemoryRegion) -> bool:
         """REM_MEM_REG identifies a region by GPA, UVA and size; the mmap offset is ignored."""
         return (self.guest_phys_addr == other.guest_phys_addr and self.userspace_addr == other.userspace_addr
                 and self.memory_size == other.memory_size)

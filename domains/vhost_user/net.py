@@ -77,8 +77,8 @@ import logging
 import os
 import struct
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from ..nbd.server import _remove_stale_socket
 from ..packet import (

@@ -42,7 +42,8 @@ import selectors
 import socket
 import threading
 from collections import deque
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from .. import sysmem
 from . import backend as be

@@ -56,8 +56,9 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 from .inflight import InflightQueue
 from .memory import GuestMemoryError, MemoryAccess, memory_barrier

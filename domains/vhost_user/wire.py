@@ -41,8 +41,8 @@ from __future__ import annotations
 import enum
 import struct
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
 
 from .memory import MemoryRegion
 
@@ -273,8 +273,8 @@ class Raw:
     data: bytes
 
 
-Payload = Union[Empty, U64, VringState, VringAddr, VringFile, MemoryTable, SingleRegion, LogArea,
-                ConfigSpace, InflightInfo, Raw]
+Payload = (Empty | U64 | VringState | VringAddr | VringFile | MemoryTable | SingleRegion | LogArea
+           | ConfigSpace | InflightInfo | Raw)
 
 
 # --- events -------------------------------------------------------------------
@@ -311,7 +311,7 @@ class EndOfStream:
     fds: tuple[int, ...] = ()
 
 
-Event = Union[Message, ProtocolError, EndOfStream]
+Event = Message | ProtocolError | EndOfStream
 
 
 class _Malformed(Exception):
@@ -406,7 +406,7 @@ def _dec_raw(data: bytes) -> Payload:
 
 
 # How many fds each request may carry: (min, max), or a callable of the payload.
-_FdRule = Union[tuple[int, int], Callable[[Payload], tuple[int, int]]]
+_FdRule = tuple[int, int] | Callable[[Payload], tuple[int, int]]
 
 
 def _fds_vring_file(p: Payload) -> tuple[int, int]:

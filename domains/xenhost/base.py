@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import select
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from ..abi.grant_table import GNTST_NAMES, GNTCOPY_dest_gref, GNTCOPY_source_gref, GNTST_okay
 from ..grant_table import GrantTable
@@ -219,7 +220,7 @@ class XenHost(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
-    def __enter__(self) -> "XenHost":
+    def __enter__(self) -> XenHost:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -24,7 +24,8 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .. import sysmem
 from ..abi.grant_table import PAGE_SIZE, GNTST_okay

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from xdom.broker.frames import LocalFrames
 from xdom.broker.hypervisor import Domain, Hypervisor
@@ -32,7 +33,7 @@ class LocalHypervisor:
         self.lock = threading.RLock()
 
     def create_domain(self, name: str, memory: int | str = "4M", privileged: bool = False,
-                      grant_frames: int = 32) -> "LocalXenHost":
+                      grant_frames: int = 32) -> LocalXenHost:
         with self.lock:
             dom = self.hv.create_domain(name, parse_memory(memory), privileged, grant_frames)
             return LocalXenHost(self, dom)

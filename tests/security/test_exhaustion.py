@@ -20,7 +20,7 @@ other domains still allocate ports and map grants.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
