@@ -70,7 +70,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 MAX_CLIENTS = 8
 PIPELINE_DEPTH = 16
@@ -1175,7 +1176,7 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> None:
           f"{'/' + ('REF' if has_ref else 'ECHO'):>9} | {'ops/s':>10} {'cpu us/op':>10} {'/memory':>9} | "
           f"{'ops/s':>8} {'/memory':>8} | {'ops/s':>8}")
     print("-" * width)
-    for key, label, op, n, depth, _ in ROWS:
+    for key, label, _op, n, _depth, _ in ROWS:
         row = res["results"].get(key)
         if not row:
             continue
@@ -1202,7 +1203,7 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> None:
     ev_rows = [(key, label, n) for key, label, op, n, _, _ in ROWS if op == "swrite" and key in res["results"]]
     if ev_rows:
         print("\nwatch events delivered per second (each write to /scale/gKK/.. fires the watcher of /scale/gKK):")
-        for key, label, n in ev_rows:
+        for key, _label, n in ev_rows:
             row = res["results"][key]
             cells = []
             for k in ("ref", "xs", "xs_state", "xs_fsync"):

@@ -23,8 +23,9 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import psutil
@@ -209,11 +210,10 @@ class BrokerServer:
         """A running domain whose broker died comes back: the same process, with its key."""
         if conn.domain is not None:
             raise HypercallError(errno.EALREADY, "already introduced")
-        for pidfd, dom in self.absent.items():
-            if dom.domid == args["domid"]:
-                break
-        else:
+        found = next(((p, d) for p, d in self.absent.items() if d.domid == args["domid"]), None)
+        if found is None:
             raise HypercallError(errno.ESRCH, f"no domain {args['domid']} waits to rejoin")
+        pidfd, dom = found
         key = args["key"].encode("utf-8", "surrogatepass")
         if not dom.rejoin_hash or not secrets.compare_digest(hashlib.sha256(key).digest(), dom.rejoin_hash) \
                 or conn.pid != dom.pid:

@@ -8,7 +8,7 @@ frame (HVM_PARAM_STORE_PFN) is never handed out.
 from __future__ import annotations
 
 import threading
-from typing import Iterable
+from collections.abc import Iterable
 
 from .abi.hvm_params import HVM_PARAM_STORE_PFN
 
@@ -25,7 +25,7 @@ class FramePool:
         self._lock = threading.Lock()
 
     @classmethod
-    def of(cls, host: object) -> "FramePool":
+    def of(cls, host: object) -> FramePool:
         """The one pool of ``host``'s domain (created on first use)."""
         pool = getattr(host, "_xdom_frame_pool", None)
         if pool is None:
@@ -35,7 +35,7 @@ class FramePool:
             except Exception:
                 pass          # no xenstore ring (an in-process domain)
             pool = cls(host.memory.nr_frames, reserved)                # type: ignore[attr-defined]
-            setattr(host, "_xdom_frame_pool", pool)
+            setattr(host, "_xdom_frame_pool", pool)     # noqa: B010 (host is any object: no attribute to type)
         return pool
 
     def available(self) -> int:

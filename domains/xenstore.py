@@ -31,7 +31,8 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from .abi.hvm_params import HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_PFN
 from .xs_ring import RingIndexError, ring_read, ring_write
@@ -160,7 +161,7 @@ class XenstoreClient:
         self._dispatcher.start()
 
     @classmethod
-    def unix(cls, path: str | None = None, reconnect: bool = False, timeout: float = 30.0) -> "XenstoreClient":
+    def unix(cls, path: str | None = None, reconnect: bool = False, timeout: float = 30.0) -> XenstoreClient:
         """Connect like Xen's tools: XENSTORED_PATH, else the default socket.
 
         With ``reconnect``, a restart of xenstored is ridden out (see the module's docstring).
@@ -169,7 +170,7 @@ class XenstoreClient:
         return cls(UnixTransport(where), timeout, (lambda: UnixTransport(where)) if reconnect else None)
 
     @classmethod
-    def ring(cls, host: Any) -> "XenstoreClient":
+    def ring(cls, host: Any) -> XenstoreClient:
         """Connect over this domain's xenstore ring (the toolstack set it up)."""
         gfn = host.get_param(HVM_PARAM_STORE_PFN)
         port = host.adopt_port(host.get_param(HVM_PARAM_STORE_EVTCHN))
@@ -275,7 +276,7 @@ class XenstoreClient:
                     logging.getLogger("xdom.xenstore").exception("watch callback failed")
 
     def _find_watch(self, path: str, token: str) -> WatchCallback | None:
-        for (wpath, wtoken), cb in self._watches.items():
+        for (_wpath, wtoken), cb in self._watches.items():
             if wtoken == token:
                 return cb
         return None
@@ -337,7 +338,7 @@ class XenstoreClient:
         """Several READs in one round trip; None for a node that does not exist (ENOENT).  Any other
         error is raised (the first one), once every reply is in."""
         out: list[bytes | None] = []
-        for path, r in zip(paths, self.requests([(XsType.XS_READ, _z(path)) for path in paths], tx)):
+        for _path, r in zip(paths, self.requests([(XsType.XS_READ, _z(path)) for path in paths], tx)):
             if isinstance(r, XenstoreError):
                 if r.name != "ENOENT":
                     raise r
@@ -465,7 +466,7 @@ class XenstoreClient:
         self._reader.join(5)
         self._dispatcher.join(5)
 
-    def __enter__(self) -> "XenstoreClient":
+    def __enter__(self) -> XenstoreClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -14,7 +14,7 @@ import random
 import shutil
 import subprocess
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from helpers import wait_until
@@ -67,11 +67,11 @@ class Rig:
             f.write(random.Random(name).randbytes(size))
         return path
 
-    def attach(self, path: str, devid: int = DEVID, options: FrontendOptions = FrontendOptions(),
+    def attach(self, path: str, devid: int = DEVID, options: FrontendOptions | None = None,
                **cfg: object) -> Blkfront:
         introduce(self.xs, self.be.domid, self.fe.domid)
         add_vbd(self.xs, VbdConfig(self.be.domid, self.fe.domid, devid, "xvda", path, **cfg))  # type: ignore[arg-type]
-        front = Blkfront(self.fe, self.client(), devid, options)
+        front = Blkfront(self.fe, self.client(), devid, options or FrontendOptions())
         front.connect(20)
         self.fronts.append(front)
         return front

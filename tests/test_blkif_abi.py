@@ -39,8 +39,9 @@ import re
 import shutil
 import struct
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -423,7 +424,7 @@ def test_constants_match_header(abi_peer: tuple[BlkifABI, str]) -> None:
     missing = [n for n in names if not hasattr(blkif, n)]
     assert not missing, f"blkif.h defines constants blkif.py lacks: {missing}"
     assert {n: getattr(blkif, n) for n in names} == {n: xen[n] for n in names}
-    assert SEGMENTS_PER_INDIRECT_FRAME == xen["segs_per_indirect_frame"]
+    assert xen["segs_per_indirect_frame"] == SEGMENTS_PER_INDIRECT_FRAME
 
 
 def _put(buf: bytearray, off: int, width: int, value: int) -> None:

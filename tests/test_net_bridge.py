@@ -23,7 +23,8 @@ import signal
 import subprocess
 import tomllib
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -242,7 +243,7 @@ def test_bridge_ports_ping_both_ways_and_survive_a_netback_kill(run_dir: str) ->
         assert set(links(ns, "type", "bridge")) == {"xdombr0"}
         ports = links(ns, "master", "xdombr0")
         assert set(ports) == taps
-        for name, port in ports.items():
+        for _name, port in ports.items():
             assert port["linkinfo"]["info_kind"] == "tun" and port["linkinfo"]["info_data"]["type"] == "tap"
             assert port["linkinfo"]["info_data"]["user"] == net0["uid"]
             assert "UP" in port["flags"]

@@ -13,7 +13,7 @@ their slot, and splitting the slots into batches changes nothing.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -60,7 +60,7 @@ class Grants:
         return ref
 
     def read(self, gref: int, offset: int, length: int) -> bytes:
-        assert 0 <= offset and offset + length <= PAGE
+        assert offset >= 0 and offset + length <= PAGE
         return bytes(self.pages[gref][offset:offset + length])
 
 
@@ -602,7 +602,7 @@ def deliver(plan: RxPlan, data: bytes, failed: Iterable[int] = ()) -> tuple[dict
     """Carry out the plan's copies into fresh pages; return the pages and the packed responses."""
     pages: dict[int, bytearray] = {}
     for c in plan.copies:
-        assert 0 <= c.offset and c.offset + c.length <= PAGE and c.length > 0
+        assert c.offset >= 0 and c.offset + c.length <= PAGE and c.length > 0
         page = pages.setdefault(c.gref, bytearray(PAGE))
         page[c.offset:c.offset + c.length] = data[c.src_offset:c.src_offset + c.length]
     return pages, plan.packed_responses(set(failed))

@@ -40,9 +40,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import pytest
 from helpers import wait_until
@@ -359,7 +359,7 @@ class Sniffer:
 class HostileVif:
     """A vif frontend written by hand: it follows the protocol only as far as each test wants."""
 
-    def __init__(self, env: "Env", devid: int = 0) -> None:
+    def __init__(self, env: Env, devid: int = 0) -> None:
         self.env = env
         self.host = env.evil
         self.devid = devid
@@ -1505,9 +1505,8 @@ def test_rx_requests_with_bad_grant_refs(env: Env) -> None:
         posted += [(ids(), b), (ids(), g)]
     h.rx_post(posted)
     before = env.server.vifs[h.key].stats()
-    with env.good_traffic():
-        with broadcasting(env.ns1, gap=0.002):
-            got = h.rx_collect(len(posted))
+    with env.good_traffic(), broadcasting(env.ns1, gap=0.002):
+        got = h.rx_collect(len(posted))
     errors = 0
     for (rid, gref), (rid2, gref2, _, flags, status) in zip(posted, got):
         assert (rid, gref) == (rid2, gref2)
@@ -1531,9 +1530,8 @@ def test_rx_requests_with_bad_grant_refs(env: Env) -> None:
     posted = [(rng.getrandbits(16), rng.choice([rng.getrandbits(32), rng.choice(small), *good]))
               for _ in range(200)]
     h.rx_post(posted)
-    with env.good_traffic():
-        with broadcasting(env.ns1, gap=0.001):
-            got = h.rx_collect(200)
+    with env.good_traffic(), broadcasting(env.ns1, gap=0.001):
+        got = h.rx_collect(200)
     assert all(status == ERR or status > 0 for *_, status in got)
     env.finish(h, ids)
 
@@ -1552,13 +1550,12 @@ def test_rx_buffer_is_a_ring_page(env: Env, which: str) -> None:
     ring_ref = h.ring_refs[1 if which == "rx-ring" else 0]
     h.rx_post([(ids(), ring_ref)] + [(ids(), h.grant()[1]) for _ in range(7)])
     vif = env.server.vifs[h.key]
-    with env.good_traffic():
-        with broadcasting(env.ns1, gap=0.002):
-            wait_until(lambda: vif.stats().get("rx_packets", 0) + vif.stats().get("rx_dropped", 0) >= 1
-                       or h.backend_state() == XenbusState.Closing, WAIT, "a frame for the hostile guest")
-            if which == "tx-ring":        # the TX ring's indices are garbage now: the next look at it closes
-                h.host.notify(h.port)
-                h.wait_backend(XenbusState.Closing)
+    with env.good_traffic(), broadcasting(env.ns1, gap=0.002):
+        wait_until(lambda: vif.stats().get("rx_packets", 0) + vif.stats().get("rx_dropped", 0) >= 1
+                   or h.backend_state() == XenbusState.Closing, WAIT, "a frame for the hostile guest")
+        if which == "tx-ring":        # the TX ring's indices are garbage now: the next look at it closes
+            h.host.notify(h.port)
+            h.wait_backend(XenbusState.Closing)
     h.tx_page = h.rx_page = None            # a header may carry a frame now
     if h.backend_state() == XenbusState.Closing:
         env.finish(h, closed_by_backend=True)
@@ -1639,17 +1636,16 @@ def test_frontend_domain_dies_mid_flight(env: Env) -> None:
     ids = Ids()
     _, ref = h.grant(frame(b"dying", PAGE))
     h.rx_post([(ids(), h.grant()[1]) for _ in range(64)])
-    with env.good_traffic():
-        with broadcasting(env.ns1, gap=0.002):
-            h.tx_roundtrip([([req(ref, 0, 0, ids(), 64)], OK) for _ in range(16)])
-            h.tx_send([req(ref, 0, 0, ids(), 64) for _ in range(64)])
-            h.host.close()                       # dies: the hypervisor takes back its grants and ports
-            env.dead.append(h.host)
-            h.closed = True
-            env.rig.xs.rm(h.be_path)             # what libxl does for a destroyed domain
-            env.rig.xs.rm(h.path)
-            wait_until(lambda: h.key not in env.server.vifs, WAIT, "the vif to be removed")
-            wait_until(lambda: not served(env.server, h.key), WAIT, "the loop to let the dead guest's vif go")
+    with env.good_traffic(), broadcasting(env.ns1, gap=0.002):
+        h.tx_roundtrip([([req(ref, 0, 0, ids(), 64)], OK) for _ in range(16)])
+        h.tx_send([req(ref, 0, 0, ids(), 64) for _ in range(64)])
+        h.host.close()                       # dies: the hypervisor takes back its grants and ports
+        env.dead.append(h.host)
+        h.closed = True
+        env.rig.xs.rm(h.be_path)             # what libxl does for a destroyed domain
+        env.rig.xs.rm(h.path)
+        wait_until(lambda: h.key not in env.server.vifs, WAIT, "the vif to be removed")
+        wait_until(lambda: not served(env.server, h.key), WAIT, "the loop to let the dead guest's vif go")
     be_dom = env.rig.hv.hv.domains[env.rig.be.domid]
     left = [m for m in be_dom.maptrack.values() if m.granter.domid == h.host.domid]
     assert not left, f"netback still maps {len(left)} grant(s) of the dead guest"

@@ -139,7 +139,7 @@ def build(*, v6: bool = False, proto: int = TCP, payload: bytes = b"", vlan: int
     if v6:
         exts = b""
         chain = list(ext) + [proto]
-        for i, kind in enumerate(ext):
+        for i, _kind in enumerate(ext):
             units = i % 3                       # 8, 16 or 24 bytes
             exts += bytes([chain[i + 1], units]) + bytes(range(i, i + 6 + units * 8))
         ip = struct.pack("!IHBB16s16s", (6 << 28) | (0x2E << 20) | 0xBEEF, min(len(exts) + len(l4_seg), 0xFFFF),

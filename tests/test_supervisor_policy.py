@@ -158,7 +158,7 @@ def test_cpu_limit_is_an_average_so_a_start_up_burst_passes() -> None:
     for _ in range(CPU_WINDOW - 1):
         h.check(HealthSample(0, 0, 90.0))
     reason = h.check(HealthSample(0, 0, 90.0))
-    assert reason is not None and "cpu 90% averaged over 5 samples is over its limit of 50%" == reason
+    assert reason is not None and reason == "cpu 90% averaged over 5 samples is over its limit of 50%"
     h.reset()
     assert h.check(HealthSample(0, 0, 90.0)) is None
 

@@ -36,7 +36,8 @@ import struct
 import subprocess
 import sys
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from helpers import wait_until
@@ -542,7 +543,7 @@ def test_random_descriptor_tables_never_raise_out_of_the_port(port: VhostUserNet
             assert 14 <= len(f) <= net.MAX_TX_FRAME
         port.write_batch([(VirtioNetHdr().pack(), build(payload=bytes(1500)).frame)] * 4)
         for r in (rings[0], rings[1]):
-            for head, n in r.take_used():
+            for head, _n in r.take_used():
                 assert head < r.num
     finally:
         port._server = port._real_server     # type: ignore[attr-defined]

@@ -25,7 +25,7 @@ import fcntl
 import os
 import stat
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 _libc = ctypes.CDLL(None, use_errno=True)     # the interpreter's own libc (find_library runs ldconfig)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -88,12 +88,12 @@ class Disk:
 
     def readv(self, buffers: Sequence[memoryview], offset: int, length: int = -1) -> None:
         """Fill ``buffers`` from ``offset``; ``length``, if the caller knows it, is their total size."""
-        if 0 <= length and len(buffers) <= IOV_MAX and os.preadv(self.fd, buffers, offset) == length:
+        if length >= 0 and len(buffers) <= IOV_MAX and os.preadv(self.fd, buffers, offset) == length:
             return                        # the usual case: all of it in one call
         self._vector_io(os.preadv, buffers, offset, "read")
 
     def writev(self, buffers: Sequence[memoryview], offset: int, length: int = -1) -> None:
-        if 0 <= length and len(buffers) <= IOV_MAX and os.pwritev(self.fd, buffers, offset) == length:
+        if length >= 0 and len(buffers) <= IOV_MAX and os.pwritev(self.fd, buffers, offset) == length:
             return
         self._vector_io(os.pwritev, buffers, offset, "write")
 

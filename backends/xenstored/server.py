@@ -33,8 +33,9 @@ import logging
 import os
 import select
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 
@@ -346,7 +347,7 @@ class XenstoredServer:
     def _handle_frames(self, conn: Connection, frames: list[tuple[int, int, int, bytes]]) -> None:
         core, key, out = self.core, id(conn), conn.out
         for type_, req_id, tx_id, payload in frames:
-            if (type_ == _READ or type_ == _DIRECTORY) and tx_id == 0:
+            if type_ in (_READ, _DIRECTORY) and tx_id == 0:
                 # A plain read: its reply straight into the buffer, after whatever came before it.
                 reply = core.read_fast(key, type_, payload)
                 if reply is not None:
