@@ -15,13 +15,18 @@ STAMP  := $(VENV)/.installed-stamp
 DEB_PACKAGES := libxen-dev xenstore-utils gcc gcc-multilib libc6-dev python3-venv fio nbdkit qemu-utils libnbd-bin iperf3 iproute2 iputils-ping linux-image-cloud-amd64 busybox-static qemu-system-x86
 PYTEST_ARGS ?=
 
-.PHONY: demo test typecheck sysdeps venv bench clean
+.PHONY: demo test test-fleet typecheck sysdeps venv bench clean
 
 demo: sysdeps venv
 	$(BIN)/python -m xdom.deploy.demo
 
 test: sysdeps venv typecheck
 	$(BIN)/python -m pytest -n auto $(PYTEST_ARGS)
+
+# Many hosts (README: Many hosts): three hosts in network namespaces managed by one CLI over CurveZMQ, and the
+# feature matrix run by pytest-xdist workers on those hosts through execnet, with a report of which host ran what.
+test-fleet: sysdeps venv
+	$(BIN)/python -m pytest -s -p no:cacheprovider $(PYTEST_ARGS) tests/test_fleet.py tests/test_fleet_matrix.py
 
 # mypy over the checkout as it is imported (xdom/ holds symlinks to the top-level folders: see
 # pyproject.toml); strict on the broker, the ABI and the xenbus state machine.
