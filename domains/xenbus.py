@@ -18,15 +18,20 @@ features, the frontend its rings and event channels) and moves its own
     backend:  Initialising -> InitWait ----------------> Connected
     frontend: Initialising ------------> Initialised -----------> Connected
 
-and back through Closing and Closed when either side goes away.
+and back through Closing and Closed when either side goes away.  What each
+end does on each pair of states is :mod:`xdom.domains.xenbus_machine`
+(pure), done by ``backends/xenbus_backend.py`` and
+:mod:`xdom.domains.xenbus_frontend`; this module holds the xenstore side:
+the device paths, reading and writing states and nodes.
 
 Driver-domain restart (xdom's addition; Xen has no answer for it): a
-backend that dies leaves the frontend's ring, grants and event channel in
-place.  The toolstack starts it again under the same domid and writes its
-device nodes again; the new backend reads the frontend's published ring
-(the frontend is still Connected), binds the same event channel and carries
-on from the ring's indices: every request the dead backend took but did not
-answer is taken again.  The frontend sees a stall, not a reset.
+backend that dies leaves the frontend Connected, its requests in flight
+kept.  The toolstack starts it again under the same domid and writes its
+device nodes again (its ``state`` Initialising); the new backend publishes
+its features and goes InitWait, and the frontend, seeing InitWait while
+Connected, sets up fresh rings and event channels, goes Initialised, and
+issues again what the dead backend did not answer once the new one is
+Connected.  The frontend sees a stall, not a reset.
 """
 
 from __future__ import annotations
