@@ -5,8 +5,9 @@ host and an execnet socketserver bound to its namespace address only; the
 test runs pytest-xdist with one ``--tx socket=ADDRESS:PORT//id=HOST`` per
 host, from the client namespace, so every worker runs on a host of its own
 and is reached only over the namespace network.  xdist sends the test code
-over the gateways (``--rsyncdir tests``, into a scratch directory per host);
-xdom itself comes from the hosts' own installation (here the shared venv).
+nothing but the test paths (in each worker's environment, as README's ssh
+recipe does): every host runs its own installation of xdom and its tests,
+at the same path (here the shared checkout and venv).
 The run's report (tests/fleet_report.py) says which host ran which test;
 the test checks the run passed and that every host ran part of it.
 
@@ -81,12 +82,15 @@ def test_the_matrix_across_three_hosts() -> None:
                     assert time.monotonic() < deadline, f"{h.name}'s execnet socketserver is not listening"
                     time.sleep(0.2)     # waiting for a process to bind, with a deadline
             report = os.path.join(os.path.dirname(sim.hosts[0].base), "fleet-report.json")
-            tx = [arg for h in sim.hosts
-                  for arg in ("--tx", f"socket={h.address}:{PORT}//id={h.name}//chdir={h.base}/exec")]
+            # The code does not travel (xdist's --rsyncdir is deprecated): each host runs its own installation,
+            # and the test paths go in the workers' environment, so xdist has no local path to rewrite.
+            paths = " ".join(os.path.join(ROOT, t) for t in MATRIX)
+            tx = [arg for h in sim.hosts for arg in (
+                "--tx", f"socket={h.address}:{PORT}//id={h.name}//chdir={h.base}/exec"
+                        f"//env:PYTEST_ADDOPTS=--rootdir={ROOT} {paths}")]
             run = subprocess.run(
                 ["nsenter", f"--net=/run/netns/{sim.client_ns}", sys.executable, "-m", "pytest", "-p", "fleet_report",
-                 "-p", "no:cacheprovider", "--dist", "load", *tx, "--rsyncdir", os.path.join(ROOT, "tests"), "--fleet-report", report,
-                 "-q", "-rA", *(os.path.join(ROOT, t) for t in MATRIX)], cwd=ROOT, capture_output=True, text=True, timeout=1700,
+                 "-p", "no:cacheprovider", "--dist", "load", *tx, "--fleet-report", report, "-q", "-rA"], cwd=ROOT, capture_output=True, text=True, timeout=1700,
                 env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests")})
             print(run.stdout[-20000:])
             print(run.stderr[-5000:], file=sys.stderr)
