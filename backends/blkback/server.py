@@ -33,7 +33,7 @@ from xdom.domains.xenhost.base import XenHost
 from xdom.domains.xenstore import XenstoreClient
 
 from ..device_table import DeviceTable
-from .vbd import BackendFeatures, BadFrontend, Vbd
+from .vbd import BackendFeatures, Vbd
 
 log = logging.getLogger("xdom.blkback")
 
@@ -58,7 +58,7 @@ class BlkbackServer:
         self.table = DeviceTable(self.xs, self.host.domid, "vbd",
                                  lambda path, fe, dev: Vbd(self.host, self.xs, path, fe, dev, self.features,
                                                            self.devices),
-                                 (BadFrontend, OSError, ValueError))
+                                 Vbd.publish_errors)
         self.table.start()
 
     def close(self) -> None:

@@ -28,7 +28,7 @@ from xdom.domains.xenstore import XenstoreClient
 from ..device_table import DeviceTable
 from .loop import NetbackLoop
 from .switch import LearningSwitch
-from .vif import BadFrontend, Vif
+from .vif import Vif
 
 log = logging.getLogger("xdom.netback")
 
@@ -65,7 +65,7 @@ class NetbackServer:
         self.table = DeviceTable(self.xs, self.host.domid, "vif",
                                  lambda path, fe, dev: Vif(self.host, self.xs, path, fe, dev, self.switch, self.loop,
                                                           self._take_tap, self.max_queues),
-                                 (BadFrontend, OSError))
+                                 Vif.publish_errors)
         self.table.start()
 
     def _take_tap(self, fe: int, devid: int) -> int | None:
