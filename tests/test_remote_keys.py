@@ -100,3 +100,28 @@ def test_front_door_passes_only_the_operations_it_serves(keydir: str) -> None:
     job = decide({"op": "up", "topology": other})
     assert job.action == "job" and job.argv[-3:] == ("up", other, "--detach")
     assert decide({"op": "down", "topology": other}).argv[-3:] == ("down", "--topology", other)
+
+
+def test_up_refuses_a_listener_without_keys_before_starting_anything(keydir: str) -> None:
+    import subprocess
+    import sys
+
+    def up(listen: str) -> subprocess.CompletedProcess[str]:
+        path = os.path.join(keydir, "t.toml")
+        with open(path, "w") as f:
+            f.write(f'[host]\nstate_dir = "{keydir}/state"\nrun_dir = "{keydir}/run"\nlisten = "{listen}"\n\n'
+                    '[[domain]]\nname = "xs"\nkind = "xenstored"\n')
+        return subprocess.run([sys.executable, "-m", "xdom.deploy.cli", "up", path, "--detach"], capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+    r = up("tcp://127.0.0.1:17799")
+    assert r.returncode == 2 and "not listening on tcp://127.0.0.1:17799: no secret key" in r.stderr
+    curvekeys.make_pair(os.path.join(keydir, "state", "keys"), "server")
+    r = up("tcp://127.0.0.1:17799")
+    assert r.returncode == 2 and "no allow-list" in r.stderr
+    os.mkdir(os.path.join(keydir, "state", "keys", "allowed_clients"), 0o700)
+    r = up("tcp://127.0.0.1:17799")
+    assert r.returncode == 2 and "has no client key" in r.stderr
+    for plaintext in ("ipc:///tmp/x.sock", "tcp://127.0.0.1", "udp://127.0.0.1:1"):
+        r = up(plaintext)
+        assert r.returncode == 2 and "host.listen: expected tcp://ADDRESS:PORT" in r.stderr
+    assert not os.path.exists(os.path.join(keydir, "run", "supervisor.pid"))
