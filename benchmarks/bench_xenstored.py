@@ -205,7 +205,7 @@ def echo_server_main(path: str, ready_fd: int | None) -> None:
 
 
 def _xs_wire() -> Any:
-    from xdom.domains import xs_wire
+    from xdom.domains.abi import xs_wire
     return xs_wire
 
 

@@ -42,7 +42,7 @@ from xdom.domains.abi.grant_table import (
     GNTST_permission_denied,
 )
 from xdom.domains.abi.hvm_params import HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_PFN
-from xdom.domains.hypercall_wire import HypercallError
+from xdom.domains.abi.hypercall_wire import HypercallError
 
 from .evtchn import MAX_PORTS, EventPair, Port, PortTable, new_virq_fd, signal
 from .fd_budget import FdBudget

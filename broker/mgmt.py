@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import msgpack
 
 from xdom.domains.abi.grant_table import PAGE_SIZE
-from xdom.domains.hypercall_wire import HypercallError
+from xdom.domains.abi.hypercall_wire import HypercallError
 
 from .hypervisor import DEFAULT_GRANT_FRAMES, Domain, Hypervisor
 

@@ -33,7 +33,7 @@ import zmq
 
 from xdom.domains.abi.event_channel import DOMID_SELF
 from xdom.domains.abi.grant_table import PAGE_SIZE, GNTST_okay
-from xdom.domains.hypercall_wire import (
+from xdom.domains.abi.hypercall_wire import (
     MAX_FDS,
     MAX_MESSAGE,
     SHUTDOWN_REASONS,

@@ -96,8 +96,8 @@ def cmd_xenstored(args: argparse.Namespace) -> int:
 
 def cmd_xenstore(args: argparse.Namespace) -> int:
     """Xenstore access through our own client (like xenstore-read/-write/-ls/-rm/-watch)."""
+    from xdom.domains.abi.xs_wire import XenstoreError
     from xdom.domains.xenstore import DEFAULT_SOCKET, UnixTransport, XenstoreClient
-    from xdom.domains.xs_wire import XenstoreError
 
     from .supervisor_cli import CommandError, xenstored_endpoint
     try:

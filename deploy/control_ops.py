@@ -20,8 +20,8 @@ import time
 from typing import Any
 
 from xdom.broker.mgmt_client import ManagementError
+from xdom.domains.abi.xs_wire import XenstoreError
 from xdom.domains.confinement import mode as confinement_mode
-from xdom.domains.xs_wire import XenstoreError
 
 from . import netns
 from .access import AccessError

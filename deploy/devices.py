@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from xdom.domains.abi.xs_wire import XenstoreError
 from xdom.domains.device_channel import offer_fd
 from xdom.domains.xenstore import UnixTransport, XenstoreClient
-from xdom.domains.xs_wire import XenstoreError
 
 from . import netns
 from .access import AccessError, grant_search, private_dir

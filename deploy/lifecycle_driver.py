@@ -31,7 +31,7 @@ import psutil
 import zmq
 
 from xdom.broker.mgmt_client import ManagementError
-from xdom.domains.xs_wire import XenstoreError
+from xdom.domains.abi.xs_wire import XenstoreError
 
 from . import adopt, host_state
 from .confined import parse_ready

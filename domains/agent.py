@@ -130,7 +130,7 @@ class DomainAgent:
         return {}
 
     def cmd_xs_read(self, path: str) -> dict[str, Any]:
-        from .xs_wire import XenstoreError
+        from .abi.xs_wire import XenstoreError
         try:
             return {"value": self.xs.read(path).decode(errors="replace")}
         except XenstoreError as e:

@@ -54,6 +54,7 @@ import threading
 from collections.abc import Sequence
 
 from . import confinement
+from .abi.xs_wire import XenstoreError
 from .blkfront.device import Blkfront, FrontendOptions
 from .device_channel import DeviceChannel
 from .nbd.server import NbdServer
@@ -66,7 +67,6 @@ from .wakeup import WakePipe
 from .xenbus import read_or_none
 from .xenhost import XenHost, connect
 from .xenstore import XenstoreClient
-from .xs_wire import XenstoreError
 
 log = logging.getLogger("xdom.guest")
 

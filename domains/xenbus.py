@@ -39,8 +39,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .abi.xenbus import XenbusState
+from .abi.xs_wire import XsType
 from .xenstore import XenstoreClient, XenstoreError
-from .xs_wire import XsType
 
 __all__ = ["XenbusState", "WatchHandler", "backend_path", "frontend_path", "parse_state", "read_or_none",
            "read_state", "switch_state", "parse_int", "read_int", "read_nodes", "write_nodes"]

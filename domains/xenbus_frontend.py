@@ -32,10 +32,10 @@ import logging
 import threading
 from typing import ClassVar
 
+from .abi.xs_wire import XenstoreError
 from .xenbus import XenbusState, read_int, read_or_none, read_state, switch_state
 from .xenbus_machine import FRONTEND_WRITES, FrontendAction, frontend_action
 from .xenstore import XenstoreClient
-from .xs_wire import XenstoreError
 
 A = FrontendAction
 

@@ -35,8 +35,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from .abi.hvm_params import HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_PFN
-from .xs_ring import RingIndexError, ring_read, ring_write
-from .xs_wire import (
+from .abi.xs_ring import RingIndexError, ring_read, ring_write
+from .abi.xs_wire import (
     RING_REQ_CONS,
     RING_REQ_OFFSET,
     RING_REQ_PROD,

@@ -86,7 +86,7 @@ class HostileAgent(DomainAgent):
         import struct
 
         from xdom.domains.abi.hvm_params import HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_PFN
-        from xdom.domains.xs_wire import RING_ERROR, RING_REQ_CONS, RING_REQ_PROD
+        from xdom.domains.abi.xs_wire import RING_ERROR, RING_REQ_CONS, RING_REQ_PROD
         page = self.h.memory.frame(self.h.get_param(HVM_PARAM_STORE_PFN))
         port = self.h.adopt_port(self.h.get_param(HVM_PARAM_STORE_EVTCHN))
         cons = struct.unpack_from("<I", page, RING_REQ_CONS)[0]

@@ -199,7 +199,7 @@ def test_only_the_domain_s_own_process_rejoins_with_its_own_key(host: Host) -> N
     process with a guessed key, or any process naming a domid that does not wait, is refused."""
     import socket as socket_mod
 
-    from xdom.domains.hypercall_wire import MAX_MESSAGE, decode_reply, encode_request
+    from xdom.domains.abi.hypercall_wire import MAX_MESSAGE, decode_reply, encode_request
 
     a, x = host.spawn("a"), host.spawn("x")
     key = a.call("leak_rejoin_key")["key"]

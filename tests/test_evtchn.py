@@ -14,7 +14,7 @@ from xdom.domains.abi.event_channel import (
     EVTCHNSTAT_unbound,
     EVTCHNSTAT_virq,
 )
-from xdom.domains.hypercall_wire import HypercallError
+from xdom.domains.abi.hypercall_wire import HypercallError
 
 
 def _bound_pair(domains):

@@ -50,7 +50,7 @@ import pytest  # noqa: E402
 
 from xdom.broker.hypervisor import DOMAIN_FDS, Hypervisor  # noqa: E402
 from xdom.domains.abi.event_channel import DOMID_SELF, VIRQ_DOM_EXC  # noqa: E402
-from xdom.domains.hypercall_wire import HypercallError  # noqa: E402
+from xdom.domains.abi.hypercall_wire import HypercallError  # noqa: E402
 
 
 def _errno_of(fn, *args) -> str:

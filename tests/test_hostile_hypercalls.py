@@ -51,7 +51,7 @@ from xdom.domains.abi.grant_table import (
     GNTST_permission_denied,
     GTF_reading,
 )
-from xdom.domains.hypercall_wire import (
+from xdom.domains.abi.hypercall_wire import (
     MAX_BATCH,
     MAX_FDS,
     MAX_MESSAGE,

@@ -553,7 +553,7 @@ def test_cli_without_a_broker_exits_3(run_dir: str) -> None:
 def test_hello_is_accepted_only_from_the_uid_given_at_create(mgmt: ManagementClient) -> None:
     """A token is bound to the uid the toolstack runs the domain as: another uid that
     reads or guesses it gets EACCES, and the token stays good for the real process."""
-    from xdom.domains.hypercall_wire import HypercallError
+    from xdom.domains.abi.hypercall_wire import HypercallError
     from xdom.domains.xenhost import BrokerXenHost
 
     other = os.geteuid() + 4242

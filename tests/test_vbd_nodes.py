@@ -155,7 +155,7 @@ def test_switch_state_publishes_nodes_with_the_state_and_nothing_once_the_device
 def test_pipelined_requests_are_answered_each_in_its_place(xs: XenstoreClient) -> None:
     """Requests sent together get their own replies, errors included, and a transaction's batch of writes
     commits together."""
-    from xdom.domains.xs_wire import XenstoreError, XsType
+    from xdom.domains.abi.xs_wire import XenstoreError, XsType
     xs.write("/a", "1")
     replies = xs.requests([(XsType.XS_READ, b"/a\0"), (XsType.XS_READ, b"/missing\0"), (XsType.XS_WRITE, b"/b\0" + b"2"),
                            (XsType.XS_READ, b"/b\0")])

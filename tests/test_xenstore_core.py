@@ -15,7 +15,7 @@ import pytest
 
 from xdom.backends.xenstored.core import DOMID_SELF, TX_ID_RESERVE, Introduced, Released, XenstoreCore
 from xdom.backends.xenstored.quota import Quota
-from xdom.domains.xs_wire import XENSTORE_PAYLOAD_MAX, Message, XsType, split_strings
+from xdom.domains.abi.xs_wire import XENSTORE_PAYLOAD_MAX, Message, XsType, split_strings
 
 T = XsType
 
@@ -1338,8 +1338,8 @@ def test_domain_exists_asks_the_hypervisor_after_a_death() -> None:
     """A dead domid named in permissions is ignored; once the hypervisor says
     it lives again (a restarted domain keeps its domid), it counts again."""
     from xdom.backends.xenstored.core import XenstoreCore as Core
-    from xdom.domains.xs_wire import Message as Msg
-    from xdom.domains.xs_wire import XsType as T
+    from xdom.domains.abi.xs_wire import Message as Msg
+    from xdom.domains.abi.xs_wire import XsType as T
 
     alive = {5: False}
     for hook in (None, lambda d: alive.get(d, True)):

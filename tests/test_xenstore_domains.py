@@ -86,7 +86,7 @@ def test_release_domain_fires_when_a_guest_dies(mgmt, xenstored, dom0) -> None:
 def test_a_guest_that_breaks_its_ring_is_cut_off_alone(mgmt, xenstored, dom0) -> None:
     from helpers import RemoteDomain
 
-    from xdom.domains.xs_wire import XENSTORE_ERROR_RINGIDX
+    from xdom.domains.abi.xs_wire import XENSTORE_ERROR_RINGIDX
     good = start_guest(mgmt, dom0, xenstored, "good")
     creds = mgmt.request("create", name="bad", memory="1M")
     store = mgmt.request("setup_store", domid=creds["domid"], xenstore_domid=xenstored.domid)
@@ -110,7 +110,7 @@ def test_a_domain_named_before_its_introduction_is_forgotten_when_it_dies(mgmt, 
     VIRQ_DOM_EXC (C's check_domains walks every domain it knows, introduced or not), so the
     next domain given its domid does not inherit what was granted to the dead one."""
     from xdom.deploy.agent_client import AgentProcess
-    from xdom.domains.xs_wire import XenstoreError, XsType
+    from xdom.domains.abi.xs_wire import XenstoreError, XsType
 
     def known(domid: int) -> bool:
         try:
@@ -154,7 +154,7 @@ def test_a_domain_named_before_its_introduction_is_forgotten_when_it_dies(mgmt, 
 
 def _known(dom0: XenstoreClient, domid: int) -> bool:
     """Whether xenstored has a record of ``domid`` (CONTROL quota answers ENOENT otherwise, as C)."""
-    from xdom.domains.xs_wire import XenstoreError, XsType
+    from xdom.domains.abi.xs_wire import XenstoreError, XsType
     try:
         dom0.request(XsType.XS_CONTROL, f"quota\0{domid}\0".encode())
         return True
@@ -174,7 +174,7 @@ def test_a_domain_restarted_before_xenstored_handles_its_death_is_a_new_domain(m
     from xs_fixtures import RawConn
 
     from xdom.deploy.agent_client import AgentProcess
-    from xdom.domains.xs_wire import XsType
+    from xdom.domains.abi.xs_wire import XsType
 
     events: queue.Queue[str] = queue.Queue()
     dom0.watch("@releaseDomain", "rel", lambda p, t: events.put(p))

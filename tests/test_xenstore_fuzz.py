@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from xdom.backends.xenstored.core import XenstoreCore
-from xdom.domains.xs_wire import XSD_ERRORS, Message, XsType
+from xdom.domains.abi.xs_wire import XSD_ERRORS, Message, XsType
 
 T = XsType
 CONNS = {"dom0": 0, "dom5": 5, "dom6": 6}

@@ -47,8 +47,8 @@ from xdom.deploy import netns
 from xdom.deploy.control import ControlClient, endpoint_for
 from xdom.deploy.rundir import Layout, running_pid
 from xdom.deploy.xlcfg import vdev_to_devid
+from xdom.domains.abi.xs_wire import XenstoreError
 from xdom.domains.xenstore import XenstoreClient
-from xdom.domains.xs_wire import XenstoreError
 
 pytestmark = [pytest.mark.timeout(600),
               pytest.mark.skipif(netns.unavailable_reason() is not None,

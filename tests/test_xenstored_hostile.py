@@ -12,7 +12,7 @@ import pytest
 from helpers import wait_until
 from xs_fixtures import RawConn, Xenstored, start_xenstored
 
-from xdom.domains.xs_wire import HEADER, XENSTORE_PAYLOAD_MAX, XsType
+from xdom.domains.abi.xs_wire import HEADER, XENSTORE_PAYLOAD_MAX, XsType
 
 
 @pytest.fixture

@@ -30,8 +30,8 @@ from xdom.backends.xenstored import journal as journal_mod
 from xdom.backends.xenstored.core import TX_ID_RESERVE, XenstoreCore
 from xdom.backends.xenstored.journal import StateDir
 from xdom.deploy.launcher import start_ready, start_xenstored_domain
+from xdom.domains.abi.xs_wire import Message, XsType
 from xdom.domains.xenstore import XenstoreClient
-from xdom.domains.xs_wire import Message, XsType
 
 T = XsType
 

@@ -17,10 +17,8 @@ from xs_fixtures import RawConn, Xenstored, start_guest, start_xenstored
 from xdom.deploy.agent_client import AgentProcess
 from xdom.deploy.launcher import XenstoredDomain, start_xenstored_domain
 from xdom.domains.abi.hvm_params import HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_PFN
-from xdom.domains.xenhost import BrokerXenHost
-from xdom.domains.xenstore import XenstoreClient
-from xdom.domains.xs_ring import ring_read, ring_write
-from xdom.domains.xs_wire import (
+from xdom.domains.abi.xs_ring import ring_read, ring_write
+from xdom.domains.abi.xs_wire import (
     RING_REQ_CONS,
     RING_REQ_OFFSET,
     RING_REQ_PROD,
@@ -32,6 +30,8 @@ from xdom.domains.xs_wire import (
     XenstoreError,
     XsType,
 )
+from xdom.domains.xenhost import BrokerXenHost
+from xdom.domains.xenstore import XenstoreClient
 
 
 def sigkill(xsd: Xenstored | XenstoredDomain) -> None:

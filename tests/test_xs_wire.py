@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xdom.domains import xs_wire
-from xdom.domains.xs_ring import RingIndexError, ring_read, ring_write
-from xdom.domains.xs_wire import HEADER_SIZE, Message, MessageReader, ProtocolError, XsType
+from xdom.domains.abi import xs_wire
+from xdom.domains.abi.xs_ring import RingIndexError, ring_read, ring_write
+from xdom.domains.abi.xs_wire import HEADER_SIZE, Message, MessageReader, ProtocolError, XsType
 
 HEADER = "/usr/include/xen/io/xs_wire.h"
 needs_headers = pytest.mark.skipif(not os.path.exists(HEADER) or not shutil.which("gcc"),

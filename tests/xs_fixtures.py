@@ -12,8 +12,8 @@ import psutil
 
 from xdom.deploy.agent_client import AgentProcess
 from xdom.deploy.launcher import XenstoredDomain, start_ready, stop_process
+from xdom.domains.abi.xs_wire import Message, MessageReader, XsType
 from xdom.domains.xenstore import XenstoreClient
-from xdom.domains.xs_wire import Message, MessageReader, XsType
 
 
 @dataclass

@@ -17,8 +17,8 @@ import logging
 from dataclasses import dataclass
 
 from xdom.domains.abi.blkif import VDISK_READONLY, abi_for
+from xdom.domains.abi.hypercall_wire import HypercallError
 from xdom.domains.device_channel import DeviceChannel
-from xdom.domains.hypercall_wire import HypercallError
 from xdom.domains.xenbus import parse_int, read_nodes
 from xdom.domains.xenhost.base import GrantError, XenHost
 from xdom.domains.xenstore import XenstoreClient

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from xdom.domains.hypercall_wire import HypercallError
+from xdom.domains.abi.hypercall_wire import HypercallError
 from xdom.domains.xenbus import parse_int, read_nodes
 from xdom.domains.xenhost.base import GrantError, XenHost
 from xdom.domains.xenstore import XenstoreClient

@@ -92,7 +92,7 @@ from typing import Any, Final
 
 import msgpack
 
-from xdom.domains.xs_wire import (
+from xdom.domains.abi.xs_wire import (
     HEADER_SIZE,
     XENSTORE_ABS_PATH_MAX,
     XENSTORE_PAYLOAD_MAX,

@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterator
 from typing import Final
 
-from xdom.domains.xs_wire import XENSTORE_REL_PATH_MAX
+from xdom.domains.abi.xs_wire import XENSTORE_REL_PATH_MAX
 
 ROOT: Final = "/"
 SPECIAL_PREFIX: Final = "@"

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from xdom.domains.xs_wire import XenstoreError
+from xdom.domains.abi.xs_wire import XenstoreError
 
 
 class Access(enum.IntFlag):

@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from xdom.domains.xs_wire import XenstoreError
+from xdom.domains.abi.xs_wire import XenstoreError
 
 from .permissions import Perms
 from .store import Node, PermsAdjuster, Store

@@ -12,8 +12,8 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
-from xdom.domains.xs_ring import RingIndexError, ring_peek, ring_write
-from xdom.domains.xs_wire import (
+from xdom.domains.abi.xs_ring import RingIndexError, ring_peek, ring_write
+from xdom.domains.abi.xs_wire import (
     HEADER,
     HEADER_SIZE,
     RING_CONNECTION,

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from .image import ImageError, default_cache_root, ensure_image
-from .qemu import QEMU, QemuProcess, VmPaths, VmSpec, qemu_argv
+from .qemu import ACCELS, QEMU, QemuProcess, VmPaths, VmSpec, qemu_argv
 
 KVM_GET_API_VERSION = 0xAE00
 KVM_API_VERSION = 12
@@ -165,3 +165,16 @@ def choose_accel(qemu: str = QEMU, cache_root: str | os.PathLike[str] | None = N
         tmp.write_text(json.dumps(v, indent=2) + "\n")
         os.replace(tmp, verdict_path)
         return AccelChoice(accel, what)
+
+
+def start_qemu(spec: VmSpec, paths: VmPaths, accel: str | None = None, qemu: str = QEMU) -> QemuProcess:
+    """Start QEMU for ``spec``; ``accel`` overrides ``spec.accel`` ("auto" is resolved by a probe, cached)."""
+    requested = accel or spec.accel
+    if requested not in ACCELS:
+        raise ValueError(f"accel {requested!r}: want one of {ACCELS}")
+    if requested == "auto":
+        choice = choose_accel(qemu=qemu)
+        chosen, reason = choice.accel, choice.reason
+    else:
+        chosen, reason = requested, "asked for"
+    return QemuProcess(qemu_argv(spec, paths, chosen, qemu), paths, chosen, reason)

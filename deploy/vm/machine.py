@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import time
 
+from .accel import start_qemu
 from .console import CommandResult, Console
-from .qemu import QemuProcess, VmPaths, VmSpec, start_qemu
+from .qemu import QemuProcess, VmPaths, VmSpec
 
 
 class RunningVm:

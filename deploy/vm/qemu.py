@@ -385,16 +385,3 @@ class QemuProcess:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-
-def start_qemu(spec: VmSpec, paths: VmPaths, accel: str | None = None, qemu: str = QEMU) -> QemuProcess:
-    """Start QEMU for ``spec``; ``accel`` overrides ``spec.accel`` ("auto" is resolved by a probe, cached)."""
-    requested = accel or spec.accel
-    if requested not in ACCELS:
-        raise ValueError(f"accel {requested!r}: want one of {ACCELS}")
-    if requested == "auto":
-        from .accel import choose_accel
-        choice = choose_accel(qemu=qemu)
-        chosen, reason = choice.accel, choice.reason
-    else:
-        chosen, reason = requested, "asked for"
-    return QemuProcess(qemu_argv(spec, paths, chosen, qemu), paths, chosen, reason)

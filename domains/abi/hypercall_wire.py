@@ -136,16 +136,21 @@ def take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
+def _pack(obj: dict[str, Any]) -> bytes:
+    out: bytes = msgpack.packb(obj, use_bin_type=True)
+    return out
+
+
 def encode_request(op: str, **fields: Any) -> bytes:
-    return msgpack.packb({"op": op, **fields}, use_bin_type=True)
+    return _pack({"op": op, **fields})
 
 
 def encode_reply(**fields: Any) -> bytes:
-    return msgpack.packb({"ok": True, **fields}, use_bin_type=True)
+    return _pack({"ok": True, **fields})
 
 
 def encode_error(err: HypercallError) -> bytes:
-    return msgpack.packb({"ok": False, "errno": err.name, "error": err.message}, use_bin_type=True)
+    return _pack({"ok": False, "errno": err.name, "error": err.message})
 
 
 def decode_reply(data: bytes) -> dict[str, Any]:

@@ -29,8 +29,7 @@ from typing import Any
 
 from .. import sysmem
 from ..abi.grant_table import PAGE_SIZE, GNTST_okay
-from ..grant_table import GrantTable
-from ..hypercall_wire import (
+from ..abi.hypercall_wire import (
     MAX_BATCH,
     MAX_FDS,
     MAX_MESSAGE,
@@ -39,6 +38,7 @@ from ..hypercall_wire import (
     encode_request,
     take_fds,
 )
+from ..grant_table import GrantTable
 from ..memory import DomainMemory
 from .base import CopyOp, EventChannels, GrantMapping, MapResult, XenHost
 

@@ -19,8 +19,8 @@ from xdom.broker.hypervisor import Domain, Hypervisor
 from xdom.broker.mgmt import parse_memory
 
 from ..abi.grant_table import GNTST_okay
+from ..abi.hypercall_wire import SHUTDOWN_REASONS
 from ..grant_table import GrantTable
-from ..hypercall_wire import SHUTDOWN_REASONS
 from ..memory import DomainMemory
 from .base import CopyOp, EventChannels, GrantMapping, MapResult, XenHost
 

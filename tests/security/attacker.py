@@ -30,8 +30,8 @@ from typing import Any
 import msgpack
 
 from xdom.domains.abi.grant_table import PAGE_SIZE, GNTST_okay
+from xdom.domains.abi.hypercall_wire import MAX_FDS, MAX_MESSAGE, HypercallError, encode_request, take_fds
 from xdom.domains.agent import DomainAgent
-from xdom.domains.hypercall_wire import MAX_FDS, MAX_MESSAGE, HypercallError, encode_request, take_fds
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
