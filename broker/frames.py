@@ -42,7 +42,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from xdom.domains.abi.grant_table import PAGE_SIZE, GNTST_bad_page, GNTST_okay
-from xdom.domains.memory import FRAME_MEMFD_NAME, DomainMemory
+from xdom.domains.hostsys.memory import FRAME_MEMFD_NAME, DomainMemory
 
 FrameId = tuple[int, int]   # (st_dev, st_ino) of the frame's memfd
 

@@ -2,7 +2,7 @@
 
 The table is a memfd the broker creates; the domain maps its own open file
 description of it and writes entries directly.  Pinning follows Xen's
-``_set_status_v1``: under the entry lock (see xdom.domains.grant_lock) the
+``_set_status_v1``: under the entry lock (see xdom.domains.hostsys.grant_lock) the
 entry is copied out, checked (type GTF_permit_access, no sub-page, domid is
 the mapper, a writable pin needs a writable grant) and GTF_reading /
 GTF_writing are set.  Pin counts live here, not in guest memory, so a guest
@@ -21,7 +21,6 @@ import os
 import struct
 from dataclasses import dataclass
 
-from xdom.domains import grant_lock
 from xdom.domains.abi.grant_table import (
     ENTRIES_PER_FRAME,
     GRANT_ENTRY_V1,
@@ -39,6 +38,7 @@ from xdom.domains.abi.grant_table import (
     GTF_writing,
     XDOM_GTF_mapped,
 )
+from xdom.domains.hostsys import grant_lock
 
 LOCK_TRIES = 64
 TABLE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL

@@ -10,40 +10,21 @@ from __future__ import annotations
 
 import errno
 import logging
-import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgpack
 
-from xdom.domains.abi.grant_table import PAGE_SIZE
 from xdom.domains.abi.hypercall_wire import HypercallError
+from xdom.domains.abi.sizes import memory_frames
 
 from .hypervisor import DEFAULT_GRANT_FRAMES, Domain, Hypervisor
 
 log = logging.getLogger("xdom.broker")
 
 MAX_REQUEST = 64 * 1024
-_MEMORY = re.compile(r"^\s*(\d+)\s*([KMG]i?B?)?\s*$", re.IGNORECASE)
-
-
-def parse_memory(value: object) -> int:
-    """Memory as xl.cfg gives it: an integer is MiB; "256K", "32M", "1G" carry units.
-
-    Returns a number of 4 KiB frames.
-    """
-    if isinstance(value, bool):
-        raise ValueError("memory must be a size")
-    if isinstance(value, int):
-        nbytes = value << 20
-    elif isinstance(value, str) and (m := _MEMORY.match(value)):
-        unit = (m.group(2) or "M")[0].upper()
-        nbytes = int(m.group(1)) << {"K": 10, "M": 20, "G": 30}[unit]
-    else:
-        raise ValueError(f"memory {value!r:.40} is not a size like 32 (MiB), '256K' or '32M'")
-    if nbytes <= 0 or nbytes % PAGE_SIZE:
-        raise ValueError(f"memory {value!r:.40} is not a positive multiple of 4 KiB")
-    return nbytes // PAGE_SIZE
+# The broker reads memory sizes as the topology does (xdom.domains.abi.sizes).
+parse_memory = memory_frames
 
 
 class DomainControl(Protocol):

@@ -44,7 +44,7 @@ from xdom.domains.abi.hypercall_wire import (
     int_tuple,
     take_fds,
 )
-from xdom.domains.wakeup import WakePipe
+from xdom.domains.hostsys.wakeup import WakePipe
 
 from .fd_budget import raise_nofile_limit
 from .frames import BadFrame, FrameAllocator, ProcFrames

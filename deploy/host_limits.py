@@ -68,7 +68,7 @@ class HostFacts:
 
     @classmethod
     def measure(cls, separate_uids: bool | None = None) -> HostFacts:
-        from xdom.domains.memory import max_map_count
+        from xdom.domains.hostsys.memory import max_map_count
 
         from .isolation import UID_COUNT
         mem = None

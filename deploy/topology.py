@@ -66,6 +66,7 @@ from enum import StrEnum
 from typing import Any
 
 from xdom.domains.abi.grant_table import PAGE_SIZE
+from xdom.domains.abi.sizes import parse_size as parse_memory_size
 
 from .xlcfg import (
     EXPORT_NBD,
@@ -213,7 +214,6 @@ MIN_FDS = 16
 MAX_TOPOLOGY_BYTES = 1 << 20
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}", re.ASCII)
-_SIZE_RE = re.compile(r"\s*([0-9]+)\s*([KMG]i?B?)?\s*", re.ASCII | re.IGNORECASE)
 _TOP_KEYS = ("domain", "host")
 _HOST_KEYS = ("state_dir", "run_dir", "listen", "events_listen", "server_key", "allowed_clients")
 # A remote host's listener: tcp only (ipc:// is the local control socket), an address to bind and a port.
@@ -522,28 +522,6 @@ def _unknown_keys(chk: _Checker, where: str, table: Mapping[str, Any], known: tu
         if key not in known:
             prefix = f"{where}." if where else ""
             chk.error(f"{prefix}{key}", f"unknown key{_hint(key, known)}; expected one of {', '.join(known)}")
-
-
-def parse_memory_size(value: object, what: str = "memory") -> int:
-    """A size as xl.cfg and the broker take it, in bytes: an integer is MiB,
-    a string is a number with an optional K, M or G (binary units; ``KiB``
-    and ``MB`` spellings too, as the broker's parser reads them).
-
-    Raises ValueError saying what was expected.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"{what} must be an integer (MiB) or a string like '256K', '32M' or '1G', not {_a(value)}")
-    if isinstance(value, int):
-        if value <= 0:
-            raise ValueError(f"{what} must be positive, not {value}")
-        return value << 20
-    m = _SIZE_RE.fullmatch(value)
-    if not m or len(m.group(1)) > 15:
-        raise ValueError(f"{what} {value!r} is not a size like 32 (MiB), '256K', '32M' or '1G'")
-    nbytes = int(m.group(1)) << {"K": 10, "M": 20, "G": 30}[(m.group(2) or "M")[0].upper()]
-    if nbytes <= 0:
-        raise ValueError(f"{what} {value!r} must be positive")
-    return nbytes
 
 
 def _number(chk: _Checker, where: str, value: object, minimum: float, strict: bool = False) -> float | None:

@@ -20,7 +20,6 @@ import struct
 import threading
 from collections.abc import Callable
 
-from . import grant_lock
 from .abi.grant_table import (
     ENTRIES_PER_FRAME,
     GNTTAB_NR_RESERVED_ENTRIES,
@@ -33,6 +32,7 @@ from .abi.grant_table import (
     GTF_writing,
     XDOM_GTF_mapped,
 )
+from .hostsys import grant_lock
 
 _FLAGS = struct.Struct("<H")
 

@@ -1,36 +1,10 @@
-"""A self-pipe that wakes an event loop from a signal handler or another thread."""
+"""Moved to :mod:`xdom.domains.hostsys.wakeup` (issue 16: the host system-call wrappers in one package).
 
-from __future__ import annotations
+Transitional: deploy/supervision.py imports it from here while the
+supervisor split is in flight.  Delete this file once it imports
+``xdom.domains.hostsys.wakeup``; nothing new may import it (tests/test_layers.py).
+"""
 
-import os
+from .hostsys.wakeup import WakePipe
 
-
-class WakePipe:
-    """``wake()`` is async-signal-safe; the loop polls ``fileno()`` and calls ``drain()``."""
-
-    def __init__(self) -> None:
-        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-
-    def fileno(self) -> int:
-        return self._r
-
-    def wake(self) -> None:
-        try:
-            os.write(self._w, b"x")
-        except OSError:       # full (already awake) or closed (loop gone)
-            pass
-
-    def drain(self) -> None:
-        while True:
-            try:
-                if not os.read(self._r, 512):
-                    return
-            except BlockingIOError:
-                return
-
-    def close(self) -> None:
-        for fd in (self._r, self._w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+__all__ = ["WakePipe"]

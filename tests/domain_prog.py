@@ -13,9 +13,9 @@ import random
 import time
 from typing import Any
 
-from xdom.domains import sysmem
 from xdom.domains.abi.grant_table import PAGE_SIZE, GNTST_okay
 from xdom.domains.agent import DomainAgent
+from xdom.domains.hostsys import sysmem
 from xdom.domains.xenhost import connect
 
 libc = ctypes.CDLL(None, use_errno=True)

@@ -30,7 +30,6 @@ from hypothesis import strategies as st
 
 from xdom.broker.mgmt_client import ManagementClient
 from xdom.deploy.launcher import BrokerProcess
-from xdom.domains import sysmem
 from xdom.domains.abi.event_channel import (
     DOMID_SELF,
     NR_VIRQS,
@@ -60,7 +59,8 @@ from xdom.domains.abi.hypercall_wire import (
     decode_request,
     take_fds,
 )
-from xdom.domains.memory import DomainMemory
+from xdom.domains.hostsys import sysmem
+from xdom.domains.hostsys.memory import DomainMemory
 from xdom.domains.xenhost import BrokerXenHost
 
 T = TypeVar("T")

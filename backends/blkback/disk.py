@@ -19,7 +19,6 @@ device says so in ``queue/write_cache`` ("write back" or "write through").
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -27,10 +26,8 @@ import stat
 import struct
 from collections.abc import Sequence
 
-_libc = ctypes.CDLL(None, use_errno=True)     # the interpreter's own libc (find_library runs ldconfig)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
+from xdom.domains.hostsys.files import punch_hole
+
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
 BLKPBSZGET = 0x127B
@@ -128,9 +125,10 @@ class Disk:
         if self.is_block_device:
             fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("<QQ", offset, length))
             return
-        if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"punching {offset}+{length} in {self.path}: {os.strerror(err)}")
+        try:
+            punch_hole(self.fd, offset, length)
+        except OSError as e:
+            raise OSError(e.errno, f"punching {offset}+{length} in {self.path}: {e.strerror}") from None
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -42,7 +42,7 @@ import msgpack
 from xdom.domains.abi.event_channel import VIRQ_DOM_EXC
 from xdom.domains.abi.grant_table import GNTTAB_RESERVED_XENSTORE
 from xdom.domains.abi.xs_wire import HEADER, Message, ProtocolError, XsType
-from xdom.domains.wakeup import WakePipe
+from xdom.domains.hostsys.wakeup import WakePipe
 
 from .core import ConnId, Introduced, Released, XenstoreCore
 from .journal import StateDir

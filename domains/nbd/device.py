@@ -77,6 +77,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, runtime_checkable
 
+from ..hostsys.files import punch_hole
+
 __all__ = ["ReadDone", "Done", "BlockDevice", "FileBlockDevice", "CompletionBatch", "completion_batch",
            "current_completion_batch"]
 
@@ -176,26 +178,8 @@ def current_completion_batch() -> CompletionBatch | None:
     return getattr(_batches, "current", None)
 
 
-# --- fallocate(2) through libc: Python's os module has no mode flags -----------
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-
-_libc = ctypes.CDLL(None, use_errno=True)     # the interpreter's own libc (find_library runs ldconfig)
-_fallocate_fn = getattr(_libc, "fallocate64", None) or _libc.fallocate
-_fallocate_fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate_fn.restype = ctypes.c_int
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    while _fallocate_fn(fd, mode, offset, length) != 0:
-        e = ctypes.get_errno()
-        if e != errno.EINTR:
-            raise OSError(e, os.strerror(e))
-
-
-def _punch(fd: int, offset: int, length: int) -> None:
-    _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+# fallocate(2) with mode flags: xdom.domains.hostsys.files
+_punch = punch_hole
 
 
 _ZEROES = bytes(1024 * 1024)

@@ -45,7 +45,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .. import sysmem
+from ..hostsys import sysmem
 from . import backend as be
 from .backend import FdKind, VhostUserBackend, VhostUserDevice
 from .virtqueue import SplitVirtqueue

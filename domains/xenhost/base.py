@@ -11,7 +11,7 @@ from typing import Any
 
 from ..abi.grant_table import GNTST_NAMES, GNTCOPY_dest_gref, GNTCOPY_source_gref, GNTST_okay
 from ..grant_table import GrantTable
-from ..memory import DomainMemory
+from ..hostsys.memory import DomainMemory
 
 
 class GrantError(Exception):

@@ -27,7 +27,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .. import sysmem
 from ..abi.grant_table import PAGE_SIZE, GNTST_okay
 from ..abi.hypercall_wire import (
     MAX_BATCH,
@@ -39,7 +38,8 @@ from ..abi.hypercall_wire import (
     take_fds,
 )
 from ..grant_table import GrantTable
-from ..memory import DomainMemory
+from ..hostsys import sysmem
+from ..hostsys.memory import DomainMemory
 from .base import CopyOp, EventChannels, GrantMapping, MapResult, XenHost
 
 # Frames asked for per populate_physmap: each arrives as a descriptor, so a

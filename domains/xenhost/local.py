@@ -16,12 +16,12 @@ from typing import Any
 
 from xdom.broker.frames import LocalFrames
 from xdom.broker.hypervisor import Domain, Hypervisor
-from xdom.broker.mgmt import parse_memory
 
 from ..abi.grant_table import GNTST_okay
 from ..abi.hypercall_wire import SHUTDOWN_REASONS
+from ..abi.sizes import memory_frames
 from ..grant_table import GrantTable
-from ..memory import DomainMemory
+from ..hostsys.memory import DomainMemory
 from .base import CopyOp, EventChannels, GrantMapping, MapResult, XenHost
 
 
@@ -35,7 +35,7 @@ class LocalHypervisor:
     def create_domain(self, name: str, memory: int | str = "4M", privileged: bool = False,
                       grant_frames: int = 32) -> LocalXenHost:
         with self.lock:
-            dom = self.hv.create_domain(name, parse_memory(memory), privileged, grant_frames)
+            dom = self.hv.create_domain(name, memory_frames(memory), privileged, grant_frames)
             return LocalXenHost(self, dom)
 
     def close(self) -> None:

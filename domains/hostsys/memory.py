@@ -19,8 +19,8 @@ import errno
 import os
 from collections.abc import Callable
 
+from ..abi.grant_table import PAGE_SIZE
 from . import sysmem
-from .abi.grant_table import PAGE_SIZE
 
 FRAME_MEMFD_NAME = "xdom-frame"
 

@@ -25,7 +25,7 @@ import fcntl
 import os
 import struct
 
-from .abi.grant_table import GRANT_ENTRY_V1_SIZE
+from ..abi.grant_table import GRANT_ENTRY_V1_SIZE
 
 # struct flock on Linux/x86_64: l_type, l_whence (short), l_start, l_len
 # (off_t), l_pid (pid_t) + padding.  l_pid must be 0 for OFD locks.

@@ -37,7 +37,7 @@ def _oserror(what: str) -> OSError:
 
 def mmap(addr: int, length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> int:
     """libc mmap; returns the address or raises OSError with errno."""
-    res = _libc.mmap(addr or None, length, prot, flags, fd, offset)
+    res: int | None = _libc.mmap(addr or None, length, prot, flags, fd, offset)
     if res is None or res == MAP_FAILED:
         raise _oserror("mmap")
     return res
