@@ -80,6 +80,35 @@ class Refused(Exception):
         self.status = status
 
 
+def sector_problem(sector: int, lss_sectors: int) -> str | None:
+    """Why a request may not start at ``sector`` of a disk of ``lss_sectors``-sector logical sectors, or None.
+
+    This function, :func:`segment_problem` and :func:`extent_problem` are the rules for a request's
+    sectors: the planner and blkback's fast path (ring_server.py) both apply them."""
+    if sector % lss_sectors:
+        return f"sector {sector} not aligned to the {lss_sectors * XEN_BLKIF_SECTOR_SIZE}-byte logical sector"
+    return None
+
+
+def segment_problem(first: int, last: int, lss_sectors: int) -> str | None:
+    """Why a segment's sectors ``first..last`` are refused, or None: within one page, in order, and
+    whole logical sectors (Linux refuses any segment that is not)."""
+    if first > last or last >= SECTORS_PER_PAGE:
+        return f"segment sectors {first}..{last} do not fit a page"
+    nsec = last - first + 1
+    if nsec % lss_sectors:
+        return (f"a {nsec * XEN_BLKIF_SECTOR_SIZE}-byte segment on a disk of "
+                f"{lss_sectors * XEN_BLKIF_SECTOR_SIZE}-byte logical sectors")
+    return None
+
+
+def extent_problem(sector: int, total_sectors: int, disk_sectors: int) -> str | None:
+    """Why ``total_sectors`` from ``sector`` do not fit the disk, or None."""
+    if sector + total_sectors > disk_sectors:
+        return f"sectors {sector}+{total_sectors} beyond the disk's {disk_sectors}"
+    return None
+
+
 def indirect_pages_needed(nr_segments: int) -> int:
     return (nr_segments + SEGMENTS_PER_INDIRECT_FRAME - 1) // SEGMENTS_PER_INDIRECT_FRAME
 
@@ -122,22 +151,19 @@ def plan(req: Request, geometry: DiskGeometry, segments: tuple[Segment, ...] | N
     chunks = []
     total_sectors = 0
     lss_sectors = geometry.logical_sector_size // XEN_BLKIF_SECTOR_SIZE
-    if req.sector_number % lss_sectors:
-        raise Refused(BLKIF_RSP_ERROR, f"sector {req.sector_number} not aligned to the "
-                                       f"{geometry.logical_sector_size}-byte logical sector")
+    why = sector_problem(req.sector_number, lss_sectors)
+    if why is not None:
+        raise Refused(BLKIF_RSP_ERROR, why)
     for seg in segments:
-        if seg.first_sect > seg.last_sect or seg.last_sect >= SECTORS_PER_PAGE:
-            raise Refused(BLKIF_RSP_ERROR, f"segment sectors {seg.first_sect}..{seg.last_sect} do not fit a page")
+        why = segment_problem(seg.first_sect, seg.last_sect, lss_sectors)
+        if why is not None:
+            raise Refused(BLKIF_RSP_ERROR, why)
         nsec = seg.last_sect - seg.first_sect + 1
-        if nsec % lss_sectors:
-            # Linux refuses any segment that is not whole logical sectors.
-            raise Refused(BLKIF_RSP_ERROR, f"a {nsec * 512}-byte segment on a disk of "
-                                           f"{geometry.logical_sector_size}-byte logical sectors")
         chunks.append(Chunk(seg.gref, seg.first_sect * XEN_BLKIF_SECTOR_SIZE, nsec * XEN_BLKIF_SECTOR_SIZE))
         total_sectors += nsec
-    if req.sector_number + total_sectors > geometry.sectors:
-        raise Refused(BLKIF_RSP_ERROR, f"sectors {req.sector_number}+{total_sectors} beyond the disk's "
-                                       f"{geometry.sectors}")
+    why = extent_problem(req.sector_number, total_sectors, geometry.sectors)
+    if why is not None:
+        raise Refused(BLKIF_RSP_ERROR, why)
     offset = req.sector_number * XEN_BLKIF_SECTOR_SIZE
     length = total_sectors * XEN_BLKIF_SECTOR_SIZE
     lss = geometry.logical_sector_size

@@ -37,6 +37,7 @@ from xdom.domains.abi.blkif import (
     BLKIF_RSP_OKAY,
     SEGMENT,
     SEGMENT_RUNS,
+    XEN_BLKIF_SECTOR_SIZE,
     BlkifABI,
     Request,
     parse_indirect_segments,
@@ -46,13 +47,25 @@ from xdom.domains.abi.ring import BackRing, RingOverflow, SharedRing
 from xdom.domains.xenhost.base import GrantMapping, XenHost
 
 from .disk import Disk
-from .plan import DiskGeometry, IoPlan, Refused, check_indirect, indirect_pages_needed, plan
+from .plan import (
+    SECTORS_PER_PAGE,
+    DiskGeometry,
+    IoPlan,
+    Refused,
+    check_indirect,
+    extent_problem,
+    indirect_pages_needed,
+    plan,
+    sector_problem,
+    segment_problem,
+)
 
 log = logging.getLogger("xdom.blkback")
 
 _SEGMENT_LISTS: dict[int, struct.Struct] = {}     # an indirect request's n descriptors, as one struct
 _LITTLE_ENDIAN = sys.byteorder == "little"
-_WHOLE_PAGE = 7 << 8                               # first_sect 0, last_sect 7, no padding bits
+_SECTOR = XEN_BLKIF_SECTOR_SIZE
+_WHOLE_PAGE = (SECTORS_PER_PAGE - 1) << 8         # first_sect 0, last_sect 7, no padding bits
 
 LOGGED_REFUSALS = 20
 PUSH_BYTES = 16 * 1024            # within a batch, answers are published once this much data has moved
@@ -92,7 +105,7 @@ class RingServer:
         self._ind_unpack = abi.indirect.unpack_from
         self._rsp_pack = abi.response.pack
         self._seg_offset = abi.segments_offset
-        self._lss_sectors = geometry.logical_sector_size // 512
+        self._lss_sectors = geometry.logical_sector_size // XEN_BLKIF_SECTOR_SIZE
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._thread: threading.Thread | None = None
         self._ring_maps: list[GrantMapping] = []
@@ -237,14 +250,14 @@ class RingServer:
         for i in range(0, 3 * nseg, 3):
             m = persistent.get(flat[i])
             first, last = flat[i + 1], flat[i + 2]
-            if m is None or first > last or last >= 8 or (lss > 1 and (last - first + 1) % lss):
+            if m is None or segment_problem(first, last, lss) is not None:
                 return None
-            bufs.append(m.view[first * 512:(last + 1) * 512])
+            bufs.append(m.view[first * _SECTOR:(last + 1) * _SECTOR])
             total += last - first + 1
-        if sector + total > self.geometry.sectors or (lss > 1 and sector % lss):
+        if sector_problem(sector, lss) is not None or extent_problem(sector, total, self.geometry.sectors) is not None:
             return None
         self.stats["persistent_reuses"] += nseg
-        return rid, op, sector * 512, bufs, total * 512
+        return rid, op, sector * _SECTOR, bufs, total * _SECTOR
 
     def _fast_indirect(self, raw: bytes) -> tuple[int, int, int, list[memoryview], int] | None:
         """:meth:`_fast` for an indirect READ/WRITE whose indirect and data pages are all persistent
@@ -284,21 +297,21 @@ class RingServer:
         lss = self._lss_sectors
         if spans.count(_WHOLE_PAGE) == nseg:
             bufs = [m.view for m in maps]                  # whole pages: the usual case
-            total = nseg * 8
+            total = nseg * SECTORS_PER_PAGE
         else:
             bufs = []
             total = 0
             for m, span in zip(maps, spans):
                 first, last = span & 0xFF, (span >> 8) & 0xFF
-                if first > last or last >= 8 or (lss > 1 and (last - first + 1) % lss):
+                if segment_problem(first, last, lss) is not None:
                     return None
-                bufs.append(m.view[first * 512:(last + 1) * 512])
+                bufs.append(m.view[first * _SECTOR:(last + 1) * _SECTOR])
                 total += last - first + 1
-        if sector + total > geometry.sectors or (lss > 1 and sector % lss):
+        if sector_problem(sector, lss) is not None or extent_problem(sector, total, geometry.sectors) is not None:
             return None
         self.stats["persistent_reuses"] += nseg + npages
         self.stats["indirect_requests"] += 1
-        return rid, op, sector * 512, bufs, total * 512
+        return rid, op, sector * _SECTOR, bufs, total * _SECTOR
 
     def _fast_execute(self, rid: int, op: int, offset: int, bufs: list[memoryview], length: int) -> bytes:
         self.stats["requests"] += 1
