@@ -27,9 +27,10 @@ from . import netns
 from .access import AccessError
 from .confined import confinement_of
 from .control import ControlError, string_field
-from .devices import _EXPORT_ARGS, DETACH_TIMEOUT, _backend_tap, _bridge_of, _ifname, _logged, _unlink_socket, _vifs
+from .devices import _EXPORT_ARGS, DETACH_TIMEOUT, _backend_tap, _bridge_of, _ifname, _logged, _vifs
 from .lifecycle import Effect, Event, State, step
 from .lifecycle_driver import LifecycleDriver
+from .rundir import unlink_socket
 from .supervised_domain import SupervisedDomain
 from .tap import TapError
 from .topology import DomainKind, bridge_name_problem, export_problem, vif_queues
@@ -256,7 +257,7 @@ class ControlOps(LifecycleDriver):
                 with self._xs() as xs:
                     closed = remove_vbd(xs, be.domid, d.domid, disk.devid, timeout=DETACH_TIMEOUT)
             d.spec = dataclasses.replace(d.spec, disks=tuple(x for x in d.spec.disks if x is not disk))
-            _unlink_socket(self._export_path(d, disk))
+            unlink_socket(self._export_path(d, disk))
             log.info("detached %s from %s%s", disk.vdev, d.name, "" if closed else " (the backend did not confirm)")
             return closed
         # A VM's disk leaves the VM first (device_del, answered when its kernel let go): the rest follows then.
@@ -347,7 +348,7 @@ class ControlOps(LifecycleDriver):
             raise ControlError.of(errno.EACCES, f"{d.name} is confined to export sockets in {', '.join(sorted(dirs))}"
                                                 f"; leave export= out (its socket then goes in "
                                                 f"{self.layout.export_dir(d.name)}/)")
-        _unlink_socket(path)            # a stale one would look served
+        unlink_socket(path)            # a stale one would look served
         return vif, path
 
     def _op_network_detach(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -368,7 +369,7 @@ class ControlOps(LifecycleDriver):
                     closed = remove_vif(xs, be.domid, d.domid, devid, timeout=DETACH_TIMEOUT)
             self._forget_vif(d, devid, vif)
             if vif.export_kind == EXPORT_VHOST_USER:
-                _unlink_socket(self._vif_export(d, devid, vif))
+                unlink_socket(self._vif_export(d, devid, vif))
             log.info("detached vif %d from %s%s", devid, d.name, "" if closed else " (the backend did not confirm)")
             return closed
         # A VM's NIC leaves the VM first (device_del, answered when its kernel let go): the rest follows then.

@@ -30,7 +30,7 @@ from xdom.domains.xenstore import UnixTransport, XenstoreClient
 from . import netns
 from .access import AccessError, grant_search, private_dir
 from .bridge import backend_tap_name, ensure_bridge, ensure_port
-from .rundir import make_dirs
+from .rundir import make_dirs, unlink_socket
 from .supervised_domain import SupervisedDomain
 from .supervision import XS_TIMEOUT, SupervisorBase
 from .tap import TapError, create_tap, delete_tap, open_tun, tap_exists
@@ -347,7 +347,7 @@ class Devices(SupervisorBase):
                         f"it replace anything in it; name a directory that does not exist yet (xdom makes it "
                         f"{d.name}'s and removes it at xdom down), or give export= a plain socket name "
                         f"({self.layout.export_dir(d.name)}/)")
-            _unlink_socket(path)
+            unlink_socket(path)
         if disks is None and d.kind == DomainKind.GUEST and not os.path.lexists(self.layout.export_dir(d.name)):
             # Where hot-attached devices' sockets go: it must exist before the guest confines itself (Landlock).
             os.mkdir(self.layout.export_dir(d.name), 0o700)
@@ -387,7 +387,7 @@ class Devices(SupervisorBase):
                 self._remove_domain_nodes(d.domid)
             for path in self._export_sockets(d):
                 if os.path.lexists(path):
-                    _unlink_socket(path)
+                    unlink_socket(path)
                     gone.append(path)
             own = self.layout.export_dir(d.name)
             if os.path.isdir(own):
@@ -463,7 +463,7 @@ class Devices(SupervisorBase):
                             if e.name != "ENOENT":      # its parent is not there either: nothing to remove
                                 raise
                 if export is not None:
-                    _unlink_socket(export)
+                    unlink_socket(export)
                 log.info("removed what may be left of %s %d of %s, whose attach was refused", kind, devid, name)
             except (XenstoreError, OSError, TimeoutError) as e:
                 log.warning("removing the nodes of %s %d of %s, whose attach was refused: %s; retried when "
@@ -519,12 +519,3 @@ def _remove_made_dir(path: str) -> None:
         return
     if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
         shutil.rmtree(path, ignore_errors=True)     # follows no symlink
-
-
-def _unlink_socket(path: str) -> None:
-    """Remove a unix socket left at ``path`` (never a file of another kind)."""
-    try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -45,6 +45,7 @@ import os
 import re
 import shutil
 import stat
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -460,3 +461,17 @@ def stop_leftovers(run_dir: str) -> list[str]:
             continue
         done.append(what)
     return done
+
+
+def unlink_socket(path: str) -> None:
+    """Remove a unix socket left at ``path`` (never a file of another kind)."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def log_marker(fd: int, text: str) -> None:
+    """A line of xdom's own in a log a process writes (a domain's, a VM's): when, and what xdom did."""
+    os.write(fd, f"--- xdom {time.strftime('%Y-%m-%d %H:%M:%S')}: {text}\n".encode())

@@ -26,8 +26,9 @@ from .devices import Devices, _ifname, _tap_vifs, _vifs
 from .isolation import DOMAIN_EXEC
 from .launcher import start_domain_process
 from .lifecycle import Event, State
+from .rundir import log_marker
 from .supervised_domain import READY_PIPE_KINDS, SupervisedDomain
-from .supervision import RESET_PATIENCE, _log_marker
+from .supervision import RESET_PATIENCE
 from .tap import TapError, open_tun
 from .topology import DomainKind, NetSwitch, vif_queues
 from .xlcfg import EXPORT_VHOST_USER
@@ -182,7 +183,7 @@ class Spawning(Devices):
         d.generation += 1
         logfd = os.open(self.layout.log_path(d.name), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
-            _log_marker(logfd, f"starting {d.kind} domain {d.name} (domid {d.domid}, generation {d.generation}"
+            log_marker(logfd, f"starting {d.kind} domain {d.name} (domid {d.domid}, generation {d.generation}"
                                f"{f', uid {d.uid}' if d.uid is not None else ''}): {' '.join(argv)}")
             env = dict(os.environ, XDOM_LOG_LEVEL=self.log_level)
             # xdom's own Python comes first, so a program's "python3 -m ..." finds xdom

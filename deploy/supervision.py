@@ -51,7 +51,7 @@ from .keeper import KeeperClient, KeeperError
 from .launcher import BrokerProcess
 from .lifecycle import State
 from .policy import ExitStatus, HealthCheck, RestartTracker
-from .rundir import Layout, PidFile
+from .rundir import Layout, PidFile, log_marker
 from .supervised_domain import JournalEntry, SupervisedDomain
 from .topology import DomainKind, DomainSpec, NetSwitch, Topology, TopologyError
 from .vm.supervised import VmPlan, VmSupervisor, check_vms
@@ -222,7 +222,7 @@ class SupervisorBase:
         except OSError:
             return
         try:
-            _log_marker(fd, text)
+            log_marker(fd, text)
         finally:
             os.close(fd)
 
@@ -404,8 +404,3 @@ def _last_line(path: str) -> str:
     except OSError:
         lines = []
     return (lines[-1] if lines else "(nothing logged)") + f" (see {path})"
-
-
-def _log_marker(fd: int, text: str) -> None:
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    os.write(fd, f"--- xdom {stamp}: {text}\n".encode())

@@ -69,12 +69,12 @@ from . import adopt, host_state, netns
 from .access import AccessError, grant_search
 from .control import ControlProtocol, ControlServer, endpoint_for
 from .control_ops import ControlOps
-from .devices import _remove_made_dir, _unlink_socket
+from .devices import _remove_made_dir
 from .isolation import plan_uids
 from .lifecycle import Event, State
 from .lifecycle_driver import _Death
 from .policy import ExitStatus
-from .rundir import LayoutError, clear_run_files, make_dirs, remove_run_dir, stop_leftovers
+from .rundir import LayoutError, clear_run_files, make_dirs, remove_run_dir, stop_leftovers, unlink_socket
 from .supervised_domain import AlreadyRunning, JournalEntry, StartupError, SupervisorError
 from .supervision import (
     _BROKER,
@@ -174,7 +174,7 @@ class Supervisor(ControlOps):
             if owner:
                 for d in self.domains:
                     for path in self._export_sockets(d):
-                        _unlink_socket(path)
+                        unlink_socket(path)
                     if d.netns is not None:
                         self._delete_netns(d.netns)
                 self.vms.close()

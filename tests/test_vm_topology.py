@@ -32,7 +32,7 @@ from xdom.deploy.topology import (
     VmConfig,
     parse_topology,
 )
-from xdom.deploy.vm import supervised
+from xdom.deploy.vm import plan as vm_plan
 from xdom.deploy.xlcfg import XlCfgError, parse_disk, parse_vif
 
 pytestmark = pytest.mark.timeout(240)
@@ -216,29 +216,29 @@ def _vm_topology(vm: str, **keys: Any) -> Topology:
 
 
 def test_host_checks_refuse_what_cannot_work(monkeypatch: pytest.MonkeyPatch) -> None:
-    plans, problems = supervised.plan_vms(_vm_topology('kernel = "/nonexistent/vmlinuz"\naccel = "tcg"'))
+    plans, problems = vm_plan.plan_vms(_vm_topology('kernel = "/nonexistent/vmlinuz"\naccel = "tcg"'))
     assert problems == ['topo.toml: domain[2] ("g1").vm.kernel: /nonexistent/vmlinuz: No such file or directory']
-    total = supervised._mem_total_mib()
+    total = vm_plan._mem_total_mib()
     assert total is not None
-    _, problems = supervised.plan_vms(_vm_topology(f'kernel = "/proc/self/exe"\naccel = "tcg"\n'
+    _, problems = vm_plan.plan_vms(_vm_topology(f'kernel = "/proc/self/exe"\naccel = "tcg"\n'
                                                    f'memory = {total + 1024}'))
     assert problems and all("more than this host's memory" in p for p in problems), problems
     monkeypatch.setattr("xdom.deploy.vm.accel.kvm_device_problem", lambda: "no /dev/kvm (test)")
-    _, problems = supervised.plan_vms(_vm_topology('kernel = "/proc/self/exe"\naccel = "kvm"'))
+    _, problems = vm_plan.plan_vms(_vm_topology('kernel = "/proc/self/exe"\naccel = "kvm"'))
     assert problems == ['topo.toml: domain[2] ("g1").vm.accel: "kvm" cannot work here: no /dev/kvm (test); use '
                         '"tcg" or "auto"']
-    monkeypatch.setattr(supervised.shutil, "which", lambda name: None)
-    _, problems = supervised.plan_vms(_vm_topology('accel = "tcg"'))
+    monkeypatch.setattr(vm_plan.shutil, "which", lambda name: None)
+    _, problems = vm_plan.plan_vms(_vm_topology('accel = "tcg"'))
     assert problems == ['topo.toml: domain[2] ("g1").vm: qemu-system-x86_64 is not installed (Debian package '
                         'qemu-system-x86): nothing can run the VM']
 
 
 def test_the_projects_image_needs_its_memory_and_gets_the_vifs_addresses(vm_image: Any) -> None:
-    _, problems = supervised.plan_vms(_vm_topology('accel = "tcg"\nmemory = "64M"'))
+    _, problems = vm_plan.plan_vms(_vm_topology('accel = "tcg"\nmemory = "64M"'))
     assert problems == [f'topo.toml: domain[2] ("g1").vm.memory: 64 MiB is less than the '
                         f'{vm_image.min_memory_mib} MiB the project\'s image needs (its kernel unpacks the whole '
                         f'initramfs into RAM, then runs from it)']
-    plans, problems = supervised.plan_vms(_vm_topology('accel = "tcg"\nappend = "xdom.gw=10.77.0.254"',
+    plans, problems = vm_plan.plan_vms(_vm_topology('accel = "tcg"\nappend = "xdom.gw=10.77.0.254"',
                                                        vif='["ip=10.77.0.1/24", "ip=10.78.0.1/16", ""]'))
     assert not problems
     plan = plans["g1"]
