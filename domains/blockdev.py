@@ -1,4 +1,8 @@
-"""The block-device interface the NBD server drives, and a file-backed one.
+"""The block-device interface a guest's disk offers its exports, and a file-backed one.
+
+A frontend (blkfront) implements it; the guest-side exports (the NBD server,
+the vhost-user-blk back end) drive it.  It sits below both, so that neither
+imports the other.
 
 The interface is asynchronous because the real implementation (blkfront) is
 a ring: a request is queued, the backend answers later on the event-channel
@@ -77,12 +81,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, runtime_checkable
 
-from ..hostsys.files import punch_hole
+from .hostsys.files import punch_hole
 
 __all__ = ["ReadDone", "Done", "BlockDevice", "FileBlockDevice", "CompletionBatch", "completion_batch",
            "current_completion_batch"]
 
-log = logging.getLogger("xdom.nbd")
+log = logging.getLogger("xdom.blockdev")
 
 #: ``done(error, buffers)`` for reads; ``buffers`` valid only during the call.
 ReadDone = Callable[[int, Sequence[memoryview | bytes]], None]

@@ -149,6 +149,17 @@ def test_the_moved_wire_formats_are_imported_from_the_abi() -> None:
     assert set(users) <= {"xdom.domains.blkfront.device", "xdom.domains.netfront.device"}, users
     users = sorted(m for m, deps in g.items() if "xdom.domains.wakeup" in deps)
     assert set(users) <= {"xdom.deploy.supervision"}, users
+    users = sorted(m for m, deps in g.items() if "xdom.domains.nbd.device" in deps)
+    assert set(users) <= {"xdom.domains.blkfront.device"}, users
+
+
+def test_frontends_do_not_import_the_exports() -> None:
+    # The guest-side exports (the NBD server, vhost-user) drive a frontend through xdom.domains.blockdev.
+    fronts, exports = ("xdom.domains.blkfront", "xdom.domains.netfront"), ("xdom.domains.nbd", "xdom.domains.vhost_user")
+    transitional = {("xdom.domains.blkfront.device", "xdom.domains.nbd.device")}    # the alias above
+    bad = sorted((m, dep) for m, deps in graph().items() if m.startswith(fronts)
+                 for dep in deps if dep.startswith(exports) and (m, dep) not in transitional)
+    assert not bad, bad
 
 
 def test_nothing_of_the_abi_and_the_system_calls_imports_the_layers_above() -> None:

@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xdom.domains.nbd.device import BlockDevice, FileBlockDevice, completion_batch, current_completion_batch
+from xdom.domains.blockdev import BlockDevice, FileBlockDevice, completion_batch, current_completion_batch
 from xdom.domains.nbd.protocol import (
     FLAG_C_FIXED_NEWSTYLE,
     FLAG_C_NO_ZEROES,

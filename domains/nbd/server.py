@@ -64,7 +64,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .device import BlockDevice, current_completion_batch
+from ..blockdev import BlockDevice, current_completion_batch
 from .protocol import (
     Cmd,
     Disconnect,

@@ -64,7 +64,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from ..nbd.device import BlockDevice
+from ..blockdev import BlockDevice
 from .backend import DeviceSpec
 from .memory import GuestMemoryError
 from .server import VhostUserServer
