@@ -142,23 +142,20 @@ def test_the_broker_imports_only_the_abi_and_the_system_calls_of_domains() -> No
 
 
 def test_the_moved_wire_formats_are_imported_from_the_abi() -> None:
-    # domains/xs_wire.py and domains/wakeup.py are transitional aliases for modules under rework by
-    # others (issue 16); delete them with these lists.
+    # domains/wakeup.py is a transitional alias for a module under rework by others (issue 16); delete
+    # it with this list.  (domains/xs_wire.py and domains/nbd/device.py went with the frontends' xenbus
+    # rework: nothing may import them again.)
     g = graph()
-    users = sorted(m for m, deps in g.items() if "xdom.domains.xs_wire" in deps)
-    assert set(users) <= {"xdom.domains.blkfront.device", "xdom.domains.netfront.device"}, users
+    assert not [m for m, deps in g.items() if {"xdom.domains.xs_wire", "xdom.domains.nbd.device"} & set(deps)]
     users = sorted(m for m, deps in g.items() if "xdom.domains.wakeup" in deps)
     assert set(users) <= {"xdom.deploy.supervision"}, users
-    users = sorted(m for m, deps in g.items() if "xdom.domains.nbd.device" in deps)
-    assert set(users) <= {"xdom.domains.blkfront.device"}, users
 
 
 def test_frontends_do_not_import_the_exports() -> None:
     # The guest-side exports (the NBD server, vhost-user) drive a frontend through xdom.domains.blockdev.
     fronts, exports = ("xdom.domains.blkfront", "xdom.domains.netfront"), ("xdom.domains.nbd", "xdom.domains.vhost_user")
-    transitional = {("xdom.domains.blkfront.device", "xdom.domains.nbd.device")}    # the alias above
     bad = sorted((m, dep) for m, deps in graph().items() if m.startswith(fronts)
-                 for dep in deps if dep.startswith(exports) and (m, dep) not in transitional)
+                 for dep in deps if dep.startswith(exports))
     assert not bad, bad
 
 

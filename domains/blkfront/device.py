@@ -40,22 +40,36 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from ..abi.blkif import (
-    ABIS, BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE,
-    BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_OKAY, PROTOCOL_X86_64, SEGMENTS_PER_INDIRECT_FRAME, VDISK_READONLY, abi_for,
-    pack_discard_request, pack_indirect_request, pack_page_segments, pack_request, request_struct,
+    ABIS,
+    BLKIF_MAX_SEGMENTS_PER_REQUEST,
+    BLKIF_OP_DISCARD,
+    BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_READ,
+    BLKIF_OP_WRITE,
+    BLKIF_OP_WRITE_BARRIER,
+    BLKIF_RSP_OKAY,
+    PROTOCOL_X86_64,
+    SEGMENTS_PER_INDIRECT_FRAME,
+    VDISK_READONLY,
+    abi_for,
+    pack_discard_request,
+    pack_indirect_request,
+    pack_page_segments,
+    pack_request,
+    request_struct,
 )
 from ..abi.ring import FrontRing, RingOverflow, SharedRing
+from ..abi.xs_wire import XenstoreError, XsType
+from ..blockdev import completion_batch
 from ..frame_pool import FramePool, OutOfFrames
-from ..nbd.device import completion_batch
 from ..xenbus import XenbusState, parse_int, read_nodes
 from ..xenbus_frontend import XenbusFrontend
 from ..xenhost.base import XenHost
 from ..xenstore import XenstoreClient
-from ..xs_wire import XenstoreError, XsType
 
 log = logging.getLogger("xdom.blkfront")
 
@@ -130,7 +144,7 @@ class _Lent:
 
     __slots__ = ("front", "pages", "views", "length")
 
-    def __init__(self, front: "Blkfront", pages: list[_Page], length: int) -> None:
+    def __init__(self, front: Blkfront, pages: list[_Page], length: int) -> None:
         self.front, self.pages, self.length = front, pages, length
         self.views = [page.view for page in pages]
         last = length - (len(pages) - 1) * PAGE_SIZE

@@ -57,23 +57,41 @@ import threading
 from typing import Any
 
 from ..abi.netif import (
-    NETRXF_csum_blank, NETRXF_data_validated, NETRXF_extra_info, NETRXF_more_data, NETTXF_csum_blank,
-    NETTXF_data_validated, NETTXF_extra_info, NETTXF_more_data, RX_RING_SIZE, TX_RING_SIZE,
-    TX_REQUEST, XEN_NETIF_EXTRA_TYPE_GSO, GsoInfo, RxRequest, gso_extra, pack_extra_info, pack_rx_request,
-    parse_extra_info, parse_rx_response, parse_tx_response, rx_shared_ring, tx_shared_ring,
+    RX_RING_SIZE,
+    TX_REQUEST,
+    TX_RING_SIZE,
     TX_SLOT_SIZE,
+    XEN_NETIF_EXTRA_TYPE_GSO,
+    GsoInfo,
+    NETRXF_csum_blank,
+    NETRXF_data_validated,
+    NETRXF_extra_info,
+    NETRXF_more_data,
+    NETTXF_csum_blank,
+    NETTXF_data_validated,
+    NETTXF_extra_info,
+    NETTXF_more_data,
+    RxRequest,
+    gso_extra,
+    pack_extra_info,
+    pack_rx_request,
+    parse_extra_info,
+    parse_rx_response,
+    parse_tx_response,
+    rx_shared_ring,
+    tx_shared_ring,
 )
 from ..abi.ring import FrontRing, RingOverflow
+from ..abi.xs_wire import XenstoreError, XsType
 from ..frame_pool import FramePool, OutOfFrames
 from ..grant_table import GrantTableFull
 from ..packet import flow_hash
-from ..xenbus import XenbusState, parse_int, read_nodes
-from ..xenbus_frontend import XenbusFrontend
-from ..xs_wire import XenstoreError, XsType
-from ..xenhost.base import XenHost
-from ..xenstore import XenstoreClient
 from ..tun import READ_SIZE
 from ..vnet import BackendOffloads, TxFrame, from_tap, to_tap
+from ..xenbus import XenbusState, parse_int, read_nodes
+from ..xenbus_frontend import XenbusFrontend
+from ..xenhost.base import XenHost
+from ..xenstore import XenstoreClient
 from .port import PacketPort, TapPort, open_tap
 
 __all__ = ["Netfront", "NetfrontError", "open_tap", "PacketPort", "TapPort"]
