@@ -41,7 +41,7 @@ import zmq
 from xdom.broker.mgmt_client import ManagementClient
 from xdom.domains.wakeup import WakePipe
 
-from . import adopt, host_state, netns
+from . import adopt, host_state, netns, remote
 from .confined import SeccompKills
 from .control import ControlServer
 from .host_limits import HostFacts
@@ -172,6 +172,7 @@ class SupervisorBase:
         self._pidfile = PidFile(self.layout.pid_file)
         self._sub: zmq.Socket[bytes] | None = None
         self._control: ControlServer | None = None
+        self._front_door: remote.FrontDoor | None = None     # [host] listen: remote clients (remote.py)
         self._poller = zmq.Poller()
         self._fd_handlers: dict[int, Callable[[], None]] = {}
         self._wake: WakePipe | None = WakePipe()

@@ -65,7 +65,7 @@ from typing import Any
 
 import zmq
 
-from . import adopt, host_state, netns
+from . import adopt, host_state, netns, remote
 from .access import AccessError, grant_search
 from .control import ControlProtocol, ControlServer, endpoint_for
 from .control_ops import ControlOps
@@ -255,6 +255,11 @@ class Supervisor(ControlOps):
             "block-detach": self._op_block_detach, "network-attach": self._op_network_attach,
             "network-detach": self._op_network_detach}))
         self._poller.register(self._control.socket, zmq.POLLIN)
+        try:
+            self._front_door = remote.start_for(self.topology.host, lay.state_dir, lay.control_socket,
+                                                lay.events_endpoint, self.topology.source)
+        except remote.RemoteError as e:
+            raise SupervisorError(str(e)) from None
 
     def _prepare_dirs(self) -> None:
         """Logs are the supervisor's (domains get an fd); xenstored's store and socket directories are its own.
@@ -430,6 +435,9 @@ class Supervisor(ControlOps):
 
     def _close_loop(self) -> None:
         self._seccomp_kills.close()
+        if self._front_door is not None:
+            self._front_door.close()
+            self._front_door = None
         if self._control is not None:
             self._poller.unregister(self._control.socket)
             self._control.close()
