@@ -280,6 +280,41 @@ def _attach_and_type(console_path: str) -> None:
         os.close(slave)
 
 
+def test_attach_keeps_keys_typed_before_raw_mode(tmp_path: pytest.TempPathFactory) -> None:
+    """Keys typed before raw mode is set reach the VM: attach does not flush them (a line typed at once after
+    the banner used to be echoed by the still-cooked terminal, then thrown away, and the session hung)."""
+    path = os.path.join(str(tmp_path), "console.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    master, slave = pty.openpty()
+    os.write(master, b"typed-ahead\r")                    # before attach: in the cooked terminal's queue
+    result: dict[str, int] = {}
+    th = threading.Thread(target=lambda: result.setdefault("rc", attach(path, "vm", slave, slave)), daemon=True)
+    th.start()
+    try:
+        conn, _ = srv.accept()
+        conn.settimeout(10)
+        got = b""
+        while b"typed-ahead" not in got:
+            chunk = conn.recv(4096)
+            assert chunk, got
+            got += chunk
+        seen = b""
+        while b"escape character is ^]" not in seen:
+            assert select.select([master], [], [], 10)[0], seen
+            seen += os.read(master, 4096)
+        os.write(master, b"\x1d")
+        th.join(10)
+        assert result["rc"] == 0
+        conn.close()
+    finally:
+        th.join(1)
+        srv.close()
+        os.close(master)
+        os.close(slave)
+
+
 def test_one_shot_command_from_the_kernel_command_line(vm_image: VmImage, run_dir: str) -> None:
     """What the accel probe relies on: xdom.cmd runs, reports, and xdom.poweroff=1 ends QEMU."""
     paths = VmPaths.in_dir(run_dir)

@@ -202,12 +202,14 @@ def attach(path: str, name: str | None = None, stdin: int | None = None, stdout:
         except OSError as e:
             s.close()
             raise ConsoleError(f"cannot connect to the console {path}: {e}") from e
-    os.write(fd_out, f"Connected to {name or path}; escape character is ^]\r\n".encode())
     saved = termios.tcgetattr(fd_in) if os.isatty(fd_in) else None
     status = 1
     try:
+        # Raw mode before the banner, and without TCSAFLUSH: keys typed as soon as the banner shows (or
+        # before) must reach the VM, not be echoed by the cooked terminal and then thrown away.
         if saved is not None:
-            tty.setraw(fd_in)
+            tty.setraw(fd_in, termios.TCSANOW)
+        os.write(fd_out, f"Connected to {name or path}; escape character is ^]\r\n".encode())
         while True:
             r, _, _ = select.select([fd_in, s], [], [])
             if s in r:
