@@ -12,7 +12,7 @@ the same kernel command line, memory, vCPUs and accelerator (TCG unless
         VM virtio-net -> vhost-user (the guest domain maps the VM's memory) -> one copy into
         netfront's granted pages -> netif rings -> netback (built-in switch, sees only those pages)
         -> the other guest's rings -> one copy into the other VM's buffers
-        (the domains are started by hand, as tests/test_vhost_user_net.py does)
+        (the domains are started by hand, as tests/test_vhost_user_net_vm.py does)
 * QEMU  the same two VMs with QEMU's own virtio-net (``-netdev tap,vhost=off``) on TAPs in a Linux
         bridge, in a network namespace made for the run
 
@@ -47,7 +47,7 @@ import psutil
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
-from test_vhost_user_net import TCG_NET_ARGS, VmNet  # noqa: E402
+from test_vhost_user_net_vm import TCG_NET_ARGS, VmNet  # noqa: E402
 
 from xdom.deploy.vm.console import Console  # noqa: E402
 from xdom.deploy.vm.image import ensure_image  # noqa: E402
