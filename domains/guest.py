@@ -60,8 +60,8 @@ from .device_channel import DeviceChannel
 from .hostsys.wakeup import WakePipe
 from .nbd.server import NbdServer
 from .netfront.device import Netfront
-from .vhost_user.blk import DEFAULT_QUEUES as VHOST_USER_BLK_QUEUES
-from .vhost_user.blk import VhostUserBlkExport
+from .vhost_user.blk_export import DEFAULT_QUEUES as VHOST_USER_BLK_QUEUES
+from .vhost_user.blk_export import VhostUserBlkExport
 from .vhost_user.net import MAX_PAIRS as MAX_VHOST_USER_PAIRS
 from .vhost_user.net import VhostUserNetPort
 from .xenbus import read_or_none

@@ -1,5 +1,10 @@
 """vhost-user-blk on top of blkfront: a VM's virtio-blk disk, served by its guest domain.
 
+This module is the data path: virtio-blk requests taken off the VM's rings,
+checked, and served by the block device.  What the VM is told about the
+disk (features, config space, the protocol's numbers) is ``blk_device``;
+the thread and socket that serve it, ``blk_export``.
+
 ::
 
     VM's virtio-blk driver -> virtqueue in the VM's memory (QEMU's shared memfd)
@@ -56,82 +61,42 @@ from __future__ import annotations
 import collections
 import errno
 import logging
-import os
-import select
 import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from ..blockdev import BlockDevice
-from .backend import DeviceSpec
+from .blk_device import (
+    MAX_DISCARD_SECTORS,
+    MAX_DWZ_SEGMENTS,
+    MAX_WRITE_ZEROES_SECTORS,
+    SECTOR,
+    VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+)
 from .memory import GuestMemoryError
-from .server import VhostUserServer
 from .virtqueue import DescriptorChain, Segment, SplitVirtqueue
 
-__all__ = [
-    "VIRTIO_BLK_F_SIZE_MAX", "VIRTIO_BLK_F_SEG_MAX", "VIRTIO_BLK_F_RO", "VIRTIO_BLK_F_BLK_SIZE",
-    "VIRTIO_BLK_F_FLUSH", "VIRTIO_BLK_F_MQ", "VIRTIO_BLK_F_DISCARD", "VIRTIO_BLK_F_WRITE_ZEROES",
-    "VIRTIO_BLK_T_IN", "VIRTIO_BLK_T_OUT", "VIRTIO_BLK_T_FLUSH", "VIRTIO_BLK_T_GET_ID", "VIRTIO_BLK_T_DISCARD",
-    "VIRTIO_BLK_T_WRITE_ZEROES", "VIRTIO_BLK_S_OK", "VIRTIO_BLK_S_IOERR", "VIRTIO_BLK_S_UNSUPP",
-    "VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP", "VIRTIO_BLK_ID_BYTES", "CONFIG_SIZE", "SEG_MAX", "SIZE_MAX",
-    "MAX_DWZ_SEGMENTS", "MAX_DISCARD_SECTORS", "MAX_WRITE_ZEROES_SECTORS", "MAX_QUEUE_SIZE", "DEFAULT_QUEUES",
-    "DRAIN_TIMEOUT",
-    "blk_features", "blk_config", "blk_device_spec", "VirtioBlkHandler", "VhostUserBlkExport",
-]
+__all__ = ["DRAIN_TIMEOUT", "VirtioBlkHandler"]
 
 log = logging.getLogger("xdom.vhost_user.blk")
 
-# virtio 1.2, 5.2.3: feature bits of the block device.
-VIRTIO_BLK_F_SIZE_MAX = 1
-VIRTIO_BLK_F_SEG_MAX = 2
-VIRTIO_BLK_F_RO = 5
-VIRTIO_BLK_F_BLK_SIZE = 6
-VIRTIO_BLK_F_FLUSH = 9
-VIRTIO_BLK_F_MQ = 12
-VIRTIO_BLK_F_DISCARD = 13
-VIRTIO_BLK_F_WRITE_ZEROES = 14
-
-# 5.2.6: request types and status values.
-VIRTIO_BLK_T_IN = 0
-VIRTIO_BLK_T_OUT = 1
-VIRTIO_BLK_T_FLUSH = 4
-VIRTIO_BLK_T_GET_ID = 8
-VIRTIO_BLK_T_DISCARD = 11
-VIRTIO_BLK_T_WRITE_ZEROES = 13
-VIRTIO_BLK_S_OK = 0
-VIRTIO_BLK_S_IOERR = 1
-VIRTIO_BLK_S_UNSUPP = 2
-VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
-VIRTIO_BLK_ID_BYTES = 20
-
 _OUTHDR = struct.Struct("<IIQ")           # struct virtio_blk_outhdr: type, ioprio, sector
 _DWZ = struct.Struct("<QII")              # struct virtio_blk_discard_write_zeroes: sector, num_sectors, flags
-SECTOR = 512                              # virtio-blk's sector numbers are always in 512-byte units
 
-#: Segments per request the driver may use (``seg_max``).  A chain is header + data + status, and the
-#: virtqueue refuses chains longer than the ring (indirect tables included, as the spec says), so this is
-#: QEMU's default queue size for vhost-user-blk (128) minus 2: a VM whose disk has a smaller
-#: ``queue-size`` must not be given more.
-SEG_MAX = 126
-#: Largest segment (``size_max``): 126 of them are under 32 MiB, well inside the core's chain limit.
-SIZE_MAX = 256 << 10
-#: Ranges one DISCARD or WRITE_ZEROES request may carry (``max_discard_seg``, ``max_write_zeroes_seg``).
-MAX_DWZ_SEGMENTS = 16
-#: Sectors one range may cover: 1 GiB of discard, 32 MiB of zeroes (written from blkfront's one zero page).
-MAX_DISCARD_SECTORS = (1 << 30) // SECTOR
-MAX_WRITE_ZEROES_SECTORS = (32 << 20) // SECTOR
-#: Ring size accepted (QEMU's limit for vhost-user-blk's ``queue-size``).
-MAX_QUEUE_SIZE = 1024
-#: blkif rings a guest domain asks blkback for, for a VM's disk (blkback offers up to 4, as Linux's);
-#: the VM is offered one virtqueue per ring it got.
-DEFAULT_QUEUES = 4
 #: Seconds a stopping ring (GET_VRING_BASE, the front end going away) waits for its requests in flight.
 DRAIN_TIMEOUT = 10.0
-#: ``struct virtio_blk_config`` up to ``unused1`` (60 bytes); later fields (secure erase, zoned) read as zero.
-CONFIG_SIZE = 60
-_REAPER_METHODS = ("completion_fd", "reap_completions", "attach_reaper", "detach_reaper")
 
 
 class SpanMemory(Protocol):
@@ -142,58 +107,6 @@ class SpanMemory(Protocol):
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None: ...
 
     def spans(self, gpa: int, length: int) -> list[tuple[memoryview, int, int]]: ...
-
-
-# --- the device: features and config space ---------------------------------------------------
-
-def blk_features(dev: BlockDevice, num_queues: int) -> int:
-    """virtio-blk feature bits for what blkfront negotiated with its backend.
-
-    FLUSH only where blkback has a cache to flush (a VM without it writes
-    through, as it should); DISCARD and WRITE_ZEROES only on a writable disk
-    (and DISCARD only where blkback offers it); RO for a read-only disk.
-    """
-    f = (1 << VIRTIO_BLK_F_SIZE_MAX) | (1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_BLK_SIZE)
-    if dev.read_only:
-        f |= 1 << VIRTIO_BLK_F_RO
-    if dev.can_flush:
-        f |= 1 << VIRTIO_BLK_F_FLUSH
-    if dev.can_trim and not dev.read_only:
-        f |= 1 << VIRTIO_BLK_F_DISCARD
-    if dev.can_write_zeroes and not dev.read_only:
-        f |= 1 << VIRTIO_BLK_F_WRITE_ZEROES
-    if num_queues > 1:
-        f |= 1 << VIRTIO_BLK_F_MQ
-    return f
-
-
-def blk_config(dev: BlockDevice, num_queues: int) -> bytearray:
-    """``struct virtio_blk_config`` (little-endian) for ``dev``.
-
-    Offsets: capacity 0 (512-byte sectors), size_max 8, seg_max 12, geometry
-    16, blk_size 20, topology 24..31, writeback 32, num_queues 34,
-    max_discard_sectors 36, max_discard_seg 40, discard_sector_alignment 44,
-    max_write_zeroes_sectors 48, max_write_zeroes_seg 52,
-    write_zeroes_may_unmap 56.  Discard is aligned to the logical sector
-    (blkif takes whole sectors); write-zeroes never unmaps (blkfront writes
-    real zeroes).
-    """
-    cfg = bytearray(CONFIG_SIZE)
-    struct.pack_into("<Q", cfg, 0, dev.size // SECTOR)
-    struct.pack_into("<I", cfg, 8, SIZE_MAX)
-    struct.pack_into("<I", cfg, 12, SEG_MAX)
-    struct.pack_into("<I", cfg, 20, dev.sector_size)
-    struct.pack_into("<H", cfg, 34, num_queues)
-    struct.pack_into("<III", cfg, 36, MAX_DISCARD_SECTORS, MAX_DWZ_SEGMENTS, dev.sector_size // SECTOR)
-    struct.pack_into("<II", cfg, 48, MAX_WRITE_ZEROES_SECTORS, MAX_DWZ_SEGMENTS)
-    return cfg
-
-
-def blk_device_spec(dev: BlockDevice, num_queues: int) -> DeviceSpec:
-    """The vhost-user device for one front-end connection (read again each time: a reconnecting
-    VMM must find what the disk is now).  No config field is writable (no CONFIG_WCE)."""
-    return DeviceSpec(device_features=blk_features(dev, num_queues), num_queues=num_queues,
-                      config=blk_config(dev, num_queues), max_queue_size=MAX_QUEUE_SIZE)
 
 
 # --- chains as byte streams ---------------------------------------------------------------
@@ -625,119 +538,3 @@ class VirtioBlkHandler:
                     dev.submit_write_zeroes(offset, length, bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP),
                                             self._done_cb(req))
         self._submit(req, len(ranges), submit_all)
-
-
-# --- the I/O shell: a vhost-user server thread over blkfront ------------------------------------
-
-class VhostUserBlkExport:
-    """Serve ``dev`` as a vhost-user-blk device on the unix socket ``path`` (QEMU connects to it).
-
-    One thread runs the vhost-user loop; with a device that offers its
-    completions to callers (blkfront's ``completion_fd`` and friends) that
-    thread is also the device's reaper, so a request goes from the VM's ring
-    to blkfront's ring and back on one thread.  ``num_queues`` defaults to
-    blkfront's number of rings (one virtqueue per blkif ring); the VMM may use
-    fewer.  A stale socket left by a guest domain that died is replaced (the
-    VMM, reconnecting, finds the new one); one that someone listens on is
-    refused.  ``close()`` drains the rings (bounded) and joins the thread; the
-    device is its owner's to close, after.
-    """
-
-    def __init__(self, path: str, dev: BlockDevice, *, serial: str | bytes = b"", num_queues: int | None = None,
-                 mode: int = 0o600, drain_timeout: float = DRAIN_TIMEOUT) -> None:
-        if num_queues is None:
-            stats = getattr(dev, "queue_stats", None)
-            num_queues = max(1, len(stats())) if callable(stats) else 1
-        self.path = path
-        self.dev = dev
-        self.num_queues = num_queues
-        self.handler = VirtioBlkHandler(dev, serial, drain_timeout=drain_timeout)
-        self.server = VhostUserServer(path, lambda: blk_device_spec(dev, num_queues), self.handler,
-                                      mode=mode)
-        self._reaper = all(callable(getattr(dev, m, None)) for m in _REAPER_METHODS)
-        self._efd = -1
-        self._cfd = -1
-        self._attached = False
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        from ..nbd.server import _remove_stale_socket
-        _remove_stale_socket(self.path)
-        self.server.listen()
-        try:
-            self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self.server.add_reader(self._efd, self._handoffs_ready)
-            if self._reaper:
-                self._cfd = self.dev.completion_fd()          # type: ignore[attr-defined]
-                self.dev.attach_reaper()                      # type: ignore[attr-defined]
-                self._attached = True
-                self.server.add_reader(self._cfd, self._reap)
-            self.handler.notify = self.server.notify_used
-            self.handler.wake = self._wake
-            self.handler.wait = self._wait
-            self._thread = threading.Thread(target=self._run, name=f"vhost-user-blk:{os.path.basename(self.path)}",
-                                            daemon=True)
-            self._thread.start()
-        except BaseException:
-            self.close()
-            raise
-        log.info("vhost-user-blk: %d bytes, %d queue(s) on %s", self.dev.size, self.num_queues, self.path)
-
-    def _run(self) -> None:
-        self.handler.adopt_thread()
-        try:
-            self.server.serve()
-        except Exception:
-            log.exception("vhost-user-blk on %s: the loop failed", self.path)
-
-    def close(self) -> None:
-        self.server.stop()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        self.handler.adopt_thread()          # the loop is over: this thread finishes what is left
-        self.server.close()
-        if self._attached:
-            self._attached = False
-            self.dev.detach_reaper()                          # type: ignore[attr-defined]
-        if self._efd >= 0:
-            os.close(self._efd)
-            self._efd = -1
-
-    @property
-    def connected(self) -> threading.Event:
-        return self.server.connected
-
-    def stats(self) -> dict[str, Any]:
-        return dict(self.handler.stats)
-
-    # --- on the loop thread ---------------------------------------------------------------
-
-    def _wake(self) -> None:
-        try:
-            os.eventfd_write(self._efd, 1)
-        except OSError:
-            pass
-
-    def _handoffs_ready(self) -> None:
-        try:
-            os.eventfd_read(self._efd)
-        except BlockingIOError:
-            pass
-        self.handler.run_handoffs()
-
-    def _reap(self) -> None:
-        self.dev.reap_completions()                           # type: ignore[attr-defined]
-        self.handler.flush()
-
-    def _wait(self, timeout: float) -> None:
-        """While a ring drains: wait for the device's completions or hand-offs, and run them."""
-        fds = [fd for fd in (self._cfd, self._efd) if fd >= 0]
-        if not fds:
-            time.sleep(min(timeout, 0.01))
-            return
-        ready, _, _ = select.select(fds, [], [], timeout)
-        if self._cfd in ready:
-            self._reap()
-        if self._efd in ready or self.handler.pending_handoffs:
-            self._handoffs_ready()
