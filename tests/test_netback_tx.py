@@ -1,31 +1,38 @@
-"""netback's sans-IO core (backends/netback/tx.py, rx.py) against Linux xen-netback's rules.
+"""netback's sans-IO TX core (backends/netback/tx.py) against Linux xen-netback's rules.
 
-Packets are built the way a frontend lays them out, with netif.py's
-``pack_*`` helpers, over fake granted pages (a dict gref -> page); the
-backend side's plans are then carried out on those pages and the bytes
-compared.  Hostile layouts each get the outcome Linux gives them (drop with
-ERROR responses, or fatal), and hypothesis checks the invariants that keep
-a hostile frontend from hurting the backend: no exception, one response
-per consumed slot, responses only ever carry the id of the request in
-their slot, and splitting the slots into batches changes nothing.
+Packets are built the way a frontend lays them out (tests/fake_frontend.py)
+over fake granted pages; the backend side's plans are then carried out on
+those pages and the bytes compared.  Hostile layouts each get the outcome
+Linux gives them (drop with ERROR responses, or fatal), and hypothesis
+checks the invariants that keep a hostile frontend from hurting the
+backend: no exception, one response per consumed slot, responses only ever
+carry the id of the request in their slot, and splitting the slots into
+batches changes nothing.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
 
 import pytest
+from fake_frontend import (
+    ERR,
+    NULL,
+    OK,
+    PAGE,
+    Grants,
+    chain_extras,
+    extra_slot,
+    one,
+    req,
+    statuses,
+    tx_slots,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xdom.backends.netback import (
     Checksum,
-    OutgoingPacket,
-    RxDrop,
-    RxPlan,
-    RxPlanner,
-    RxShortage,
     TxDrop,
     TxFatal,
     TxMulticast,
@@ -36,92 +43,6 @@ from xdom.backends.netback import (
 from xdom.backends.netback.tx import FATAL_SKB_SLOTS_DEFAULT, XEN_NETBK_MCAST_MAX, TxAction
 from xdom.domains.abi import netif as n
 from xdom.domains.abi.ring import BackRing, FrontRing
-
-PAGE = 4096
-
-
-# --------------------------------------------------------------------------
-# A frontend's side: granted pages and the slots it puts on the TX ring
-# --------------------------------------------------------------------------
-
-class Grants:
-    """The frontend's granted pages: gref -> 4 KiB page."""
-
-    def __init__(self) -> None:
-        self.pages: dict[int, bytearray] = {}
-        self.next_ref = 8
-
-    def grant(self, data: bytes = b"", offset: int = 0) -> int:
-        ref = self.next_ref
-        self.next_ref += 1
-        page = bytearray(os.urandom(PAGE))       # garbage around the data, as in a real page
-        page[offset:offset + len(data)] = data
-        self.pages[ref] = page
-        return ref
-
-    def read(self, gref: int, offset: int, length: int) -> bytes:
-        assert offset >= 0 and offset + length <= PAGE
-        return bytes(self.pages[gref][offset:offset + length])
-
-
-def chain_extras(extras: Sequence[n.ExtraInfo]) -> list[n.ExtraInfo]:
-    """FLAG_MORE on every extra but the last."""
-    return [n.ExtraInfo(e.type, n.XEN_NETIF_EXTRA_FLAG_MORE if i < len(extras) - 1 else 0, e.body)
-            for i, e in enumerate(extras)]
-
-
-def tx_slots(grants: Grants, data: bytes, chunks: Sequence[int] | None = None, *, first_id: int = 0,
-             offset: int = 0, flags: int = 0, extras: Sequence[n.ExtraInfo] = (),
-             size: int | None = None) -> list[bytes]:
-    """The slots netfront would push for ``data``: first request (size = whole packet), extras, fragments.
-
-    ``chunks`` are the bytes per data slot (default: the first slot up to its
-    page end, then whole pages).  ``size`` overrides the first request's
-    size field (to lie).
-    """
-    if chunks is None:
-        chunks = [min(len(data), PAGE - offset)]
-        rest = len(data) - chunks[0]
-        while rest > 0:
-            chunks.append(min(rest, PAGE))
-            rest -= chunks[-1]
-    assert sum(chunks) == len(data)
-    pieces, pos = [], 0
-    for c in chunks:
-        pieces.append(data[pos:pos + c])
-        pos += c
-    more = n.NETTXF_more_data if len(pieces) > 1 else 0
-    first = n.TxRequest(grants.grant(pieces[0], offset), offset,
-                        flags | more | (n.NETTXF_extra_info if extras else 0), first_id,
-                        len(data) if size is None else size)
-    slots = [n.pack_tx_request(first)]
-    slots += [n.pack_extra_info(e, n.TX_SLOT_SIZE) for e in chain_extras(extras)]
-    for i, piece in enumerate(pieces[1:], 1):
-        last = i == len(pieces) - 1
-        slots.append(n.pack_tx_request(n.TxRequest(grants.grant(piece), 0, 0 if last else n.NETTXF_more_data,
-                                                   first_id + i, len(piece))))
-    return slots
-
-
-def req(gref: int, offset: int, flags: int, rid: int, size: int) -> bytes:
-    return n.pack_tx_request(n.TxRequest(gref, offset, flags, rid, size))
-
-
-def extra_slot(info: n.ExtraInfo) -> bytes:
-    return n.pack_extra_info(info, n.TX_SLOT_SIZE)
-
-
-def one(actions: list[TxAction]) -> TxAction:
-    assert len(actions) == 1, actions
-    return actions[0]
-
-
-def statuses(action: TxPacket | TxDrop | TxMulticast) -> list[tuple[int, int]]:
-    return [(r.id, r.status) for r in action.responses]
-
-
-OK, ERR, NULL = n.NETIF_RSP_OKAY, n.NETIF_RSP_ERROR, n.NETIF_RSP_NULL
-
 
 # --------------------------------------------------------------------------
 # TX: well-formed packets become copy plans
@@ -588,200 +509,3 @@ def test_tx_fuzz_random_bytes(slots: list[bytes]) -> None:
 def test_short_slot_copy_is_a_caller_bug() -> None:
     with pytest.raises(ValueError):
         TxProcessor().feed([b"\0" * 11])
-
-
-# --------------------------------------------------------------------------
-# RX: a packet into the frontend's posted pages
-# --------------------------------------------------------------------------
-
-def rx_requests(count: int, first_id: int = 0, first_gref: int = 500) -> list[n.RxRequest]:
-    return [n.RxRequest((first_id + i) & 0xFFFF, first_gref + i) for i in range(count)]
-
-
-def deliver(plan: RxPlan, data: bytes, failed: Iterable[int] = ()) -> tuple[dict[int, bytearray], list[bytes]]:
-    """Carry out the plan's copies into fresh pages; return the pages and the packed responses."""
-    pages: dict[int, bytearray] = {}
-    for c in plan.copies:
-        assert c.offset >= 0 and c.offset + c.length <= PAGE and c.length > 0
-        page = pages.setdefault(c.gref, bytearray(PAGE))
-        page[c.offset:c.offset + c.length] = data[c.src_offset:c.src_offset + c.length]
-    return pages, plan.packed_responses(set(failed))
-
-
-def netfront_receive(raw: list[bytes], reqs: Sequence[n.RxRequest], pages: dict[int, bytearray]
-                     ) -> tuple[n.RxPacket, bytes]:
-    """What netfront does with the responses: pair each slot with its request by position, reassemble."""
-    pkt = n.walk_rx_packet(raw)
-    assert pkt is not None and pkt.slots == len(raw)
-    # data responses sit in the slots that are not extras: slot 0, then after the extras
-    data_slots = [0] + list(range(1 + len(pkt.extras), pkt.slots))
-    body = b""
-    for slot, rsp in zip(data_slots, pkt.responses):
-        assert rsp.id == reqs[slot].id
-        body += bytes(pages[reqs[slot].gref][rsp.offset:rsp.offset + rsp.status])
-    return pkt, body
-
-
-def test_rx_small_packet() -> None:
-    data = os.urandom(60)
-    reqs = rx_requests(4, first_id=9)
-    plan = RxPlanner().plan(OutgoingPacket(60), reqs)
-    assert isinstance(plan, RxPlan) and plan.consumed == 1
-    assert [tuple(c) for c in plan.copies] == [(0, 500, 0, 60, 0)]
-    assert plan.responses == (n.RxResponse(9, 0, 0, 60),)
-    pages, raw = deliver(plan, data)
-    pkt, body = netfront_receive(raw, reqs, pages)
-    assert body == data and pkt.status == 60
-
-
-def test_rx_multi_page_packet_with_sg() -> None:
-    data = os.urandom(10000)
-    reqs = rx_requests(5, first_id=0xFFFE)       # ids wrap: they are the frontend's business
-    plan = RxPlanner(sg=True).plan(OutgoingPacket(10000, checksum=Checksum.UNNECESSARY), reqs)
-    assert isinstance(plan, RxPlan) and plan.consumed == 3
-    flags = [r.flags for r in plan.responses if isinstance(r, n.RxResponse)]
-    assert flags == [n.NETRXF_more_data | n.NETRXF_data_validated, n.NETRXF_more_data, 0]
-    pages, raw = deliver(plan, data)
-    pkt, body = netfront_receive(raw, reqs, pages)
-    assert body == data and [r.status for r in pkt.responses] == [4096, 4096, 1808]
-
-
-def test_rx_gso_extra_goes_after_the_first_data_slot() -> None:
-    data = os.urandom(9000)
-    reqs = rx_requests(6)
-    pkt_in = OutgoingPacket(9000, n.GsoInfo(1448, n.XEN_NETIF_GSO_TYPE_TCPV4), Checksum.PARTIAL)
-    planner = RxPlanner(gso_tcpv4=True)
-    assert planner.slots_needed(pkt_in) == 4
-    plan = planner.plan(pkt_in, reqs)
-    assert isinstance(plan, RxPlan) and plan.consumed == 4
-    assert isinstance(plan.responses[1], n.ExtraInfo)
-    first = plan.responses[0]
-    assert isinstance(first, n.RxResponse)
-    assert first.flags == (n.NETRXF_more_data | n.NETRXF_extra_info | n.NETRXF_csum_blank
-                           | n.NETRXF_data_validated)
-    assert [c.slot for c in plan.copies] == [0, 2, 3]
-    pages, raw = deliver(plan, data)
-    pkt, body = netfront_receive(raw, reqs, pages)
-    assert body == data
-    assert pkt.extras == (n.ExtraInfo(n.XEN_NETIF_EXTRA_TYPE_GSO, 0, n.GsoInfo(1448, n.XEN_NETIF_GSO_TYPE_TCPV4)),)
-
-
-def test_rx_gso_and_hash_extras_chain() -> None:
-    reqs = rx_requests(5)
-    h = n.HashInfo(n._XEN_NETIF_CTRL_HASH_TYPE_IPV6_TCP, n.XEN_NETIF_CTRL_HASH_ALGORITHM_TOEPLITZ, b"\x01\x02\x03\x04")
-    pkt_in = OutgoingPacket(3000, n.GsoInfo(1440, n.XEN_NETIF_GSO_TYPE_TCPV6), Checksum.PARTIAL, h)
-    plan = RxPlanner(gso_tcpv6=True).plan(pkt_in, reqs)
-    assert isinstance(plan, RxPlan) and plan.consumed == 3
-    data = os.urandom(3000)
-    pages, raw = deliver(plan, data)
-    pkt, body = netfront_receive(raw, reqs, pages)
-    assert body == data and [e.type for e in pkt.extras] == [n.XEN_NETIF_EXTRA_TYPE_GSO, n.XEN_NETIF_EXTRA_TYPE_HASH]
-    assert pkt.extras[0].more and not pkt.extras[1].more and pkt.extras[1].body == h
-
-
-def test_rx_not_enough_requests_consumes_nothing() -> None:
-    planner = RxPlanner(gso_tcpv4=True)
-    pkt = OutgoingPacket(9000, n.GsoInfo(1448, n.XEN_NETIF_GSO_TYPE_TCPV4))
-    assert planner.plan(pkt, rx_requests(3)) == RxShortage(4, 3)
-    assert planner.plan(OutgoingPacket(100), []) == RxShortage(1, 0)
-    assert isinstance(planner.plan(pkt, rx_requests(4)), RxPlan)
-
-
-@pytest.mark.parametrize("planner,pkt,why", [
-    (RxPlanner(sg=False), OutgoingPacket(4097), "feature-sg"),
-    (RxPlanner(), OutgoingPacket(0), "empty"),
-    (RxPlanner(), OutgoingPacket(18 * PAGE + 1), "slots"),
-    (RxPlanner(), OutgoingPacket(9000, n.GsoInfo(1448, n.XEN_NETIF_GSO_TYPE_TCPV4)), "negotiate"),
-    (RxPlanner(gso_tcpv4=True), OutgoingPacket(9000, n.GsoInfo(1448, n.XEN_NETIF_GSO_TYPE_TCPV6)), "negotiate"),
-    (RxPlanner(gso_tcpv4=True), OutgoingPacket(9000, n.GsoInfo(0, n.XEN_NETIF_GSO_TYPE_TCPV4)), "invalid"),
-    (RxPlanner(gso_tcpv4=True), OutgoingPacket(9000, n.GsoInfo(1448, 0)), "invalid"),
-])
-def test_rx_drops(planner: RxPlanner, pkt: OutgoingPacket, why: str) -> None:
-    d = planner.plan(pkt, rx_requests(40))
-    assert isinstance(d, RxDrop) and why in d.reason
-
-
-def test_rx_without_sg_one_page_fits() -> None:
-    plan = RxPlanner(sg=False).plan(OutgoingPacket(4096), rx_requests(2))
-    assert isinstance(plan, RxPlan) and plan.consumed == 1 and plan.responses[0] == n.RxResponse(0, 0, 0, 4096)
-
-
-def test_rx_failed_copy_reports_error_in_its_slot() -> None:
-    reqs = rx_requests(3)
-    plan = RxPlanner().plan(OutgoingPacket(6000), reqs)
-    assert isinstance(plan, RxPlan)
-    _, raw = deliver(plan, os.urandom(6000), failed=[1])
-    pkt = n.walk_rx_packet(raw)
-    assert pkt is not None and [r.status for r in pkt.responses] == [4096, ERR] and pkt.status == ERR
-
-
-def test_rx_takes_request_slot_copies_as_bytes() -> None:
-    raw_reqs = [n.pack_rx_request(r) for r in rx_requests(2, first_id=3)]
-    plan = RxPlanner().plan(OutgoingPacket(5000), raw_reqs)
-    assert isinstance(plan, RxPlan) and [c.gref for c in plan.copies] == [500, 501]
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.integers(0, 80000), st.booleans(), st.booleans(), st.booleans(),
-       st.none() | st.tuples(st.integers(0, 9000), st.integers(0, 3)),
-       st.sampled_from(list(Checksum)), st.booleans(), st.integers(0, 25))
-def test_rx_plans_reassemble(length: int, sg: bool, v4: bool, v6: bool, gso: tuple[int, int] | None,
-                             csum: Checksum, with_hash: bool, nreq: int) -> None:
-    planner = RxPlanner(sg=sg, gso_tcpv4=v4, gso_tcpv6=v6)
-    h = n.HashInfo(0, 1, b"abcd") if with_hash else None
-    pkt_in = OutgoingPacket(length, n.GsoInfo(gso[0], gso[1]) if gso else None, csum, h)
-    reqs = rx_requests(nreq, first_id=0xFFF0)
-    d = planner.plan(pkt_in, reqs)
-    if isinstance(d, RxDrop):
-        assert planner.refusal(pkt_in) == d.reason
-        return
-    assert planner.refusal(pkt_in) is None
-    needed = planner.slots_needed(pkt_in)
-    if isinstance(d, RxShortage):
-        assert d == RxShortage(needed, nreq) and needed > nreq
-        return
-    assert isinstance(d, RxPlan) and d.consumed == needed <= nreq and len(d.responses) == needed
-    data = os.urandom(length)
-    pages, raw = deliver(d, data)
-    pkt, body = netfront_receive(raw, reqs, pages)
-    assert body == data and pkt.status == length and pkt.slots == needed
-    assert len(pkt.extras) == (gso is not None) + with_hash
-    assert sg or len(pkt.responses) == 1
-    first = pkt.first.flags
-    assert bool(first & n.NETRXF_csum_blank) == (csum == Checksum.PARTIAL)
-    assert bool(first & n.NETRXF_data_validated) == (csum != Checksum.NONE)
-
-
-# --------------------------------------------------------------------------
-# TX -> RX: a packet from one guest delivered to another
-# --------------------------------------------------------------------------
-
-def test_guest_to_guest_through_both_planners() -> None:
-    g = Grants()
-    data = os.urandom(20000)
-    slots = tx_slots(g, data, first_id=1, extras=[n.gso_extra(1448, n.XEN_NETIF_GSO_TYPE_TCPV4)],
-                     flags=n.NETTXF_csum_blank)
-    p = one(TxProcessor().feed(slots, at_req_prod=True))
-    assert isinstance(p, TxPacket)
-    frame = p.gather(g.read)
-    out = OutgoingPacket(p.length, p.gso, p.checksum)
-    # Ring pair for the receiving guest's RX ring.
-    shared = n.rx_shared_ring([memoryview(bytearray(PAGE))])
-    front = FrontRing(shared)
-    back = BackRing(n.rx_shared_ring([shared.pages[0]]))
-    posted = rx_requests(8, first_id=100, first_gref=900)
-    for r in posted:
-        front.put_request(n.pack_rx_request(r))
-    front.push_requests()
-    taken = back.take_requests()
-    plan = RxPlanner(gso_tcpv4=True).plan(out, taken)
-    assert isinstance(plan, RxPlan)
-    pages, raw = deliver(plan, frame)
-    for rsp in raw:
-        back.put_response(rsp)
-    back.push_responses()
-    got = front.take_responses()
-    pkt, body = netfront_receive(got, posted, pages)
-    assert body == data
-    assert pkt.extras[0].body == n.GsoInfo(1448, n.XEN_NETIF_GSO_TYPE_TCPV4)
-    assert pkt.first.flags & n.NETRXF_csum_blank
