@@ -13,10 +13,10 @@ from xdom.domains.vhost_user import backend as be
 from xdom.domains.vhost_user import wire
 from xdom.domains.vhost_user.backend import DeviceSpec, FdKind, VhostUserBackend
 from xdom.domains.vhost_user.memory import MemoryRegion
+from xdom.domains.vhost_user.spec import ProtocolFeature as PF
+from xdom.domains.vhost_user.spec import Request as R
+from xdom.domains.vhost_user.spec import VhostFeature as VF
 from xdom.domains.vhost_user.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from xdom.domains.vhost_user.wire import ProtocolFeature as PF
-from xdom.domains.vhost_user.wire import Request as R
-from xdom.domains.vhost_user.wire import VhostFeature as VF
 
 BLK_F_SEG_MAX, BLK_F_BLK_SIZE, BLK_F_FLUSH = 1 << 2, 1 << 6, 1 << 9
 GUEST_SIZE = 0x100000

@@ -34,6 +34,7 @@ import pytest
 
 from xdom.domains.vhost_user.backend import DeviceSpec
 from xdom.domains.vhost_user.server import VhostUserServer
+from xdom.domains.vhost_user.spec import Request as R
 from xdom.domains.vhost_user.virtqueue import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -41,7 +42,6 @@ from xdom.domains.vhost_user.virtqueue import (
     DescriptorChain,
     SplitVirtqueue,
 )
-from xdom.domains.vhost_user.wire import Request as R
 
 QEMU = shutil.which("qemu-system-x86_64")
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed (Debian: qemu-system-x86)")

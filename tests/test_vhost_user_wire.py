@@ -8,8 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xdom.domains.vhost_user import wire
+from xdom.domains.vhost_user import spec, wire
 from xdom.domains.vhost_user.memory import MemoryRegion
+from xdom.domains.vhost_user.spec import Request
 from xdom.domains.vhost_user.wire import (
     U64,
     ConfigSpace,
@@ -22,7 +23,6 @@ from xdom.domains.vhost_user.wire import (
     MessageReader,
     ProtocolError,
     Raw,
-    Request,
     SingleRegion,
     VringAddr,
     VringFile,
@@ -51,9 +51,9 @@ def test_numbers_are_the_specs() -> None:
     assert (Request.GET_CONFIG, Request.GET_INFLIGHT_FD, Request.SET_INFLIGHT_FD) == (24, 31, 32)
     assert (Request.GET_MAX_MEM_SLOTS, Request.ADD_MEM_REG, Request.REM_MEM_REG) == (36, 37, 38)
     assert (Request.SET_STATUS, Request.GET_STATUS) == (39, 40)
-    pf = wire.ProtocolFeature
+    pf = spec.ProtocolFeature
     assert (pf.MQ, pf.REPLY_ACK, pf.CONFIG, pf.INFLIGHT_SHMFD, pf.CONFIGURE_MEM_SLOTS, pf.STATUS) == (0, 3, 9, 12, 15, 16)
-    assert wire.VhostFeature.PROTOCOL_FEATURES == 30
+    assert spec.VhostFeature.PROTOCOL_FEATURES == 30
     assert (wire.VERSION, wire.FLAG_REPLY, wire.FLAG_NEED_REPLY) == (1, 4, 8)
 
 

@@ -56,10 +56,10 @@ from typing import Protocol
 from . import wire
 from .inflight import MAX_INFLIGHT_SIZE, InflightArea, area_size
 from .memory import MAX_REGIONS, GuestMemory, GuestMemoryError, MemoryRegion, MemoryTableError
+from .spec import ProtocolFeature as PF
+from .spec import Request
+from .spec import VhostFeature as VF
 from .virtqueue import DEFAULT_MAX_CHAIN_BYTES, MAX_QUEUE_SIZE, RingLayout, SplitVirtqueue
-from .wire import ProtocolFeature as PF
-from .wire import Request
-from .wire import VhostFeature as VF
 
 __all__ = [
     "TRANSPORT_FEATURES", "FORBIDDEN_DEVICE_FEATURES", "DEVICE_STATUS_NEEDS_RESET", "MAX_QUEUES",

@@ -18,7 +18,7 @@ Rules of this module:
   ``take_unclaimed_fds()``.  Whoever receives it owns it (must close it).
 
 Where the numbers come from: QEMU's ``docs/interop/vhost-user.rst`` ("Message
-Specification", "Front-end message types", "Protocol features") and the
+Specification"; the request ids and feature bits are in ``spec``) and the
 structures of ``subprojects/libvhost-user/libvhost-user.h`` and
 ``hw/virtio/vhost-user.c``.  All numbers are in the machine's native byte
 order (the spec says so); the structs are packed, except that the payload of
@@ -38,16 +38,15 @@ ADD_MEM_REG after it, with its fd, arrive in one read.)
 
 from __future__ import annotations
 
-import enum
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .memory import MemoryRegion
+from .spec import Request
 
 __all__ = [
-    "Request", "BackendRequest", "ProtocolFeature", "VhostFeature",
     "VERSION", "VERSION_MASK", "FLAG_REPLY", "FLAG_NEED_REPLY", "VRING_IDX_MASK", "VRING_NOFD_MASK",
     "VRING_F_LOG", "HEADER_SIZE", "MAX_PAYLOAD_SIZE", "MAX_FDS_PER_MESSAGE", "MAX_BUFFERED",
     "MAX_MEM_TABLE_REGIONS", "MAX_CONFIG_SIZE", "CONFIG_HEADER_SIZE", "INFLIGHT_PAYLOAD_SIZE",
@@ -58,97 +57,6 @@ __all__ = [
     "pack_u64", "pack_vring_state", "pack_vring_addr", "pack_vring_file", "pack_memory_table",
     "pack_single_region", "pack_log_area", "pack_config", "pack_inflight",
 ]
-
-
-class Request(enum.IntEnum):
-    """Front-end -> back-end requests (``VhostUserRequest``); the spec's ids."""
-    NONE = 0
-    GET_FEATURES = 1
-    SET_FEATURES = 2
-    SET_OWNER = 3
-    RESET_OWNER = 4
-    SET_MEM_TABLE = 5
-    SET_LOG_BASE = 6
-    SET_LOG_FD = 7
-    SET_VRING_NUM = 8
-    SET_VRING_ADDR = 9
-    SET_VRING_BASE = 10
-    GET_VRING_BASE = 11
-    SET_VRING_KICK = 12
-    SET_VRING_CALL = 13
-    SET_VRING_ERR = 14
-    GET_PROTOCOL_FEATURES = 15
-    SET_PROTOCOL_FEATURES = 16
-    GET_QUEUE_NUM = 17
-    SET_VRING_ENABLE = 18
-    SEND_RARP = 19
-    NET_SET_MTU = 20
-    SET_BACKEND_REQ_FD = 21      # formerly SET_SLAVE_REQ_FD
-    IOTLB_MSG = 22
-    SET_VRING_ENDIAN = 23
-    GET_CONFIG = 24
-    SET_CONFIG = 25
-    CREATE_CRYPTO_SESSION = 26
-    CLOSE_CRYPTO_SESSION = 27
-    POSTCOPY_ADVISE = 28
-    POSTCOPY_LISTEN = 29
-    POSTCOPY_END = 30
-    GET_INFLIGHT_FD = 31
-    SET_INFLIGHT_FD = 32
-    GPU_SET_SOCKET = 33
-    RESET_DEVICE = 34
-    VRING_KICK = 35
-    GET_MAX_MEM_SLOTS = 36
-    ADD_MEM_REG = 37
-    REM_MEM_REG = 38
-    SET_STATUS = 39
-    GET_STATUS = 40
-    GET_SHARED_OBJECT = 41
-
-
-class BackendRequest(enum.IntEnum):
-    """Back-end -> front-end requests on the optional back-end channel (not offered yet)."""
-    IOTLB_MSG = 1
-    CONFIG_CHANGE_MSG = 2
-    VRING_HOST_NOTIFIER_MSG = 3
-    VRING_CALL = 4
-    VRING_ERR = 5
-
-
-class ProtocolFeature(enum.IntEnum):
-    """Bit numbers of the protocol feature word (``VHOST_USER_PROTOCOL_F_*``)."""
-    MQ = 0
-    LOG_SHMFD = 1
-    RARP = 2
-    REPLY_ACK = 3
-    NET_MTU = 4
-    BACKEND_REQ = 5
-    CROSS_ENDIAN = 6
-    CRYPTO_SESSION = 7
-    PAGEFAULT = 8
-    CONFIG = 9
-    BACKEND_SEND_FD = 10
-    HOST_NOTIFIER = 11
-    INFLIGHT_SHMFD = 12
-    RESET_DEVICE = 13
-    INBAND_NOTIFICATIONS = 14
-    CONFIGURE_MEM_SLOTS = 15
-    STATUS = 16
-    XEN_MMAP = 17
-    SHARED_OBJECT = 18
-
-
-class VhostFeature(enum.IntEnum):
-    """Bit numbers of the virtio/vhost feature word that the transport (not the device) owns."""
-    NOTIFY_ON_EMPTY = 24
-    LOG_ALL = 26                  # VHOST_F_LOG_ALL
-    RING_INDIRECT_DESC = 28       # VIRTIO_RING_F_INDIRECT_DESC
-    RING_EVENT_IDX = 29           # VIRTIO_RING_F_EVENT_IDX
-    PROTOCOL_FEATURES = 30        # VHOST_USER_F_PROTOCOL_FEATURES (the reserved "UNUSED" bit)
-    VERSION_1 = 32                # VIRTIO_F_VERSION_1
-    ACCESS_PLATFORM = 33          # VIRTIO_F_ACCESS_PLATFORM (IOMMU)
-    RING_PACKED = 34
-    IN_ORDER = 35
 
 
 # --- header flags ---------------------------------------------------------------
