@@ -13,7 +13,8 @@ from collections.abc import Hashable
 import msgpack
 import pytest
 
-from xdom.backends.xenstored.core import DOMID_SELF, TX_ID_RESERVE, Introduced, Released, XenstoreCore
+from xdom.backends.xenstored.core import TX_ID_RESERVE, XenstoreCore
+from xdom.backends.xenstored.domains import DOMID_SELF, Introduced, Released
 from xdom.backends.xenstored.quota import Quota
 from xdom.domains.abi.xs_wire import XENSTORE_PAYLOAD_MAX, Message, XsType, split_strings
 

@@ -44,9 +44,11 @@ from xdom.domains.abi.grant_table import GNTTAB_RESERVED_XENSTORE
 from xdom.domains.abi.xs_wire import HEADER, Message, ProtocolError, XsType
 from xdom.domains.hostsys.wakeup import WakePipe
 
-from .core import ConnId, Introduced, Released, XenstoreCore
+from .core import XenstoreCore
+from .domains import Introduced, Released
 from .journal import StateDir
 from .transport import FrameReader, RingTransport, SocketTransport, TransportClosed
+from .watches import ConnId
 
 log = logging.getLogger("xdom.xenstored")
 
