@@ -4,7 +4,7 @@ Unit tests (no process, no VM): the device's features and config space;
 the virtio-net header both ways (a VM's TX chain -> netif's flags and GSO
 extra as ``vnet.from_tap`` makes them; netif's receive flags -> the VM's
 header, finished in software where the VM's driver did not take the
-offload), checked with the textbook checksums of test_packet_offload;
+offload), checked with the textbook checksums of reference_frames;
 mergeable receive buffers (a frame spread over several, ``num_buffers``
 set, held chains when the driver posted too few); the control queue; the
 port's rings end to end through a fake server; hostile chains (loops,
@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_packet_offload import build, check_segments, l4_checksum_ok
+from reference_frames import build, check_segments, l4_checksum_ok
 
 from xdom.domains.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, GsoInfo
 from xdom.domains.packet import VirtioGso, VirtioNetHdr
