@@ -30,7 +30,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xdom.domains.blockdev import BlockDevice, FileBlockDevice, completion_batch, current_completion_batch
-from xdom.domains.nbd.protocol import (
+from xdom.domains.nbd.events import Disconnect, ProtocolError, Ready, Request, RequestRejected
+from xdom.domains.nbd.protocol import NbdServerConnection
+from xdom.domains.nbd.server import NbdServer
+from xdom.domains.nbd.wire import (
     FLAG_C_FIXED_NEWSTYLE,
     FLAG_C_NO_ZEROES,
     FLAG_FIXED_NEWSTYLE,
@@ -44,19 +47,12 @@ from xdom.domains.nbd.protocol import (
     SIMPLE_REPLY_MAGIC,
     Cmd,
     CmdFlag,
-    Disconnect,
     Info,
     NbdErr,
-    NbdServerConnection,
     Opt,
-    ProtocolError,
-    Ready,
     Rep,
-    Request,
-    RequestRejected,
     TransmissionFlag,
 )
-from xdom.domains.nbd.server import NbdServer
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -65,15 +65,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..blockdev import BlockDevice, current_completion_batch
-from .protocol import (
-    Cmd,
-    Disconnect,
-    NbdServerConnection,
-    ProtocolError,
-    Ready,
-    Request,
-    RequestRejected,
-)
+from .events import Disconnect, ProtocolError, Ready, Request, RequestRejected
+from .protocol import NbdServerConnection
+from .wire import Buffer, Cmd
 
 __all__ = ["NbdServer"]
 
@@ -100,8 +94,6 @@ _REAPER_METHODS = ("completion_fd", "reap_completions", "attach_reaper", "detach
 
 def _nothing() -> None:
     pass
-
-Buffer = bytes | bytearray | memoryview
 
 
 class NbdServer:
