@@ -9,9 +9,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from xdom.domains.vhost_user import backend as be
-from xdom.domains.vhost_user import wire
-from xdom.domains.vhost_user.backend import DeviceSpec, FdKind, VhostUserBackend
+from xdom.domains.vhost_user import actions, wire
+from xdom.domains.vhost_user.actions import FdKind
+from xdom.domains.vhost_user.backend import DEVICE_STATUS_NEEDS_RESET, VhostUserBackend
+from xdom.domains.vhost_user.device import DeviceSpec
 from xdom.domains.vhost_user.memory import MemoryRegion
 from xdom.domains.vhost_user.spec import ProtocolFeature as PF
 from xdom.domains.vhost_user.spec import Request as R
@@ -48,12 +49,12 @@ class Shell:
         self.backing: dict[int, bytearray] = {}
         self.next_fd = 100
         self.replies: list[tuple[int, bytes, tuple[int, ...]]] = []
-        self.actions: list[be.Action] = []
+        self.actions: list[actions.Action] = []
         self.regions: dict[int, bytearray] = {}
         self.qfds: dict[tuple[int, FdKind], int] = {}
         self.queues: dict[int, Any] = {}
         self.inflight: tuple[int, bytearray] | None = None
-        self.closed: be.Closed | None = None
+        self.closed: actions.Closed | None = None
 
     def fd(self, backing: bytearray | None = None) -> int:
         n = self.next_fd
@@ -82,8 +83,8 @@ class Shell:
             self.actions.append(act)
             self.carry_out(act)
 
-    def carry_out(self, act: be.Action) -> None:
-        if isinstance(act, be.SendReply):
+    def carry_out(self, act: actions.Action) -> None:
+        if isinstance(act, actions.SendReply):
             r = wire.MessageReader(replies=True)
             r.receive_data(act.data)
             ev = r.next_event()
@@ -93,43 +94,43 @@ class Shell:
             for fd in act.fds:
                 assert fd in self.open          # lent, still ours
             self.replies.append((int(ev.request), ev.payload.data, act.fds))
-        elif isinstance(act, be.CloseFds):
+        elif isinstance(act, actions.CloseFds):
             for fd in act.fds:
                 self.close(fd)
-        elif isinstance(act, be.MapRegion):
+        elif isinstance(act, actions.MapRegion):
             if not self.fail_maps:
                 buf = self.backing[act.fd]
                 assert len(buf) >= act.region.mapping_length
                 self.regions[act.slot] = buf
                 self.core.region_mapped(act.slot, memoryview(buf))
             self.close(act.fd)
-        elif isinstance(act, be.UnmapRegion):
+        elif isinstance(act, actions.UnmapRegion):
             self.regions.pop(act.slot, None)
-        elif isinstance(act, be.SetQueueFd):
+        elif isinstance(act, actions.SetQueueFd):
             old = self.qfds.pop((act.index, act.kind), None)
             if old is not None:
                 self.close(old)
             if act.fd is not None:
                 self.qfds[(act.index, act.kind)] = act.fd
-        elif isinstance(act, be.StartQueue):
+        elif isinstance(act, actions.StartQueue):
             self.queues[act.index] = act.queue
-        elif isinstance(act, be.StopQueue):
+        elif isinstance(act, actions.StopQueue):
             self.queues.pop(act.index, None)
-        elif isinstance(act, be.AllocateInflight):
+        elif isinstance(act, actions.AllocateInflight):
             buf = bytearray(act.size)
             fd = self.fd(buf)
             self.inflight = (fd, buf)
             self.core.inflight_allocated(fd, memoryview(buf))
-        elif isinstance(act, be.MapInflight):
+        elif isinstance(act, actions.MapInflight):
             buf = self.backing[act.fd]
             self.close(act.fd)
             self.inflight = (-1, buf)
             self.core.inflight_mapped(memoryview(buf)[act.offset:act.offset + act.size])
-        elif isinstance(act, be.UnmapInflight):
+        elif isinstance(act, actions.UnmapInflight):
             if self.inflight is not None and self.inflight[0] >= 0:
                 self.close(self.inflight[0])
             self.inflight = None
-        elif isinstance(act, be.Closed):
+        elif isinstance(act, actions.Closed):
             self.closed = act
 
     def assert_released(self) -> None:
@@ -176,7 +177,7 @@ def start_ring(sh: Shell, num: int = 8, base: int = 0, index: int = 0) -> None:
 def test_qemu_sequence_end_to_end() -> None:
     sh = Shell(VhostUserBackend(blk_device()))
     guest = negotiate(sh)
-    assert any(isinstance(a, be.FeaturesAcked) and a.features == ACKED for a in sh.actions)
+    assert any(isinstance(a, actions.FeaturesAcked) and a.features == ACKED for a in sh.actions)
     # vhost-user-blk starts with the inflight area, then the rings.
     size, off, nq, qs = struct.unpack("=QQHHxxxx", sh.send(R.GET_INFLIGHT_FD, wire.pack_inflight(0, 0, 1, 8))[0][1])
     assert (size, off, nq, qs) == (128 + 64, 0, 1, 8)
@@ -205,12 +206,12 @@ def test_qemu_sequence_end_to_end() -> None:
     start_ring(sh, base=1)
     assert sh.queues[0].last_avail_idx == 1
     sh.eof()
-    assert sh.closed == be.Closed(reason="front end closed the connection", error=False)
+    assert sh.closed == actions.Closed(reason="front end closed the connection", error=False)
     sh.assert_released()
 
 
 def QueueEnabledSeen(sh: Shell, index: int, enabled: bool) -> bool:
-    return any(isinstance(a, be.QueueEnabled) and (a.index, a.enabled) == (index, enabled) for a in sh.actions)
+    return any(isinstance(a, actions.QueueEnabled) and (a.index, a.enabled) == (index, enabled) for a in sh.actions)
 
 
 def test_refusal_with_reply_ack_goes_on_without_fails_the_connection() -> None:
@@ -218,7 +219,7 @@ def test_refusal_with_reply_ack_goes_on_without_fails_the_connection() -> None:
     negotiate(sh)
     rep = sh.send(R.SET_VRING_NUM, wire.pack_vring_state(0, 3), need_reply=True)
     assert rep == [(R.SET_VRING_NUM, wire.pack_u64(1), ())]
-    assert isinstance(sh.actions[-2], be.Refused) and sh.closed is None
+    assert isinstance(sh.actions[-2], actions.Refused) and sh.closed is None
     assert sh.send(R.SET_VRING_NUM, wire.pack_vring_state(0, 3)) == []
     assert sh.closed is not None and sh.closed.error and "power of two" in sh.closed.reason
     sh.assert_released()
@@ -378,7 +379,7 @@ def test_status_reports_needs_reset() -> None:
     assert u64(sh.send(R.GET_STATUS)[0]) == 0xF
     struct.pack_into("<HHH", guest, AVAIL, 0, 1, 9)             # head 9 in a ring of 8
     assert sh.queues[0].pop() is None
-    assert u64(sh.send(R.GET_STATUS)[0]) == 0xF | be.DEVICE_STATUS_NEEDS_RESET
+    assert u64(sh.send(R.GET_STATUS)[0]) == 0xF | DEVICE_STATUS_NEEDS_RESET
     # Not offered: refused.
     sh2 = Shell(VhostUserBackend(blk_device()))
     assert u64(sh2.send(R.GET_STATUS, need_reply=True)[0]) == 1
@@ -490,7 +491,7 @@ def test_random_front_ends_never_break_the_core_and_every_fd_comes_back(msgs: li
                 q.push(c.head, 0)
         if sh.closed is not None:
             break
-    event("a ring started" if any(isinstance(a, be.StartQueue) for a in sh.actions) else "no ring started")
+    event("a ring started" if any(isinstance(a, actions.StartQueue) for a in sh.actions) else "no ring started")
     event("connection failed" if sh.closed is not None else "connection alive until EOF")
     sh.eof()
     sh.assert_released()

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from xdom.domains.vhost_user.backend import DeviceSpec
+from xdom.domains.vhost_user.device import DeviceSpec
 from xdom.domains.vhost_user.server import VhostUserServer
 from xdom.domains.vhost_user.spec import Request as R
 from xdom.domains.vhost_user.virtqueue import (

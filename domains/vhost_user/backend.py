@@ -5,17 +5,17 @@ Rules of this module:
 * The front end (the VMM) is not trusted more than its messages deserve:
   every ring index, size, address and feature word is checked against what
   we offered and what the memory table allows before it changes any state.
-  A request we cannot honour is *refused*: with NEED_REPLY set the front end
-  gets a non-zero REPLY_ACK and the connection goes on; without it the front
-  end would carry on believing we complied, so the connection fails instead
-  (the spec: a back end "may also close the connection" on such errors).
+  A request we cannot honour is *refused*, by the rules of ``conversation``
+  (a non-zero REPLY_ACK if the front end asked for one, else the connection
+  fails), which also orders replies after the work they depend on.
 * The guest is not trusted at all: its rings are only read through
   ``virtqueue.SplitVirtqueue`` and ``memory.GuestMemory`` (see there).
 * No I/O, no fds opened or closed here.  The core turns bytes (and their
-  SCM_RIGHTS fds) into *actions* for the I/O shell: map this region fd,
-  unmap, start/stop queue N, install this kick/call/err fd, send these reply
-  bytes, close these fds.  Every fd that arrives leaves in exactly one
-  action, so the shell owns every descriptor and leaks none.
+  SCM_RIGHTS fds) into *actions* (``actions``) for the I/O shell: map this
+  region fd, unmap, start/stop queue N, install this kick/call/err fd, send
+  these reply bytes, close these fds.  Every fd that arrives leaves in
+  exactly one action, so the shell owns every descriptor and leaks none.
+* What a device must be and may offer is ``device``'s (``check_device``).
 * Bounded: one message is decoded at a time (the codec's limits hold), at
   most ``device.num_queues`` rings, ``memory.MAX_REGIONS`` regions.
 
@@ -47,207 +47,40 @@ that is the device's business, told by ``QueueEnabled``.
 
 from __future__ import annotations
 
-import enum
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Callable
 
 from . import wire
+from .actions import (
+    Action,
+    AllocateInflight,
+    FdKind,
+    FeaturesAcked,
+    MapInflight,
+    MapRegion,
+    QueueEnabled,
+    Refused,
+    SetQueueFd,
+    StartQueue,
+    StopQueue,
+    UnmapInflight,
+    UnmapRegion,
+)
+from .conversation import ConnectionFailed, Conversation, Step, request_name
+from .device import TRANSPORT_FEATURES, VhostUserDevice, check_device
 from .inflight import MAX_INFLIGHT_SIZE, InflightArea, area_size
-from .memory import MAX_REGIONS, GuestMemory, GuestMemoryError, MemoryRegion, MemoryTableError
+from .memory import MAX_REGIONS, GuestMemory, GuestMemoryError, MemoryTableError
 from .spec import ProtocolFeature as PF
 from .spec import Request
 from .spec import VhostFeature as VF
-from .virtqueue import DEFAULT_MAX_CHAIN_BYTES, MAX_QUEUE_SIZE, RingLayout, SplitVirtqueue
+from .virtqueue import DEFAULT_MAX_CHAIN_BYTES, RingLayout, SplitVirtqueue
 
-__all__ = [
-    "TRANSPORT_FEATURES", "FORBIDDEN_DEVICE_FEATURES", "DEVICE_STATUS_NEEDS_RESET", "MAX_QUEUES",
-    "VhostUserDevice", "DeviceSpec",
-    "SendReply", "CloseFds", "MapRegion", "UnmapRegion", "SetQueueFd", "StartQueue", "StopQueue",
-    "QueueEnabled", "AllocateInflight", "MapInflight", "UnmapInflight", "FeaturesAcked", "Refused", "Closed",
-    "Action", "FdKind", "VhostUserBackend",
-]
+__all__ = ["DEVICE_STATUS_NEEDS_RESET", "VhostUserBackend"]
 
-#: Feature bits the transport (this package) implements, offered on top of the device's own.
-TRANSPORT_FEATURES = (1 << VF.VERSION_1) | (1 << VF.PROTOCOL_FEATURES) \
-    | (1 << VF.RING_INDIRECT_DESC) | (1 << VF.RING_EVENT_IDX)
-#: Bits a device must not offer: dirty logging (no LOG_SHMFD), an IOMMU (no
-#: IOTLB), packed or in-order rings, notify-on-empty: none is implemented.
-FORBIDDEN_DEVICE_FEATURES = (1 << VF.LOG_ALL) | (1 << VF.ACCESS_PLATFORM) | (1 << VF.RING_PACKED) \
-    | (1 << VF.IN_ORDER) | (1 << VF.NOTIFY_ON_EMPTY)
 #: virtio status bit reported through GET_STATUS once a ring needs a reset.
 DEVICE_STATUS_NEEDS_RESET = 0x40
 #: Requests remembered in ``VhostUserBackend.log``.
 LOG_SIZE = 1024
-#: Most rings a device may have: SET_VRING_KICK/CALL/ERR carry the index in 8 bits.
-MAX_QUEUES = 256
-
-
-class VhostUserDevice(Protocol):
-    """What a device class supplies (the rust-vmm ``VhostUserBackend`` split): the
-    core does the protocol, the device knows its features, queues and config."""
-
-    #: virtio feature bits of the device itself (e.g. VIRTIO_BLK_F_*); the
-    #: transport bits of ``TRANSPORT_FEATURES`` are added by the core.
-    device_features: int
-    num_queues: int
-    #: Largest ring the device accepts (a power of two <= 32768).
-    max_queue_size: int
-
-    def read_config(self, offset: int, size: int) -> bytes | None:
-        """``size`` bytes of config space at ``offset``, or None if the window is invalid."""
-        ...
-
-    def write_config(self, offset: int, data: bytes, flags: int) -> bool:
-        """Apply a driver's (flags 0) or migration's (flags 1) config write; False refuses it."""
-        ...
-
-
-@dataclass(slots=True, kw_only=True)
-class DeviceSpec:
-    """A device described by data: features, queue count and a config space.
-
-    Only the byte ranges in ``writable_config`` (start, end) accept driver
-    writes (the spec: back ends "MUST NOT accept SET_CONFIG for read-only
-    configuration space fields unless the live migration bit is set").
-    """
-    device_features: int
-    num_queues: int
-    config: bytearray = field(default_factory=bytearray)
-    max_queue_size: int = MAX_QUEUE_SIZE
-    writable_config: tuple[tuple[int, int], ...] = ()
-
-    def read_config(self, offset: int, size: int) -> bytes | None:
-        if offset + size > wire.MAX_CONFIG_SIZE:
-            return None
-        # A driver may read past what the device defines (QEMU asks for its own struct size):
-        # undefined bytes read as zero.
-        return bytes(self.config[offset:offset + size]).ljust(size, b"\0")
-
-    def write_config(self, offset: int, data: bytes, flags: int) -> bool:
-        end = offset + len(data)
-        if end > len(self.config):
-            return False
-        if flags != 1 and not any(lo <= offset and end <= hi for lo, hi in self.writable_config):
-            return False
-        self.config[offset:end] = data
-        return True
-
-
-# --- actions --------------------------------------------------------------------
-
-class FdKind(enum.Enum):
-    KICK = "kick"
-    CALL = "call"
-    ERR = "err"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SendReply:
-    """Write ``data`` to the front end, with ``fds`` as SCM_RIGHTS.  The fds are
-    only lent: they stay the shell's (the inflight memfd, which it keeps)."""
-    data: bytes
-    fds: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CloseFds:
-    """Descriptors the core does not keep: close them."""
-    fds: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MapRegion:
-    """mmap ``region.mapping_length`` bytes of ``fd`` from offset 0, shared read/write,
-    close ``fd`` (mapped or not), and on success call ``region_mapped(slot, view)``."""
-    slot: int
-    region: MemoryRegion
-    fd: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class UnmapRegion:
-    """The core dropped its view of this slot: unmap it."""
-    slot: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SetQueueFd:
-    """Install ``fd`` as ring ``index``'s kick/call/err eventfd (None: no fd, i.e.
-    poll the ring / do not signal), closing the one it replaces."""
-    index: int
-    kind: FdKind
-    fd: int | None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StartQueue:
-    """Start processing ring ``index`` through ``queue`` (process it once right away:
-    kicks sent before the start are lost)."""
-    index: int
-    queue: SplitVirtqueue
-    enabled: bool
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StopQueue:
-    """Stop processing ring ``index`` and forget its queue object (finish or abandon
-    in-flight chains first: the reply that follows reports ``last_avail_idx``)."""
-    index: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class QueueEnabled:
-    index: int
-    enabled: bool
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AllocateInflight:
-    """Create a zeroed shared memfd of ``size`` bytes, map it, and call
-    ``inflight_allocated(fd, view)``; keep the fd until ``UnmapInflight``."""
-    size: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MapInflight:
-    """mmap ``size`` bytes of ``fd`` at ``offset`` shared read/write and call
-    ``inflight_mapped(view)``; keep (or close) the fd until ``UnmapInflight``."""
-    fd: int
-    size: int
-    offset: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class UnmapInflight:
-    """Drop the inflight area's mapping and its fd."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FeaturesAcked:
-    """The front end acknowledged these virtio features (the device may need to know)."""
-    features: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Refused:
-    """Informational: a request was refused (and answered, or the connection fails next)."""
-    request: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Closed:
-    """The connection is over (``error``: because of a protocol error); every resource
-    was released by the actions before this one.  Close the socket."""
-    reason: str
-    error: bool
-
-
-Action = (SendReply | CloseFds | MapRegion | UnmapRegion | SetQueueFd | StartQueue | StopQueue | QueueEnabled
-          | AllocateInflight | MapInflight | UnmapInflight | FeaturesAcked | Refused | Closed)
-_Step = Action | Callable[[], Action | None]
 
 
 class _Vring:
@@ -263,28 +96,14 @@ class _Vring:
         self.queue: SplitVirtqueue | None = None
 
 
-class _ConnectionFailed(Exception):
-    pass
-
-
-_ACK_OK = 0
-_ACK_FAIL = 1
-
-
-class VhostUserBackend:
+class VhostUserBackend(Conversation):
     """The back end of one vhost-user connection.  See the module docstring for the loop."""
 
     def __init__(self, device: VhostUserDevice, *, offer_inflight: bool = True,
                  offer_configure_mem_slots: bool = True, offer_reset_device: bool = True,
                  offer_status: bool = False, max_chain_bytes: int = DEFAULT_MAX_CHAIN_BYTES) -> None:
-        if not 1 <= device.num_queues <= MAX_QUEUES:
-            raise ValueError(f"a device has 1..{MAX_QUEUES} queues, not {device.num_queues}")
-        mq = device.max_queue_size
-        if not 1 <= mq <= MAX_QUEUE_SIZE or mq & (mq - 1):
-            raise ValueError(f"max queue size {mq} is not a power of two <= {MAX_QUEUE_SIZE}")
-        if device.device_features & FORBIDDEN_DEVICE_FEATURES:
-            raise ValueError(f"device offers unimplemented transport features "
-                             f"{device.device_features & FORBIDDEN_DEVICE_FEATURES:#x}")
+        check_device(device)
+        super().__init__()
         self.device = device
         self.offered_features = (device.device_features | TRANSPORT_FEATURES) & ((1 << 64) - 1)
         pf = (1 << PF.MQ) | (1 << PF.REPLY_ACK) | (1 << PF.CONFIG)
@@ -298,9 +117,6 @@ class VhostUserBackend:
             pf |= 1 << PF.STATUS
         self.offered_protocol_features = pf
         self._max_chain_bytes = max_chain_bytes
-        self._reader = wire.MessageReader()
-        self._steps: deque[_Step] = deque()
-        self._closed = False
         self.acked_features = 0
         self.acked_protocol_features = 0
         self.owner = False
@@ -346,46 +162,6 @@ class VhostUserBackend:
 
     # --- the shell's interface ----------------------------------------------------
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def receive_data(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
-        """Feed what ``recvmsg`` returned (``b""`` at EOF); the fds become the core's to route."""
-        self._reader.receive_data(data, fds)
-
-    def next_action(self) -> Action | None:
-        """The next thing for the shell to do, or None when more input is needed.
-
-        Never raises: an internal error fails the connection like a protocol error.
-        """
-        while True:
-            if self._steps:
-                step = self._steps.popleft()
-                try:
-                    act = step() if callable(step) else step
-                except _ConnectionFailed as e:
-                    self._fail(str(e))
-                    continue
-                except Exception as exc:       # a bug must not take the shell down
-                    self._fail(f"internal error: {exc!r}")
-                    continue
-                if act is not None:
-                    return act
-                continue
-            if self._closed:
-                stray = self._reader.take_unclaimed_fds()
-                return CloseFds(fds=tuple(stray)) if stray else None
-            ev = self._reader.next_event()
-            if ev is None:
-                return None
-            try:
-                self._dispatch(ev)
-            except _ConnectionFailed as e:
-                self._fail(str(e))
-            except Exception as exc:
-                self._fail(f"internal error: {exc!r}")
-
     def region_mapped(self, slot: int, view: memoryview) -> None:
         """Completion of ``MapRegion``: the region is now reachable through ``view``."""
         if slot in self.memory.regions():
@@ -400,14 +176,6 @@ class VhostUserBackend:
         """Completion of ``MapInflight``."""
         self._pending_view = (-1, view)
 
-    def close(self, reason: str = "closed by the back end") -> None:
-        """End the connection from our side: release everything (actions follow)."""
-        if not self._closed:
-            self._steps.extend(self._teardown())
-            self._steps.append(Closed(reason=reason, error=False))
-            self._closed = True
-            self._reader.close()
-
     def queue(self, index: int) -> SplitVirtqueue | None:
         """Ring ``index``'s queue while it is started."""
         return self._vrings[index].queue
@@ -420,17 +188,7 @@ class VhostUserBackend:
 
     # --- dispatch -------------------------------------------------------------------
 
-    def _dispatch(self, ev: wire.Event) -> None:
-        if isinstance(ev, wire.ProtocolError):
-            if ev.fds:
-                self._steps.append(CloseFds(fds=ev.fds))
-            raise _ConnectionFailed(f"protocol error: {ev.reason}")
-        if isinstance(ev, wire.EndOfStream):
-            if ev.fds:
-                self._steps.append(CloseFds(fds=ev.fds))
-            self.close("front end closed the connection")
-            return
-        msg = ev
+    def _handle(self, msg: wire.Message) -> None:
         self.log.append(int(msg.request))
         handler = self._handlers.get(msg.request)
         if handler is None:
@@ -440,20 +198,9 @@ class VhostUserBackend:
             return
         handler(msg)
 
-    def _fail(self, reason: str) -> None:
-        """End the connection because of an error.  Actions already decided stay queued (they carry
-        fds and match the core's state); deferred replies are dropped; then everything is released."""
-        if self._closed:
-            return
-        self._steps = deque(s for s in self._steps if not callable(s))
-        self._steps.extend(self._teardown())
-        self._steps.append(Closed(reason=reason, error=True))
-        self._closed = True
-        self._reader.close()
-
-    def _teardown(self) -> list[_Step]:
+    def _teardown(self) -> list[Step]:
         """Actions releasing every ring, fd and mapping the shell holds for us."""
-        out: list[_Step] = []
+        out: list[Step] = []
         for i, vr in enumerate(self._vrings):
             if vr.queue is not None:
                 out.append(StopQueue(index=i))
@@ -468,7 +215,7 @@ class VhostUserBackend:
         out.extend(self._drop_inflight())
         return out
 
-    def _drop_inflight(self) -> list[_Step]:
+    def _drop_inflight(self) -> list[Step]:
         if self._inflight is not None:
             self._inflight.release()
             self._inflight = None
@@ -477,44 +224,10 @@ class VhostUserBackend:
             return [UnmapInflight()]
         return []
 
-    def _drop_fds(self, msg: wire.Message) -> None:
-        if msg.fds:
-            self._steps.append(CloseFds(fds=msg.fds))
-
-    # --- replies and refusals ---------------------------------------------------------
-
-    def _reply(self, msg: wire.Message, payload: bytes, fds: tuple[int, ...] = ()) -> SendReply:
-        return SendReply(data=wire.encode_reply(msg.request, payload), fds=fds)
-
-    def _ack(self, msg: wire.Message, ok: bool = True, reason: str = "") -> None:
-        """Finish a request that has no reply of its own (REPLY_ACK if asked, else a refusal fails)."""
-        if not ok:
-            self._refuse(msg, reason)
-        elif msg.need_reply:
-            self._steps.append(self._reply(msg, wire.pack_u64(_ACK_OK)))
-
-    def _ack_later(self, msg: wire.Message, check: Callable[[], str | None]) -> None:
-        """Like ``_ack`` but decided when the shell has carried out the steps queued before."""
-        def step() -> Action | None:
-            reason = check()
-            if reason is None:
-                return self._reply(msg, wire.pack_u64(_ACK_OK)) if msg.need_reply else None
-            if not msg.need_reply:
-                raise _ConnectionFailed(f"{_name(msg)} refused: {reason}")
-            self._steps.appendleft(self._reply(msg, wire.pack_u64(_ACK_FAIL)))
-            return Refused(request=int(msg.request), reason=reason)
-        self._steps.append(step)
-
-    def _refuse(self, msg: wire.Message, reason: str) -> None:
-        if not msg.need_reply:
-            raise _ConnectionFailed(f"{_name(msg)} refused: {reason}")
-        self._steps.append(Refused(request=int(msg.request), reason=reason))
-        self._steps.append(self._reply(msg, wire.pack_u64(_ACK_FAIL)))
-
     def _vring(self, msg: wire.Message, index: int) -> _Vring:
         if not 0 <= index < len(self._vrings):
             self._drop_fds(msg)
-            raise _ConnectionFailed(f"{_name(msg)} for ring {index}: the device has {len(self._vrings)}")
+            raise ConnectionFailed(f"{request_name(msg)} for ring {index}: the device has {len(self._vrings)}")
         return self._vrings[index]
 
     # --- features -------------------------------------------------------------------
@@ -902,6 +615,3 @@ class VhostUserBackend:
     def _get_max_mem_slots(self, msg: wire.Message) -> None:
         self._steps.append(self._reply(msg, wire.pack_u64(MAX_REGIONS)))
 
-
-def _name(msg: wire.Message) -> str:
-    return msg.request.name if isinstance(msg.request, Request) else f"request {msg.request}"

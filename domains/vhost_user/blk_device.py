@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 
 from ..blockdev import BlockDevice
-from .backend import DeviceSpec
+from .device import DeviceSpec
 
 __all__ = [
     "VIRTIO_BLK_F_SIZE_MAX", "VIRTIO_BLK_F_SEG_MAX", "VIRTIO_BLK_F_RO", "VIRTIO_BLK_F_BLK_SIZE",

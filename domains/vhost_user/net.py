@@ -90,7 +90,7 @@ from ..packet import (
     parse_headers,
     segment_tcp,
 )
-from .backend import DeviceSpec
+from .device import DeviceSpec
 from .memory import GuestMemoryError, MemoryAccess
 from .server import VhostUserServer
 from .virtqueue import DescriptorChain, SplitVirtqueue

@@ -46,8 +46,10 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..hostsys import sysmem
-from . import backend as be
-from .backend import FdKind, VhostUserBackend, VhostUserDevice
+from . import actions
+from .actions import FdKind
+from .backend import VhostUserBackend
+from .device import VhostUserDevice
 from .virtqueue import SplitVirtqueue
 from .wire import MAX_FDS_PER_MESSAGE
 
@@ -288,7 +290,7 @@ class VhostUserServer:
         closed = False
         while (act := core.next_action()) is not None:
             self._carry_out(conn, act)
-            if isinstance(act, be.Closed):
+            if isinstance(act, actions.Closed):
                 closed = True
                 self.notes.append(("closed", act.reason))
                 if act.error:
@@ -299,13 +301,13 @@ class VhostUserServer:
 
     # --- actions --------------------------------------------------------------------
 
-    def _carry_out(self, conn: _Connection, act: be.Action) -> None:
-        if isinstance(act, be.SendReply):
+    def _carry_out(self, conn: _Connection, act: actions.Action) -> None:
+        if isinstance(act, actions.SendReply):
             self._send(conn, act.data, act.fds)
-        elif isinstance(act, be.CloseFds):
+        elif isinstance(act, actions.CloseFds):
             for fd in act.fds:
                 _close(fd)
-        elif isinstance(act, be.MapRegion):
+        elif isinstance(act, actions.MapRegion):
             try:
                 addr = sysmem.mmap(0, act.region.mapping_length, sysmem.PROT_READ | sysmem.PROT_WRITE,
                                    sysmem.MAP_SHARED | sysmem.MAP_NORESERVE, act.fd, 0)
@@ -316,31 +318,31 @@ class VhostUserServer:
                 conn.core.region_mapped(act.slot, sysmem.view(addr, act.region.mapping_length))
             finally:
                 _close(act.fd)
-        elif isinstance(act, be.UnmapRegion):
+        elif isinstance(act, actions.UnmapRegion):
             self._unmap_region(conn, act.slot)
-        elif isinstance(act, be.SetQueueFd):
+        elif isinstance(act, actions.SetQueueFd):
             self._set_fd(conn, act.index, act.kind, act.fd)
-        elif isinstance(act, be.StartQueue):
+        elif isinstance(act, actions.StartQueue):
             conn.queues[act.index] = act.queue
             conn.err_reported.discard(act.index)
             self._watch_kick(conn, act.index)
             if self._handler is not None:
                 self._handler.queue_started(act.index, act.queue, act.enabled)
             self._run_queue(act.index)
-        elif isinstance(act, be.StopQueue):
+        elif isinstance(act, actions.StopQueue):
             self._stop_queue(conn, act.index)
-        elif isinstance(act, be.QueueEnabled):
+        elif isinstance(act, actions.QueueEnabled):
             if self._handler is not None:
                 self._handler.queue_enabled(act.index, act.enabled)
             if act.enabled:
                 self._run_queue(act.index)      # chains that waited while it was disabled get no new kick
-        elif isinstance(act, be.AllocateInflight):
+        elif isinstance(act, actions.AllocateInflight):
             self._allocate_inflight(conn, act.size)
-        elif isinstance(act, be.MapInflight):
+        elif isinstance(act, actions.MapInflight):
             self._map_inflight(conn, act)
-        elif isinstance(act, be.UnmapInflight):
+        elif isinstance(act, actions.UnmapInflight):
             self._unmap_inflight(conn)
-        elif isinstance(act, be.Refused):
+        elif isinstance(act, actions.Refused):
             self.notes.append(("refused", act.reason))
             log.info("vhost-user: refused request %d: %s", act.request, act.reason)
         # FeaturesAcked and Closed need nothing here.
@@ -406,7 +408,7 @@ class VhostUserServer:
         conn.inflight = (fd, addr, size)
         conn.core.inflight_allocated(fd, sysmem.view(addr, size))
 
-    def _map_inflight(self, conn: _Connection, act: be.MapInflight) -> None:
+    def _map_inflight(self, conn: _Connection, act: actions.MapInflight) -> None:
         self._unmap_inflight(conn)
         try:
             addr = sysmem.mmap(0, act.size, sysmem.PROT_READ | sysmem.PROT_WRITE, sysmem.MAP_SHARED,
