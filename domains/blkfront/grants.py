@@ -1,0 +1,163 @@
+"""The frames of the guest's memory that blkfront grants its backend for I/O.
+
+Two ways, chosen by the connection (``feature-persistent``): a pool of
+frames granted once and reused for every request, as Linux's blkfront
+keeps (up to ``max_persistent_frames``), or frames granted for one request
+and ended with it.  A frame whose grant cannot end yet (the backend still
+maps it) is never reused, nor lost: it waits in ``deferred`` and is tried
+again, as Linux's ``gnttab_end_foreign_access`` does.  Every write-zeroes
+segment names the one zero page.
+
+No lock here: the device calls under its own.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ..frame_pool import FramePool, OutOfFrames
+from ..xenhost.base import XenHost
+
+PAGE_SIZE = 4096
+ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+class Page:
+    """One granted frame (a plain class with __slots__: pages are handed around for every I/O)."""
+
+    __slots__ = ("gfn", "ref", "persistent", "view")
+
+    def __init__(self, gfn: int, ref: int, persistent: bool, view: memoryview) -> None:
+        self.gfn, self.ref, self.persistent = gfn, ref, persistent
+        self.view = view                # the frame's 4 KiB in our memory (kept: a page is used many times)
+
+    def __repr__(self) -> str:
+        return f"Page(gfn={self.gfn}, ref={self.ref}, persistent={self.persistent})"
+
+
+class GrantedPages:
+    """The backend's view of our memory: what is granted, free, or still mapped."""
+
+    def __init__(self, host: XenHost, pool: FramePool, backend_domid: int, max_persistent: int) -> None:
+        self.host, self.pool, self.backend_domid = host, pool, backend_domid
+        self.max_persistent = max_persistent
+        self.persistent = False                   # what the current connection negotiated
+        self.free: list[Page] = []                # persistent pages not in use
+        self.count = 0                            # persistent pages granted, free or not
+        self.deferred: list[tuple[int, int]] = []     # (ref, gfn) still mapped by the backend
+        self._zero: Page | None = None
+        self._memory = host.memory.buffer         # the domain's frames, frame g at [g * PAGE_SIZE, ...)
+
+    def frame(self, gfn: int) -> memoryview:
+        return self._memory[gfn * PAGE_SIZE:(gfn + 1) * PAGE_SIZE]
+
+    def negotiated(self, persistent: bool) -> None:
+        """A connection's terms: with or without persistent grants."""
+        self.persistent = persistent
+        if not persistent and self.free:
+            # Kept granted for a backend that had the feature (the one before a restart): give them back.
+            free, self.free = self.free, []
+            self.count -= len(free)
+            for page in free:
+                self.end_grant(page.ref, page.gfn)
+
+    def get(self, n: int, readonly: bool, busy: bool) -> list[Page] | None:
+        """``n`` pages, or None to wait for some (``busy``: requests in flight will give some back).
+        OutOfFrames if they can never be had."""
+        if self.persistent:
+            while len(self.free) < n and self.count < self.max_persistent:
+                try:
+                    (g,) = self.pool.alloc(1)
+                except OutOfFrames:
+                    break
+                ref = self.host.gnttab.grant_access(self.backend_domid, g)
+                self.free.append(Page(g, ref, True, self.frame(g)))
+                self.count += 1
+            if len(self.free) < n:
+                if self.count < n and not busy:
+                    raise OutOfFrames(f"a request needs {n} frames and only {self.count} can be had")
+                return None
+            free = self.free
+            out = free[-n:]
+            del free[-n:]
+            return out
+        try:
+            gfns = self.pool.alloc(n)
+        except OutOfFrames:
+            if not busy:
+                raise
+            return None
+        return [Page(g, self.host.gnttab.grant_access(self.backend_domid, g, readonly=readonly), False,
+                     self.frame(g)) for g in gfns]
+
+    def put(self, pages: list[Page]) -> None:
+        if self.persistent and all([p.persistent for p in pages]):
+            self.free += pages            # the usual case: all back to the pool
+            return
+        for p in pages:
+            if p.persistent and self.persistent:
+                self.free.append(p)
+            else:
+                if p.persistent:              # kept for a backend that had the feature; this one has not
+                    self.count -= 1
+                self.end_grant(p.ref, p.gfn)
+
+    def zero_page(self) -> Page:
+        """The frame of zeroes behind every write-zeroes segment, granted once (read-write: a persistent
+        backend maps all it is given read-write, as Linux's does) and zeroed again for each request, so a
+        backend that scribbles on it spoils at most what it could spoil anyway: the data it writes."""
+        if self._zero is None:
+            (gfn,) = self.pool.alloc(1)
+            self._zero = Page(gfn, self.host.gnttab.grant_access(self.backend_domid, gfn), False,
+                              self.frame(gfn))
+        self._zero.view[:] = ZERO_PAGE
+        return self._zero
+
+    def end_grant(self, ref: int, gfn: int) -> None:
+        """End the backend's access to a frame and free it, or retry later while it is still mapped.
+
+        Linux's ``gnttab_end_foreign_access`` defers the same way: a frame the
+        backend still maps is never reused, but it is not lost either.
+        """
+        if self.host.gnttab.try_end_access(ref):
+            self.host.gnttab.release_ref(ref)
+            self.pool.free([gfn])
+        else:
+            self.deferred.append((ref, gfn))
+
+    def retry_deferred(self) -> None:
+        deferred, self.deferred = self.deferred, []
+        for ref, gfn in deferred:
+            self.end_grant(ref, gfn)
+
+    def release_all(self) -> None:
+        """Closing: end the grants of the free persistent pages and of the zero page."""
+        persistent, self.free = self.free, []
+        for p in persistent:
+            self.end_grant(p.ref, p.gfn)
+        if self._zero is not None:
+            self.end_grant(self._zero.ref, self._zero.gfn)
+            self._zero = None
+
+
+class Lent:
+    """Pages lent for a WRITE payload to be received into (``Blkfront.write_buffer``)."""
+
+    __slots__ = ("lock", "grants", "pages", "views", "length")
+
+    def __init__(self, lock: threading.RLock, grants: GrantedPages, pages: list[Page], length: int) -> None:
+        self.lock, self.grants, self.pages, self.length = lock, grants, pages, length
+        self.views = [page.view for page in pages]
+        last = length - (len(pages) - 1) * PAGE_SIZE
+        if last != PAGE_SIZE:
+            self.views[-1] = self.views[-1][:last]
+
+    def take(self) -> list[Page]:
+        pages, self.pages, self.views = self.pages, [], []
+        return pages
+
+    def release(self) -> None:
+        pages = self.take()
+        if pages:
+            with self.lock:
+                self.grants.put(pages)
