@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from xdom.domains.xenbus import XenbusState, backend_path, frontend_path
+from xdom.domains.xenbus import XenbusState
 from xdom.domains.xenstore import XenstoreClient
 
-from .xsdevice import remove_device, set_perms_under
+from .xsdevice import add_device, remove_device
 
 __all__ = ["VifConfig", "add_vif", "remove_vif"]
 
@@ -46,50 +46,22 @@ class VifConfig:
 
 def add_vif(xs: XenstoreClient, cfg: VifConfig) -> None:
     """Create the device's nodes (or write them again for a restarted backend), as libxl does."""
-    be = backend_path(cfg.backend_domid, "vif", cfg.frontend_domid, cfg.devid)
-    fe = frontend_path(cfg.frontend_domid, "vif", cfg.devid)
-    be_perms = [f"n{cfg.backend_domid}", f"r{cfg.frontend_domid}"]
-    fe_perms = [f"n{cfg.frontend_domid}", f"r{cfg.backend_domid}"]
     be_nodes: dict[str, str | int] = {
-        "frontend": fe, "frontend-id": cfg.frontend_domid, "online": 1, "state": int(XenbusState.Initialising),
+        "frontend-id": cfg.frontend_domid, "online": 1, "state": int(XenbusState.Initialising),
         "mac": cfg.mac, "handle": cfg.devid, "type": "vif", "mtu": cfg.mtu,
     }
     if cfg.bridge:
         be_nodes["bridge"] = cfg.bridge
     if cfg.rate_interval_us is not None:        # libxl: "%"PRIu64",%"PRIu32, bytes per interval, interval usecs
         be_nodes["rate"] = f"{cfg.rate_bytes_per_interval},{cfg.rate_interval_us}"
-    fe_nodes: dict[str, str | int] = {"backend": be, "backend-id": cfg.backend_domid,
+    fe_nodes: dict[str, str | int] = {"backend-id": cfg.backend_domid,
                                       "state": int(XenbusState.Initialising), "handle": cfg.devid,
                                       "mac": cfg.mac, "mtu": cfg.mtu, "xdom-ifname": cfg.ifname}
     if cfg.export:                  # served to a VM as vhost-user-net, not on a TAP device
         fe_nodes["xdom-export"] = f"vhost-user:{cfg.export}"
         fe_nodes["xdom-queues"] = cfg.queues
 
-    be_dirs = [f"/local/domain/{cfg.backend_domid}/backend", f"/local/domain/{cfg.backend_domid}/backend/vif",
-               f"/local/domain/{cfg.backend_domid}/backend/vif/{cfg.frontend_domid}"]
-    fe_dirs = [f"/local/domain/{cfg.frontend_domid}/device/vif"]
-
-    def body(tx: int) -> None:
-        fe_exists = xs.exists(f"{fe}/state", tx)
-        # The directories above the device are dom0's, readable by the domain that
-        # lists them.  Set again every time: xenstored ignores a restarted
-        # domain's permissions on nodes made before it was introduced again.
-        for path, reader in [(d, cfg.backend_domid) for d in be_dirs] + [(d, cfg.frontend_domid) for d in fe_dirs]:
-            xs.mkdir(path, tx)
-            xs.set_perms(path, ["n0", f"r{reader}"], tx)
-        xs.mkdir(be, tx)
-        for key, value in be_nodes.items():
-            xs.write(f"{be}/{key}", str(value), tx)
-        set_perms_under(xs, tx, be, be_perms)
-        if not fe_exists:               # a live frontend keeps its nodes across a backend restart
-            xs.mkdir(fe, tx)
-            xs.set_perms(fe, fe_perms, tx)
-            for key, value in fe_nodes.items():
-                xs.write(f"{fe}/{key}", str(value), tx)
-        # Either side may have restarted under its old domid; xenstored ignores its
-        # permissions on nodes older than its new introduction until they are set again.
-        set_perms_under(xs, tx, fe, fe_perms)
-    xs.transaction(body)
+    add_device(xs, "vif", cfg.backend_domid, cfg.frontend_domid, cfg.devid, be_nodes, fe_nodes)
 
 
 def remove_vif(xs: XenstoreClient, backend_domid: int, frontend_domid: int, devid: int,
