@@ -3,26 +3,24 @@
 Requests are msgpack maps ``{"op": NAME, ...}`` arriving on the broker's
 ZeroMQ ROUTER socket; replies are ``{"ok": true, ...}`` or ``{"ok": false,
 "errno": NAME, "error": text}``.  Anything malformed gets an error reply;
-nothing a client sends can stop the broker.
+nothing a client sends can stop the broker.  The convention, and the
+decoding and dispatching, are the supervisor's too: :mod:`.rpc`.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable
 from typing import Any, Protocol
-
-import msgpack
 
 from xdom.domains.abi.hypercall_wire import HypercallError
 from xdom.domains.abi.sizes import memory_frames
 
 from .hypervisor import DEFAULT_GRANT_FRAMES, Domain, Hypervisor
+from .rpc import Dispatcher, RequestError, error_reply
 
 log = logging.getLogger("xdom.broker")
 
-MAX_REQUEST = 64 * 1024
 # The broker reads memory sizes as the topology does (xdom.domains.abi.sizes).
 parse_memory = memory_frames
 
@@ -35,9 +33,11 @@ class DomainControl(Protocol):
     def hypercall_path(self) -> str: ...
 
 
-class ManagementError(Exception):
+class ManagementError(RequestError):
+    """An error reply of the broker's: ``code`` is its errno."""
+
     def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
+        super().__init__(errno.errorcode.get(code, str(code)), message)
         self.code = code
 
 
@@ -54,11 +54,11 @@ def _field(req: dict[str, Any], name: str, kind: type, default: Any = ...) -> An
     return value
 
 
-class Management:
+class Management(Dispatcher):
     def __init__(self, hv: Hypervisor, control: DomainControl) -> None:
         self.hv = hv
         self.control = control
-        self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+        super().__init__({
             "ping": lambda req: {},
             "create": self.create,
             "destroy": self.destroy,
@@ -69,39 +69,16 @@ class Management:
             "info": lambda req: {"domain": self._domain(req).summary()},
             "stats": self.stats,
             "setup_store": self.setup_store,
-        }
+        }, server="broker", what="management", log=log)
 
-    def handle_bytes(self, payload: bytes) -> bytes:
-        out: bytes = msgpack.packb(self.handle(payload), use_bin_type=True)
-        return out
-
-    def handle(self, payload: bytes) -> dict[str, Any]:
-        try:
-            if len(payload) > MAX_REQUEST:
-                raise ManagementError(errno.EMSGSIZE, f"request of {len(payload)} bytes is too large")
-            try:
-                req = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_ext_len=0)
-            except Exception as e:
-                raise ManagementError(errno.EBADMSG, f"undecodable request: {e.__class__.__name__}") from None
-            if not isinstance(req, dict):
-                raise ManagementError(errno.EBADMSG, "a request is a map with an 'op' field")
-            op = req.get("op")
-            handler = self.handlers.get(op) if isinstance(op, str) else None
-            if handler is None:
-                raise ManagementError(errno.ENOSYS, f"unknown operation {op!r:.40}; known: {sorted(self.handlers)}")
-            return {"ok": True, **handler(req)}
-        except ManagementError as e:
-            return {"ok": False, "errno": errno.errorcode.get(e.code, str(e.code)), "error": str(e)}
-        except HypercallError as e:
+    def refusal(self, e: Exception) -> dict[str, Any] | None:
+        if isinstance(e, HypercallError):
             return {"ok": False, "errno": e.name, "error": e.message}
-        except OSError as e:
+        if isinstance(e, OSError):
             # Out of descriptors or memory, say: the request failed, the toolstack is told why.
             log.error("management request failed: %s", e)
-            code = e.errno or errno.EIO
-            return {"ok": False, "errno": errno.errorcode.get(code, str(code)), "error": f"broker: {e}"}
-        except Exception as e:   # a bug: report it rather than leave the caller without an answer
-            log.exception("management request failed")
-            return {"ok": False, "errno": "EIO", "error": f"internal broker error: {e.__class__.__name__}"}
+            return error_reply(e.errno or errno.EIO, f"broker: {e}")
+        return None
 
     def _domain(self, req: dict[str, Any]) -> Domain:
         if "name" in req and "domid" not in req:

@@ -1,4 +1,4 @@
-"""A client of the broker's management API (ZeroMQ DEALER + SUB)."""
+"""A client of the broker's management API (ZeroMQ DEALER + SUB); the request convention is :mod:`.rpc`'s."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Any
 
 import msgpack
 import zmq
+
+from .rpc import encode, reply_of
 
 
 class ManagementError(Exception):
@@ -46,18 +48,13 @@ class RequestClient:
         return sock
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        self._sock.send_multipart([b"", msgpack.packb({"op": op, **fields}, use_bin_type=True)])
+        self._sock.send_multipart([b"", encode({"op": op, **fields})])
         if not self._sock.poll(int(self.timeout * 1000)):
             # A DEALER would hand the late reply to the next request: start over.
             self._sock.close(0)
             self._sock = self._connect()
             raise TimeoutError(f"no answer from {self.peer} at {self.endpoint} within {self.timeout}s")
-        reply = msgpack.unpackb(self._sock.recv_multipart()[-1], raw=False)
-        if not isinstance(reply, dict):
-            raise self.error("EBADMSG", f"{self.peer} sent something that is not a reply")
-        if not reply.get("ok"):
-            raise self.error(str(reply.get("errno", "EIO")), str(reply.get("error", "")))
-        return reply
+        return reply_of(self._sock.recv_multipart()[-1], self.error, self.peer)
 
     def close(self) -> None:
         self._sock.close(0)

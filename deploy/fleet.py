@@ -36,6 +36,8 @@ import msgpack
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from xdom.broker.rpc import encode, reply_of
+
 from . import curvekeys
 from .control import ControlError
 
@@ -107,7 +109,8 @@ def load_fleet(path: str | None = None) -> Fleet:
     hosts: dict[str, FleetHost] = {}
     entries = raw.get("host", [])
     if not isinstance(entries, list):
-        entries, _ = [], errors.append("host: expected [[host]] tables")
+        errors.append("host: expected [[host]] tables")
+        entries = []
     for i, h in enumerate(entries):
         where = f"host[{i}]"
         if not isinstance(h, dict):
@@ -137,11 +140,12 @@ def load_fleet(path: str | None = None) -> Fleet:
         except curvekeys.KeyFileError as e:
             errors.append(f"{where}.server_key: {e} (xdom keys show SERVER.key prints it)")
             continue
-        key = h.get("key", default_key)
-        if not isinstance(key, str) or not key:
+        client_key = h.get("key", default_key)
+        if not isinstance(client_key, str) or not client_key:
             errors.append(f"{where}: no client key (key = \"...key_secret\" in [client] or in the host)")
             continue
-        hosts[name] = FleetHost(name, address, events, server_key, os.path.join(base, os.path.expanduser(key)))
+        hosts[name] = FleetHost(name, address, events, server_key,
+                                os.path.join(base, os.path.expanduser(client_key)))
     if errors:
         raise FleetError(f"{path}:\n  " + "\n  ".join(errors))
     return Fleet(path, hosts, float(timeout))
@@ -181,7 +185,7 @@ class HostClient:
         self._sock.connect(host.address)
 
     def send(self, op: str, **fields: Any) -> None:
-        self._sock.send_multipart([b"", msgpack.packb({"op": op, **fields}, use_bin_type=True)], zmq.NOBLOCK)
+        self._sock.send_multipart([b"", encode({"op": op, **fields})], zmq.NOBLOCK)
 
     def sockets(self) -> tuple[zmq.Socket, zmq.Socket]:
         return self._sock, self._monitor
@@ -195,12 +199,7 @@ class HostClient:
                                  else "the CurveZMQ handshake failed (is its server_key in the fleet file right?)")
 
     def receive(self) -> dict[str, Any]:
-        reply = msgpack.unpackb(self._sock.recv_multipart()[-1], raw=False)
-        if not isinstance(reply, dict):
-            raise ControlError("EBADMSG", f"{self.host.name} sent something that is not a reply")
-        if not reply.get("ok"):
-            raise ControlError(str(reply.get("errno", "EIO")), str(reply.get("error", "")))
-        return reply
+        return reply_of(self._sock.recv_multipart()[-1], ControlError, self.host.name)
 
     def unreachable(self, timeout: float) -> HostUnreachable:
         why = self._refused or f"no answer within {timeout:g}s"
@@ -298,8 +297,8 @@ def follow_events(hosts: list[FleetHost], stop_after: int | None = None,
     """(host name, event) as hosts publish them (their brokers' lifecycle events), until ``stop_after`` events
     or ``idle_timeout`` seconds without one.  A host that is down now is followed all the same: its events
     arrive once it is back (the subscription reconnects by itself)."""
-    ctx = zmq.Context.instance()
-    subs: dict[zmq.Socket, str] = {}
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    subs: dict[zmq.Socket[bytes], str] = {}
     try:
         poller = zmq.Poller()
         for h in hosts:

@@ -40,12 +40,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import zmq
 import zmq.utils.z85
 
+from xdom.broker.rpc import MAX_REQUEST, RequestError, decode, encode, error_reply
+
 from . import curvekeys
-from .control import MAX_REQUEST
 
 __all__ = ["JOBS", "RELAYED", "FrontDoor", "ListenerConfig", "RemoteError", "RemoteProtocol", "events_address",
            "listener_config"]
@@ -109,14 +109,6 @@ def check_listener(cfg: ListenerConfig) -> tuple[bytes, bytes, set[bytes]]:
 
 # ---- the protocol: what to do with one request, sans-IO ------------------------------------------------
 
-def error_reply(code: int, message: str) -> dict[str, Any]:
-    return {"ok": False, "errno": errno.errorcode.get(code, str(code)), "error": message}
-
-
-def encode(reply: dict[str, Any]) -> bytes:
-    return msgpack.packb(reply, use_bin_type=True)
-
-
 @dataclass(frozen=True)
 class Decision:
     """``reply`` (answer now), ``relay`` (send ``payload`` to the supervisor) or ``job`` (run ``argv`` here)."""
@@ -135,14 +127,12 @@ class RemoteProtocol:
         self.own_topology = os.path.realpath(own_topology)
 
     def decide(self, payload: bytes) -> Decision:
-        if len(payload) > MAX_REQUEST:
-            return Decision("reply", error_reply(errno.EMSGSIZE, f"request of {len(payload)} bytes is too large"))
         try:
-            req = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_ext_len=0)
-        except Exception as e:
-            return Decision("reply", error_reply(errno.EBADMSG, f"undecodable request: {e.__class__.__name__}"))
+            req = decode(payload)
+        except RequestError as e:
+            return Decision("reply", e.reply())
         op = req.get("op") if isinstance(req, dict) else None
-        if not isinstance(op, str) or op not in RELAYED | JOBS:
+        if not isinstance(req, dict) or not isinstance(op, str) or op not in RELAYED | JOBS:
             return Decision("reply", error_reply(errno.ENOSYS, f"{op!r:.40} is not served remotely; what is: "
                                                                f"{', '.join(sorted(RELAYED | JOBS))}"))
         if op in RELAYED:
