@@ -72,6 +72,8 @@ from .rundir import Layout, PidFile, clear_run_files, leftover_processes, remove
 from .supervised_domain import SupervisorError
 
 if TYPE_CHECKING:
+    from .supervised_domain import SupervisedDomain
+    from .supervision import SupervisorBase
     from .supervisor import Supervisor
 
 __all__ = ["REPORT_TIMEOUT", "adopt", "keeper_start", "report", "snapshot", "stop_orphaned"]
@@ -85,7 +87,7 @@ _ALIVE_STATES = ("starting", "running", "stopping")
 
 # ---- writing it down ---------------------------------------------------------------------------
 
-def snapshot(sup: Supervisor) -> dict[str, Any]:
+def snapshot(sup: SupervisorBase) -> dict[str, Any]:
     """The model of ``sup``'s host, as the state file keeps it."""
     plan = sup.uid_plan
     return {
@@ -103,7 +105,7 @@ def snapshot(sup: Supervisor) -> dict[str, Any]:
     }
 
 
-def _domain_row(d: Any) -> dict[str, Any]:
+def _domain_row(d: SupervisedDomain) -> dict[str, Any]:
     return {
         "name": d.name, "kind": str(d.kind), "state": str(d.state), "domid": d.domid, "creds": d.creds,
         "store": list(d.store) if d.store is not None else None, "ident": d.ident, "generation": d.generation,
@@ -114,7 +116,7 @@ def _domain_row(d: Any) -> dict[str, Any]:
         "switch": str(d.switch) if d.switch is not None else None, "last_exit": d.last_exit, "changes": d.changes,
         "offered": [list(k) for k in sorted(d.offered)], "restarts": list(d.tracker._restarts),
         "disks": host_state.encode_disks(d.spec.disks), "vifs": host_state.encode_vifs(d.spec.vifs),
-        "args": list(d.proc.args) if d.proc is not None and d.pidfd >= 0 else None,
+        "args": d.argv if d.proc is not None and d.pidfd >= 0 else None,
         "devices_kept": d.devices is not None,
     }
 
@@ -194,7 +196,7 @@ def adopt(sup: Supervisor, model: dict[str, Any]) -> list[str]:
     sup._dom0_written = bool(model.get("dom0_written"))
     sup._disk_serial = int(model.get("disk_serial") or 0)
     sup._made_exports = {str(k): str(v) for k, v in (model.get("made_exports") or {}).items()}
-    sup._undo_attach = [tuple(u) for u in model.get("undo_attach") or []]      # type: ignore[misc]
+    sup._undo_attach = [tuple(u) for u in model.get("undo_attach") or []]
     sup._broker_deaths = [float(t) for t in model.get("broker_deaths") or []]
     _stop_strays(sup, said)
     alive = sum(1 for d in sup.domains if d.state in (State.STARTING, State.RUNNING, State.STOPPING) and d.pidfd >= 0)
@@ -236,7 +238,7 @@ def _adopt_broker(sup: Supervisor, model: dict[str, Any], said: list[str]) -> No
     bproc = AdoptedProcess.of(model.get("broker"))
     lay = sup.layout
     if bproc is not None:
-        sup.broker = BrokerProcess(bproc, lay.run_dir)     # type: ignore[arg-type]
+        sup.broker = BrokerProcess(bproc, lay.run_dir)
         sup._broker_ident = model.get("broker")
         sup._broker_pidfd = bproc.pidfd()
         sup._watch_fd(sup._broker_pidfd, sup._on_broker_exit)
@@ -253,6 +255,7 @@ def _adopt_broker(sup: Supervisor, model: dict[str, Any], said: list[str]) -> No
         sup._start_broker()
     except (RuntimeError, TimeoutError) as e:
         raise SupervisorError(f"the broker died while no supervisor ran, and another did not start ({e})") from None
+    assert sup.broker is not None        # _start_broker set it
     said.append(f"broker: gone; a new one (pid {sup.broker.proc.pid}) took over the running domains")
     sup._record("broker", "restarted", f"pid {sup.broker.proc.pid}: took over (adoption)")
 
@@ -280,7 +283,7 @@ def _phase_of(rec: dict[str, Any]) -> Phase:
     return Phase(state.value)
 
 
-def _adopt_domain(sup: Supervisor, d: Any, rec: dict[str, Any], kept: dict[str, int],
+def _adopt_domain(sup: Supervisor, d: SupervisedDomain, rec: dict[str, Any], kept: dict[str, int],
                   listed: dict[int, dict[str, Any]], now: float, said: list[str]) -> None:
     from .topology import NetSwitch
     d.spec = dataclasses.replace(d.spec, disks=host_state.decode_disks(rec.get("disks")),
@@ -368,11 +371,11 @@ def _stop_strays(sup: Supervisor, said: list[str]) -> None:
             spared.update(c.pid for c in psutil.Process(p).children(recursive=True))
         except psutil.Error:
             pass
-    for p in leftover_processes(sup.layout.run_dir, spared):
+    for stray in leftover_processes(sup.layout.run_dir, spared):
         try:
-            what = f"pid {p.pid}: {' '.join(p.cmdline())[:200]}"
-            p.kill()
-            p.wait(10)
+            what = f"pid {stray.pid}: {' '.join(stray.cmdline())[:200]}"
+            stray.kill()
+            stray.wait(10)
         except (psutil.Error, psutil.TimeoutExpired):
             continue
         log.warning("stopped %s: a process of %s its supervisor never wrote down", what, sup.layout.run_dir)

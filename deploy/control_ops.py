@@ -27,7 +27,7 @@ from . import netns
 from .access import AccessError
 from .confined import confinement_of
 from .control import ControlError, string_field
-from .devices import _EXPORT_ARGS, DETACH_TIMEOUT, _backend_tap, _bridge_of, _ifname, _logged, _vifs
+from .devices import DETACH_TIMEOUT, _backend_tap, _bridge_of, _ifname, _logged, _vifs
 from .lifecycle import Effect, Event, State, step
 from .lifecycle_driver import LifecycleDriver
 from .rundir import unlink_socket
@@ -209,19 +209,18 @@ class ControlOps(LifecycleDriver):
         if d.spec.vm is not None and kind != EXPORT_VHOST_USER:
             raise ControlError.of(errno.EINVAL, f"export={kind}: {d.name} runs a VM, which reaches its disks over "
                                                 f"vhost-user only; leave export= out or write export=vhost-user:NAME")
-        disk = dataclasses.replace(disk, target=os.path.normpath(target), export_path=export, export_kind=kind)
+        target = os.path.normpath(target)
+        disk = dataclasses.replace(disk, target=target, export_path=export, export_kind=kind)
         try:
-            st = os.stat(disk.target)
+            st = os.stat(target)
         except OSError as e:
-            raise ControlError.of(errno.ENOENT, f"{disk.target}: {e.strerror}") from None
+            raise ControlError.of(errno.ENOENT, f"{target}: {e.strerror}") from None
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise ControlError.of(errno.EINVAL, f"{disk.target} is neither a file nor a block device")
+            raise ControlError.of(errno.EINVAL, f"{target} is neither a file nor a block device")
         path = self._export_path(d, disk)
         if any(self._export_path(g, x) == path for g in self.domains for x in g.spec.disks):
             raise ControlError.of(errno.EEXIST, f"export socket {path} is already in use")
-        # A running guest's Landlock domain lets it bind sockets only where its command line said.
-        dirs = {a.partition("=")[2] if a.startswith("--export-dir=") else os.path.dirname(a.partition(":")[2])
-                for a in (d.proc.args if d.proc is not None else ()) if a.startswith(_EXPORT_ARGS)}
+        dirs = d.export_dirs()
         if os.path.dirname(path) not in dirs and confinement_mode() != "off":
             raise ControlError.of(errno.EACCES, f"{d.name} is confined to export sockets in {', '.join(sorted(dirs))}"
                                                 f"; put {disk.vdev} in its topology to export it elsewhere")
@@ -342,8 +341,7 @@ class ControlOps(LifecycleDriver):
         path = self._vif_export(d, devid, vif)
         if path in self._export_sockets_of_host():
             raise ControlError.of(errno.EEXIST, f"export socket {path} is already in use")
-        dirs = {a.partition("=")[2] if a.startswith("--export-dir=") else os.path.dirname(a.partition(":")[2])
-                for a in (d.proc.args if d.proc is not None else ()) if a.startswith(_EXPORT_ARGS)}
+        dirs = d.export_dirs()
         if os.path.dirname(path) not in dirs and confinement_mode() != "off":
             raise ControlError.of(errno.EACCES, f"{d.name} is confined to export sockets in {', '.join(sorted(dirs))}"
                                                 f"; leave export= out (its socket then goes in "

@@ -45,8 +45,6 @@ __all__ = ["DETACH_TIMEOUT", "Devices"]
 log = logging.getLogger("xdom.supervisor")
 
 DETACH_TIMEOUT = 5.0      # seconds block-detach waits for the backend to report Closed
-# A guest's arguments naming where it may bind export sockets (its Landlock rules allow those directories).
-_EXPORT_ARGS = ("--export-dir=", "--disk=", "--vhost-user-disk=", "--vhost-user-vif=")
 
 
 class Devices(SupervisorBase):

@@ -18,10 +18,12 @@ from typing import Any
 
 from xdom.broker.mgmt_client import ManagementClient, endpoint_for
 
+from .host_state import AdoptedProcess
+
 
 @dataclass
 class BrokerProcess:
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | AdoptedProcess     # AdoptedProcess: another supervisor's broker
     run_dir: str
 
     @property
@@ -149,7 +151,7 @@ def start_xenstored_domain(mgmt: ManagementClient, socket_path: str, state_dir: 
     return XenstoredDomain(creds, proc, socket_path)
 
 
-def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> int:
+def stop_process(proc: subprocess.Popen[Any] | AdoptedProcess, timeout: float = 10.0) -> int:
     """SIGTERM, a grace period, then SIGKILL of the process group; always reaps."""
     if proc.poll() is None:
         for sig in (signal.SIGTERM, signal.SIGKILL):

@@ -15,6 +15,7 @@ wired to it.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 from dataclasses import dataclass, field
@@ -22,12 +23,17 @@ from typing import Any
 
 import psutil
 
+from .host_state import AdoptedProcess
 from .lifecycle import Lifecycle, Phase, State
 from .policy import HealthCheck, HealthSample, RestartTracker
 from .topology import DomainKind, DomainSpec, NetSwitch
 
 __all__ = ["READY_PIPE_KINDS", "AlreadyRunning", "JournalEntry", "StartupError", "SupervisedDomain",
            "SupervisorError"]
+
+
+# A guest's arguments naming where it may bind export sockets (its Landlock rules allow those directories).
+_EXPORT_ARGS = ("--export-dir=", "--disk=", "--vhost-user-disk=", "--vhost-user-vif=")
 
 
 class SupervisorError(Exception):
@@ -66,7 +72,7 @@ class SupervisedDomain:
     domid: int | None = None
     creds: dict[str, Any] | None = None
     store: tuple[int, int] | None = None         # (gfn, port) from setup_store
-    proc: subprocess.Popen[bytes] | None = None
+    proc: subprocess.Popen[bytes] | AdoptedProcess | None = None   # AdoptedProcess: another supervisor's child
     pidfd: int = -1
     ready_fd: int = -1
     ready_seen: bool = False
@@ -109,3 +115,19 @@ class SupervisedDomain:
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None and self.pidfd >= 0 else None
+
+    @property
+    def argv(self) -> list[str]:
+        """Its process's command line ([] without one): as started, or as /proc shows an adopted one."""
+        if self.proc is None:
+            return []
+        args = self.proc.args
+        if isinstance(args, (str, bytes, os.PathLike)):
+            return [os.fsdecode(args)]
+        return [os.fsdecode(a) for a in args]
+
+    def export_dirs(self) -> set[str]:
+        """Where a running guest may bind export sockets: its Landlock domain allows the directories its
+        command line named, and no other."""
+        return {a.partition("=")[2] if a.startswith("--export-dir=") else os.path.dirname(a.partition(":")[2])
+                for a in self.argv if a.startswith(_EXPORT_ARGS)}

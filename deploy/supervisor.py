@@ -243,7 +243,7 @@ class Supervisor(ControlOps):
     def _connect_loop(self) -> None:
         """The broker's events and the control socket, in the loop."""
         lay = self.layout
-        sub = zmq.Context.instance().socket(zmq.SUB)
+        sub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"domain")
         sub.connect(lay.events_endpoint)

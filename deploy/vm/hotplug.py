@@ -19,7 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..control import ControlError
-from ..topology import vif_queues
+from ..topology import VmConfig, vif_queues
+from ..xlcfg import DiskSpec, VifSpec
 from .qemu import VhostUserBlk, VhostUserNet, after_unplug, boot_port, hotplug_blk, hotplug_net, unplug_device_id
 from .records import _ALIVE, PlugState, VmState, _Plug, _Vm
 
@@ -64,7 +65,7 @@ class VmHotplug:
         vm = self._of(d)
         if vm is None:
             return {}
-        dev = VhostUserBlk(sock, num_queues=vm.config.cpus, id=_qemu_id(disk.vdev))
+        dev = vm_disk(sock, disk, vm.config)
         return self._plug(vm, "blk", _qemu_id(disk.vdev), sock,
                           lambda bus: hotplug_blk(dev, _qemu_id(disk.vdev), bus, 1))
 
@@ -73,7 +74,7 @@ class VmHotplug:
         vm = self._of(d)
         if vm is None:
             return {}
-        nic = VhostUserNet(sock, vif.mac, queues=vif_queues(vif, vm.config), id=f"vif{devid}")
+        nic = vm_nic(sock, devid, vif, vm.config)
         accel = vm.plan.accel
         return self._plug(vm, "net", f"vif{devid}", sock,
                           lambda bus: hotplug_net(nic, f"vif{devid}", accel, bus, 1))
@@ -253,3 +254,15 @@ def _undo(sent: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, A
 def _qemu_id(vdev: str) -> str:
     """A QEMU device id from a vdev (xvda, hdc, d1p2: already letters and digits, starting with a letter)."""
     return "".join(ch for ch in vdev if ch.isalnum()) or "disk"
+
+
+def vm_disk(sock: str, disk: DiskSpec, cfg: VmConfig) -> VhostUserBlk:
+    """A disk's vhost-user-blk device in a VM, the same whether the VM boots with it or it is hot-plugged."""
+    return VhostUserBlk(sock, num_queues=cfg.cpus, id=_qemu_id(disk.vdev))
+
+
+def vm_nic(sock: str, devid: int, vif: VifSpec, cfg: VmConfig) -> VhostUserNet:
+    """:func:`vm_disk` for a vif: its virtio-net NIC on vhost-user-net."""
+    if vif.mac is None:       # the topology gives every vif a MAC before anything is planned
+        raise ValueError(f"vif {devid} has no MAC")
+    return VhostUserNet(sock, vif.mac, queues=vif_queues(vif, cfg), id=f"vif{devid}")

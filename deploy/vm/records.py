@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 
+from ..host_state import AdoptedProcess
 from ..policy import HealthCheck, HealthSample, RestartTracker
 from ..topology import VmConfig
 from .plan import VmPlan
@@ -145,7 +146,7 @@ class _Vm:
     health: HealthCheck
     paths: VmPaths
     state: VmState = VmState.PENDING
-    proc: subprocess.Popen[bytes] | None = None
+    proc: subprocess.Popen[bytes] | AdoptedProcess | None = None     # AdoptedProcess: another supervisor's QEMU
     pidfd: int = -1
     qmp: _QmpLink | None = None
     status: str = ""                 # what QMP's query-status said last

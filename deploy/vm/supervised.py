@@ -49,6 +49,7 @@ which the host's shutdown calls (it is blocking, like the domains' stop).
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -71,9 +72,9 @@ from ..policy import Action, ExitStatus, HealthCheck, HealthSample, RestartTrack
 from ..rundir import VMS_DIR, log_marker, unlink_socket  # VMS_DIR: RUN_DIR/vms/GUEST/, made by its QEMU
 from ..topology import vif_devids, vif_queues
 from ..xlcfg import EXPORT_VHOST_USER, default_export, default_vif_export
-from .hotplug import HOTPLUG_SLOTS, VmHotplug, _qemu_id
+from .hotplug import HOTPLUG_SLOTS, VmHotplug, _qemu_id, vm_disk, vm_nic
 from .plan import VmPlan, check_vms, plan_vms, vm_paths
-from .qemu import SANDBOX, VhostUserBlk, VhostUserNet, VmSpec, hotplug_port, qemu_argv, unplug_device_id
+from .qemu import SANDBOX, VmSpec, hotplug_port, qemu_argv, unplug_device_id
 from .records import _ALIVE, PlugState, VmState, _peer_pid, _QmpLink, _Vm
 
 if TYPE_CHECKING:
@@ -157,10 +158,10 @@ class VmSupervisor(VmHotplug):
                 self._record(vm.name, "vm-exit", status.describe())
                 self._after_death(vm, status, "", now - vm.started_mono)
                 continue
-            vm.proc = proc       # type: ignore[assignment]
+            vm.proc = proc
             vm.ident = rec.get("ident")
             vm.pidfd = proc.pidfd()
-            self._watch_fd(vm.pidfd, lambda vm=vm: self._on_exit(vm))
+            self._watch_fd(vm.pidfd, functools.partial(self._on_exit, vm))
             self._connect_qmp(vm, now)
             if vm.state == VmState.STARTING:
                 vm.ready_by = now + self.ready_timeout
@@ -356,9 +357,9 @@ class VmSupervisor(VmHotplug):
     def _spec(self, vm: _Vm) -> VmSpec:
         d = vm.guest
         cfg = vm.config
-        blk = [VhostUserBlk(self._disk_socket(d, disk), num_queues=cfg.cpus, id=_qemu_id(disk.vdev))
+        blk = [vm_disk(self._disk_socket(d, disk), disk, cfg)
                for disk in d.spec.disks if disk.export_kind == EXPORT_VHOST_USER]
-        net = [VhostUserNet(self._vif_socket(d, devid, vif), vif.mac, queues=vif_queues(vif, cfg), id=f"vif{devid}")
+        net = [vm_nic(self._vif_socket(d, devid, vif), devid, vif, cfg)
                for devid, vif in vif_devids(d.spec.vifs) if vif.export_kind == EXPORT_VHOST_USER]
         extra = list(cfg.extra_args)
         if vm.plan.accel == "tcg":
@@ -490,7 +491,7 @@ class VmSupervisor(VmHotplug):
                 self._on_status(vm, ret["status"])
             elif isinstance(msg.get("event"), str):
                 event = msg["event"]
-                data = msg.get("data") if isinstance(msg.get("data"), dict) else {}
+                data = msg["data"] if isinstance(msg.get("data"), dict) else {}
                 self._record(vm.name, f"vm:{event}", json.dumps(data)[:200] if data else "")
                 if event in ("STOP", "RESUME"):
                     link.send("query-status")
