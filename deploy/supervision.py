@@ -39,7 +39,7 @@ import msgpack
 import zmq
 
 from xdom.broker.mgmt_client import ManagementClient
-from xdom.domains.wakeup import WakePipe
+from xdom.domains.hostsys.wakeup import WakePipe
 
 from . import adopt, host_state, netns, remote
 from .confined import SeccompKills

@@ -142,13 +142,10 @@ def test_the_broker_imports_only_the_abi_and_the_system_calls_of_domains() -> No
 
 
 def test_the_moved_wire_formats_are_imported_from_the_abi() -> None:
-    # domains/wakeup.py is a transitional alias for a module under rework by others (issue 16); delete
-    # it with this list.  (domains/xs_wire.py and domains/nbd/device.py went with the frontends' xenbus
-    # rework: nothing may import them again.)
-    g = graph()
-    assert not [m for m, deps in g.items() if {"xdom.domains.xs_wire", "xdom.domains.nbd.device"} & set(deps)]
-    users = sorted(m for m, deps in g.items() if "xdom.domains.wakeup" in deps)
-    assert set(users) <= {"xdom.deploy.supervision"}, users
+    # The transitional aliases are gone (domains/xs_wire.py and domains/nbd/device.py with the frontends'
+    # xenbus rework, domains/wakeup.py with the supervisor split): nothing may import them again.
+    gone = {"xdom.domains.xs_wire", "xdom.domains.nbd.device", "xdom.domains.wakeup"}
+    assert not [m for m, deps in graph().items() if gone & set(deps)]
 
 
 def test_frontends_do_not_import_the_exports() -> None:
