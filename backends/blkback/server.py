@@ -19,23 +19,15 @@ of a backend that comes back with fewer features can be tested for real.
 from __future__ import annotations
 
 import argparse
-import faulthandler
-import logging
-import os
-import signal
-import threading
 from collections.abc import Sequence
 
-from xdom.domains import confinement, startup
 from xdom.domains.device_channel import DeviceChannel
-from xdom.domains.xenhost import connect
 from xdom.domains.xenhost.base import XenHost
 from xdom.domains.xenstore import XenstoreClient
 
 from ..device_table import DeviceTable
+from ..driver_domain import run_driver_domain
 from .vbd import BackendFeatures, Vbd
-
-log = logging.getLogger("xdom.blkback")
 
 
 class BlkbackServer:
@@ -88,35 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     features = BackendFeatures(max_ring_page_order=args.max_ring_page_order, max_queues=args.max_queues,
                                persistent=args.persistent, max_indirect_segments=args.max_indirect_segments)
-    logging.basicConfig(level=os.environ.get("XDOM_LOG_LEVEL", "info").upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    faulthandler.register(signal.SIGUSR1)        # `kill -USR1` dumps every thread's stack to the log
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    startup.mark("imports")
-    host = connect()
-    startup.mark("broker")
-    # Before the first thread: no file of its own to write; without the device channel it must open
-    # the images the toolstack names, by path, so reading and writing files is left to DAC then.
-    confinement.restrict_files("blkback", open_by_path=args.device_fd is None)
-    xs = XenstoreClient.ring(host)
-    startup.mark("xenstore")
-    server = BlkbackServer(host, xs, features, DeviceChannel(args.device_fd) if args.device_fd is not None else None)
-    try:
-        server.start()
-        startup.mark("devices")
-        log.info("blkback is domain %d, serving %s (%s)", host.domid, server.root, startup.summary())
-        confinement.lock_down("blkback")
-        if args.ready_fd is not None:
-            os.write(args.ready_fd, confinement.ready_message())
-            os.close(args.ready_fd)
-        while not stop.wait(3600):
-            pass
-        log.info("blkback stopping")
-        host.shutdown("poweroff")
-        return 0
-    finally:
-        server.close()
-        xs.close()
-        host.close()
+    # Without the device channel blkback opens the images the toolstack names, by path: reading and
+    # writing files is left to DAC then.
+    return run_driver_domain("blkback", args.ready_fd,
+                             lambda host, xs: BlkbackServer(host, xs, features, DeviceChannel(args.device_fd)
+                                                            if args.device_fd is not None else None),
+                             open_by_path=args.device_fd is None)

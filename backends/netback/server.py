@@ -12,26 +12,18 @@ a TAP ``vif<domid>.<devid>`` the toolstack made and handed over.
 from __future__ import annotations
 
 import argparse
-import faulthandler
-import logging
 import os
-import signal
-import threading
 from collections.abc import Sequence
 
-from xdom.domains import confinement, startup
 from xdom.domains.device_channel import DeviceChannel
-from xdom.domains.xenhost import connect
 from xdom.domains.xenhost.base import XenHost
 from xdom.domains.xenstore import XenstoreClient
 
 from ..device_table import DeviceTable
+from ..driver_domain import run_driver_domain
 from .loop import NetbackLoop
 from .switch import LearningSwitch
 from .vif import Vif
-
-log = logging.getLogger("xdom.netback")
-
 
 TAP_TIMEOUT = 30.0       # seconds to wait for the toolstack's TAP descriptor of a bridged vif
 MAX_QUEUES = 64
@@ -93,33 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--max-queues must be between 1 and {MAX_QUEUES}")
     if args.bridge and args.device_fd is None:
         p.error("--bridge needs --device-fd: the toolstack hands the TAP descriptors over it")
-    logging.basicConfig(level=os.environ.get("XDOM_LOG_LEVEL", "info").upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    faulthandler.register(signal.SIGUSR1)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    startup.mark("imports")
-    host = connect()
-    startup.mark("broker")
-    # Before the first thread: netback opens no file once it runs (a bridged vif's TAP comes open).
-    confinement.restrict_files("netback")
-    xs = XenstoreClient.ring(host)
-    startup.mark("xenstore")
-    server = NetbackServer(host, xs, DeviceChannel(args.device_fd) if args.bridge else None, args.max_queues)
-    try:
-        server.start()
-        startup.mark("devices")
-        log.info("netback is domain %d, serving %s (%s)", host.domid, server.root, startup.summary())
-        confinement.lock_down("netback")
-        if args.ready_fd is not None:
-            os.write(args.ready_fd, confinement.ready_message())
-            os.close(args.ready_fd)
-        while not stop.wait(3600):
-            pass
-        host.shutdown("poweroff")
-        return 0
-    finally:
-        server.close()
-        xs.close()
-        host.close()
+    # netback opens no file once it runs (a bridged vif's TAP comes open over the device channel).
+    return run_driver_domain("netback", args.ready_fd,
+                             lambda host, xs: NetbackServer(host, xs, DeviceChannel(args.device_fd) if args.bridge
+                                                            else None, args.max_queues))
