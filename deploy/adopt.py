@@ -68,7 +68,7 @@ from .keeper import KeeperClient, KeeperError, keeper_argv
 from .launcher import BrokerProcess, start_ready
 from .lifecycle import Lifecycle, Phase, State
 from .policy import ExitStatus
-from .rundir import Layout, PidFile, clear_run_files, leftover_processes, remove_run_dir
+from .rundir import Layout, PidFile, clear_run_files, remove_run_dir, stop_leftovers
 from .supervised_domain import SupervisorError
 
 if TYPE_CHECKING:
@@ -371,13 +371,7 @@ def _stop_strays(sup: Supervisor, said: list[str]) -> None:
             spared.update(c.pid for c in psutil.Process(p).children(recursive=True))
         except psutil.Error:
             pass
-    for stray in leftover_processes(sup.layout.run_dir, spared):
-        try:
-            what = f"pid {stray.pid}: {' '.join(stray.cmdline())[:200]}"
-            stray.kill()
-            stray.wait(10)
-        except (psutil.Error, psutil.TimeoutExpired):
-            continue
+    for what in stop_leftovers(sup.layout.run_dir, spared, width=200):
         log.warning("stopped %s: a process of %s its supervisor never wrote down", what, sup.layout.run_dir)
         said.append(f"stopped a process its supervisor never wrote down ({what[:80]})")
 
@@ -504,14 +498,7 @@ def stop_orphaned(run_dir: str) -> tuple[list[str], bool]:
             done += _stop_together([("broker", model.get("broker"))], grace)
             done += _stop_together([("keeper", model.get("keeper"))], grace, group=False)
         me = psutil.Process()
-        for p in leftover_processes(run_dir, {me.pid, *(q.pid for q in me.parents())}):
-            try:
-                what = f"pid {p.pid}: {' '.join(p.cmdline())[:160]}"
-                p.kill()
-                p.wait(10)
-            except (psutil.Error, psutil.TimeoutExpired):
-                continue
-            done.append(what)
+        done += stop_leftovers(run_dir, {me.pid, *(q.pid for q in me.parents())}, width=160)
         names = set(netns.of_host(run_dir))
         if model is not None:
             names.update(r["netns"] for r in model.get("domains", []) if r.get("netns"))

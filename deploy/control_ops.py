@@ -165,6 +165,20 @@ class ControlOps(LifecycleDriver):
             raise ControlError.of(errno.EBUSY, why)
         return d
 
+    def _device_backend(self, name: str | None, kind: DomainKind) -> SupervisedDomain:
+        """The running backend a device names, or else this host's only one of ``kind``."""
+        if name is None:
+            backends = [b.name for b in self.domains if b.kind == kind]
+            if len(backends) != 1:
+                raise ControlError.of(errno.EINVAL, f"say backend=NAME: this host has {len(backends)} {kind} domains")
+            name = backends[0]
+        be = self._by_name.get(name)
+        if be is None or be.kind != kind:
+            raise ControlError.of(errno.EINVAL, f"backend {name!r} is not a {kind} domain of this host")
+        if be.state != State.RUNNING:
+            raise ControlError.of(errno.EBUSY, f"backend {be.name} is {be.state}")
+        return be
+
     def _op_block_attach(self, req: dict[str, Any]) -> dict[str, Any]:
         """``xl block-attach``: add a disk to a running guest; it stays in the guest's spec across restarts."""
         d = self._guest_for_devices(req)
@@ -173,17 +187,8 @@ class ControlOps(LifecycleDriver):
             disk = parse_disk(spec)
         except XlCfgError as e:
             raise ControlError.of(errno.EINVAL, str(e)) from None
-        if disk.backend is None:
-            backends = [b.name for b in self.domains if b.kind == DomainKind.BLKBACK]
-            if len(backends) != 1:
-                raise ControlError.of(errno.EINVAL, "say backend=NAME: this host has "
-                                                    f"{len(backends)} blkback domains")
-            disk = dataclasses.replace(disk, backend=backends[0])
-        be = self._by_name.get(disk.backend or "")
-        if be is None or be.kind != DomainKind.BLKBACK:
-            raise ControlError.of(errno.EINVAL, f"backend {disk.backend!r} is not a blkback domain of this host")
-        if be.state != State.RUNNING:
-            raise ControlError.of(errno.EBUSY, f"backend {be.name} is {be.state}")
+        be = self._device_backend(disk.backend, DomainKind.BLKBACK)
+        disk = dataclasses.replace(disk, backend=be.name)
         if any(x.devid == disk.devid for x in d.spec.disks):
             raise ControlError.of(errno.EEXIST, f"{d.name} already has a disk at {disk.vdev}")
         if disk.target is None:
@@ -275,16 +280,8 @@ class ControlOps(LifecycleDriver):
             vif = parse_vif(string_field(req, "vif"))
         except XlCfgError as e:
             raise ControlError.of(errno.EINVAL, str(e)) from None
-        if vif.backend is None:
-            backends = [b.name for b in self.domains if b.kind == DomainKind.NETBACK]
-            if len(backends) != 1:
-                raise ControlError.of(errno.EINVAL, f"say backend=NAME: this host has {len(backends)} netback domains")
-            vif = dataclasses.replace(vif, backend=backends[0])
-        be = self._by_name.get(vif.backend or "")
-        if be is None or be.kind != DomainKind.NETBACK:
-            raise ControlError.of(errno.EINVAL, f"backend {vif.backend!r} is not a netback domain of this host")
-        if be.state != State.RUNNING:
-            raise ControlError.of(errno.EBUSY, f"backend {be.name} is {be.state}")
+        be = self._device_backend(vif.backend, DomainKind.NETBACK)
+        vif = dataclasses.replace(vif, backend=be.name)
         if vif.bridge is not None and (why := bridge_name_problem(vif.bridge)) is not None:
             raise ControlError.of(errno.EINVAL, why)
         used = {devid for devid, _ in _vifs(d.spec)}

@@ -151,6 +151,20 @@ def start_xenstored_domain(mgmt: ManagementClient, socket_path: str, state_dir: 
     return XenstoredDomain(creds, proc, socket_path)
 
 
+def signal_group(pid: int, pidfd: int, sig: int) -> None:
+    """``sig`` to the process group a supervised process leads (it runs in a session of its own: the group is
+    the process and its children); through its pidfd alone when the group is not ours to signal."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        try:
+            signal.pidfd_send_signal(pidfd, sig)
+        except ProcessLookupError:
+            pass
+
+
 def stop_process(proc: subprocess.Popen[Any] | AdoptedProcess, timeout: float = 10.0) -> int:
     """SIGTERM, a grace period, then SIGKILL of the process group; always reaps."""
     if proc.poll() is None:

@@ -448,13 +448,14 @@ def leftover_processes(run_dir: str, spared: set[int] | None = None) -> list[psu
     return found
 
 
-def stop_leftovers(run_dir: str) -> list[str]:
-    """Kill :func:`leftover_processes` and wait for them; returns what they were, for a message."""
+def stop_leftovers(run_dir: str, spared: set[int] | None = None, width: int | None = None) -> list[str]:
+    """Kill :func:`leftover_processes` (but ``spared``) and wait for them; returns what they were, for a
+    message (each command line cut to ``width`` characters)."""
     import psutil
     done = []
-    for p in leftover_processes(run_dir):
+    for p in leftover_processes(run_dir, spared):
         try:
-            what = f"pid {p.pid}: {' '.join(p.cmdline())}"
+            what = f"pid {p.pid}: {' '.join(p.cmdline())[:width]}"
             p.kill()
             p.wait(10)
         except (psutil.Error, psutil.TimeoutExpired):
@@ -475,3 +476,16 @@ def unlink_socket(path: str) -> None:
 def log_marker(fd: int, text: str) -> None:
     """A line of xdom's own in a log a process writes (a domain's, a VM's): when, and what xdom did."""
     os.write(fd, f"--- xdom {time.strftime('%Y-%m-%d %H:%M:%S')}: {text}\n".encode())
+
+
+def append_marker(path: str, text: str) -> None:
+    """:func:`log_marker` in the log file at ``path``, which the supervisor does not hold open (nothing
+    when it cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        log_marker(fd, text)
+    finally:
+        os.close(fd)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import stat
 import subprocess
 import time
@@ -48,10 +47,10 @@ from .host_limits import HostFacts
 from .host_limits import problems as host_limit_problems
 from .isolation import UidMode, UidPlan
 from .keeper import KeeperClient, KeeperError
-from .launcher import BrokerProcess
+from .launcher import BrokerProcess, signal_group
 from .lifecycle import State
 from .policy import ExitStatus, HealthCheck, RestartTracker
-from .rundir import Layout, PidFile, log_marker
+from .rundir import Layout, PidFile, append_marker
 from .supervised_domain import JournalEntry, SupervisedDomain
 from .topology import DomainKind, DomainSpec, NetSwitch, Topology, TopologyError
 from .vm.supervised import VmPlan, VmSupervisor, check_vms
@@ -218,14 +217,7 @@ class SupervisorBase:
 
     def _log_to(self, d: SupervisedDomain, text: str) -> None:
         """A line of the supervisor's own in the domain's log, so the log tells the whole story."""
-        try:
-            fd = os.open(self.layout.log_path(d.name), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        except OSError:
-            return
-        try:
-            log_marker(fd, text)
-        finally:
-            os.close(fd)
+        append_marker(self.layout.log_path(d.name), text)
 
     def _record(self, name: str, event: str, detail: str = "") -> None:
         self.journal.append(JournalEntry(time.monotonic(), name, event, detail))
@@ -263,17 +255,8 @@ class SupervisorBase:
             log.warning("%s", e)
 
     def _signal_group(self, d: SupervisedDomain, sig: int) -> None:
-        if d.proc is None or d.pidfd < 0:
-            return
-        try:
-            os.killpg(d.proc.pid, sig)     # its own session: the group is the domain and its children
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            try:
-                signal.pidfd_send_signal(d.pidfd, sig)
-            except ProcessLookupError:
-                pass
+        if d.proc is not None and d.pidfd >= 0:
+            signal_group(d.proc.pid, d.pidfd, sig)      # the domain and its children
 
     def _close_ready(self, d: SupervisedDomain) -> None:
         if d.ready_fd >= 0:

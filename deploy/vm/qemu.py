@@ -319,6 +319,18 @@ def own_virtio_net(netdev: str, mac: str, id: str = "n0") -> list[str]:
     return ["-netdev", f"{netdev},id={id}", "-device", f"virtio-net-pci,netdev={id},mac={mac}"]
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM to a QEMU program, then SIGKILL after ``timeout``; its exit status, reaped."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 class QemuProcess:
     """One running QEMU: its argv, its files, and a stop that always reaps it.
 
@@ -369,15 +381,9 @@ class QemuProcess:
 
     def stop(self, timeout: float = 5.0) -> int:
         """SIGTERM (QEMU exits cleanly on it), then SIGKILL after ``timeout``; returns the exit status."""
-        if self.proc.poll() is None:
-            try:
-                self.proc.send_signal(signal.SIGTERM)
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        rc = terminate(self.proc, timeout)
         self._log.close()
-        return self.proc.returncode
+        return rc
 
     def __enter__(self) -> QemuProcess:
         return self

@@ -17,6 +17,8 @@ import subprocess
 import time
 from typing import IO
 
+from .qemu import terminate
+
 QSD = "qemu-storage-daemon"
 
 
@@ -79,15 +81,9 @@ class StorageDaemon:
             self.proc.wait()
 
     def stop(self, timeout: float = 5.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        rc = terminate(self.proc, timeout)
         self._log.close()
-        return self.proc.returncode
+        return rc
 
     def __enter__(self) -> StorageDaemon:
         return self

@@ -68,8 +68,9 @@ from .. import host_state, netns
 from ..access import AccessError, private_dir
 from ..host_state import AdoptedProcess
 from ..isolation import DOMAIN_EXEC
+from ..launcher import signal_group
 from ..policy import Action, ExitStatus, HealthCheck, HealthSample, RestartTracker
-from ..rundir import VMS_DIR, log_marker, unlink_socket  # VMS_DIR: RUN_DIR/vms/GUEST/, made by its QEMU
+from ..rundir import VMS_DIR, append_marker, log_marker, unlink_socket  # VMS_DIR: RUN_DIR/vms/GUEST/, made by its QEMU
 from ..topology import vif_devids, vif_queues
 from ..xlcfg import EXPORT_VHOST_USER, default_export, default_vif_export
 from .hotplug import HOTPLUG_SLOTS, VmHotplug, _qemu_id, vm_disk, vm_nic
@@ -552,17 +553,8 @@ class VmSupervisor(VmHotplug):
         self._signal(vm, signal.SIGKILL)
 
     def _signal(self, vm: _Vm, sig: int) -> None:
-        if vm.proc is None or vm.pidfd < 0:
-            return
-        try:
-            os.killpg(vm.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            try:
-                signal.pidfd_send_signal(vm.pidfd, sig)
-            except ProcessLookupError:
-                pass
+        if vm.proc is not None and vm.pidfd >= 0:
+            signal_group(vm.proc.pid, vm.pidfd, sig)
 
     def _reap(self, vm: _Vm) -> int:
         assert vm.proc is not None
@@ -657,14 +649,7 @@ class VmSupervisor(VmHotplug):
         vm.changes += 1
 
     def _log_to(self, vm: _Vm, text: str) -> None:
-        try:
-            fd = os.open(vm.paths.qemu_log, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        except OSError:
-            return
-        try:
-            log_marker(fd, text)
-        finally:
-            os.close(fd)
+        append_marker(vm.paths.qemu_log, text)
 
 
 def _seccomp_filtered(pid: int | None) -> bool | None:
