@@ -28,15 +28,18 @@ from .access import AccessError
 from .confined import confinement_of
 from .control import ControlError, string_field
 from .devices import DETACH_TIMEOUT, _backend_tap, _bridge_of, _ifname, _logged, _vifs
+from .export_paths import export_problem
 from .lifecycle import Effect, Event, State, step
 from .lifecycle_driver import LifecycleDriver
 from .rundir import unlink_socket
 from .supervised_domain import SupervisedDomain
 from .tap import TapError
-from .topology import DomainKind, bridge_name_problem, export_problem, vif_queues
+from .topology import DomainKind, bridge_name_problem, vif_queues
 from .vbd import remove_vbd
 from .vif import remove_vif
-from .xlcfg import EXPORT_NBD, EXPORT_VHOST_USER, VifSpec, XlCfgError, generate_mac, parse_disk, parse_vif
+from .xl_disk import parse_disk
+from .xl_vif import VifSpec, generate_mac, parse_vif
+from .xlcfg import EXPORT_NBD, EXPORT_VHOST_USER, XlCfgError
 
 __all__ = ["ControlOps"]
 

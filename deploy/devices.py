@@ -37,7 +37,9 @@ from .tap import TapError, create_tap, delete_tap, open_tun, tap_exists
 from .topology import DEFAULT_BRIDGE, DomainKind, DomainSpec, NetSwitch, vif_devids, vif_queues
 from .vbd import VbdConfig, add_vbd
 from .vif import VifConfig, add_vif
-from .xlcfg import EXPORT_NBD, EXPORT_VHOST_USER, DiskSpec, VifSpec, default_vif_export
+from .xl_disk import DiskSpec
+from .xl_vif import VifSpec
+from .xlcfg import EXPORT_NBD, EXPORT_VHOST_USER, default_vif_export
 from .xsnodes import domain_path, write_domain_nodes
 
 __all__ = ["DETACH_TIMEOUT", "Devices"]

@@ -48,7 +48,9 @@ import msgpack
 from xdom.broker.pathtrust import UntrustedPath, check_dir, check_file
 
 from .policy import UNKNOWN_RETURNCODE
-from .xlcfg import DiskSpec, VifSpec, XlCfgError, parse_disk, parse_vif
+from .xl_disk import DiskSpec, parse_disk
+from .xl_vif import VifSpec, parse_vif
+from .xlcfg import XlCfgError
 
 __all__ = ["STATE_FILE", "VERSION", "AdoptedProcess", "StateError", "alive", "boot_id", "decode_disks",
            "decode_vifs", "encode_disks", "encode_vifs", "identity", "load", "open_pidfd", "remove", "save",

@@ -69,7 +69,8 @@ def _say(text: str, out: TextIO = sys.stdout) -> None:
 # ---- finding things ------------------------------------------------------------
 
 def _load(path: str) -> Topology:
-    from .topology import TopologyError, load_topology
+    from .topology import TopologyError
+    from .topology_parse import load_topology
     try:
         return load_topology(path)
     except TopologyError as e:

@@ -38,7 +38,8 @@ from xdom.deploy.control import ControlError
 from xdom.deploy.rundir import running_pid
 from xdom.deploy.supervisor import Supervisor, check_switches, switch_of
 from xdom.deploy.tap import TapError, delete_tap
-from xdom.deploy.topology import NetSwitch, TopologyError, load_topology, parse_topology
+from xdom.deploy.topology import NetSwitch, TopologyError
+from xdom.deploy.topology_parse import load_topology, parse_topology
 from xdom.domains.xenstore import XenstoreClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

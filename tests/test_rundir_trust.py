@@ -46,7 +46,7 @@ from xdom.deploy.isolation import UID_BASE, UID_COUNT, probe_uid
 from xdom.deploy.launcher import start_broker
 from xdom.deploy.rundir import Layout, LayoutError, find_supervisors, running_pid
 from xdom.deploy.supervisor import StartupError, Supervisor
-from xdom.deploy.topology import load_topology
+from xdom.deploy.topology_parse import load_topology
 
 XDOM = [sys.executable, "-m", "xdom.deploy.cli"]
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="uids and ownership need root")

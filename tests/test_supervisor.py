@@ -30,7 +30,7 @@ from xdom.deploy.control import ControlClient, ControlError, endpoint_for
 from xdom.deploy.isolation import DOMAIN_EXEC
 from xdom.deploy.rundir import Layout, running_pid
 from xdom.deploy.supervisor import JournalEntry, StartupError, Supervisor
-from xdom.deploy.topology import load_topology
+from xdom.deploy.topology_parse import load_topology
 from xdom.domains.xenstore import XenstoreClient
 
 PY = sys.executable
@@ -525,7 +525,7 @@ def _refusals(text: str, ready_timeout: float = 20.0, **facts: Any) -> list[str]
     import tomllib
 
     from xdom.deploy.host_limits import problems
-    from xdom.deploy.topology import parse_topology
+    from xdom.deploy.topology_parse import parse_topology
     return problems(parse_topology(tomllib.loads(text), "t.toml"), _facts(**facts), ready_timeout)
 
 

@@ -33,7 +33,9 @@ from xdom.deploy.launcher import start_ready
 from xdom.deploy.policy import UNKNOWN_RETURNCODE, Action, ExitStatus, RestartTracker
 from xdom.deploy.rundir import Layout, running_pid
 from xdom.deploy.topology import RestartPolicy
-from xdom.deploy.xlcfg import EXPORT_VHOST_USER, parse_disk, parse_vif
+from xdom.deploy.xl_disk import parse_disk
+from xdom.deploy.xl_vif import parse_vif
+from xdom.deploy.xlcfg import EXPORT_VHOST_USER
 from xdom.domains.xenstore import XenstoreClient
 
 LIVE = pytest.mark.skipif(netns.unavailable_reason() is not None or not all(

@@ -25,7 +25,8 @@ from test_supervisor import GUEST, XS, Host, program
 
 from xdom.deploy.isolation import UID_BASE, UID_COUNT, IsolationError, UidMode, plan_uids, probe_uid
 from xdom.deploy.rundir import Layout, running_pid
-from xdom.deploy.topology import Topology, parse_topology
+from xdom.deploy.topology import Topology
+from xdom.deploy.topology_parse import parse_topology
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="per-domain uids need root")
 TEXT = XS + GUEST + program("p1", "wait")
@@ -92,7 +93,7 @@ def test_domains_of_a_live_host_run_under_distinct_uids(run_dir: str) -> None:
 
 def test_not_as_root_everything_runs_under_the_callers_uid() -> None:
     """plan_uids as an unprivileged user (run under uid 65534 when we are root)."""
-    code = ("import sys, tomllib\nfrom xdom.deploy.isolation import *\nfrom xdom.deploy.topology import parse_topology\n"
+    code = ("import sys, tomllib\nfrom xdom.deploy.isolation import *\nfrom xdom.deploy.topology_parse import parse_topology\n"
             "t = parse_topology(tomllib.loads(sys.stdin.read()), 't.toml')\n"
             "p = plan_uids(t, UidMode.AUTO)\nprint(p.separate, set(p.uids.values()), p.note)\n"
             "try:\n    plan_uids(t, UidMode.SEPARATE)\nexcept IsolationError as e:\n    print('refused:', e)\n")

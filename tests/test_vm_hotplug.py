@@ -79,7 +79,7 @@ def supervisor_with_a_running_vm(tmp: str) -> tuple[Any, Any, Any, FakeQemu, lis
     import tomllib
 
     from xdom.deploy.rundir import Layout
-    from xdom.deploy.topology import parse_topology
+    from xdom.deploy.topology_parse import parse_topology
     from xdom.deploy.vm.supervised import VmPlan, VmState, VmSupervisor, _QmpLink
     topo = parse_topology(tomllib.loads(XS + BLK + NET + vm_guest(vm='accel = "tcg"\ncpus = 2')), "t.toml")
     g = Guest(topo.by_name("g1"))
@@ -112,7 +112,8 @@ def serve(path: str) -> Any:
 
 def test_plug_steps_wait_for_the_socket_then_add_and_remove_in_order(run_dir: str) -> None:
     from xdom.deploy.control import ControlError
-    from xdom.deploy.xlcfg import parse_disk, parse_vif
+    from xdom.deploy.xl_disk import parse_disk
+    from xdom.deploy.xl_vif import parse_vif
     sup, g, vm, qemu, records = supervisor_with_a_running_vm(run_dir)
     sock = os.path.join(run_dir, "xvdb.sock")
     out = sup.plug_disk(g, parse_disk("vdev=xvdb, target=/x"), sock)
@@ -197,7 +198,7 @@ def test_a_qemu_that_dies_mid_removal_completes_it(run_dir: str) -> None:
     # not running: nothing for the VM to do, the caller tears down at once; starting: refused
     vm.state = VmState.BACKOFF
     assert sup.unplug(g, "xvda", lambda: None) is None
-    from xdom.deploy.xlcfg import parse_vif
+    from xdom.deploy.xl_vif import parse_vif
     assert sup.plug_nic(g, 1, parse_vif("mac=00:16:3e:00:00:33"), "/x.sock") == {"device": "vif1", "plug": None,
                                                                                   "at_start": True}
     vm.state = VmState.STARTING

@@ -30,10 +30,12 @@ from xdom.deploy.topology import (
     Topology,
     TopologyError,
     VmConfig,
-    parse_topology,
 )
+from xdom.deploy.topology_parse import parse_topology
 from xdom.deploy.vm import plan as vm_plan
-from xdom.deploy.xlcfg import XlCfgError, parse_disk, parse_vif
+from xdom.deploy.xl_disk import parse_disk
+from xdom.deploy.xl_vif import parse_vif
+from xdom.deploy.xlcfg import XlCfgError
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -554,7 +556,7 @@ def test_the_guest_domain_is_told_to_serve_the_vms_sockets(vm_image: Any, run_di
 
 def test_the_vm_example_loads() -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    from xdom.deploy.topology import load_topology
+    from xdom.deploy.topology_parse import load_topology
     topo = load_topology(os.path.join(root, "deploy", "examples", "vm.toml"))
     g1 = topo.by_name("g1")
     assert g1.vm == VmConfig(memory_mib=128, cpus=1, accel="auto") and not g1.disks and not g1.vifs
@@ -562,7 +564,7 @@ def test_the_vm_example_loads() -> None:
 
 def test_the_default_example_runs_vms_and_processes_toml_the_process_guests() -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    from xdom.deploy.topology import load_topology
+    from xdom.deploy.topology_parse import load_topology
     vms = load_topology(os.path.join(root, "deploy", "examples", "default.toml"))
     procs = load_topology(os.path.join(root, "deploy", "examples", "processes.toml"))
     for g in ("g1", "g2"):

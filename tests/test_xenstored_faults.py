@@ -46,7 +46,7 @@ from helpers import wait_until
 from xdom.deploy import netns
 from xdom.deploy.control import ControlClient, endpoint_for
 from xdom.deploy.rundir import Layout, running_pid
-from xdom.deploy.xlcfg import vdev_to_devid
+from xdom.deploy.xl_disk import vdev_to_devid
 from xdom.domains.abi.xs_wire import XenstoreError
 from xdom.domains.xenstore import XenstoreClient
 

@@ -13,20 +13,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xdom.deploy.xlcfg import (
+from xdom.deploy.xl_disk import DiskSpec, parse_disk, vdev_to_devid
+from xdom.deploy.xl_vif import (
     DEFAULT_RATE_INTERVAL_US,
-    MAX_SPEC_LEN,
-    DiskSpec,
     VifRate,
     VifSpec,
-    XlCfgError,
     generate_mac,
-    parse_disk,
     parse_mac,
     parse_rate,
     parse_vif,
-    vdev_to_devid,
 )
+from xdom.deploy.xlcfg import MAX_SPEC_LEN, XlCfgError
 
 # --------------------------------------------------------------------------
 # vdev -> xenstore device number (xen-vbd-interface(7))
