@@ -99,7 +99,7 @@ def cmd_xenstore(args: argparse.Namespace) -> int:
     from xdom.domains.abi.xs_wire import XenstoreError
     from xdom.domains.xenstore import DEFAULT_SOCKET, UnixTransport, XenstoreClient
 
-    from .supervisor_cli import CommandError, xenstored_endpoint
+    from .supervisor_client import CommandError, xenstored_endpoint
     try:
         socket_path, server_uid = xenstored_endpoint(args.socket, args.run_dir, args.topology)
     except CommandError as e:

@@ -302,7 +302,8 @@ def cmd_events(args: argparse.Namespace) -> int:
 def _local_events(args: argparse.Namespace) -> int:
     from xdom.broker.mgmt_client import EventSubscriber, events_endpoint_for
 
-    from .supervisor_cli import CommandError, _resolve_run_dir
+    from .supervisor_client import CommandError
+    from .supervisor_client import resolve_run_dir as _resolve_run_dir
     try:
         run_dir = _resolve_run_dir(args, unsupervised=True)
     except CommandError as e:

@@ -336,7 +336,7 @@ def test_ps_shows_no_confinement_for_a_dead_or_unconfined_process() -> None:
     assert mine is not None and mine["seccomp"] is None and mine["summary"] == "landlock=abi7"
     assert parse_ready(b"ready seccomp=kill:blkback landlock=abi7\n") == "seccomp=kill:blkback landlock=abi7"
     assert parse_ready(b"ready\n") == "" and parse_ready(b"garbage x=y") == ""
-    from xdom.deploy.supervisor_cli import _confined
+    from xdom.deploy.watch_cli import _confined
     assert _confined(None) == "-" and _confined(mine) == "landlock7"
     assert _confined({"seccomp": "kill:guest", "landlock": "abi7"}) == "kill:guest+landlock7"
     assert _confined({"seccomp": None, "landlock": None}) == "none"
