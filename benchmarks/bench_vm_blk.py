@@ -17,7 +17,7 @@ memory), two VM boots:
 fio runs inside the VM on /dev/vda (libaio, O_DIRECT, one job, time based):
 4 KiB random read at QD16, 1 MiB sequential read and write at QD4, each after
 an untimed warm-up read.  The domains (broker, xenstored, blkback, guest) are
-started by hand, as tests/test_vhost_user_blk.py does.  The accelerator is TCG
+started by hand, as tests/test_vhost_user_blk_vm.py does.  The accelerator is TCG
 unless ``--accel kvm`` (nested KVM on this machine fails mid-boot): the VM's
 CPU emulation then dominates both columns, so the ratio says more than the
 absolute figures.  Nothing is asserted about timings; a failed fio job or a

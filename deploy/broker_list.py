@@ -1,7 +1,7 @@
 """``xdom list``: the broker's own list of its domains, as ``xl list`` prints the hypervisor's.
 
 A module of its own because two command lines print it: ``xdom list`` (``deploy/cli.py``) and ``xdom ps``
-on a host whose supervisor is gone (``deploy/supervisor_cli.py``); neither imports the other for it.
+on a host whose supervisor is gone (``deploy/watch_cli.py``); neither imports the other for it.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ from typing import Any
 
 from ..control import ControlError
 from ..topology import VmConfig, vif_queues
-from ..xlcfg import DiskSpec, VifSpec
+from ..xl_disk import DiskSpec
+from ..xl_vif import VifSpec
 from .qemu import VhostUserBlk, VhostUserNet, after_unplug, boot_port, hotplug_blk, hotplug_net, unplug_device_id
 from .records import _ALIVE, PlugState, VmState, _Plug, _Vm
 

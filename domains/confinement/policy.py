@@ -92,7 +92,7 @@ KIND_SYSCALLS: dict[str, frozenset[str]] = {
     "netback": frozenset(),
     # NBD exports (bind, chmod, accept, a stale socket probed with connect and unlinked), waiting for
     # and stopping its workload; a VM's vhost-user devices: the INFLIGHT_SHMFD area it creates for QEMU
-    # (GET_INFLIGHT_FD: memfd_create, ftruncate; measured, tests/test_vhost_user_blk.py)
+    # (GET_INFLIGHT_FD: memfd_create, ftruncate; measured, tests/test_vhost_user_blk_vm.py)
     "guest": frozenset({"bind", "listen", "accept4", "chmod", "unlink", "wait4",
                         "pidfd_send_signal", "memfd_create", "ftruncate"}),
 }
