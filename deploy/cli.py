@@ -64,7 +64,9 @@ def cmd_xenstored(args: argparse.Namespace) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.unix_socket)), exist_ok=True)
     if args.state_dir:
         os.makedirs(args.state_dir, exist_ok=True)
-    server = XenstoredServer(args.unix_socket, args.state_dir, host)
+    from xdom.backends.xenstored.quota import Quota
+    server = XenstoredServer(args.unix_socket, args.state_dir, host,
+                             quota=Quota(nodes=args.entry_nb) if args.entry_nb else None)
 
     def stop(signum: int, frame: Any) -> None:
         server.stop()
@@ -183,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--fsync", action="store_true",
                    help="with --state-dir: every journal record on stable storage before its replies leave "
                         "(survives power loss, not only a SIGKILL); also XDOM_XENSTORED_FSYNC=1")
+    x.add_argument("--entry-nb", "-E", type=int, default=None, metavar="N",
+                   help="nodes an unprivileged domain may own (C xenstored's -E; default 1000)")
     x.add_argument("--ready-fd", type=int, default=None, help="write 'ready' to this fd once serving")
     x.set_defaults(func=cmd_xenstored)
 

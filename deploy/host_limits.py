@@ -47,7 +47,8 @@ from xdom.domains.abi.grant_table import PAGE_SIZE
 
 from .topology import DomainKind, Topology
 
-__all__ = ["FRAME_SECONDS", "HostFacts", "MAP_COUNT_RESERVE", "START_SECONDS", "VM_START_SECONDS", "problems"]
+__all__ = ["FRAME_SECONDS", "HostFacts", "MAP_COUNT_RESERVE", "START_SECONDS", "VM_START_SECONDS", "problems",
+           "xenstore_node_quota"]
 
 MAP_COUNT_RESERVE = 1024        # mappings a domain process needs besides its frames (domains/memory.py's margin)
 START_SECONDS = 0.25            # CPU seconds to start a Python domain and connect it (4 MiB guest: 0.21 s)
@@ -143,3 +144,23 @@ def problems(topology: Topology, facts: HostFacts, ready_timeout: float) -> list
                        f"descriptors each, and its hard RLIMIT_NOFILE ({facts.nofile_hard}, less {RESERVE} for itself) "
                        f"leaves room for {room}; raise the hard limit (ulimit -Hn) or run fewer domains")
     return out
+
+
+# xenstored's node quota, sized for the topology.  A driver domain owns the backend directory of every
+# device it serves (28 nodes for a blkback disk, fewer for a vif), so C's default of 1000 nodes a domain
+# stops a blkback at its 36th disk with ENOSPC.  Xen's admins raise it with xenstored's -E; the toolstack
+# knows the topology and does it for them, with room for as many devices again hot-attached later.  It is
+# one limit for every unprivileged domain (as C's -E), so a guest may own as many nodes: its memory quota
+# (2.5 MiB of xenstore a domain) still bounds what it can take.
+DEFAULT_NODE_QUOTA = 1000       # C xenstored's default (quota nodes)
+NODES_PER_DEVICE = 32           # a backend directory, with a margin over blkback's 28
+
+
+def xenstore_node_quota(topology: Topology) -> int:
+    """The ``--entry-nb`` for this topology's xenstored: the busiest backend's devices, twice over, fit."""
+    served: dict[str | None, int] = {}          # None: the default backend
+    for d in topology.domains:
+        for backend in [disk.backend for disk in d.disks] + [vif.backend for vif in d.vifs]:
+            served[backend] = served.get(backend, 0) + 1
+    busiest = max(served.values(), default=0)
+    return max(DEFAULT_NODE_QUOTA, DEFAULT_NODE_QUOTA // 4 + 2 * NODES_PER_DEVICE * busiest)

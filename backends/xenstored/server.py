@@ -47,6 +47,7 @@ from xdom.domains.hostsys.wakeup import WakePipe
 from .core import XenstoreCore
 from .domains import Introduced, Released
 from .journal import StateDir
+from .quota import Quota
 from .transport import FrameReader, RingTransport, SocketTransport, TransportClosed
 from .watches import ConnId
 
@@ -111,10 +112,13 @@ class _Poller:
 
 class XenstoredServer:
     def __init__(self, unix_path: str | None = None, state_dir: str | None = None,
-                 xenhost: Any = None, core: XenstoreCore | None = None, fsync: bool | None = None) -> None:
+                 xenhost: Any = None, core: XenstoreCore | None = None, fsync: bool | None = None,
+                 quota: Quota | None = None) -> None:
         """``fsync``: journal records reach stable storage before the replies leave (safe across
-        a power loss; a flush per loop turn).  None: as the environment's XDOM_XENSTORED_FSYNC."""
+        a power loss; a flush per loop turn).  None: as the environment's XDOM_XENSTORED_FSYNC.
+        ``quota``: the limits from the command line (C's ``-E`` and the like), the same after a restart."""
         self.state_dir = state_dir
+        self._quota = quota
         if fsync is None:
             fsync = os.environ.get(FSYNC_ENV, "") == "1"
         self.files = StateDir(state_dir, fsync) if state_dir else None
@@ -161,7 +165,7 @@ class XenstoredServer:
         self._saved_rings: dict[int, dict[str, Any]] = {}
         saved, records = self.files.load() if self.files is not None else (None, [])
         if saved is None:
-            return XenstoreCore(domain_exists=self._exists_hook())
+            return XenstoreCore(self._quota, domain_exists=self._exists_hook())
         rings = {int(k): v for k, v in saved["rings"].items()}
         core_records = []
         for raw in records:
@@ -173,7 +177,8 @@ class XenstoredServer:
                     rings.pop(int(domid), None)
                 else:
                     rings[int(domid)] = ring
-        core = XenstoreCore.restore(saved["core"], domain_exists=self._exists_hook(), journal=core_records)
+        core = XenstoreCore.restore(saved["core"], self._quota, domain_exists=self._exists_hook(),
+                                    journal=core_records)
         self._saved_rings = rings
         log.info("restored the store from %s and %d journal records (%d nodes, %d domain rings)",
                  self.files.db_path if self.files is not None else "nowhere", len(records), core.node_count(), len(rings))
