@@ -170,8 +170,17 @@ def ready_times(log_path: str) -> tuple[list[float], list[float]]:
 
 
 def run_one(n: int, seconds: float, keep: bool) -> Row:
-    row = Row(n)
     base = tempfile.mkdtemp(prefix=f"xdb-scale{n}-")
+    try:
+        return measure(n, seconds, base)
+    finally:
+        if not keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def measure(n: int, seconds: float, base: str) -> Row:
+    """One host of N guests in ``base``: brought up, read from, stopped; then nbdkit on the same images."""
+    row = Row(n)
     layout = Layout(os.path.join(base, "state"), os.path.join(base, "run"))
     topology = os.path.join(base, "scale.toml")
     images_dir = os.path.join(layout.state_dir, "images")
@@ -228,8 +237,6 @@ def run_one(n: int, seconds: float, keep: bool) -> Row:
             row.problems.append(f"through nbdkit: {err}")
     finally:
         kits.stop()
-    if not keep:
-        shutil.rmtree(base, ignore_errors=True)
     return row
 
 
