@@ -16,8 +16,7 @@ from xdom.broker.mgmt_client import ManagementError
 from xdom.broker.pathtrust import UntrustedPath
 
 from .broker_list import cmd_list
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+from .exit_codes import EXIT_ERROR, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 
 
 def default_run_dir() -> str:

@@ -23,6 +23,7 @@ from typing import Any
 
 from . import curvekeys
 from .control import ControlError
+from .exit_codes import EXIT_ERROR, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 from .fleet import (
     Fleet,
     FleetError,
@@ -36,8 +37,6 @@ from .fleet import (
 from .remote import JOB_TIMEOUT
 
 __all__ = ["REMOTE_COMMANDS", "add_parsers", "run_remote", "wants_remote"]
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
 class _Fail(Exception):

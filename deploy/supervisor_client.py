@@ -21,6 +21,7 @@ import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .control import ControlClient, ControlError, endpoint_for
+from .exit_codes import EXIT_ERROR, EXIT_NOTHING, EXIT_OK, EXIT_USAGE
 from .rundir import (
     STATE_FILE,
     Layout,
@@ -38,8 +39,6 @@ if TYPE_CHECKING:
 
 __all__ = ["EXIT_ERROR", "EXIT_NOTHING", "EXIT_OK", "EXIT_USAGE", "CommandError", "client", "control_socket",
            "dirs_for", "load", "request", "resolve_run_dir", "say", "xenstored_endpoint", "xenstored_socket"]
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOTHING = 0, 1, 2, 3
 
 
 class CommandError(Exception):

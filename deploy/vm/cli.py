@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..exit_codes import EXIT_ERROR, EXIT_OK
 from .image import ImageError, describe, ensure_image
-
-EXIT_OK, EXIT_ERROR = 0, 1
 
 
 def cmd_vm_image(args: argparse.Namespace) -> int:

@@ -27,8 +27,9 @@ import logging
 import os
 import select
 import socket
-import stat
 import threading
+
+from xdom.domains.hostsys.unix_sockets import remove_stale_socket, unlink_quietly
 
 from ..blockdev import BlockDevice
 from .connection import Connection
@@ -102,7 +103,7 @@ class NbdServer:
         with self._lock:
             if self._closed or self._listener is not None:
                 raise RuntimeError("NbdServer.start() called twice or after close()")
-            _remove_stale_socket(self.socket_path)
+            remove_stale_socket(self.socket_path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             bound = False
             try:
@@ -119,7 +120,7 @@ class NbdServer:
             except BaseException:
                 sock.close()
                 if bound:
-                    _unlink_quietly(self.socket_path)
+                    unlink_quietly(self.socket_path)
                 raise
             self._listener = sock
             self._accept_thread = threading.Thread(target=self._accept_loop, name="nbd-accept", daemon=True)
@@ -222,35 +223,4 @@ class NbdServer:
         except OSError:
             return
         if (st.st_dev, st.st_ino) == self._sock_id:
-            _unlink_quietly(self.socket_path)
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Unlink ``path`` if it is a socket nobody listens on; refuse otherwise."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(errno.EEXIST, "path exists and is not a socket", path)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    probe.settimeout(2.0)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        _unlink_quietly(path)
-        return
-    except FileNotFoundError:
-        return
-    except OSError:
-        pass
-    finally:
-        probe.close()
-    raise FileExistsError(errno.EEXIST, "another server is listening on this socket", path)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+            unlink_quietly(self.socket_path)

@@ -65,8 +65,8 @@ class VhostUserBlkExport:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        from ..nbd.server import _remove_stale_socket
-        _remove_stale_socket(self.path)
+        from xdom.domains.hostsys.unix_sockets import remove_stale_socket
+        remove_stale_socket(self.path)
         self.server.listen()
         try:
             self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)

@@ -80,7 +80,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..nbd.server import _remove_stale_socket
+from xdom.domains.hostsys.unix_sockets import remove_stale_socket
+
 from ..packet import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VirtioGso,
@@ -450,7 +451,7 @@ class VhostUserNetPort:
         try:
             # A socket left by this guest domain's previous run is replaced (QEMU, reconnecting, finds the
             # new one); one that someone listens on is refused.
-            _remove_stale_socket(socket_path)
+            remove_stale_socket(socket_path)
             self._server.listen()
         except BaseException:
             self._server.close()
