@@ -65,7 +65,8 @@ def cmd_xenstored(args: argparse.Namespace) -> int:
         os.makedirs(args.state_dir, exist_ok=True)
     from xdom.backends.xenstored.quota import Quota
     server = XenstoredServer(args.unix_socket, args.state_dir, host,
-                             quota=Quota(nodes=args.entry_nb) if args.entry_nb else None)
+                             quota=Quota(**{k: v for k, v in (("nodes", args.entry_nb), ("watches", args.watch_nb))
+                                            if v is not None}))
 
     def stop(signum: int, frame: Any) -> None:
         server.stop()
@@ -186,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(survives power loss, not only a SIGKILL); also XDOM_XENSTORED_FSYNC=1")
     x.add_argument("--entry-nb", "-E", type=int, default=None, metavar="N",
                    help="nodes an unprivileged domain may own (C xenstored's -E; default 1000)")
+    x.add_argument("--watch-nb", "-W", type=int, default=None, metavar="N",
+                   help="watches an unprivileged domain may set (C xenstored's -W; default 128)")
     x.add_argument("--ready-fd", type=int, default=None, help="write 'ready' to this fd once serving")
     x.set_defaults(func=cmd_xenstored)
 

@@ -48,7 +48,7 @@ from xdom.domains.abi.grant_table import PAGE_SIZE
 from .topology import DomainKind, Topology
 
 __all__ = ["FRAME_SECONDS", "HostFacts", "MAP_COUNT_RESERVE", "START_SECONDS", "VM_START_SECONDS", "problems",
-           "xenstore_node_quota"]
+           "xenstore_node_quota", "xenstore_watch_quota"]
 
 MAP_COUNT_RESERVE = 1024        # mappings a domain process needs besides its frames (domains/memory.py's margin)
 START_SECONDS = 0.25            # CPU seconds to start a Python domain and connect it (4 MiB guest: 0.21 s)
@@ -152,15 +152,29 @@ def problems(topology: Topology, facts: HostFacts, ready_timeout: float) -> list
 # knows the topology and does it for them, with room for as many devices again hot-attached later.  It is
 # one limit for every unprivileged domain (as C's -E), so a guest may own as many nodes: its memory quota
 # (2.5 MiB of xenstore a domain) still bounds what it can take.
+# The same goes for watches: a backend watches its frontend's state for each device, two watches a
+# device at most, so C's 128 (-W) stopped it at its 64th with E2BIG.
 DEFAULT_NODE_QUOTA = 1000       # C xenstored's default (quota nodes)
 NODES_PER_DEVICE = 32           # a backend directory, with a margin over blkback's 28
+DEFAULT_WATCH_QUOTA = 128       # C xenstored's default (quota watches)
+WATCHES_PER_DEVICE = 2
 
 
-def xenstore_node_quota(topology: Topology) -> int:
-    """The ``--entry-nb`` for this topology's xenstored: the busiest backend's devices, twice over, fit."""
+def _busiest_backend(topology: Topology) -> int:
+    """How many devices the busiest backend domain serves."""
     served: dict[str | None, int] = {}          # None: the default backend
     for d in topology.domains:
         for backend in [disk.backend for disk in d.disks] + [vif.backend for vif in d.vifs]:
             served[backend] = served.get(backend, 0) + 1
-    busiest = max(served.values(), default=0)
-    return max(DEFAULT_NODE_QUOTA, DEFAULT_NODE_QUOTA // 4 + 2 * NODES_PER_DEVICE * busiest)
+    return max(served.values(), default=0)
+
+
+def xenstore_node_quota(topology: Topology) -> int:
+    """The ``--entry-nb`` for this topology's xenstored: the busiest backend's devices, twice over, fit."""
+    return max(DEFAULT_NODE_QUOTA, DEFAULT_NODE_QUOTA // 4 + 2 * NODES_PER_DEVICE * _busiest_backend(topology))
+
+
+def xenstore_watch_quota(topology: Topology) -> int:
+    """The ``--watch-nb``: the busiest backend's watches, for twice its devices, fit."""
+    return max(DEFAULT_WATCH_QUOTA,
+               DEFAULT_WATCH_QUOTA // 4 + 2 * WATCHES_PER_DEVICE * _busiest_backend(topology))

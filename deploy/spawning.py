@@ -23,7 +23,7 @@ from xdom.broker.mgmt_client import ManagementError
 from . import host_state, netns
 from .access import AccessError
 from .devices import Devices, _ifname, _tap_vifs, _vifs
-from .host_limits import xenstore_node_quota
+from .host_limits import xenstore_node_quota, xenstore_watch_quota
 from .isolation import DOMAIN_EXEC
 from .launcher import start_domain_process
 from .lifecycle import Event, State
@@ -107,7 +107,8 @@ class Spawning(Devices):
         if d.kind == DomainKind.XENSTORED:
             argv = [py, "-m", "xdom.deploy.cli", "--log-level", self.log_level, "xenstored",
                     "--unix-socket", self.layout.xenstored_socket, "--state-dir", self.layout.xenstored_state,
-                    "--entry-nb", str(xenstore_node_quota(self.topology)), "--ready-fd", str(ready_w)]
+                    "--entry-nb", str(xenstore_node_quota(self.topology)),
+                    "--watch-nb", str(xenstore_watch_quota(self.topology)), "--ready-fd", str(ready_w)]
             cwd = "/"
         elif d.kind == DomainKind.GUEST:
             # A disk is an NBD export for host programs, or a vhost-user-blk device for a VM.

@@ -1,4 +1,4 @@
-"""xenstored's node quota sized by the toolstack: a driver domain serving many devices is not stopped by
+"""xenstored's node and watch quotas sized by the toolstack: a driver domain serving many devices is not stopped by
 C's default of 1000 nodes (it stopped blkback at its 36th disk with ENOSPC, and the 36th guest's disk never
 connected)."""
 
@@ -10,7 +10,13 @@ import sys
 
 from xdom.backends.xenstored.quota import Quota
 from xdom.backends.xenstored.server import XenstoredServer
-from xdom.deploy.host_limits import DEFAULT_NODE_QUOTA, NODES_PER_DEVICE, xenstore_node_quota
+from xdom.deploy.host_limits import (
+    DEFAULT_NODE_QUOTA,
+    DEFAULT_WATCH_QUOTA,
+    NODES_PER_DEVICE,
+    xenstore_node_quota,
+    xenstore_watch_quota,
+)
 from xdom.deploy.topology_parse import parse_topology
 
 
@@ -30,19 +36,21 @@ def test_the_quota_fits_the_busiest_backend_twice_over() -> None:
         quota = xenstore_node_quota(parse_topology(topology_with(n)))
         assert quota >= 2 * NODES_PER_DEVICE * n > DEFAULT_NODE_QUOTA // 2
         assert quota > 28 * n * 2            # blkback's 28 nodes a disk, for as many disks again hot-attached
+        assert xenstore_watch_quota(parse_topology(topology_with(n))) >= 2 * 2 * n   # two watches a device
+    assert xenstore_watch_quota(parse_topology(topology_with(2))) == DEFAULT_WATCH_QUOTA
 
 
 def test_xenstored_keeps_its_command_line_quota_across_a_restart(tmp_path: object) -> None:
     state = os.path.join(str(tmp_path), "state")
     os.makedirs(state)
-    first = XenstoredServer(None, state, quota=Quota(nodes=5000))
+    first = XenstoredServer(None, state, quota=Quota(nodes=5000, watches=300))
     try:
-        assert first.core.quota.nodes == 5000
+        assert (first.core.quota.nodes, first.core.quota.watches) == (5000, 300)
     finally:
         first.close()
-    again = XenstoredServer(None, state, quota=Quota(nodes=5000))       # restored from its state directory
+    again = XenstoredServer(None, state, quota=Quota(nodes=5000, watches=300))   # restored from its state
     try:
-        assert again.core.quota.nodes == 5000
+        assert (again.core.quota.nodes, again.core.quota.watches) == (5000, 300)
     finally:
         again.close()
     assert XenstoredServer(None, None).core.quota.nodes == DEFAULT_NODE_QUOTA
@@ -51,4 +59,4 @@ def test_xenstored_keeps_its_command_line_quota_across_a_restart(tmp_path: objec
 def test_the_cli_takes_c_xenstoreds_entry_nb() -> None:
     res = subprocess.run([sys.executable, "-m", "xdom.deploy.cli", "xenstored", "--help"],
                          capture_output=True, text=True, timeout=60)
-    assert "--entry-nb" in res.stdout and "-E" in res.stdout
+    assert "--entry-nb" in res.stdout and "-E" in res.stdout and "--watch-nb" in res.stdout
