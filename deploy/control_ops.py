@@ -28,7 +28,7 @@ from .access import AccessError
 from .confined import confinement_of
 from .control import ControlError, string_field
 from .devices import DETACH_TIMEOUT, _backend_tap, _bridge_of, _ifname, _logged, _vifs
-from .export_paths import export_problem
+from .export_paths import export_problem, relative_export_problem
 from .lifecycle import Effect, Event, State, step
 from .lifecycle_driver import LifecycleDriver
 from .rundir import unlink_socket
@@ -100,6 +100,14 @@ class ControlOps(LifecycleDriver):
                  "bridge": _bridge_of(d, vif), "tap": _backend_tap(d, fe, devid)}
                 for fe in self.domains for devid, vif in _vifs(fe.spec) if vif.backend == d.name]
         return row
+
+    def _relative_export(self, d: SupervisedDomain, export: str) -> str:
+        """A hot-attached device's relative ``export=``: a socket name in the guest's own directory, by the
+        topology's rule (export_paths.relative_export_problem)."""
+        why = relative_export_problem(d.name, export)
+        if why is not None:
+            raise ControlError.of(errno.EINVAL, why)
+        return os.path.join(self.layout.export_dir(d.name), os.path.normpath(export))
 
     def _domain_named(self, req: dict[str, Any]) -> SupervisedDomain:
         name = string_field(req, "name")
@@ -199,12 +207,7 @@ class ControlOps(LifecycleDriver):
         target = disk.target if os.path.isabs(disk.target) else os.path.join(self.layout.state_dir, disk.target)
         export = disk.export_path
         if export is not None and not os.path.isabs(export):
-            name = os.path.normpath(export)
-            if os.sep in name or name == "..":
-                raise ControlError.of(errno.EINVAL, f"export socket {export!r}: a relative export is a socket name "
-                                                    f"in {d.name}'s own directory {self.layout.export_dir(d.name)}/, "
-                                                    f"without '/'")
-            export = os.path.join(self.layout.export_dir(d.name), name)
+            export = self._relative_export(d, export)
         if export is not None:
             export = os.path.normpath(export)
             why = export_problem(d.name, export, self.layout.run_dir, self.layout.state_dir,
@@ -332,11 +335,7 @@ class ControlOps(LifecycleDriver):
             return vif, None
         export = vif.export_path
         if export is not None and not os.path.isabs(export):
-            name = os.path.normpath(export)
-            if os.sep in name or name == "..":
-                raise ControlError.of(errno.EINVAL, f"export socket {export!r}: a relative export is a socket name "
-                                                    f"in {d.name}'s own directory {self.layout.export_dir(d.name)}/")
-            export = os.path.join(self.layout.export_dir(d.name), name)
+            export = self._relative_export(d, export)
         vif = dataclasses.replace(vif, export_kind=kind, export_path=os.path.normpath(export) if export else None)
         path = self._vif_export(d, devid, vif)
         if path in self._export_sockets_of_host():
