@@ -15,7 +15,6 @@ key path (``domain[2] ("g1").vm.memory``) and what was expected, with a
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
 import re
@@ -24,6 +23,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from xdom.domains.abi.grant_table import PAGE_SIZE
+from xdom.domains.abi.sizes import described_type
 from xdom.domains.abi.sizes import parse_size as parse_memory_size
 
 from .topology import (
@@ -97,7 +97,7 @@ def parse_topology(data: Mapping[str, Any], source: str = "<topology>") -> Topol
     """
     chk = Checker(source)
     if not isinstance(data, Mapping):
-        chk.error("", f"expected a table at the top level, found {_a(data)}")
+        chk.error("", f"expected a table at the top level, found {described_type(data)}")
         chk.raise_if_any()
     _unknown_keys(chk, "", data, _TOP_KEYS)
     host = _parse_host(chk, data.get("host"))
@@ -109,11 +109,11 @@ def parse_topology(data: Mapping[str, Any], source: str = "<topology>") -> Topol
     elif isinstance(raw_domains, Mapping):
         chk.error("domain", "expected an array of tables: write [[domain]], not [domain]")
     elif not isinstance(raw_domains, list):
-        chk.error("domain", f"expected an array of tables ([[domain]]), found {_a(raw_domains)}")
+        chk.error("domain", f"expected an array of tables ([[domain]]), found {described_type(raw_domains)}")
     else:
         for i, raw in enumerate(raw_domains):
             if not isinstance(raw, Mapping):
-                chk.error(f"domain[{i}]", f"expected a table, found {_a(raw)}")
+                chk.error(f"domain[{i}]", f"expected a table, found {described_type(raw)}")
                 continue
             drafts.append(_parse_domain(chk, i, raw))
     if isinstance(raw_domains, list) and not raw_domains:
@@ -126,23 +126,6 @@ def parse_topology(data: Mapping[str, Any], source: str = "<topology>") -> Topol
 # ---- TOML values ----------------------------------------------------------------
 
 
-def _a(value: object) -> str:
-    """The TOML type of a value, with its article, for messages."""
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a float"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, Mapping):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, (datetime.date, datetime.time)):
-        return "a date/time"
-    return f"a {type(value).__name__}"
 
 
 def _unknown_keys(chk: Checker, where: str, table: Mapping[str, Any], known: tuple[str, ...]) -> None:
@@ -154,7 +137,7 @@ def _unknown_keys(chk: Checker, where: str, table: Mapping[str, Any], known: tup
 
 def _number(chk: Checker, where: str, value: object, minimum: float, strict: bool = False) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        chk.error(where, f"expected a number, found {_a(value)}")
+        chk.error(where, f"expected a number, found {described_type(value)}")
         return None
     if not math.isfinite(value) or value < minimum or (strict and value == minimum):
         chk.error(where, f"expected a finite number {'>' if strict else '>='} {minimum:g}, found {value!r}")
@@ -164,7 +147,7 @@ def _number(chk: Checker, where: str, value: object, minimum: float, strict: boo
 
 def _integer(chk: Checker, where: str, value: object, minimum: int, maximum: int | None = None) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
-        chk.error(where, f"expected an integer, found {_a(value)}")
+        chk.error(where, f"expected an integer, found {described_type(value)}")
         return None
     if value < minimum or (maximum is not None and value > maximum):
         bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
@@ -176,13 +159,13 @@ def _integer(chk: Checker, where: str, value: object, minimum: int, maximum: int
 def _argv(chk: Checker, where: str, value: object) -> tuple[str, ...] | None:
     """An exec() argument vector: a non-empty array of strings without NUL, the first non-empty."""
     if not isinstance(value, list) or not value:
-        found = "an empty array" if isinstance(value, list) else _a(value)
+        found = "an empty array" if isinstance(value, list) else described_type(value)
         chk.error(where, f"expected a non-empty array of strings (program and arguments), found {found}")
         return None
     ok = True
     for k, arg in enumerate(value):
         if not isinstance(arg, str):
-            chk.error(f"{where}[{k}]", f"expected a string, found {_a(arg)}")
+            chk.error(f"{where}[{k}]", f"expected a string, found {described_type(arg)}")
             ok = False
         elif "\0" in arg:
             chk.error(f"{where}[{k}]", "contains a NUL character, which no exec() argument can")
@@ -195,7 +178,7 @@ def _argv(chk: Checker, where: str, value: object) -> tuple[str, ...] | None:
 
 def _host_dir(chk: Checker, where: str, value: object) -> str | None:
     if not isinstance(value, str):
-        chk.error(where, f"expected a string (an absolute directory path), found {_a(value)}")
+        chk.error(where, f"expected a string (an absolute directory path), found {described_type(value)}")
         return None
     if not value.startswith("/") or "\0" in value:
         chk.error(where, f"expected an absolute directory path, found {value!r}")
@@ -205,7 +188,7 @@ def _host_dir(chk: Checker, where: str, value: object) -> str | None:
 
 def _path_string(chk: Checker, where: str, value: object, what: str) -> str | None:
     if not isinstance(value, str):
-        chk.error(where, f"expected a string (the path of the {what}), found {_a(value)}")
+        chk.error(where, f"expected a string (the path of the {what}), found {described_type(value)}")
     elif not value or "\0" in value:
         chk.error(where, f"expected the path of the {what}, found {value!r}")
     else:
@@ -220,7 +203,7 @@ def _parse_host(chk: Checker, raw: object) -> HostSettings:
     if raw is None:
         return HostSettings()
     if not isinstance(raw, Mapping):
-        chk.error("host", f"expected a table ([host]), found {_a(raw)}")
+        chk.error("host", f"expected a table ([host]), found {described_type(raw)}")
         return HostSettings()
     _unknown_keys(chk, "host", raw, _HOST_KEYS)
     state = _host_dir(chk, "host.state_dir", raw["state_dir"]) if "state_dir" in raw else None
@@ -236,7 +219,7 @@ def _parse_host(chk: Checker, raw: object) -> HostSettings:
             value = raw[key]
             if not isinstance(value, str) or not value or "\0" in value:
                 chk.error(f"host.{key}", f"expected a path (absolute, or relative to the state directory), "
-                                         f"found {_a(value)}")
+                                         f"found {described_type(value)}")
             else:
                 files[key] = os.path.normpath(value)
     return HostSettings(state, run, listen.get("listen"), listen.get("events_listen"), files.get("server_key"),
@@ -261,7 +244,7 @@ def _parse_domain(chk: Checker, index: int, raw: Mapping[str, Any]) -> Draft:
     if "name" not in raw:
         chk.error(label, "name is required (a string like \"g1\")")
     elif not isinstance(name, str):
-        chk.error(f"{label}.name", f"expected a string, found {_a(name)}")
+        chk.error(f"{label}.name", f"expected a string, found {described_type(name)}")
     elif not valid_name:
         chk.error(f"{label}.name", f"name {name!r} is not 1-32 characters of a-z, 0-9, '_' and '-', "
                                    f"starting with a letter or digit")
@@ -349,7 +332,7 @@ def _parse_domain(chk: Checker, index: int, raw: Mapping[str, Any]) -> Draft:
         elif isinstance(value, str) and value in choices:
             draft.switch = NetSwitch(value)
         else:
-            shown = repr(value) if isinstance(value, str) else _a(value)
+            shown = repr(value) if isinstance(value, str) else described_type(value)
             chk.error(f"{label}.switch", f"switch {shown} is not one of {', '.join(choices)}"
                                          f"{did_you_mean(value, choices)} (\"bridge\": a Linux bridge in netback's "
                                          f"namespace, \"builtin\": netback's own learning switch)")
@@ -376,11 +359,11 @@ def _device_strings(chk: Checker, label: str, key: str, kind: DomainKind | None,
         return
     if not isinstance(value, list):
         chk.error(f"{label}.{key}", f"expected an array of xl {key} strings, e.g. {key} = [\"...\"], "
-                                    f"found {_a(value)}")
+                                    f"found {described_type(value)}")
         return
     for j, item in enumerate(value):
         if not isinstance(item, str):
-            chk.error(f"{label}.{key}[{j}]", f"expected an xl {key} string, found {_a(item)}")
+            chk.error(f"{label}.{key}[{j}]", f"expected an xl {key} string, found {described_type(item)}")
             continue
         yield j, item
 
@@ -391,7 +374,7 @@ def _device_strings(chk: Checker, label: str, key: str, kind: DomainKind | None,
 def _parse_vm(chk: Checker, where: str, raw: object) -> VmConfig | None:
     """A ``[domain.vm]`` table; None (with errors recorded) when it is not valid."""
     if not isinstance(raw, Mapping):
-        chk.error(where, f"expected a table ([domain.vm], or vm = {{ memory = \"256M\" }}), found {_a(raw)}")
+        chk.error(where, f"expected a table ([domain.vm], or vm = {{ memory = \"256M\" }}), found {described_type(raw)}")
         return None
     before = len(chk.errors)
     _unknown_keys(chk, where, raw, _VM_KEYS)
@@ -404,7 +387,7 @@ def _parse_vm(chk: Checker, where: str, raw: object) -> VmConfig | None:
     if "append" in raw:
         value = raw["append"]
         if not isinstance(value, str):
-            chk.error(f"{where}.append", f"expected a string (the kernel command line), found {_a(value)}")
+            chk.error(f"{where}.append", f"expected a string (the kernel command line), found {described_type(value)}")
         elif any(ch in value for ch in "\0\n\r"):
             chk.error(f"{where}.append", "the kernel command line is one line, without NUL")
         else:
@@ -431,7 +414,7 @@ def _parse_vm(chk: Checker, where: str, raw: object) -> VmConfig | None:
         if isinstance(value, str) and value in VM_ACCELS:
             accel = value
         else:
-            shown = repr(value) if isinstance(value, str) else _a(value)
+            shown = repr(value) if isinstance(value, str) else described_type(value)
             chk.error(f"{where}.accel", f"accel {shown} is not one of {', '.join(VM_ACCELS)}"
                                         f"{did_you_mean(value, VM_ACCELS)} "
                                         f"(\"auto\": KVM where a probe VM really boots with it, else TCG)")
@@ -440,7 +423,7 @@ def _parse_vm(chk: Checker, where: str, raw: object) -> VmConfig | None:
     if "fio" in raw:
         value = raw["fio"]
         if not isinstance(value, bool):
-            chk.error(f"{where}.fio", f"expected true or false, found {_a(value)}")
+            chk.error(f"{where}.fio", f"expected true or false, found {described_type(value)}")
         elif value and "kernel" in raw:
             chk.error(f"{where}.fio", "fio = true picks the project's image with fio in it; a VM with a kernel of "
                                       "its own has no such variant")
@@ -463,12 +446,12 @@ def _parse_vm(chk: Checker, where: str, raw: object) -> VmConfig | None:
 def _qemu_args(chk: Checker, where: str, value: object) -> tuple[str, ...] | None:
     """A VM's ``extra_args``: QEMU arguments, none of which takes the VM out of the supervisor's hands."""
     if not isinstance(value, list):
-        chk.error(where, f"expected an array of strings (QEMU arguments), found {_a(value)}")
+        chk.error(where, f"expected an array of strings (QEMU arguments), found {described_type(value)}")
         return None
     ok = True
     for k, arg in enumerate(value):
         if not isinstance(arg, str):
-            chk.error(f"{where}[{k}]", f"expected a string, found {_a(arg)}")
+            chk.error(f"{where}[{k}]", f"expected a string, found {described_type(arg)}")
             ok = False
         elif "\0" in arg:
             chk.error(f"{where}[{k}]", "contains a NUL character, which no exec() argument can")
@@ -481,7 +464,7 @@ def _qemu_args(chk: Checker, where: str, value: object) -> tuple[str, ...] | Non
 
 def _parse_limits(chk: Checker, where: str, raw: object) -> Limits | None:
     if not isinstance(raw, Mapping):
-        chk.error(where, f"expected a table (limits = {{ rss = \"64M\", fds = 256 }}), found {_a(raw)}")
+        chk.error(where, f"expected a table (limits = {{ rss = \"64M\", fds = 256 }}), found {described_type(raw)}")
         return None
     _unknown_keys(chk, where, raw, _LIMIT_KEYS)
     rss = fds = cpu = None

@@ -11,17 +11,19 @@ Rules:
 
 from __future__ import annotations
 
+import datetime
 import re
+from collections.abc import Mapping
 
 from .grant_table import PAGE_SIZE
 
-__all__ = ["memory_frames", "parse_size"]
+__all__ = ["described_type", "memory_frames", "parse_size"]
 
 _SIZE_RE = re.compile(r"\s*([0-9]+)\s*([KMG]i?B?)?\s*", re.ASCII | re.IGNORECASE)
 
 
-def _a(value: object) -> str:
-    """What ``value`` is, with its article, for messages."""
+def described_type(value: object) -> str:
+    """What ``value`` is, with its article, for messages about values read from TOML or msgpack."""
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, int):
@@ -30,10 +32,12 @@ def _a(value: object) -> str:
         return "a float"
     if isinstance(value, str):
         return "a string"
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return "a table"
     if isinstance(value, list):
         return "an array"
+    if isinstance(value, (datetime.date, datetime.time)):
+        return "a date/time"
     return f"a {type(value).__name__}"
 
 
@@ -44,7 +48,7 @@ def parse_size(value: object, what: str = "memory") -> int:
     Raises ValueError saying what was expected.
     """
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"{what} must be an integer (MiB) or a string like '256K', '32M' or '1G', not {_a(value)}")
+        raise ValueError(f"{what} must be an integer (MiB) or a string like '256K', '32M' or '1G', not {described_type(value)}")
     if isinstance(value, int):
         if value <= 0:
             raise ValueError(f"{what} must be positive, not {value}")
