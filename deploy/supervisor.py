@@ -1,9 +1,11 @@
 """The supervisor: starts a topology's broker and domains in order, keeps them running, stops them in reverse.
 
 Start order: the broker, then the xenstore domain, then driver domains, then
-programs and guests, in the topology's order, one at a time: each domain is
-launched once the one before it is ready (or has been ready and died, which
-its restart policy then handles).  Readiness is signalled, never slept on:
+programs and guests, in the topology's order: each domain is launched once
+the one before it is ready (or has been ready and died, which its restart
+policy then handles), except that consecutive guests without a VM start
+side by side, START_TOGETHER at a time.  Readiness is signalled, never
+slept on:
 
 * broker: its ready pipe (``launcher.start_broker``);
 * xenstored: its ready pipe (connected to the broker, store restored, serving);
@@ -75,7 +77,7 @@ from .lifecycle import Event, State
 from .lifecycle_driver import _Death
 from .policy import ExitStatus
 from .rundir import LayoutError, clear_run_files, make_dirs, remove_run_dir, stop_leftovers, unlink_socket
-from .supervised_domain import AlreadyRunning, JournalEntry, StartupError, SupervisorError
+from .supervised_domain import AlreadyRunning, JournalEntry, StartupError, SupervisedDomain, SupervisorError
 from .supervision import (
     _BROKER,
     BROKER_POLL,
@@ -88,11 +90,22 @@ from .supervision import (
     check_switches,
     switch_of,
 )
+from .topology import DomainKind
 
 __all__ = ["READY_TIMEOUT", "STOP_GRACE", "TAKEOVER_FAILED", "AlreadyRunning", "JournalEntry", "State",
            "StartupError", "Supervisor", "SupervisorError", "check_host", "check_switches", "switch_of"]
 
 log = logging.getLogger("xdom.supervisor")
+
+
+# Guests without a VM started side by side at most (see Supervisor._advance_start): enough to overlap
+# each one's waits on the broker, xenstored and its backends, few enough that each still gets the CPU to
+# be ready well within the ready timeout (host_limits counts the CPU a start takes).
+START_TOGETHER = 4
+
+
+def _starts_alongside(d: SupervisedDomain) -> bool:
+    return d.kind == DomainKind.GUEST and d.spec.vm is None
 
 
 class Supervisor(ControlOps):
@@ -416,22 +429,45 @@ class Supervisor(ControlOps):
         self.vms.timers(now)
 
     def _advance_start(self) -> None:
-        """Launch the next domain of the start order once the one before it has been ready."""
+        """Launch the next domains of the start order once the ones before them have been ready.
+
+        Guests without a VM depend on nothing but what starts before them (xenstored, the driver
+        domains), so a run of them at the head of the order starts side by side, START_TOGETHER at
+        a time: the time a guest spends waiting on the broker, xenstored and its backends overlaps
+        with the others' (one at a time, 100 guests took 45-80 s).  Everything else starts alone.
+        """
         while self._start_queue:
-            head = self._start_queue[0]
-            self._fire(head, Event.START)         # launched if it is pending; nothing otherwise
-            if head.life.ever_ready:
-                why = self.vms.start_problem(head)      # a guest's VM, if it has one, is part of its start
-                if why:
-                    self._startup_error = why
-                if why is None:
-                    self._start_queue.popleft()
-                    continue
+            batch = self._start_batch()
+            for d in batch:
+                self._fire(d, Event.START)        # launched if it is pending; nothing otherwise
+            done = []
+            for d in batch:
+                if d.life.ever_ready:
+                    why = self.vms.start_problem(d)      # a guest's VM, if it has one, is part of its start
+                    if why:
+                        self._startup_error = why
+                        return
+                    done.append(d)
+                elif d.state in (State.EXITED, State.FAILED, State.DESTROYED):
+                    self._startup_error = (f"{d.kind} domain {d.name} did not start: {d.last_exit or d.state}"
+                                           f"; see {self.layout.log_path(d.name)}")
+                    return
+            if not done:
                 return
-            if head.state in (State.EXITED, State.FAILED, State.DESTROYED):
-                self._startup_error = (f"{head.kind} domain {head.name} did not start: {head.last_exit or head.state}"
-                                       f"; see {self.layout.log_path(head.name)}")
-            return
+            for d in done:
+                self._start_queue.remove(d)
+
+    def _start_batch(self) -> list[SupervisedDomain]:
+        """The domains at the head of the start order that may be starting at the same time."""
+        head = self._start_queue[0]
+        if not _starts_alongside(head):
+            return [head]
+        batch: list[SupervisedDomain] = []
+        for d in self._start_queue:
+            if not _starts_alongside(d) or len(batch) == START_TOGETHER:
+                break
+            batch.append(d)
+        return batch
 
     def _close_loop(self) -> None:
         self._seccomp_kills.close()
