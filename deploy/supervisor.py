@@ -447,7 +447,8 @@ class Supervisor(ControlOps):
                     if why:
                         self._startup_error = why
                         return
-                    done.append(d)
+                    if why is None:                       # "": its VM is still starting
+                        done.append(d)
                 elif d.state in (State.EXITED, State.FAILED, State.DESTROYED):
                     self._startup_error = (f"{d.kind} domain {d.name} did not start: {d.last_exit or d.state}"
                                            f"; see {self.layout.log_path(d.name)}")
