@@ -14,13 +14,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tomllib
 from collections.abc import Iterator
 from typing import Any
 
 import psutil
 import pytest
 from helpers import wait_until
+from topology_fixtures import HEAD, errors, parse
 
 from xdom.deploy import netns
 from xdom.deploy.rundir import Layout, running_pid
@@ -31,7 +31,6 @@ from xdom.deploy.topology import (
     TopologyError,
     VmConfig,
 )
-from xdom.deploy.topology_parse import parse_topology
 from xdom.deploy.vm import plan as vm_plan
 from xdom.deploy.xl_disk import parse_disk
 from xdom.deploy.xl_vif import parse_vif
@@ -41,29 +40,6 @@ pytestmark = pytest.mark.timeout(240)
 
 XDOM = [sys.executable, "-m", "xdom.deploy.cli"]
 
-HEAD = """
-[[domain]]
-name = "xs"
-kind = "xenstored"
-
-[[domain]]
-name = "blk0"
-kind = "blkback"
-
-[[domain]]
-name = "net0"
-kind = "netback"
-"""
-
-
-def parse(text: str) -> Topology:
-    return parse_topology(tomllib.loads(text), "topo.toml")
-
-
-def errors(text: str) -> list[str]:
-    with pytest.raises(TopologyError) as e:
-        parse(text)
-    return e.value.errors
 
 
 def vm_guest(name: str = "g1", vm: str = "", **keys: Any) -> str:
