@@ -156,10 +156,34 @@ class Devices(SupervisorBase):
             if disk.target is None or (only is not None and disk is not only):
                 continue
             assert be.domid is not None and fe.domid is not None
-            add_vbd(xs, VbdConfig(be.domid, fe.domid, disk.devid, disk.vdev, disk.target, disk.readonly,
-                                  export=self._export_path(fe, disk), export_kind=disk.export_kind or EXPORT_NBD,
-                                  disk_fd=self._offer_disk(be, fe, disk)))
+            try:
+                add_vbd(xs, VbdConfig(be.domid, fe.domid, disk.devid, disk.vdev, disk.target, disk.readonly,
+                                      export=self._export_path(fe, disk), export_kind=disk.export_kind or EXPORT_NBD,
+                                      disk_fd=self._offer_disk(be, fe, disk)))
+            except XenstoreError as e:
+                if only is not None or not self._peer_is_gone(e, d, be, fe, disk.vdev):
+                    raise
+                continue
             self._record(fe.name, "vbd", f"{disk.vdev} on {be.name} -> {self._export_path(fe, disk)}")
+
+    @staticmethod
+    def _peer_is_gone(e: XenstoreError, d: SupervisedDomain, be: SupervisedDomain, fe: SupervisedDomain,
+                      device: str) -> bool:
+        """Whether a device's nodes failed only because the domain at its other end is dead right now.
+
+        ``d`` is alive and being set up, so xenstored's ENOENT ("owner does
+        not exist") names the other end: a frontend or backend that died and
+        whose restart has not reached the hypervisor yet.  That end's own
+        introduction writes the device again, so ``d``'s set-up goes on
+        without it; failing it would leave ``d`` unready until xenstored
+        itself restarted.
+        """
+        if e.name != "ENOENT" or be is fe:
+            return False
+        peer = fe if d is be else be
+        log.info("domain %s: %s's nodes wait for %s (domid %s), which is not alive now: its restart writes them",
+                 d.name, device, peer.name, peer.domid)
+        return True
 
     def _offer_disk(self, be: SupervisedDomain, fe: SupervisedDomain, disk: DiskSpec) -> int | None:
         """Open the image (as a Xen hotplug script does) and hand it to blkback before its nodes are written.
@@ -208,10 +232,15 @@ class Devices(SupervisorBase):
                     continue
             rate = vif.rate
             vhost_user = vif.export_kind == EXPORT_VHOST_USER        # served to a VM: its socket and queue pairs
-            add_vif(xs, VifConfig(be.domid, fe.domid, devid, vif.mac, _bridge_of(be, vif), vif.mtu or 1500,
-                                  rate.bytes_per_interval if rate else None, rate.interval_us if rate else None,
-                                  _ifname(devid), export=self._vif_export(fe, devid, vif) if vhost_user else None,
-                                  queues=vif_queues(vif, fe.spec.vm)))
+            try:
+                add_vif(xs, VifConfig(be.domid, fe.domid, devid, vif.mac, _bridge_of(be, vif), vif.mtu or 1500,
+                                      rate.bytes_per_interval if rate else None, rate.interval_us if rate else None,
+                                      _ifname(devid), export=self._vif_export(fe, devid, vif) if vhost_user else None,
+                                      queues=vif_queues(vif, fe.spec.vm)))
+            except XenstoreError as e:
+                if only is not None or not self._peer_is_gone(e, d, be, fe, _ifname(devid)):
+                    raise
+                continue
             self._record(fe.name, "vif", f"{_ifname(devid)} {vif.mac} on {be.name}")
 
     def _served_vifs(self, d: SupervisedDomain) -> list[tuple[SupervisedDomain, SupervisedDomain, int, VifSpec]]:

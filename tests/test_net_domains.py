@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -213,6 +214,35 @@ def test_guests_talk_through_netback_and_survive_its_restart(run_dir: str) -> No
         layout = h.layout
     assert_nothing_left(layout)
     assert not netns.exists(ns1) and not netns.exists(ns2)
+
+
+def test_netback_restarted_while_a_guest_of_it_is_dead_comes_up_at_once(run_dir: str,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """net0 restarts while g1 waits out a restart backoff: xenstored refuses g1's vif nodes then (its owner
+    does not exist), which must not hold net0's own set-up until its ready deadline; g2 talks again at once,
+    and g1's own restart writes its vif and talks too."""
+    slow = TOPOLOGY.replace('name = "g1"\nkind = "guest"\n', 'name = "g1"\nkind = "guest"\nrestart = "always"\nrestart_backoff = 8\n')
+    assert slow != TOPOLOGY
+    caplog.set_level(logging.INFO, logger="xdom")
+    with Host(run_dir, slow) as h:
+        ps = h.ps()
+        ns2 = ps["g2"]["netns"]
+        os.kill(ps["g1"]["pid"], signal.SIGKILL)
+        g1 = h.wait("g1", "restarted at once", state="running", generation=2)
+        os.kill(g1["pid"], signal.SIGKILL)              # the second kill within the window waits 8 s
+        h.wait("g1", "dead, waiting out its backoff", state=lambda s: s != "running")
+        os.kill(ps["net0"]["pid"], signal.SIGKILL)
+        h.wait("net0", "back while g1 is dead", timeout=7.0, state="running", generation=2)
+        assert h.row("g1")["generation"] == 2 and h.row("g1")["state"] != "running", h.row("g1")
+        g1 = h.wait("g1", "back after its backoff", timeout=30.0, state="running", generation=3)
+        ns1 = g1["netns"]
+        wait_until(lambda: in_ns(ns1, "ping", "-c", "1", "-W", "1", "10.77.0.2").returncode == 0, 30,
+                   "g1 reaching g2 through the restarted netback")
+        res = in_ns(ns2, "ping", "-c", "3", "-i", "0.2", "-W", "5", "10.77.0.1")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert h.row("g2")["generation"] == 1
+    assert "eth0's nodes wait for g1" in caplog.text          # the case happened: g1 was dead at net0's set-up
+    assert "xenstore set-up failed" not in caplog.text
 
 
 def xdom(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
