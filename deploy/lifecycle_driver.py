@@ -39,6 +39,7 @@ from .control import ControlError
 from .launcher import start_broker
 from .lifecycle import Effect, Event, Phase, State, died, is_ready
 from .policy import Action, ExitStatus, HealthSample
+from .process_tree import ProcessTree
 from .spawning import Spawning
 from .supervised_domain import READY_PIPE_KINDS, SupervisedDomain
 from .supervision import _BROKER, BROKER_FLAP_LIMIT, BROKER_FLAP_WINDOW, RESET_RETRY, TAKEOVER_FAILED
@@ -440,10 +441,11 @@ class LifecycleDriver(Spawning):
                 log.warning("%s domain %s: %s", d.kind, d.name, TAKEOVER_FAILED)
 
     def _check_health(self) -> None:
+        tree = ProcessTree()
         for d in self.domains:
             if d.state not in (State.STARTING, State.RUNNING) or d.pidfd < 0:
                 continue
-            sample = self._sample(d)
+            sample = self._sample(d, tree)
             if sample is None:
                 continue
             d.sample = sample
@@ -451,26 +453,24 @@ class LifecycleDriver(Spawning):
             if why is not None and not d.kill_reason:
                 self._kill(d, f"over its limits: {why}")
 
-    def _sample(self, d: SupervisedDomain) -> HealthSample | None:
+    def _sample(self, d: SupervisedDomain, tree: ProcessTree | None = None) -> HealthSample | None:
         """RSS, descriptors and CPU of the domain process and its descendants (a guest's workload counts)."""
         assert d.proc is not None
-        try:
-            leader = d.ps_cache.get(d.proc.pid) or psutil.Process(d.proc.pid)
-            procs = [leader, *leader.children(recursive=True)]
-        except psutil.Error:
-            return None
+        tree = tree or ProcessTree()
         cache: dict[int, psutil.Process] = {}
         rss = fds = 0
         cpu = 0.0
-        for p in procs:
-            p = d.ps_cache.get(p.pid, p)
+        for pid in (d.proc.pid, *tree.descendants(d.proc.pid)):
             try:
+                p = d.ps_cache.get(pid) or psutil.Process(pid)
                 with p.oneshot():
                     rss += p.memory_info().rss
                     fds += p.num_fds()
                     cpu += p.cpu_percent(None)
             except psutil.Error:
+                if pid == d.proc.pid:
+                    return None         # the domain process itself is gone: no sample
                 continue
-            cache[p.pid] = p
+            cache[pid] = p
         d.ps_cache = cache
         return HealthSample(rss, fds, cpu)
