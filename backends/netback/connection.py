@@ -364,7 +364,10 @@ class Connection:
         copies = plan.copies
         views = self.rx_pages.views
         if any(c.gref not in views for c in copies):
-            self.rx_pages.ensure({c.gref for c in copies})
+            # Every buffer posted so far, not just this frame's: the frontend reuses its grants, so
+            # one hypercall maps what the next frames would each have missed (a bridge floods a
+            # new guest's ARP and neighbour discovery to every vif: one map each was N^2 calls).
+            self.rx_pages.ensure({c.gref for c in copies} | {r.gref for r in self.posted})
         failed = set()
         view = memoryview(frame)
         for c in copies:
