@@ -69,6 +69,7 @@ import zmq
 
 from . import adopt, host_state, netns, remote
 from .access import AccessError, grant_search
+from .bytecode import precompile
 from .control import ControlProtocol, ControlServer, endpoint_for
 from .control_ops import ControlOps
 from .devices import _remove_made_dir
@@ -213,6 +214,7 @@ class Supervisor(ControlOps):
         except LayoutError as e:
             raise SupervisorError(str(e)) from None
         make_dirs(lay.run_dir, 0o755)
+        precompile()                    # before any domain starts: they cannot write bytecode themselves
         try:
             self._pidfile.acquire()
         except LayoutError as e:
