@@ -52,7 +52,6 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from . import confinement
 from .abi.xs_wire import XenstoreError
@@ -61,15 +60,13 @@ from .device_channel import DeviceChannel
 from .hostsys.wakeup import WakePipe
 from .nbd.server import NbdServer
 from .netfront.device import Netfront
+from .vhost_user.blk_export import DEFAULT_QUEUES as VHOST_USER_BLK_QUEUES
+from .vhost_user.blk_export import VhostUserBlkExport
+from .vhost_user.net import MAX_PAIRS as MAX_VHOST_USER_PAIRS
+from .vhost_user.net import VhostUserNetPort
 from .xenbus import read_or_none
 from .xenhost import XenHost, connect
 from .xenstore import XenstoreClient
-
-if TYPE_CHECKING:
-    from .vhost_user.blk_export import VhostUserBlkExport
-
-# The vhost-user modules are imported where a VM's device is attached, not here: most guests serve
-# no VM, and importing them was a fifth of a guest's start-up CPU (100 guests start on 2 CPUs).
 
 log = logging.getLogger("xdom.guest")
 
@@ -193,8 +190,6 @@ class Guest:
         self._serve_vhost_user_disk(host, xs, devid, sock)
 
     def _serve_vhost_user_disk(self, host: XenHost, xs: XenstoreClient, devid: int, sock: str) -> None:
-        from .vhost_user.blk_export import DEFAULT_QUEUES as VHOST_USER_BLK_QUEUES
-        from .vhost_user.blk_export import VhostUserBlkExport
         front = Blkfront(host, xs, devid, FrontendOptions(queues=VHOST_USER_BLK_QUEUES))
         try:
             front.connect(TOOLSTACK_TIMEOUT)
@@ -237,7 +232,6 @@ class Guest:
         mac = read_or_none(xs, f"{home}/device/vif/{devid}/mac")
         if mac is None:
             raise RuntimeError(f"vif {devid}: the toolstack wrote no mac node")
-        from .vhost_user.net import VhostUserNetPort
         port = VhostUserNetPort(sock, mac, max_pairs=pairs)
         try:
             nic = Netfront(host, xs, devid, port=port, max_queues=pairs)
@@ -277,7 +271,6 @@ class Guest:
                 continue
             kind, sock = _export_node(read_or_none(xs, f"{home}/device/vif/{devid}/xdom-export"))
             if kind == EXPORT_VHOST_USER:
-                from .vhost_user.net import MAX_PAIRS as MAX_VHOST_USER_PAIRS
                 queues = read_or_none(xs, f"{home}/device/vif/{devid}/xdom-queues") or b"1"
                 pairs = int(queues) if queues.isdigit() and 1 <= int(queues) <= MAX_VHOST_USER_PAIRS else 1
                 t = threading.Thread(target=self._vif_hotplug_vhost_user, args=(host, xs, home, devid, sock, pairs),
