@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
 
-import pytest
 from helpers import wait_until
-from xs_fixtures import Xenstored, start_xenstored
+from xs_fixtures import Xenstored
 
 from xdom.backends.device_table import DeviceTable
 from xdom.domains.xenstore import UnixTransport, XenstoreClient, XenstoreError
@@ -59,15 +57,6 @@ class CountingClient(XenstoreClient):
     def directory(self, path: str, tx: int = 0) -> list[str]:
         CountingClient.directories += 1
         return super().directory(path, tx)
-
-
-@pytest.fixture
-def xenstored(run_dir: str) -> Iterator[Xenstored]:
-    xs = start_xenstored(run_dir)
-    try:
-        yield xs
-    finally:
-        xs.stop()
 
 
 def client(path: str, cls: type[XenstoreClient] = XenstoreClient) -> XenstoreClient:
