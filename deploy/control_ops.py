@@ -31,6 +31,7 @@ from .devices import DETACH_TIMEOUT, _backend_tap, _bridge_of, _ifname, _logged,
 from .export_paths import export_problem, relative_export_problem
 from .lifecycle import Effect, Event, State, step
 from .lifecycle_driver import LifecycleDriver
+from .process_tree import ProcessTree
 from .rundir import unlink_socket
 from .supervised_domain import SupervisedDomain
 from .tap import TapError
@@ -57,9 +58,11 @@ class ControlOps(LifecycleDriver):
                 broker = {s["domid"]: s for s in self.mgmt.request("list")["domains"]}
             except (ManagementError, TimeoutError) as e:
                 log.warning("the broker did not list its domains: %s", e)
+        tree: ProcessTree | None = None         # read once, and only if some domain has no sample yet
         for d in self.domains:
             if d.sample is None and d.state in (State.STARTING, State.RUNNING) and d.pidfd >= 0:
-                d.sample = self._sample(d)
+                tree = tree or ProcessTree()
+                d.sample = self._sample(d, tree)
         return [self._row(d, broker.get(d.domid) if d.domid is not None else None) for d in self.domains]
 
     def _row(self, d: SupervisedDomain, b: dict[str, Any] | None) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from xdom.domains.abi.netif import (
@@ -88,18 +88,32 @@ class _PageCache:
         self.host, self.fe, self.readonly = host, fe, readonly
         self.maps: dict[int, GrantMapping] = {}
         self.views: dict[int, memoryview] = {}
+        self.refused: set[int] = set()      # grefs a prefetch could not map: not prefetched again
 
-    def ensure(self, grefs: set[int]) -> None:
+    def ensure(self, grefs: set[int], prefetch: Iterable[int] = ()) -> None:
+        """Map the missing ``grefs``, and with them whatever of ``prefetch`` is not mapped yet.
+
+        A prefetched gref that fails is remembered and left out of later
+        prefetches (mapped again only when a frame needs it), so a frontend
+        posting grants that do not map cannot turn each frame into a
+        ring-sized batch of failing map operations at the broker.
+        """
         missing = [g for g in grefs if g not in self.maps]
         if not missing:
             return
-        if len(self.maps) + len(missing) > MAX_CACHED_MAPPINGS:
+        extra = [g for g in prefetch if g not in self.maps and g not in self.refused and g not in grefs]
+        if len(self.maps) + len(missing) + len(extra) > MAX_CACHED_MAPPINGS:
             self.clear()
-            missing = list(grefs)
-        for g, res in zip(missing, self.host.map_grants([(self.fe, g, self.readonly) for g in missing])):
+            missing, extra = list(grefs), []
+        wanted = missing + extra
+        for i, (g, res) in enumerate(zip(wanted, self.host.map_grants([(self.fe, g, self.readonly)
+                                                                       for g in wanted]))):
             if res.mapping is not None:
                 self.maps[g] = res.mapping
                 self.views[g] = res.mapping.view
+                self.refused.discard(g)
+            elif i >= len(missing):
+                self.refused.add(g)
 
     def pages(self, grefs: set[int]) -> dict[int, memoryview]:
         self.ensure(grefs)
@@ -108,6 +122,7 @@ class _PageCache:
 
     def clear(self) -> None:
         maps, self.maps, self.views = list(self.maps.values()), {}, {}
+        self.refused.clear()
         if maps:
             try:
                 self.host.unmap_grants(maps)
@@ -367,7 +382,7 @@ class Connection:
             # Every buffer posted so far, not just this frame's: the frontend reuses its grants, so
             # one hypercall maps what the next frames would each have missed (a bridge floods a
             # new guest's ARP and neighbour discovery to every vif: one map each was N^2 calls).
-            self.rx_pages.ensure({c.gref for c in copies} | {r.gref for r in self.posted})
+            self.rx_pages.ensure({c.gref for c in copies}, prefetch={r.gref for r in self.posted})
         failed = set()
         view = memoryview(frame)
         for c in copies:
