@@ -226,6 +226,29 @@ class HostClient:
             if self._sock in ready:
                 return self.receive()
 
+    def door_closed(self, timeout: float) -> bool:
+        """Whether a fresh connection to the host is refused (its door closed), not merely left unanswered.
+
+        Silence is not an answer: a supervisor busy stopping its domains
+        answers nothing for seconds, yet its door (ZeroMQ's I/O thread)
+        still accepts connections.  Only a refused connection says the
+        listener is gone.  False when the connection is accepted, or when
+        neither is seen within ``timeout`` (an unreachable host is not a
+        stopped one).
+        """
+        probe = self._ctx.socket(zmq.DEALER)
+        probe.setsockopt(zmq.LINGER, 0)
+        monitor = probe.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED)
+        try:
+            probe.connect(self.host.address)
+            if not monitor.poll(int(timeout * 1000)):
+                return False
+            return bool(recv_monitor_message(monitor)["event"] == zmq.EVENT_CONNECT_RETRIED)
+        finally:
+            probe.disable_monitor()
+            monitor.close(0)
+            probe.close(0)
+
     def _restart(self) -> None:
         # A late reply would answer the next request: start over with a new socket.
         self.close()

@@ -164,14 +164,17 @@ def remote_down(args: argparse.Namespace) -> int:
             if r["status"] != 0:
                 raise _Fail(EXIT_ERROR, f"{host.name}: xdom down exited with status {r['status']}")
             return EXIT_OK
-        # This host's own supervisor is stopping: it answers (phase "stopping") until its door closes.
+        # This host's own supervisor is stopping; its door is the last thing it closes (after the run
+        # directory is gone).  A ping left unanswered is a supervisor busy stopping: only a refused
+        # connection says it has finished.
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
             try:
                 c.request("ping", min(1.0, fleet.timeout))
             except HostUnreachable:
-                _say(f"xdom: {host.name}: everything stopped (supervisor pid {r.get('pid')})")
-                return EXIT_OK
+                if c.door_closed(min(1.0, fleet.timeout)):
+                    _say(f"xdom: {host.name}: everything stopped (supervisor pid {r.get('pid')})")
+                    return EXIT_OK
             except ControlError:
                 pass        # the supervisor is busy stopping; its door still answers
             time.sleep(0.2)     # polling a remote host's stop, with a deadline

@@ -206,6 +206,10 @@ class Supervisor(ControlOps):
             if owner:
                 remove_run_dir(self.layout)
             self.phase = "stopped"
+            # Last: remote clients take the door's closing for "everything stopped" (fleet_cli.remote_down).
+            if self._front_door is not None:
+                self._front_door.close()
+                self._front_door = None
 
     def _setup(self) -> None:
         lay = self.layout
@@ -474,9 +478,6 @@ class Supervisor(ControlOps):
 
     def _close_loop(self) -> None:
         self._seccomp_kills.close()
-        if self._front_door is not None:
-            self._front_door.close()
-            self._front_door = None
         if self._control is not None:
             self._poller.unregister(self._control.socket)
             self._control.close()

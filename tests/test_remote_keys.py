@@ -13,6 +13,7 @@ import zmq
 import zmq.utils.z85
 
 from xdom.deploy import curvekeys
+from xdom.deploy.fleet import FleetHost, HostClient, HostUnreachable
 from xdom.deploy.remote import FrontDoor, ListenerConfig, RemoteError, RemoteProtocol, check_listener
 
 
@@ -125,3 +126,27 @@ def test_up_refuses_a_listener_without_keys_before_starting_anything(keydir: str
         r = up(plaintext)
         assert r.returncode == 2 and "host.listen: expected tcp://ADDRESS:PORT" in r.stderr
     assert not os.path.exists(os.path.join(keydir, "run", "supervisor.pid"))
+
+
+def test_door_closed_only_when_the_connection_is_refused(keydir: str) -> None:
+    """A door that accepts but answers nothing (a supervisor busy stopping) is not a closed door."""
+    server_public, _ = curvekeys.make_pair(keydir, "server")
+    _, client_secret = curvekeys.make_pair(keydir, "client")
+    ctx = zmq.Context()
+    silent = ctx.socket(zmq.ROUTER)         # accepts connections, never replies
+    silent.setsockopt(zmq.LINGER, 0)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    address = f"tcp://127.0.0.1:{port}"
+    host = FleetHost("h", address, f"tcp://127.0.0.1:{port + 1}",
+                     curvekeys.load_public(server_public), client_secret)
+    client = HostClient(host, 0.3, ctx)
+    try:
+        with pytest.raises(HostUnreachable):
+            client.request("ping", 0.3)
+        assert client.door_closed(2.0) is False
+        silent.close(0)
+        assert client.door_closed(2.0) is True
+    finally:
+        client.close()
+        silent.close(0)
+        ctx.term()
