@@ -18,7 +18,12 @@ Three measurements, each printed beside its reference:
    pages -> copier's own frames), broker mode against local mode and a
    plain Python page-by-page memoryview copy.
 
-Nothing is pinned to a CPU and nothing is asserted about timings; a bad
+The round trips are measured twice: every process pinned to one CPU (what
+the software costs: no wakeup crosses CPUs) and pinger and ponger pinned to
+two (what a wakeup across CPUs costs here).  Unpinned, the scheduler's
+placement decides each variant's figure (3 us on one CPU, 75 us across,
+either at random), so their medians cannot be compared.  Nothing is
+asserted about timings; a bad
 status from xdom, on the other hand, stops the run (the figures would be
 meaningless).  The same file is also the child program of the benchmark
 (``--child ROLE``), so pinger, ponger and backend run exactly this code.
@@ -349,6 +354,8 @@ def start_raw_pair(fds: tuple[int, int], procs: list[subprocess.Popen[bytes]]) -
 
 
 C_PINGPONG = textwrap.dedent(r"""
+    #define _GNU_SOURCE
+    #include <sched.h>
     #include <stdint.h>
     #include <stdio.h>
     #include <stdlib.h>
@@ -362,9 +369,13 @@ C_PINGPONG = textwrap.dedent(r"""
     static long long now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);
                                  return t.tv_sec * 1000000000LL + t.tv_nsec; }
 
+    static void pin(int cpu) { cpu_set_t c; if (cpu < 0) return; CPU_ZERO(&c); CPU_SET(cpu, &c);
+                               if (sched_setaffinity(0, sizeof c, &c)) _exit(6); }
+
     int main(int argc, char **argv) {
-        if (argc != 3) return 2;
+        if (argc != 5) return 2;
         int warm = atoi(argv[1]), n = atoi(argv[2]);
+        pin(atoi(argv[3]));
         int ab = eventfd(0, EFD_CLOEXEC), ba = eventfd(0, EFD_CLOEXEC);
         if (ab < 0 || ba < 0 || n <= 0) return 1;
         long long *s = malloc(sizeof *s * n);
@@ -372,7 +383,7 @@ C_PINGPONG = textwrap.dedent(r"""
         fflush(stdout);
         pid_t pid = fork();
         if (pid < 0) return 1;
-        if (pid == 0) { for (int i = 0; i < warm + n; i++) { xread(ab); xwrite(ba); } _exit(0); }
+        if (pid == 0) { pin(atoi(argv[4])); for (int i = 0; i < warm + n; i++) { xread(ab); xwrite(ba); } _exit(0); }
         for (int i = 0; i < warm; i++) { xwrite(ab); xread(ba); }
         for (int i = 0; i < n; i++) { long long t0 = now(); xwrite(ab); xread(ba); s[i] = now() - t0; }
         int st;
@@ -397,15 +408,31 @@ def compile_c_pingpong(d: str) -> str:
     return exe
 
 
-def run_c_pingpong(exe: str, warmup: int, iters: int) -> array.array:
-    run = subprocess.run([exe, str(warmup), str(iters)], capture_output=True, text=True, timeout=120)
+def run_c_pingpong(exe: str, warmup: int, iters: int, cpus: tuple[int, int]) -> array.array:
+    run = subprocess.run([exe, str(warmup), str(iters), str(cpus[0]), str(cpus[1])], capture_output=True,
+                         text=True, timeout=120)
     if run.returncode != 0:
         raise RuntimeError(f"C ping-pong exited with {run.returncode}")
     return array.array("q", map(int, run.stdout.split()))
 
 
+def placements() -> dict[str, tuple[int, int]]:
+    """(pinger's CPU, ponger's CPU) for each placement measured; -1: not pinned."""
+    cpus = sorted(os.sched_getaffinity(0))
+    out = {"one CPU": (cpus[0], cpus[0])}
+    if len(cpus) > 1:
+        out["two CPUs"] = (cpus[0], cpus[1])
+    out["not pinned"] = (-1, -1)
+    return out
+
+
+def _pin(pid: int, cpu: int) -> None:
+    os.sched_setaffinity(pid, {cpu} if cpu >= 0 else os.sched_getaffinity(0))
+
+
 def bench_evtchn(client: Any, warmup: int, iters: int, rounds: int) -> dict[str, Any]:
-    """All five round-trip variants, interleaved in ``rounds`` chunks so drift hits them alike."""
+    """All five round-trip variants in each placement, interleaved in ``rounds`` chunks so drift
+    hits them alike."""
     from xdom.deploy.launcher import stop_process
     procs: list[subprocess.Popen[bytes]] = []
     fds = (os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC))
@@ -418,31 +445,34 @@ def bench_evtchn(client: Any, warmup: int, iters: int, rounds: int) -> dict[str,
             c_note = ""
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
             exe, c_note = None, str(e)
-        variants: list[tuple[str, Callable[[int, int], array.array]]] = [
-            ("xdom_api", lambda w, n: ping_pong(xping, xpong, "api", w, n)),
-            ("xdom_poll", lambda w, n: ping_pong(xping, xpong, "poll", w, n)),
-            ("raw_poll", lambda w, n: ping_pong(rping, rpong, "poll", w, n)),
-            ("raw_block", lambda w, n: ping_pong(rping, rpong, "block", w, n)),
-        ]
-        if exe is not None:
-            variants.append(("c", lambda w, n: run_c_pingpong(exe, w, n)))
-        samples = {name: array.array("q") for name, _ in variants}
         chunk = max(1, iters // rounds)
-        for r in range(rounds):
-            order = variants if r % 2 == 0 else variants[::-1]
-            for name, run in order:
-                samples[name].extend(run(warmup if r == 0 else warmup // 4, chunk))
+        out: dict[str, Any] = {"rounds": rounds, "iters": chunk * rounds, "warmup": warmup, "placements": {}}
+        for placement, cpus in placements().items():
+            for ping, pong in ((xping, xpong), (rping, rpong)):
+                _pin(ping.proc.pid, cpus[0])
+                _pin(pong.proc.pid, cpus[1])
+            variants: list[tuple[str, Callable[[int, int], array.array]]] = [
+                ("xdom_api", lambda w, n: ping_pong(xping, xpong, "api", w, n)),
+                ("xdom_poll", lambda w, n: ping_pong(xping, xpong, "poll", w, n)),
+                ("raw_poll", lambda w, n: ping_pong(rping, rpong, "poll", w, n)),
+                ("raw_block", lambda w, n: ping_pong(rping, rpong, "block", w, n)),
+            ]
+            if exe is not None:
+                variants.append(("c", lambda w, n, c=cpus: run_c_pingpong(exe, w, n, c)))
+            samples = {name: array.array("q") for name, _ in variants}
+            for r in range(rounds):
+                order = variants if r % 2 == 0 else variants[::-1]
+                for name, run in order:
+                    samples[name].extend(run(warmup if r == 0 else warmup // 4, chunk))
+            result: dict[str, Any] = {name: summarise(v) for name, v in samples.items()}
+            if exe is None:
+                result["c"] = c_note
+            out["placements"][placement] = result
         for ping, pong in ((xping, xpong), (rping, rpong)):
             ping.send({"exit": True})
             pong.send({"exit": True})
         for p in procs:
             p.wait(10)
-        out: dict[str, Any] = {name: summarise(v) for name, v in samples.items()}
-        if exe is None:
-            out["c"] = c_note
-        out["rounds"] = rounds
-        out["iters"] = chunk * rounds
-        out["warmup"] = warmup
         return out
     finally:
         for p in procs:
@@ -532,26 +562,28 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> None:
     print()
     print(line)
     print(f"xdom broker benchmark ({'quick' if args.quick else 'full'} run; {os.cpu_count()} CPUs; "
-          f"Python {sys.version.split()[0]}; nothing pinned)")
+          f"Python {sys.version.split()[0]})")
     print(line)
 
-    ev = res["evtchn"]
-    raw_ref = ev["raw_poll"]["median_us"]
-    print(f"\n1. Event-channel round trip between two processes ({ev['iters']} round trips each, "
-          f"interleaved in {ev['rounds']} rounds, after {ev['warmup']} warm-up; microseconds)")
-    print(f"  {'':<52} {'median':>9} {'mean':>9} {'p99':>9} {'min':>8} {'vs ref':>8}")
-    print(_rtt_row("OURS  xdom domains: XenHost.notify + evtchn.wait", ev["xdom_api"], raw_ref))
-    print(_rtt_row("      xdom domains: notify + poll/consume on port fd", ev["xdom_poll"], raw_ref))
-    print(_rtt_row("REF   raw os.eventfd, 2 Python procs, poll + read", ev["raw_poll"], raw_ref))
-    print(_rtt_row("      raw os.eventfd, 2 Python procs, blocking read", ev["raw_block"], raw_ref))
-    print(_rtt_row("FLOOR C eventfd ping-pong, fork, blocking read", ev["c"], raw_ref))
-    ours = ev["xdom_api"]["median_us"]
-    print(f"  ratio OURS / REF (medians): {ours / raw_ref:.2f}x  "
-          f"(+{ours - raw_ref:.1f} us per round trip)", end="")
-    if isinstance(ev["c"], dict):
-        print(f";  OURS / C floor: {ours / ev['c']['median_us']:.2f}x")
-    else:
-        print()
+    evs = res["evtchn"]
+    print(f"\n1. Event-channel round trip between two processes ({evs['iters']} round trips each, "
+          f"interleaved in {evs['rounds']} rounds, after {evs['warmup']} warm-up; microseconds)")
+    for placement, ev in evs["placements"].items():
+        raw_ref = ev["raw_poll"]["median_us"]
+        print(f"  pinger and ponger on {placement}:")
+        print(f"  {'':<52} {'median':>9} {'mean':>9} {'p99':>9} {'min':>8} {'vs ref':>8}")
+        print(_rtt_row("OURS  xdom domains: XenHost.notify + evtchn.wait", ev["xdom_api"], raw_ref))
+        print(_rtt_row("      xdom domains: notify + poll/consume on port fd", ev["xdom_poll"], raw_ref))
+        print(_rtt_row("REF   raw os.eventfd, 2 Python procs, poll + read", ev["raw_poll"], raw_ref))
+        print(_rtt_row("      raw os.eventfd, 2 Python procs, blocking read", ev["raw_block"], raw_ref))
+        print(_rtt_row("FLOOR C eventfd ping-pong, fork, blocking read", ev["c"], raw_ref))
+        ours = ev["xdom_api"]["median_us"]
+        print(f"  ratio OURS / REF (medians): {ours / raw_ref:.2f}x  "
+              f"(+{ours - raw_ref:.1f} us per round trip)", end="")
+        if isinstance(ev["c"], dict):
+            print(f";  OURS / C floor: {ours / ev['c']['median_us']:.2f}x")
+        else:
+            print()
 
     g = res["grants"]
     print("\n2. Grant map+unmap: backend maps N refs in one map_grants call, unmaps them in one "
