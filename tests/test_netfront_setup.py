@@ -73,3 +73,46 @@ def test_frames_a_dead_backend_left_unanswered_are_the_ones_sent_again_in_order(
         guest.close()
         backend.close()
         hv.close()
+
+
+def test_transmit_answers_notify_only_while_frames_wait_for_room() -> None:
+    """netfront reaps transmit answers on each pass; the backend's push asks for an event only once
+    netfront has said it waits for them (a full ring), so a busy sender is not woken per answer."""
+    hv = LocalHypervisor()
+    guest = hv.create_domain("g", "8M")
+    backend = hv.create_domain("b", "1M")
+    try:
+        deferred: list[tuple[int, int]] = []
+        q = _Queue(guest, FramePool.of(guest), backend.domid, 0, split=False, deferred=deferred)
+        back = BackRing(tx_shared_ring([guest.memory.frame(q.gfns[0])]))
+        stats = {"tx_packets": 0, "tx_gso": 0}
+
+        def answer() -> bool:
+            back.put_responses([pack_tx_response(TxResponse(parse_tx_request(r).id, 0))
+                                for r in back.take_requests()])
+            return back.push_responses()
+
+        q.put(TxFrame(b"\1" * 60), stats)
+        q.push_tx()
+        assert answer()                             # a fresh ring asks for the first answer
+        q.reap_tx(want_event=False)                 # a pass with nothing waiting
+        for i in range(3):
+            q.put(TxFrame(bytes([i]) * 1514), stats)
+            q.push_tx()
+            assert not answer()                     # answered with no event...
+            q.reap_tx(want_event=False)             # ...and reaped by the next pass all the same
+        assert len(q.tx_free) == 256 and q.unanswered() == []
+        big = TxFrame(b"\2" * 4000)
+        while q.room(big):
+            q.put(big, stats)
+        q.push_tx()
+        assert not q.want_tx_event()                # frames wait: ask for the next answer
+        assert answer()                             # it comes with an event
+        assert q.want_tx_event()                    # and a pass that asks again finds it waiting
+        q.reap_tx(want_event=False)
+        assert len(q.tx_free) == 256
+        q.release(deferred)
+    finally:
+        guest.close()
+        backend.close()
+        hv.close()

@@ -223,6 +223,18 @@ class FrontRing:
         self.rsp_cons = (self.rsp_cons + n) & _MASK32
         return out
 
+    def ignore_responses(self) -> None:
+        """Ask the backend for no event on its next responses: rsp_event half the index space away.
+
+        For a frontend that reaps responses on its own schedule and needs
+        an event only when it is waiting for one (netfront's transmit
+        completions: Linux reaps them on each transmit too).  The backend's
+        ``RING_PUSH_RESPONSES_AND_CHECK_NOTIFY`` never crosses that
+        threshold with at most a ring of requests outstanding;
+        :meth:`final_check_for_responses` asks again.
+        """
+        self.shared.set(_RSP_EVENT, self.rsp_cons + 0x80000000)
+
     def final_check_for_responses(self) -> bool:
         """``RING_FINAL_CHECK_FOR_RESPONSES``: re-arm rsp_event; True if more arrived meanwhile."""
         if self.unconsumed_responses():
