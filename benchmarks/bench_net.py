@@ -145,6 +145,22 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return {name: sum(psutil.Process(pid).cpu_times()[:2]) for name, pid in pids.items()}   # user + system
 
 
+def sleeps(pids: dict[str, int]) -> dict[str, int]:
+    """Voluntary context switches of all a process's threads: each is a sleep some wakeup (often one
+    across CPUs) ends.  (psutil's count is the main thread's only.)"""
+    out = {}
+    for name, pid in pids.items():
+        total = 0
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/status") as f:
+                    total += int(f.read().split("\nvoluntary_ctxt_switches:")[1].split()[0])
+            except (OSError, IndexError):
+                pass            # a thread that ended meanwhile
+        out[name] = total
+    return out
+
+
 def add_ns(name: str, made: list[str]) -> None:
     run("ip", "netns", "add", name)
     made.append(name)
@@ -164,10 +180,10 @@ def iperf(ns_client: str, ns_server: str, server_ip: str, seconds: float, pids: 
     procs.append(server)
     deadline = time.monotonic() + 10
     while True:
-        before = cpu_seconds(pids)
+        before, slept = cpu_seconds(pids), sleeps(pids)
         res = subprocess.run(["ip", "netns", "exec", ns_client, "iperf3", "-c", server_ip, "-t", f"{seconds:g}",
                               "-J"], capture_output=True, text=True, timeout=seconds + 60, stdin=subprocess.DEVNULL)
-        after = cpu_seconds(pids)
+        after, woke = cpu_seconds(pids), sleeps(pids)
         if "Connection refused" not in res.stdout + res.stderr or time.monotonic() > deadline:
             break
         time.sleep(0.05)              # the server is still binding
@@ -185,7 +201,8 @@ def iperf(ns_client: str, ns_server: str, server_ip: str, seconds: float, pids: 
     if not gib:
         raise BenchError(f"iperf3 to {server_ip}: no bytes received in {seconds:g} s")
     return {"gbit_s": rx["bits_per_second"] / 1e9, "retr": end["sum_sent"].get("retransmits", 0),
-            "bytes": rx["bytes"], "cpu_per_gib": {n: (after[n] - before[n]) / gib for n in pids}}
+            "bytes": rx["bytes"], "cpu_per_gib": {n: (after[n] - before[n]) / gib for n in pids},
+            "sleeps_per_64k": {n: (woke[n] - slept[n]) / (rx["bytes"] / 65536) for n in pids}}
 
 
 def start_forwarder(mode: str, ns_a: str, ns_b: str, tap_a: str, tap_b: str,
@@ -217,7 +234,9 @@ def report(res: dict[str, dict[str, Any]], args: argparse.Namespace, wall: float
         print(f"  {label:<46} {r['gbit_s']:>9.3f} {r['retr']:>7} {r['gbit_s'] / veth:>8.4f}x {ours:>10} {cpu:>10}")
     for key, mode in (("ours", "bridge"), ("builtin", "built-in switch")):
         print(f"  OURS ({mode}) CPU s/GiB by process: "
-              + ", ".join(f"{n} {v:.2f}" for n, v in res[key]["cpu_per_gib"].items()))
+              + ", ".join(f"{n} {v:.2f}" for n, v in res[key]["cpu_per_gib"].items())
+              + "; sleeps per 64 KiB moved: "
+              + ", ".join(f"{n} {v:.2f}" for n, v in res[key]["sleeps_per_64k"].items() if n != "broker"))
     print("  (receiver-side rate; retr: TCP retransmits; CPU s/GiB: user+system s of data-path processes per GiB)")
     print(f"\n(total wall time {wall:.1f} s)\n{line}")
 
