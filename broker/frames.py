@@ -36,6 +36,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import re
 import stat
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -233,18 +234,8 @@ class ProcFrames:
                 maps = f.read()
         except OSError:
             return set()  # the process is gone: nothing is mapped
-        left = set()
-        for dev, ino in ids:
-            key = b" %02x:%02x %d " % (os.major(dev), os.minor(dev), ino)
-            pos = maps.find(key)
-            while pos >= 0:
-                line = maps.rfind(b"\n", 0, pos) + 1
-                start = int(maps[line:maps.index(b"-", line)], 16)
-                end = int(maps[maps.index(b"-", line) + 1:maps.index(b" ", line)], 16)
-                if not ((dev, ino), start) in allowed or end - start != PAGE_SIZE:
-                    left.add((dev, ino))
-                    break
-                pos = maps.find(key, pos + 1)
+        left = {fid for fid, places in mappings_of(maps, ids).items()
+                if any((fid, start) not in allowed or end - start != PAGE_SIZE for start, end in places)}
         remaining = ids - left
         if remaining:
             left |= self._held_fds(remaining)
@@ -267,6 +258,40 @@ class ProcFrames:
             if (st.st_dev, st.st_ino) in ids:
                 held.add((st.st_dev, st.st_ino))
         return held
+
+
+# A /proc/PID/maps line's address range, device and inode (the kernel prints "%02x:%02x %lu"; a path
+# after them cannot start a line: seq_file_path escapes its newlines).
+_MAPS_LINE = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ ([0-9a-f]+:[0-9a-f]+) (\d+)", re.MULTILINE)
+_FIND_EACH = 16     # up to this many frames, a bytes.find each beats parsing every line (one parse: ~20 finds)
+
+
+def mappings_of(maps: bytes, ids: set[FrameId]) -> dict[FrameId, list[tuple[int, int]]]:
+    """Every (start, end) at which a /proc/PID/maps text maps each of ``ids`` (absent: nowhere).
+
+    A grantee that unmaps a backend's worth of grants at once (a guest
+    gone: hundreds) is checked in one pass over its maps, not one pass per
+    frame: netback serving 100 guests holds some 60,000 mappings, and a
+    pass per frame made ``xdom down`` of those guests take 39 s of broker CPU.
+    """
+    found: dict[FrameId, list[tuple[int, int]]] = {}
+    if len(ids) <= _FIND_EACH:
+        for dev, ino in ids:
+            key = b" %02x:%02x %d " % (os.major(dev), os.minor(dev), ino)
+            pos = maps.find(key)
+            while pos >= 0:
+                line = maps.rfind(b"\n", 0, pos) + 1
+                m = _MAPS_LINE.match(maps, line)
+                if m is not None and m.end() == pos + len(key) - 1:
+                    found.setdefault((dev, ino), []).append((int(m[1], 16), int(m[2], 16)))
+                pos = maps.find(key, pos + 1)
+        return found
+    wanted = {(b"%02x:%02x" % (os.major(dev), os.minor(dev)), b"%d" % ino): (dev, ino) for dev, ino in ids}
+    for start, end, dev_text, ino_text in _MAPS_LINE.findall(maps):
+        fid = wanted.get((dev_text, ino_text))
+        if fid is not None:
+            found.setdefault(fid, []).append((int(start, 16), int(end, 16)))
+    return found
 
 
 class LocalFrames:
