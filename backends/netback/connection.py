@@ -120,9 +120,14 @@ class _PageCache:
         views = self.views
         return {g: views[g] for g in grefs if g in views}
 
-    def clear(self) -> None:
+    def take(self) -> list[GrantMapping]:
+        """Forget every mapping and hand them over, for the caller to unmap (with others, in one call)."""
         maps, self.maps, self.views = list(self.maps.values()), {}, {}
         self.refused.clear()
+        return maps
+
+    def clear(self) -> None:
+        maps = self.take()
         if maps:
             try:
                 self.host.unmap_grants(maps)
@@ -175,14 +180,15 @@ class Connection:
     def release(self) -> None:
         """Unmap and unbind everything (once the loop no longer serves this connection)."""
         self.dead = True
-        self.tx_pages.clear()
-        self.rx_pages.clear()
-        maps, self.maps = self.maps, []
+        # One unmap for the lot: the broker checks each unmap call against this process's whole
+        # memory map, which is large when many guests are served (three calls cost three reads).
+        maps = self.tx_pages.take() + self.rx_pages.take() + self.maps
+        self.maps = []
         if maps:
             try:
                 self.host.unmap_grants(maps)
             except Exception as e:
-                log.warning("%s: unmapping rings: %s", self.name, e)
+                log.warning("%s: unmapping rings and pages: %s", self.name, e)
         for port in self.ports:
             try:
                 self.host.close_port(port)
