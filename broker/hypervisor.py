@@ -405,13 +405,22 @@ class Hypervisor:
         The claim is checked against the caller's address space and fd table
         before the grant is released; a mapping still present is refused with
         GNTST_general_error and stays pinned.
+
+        The check protects the granter, whose page must not be reused while
+        someone can still reach it.  A grant of a granter that has died
+        protects no one (its process and memory are gone; a restart brings a
+        fresh table and fresh frames, never the old ones), so it is released unchecked:
+        a guest going away, or ``xdom down`` of many, does not cost a read
+        of the backend's whole memory map per guest.
         """
         known = {h for h in handles if h in caller.maptrack}
-        claimed = {caller.maptrack[h].frame_id for h in known}
-        kept = {m.frame_id for h, m in caller.maptrack.items() if h not in known}
+        checked = {h for h in known if caller.maptrack[h].granter.alive and not caller.maptrack[h].table.retired}
+        claimed = {caller.maptrack[h].frame_id for h in checked}
         still: set[FrameId] = set()
-        if caller.frames is not None and claimed - kept:
-            still = caller.frames.still_mapped(claimed - kept, self._own_places(caller, known))
+        if caller.frames is not None and claimed:
+            kept = {m.frame_id for h, m in caller.maptrack.items() if h not in known}
+            if claimed - kept:
+                still = caller.frames.still_mapped(claimed - kept, self._own_places(caller, checked))
         out = []
         for h in handles:
             m = caller.maptrack.get(h)

@@ -181,7 +181,8 @@ class Attacker(DomainAgent):
 
     # ---- attack 2: keep a writable page while telling the broker it is unmapped ------------------
 
-    def cmd_hide(self, domid: int, ref: int, how: str, gfn: int = 0, ro: bool = False) -> dict[str, Any]:
+    def cmd_hide(self, domid: int, ref: int, how: str, gfn: int = 0, ro: bool = False,
+                 unmap: bool = True) -> dict[str, Any]:
         """Map ``ref``, keep the page ``how``, unmap the ordinary mapping and claim "unmapped".
 
         mmap: a second mapping of the frame fd over our own gfn; mremap: the
@@ -189,6 +190,7 @@ class Attacker(DomainAgent):
         child that inherited the mapping; inflight: the frame fd parked in a
         unix socket's queue (in no fd table, in no address space); vmsplice:
         the page itself referenced by a pipe of ours (no mapping, no fd).
+        Without ``unmap`` the claim is left for later (a raw "unmap" hypercall).
         """
         status, handle, fd = self._map(domid, ref, ro)
         if status != GNTST_okay:
@@ -228,6 +230,8 @@ class Attacker(DomainAgent):
         os.close(fd)
         if addr:
             munmap(addr)
+        if not unmap:
+            return {"status": status, "handle": handle, "setup": setup}
         reply, _ = self.h.call("unmap", handles=[handle])   # type: ignore[attr-defined]
         return {"status": status, "handle": handle, "setup": setup, "unmap": reply["results"][0]}
 

@@ -33,6 +33,7 @@ for the damage either way.
 from __future__ import annotations
 
 import pytest
+from helpers import wait_until
 
 from xdom.domains.abi.grant_table import GNTST_general_error, GNTST_okay
 
@@ -83,3 +84,26 @@ def test_page_kept_readable_after_claimed_unmap_stays_granted(world: World) -> N
     assert seen.startswith(SECRET[:16]), f"the attack lost its page: {seen!r}"   # what X was lent, no more
     assert REUSED not in seen, f"X read what A wrote after ending access: {seen!r}"
     world.assert_serving(a, x)
+
+
+def test_a_dead_granters_page_is_released_unchecked_and_never_its_again(world: World) -> None:
+    """The broker checks an unmap claim only while the granter lives: once it is dead its memory is
+    gone for good (a restart brings fresh frames), so X keeping the page reaches nothing of A's
+    again, and the check -- a read of X's whole memory map -- would protect no one."""
+    a = world.spawn("granter")
+    x = world.spawn("grantee")
+    ref = a.call("grant", domid=x.domid, gfn=A_GFN, data=SECRET)["ref"]
+    res = x.call("hide", domid=a.domid, ref=ref, how="mmap", gfn=HIJACK_GFN, unmap=False)
+    assert res["status"] == GNTST_okay and res["setup"] == "ok", f"the attack could not be set up: {res}"
+    a.kill()
+    wait_until(lambda: world.mgmt.request("info", domid=a.domid)["domain"]["state"] != "running",
+               what="the broker to see the granter die")
+    claim = x.hypercall("unmap", handles=[res["handle"]])
+    assert claim["errno"] is None and claim["reply"]["results"] == [GNTST_okay], claim
+    # A again, under its domid: fresh memory.  X's kept page is the dead A's, not the new A's.
+    a2 = world.adopt(world.mgmt.request("restart", domid=a.domid, uid=a.uid), a.uid)
+    a2.call("write", gfn=A_GFN, data=REUSED)
+    x.call("write", gfn=HIJACK_GFN, data=MARK)
+    assert a2.call("read", gfn=A_GFN, len=len(REUSED))["data"] == REUSED
+    assert x.call("peek_gfn", gfn=HIJACK_GFN, len=len(SECRET))["data"] == MARK + SECRET[len(MARK):]
+    world.assert_serving(a2, x)
