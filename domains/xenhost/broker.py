@@ -244,6 +244,10 @@ class BrokerXenHost(XenHost):
 
     def shutdown(self, reason: str = "poweroff") -> None:
         self.call("shutdown", reason=reason)
+        # This memory has no future: nothing private will be put in a page again, so the devices'
+        # teardown ends its grants without taking fresh frames (a replace_frames hypercall a page:
+        # some 500 for a vif, which made stopping 100 guests take 25 s).
+        self.gnttab.on_revoked = None
 
     def close(self) -> None:
         """Drop the connection; to the broker this domain is now gone."""
