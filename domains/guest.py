@@ -159,7 +159,7 @@ class Guest:
                 attached, self._attached = list(self._attached.values()), {}
             for front, server in attached:
                 server.close()
-                front.close()
+                front.close(patience=0)     # this domain is going away: its frames go with it
             with self._disk_lock:
                 nics, self._nics = self._nics, []
             for nic in nics:
