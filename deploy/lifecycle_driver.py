@@ -351,29 +351,42 @@ class LifecycleDriver(Spawning):
         """Blocking stop for the host's shutdown: a guest's VM first (powered off), then the domain:
         SIGTERM, grace, SIGKILL, reap, destroy in the broker.  The table's STOP, whose STOP_PROCESS this
         performs here and now rather than from the loop."""
-        had_process = d.phase.has_process
-        d.life.fire(Event.STOP)
-        try:
-            self.vms.stop_now(d)
-        except Exception:
-            log.exception("stopping the VM of %s failed; going on", d.name)
-        if d.proc is not None and d.pidfd >= 0:
+        self._stop_all_now([d])
+
+    def _stop_all_now(self, ds: list[SupervisedDomain]) -> None:
+        """:meth:`_stop_now` of domains that depend on none of each other (guests), side by side: all
+        are told at once and share one grace, so stopping N of them takes the slowest one's time,
+        not the sum (100 guests: 11.8 s one after another)."""
+        had_process = {id(d): d.phase.has_process for d in ds}
+        for d in ds:
+            d.life.fire(Event.STOP)
+            try:
+                self.vms.stop_now(d)
+            except Exception:
+                log.exception("stopping the VM of %s failed; going on", d.name)
+        running = [d for d in ds if d.proc is not None and d.pidfd >= 0]
+        for d in running:
             self._signal_group(d, signal.SIGTERM)
-            select.select([d.pidfd], [], [], self.stop_grace)
+        waiting = {d.pidfd for d in running}
+        deadline = time.monotonic() + self.stop_grace
+        while waiting and (left := deadline - time.monotonic()) > 0:
+            waiting -= set(select.select(list(waiting), [], [], left)[0])
+        for d in running:
             pid = d.pid
             status = ExitStatus.from_returncode(self._reap(d))
             self._record(d.name, "stopped", status.describe())
             d.last_exit = status.describe() + " (stopped)"
             self._log_to(d, f"pid {pid} {status.describe()} (stopped with the host)")
-        self._close_ready(d)
-        if d.domid is not None and self.mgmt is not None and self.broker is not None \
-                and self.broker.proc.poll() is None:
-            try:
-                self.mgmt.request("destroy", domid=d.domid)
-            except (ManagementError, TimeoutError):
-                pass
-        if had_process:
-            d.life.fire(Event.EXITED)
+        for d in ds:
+            self._close_ready(d)
+            if d.domid is not None and self.mgmt is not None and self.broker is not None \
+                    and self.broker.proc.poll() is None:
+                try:
+                    self.mgmt.request("destroy", domid=d.domid)
+                except (ManagementError, TimeoutError):
+                    pass
+            if had_process[id(d)]:
+                d.life.fire(Event.EXITED)
 
     def _start_broker(self) -> None:
         """A broker for this host (it takes over from RUN_DIR/broker-state when there is one), watched."""

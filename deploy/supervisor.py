@@ -103,10 +103,24 @@ log = logging.getLogger("xdom.supervisor")
 # each one's waits on the broker, xenstored and its backends, few enough that each still gets the CPU to
 # be ready well within the ready timeout (host_limits counts the CPU a start takes).
 START_TOGETHER = 4
+STOP_TOGETHER = 16      # guests told to stop at once by `xdom down` (their teardowns load backends and broker)
 
 
 def _starts_alongside(d: SupervisedDomain) -> bool:
     return d.kind == DomainKind.GUEST and d.spec.vm is None
+
+
+def _stop_batches(domains: list[SupervisedDomain]) -> list[list[SupervisedDomain]]:
+    """Reverse start order, with each run of guests that start alongside stopped together
+    (STOP_TOGETHER at most); every other domain alone, after what started after it."""
+    batches: list[list[SupervisedDomain]] = []
+    for d in reversed(domains):
+        if batches and _starts_alongside(d) and _starts_alongside(batches[-1][0]) \
+                and len(batches[-1]) < STOP_TOGETHER:
+            batches[-1].append(d)
+        else:
+            batches.append([d])
+    return batches
 
 
 class Supervisor(ControlOps):
@@ -169,11 +183,11 @@ class Supervisor(ControlOps):
         owner = self._pidfile.held        # never touch the files of another supervisor's run directory
         try:
             self._save_state()            # a supervisor killed now leaves a host `xdom down` finishes stopping
-            for d in reversed(self.domains):
+            for batch in _stop_batches(self.domains):
                 try:
-                    self._stop_now(d)
+                    self._stop_all_now(batch)
                 except Exception:
-                    log.exception("stopping domain %s failed; going on", d.name)
+                    log.exception("stopping %s failed; going on", ", ".join(d.name for d in batch))
                 self._save_state()
             if self.mgmt is not None:
                 self.mgmt.close()
