@@ -91,6 +91,7 @@ class Row:
     """What one N measured."""
     n: int
     up: float = float("nan")                     # s: xdom up --detach, start to return
+    down: float = float("nan")                   # s: xdom down, start to return
     ready_first: float = float("nan")            # s: the first guest's start-to-ready
     ready_last: float = float("nan")             # s: the last guest's
     ready_span: float = float("nan")             # s: from the first guest ready to the last
@@ -223,7 +224,9 @@ def measure(n: int, seconds: float, base: str) -> Row:
             row.problems.append(f"through xdom: {err}")
     finally:
         if started:
+            t0 = time.monotonic()
             res = xdom("down", "--run-dir", layout.run_dir)
+            row.down = time.monotonic() - t0
             if res.returncode not in (0, 3):
                 row.problems.append(f"xdom down: status {res.returncode}: {res.stderr.strip()[-300:]}")
             if os.path.exists(layout.run_dir):
@@ -252,7 +255,7 @@ def report(rows: list[Row], seconds: float) -> None:
     print(f"xdom scale benchmark: N guests (32 MiB, one disk, one vif) on one blkback and one netback, "
           f"{os.cpu_count()} CPUs; fio 4 KiB randread QD{QD} per guest for {seconds:g} s")
     print("=" * 118)
-    print(f"{'N':>4} {'up (s)':>8} {'s/guest':>8} {'ready first/last (s)':>21} {'span (s)':>9} "
+    print(f"{'N':>4} {'up (s)':>8} {'s/guest':>8} {'down (s)':>8} {'ready first/last (s)':>21} {'span (s)':>9} "
           f"{'xs/broker/sup CPU (s)':>22}   {'IOPS xdom':>10} {'nbdkit':>8} {'ratio':>6}   "
           f"{'per guest min / max, max/min':>30}")
     for r in rows:
@@ -261,9 +264,9 @@ def report(rows: list[Row], seconds: float) -> None:
         cpu = "/".join(f"{r.cpu.get(k, float('nan')):.1f}" for k in ("xenstored", "broker", "supervisor"))
         agg, ref = sum(r.iops), sum(r.ref_iops)
         ratio = f"{agg / ref:5.2f}x" if r.iops and ref else "    -"
-        print(f"{r.n:>4} {r.up:8.1f} {lin} {r.ready_first:10.2f} /{r.ready_last:9.2f} {r.ready_span:9.1f} "
+        print(f"{r.n:>4} {r.up:8.1f} {lin} {r.down:8.1f} {r.ready_first:10.2f} /{r.ready_last:9.2f} {r.ready_span:9.1f} "
               f"{cpu:>22}   {agg:10.0f} {ref:8.0f} {ratio:>6}   {spread(r.iops):>30}")
-        print(f"{'':>4} {'':>8} {'':>8} {'':>21} {'':>9} {'':>22}   {'':>10} {'':>8} {'':>6}   "
+        print(f"{'':>4} {'':>8} {'':>8} {'':>8} {'':>21} {'':>9} {'':>22}   {'':>10} {'':>8} {'':>6}   "
               f"{'nbdkit: ' + spread(r.ref_iops):>30}")
     print("goals (issue 14): up linear in N and 100 guests in under 30 s; aggregate IOPS not falling with N; "
           "slowest guest within 2x of the fastest")
