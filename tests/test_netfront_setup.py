@@ -5,8 +5,19 @@ from __future__ import annotations
 
 import pytest
 
-from xdom.domains.abi.netif import TxResponse, pack_tx_response, parse_tx_request, tx_shared_ring
-from xdom.domains.abi.ring import BackRing
+from xdom.domains.abi.netif import (
+    NETRXF_more_data,
+    RX_RING_SIZE,
+    RxResponse,
+    TxResponse,
+    pack_rx_response,
+    pack_tx_response,
+    parse_rx_request,
+    parse_tx_request,
+    rx_shared_ring,
+    tx_shared_ring,
+)
+from xdom.domains.abi.ring import PAGE_SIZE, BackRing
 from xdom.domains.frame_pool import FramePool
 from xdom.domains.grant_table import GrantTableFull
 from xdom.domains.netfront.device import _Queue
@@ -111,6 +122,47 @@ def test_transmit_answers_notify_only_while_frames_wait_for_room() -> None:
         assert q.want_tx_event()                    # and a pass that asks again finds it waiting
         q.reap_tx(want_event=False)
         assert len(q.tx_free) == 256
+        q.release(deferred)
+    finally:
+        guest.close()
+        backend.close()
+        hv.close()
+
+
+def test_a_packet_split_over_two_passes_keeps_its_first_pages_once_they_are_posted_again() -> None:
+    """netfront reads received slots as views and copies a packet once, when it is complete; a packet
+    still incomplete when its pages go back to the backend is copied first, so what the backend writes
+    into a page it got again never ends up in the packet."""
+    hv = LocalHypervisor()
+    guest = hv.create_domain("g", "8M")
+    backend = hv.create_domain("b", "1M")
+    try:
+        deferred: list[tuple[int, int]] = []
+        q = _Queue(guest, FramePool.of(guest), backend.domid, 0, split=False, deferred=deferred)
+        q.post_rx()
+        back = BackRing(rx_shared_ring([guest.memory.frame(q.gfns[1])]))
+        stats = {"rx_packets": 0, "rx_errors": 0, "rx_gso": 0}
+        posted = [parse_rx_request(r) for r in back.take_requests()]
+        assert len(posted) == RX_RING_SIZE
+
+        def fill(req_id: int, data: bytes) -> None:
+            page = guest.memory.frame(q.rx_gfns[req_id])
+            page[:len(data)] = data
+            page.release()
+
+        first, second = bytes(range(256)) * 16, b"tail of the frame" * 10
+        fill(posted[0].id, first)
+        back.put_responses([pack_rx_response(RxResponse(posted[0].id, 0, NETRXF_more_data, len(first)))])
+        back.push_responses()
+        assert q.reap_rx(stats) == []                       # not complete: nothing yet
+        again = [parse_rx_request(r) for r in back.take_requests()]
+        assert [r.id for r in again] == [posted[0].id]      # its page is the backend's again...
+        fill(posted[0].id, b"\xee" * PAGE_SIZE)             # ...which writes something else there
+        fill(posted[1].id, second)
+        back.put_responses([pack_rx_response(RxResponse(posted[1].id, 0, 0, len(second)))])
+        back.push_responses()
+        frames = q.reap_rx(stats)
+        assert len(frames) == 1 and frames[0][1] == first + second
         q.release(deferred)
     finally:
         guest.close()

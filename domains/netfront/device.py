@@ -57,6 +57,7 @@ import threading
 from typing import Any
 
 from ..abi.netif import (
+    RX_REQUEST,
     RX_RING_SIZE,
     TX_REQUEST,
     TX_RING_SIZE,
@@ -71,10 +72,8 @@ from ..abi.netif import (
     NETTXF_data_validated,
     NETTXF_extra_info,
     NETTXF_more_data,
-    RxRequest,
     gso_extra,
     pack_extra_info,
-    pack_rx_request,
     parse_extra_info,
     parse_rx_response,
     parse_tx_response,
@@ -148,7 +147,7 @@ class _Queue:
         # Frames on the ring, oldest first, with their slots: what a new ring takes over if the backend dies.
         self.tx_sent: collections.deque[tuple[list[int], TxFrame]] = collections.deque()
         self.tx_pushed = False
-        self.rx_partial: list[bytes] = []
+        self.rx_partial: list[bytes | memoryview] = []   # views into posted pages until reposted
         self.rx_first_flags = 0                 # the packet being received: its first slot's flags,
         self.rx_gso: GsoInfo | None = None      # its GSO extra,
         self.rx_in_extras = False               # whether extra-info slots come next,
@@ -287,8 +286,9 @@ class _Queue:
                     self.rx_first_flags, self.rx_gso = rsp.flags, None
                     self.rx_in_extras = bool(rsp.flags & NETRXF_extra_info)
                 if rsp.status >= 0 and rsp.offset + rsp.status <= PAGE_SIZE:
-                    page = memory.frame(self.rx_gfns[buf])
-                    self.rx_partial.append(bytes(page[rsp.offset:rsp.offset + rsp.status]))
+                    # A view, copied once when the packet is joined (or below, if it is not complete).
+                    at = self.rx_gfns[buf] * PAGE_SIZE + rsp.offset
+                    self.rx_partial.append(memory.buffer[at:at + rsp.status])
                 else:
                     self.rx_partial.append(b"")
                     stats["rx_errors"] += 1
@@ -298,6 +298,9 @@ class _Queue:
                         self._finish_packet(frames, stats)
             if not self.rx.final_check_for_responses():
                 break
+        if self.rx_partial:
+            # A packet whose last slots have not come: its pages are about to be posted again.
+            self.rx_partial = [bytes(p) for p in self.rx_partial]
         self.post_rx(repost)
         return frames
 
@@ -317,12 +320,11 @@ class _Queue:
         self.rx_data_done = False
 
     def post_rx(self, ids: list[int] | range | None = None) -> None:
-        rx, refs, posted = self.rx, self.rx_refs, self.rx_posted
-        for i in (range(RX_RING_SIZE) if ids is None else ids):
-            if rx.full():
-                break
-            rx.put_request(pack_rx_request(RxRequest(i, refs[i])))
-            posted.append(i)
+        rx, refs = self.rx, self.rx_refs
+        take = list(range(RX_RING_SIZE) if ids is None else ids)[:rx.free_requests()]
+        pack = RX_REQUEST.pack
+        rx.put_requests([pack(i, refs[i]) for i in take])
+        self.rx_posted.extend(take)
         if rx.push_requests():
             self.host.notify(self.rx_port)
 
