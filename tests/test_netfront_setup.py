@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from xdom.domains.abi.netif import (
-    NETRXF_more_data,
     RX_RING_SIZE,
+    NETRXF_more_data,
     RxResponse,
     TxResponse,
     pack_rx_response,
