@@ -29,6 +29,7 @@ from xdom.deploy import netns
 from xdom.deploy.control import ControlClient, ControlError, endpoint_for
 from xdom.deploy.isolation import DOMAIN_EXEC
 from xdom.deploy.rundir import Layout, running_pid
+from xdom.deploy.spawning import MALLOC_TUNABLES, with_malloc_tunables
 from xdom.deploy.supervisor import JournalEntry, StartupError, Supervisor
 from xdom.deploy.topology_parse import load_topology
 from xdom.domains.xenstore import XenstoreClient
@@ -394,6 +395,26 @@ def test_running_domains_are_not_dumpable(base: str) -> None:
         assert _readable_by_a_peer(ps["plain"]["pid"])
         if psutil.Process(ps["plain"]["pid"]).uids().real != 0:
             assert os.stat(f"/proc/{ps['plain']['pid']}/status").st_uid == psutil.Process(ps["plain"]["pid"]).uids().real
+
+
+def test_xdoms_own_domains_keep_freed_heap_and_programs_run_as_they_are(base: str) -> None:
+    """glibc's malloc settings for xdom's data paths (deploy/spawning.py) reach xdom's own domains only."""
+    text = XS + GUEST + '[[domain]]\nname = "plain"\nkind = "program"\ncommand = ["sleep", "60"]\n'
+    with Host(base, text, ready_timeout=1.0) as h:
+        ps = h.ps()
+
+        def tunables(name: str) -> str:
+            env = psutil.Process(ps[name]["pid"]).environ()
+            return env.get("GLIBC_TUNABLES", "")
+        for name in ("xs", "g1"):
+            assert "glibc.malloc.trim_threshold=8388608" in tunables(name).split(":"), tunables(name)
+        assert tunables("plain") == os.environ.get("GLIBC_TUNABLES", "")
+
+
+def test_malloc_tunables_keep_what_the_environment_names() -> None:
+    assert with_malloc_tunables("") == MALLOC_TUNABLES
+    assert with_malloc_tunables("glibc.malloc.trim_threshold=1:glibc.cpu.x86_rep_movsb_threshold=2048") == \
+        "glibc.malloc.trim_threshold=1:glibc.cpu.x86_rep_movsb_threshold=2048:glibc.malloc.mmap_threshold=1048576"
 
 
 # ---- side by side, control channel -----------------------------------------------------
