@@ -125,11 +125,6 @@ def find_reference(args: argparse.Namespace) -> tuple[list[str] | None, str]:
     cmd = args.ref_xenstored or os.environ.get("XDOM_REF_XENSTORED")
     if cmd:
         return shlex.split(cmd), f"--ref-xenstored {cmd}"
-    # The team's launcher beside a checkout (a development aid; a fresh clone elsewhere has none).
-    shared = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "tools",
-                          "ref-xenstored", "start.sh")
-    if os.access(shared, os.X_OK):
-        return [os.path.normpath(shared)], f"{os.path.normpath(shared)} (found beside the checkout)"
     return None, ("missing: Debian's C xenstored cannot start without a hypervisor; give a launcher with "
                   "--ref-xenstored CMD (ratios below are against the ECHO floor)")
 
