@@ -3,6 +3,9 @@ granted), and which frames a backend that died left unanswered (they go on the n
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 
 from xdom.domains.abi.netif import (
@@ -22,7 +25,24 @@ from xdom.domains.frame_pool import FramePool
 from xdom.domains.grant_table import GrantTableFull
 from xdom.domains.netfront.device import _Queue
 from xdom.domains.vnet import TxFrame
-from xdom.domains.xenhost import LocalHypervisor
+from xdom.domains.xenhost import LocalHypervisor, LocalXenHost
+
+
+@contextmanager
+def one_queue() -> Iterator[tuple[LocalXenHost, _Queue, list[tuple[int, int]]]]:
+    """A guest with one unsplit netfront queue granted to a backend domain; released and closed after."""
+    hv = LocalHypervisor()
+    guest = hv.create_domain("g", "8M")
+    backend = hv.create_domain("b", "1M")
+    try:
+        deferred: list[tuple[int, int]] = []
+        q = _Queue(guest, FramePool.of(guest), backend.domid, 0, split=False, deferred=deferred)
+        yield guest, q, deferred
+        q.release(deferred)
+    finally:
+        guest.close()
+        backend.close()
+        hv.close()
 
 
 def test_a_queue_that_cannot_grant_all_its_pages_gives_back_what_it_took() -> None:
@@ -51,12 +71,7 @@ def test_a_queue_that_cannot_grant_all_its_pages_gives_back_what_it_took() -> No
 
 def test_frames_a_dead_backend_left_unanswered_are_the_ones_sent_again_in_order() -> None:
     """A netback that dies answers some frames and not others; a new ring gets exactly those others."""
-    hv = LocalHypervisor()
-    guest = hv.create_domain("g", "8M")
-    backend = hv.create_domain("b", "1M")
-    try:
-        deferred: list[tuple[int, int]] = []
-        q = _Queue(guest, FramePool.of(guest), backend.domid, 0, split=False, deferred=deferred)
+    with one_queue() as (guest, q, deferred):
         frames = [TxFrame(bytes([i]) * size) for i, size in enumerate((60, 5000, 1514, 9000, 64))]
         stats = {"tx_packets": 0, "tx_gso": 0}
         for f in frames:
@@ -79,22 +94,12 @@ def test_frames_a_dead_backend_left_unanswered_are_the_ones_sent_again_in_order(
         q.reap_tx()
         assert q.unanswered() == frames[3:]
         assert len(q.tx_sent) == 2                  # the answered ones are no longer kept
-        q.release(deferred)
-    finally:
-        guest.close()
-        backend.close()
-        hv.close()
 
 
 def test_transmit_answers_notify_only_while_frames_wait_for_room() -> None:
     """netfront reaps transmit answers on each pass; the backend's push asks for an event only once
     netfront has said it waits for them (a full ring), so a busy sender is not woken per answer."""
-    hv = LocalHypervisor()
-    guest = hv.create_domain("g", "8M")
-    backend = hv.create_domain("b", "1M")
-    try:
-        deferred: list[tuple[int, int]] = []
-        q = _Queue(guest, FramePool.of(guest), backend.domid, 0, split=False, deferred=deferred)
+    with one_queue() as (guest, q, deferred):
         back = BackRing(tx_shared_ring([guest.memory.frame(q.gfns[0])]))
         stats = {"tx_packets": 0, "tx_gso": 0}
 
@@ -122,23 +127,13 @@ def test_transmit_answers_notify_only_while_frames_wait_for_room() -> None:
         assert q.want_tx_event()                    # and a pass that asks again finds it waiting
         q.reap_tx(want_event=False)
         assert len(q.tx_free) == 256
-        q.release(deferred)
-    finally:
-        guest.close()
-        backend.close()
-        hv.close()
 
 
 def test_a_packet_split_over_two_passes_keeps_its_first_pages_once_they_are_posted_again() -> None:
     """netfront reads received slots as views and copies a packet once, when it is complete; a packet
     still incomplete when its pages go back to the backend is copied first, so what the backend writes
     into a page it got again never ends up in the packet."""
-    hv = LocalHypervisor()
-    guest = hv.create_domain("g", "8M")
-    backend = hv.create_domain("b", "1M")
-    try:
-        deferred: list[tuple[int, int]] = []
-        q = _Queue(guest, FramePool.of(guest), backend.domid, 0, split=False, deferred=deferred)
+    with one_queue() as (guest, q, deferred):
         q.post_rx()
         back = BackRing(rx_shared_ring([guest.memory.frame(q.gfns[1])]))
         stats = {"rx_packets": 0, "rx_errors": 0, "rx_gso": 0}
@@ -163,8 +158,3 @@ def test_a_packet_split_over_two_passes_keeps_its_first_pages_once_they_are_post
         back.push_responses()
         frames = q.reap_rx(stats)
         assert len(frames) == 1 and frames[0][1] == first + second
-        q.release(deferred)
-    finally:
-        guest.close()
-        backend.close()
-        hv.close()
