@@ -32,17 +32,17 @@ mapping's descriptor into a writable one), whoever else's uid it runs under.
 from __future__ import annotations
 
 import array
-import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import re
 import stat
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
-from xdom.domains.abi.grant_table import PAGE_SIZE, GNTST_bad_page, GNTST_okay
+from xdom.domains.abi.grant_table import PAGE_SIZE
 from xdom.domains.hostsys.memory import FRAME_MEMFD_NAME, DomainMemory
 
 FrameId = tuple[int, int]   # (st_dev, st_ino) of the frame's memfd
@@ -320,6 +320,10 @@ class LocalFrames:
         self._frame(gfn)
         return os.getpid(), self.memory.base + gfn * PAGE_SIZE
 
+    def view(self, gfn: int) -> memoryview:
+        """Frame ``gfn`` to copy into or out of, there and then (not to keep)."""
+        return self._frame(gfn)
+
     def open_frame(self, gfn: int, readonly: bool) -> tuple[memoryview, FrameId]:
         view = self._frame(gfn)
         return (view.toreadonly() if readonly else view), (id(self.memory), gfn)
@@ -332,99 +336,82 @@ class LocalFrames:
         return set()  # views are released by the local xenhost on unmap
 
 
-CopyPlan = tuple[int, FrameSource, int, int, FrameSource, int, int, int]
-
-
-class FrameCopier:
+class CopyFrames:
     """GNTTABOP_copy's data movement, through the frames themselves.
 
-    Between domain processes a copy reads and writes frame descriptors
-    (``copy_file_range``, one syscall an op), never addresses: a domain that
-    remaps its gfns cannot steer a copy to a page it got from someone else.
-    A frame's descriptor is opened through map_files (and checked to be the
-    frame made for that gfn) the first time a copy names it, then kept in a
-    small LRU (``cache_size``; copies come back to the same pages, a ring's
-    data pages) for as long as that gfn's frame is the same inode: a frame
-    replaced (``replace_frames``) is never copied to again, and a dead or
-    restarted domain's descriptors go with it (:meth:`forget`).  So a copy
+    Between domain processes a copy goes through the broker's own mapping of
+    each frame, never through addresses in a domain: a domain that remaps
+    its gfns cannot steer a copy to a page it got from someone else.  A
+    frame is opened through map_files (and checked to be the frame made for
+    that gfn) the first time a copy names it, mapped, and the mapping kept
+    in a small LRU (``cache_size``; copies come back to the same pages, a
+    ring's data pages) for as long as that gfn's frame is the same inode: a
+    frame replaced (``replace_frames``) is never copied to again, and a dead
+    or restarted domain's mappings go with it (:meth:`forget`).  So a copy
     reaches the gfn's own frame by identity; a domain that unmaps one of its
     own frames gets GNTST_bad_page or the frame as it was, whichever the
     cache holds -- the grant, not the domain's address space, is what
-    revokes.  In-process domains (the local variant) are copied with memmove.
+    revokes.  Frames are sealed against shrinking, so a mapping kept here
+    can never fault.  A copy is then one memmove (a slice assignment),
+    where a ``copy_file_range`` per op cost a syscall and the page cache's
+    locking; in-process domains (the local variant) are copied the same way
+    through their memory's views.
     """
 
-    def __init__(self, cache_size: int = 128) -> None:
-        self._cache: OrderedDict[tuple[int, int], tuple[FrameSource, int, int]] = OrderedDict()
+    def __init__(self, cache_size: int = 256) -> None:
+        self._cache: OrderedDict[tuple[int, int], tuple[ProcFrames, int, mmap.mmap, memoryview]] = OrderedDict()
         self._cache_size = max(2, cache_size)
 
-    def copy_batch(self, plans: Iterable[CopyPlan], statuses: list[int]) -> None:
-        """Run (index, src, sgfn, soff, dst, dgfn, doff, length) copies, setting
-        ``statuses[index]`` to GNTST_okay or GNTST_bad_page."""
-        for index, src, sgfn, soff, dst, dgfn, doff, length in plans:
-            if isinstance(src, LocalFrames) and isinstance(dst, LocalFrames):
-                try:
-                    _, saddr = src.address(sgfn)
-                    _, daddr = dst.address(dgfn)
-                except BadFrame:
-                    statuses[index] = GNTST_bad_page
-                    continue
-                ctypes.memmove(daddr + doff, saddr + soff, length)
-                statuses[index] = GNTST_okay
-                continue
-            sfd = self._fd(src, sgfn)
-            dfd = self._fd(dst, dgfn)
-            if sfd is None or dfd is None:
-                statuses[index] = GNTST_bad_page
-                continue
-            try:
-                self._copy_fd(sfd, soff, dfd, doff, length)
-                statuses[index] = GNTST_okay
-            except OSError:
-                statuses[index] = GNTST_bad_page
-
-    def _fd(self, frames: FrameSource, gfn: int) -> int | None:
+    def view(self, frames: FrameSource | None, gfn: int) -> memoryview | None:
+        """Frame ``gfn`` of ``frames`` to copy into or out of now, or None if it is not that domain's own frame."""
         key = (id(frames), gfn)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is frames:      # a kept frame: only ProcFrames are kept
+            if hit[1] == hit[0].inodes[gfn]:
+                self._cache.move_to_end(key)
+                return hit[3]
+            self._unmap(self._cache.pop(key))         # the gfn's frame was replaced since
+        if frames is None:
+            return None
+        if isinstance(frames, LocalFrames):
+            try:
+                return frames.view(gfn)
+            except BadFrame:
+                return None
+        if not isinstance(frames, ProcFrames):
+            raise TypeError(f"cannot copy through {type(frames).__name__}")
         try:
             ino = frames.frame_id(gfn)[1]
         except BadFrame:
             return None
-        hit = self._cache.get(key)
-        if hit is not None:
-            if hit[0] is frames and hit[1] == ino:
-                self._cache.move_to_end(key)
-                return hit[2]
-            del self._cache[key]
-            os.close(hit[2])
         try:
             fd, _ = frames.open_frame(gfn, readonly=False)
         except (BadFrame, NoFrameSpace):
             return None
         assert isinstance(fd, int)
-        self._cache[key] = (frames, ino, fd)
-        while len(self._cache) > self._cache_size:
-            _, (_, _, old) = self._cache.popitem(last=False)
-            os.close(old)
-        return fd
-
-    def forget(self, frames: FrameSource) -> None:
-        """Close the descriptors kept for a domain that died or restarted."""
-        for key in [k for k, v in self._cache.items() if v[0] is frames]:
-            os.close(self._cache.pop(key)[2])
-
-    def close(self) -> None:
-        for _, _, fd in self._cache.values():
+        try:
+            mapping = mmap.mmap(fd, PAGE_SIZE)
+        except OSError:
+            return None
+        finally:
             os.close(fd)
-        self._cache.clear()
+        view = memoryview(mapping)
+        self._cache[key] = (frames, ino, mapping, view)
+        while len(self._cache) > self._cache_size:
+            self._unmap(self._cache.popitem(last=False)[1])
+        return view
 
     @staticmethod
-    def _copy_fd(sfd: int, soff: int, dfd: int, doff: int, length: int) -> None:
-        if sfd == dfd and soff < doff + length and doff < soff + length:
-            data = os.pread(sfd, length, soff)          # overlapping within one frame
-            if os.pwrite(dfd, data, doff) != length:
-                raise OSError(5, "short write")
-            return
-        while length:
-            n = os.copy_file_range(sfd, dfd, length, soff, doff)
-            if n <= 0:
-                raise OSError(5, "short copy")
-            soff, doff, length = soff + n, doff + n, length - n
+    def _unmap(entry: tuple[ProcFrames, int, mmap.mmap, memoryview]) -> None:
+        entry[3].release()
+        entry[2].close()
+
+    def forget(self, frames: FrameSource) -> None:
+        """Unmap the frames kept for a domain that died or restarted."""
+        for key in [k for k, v in self._cache.items() if v[0] is frames]:
+            self._unmap(self._cache.pop(key))
+
+    def close(self) -> None:
+        for entry in self._cache.values():
+            self._unmap(entry)
+        self._cache.clear()

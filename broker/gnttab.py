@@ -19,7 +19,8 @@ import fcntl
 import mmap
 import os
 import struct
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from xdom.domains.abi.grant_table import (
     ENTRIES_PER_FRAME,
@@ -41,6 +42,7 @@ from xdom.domains.abi.grant_table import (
 from xdom.domains.hostsys import grant_lock
 
 LOCK_TRIES = 64
+SPAN_LIMIT = ENTRIES_PER_FRAME   # widest run of entries locked in one call for a copy batch
 TABLE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _FLAGS = struct.Struct("<H")
 
@@ -52,6 +54,14 @@ class Pin:
     gfn: int
     readers: int = 0
     writers: int = 0
+
+
+@dataclass
+class HeldEntries:
+    """Entries of one table locked for a copy batch, and what each held when checked."""
+    checked: dict[int, tuple[int, int, int]]    # ref -> (GNTST status, flags, gfn)
+    span: tuple[int, int] | None = None         # (first, count) locked in one call
+    singles: list[int] = field(default_factory=list)    # else locked one by one
 
 
 class BrokerGrantTable:
@@ -151,22 +161,39 @@ class BrokerGrantTable:
         finally:
             grant_lock.unlock_entry(self.fd, ref)
 
-    def hold(self, ref: int, grantee: int, readonly: bool) -> tuple[int, int]:
-        """Validate ``ref`` and keep its entry locked: (GNTST status, gfn).
+    def hold_many(self, refs: Iterable[int], grantee: int) -> HeldEntries:
+        """Lock and check the entries a copy batch names, until :meth:`release`.
 
-        For a copy, holding the entry lock for the few microseconds of the
-        copy is cheaper than pinning (two flag updates under two locks) and
-        just as safe: the granter cannot end access while we hold it.  On
-        success the caller must ``unhold(ref)``.
+        For a copy, holding the entry locks for the microseconds of the copy
+        is cheaper than pinning (two flag updates under two locks) and just
+        as safe: the granter cannot end access while we hold them.  The
+        entries are locked with one call over their span when nobody holds
+        any entry in it (the usual case), else one by one; each is checked
+        as for a read (write permission is the caller's to test on the
+        flags) and only the checked copy of it is used.
         """
-        if not 0 <= ref < self.nr_entries:
-            return GNTST_bad_gntref, 0
-        if not self._try_lock(ref):
-            return GNTST_eagain, 0
-        status, _flags, gfn = self._check(ref, grantee, readonly)
-        if status != GNTST_okay:
-            grant_lock.unlock_entry(self.fd, ref)
-        return status, gfn
+        checked: dict[int, tuple[int, int, int]] = {}
+        valid = []
+        for ref in set(refs):
+            if 0 <= ref < self.nr_entries:
+                valid.append(ref)
+            else:
+                checked[ref] = (GNTST_bad_gntref, 0, 0)
+        held = HeldEntries(checked)
+        if not valid:
+            return held
+        valid.sort()
+        count = valid[-1] - valid[0] + 1
+        if count <= SPAN_LIMIT and grant_lock.lock_entries(self.fd, valid[0], count, wait=False):
+            held.span = (valid[0], count)
+        for ref in valid:
+            if held.span is None:
+                if not self._try_lock(ref):
+                    checked[ref] = (GNTST_eagain, 0, 0)
+                    continue
+                held.singles.append(ref)
+            checked[ref] = self._check(ref, grantee, readonly=True)
+        return held
 
     def seed(self, ref: int, domid: int, gfn: int) -> None:
         """Write an entry on the owner's behalf (the toolstack's reserved grants)."""
@@ -177,8 +204,12 @@ class BrokerGrantTable:
         (flags,) = _FLAGS.unpack_from(self._map, ref * GRANT_ENTRY_V1_SIZE)
         return bool(flags & GTF_readonly)
 
-    def unhold(self, ref: int) -> None:
-        grant_lock.unlock_entry(self.fd, ref)
+    def release(self, held: HeldEntries) -> None:
+        """Unlock what :meth:`hold_many` locked."""
+        if held.span is not None:
+            grant_lock.unlock_entries(self.fd, *held.span)
+        for ref in held.singles:
+            grant_lock.unlock_entry(self.fd, ref)
 
     def unpin(self, ref: int, readonly: bool) -> None:
         pin = self.pins[ref]

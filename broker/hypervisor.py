@@ -30,24 +30,21 @@ from xdom.domains.abi.event_channel import (
 from xdom.domains.abi.grant_table import (
     GNTTAB_RESERVED_XENSTORE,
     PAGE_SIZE,
-    GNTCOPY_dest_gref,
-    GNTCOPY_source_gref,
-    GNTST_bad_copy_arg,
     GNTST_bad_domain,
     GNTST_bad_handle,
     GNTST_bad_page,
     GNTST_general_error,
     GNTST_no_space,
     GNTST_okay,
-    GNTST_permission_denied,
 )
 from xdom.domains.abi.hvm_params import HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_PFN
 from xdom.domains.abi.hypercall_wire import HypercallError
 
 from .evtchn import MAX_PORTS, EventPair, Port, PortTable, new_virq_fd, signal
 from .fd_budget import FdBudget
-from .frames import BadFrame, FrameCopier, FrameId, FrameSource, NoFrameSpace
+from .frames import BadFrame, CopyFrames, FrameId, FrameSource, NoFrameSpace
 from .gnttab import BrokerGrantTable
+from .grant_copy import grant_copy
 
 MAX_MAPTRACK = 65536          # live mappings per domain (Xen's default maptrack size is similar)
 # Descriptors the broker keeps for one domain's event channels (2 per unbound
@@ -161,7 +158,7 @@ class Hypervisor:
         self.domains: dict[int, Domain] = {}
         self.next_domid = 1
         self.virq_handlers: dict[int, tuple[Domain, Port]] = {}
-        self._copier = FrameCopier()
+        self._copier = CopyFrames()
         self.on_event = on_event or (lambda kind, dom: None)
         self.changes = Changes()
 
@@ -459,65 +456,10 @@ class Hypervisor:
         m.table.close_if_retired()
 
     def grant_copy(self, caller: Domain, ops: Sequence[tuple[int, ...]]) -> list[int]:
-        """GNTTABOP_copy: the broker moves the bytes; the caller never sees the frames.
-
-        Every grant the batch names is validated and its entry lock held
-        (once per entry) for the whole batch, so the granter cannot end
-        access mid-copy; then the copies run on the frames' own descriptors
-        (each frame opened and identity-checked once a batch); then the locks go.
-        """
-        statuses = [GNTST_general_error] * len(ops)
-        held: dict[tuple[BrokerGrantTable, int], int] = {}     # (table, ref) -> gfn
-        plans = []
-        try:
-            for index, op in enumerate(ops):
-                status, plan = self._plan_copy(caller, held, *op)
-                if plan is None:
-                    statuses[index] = status
-                else:
-                    plans.append((index, *plan))
-            self._copier.copy_batch(plans, statuses)
-        finally:
-            for table, ref in held:
-                table.unhold(ref)
+        """GNTTABOP_copy (see xdom.broker.grant_copy)."""
+        statuses = grant_copy(self.domains, caller, ops, self._copier)
         caller.stats["copy"] += len(ops)
         return statuses
-
-    def _plan_copy(self, caller: Domain, held: dict[tuple[BrokerGrantTable, int], int], flags: int,
-                   sdom: int, sref: int, soff: int, ddom: int, dref: int, doff: int,
-                   length: int) -> tuple[int, tuple[FrameSource, int, int, FrameSource, int, int, int] | None]:
-        """Validate one copy op and hold its grants: (status, plan or None)."""
-        if soff + length > PAGE_SIZE or doff + length > PAGE_SIZE:
-            return GNTST_bad_copy_arg, None
-        ends = []
-        for is_gref, domid, ref_or_gfn, readonly in (
-                (flags & GNTCOPY_source_gref, sdom, sref, True),
-                (flags & GNTCOPY_dest_gref, ddom, dref, False)):
-            if is_gref:
-                dom = self.domains.get(domid)
-                if dom is None or not dom.alive or dom.frames is None:
-                    return GNTST_bad_domain, None
-                key = (dom.gnttab, ref_or_gfn)
-                if key in held:
-                    # held already (by this op's source or an earlier op): only
-                    # the write permission is left to check
-                    if not readonly and dom.gnttab.is_readonly(ref_or_gfn):
-                        return GNTST_general_error, None
-                    gfn = held[key]
-                else:
-                    status, gfn = dom.gnttab.hold(ref_or_gfn, caller.domid, readonly)
-                    if status != GNTST_okay:
-                        return status, None
-                    held[key] = gfn
-                ends.append((dom.frames, gfn))
-            else:
-                if domid not in (DOMID_SELF, caller.domid):
-                    return GNTST_permission_denied, None
-                if caller.frames is None:
-                    return GNTST_bad_page, None
-                ends.append((caller.frames, ref_or_gfn))
-        (src, sgfn), (dst, dgfn) = ends
-        return GNTST_okay, (src, sgfn, soff, dst, dgfn, doff, length)
 
     def retry_deferred(self) -> None:
         for dom in self.domains.values():

@@ -9,6 +9,8 @@ granter does not have GNTST_bad_page, an unknown handle GNTST_bad_handle.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from helpers import wait_until
 
@@ -19,6 +21,7 @@ from xdom.domains.abi.grant_table import (
     GNTST_bad_gntref,
     GNTST_bad_handle,
     GNTST_bad_page,
+    GNTST_eagain,
     GNTST_general_error,
     GNTST_okay,
     GNTST_permission_denied,
@@ -27,6 +30,7 @@ from xdom.domains.abi.grant_table import (
     GTF_writing,
 )
 from xdom.domains.grant_table import GrantInUse
+from xdom.domains.hostsys import grant_lock
 from xdom.domains.xenhost import CopyOp
 
 
@@ -166,6 +170,75 @@ def test_copy_between_grants_and_local_frames(domains) -> None:
     # copies pin only while they run
     a.gnttab.end_access(src)
     a.gnttab.end_access(dst)
+
+
+def test_copy_batch_around_an_entry_its_granter_holds_locked(domains) -> None:
+    """The broker locks a batch's entries over their span in one call; when the granter holds one
+    of them (ending access, say) the others are still copied and that one says GNTST_eagain."""
+    a, b = domains.create("a"), domains.create("b")
+    refs = []
+    for gfn in range(3):
+        a.memory.frame(gfn)[:4] = b"src%d" % gfn
+        refs.append(a.gnttab.grant_access(b.domid, gfn, readonly=True))
+    ops = [CopyOp(ref, 0, 4 + i, 0, 4, src_domid=a.domid) for i, ref in enumerate(refs)]
+    assert grant_lock.lock_entry(a.gnttab.fd, refs[1], wait=False)
+    try:
+        assert b.copy_grants(ops) == [GNTST_okay, GNTST_eagain, GNTST_okay]
+    finally:
+        grant_lock.unlock_entry(a.gnttab.fd, refs[1])
+    assert [bytes(b.memory.frame(4 + i)[:4]) for i in range(3)] == [b"src0", bytes(4), b"src2"]
+    # the batch left no entry locked: the granter gets every lock at once
+    assert grant_lock.lock_entries(a.gnttab.fd, min(refs), max(refs) - min(refs) + 1, wait=False)
+    grant_lock.unlock_entries(a.gnttab.fd, min(refs), max(refs) - min(refs) + 1)
+    assert b.copy_grants(ops) == [GNTST_okay] * 3
+    assert bytes(b.memory.frame(5)[:4]) == b"src1"
+    for ref in refs:
+        a.gnttab.end_access(ref)
+
+
+def test_copy_overlapping_within_a_frame_and_one_grant_twice(domains) -> None:
+    a, b = domains.create("a"), domains.create("b")
+    a.memory.frame(0)[:8] = b"granted!"
+    ref = a.gnttab.grant_access(b.domid, 0)
+    b.memory.frame(2)[:200] = bytes(range(200))
+    statuses = b.copy_grants([
+        CopyOp(2, 0, 2, 50, 100),                                  # own frame onto itself, overlapping
+        CopyOp(ref, 0, 3, 0, 8, src_domid=a.domid),                # the grant as source ...
+        CopyOp(3, 0, ref, 8, 8, dst_domid=a.domid),                # ... and as destination, same batch
+    ])
+    assert statuses == [GNTST_okay] * 3
+    assert bytes(b.memory.frame(2)[:200]) == bytes(range(50)) + bytes(range(100)) + bytes(range(150, 200))
+    assert bytes(a.memory.frame(0)[:16]) == b"granted!granted!"
+    a.gnttab.end_access(ref)
+
+
+def test_copy_reaches_the_frame_that_replaced_a_revoked_one(domains) -> None:
+    """The broker keeps the frames it copied through; once the granter has replaced a frame a
+    grantee was given (that grantee may have kept the old page), copies go to the new frame only."""
+    if domains.variant == "local":
+        pytest.skip("the in-process variant does not replace frames")
+    a, b = domains.create("a"), domains.create("b")
+    gfn = 3
+    ref = a.gnttab.grant_access(b.domid, gfn)
+    b.memory.frame(0)[:5] = b"first"
+    assert b.copy_grants([CopyOp(0, 0, ref, 0, 5, dst_domid=a.domid)]) == [GNTST_okay]
+    (m,) = b.map_grants([(a.domid, ref, False)])     # b is given the frame itself: a renews it on revoke
+    assert m.ok
+    assert b.unmap_grants([m.mapping]) == [GNTST_okay]
+    # the old frame, as a grantee that hid it would still hold it (opened only now: the broker
+    # refuses an unmap while the grantee's process holds the frame, and this is that process)
+    start = a.memory.frame_address(gfn)
+    old_frame = os.open(f"/proc/self/map_files/{start:x}-{start + PAGE_SIZE:x}", os.O_RDONLY)
+    try:
+        a.gnttab.end_access(ref)
+        ref = a.gnttab.grant_access(b.domid, gfn)
+        b.memory.frame(0)[:5] = b"later"
+        assert b.copy_grants([CopyOp(0, 0, ref, 0, 5, dst_domid=a.domid)]) == [GNTST_okay]
+        assert bytes(a.memory.frame(gfn)[:5]) == b"later"
+        assert os.pread(old_frame, 5, 0) == b"first"      # what b could have kept never sees it
+        a.gnttab.end_access(ref)
+    finally:
+        os.close(old_frame)
 
 
 def test_copy_cannot_name_another_domains_frames(domains) -> None:
