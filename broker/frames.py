@@ -287,11 +287,32 @@ def mappings_of(maps: bytes, ids: set[FrameId]) -> dict[FrameId, list[tuple[int,
                 pos = maps.find(key, pos + 1)
         return found
     wanted = {(b"%02x:%02x" % (os.major(dev), os.minor(dev)), b"%d" % ino): (dev, ino) for dev, ino in ids}
+    if not _may_map(maps, wanted):
+        return found
     for start, end, dev_text, ino_text in _MAPS_LINE.findall(maps):
         fid = wanted.get((dev_text, ino_text))
         if fid is not None:
             found.setdefault(fid, []).append((int(start, 16), int(end, 16)))
     return found
+
+
+def _may_map(maps: bytes, wanted: dict[tuple[bytes, bytes], FrameId]) -> bool:
+    """Whether any of ``wanted`` appears in ``maps`` at all: a quick scan for the usual answer, no.
+
+    An honest grantee has unmapped what it says it unmapped, so the frames
+    are nowhere in its map; finding " dev inode " texts (a fast literal
+    search per device) is several times cheaper than parsing every line.
+    A yes (a real mapping, or a path that merely spells one) sends the
+    caller to the exact parse.
+    """
+    by_dev: dict[bytes, set[bytes]] = {}
+    for dev_text, ino_text in wanted:
+        by_dev.setdefault(dev_text, set()).add(ino_text)
+    for dev_text, inos in by_dev.items():
+        present = re.findall(rb" " + re.escape(dev_text) + rb" (\d+) ", maps)
+        if not inos.isdisjoint(present):
+            return True
+    return False
 
 
 class LocalFrames:

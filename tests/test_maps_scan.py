@@ -52,3 +52,16 @@ def test_a_real_maps_file_shows_a_frame_where_it_is_mapped() -> None:
             assert mappings_of(f.read(), {(MEMFD_DEV, ino)}) == {}
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("spelled", [False, True])
+def test_many_frames_none_mapped(spelled: bool) -> None:
+    """The usual unmap: none of the frames is mapped any more (a quick scan says so); a path that
+    spells one of them sends the scan to the exact parse, which finds no mapping either."""
+    lines = [_line(0x7F0000000000 + i * 0x2000, 0x7F0000001000 + i * 0x2000, MEMFD_DEV, 5000 + i) for i in range(500)]
+    if spelled:
+        lines.append(_line(0x3000, 0x4000, 0, 0, b"/tmp/x %02x:%02x 9001 y" % (os.major(MEMFD_DEV), os.minor(MEMFD_DEV))))
+    maps = b"\n".join(lines) + b"\n"
+    ids = {(MEMFD_DEV, 9000 + i) for i in range(64)}
+    assert mappings_of(maps, ids) == {}
+    assert mappings_of(maps, ids | {(MEMFD_DEV, 5007)}) == {(MEMFD_DEV, 5007): [(0x7F000000E000, 0x7F000000F000)]}
