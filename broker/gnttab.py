@@ -42,7 +42,6 @@ from xdom.domains.abi.grant_table import (
 from xdom.domains.hostsys import grant_lock
 
 LOCK_TRIES = 64
-SPAN_LIMIT = ENTRIES_PER_FRAME   # widest run of entries locked in one call for a copy batch
 TABLE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _FLAGS = struct.Struct("<H")
 
@@ -60,8 +59,8 @@ class Pin:
 class HeldEntries:
     """Entries of one table locked for a copy batch, and what each held when checked."""
     checked: dict[int, tuple[int, int, int]]    # ref -> (GNTST status, flags, gfn)
-    span: tuple[int, int] | None = None         # (first, count) locked in one call
-    singles: list[int] = field(default_factory=list)    # else locked one by one
+    runs: list[tuple[int, int]] = field(default_factory=list)    # (first, count), each locked in one call
+    singles: list[int] = field(default_factory=list)             # locked one by one
 
 
 class BrokerGrantTable:
@@ -166,33 +165,46 @@ class BrokerGrantTable:
 
         For a copy, holding the entry locks for the microseconds of the copy
         is cheaper than pinning (two flag updates under two locks) and just
-        as safe: the granter cannot end access while we hold them.  The
-        entries are locked with one call over their span when nobody holds
-        any entry in it (the usual case), else one by one; each is checked
-        as for a read (write permission is the caller's to test on the
-        flags) and only the checked copy of it is used.
+        as safe: the granter cannot end access while we hold them.  Only
+        entries that grant the caller access are locked -- a first look
+        without the lock turns the others away -- so a domain cannot hold up
+        a granter's entries that are not its own by naming them.  Each run
+        of neighbouring entries is locked in one call (one by one when the
+        granter holds one of them); then each is checked again under its
+        lock, as for a read (write permission is the caller's to test on
+        the flags), and only that checked copy is used.
         """
         checked: dict[int, tuple[int, int, int]] = {}
-        valid = []
-        for ref in set(refs):
-            if 0 <= ref < self.nr_entries:
-                valid.append(ref)
-            else:
-                checked[ref] = (GNTST_bad_gntref, 0, 0)
         held = HeldEntries(checked)
-        if not valid:
-            return held
-        valid.sort()
-        count = valid[-1] - valid[0] + 1
-        if count <= SPAN_LIMIT and grant_lock.lock_entries(self.fd, valid[0], count, wait=False):
-            held.span = (valid[0], count)
-        for ref in valid:
-            if held.span is None:
-                if not self._try_lock(ref):
-                    checked[ref] = (GNTST_eagain, 0, 0)
-                    continue
-                held.singles.append(ref)
-            checked[ref] = self._check(ref, grantee, readonly=True)
+        table, unpack = self._map, GRANT_ENTRY_V1.unpack_from
+        mine = []
+        for ref in set(refs):
+            if not 0 <= ref < self.nr_entries:
+                checked[ref] = (GNTST_bad_gntref, 0, 0)
+                continue
+            flags, domid, _frame = unpack(table, ref * GRANT_ENTRY_V1_SIZE)
+            if (flags & (GTF_type_mask | GTF_sub_page)) != GTF_permit_access or domid != grantee:
+                checked[ref] = (GNTST_general_error, flags, 0)
+            else:
+                mine.append(ref)
+        mine.sort()
+        start = 0
+        for end in range(1, len(mine) + 1):
+            if end < len(mine) and mine[end] == mine[end - 1] + 1:
+                continue
+            run = mine[start:end]
+            start = end
+            if grant_lock.lock_entries(self.fd, run[0], len(run), wait=False):
+                held.runs.append((run[0], len(run)))
+            else:
+                for ref in run:
+                    if self._try_lock(ref):
+                        held.singles.append(ref)
+                    else:
+                        checked[ref] = (GNTST_eagain, 0, 0)
+            for ref in run:
+                if ref not in checked:
+                    checked[ref] = self._check(ref, grantee, readonly=True)
         return held
 
     def seed(self, ref: int, domid: int, gfn: int) -> None:
@@ -206,8 +218,8 @@ class BrokerGrantTable:
 
     def release(self, held: HeldEntries) -> None:
         """Unlock what :meth:`hold_many` locked."""
-        if held.span is not None:
-            grant_lock.unlock_entries(self.fd, *held.span)
+        for first, count in held.runs:
+            grant_lock.unlock_entries(self.fd, first, count)
         for ref in held.singles:
             grant_lock.unlock_entry(self.fd, ref)
 
