@@ -117,6 +117,11 @@ class BrokerGrantTable:
             os.sched_yield()
         return False
 
+    def _grants_to(self, ref: int, grantee: int) -> bool:
+        """A first look, without the lock: does entry ``ref`` grant ``grantee`` access at all?"""
+        flags, domid, _frame = GRANT_ENTRY_V1.unpack_from(self._map, ref * GRANT_ENTRY_V1_SIZE)
+        return bool((flags & (GTF_type_mask | GTF_sub_page)) == GTF_permit_access and domid == grantee)
+
     def _check(self, ref: int, grantee: int, readonly: bool) -> tuple[int, int, int]:
         """Validate entry ``ref`` for ``grantee``; the entry lock must be held.
 
@@ -136,9 +141,16 @@ class BrokerGrantTable:
         return GNTST_okay, flags, frame
 
     def pin(self, ref: int, grantee: int, readonly: bool) -> tuple[int, int]:
-        """Pin ``ref`` for ``grantee``; returns (GNTST status, gfn)."""
+        """Pin ``ref`` for ``grantee``; returns (GNTST status, gfn).
+
+        An entry that does not grant ``grantee`` access is turned away
+        before its lock is taken (and checked again under it): naming
+        others' entries holds up nothing their granter does.
+        """
         if not 0 <= ref < self.nr_entries:
             return GNTST_bad_gntref, 0
+        if not self._grants_to(ref, grantee):
+            return GNTST_general_error, 0
         if not self._try_lock(ref):
             return GNTST_eagain, 0
         try:
@@ -176,17 +188,15 @@ class BrokerGrantTable:
         """
         checked: dict[int, tuple[int, int, int]] = {}
         held = HeldEntries(checked)
-        table, unpack = self._map, GRANT_ENTRY_V1.unpack_from
         mine = []
         for ref in set(refs):
             if not 0 <= ref < self.nr_entries:
                 checked[ref] = (GNTST_bad_gntref, 0, 0)
                 continue
-            flags, domid, _frame = unpack(table, ref * GRANT_ENTRY_V1_SIZE)
-            if (flags & (GTF_type_mask | GTF_sub_page)) != GTF_permit_access or domid != grantee:
-                checked[ref] = (GNTST_general_error, flags, 0)
-            else:
+            if self._grants_to(ref, grantee):
                 mine.append(ref)
+            else:
+                checked[ref] = (GNTST_general_error, 0, 0)
         mine.sort()
         start = 0
         for end in range(1, len(mine) + 1):

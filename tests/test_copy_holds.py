@@ -1,5 +1,6 @@
 """The entry locks a grant-copy batch takes (BrokerGrantTable.hold_many): only entries that grant the
-copier access are locked, neighbours in one call, one by one around an entry the granter holds."""
+copier access are locked, neighbours in one call, one by one around an entry the granter holds; a grant
+map (pin) likewise turns such an entry away before taking its lock."""
 
 from __future__ import annotations
 
@@ -76,3 +77,16 @@ def test_an_entry_the_granter_holds_is_eagain_and_its_neighbours_are_held_one_by
     finally:
         grant_lock.unlock_entry(granter_fd, 21)
     assert not any(_locked_by_broker(granter_fd, r) for r in (20, 21, 22))
+
+
+def test_mapping_an_entry_granted_to_another_domain_does_not_lock_it(table) -> None:
+    """pin (grant map) turns such an entry away before locking: with the granter holding its lock,
+    the answer is the entry's own error at once, not GNTST_eagain after waiting for the lock."""
+    t, granter_fd = table
+    assert grant_lock.lock_entry(granter_fd, 11, wait=False)
+    try:
+        assert t.pin(11, COPIER, readonly=True) == (GNTST_general_error, 0)
+        assert t.pin(10, COPIER, readonly=True) == (GNTST_okay, 110)
+    finally:
+        grant_lock.unlock_entry(granter_fd, 11)
+    t.unpin(10, readonly=True)
