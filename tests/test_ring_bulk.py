@@ -40,6 +40,22 @@ def test_write_slots_matches_write_slot(start: int, datas: list[bytes], pages: i
     assert [bytes(p) for p in a.pages] == [bytes(p) for p in b.pages]
 
 
+@settings(max_examples=200, deadline=None)
+@given(start=st.integers(0, 2**32 - 1), n=st.integers(0, 341), pages=st.sampled_from([1, 2]),
+       seed=st.binary(min_size=12, max_size=12))
+def test_whole_slots_written_in_one_run_match_write_slot(start: int, n: int, pages: int, seed: bytes) -> None:
+    """Whole slots go in as one joined run (split at the wrap): the same bytes as slot by slot."""
+    a, b = _ring(pages), _ring(pages)
+    datas = [bytes((x + i) & 0xFF for x in seed) for i in range(min(n, a.size))]
+    for r in (a, b):
+        for p in r.pages:
+            p[:] = b"\xa5" * 4096
+    a.write_slots(start, datas)
+    for i, d in enumerate(datas):
+        b.write_slot(start + i, d)
+    assert [bytes(p) for p in a.pages] == [bytes(p) for p in b.pages]
+
+
 def test_put_responses_checks_the_batch_against_consumed_requests() -> None:
     shared = _ring()
     front, back = FrontRing(shared), BackRing(shared)

@@ -39,6 +39,7 @@ from typing import NamedTuple, cast
 
 from xdom.domains.abi.netif import (
     NETIF_RSP_ERROR,
+    RX_REQUEST,
     RX_RESPONSE,
     RX_SLOT_SIZE,
     XEN_NETIF_EXTRA_FLAG_MORE,
@@ -57,10 +58,11 @@ from xdom.domains.abi.netif import (
     RxRequest,
     RxResponse,
     pack_extra_info,
-    parse_rx_request,
 )
 
 from .tx import PAGE_SIZE, Checksum
+
+_new = tuple.__new__      # a named tuple from a ready tuple, in C (its own constructor is a Python function)
 
 
 @dataclass(frozen=True)
@@ -109,13 +111,13 @@ class RxPlan:
         ``failed`` are the slot indices whose copy failed: their status is
         written as ``NETIF_RSP_ERROR`` (netfront then drops the packet).
         """
-        out = []
         pack = RX_RESPONSE.pack
-        for i, r in enumerate(self.responses):
+        out = [pack(*r) if type(r) is RxResponse else pack_extra_info(cast(ExtraInfo, r), RX_SLOT_SIZE)
+               for r in self.responses]
+        for i in failed:
+            r = self.responses[i]
             if type(r) is RxResponse:
-                out.append(pack(r.id, r.offset, r.flags, NETIF_RSP_ERROR if failed and i in failed else r.status))
-            else:
-                out.append(pack_extra_info(cast(ExtraInfo, r), RX_SLOT_SIZE))
+                out[i] = pack(r.id, r.offset, r.flags, NETIF_RSP_ERROR)
         return out
 
 
@@ -189,7 +191,7 @@ class RxPlanner:
         """Requests ``packet`` consumes: pages of data plus extra-info slots (``xenvif_update_needed_slots``)."""
         return -(-packet.length // PAGE_SIZE) + len(self.extras(packet))
 
-    def plan(self, packet: OutgoingPacket, requests: Sequence[RxRequest | bytes]) -> RxDecision:
+    def plan(self, packet: OutgoingPacket, requests: Sequence[RxRequest | tuple[int, int] | bytes]) -> RxDecision:
         """Plan ``packet`` into the frontend's posted ``requests`` (copies of RX slots, in ring order).
 
         Only the first :meth:`slots_needed` requests are looked at; the plan
@@ -202,7 +204,8 @@ class RxPlanner:
         needed = -(-packet.length // PAGE_SIZE) + len(extras)
         if len(requests) < needed:
             return RxShortage(needed, len(requests))
-        reqs = [r if isinstance(r, RxRequest) else parse_rx_request(r) for r in requests[:needed]]
+        # (id, gref) each: an RxRequest, a plain tuple of the two, or a slot copy to parse
+        reqs = [r if isinstance(r, tuple) else RX_REQUEST.unpack_from(r) for r in requests[:needed]]
 
         flags0 = 0
         if packet.checksum == Checksum.PARTIAL:
@@ -212,19 +215,19 @@ class RxPlanner:
         if extras:
             flags0 |= NETRXF_extra_info
 
-        copies: list[RxCopy] = []
-        responses: list[RxSlotAnswer] = []
-        pending_extras = list(extras)
-        done = 0
-        for slot, req in enumerate(reqs):
-            if slot != 0 and pending_extras:
-                responses.append(pending_extras.pop(0))
-                continue
-            chunk = min(PAGE_SIZE, packet.length - done)
-            copies.append(RxCopy(slot, req.gref, 0, chunk, done))
-            done += chunk
-            flags = NETRXF_more_data if done < packet.length else 0
-            if slot == 0:
-                flags |= flags0
-            responses.append(RxResponse(req.id, 0, flags, chunk))
+        # Data in slot 0 and in the slots after the extras; full pages but the last.  Built whole
+        # (a 64 KiB packet is 17 slots, each a copy and a response) rather than slot by slot.
+        length = packet.length
+        data_slots = [0, *range(1 + len(extras), needed)]
+        last = len(data_slots) - 1
+        tail = length - last * PAGE_SIZE
+        copies = [_new(RxCopy, (slot, reqs[slot][1], 0, PAGE_SIZE, k * PAGE_SIZE))
+                  for k, slot in enumerate(data_slots)]
+        copies[last] = _new(RxCopy, (data_slots[last], reqs[data_slots[last]][1], 0, tail, last * PAGE_SIZE))
+        responses: list[RxSlotAnswer] = [_new(RxResponse, (reqs[slot][0], 0, NETRXF_more_data, PAGE_SIZE))
+                                         for slot in data_slots]
+        responses[last] = _new(RxResponse, (reqs[data_slots[last]][0], 0, 0, tail))
+        responses[0] = _new(RxResponse, (reqs[0][0], 0, flags0 | (NETRXF_more_data if last else 0),
+                                         PAGE_SIZE if last else tail))
+        responses[1:1] = extras
         return RxPlan(needed, tuple(copies), tuple(responses))

@@ -48,6 +48,7 @@ from xdom.domains.abi.netif import (
     NETIF_RSP_ERROR,
     NETIF_RSP_NULL,
     NETIF_RSP_OKAY,
+    TX_REQUEST,
     TX_RING_SIZE,
     TX_SLOT_SIZE,
     XEN_NETIF_EXTRA_TYPE_GSO,
@@ -212,6 +213,14 @@ class TxFatal:
 TxAction = TxPacket | TxDrop | TxMulticast | TxFatal
 
 
+# A continuation slot as TX_REQUEST unpacks it: TxRequest's fields, in its order, without the named tuple.
+_Slot = tuple[int, int, int, int, int]
+_GREF, _OFFSET, _FLAGS, _ID, _SIZE = range(5)
+# Named tuples made from a ready tuple in C: their own constructor is a Python function, and a 64 KiB
+# packet makes some 35 of them.
+_new = tuple.__new__
+
+
 class _Fatal(Exception):
     def __init__(self, reason: str, slots: int) -> None:
         super().__init__(reason)
@@ -223,11 +232,11 @@ class _NeedMore(Exception):
     """The slots end inside the packet: wait for the frontend to publish the rest."""
 
 
-def _answers(first: TxRequest, extra_count: int, frags: Sequence[TxRequest], status: int) -> tuple[TxResponse, ...]:
+def _answers(first: TxRequest, extra_count: int, frags: Sequence[_Slot], status: int) -> tuple[TxResponse, ...]:
     """``make_tx_response``: the first request, a NULL per extra slot after it, then each fragment."""
     out = [TxResponse(first.id, status)]
     out += [TxResponse(0, NETIF_RSP_NULL)] * extra_count
-    out += [TxResponse(f.id, status) for f in frags]
+    out += [_new(TxResponse, (f[_ID], status)) for f in frags]
     return tuple(out)
 
 
@@ -295,13 +304,16 @@ class TxProcessor:
         if self.fatal is not None:
             return []
         buf = self._buf
-        for s in slots:
-            if type(s) is bytes and len(s) == TX_SLOT_SIZE:
-                buf.append(s)                  # already a private copy (the ring's read_slots made it)
-            elif len(s) < TX_SLOT_SIZE:
-                raise ValueError(f"a TX slot copy is {TX_SLOT_SIZE} bytes, got {len(s)}")
-            else:
-                buf.append(bytes(s[:TX_SLOT_SIZE]))
+        if set(map(type, slots)) <= {bytes} and set(map(len, slots)) <= {TX_SLOT_SIZE}:
+            buf.extend(slots)                  # private copies already (the ring's read_slots made them)
+        else:
+            for s in slots:
+                if type(s) is bytes and len(s) == TX_SLOT_SIZE:
+                    buf.append(s)
+                elif len(s) < TX_SLOT_SIZE:
+                    raise ValueError(f"a TX slot copy is {TX_SLOT_SIZE} bytes, got {len(s)}")
+                else:
+                    buf.append(bytes(s[:TX_SLOT_SIZE]))
         out: list[TxAction] = []
         while buf:
             try:
@@ -375,7 +387,7 @@ class TxProcessor:
         # first.size is the whole packet; what the first slot itself holds
         # is what the continuation slots leave (never negative here:
         # _count_requests dropped the packet otherwise).
-        first_len = first.size - sum(f.size for f in frags)
+        first_len = first.size - sum(f[_SIZE] for f in frags)
         if first_len < ETH_HLEN:
             self.stats["dropped"] += 1
             return TxDrop(f"first slot holds {first_len} bytes, less than an Ethernet header",
@@ -400,7 +412,7 @@ class TxProcessor:
                           _answers(first, extra_count, frags, NETIF_RSP_OKAY))
 
         pieces = [TxPiece(first.gref, first.offset, first_len)]
-        pieces += [TxPiece(f.gref, f.offset, f.size) for f in frags if f.size]
+        pieces += [_new(TxPiece, (f[_GREF], f[_OFFSET], f[_SIZE])) for f in frags if f[_SIZE]]
         csum_blank = bool(first.flags & NETTXF_csum_blank)
         data_validated = not csum_blank and bool(first.flags & NETTXF_data_validated)
         csum_fixup = gso is not None and not csum_blank
@@ -412,21 +424,25 @@ class TxProcessor:
         return TxPacket(tuple(pieces), length, gso, csum_blank, data_validated, csum_fixup, hash_info,
                         _answers(first, extra_count, frags, NETIF_RSP_OKAY))
 
-    def _count_requests(self, first: TxRequest, pos: int, at_req_prod: bool) -> tuple[list[TxRequest], str | None]:
+    def _count_requests(self, first: TxRequest, pos: int, at_req_prod: bool) -> tuple[list[_Slot], str | None]:
         """``xenvif_count_requests``: the continuation slots, and why to drop the packet if so.
 
         Linux reads on after deciding to drop, so that every slot of the
         packet is consumed and answered, and still checks each slot's page
         bounds: a slot that crosses its page is fatal even in a packet being
         dropped.  ``remaining`` is u16 arithmetic as ``first->size -=`` is.
+        The slots are plain (gref, offset, flags, id, size) tuples, the
+        fields of ``TxRequest`` in its order: a packet of 64 KiB has 16 of
+        them, and a named tuple each cost as much as the checks.
         """
-        frags: list[TxRequest] = []
+        frags: list[_Slot] = []
         drop: str | None = None
         if not first.flags & NETTXF_more_data:
             return frags, None
         remaining = first.size
         buf, fatal_slots, max_slots = self._buf, self.fatal_slots, self.max_slots
         easy = min(len(buf), self.ring_size)        # slots _slot() would hand over without a word
+        unpack = TX_REQUEST.unpack_from
         while True:
             n = len(frags)
             if n >= fatal_slots:
@@ -434,15 +450,15 @@ class TxProcessor:
             if drop is None and n >= max_slots:
                 drop = f"too many slots: more than {max_slots} after the first"
             i = pos + n
-            txp = parse_tx_request(buf[i] if i < easy else
-                                   self._slot(i, at_req_prod, f"packet needs more than {n} slots"))
-            if drop is None and txp.size > remaining:
-                drop = f"slot size {txp.size} > remaining size {remaining}"
-            remaining = (remaining - txp.size) & 0xFFFF
+            txp = unpack(buf[i] if i < easy else self._slot(i, at_req_prod, f"packet needs more than {n} slots"))
+            _gref, offset, flags, _id, size = txp
+            if drop is None and size > remaining:
+                drop = f"slot size {size} > remaining size {remaining}"
+            remaining = (remaining - size) & 0xFFFF
             frags.append(txp)
-            if txp.offset + txp.size > PAGE_SIZE:
-                raise _Fatal(f"slot crosses its page: offset {txp.offset} + size {txp.size}", pos + n + 1)
-            if not txp.flags & NETTXF_more_data:
+            if offset + size > PAGE_SIZE:
+                raise _Fatal(f"slot crosses its page: offset {offset} + size {size}", pos + n + 1)
+            if not flags & NETTXF_more_data:
                 return frags, drop
 
     def _gso(self, extra: ExtraInfo, pos: int) -> GsoInfo:

@@ -141,6 +141,16 @@ class SharedRing:
                 self.write_slot(idx + i, data)
             return
         head, mask, slot = self._head, self.mask, self.slot_size
+        if len(datas) > 1 and set(map(len, datas)) == {slot}:
+            # whole slots (an RX response, a request): one or two copies of the joined run
+            blob = b"".join(datas)
+            first = idx & mask
+            run = min(len(datas), self.size - first) * slot
+            start = RING_HEADER_SIZE + first * slot
+            head[start:start + run] = blob[:run]
+            if run < len(blob):
+                head[RING_HEADER_SIZE:RING_HEADER_SIZE + len(blob) - run] = blob[run:]
+            return
         for i, data in enumerate(datas):
             off = RING_HEADER_SIZE + ((idx + i) & mask) * slot
             head[off:off + len(data)] = data
@@ -193,7 +203,7 @@ class FrontRing:
     def put_requests(self, datas: Sequence[bytes]) -> None:
         """:meth:`put_request` for each of ``datas``, checked once for the batch."""
         n = len(datas)
-        if any(len(d) > self.shared.req_size for d in datas):
+        if n and max(map(len, datas)) > self.shared.req_size:
             raise ValueError("request larger than a slot")
         if self.free_requests() < n:
             raise RingOverflow("ring full")
@@ -283,7 +293,7 @@ class BackRing:
         n = len(datas)
         if not n:
             return
-        if any(len(d) > self.shared.rsp_size for d in datas):
+        if max(map(len, datas)) > self.shared.rsp_size:
             raise ValueError("response larger than a slot")
         if ((self.req_cons - self.rsp_prod_pvt) & _MASK32) < n:
             raise RingOverflow("response without a consumed request")
