@@ -58,8 +58,10 @@ from typing import Any
 
 from ..abi.netif import (
     RX_REQUEST,
+    RX_RESPONSE,
     RX_RING_SIZE,
     TX_REQUEST,
+    TX_RESPONSE,
     TX_RING_SIZE,
     TX_SLOT_SIZE,
     XEN_NETIF_EXTRA_TYPE_GSO,
@@ -75,8 +77,6 @@ from ..abi.netif import (
     gso_extra,
     pack_extra_info,
     parse_extra_info,
-    parse_rx_response,
-    parse_tx_response,
     rx_shared_ring,
     tx_shared_ring,
 )
@@ -96,6 +96,8 @@ from .port import PacketPort, TapPort, open_tap
 __all__ = ["Netfront", "NetfrontError", "open_tap", "PacketPort", "TapPort"]
 
 log = logging.getLogger("xdom.netfront")
+
+_unpack_tx_response = TX_RESPONSE.unpack       # (id, status): a TxResponse's fields, without the named tuple
 
 PAGE_SIZE = 4096
 TAP_READ = READ_SIZE
@@ -231,11 +233,10 @@ class _Queue:
         """
         free, in_flight = self.tx_free, self.tx_in_flight
         while True:
-            for raw in self.tx.take_responses():
-                rsp = parse_tx_response(raw)
-                if 0 <= rsp.id < TX_RING_SIZE and rsp.status != 1 and in_flight[rsp.id]:
-                    in_flight[rsp.id] = 0
-                    free.append(rsp.id)
+            for rid, status in map(_unpack_tx_response, self.tx.take_responses()):
+                if 0 <= rid < TX_RING_SIZE and status != 1 and in_flight[rid]:
+                    in_flight[rid] = 0
+                    free.append(rid)
             if not want_event:
                 self.tx.ignore_responses()
                 break
@@ -266,12 +267,13 @@ class _Queue:
         """
         frames: list[tuple[bytes, bytes]] = []
         repost = []
-        memory = self.host.memory
+        buffer, gfns, posted = self.host.memory.buffer, self.rx_gfns, self.rx_posted
+        unpack = RX_RESPONSE.unpack_from      # (id, offset, flags, status): an RxResponse's fields, no named tuple
         while True:
             for raw in self.rx.take_responses():
-                if not self.rx_posted:
+                if not posted:
                     raise RingOverflow("a receive response without a posted request")
-                buf = self.rx_posted.popleft()
+                buf = posted.popleft()
                 repost.append(buf)
                 if self.rx_in_extras:                  # an extra-info slot: its buffer was not written
                     extra = parse_extra_info(raw)
@@ -281,18 +283,18 @@ class _Queue:
                     if not extra.more and self.rx_data_done:
                         self._finish_packet(frames, stats)
                     continue
-                rsp = parse_rx_response(raw)
+                _id, offset, flags, status = unpack(raw)
                 if not self.rx_partial:
-                    self.rx_first_flags, self.rx_gso = rsp.flags, None
-                    self.rx_in_extras = bool(rsp.flags & NETRXF_extra_info)
-                if rsp.status >= 0 and rsp.offset + rsp.status <= PAGE_SIZE:
+                    self.rx_first_flags, self.rx_gso = flags, None
+                    self.rx_in_extras = bool(flags & NETRXF_extra_info)
+                if status >= 0 and offset + status <= PAGE_SIZE:
                     # A view, copied once when the packet is joined (or below, if it is not complete).
-                    at = self.rx_gfns[buf] * PAGE_SIZE + rsp.offset
-                    self.rx_partial.append(memory.buffer[at:at + rsp.status])
+                    at = gfns[buf] * PAGE_SIZE + offset
+                    self.rx_partial.append(buffer[at:at + status])
                 else:
                     self.rx_partial.append(b"")
                     stats["rx_errors"] += 1
-                if not rsp.flags & NETRXF_more_data:
+                if not flags & NETRXF_more_data:
                     self.rx_data_done = True
                     if not self.rx_in_extras:
                         self._finish_packet(frames, stats)
