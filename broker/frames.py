@@ -6,7 +6,8 @@ Two sources, one interface:
   own process; the broker opens ``/proc/<pid>/map_files/<start>-<end>`` for
   exactly one frame (O_RDONLY for a read-only grant, so the grantee's
   ``mmap(PROT_WRITE)`` and later ``mprotect`` fail with EACCES) and copies
-  through such descriptors too.  It keeps no per-frame descriptors.
+  through its own mappings of such descriptors (a bounded cache of them,
+  ``CopyFrames``).  It keeps no per-frame descriptors.
 * ``LocalFrames`` (the in-process variant): a checked memoryview slice.
 
 **Frame identity.**  A hostile domain controls what is mapped at its frame
@@ -17,9 +18,9 @@ trust addresses.  It creates every frame of every domain itself
 the domain to map at its gfn, and records the memfd's inode.  Every frame it
 later opens through map_files is checked to be *that* inode: the granter's
 own frame for that gfn, never a page the granter got from another domain.
-Copies go through the same checked descriptors (``pread``/``pwrite`` or
-``copy_file_range`` on the frame itself), so what a domain maps at its
-addresses between the check and the copy does not matter either.  And
+Copies go through the broker's own mapping of such a checked descriptor
+(``CopyFrames``), so what a domain maps at its addresses between the check
+and the copy does not matter either.  And
 unmap verification looks for the exact frame (its inode) anywhere in the
 grantee's address space and fd table, allowing it only at the granter's
 own address when granter and grantee share a process.
