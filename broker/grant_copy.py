@@ -85,29 +85,24 @@ def _copy(caller: Domain, ops: Sequence[tuple[int, ...]], grants: dict[tuple[int
     me = caller.domid
     own = caller.frames
     view = frames.view
+
+    def end(is_gref: int, domid: int, ref_or_gfn: int, write: bool) -> tuple[int, memoryview | None]:
+        """One side of an op: a grant the batch holds, or a gfn of the caller's own."""
+        if is_gref:
+            status, page, writable = grants[domid, ref_or_gfn]
+            return (GNTST_general_error if write and status == GNTST_okay and not writable else status), page
+        if domid not in (DOMID_SELF, me):
+            return GNTST_permission_denied, None
+        page = view(own, ref_or_gfn)
+        return (GNTST_okay if page is not None else GNTST_bad_page), page
+
     for index, (flags, sdom, sref, soff, ddom, dref, doff, length) in enumerate(ops):
         if soff + length > PAGE_SIZE or doff + length > PAGE_SIZE or min(soff, doff, length) < 0:
             statuses[index] = GNTST_bad_copy_arg
             continue
-        if flags & GNTCOPY_source_gref:
-            status, sview, _ = grants[sdom, sref]
-        elif sdom in (DOMID_SELF, me):
-            sview = view(own, sref)
-            status = GNTST_okay if sview is not None else GNTST_bad_page
-        else:
-            status = GNTST_permission_denied
-        if status != GNTST_okay:
-            statuses[index] = status
-            continue
-        if flags & GNTCOPY_dest_gref:
-            status, dview, writable = grants[ddom, dref]
-            if status == GNTST_okay and not writable:
-                status = GNTST_general_error
-        elif ddom in (DOMID_SELF, me):
-            dview = view(own, dref)
-            status = GNTST_okay if dview is not None else GNTST_bad_page
-        else:
-            status = GNTST_permission_denied
+        status, sview = end(flags & GNTCOPY_source_gref, sdom, sref, False)
+        if status == GNTST_okay:
+            status, dview = end(flags & GNTCOPY_dest_gref, ddom, dref, True)
         if status != GNTST_okay:
             statuses[index] = status
             continue
