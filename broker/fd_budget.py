@@ -30,8 +30,9 @@ import resource
 
 __all__ = ["RESERVE", "SHARE_DIVISOR", "FdBudget", "raise_nofile_limit"]
 
-# Up to 128 frame fds for a map reply, 128 kept by the copier's cache, plus the
-# broker's own sockets and up to 64 connections that have not said hello.
+# Up to 128 frame fds for a map reply, one at a time while the copier maps a frame
+# (it keeps mappings, not descriptors), plus the broker's own sockets and up to 64
+# connections that have not said hello.
 RESERVE = 512
 SHARE_DIVISOR = 8
 
