@@ -29,7 +29,8 @@ def run_dir() -> Iterator[str]:
     try:
         yield d
     finally:
-        shutil.rmtree(d, ignore_errors=True)
+        if not os.environ.get("XDOM_KEEP_RUN_DIR"):     # set: kept, with its logs, for a post-mortem
+            shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
