@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from xdom.domains.abi.grant_table import PAGE_SIZE
+from xdom.domains.abi.hypercall_wire import MAX_BATCH
 from xdom.domains.hostsys.memory import FRAME_MEMFD_NAME, DomainMemory
 
 FrameId = tuple[int, int]   # (st_dev, st_ino) of the frame's memfd
@@ -380,9 +381,11 @@ class CopyFrames:
     through their memory's views.
     """
 
-    def __init__(self, cache_size: int = 256) -> None:
+    def __init__(self, cache_size: int = 2 * MAX_BATCH) -> None:
         self._cache: OrderedDict[tuple[int, int], tuple[ProcFrames, int, mmap.mmap, memoryview]] = OrderedDict()
-        self._cache_size = max(2, cache_size)
+        # Never fewer than a batch can name (two frames an op): a view handed out for this batch
+        # must not be unmapped by a later lookup of the same batch.
+        self._cache_size = max(2 * MAX_BATCH, cache_size)
 
     def view(self, frames: FrameSource | None, gfn: int) -> memoryview | None:
         """Frame ``gfn`` of ``frames`` to copy into or out of now, or None if it is not that domain's own frame."""

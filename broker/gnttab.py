@@ -199,22 +199,26 @@ class BrokerGrantTable:
                 checked[ref] = (GNTST_general_error, 0, 0)
         mine.sort()
         start = 0
-        for end in range(1, len(mine) + 1):
-            if end < len(mine) and mine[end] == mine[end - 1] + 1:
-                continue
-            run = mine[start:end]
-            start = end
-            if grant_lock.lock_entries(self.fd, run[0], len(run), wait=False):
-                held.runs.append((run[0], len(run)))
-            else:
+        try:
+            for end in range(1, len(mine) + 1):
+                if end < len(mine) and mine[end] == mine[end - 1] + 1:
+                    continue
+                run = mine[start:end]
+                start = end
+                if grant_lock.lock_entries(self.fd, run[0], len(run), wait=False):
+                    held.runs.append((run[0], len(run)))
+                else:
+                    for ref in run:
+                        if self._try_lock(ref):
+                            held.singles.append(ref)
+                        else:
+                            checked[ref] = (GNTST_eagain, 0, 0)
                 for ref in run:
-                    if self._try_lock(ref):
-                        held.singles.append(ref)
-                    else:
-                        checked[ref] = (GNTST_eagain, 0, 0)
-            for ref in run:
-                if ref not in checked:
-                    checked[ref] = self._check(ref, grantee, readonly=True)
+                    if ref not in checked:
+                        checked[ref] = self._check(ref, grantee, readonly=True)
+        except BaseException:
+            self.release(held)      # a lock left held (ENOLCK, say) would hang the granter's end_access
+            raise
         return held
 
     def seed(self, ref: int, domid: int, gfn: int) -> None:

@@ -4,6 +4,7 @@ map (pin) likewise turns such an entry away before taking its lock."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 
@@ -90,3 +91,19 @@ def test_mapping_an_entry_granted_to_another_domain_does_not_lock_it(table) -> N
     finally:
         grant_lock.unlock_entry(granter_fd, 11)
     t.unpin(10, readonly=True)
+
+
+def test_a_failure_while_locking_leaves_nothing_locked(table, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel refusing a lock (ENOLCK) half-way: what was locked before is released, not leaked
+    (a leaked lock would block the granter's end_access for good)."""
+    t, granter_fd = table
+    real = grant_lock.lock_entries
+
+    def second_fails(fd: int, first: int, count: int, wait: bool) -> bool:
+        if fd == t.fd and first == 20:
+            raise OSError(errno.ENOLCK, "no locks available")
+        return real(fd, first, count, wait)
+    monkeypatch.setattr(grant_lock, "lock_entries", second_fails)
+    with pytest.raises(OSError):
+        t.hold_many({10, 20, 21}, COPIER)
+    assert not any(_locked_by_broker(granter_fd, r) for r in (10, 20, 21))

@@ -196,6 +196,21 @@ def test_copy_batch_around_an_entry_its_granter_holds_locked(domains) -> None:
         a.gnttab.end_access(ref)
 
 
+def test_a_full_batch_naming_two_frames_an_op(domains) -> None:
+    """128 ops, each from a grant of its own to a frame of the copier's own: 256 frames in one
+    batch, every one of them still mapped when its copy runs (the broker keeps a batch's frames)."""
+    a, b = domains.create("a", memory="2M"), domains.create("b", memory="2M")
+    refs = []
+    for gfn in range(128):
+        a.memory.frame(gfn)[:4] = gfn.to_bytes(4, "little")
+        refs.append(a.gnttab.grant_access(b.domid, gfn, readonly=True))
+    ops = [CopyOp(ref, 0, 200 + i, 0, 4, src_domid=a.domid) for i, ref in enumerate(refs)]
+    assert b.copy_grants(ops) == [GNTST_okay] * 128
+    assert [int.from_bytes(b.memory.frame(200 + i)[:4], "little") for i in range(128)] == list(range(128))
+    for ref in refs:
+        a.gnttab.end_access(ref)
+
+
 def test_copy_overlapping_within_a_frame_and_one_grant_twice(domains) -> None:
     a, b = domains.create("a"), domains.create("b")
     a.memory.frame(0)[:8] = b"granted!"
