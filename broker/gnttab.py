@@ -226,10 +226,6 @@ class BrokerGrantTable:
         struct.pack_into("<HI", self._map, ref * GRANT_ENTRY_V1_SIZE + 2, domid, gfn)
         _FLAGS.pack_into(self._map, ref * GRANT_ENTRY_V1_SIZE, GTF_permit_access)
 
-    def is_readonly(self, ref: int) -> bool:
-        (flags,) = _FLAGS.unpack_from(self._map, ref * GRANT_ENTRY_V1_SIZE)
-        return bool(flags & GTF_readonly)
-
     def release(self, held: HeldEntries) -> None:
         """Unlock what :meth:`hold_many` locked."""
         for first, count in held.runs:

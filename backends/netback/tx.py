@@ -215,7 +215,7 @@ TxAction = TxPacket | TxDrop | TxMulticast | TxFatal
 
 # A continuation slot as TX_REQUEST unpacks it: TxRequest's fields, in its order, without the named tuple.
 _Slot = tuple[int, int, int, int, int]
-_GREF, _OFFSET, _FLAGS, _ID, _SIZE = range(5)
+_GREF, _OFFSET, _, _ID, _SIZE = range(5)      # (flags are read where the slot is unpacked)
 # Named tuples made from a ready tuple in C: their own constructor is a Python function, and a 64 KiB
 # packet makes some 35 of them.
 _new = tuple.__new__
