@@ -9,11 +9,13 @@ import signal
 import threading
 import time
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 from helpers import wait_until
 from xs_fixtures import RawConn, Xenstored, start_guest, start_xenstored
 
+from xdom.backends.xenstored.server import XenstoredServer
 from xdom.deploy.agent_client import AgentProcess
 from xdom.deploy.launcher import XenstoredDomain, start_xenstored_domain
 from xdom.domains.abi.hvm_params import HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_PFN
@@ -459,3 +461,61 @@ def test_a_domain_restarted_while_xenstored_was_down_is_a_new_domain(mgmt, run_d
             if g is not None:
                 g.stop()
         xs.stop()
+
+
+class _ServerThread:
+    """An in-process xenstored turned by a thread, so a test can stop it between two turns."""
+
+    def __init__(self, server: XenstoredServer) -> None:
+        self.server = server
+        self._run = True
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while self._run:
+            self.server.run_once(0.02)
+
+    def pause(self) -> None:
+        self._run = False
+        self._thread.join()
+
+
+def test_a_reply_persisted_but_not_written_before_a_crash_is_written_after_it(
+        mgmt, run_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """xenstored persists a turn's replies before it writes them to the rings (so a reply a
+    guest saw is on disk).  Killed between the two, the restarted xenstored owes the guest
+    that reply; the guest, waiting for it, sends nothing more to prompt it.  It must be
+    written at once, not when some later event happens to touch that ring."""
+    sock, state = os.path.join(run_dir, "xs.sock"), os.path.join(run_dir, "xs-state")
+    os.makedirs(state)
+    creds = mgmt.request("create", name="xs", memory="2M", privileged=True)
+    xh = BrokerXenHost(creds["hypercall"], creds["token"])
+    first = _ServerThread(XenstoredServer(sock, state, xenhost=xh))
+    g = second = None
+    try:
+        g = RingDomain(mgmt, SimpleNamespace(domid=xh.domid), sock)       # type: ignore[arg-type]
+        first.pause()
+        real_flush = XenstoredServer._flush
+        monkeypatch.setattr(XenstoredServer, "_flush",             # the ring write the crash cut off
+                            lambda self, conn: False if conn.is_ring else real_flush(self, conn))
+        assert g.send(Message(XsType.XS_GET_DOMAIN_PATH, 7, 0, b"%d\0" % g.domid).encode())
+        wait_until(lambda: (first.server.run_once(0.02), first.server.rings[g.domid].committed)[1] != 0,
+                   what="the request read and its reply persisted")
+        assert not g.recv(0.05)
+        monkeypatch.undo()
+        first.server.close()              # (closing persists nothing: what a SIGKILL leaves)
+        xh.close_port(first.server.virq_port)     # (a domain restart would reset it)
+        second = _ServerThread(XenstoredServer(sock, state, xenhost=xh))
+        reader, replies = MessageReader(), []
+        wait_until(lambda: replies.extend(reader.feed(g.recv(0.05))) or replies, timeout=5.0,
+                   what="the owed reply")
+        assert [(m.type, m.req_id, m.payload) for m in replies] == \
+            [(XsType.XS_GET_DOMAIN_PATH, 7, f"/local/domain/{g.domid}\0".encode())]
+    finally:
+        if second is not None:
+            second.pause()
+            second.server.close()
+        if g is not None:
+            g.host.close()
+        xh.close()

@@ -503,6 +503,12 @@ class XenstoredServer:
             out = saved["out"]
             conn.out = bytearray(out[sent:] if sent <= len(out) else out)
             self._rings_touched.add(domid)
+            if conn.out:
+                # Replies persisted but never written: the guest waits for them and sends
+                # nothing that would bring us to its ring, so they go now.
+                self._flush(conn)
+                if conn.out and id(conn) in self.conns:
+                    self._pending[id(conn)] = conn
         self._saved_rings = {}
 
     # ---- domains (rings) -----------------------------------------------------
