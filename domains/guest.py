@@ -94,6 +94,8 @@ class Guest:
         self._attached: dict[int, tuple[Blkfront, NbdServer | VhostUserBlkExport]] = {}
         self._disk_lock = threading.Lock()
         self._hotplug: list[threading.Thread] = []
+        self._connecting: dict[int, Blkfront] = {}     # disks being hot-attached, by devid
+        self._scan_lock = threading.Lock()             # one disk scan at a time (watch and hot-attach threads)
         self.ready_fd = ready_fd
         self._wake = WakePipe()
         self.stop_reason = ""
@@ -192,7 +194,7 @@ class Guest:
     def _serve_vhost_user_disk(self, host: XenHost, xs: XenstoreClient, devid: int, sock: str) -> None:
         front = Blkfront(host, xs, devid, FrontendOptions(queues=VHOST_USER_BLK_QUEUES))
         try:
-            front.connect(TOOLSTACK_TIMEOUT)
+            self._connect_disk(front)
             vdev = read_or_none(xs, f"{front.backend_path}/dev")
             export = VhostUserBlkExport(sock, front, serial=vdev.decode(errors="replace") if vdev
                                         else f"xdom-vbd-{devid}")
@@ -337,10 +339,21 @@ class Guest:
         finally:
             xs.unwatch(node, token)
 
+    def _connect_disk(self, front: Blkfront) -> None:
+        """Connect, where a scan that finds the device removed meanwhile can abandon it (``_hotplug_scan``)."""
+        with self._disk_lock:
+            self._connecting[front.devid] = front
+        log.info("disk %d: connecting to backend %s", front.devid, front.backend_path)
+        try:
+            front.connect(TOOLSTACK_TIMEOUT)
+        finally:
+            with self._disk_lock:
+                self._connecting.pop(front.devid, None)
+
     def _connect_and_export(self, host: XenHost, xs: XenstoreClient, devid: int, export: str) -> None:
         front = Blkfront(host, xs, devid)
         try:
-            front.connect(TOOLSTACK_TIMEOUT)
+            self._connect_disk(front)
             server = NbdServer(export, front)
             server.start()
         except BaseException:
@@ -356,18 +369,29 @@ class Guest:
         Runs on the xenstore watch thread, which must stay free to deliver
         the events a handshake waits for: attaching happens on a thread.
         """
+        with self._scan_lock:
+            self._scan_disks(host, xs, home)
+
+    def _scan_disks(self, host: XenHost, xs: XenstoreClient, home: str) -> None:
         if self.stop_reason:
             return
         present = self._device_ids(xs, f"{home}/device/vbd")
         if present is None:
             return
+        me = threading.current_thread()      # a hot-attach thread rescanning as it ends is not busy
         with self._disk_lock:
             gone = [d for d in self._attached if d not in present]
             removed = [self._attached.pop(d) for d in gone]
             busy = {int(t.name.rsplit("-", 1)[1]) for t in self._hotplug
-                    if t.is_alive() and t.name.startswith("hotplug-")}
+                    if t.is_alive() and t is not me and t.name.startswith("hotplug-")}
             self._hotplug = [t for t in self._hotplug if t.is_alive()]
             new = [d for d in present if d not in self._attached and d not in busy]
+            # Removed while connecting (its attach undone, say): stop waiting for a backend that
+            # is gone; once that attach ends, the rescan it does picks up a disk added again.
+            abandoned = [front for devid, front in self._connecting.items() if devid not in present]
+        for front in abandoned:
+            log.info("disk %d: removed by the toolstack while connecting", front.devid)
+            front.abandon()
         for devid, (front, server) in zip(gone, removed):
             log.info("disk %d: removed by the toolstack", devid)
             server.close()
@@ -381,13 +405,14 @@ class Guest:
             if kind not in (EXPORT_NBD, EXPORT_VHOST_USER):
                 log.error("disk %d: export %r is not served (nbd or vhost-user)", devid, kind)
                 continue
-            t = threading.Thread(target=self._hotplug_attach, args=(host, xs, devid, kind, export),
+            t = threading.Thread(target=self._hotplug_attach, args=(host, xs, home, devid, kind, export),
                                  name=f"hotplug-{devid}", daemon=True)
             with self._disk_lock:
                 self._hotplug.append(t)
             t.start()
 
-    def _hotplug_attach(self, host: XenHost, xs: XenstoreClient, devid: int, kind: str, export: str) -> None:
+    def _hotplug_attach(self, host: XenHost, xs: XenstoreClient, home: str, devid: int, kind: str,
+                        export: str) -> None:
         try:
             if kind == EXPORT_VHOST_USER:
                 self._serve_vhost_user_disk(host, xs, devid, export)
@@ -395,6 +420,9 @@ class Guest:
                 self._connect_and_export(host, xs, devid, export)
         except Exception as e:
             log.error("disk %d: hot-attach failed: %s", devid, e, exc_info=True)
+        # The scans made while this ran skipped its devid: a disk removed (and perhaps added
+        # again under it) meanwhile is seen to now.
+        self._hotplug_scan(host, xs, home)
 
     def _ready(self) -> None:
         if self.ready_fd is not None:

@@ -65,6 +65,7 @@ class XenbusFrontend:
         self._changed = threading.Condition(self._lock)
         self._error = ""
         self._closing = False
+        self._gone = False                               # the toolstack removed the device (abandon())
         self._token = f"{self.driver}:{devid}"
 
     # ---- what a device class fills in ----------------------------------------------------
@@ -92,11 +93,26 @@ class XenbusFrontend:
         switch_state(self.xs, self.path, XenbusState.Initialising)
         self.xs.watch(f"{self.backend_path}/state", self._token, self._backend_changed)
         with self._changed:
-            if not self._changed.wait_for(lambda: self.state == XenbusState.Connected or self._error, timeout):
+            if not self._changed.wait_for(lambda: self.state == XenbusState.Connected or self._error or self._gone,
+                                          timeout):
                 raise self.error(f"{self.kind} {self.devid}: backend {self.backend_path} did not connect within "
                                  f"{timeout:g}s (backend state {read_state(self.xs, self.backend_path).name})")
+            if self._gone:
+                raise self.error(f"{self.kind} {self.devid}: removed by the toolstack while connecting")
             if self._error:
                 raise self.error(f"{self.kind} {self.devid}: {self._error}")
+
+    def abandon(self) -> None:
+        """The toolstack removed this device (its directory is gone): take no further step, write nothing.
+
+        It may add a device under the same id at once, and this one's state
+        writes (a step under way, or Closing and Closed from :meth:`close`)
+        would land in the new device's nodes.  A :meth:`connect` under way
+        raises ``error``; the caller still calls :meth:`close` to let go.
+        """
+        with self._changed:
+            self._gone = True
+            self._changed.notify_all()
 
     def _stop_watching(self) -> None:
         """The first step of closing (under the lock): no more steps."""
@@ -105,6 +121,8 @@ class XenbusFrontend:
 
     def _say(self, state: XenbusState) -> bool:
         """Write our state while closing, if the device is still there; whether it was written."""
+        if self._gone:
+            return False
         try:
             return switch_state(self.xs, self.path, state)
         except Exception:
@@ -114,7 +132,7 @@ class XenbusFrontend:
 
     def _backend_changed(self, path: str, token: str) -> None:
         with self._lock:
-            if self._closing:
+            if self._closing or self._gone:
                 return
             be = read_state(self.xs, self.backend_path)
             action = frontend_action(self.state, be)

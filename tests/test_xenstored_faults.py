@@ -380,6 +380,45 @@ def test_an_attach_whose_reply_was_lost_leaves_nothing(run_dir: str, monkeypatch
                        "the disk to connect")
 
 
+def test_a_disk_removed_while_connecting_and_added_again_connects(run_dir: str) -> None:
+    """The toolstack adds a disk whose backend never answers, removes it while the guest waits for
+    that backend, and adds a disk under the same id: the guest drops the first attach (not after its
+    30 s timeout) without writing into the second's nodes, and attaches the second."""
+    from test_supervisor import Host
+    image = os.path.join(run_dir, "d.img")
+    with open(image, "wb") as f:
+        f.truncate(4 << 20)
+    with Host(run_dir, HOST) as h:
+        g1, blk0 = h.row("g1"), h.row("blk0")
+        devid = vdev_to_devid("xvdb")
+        fe = f"/local/domain/{g1['domid']}/device/vbd/{devid}"
+        log_path = h.layout.log_path("g1")
+        with XenstoreClient.unix(h.layout.xenstored_link) as xs:
+            def add_unanswered(tx: int) -> None:         # frontend nodes only: no backend directory, nobody answers
+                xs.write(fe, "", tx)
+                xs.set_perms(fe, [f"n{g1['domid']}", f"r{blk0['domid']}"], tx)      # the nodes below inherit it
+                for key, value in {"backend": f"/local/domain/{blk0['domid']}/backend/vbd/{g1['domid']}/{devid}",
+                                   "backend-id": blk0["domid"], "virtual-device": devid, "device-type": "disk",
+                                   "xdom-export": os.path.join(run_dir, "never.sock"), "state": 1}.items():
+                    xs.write(f"{fe}/{key}", str(value), tx)
+            tx = xs.transaction_start()
+            add_unanswered(tx)
+            xs.transaction_end(tx)
+            wait_until(lambda: f"disk {devid}: connecting" in open(log_path).read(), WAIT,
+                       "the guest to wait for the backend")
+            xs.rm(fe)
+            t0 = time.monotonic()
+            wait_until(lambda: "removed by the toolstack while connecting" in open(log_path).read(), 10.0,
+                       "the guest to drop the attach")
+            h.control.request("block-attach", name="g1",                            # type: ignore[union-attr]
+                              disk=f"format=raw, vdev=xvdb, access=rw, backend=blk0, target={image}")
+            be = f"/local/domain/{blk0['domid']}/backend/vbd/{g1['domid']}/{devid}"
+            wait_until(lambda: xs.read(f"{be}/state") == CONNECTED and xs.read(f"{fe}/state") == CONNECTED, 20.0,
+                       "the second disk to connect")
+            assert time.monotonic() - t0 < 25.0          # well before the first attach would have timed out
+            assert h.row("g1")["devices"] != []
+
+
 def test_a_domain_whose_introduction_reply_was_lost_is_not_introduced_twice(
         run_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """XS_INTRODUCE went through, its reply did not (xenstored killed in between).  When xenstored is
