@@ -393,6 +393,10 @@ def test_a_disk_removed_while_connecting_and_added_again_connects(run_dir: str) 
         devid = vdev_to_devid("xvdb")
         fe = f"/local/domain/{g1['domid']}/device/vbd/{devid}"
         log_path = h.layout.log_path("g1")
+
+        def logged(text: str) -> bool:
+            with open(log_path) as f:
+                return text in f.read()
         with XenstoreClient.unix(h.layout.xenstored_link) as xs:
             def add_unanswered(tx: int) -> None:         # frontend nodes only: no backend directory, nobody answers
                 xs.write(fe, "", tx)
@@ -404,11 +408,11 @@ def test_a_disk_removed_while_connecting_and_added_again_connects(run_dir: str) 
             tx = xs.transaction_start()
             add_unanswered(tx)
             xs.transaction_end(tx)
-            wait_until(lambda: f"disk {devid}: connecting" in open(log_path).read(), WAIT,
+            wait_until(lambda: logged(f"disk {devid}: connecting"), WAIT,
                        "the guest to wait for the backend")
             xs.rm(fe)
             t0 = time.monotonic()
-            wait_until(lambda: "removed by the toolstack while connecting" in open(log_path).read(), 10.0,
+            wait_until(lambda: logged("removed by the toolstack while connecting"), 10.0,
                        "the guest to drop the attach")
             h.control.request("block-attach", name="g1",                            # type: ignore[union-attr]
                               disk=f"format=raw, vdev=xvdb, access=rw, backend=blk0, target={image}")
