@@ -39,6 +39,7 @@ bench: sysdeps venv
 	$(BIN)/python benchmarks/bench_blk.py
 	$(BIN)/python benchmarks/bench_net.py
 	$(BIN)/python benchmarks/bench_stall.py
+	$(BIN)/python benchmarks/bench_scale.py --guests 1,4,32,100
 
 venv: $(STAMP)
 

@@ -46,6 +46,7 @@ from xdom.deploy.rundir import Layout
 
 IMAGE_BYTES = 32 << 20
 QD = 4
+RAMP = 1.0                 # s: fio's ramp_time, not counted
 READY = re.compile(r"^(\S+ \S+) \S+ INFO (g\d+): guest domain \d+ ready \(pid \d+, ([\d.]+)s")
 
 HEAD = """\
@@ -98,25 +99,72 @@ class Row:
     cpu: dict[str, float] = field(default_factory=dict)    # CPU seconds spent bringing the host up
     iops: list[float] = field(default_factory=list)        # per guest, through xdom
     ref_iops: list[float] = field(default_factory=list)    # per image, through nbdkit
+    cpu_per_io: dict[str, float] = field(default_factory=dict)       # us per I/O, by process group, xdom
+    ref_cpu_per_io: dict[str, float] = field(default_factory=dict)   # the same through nbdkit
     problems: list[str] = field(default_factory=list)
 
 
-def fio_randread(sockets: list[str], seconds: float, cwd: str) -> tuple[list[float], str]:
-    """One fio job per NBD socket, all at once; each job's read IOPS (or the error)."""
+def fio_randread(sockets: list[str], seconds: float, cwd: str,
+                 watch: dict[str, list[int]]) -> tuple[list[float], dict[str, float], str]:
+    """One fio job per NBD socket, all at once: each job's read IOPS, the CPU each group of ``watch``
+    spent per I/O (microseconds; "fio" is added), or the error.
+
+    The CPU is taken over a window inside fio's measured period (after its ramp, before its end),
+    so start-up and teardown count in neither the CPU nor the I/Os it is divided by."""
     argv = ["fio", "--ioengine=nbd", "--rw=randread", "--bs=4k", f"--iodepth={QD}", f"--size={IMAGE_BYTES}",
-            "--time_based", f"--runtime={seconds:g}", "--ramp_time=1", "--output-format=json"]
+            "--time_based", f"--runtime={seconds:g}", f"--ramp_time={RAMP:g}", "--output-format=json"]
     for i, sock in enumerate(sockets):
         argv += [f"--name=j{i}", f"--uri=nbd+unix:///?socket={sock}"]
-    res = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=seconds + 120,
-                         stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    window = max(seconds - 1.0, 0.5)
+    cpu: dict[str, float] = {}
     try:
-        jobs = json.loads(res.stdout[res.stdout.index("{"):])["jobs"]
+        time.sleep(RAMP + 0.5)
+        groups = {**watch, "fio": fio_pids(proc.pid)}
+        before, t0 = cpu_of_groups(groups), time.monotonic()
+        time.sleep(window)
+        after, elapsed = cpu_of_groups(groups), time.monotonic() - t0
+        cpu = {name: (after[name] - before[name]) / elapsed for name in groups}
+        out, err = proc.communicate(timeout=seconds + 120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    try:
+        jobs = json.loads(out[out.index("{"):])["jobs"]
     except (ValueError, KeyError):
-        return [], f"fio exit status {res.returncode}, no report: {res.stderr.strip()[-300:]}"
+        return [], {}, f"fio exit status {proc.returncode}, no report: {err.strip()[-300:]}"
     bad = [j["jobname"] for j in jobs if j.get("error")]
-    if res.returncode != 0 or bad:
-        return [], f"fio exit status {res.returncode}, errors in {bad}: {res.stderr.strip()[-300:]}"
-    return [float(j["read"]["iops"]) for j in jobs], ""
+    if proc.returncode != 0 or bad:
+        return [], {}, f"fio exit status {proc.returncode}, errors in {bad}: {err.strip()[-300:]}"
+    iops = [float(j["read"]["iops"]) for j in jobs]
+    total = sum(iops)
+    return iops, {name: rate / total * 1e6 if total else float("nan") for name, rate in cpu.items()}, ""
+
+
+def fio_pids(pid: int) -> list[int]:
+    """fio and the job processes it forked."""
+    try:
+        parent = psutil.Process(pid)
+        return [pid] + [c.pid for c in parent.children(recursive=True)]
+    except psutil.Error:
+        return [pid]
+
+
+def cpu_of_groups(groups: dict[str, list[int]]) -> dict[str, float]:
+    """User + system seconds so far of each group's processes (all their threads); a process gone counts 0."""
+    out = {}
+    for name, pids in groups.items():
+        total = 0.0
+        for pid in pids:
+            try:
+                t = psutil.Process(pid).cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        out[name] = total
+    return out
 
 
 class Nbdkits:
@@ -219,7 +267,10 @@ def measure(n: int, seconds: float, base: str) -> Row:
             row.ready_first, row.ready_last, row.ready_span = took[0], took[-1], when[-1] - when[0]
         exports = [rows[f"g{i}"]["devices"][0]["export"] for i in range(1, n + 1)]
         say(f"  up in {row.up:.1f} s; fio randread on {n} guests ...")
-        row.iops, err = fio_randread(exports, seconds, base)
+        guests = [rows[f"g{i}"]["pid"] for i in range(1, n + 1)]
+        others = [rows["xs"]["pid"], rows["net0"]["pid"], ping["broker_pid"], ping["pid"]]
+        row.iops, row.cpu_per_io, err = fio_randread(
+            exports, seconds, base, {"guests": guests, "blkback": [rows["blk0"]["pid"]], "others": others})
         if err:
             row.problems.append(f"through xdom: {err}")
     finally:
@@ -235,7 +286,8 @@ def measure(n: int, seconds: float, base: str) -> Row:
     say(f"  reference: nbdkit on the {n} images ...")
     kits = Nbdkits(images, base)
     try:
-        row.ref_iops, err = fio_randread(kits.sockets, seconds, base)
+        row.ref_iops, row.ref_cpu_per_io, err = fio_randread(kits.sockets, seconds, base,
+                                                             {"nbdkit": [p.pid for p in kits.procs]})
         if err:
             row.problems.append(f"through nbdkit: {err}")
     finally:
@@ -268,6 +320,18 @@ def report(rows: list[Row], seconds: float) -> None:
               f"{cpu:>22}   {agg:10.0f} {ref:8.0f} {ratio:>6}   {spread(r.iops):>30}")
         print(f"{'':>4} {'':>8} {'':>8} {'':>8} {'':>21} {'':>9} {'':>22}   {'':>10} {'':>8} {'':>6}   "
               f"{'nbdkit: ' + spread(r.ref_iops):>30}")
+    print("\nCPU per I/O during the reads (us; user + system of every process of the group, over a window "
+          "inside fio's measured period):")
+    print(f"{'N':>4} {'guests':>8} {'blkback':>8} {'others':>8} {'xdom':>8} {'fio':>8}   {'nbdkit':>8} {'fio':>8}   "
+          f"{'xdom/nbdkit':>11}")
+    for r in rows:
+        c, rc = r.cpu_per_io, r.ref_cpu_per_io
+        ours = sum(c.get(k, float("nan")) for k in ("guests", "blkback", "others"))
+        ref = rc.get("nbdkit", float("nan"))
+        print(f"{r.n:>4} {c.get('guests', float('nan')):8.1f} {c.get('blkback', float('nan')):8.1f} "
+              f"{c.get('others', float('nan')):8.1f} {ours:8.1f} {c.get('fio', float('nan')):8.1f}   {ref:8.1f} "
+              f"{rc.get('fio', float('nan')):8.1f}   {ours / ref:10.2f}x")
+    print("(others: xenstored, netback, the broker and the supervisor)")
     print("goals (issue 14): up linear in N and 100 guests in under 30 s; aggregate IOPS not falling with N; "
           "slowest guest within 2x of the fastest")
     problems = [f"N = {r.n}: {p}" for r in rows for p in r.problems]
