@@ -125,7 +125,7 @@ def fio_randread(sockets: list[str], seconds: float, cwd: str,
         before, t0 = cpu_of_groups(groups), time.monotonic()
         time.sleep(window)
         after, elapsed = cpu_of_groups(groups), time.monotonic() - t0
-        cpu = {name: (after[name] - before[name]) / elapsed for name in groups}
+        cpu = {name: cpu_spent(before[name], after[name]) / elapsed for name in groups}
         out, err = proc.communicate(timeout=seconds + 120)
     finally:
         if proc.poll() is None:
@@ -152,19 +152,24 @@ def fio_pids(pid: int) -> list[int]:
         return [pid]
 
 
-def cpu_of_groups(groups: dict[str, list[int]]) -> dict[str, float]:
-    """User + system seconds so far of each group's processes (all their threads); a process gone counts 0."""
-    out = {}
+def cpu_of_groups(groups: dict[str, list[int]]) -> dict[str, dict[int, float]]:
+    """User + system seconds so far of each group's processes (all their threads), by pid."""
+    out: dict[str, dict[int, float]] = {}
     for name, pids in groups.items():
-        total = 0.0
+        out[name] = {}
         for pid in pids:
             try:
                 t = psutil.Process(pid).cpu_times()
-                total += t.user + t.system
+                out[name][pid] = t.user + t.system
             except psutil.Error:
                 pass
-        out[name] = total
     return out
+
+
+def cpu_spent(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds between two samples, over the processes alive at both (one that ended in between
+    took its CPU time with it)."""
+    return sum(after[pid] - before[pid] for pid in after.keys() & before.keys())
 
 
 class Nbdkits:
