@@ -335,7 +335,7 @@ def report(rows: list[Row], seconds: float) -> None:
         ref = rc.get("nbdkit", float("nan"))
         print(f"{r.n:>4} {c.get('guests', float('nan')):8.1f} {c.get('blkback', float('nan')):8.1f} "
               f"{c.get('others', float('nan')):8.1f} {ours:8.1f} {c.get('fio', float('nan')):8.1f}   {ref:8.1f} "
-              f"{rc.get('fio', float('nan')):8.1f}   {ours / ref:10.2f}x")
+              f"{rc.get('fio', float('nan')):8.1f}   {ours / ref if ref else float('nan'):10.2f}x")
     print("(others: xenstored, netback, the broker and the supervisor)")
     print("goals (issue 14): up linear in N and 100 guests in under 30 s; aggregate IOPS not falling with N; "
           "slowest guest within 2x of the fastest")
