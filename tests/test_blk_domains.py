@@ -322,9 +322,10 @@ def test_fio_survives_a_broker_kill_and_a_blkback_kill_after_it(run_dir: str) ->
             assert h.sup.broker is not None
             old_broker = h.sup.broker.proc.pid
             os.kill(old_broker, signal.SIGKILL)
+            # The supervisor records the takeover just after the new broker runs: wait for the record.
             wait_until(lambda: h.sup.broker is not None and h.sup.broker.proc.pid != old_broker
-                       and h.sup.broker.proc.poll() is None, 30, "a new broker")
-            assert any(e.event == "restarted" for e in h.journal("broker"))
+                       and h.sup.broker.proc.poll() is None and h.journal("broker", "restarted"), 30,
+                       "a new broker, recorded as a restart")
             written_mid, _ = fio_job.progress()
             assert written_mid < size and fio_job.proc.poll() is None, "the kills must land mid-job"
             os.kill(before["blk0"]["pid"], signal.SIGKILL)
