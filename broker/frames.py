@@ -40,7 +40,7 @@ import os
 import re
 import stat
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from xdom.domains.abi.grant_table import PAGE_SIZE
@@ -386,6 +386,23 @@ class CopyFrames:
         # Never fewer than a batch can name (two frames an op): a view handed out for this batch
         # must not be unmapped by a later lookup of the same batch.
         self._cache_size = max(2 * MAX_BATCH, cache_size)
+
+    def views(self, frames: FrameSource | None, gfns: Iterable[int]) -> dict[int, memoryview | None]:
+        """:meth:`view` of each of ``gfns``: a batch's frames looked up in one pass, kept frames inline."""
+        out: dict[int, memoryview | None] = {}
+        if isinstance(frames, ProcFrames):
+            fid, inodes, get, keep = id(frames), frames.inodes, self._cache.get, self._cache.move_to_end
+            for gfn in gfns:
+                hit = get((fid, gfn))
+                if hit is not None and hit[0] is frames and hit[1] == inodes[gfn]:
+                    keep((fid, gfn))
+                    out[gfn] = hit[3]
+                else:
+                    out[gfn] = self.view(frames, gfn)
+        else:
+            for gfn in gfns:
+                out[gfn] = self.view(frames, gfn)
+        return out
 
     def view(self, frames: FrameSource | None, gfn: int) -> memoryview | None:
         """Frame ``gfn`` of ``frames`` to copy into or out of now, or None if it is not that domain's own frame."""

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from xdom.domains.abi.event_channel import DOMID_SELF
 from xdom.domains.abi.grant_table import (
+    GNTTAB_COPY_REF_MASK,
     PAGE_SIZE,
     GNTCOPY_dest_gref,
     GNTCOPY_source_gref,
@@ -39,21 +40,34 @@ if TYPE_CHECKING:
 
 # (GNTST status, the granted frame to copy through, writable) of one grant a batch names
 Grant = tuple[int, "memoryview | None", bool]
+_DENIED: Grant = (GNTST_permission_denied, None, False)    # a gfn of another domain, named as a frame
 
 
 def grant_copy(domains: Mapping[int, Domain], caller: Domain, ops: Sequence[tuple[int, ...]],
                frames: CopyFrames) -> list[int]:
-    """Run one batch of (flags, sdom, sref, soff, ddom, dref, doff, length) ops; a status each."""
+    """Run one batch of segments, each the fields of a ``struct gnttab_copy``; a status each.
+
+    A side flagged as a grant names ``(domid, u & GNTTAB_COPY_REF_MASK)``, as
+    Xen reads ``u.ref``; any other side names a gfn ``u`` of the caller's own.
+    """
+    mine = (DOMID_SELF, caller.domid)
     named: dict[int, set[int]] = {}     # domid -> refs the batch names in its table
-    for op in ops:
-        if op[0] & GNTCOPY_source_gref:
-            named.setdefault(op[1], set()).add(op[2])
-        if op[0] & GNTCOPY_dest_gref:
-            named.setdefault(op[4], set()).add(op[5])
+    own: set[int] = set()               # the caller's own gfns the batch names
+    for su, sdom, _soff, du, ddom, _doff, _length, flags, _status in ops:
+        if flags & GNTCOPY_source_gref:
+            named.setdefault(sdom, set()).add(su & GNTTAB_COPY_REF_MASK)
+        elif sdom in mine:
+            own.add(su)
+        if flags & GNTCOPY_dest_gref:
+            named.setdefault(ddom, set()).add(du & GNTTAB_COPY_REF_MASK)
+        elif ddom in mine:
+            own.add(du)
     held: list[tuple[BrokerGrantTable, HeldEntries]] = []
     try:
         grants = _hold(domains, caller, named, held, frames)
-        return _copy(caller, ops, grants, frames)
+        own_frames: dict[int, Grant] = {gfn: (GNTST_bad_page, None, False) if view is None else (GNTST_okay, view, True)
+                      for gfn, view in frames.views(caller.frames, own).items()}
+        return _copy(mine, ops, grants, own_frames)
     finally:
         for table, entries in held:
             table.release(entries)
@@ -71,42 +85,38 @@ def _hold(domains: Mapping[int, Domain], caller: Domain, named: dict[int, set[in
             continue
         entries = dom.gnttab.hold_many(refs, caller.domid)
         held.append((dom.gnttab, entries))
-        for ref, (status, flags, gfn) in entries.checked.items():
-            view = frames.view(dom.frames, gfn) if status == GNTST_okay else None
-            if status == GNTST_okay and view is None:
-                status = GNTST_bad_page
-            grants[domid, ref] = (status, view, not flags & GTF_readonly)
+        checked = entries.checked
+        views = frames.views(dom.frames, {gfn for status, _flags, gfn in checked.values() if status == GNTST_okay})
+        for ref, (status, flags, gfn) in checked.items():
+            if status != GNTST_okay:
+                grants[domid, ref] = (status, None, False)
+            elif (view := views[gfn]) is None:
+                grants[domid, ref] = (GNTST_bad_page, None, False)
+            else:
+                grants[domid, ref] = (GNTST_okay, view, not flags & GTF_readonly)
     return grants
 
 
-def _copy(caller: Domain, ops: Sequence[tuple[int, ...]], grants: dict[tuple[int, int], Grant],
-          frames: CopyFrames) -> list[int]:
-    statuses = [GNTST_general_error] * len(ops)
-    me = caller.domid
-    own = caller.frames
-    view = frames.view
-
-    def end(is_gref: int, domid: int, ref_or_gfn: int, write: bool) -> tuple[int, memoryview | None]:
-        """One side of an op: a grant the batch holds, or a gfn of the caller's own."""
-        if is_gref:
-            status, page, writable = grants[domid, ref_or_gfn]
-            return (GNTST_general_error if write and status == GNTST_okay and not writable else status), page
-        if domid not in (DOMID_SELF, me):
-            return GNTST_permission_denied, None
-        page = view(own, ref_or_gfn)
-        return (GNTST_okay if page is not None else GNTST_bad_page), page
-
-    for index, (flags, sdom, sref, soff, ddom, dref, doff, length) in enumerate(ops):
-        if soff + length > PAGE_SIZE or doff + length > PAGE_SIZE or min(soff, doff, length) < 0:
-            statuses[index] = GNTST_bad_copy_arg
+def _copy(mine: tuple[int, int], ops: Sequence[tuple[int, ...]], grants: dict[tuple[int, int], Grant],
+          own_frames: dict[int, Grant]) -> list[int]:
+    """The ops in order, each side resolved by one lookup: a held grant or one of the caller's own frames."""
+    statuses: list[int] = []
+    status_of = statuses.append
+    for su, sdom, soff, du, ddom, doff, length, flags, _status in ops:
+        if soff + length > PAGE_SIZE or doff + length > PAGE_SIZE:
+            status_of(GNTST_bad_copy_arg)
             continue
-        status, sview = end(flags & GNTCOPY_source_gref, sdom, sref, False)
-        if status == GNTST_okay:
-            status, dview = end(flags & GNTCOPY_dest_gref, ddom, dref, True)
-        if status != GNTST_okay:
-            statuses[index] = status
+        src = (grants[sdom, su & GNTTAB_COPY_REF_MASK] if flags & GNTCOPY_source_gref
+               else own_frames[su] if sdom in mine else _DENIED)
+        if src[0] != GNTST_okay:
+            status_of(src[0])
             continue
-        assert sview is not None and dview is not None
-        dview[doff:doff + length] = sview[soff:soff + length]     # memmove: overlap is fine
-        statuses[index] = GNTST_okay
+        dst = (grants[ddom, du & GNTTAB_COPY_REF_MASK] if flags & GNTCOPY_dest_gref
+               else own_frames[du] if ddom in mine else _DENIED)
+        if dst[0] != GNTST_okay or not dst[2]:
+            status_of(dst[0] or GNTST_general_error)     # okay but read-only: Xen's general error
+            continue
+        # memmove (overlap is fine); a side whose status is okay always has its frame
+        dst[1][doff:doff + length] = src[1][soff:soff + length]     # type: ignore[index]
+        status_of(GNTST_okay)
     return statuses

@@ -30,10 +30,19 @@ from xdom.domains.abi.hypercall_wire import (
     MAX_MESSAGE,
     HypercallError,
     decode_request,
+    pack_copy_segments,
     take_fds,
 )
 from xdom.domains.hostsys.memory import DomainMemory
 from xdom.domains.xenhost import BrokerXenHost
+
+
+def copy_blob(rows: Sequence[Sequence[int]]) -> bytes:
+    """Copy ops written [flags, sdom, sref, soff, ddom, dref, doff, len] (the order the tests read best),
+    packed as the broker takes them: Xen's struct gnttab_copy."""
+    return pack_copy_segments([(sref, sdom, soff, dref, ddom, doff, length, flags, 0)
+                               for flags, sdom, sref, soff, ddom, dref, doff, length in rows])
+
 
 # The broker's own limits (broker/server.py); the tests pin them down.
 PENDING_LIMIT = 64
@@ -53,7 +62,7 @@ VALID_SHAPES: dict[str, dict[str, Any]] = {
     "shutdown": {"reason": "poweroff"},
     "map": {"ops": []},
     "unmap": {"handles": []},
-    "copy": {"ops": []},
+    "copy": {"ops": b""},
     "replace_frames": {"gfns": []},
     "evtchn_alloc_unbound": {"remote_dom": DOMID_SELF},
     "evtchn_bind_interdomain": {"remote_dom": 0, "remote_port": 1},

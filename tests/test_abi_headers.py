@@ -62,6 +62,27 @@ def test_grant_table_constants_match_xen_headers(tmp_path: os.PathLike[str]) -> 
 
 
 @needs_headers
+def test_gnttab_copy_layout_matches_xen_headers(tmp_path: os.PathLike[str]) -> None:
+    """GNTTABOP_copy's segments travel to the broker in Xen's own struct gnttab_copy layout."""
+    fields = {"source.u.gmfn": 0x1111111111111111, "source.domid": 0x2222, "source.offset": 0x3333,
+              "dest.u.gmfn": 0x4444444444444444, "dest.domid": 0x5555, "dest.offset": 0x6666,
+              "len": 0x7777, "flags": 0x0888, "status": -2}
+    body = 'printf("sizeof %zu\\n", sizeof(struct gnttab_copy));\n'
+    body += 'printf("ref_off %zu\\n", offsetof(struct gnttab_copy, source.u.ref));\n'
+    for i, field in enumerate(fields):
+        body += f'printf("off{i} %zu\\n", offsetof(struct gnttab_copy, {field}));\n'
+        body += f'printf("size{i} %zu\\n", sizeof(((struct gnttab_copy*)0)->{field}));\n'
+    xen = _compile_and_run(tmp_path, body)
+    assert xen["sizeof"] == gt.GNTTAB_COPY.size
+    packed = gt.GNTTAB_COPY.pack(*fields.values())
+    for i, value in enumerate(fields.values()):
+        off, width = xen[f"off{i}"], xen[f"size{i}"]
+        assert int.from_bytes(packed[off:off + width], "little", signed=value < 0) == value
+    # A grant reference is the union's low 32 bits: what Xen reads of a side flagged as a grant.
+    assert xen["ref_off"] == xen["off0"] and gt.GNTTAB_COPY_REF_MASK == 2**32 - 1
+
+
+@needs_headers
 def test_event_channel_constants_match_xen_headers(tmp_path: os.PathLike[str]) -> None:
     body = "".join(f'printf("{n} %lld\\n", (long long)({n}));\n' for n in EVTCHN_NAMES)
     xen = _compile_and_run(tmp_path, body)

@@ -29,6 +29,7 @@ from xdom.domains.abi.grant_table import (
     GTF_readonly,
     GTF_writing,
 )
+from xdom.domains.abi.hypercall_wire import pack_copy_segments
 from xdom.domains.grant_table import GrantInUse
 from xdom.domains.hostsys import grant_lock
 from xdom.domains.xenhost import CopyOp
@@ -260,14 +261,14 @@ def test_copy_cannot_name_another_domains_frames(domains) -> None:
     a, b = domains.create("a"), domains.create("b")
     a.memory.frame(0)[:6] = b"secret"
     op = CopyOp(0, 0, 0, 0, 6)
-    wire = op.wire(b.domid)
-    wire[1] = a.domid   # claim a's gfn 0 as a local source
+    segment = list(op.segment())
+    segment[1] = a.domid   # claim a's gfn 0 as a local source (source.domid)
     # through the public API the only way is a CopyOp whose src is "local":
     # the hypervisor checks the domid of a non-gref side is the caller's.
     if domains.variant == "local":
-        statuses = domains.local.hv.grant_copy(domains.local.hv.domain(b.domid), [tuple(wire)])
+        statuses = domains.local.hv.grant_copy(domains.local.hv.domain(b.domid), [tuple(segment)])
     else:
-        reply, _ = b.call("copy", ops=[wire])
+        reply, _ = b.call("copy", ops=pack_copy_segments([tuple(segment)]))
         statuses = reply["results"]
     assert statuses == [GNTST_permission_denied]
     assert bytes(b.memory.frame(0)[:6]) != b"secret"

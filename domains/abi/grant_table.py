@@ -53,6 +53,15 @@ GNTMAP_contains_pte: Final = 1 << 4
 GNTCOPY_source_gref: Final = 1 << 0
 GNTCOPY_dest_gref: Final = 1 << 1
 
+# struct gnttab_copy on x86_64, 40 bytes: source and dest are each a
+# gnttab_copy_ptr (union {grant_ref_t ref; xen_pfn_t gmfn} u -- 8 bytes, a
+# ref in the low 4 --, domid_t domid, uint16_t offset, 4 bytes of padding),
+# then uint16_t len, uint16_t flags, int16_t status and 2 bytes of padding.
+# GNTTABOP_copy's argument is an array of them; a side flagged as a grant
+# reads u.ref only (GNTTAB_COPY_REF_MASK), as Xen does.
+GNTTAB_COPY: Final = struct.Struct("<QHH4xQHH4xHHh2x")
+GNTTAB_COPY_REF_MASK: Final = 0xFFFFFFFF
+
 # enum grant_status
 GNTST_okay: Final = 0
 GNTST_general_error: Final = -1

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import array
 import errno as _errno
-import itertools
 import socket
+import struct
 from typing import Any, Final
 
 import msgpack
+
+from .grant_table import GNTTAB_COPY
 
 MAX_MESSAGE: Final = 64 * 1024   # one request or reply
 MAX_BATCH: Final = 128           # map/unmap/copy ops per hypercall (<= SCM_MAX_FD)
@@ -34,7 +36,7 @@ REQUESTS: Final[dict[str, dict[str, type]]] = {
     "shutdown": {"reason": str},
     "map": {"ops": list},           # [[domid, ref, readonly], ...]
     "unmap": {"handles": list},     # [handle, ...]
-    "copy": {"ops": list},          # [[flags, sdom, sref, soff, ddom, dref, doff, len], ...]
+    "copy": {"ops": bytes},         # an array of Xen's struct gnttab_copy (see copy_segments)
     "replace_frames": {"gfns": list},   # fresh frames for gfns a grantee was given (XDOM_GTF_mapped)
     "evtchn_alloc_unbound": {"remote_dom": int},
     "evtchn_bind_interdomain": {"remote_dom": int, "remote_port": int},
@@ -71,7 +73,7 @@ def _unpack(data: bytes) -> Any:
         raise HypercallError(_errno.EMSGSIZE, f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True,
-                               max_str_len=4096, max_bin_len=4096,
+                               max_str_len=4096, max_bin_len=MAX_MESSAGE,
                                max_array_len=MAX_BATCH * 8, max_map_len=64, max_ext_len=0)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
             msgpack.StackError, msgpack.OutOfData) as e:
@@ -114,6 +116,32 @@ def decode_request(data: bytes) -> tuple[str, dict[str, Any]]:
     return op, args
 
 
+def pack_copy_segments(segments: list[tuple[int, ...]]) -> bytes:
+    """The caller's side of :func:`copy_segments`; a value that does not fit its field is EINVAL."""
+    pack = GNTTAB_COPY.pack
+    try:
+        return b"".join([pack(*segment) for segment in segments])
+    except struct.error as e:
+        raise HypercallError(_errno.EINVAL, f"copy: a segment does not fit struct gnttab_copy ({e})") from None
+
+
+def copy_segments(blob: bytes) -> list[tuple[int, ...]]:
+    """A GNTTABOP_copy batch as Xen lays it out: an array of ``struct gnttab_copy``.
+
+    Each segment comes back as the struct's fields in order -- (source.u,
+    source.domid, source.offset, dest.u, dest.domid, dest.offset, len,
+    flags, status) --, unpacked in one pass of C: every value is in its
+    field's range by construction, where a list of integers had to be
+    checked one by one (it cost as much as the copies).
+    """
+    size = GNTTAB_COPY.size
+    if len(blob) % size:
+        raise HypercallError(_errno.EINVAL, f"copy: {len(blob)} bytes are not whole {size}-byte gnttab_copy segments")
+    if len(blob) > MAX_BATCH * size:
+        raise HypercallError(_errno.E2BIG, f"copy: {len(blob) // size} segments exceed the batch limit {MAX_BATCH}")
+    return list(GNTTAB_COPY.iter_unpack(blob))
+
+
 def int_tuple(value: Any, width: int, what: str, lo: int = 0, hi: int = 2**32 - 1) -> tuple[int, ...]:
     """Check one batch entry is a list of ``width`` integers within [lo, hi]."""
     if not isinstance(value, (list, tuple)) or len(value) != width:
@@ -124,21 +152,6 @@ def int_tuple(value: Any, width: int, what: str, lo: int = 0, hi: int = 2**32 - 
         if not lo <= v <= hi:
             raise HypercallError(_errno.EINVAL, f"{what}: value {v} out of range")
     return tuple(value)
-
-
-def int_rows(rows: list[Any], width: int, what: str, lo: int = 0, hi: int = 2**32 - 1) -> list[tuple[int, ...]]:
-    """Check a batch is a list of entries of ``width`` integers within [lo, hi] (see :func:`int_tuple`).
-
-    The same check as ``int_tuple`` on each entry, done in a few passes of C
-    (a batch of 64 copy ops is 512 integers: checked one by one in Python it
-    cost as much as the copies); a batch that fails is checked entry by
-    entry again for the error that names what is wrong.
-    """
-    if all(type(r) is list and len(r) == width for r in rows):
-        flat = list(itertools.chain.from_iterable(rows))
-        if not flat or (set(map(type, flat)) == {int} and lo <= min(flat) and max(flat) <= hi):
-            return list(zip(*[iter(flat)] * width))
-    return [int_tuple(r, width, what, lo, hi) for r in rows]
 
 
 def take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:

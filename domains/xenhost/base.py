@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..abi.event_channel import DOMID_SELF
 from ..abi.grant_table import GNTST_NAMES, GNTCOPY_dest_gref, GNTCOPY_source_gref, GNTST_okay
 from ..grant_table import GrantTable
 from ..hostsys.memory import DomainMemory
@@ -64,13 +65,13 @@ class CopyOp:
     src_domid: int | None = None   # None: src is a local gfn
     dst_domid: int | None = None   # None: dst is a local gfn
 
-    def wire(self, self_domid: int) -> list[int]:
-        flags = (GNTCOPY_source_gref if self.src_domid is not None else 0) | \
-                (GNTCOPY_dest_gref if self.dst_domid is not None else 0)
-        return [flags, self.src_domid if self.src_domid is not None else self_domid,
-                self.src_ref_or_gfn, self.src_offset,
-                self.dst_domid if self.dst_domid is not None else self_domid,
-                self.dst_ref_or_gfn, self.dst_offset, self.length]
+    def segment(self) -> tuple[int, ...]:
+        """This op as the fields of Xen's ``struct gnttab_copy``, in order (GNTTAB_COPY packs them);
+        a local side is named DOMID_SELF, as in Xen."""
+        src, dst = self.src_domid, self.dst_domid
+        return (self.src_ref_or_gfn, DOMID_SELF if src is None else src, self.src_offset,
+                self.dst_ref_or_gfn, DOMID_SELF if dst is None else dst, self.dst_offset, self.length,
+                (0 if src is None else GNTCOPY_source_gref) | (0 if dst is None else GNTCOPY_dest_gref), 0)
 
 
 class EventChannels:

@@ -35,6 +35,7 @@ from ..abi.hypercall_wire import (
     HypercallError,
     decode_reply,
     encode_request,
+    pack_copy_segments,
     take_fds,
 )
 from ..grant_table import GrantTable
@@ -201,7 +202,7 @@ class BrokerXenHost(XenHost):
     def copy_grants(self, ops: Sequence[CopyOp]) -> list[int]:
         out: list[int] = []
         for start in range(0, len(ops), MAX_BATCH):
-            reply, _ = self.call("copy", ops=[op.wire(self.domid) for op in ops[start:start + MAX_BATCH]])
+            reply, _ = self.call("copy", ops=pack_copy_segments([op.segment() for op in ops[start:start + MAX_BATCH]]))
             out.extend(reply["results"])
         return out
 

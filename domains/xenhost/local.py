@@ -18,7 +18,7 @@ from xdom.broker.frames import LocalFrames
 from xdom.broker.hypervisor import Domain, Hypervisor
 
 from ..abi.grant_table import GNTST_okay
-from ..abi.hypercall_wire import SHUTDOWN_REASONS
+from ..abi.hypercall_wire import MAX_BATCH, SHUTDOWN_REASONS, copy_segments, pack_copy_segments
 from ..abi.sizes import memory_frames
 from ..grant_table import GrantTable
 from ..hostsys.memory import DomainMemory
@@ -81,7 +81,12 @@ class LocalXenHost(XenHost):
 
     def copy_grants(self, ops: Sequence[CopyOp]) -> list[int]:
         with self._host.lock:
-            return self._host.hv.grant_copy(self._dom, [tuple(op.wire(self.domid)) for op in ops])
+            out: list[int] = []
+            for start in range(0, len(ops), MAX_BATCH):
+                # The broker's wire, packed and unpacked: both variants refuse the same values.
+                batch = copy_segments(pack_copy_segments([op.segment() for op in ops[start:start + MAX_BATCH]]))
+                out.extend(self._host.hv.grant_copy(self._dom, batch))
+            return out
 
     def _bound(self, port: Any, with_notify: bool = True) -> int:
         self.evtchn.add(port.port, os.dup(port.wait_fd), os.dup(port.notify_fd) if with_notify else -1)

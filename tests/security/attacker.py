@@ -30,7 +30,14 @@ from typing import Any
 import msgpack
 
 from xdom.domains.abi.grant_table import PAGE_SIZE, GNTST_okay
-from xdom.domains.abi.hypercall_wire import MAX_FDS, MAX_MESSAGE, HypercallError, encode_request, take_fds
+from xdom.domains.abi.hypercall_wire import (
+    MAX_FDS,
+    MAX_MESSAGE,
+    HypercallError,
+    encode_request,
+    pack_copy_segments,
+    take_fds,
+)
 from xdom.domains.agent import DomainAgent
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -125,7 +132,15 @@ class Attacker(DomainAgent):
         return status, handle, (fds[0] if fds else -1)
 
     def cmd_hypercall(self, name: str, fields: dict[str, Any]) -> dict[str, Any]:
-        """Any hypercall, raw: its reply (fds it brought are counted and closed) or its errno."""
+        """Any hypercall, raw: its reply (fds it brought are counted and closed) or its errno.
+
+        A copy's ``ops`` come as rows [flags, sdom, sref, soff, ddom, dref, doff, len], packed here as
+        Xen's struct gnttab_copy, or as hex: those bytes, whatever they are.
+        """
+        if name == "copy":
+            ops = fields["ops"]
+            fields = {**fields, "ops": bytes.fromhex(ops) if isinstance(ops, str) else pack_copy_segments(
+                [(sref, sdom, soff, dref, ddom, doff, n, flags, 0) for flags, sdom, sref, soff, ddom, dref, doff, n in ops])}
         try:
             reply, fds = self.h.call(name, **fields)     # type: ignore[attr-defined]
         except HypercallError as e:

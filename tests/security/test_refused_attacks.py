@@ -15,6 +15,7 @@ import errno
 
 from xdom.domains.abi.event_channel import DOMID_SELF, VIRQ_DOM_EXC
 from xdom.domains.abi.grant_table import (
+    GNTTAB_COPY,
     PAGE_SIZE,
     GNTCOPY_dest_gref,
     GNTCOPY_source_gref,
@@ -91,10 +92,10 @@ def test_copies_into_read_only_grants_and_across_pages_are_refused(world: World)
     assert _a_page(a) == SECRET
     assert a.call("read", gfn=A_GFN + 1, len=len(SECRET))["data"] == SECRET
     assert x.call("peek_gfn", gfn=4, len=len(MINE))["data"] == MINE, "A's bytes reached X"
-    # Values the wire refuses outright.
-    for op in ([GNTCOPY_dest_gref, DOMID_SELF, 3, -1, a.domid, rw, 0, 16], [0, DOMID_SELF, 3, 0, a.domid, rw, 0],
-               [GNTCOPY_dest_gref, DOMID_SELF, 3, 0, a.domid, rw, 0, 2**32]):
-        assert x.hypercall("copy", ops=[op])["errno"] == "EINVAL", op
+    # What the wire refuses outright: segments of Xen's struct gnttab_copy (40 bytes) cut short or run over.
+    one = GNTTAB_COPY.pack(3, DOMID_SELF, 0, rw, a.domid, 0, 16, GNTCOPY_dest_gref, 0)
+    for blob in (one[:-1], one + b"\0", one * 2 + one[:20]):
+        assert x.hypercall("copy", ops=blob.hex())["errno"] == "EINVAL", blob
     # The grant X does hold still copies, within the page.
     res = x.hypercall("copy", ops=[[GNTCOPY_dest_gref, DOMID_SELF, 3, 0, a.domid, rw, 0, len(MARK)]])
     assert res["reply"]["results"] == [GNTST_okay]
