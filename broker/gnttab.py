@@ -19,7 +19,7 @@ import fcntl
 import mmap
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from xdom.domains.abi.grant_table import (
@@ -57,10 +57,15 @@ class Pin:
 
 @dataclass
 class HeldEntries:
-    """Entries of one table locked for a copy batch, and what each held when checked."""
+    """Entries of one table locked for a batch, and what each held when checked."""
     checked: dict[int, tuple[int, int, int]]    # ref -> (GNTST status, flags, gfn)
     runs: list[tuple[int, int]] = field(default_factory=list)    # (first, count), each locked in one call
     singles: list[int] = field(default_factory=list)             # locked one by one
+
+    def locked(self) -> Iterator[int]:
+        for first, count in self.runs:
+            yield from range(first, first + count)
+        yield from self.singles
 
 
 class BrokerGrantTable:
@@ -101,10 +106,8 @@ class BrokerGrantTable:
     def sweep_flags(self) -> None:
         """Clear GTF_reading/GTF_writing of entries no pin holds (a previous broker's, unpinned since)."""
         flags_mask = GTF_reading | GTF_writing
-        for ref in range(self.nr_entries):
-            (flags,) = _FLAGS.unpack_from(self._map, ref * GRANT_ENTRY_V1_SIZE)
-            if flags & flags_mask and ref not in self.pins:
-                self._sync_flags(ref)
+        self._sync_flags([ref for ref, (flags, _domid, _frame) in enumerate(GRANT_ENTRY_V1.iter_unpack(self._map))
+                          if flags & flags_mask and ref not in self.pins])
 
     def domain_fd(self) -> int:
         """A fresh open file description for the domain (its own OFD locks)."""
@@ -141,62 +144,87 @@ class BrokerGrantTable:
         return GNTST_okay, flags, frame
 
     def pin(self, ref: int, grantee: int, readonly: bool) -> tuple[int, int]:
-        """Pin ``ref`` for ``grantee``; returns (GNTST status, gfn).
+        """Pin ``ref`` for ``grantee``; returns (GNTST status, gfn).  :meth:`pin_many` of one."""
+        return self.pin_many([(ref, readonly)], grantee)[0]
+
+    def pin_many(self, requests: Sequence[tuple[int, bool]], grantee: int) -> list[tuple[int, int]]:
+        """Pin each (ref, readonly) for ``grantee``; a (GNTST status, gfn) each, in order.
 
         An entry that does not grant ``grantee`` access is turned away
         before its lock is taken (and checked again under it): naming
-        others' entries holds up nothing their granter does.
+        others' entries holds up nothing their granter does.  A map batch
+        names neighbouring entries, so their locks are taken a run at a time
+        (:meth:`_lock_runs`): two fcntl calls a run, where one entry at a
+        time cost two an entry.
         """
-        if not 0 <= ref < self.nr_entries:
-            return GNTST_bad_gntref, 0
-        if not self._grants_to(ref, grantee):
-            return GNTST_general_error, 0
-        if not self._try_lock(ref):
-            return GNTST_eagain, 0
+        held = self._lock_runs((ref for ref, _ in requests), grantee)
         try:
-            status, flags, gfn = self._check(ref, grantee, readonly)
-            if status != GNTST_okay:
-                return status, 0
-            pin = self.pins.get(ref)
-            if pin is None:
-                pin = self.pins[ref] = Pin(grantee, gfn)
-            if readonly:
-                pin.readers += 1
-            else:
-                pin.writers += 1
-            new = flags | GTF_reading | (0 if readonly else GTF_writing) | XDOM_GTF_mapped
-            if new != flags:
-                _FLAGS.pack_into(self._map, ref * GRANT_ENTRY_V1_SIZE, new)
-            self._deferred.discard(ref)
-            return GNTST_okay, gfn
+            return [self._pin_locked(ref, grantee, readonly, held.checked) for ref, readonly in requests]
         finally:
-            grant_lock.unlock_entry(self.fd, ref)
+            self.release(held)
+
+    def _pin_locked(self, ref: int, grantee: int, readonly: bool,
+                    refused: dict[int, tuple[int, int, int]]) -> tuple[int, int]:
+        if ref in refused:
+            return refused[ref][0], 0
+        status, flags, gfn = self._check(ref, grantee, readonly)
+        if status != GNTST_okay:
+            return status, 0
+        pin = self.pins.get(ref)
+        if pin is None:
+            pin = self.pins[ref] = Pin(grantee, gfn)
+        if readonly:
+            pin.readers += 1
+        else:
+            pin.writers += 1
+        new = flags | GTF_reading | (0 if readonly else GTF_writing) | XDOM_GTF_mapped
+        if new != flags:
+            _FLAGS.pack_into(self._map, ref * GRANT_ENTRY_V1_SIZE, new)
+        self._deferred.discard(ref)
+        return GNTST_okay, gfn
 
     def hold_many(self, refs: Iterable[int], grantee: int) -> HeldEntries:
         """Lock and check the entries a copy batch names, until :meth:`release`.
 
         For a copy, holding the entry locks for the microseconds of the copy
         is cheaper than pinning (two flag updates under two locks) and just
-        as safe: the granter cannot end access while we hold them.  Only
-        entries that grant the caller access are locked -- a first look
-        without the lock turns the others away -- so a domain cannot hold up
-        a granter's entries that are not its own by naming them.  Each run
-        of neighbouring entries is locked in one call (one by one when the
-        granter holds one of them); then each is checked again under its
-        lock, as for a read (write permission is the caller's to test on
-        the flags), and only that checked copy is used.
+        as safe: the granter cannot end access while we hold them.  Each
+        entry locked (:meth:`_lock_runs`) is checked again under its lock, as
+        for a read (write permission is the caller's to test on the flags),
+        and only that checked copy is used.
         """
-        checked: dict[int, tuple[int, int, int]] = {}
-        held = HeldEntries(checked)
+        held = self._lock_runs(refs, grantee)
+        checked = held.checked
+        try:
+            for ref in held.locked():
+                checked[ref] = self._check(ref, grantee, readonly=True)
+        except BaseException:
+            self.release(held)
+            raise
+        return held
+
+    def _lock_runs(self, refs: Iterable[int], grantee: int | None) -> HeldEntries:
+        """Lock the entries of ``refs`` that grant ``grantee`` access, until :meth:`release`.
+
+        Only entries that grant the caller access are locked -- a first look
+        without the lock turns the others away -- so a domain cannot hold up
+        a granter's entries that are not its own by naming them (``grantee``
+        None: the broker's own business, every entry in the table).  Each run of
+        neighbouring entries is locked in one call (one by one when the
+        granter holds one of them).  ``checked`` of the result holds the
+        status of each ref turned away (bad reference, not granted, or
+        GNTST_eagain: locked by the granter); every other ref is locked.
+        """
+        refused: dict[int, tuple[int, int, int]] = {}
+        held = HeldEntries(refused)
         mine = []
         for ref in set(refs):
             if not 0 <= ref < self.nr_entries:
-                checked[ref] = (GNTST_bad_gntref, 0, 0)
-                continue
-            if self._grants_to(ref, grantee):
+                refused[ref] = (GNTST_bad_gntref, 0, 0)
+            elif grantee is None or self._grants_to(ref, grantee):
                 mine.append(ref)
             else:
-                checked[ref] = (GNTST_general_error, 0, 0)
+                refused[ref] = (GNTST_general_error, 0, 0)
         mine.sort()
         start = 0
         try:
@@ -207,15 +235,12 @@ class BrokerGrantTable:
                 start = end
                 if grant_lock.lock_entries(self.fd, run[0], len(run), wait=False):
                     held.runs.append((run[0], len(run)))
-                else:
-                    for ref in run:
-                        if self._try_lock(ref):
-                            held.singles.append(ref)
-                        else:
-                            checked[ref] = (GNTST_eagain, 0, 0)
+                    continue
                 for ref in run:
-                    if ref not in checked:
-                        checked[ref] = self._check(ref, grantee, readonly=True)
+                    if self._try_lock(ref):
+                        held.singles.append(ref)
+                    else:
+                        refused[ref] = (GNTST_eagain, 0, 0)
         except BaseException:
             self.release(held)      # a lock left held (ENOLCK, say) would hang the granter's end_access
             raise
@@ -234,41 +259,52 @@ class BrokerGrantTable:
             grant_lock.unlock_entry(self.fd, ref)
 
     def unpin(self, ref: int, readonly: bool) -> None:
-        pin = self.pins[ref]
-        if readonly:
-            pin.readers -= 1
-        else:
-            pin.writers -= 1
-        if pin.readers + pin.writers == 0:
-            del self.pins[ref]
-        self._sync_flags(ref)
+        self.unpin_many([(ref, readonly)])
 
-    def _sync_flags(self, ref: int) -> None:
+    def unpin_many(self, requests: Sequence[tuple[int, bool]]) -> None:
+        """Drop one pin of each (ref, readonly), then bring their flags in line a run of locks at a time.
+
+        A ref no longer pinned (its table was reset under the mapping) has nothing to drop."""
+        for ref, readonly in requests:
+            pin = self.pins.get(ref)
+            if pin is None:
+                continue
+            if readonly:
+                pin.readers -= 1
+            else:
+                pin.writers -= 1
+            if pin.readers + pin.writers == 0:
+                del self.pins[ref]
+        self._sync_flags(ref for ref, _ in requests)
+
+    def _sync_flags(self, refs: Iterable[int]) -> None:
+        """Clear GTF_writing / GTF_reading that no pin holds any more; an entry the granter
+        holds locked is retried later (:meth:`retry_deferred`), its pin count having dropped already."""
         if self.retired:
             return
-        if not self._try_lock(ref):
-            self._deferred.add(ref)
-            return
+        held = self._lock_runs(refs, None)
         try:
-            off = ref * GRANT_ENTRY_V1_SIZE
-            (flags,) = _FLAGS.unpack_from(self._map, off)
-            pin = self.pins.get(ref)
-            new = flags
-            if pin is None:
-                new &= ~(GTF_reading | GTF_writing)
-            elif pin.writers == 0:
-                new &= ~GTF_writing
-            if new != flags:
-                _FLAGS.pack_into(self._map, off, new)
-            self._deferred.discard(ref)
+            self._deferred.update(ref for ref, (status, _, _) in held.checked.items() if status == GNTST_eagain)
+            for ref in held.locked():
+                off = ref * GRANT_ENTRY_V1_SIZE
+                (flags,) = _FLAGS.unpack_from(self._map, off)
+                pin = self.pins.get(ref)
+                new = flags
+                if pin is None:
+                    new &= ~(GTF_reading | GTF_writing)
+                elif pin.writers == 0:
+                    new &= ~GTF_writing
+                if new != flags:
+                    _FLAGS.pack_into(self._map, off, new)
+                self._deferred.discard(ref)
         finally:
-            grant_lock.unlock_entry(self.fd, ref)
+            self.release(held)
 
     def retry_deferred(self) -> None:
         if self.closed:
             return
-        for ref in list(self._deferred):
-            self._sync_flags(ref)
+        if self._deferred:
+            self._sync_flags(list(self._deferred))
 
     def pinned_gfns(self) -> set[int]:
         return {p.gfn for p in self.pins.values()}

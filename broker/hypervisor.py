@@ -341,23 +341,39 @@ class Hypervisor:
     # ---- grant table --------------------------------------------------------
 
     def grant_map(self, caller: Domain, ops: Sequence[tuple[int, int, bool]]) -> list[MapResult]:
-        """GNTTABOP_map_grant_ref for a batch of (granter domid, ref, readonly)."""
-        results = []
-        for domid, ref, readonly in ops:
-            results.append(self._map_one(caller, domid, ref, readonly))
+        """GNTTABOP_map_grant_ref for a batch of (granter domid, ref, readonly).
+
+        Each granter's entries are pinned together first (``pin_many``: a
+        run of neighbouring entries under one lock), then each op in order
+        gets its frame and handle.
+        """
+        pinned: list[tuple[int, int]] = [(GNTST_bad_domain, 0)] * len(ops)
+        by_granter: dict[int, list[int]] = {}
+        for index, (domid, _ref, _readonly) in enumerate(ops):
+            by_granter.setdefault(domid, []).append(index)
+        for domid, indexes in by_granter.items():
+            granter = self.domains.get(domid)
+            if granter is None or not granter.alive or granter.frames is None:
+                continue
+            pins = granter.gnttab.pin_many([(ops[i][1], ops[i][2]) for i in indexes], caller.domid)
+            for index, pin in zip(indexes, pins):
+                pinned[index] = pin
+        results = [self._map_one(caller, op, pin) for op, pin in zip(ops, pinned)]
         caller.stats["map"] += len(ops)
         return results
 
-    def _map_one(self, caller: Domain, domid: int, ref: int, readonly: bool) -> MapResult:
-        granter = self.domains.get(domid)
-        if granter is None or not granter.alive or granter.frames is None:
-            return MapResult(GNTST_bad_domain)
-        if len(caller.maptrack) >= MAX_MAPTRACK:
-            return MapResult(GNTST_no_space)
-        table = granter.gnttab
-        status, gfn = table.pin(ref, caller.domid, readonly)
+    def _map_one(self, caller: Domain, op: tuple[int, int, bool], pinned: tuple[int, int]) -> MapResult:
+        """The rest of a map whose pin is done: (GNTST status, gfn) of ``pin_many``."""
+        status, gfn = pinned
         if status != GNTST_okay:
             return MapResult(status)
+        domid, ref, readonly = op
+        granter = self.domains[domid]
+        table = granter.gnttab
+        assert granter.frames is not None
+        if len(caller.maptrack) >= MAX_MAPTRACK:
+            table.unpin(ref, readonly)
+            return MapResult(GNTST_no_space)
         try:
             frame, frame_id = granter.frames.open_frame(gfn, readonly)
         except BadFrame:
@@ -419,6 +435,7 @@ class Hypervisor:
             if claimed - kept:
                 still = caller.frames.still_mapped(claimed - kept, self._own_places(caller, checked))
         out = []
+        unpins: dict[BrokerGrantTable, list[tuple[int, bool]]] = {}
         for h in handles:
             m = caller.maptrack.get(h)
             if m is None:
@@ -426,8 +443,13 @@ class Hypervisor:
             elif m.frame_id in still:
                 out.append(GNTST_general_error)
             else:
-                self._unmap_one(caller, h)
+                del caller.maptrack[h]
+                self.changes.maps.append((caller.domid, h))
+                unpins.setdefault(m.table, []).append((m.ref, m.readonly))
                 out.append(GNTST_okay)
+        for table, refs in unpins.items():      # each table's flags under a run of locks at a time
+            table.unpin_many(refs)
+            table.close_if_retired()
         caller.stats["unmap"] += len(handles)
         return out
 
