@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import resource
 
-__all__ = ["RESERVE", "SHARE_DIVISOR", "FdBudget", "raise_nofile_limit"]
+__all__ = ["FRAME_FDS", "RESERVE", "SHARE_DIVISOR", "FdBudget", "raise_nofile_limit"]
 
-# Up to 128 frame fds for a map reply, one at a time while the copier maps a frame
-# (it keeps mappings, not descriptors), plus the broker's own sockets and up to 64
-# connections that have not said hello.
-RESERVE = 512
+# The frame descriptors kept for maps (frames.FrameFds; a map reply sends them), one
+# at a time while the copier maps a frame (it keeps mappings, not descriptors), plus
+# the broker's own sockets and up to 64 connections that have not said hello.
+FRAME_FDS = 256
+RESERVE = 384 + FRAME_FDS
 SHARE_DIVISOR = 8
 
 

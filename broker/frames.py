@@ -47,6 +47,8 @@ from xdom.domains.abi.grant_table import PAGE_SIZE
 from xdom.domains.abi.hypercall_wire import MAX_BATCH
 from xdom.domains.hostsys.memory import FRAME_MEMFD_NAME, DomainMemory
 
+from .fd_budget import FRAME_FDS
+
 FrameId = tuple[int, int]   # (st_dev, st_ino) of the frame's memfd
 
 
@@ -357,6 +359,57 @@ class LocalFrames:
 
     def still_mapped(self, ids: set[FrameId], allowed: set[tuple[FrameId, int]] = set()) -> set[FrameId]:  # noqa: B006
         return set()  # views are released by the local xenhost on unmap
+
+
+class FrameFds:
+    """Descriptors of frames lately mapped, kept for the next map of the same frame.
+
+    Reaching a frame through the granter's map_files is a procfs path walk
+    and a check, about 5 us, for every ref of every map; backends map the
+    same frames again and again (a ring's data pages).  So the descriptor a
+    map sends is kept in a small LRU, per (frames, gfn, read-only): a
+    read-only map is only ever sent an O_RDONLY descriptor.  An entry
+    serves for as long as the gfn's frame is the same inode: a frame
+    replaced is opened afresh, and a dead or restarted domain's descriptors
+    are closed with it (:meth:`forget`).  Like :class:`CopyFrames`, the
+    grant, not the granter's address space, decides: a granter that unmaps
+    its own frame gets GNTST_bad_page or the frame as it was.  At least
+    :data:`MAX_BATCH` entries, so no descriptor of a reply being built is
+    closed before it is sent; the broker's fd budget reserves the cache's
+    size (``fd_budget.RESERVE``).
+    """
+
+    def __init__(self, size: int = FRAME_FDS) -> None:
+        self._cache: OrderedDict[tuple[int, int, bool], tuple[ProcFrames, int, int]] = OrderedDict()
+        self._size = max(MAX_BATCH, size)
+
+    def open(self, frames: FrameSource, gfn: int, readonly: bool) -> tuple[object, FrameId]:
+        """A descriptor (or, in process, a view) of frame ``gfn``, and its identity; the cache
+        owns a descriptor: send it, never close it.  Raises as ``open_frame`` does."""
+        if not isinstance(frames, ProcFrames):
+            return frames.open_frame(gfn, readonly)
+        key = (id(frames), gfn, readonly)
+        hit = self._cache.get(key)
+        if hit is not None:
+            if hit[0] is frames and hit[1] == frames.inodes[gfn]:
+                self._cache.move_to_end(key)
+                return hit[2], (MEMFD_DEV, hit[1])
+            os.close(self._cache.pop(key)[2])          # the gfn's frame was replaced since
+        fd, frame_id = frames.open_frame(gfn, readonly)
+        self._cache[key] = (frames, frame_id[1], fd)
+        while len(self._cache) > self._size:
+            os.close(self._cache.popitem(last=False)[1][2])
+        return fd, frame_id
+
+    def forget(self, frames: FrameSource) -> None:
+        """Close the descriptors kept for a domain that died or restarted."""
+        for key in [k for k, v in self._cache.items() if v[0] is frames]:
+            os.close(self._cache.pop(key)[2])
+
+    def close(self) -> None:
+        for _frames, _ino, fd in self._cache.values():
+            os.close(fd)
+        self._cache.clear()
 
 
 class CopyFrames:

@@ -182,8 +182,8 @@ class Hypercalls:
             domid, ref = int_tuple(entry[:2], 2, "map")
             ops.append((domid, ref, bool(entry[2])))
         results = self.hv.grant_map(_domain(conn), ops)
-        fds = [r.frame for r in results if isinstance(r.frame, int)]    # descriptors: ProcFrames
-        return {"results": [[r.status, r.handle] for r in results]}, fds, fds
+        fds = [r.frame for r in results if isinstance(r.frame, int)]    # descriptors: ProcFrames, kept by FrameFds
+        return {"results": [[r.status, r.handle] for r in results]}, fds, []
 
     def _unmap(self, conn: Connection, args: dict[str, Any]) -> Reply:
         handles = [int_tuple([h], 1, "unmap")[0] for h in args["handles"]]

@@ -42,7 +42,7 @@ from xdom.domains.abi.hypercall_wire import HypercallError
 
 from .evtchn import MAX_PORTS, EventPair, Port, PortTable, new_virq_fd, signal
 from .fd_budget import FdBudget
-from .frames import BadFrame, CopyFrames, FrameId, FrameSource, NoFrameSpace
+from .frames import BadFrame, CopyFrames, FrameFds, FrameId, FrameSource, NoFrameSpace
 from .gnttab import BrokerGrantTable
 from .grant_copy import grant_copy
 
@@ -159,6 +159,7 @@ class Hypervisor:
         self.next_domid = 1
         self.virq_handlers: dict[int, tuple[Domain, Port]] = {}
         self._copier = CopyFrames()
+        self._frame_fds = FrameFds()
         self.on_event = on_event or (lambda kind, dom: None)
         self.changes = Changes()
 
@@ -256,6 +257,7 @@ class Hypervisor:
             self._close_port(dom, port)
         if dom.frames is not None:
             self._copier.forget(dom.frames)
+            self._frame_fds.forget(dom.frames)
         dom.frames = None
         dom.pid = 0
         self.changes.info.add(dom.domid)
@@ -375,7 +377,7 @@ class Hypervisor:
             table.unpin(ref, readonly)
             return MapResult(GNTST_no_space)
         try:
-            frame, frame_id = granter.frames.open_frame(gfn, readonly)
+            frame, frame_id = self._frame_fds.open(granter.frames, gfn, readonly)
         except BadFrame:
             table.unpin(ref, readonly)
             return MapResult(GNTST_bad_page)
@@ -628,6 +630,7 @@ class Hypervisor:
         for dom in list(self.domains.values()):
             self.remove_domain(dom)
         self._copier.close()
+        self._frame_fds.close()
 
 
 def check_domid(domid: int) -> int:

@@ -257,6 +257,31 @@ def test_copy_reaches_the_frame_that_replaced_a_revoked_one(domains) -> None:
         os.close(old_frame)
 
 
+def test_map_again_is_given_the_frame_and_the_mode_of_now(domains) -> None:
+    """The broker keeps the descriptors of frames it lately sent: a read-only map of a frame first
+    mapped writable is still read-only, and after the granter replaced the frame (ending access to a
+    frame a grantee was given) a map reaches the new frame, never the one the cache held."""
+    a, b = domains.create("a"), domains.create("b")
+    gfn = 3
+    ref = a.gnttab.grant_access(b.domid, gfn)
+    m = b.map_grant(a.domid, ref)
+    m.view[:5] = b"first"
+    b.unmap_grant(m)
+    m = b.map_grant(a.domid, ref, readonly=True)
+    assert m.view.readonly and bytes(m.view[:5]) == b"first"
+    with pytest.raises(TypeError):
+        m.view[0] = 1
+    b.unmap_grant(m)
+    a.gnttab.end_access(ref)
+    a.memory.frame(gfn)[:5] = b"later"
+    ref = a.gnttab.grant_access(b.domid, gfn)
+    for readonly in (False, True):
+        m = b.map_grant(a.domid, ref, readonly=readonly)
+        assert bytes(m.view[:5]) == b"later"
+        b.unmap_grant(m)
+    a.gnttab.end_access(ref)
+
+
 def test_copy_cannot_name_another_domains_frames(domains) -> None:
     a, b = domains.create("a"), domains.create("b")
     a.memory.frame(0)[:6] = b"secret"

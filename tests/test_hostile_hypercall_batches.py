@@ -10,13 +10,15 @@ domains keep being served.
 
 from __future__ import annotations
 
+import fcntl
+import mmap
 import os
 import stat
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypercall_client import Bystanders, Raw, copy_blob, raw_connections, served_bystanders
+from hypercall_client import Bystanders, Raw, copy_blob, pack, raw_connections, served_bystanders
 
 from xdom.broker.mgmt_client import ManagementClient
 from xdom.deploy.launcher import BrokerProcess
@@ -111,6 +113,32 @@ def test_out_of_range_batch_entries_are_einval(raw: Raw, bystanders: Bystanders)
     assert reply["results"][0][0] == GNTST_okay and conn.last_fds == 1
     assert g.gnttab.entry(ref)[0] & GTF_reading
     assert conn.ok({"op": "unmap", "handles": [reply["results"][0][1]]})["results"] == [GNTST_okay]
+    g.gnttab.end_and_release(ref)
+    bystanders.check()
+
+
+def test_a_read_only_map_is_sent_a_read_only_descriptor_whatever_was_sent_before(
+        raw: Raw, bystanders: Bystanders) -> None:
+    """The broker keeps descriptors of frames it lately sent; one opened for a writable map must never
+    go out for a read-only one, where a hostile grantee would mmap it writable."""
+    conn, creds = raw.running()
+    me, g = creds["domid"], bystanders.granter
+    ref = g.gnttab.grant_access(me, 6)
+    for readonly, mode in ((0, os.O_RDWR), (1, os.O_RDONLY), (0, os.O_RDWR), (1, os.O_RDONLY)):
+        fds: list[int] = []
+        conn.send(pack({"op": "map", "ops": [[g.domid, ref, readonly]]}))
+        reply = conn.recv(fds)
+        try:
+            (status, handle), = reply["results"]
+            assert status == GNTST_okay and len(fds) == 1
+            assert fcntl.fcntl(fds[0], fcntl.F_GETFL) & os.O_ACCMODE == mode, (readonly, mode)
+            if readonly:
+                with pytest.raises(PermissionError):
+                    mmap.mmap(fds[0], PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        assert conn.ok({"op": "unmap", "handles": [handle]})["results"] == [GNTST_okay]
     g.gnttab.end_and_release(ref)
     bystanders.check()
 
