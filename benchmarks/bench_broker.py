@@ -12,7 +12,8 @@ Three measurements, each printed beside its reference:
    present, a C eventfd ping-pong between two forked processes (the floor).
 2. Grant map+unmap at batch sizes 1, 16 and 64: a backend domain process
    maps N refs of a granter domain in one ``map_grants`` call and unmaps
-   them in one ``unmap_grants`` call; broker mode against the local
+   them in one ``unmap_grants`` call; broker mode against the issue's
+   reference, N in-process mmap + munmap of a memfd page, and the local
    (in-process) variant.
 3. Grant copy throughput, 4 KiB ops in batches of 64 (granter's granted
    pages -> copier's own frames), broker mode (broker and backend on one
@@ -509,6 +510,26 @@ def bench_pread(seconds: float) -> dict[str, float]:
             "us_per_batch": elapsed / iters * 1e6}
 
 
+def bench_mmap(seconds: float) -> dict[str, dict[str, float]]:
+    """The issue's map reference: in-process mmap + munmap of N memfd pages (one memfd each, as frames are)."""
+    import mmap
+    fds = [os.memfd_create(f"xdom-bench-page{i}", os.MFD_CLOEXEC) for i in range(max(BATCHES))]
+    out: dict[str, dict[str, float]] = {}
+    try:
+        for fd in fds:
+            os.ftruncate(fd, PAGE)
+        for n in BATCHES:
+            def cycle(some: list[int] = fds[:n]) -> None:
+                for m in [mmap.mmap(fd, PAGE) for fd in some]:
+                    m.close()
+            iters, elapsed = timed_loop(cycle, seconds)
+            out[str(n)] = {"refs_per_s": iters * n / elapsed, "us_per_batch": elapsed / iters * 1e6}
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return out
+
+
 def bench_memcpy(seconds: float) -> dict[str, float]:
     src = bytearray(os.urandom(COPY_BATCH * PAGE))
     dst = bytearray(COPY_BATCH * PAGE)
@@ -569,13 +590,15 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> None:
     print("\n2. Grant map+unmap: backend maps N refs in one map_grants call, unmaps them in one "
           "unmap_grants call")
     print("   (refs/s = refs taken through map AND unmap per second; us/batch = one map call + one unmap call)")
-    print(f"  {'batch N':>8} {'OURS broker refs/s':>20} {'us/batch':>10} {'REF local refs/s':>18} "
-          f"{'us/batch':>10} {'local/broker':>13}")
+    print(f"  {'batch N':>8} {'OURS broker refs/s':>20} {'us/batch':>10} {'REF mmap+munmap refs/s':>23} "
+          f"{'us/batch':>10} {'OURS/REF':>9} {'local refs/s':>13} {'local/broker':>13}")
     for n in BATCHES:
-        b, loc = g["broker"]["map"][str(n)], g["local"]["map"][str(n)]
-        print(f"  {n:>8} {b['refs_per_s']:>20,.0f} {b['us_per_batch']:>10.1f} {loc['refs_per_s']:>18,.0f} "
-              f"{loc['us_per_batch']:>10.1f} {loc['refs_per_s'] / b['refs_per_s']:>12.1f}x")
-    print("   (broker: backend is its own domain process, granter a domain in the benchmark process)")
+        b, loc, raw = g["broker"]["map"][str(n)], g["local"]["map"][str(n)], res["mmap"][str(n)]
+        print(f"  {n:>8} {b['refs_per_s']:>20,.0f} {b['us_per_batch']:>10.1f} {raw['refs_per_s']:>23,.0f} "
+              f"{raw['us_per_batch']:>10.1f} {b['refs_per_s'] / raw['refs_per_s']:>8.2f}x "
+              f"{loc['refs_per_s']:>13,.0f} {loc['refs_per_s'] / b['refs_per_s']:>12.1f}x")
+    print("   (broker: backend is its own domain process, granter a domain in the benchmark process;")
+    print("    REF: in-process mmap + munmap of N memfd pages; local: the in-process hypervisor variant)")
 
     print(f"\n3. Grant copy: {COPY_BATCH} x 4 KiB copy ops per copy_grants call "
           f"(granter's granted page -> copier's own frame)")
@@ -628,6 +651,7 @@ def main() -> int:
         res["grants"]["broker"] = bench_grants_broker(client, broker.proc.pid, seconds, marker)
         res["grants"]["local"] = bench_grants_local(seconds, marker)
         res["memcpy"] = bench_memcpy(seconds)
+        res["mmap"] = bench_mmap(seconds)
         res["pread"] = bench_pread(seconds)
     finally:
         if client is not None:
