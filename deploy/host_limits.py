@@ -138,7 +138,7 @@ def problems(topology: Topology, facts: HostFacts, ready_timeout: float) -> list
     if facts.nofile_hard is not None:
         from xdom.broker.fd_budget import RESERVE
         from xdom.broker.hypervisor import DOMAIN_FDS
-        room = (facts.nofile_hard - RESERVE) // DOMAIN_FDS
+        room = max(0, facts.nofile_hard - RESERVE) // DOMAIN_FDS
         if len(topology.domains) > room:
             out.append(f"{src}: {len(topology.domains)} domains need at least {DOMAIN_FDS} of the broker's "
                        f"descriptors each, and its hard RLIMIT_NOFILE ({facts.nofile_hard}, less {RESERVE} for itself) "

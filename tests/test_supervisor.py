@@ -573,5 +573,8 @@ def test_memory_beyond_the_hosts_and_starts_beyond_the_ready_timeout_are_refused
     uids = _refusals(XS + GUEST, uid_slots=1)
     assert len(uids) == 1 and "2 domains need a uid of their own and xdom has 1" in uids[0]
     assert _refusals(XS + GUEST, uid_slots=None) == []
-    [fds] = _refusals(XS + GUEST, nofile_hard=515)
-    assert "hard RLIMIT_NOFILE (515, less 512 for itself) leaves room for 0" in fds
+    from xdom.broker.fd_budget import RESERVE
+    [fds] = _refusals(XS + GUEST, nofile_hard=RESERVE + 3)
+    assert f"hard RLIMIT_NOFILE ({RESERVE + 3}, less {RESERVE} for itself) leaves room for 0" in fds
+    [fds] = _refusals(XS + GUEST, nofile_hard=RESERVE // 2)      # below the reserve itself: room for none
+    assert f"hard RLIMIT_NOFILE ({RESERVE // 2}, less {RESERVE} for itself) leaves room for 0" in fds
