@@ -8,8 +8,11 @@ frames (``CopyFrames``: each opened through the domain's map_files and
 checked to be the frame made for that gfn); then the locks go.
 
 The per-op loop is the whole cost of a copy from Python's side (64 ops of
-4 KiB each are 256 KiB a call), so each grant is resolved once per batch and
-each op is a few dict lookups and one slice assignment.
+4 KiB each are 256 KiB a call), so each grant and each of the caller's own
+frames is resolved once per batch, into a (status, frame, writable) triple,
+and each op is two dict lookups and one slice assignment.  The batch
+arrives as Xen's ``struct gnttab_copy`` array, unpacked in C
+(``hypercall_wire.copy_segments``): no value needs checking one by one.
 """
 
 from __future__ import annotations
@@ -65,8 +68,9 @@ def grant_copy(domains: Mapping[int, Domain], caller: Domain, ops: Sequence[tupl
     held: list[tuple[BrokerGrantTable, HeldEntries]] = []
     try:
         grants = _hold(domains, caller, named, held, frames)
-        own_frames: dict[int, Grant] = {gfn: (GNTST_bad_page, None, False) if view is None else (GNTST_okay, view, True)
-                      for gfn, view in frames.views(caller.frames, own).items()}
+        own_frames: dict[int, Grant] = {
+            gfn: (GNTST_bad_page, None, False) if view is None else (GNTST_okay, view, True)
+            for gfn, view in frames.views(caller.frames, own).items()}
         return _copy(mine, ops, grants, own_frames)
     finally:
         for table, entries in held:
