@@ -14,11 +14,12 @@ Three measurements, each printed beside its reference:
    maps N refs of a granter domain in one ``map_grants`` call and unmaps
    them in one ``unmap_grants`` call; broker mode against the issue's
    reference, N in-process mmap + munmap of a memfd page, and the local
-   (in-process) variant.
+   (in-process) variant; with the CPU each process spent per ref.
 3. Grant copy throughput, 4 KiB ops in batches of 64 (granter's granted
    pages -> copier's own frames), broker mode (broker and backend on one
    CPU, on two, not pinned) against local mode, Python preads of 4 KiB from
-   a memfd and a plain Python page-by-page memoryview copy.
+   a memfd and a plain Python page-by-page memoryview copy; with the CPU
+   seconds per GiB of the copier and of the broker.
 
 The round trips are measured twice: every process pinned to one CPU (what
 the software costs: no wakeup crosses CPUs) and pinger and ponger pinned to
@@ -208,32 +209,31 @@ def child_evtchn(role: str) -> None:
 # grant map/unmap and copy (backend side; in a child for broker mode, inline for local)
 
 
-def grant_benchmarks(h: Any, granter: int, refs: list[int], marker: bytes, seconds: float) -> dict[str, Any]:
-    """Map/unmap at each batch size."""
-    out: dict[str, Any] = {"map": {}}
-    # One checked round first: the mapped page must be the granter's page.
+def map_sanity_check(h: Any, granter: int, refs: list[int], marker: bytes) -> None:
+    """One checked round first: the mapped page must be the granter's page."""
     (res,) = h.map_grants([(granter, refs[0], False)])
     if res.status != 0 or bytes(res.mapping.view[:len(marker)]) != marker:
         raise RuntimeError(f"map sanity check failed: status {res.status}")
     if h.unmap_grants([res.mapping]) != [0]:
         raise RuntimeError("unmap sanity check failed")
 
-    for n in BATCHES:
-        ops = [(granter, ref, False) for ref in refs[:n]]
 
-        def cycle() -> None:
-            results = h.map_grants(ops)
-            for r in results:
-                if r.status:
-                    raise RuntimeError(f"map_grants: status {r.status}")
-            statuses = h.unmap_grants([r.mapping for r in results])
-            if any(statuses):
-                raise RuntimeError(f"unmap_grants: statuses {statuses}")
-        iters, elapsed = timed_loop(cycle, seconds)
-        out["map"][str(n)] = {"refs_per_s": iters * n / elapsed, "calls": iters,
-                              "us_per_batch": elapsed / iters * 1e6}
+def map_benchmark(h: Any, granter: int, refs: list[int], n: int, seconds: float) -> dict[str, float]:
+    """Map ``n`` refs in one call and unmap them in one, again and again; with this process's CPU."""
+    ops = [(granter, ref, False) for ref in refs[:n]]
 
-    return out
+    def cycle() -> None:
+        results = h.map_grants(ops)
+        for r in results:
+            if r.status:
+                raise RuntimeError(f"map_grants: status {r.status}")
+        statuses = h.unmap_grants([r.mapping for r in results])
+        if any(statuses):
+            raise RuntimeError(f"unmap_grants: statuses {statuses}")
+    cpu0 = time.process_time()
+    iters, elapsed = timed_loop(cycle, seconds)
+    return {"refs_per_s": iters * n / elapsed, "calls": iters, "us_per_batch": elapsed / iters * 1e6,
+            "refs": iters * n, "cpu_s": time.process_time() - cpu0}
 
 
 def copy_benchmark(h: Any, granter: int, refs: list[int], marker: bytes, seconds: float) -> dict[str, Any]:
@@ -252,9 +252,11 @@ def copy_benchmark(h: Any, granter: int, refs: list[int], marker: bytes, seconds
     for gfn in range(COPY_BATCH):
         if bytes(h.memory.frame(gfn)[:len(marker)]) != marker:
             raise RuntimeError(f"copy sanity check failed at gfn {gfn}")
+    cpu0 = time.process_time()
     iters, elapsed = timed_loop(copy, seconds)
     return {"mib_s": iters * COPY_BATCH * PAGE / elapsed / 2**20, "calls": iters,
-            "us_per_batch": elapsed / iters * 1e6}
+            "us_per_batch": elapsed / iters * 1e6, "bytes": iters * COPY_BATCH * PAGE,
+            "cpu_s": time.process_time() - cpu0}
 
 
 def child_grants() -> None:
@@ -264,9 +266,14 @@ def child_grants() -> None:
         emit({"domid": h.domid})
         cfg = receive()
         granter, refs, marker, seconds = cfg["granter"], cfg["refs"], bytes.fromhex(cfg["marker"]), cfg["seconds"]
-        emit(grant_benchmarks(h, granter, refs, marker, seconds))
-        while receive().get("copy"):       # once per placement: the parent pins us, then asks
-            emit(copy_benchmark(h, granter, refs, marker, seconds))
+        map_sanity_check(h, granter, refs, marker)
+        emit({"ready": True})
+        # One measurement a request, so that the parent samples the broker's CPU around each.
+        while (ask := receive()):
+            if "map" in ask:
+                emit(map_benchmark(h, granter, refs, ask["map"], seconds))
+            else:                           # copy, once per placement: the parent pins us, then asks
+                emit(copy_benchmark(h, granter, refs, marker, seconds))
     finally:
         h.close()
 
@@ -457,14 +464,21 @@ def bench_grants_broker(client: Any, broker_pid: int, seconds: float, marker: by
         backend_domid = backend.recv()["domid"]
         refs = grant_setup(granter, backend_domid, marker)
         backend.send({"granter": granter.domid, "refs": refs, "marker": marker.hex(), "seconds": seconds})
-        result = backend.recv(timeout=CHILD_TIMEOUT + 10 * seconds)
-        result["copy"] = {}
+        backend.recv()
+
+        def measured(ask: dict[str, Any]) -> dict[str, Any]:
+            """The child's figures for ``ask``, with the broker's CPU seconds over the same run."""
+            before = process_cpu(broker_pid)
+            backend.send(ask)
+            out = backend.recv(timeout=CHILD_TIMEOUT + 2 * seconds)
+            out["broker_cpu_s"] = process_cpu(broker_pid) - before
+            return out
+        result: dict[str, Any] = {"map": {str(n): measured({"map": n}) for n in BATCHES}, "copy": {}}
         for placement, (broker_cpu, backend_cpu) in placements().items():
             _pin(broker_pid, broker_cpu)
             _pin(proc.pid, backend_cpu)
-            backend.send({"copy": True})
-            result["copy"][placement] = backend.recv(timeout=CHILD_TIMEOUT + 2 * seconds)
-        backend.send({"copy": False})
+            result["copy"][placement] = measured({"copy": True})
+        backend.send({})
         proc.wait(10)
         return result
     finally:
@@ -482,9 +496,9 @@ def bench_grants_local(seconds: float, marker: bytes) -> dict[str, Any]:
         backend = hv.create_domain("bench-backend", "1M")
         try:
             refs = grant_setup(granter, backend.domid, marker)
-            out = grant_benchmarks(backend, granter.domid, refs, marker, seconds)
-            out["copy"] = copy_benchmark(backend, granter.domid, refs, marker, seconds)
-            return out
+            map_sanity_check(backend, granter.domid, refs, marker)
+            return {"map": {str(n): map_benchmark(backend, granter.domid, refs, n, seconds) for n in BATCHES},
+                    "copy": copy_benchmark(backend, granter.domid, refs, marker, seconds)}
         finally:
             backend.close()
             granter.close()
@@ -508,6 +522,13 @@ def bench_pread(seconds: float) -> dict[str, float]:
         os.close(fd)
     return {"mib_s": iters * COPY_BATCH * PAGE / elapsed / 2**20, "calls": iters,
             "us_per_batch": elapsed / iters * 1e6}
+
+
+def process_cpu(pid: int) -> float:
+    """User + system seconds ``pid`` has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bench_mmap(seconds: float) -> dict[str, dict[str, float]]:
@@ -591,18 +612,23 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> None:
           "unmap_grants call")
     print("   (refs/s = refs taken through map AND unmap per second; us/batch = one map call + one unmap call)")
     print(f"  {'batch N':>8} {'OURS broker refs/s':>20} {'us/batch':>10} {'REF mmap+munmap refs/s':>23} "
-          f"{'us/batch':>10} {'OURS/REF':>9} {'local refs/s':>13} {'local/broker':>13}")
+          f"{'us/batch':>10} {'OURS/REF':>9} {'local refs/s':>13} {'local/broker':>13}   "
+          f"CPU us/ref: backend  broker  local")
     for n in BATCHES:
         b, loc, raw = g["broker"]["map"][str(n)], g["local"]["map"][str(n)], res["mmap"][str(n)]
         print(f"  {n:>8} {b['refs_per_s']:>20,.0f} {b['us_per_batch']:>10.1f} {raw['refs_per_s']:>23,.0f} "
               f"{raw['us_per_batch']:>10.1f} {b['refs_per_s'] / raw['refs_per_s']:>8.2f}x "
-              f"{loc['refs_per_s']:>13,.0f} {loc['refs_per_s'] / b['refs_per_s']:>12.1f}x")
+              f"{loc['refs_per_s']:>13,.0f} {loc['refs_per_s'] / b['refs_per_s']:>12.1f}x   "
+              f"{b['cpu_s'] / b['refs'] * 1e6:>19.1f} {b['broker_cpu_s'] / b['refs'] * 1e6:>7.1f} "
+              f"{loc['cpu_s'] / loc['refs'] * 1e6:>6.1f}")
     print("   (broker: backend is its own domain process, granter a domain in the benchmark process;")
-    print("    REF: in-process mmap + munmap of N memfd pages; local: the in-process hypervisor variant)")
+    print("    REF: in-process mmap + munmap of N memfd pages; local: the in-process hypervisor variant;")
+    print("    CPU: user + system per ref taken through map and unmap, of each process over its run)")
 
     print(f"\n3. Grant copy: {COPY_BATCH} x 4 KiB copy ops per copy_grants call "
           f"(granter's granted page -> copier's own frame)")
-    print(f"  {'':<52} {'MiB/s':>10} {'us/batch':>10} {'vs pread':>9} {'vs memcpy':>10}")
+    print(f"  {'':<52} {'MiB/s':>10} {'us/batch':>10} {'vs pread':>9} {'vs memcpy':>10}   "
+          f"CPU s/GiB: copier  broker")
     mem, pread = res["memcpy"]["mib_s"], res["pread"]["mib_s"]
     rows = [(f"OURS  broker mode, broker + backend on {placement}", r)
             for placement, r in g["broker"]["copy"].items()]
@@ -610,8 +636,12 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> None:
              ("REF   Python os.pread of 4 KiB from a memfd (64 x)", res["pread"]),
              ("REF   Python memoryview page copy (64 x 4 KiB)", res["memcpy"])]
     for label, r in rows:
+        cpu = ""
+        if "cpu_s" in r:
+            cpu = f"   {r['cpu_s'] / r['bytes'] * 2**30:>17.2f}"
+            cpu += f" {r['broker_cpu_s'] / r['bytes'] * 2**30:>7.2f}" if "broker_cpu_s" in r else "       -"
         print(f"  {label:<52} {r['mib_s']:>10,.1f} {r['us_per_batch']:>10.1f} {r['mib_s'] / pread:>8.2f}x "
-              f"{r['mib_s'] / mem:>9.3f}x")
+              f"{r['mib_s'] / mem:>9.3f}x{cpu}")
     print("   (a copy is one hypercall: on two CPUs each call waits for two cross-CPU wakeups)")
     print(f"\n(total wall time {res['wall']:.1f} s)")
     print(line)
