@@ -134,8 +134,14 @@ class HostileAgent(DomainAgent):
         stamps = [int.from_bytes(self.h.memory.frame(first_gfn + i)[:8], "little") for i in range(len(refs))]
         return {"statuses": statuses, "stamps": stamps}
 
-    def cmd_torture_granter(self, grantee: int, ref: int, gfn: int, rounds: int) -> dict[str, Any]:
-        """Grant, then end access as soon as the grantee lets go; own the page in between."""
+    def cmd_torture_granter(self, grantee: int, ref: int, gfn: int, rounds: int,
+                            neighbours: int = 0) -> dict[str, Any]:
+        """Grant, then end access as soon as the grantee lets go; own the page in between.
+
+        ``neighbours``: the refs just below ``ref`` stay granted throughout (gfns after ``gfn``), so the
+        grantee's batch is a run of entries of which the granter keeps locking the last one."""
+        for k in range(1, neighbours + 1):
+            self.h.gnttab.grant_access_ref(ref - k, grantee, gfn + k)
         page = self.h.memory.frame(gfn)
         busy = incs = 0
         for _ in range(rounds):
@@ -150,12 +156,23 @@ class HostileAgent(DomainAgent):
         self.h.gnttab.grant_access_ref(ref + 1, grantee, gfn, readonly=True)   # the stop signal
         return {"incs": incs, "busy": busy}
 
-    def cmd_torture_grantee(self, granter: int, ref: int, seconds: float) -> dict[str, Any]:
-        """Map whenever the grant is there, increment while mapped, unmap."""
+    def cmd_torture_grantee(self, granter: int, ref: int, seconds: float, neighbours: int = 0) -> dict[str, Any]:
+        """Map whenever the grant is there, increment while mapped, unmap.
+
+        ``neighbours``: map the refs just below ``ref`` in the same batch, and unmap them with it;
+        once the granter has granted them (it starts after us), each must map every time."""
         incs = failed_maps = 0
+        batch = [(granter, ref - k, False) for k in range(neighbours, 0, -1)] + [(granter, ref, False)]
+        granted = False
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            (res,) = self.h.map_grants([(granter, ref, False)])
+            *around, res = self.h.map_grants(batch)
+            mapped = [r.mapping for r in around if r.mapping is not None]
+            if len(mapped) != len(around) and granted:
+                raise RuntimeError(f"a neighbour of the contended entry did not map: {[r.status for r in around]}")
+            granted = granted or len(mapped) == len(around)
+            if mapped and self.h.unmap_grants(mapped) != [GNTST_okay] * len(mapped):
+                raise RuntimeError("unmapping the neighbours failed")
             if res.mapping is None:
                 failed_maps += 1
                 if failed_maps % 16 == 0:

@@ -11,20 +11,25 @@ counter must equal the sum of both sides' increments.
 
 from __future__ import annotations
 
+import pytest
 from helpers import RemoteDomain
 
 ROUNDS = 5000
 
 
-def test_end_access_versus_map_loses_no_update(mgmt) -> None:
+@pytest.mark.parametrize("neighbours", [0, 3], ids=["one entry", "a run of four"])
+def test_end_access_versus_map_loses_no_update(mgmt, neighbours: int) -> None:
+    """With ``neighbours``, the grantee maps the contended entry as the last of a run of four (pinned
+    under one lock when it can be, one by one when the granter holds the last), and unmaps the run."""
     granter = RemoteDomain(mgmt, "granter")
     grantee = RemoteDomain(mgmt, "grantee")
     try:
         ref, gfn = 100, 3
-        grantee.send("torture_grantee", granter=granter.domid, ref=ref, seconds=240)
+        grantee.send("torture_grantee", granter=granter.domid, ref=ref, seconds=240, neighbours=neighbours)
         g = granter.call("torture_granter", grantee=grantee.domid, ref=ref, gfn=gfn, rounds=ROUNDS,
-                         reply_within=240)
+                         neighbours=neighbours, reply_within=240)
         b = grantee.read(240)
+        assert "incs" in b, f"the grantee stopped: {b}"
         assert g["incs"] == ROUNDS
         # read the counter through the granter's own memory
         raw = granter.call("read_u64", gfn=gfn)["value"]
