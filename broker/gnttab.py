@@ -170,6 +170,16 @@ class BrokerGrantTable:
         status, flags, gfn = self._check(ref, grantee, readonly)
         if status != GNTST_okay:
             return status, 0
+        self.add_pin(ref, grantee, gfn, readonly)
+        new = flags | GTF_reading | (0 if readonly else GTF_writing) | XDOM_GTF_mapped
+        if new != flags:
+            _FLAGS.pack_into(self._map, ref * GRANT_ENTRY_V1_SIZE, new)
+        self._deferred.discard(ref)
+        return GNTST_okay, gfn
+
+    def add_pin(self, ref: int, grantee: int, gfn: int, readonly: bool) -> None:
+        """Count one more pin of ``ref``; the first records whose it is and which frame (Xen's active
+        entry), flags aside: :meth:`pin_many` sets them, a takeover finds them set."""
         pin = self.pins.get(ref)
         if pin is None:
             pin = self.pins[ref] = Pin(grantee, gfn)
@@ -177,11 +187,6 @@ class BrokerGrantTable:
             pin.readers += 1
         else:
             pin.writers += 1
-        new = flags | GTF_reading | (0 if readonly else GTF_writing) | XDOM_GTF_mapped
-        if new != flags:
-            _FLAGS.pack_into(self._map, ref * GRANT_ENTRY_V1_SIZE, new)
-        self._deferred.discard(ref)
-        return GNTST_okay, gfn
 
     def hold_many(self, refs: Iterable[int], grantee: int) -> HeldEntries:
         """Lock and check the entries a copy batch names, until :meth:`release`.

@@ -41,7 +41,7 @@ from xdom.domains.abi.event_channel import GLOBAL_VIRQS, EVTCHNSTAT_unbound
 
 from .evtchn import EventPair, Port, PortTable, eventfd_id
 from .frames import MEMFD_DEV, ProcFrames
-from .gnttab import BrokerGrantTable, Pin
+from .gnttab import BrokerGrantTable
 from .hypervisor import CRASHED, CREATED, DOMAIN_FDS, PAUSED, RUNNING, Domain, Hypervisor, Mapping
 from .persist import Model, Record, empty_model
 
@@ -386,13 +386,7 @@ def _rebuild_maps(model: Model, hv: Hypervisor, doms: dict[int, Domain]) -> None
                         token="", state=CRASHED)
                     detached[key] = (stub, BrokerGrantTable.detached(frames, granter_id))
                 granter, table = detached[key]
-            pin = table.pins.get(ref)
-            if pin is None:
-                pin = table.pins[ref] = Pin(domid, gfn)
-            if readonly:
-                pin.readers += 1
-            else:
-                pin.writers += 1
+            table.add_pin(ref, domid, gfn, readonly)
             dom.maptrack[int(handle)] = Mapping(granter, table, ref, readonly, (MEMFD_DEV, ino), gfn, inc)
 
 
