@@ -13,7 +13,7 @@ import errno
 import os
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -251,8 +251,7 @@ class Hypervisor:
         reason = "destroyed" if destroyed else (dom.shutdown_reason or reason or "crash")
         dom.state = SHUTDOWN if reason in ("poweroff", "reboot", "suspend", "destroyed") else CRASHED
         dom.shutdown_reason = reason
-        for handle in list(dom.maptrack):
-            self._unmap_one(dom, handle)
+        self._release(dom, list(dom.maptrack))
         for port in list(dom.ports.ports.values()):
             self._close_port(dom, port)
         if dom.frames is not None:
@@ -437,21 +436,17 @@ class Hypervisor:
             if claimed - kept:
                 still = caller.frames.still_mapped(claimed - kept, self._own_places(caller, checked))
         out = []
-        unpins: dict[BrokerGrantTable, list[tuple[int, bool]]] = {}
+        released: dict[int, None] = {}          # in order; a handle named twice is released once
         for h in handles:
             m = caller.maptrack.get(h)
-            if m is None:
+            if m is None or h in released:
                 out.append(GNTST_bad_handle)
             elif m.frame_id in still:
                 out.append(GNTST_general_error)
             else:
-                del caller.maptrack[h]
-                self.changes.maps.append((caller.domid, h))
-                unpins.setdefault(m.table, []).append((m.ref, m.readonly))
+                released[h] = None
                 out.append(GNTST_okay)
-        for table, refs in unpins.items():      # each table's flags under a run of locks at a time
-            table.unpin_many(refs)
-            table.close_if_retired()
+        self._release(caller, released)
         caller.stats["unmap"] += len(handles)
         return out
 
@@ -472,12 +467,17 @@ class Hypervisor:
                     places.add((m.frame_id, addr))
         return places
 
-    def _unmap_one(self, caller: Domain, handle: int) -> None:
-        m = caller.maptrack.pop(handle)
-        self.changes.maps.append((caller.domid, handle))
-        if m.ref in m.table.pins:
-            m.table.unpin(m.ref, m.readonly)
-        m.table.close_if_retired()
+    def _release(self, caller: Domain, handles: Iterable[int]) -> None:
+        """Drop these mappings of the caller's; each granter's entries are unpinned together, their
+        flags updated a run of locks at a time."""
+        unpins: dict[BrokerGrantTable, list[tuple[int, bool]]] = {}
+        for handle in handles:
+            m = caller.maptrack.pop(handle)
+            self.changes.maps.append((caller.domid, handle))
+            unpins.setdefault(m.table, []).append((m.ref, m.readonly))
+        for table, refs in unpins.items():
+            table.unpin_many(refs)
+            table.close_if_retired()
 
     def grant_copy(self, caller: Domain, ops: Sequence[tuple[int, ...]]) -> list[int]:
         """GNTTABOP_copy (see xdom.broker.grant_copy)."""

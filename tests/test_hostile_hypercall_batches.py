@@ -143,6 +143,25 @@ def test_a_read_only_map_is_sent_a_read_only_descriptor_whatever_was_sent_before
     bystanders.check()
 
 
+def test_a_handle_named_twice_in_one_unmap_is_released_once(raw: Raw, bystanders: Bystanders) -> None:
+    """An unmap batch releases each mapping once, and two mappings of one entry are two pins: the
+    entry is free for its granter only when both are gone."""
+    conn, creds = raw.running()
+    me, g = creds["domid"], bystanders.granter
+    ref = g.gnttab.grant_access(me, 7, readonly=True)
+    handles = [h for status, h in conn.ok({"op": "map", "ops": [[g.domid, ref, 1]] * 2})["results"]]
+    assert len(set(handles)) == 2
+    assert conn.ok({"op": "unmap", "handles": [handles[0]] * 3})["results"] == [
+        GNTST_okay, GNTST_bad_handle, GNTST_bad_handle]
+    assert g.gnttab.entry(ref)[0] & GTF_reading          # the second mapping still pins it
+    assert not g.gnttab.try_end_access(ref)
+    assert conn.ok({"op": "unmap", "handles": [handles[1], handles[0]]})["results"] == [
+        GNTST_okay, GNTST_bad_handle]
+    assert not g.gnttab.entry(ref)[0] & GTF_reading
+    g.gnttab.end_and_release(ref)
+    bystanders.check()
+
+
 def test_in_range_nonsense_gets_grant_status_codes(raw: Raw, bystanders: Bystanders) -> None:
     conn, creds = raw.running()
     me, g, p = creds["domid"], bystanders.granter, bystanders.peer
