@@ -441,31 +441,25 @@ class CopyFrames:
         self._cache_size = max(2 * MAX_BATCH, cache_size)
 
     def views(self, frames: FrameSource | None, gfns: Iterable[int]) -> dict[int, memoryview | None]:
-        """:meth:`view` of each of ``gfns``: a batch's frames looked up in one pass, kept frames inline."""
+        """Each of ``gfns`` of ``frames`` to copy into or out of now, or None for one that is not that
+        domain's own frame: a batch's frames looked up in one pass, a kept frame inline."""
         out: dict[int, memoryview | None] = {}
-        if isinstance(frames, ProcFrames):
-            fid, inodes, get, keep = id(frames), frames.inodes, self._cache.get, self._cache.move_to_end
-            for gfn in gfns:
-                hit = get((fid, gfn))
-                if hit is not None and hit[0] is frames and hit[1] == inodes[gfn]:
-                    keep((fid, gfn))
-                    out[gfn] = hit[3]
-                else:
-                    out[gfn] = self.view(frames, gfn)
-        else:
-            for gfn in gfns:
-                out[gfn] = self.view(frames, gfn)
+        inodes = frames.inodes if isinstance(frames, ProcFrames) else None     # only ProcFrames are kept
+        fid, get, keep = id(frames), self._cache.get, self._cache.move_to_end
+        for gfn in gfns:
+            if inodes is not None and (hit := get((fid, gfn))) is not None and hit[1] == inodes[gfn]:
+                keep((fid, gfn))
+                out[gfn] = hit[3]
+            else:
+                out[gfn] = self._reach(frames, gfn)
         return out
 
-    def view(self, frames: FrameSource | None, gfn: int) -> memoryview | None:
-        """Frame ``gfn`` of ``frames`` to copy into or out of now, or None if it is not that domain's own frame."""
+    def _reach(self, frames: FrameSource | None, gfn: int) -> memoryview | None:
+        """A frame not kept, or kept but replaced since (that mapping goes): reached afresh."""
         key = (id(frames), gfn)
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] is frames:      # a kept frame: only ProcFrames are kept
-            if hit[1] == hit[0].inodes[gfn]:
-                self._cache.move_to_end(key)
-                return hit[3]
-            self._unmap(self._cache.pop(key))         # the gfn's frame was replaced since
+        stale = self._cache.pop(key, None)     # an entry holds its frames, so the id is not reused
+        if stale is not None:
+            self._unmap(stale)
         if frames is None:
             return None
         if isinstance(frames, LocalFrames):
