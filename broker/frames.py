@@ -75,39 +75,47 @@ FRAME_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 class FrameAllocator:
     """Makes a domain's frames (XENMEM_populate_physmap) and remembers who they are.
 
-    Frames are made in gfn order, each a 4 KiB memfd of root's, mode 0600,
-    sealed against shrinking and growing: whoever holds a descriptor of a
-    frame (its domain, a grantee with a writable mapping) cannot truncate it
+    Each gfn gets one frame, made when the domain first asks for it: at
+    start-up or later, in any order (Xen's populate_physmap takes any gfns
+    not populated yet), so a domain pays for the memory it uses, not for
+    all it may use.  A frame is a 4 KiB memfd of root's, mode 0600, sealed
+    against shrinking and growing: whoever holds a descriptor of a frame
+    (its domain, a grantee with a writable mapping) cannot truncate it
     under another mapper, who would take SIGBUS.  The broker hands each fd
     out once and closes its copy; what it keeps is the inode, 8 bytes a
-    frame.
+    frame (0: not populated), in the array its ``ProcFrames`` shares.
     """
 
-    def __init__(self, nr_frames: int) -> None:
+    def __init__(self, nr_frames: int, inodes: array.array[int] | None = None) -> None:
         self.nr_frames = nr_frames
-        self.inodes = array.array("Q", bytes(8 * nr_frames))
-        self.populated = 0
-
-    @property
-    def complete(self) -> bool:
-        return self.populated == self.nr_frames
+        self.inodes = inodes if inodes is not None else array.array("Q", bytes(8 * nr_frames))
+        self.populated = len(self.inodes) - self.inodes.count(0)
 
     def populate(self, start: int, count: int) -> list[int]:
-        """The fds of frames ``start .. start+count-1``, which must be the next unpopulated ones."""
-        if start != self.populated:
-            raise ValueError(f"frames are populated in order: next is gfn {self.populated}, not {start}")
-        if not 0 < count <= self.nr_frames - start:
+        """The fds of new frames for gfns ``start .. start+count-1``, none of which may have one yet."""
+        if start < 0 or not 0 < count <= self.nr_frames - start:
             raise ValueError(f"{count} frames from gfn {start} do not fit in {self.nr_frames}")
+        if self.inodes[start:start + count].count(0) != count:
+            raise ValueError(f"gfns {start}..{start + count - 1}: some have their frame already")
+        return self.remake(start, count)
+
+    def remake(self, start: int, count: int) -> list[int]:
+        """New frames for gfns ``start .. start+count-1``, whatever they had (a populate whose reply
+        was lost with the broker that made it: those frames reached no one)."""
         fds: list[int] = []
+        made = []
         try:
-            for gfn in range(start, start + count):
-                fd, self.inodes[gfn] = make_frame()
+            for _ in range(count):
+                fd, ino = make_frame()
                 fds.append(fd)
+                made.append(ino)
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
-        self.populated += count
+        before = self.inodes[start:start + count].count(0)
+        self.inodes[start:start + count] = array.array("Q", made)
+        self.populated += before
         return fds
 
 
@@ -162,8 +170,9 @@ class ProcFrames:
         fds: list[int] = []
         try:
             for gfn in gfns:
-                self._addr(gfn)
-                if not self.exposed[gfn] or gfn in busy or gfn in done:
+                if not 0 <= gfn < self.nr_frames:
+                    raise BadFrame(f"gfn {gfn} outside 0..{self.nr_frames - 1}")
+                if not self.exposed[gfn] or gfn in busy or gfn in done:     # (exposed: populated too)
                     continue
                 fd, ino = make_frame()
                 fds.append(fd)
@@ -179,6 +188,8 @@ class ProcFrames:
     def _addr(self, gfn: int) -> int:
         if not 0 <= gfn < self.nr_frames:
             raise BadFrame(f"gfn {gfn} outside 0..{self.nr_frames - 1}")
+        if not self.inodes[gfn]:
+            raise BadFrame(f"gfn {gfn} is not populated")
         return self.base + gfn * PAGE_SIZE
 
     def frame_id(self, gfn: int) -> FrameId:

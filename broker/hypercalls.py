@@ -121,41 +121,55 @@ class Hypercalls:
                 [gnt_fd], [gnt_fd])
 
     def _populate_physmap(self, conn: Connection, args: dict[str, Any]) -> Reply:
-        """XENMEM_populate_physmap: the next ``count`` frames of the domain's memory.
+        """XENMEM_populate_physmap: frames for ``count`` gfns from ``start`` that have none yet.
 
         The broker makes every frame and records its identity, so that no
         page a domain got from elsewhere can ever pass for one of its own.
+        A domain populates what it needs before ``set_memory`` and the rest
+        as it comes to use it; a frame made after ``set_memory`` is
+        journaled before the reply leaves, and a reply lost with the broker
+        is answered again with frames made anew (``Broker._replay``).
         """
         dom = conn.domain
         assert dom is not None
-        if conn.memory_set:
-            raise HypercallError(errno.EALREADY, "memory is registered")
         start, count = int_tuple([args["start"], args["count"]], 2, "populate_physmap")
         if count > MAX_FDS:
             raise HypercallError(errno.E2BIG, f"at most {MAX_FDS} frames per call")
-        if conn.frames is None:
-            conn.frames = FrameAllocator(dom.nr_frames)
+        allocator = self.frame_allocator(conn)
         try:
-            fds = conn.frames.populate(start, count)
+            fds = allocator.populate(start, count)
         except ValueError as e:
             raise HypercallError(errno.EINVAL, str(e)) from None
         except OSError as e:
             raise HypercallError(errno.ENOMEM, f"cannot make frames: {e.strerror}") from None
+        if conn.memory_set:
+            self.hv.changes.gfns.extend((dom.domid, g) for g in range(start, start + count))
         return {"start": start, "count": count}, fds, fds
+
+    @staticmethod
+    def frame_allocator(conn: Connection) -> FrameAllocator:
+        """The allocator of the caller's frames (after a takeover: over the frames the broker before knew)."""
+        dom = conn.domain
+        assert dom is not None
+        if conn.frames is None:
+            known = dom.frames.inodes if isinstance(dom.frames, ProcFrames) else None
+            conn.frames = FrameAllocator(dom.nr_frames, known)
+        return conn.frames
 
     def _set_memory(self, conn: Connection, args: dict[str, Any]) -> Reply:
         dom = conn.domain
         assert dom is not None
         if conn.memory_set:
             raise HypercallError(errno.EALREADY, "memory is registered")
-        if conn.frames is None or not conn.frames.complete:
-            done = conn.frames.populated if conn.frames else 0
-            raise HypercallError(errno.EINVAL, f"populate all {dom.nr_frames} frames first ({done} done)")
+        if conn.frames is None or not conn.frames.populated:
+            raise HypercallError(errno.EINVAL, "populate a frame first")
         base = args["base"]
         if base <= 0 or base % PAGE_SIZE or base >= 1 << 47:
             raise HypercallError(errno.EINVAL, "memory base must be a page-aligned user address")
-        frames = ProcFrames(conn.pid, base, conn.frames.inodes)
-        for gfn in (0, dom.nr_frames - 1):   # spot-check: our frames, where the domain says
+        inodes = conn.frames.inodes
+        frames = ProcFrames(conn.pid, base, inodes)
+        populated = [g for g in (0, dom.nr_frames - 1) if inodes[g]] or [next(g for g, i in enumerate(inodes) if i)]
+        for gfn in populated:   # spot-check: our frames, where the domain says
             try:
                 fd, _ = frames.open_frame(gfn, readonly=True)
                 os.close(fd)

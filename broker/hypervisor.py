@@ -103,10 +103,18 @@ class Domain:
     def alive(self) -> bool:
         return self.state in (RUNNING, PAUSED)
 
+    def _populated(self) -> int:
+        """Frames made for this domain so far (Xen's tot_pages: memory is populated as it is used)."""
+        inodes = getattr(self.frames, "inodes", None)
+        if inodes is None:
+            return self.nr_frames if self.frames is not None else 0
+        return int(len(inodes) - inodes.count(0))
+
     def summary(self) -> dict[str, object]:
         return {
             "domid": self.domid, "name": self.name, "state": self.state, "pid": self.pid,
-            "memory_kib": self.nr_frames * PAGE_SIZE // 1024, "privileged": self.privileged,
+            "memory_kib": self.nr_frames * PAGE_SIZE // 1024, "populated_kib": self._populated() * PAGE_SIZE // 1024,
+            "privileged": self.privileged,
             "grant_frames": self.gnttab.nr_frames, "mappings_held": len(self.maptrack),
             "grants_mapped_by_others": self.gnttab.mapped_count(), "event_channels": len(self.ports.ports),
             "restarts": self.restarts, "shutdown_reason": self.shutdown_reason, "uid": self.uid,

@@ -70,6 +70,7 @@ REMEMBERED: dict[str, Callable[[dict[str, Any]], Any]] = {
     "map": lambda f: [h for st, h in f["results"] if st == GNTST_okay],
     "unmap": lambda f: None,
     "replace_frames": lambda f: list(f["gfns"]),
+    "populate_physmap": lambda f: [f["start"], f["count"]],
     "evtchn_alloc_unbound": lambda f: f["port"],
     "evtchn_bind_interdomain": lambda f: f["port"],
     "evtchn_bind_virq": lambda f: f["port"],
@@ -225,6 +226,12 @@ class BrokerServer:
                 for gfn in spec:
                     dom.frames.exposed[gfn] = 1
                 done, fds = self.hv.replace_frames(dom, spec)
+                self._journal()
+            elif op == "populate_physmap":
+                # The frames made then were lost with the reply: make them again.
+                start, count = spec
+                fds = Hypercalls.frame_allocator(conn).remake(start, count)
+                self.hv.changes.gfns.extend((dom.domid, g) for g in range(start, start + count))
                 self._journal()
         except (KeyError, HypercallError, BadFrame):
             # What it made is gone with the broker that made it (a channel whose
@@ -453,7 +460,7 @@ class BrokerServer:
             fields, send, close = self.handlers[op](conn, args)
             payload = encode_reply(**fields)
             last = None
-            if seq is not None and op in REMEMBERED and conn.domain is not None:
+            if seq is not None and op in REMEMBERED and conn.domain is not None and conn.memory_set:
                 conn.domain.last = (seq, payload, [op, REMEMBERED[op](fields)])
                 last = (conn.domain, list(conn.domain.last))
             self._journal(last)

@@ -243,15 +243,17 @@ def test_set_memory_with_bad_bases(raw: Raw, bystanders: Bystanders) -> None:
 
 
 def test_populate_physmap_hands_out_each_frame_once_sealed_and_root_owned(raw: Raw, bystanders: Bystanders) -> None:
-    """The broker makes a domain's frames: in order, each once, in batches it bounds,
-    and each sealed against truncation (a holder of a frame's fd cannot make
+    """The broker makes a domain's frames: any gfn not populated yet, each once, in batches
+    it bounds, and each sealed against truncation (a holder of a frame's fd cannot make
     another mapper fault) and closed to other uids (mode 0600, root's)."""
     conn, creds = raw.introduced()
     nr = creds["nr_frames"]
-    conn.expect({"op": "populate_physmap", "start": 1, "count": 1}, "EINVAL")     # out of order
     conn.expect({"op": "populate_physmap", "start": 0, "count": 0}, "EINVAL")
     conn.expect({"op": "populate_physmap", "start": 0, "count": MAX_FDS + 1}, "E2BIG")
     conn.expect({"op": "populate_physmap", "start": -1, "count": 1}, "EINVAL")
+    conn.expect({"op": "populate_physmap", "start": nr - 1, "count": 2}, "EINVAL")   # past its memory
+    for fd in conn.populate(nr - 1, 1):              # out of order: the store ring's frame sits at the top
+        os.close(fd)
     fds = conn.populate(0, 2)
     try:
         assert len(fds) == 2
@@ -269,8 +271,12 @@ def test_populate_physmap_hands_out_each_frame_once_sealed_and_root_owned(raw: R
         for fd in fds:
             os.close(fd)
     conn.expect({"op": "populate_physmap", "start": 0, "count": 1}, "EINVAL")     # given already
-    for start in range(2, nr, MAX_FDS):
-        for fd in conn.populate(start, min(MAX_FDS, nr - start)):
+    conn.expect({"op": "populate_physmap", "start": 1, "count": 2}, "EINVAL")     # gfn 1 given already
+    conn.expect({"op": "populate_physmap", "start": nr - 2, "count": 2}, "EINVAL")    # the top one too
+    for start in range(2, nr - 1, MAX_FDS):
+        for fd in conn.populate(start, min(MAX_FDS, nr - 1 - start)):
             os.close(fd)
     conn.expect({"op": "populate_physmap", "start": nr, "count": 1}, "EINVAL")    # beyond its memory
+    for start in range(0, nr, MAX_FDS):                                          # nothing left to make
+        conn.expect({"op": "populate_physmap", "start": start, "count": min(MAX_FDS, nr - start)}, "EINVAL")
     bystanders.check()
