@@ -239,7 +239,7 @@ def map_benchmark(h: Any, granter: int, refs: list[int], n: int, seconds: float)
 def copy_benchmark(h: Any, granter: int, refs: list[int], marker: bytes, seconds: float) -> dict[str, Any]:
     """Copy the granter's first COPY_BATCH granted pages into our own frames, COPY_BATCH ops a call."""
     from xdom.domains.xenhost import CopyOp
-
+    h.memory.ensure(range(COPY_BATCH))          # our side: frames we have (memory is populated as it is used)
     copy_ops = [CopyOp(src_ref_or_gfn=ref, src_offset=0, dst_ref_or_gfn=gfn, dst_offset=0, length=PAGE,
                        src_domid=granter, dst_domid=None)
                 for gfn, ref in enumerate(refs[:COPY_BATCH])]

@@ -38,10 +38,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(domains, indent=2))
         return os.EX_OK
-    print(f"{'Name':<16} {'ID':>4} {'Mem(KiB)':>9} {'State':<9} {'PID':>7} {'Uptime':>8} "
+    print(f"{'Name':<16} {'ID':>4} {'Mem(KiB)':>9} {'Used(KiB)':>9} {'State':<9} {'PID':>7} {'Uptime':>8} "
           f"{'Maps':>5} {'Granted':>7} {'Evtchn':>6} {'Restarts':>8}")
     for d in domains:
-        print(f"{d['name']:<16} {d['domid']:>4} {d['memory_kib']:>9} {d['state']:<9} {d['pid'] or '-':>7} "
+        print(f"{d['name']:<16} {d['domid']:>4} {d['memory_kib']:>9} {d['populated_kib']:>9} {d['state']:<9} "
+              f"{d['pid'] or '-':>7} "
               f"{_fmt_uptime(d['uptime']):>8} {d['mappings_held']:>5} {d['grants_mapped_by_others']:>7} "
               f"{d['event_channels']:>6} {d['restarts']:>8}")
     return os.EX_OK

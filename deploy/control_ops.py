@@ -77,7 +77,7 @@ class ControlOps(LifecycleDriver):
             "uptime": round(time.monotonic() - d.started_mono, 3) if alive else 0.0,
             "rss": s.rss if s and alive else None, "fds": s.fds if s and alive else None,
             "cpu_percent": round(s.cpu_percent, 1) if s and alive else None,
-            "memory_kib": d.spec.memory_bytes >> 10,
+            "memory_kib": d.spec.memory_bytes >> 10, "populated_kib": b.get("populated_kib"),
             "mappings_held": b.get("mappings_held"), "grants_mapped_by_others": b.get("grants_mapped_by_others"),
             "grant_frames": b.get("grant_frames"), "event_channels": b.get("event_channels"),
             "last_exit": d.last_exit or None, "log": self.layout.log_path(d.name),

@@ -52,6 +52,13 @@ class DomainAgent:
         self.h.memory.frame(gfn)[:len(data)] = data.encode()
         return {"ref": self.h.gnttab.grant_access(domid, gfn, ro)}
 
+    def cmd_grant_only(self, domid: int, gfn: int, ro: bool = False) -> dict[str, Any]:
+        """Grant ``gfn`` without touching it (a gfn never used stays unpopulated)."""
+        return {"ref": self.h.gnttab.grant_access(domid, gfn, ro)}
+
+    def cmd_populated(self) -> dict[str, Any]:
+        return {"frames": self.h.memory.populated}
+
     def cmd_grant_many(self, domid: int, first_gfn: int, count: int, ro: bool = False) -> dict[str, Any]:
         """Grant ``count`` frames, each stamped with (our domid, gfn) in its first 8 bytes."""
         refs = []

@@ -130,6 +130,7 @@ class HostileAgent(DomainAgent):
         """One GNTTABOP_copy batch: each granted page into our frames from first_gfn on."""
         from xdom.domains.xenhost import CopyOp
         ops = [CopyOp(ref, 0, first_gfn + i, 0, PAGE_SIZE, src_domid=domid) for i, ref in enumerate(refs)]
+        self.h.memory.ensure(range(first_gfn, first_gfn + len(refs)))     # our side: frames we have
         statuses = self.h.copy_grants(ops)
         stamps = [int.from_bytes(self.h.memory.frame(first_gfn + i)[:8], "little") for i in range(len(refs))]
         return {"statuses": statuses, "stamps": stamps}
@@ -140,6 +141,7 @@ class HostileAgent(DomainAgent):
 
         ``neighbours``: the refs just below ``ref`` stay granted throughout (gfns after ``gfn``), so the
         grantee's batch is a run of entries of which the granter keeps locking the last one."""
+        self.h.memory.ensure(range(gfn, gfn + neighbours + 1))
         for k in range(1, neighbours + 1):
             self.h.gnttab.grant_access_ref(ref - k, grantee, gfn + k)
         page = self.h.memory.frame(gfn)

@@ -231,3 +231,41 @@ def test_only_the_domain_s_own_process_rejoins_with_its_own_key(host: Host) -> N
     a.call("alloc_unbound", remote=x.domid)             # a's first hypercall since: it rejoins
     assert a.call("broker_restarts")["restarts"] == 1
     assert rejoin(a.domid, key) == "ESRCH"              # rejoined: no longer waiting
+
+
+def test_memory_is_populated_as_used_and_survives_a_takeover_or_a_lost_reply(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A domain gets frames for the gfns it uses, as it comes to use them.  A gfn with no frame
+    grants nothing; a frame made after ``set_memory`` is journaled, so the next broker knows it as
+    the domain's own; one whose reply died with the broker that made it is made again, once, when
+    the domain asks again (the first reached no one)."""
+    a, x = host.spawn("a"), host.spawn("x")
+    nr = host.info(a.domid)["memory_kib"] // 4
+    first = a.call("populated")["frames"]
+    assert 0 < first < nr and host.info(a.domid)["populated_kib"] == first * 4    # not all made at start
+    ref = a.call("grant_only", domid=x.domid, gfn=nr - 40)["ref"]
+    (status, _), = x.call("map", domid=a.domid, refs=[ref])["results"]
+    assert status != GNTST_okay                                   # no frame there: nothing to map
+    assert a.call("end", ref=ref)["ok"] is True
+    ref = a.call("grant", domid=x.domid, gfn=nr - 40, data="populated late")["ref"]
+    assert a.call("populated")["frames"] > first
+    assert host.info(a.domid)["populated_kib"] == a.call("populated")["frames"] * 4
+    host.kill_broker()
+    host.start_broker()
+    (status, handle), = x.call("map", domid=a.domid, refs=[ref])["results"]
+    assert status == GNTST_okay and x.call("peek", handle=handle, len=14)["data"] == "populated late"
+    assert x.call("unmap", handles=[handle])["results"] == [GNTST_okay]
+    assert a.call("end", ref=ref)["ok"] is True
+
+    host.kill_broker()
+    monkeypatch.setenv("XDOM_BROKER_DIE_BEFORE_REPLY", "populate_physmap")
+    host.start_broker()
+    monkeypatch.delenv("XDOM_BROKER_DIE_BEFORE_REPLY")
+    a.send("grant", domid=x.domid, gfn=nr - 80, data="made again")     # its frames are made, then the broker dies
+    wait_until(lambda: host.broker.proc.poll() is not None, 20, "the broker to die at its failpoint")
+    host.start_broker()
+    ref = a.read(60)["ref"]
+    (status, handle), = x.call("map", domid=a.domid, refs=[ref])["results"]
+    assert status == GNTST_okay and x.call("peek", handle=handle, len=10)["data"] == "made again"
+    assert x.call("unmap", handles=[handle])["results"] == [GNTST_okay]
+    assert a.call("end", ref=ref)["ok"] is True

@@ -206,6 +206,7 @@ def test_a_full_batch_naming_two_frames_an_op(domains) -> None:
         a.memory.frame(gfn)[:4] = gfn.to_bytes(4, "little")
         refs.append(a.gnttab.grant_access(b.domid, gfn, readonly=True))
     ops = [CopyOp(ref, 0, 200 + i, 0, 4, src_domid=a.domid) for i, ref in enumerate(refs)]
+    b.memory.ensure(range(200, 328))              # frames b has (memory is populated as it is used)
     assert b.copy_grants(ops) == [GNTST_okay] * 128
     assert [int.from_bytes(b.memory.frame(200 + i)[:4], "little") for i in range(128)] == list(range(128))
     for ref in refs:

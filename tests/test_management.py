@@ -514,11 +514,12 @@ def test_cli_list_table_and_json(broker: BrokerProcess, mgmt: ManagementClient, 
         out = xdom(command, "--run-dir", broker.run_dir)
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
-        assert lines[0].split()[:4] == ["Name", "ID", "Mem(KiB)", "State"]
+        assert lines[0].split()[:5] == ["Name", "ID", "Mem(KiB)", "Used(KiB)", "State"]
         rows = {line.split()[0]: line.split() for line in lines[1:]}
         assert set(rows) == {"frontend", "backend-net"}
-        assert rows["frontend"][1:5] == [str(creds["domid"]), "2048", "running", str(proc.pid)]
-        assert rows["backend-net"][2:5] == ["256", "created", "-"]
+        assert rows["frontend"][1:3] + rows["frontend"][4:6] == [str(creds["domid"]), "2048", "running", str(proc.pid)]
+        assert 0 < int(rows["frontend"][3]) < 2048            # populated as used: not all of it
+        assert rows["backend-net"][2:6] == ["256", "0", "created", "-"]
     out = xdom("list", "--json", "--run-dir", broker.run_dir)
     assert out.returncode == 0, out.stderr
     table = json.loads(out.stdout)
@@ -527,6 +528,7 @@ def test_cli_list_table_and_json(broker: BrokerProcess, mgmt: ManagementClient, 
         assert {"name", "domid", "state", "pid", "restarts"} <= set(d)
     front = table[0]
     assert (front["domid"], front["state"], front["pid"], front["restarts"]) == (creds["domid"], "running", proc.pid, 0)
+    assert 0 < front["populated_kib"] < front["memory_kib"] == 2048
     assert table[1]["state"] == "created" and table[1]["pid"] == 0
     # The same as the API says.
     assert table == [{**d, "uptime": t["uptime"]} for d, t in zip(mgmt.request("list")["domains"], table)]
