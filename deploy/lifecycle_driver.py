@@ -23,6 +23,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import time
 from dataclasses import dataclass
 
@@ -148,17 +149,21 @@ class LifecycleDriver(Spawning):
         self._replug(d)
 
     def _on_ready_pipe(self, d: SupervisedDomain) -> None:
-        try:
-            data = os.read(d.ready_fd, 256)
-        except OSError:
-            data = b""
-        self._close_ready(d)
-        self._unkeep(f"ready/{d.name}")
+        """The domain said ready (or closed its end).  The word is written down (the host state) before
+        it is taken: a supervisor killed in between leaves it in the channel, whose other copy the keeper
+        holds, for the supervisor that adopts the host; one killed after has it in the state."""
+        data = _peek(d.ready_fd)
         if data:
+            _failpoint(d.name, "seen")
             d.ready_seen = True
             d.confinement = parse_ready(data)
             if d.kind == DomainKind.XENSTORED:
                 d.connected = True      # it connects to the broker before it serves
+            self._save_state()
+            _failpoint(d.name, "saved")
+        self._close_ready(d)
+        self._unkeep(f"ready/{d.name}")
+        if data:
             self._maybe_ready(d)
         # EOF: the process is going; its pidfd says how.
 
@@ -487,3 +492,34 @@ class LifecycleDriver(Spawning):
             cache[pid] = p
         d.ps_cache = cache
         return HealthSample(rss, fds, cpu)
+
+
+def _peek(fd: int) -> bytes:
+    """What a ready channel holds, left in it (b"": EOF or nothing).  A pipe (a host adopted from an
+    older supervisor) cannot be peeked at: it is read."""
+    dup = -1
+    try:
+        dup = os.dup(fd)
+        sock = socket.socket(fileno=dup)
+    except OSError:                     # not a socket (or no descriptor to spare): read it
+        if dup >= 0:
+            os.close(dup)
+        try:
+            return os.read(fd, 256)
+        except OSError:
+            return b""
+    with sock:
+        try:
+            return sock.recv(256, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:
+            return b""
+
+
+FAILPOINT_ENV = "XDOM_SUPERVISOR_DIE_AT_READY"   # tests: "NAME:seen" or "NAME:saved"
+
+
+def _failpoint(name: str, when: str) -> None:
+    """For tests of adoption: the supervisor dies as domain NAME's ready word is seen, or once saved."""
+    if os.environ.get(FAILPOINT_ENV) == f"{name}:{when}":
+        log.error("failpoint %s=%s:%s: dying", FAILPOINT_ENV, name, when)
+        os._exit(70)

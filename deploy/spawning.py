@@ -191,7 +191,10 @@ class Spawning(Devices):
         """The process, in its namespace, with its ready pipe and device channel; the caller watches them."""
         ready_r = ready_w = -1
         if d.kind in READY_PIPE_KINDS:
-            ready_r, ready_w = os.pipe()
+            # A socket, not a pipe: the supervisor peeks at the word, writes it down, then takes it, so a
+            # supervisor dying in between leaves it for the one that adopts the host (_on_ready_pipe).
+            ours, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            ready_r, ready_w = ours.detach(), its.detach()
         devices = theirs = None
         if d.kind in (DomainKind.GUEST, DomainKind.BLKBACK) or d.switch == NetSwitch.BRIDGE:
             devices, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -448,3 +448,24 @@ def test_a_vm_guest_is_adopted_with_its_qemu(run_dir: str, down_after: list[str]
     assert again["vm"]["last_exit"] == "exit status unknown (adopted)"
     assert vm_run(h.run, "g1", "echo back").strip() == "back"
     h.down({"g1": again, "g1-first": before})
+
+
+@pytest.mark.parametrize("when", ["seen", "saved"])
+def test_a_supervisor_killed_as_a_domain_says_ready_leaves_the_word_to_its_adopter(
+        run_dir: str, down_after: list[str], when: str) -> None:
+    """The supervisor dies (a failpoint) as blkback's ready word arrives: before it wrote it down ("seen":
+    the word is still in the channel the keeper holds) or after ("saved": the state has it).  Either way
+    the supervisor that adopts the host knows blkback ready: it is not killed as never ready, nor restarted."""
+    path, lay = write_topology(run_dir, XS + '\n[[domain]]\nname = "blk0"\nkind = "blkback"\n')
+    down_after.append(lay.run_dir)
+    env = dict(os.environ, XDOM_SUPERVISOR_DIE_AT_READY=f"blk0:{when}")
+    subprocess.run([sys.executable, "-m", "xdom.deploy.cli", "up", path, "--detach", "--ready-timeout", "20"],
+                   capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL, env=env)
+    wait_until(lambda: running_pid(lay.run_dir) is None, 30, "the supervisor to die at its failpoint")
+    before = ps(lay)["blk0"]
+    assert alive(before["pid"])
+    up = xdom("up", path, "--detach", "--ready-timeout", "20")
+    assert up.returncode == 0, up.stdout + up.stderr
+    after = ps(lay)["blk0"]
+    assert (after["state"], after["pid"], after["generation"]) == ("running", before["pid"], 1), after
+    assert xdom("down", "--run-dir", lay.run_dir).returncode == 0
