@@ -18,9 +18,11 @@ with the limit and the way out, instead of a domain failing in its log:
   what cannot fit at all.
 * **Starting within the ready timeout.**  A domain has ``--ready-timeout``
   seconds from launch to ready, and its start costs about
-  :data:`START_SECONDS` plus :data:`FRAME_SECONDS` per frame (the broker
-  makes each frame, the domain maps it: 64 MiB took 0.46 s and 200 MiB 1.35
-  s here, on a shared machine).  One that cannot make it in time is refused.
+  :data:`START_SECONDS` plus :data:`FRAME_SECONDS` per frame it populates
+  at start (the broker makes each frame, the domain maps it); memory is
+  populated as it is used, so that is :data:`START_FRAMES` whatever the
+  domain's size (when it was all of it, 64 MiB took 0.46 s and 200 MiB
+  1.35 s here).  One that cannot make it in time is refused.
   So is a host whose domains, when they all start at once (after xenstored
   comes back, every domain waiting for it is launched together; a supervisor
   adopting a host restarts together whatever died while none ran), need
@@ -47,12 +49,13 @@ from xdom.domains.abi.grant_table import PAGE_SIZE
 
 from .topology import DomainKind, Topology
 
-__all__ = ["FRAME_SECONDS", "HostFacts", "MAP_COUNT_RESERVE", "START_SECONDS", "VM_START_SECONDS", "problems",
+__all__ = ["FRAME_SECONDS", "HostFacts", "MAP_COUNT_RESERVE", "START_FRAMES", "START_SECONDS", "VM_START_SECONDS", "problems",
            "xenstore_node_quota", "xenstore_watch_quota"]
 
 MAP_COUNT_RESERVE = 1024        # mappings a domain process needs besides its frames (domains/memory.py's margin)
 START_SECONDS = 0.25            # CPU seconds to start a Python domain and connect it (4 MiB guest: 0.21 s)
 FRAME_SECONDS = 30e-6           # per 4 KiB frame: made by the broker, passed, mapped by the domain
+START_FRAMES = 2 * 32           # populated at start: the first and last chunks (xenhost/broker.py's POPULATE_BATCH)
 VM_START_SECONDS = 0.5          # QEMU until QMP says running (the VM's RAM is not touched up front)
 PYTHON_KINDS = (DomainKind.XENSTORED, DomainKind.GUEST, DomainKind.BLKBACK, DomainKind.NETBACK)
 
@@ -93,7 +96,7 @@ def _mib(n: int) -> str:
 
 def start_seconds(kind: DomainKind, frames: int, vm: bool) -> float:
     """The estimated time for one domain to come up (its VM's QEMU included)."""
-    t = START_SECONDS + frames * FRAME_SECONDS if kind in PYTHON_KINDS else START_SECONDS
+    t = START_SECONDS + min(frames, START_FRAMES) * FRAME_SECONDS if kind in PYTHON_KINDS else START_SECONDS
     return t + (VM_START_SECONDS if vm else 0.0)
 
 
@@ -119,10 +122,10 @@ def problems(topology: Topology, facts: HostFacts, ready_timeout: float) -> list
     for d in topology.domains:
         t = start_seconds(d.kind, d.memory_frames, d.vm is not None)
         if t > ready_timeout:
-            out.append(f"{src}: {d.label}: starting it takes about {t:.1f}s here ({d.memory_frames} frames to make "
-                       f"and map at ~{FRAME_SECONDS * 1e6:.0f} µs each"
-                       + (", and its VM" if d.vm is not None else "") + f"), more than the ready timeout of "
-                       f"{ready_timeout:g}s; raise --ready-timeout or give it less memory")
+            out.append(f"{src}: {d.label}: starting it takes about {t:.1f}s here (the interpreter, "
+                       f"{min(d.memory_frames, START_FRAMES)} frames to make and map at ~{FRAME_SECONDS * 1e6:.0f} µs "
+                       "each" + (", and its VM" if d.vm is not None else "") + f"), more than the ready timeout of "
+                       f"{ready_timeout:g}s; raise --ready-timeout")
     together = [d for d in topology.domains if d.kind != DomainKind.XENSTORED]
     need = sum(start_seconds(d.kind, d.memory_frames, d.vm is not None) for d in together) / max(1, facts.cpus)
     if len(together) > 1 and need > ready_timeout:
