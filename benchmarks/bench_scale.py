@@ -15,9 +15,11 @@ shape issue 14 measures.  Then:
           beyond the first added, (up(N) - up(1)) / (N - 1), constant across N when bring-up is
           linear.
 * RANDREAD fio with one job per guest, all at once, on the guests' NBD exports: 4 KiB random reads
-          at queue depth 4 per guest, time-based.  The figures are the aggregate IOPS and the
-          slowest and fastest guest.  The reference is the same fio on N nbdkit processes serving
-          the same N images (``nbdkit file``), in the same run.
+          at queue depth 4 per guest, time-based, after an untimed warm-up run on every export (the
+          first seconds after a bring-up, or nbdkit's start, are not the steady state the goals are
+          about).  The figures are the aggregate IOPS and the slowest and fastest guest.  The
+          reference is the same fio on N nbdkit processes serving the same N images
+          (``nbdkit file``), in the same run, warmed up the same way.
 
 The goals (issue 14): bring-up linear in N and 100 guests up in under 30 s; aggregate IOPS that
 does not fall as guests are added; the slowest guest within 2x of the fastest.  Nothing is
@@ -47,6 +49,7 @@ from xdom.deploy.rundir import Layout
 IMAGE_BYTES = 32 << 20
 QD = 4
 RAMP = 1.0                 # s: fio's ramp_time, not counted
+WARMUP = 3.0               # s: an untimed fio run on every export first (as bench_blk.py does)
 READY = re.compile(r"^(\S+ \S+) \S+ INFO (g\d+): guest domain \d+ ready \(pid \d+, ([\d.]+)s")
 
 HEAD = """\
@@ -271,7 +274,10 @@ def measure(n: int, seconds: float, base: str) -> Row:
         if len(took) == n:
             row.ready_first, row.ready_last, row.ready_span = took[0], took[-1], when[-1] - when[0]
         exports = [rows[f"g{i}"]["devices"][0]["export"] for i in range(1, n + 1)]
-        say(f"  up in {row.up:.1f} s; fio randread on {n} guests ...")
+        say(f"  up in {row.up:.1f} s; warm-up, then fio randread on {n} guests ...")
+        _, _, err = fio_randread(exports, WARMUP, base, {})
+        if err:
+            row.problems.append(f"through xdom (warm-up): {err}")
         guests = [rows[f"g{i}"]["pid"] for i in range(1, n + 1)]
         others = [rows["xs"]["pid"], rows["net0"]["pid"], ping["broker_pid"], ping["pid"]]
         row.iops, row.cpu_per_io, err = fio_randread(
@@ -291,6 +297,9 @@ def measure(n: int, seconds: float, base: str) -> Row:
     say(f"  reference: nbdkit on the {n} images ...")
     kits = Nbdkits(images, base)
     try:
+        _, _, err = fio_randread(kits.sockets, WARMUP, base, {})
+        if err:
+            row.problems.append(f"through nbdkit (warm-up): {err}")
         row.ref_iops, row.ref_cpu_per_io, err = fio_randread(kits.sockets, seconds, base,
                                                              {"nbdkit": [p.pid for p in kits.procs]})
         if err:

@@ -168,8 +168,9 @@ class Hypercalls:
             raise HypercallError(errno.EINVAL, "memory base must be a page-aligned user address")
         inodes = conn.frames.inodes
         frames = ProcFrames(conn.pid, base, inodes)
-        populated = [g for g in (0, dom.nr_frames - 1) if inodes[g]] or [next(g for g, i in enumerate(inodes) if i)]
-        for gfn in populated:   # spot-check: our frames, where the domain says
+        # Spot-check the first and last frames (or any made): ours, where the domain says.
+        made = [g for g in (0, dom.nr_frames - 1) if inodes[g]] or [next(g for g, ino in enumerate(inodes) if ino)]
+        for gfn in made:
             try:
                 fd, _ = frames.open_frame(gfn, readonly=True)
                 os.close(fd)
