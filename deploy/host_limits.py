@@ -46,16 +46,16 @@ import resource
 from dataclasses import dataclass
 
 from xdom.domains.abi.grant_table import PAGE_SIZE
+from xdom.domains.hostsys.memory import START_FRAMES
 
 from .topology import DomainKind, Topology
 
-__all__ = ["FRAME_SECONDS", "HostFacts", "MAP_COUNT_RESERVE", "START_FRAMES", "START_SECONDS", "VM_START_SECONDS", "problems",
+__all__ = ["FRAME_SECONDS", "HostFacts", "MAP_COUNT_RESERVE", "START_SECONDS", "VM_START_SECONDS", "problems",
            "xenstore_node_quota", "xenstore_watch_quota"]
 
 MAP_COUNT_RESERVE = 1024        # mappings a domain process needs besides its frames (domains/memory.py's margin)
 START_SECONDS = 0.25            # CPU seconds to start a Python domain and connect it (4 MiB guest: 0.21 s)
 FRAME_SECONDS = 30e-6           # per 4 KiB frame: made by the broker, passed, mapped by the domain
-START_FRAMES = 2 * 32           # populated at start: the first and last chunks (xenhost/broker.py's POPULATE_BATCH)
 VM_START_SECONDS = 0.5          # QEMU until QMP says running (the VM's RAM is not touched up front)
 PYTHON_KINDS = (DomainKind.XENSTORED, DomainKind.GUEST, DomainKind.BLKBACK, DomainKind.NETBACK)
 

@@ -565,9 +565,6 @@ def test_memory_beyond_the_hosts_and_starts_beyond_the_ready_timeout_are_refused
     [ram] = _refusals(many, mem_total=512 << 20)
     assert "adds up to 1004 MiB, more than this host's 512 MiB (MemTotal)" in ram
     # Memory is populated as it is used: a domain of 200 MiB starts as fast as one of 4.
-    from xdom.deploy.host_limits import START_FRAMES
-    from xdom.domains.xenhost.broker import POPULATE_BATCH
-    assert START_FRAMES == 2 * POPULATE_BATCH
     slow = _refusals(XS + GUEST.replace('"4M"', '"200M"'), ready_timeout=0.2)
     assert [s.split(":")[1] for s in slow] == [' domain[0] ("xs")', ' domain[1] ("g1")']      # each, whatever its size
     assert "starting it takes about 0.3s" in slow[1] and "ready timeout of 0.2s" in slow[1]
@@ -584,3 +581,42 @@ def test_memory_beyond_the_hosts_and_starts_beyond_the_ready_timeout_are_refused
     assert f"hard RLIMIT_NOFILE ({RESERVE + 3}, less {RESERVE} for itself) leaves room for 0" in fds
     [fds] = _refusals(XS + GUEST, nofile_hard=RESERVE // 2)      # below the reserve itself: room for none
     assert f"hard RLIMIT_NOFILE ({RESERVE // 2}, less {RESERVE} for itself) leaves room for 0" in fds
+
+
+def test_a_ready_channel_gives_the_supervisor_words_only() -> None:
+    """The ready channel is a socket (the supervisor peeks before it saves): a hostile domain that sends
+    descriptors over it, or more than a word, or nothing, gets none of them into the supervisor."""
+    import array
+    import socket
+
+    from xdom.deploy.confined import parse_ready
+    from xdom.deploy.lifecycle_driver import _peek
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    ours, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    bait = os.open("/dev/null", os.O_RDONLY)
+    try:
+        its.sendmsg([b"ready seccomp=kill:x " + b"y" * 1000 + b"\n"],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [bait, bait]).tobytes())])
+        before = open_fds()
+        word = _peek(ours.fileno())
+        assert len(word) == 256 and word.startswith(b"ready seccomp=kill:x ")   # bounded, the fds not taken
+        assert open_fds() == before
+        assert _peek(ours.fileno()) == word                                      # peeked: still there
+        assert parse_ready(word) == "seccomp=kill:x"
+        its.close()
+        ours.recv(4096)
+        assert _peek(ours.fileno()) == b""                                       # EOF: nothing said
+    finally:
+        os.close(bait)
+        ours.close()
+        its.close()
+    r, w = os.pipe()                    # a channel kept by an older supervisor: read, not peeked
+    try:
+        os.write(w, b"ready\n")
+        assert _peek(r) == b"ready\n"
+    finally:
+        os.close(r)
+        os.close(w)

@@ -25,6 +25,11 @@ from ..abi.hypercall_wire import HypercallError
 from . import sysmem
 
 FRAME_MEMFD_NAME = "xdom-frame"
+# Frames asked for per populate_physmap: each arrives as a descriptor, so a
+# batch needs that many free fds for a moment (domains may run under an
+# RLIMIT_NOFILE of 64); a chunk of memory is populated by one call.
+POPULATE_BATCH = 32
+START_FRAMES = 2 * POPULATE_BATCH       # populated at start under a broker: the first and last chunks
 
 
 def max_map_count() -> int:

@@ -40,13 +40,8 @@ from ..abi.hypercall_wire import (
 )
 from ..grant_table import GrantTable
 from ..hostsys import sysmem
-from ..hostsys.memory import DomainMemory
+from ..hostsys.memory import POPULATE_BATCH, DomainMemory
 from .base import CopyOp, EventChannels, GrantMapping, MapResult, XenHost
-
-# Frames asked for per populate_physmap: each arrives as a descriptor, so a
-# batch needs that many free fds for a moment (domains may run under an
-# RLIMIT_NOFILE of 64); 32 keeps 32 MiB of memory at 256 calls.
-POPULATE_BATCH = 32
 
 ENV_PATIENCE = "XDOM_BROKER_PATIENCE"
 DEFAULT_PATIENCE = 60.0      # seconds a domain waits for a broker to come back
