@@ -122,6 +122,7 @@ class Completions(RequestRings):
     def _reap(self) -> None:
         finished: list[Op] = []
         release: list[Page] = []                  # freed under the lock taken after the callbacks
+        release_front: list[Page] = []            # indirect pages (GrantedPages.get)
         with self._lock:
             if self.state != XenbusState.Connected:
                 return
@@ -144,14 +145,18 @@ class Completions(RequestRings):
                         op.outstanding -= 1
                         if status != BLKIF_RSP_OKAY and not op.error:
                             op.error = errno.EOPNOTSUPP if status == -2 else errno.EIO
+                        if req.indirect:
+                            release_front += req.indirect
                         if op.kind == BLKIF_OP_READ:
                             op.read_pages[req.byte_offset] = req      # its pages hold the data until done
-                            if req.indirect:
-                                release += req.indirect
+                            if op.next_byte < op.length or op.redo:
+                                # Parts of this read wait for pages: holding these could starve them
+                                # for good (a read larger than the pool), so the data is copied out.
+                                req.copy = b"".join(self._grants.views(req.pages, req.length))
+                                release += req.pages
+                                req.pages = []
                         else:
                             release += req.pages
-                            if req.indirect:
-                                release += req.indirect
                         if op.outstanding == 0 and op.next_byte >= op.length and not op.redo:
                             finished.append(op)
                     if not q.ring.final_check_for_responses():
@@ -164,10 +169,12 @@ class Completions(RequestRings):
                     # The usual read: one request's pages, whole but maybe the last.
                     _, req = answered.popitem()
                     pages = req.pages
-                    views = [page.view for page in pages]
-                    last = req.length - (len(pages) - 1) * PAGE_SIZE
-                    if last != PAGE_SIZE:
-                        views[-1] = views[-1][:last]
+                    if req.copy is not None:
+                        views = [memoryview(req.copy)]
+                    elif req.length == PAGE_SIZE:
+                        views = [pages[0].view]
+                    else:
+                        views = self._grants.views(pages, req.length)
                     try:
                         op.done(0, views)
                     except Exception:
@@ -185,6 +192,8 @@ class Completions(RequestRings):
                     continue
                 self._complete(op, op.error, release)
         with self._lock:
+            if release_front:
+                self._grants.put(release_front, front=True)
             if release:
                 self._grants.put(release)
             if self._pending and self.state == XenbusState.Connected:
@@ -207,10 +216,8 @@ class Completions(RequestRings):
                 if not error:
                     for off in (sorted(answered) if len(answered) > 1 else answered):
                         req = answered[off]
-                        views += [page.view for page in req.pages]
-                        last = req.length - (len(req.pages) - 1) * PAGE_SIZE
-                        if last != PAGE_SIZE:
-                            views[-1] = views[-1][:last]
+                        views += [memoryview(req.copy)] if req.copy is not None else \
+                            self._grants.views(req.pages, req.length)
                 try:
                     op.done(error, views)
                 finally:

@@ -61,9 +61,14 @@ class GrantedPages:
             for page in free:
                 self.end_grant(page.ref, page.gfn)
 
-    def get(self, n: int, readonly: bool, busy: bool) -> list[Page] | None:
+    def get(self, n: int, readonly: bool, busy: bool, front: int = 0) -> list[Page] | None:
         """``n`` pages, or None to wait for some (``busy``: requests in flight will give some back).
-        OutOfFrames if they can never be had."""
+        OutOfFrames if they can never be had.
+
+        The first ``front`` of them (a request's indirect pages) come from the other end of the
+        free list from the rest, and go back there (``put(..., front=True)``): the data pages of
+        large requests are then taken and handed back as whole runs, which stay runs of
+        consecutive frames (:meth:`views`) in a workload of one size."""
         if self.persistent:
             while len(self.free) < n and self.count < self.max_persistent:
                 try:
@@ -78,6 +83,11 @@ class GrantedPages:
                     raise OutOfFrames(f"a request needs {n} frames and only {self.count} can be had")
                 return None
             free = self.free
+            if front:
+                out = free[:front] + free[len(free) - n + front:]
+                del free[len(free) - n + front:]
+                del free[:front]
+                return out
             out = free[-n:]
             del free[-n:]
             return out
@@ -90,9 +100,34 @@ class GrantedPages:
         return [Page(g, self.host.gnttab.grant_access(self.backend_domid, g, readonly=readonly), False,
                      self.frame(g)) for g in gfns]
 
-    def put(self, pages: list[Page]) -> None:
+    def views(self, pages: list[Page], length: int) -> list[memoryview]:
+        """The first ``length`` bytes of ``pages`` (whole but maybe the last), in as few views as it can.
+
+        Pages of consecutive frames are one view of our memory: a 1 MiB payload is then received
+        (``recvmsg_into``), sent (``sendmsg``) and checked as one buffer, not 256, which is most of
+        what a large request costs the NBD server in Python.  The pool hands persistent pages out
+        and takes them back in runs (:meth:`get`, :meth:`put`), so runs stay whole in a workload of
+        one size; otherwise one view a page, as before.
+        """
+        n = len(pages)
+        if not (n - 1) * PAGE_SIZE < length <= n * PAGE_SIZE:
+            # One view of a run must end inside its last page, never in the frame after it.
+            raise ValueError(f"{length} bytes do not end in the last of {n} pages")
+        first = pages[0].gfn
+        if n > 1 and pages[-1].gfn - first == n - 1 and [p.gfn for p in pages] == list(range(first, first + n)):
+            return [self._memory[first * PAGE_SIZE:first * PAGE_SIZE + length]]
+        views = [page.view for page in pages]
+        last = length - (n - 1) * PAGE_SIZE
+        if last != PAGE_SIZE:
+            views[-1] = views[-1][:last]
+        return views
+
+    def put(self, pages: list[Page], front: bool = False) -> None:
         if self.persistent and all([p.persistent for p in pages]):
-            self.free += pages            # the usual case: all back to the pool
+            if front:
+                self.free[:0] = pages     # indirect pages: see get()
+            else:
+                self.free += pages        # the usual case: all back to the pool
             return
         for p in pages:
             if p.persistent and self.persistent:
@@ -147,10 +182,7 @@ class Lent:
 
     def __init__(self, lock: threading.RLock, grants: GrantedPages, pages: list[Page], length: int) -> None:
         self.lock, self.grants, self.pages, self.length = lock, grants, pages, length
-        self.views = [page.view for page in pages]
-        last = length - (len(pages) - 1) * PAGE_SIZE
-        if last != PAGE_SIZE:
-            self.views[-1] = self.views[-1][:last]
+        self.views = grants.views(pages, length)
 
     def take(self) -> list[Page]:
         pages, self.pages, self.views = self.pages, [], []

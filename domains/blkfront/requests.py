@@ -78,7 +78,7 @@ class Op:
 class Req:
     """One blkif request in flight: which part of which operation it carries, and what to free."""
 
-    __slots__ = ("id", "raw", "op", "byte_offset", "length", "pages", "indirect")
+    __slots__ = ("id", "raw", "op", "byte_offset", "length", "pages", "indirect", "copy")
 
     def __init__(self, id: int, raw: bytes, op: Op, byte_offset: int, length: int,
                  pages: list[Page], indirect: list[Page]) -> None:
@@ -89,6 +89,7 @@ class Req:
         self.length = length                    # bytes of the op it carries
         self.pages = pages                      # data pages (ours to free): all full but the last
         self.indirect = indirect
+        self.copy: bytes | None = None          # a read's data, once copied out of its pages (Completions)
 
 
 class Queue:
@@ -253,22 +254,23 @@ class RequestRings(XenbusFrontend):
                 if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
             busy = bool(self._shadow)
             if op.zeroes:
-                indirect_pages = grants.get(nindirect, readonly=True, busy=busy) if nindirect else []
+                indirect_pages = grants.get(nindirect, readonly=True, busy=busy, front=nindirect) if nindirect else []
                 if indirect_pages is None:
                     return False
                 data_pages = [grants.zero_page()] * npages
             elif op.given is not None:
                 # The data is in these pages already (write_buffer); they are freed with the op.
-                indirect_pages = grants.get(nindirect, readonly=True, busy=busy) if nindirect else []
+                indirect_pages = grants.get(nindirect, readonly=True, busy=busy, front=nindirect) if nindirect else []
                 if indirect_pages is None:
                     return False
                 data_pages = op.given[start >> 12:(start >> 12) + npages]
             else:
-                pages = grants.get(npages + nindirect, readonly=op.kind == BLKIF_OP_WRITE, busy=busy)
+                pages = grants.get(npages + nindirect, readonly=op.kind == BLKIF_OP_WRITE, busy=busy,
+                                   front=nindirect)
                 if pages is None:
                     return False
                 if nindirect:
-                    data_pages, indirect_pages = pages[:npages], pages[npages:]
+                    indirect_pages, data_pages = pages[:nindirect], pages[nindirect:]
                 else:
                     data_pages, indirect_pages = pages, []
             # Every page is whole but maybe the last (a chunk is whole 512-byte sectors).
