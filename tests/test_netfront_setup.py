@@ -11,6 +11,7 @@ import pytest
 from xdom.domains.abi.netif import (
     RX_RING_SIZE,
     NETRXF_more_data,
+    NETTXF_more_data,
     RxResponse,
     TxResponse,
     pack_rx_response,
@@ -117,7 +118,7 @@ def test_transmit_answers_notify_only_while_frames_wait_for_room() -> None:
             q.push_tx()
             assert not answer()                     # answered with no event...
             q.reap_tx(want_event=False)             # ...and reaped by the next pass all the same
-        assert len(q.tx_free) == 256 and q.unanswered() == []
+        assert q.tx_slots_free() == 256 and q.unanswered() == []
         big = TxFrame(b"\2" * 4000)
         while q.room(big):
             q.put(big, stats)
@@ -126,7 +127,7 @@ def test_transmit_answers_notify_only_while_frames_wait_for_room() -> None:
         assert answer()                             # it comes with an event
         assert q.want_tx_event()                    # and a pass that asks again finds it waiting
         q.reap_tx(want_event=False)
-        assert len(q.tx_free) == 256
+        assert q.tx_slots_free() == 256
 
 
 def test_a_packet_split_over_two_passes_keeps_its_first_pages_once_they_are_posted_again() -> None:
@@ -158,3 +159,60 @@ def test_a_packet_split_over_two_passes_keeps_its_first_pages_once_they_are_post
         back.push_responses()
         frames = q.reap_rx(stats)
         assert len(frames) == 1 and frames[0][1] == first + second
+
+
+def _backend_reads(guest: LocalXenHost, q: _Queue, back: BackRing) -> list[tuple[list[int], bytes]]:
+    """What a backend takes off the transmit ring: per frame, its slots and the bytes of their pages
+    (a first request's size is the frame's; each other's, its own slot's)."""
+    frames: list[tuple[list[int], bytes]] = []
+    more = False
+    for raw in back.take_requests():
+        r = parse_tx_request(raw)
+        size = r.size if more else min(r.size, PAGE_SIZE)
+        data = bytes(guest.memory.frame(q.tx_gfns[r.id])[:size])
+        if more:
+            frames[-1] = (frames[-1][0] + [r.id], frames[-1][1] + data)
+        else:
+            frames.append(([r.id], data))
+        more = bool(r.flags & NETTXF_more_data)
+    return frames
+
+
+def test_a_frame_takes_a_run_of_slots_and_any_free_ones_when_none_is_left() -> None:
+    """Frames go into runs of consecutive slots (one copy into consecutive pages); a backend that answers
+    out of order leaves no run, and a frame then takes free slots wherever they are, as before."""
+    with one_queue() as (guest, q, deferred):
+        assert q.tx_contiguous
+        back = BackRing(tx_shared_ring([guest.memory.frame(q.gfns[0])]))
+        stats = {"tx_packets": 0, "tx_gso": 0}
+        frames = [bytes([i]) * (1000 + 3000 * i) for i in range(1, 8)]
+        for data in frames:
+            q.put(TxFrame(data), stats)
+        q.push_tx()
+        seen = _backend_reads(guest, q, back)
+        assert [data for _, data in seen] == frames
+        assert all(ids == list(range(ids[0], ids[0] + len(ids))) for ids, _ in seen)
+        # Answer every other slot of the ring's worth of one-slot frames: 128 free, no two in a row.
+        back.put_responses([pack_tx_response(TxResponse(i, 0)) for ids, _ in seen for i in ids])
+        back.push_responses()
+        q.reap_tx()
+        small = [TxFrame(i.to_bytes(2, "little") * 50) for i in range(256)]
+        for f in small:
+            assert q.room(f)
+            q.put(f, stats)
+        q.push_tx()
+        assert not q.room(small[0]) and q.tx_slots_free() == 0
+        taken = _backend_reads(guest, q, back)
+        back.put_responses([pack_tx_response(TxResponse(ids[0], 0)) for ids, _ in taken[::2]])
+        back.push_responses()
+        q.reap_tx()
+        assert q.tx_slots_free() == 128
+        big = TxFrame(b"\x55" * 3 * PAGE_SIZE)
+        assert q.room(big)
+        q.put(big, stats)
+        q.push_tx()
+        ((ids, data),) = _backend_reads(guest, q, back)
+        assert data == big.data and len(ids) == 3 and ids != list(range(ids[0], ids[0] + 3))
+        # Frames answered behind unanswered ones are not taken for unanswered when a later frame (big) has
+        # one of their slots: a backend that dies now gets each unanswered frame again, and only those.
+        assert q.unanswered() == small[1::2] + [big]

@@ -144,10 +144,21 @@ class _Queue:
             raise
         self.tx = FrontRing(tx_shared_ring([host.memory.frame(self.gfns[0])]))
         self.rx = FrontRing(rx_shared_ring([host.memory.frame(self.gfns[1])]))
-        self.tx_free = list(range(TX_RING_SIZE))
+        # Transmit slots: 1 while the backend has the slot's page.  A frame takes a run of slots
+        # (_tx_run), from a cursor that follows the backend's answers round the ring: the pages of
+        # consecutive frames (allocated together) are then one copy from the frame, and the requests
+        # of a frame's middle slots are the same every time (made once, here).
         self.tx_in_flight = bytearray(TX_RING_SIZE)
+        self.tx_next = 0
+        first = self.tx_gfns[0]
+        self.tx_contiguous = self.tx_gfns == list(range(first, first + TX_RING_SIZE))
+        self.tx_middle = [TX_REQUEST.pack(self.tx_refs[s], 0, NETTXF_more_data, s, PAGE_SIZE)
+                          for s in range(TX_RING_SIZE)]
         # Frames on the ring, oldest first, with their slots: what a new ring takes over if the backend dies.
-        self.tx_sent: collections.deque[tuple[list[int], TxFrame]] = collections.deque()
+        self.tx_sent: collections.deque[tuple[range | list[int], TxFrame]] = collections.deque()
+        # Which of them each slot was last put in: an answered frame behind an unanswered one stays in
+        # tx_sent, and a later frame may have its slots by now; that one's being in flight is not its.
+        self.tx_owner: list[tuple[range | list[int], TxFrame] | None] = [None] * TX_RING_SIZE
         self.tx_pushed = False
         self.rx_partial: list[bytes | memoryview] = []   # views into posted pages until reposted
         self.rx_first_flags = 0                 # the packet being received: its first slot's flags,
@@ -181,36 +192,84 @@ class _Queue:
 
     # ---- transmit ------------------------------------------------------------------------
 
+    def tx_slots_free(self) -> int:
+        return TX_RING_SIZE - self.tx_in_flight.count(1)
+
+    def _tx_slots(self, nslots: int) -> range | list[int] | None:
+        """Free slots for a frame: a run (at the cursor, else the first anywhere), else any (a backend
+        that answers out of order), else None."""
+        at = self.tx_next
+        if at + nslots > TX_RING_SIZE:
+            at = 0
+        in_flight = self.tx_in_flight
+        if in_flight.find(1, at, at + nslots) < 0:
+            return range(at, at + nslots)
+        at = in_flight.find(bytes(nslots))
+        if at >= 0:
+            return range(at, at + nslots)
+        free = [slot for slot, busy in enumerate(in_flight) if not busy]
+        return free[:nslots] if len(free) >= nslots else None
+
+    def _still_sent(self, sent: tuple[range | list[int], TxFrame]) -> bool:
+        """Does the backend still have any of this frame's slots (not a later frame put in one of them)?"""
+        slots = sent[0]
+        in_flight, owner = self.tx_in_flight, self.tx_owner
+        if type(slots) is range and in_flight.find(1, slots.start, slots.stop) < 0:
+            return False                # the usual answer, found in C
+        return any([in_flight[slot] and owner[slot] is sent for slot in slots])
+
     def room(self, f: TxFrame) -> bool:
         nslots = max(1, -(-len(f.data) // PAGE_SIZE))
-        return len(self.tx_free) >= nslots and self.tx.free_requests() >= nslots + (f.gso is not None)
+        return self.tx.free_requests() >= nslots + (f.gso is not None) and self._tx_slots(nslots) is not None
 
     def put(self, f: TxFrame, stats: dict[str, int]) -> None:
         """The frame into transmit pages and requests (the caller checked :meth:`room`)."""
         frame = memoryview(f.data)
         total = len(frame)
         nslots = max(1, -(-total // PAGE_SIZE))
-        buffer, free, in_flight, gfns, refs = self.host.memory.buffer, self.tx_free, self.tx_in_flight, \
-            self.tx_gfns, self.tx_refs
+        slots = self._tx_slots(nslots)
+        if slots is None:
+            raise RingOverflow("no transmit slots: room() was not asked")
+        buffer, gfns, refs, in_flight = self.host.memory.buffer, self.tx_gfns, self.tx_refs, self.tx_in_flight
+        first = slots[0]
         pack = TX_REQUEST.pack
-        requests = []
-        slots: list[int] = []
-        for i in range(nslots):
-            chunk = frame[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
-            slot = free.pop()
-            slots.append(slot)
-            in_flight[slot] = 1
-            at = gfns[slot] * PAGE_SIZE
-            buffer[at:at + len(chunk)] = chunk
-            flags = NETTXF_more_data if i < nslots - 1 else 0
-            if i == 0:
-                flags |= (NETTXF_csum_blank if f.csum_blank else 0) | \
-                    (NETTXF_data_validated if f.data_validated else 0) | (NETTXF_extra_info if f.gso else 0)
-            requests.append(pack(refs[slot], 0, flags, slot, total if i == 0 else len(chunk)))
-            if i == 0 and f.gso is not None:
-                requests.append(pack_extra_info(gso_extra(f.gso.size, f.gso.type), TX_SLOT_SIZE))
+        flags = (NETTXF_more_data if nslots > 1 else 0) | (NETTXF_csum_blank if f.csum_blank else 0) | \
+            (NETTXF_data_validated if f.data_validated else 0) | (NETTXF_extra_info if f.gso else 0)
+        requests = [pack(refs[first], 0, flags, first, total)]
+        if f.gso is not None:
+            requests.append(pack_extra_info(gso_extra(f.gso.size, f.gso.type), TX_SLOT_SIZE))
+        last_size = total - (nslots - 1) * PAGE_SIZE
+        if type(slots) is range:
+            if self.tx_contiguous:
+                at = gfns[first] * PAGE_SIZE
+                buffer[at:at + total] = frame
+            else:
+                for i, slot in enumerate(slots):
+                    chunk = frame[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+                    at = gfns[slot] * PAGE_SIZE
+                    buffer[at:at + len(chunk)] = chunk
+            in_flight[first:first + nslots] = b"\1" * nslots
+            self.tx_next = first + nslots
+            if nslots > 1:
+                last = first + nslots - 1
+                requests += self.tx_middle[first + 1:last]
+                requests.append(pack(refs[last], 0, 0, last, last_size))
+        else:
+            for i, slot in enumerate(slots):
+                at = gfns[slot] * PAGE_SIZE
+                chunk = frame[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+                buffer[at:at + len(chunk)] = chunk
+                in_flight[slot] = 1
+                if i:
+                    requests.append(pack(refs[slot], 0, NETTXF_more_data if i < nslots - 1 else 0, slot, len(chunk)))
         self.tx.put_requests(requests)
-        self.tx_sent.append((slots, f))
+        sent = (slots, f)
+        if type(slots) is range:
+            self.tx_owner[first:first + nslots] = [sent] * nslots
+        else:
+            for slot in slots:
+                self.tx_owner[slot] = sent
+        self.tx_sent.append(sent)
         self.tx_pushed = True
         stats["tx_packets"] += 1
         if f.gso is not None:
@@ -231,19 +290,18 @@ class _Queue:
         Each event spared is a wakeup of this domain and an eventfd write
         in the backend's loop (a wakeup across CPUs costs some 40 us here).
         """
-        free, in_flight = self.tx_free, self.tx_in_flight
+        in_flight = self.tx_in_flight
         while True:
             for rid, status in map(_unpack_tx_response, self.tx.take_responses()):
-                if 0 <= rid < TX_RING_SIZE and status != 1 and in_flight[rid]:
+                if 0 <= rid < TX_RING_SIZE and status != 1:
                     in_flight[rid] = 0
-                    free.append(rid)
             if not want_event:
                 self.tx.ignore_responses()
                 break
             if not self.tx.final_check_for_responses():
                 break
         sent = self.tx_sent
-        while sent and not any(in_flight[slot] for slot in sent[0][0]):
+        while sent and not self._still_sent(sent[0]):
             sent.popleft()
 
     def want_tx_event(self) -> bool:
@@ -252,7 +310,7 @@ class _Queue:
 
     def unanswered(self) -> list[TxFrame]:
         """Frames the backend has not answered, in the order they were sent (it died: they go on again)."""
-        return [f for slots, f in self.tx_sent if any(self.tx_in_flight[slot] for slot in slots)]
+        return [sent[1] for sent in self.tx_sent if self._still_sent(sent)]
 
     # ---- receive -------------------------------------------------------------------------
 
