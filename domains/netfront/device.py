@@ -145,7 +145,7 @@ class _Queue:
         self.tx = FrontRing(tx_shared_ring([host.memory.frame(self.gfns[0])]))
         self.rx = FrontRing(rx_shared_ring([host.memory.frame(self.gfns[1])]))
         # Transmit slots: 1 while the backend has the slot's page.  A frame takes a run of slots
-        # (_tx_run), from a cursor that follows the backend's answers round the ring: the pages of
+        # (_tx_slots), from a cursor that follows the backend's answers round the ring: the pages of
         # consecutive frames (allocated together) are then one copy from the frame, and the requests
         # of a frame's middle slots are the same every time (made once, here).
         self.tx_in_flight = bytearray(TX_RING_SIZE)
