@@ -178,11 +178,14 @@ def _backend_reads(guest: LocalXenHost, q: _Queue, back: BackRing) -> list[tuple
     return frames
 
 
-def test_a_frame_takes_a_run_of_slots_and_any_free_ones_when_none_is_left() -> None:
+@pytest.mark.parametrize("contiguous", [True, False], ids=["one-copy", "page-by-page"])
+def test_a_frame_takes_a_run_of_slots_and_any_free_ones_when_none_is_left(contiguous: bool) -> None:
     """Frames go into runs of consecutive slots (one copy into consecutive pages); a backend that answers
-    out of order leaves no run, and a frame then takes free slots wherever they are, as before."""
+    out of order leaves no run, and a frame then takes free slots wherever they are, as before.
+    (Transmit pages that are not consecutive frames are filled a page at a time.)"""
     with one_queue() as (guest, q, deferred):
         assert q.tx_contiguous
+        q.tx_contiguous = contiguous
         back = BackRing(tx_shared_ring([guest.memory.frame(q.gfns[0])]))
         stats = {"tx_packets": 0, "tx_gso": 0}
         frames = [bytes([i]) * (1000 + 3000 * i) for i in range(1, 8)]

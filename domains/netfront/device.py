@@ -238,37 +238,29 @@ class _Queue:
         requests = [pack(refs[first], 0, flags, first, total)]
         if f.gso is not None:
             requests.append(pack_extra_info(gso_extra(f.gso.size, f.gso.type), TX_SLOT_SIZE))
-        last_size = total - (nslots - 1) * PAGE_SIZE
-        if type(slots) is range:
-            if self.tx_contiguous:
-                at = gfns[first] * PAGE_SIZE
-                buffer[at:at + total] = frame
-            else:
-                for i, slot in enumerate(slots):
-                    chunk = frame[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
-                    at = gfns[slot] * PAGE_SIZE
-                    buffer[at:at + len(chunk)] = chunk
+        sent = (slots, f)
+        if type(slots) is range and self.tx_contiguous:
+            # The usual frame: one copy into consecutive pages, the middle requests ready made.
+            at = gfns[first] * PAGE_SIZE
+            buffer[at:at + total] = frame
             in_flight[first:first + nslots] = b"\1" * nslots
-            self.tx_next = first + nslots
+            self.tx_owner[first:first + nslots] = [sent] * nslots
             if nslots > 1:
                 last = first + nslots - 1
                 requests += self.tx_middle[first + 1:last]
-                requests.append(pack(refs[last], 0, 0, last, last_size))
+                requests.append(pack(refs[last], 0, 0, last, total - (nslots - 1) * PAGE_SIZE))
         else:
             for i, slot in enumerate(slots):
                 at = gfns[slot] * PAGE_SIZE
                 chunk = frame[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
                 buffer[at:at + len(chunk)] = chunk
                 in_flight[slot] = 1
+                self.tx_owner[slot] = sent
                 if i:
                     requests.append(pack(refs[slot], 0, NETTXF_more_data if i < nslots - 1 else 0, slot, len(chunk)))
-        self.tx.put_requests(requests)
-        sent = (slots, f)
         if type(slots) is range:
-            self.tx_owner[first:first + nslots] = [sent] * nslots
-        else:
-            for slot in slots:
-                self.tx_owner[slot] = sent
+            self.tx_next = slots.stop
+        self.tx.put_requests(requests)
         self.tx_sent.append(sent)
         self.tx_pushed = True
         stats["tx_packets"] += 1
