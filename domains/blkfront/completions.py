@@ -32,7 +32,7 @@ from ..xenhost.base import XenHost
 from ..xenstore import XenstoreClient
 from .grants import PAGE_SIZE, Page
 from .negotiate import DEFAULT_OPTIONS, FrontendOptions
-from .requests import Op, RequestRings
+from .requests import Op, Req, RequestRings
 
 log = logging.getLogger("xdom.blkfront")
 
@@ -169,12 +169,7 @@ class Completions(RequestRings):
                     # The usual read: one request's pages, whole but maybe the last.
                     _, req = answered.popitem()
                     pages = req.pages
-                    if req.copy is not None:
-                        views = [memoryview(req.copy)]
-                    elif req.length == PAGE_SIZE:
-                        views = [pages[0].view]
-                    else:
-                        views = self._grants.views(pages, req.length)
+                    views = self._read_views(req)
                     try:
                         op.done(0, views)
                     except Exception:
@@ -202,6 +197,15 @@ class Completions(RequestRings):
 
     # ---- handing results to the user -------------------------------------------------------
 
+    def _read_views(self, req: Req) -> list[memoryview]:
+        """What an answered read request carries: its pages (one view for a run of frames), or the
+        copy taken when its pages had to serve other parts of its read."""
+        if req.copy is not None:
+            return [memoryview(req.copy)]
+        if req.length == PAGE_SIZE:
+            return [req.pages[0].view]          # the usual 4 KiB read
+        return self._grants.views(req.pages, req.length)
+
     def _complete_later(self, op: Op, error: int = 0) -> None:
         """Complete without calling back under our lock (the callback may submit more)."""
         threading.Thread(target=self._complete, args=(op, error), daemon=True).start()
@@ -215,9 +219,7 @@ class Completions(RequestRings):
                 answered = op.read_pages
                 if not error:
                     for off in (sorted(answered) if len(answered) > 1 else answered):
-                        req = answered[off]
-                        views += [memoryview(req.copy)] if req.copy is not None else \
-                            self._grants.views(req.pages, req.length)
+                        views += self._read_views(answered[off])
                 try:
                     op.done(error, views)
                 finally:
