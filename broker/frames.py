@@ -40,7 +40,9 @@ import os
 import re
 import stat
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from itertools import repeat
+from operator import attrgetter, is_
 from typing import Protocol
 
 from xdom.domains.abi.grant_table import PAGE_SIZE
@@ -431,46 +433,68 @@ class CopyFrames:
     its gfns cannot steer a copy to a page it got from someone else.  A
     frame is opened through map_files (and checked to be the frame made for
     that gfn) the first time a copy names it, mapped, and the mapping kept
-    in a small LRU (``cache_size``; copies come back to the same pages, a
-    ring's data pages) for as long as that gfn's frame is the same inode: a
-    frame replaced (``replace_frames``) is never copied to again, and a dead
-    or restarted domain's mappings go with it (:meth:`forget`).  So a copy
-    reaches the gfn's own frame by identity; a domain that unmaps one of its
-    own frames gets GNTST_bad_page or the frame as it was, whichever the
-    cache holds -- the grant, not the domain's address space, is what
-    revokes.  Frames are sealed against shrinking, so a mapping kept here
-    can never fault.  A copy is then one memmove (a slice assignment),
-    where a ``copy_file_range`` per op cost a syscall and the page cache's
-    locking; in-process domains (the local variant) are copied the same way
-    through their memory's views.
+    (copies come back to the same pages, a ring's data pages) for as long
+    as that gfn's frame is the same inode: a frame replaced
+    (``replace_frames``) is never copied to again, and a dead or restarted
+    domain's mappings go with it (:meth:`forget`).  So a copy reaches the
+    gfn's own frame by identity; a domain that unmaps one of its own frames
+    gets GNTST_bad_page or the frame as it was, whichever is kept -- the
+    grant, not the domain's address space, is what revokes.  Frames are
+    sealed against shrinking, so a mapping kept here can never fault.  A
+    copy is then one memmove (a slice assignment), where a
+    ``copy_file_range`` per op cost a syscall and the page cache's locking;
+    in-process domains (the local variant) are copied the same way through
+    their memory's views.
+
+    Mappings are kept per domain, so that a batch whose frames are all kept
+    is looked up in C (:meth:`views`: ``map`` over the batch), and dropped
+    oldest first down to ``cache_size`` only by :meth:`trim`, between
+    batches: a view handed out for a batch is never unmapped under it.  A
+    hit does not reorder (first in, first out): the cost of a frame dropped
+    while still in use is one map_files open the next time.
     """
 
     def __init__(self, cache_size: int = 2 * MAX_BATCH) -> None:
-        self._cache: OrderedDict[tuple[int, int], tuple[ProcFrames, int, mmap.mmap, memoryview]] = OrderedDict()
-        # Never fewer than a batch can name (two frames an op): a view handed out for this batch
-        # must not be unmapped by a later lookup of the same batch.
-        self._cache_size = max(2 * MAX_BATCH, cache_size)
+        self._kept: dict[int, dict[int, _Kept]] = {}            # id(frames) -> gfn -> kept mapping
+        self._order: OrderedDict[tuple[int, int], _Kept] = OrderedDict()     # (id(frames), gfn), oldest first
+        self._cache_size = cache_size
 
-    def views(self, frames: FrameSource | None, gfns: Iterable[int]) -> dict[int, memoryview | None]:
-        """Each of ``gfns`` of ``frames`` to copy into or out of now, or None for one that is not that
-        domain's own frame: a batch's frames looked up in one pass, a kept frame inline."""
-        out: dict[int, memoryview | None] = {}
-        inodes = frames.inodes if isinstance(frames, ProcFrames) else None     # only ProcFrames are kept
-        fid, get, keep = id(frames), self._cache.get, self._cache.move_to_end
-        for gfn in gfns:
-            if inodes is not None and (hit := get((fid, gfn))) is not None and hit[1] == inodes[gfn]:
-                keep((fid, gfn))
-                out[gfn] = hit[3]
-            else:
-                out[gfn] = self._reach(frames, gfn)
-        return out
+    def views(self, frames: FrameSource | None, gfns: Sequence[int]) -> list[memoryview | None]:
+        """Frame ``gfns[i]`` of ``frames`` to copy into or out of during this batch, or None for one
+        that is not that domain's own frame; call :meth:`trim` when the batch is done."""
+        kept: list[memoryview | None] | None = self._kept_views(frames, gfns)     # type: ignore[assignment]
+        return kept or [self._view(frames, gfn) for gfn in gfns]
+
+    def all_views(self, frames: FrameSource | None, gfns: Sequence[int]) -> list[memoryview] | None:
+        """:meth:`views`, or None when any of ``gfns`` is not that domain's own frame."""
+        kept = self._kept_views(frames, gfns)
+        if kept:
+            return kept
+        views = [self._view(frames, gfn) for gfn in gfns]
+        return None if any(map(is_, views, repeat(None))) else views     # type: ignore[return-value]
+
+    def _kept_views(self, frames: FrameSource | None, gfns: Sequence[int]) -> list[memoryview] | None:
+        """Every one of ``gfns`` kept and still its gfn's frame: their views, looked up in C."""
+        if not isinstance(frames, ProcFrames):
+            return None
+        kept = self._kept.get(id(frames))
+        if kept is None:
+            return None
+        hits = list(map(kept.get, gfns))
+        # a gfn never kept is None, and is not looked up in inodes (it may be out of range)
+        if None in hits or list(map(_INODE, hits)) != list(map(frames.inodes.__getitem__, gfns)):
+            return None
+        return list(map(_VIEW, hits))
+
+    def _view(self, frames: FrameSource | None, gfn: int) -> memoryview | None:
+        if isinstance(frames, ProcFrames):
+            kept = self._kept.get(id(frames), {}).get(gfn)
+            if kept is not None and kept.ino == frames.inodes[gfn]:
+                return kept.view
+        return self._reach(frames, gfn)
 
     def _reach(self, frames: FrameSource | None, gfn: int) -> memoryview | None:
         """A frame not kept, or kept but replaced since (that mapping goes): reached afresh."""
-        key = (id(frames), gfn)
-        stale = self._cache.pop(key, None)     # an entry holds its frames, so the id is not reused
-        if stale is not None:
-            self._unmap(stale)
         if frames is None:
             return None
         if isinstance(frames, LocalFrames):
@@ -480,11 +504,13 @@ class CopyFrames:
                 return None
         if not isinstance(frames, ProcFrames):
             raise TypeError(f"cannot copy through {type(frames).__name__}")
+        key = (id(frames), gfn)
+        stale = self._order.pop(key, None)     # an entry holds its frames, so the id is not reused
+        if stale is not None:
+            del self._kept[key[0]][gfn]
+            stale.unmap()
         try:
             ino = frames.frame_id(gfn)[1]
-        except BadFrame:
-            return None
-        try:
             fd, _ = frames.open_frame(gfn, readonly=False)
         except (BadFrame, NoFrameSpace):
             return None
@@ -495,23 +521,49 @@ class CopyFrames:
             return None
         finally:
             os.close(fd)
-        view = memoryview(mapping)
-        self._cache[key] = (frames, ino, mapping, view)
-        while len(self._cache) > self._cache_size:
-            self._unmap(self._cache.popitem(last=False)[1])
-        return view
+        kept = _Kept(frames, ino, mapping)
+        self._kept.setdefault(key[0], {})[gfn] = self._order[key] = kept
+        return kept.view
 
-    @staticmethod
-    def _unmap(entry: tuple[ProcFrames, int, mmap.mmap, memoryview]) -> None:
-        entry[3].release()
-        entry[2].close()
+    def trim(self) -> None:
+        """Unmap the oldest frames kept beyond ``cache_size``; between batches only."""
+        while len(self._order) > self._cache_size:
+            (fid, gfn), kept = self._order.popitem(last=False)
+            self._drop(fid, gfn, kept)
+
+    def _drop(self, fid: int, gfn: int, kept: _Kept) -> None:
+        by_gfn = self._kept[fid]
+        del by_gfn[gfn]
+        if not by_gfn:
+            del self._kept[fid]
+        kept.unmap()
 
     def forget(self, frames: FrameSource) -> None:
         """Unmap the frames kept for a domain that died or restarted."""
-        for key in [k for k, v in self._cache.items() if v[0] is frames]:
-            self._unmap(self._cache.pop(key))
+        fid = id(frames)
+        for gfn, kept in list(self._kept.get(fid, {}).items()):
+            del self._order[fid, gfn]
+            self._drop(fid, gfn, kept)
 
     def close(self) -> None:
-        for entry in self._cache.values():
-            self._unmap(entry)
-        self._cache.clear()
+        for kept in self._order.values():
+            kept.unmap()
+        self._order.clear()
+        self._kept.clear()
+
+
+class _Kept:
+    """One frame CopyFrames keeps mapped: whose, which inode it was checked to be, the mapping."""
+
+    __slots__ = ("frames", "ino", "mapping", "view")
+
+    def __init__(self, frames: ProcFrames, ino: int, mapping: mmap.mmap) -> None:
+        self.frames, self.ino, self.mapping, self.view = frames, ino, mapping, memoryview(mapping)
+
+    def unmap(self) -> None:
+        self.view.release()
+        self.mapping.close()
+
+
+_INODE = attrgetter("ino")
+_VIEW = attrgetter("view")

@@ -107,3 +107,75 @@ def test_a_failure_while_locking_leaves_nothing_locked(table, monkeypatch: pytes
     with pytest.raises(OSError):
         t.hold_many({10, 20, 21}, COPIER)
     assert not any(_locked_by_broker(granter_fd, r) for r in (10, 20, 21))
+
+
+def test_a_run_is_judged_whole_only_when_every_entry_grants_the_copier_a_whole_page() -> None:
+    """hold_many reads a run in one go and passes it whole only if every entry is a whole-page
+    grant to the copier: a sub-page grant, another domain's or a transitive entry in the middle
+    is judged alone (and refused), its neighbours still pass, each with its own flags and frame."""
+    from xdom.domains.abi.grant_table import GTF_permit_access, GTF_readonly, GTF_sub_page, GTF_transitive
+    t = BrokerGrantTable(1, owner=1)
+    try:
+        for ref in range(30, 38):
+            t.seed(ref, COPIER, 200 + ref)
+        odd = {31: GTF_permit_access | GTF_sub_page, 33: GTF_transitive, 35: GTF_permit_access | GTF_readonly}
+        for ref, flags in odd.items():
+            t._map[ref * 8:ref * 8 + 2] = flags.to_bytes(2, "little")
+        t.seed(36, OTHER, 236)
+        held = t.hold_many(range(30, 38), COPIER)
+        try:
+            assert {ref: status for ref, (status, _flags, _gfn) in held.checked.items()} == {
+                30: GNTST_okay, 31: GNTST_general_error, 32: GNTST_okay, 33: GNTST_general_error,
+                34: GNTST_okay, 35: GNTST_okay, 36: GNTST_general_error, 37: GNTST_okay}
+            assert held.checked[35] == (GNTST_okay, GTF_permit_access | GTF_readonly, 235)
+            assert held.checked[37] == (GNTST_okay, GTF_permit_access, 237)
+        finally:
+            t.release(held)
+        # all granted: one run, judged whole, the same answers an entry at a time would give
+        for ref in (31, 33, 36):
+            t.seed(ref, COPIER, 200 + ref)
+        held = t.hold_many(range(30, 38), COPIER)
+        try:
+            assert held.runs == [(30, 8)]
+            assert held.checked == {ref: t._check(ref, COPIER, readonly=True) for ref in range(30, 38)}
+        finally:
+            t.release(held)
+    finally:
+        t.close()
+
+
+def test_a_pinned_entry_in_a_run_is_copied_through_its_pinned_frame() -> None:
+    """Xen keeps using the frame of the first pin: a granter that rewrites the frame of an entry
+    mapped by the copier does not move a copy of it, whole run or not."""
+    t = BrokerGrantTable(1, owner=1)
+    try:
+        for ref in range(40, 44):
+            t.seed(ref, COPIER, 300 + ref)
+        assert t.pin(42, COPIER, readonly=True) == (GNTST_okay, 342)
+        t.seed(42, COPIER, 999)          # the granter points the mapped entry elsewhere
+        held = t.hold_many(range(40, 44), COPIER)
+        try:
+            assert [held.checked[ref][2] for ref in range(40, 44)] == [340, 341, 342, 343]
+        finally:
+            t.release(held)
+        t.unpin(42, readonly=True)
+    finally:
+        t.close()
+
+
+def test_refs_out_of_the_table_are_bad_and_the_rest_still_held() -> None:
+    from xdom.domains.abi.grant_table import GNTST_bad_gntref
+    t = BrokerGrantTable(1, owner=1)
+    try:
+        t.seed(0, COPIER, 7)
+        t.seed(511, COPIER, 8)
+        held = t.hold_many([-1, 0, 511, 512, 1 << 31], COPIER)
+        try:
+            assert held.checked == {-1: (GNTST_bad_gntref, 0, 0), 512: (GNTST_bad_gntref, 0, 0),
+                                    1 << 31: (GNTST_bad_gntref, 0, 0),
+                                    0: (GNTST_okay, 1, 7), 511: (GNTST_okay, 1, 8)}
+            assert held.runs == [(0, 1), (511, 1)]
+        finally:
+            t.release(held)
+    finally:
+        t.close()

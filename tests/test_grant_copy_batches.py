@@ -1,0 +1,134 @@
+"""Grant copy batches: the uniform path (a batch checked as a whole) answers exactly as op by op.
+
+``grant_copy`` first tries a batch as a whole (every op naming its sides
+alike, every op bound to succeed) and otherwise goes op by op.  Adding one op
+that can never be uniform (a copy past the end of a page, GNTST_bad_copy_arg,
+which moves nothing) forces the op-by-op path on the same batch, so each
+batch is run both ways from the same memory, through the public hypercall,
+on both hypervisor variants: the statuses and every byte must agree.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from xdom.broker.frames import CopyFrames, FrameAllocator, ProcFrames
+from xdom.domains.abi.grant_table import PAGE_SIZE, GNTST_bad_copy_arg, GNTST_okay
+from xdom.domains.hostsys.memory import DomainMemory
+from xdom.domains.xenhost import CopyOp
+
+FRAMES = 24          # of each domain that the batches name
+
+
+def _snapshot(hosts) -> list[bytes]:
+    return [bytes(h.memory.frame(gfn)) for h in hosts for gfn in range(FRAMES)]
+
+
+def _restore(hosts, snap: list[bytes]) -> None:
+    it = iter(snap)
+    for h in hosts:
+        for gfn in range(FRAMES):
+            h.memory.frame(gfn)[:] = next(it)
+
+
+def _random_batch(rng: random.Random, a, refs: dict[str, list[int]], copier_gfns: int) -> list[CopyOp]:
+    """A batch whose ops all name their sides alike (mostly: a uniform candidate), some set to fail."""
+    src_grant, dst_grant = rng.choice([(True, False), (False, True), (True, True), (False, False)])
+    whole = rng.random() < 0.5
+    ops = []
+    for _ in range(rng.randint(1, 40)):
+        def side(grant: bool, writing: bool) -> tuple[int, int | None]:
+            if not grant:
+                return (rng.randrange(copier_gfns) if rng.random() < 0.97 else 10**6), None
+            pool = rng.choices(["rw", "ro", "other", "none"], weights=[90, 0 if writing else 6, 2, 2])[0]
+            if writing and rng.random() < 0.03:
+                pool = "ro"                         # read-only as destination: general error
+            return rng.choice(refs[pool]), a.domid
+        s, s_dom = side(src_grant, writing=False)
+        d, d_dom = side(dst_grant, writing=True)
+        if whole and rng.random() < 0.97:
+            soff, doff, length = 0, 0, PAGE_SIZE
+        else:
+            length = rng.randint(1, PAGE_SIZE)
+            soff, doff = rng.randint(0, PAGE_SIZE - length), rng.randint(0, PAGE_SIZE - length)
+            if rng.random() < 0.03:
+                soff = PAGE_SIZE - length + 1       # past the page: bad copy argument
+        ops.append(CopyOp(s, soff, d, doff, length, src_domid=s_dom, dst_domid=d_dom))
+    return ops
+
+
+def test_uniform_batches_answer_as_op_by_op(domains) -> None:
+    a, b, c = domains.create("a"), domains.create("b"), domains.create("c")
+    hosts = (a, b)
+    rng = random.Random(1234)
+    for h in hosts:
+        for gfn in range(FRAMES):
+            h.memory.frame(gfn)[:] = rng.randbytes(PAGE_SIZE)
+    refs = {"rw": [a.gnttab.grant_access(b.domid, gfn) for gfn in range(0, 12)],
+            "ro": [a.gnttab.grant_access(b.domid, gfn, readonly=True) for gfn in range(12, 18)],
+            "other": [a.gnttab.grant_access(c.domid, gfn) for gfn in range(18, 20)]}
+    refs["none"] = [max(refs["other"]) + 1 + i for i in range(4)]      # never granted
+    forced = CopyOp(0, PAGE_SIZE, 1, 0, 1)              # never uniform, moves nothing
+    uniform_seen = 0
+    for _ in range(150):
+        ops = _random_batch(rng, a, refs, FRAMES)
+        before = _snapshot(hosts)
+        statuses = b.copy_grants(ops)
+        after = _snapshot(hosts)
+        _restore(hosts, before)
+        *by_op, last = b.copy_grants(ops + [forced])
+        assert last == GNTST_bad_copy_arg
+        assert statuses == by_op, ops
+        assert _snapshot(hosts) == after, ops
+        uniform_seen += not any(statuses)
+    assert uniform_seen > 30            # the batches exercised the uniform path, not only its refusal
+
+
+def test_the_frames_of_a_batch_outlive_a_smaller_cache() -> None:
+    """CopyFrames drops kept frames only between batches (trim): a batch naming more frames
+    than it keeps still copies through every one of them; a frame replaced is never reached again."""
+    alloc = FrameAllocator(8)
+    memory = DomainMemory(8, populate=alloc.populate, batch=8)
+    frames = ProcFrames(os.getpid(), memory.base, alloc.inodes)
+    copier = CopyFrames(cache_size=2)
+    try:
+        views = copier.views(frames, list(range(8)))
+        for gfn, view in enumerate(views):
+            assert view is not None
+            view[:4] = b"gfn%d" % gfn
+        assert [bytes(memory.frame(gfn)[:4]) for gfn in range(8)] == [b"gfn%d" % g for g in range(8)]
+        assert copier.all_views(frames, [0, 7]) is not None
+        copier.trim()
+        assert sum(map(len, copier._kept.values())) == 2
+        # kept or not, the same frames
+        again = copier.all_views(frames, list(range(8)))
+        assert again is not None and [bytes(v[:4]) for v in again] == [b"gfn%d" % g for g in range(8)]
+        copier.trim()
+        # gfn 3 gets a new frame (a revocation by replacement): the old one is no longer its frame
+        for fd in alloc.remake(3, 1):
+            os.close(fd)
+        kept, replaced = copier.views(frames, [2, 3])
+        assert kept is not None and bytes(kept[:4]) == b"gfn2" and replaced is None
+        assert copier.all_views(frames, [2, 3]) is None
+        copier.forget(frames)
+        assert copier._kept == {}
+    finally:
+        copier.close()
+        memory.close()
+
+
+@pytest.mark.parametrize("length", [1, PAGE_SIZE])
+def test_a_uniform_batch_copies_onto_itself_in_order(domains, length: int) -> None:
+    """Ops of one uniform batch run in order: an op reads what an earlier one of the batch wrote."""
+    a, b = domains.create("a"), domains.create("b")
+    for gfn in range(3):
+        a.memory.frame(gfn)[:] = bytes(PAGE_SIZE)
+    a.memory.frame(0)[:length] = b"x" * length
+    refs = [a.gnttab.grant_access(b.domid, gfn) for gfn in range(3)]
+    statuses = b.copy_grants([CopyOp(refs[0], 0, refs[1], 0, length, src_domid=a.domid, dst_domid=a.domid),
+                              CopyOp(refs[1], 0, refs[2], 0, length, src_domid=a.domid, dst_domid=a.domid)])
+    assert statuses == [GNTST_okay, GNTST_okay]
+    assert bytes(a.memory.frame(2)[:length]) == b"x" * length
