@@ -17,6 +17,7 @@ import array
 import errno as _errno
 import socket
 import struct
+from itertools import starmap
 from typing import Any, Final
 
 import msgpack
@@ -118,9 +119,8 @@ def decode_request(data: bytes) -> tuple[str, dict[str, Any]]:
 
 def pack_copy_segments(segments: list[tuple[int, ...]]) -> bytes:
     """The caller's side of :func:`copy_segments`; a value that does not fit its field is EINVAL."""
-    pack = GNTTAB_COPY.pack
     try:
-        return b"".join([pack(*segment) for segment in segments])
+        return b"".join(starmap(GNTTAB_COPY.pack, segments))
     except struct.error as e:
         raise HypercallError(_errno.EINVAL, f"copy: a segment does not fit struct gnttab_copy ({e})") from None
 
