@@ -12,6 +12,7 @@ from typing import Any
 from ..abi.event_channel import DOMID_SELF
 from ..abi.grant_table import GNTST_NAMES, GNTCOPY_dest_gref, GNTCOPY_source_gref, GNTST_okay
 from ..grant_table import GrantTable
+from ..hostsys.grant_window import GrantWindow
 from ..hostsys.memory import DomainMemory
 
 
@@ -32,12 +33,14 @@ class GrantMapping:
     instead of touching a page that is no longer ours.
     """
 
-    def __init__(self, domid: int, ref: int, readonly: bool, handle: int, view: memoryview) -> None:
+    def __init__(self, domid: int, ref: int, readonly: bool, handle: int, view: memoryview,
+                 window: GrantWindow | None = None) -> None:
         self.domid = domid
         self.ref = ref
         self.readonly = readonly
         self.handle = handle
         self.view = view
+        self.window = window        # the GrantWindow the page was placed in, if any
         self.live = True
 
     def __repr__(self) -> str:
@@ -165,8 +168,13 @@ class XenHost(ABC):
 
     # grants
     @abstractmethod
-    def map_grants(self, ops: Sequence[tuple[int, int, bool]]) -> list[MapResult]:
-        """Map a batch of (granter domid, ref, readonly); one result per op."""
+    def map_grants(self, ops: Sequence[tuple[int, int, bool]], window: GrantWindow | None = None) -> list[MapResult]:
+        """Map a batch of (granter domid, ref, readonly); one result per op.
+
+        ``window``: place each page whose reference falls in it there (every op
+        then names the window's granter), so that neighbouring references sit
+        side by side (:class:`~xdom.domains.hostsys.grant_window.GrantWindow`).
+        A variant that cannot place pages maps them as without it."""
 
     @abstractmethod
     def unmap_grants(self, mappings: Sequence[GrantMapping]) -> list[int]:

@@ -40,6 +40,7 @@ from ..abi.hypercall_wire import (
 )
 from ..grant_table import GrantTable
 from ..hostsys import sysmem
+from ..hostsys.grant_window import GrantWindow
 from ..hostsys.memory import POPULATE_BATCH, DomainMemory
 from .base import CopyOp, EventChannels, GrantMapping, MapResult, XenHost
 
@@ -156,7 +157,7 @@ class BrokerXenHost(XenHost):
 
     # ---- grants -------------------------------------------------------------
 
-    def map_grants(self, ops: Sequence[tuple[int, int, bool]]) -> list[MapResult]:
+    def map_grants(self, ops: Sequence[tuple[int, int, bool]], window: GrantWindow | None = None) -> list[MapResult]:
         out: list[MapResult] = []
         for start in range(0, len(ops), MAX_BATCH):
             batch = ops[start:start + MAX_BATCH]
@@ -167,12 +168,18 @@ class BrokerXenHost(XenHost):
                     out.append(MapResult(status))
                     continue
                 fd = next(fd_iter)
+                at = window.address(ref) if window is not None else None
                 try:
                     prot = sysmem.PROT_READ | (0 if ro else sysmem.PROT_WRITE)
-                    addr = sysmem.mmap(0, PAGE_SIZE, prot, sysmem.MAP_SHARED, fd, 0)
+                    if at is None:
+                        addr = sysmem.mmap(0, PAGE_SIZE, prot, sysmem.MAP_SHARED, fd, 0)
+                    else:           # over the window's reserved page: one call, never a hole
+                        addr = sysmem.mmap(at, PAGE_SIZE, prot, sysmem.MAP_SHARED | sysmem.MAP_FIXED, fd, 0)
+                        window.place(ref)       # type: ignore[union-attr]
                 finally:
                     os.close(fd)
-                m = GrantMapping(domid, ref, bool(ro), handle, sysmem.view(addr, PAGE_SIZE, readonly=bool(ro)))
+                m = GrantMapping(domid, ref, bool(ro), handle, sysmem.view(addr, PAGE_SIZE, readonly=bool(ro)),
+                                 window if at is not None else None)
                 self._maps[handle] = (addr, m)
                 out.append(MapResult(status, m))
             for fd in fd_iter:   # only if the broker sent more than it said
@@ -186,7 +193,7 @@ class BrokerXenHost(XenHost):
             if entry is not None and m.live:
                 m.view.release()     # raises BufferError while someone exports it: keep the page then
                 m.live = False
-                sysmem.munmap(entry[0], PAGE_SIZE)
+                _unmap_page(entry[0], m)
             handles.append(m.handle)
         out: list[int] = []
         for start in range(0, len(handles), MAX_BATCH):
@@ -256,10 +263,18 @@ class BrokerXenHost(XenHost):
                 m.view.release()
             except BufferError:
                 continue
-            sysmem.munmap(addr, PAGE_SIZE)
+            _unmap_page(addr, m)
         self._maps.clear()
         self.gnttab.close()
         self.memory.close()
+
+
+def _unmap_page(addr: int, m: GrantMapping) -> None:
+    """A mapped page gone: back into its window's reservation, or unmapped."""
+    if m.window is not None:
+        m.window.unplace(m.ref)
+    else:
+        sysmem.munmap(addr, PAGE_SIZE)
 
 
 def connect(path: str | None = None, token: str | None = None) -> BrokerXenHost:

@@ -21,6 +21,7 @@ from ..abi.grant_table import GNTST_okay
 from ..abi.hypercall_wire import MAX_BATCH, SHUTDOWN_REASONS, copy_segments, pack_copy_segments
 from ..abi.sizes import memory_frames
 from ..grant_table import GrantTable
+from ..hostsys.grant_window import GrantWindow
 from ..hostsys.memory import DomainMemory
 from .base import CopyOp, EventChannels, GrantMapping, MapResult, XenHost
 
@@ -57,7 +58,8 @@ class LocalXenHost(XenHost):
             host.hv.attach(dom, LocalFrames(self.memory), os.getpid())
         self._maps: dict[int, GrantMapping] = {}
 
-    def map_grants(self, ops: Sequence[tuple[int, int, bool]]) -> list[MapResult]:
+    def map_grants(self, ops: Sequence[tuple[int, int, bool]], window: GrantWindow | None = None) -> list[MapResult]:
+        # In process a grant's view is the granter's own memory: nothing to place (``window`` unused).
         with self._host.lock:
             results = self._host.hv.grant_map(self._dom, [(d, r, bool(ro)) for d, r, ro in ops])
         out = []

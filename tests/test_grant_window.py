@@ -1,0 +1,97 @@
+"""Grant mappings placed side by side in a GrantWindow: one view over neighbouring references.
+
+Run against both xenhost variants: the in-process one places nothing (a
+grant's view is the granter's memory), so every span is None there and the
+mappings work as without a window.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from xdom.domains.abi.grant_table import PAGE_SIZE, GNTST_okay
+from xdom.domains.hostsys.grant_window import GrantWindow
+
+
+def _protection_at(addr: int) -> str | None:
+    """The permissions /proc/self/maps gives the mapping holding ``addr`` (None: nothing is mapped there)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, perms = line.split()[:2]
+            start, end = (int(x, 16) for x in span.split("-"))
+            if start <= addr < end:
+                return perms
+    return None
+
+
+def test_neighbouring_references_are_one_span_and_unmapping_keeps_the_reservation(domains) -> None:
+    a, b = domains.create("a"), domains.create("b")
+    refs = []
+    for gfn in range(8):
+        a.memory.frame(gfn)[:] = bytes([gfn]) * PAGE_SIZE
+        refs.append(a.gnttab.grant_access(b.domid, gfn))
+    assert refs == list(range(refs[0], refs[0] + 8))        # a fresh table hands references out in order
+    window = GrantWindow(refs[0], readonly=False, pages=64)
+    try:
+        results = b.map_grants([(a.domid, r, False) for r in refs], window)
+        assert [r.status for r in results] == [GNTST_okay] * 8
+        span = window.span(refs[0], 8)
+        if domains.variant == "local":
+            assert span is None and all(r.mapping.window is None for r in results)
+        else:
+            assert span is not None and len(span) == 8 * PAGE_SIZE
+            assert bytes(span) == b"".join(bytes([g]) * PAGE_SIZE for g in range(8))
+            span[PAGE_SIZE - 2:PAGE_SIZE + 2] = b"\xaa\xbb\xcc\xdd"      # across two granted frames
+            assert bytes(a.memory.frame(0)[-2:]) == b"\xaa\xbb" and bytes(a.memory.frame(1)[:2]) == b"\xcc\xdd"
+            assert window.span(refs[0] - 1, 2) is None          # a neighbour not mapped here: no span
+            assert window.span(refs[6], 3) is None
+            span.release()
+        # unmapping one page in the middle: the broker accepts it (the frame is gone from this process),
+        # the page goes back to the reservation, and no span crosses it any more
+        middle = results[3].mapping
+        assert b.unmap_grants([middle]) == [GNTST_okay]
+        if domains.variant == "broker":
+            addr = window.base + (refs[3] - window.first) * PAGE_SIZE
+            assert _protection_at(addr) == "---p"
+            assert window.span(refs[0], 8) is None and window.span(refs[4], 4) is not None
+            assert not window.close()                           # pages still placed: kept
+        assert b.unmap_grants([r.mapping for i, r in enumerate(results) if i != 3]) == [GNTST_okay] * 7
+        assert window.close()
+        assert _protection_at(window.base) is None
+    finally:
+        window.close()
+    for r in refs:
+        a.gnttab.end_access(r)
+
+
+def test_references_outside_the_window_are_mapped_anywhere(domains) -> None:
+    a, b = domains.create("a"), domains.create("b")
+    refs = [a.gnttab.grant_access(b.domid, gfn, readonly=True) for gfn in range(4)]
+    a.memory.frame(3)[:4] = b"last"
+    window = GrantWindow(refs[0], readonly=True, pages=2)       # first = refs[0] - 1: holds refs[0] only
+    try:
+        results = b.map_grants([(a.domid, r, True) for r in refs], window)
+        assert all(r.status == GNTST_okay for r in results)
+        assert bytes(results[3].mapping.view[:4]) == b"last"
+        assert all(r.mapping.window is None for r in results[1:])
+        assert window.span(refs[0], 2) is None
+        assert b.unmap_grants([r.mapping for r in results]) == [GNTST_okay] * 4
+    finally:
+        assert window.close()
+    for r in refs:
+        a.gnttab.end_access(r)
+
+
+def test_a_reference_mapped_twice_is_placed_once() -> None:
+    window = GrantWindow(100, readonly=False, pages=16)
+    try:
+        addr = window.address(100)
+        assert addr == window.base + (100 - window.first) * PAGE_SIZE
+        window.place(100)
+        assert window.address(100) is None                      # taken: a second mapping goes elsewhere
+        assert window.address(window.first - 1) is None and window.address(window.first + 16) is None
+        with pytest.raises(IndexError):
+            window.place(window.first + 16)
+    finally:
+        window.placed[:] = bytes(len(window.placed))
+        assert window.close()
