@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from itertools import starmap
 from typing import TYPE_CHECKING, Protocol
 
@@ -36,6 +36,7 @@ from xdom.domains.xenhost.base import GrantMapping, XenHost
 
 from .credit import CreditLimiter
 from .offload import Frame, RxCaps, fit, from_tx
+from .page_cache import PageCache
 from .rx import OutgoingPacket, RxDrop, RxPlan, RxPlanner, RxShortage
 from .tx import TxAction, TxDrop, TxFatal, TxPacket, TxProcessor
 
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("xdom.netback")
 
-MAX_CACHED_MAPPINGS = 1024      # per vif and direction: our netfront uses 256 buffers each way
 UPLINK_BUDGET = 64              # frames taken from a vif's TAP per loop pass (a NAPI-like budget)
 # What netback copies of a frame to look at before it goes to a TAP straight from the granted pages (Linux
 # copies XEN_NETBACK_TX_COPY_LEN = 128 bytes and pulls more when the headers need it; parse_headers needs at
@@ -81,65 +81,6 @@ class Uplink(Protocol):
         """Queue up to ``budget`` arrived frames on the port; True if more are left."""
 
 
-class _PageCache:
-    """Mappings of the frontend's pages by grant reference, made in batches and kept.
-
-    ``views`` is looked up directly on the data path; :meth:`ensure` maps
-    what is missing (one hypercall for the lot) and is only needed when a
-    lookup misses.
-    """
-
-    def __init__(self, host: XenHost, fe: int, readonly: bool) -> None:
-        self.host, self.fe, self.readonly = host, fe, readonly
-        self.maps: dict[int, GrantMapping] = {}
-        self.views: dict[int, memoryview] = {}
-        self.refused: set[int] = set()      # grefs a prefetch could not map: not prefetched again
-
-    def ensure(self, grefs: set[int], prefetch: Iterable[int] = ()) -> None:
-        """Map the missing ``grefs``, and with them whatever of ``prefetch`` is not mapped yet.
-
-        A prefetched gref that fails is remembered and left out of later
-        prefetches (mapped again only when a frame needs it), so a frontend
-        posting grants that do not map cannot turn each frame into a
-        ring-sized batch of failing map operations at the broker.
-        """
-        missing = [g for g in grefs if g not in self.maps]
-        if not missing:
-            return
-        extra = [g for g in prefetch if g not in self.maps and g not in self.refused and g not in grefs]
-        if len(self.maps) + len(missing) + len(extra) > MAX_CACHED_MAPPINGS:
-            self.clear()
-            missing, extra = list(grefs), []
-        wanted = missing + extra
-        for i, (g, res) in enumerate(zip(wanted, self.host.map_grants([(self.fe, g, self.readonly)
-                                                                       for g in wanted]))):
-            if res.mapping is not None:
-                self.maps[g] = res.mapping
-                self.views[g] = res.mapping.view
-                self.refused.discard(g)
-            elif i >= len(missing):
-                self.refused.add(g)
-
-    def pages(self, grefs: set[int]) -> dict[int, memoryview]:
-        self.ensure(grefs)
-        views = self.views
-        return {g: views[g] for g in grefs if g in views}
-
-    def take(self) -> list[GrantMapping]:
-        """Forget every mapping and hand them over, for the caller to unmap (with others, in one call)."""
-        maps, self.maps, self.views = list(self.maps.values()), {}, {}
-        self.refused.clear()
-        return maps
-
-    def clear(self) -> None:
-        maps = self.take()
-        if maps:
-            try:
-                self.host.unmap_grants(maps)
-            except Exception as e:
-                log.warning("unmapping %d pages: %s", len(maps), e)
-
-
 class Connection:
     """The rings of one connected vif; :class:`~.loop.NetbackLoop` calls :meth:`work` when there is some."""
 
@@ -153,8 +94,8 @@ class Connection:
         self._fatal = fatal
         self.maps: list[GrantMapping] = []
         self.ports: list[int] = []
-        self.tx_pages = _PageCache(host, fe, readonly=True)
-        self.rx_pages = _PageCache(host, fe, readonly=False)
+        self.tx_pages = PageCache(host, fe, readonly=True)
+        self.rx_pages = PageCache(host, fe, readonly=False)
         self.txp = TxProcessor(mtu=tx_mtu)
         self.caps = caps
         self.planner = RxPlanner(sg=caps.sg, gso_tcpv4=caps.gso_tcpv4, gso_tcpv6=caps.gso_tcpv6)
@@ -194,6 +135,8 @@ class Connection:
                 self.host.unmap_grants(maps)
             except Exception as e:
                 log.warning("%s: unmapping rings and pages: %s", self.name, e)
+        self.tx_pages.close_window()
+        self.rx_pages.close_window()
         for port in self.ports:
             try:
                 self.host.close_port(port)
@@ -305,11 +248,12 @@ class Connection:
         the whole frame, gathered.
         """
         views = self.tx_pages.views
-        if any(p.gref not in views for p in pkt.pieces):
-            self.tx_pages.ensure({p.gref for p in pkt.pieces})
-            if any(p.gref not in views for p in pkt.pieces):
+        grefs = [p.gref for p in pkt.pieces]
+        if not all(map(views.__contains__, grefs)):
+            self.tx_pages.ensure(set(grefs))
+            if not all(map(views.__contains__, grefs)):
                 return None
-        first, *rest = pkt.pieces
+        first = pkt.pieces[0]
         page = views[first.gref]
         frame = from_tx(pkt, bytes(page[first.offset:first.offset + HEAD_COPY]))
         if isinstance(frame, str):
@@ -321,8 +265,7 @@ class Connection:
             self.uplink.send(whole)
             frame = whole
         else:
-            tail = [page[first.offset + HEAD_COPY:first.offset + first.length]]
-            tail += [views[p.gref][p.offset:p.offset + p.length] for p in rest]
+            tail = self.tx_pages.views_past(pkt.pieces, pkt.length, HEAD_COPY)
             send_parts(frame, tail)
         if frame.gso is not None:
             self.stats["tx_gso"] += 1
@@ -387,21 +330,13 @@ class Connection:
             self._notify(self.rx_port)
 
     def _deliver(self, plan: RxPlan, frame: bytes) -> None:
-        copies = plan.copies
-        views = self.rx_pages.views
-        if any(c.gref not in views for c in copies):
+        pages = self.rx_pages
+        if not all(map(pages.views.__contains__, [c.gref for c in plan.copies])):
             # Every buffer posted so far, not just this frame's: the frontend reuses its grants, so
             # one hypercall maps what the next frames would each have missed (a bridge floods a
             # new guest's ARP and neighbour discovery to every vif: one map each was N^2 calls).
-            self.rx_pages.ensure({c.gref for c in copies}, prefetch={gref for _id, gref in self.posted})
-        failed = set()
-        view = memoryview(frame)
-        for c in copies:
-            page = views.get(c.gref)
-            if page is None:
-                failed.add(c.slot)
-                continue
-            page[c.offset:c.offset + c.length] = view[c.src_offset:c.src_offset + c.length]
+            pages.ensure({c.gref for c in plan.copies}, prefetch={gref for _id, gref in self.posted})
+        failed = pages.copy_in(plan.copies, frame)
         self.rx.put_responses(plan.packed_responses(failed))
         self.stats["rx_dropped" if failed else "rx_packets"] += 1
 

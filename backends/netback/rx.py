@@ -100,7 +100,12 @@ RxSlotAnswer = RxResponse | ExtraInfo
 
 @dataclass(frozen=True)
 class RxPlan:
-    """Consume the first ``consumed`` requests, do ``copies``, then write ``responses`` (one per request)."""
+    """Consume the first ``consumed`` requests, do ``copies``, then write ``responses`` (one per request).
+
+    ``copies`` are in the packet's order, each from offset 0 of its page and
+    a whole page but the last: copies to neighbouring references are one
+    run of the packet into one run of pages (netback copies it at once).
+    """
     consumed: int
     copies: tuple[RxCopy, ...]
     responses: tuple[RxSlotAnswer, ...]
