@@ -95,3 +95,21 @@ def test_a_reference_mapped_twice_is_placed_once() -> None:
     finally:
         window.placed[:] = bytes(len(window.placed))
         assert window.close()
+
+
+def test_a_page_that_may_be_a_hole_is_never_used_nor_unmapped_by_close() -> None:
+    """A MAP_FIXED that fails may leave a hole another mapping then takes: such a page (lost, and not
+    reserved again) is never placed again, and closing the window unmaps around it."""
+    from xdom.domains.hostsys import sysmem
+    from xdom.domains.hostsys.grant_window import _LOST
+    window = GrantWindow(100, readonly=False, pages=8)
+    lost = window.first + 3
+    window.lost(lost)                                   # reserved again: usable as before
+    assert window.address(lost) is not None
+    window.placed[3] = _LOST                             # as when reserving it again failed too
+    assert window.address(lost) is None and window.span(window.first, 8) is None
+    hole = window.base + 3 * PAGE_SIZE
+    assert window.close()
+    assert _protection_at(window.base) is None and _protection_at(window.base + 7 * PAGE_SIZE) is None
+    assert _protection_at(hole) == "---p"               # left alone: whatever took the hole keeps it
+    sysmem.munmap(hole, PAGE_SIZE)

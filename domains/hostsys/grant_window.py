@@ -24,6 +24,7 @@ from __future__ import annotations
 from . import sysmem
 
 PAGE_SIZE = 4096
+_PLACED, _LOST = 1, 2        # a page's state in ``placed``: a mapping sits there / perhaps a hole, never used
 WINDOW_PAGES = 2048          # 8 MiB of address space (none of memory): a frontend's rings' worth and more
 
 
@@ -36,7 +37,7 @@ class GrantWindow:
         self.pages = pages
         self.base = sysmem.mmap(0, pages * PAGE_SIZE, sysmem.PROT_NONE,
                                 sysmem.MAP_PRIVATE | sysmem.MAP_ANONYMOUS | sysmem.MAP_NORESERVE)
-        self.placed = bytearray(pages)              # 1: a mapping sits on that page
+        self.placed = bytearray(pages)              # per page: free (0), _PLACED or _LOST
         self._buffer = sysmem.view(self.base, pages * PAGE_SIZE, readonly=readonly)
         self.closed = False
 
@@ -49,19 +50,35 @@ class GrantWindow:
 
     def place(self, ref: int) -> None:
         """``ref`` is now mapped at :meth:`address`."""
-        self.placed[ref - self.first] = 1
+        self.placed[ref - self.first] = _PLACED
 
     def unplace(self, ref: int) -> None:
         """Unmap ``ref``'s page back into the reservation (one call: the page is never a hole)."""
         i = ref - self.first
+        try:
+            self._reserve(i)
+        except OSError:
+            self.placed[i] = _LOST
+            raise
+        self.placed[i] = 0
+
+    def lost(self, ref: int) -> None:
+        """Mapping ``ref`` at its :meth:`address` failed, which may have left a hole there: the page is
+        reserved again if it can be, and never used again (nor unmapped by :meth:`close`) if not."""
+        i = ref - self.first
+        try:
+            self._reserve(i)
+        except OSError:
+            self.placed[i] = _LOST
+
+    def _reserve(self, i: int) -> None:
         sysmem.mmap(self.base + i * PAGE_SIZE, PAGE_SIZE, sysmem.PROT_NONE,
                     sysmem.MAP_PRIVATE | sysmem.MAP_ANONYMOUS | sysmem.MAP_NORESERVE | sysmem.MAP_FIXED)
-        self.placed[i] = 0
 
     def span(self, ref: int, count: int) -> memoryview | None:
         """One view of the ``count`` pages of ``ref`` onwards if every one is mapped here, else None."""
         i = ref - self.first
-        if i < 0 or i + count > self.pages or self.placed.count(1, i, i + count) != count:
+        if i < 0 or i + count > self.pages or self.placed.count(_PLACED, i, i + count) != count:
             return None
         return self._buffer[i * PAGE_SIZE:(i + count) * PAGE_SIZE]
 
@@ -69,9 +86,17 @@ class GrantWindow:
         """Give the address space back, once nothing is mapped in it; False (kept) while something is."""
         if self.closed:
             return True
-        if self.placed.count(1):
+        if self.placed.count(_PLACED):
             return False
-        self._buffer.release()
-        sysmem.munmap(self.base, self.pages * PAGE_SIZE)
+        try:
+            self._buffer.release()
+        except BufferError:         # a span still held somewhere: the pages stay reserved
+            return False
+        # A lost page may be a hole some other mapping of the process has taken since: never unmap it.
+        start = 0
+        for end in [i for i, state in enumerate(self.placed) if state == _LOST] + [self.pages]:
+            if end > start:
+                sysmem.munmap(self.base + start * PAGE_SIZE, (end - start) * PAGE_SIZE)
+            start = end + 1
         self.closed = True
         return True

@@ -174,8 +174,13 @@ class BrokerXenHost(XenHost):
                     if at is None:
                         addr = sysmem.mmap(0, PAGE_SIZE, prot, sysmem.MAP_SHARED, fd, 0)
                     else:           # over the window's reserved page: one call, never a hole
-                        addr = sysmem.mmap(at, PAGE_SIZE, prot, sysmem.MAP_SHARED | sysmem.MAP_FIXED, fd, 0)
-                        window.place(ref)       # type: ignore[union-attr]
+                        assert window is not None
+                        try:
+                            addr = sysmem.mmap(at, PAGE_SIZE, prot, sysmem.MAP_SHARED | sysmem.MAP_FIXED, fd, 0)
+                        except OSError:
+                            window.lost(ref)
+                            raise
+                        window.place(ref)
                 finally:
                     os.close(fd)
                 m = GrantMapping(domid, ref, bool(ro), handle, sysmem.view(addr, PAGE_SIZE, readonly=bool(ro)),
