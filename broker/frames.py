@@ -507,8 +507,7 @@ class CopyFrames:
         key = (id(frames), gfn)
         stale = self._order.pop(key, None)     # an entry holds its frames, so the id is not reused
         if stale is not None:
-            del self._kept[key[0]][gfn]
-            stale.unmap()
+            self._drop(key[0], gfn, stale)
         try:
             ino = frames.frame_id(gfn)[1]
             fd, _ = frames.open_frame(gfn, readonly=False)
