@@ -42,7 +42,7 @@ import stat
 from collections import OrderedDict
 from collections.abc import Sequence
 from itertools import repeat
-from operator import attrgetter, is_
+from operator import is_
 from typing import Protocol
 
 from xdom.domains.abi.grant_table import PAGE_SIZE
@@ -455,7 +455,7 @@ class CopyFrames:
     """
 
     def __init__(self, cache_size: int = 2 * MAX_BATCH) -> None:
-        self._kept: dict[int, dict[int, _Kept]] = {}            # id(frames) -> gfn -> kept mapping
+        self._kept: dict[int, _DomainKept] = {}                  # id(frames) -> that domain's kept mappings
         self._order: OrderedDict[tuple[int, int], _Kept] = OrderedDict()     # (id(frames), gfn), oldest first
         self._cache_size = cache_size
 
@@ -480,17 +480,19 @@ class CopyFrames:
         kept = self._kept.get(id(frames))
         if kept is None:
             return None
-        hits = list(map(kept.get, gfns))
-        # a gfn never kept is None, and is not looked up in inodes (it may be out of range)
-        if None in hits or list(map(_INODE, hits)) != list(map(frames.inodes.__getitem__, gfns)):
+        try:
+            # a gfn never kept is None here, never equal to an inode (out of range, it raises)
+            if list(map(kept.inos.get, gfns)) != list(map(frames.inodes.__getitem__, gfns)):
+                return None
+        except (IndexError, OverflowError):
             return None
-        return list(map(_VIEW, hits))
+        return list(map(kept.views.__getitem__, gfns))
 
     def _view(self, frames: FrameSource | None, gfn: int) -> memoryview | None:
         if isinstance(frames, ProcFrames):
-            kept = self._kept.get(id(frames), {}).get(gfn)
-            if kept is not None and kept.ino == frames.inodes[gfn]:
-                return kept.view
+            kept = self._kept.get(id(frames))
+            if kept is not None and gfn in kept.inos and kept.inos[gfn] == frames.inodes[gfn]:
+                return kept.views[gfn]
         return self._reach(frames, gfn)
 
     def _reach(self, frames: FrameSource | None, gfn: int) -> memoryview | None:
@@ -521,7 +523,8 @@ class CopyFrames:
         finally:
             os.close(fd)
         kept = _Kept(frames, ino, mapping)
-        self._kept.setdefault(key[0], {})[gfn] = self._order[key] = kept
+        self._order[key] = kept
+        self._kept.setdefault(key[0], _DomainKept()).add(gfn, kept)
         return kept.view
 
     def trim(self) -> None:
@@ -532,15 +535,15 @@ class CopyFrames:
 
     def _drop(self, fid: int, gfn: int, kept: _Kept) -> None:
         by_gfn = self._kept[fid]
-        del by_gfn[gfn]
-        if not by_gfn:
+        by_gfn.remove(gfn)
+        if not by_gfn.inos:
             del self._kept[fid]
         kept.unmap()
 
     def forget(self, frames: FrameSource) -> None:
         """Unmap the frames kept for a domain that died or restarted."""
         fid = id(frames)
-        for gfn, kept in list(self._kept.get(fid, {}).items()):
+        for gfn, kept in list(self._kept[fid].kept.items() if fid in self._kept else ()):
             del self._order[fid, gfn]
             self._drop(fid, gfn, kept)
 
@@ -564,5 +567,22 @@ class _Kept:
         self.mapping.close()
 
 
-_INODE = attrgetter("ino")
-_VIEW = attrgetter("view")
+class _DomainKept:
+    """The frames of one domain that CopyFrames keeps, by gfn: each one's inode and view side by side,
+    so that a batch's frames are checked and looked up with one ``map`` each."""
+
+    __slots__ = ("kept", "inos", "views")
+
+    def __init__(self) -> None:
+        self.kept: dict[int, _Kept] = {}
+        self.inos: dict[int, int] = {}
+        self.views: dict[int, memoryview] = {}
+
+    def add(self, gfn: int, kept: _Kept) -> None:
+        self.kept[gfn], self.inos[gfn], self.views[gfn] = kept, kept.ino, kept.view
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def remove(self, gfn: int) -> None:
+        del self.kept[gfn], self.inos[gfn], self.views[gfn]

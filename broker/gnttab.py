@@ -22,7 +22,7 @@ import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from operator import and_
+from operator import and_, sub
 
 from xdom.domains.abi.grant_table import (
     ENTRIES_PER_FRAME,
@@ -62,15 +62,44 @@ class Pin:
 
 @dataclass
 class HeldEntries:
-    """Entries of one table locked for a batch, and what each held when checked."""
-    checked: dict[int, tuple[int, int, int]]    # ref -> (GNTST status, flags, gfn)
+    """Entries of one table locked for a batch, and what each held when checked.
+
+    A run judged whole under its lock (every entry a whole-page grant to
+    the caller, none pinned) is kept as the two columns read out of the
+    table (``whole``), not spelled out entry by entry: a uniform copy batch
+    takes its frames straight from the column (:meth:`whole_gfns`), and
+    :attr:`checked` spells the runs out only for a batch judged op by op.
+    """
+    judged: dict[int, tuple[int, int, int]]     # ref -> (GNTST status, flags, gfn): turned away, or judged alone
     runs: list[tuple[int, int]] = field(default_factory=list)    # (first, count), each locked in one call
     singles: list[int] = field(default_factory=list)             # locked one by one
+    whole: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)  # (first, heads, gfns)
 
     def locked(self) -> Iterator[int]:
         for first, count in self.runs:
             yield from range(first, first + count)
         yield from self.singles
+
+    @property
+    def checked(self) -> dict[int, tuple[int, int, int]]:
+        """Every ref's (GNTST status, flags, gfn), the whole runs' entries included."""
+        out = dict(self.judged)
+        for first, heads, gfns in self.whole:
+            out.update(zip(range(first, first + len(gfns)),
+                           zip(repeat(GNTST_okay), map(and_, heads, repeat(0xFFFF)), gfns)))
+        return out
+
+    def whole_gfns(self, refs: Sequence[int], writable: bool) -> list[int] | None:
+        """The frame of each of ``refs`` when every entry held lies in one run judged whole (and, for
+        ``writable``, none of that run is read-only), looked up in C; else None: ask :attr:`checked`.
+
+        ``refs`` must be among the refs held (each run is made of named refs only)."""
+        if self.judged or len(self.whole) != 1:
+            return None
+        first, heads, gfns = self.whole[0]
+        if writable and any(map(and_, heads, repeat(GTF_readonly))):
+            return None
+        return list(map(gfns.__getitem__, map(sub, refs, repeat(first)) if first else refs))
 
 
 class BrokerGrantTable:
@@ -164,7 +193,7 @@ class BrokerGrantTable:
         """
         held = self._lock_runs((ref for ref, _ in requests), grantee)
         try:
-            return [self._pin_locked(ref, grantee, readonly, held.checked) for ref, readonly in requests]
+            return [self._pin_locked(ref, grantee, readonly, held.judged) for ref, readonly in requests]
         finally:
             self.release(held)
 
@@ -202,12 +231,13 @@ class BrokerGrantTable:
         entry locked (:meth:`_lock_runs`) is checked again under its lock, as
         for a read (write permission is the caller's to test on the flags),
         and only that checked copy is used.  A locked run is copied out in
-        one read and judged whole (:meth:`_granting`); only a run that is
-        not all granted to ``grantee``, or holds a pinned entry, is judged
-        entry by entry.
+        one read and judged whole (:meth:`_granting`), and kept as the
+        columns read (``HeldEntries.whole``); only a run that is not all
+        granted to ``grantee``, or holds a pinned entry, is judged entry by
+        entry.
         """
         held = self._lock_runs(refs, grantee)
-        checked = held.checked
+        checked = held.judged
         try:
             for first, count in held.runs:
                 run = range(first, first + count)
@@ -216,8 +246,7 @@ class BrokerGrantTable:
                     for ref in run:
                         checked[ref] = self._check(ref, grantee, readonly=True)
                 else:
-                    heads, gfns = seen
-                    checked.update(zip(run, zip(repeat(GNTST_okay), map(and_, heads, repeat(0xFFFF)), gfns)))
+                    held.whole.append((first, *seen))
             for ref in held.singles:
                 checked[ref] = self._check(ref, grantee, readonly=True)
         except BaseException:
@@ -323,7 +352,7 @@ class BrokerGrantTable:
             return
         held = self._lock_runs(refs, None)
         try:
-            self._deferred.update(ref for ref, (status, _, _) in held.checked.items() if status == GNTST_eagain)
+            self._deferred.update(ref for ref, (status, _, _) in held.judged.items() if status == GNTST_eagain)
             for ref in held.locked():
                 off = ref * GRANT_ENTRY_V1_SIZE
                 (flags,) = _FLAGS.unpack_from(self._map, off)

@@ -173,16 +173,15 @@ def _copy_uniform(domains: Mapping[int, Domain], caller: Domain, mine: tuple[int
             named.setdefault(side.domid, set()).update(side.refs)
     held: list[tuple[BrokerGrantTable, HeldEntries]] = []
     try:
-        checked: dict[int, dict[int, tuple[int, int, int]]] = {}
+        held_of: dict[int, HeldEntries] = {}
         for domid, refs in named.items():
             dom = domains.get(domid)
             if dom is None or not dom.alive or dom.frames is None:
                 return None
-            entries = dom.gnttab.hold_many(refs, caller.domid)
+            entries = held_of[domid] = dom.gnttab.hold_many(refs, caller.domid)
             held.append((dom.gnttab, entries))
-            checked[domid] = entries.checked
-        src_views = src.views(domains, caller, checked, frames, writing=False)
-        dst_views = dst.views(domains, caller, checked, frames, writing=True)
+        src_views = src.views(domains, caller, held_of, frames, writing=False)
+        dst_views = dst.views(domains, caller, held_of, frames, writing=True)
         if src_views is None or dst_views is None:
             return None
         if max(soff) == 0 == max(doff) and min(length) == PAGE_SIZE:
@@ -210,13 +209,17 @@ class _Side:
         self.refs = (u if max(u) <= GNTTAB_COPY_REF_MASK else [x & GNTTAB_COPY_REF_MASK for x in u]) \
             if is_grant else None
 
-    def views(self, domains: Mapping[int, Domain], caller: Domain, checked: dict[int, dict[int, tuple[int, int, int]]],
+    def views(self, domains: Mapping[int, Domain], caller: Domain, held_of: dict[int, HeldEntries],
               frames: CopyFrames, writing: bool) -> list[memoryview] | None:
         """Each op's frame on this side, or None when any op's would not be copied through."""
         if self.refs is None:
             return frames.all_views(caller.frames, self.gfns)
-        states = list(map(checked[self.domid].__getitem__, self.refs))
-        if set(map(_STATUS, states)) != {GNTST_okay} \
-                or writing and any(map(and_, map(_FLAGS, states), repeat(GTF_readonly))):
-            return None
-        return frames.all_views(domains[self.domid].frames, list(map(_GFN, states)))
+        entries = held_of[self.domid]
+        gfns = entries.whole_gfns(self.refs, writable=writing)
+        if gfns is None:        # not one run judged whole: entry by entry
+            states = list(map(entries.checked.__getitem__, self.refs))
+            if set(map(_STATUS, states)) != {GNTST_okay} \
+                    or writing and any(map(and_, map(_FLAGS, states), repeat(GTF_readonly))):
+                return None
+            gfns = list(map(_GFN, states))
+        return frames.all_views(domains[self.domid].frames, gfns)

@@ -132,3 +132,41 @@ def test_a_uniform_batch_copies_onto_itself_in_order(domains, length: int) -> No
                               CopyOp(refs[1], 0, refs[2], 0, length, src_domid=a.domid, dst_domid=a.domid)])
     assert statuses == [GNTST_okay, GNTST_okay]
     assert bytes(a.memory.frame(2)[:length]) == b"x" * length
+
+
+@pytest.mark.parametrize("odd_one", ["ro", "other", "none"])
+@pytest.mark.parametrize("direction", ["into grants", "out of grants"])
+def test_one_odd_entry_in_a_run_of_neighbouring_grants(domains, odd_one: str, direction: str) -> None:
+    """A backend's batch names neighbouring refs, which the broker judges as one run read out of the
+    table: one entry among them that is read-only (as a destination), granted to someone else or
+    not granted at all gets its own status, the rest are copied, and the odd one's frame is untouched."""
+    a, b, c = domains.create("a"), domains.create("b"), domains.create("c")
+    n, odd = 8, 5
+    for gfn in range(n):
+        a.memory.frame(gfn)[:] = bytes([0xA0 + gfn]) * PAGE_SIZE
+        b.memory.frame(gfn)[:] = bytes([0xB0 + gfn]) * PAGE_SIZE
+    refs = []
+    for gfn in range(n):
+        if gfn != odd or odd_one == "ro":
+            refs.append(a.gnttab.grant_access(b.domid, gfn, readonly=gfn == odd and direction == "into grants"))
+        elif odd_one == "other":
+            refs.append(a.gnttab.grant_access(c.domid, gfn))
+        else:
+            refs.append(a.gnttab.grant_access(b.domid, gfn))
+            a.gnttab.end_access(refs[-1])
+    assert refs == list(range(refs[0], refs[0] + n))        # neighbours: one run
+    if direction == "into grants":
+        ops = [CopyOp(gfn, 0, ref, 0, PAGE_SIZE, dst_domid=a.domid) for gfn, ref in enumerate(refs)]
+    else:
+        ops = [CopyOp(ref, 0, gfn, 0, PAGE_SIZE, src_domid=a.domid) for gfn, ref in enumerate(refs)]
+    statuses = b.copy_grants(ops)
+    if odd_one == "ro" and direction == "out of grants":
+        assert statuses == [GNTST_okay] * n                 # reading through a read-only grant is fine
+    else:
+        assert statuses[odd] != GNTST_okay and statuses[:odd] + statuses[odd + 1:] == [GNTST_okay] * (n - 1)
+    for gfn in range(n):
+        moved = statuses[gfn] == GNTST_okay
+        if direction == "into grants":
+            assert bytes(a.memory.frame(gfn)) == bytes([(0xB0 if moved else 0xA0) + gfn]) * PAGE_SIZE
+        else:
+            assert bytes(b.memory.frame(gfn)) == bytes([(0xA0 if moved else 0xB0) + gfn]) * PAGE_SIZE
