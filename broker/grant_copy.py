@@ -15,8 +15,8 @@ op (``_copy_uniform``).  Any other batch resolves each grant and each of
 the caller's own frames once, into a (status, frame, writable) triple, and
 each op is two dict lookups and one slice assignment (``_copy_op_by_op``);
 both give every op the same status.  The batch arrives as Xen's ``struct
-gnttab_copy`` array, unpacked in C (``hypercall_wire.copy_segments``): no
-value needs checking one by one.
+gnttab_copy`` array, unpacked in C into a column per field
+(``hypercall_wire.copy_columns``): no value needs checking one by one.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from xdom.domains.abi.grant_table import (
     GNTST_permission_denied,
     GTF_readonly,
 )
+from xdom.domains.abi.hypercall_wire import CopyColumns
 
 from .frames import CopyFrames
 from .gnttab import BrokerGrantTable, HeldEntries
@@ -52,17 +53,19 @@ Grant = tuple[int, "memoryview | None", bool]
 _DENIED: Grant = (GNTST_permission_denied, None, False)    # a gfn of another domain, named as a frame
 
 
-def grant_copy(domains: Mapping[int, Domain], caller: Domain, ops: Sequence[tuple[int, ...]],
+def grant_copy(domains: Mapping[int, Domain], caller: Domain, columns: CopyColumns,
                frames: CopyFrames) -> list[int]:
-    """Run one batch of segments, each the fields of a ``struct gnttab_copy``; a status each.
+    """Run one batch of segments, given as the columns of ``struct gnttab_copy``'s fields; a status each.
 
     A side flagged as a grant names ``(domid, u & GNTTAB_COPY_REF_MASK)``, as
     Xen reads ``u.ref``; any other side names a gfn ``u`` of the caller's own.
     """
     mine = (DOMID_SELF, caller.domid)
     try:
-        statuses = _copy_uniform(domains, caller, mine, ops, frames) if ops else None
-        return _copy_op_by_op(domains, caller, mine, ops, frames) if statuses is None else statuses
+        statuses = _copy_uniform(domains, caller, mine, columns, frames) if columns[0] else None
+        if statuses is None:
+            statuses = _copy_op_by_op(domains, caller, mine, list(zip(*columns)), frames)
+        return statuses
     finally:
         frames.trim()
 
@@ -145,19 +148,19 @@ def _copy(mine: tuple[int, int], ops: Sequence[tuple[int, ...]], grants: dict[tu
 
 
 def _copy_uniform(domains: Mapping[int, Domain], caller: Domain, mine: tuple[int, int],
-                  ops: Sequence[tuple[int, ...]], frames: CopyFrames) -> list[int] | None:
+                  columns: CopyColumns, frames: CopyFrames) -> list[int] | None:
     """A batch whose ops all name their sides alike and all succeed, copied column by column.
 
     A backend's batch is uniform: every op from a grant of one domain to a
     frame of its own (or the other way), within the page.  Such a batch is
-    checked as a whole -- the fields transposed, ranges and domains tested
+    checked as a whole -- column by column, ranges and domains tested
     with ``set`` and ``max``, each side's frames looked up with ``map``, all
     in C -- so the only per-op Python left is the slice assignment.
     Anything else (mixed sides, or any op that would fail) returns None
     before a byte moves, and :func:`_copy_op_by_op` gives each op its
     status: the statuses are the same either way, only the cost differs.
     """
-    su, sdom, soff, du, ddom, doff, length, flags, _status = zip(*ops)
+    su, sdom, soff, du, ddom, doff, length, flags, _status = columns
     sdoms, ddoms, kinds = set(sdom), set(ddom), set(flags)
     if len(sdoms) != 1 or len(ddoms) != 1 or len(kinds) != 1 \
             or max(map(add, soff, length)) > PAGE_SIZE or max(map(add, doff, length)) > PAGE_SIZE:
@@ -190,7 +193,7 @@ def _copy_uniform(domains: Mapping[int, Domain], caller: Domain, mine: tuple[int
         else:
             for to, to_off, of, of_off, n in zip(dst_views, doff, src_views, soff, length):
                 to[to_off:to_off + n] = of[of_off:of_off + n]      # memmove: overlap within a frame is fine
-        return [GNTST_okay] * len(ops)
+        return [GNTST_okay] * len(su)
     finally:
         for table, entries in held:
             table.release(entries)

@@ -26,7 +26,7 @@ from typing import Any
 
 from xdom.domains.abi.event_channel import DOMID_SELF
 from xdom.domains.abi.grant_table import PAGE_SIZE
-from xdom.domains.abi.hypercall_wire import MAX_FDS, SHUTDOWN_REASONS, HypercallError, copy_segments, int_tuple
+from xdom.domains.abi.hypercall_wire import MAX_FDS, SHUTDOWN_REASONS, HypercallError, copy_columns, int_tuple
 
 from .frames import FrameAllocator, ProcFrames
 from .hypervisor import Domain, Hypervisor
@@ -210,7 +210,7 @@ class Hypercalls:
         return {"gfns": done}, fds, fds
 
     def _copy(self, conn: Connection, args: dict[str, Any]) -> Reply:
-        return {"results": self.hv.grant_copy(_domain(conn), copy_segments(args["ops"]))}, [], []
+        return {"results": self.hv.grant_copy(_domain(conn), copy_columns(args["ops"]))}, [], []
 
     def _alloc_unbound(self, conn: Connection, args: dict[str, Any]) -> Reply:
         p = self.hv.evtchn_alloc_unbound(_domain(conn), _domid(args["remote_dom"]))

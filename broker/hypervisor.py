@@ -38,7 +38,7 @@ from xdom.domains.abi.grant_table import (
     GNTST_okay,
 )
 from xdom.domains.abi.hvm_params import HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_PFN
-from xdom.domains.abi.hypercall_wire import HypercallError
+from xdom.domains.abi.hypercall_wire import CopyColumns, HypercallError
 
 from .evtchn import MAX_PORTS, EventPair, Port, PortTable, new_virq_fd, signal
 from .fd_budget import FdBudget
@@ -487,10 +487,10 @@ class Hypervisor:
             table.unpin_many(refs)
             table.close_if_retired()
 
-    def grant_copy(self, caller: Domain, ops: Sequence[tuple[int, ...]]) -> list[int]:
-        """GNTTABOP_copy (see xdom.broker.grant_copy)."""
-        statuses = grant_copy(self.domains, caller, ops, self._copier)
-        caller.stats["copy"] += len(ops)
+    def grant_copy(self, caller: Domain, columns: CopyColumns) -> list[int]:
+        """GNTTABOP_copy of a batch as ``hypercall_wire.copy_columns`` reads it (see xdom.broker.grant_copy)."""
+        statuses = grant_copy(self.domains, caller, columns, self._copier)
+        caller.stats["copy"] += len(statuses)
         return statuses
 
     def retry_deferred(self) -> None:

@@ -14,13 +14,33 @@ import os
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xdom.broker.frames import CopyFrames, FrameAllocator, ProcFrames
-from xdom.domains.abi.grant_table import PAGE_SIZE, GNTST_bad_copy_arg, GNTST_okay
+from xdom.domains.abi.grant_table import GNTTAB_COPY, PAGE_SIZE, GNTST_bad_copy_arg, GNTST_okay
+from xdom.domains.abi.hypercall_wire import MAX_BATCH, copy_columns, pack_copy_segments
 from xdom.domains.hostsys.memory import DomainMemory
 from xdom.domains.xenhost import CopyOp
 
 FRAMES = 24          # of each domain that the batches name
+
+
+_U64, _U16, _S16 = st.integers(0, 2**64 - 1), st.integers(0, 2**16 - 1), st.integers(-2**15, 2**15 - 1)
+_SEGMENT = st.tuples(_U64, _U16, _U16, _U64, _U16, _U16, _U16, _U16, _S16)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_SEGMENT, max_size=MAX_BATCH))
+def test_a_batch_unpacks_into_one_column_per_field(segments: list[tuple[int, ...]]) -> None:
+    """copy_columns reads the struct gnttab_copy array the caller packed: column i holds field i of
+    every segment, in order, whatever the values (the broker judges a batch column by column)."""
+    blob = pack_copy_segments(segments)
+    assert len(blob) == GNTTAB_COPY.size * len(segments)
+    columns = copy_columns(blob)
+    assert len(columns) == 9
+    assert list(zip(*columns)) == segments
+    assert all(len(column) == len(segments) for column in columns)
 
 
 def _snapshot(hosts) -> list[bytes]:

@@ -29,7 +29,7 @@ from xdom.domains.abi.grant_table import (
     GTF_readonly,
     GTF_writing,
 )
-from xdom.domains.abi.hypercall_wire import pack_copy_segments
+from xdom.domains.abi.hypercall_wire import copy_columns, pack_copy_segments
 from xdom.domains.grant_table import GrantInUse
 from xdom.domains.hostsys import grant_lock
 from xdom.domains.xenhost import CopyOp
@@ -287,12 +287,13 @@ def test_copy_cannot_name_another_domains_frames(domains) -> None:
     a, b = domains.create("a"), domains.create("b")
     a.memory.frame(0)[:6] = b"secret"
     op = CopyOp(0, 0, 0, 0, 6)
-    segment = list(op.segment())
+    segment = list(op)
     segment[1] = a.domid   # claim a's gfn 0 as a local source (source.domid)
     # through the public API the only way is a CopyOp whose src is "local":
     # the hypervisor checks the domid of a non-gref side is the caller's.
     if domains.variant == "local":
-        statuses = domains.local.hv.grant_copy(domains.local.hv.domain(b.domid), [tuple(segment)])
+        statuses = domains.local.hv.grant_copy(domains.local.hv.domain(b.domid),
+                                               copy_columns(pack_copy_segments([tuple(segment)])))
     else:
         reply, _ = b.call("copy", ops=pack_copy_segments([tuple(segment)]))
         statuses = reply["results"]

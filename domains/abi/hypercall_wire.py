@@ -17,6 +17,7 @@ import array
 import errno as _errno
 import socket
 import struct
+from collections.abc import Sequence
 from itertools import starmap
 from typing import Any, Final
 
@@ -37,7 +38,7 @@ REQUESTS: Final[dict[str, dict[str, type]]] = {
     "shutdown": {"reason": str},
     "map": {"ops": list},           # [[domid, ref, readonly], ...]
     "unmap": {"handles": list},     # [handle, ...]
-    "copy": {"ops": bytes},         # an array of Xen's struct gnttab_copy (see copy_segments)
+    "copy": {"ops": bytes},         # an array of Xen's struct gnttab_copy (see copy_columns)
     "replace_frames": {"gfns": list},   # fresh frames for gfns a grantee was given (XDOM_GTF_mapped)
     "evtchn_alloc_unbound": {"remote_dom": int},
     "evtchn_bind_interdomain": {"remote_dom": int, "remote_port": int},
@@ -117,29 +118,41 @@ def decode_request(data: bytes) -> tuple[str, dict[str, Any]]:
     return op, args
 
 
-def pack_copy_segments(segments: list[tuple[int, ...]]) -> bytes:
-    """The caller's side of :func:`copy_segments`; a value that does not fit its field is EINVAL."""
+def pack_copy_segments(segments: Sequence[tuple[int, ...]]) -> bytes:
+    """The caller's side of :func:`copy_columns`; a value that does not fit its field is EINVAL."""
     try:
         return b"".join(starmap(GNTTAB_COPY.pack, segments))
     except struct.error as e:
         raise HypercallError(_errno.EINVAL, f"copy: a segment does not fit struct gnttab_copy ({e})") from None
 
 
-def copy_segments(blob: bytes) -> list[tuple[int, ...]]:
+def copy_columns(blob: bytes) -> CopyColumns:
     """A GNTTABOP_copy batch as Xen lays it out: an array of ``struct gnttab_copy``.
 
-    Each segment comes back as the struct's fields in order -- (source.u,
-    source.domid, source.offset, dest.u, dest.domid, dest.offset, len,
-    flags, status) --, unpacked in one pass of C: every value is in its
-    field's range by construction, where a list of integers had to be
-    checked one by one (it cost as much as the copies).
+    It comes back as columns, one per field of the struct in order
+    (source.u, source.domid, source.offset, dest.u, dest.domid,
+    dest.offset, len, flags, status), each a tuple with an entry per
+    segment: unpacked in one pass of C, every value is in its field's range
+    by construction (a list of integers had to be checked one by one, and
+    cost as much as the copies), and a batch is judged column by column
+    (``zip(*columns)`` gives the segments).
     """
     size = GNTTAB_COPY.size
     if len(blob) % size:
         raise HypercallError(_errno.EINVAL, f"copy: {len(blob)} bytes are not whole {size}-byte gnttab_copy segments")
     if len(blob) > MAX_BATCH * size:
         raise HypercallError(_errno.E2BIG, f"copy: {len(blob) // size} segments exceed the batch limit {MAX_BATCH}")
-    return list(GNTTAB_COPY.iter_unpack(blob))
+    n = len(blob) // size
+    layout = _COPY_ARRAYS.get(n)
+    if layout is None:
+        layout = _COPY_ARRAYS[n] = struct.Struct("<" + GNTTAB_COPY.format.lstrip("<") * n)
+    flat = layout.unpack(blob)
+    return tuple(flat[field::_COPY_FIELDS] for field in range(_COPY_FIELDS))
+
+
+CopyColumns = tuple[tuple[int, ...], ...]
+_COPY_FIELDS: Final = 9                                  # of struct gnttab_copy, as GNTTAB_COPY unpacks it
+_COPY_ARRAYS: dict[int, struct.Struct] = {}              # segments -> the struct of that many (up to MAX_BATCH)
 
 
 def int_tuple(value: Any, width: int, what: str, lo: int = 0, hi: int = 2**32 - 1) -> tuple[int, ...]:

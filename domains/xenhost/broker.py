@@ -209,7 +209,7 @@ class BrokerXenHost(XenHost):
     def copy_grants(self, ops: Sequence[CopyOp]) -> list[int]:
         out: list[int] = []
         for start in range(0, len(ops), MAX_BATCH):
-            reply, _ = self.call("copy", ops=pack_copy_segments([op.segment() for op in ops[start:start + MAX_BATCH]]))
+            reply, _ = self.call("copy", ops=pack_copy_segments(ops[start:start + MAX_BATCH]))
             out.extend(reply["results"])
         return out
 

@@ -18,7 +18,7 @@ from xdom.broker.frames import LocalFrames
 from xdom.broker.hypervisor import Domain, Hypervisor
 
 from ..abi.grant_table import GNTST_okay
-from ..abi.hypercall_wire import MAX_BATCH, SHUTDOWN_REASONS, copy_segments, pack_copy_segments
+from ..abi.hypercall_wire import MAX_BATCH, SHUTDOWN_REASONS, copy_columns, pack_copy_segments
 from ..abi.sizes import memory_frames
 from ..grant_table import GrantTable
 from ..hostsys.grant_window import GrantWindow
@@ -86,7 +86,7 @@ class LocalXenHost(XenHost):
             out: list[int] = []
             for start in range(0, len(ops), MAX_BATCH):
                 # The broker's wire, packed and unpacked: both variants refuse the same values.
-                batch = copy_segments(pack_copy_segments([op.segment() for op in ops[start:start + MAX_BATCH]]))
+                batch = copy_columns(pack_copy_segments(ops[start:start + MAX_BATCH]))
                 out.extend(self._host.hv.grant_copy(self._dom, batch))
             return out
 
