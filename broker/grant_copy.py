@@ -162,18 +162,21 @@ def _copy_uniform(domains: Mapping[int, Domain], caller: Domain, mine: tuple[int
     """
     su, sdom, soff, du, ddom, doff, length, flags, _status = columns
     sdoms, ddoms, kinds = set(sdom), set(ddom), set(flags)
-    if len(sdoms) != 1 or len(ddoms) != 1 or len(kinds) != 1 \
-            or max(map(add, soff, length)) > PAGE_SIZE or max(map(add, doff, length)) > PAGE_SIZE:
+    if len(sdoms) != 1 or len(ddoms) != 1 or len(kinds) != 1:
         return None
+    longest = max(length)
+    if (max(soff) + longest > PAGE_SIZE and max(map(add, soff, length)) > PAGE_SIZE) \
+            or (max(doff) + longest > PAGE_SIZE and max(map(add, doff, length)) > PAGE_SIZE):
+        return None             # (the sums op by op only when the bound at a glance does not settle it)
     (kind,) = kinds
     src = _Side(sdom[0], su, kind & GNTCOPY_source_gref)
     dst = _Side(ddom[0], du, kind & GNTCOPY_dest_gref)
     if not all(side.refs is not None or side.domid in mine for side in (src, dst)):
         return None
-    named: dict[int, set[int]] = {}
+    named: dict[int, Sequence[int]] = {}      # hold_many takes each ref once, however often named
     for side in (src, dst):
         if side.refs is not None:
-            named.setdefault(side.domid, set()).update(side.refs)
+            named[side.domid] = (*named.get(side.domid, ()), *side.refs)
     held: list[tuple[BrokerGrantTable, HeldEntries]] = []
     try:
         held_of: dict[int, HeldEntries] = {}
