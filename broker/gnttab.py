@@ -22,7 +22,8 @@ import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from operator import and_, sub
+from operator import sub
+from typing import NamedTuple
 
 from xdom.domains.abi.grant_table import (
     ENTRIES_PER_FRAME,
@@ -41,14 +42,28 @@ from xdom.domains.abi.grant_table import (
     GTF_writing,
     XDOM_GTF_mapped,
 )
+from xdom.domains.abi.hypercall_wire import MAX_BATCH
 from xdom.domains.hostsys import grant_lock
 
 LOCK_TRIES = 64
 TABLE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _FLAGS = struct.Struct("<H")
-# An entry's first little-endian word is flags | domid << 16; these bits say whether it grants a
-# domain access at all: the domid, the type (permit access) and no sub-page.
-_GRANTS_MASK = 0xFFFF0000 | GTF_type_mask | GTF_sub_page
+_RUN_LAYOUTS: dict[int, struct.Struct] = {}      # n -> n grant_entry_v1 (flags, domid, frame) in a row
+
+
+def _run_layout(count: int) -> struct.Struct:
+    layout = struct.Struct("<" + GRANT_ENTRY_V1.format.lstrip("<") * count)
+    if count <= 4 * MAX_BATCH:          # a batch's runs: kept; a longer run (the broker's own business) is not
+        _RUN_LAYOUTS[count] = layout
+    return layout
+
+
+class Run(NamedTuple):
+    """A run of entries read in one go and judged whole: what each held, as columns."""
+    first: int                  # its first ref
+    flags: tuple[int, ...]      # each entry's flags
+    gfns: tuple[int, ...]       # each entry's frame
+    kinds: frozenset[int]       # the distinct flags among them
 
 
 @dataclass
@@ -65,15 +80,16 @@ class HeldEntries:
     """Entries of one table locked for a batch, and what each held when checked.
 
     A run judged whole under its lock (every entry a whole-page grant to
-    the caller, none pinned) is kept as the two columns read out of the
-    table (``whole``), not spelled out entry by entry: a uniform copy batch
-    takes its frames straight from the column (:meth:`whole_gfns`), and
-    :attr:`checked` spells the runs out only for a batch judged op by op.
+    the caller, none pinned) is kept as the columns read out of the table
+    (``whole``, a :class:`Run` each), not spelled out entry by entry: a
+    uniform copy batch takes its frames straight from the column
+    (:meth:`whole_gfns`), and :attr:`checked` spells the runs out only for
+    a batch judged op by op.
     """
     judged: dict[int, tuple[int, int, int]]     # ref -> (GNTST status, flags, gfn): turned away, or judged alone
     runs: list[tuple[int, int]] = field(default_factory=list)    # (first, count), each locked in one call
     singles: list[int] = field(default_factory=list)             # locked one by one
-    whole: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)  # (first, heads, gfns)
+    whole: list[Run] = field(default_factory=list)
 
     def locked(self) -> Iterator[int]:
         for first, count in self.runs:
@@ -84,9 +100,8 @@ class HeldEntries:
     def checked(self) -> dict[int, tuple[int, int, int]]:
         """Every ref's (GNTST status, flags, gfn), the whole runs' entries included."""
         out = dict(self.judged)
-        for first, heads, gfns in self.whole:
-            out.update(zip(range(first, first + len(gfns)),
-                           zip(repeat(GNTST_okay), map(and_, heads, repeat(0xFFFF)), gfns)))
+        for first, flags, gfns, _kinds in self.whole:
+            out.update(zip(range(first, first + len(gfns)), zip(repeat(GNTST_okay), flags, gfns)))
         return out
 
     def whole_gfns(self, refs: Sequence[int], writable: bool) -> list[int] | None:
@@ -96,8 +111,8 @@ class HeldEntries:
         ``refs`` must be among the refs held (each run is made of named refs only)."""
         if self.judged or len(self.whole) != 1:
             return None
-        first, heads, gfns = self.whole[0]
-        if writable and any(map(and_, heads, repeat(GTF_readonly))):
+        first, _flags, gfns, kinds = self.whole[0]
+        if writable and any(kind & GTF_readonly for kind in kinds):
             return None
         return list(map(gfns.__getitem__, map(sub, refs, repeat(first)) if first else refs))
 
@@ -246,7 +261,7 @@ class BrokerGrantTable:
                     for ref in run:
                         checked[ref] = self._check(ref, grantee, readonly=True)
                 else:
-                    held.whole.append((first, *seen))
+                    held.whole.append(seen)
             for ref in held.singles:
                 checked[ref] = self._check(ref, grantee, readonly=True)
         except BaseException:
@@ -254,20 +269,24 @@ class BrokerGrantTable:
             raise
         return held
 
-    def _granting(self, first: int, count: int, grantee: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-        """Entries ``first .. first+count-1`` copied out in one read: their (flags | domid << 16) words
-        and their frames when every one grants ``grantee`` access to a whole page, else None.
+    def _granting(self, first: int, count: int, grantee: int) -> Run | None:
+        """Entries ``first .. first+count-1`` copied out in one read, as a :data:`Run`, when every one
+        grants ``grantee`` access to a whole page; else None.
 
-        What :meth:`_grants_to` asks of one entry, asked of a run in C
-        (``map`` over the words): a batch's entries are neighbours, and one
-        Python test an entry cost more than the copies.
+        What :meth:`_grants_to` asks of one entry, asked of a run in C: the
+        domids counted, and the flags tested once per distinct value (a run's
+        entries differ in a few bits at most).  A batch's entries are
+        neighbours, and one Python test an entry cost more than the copies.
         """
-        start = first * GRANT_ENTRY_V1_SIZE
-        words = struct.unpack(f"<{2 * count}I", self._map[start:start + count * GRANT_ENTRY_V1_SIZE])
-        heads = words[0::2]
-        if set(map(and_, heads, repeat(_GRANTS_MASK))) != {grantee << 16 | GTF_permit_access}:
+        layout = _RUN_LAYOUTS.get(count) or _run_layout(count)
+        fields = layout.unpack_from(self._map, first * GRANT_ENTRY_V1_SIZE)
+        if fields[1::3].count(grantee) != count:
             return None
-        return heads, words[1::2]
+        flags = fields[0::3]
+        kinds = frozenset(flags)
+        if any(kind & (GTF_type_mask | GTF_sub_page) != GTF_permit_access for kind in kinds):
+            return None
+        return Run(first, flags, fields[2::3], kinds)
 
     def _lock_runs(self, refs: Iterable[int], grantee: int | None) -> HeldEntries:
         """Lock the entries of ``refs`` that grant ``grantee`` access, until :meth:`release`.

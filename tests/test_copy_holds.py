@@ -179,3 +179,30 @@ def test_refs_out_of_the_table_are_bad_and_the_rest_still_held() -> None:
             t.release(held)
     finally:
         t.close()
+
+
+@pytest.mark.parametrize("odd", ["sub-page", "transitive", "other domain", "not granted"])
+def test_one_odd_entry_alone_keeps_its_run_from_passing_whole(odd: str) -> None:
+    """Each way an entry can fail a copier, alone in a run of good ones: the run is not passed whole,
+    that entry is refused and every other passes with its own frame."""
+    from xdom.domains.abi.grant_table import GTF_permit_access, GTF_sub_page, GTF_transitive
+    t = BrokerGrantTable(1, owner=1)
+    try:
+        for ref in range(40, 48):
+            t.seed(ref, COPIER, 300 + ref)
+        if odd == "other domain":
+            t.seed(44, OTHER, 344)
+        else:
+            flags = {"sub-page": GTF_permit_access | GTF_sub_page, "transitive": GTF_transitive, "not granted": 0}[odd]
+            t._map[44 * 8:44 * 8 + 2] = flags.to_bytes(2, "little")
+        held = t.hold_many(range(40, 48), COPIER)
+        try:
+            assert not any(run.first <= 44 < run.first + len(run.gfns) for run in held.whole)
+            assert held.whole_gfns(range(40, 48), writable=False) is None
+            assert held.checked[44][0] == GNTST_general_error
+            assert [held.checked[ref] for ref in (40, 47)] == [(GNTST_okay, GTF_permit_access, 340),
+                                                              (GNTST_okay, GTF_permit_access, 347)]
+        finally:
+            t.release(held)
+    finally:
+        t.close()
