@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """xdom block benchmark: fio through our PV block path, next to nbdkit serving the same image file.
 
-    python benchmarks/bench_blk.py           # full run: 256 MiB image, 10 s per fio job (~1.5 minutes)
-    python benchmarks/bench_blk.py --quick   # 64 MiB image, 3 s per job, to check that it works
+    python benchmarks/bench_blk.py           # full run: 256 MiB image, 3 rounds of 4 s per fio job (~2 minutes)
+    python benchmarks/bench_blk.py --quick   # 64 MiB image, 1 round of 3 s per job, to check that it works
 
 One run brings up xenstored, a blkback domain "blk0" and a guest "g1" whose
 disk is a random (written, not sparse) image with ``xdom up --detach``, and
@@ -15,9 +15,13 @@ buffered, time based) against both:
 
 The image is read into the page cache and each export gets an untimed fio
 warm-up first; each test runs both back to back, alternating which goes
-first, with the image fsync'ed before each job.  CPU s/GiB is psutil's
-user+system time of the serving processes (blk0, g1, broker; nbdkit) over
-the bytes fio moved.  Nothing is asserted about timings; a failed fio job, a
+first, with the image fsync'ed before each job, in several rounds.  The
+figures are each side's median over the rounds and the ratio of the medians;
+beside it, the lowest and highest ratio of one round's pair (a machine whose
+load changes mid-run shows there, instead of in one lucky or unlucky
+figure).  CPU s/GiB is psutil's user+system time of the serving processes
+(blk0, g1, broker; nbdkit) over the bytes fio moved, the median over the
+rounds.  Nothing is asserted about timings; a failed fio job, a
 domain restart or an export that never comes up stops the run.
 """
 
@@ -30,6 +34,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -150,19 +155,30 @@ def measure(sock: str, pids: dict[str, int], key: str, rw: str, bs: str, qd: int
     return res
 
 
-def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, wall: float) -> None:
-    line = "=" * 104
+def summarise(rounds: list[dict[str, Any]], fig: str) -> dict[str, Any]:
+    """One side's rounds of a test: the median figure, and the median CPU s/GiB of each process."""
+    return {fig: statistics.median(r[fig] for r in rounds),
+            "cpu_per_gib": {n: statistics.median(r["cpu_per_gib"][n] for r in rounds) for n in rounds[0]["cpu_per_gib"]}}
+
+
+def report(results: dict[str, dict[str, list[dict[str, Any]]]], args: argparse.Namespace, wall: float) -> None:
+    line = "=" * 118
     print(f"\n{line}\nxdom block benchmark ({'quick' if args.quick else 'full'} run; {args.size // MiB} MiB random "
-          f"image; {args.runtime:g} s per fio job; fio nbd engine, 1 job, buffered; {os.cpu_count()} CPUs)\n{line}")
-    print(f"  {'test':<38} {'OURS':>10} {'nbdkit':>10} {'ours/nbdkit':>12}   "
+          f"image; {args.rounds} round(s) of {args.runtime:g} s per fio job, medians; fio nbd engine, 1 job, buffered; "
+          f"{os.cpu_count()} CPUs)\n{line}")
+    print(f"  {'test':<38} {'OURS':>10} {'nbdkit':>10} {'ours/nbdkit':>12} {'rounds':>13}   "
           f"{'CPU s/GiB: blk0':>15} {'g1':>6} {'broker':>6} {'nbdkit':>7}")
     for key, label, *_, fig in TESTS:
-        o, n = results[key]["ours"], results[key]["nbdkit"]
+        ours, ref = results[key]["ours"], results[key]["nbdkit"]
+        o, n = summarise(ours, fig), summarise(ref, fig)
         oc, nc = o["cpu_per_gib"], n["cpu_per_gib"]
+        paired = [a[fig] / b[fig] for a, b in zip(ours, ref)]
         fmt = "{:>10,.0f}" if fig == "iops" else "{:>10,.1f}"
-        print(f"  {label:<38} {fmt.format(o[fig])} {fmt.format(n[fig])} {o[fig] / n[fig]:>11.3f}x   "
-              f"{oc['blk0']:>15.2f} {oc['g1']:>6.2f} {oc.get('broker', float('nan')):>6.2f} {nc['nbdkit']:>7.2f}")
-    print("  (CPU s/GiB: user+system seconds the serving processes used during the job, per GiB fio moved)")
+        print(f"  {label:<38} {fmt.format(o[fig])} {fmt.format(n[fig])} {o[fig] / n[fig]:>11.3f}x "
+              f"{f'{min(paired):.2f}-{max(paired):.2f}x':>13}   {oc['blk0']:>15.2f} {oc['g1']:>6.2f} "
+              f"{oc.get('broker', float('nan')):>6.2f} {nc['nbdkit']:>7.2f}")
+    print("  (ours/nbdkit: the ratio of the medians; rounds: the lowest and highest ratio of one round's pair;")
+    print("   CPU s/GiB: user+system seconds the serving processes used during the job, per GiB fio moved)")
     print(f"\n(total wall time {wall:.1f} s)\n{line}")
 
 
@@ -179,11 +195,13 @@ def scan_logs(state_dir: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="64 MiB image, 3 s per job: check that it works")
-    ap.add_argument("--runtime", type=float, default=None, help="seconds per fio job (default 10, 3 with --quick)")
+    ap.add_argument("--runtime", type=float, default=None, help="seconds per fio job (default 4, 3 with --quick)")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds of every job on both (default 3, 1 with --quick)")
     ap.add_argument("--size", type=int, default=None, help="image size in MiB (default 256, 64 with --quick)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (image, logs)")
     args = ap.parse_args()
-    args.runtime = args.runtime or (3.0 if args.quick else 10.0)
+    args.runtime = args.runtime or (3.0 if args.quick else 4.0)
+    args.rounds = max(1, args.rounds or (1 if args.quick else 3))
     args.size = (args.size or (64 if args.quick else 256)) * MiB
     for tool in ("fio", "nbdkit"):
         if shutil.which(tool) is None:
@@ -199,7 +217,7 @@ def main() -> int:
     state_dir, run_dir = os.path.join(tmp, "state"), os.path.join(tmp, "run")
     nbdkit: subprocess.Popen[bytes] | None = None
     started = False
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     try:
         print(f"writing a {args.size // MiB} MiB random image in {tmp} ...", file=sys.stderr, flush=True)
         make_image(image, args.size)
@@ -233,12 +251,13 @@ def main() -> int:
             fio(sock, "warmup", "read", "1m", 4, 1.0, args.size)
 
         for i, (key, label, rw, bs, qd, _) in enumerate(TESTS):
-            order = ("ours", "nbdkit") if i % 2 == 0 else ("nbdkit", "ours")
-            results[key] = {}
-            for who in order:
-                print(f"{label}: {who} ...", file=sys.stderr, flush=True)
-                sock, pids = paths[who]
-                results[key][who] = measure(sock, pids, key, rw, bs, qd, args, image)
+            results[key] = {"ours": [], "nbdkit": []}
+            for r in range(args.rounds):
+                order = ("ours", "nbdkit") if (i + r) % 2 == 0 else ("nbdkit", "ours")
+                for who in order:
+                    print(f"{label}, round {r + 1}/{args.rounds}: {who} ...", file=sys.stderr, flush=True)
+                    sock, pids = paths[who]
+                    results[key][who].append(measure(sock, pids, key, rw, bs, qd, args, image))
 
         after = domains(run_dir)
         for name in ("xs", "blk0", "g1"):
