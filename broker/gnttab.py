@@ -270,7 +270,7 @@ class BrokerGrantTable:
         return held
 
     def _granting(self, first: int, count: int, grantee: int) -> Run | None:
-        """Entries ``first .. first+count-1`` copied out in one read, as a :data:`Run`, when every one
+        """Entries ``first .. first+count-1`` copied out in one read, as a :class:`Run`, when every one
         grants ``grantee`` access to a whole page; else None.
 
         What :meth:`_grants_to` asks of one entry, asked of a run in C: the
