@@ -118,6 +118,11 @@ def decode_request(data: bytes) -> tuple[str, dict[str, Any]]:
     return op, args
 
 
+CopyColumns = tuple[tuple[int, ...], ...]                # a copy batch, one tuple per struct gnttab_copy field
+_COPY_FIELDS: Final = 9                                  # of struct gnttab_copy, as GNTTAB_COPY unpacks it
+_COPY_ARRAYS: dict[int, struct.Struct] = {}              # segments -> the struct of that many (up to MAX_BATCH)
+
+
 def pack_copy_segments(segments: Sequence[tuple[int, ...]]) -> bytes:
     """The caller's side of :func:`copy_columns`; a value that does not fit its field is EINVAL."""
     try:
@@ -148,11 +153,6 @@ def copy_columns(blob: bytes) -> CopyColumns:
         layout = _COPY_ARRAYS[n] = struct.Struct("<" + GNTTAB_COPY.format.lstrip("<") * n)
     flat = layout.unpack(blob)
     return tuple(flat[field::_COPY_FIELDS] for field in range(_COPY_FIELDS))
-
-
-CopyColumns = tuple[tuple[int, ...], ...]
-_COPY_FIELDS: Final = 9                                  # of struct gnttab_copy, as GNTTAB_COPY unpacks it
-_COPY_ARRAYS: dict[int, struct.Struct] = {}              # segments -> the struct of that many (up to MAX_BATCH)
 
 
 def int_tuple(value: Any, width: int, what: str, lo: int = 0, hi: int = 2**32 - 1) -> tuple[int, ...]:
