@@ -257,7 +257,7 @@ class BrokerGrantTable:
             for first, count in held.runs:
                 run = range(first, first + count)
                 seen = self._granting(first, count, grantee)
-                if seen is None or not self.pins.keys().isdisjoint(run):
+                if seen is None or (self.pins and not self.pins.keys().isdisjoint(run)):
                     for ref in run:
                         checked[ref] = self._check(ref, grantee, readonly=True)
                 else:
@@ -296,7 +296,7 @@ class BrokerGrantTable:
         a granter's entries that are not its own by naming them (``grantee``
         None: the broker's own business, every entry in the table).  Each run of
         neighbouring entries is locked in one call (one by one when the
-        granter holds one of them).  ``checked`` of the result holds the
+        granter holds one of them).  ``judged`` of the result holds the
         status of each ref turned away (bad reference, not granted, or
         GNTST_eagain: locked by the granter); every other ref is locked.
         """
