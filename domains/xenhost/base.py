@@ -74,7 +74,7 @@ class CopyOp(_GnttabCopy):
     """One GNTTABOP_copy segment; a side is a grant (``*_domid``, ref) or a local gfn (``*_domid`` None).
 
     Made as the struct's fields in order, so that a batch is packed with one
-    ``starmap`` and no Python per op: packing was a third of a copy call's
+    ``starmap`` and no Python per op: packing was a quarter of a copy call's
     cost on the caller's side.  A local side is named DOMID_SELF, as in Xen.
     """
     __slots__ = ()
