@@ -425,6 +425,9 @@ class FrameFds:
         self._cache.clear()
 
 
+NOT_KEPT = 2**64 - 1     # in _DomainKept.ino_row: no frame kept for that gfn (no inode is this)
+
+
 class CopyFrames:
     """GNTTABOP_copy's data movement, through the frames themselves.
 
@@ -480,6 +483,11 @@ class CopyFrames:
         kept = self._kept.get(id(frames))
         if kept is None:
             return None
+        if not gfns:
+            return None
+        first, count = gfns[0], len(gfns)
+        if gfns[-1] - first == count - 1 and tuple(gfns) == tuple(range(first, first + count)):
+            return kept.run_views(first, count, frames.inodes)
         try:
             # a gfn never kept is None here, never equal to an inode (out of range, it raises)
             if list(map(kept.inos.get, gfns)) != list(map(frames.inodes.__getitem__, gfns)):
@@ -569,20 +577,44 @@ class _Kept:
 
 class _DomainKept:
     """The frames of one domain that CopyFrames keeps, by gfn: each one's inode and view side by side,
-    so that a batch's frames are checked and looked up with one ``map`` each."""
+    so that a batch's frames are checked and looked up with one ``map`` each.
 
-    __slots__ = ("kept", "inos", "views")
+    The same, as rows indexed by gfn (``ino_row``, ``view_row``), up to the
+    highest gfn kept: a batch naming a run of neighbouring gfns -- the usual
+    batch -- is checked by comparing two slices of inodes (one ``memcmp``) and
+    looked up by one slice (:meth:`run_views`).  A gfn not kept holds
+    :data:`NOT_KEPT`, which no frame's inode is, and no view.  The rows cost
+    16 bytes a frame up to the highest one kept, and go with the last frame
+    kept.
+    """
+
+    __slots__ = ("kept", "inos", "views", "ino_row", "view_row")
 
     def __init__(self) -> None:
         self.kept: dict[int, _Kept] = {}
         self.inos: dict[int, int] = {}
         self.views: dict[int, memoryview] = {}
+        self.ino_row = array.array("Q")
+        self.view_row: list[memoryview | None] = []
 
     def add(self, gfn: int, kept: _Kept) -> None:
         self.kept[gfn], self.inos[gfn], self.views[gfn] = kept, kept.ino, kept.view
+        if gfn >= len(self.ino_row):
+            grow = gfn + 1 - len(self.ino_row)
+            self.ino_row.extend(repeat(NOT_KEPT, grow))
+            self.view_row.extend(repeat(None, grow))
+        self.ino_row[gfn], self.view_row[gfn] = kept.ino, kept.view
 
     def __len__(self) -> int:
         return len(self.kept)
 
     def remove(self, gfn: int) -> None:
         del self.kept[gfn], self.inos[gfn], self.views[gfn]
+        self.ino_row[gfn], self.view_row[gfn] = NOT_KEPT, None
+
+    def run_views(self, first: int, count: int, inodes: array.array[int]) -> list[memoryview] | None:
+        """The views of gfns ``first .. first+count-1`` when every one is kept and still its gfn's frame."""
+        end = first + count
+        if first < 0 or end > len(self.ino_row) or self.ino_row[first:end] != inodes[first:end]:
+            return None
+        return self.view_row[first:end]     # type: ignore[return-value]    # every one kept: no None

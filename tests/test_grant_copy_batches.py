@@ -140,6 +140,41 @@ def test_the_frames_of_a_batch_outlive_a_smaller_cache() -> None:
         memory.close()
 
 
+def test_a_run_of_kept_frames_is_checked_frame_by_frame() -> None:
+    """A batch naming neighbouring gfns is checked with two slices of inodes (_DomainKept.run_views):
+    one frame replaced in the middle of a kept run, gfns kept only in part, or a run reaching past the
+    domain's last frame must each be refused as the gfn-by-gfn look would, never a stale or short answer."""
+    alloc = FrameAllocator(8)
+    memory = DomainMemory(8, populate=alloc.populate, batch=8)
+    frames = ProcFrames(os.getpid(), memory.base, alloc.inodes)
+    copier = CopyFrames(cache_size=16)
+    try:
+        for gfn, view in enumerate(copier.views(frames, list(range(8)))):
+            assert view is not None
+            view[:4] = b"gfn%d" % gfn
+        kept = copier.all_views(frames, range(8))
+        assert kept is not None and [bytes(v[:4]) for v in kept] == [b"gfn%d" % g for g in range(8)]
+        shuffled = copier.all_views(frames, [0, 2, 1, 3])               # first and last a run apart, not a run
+        assert shuffled is not None and [bytes(v[:4]) for v in shuffled] == [b"gfn0", b"gfn2", b"gfn1", b"gfn3"]
+        assert copier.all_views(frames, (6, 7, 8, 9)) is None          # past the last frame: no short list
+        assert copier.all_views(frames, [7, 8]) is None
+        for fd in alloc.remake(4, 1):                                  # gfn 4 gets a new frame
+            os.close(fd)
+        assert copier.all_views(frames, range(2, 7)) is None
+        views = copier.views(frames, list(range(8)))
+        assert views[4] is None and [bytes(v[:4]) for g, v in enumerate(views) if g != 4] == \
+            [b"gfn%d" % g for g in range(8) if g != 4]
+        copier.forget(frames)
+        assert copier._kept == {}
+        # kept in part: the run answers through frames reached afresh, each its own
+        assert copier.all_views(frames, [3]) is not None
+        part = copier.all_views(frames, range(2, 4))
+        assert part is not None and [bytes(v[:4]) for v in part] == [b"gfn2", b"gfn3"]
+    finally:
+        copier.close()
+        memory.close()
+
+
 @pytest.mark.parametrize("length", [1, PAGE_SIZE])
 def test_a_uniform_batch_copies_onto_itself_in_order(domains, length: int) -> None:
     """Ops of one uniform batch run in order: an op reads what an earlier one of the batch wrote."""
