@@ -104,16 +104,19 @@ class HeldEntries:
             out.update(zip(range(first, first + len(gfns)), zip(repeat(GNTST_okay), flags, gfns)))
         return out
 
-    def whole_gfns(self, refs: Sequence[int], writable: bool) -> list[int] | None:
+    def whole_gfns(self, refs: Sequence[int], writable: bool) -> Sequence[int] | None:
         """The frame of each of ``refs`` when every entry held lies in one run judged whole (and, for
         ``writable``, none of that run is read-only), looked up in C; else None: ask :attr:`checked`.
 
-        ``refs`` must be among the refs held (each run is made of named refs only)."""
+        ``refs`` must be among the refs held (each run is made of named refs only); ``refs`` that
+        are the run itself, in order, are answered with the run's own column."""
         if self.judged or len(self.whole) != 1:
             return None
         first, _flags, gfns, kinds = self.whole[0]
         if writable and any(kind & GTF_readonly for kind in kinds):
             return None
+        if len(refs) == len(gfns) and tuple(refs) == tuple(range(first, first + len(gfns))):
+            return gfns
         return list(map(gfns.__getitem__, map(sub, refs, repeat(first)) if first else refs))
 
 

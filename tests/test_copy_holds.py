@@ -206,3 +206,22 @@ def test_one_odd_entry_alone_keeps_its_run_from_passing_whole(odd: str) -> None:
             t.release(held)
     finally:
         t.close()
+
+
+def test_whole_gfns_answers_the_refs_in_the_order_named() -> None:
+    """A uniform batch takes its frames from whole_gfns: the run's own column when the refs are the
+    run in order, else each ref's frame looked up; in any order, each ref gets its own entry's frame."""
+    t = BrokerGrantTable(1, owner=1)
+    try:
+        for ref in range(50, 58):
+            t.seed(ref, COPIER, 400 + 3 * ref)
+        in_order = list(range(50, 58))
+        for refs in (in_order, in_order[::-1], [53, 50, 57, 51, 52, 56, 54, 55], in_order[2:] + in_order[:2]):
+            held = t.hold_many(refs, COPIER)
+            try:
+                assert list(held.whole_gfns(refs, writable=True)) == [400 + 3 * ref for ref in refs]
+                assert list(held.whole_gfns(refs[:3], writable=False)) == [400 + 3 * ref for ref in refs[:3]]
+            finally:
+                t.release(held)
+    finally:
+        t.close()
