@@ -42,7 +42,7 @@ import stat
 from collections import OrderedDict
 from collections.abc import Sequence
 from itertools import repeat
-from operator import is_
+from operator import is_, itemgetter
 from typing import Protocol
 
 from xdom.domains.abi.grant_table import PAGE_SIZE
@@ -483,18 +483,20 @@ class CopyFrames:
         kept = self._kept.get(id(frames))
         if kept is None:
             return None
-        if not gfns:
+        count = len(gfns)
+        if count < 2:           # (itemgetter of one gfn answers a view, not a tuple of them)
             return None
-        first, count = gfns[0], len(gfns)
+        first = gfns[0]
         if gfns[-1] - first == count - 1 and tuple(gfns) == tuple(range(first, first + count)):
             return kept.run_views(first, count, frames.inodes)
+        each = itemgetter(*gfns)
         try:
-            # a gfn never kept is None here, never equal to an inode (out of range, it raises)
-            if list(map(kept.inos.get, gfns)) != list(map(frames.inodes.__getitem__, gfns)):
+            # a gfn never kept raises KeyError, and out of range IndexError or OverflowError
+            if each(kept.inos) != each(frames.inodes):
                 return None
-        except (IndexError, OverflowError):
+        except (KeyError, IndexError, OverflowError):
             return None
-        return list(map(kept.views.__getitem__, gfns))
+        return list(each(kept.views))
 
     def _view(self, frames: FrameSource | None, gfn: int) -> memoryview | None:
         if isinstance(frames, ProcFrames):
