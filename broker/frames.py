@@ -426,6 +426,7 @@ class FrameFds:
 
 
 NOT_KEPT = 2**64 - 1     # in _DomainKept.ino_row: no frame kept for that gfn (no inode is this)
+ROWS_UP_TO = 1 << 15     # _DomainKept's rows cover gfns below this (128 MiB of a domain's memory)
 
 
 class CopyFrames:
@@ -487,7 +488,8 @@ class CopyFrames:
         if count < 2:           # (itemgetter of one gfn answers a view, not a tuple of them)
             return None
         first = gfns[0]
-        if gfns[-1] - first == count - 1 and tuple(gfns) == tuple(range(first, first + count)):
+        if gfns[-1] - first == count - 1 and first + count <= len(kept.ino_row) \
+                and tuple(gfns) == tuple(range(first, first + count)):
             return kept.run_views(first, count, frames.inodes)
         each = itemgetter(*gfns)
         try:
@@ -586,8 +588,10 @@ class _DomainKept:
     batch -- is checked by comparing two slices of inodes (one ``memcmp``) and
     looked up by one slice (:meth:`run_views`).  A gfn not kept holds
     :data:`NOT_KEPT`, which no frame's inode is, and no view.  The rows cost
-    16 bytes a frame up to the highest one kept, and go with the last frame
-    kept.
+    16 bytes a frame up to the highest one kept, at most :data:`ROWS_UP_TO`
+    frames (512 KiB; a frame above is found through the dicts alone), and
+    go with the last frame kept; at most ``cache_size`` domains have frames
+    kept, so a domain cannot make the broker hold rows for all its memory.
     """
 
     __slots__ = ("kept", "inos", "views", "ino_row", "view_row")
@@ -601,6 +605,8 @@ class _DomainKept:
 
     def add(self, gfn: int, kept: _Kept) -> None:
         self.kept[gfn], self.inos[gfn], self.views[gfn] = kept, kept.ino, kept.view
+        if gfn >= ROWS_UP_TO:
+            return          # found through the dicts only
         if gfn >= len(self.ino_row):
             grow = gfn + 1 - len(self.ino_row)
             self.ino_row.extend(repeat(NOT_KEPT, grow))
@@ -612,7 +618,8 @@ class _DomainKept:
 
     def remove(self, gfn: int) -> None:
         del self.kept[gfn], self.inos[gfn], self.views[gfn]
-        self.ino_row[gfn], self.view_row[gfn] = NOT_KEPT, None
+        if gfn < len(self.ino_row):
+            self.ino_row[gfn], self.view_row[gfn] = NOT_KEPT, None
 
     def run_views(self, first: int, count: int, inodes: array.array[int]) -> list[memoryview] | None:
         """The views of gfns ``first .. first+count-1`` when every one is kept and still its gfn's frame."""

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from xdom.broker import frames as frames_module
 from xdom.broker.frames import CopyFrames, FrameAllocator, ProcFrames
 from xdom.domains.abi.grant_table import GNTTAB_COPY, PAGE_SIZE, GNTST_bad_copy_arg, GNTST_okay
 from xdom.domains.abi.hypercall_wire import MAX_BATCH, copy_columns, pack_copy_segments
@@ -140,10 +141,14 @@ def test_the_frames_of_a_batch_outlive_a_smaller_cache() -> None:
         memory.close()
 
 
-def test_a_run_of_kept_frames_is_checked_frame_by_frame() -> None:
+@pytest.mark.parametrize("rows_up_to", [None, 3])
+def test_a_run_of_kept_frames_is_checked_frame_by_frame(monkeypatch, rows_up_to: int | None) -> None:
     """A batch naming neighbouring gfns is checked with two slices of inodes (_DomainKept.run_views):
     one frame replaced in the middle of a kept run, gfns kept only in part, or a run reaching past the
-    domain's last frame must each be refused as the gfn-by-gfn look would, never a stale or short answer."""
+    domain's last frame must each be refused as the gfn-by-gfn look would, never a stale or short answer.
+    With the rows cut short (ROWS_UP_TO), frames above them answer the same through the dicts."""
+    if rows_up_to is not None:
+        monkeypatch.setattr(frames_module, "ROWS_UP_TO", rows_up_to)
     alloc = FrameAllocator(8)
     memory = DomainMemory(8, populate=alloc.populate, batch=8)
     frames = ProcFrames(os.getpid(), memory.base, alloc.inodes)
