@@ -451,9 +451,10 @@ class CopyFrames:
     their memory's views.
 
     Mappings are kept per domain, so that a batch whose frames are all kept
-    is looked up in C (:meth:`views`: ``map`` over the batch), and dropped
-    oldest first down to ``cache_size`` only by :meth:`trim`, between
-    batches: a view handed out for a batch is never unmapped under it.  A
+    is looked up in C (:meth:`views`: a slice for a run of gfns, one
+    ``itemgetter`` for scattered ones), and dropped oldest first down to
+    ``cache_size`` only by :meth:`trim`, between batches: a view handed out
+    for a batch is never unmapped under it.  A
     hit does not reorder (first in, first out): the cost of a frame dropped
     while still in use is one map_files open the next time.
     """
@@ -581,7 +582,7 @@ class _Kept:
 
 class _DomainKept:
     """The frames of one domain that CopyFrames keeps, by gfn: each one's inode and view side by side,
-    so that a batch's frames are checked and looked up with one ``map`` each.
+    so that a batch's frames are checked and looked up with one ``itemgetter``.
 
     The same, as rows indexed by gfn (``ino_row``, ``view_row``), up to the
     highest gfn kept: a batch naming a run of neighbouring gfns -- the usual
