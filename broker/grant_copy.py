@@ -154,7 +154,7 @@ def _copy_uniform(domains: Mapping[int, Domain], caller: Domain, mine: tuple[int
     A backend's batch is uniform: every op from a grant of one domain to a
     frame of its own (or the other way), within the page.  Such a batch is
     checked as a whole -- column by column, ranges and domains tested
-    with ``set`` and ``max``, each side's frames looked up with ``map``, all
+    with ``set`` and ``max``, each side's frames looked up by slice or ``itemgetter``, all
     in C -- so the only per-op Python left is the slice assignment.
     Anything else (mixed sides, or any op that would fail) returns None
     before a byte moves, and :func:`_copy_op_by_op` gives each op its
