@@ -13,6 +13,9 @@ from typing import NamedTuple
 
 from .wire import Cmd, CmdFlag
 
+# Plain ints: an int & an IntFlag goes through enum machinery (0.35 us), once per request.
+_FUA, _NO_HOLE = int(CmdFlag.FUA), int(CmdFlag.NO_HOLE)
+
 __all__ = ["Ready", "Request", "RequestRejected", "Disconnect", "ProtocolError", "Event"]
 
 @dataclass(frozen=True, slots=True)
@@ -42,11 +45,11 @@ class Request(NamedTuple):
 
     @property
     def fua(self) -> bool:
-        return bool(self.flags & CmdFlag.FUA)
+        return bool(self.flags & _FUA)
 
     @property
     def no_hole(self) -> bool:
-        return bool(self.flags & CmdFlag.NO_HOLE)
+        return bool(self.flags & _NO_HOLE)
 
 
 @dataclass(frozen=True, slots=True)
