@@ -56,6 +56,7 @@ PAGE = 4096
 BATCHES = (1, 16, 64)
 COPY_BATCH = 64
 CHILD_TIMEOUT = 60.0   # seconds the parent waits for any one line from a child
+_USABLE_CPUS = os.sched_getaffinity(0)     # as the benchmark started (the parent pins itself for the preads)
 
 
 # ---------------------------------------------------------------------------
@@ -375,7 +376,7 @@ def start_raw_pair(fds: tuple[int, int], procs: list[subprocess.Popen[bytes]]) -
 
 def placements() -> dict[str, tuple[int, int]]:
     """(pinger's CPU, ponger's CPU) for each placement measured; -1: not pinned."""
-    cpus = sorted(os.sched_getaffinity(0))
+    cpus = sorted(_USABLE_CPUS)
     out = {"one CPU": (cpus[0], cpus[0])}
     if len(cpus) > 1:
         out["two CPUs"] = (cpus[0], cpus[1])
@@ -384,7 +385,8 @@ def placements() -> dict[str, tuple[int, int]]:
 
 
 def _pin(pid: int, cpu: int) -> None:
-    os.sched_setaffinity(pid, {cpu} if cpu >= 0 else os.sched_getaffinity(0))
+    """Pin ``pid`` to ``cpu``; -1: let it run on every CPU the benchmark may use."""
+    os.sched_setaffinity(pid, {cpu} if cpu >= 0 else _USABLE_CPUS)
 
 
 def bench_evtchn(client: Any, warmup: int, iters: int, rounds: int) -> dict[str, Any]:
