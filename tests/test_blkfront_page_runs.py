@@ -84,6 +84,37 @@ def test_indirect_pages_come_from_the_other_end_and_go_back_there(granted: Grant
     assert len(granted.views(again[1:], 8 * PAGE_SIZE)) == 1
 
 
+def test_a_free_list_shuffled_by_small_io_is_sorted_for_the_next_large_request(granted: GrantedPages) -> None:
+    granted.negotiated(True)
+    everything = granted.get(40, readonly=False, busy=False)      # the pool grows to 40 pages
+    assert everything is not None
+    granted.put(everything)
+    # 4 KiB I/O completing in scattered order: the free list comes back shuffled.
+    singles = [granted.get(1, readonly=False, busy=True) for _ in range(40)]
+    order = [p for got in singles for p in got or ()]
+    assert len(order) == 40
+    for i in (7, 3, 30, 1, 22, 15, 38, 0, 11, 26, 5, 33, 19, 9, 36, 2, 28, 13, 24, 17,
+              39, 6, 31, 10, 20, 4, 35, 14, 27, 8, 37, 12, 23, 18, 32, 16, 29, 21, 34, 25):
+        granted.put([order[i]])
+    data = granted.get(9, readonly=False, busy=False, front=1)
+    assert data is not None and granted.sorts == 1
+    assert len(granted.views(data[1:], 8 * PAGE_SIZE)) == 1         # one run again: one view
+    granted.put(data[:1], front=True)
+    granted.put(data[1:])
+    # Shuffled again at once: no second sort until 4 pages per free page have been handed out.
+    free = granted.free
+    free[-1], free[-2] = free[-2], free[-1]
+    data = granted.get(8, readonly=False, busy=False)
+    assert data is not None and granted.sorts == 1 and len(granted.views(data, 8 * PAGE_SIZE)) == 8
+    granted.put(data)                                                # back as it was: still no run
+    for _ in range(4 * len(granted.free)):
+        single = granted.get(1, readonly=False, busy=True)            # small I/O never sorts
+        assert single is not None and granted.sorts == 1
+        granted.put(single)
+    data = granted.get(8, readonly=False, busy=False)
+    assert data is not None and granted.sorts == 2 and len(granted.views(data, 8 * PAGE_SIZE)) == 1
+
+
 def _run_concurrently(submit: list, timeout: float = 60.0) -> list:
     left = threading.Semaphore(0)
     out: list = [None] * len(submit)
