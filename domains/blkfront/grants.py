@@ -14,7 +14,7 @@ No lock here: the device calls under its own.
 from __future__ import annotations
 
 import threading
-from operator import attrgetter
+from operator import attrgetter, sub
 
 from ..frame_pool import FramePool, OutOfFrames
 from ..xenhost.base import XenHost
@@ -83,7 +83,9 @@ class GrantedPages:
         allowed once per :data:`SORT_EVERY` x F pages handed out, so a workload that keeps
         shuffling pays at most a few comparisons a page."""
         if self.persistent:
-            while len(self.free) < n and self.count < self.max_persistent:
+            # Grown by a whole request's worth at once, so its pages are all new ones, one run (topping
+            # up the free pages left would mix the two, and the mixture comes back as it went out).
+            for _ in range(min(n, self.max_persistent - self.count) if len(self.free) < n else 0):
                 try:
                     (g,) = self.pool.alloc(1)
                 except OutOfFrames:
@@ -100,6 +102,7 @@ class GrantedPages:
             if data > 1 and free[-1].gfn - free[-data].gfn != data - 1 \
                     and self._handed_out >= SORT_EVERY * len(free):
                 free.sort(key=_GFN)
+                self._run_to_end(data, front)
                 self.sorts += 1
                 self._handed_out = 0
             self._handed_out += n
@@ -119,6 +122,22 @@ class GrantedPages:
             return None
         return [Page(g, self.host.gnttab.grant_access(self.backend_domid, g, readonly=readonly), False,
                      self.frame(g)) for g in gfns]
+
+    def _run_to_end(self, n: int, front: int) -> None:
+        """Move the highest run of ``n`` consecutive frames of the sorted free list to its end (past its
+        first ``front``, kept for indirect pages).  Pages in flight leave holes in the list: the last
+        ``n`` may straddle one, and a request that took them would hand back a broken run for good."""
+        free = self.free
+        gfns = list(map(_GFN, free))
+        # widths[i]: how far the gfns of free[i .. i + n - 1] spread; n - 1 only for a run (sorted, distinct)
+        widths = list(map(sub, gfns[n - 1:], gfns))
+        try:
+            i = len(widths) - 1 - widths[::-1].index(n - 1)
+        except ValueError:
+            return                                          # no run of n free now: the last n, as before
+        if i >= front and i != len(free) - n:
+            free += free[i:i + n]
+            del free[i:i + n]
 
     def views(self, pages: list[Page], length: int) -> list[memoryview]:
         """The first ``length`` bytes of ``pages`` (whole but maybe the last), in as few views as it can.
