@@ -79,12 +79,13 @@ class GrantedPages:
         Small I/O of scattered completion order (4 KiB random reads) shuffles the free list, and a
         shuffled list stays shuffled: every later 1 MiB request would be 256 views, each costing
         the NBD server Python to receive or send.  So a large request that finds the end of the
-        list not one run sorts the list by frame first -- an O(F log F) pass over F free pages,
-        allowed once per :data:`SORT_EVERY` x F pages handed out, so a workload that keeps
-        shuffling pays at most a few comparisons a page."""
+        list not one run sorts the list by frame and moves its highest whole run to the end first
+        (:meth:`_run_to_end`) -- an O(F log F) pass over F free pages, allowed once per
+        :data:`SORT_EVERY` x F pages handed out, so a workload that keeps shuffling pays at most a
+        few comparisons a page.  A pool that must grow grows by the whole request, so its pages
+        are all new ones, one run."""
         if self.persistent:
-            # Grown by a whole request's worth at once, so its pages are all new ones, one run (topping
-            # up the free pages left would mix the two, and the mixture comes back as it went out).
+            # Topping up the free pages left would mix old and new, and the mixture comes back as it went.
             for _ in range(min(n, self.max_persistent - self.count) if len(self.free) < n else 0):
                 try:
                     (g,) = self.pool.alloc(1)
