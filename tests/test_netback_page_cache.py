@@ -131,11 +131,12 @@ def test_views_past_the_head_are_the_pieces_bytes(placed, pieces) -> None:
         for i, g in enumerate(sorted(every)):      # distinct bytes in every page
             pages.cache.views[g][:] = bytes((i * 7 + j) & 0xFF for j in range(256)) * 16
         views = pages.cache.views
-        want = b"".join(bytes(views[p.gref][p.offset:p.offset + p.length]) for p in pieces)[256:]
-        got = pages.cache.views_past(pieces, sum(p.length for p in pieces), 256)
-        assert b"".join(bytes(v) for v in got) == want
-        for v in got:
-            v.release()
+        whole = b"".join(bytes(views[p.gref][p.offset:p.offset + p.length]) for p in pieces)
+        for skip in (256, 0):               # past the head (_send_parts), and all of it (_gather)
+            got = pages.cache.views_past(pieces, sum(p.length for p in pieces), skip)
+            assert b"".join(bytes(v) for v in got) == whole[skip:]
+            for v in got:
+                v.release()
     finally:
         pages.close()
 

@@ -272,14 +272,15 @@ class Connection:
         return True
 
     def _gather(self, pkt: TxPacket) -> bytes | None:
-        pieces = pkt.pieces
-        views = self.tx_pages.views
+        """The packet's bytes, copied out of the granted pages (one copy of one span when its pieces
+        tile neighbouring pages, as a frontend's frame does); None if a page cannot be mapped."""
+        pieces, pages = pkt.pieces, self.tx_pages
         try:
-            return b"".join([views[p.gref][p.offset:p.offset + p.length] for p in pieces])
+            return b"".join(pages.views_past(pieces, pkt.length, 0))
         except KeyError:
-            self.tx_pages.ensure({p.gref for p in pieces})
+            pages.ensure({p.gref for p in pieces})
         try:
-            return b"".join([views[p.gref][p.offset:p.offset + p.length] for p in pieces])
+            return b"".join(pages.views_past(pieces, pkt.length, 0))
         except KeyError:
             return None
 
