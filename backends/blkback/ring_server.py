@@ -53,6 +53,7 @@ from xdom.domains.hostsys.grant_window import GrantWindow
 from xdom.domains.xenhost.base import GrantMapping, XenHost
 
 from .disk import Disk
+from .kept import KeptMappings
 from .plan import (
     SECTORS_PER_PAGE,
     DiskGeometry,
@@ -84,7 +85,7 @@ class RingServer:
 
     def __init__(self, host: XenHost, frontend_domid: int, ring_refs: Sequence[int], remote_port: int,
                  abi: BlkifABI, disk: Disk, geometry: DiskGeometry, persistent: bool, name: str,
-                 on_fatal: Callable[[RingServer, str], None]) -> None:
+                 on_fatal: Callable[[RingServer, str], None], kept: KeptMappings) -> None:
         self.host = host
         self.fe = frontend_domid
         self.abi = abi
@@ -108,6 +109,7 @@ class RingServer:
             "run_views": 0,               # requests whose pages were one view of the window (one iovec)
         }
         self._persistent: dict[int, GrantMapping] = {}
+        self._kept = kept                 # the bound all rings' persistent grants share (kept.py)
         # Where persistent pages are mapped, by reference: a frontend's pool grants its pages with
         # consecutive references, so a large request's run of pages is one view (one iovec).
         self._window: GrantWindow | None = None
@@ -147,6 +149,7 @@ class RingServer:
 
     def _release(self) -> None:
         maps = list(self._persistent.values()) + self._ring_maps
+        self._kept.give(self.fe, len(self._persistent))
         self._persistent.clear()
         self.stats["persistent_grants"] = 0
         self._ring_maps = []
@@ -519,7 +522,7 @@ class RingServer:
                 log.debug("%s: map d%d ref %d: status %d", self.name, self.fe, g, res.status)
                 continue
             pages[g] = m.view
-            if keep and len(self._persistent) < MAX_PERSISTENT_GRANTS:
+            if keep and len(self._persistent) < MAX_PERSISTENT_GRANTS and self._kept.take(self.fe):
                 self._persistent[g] = m
             else:
                 temp.append(m)

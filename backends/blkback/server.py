@@ -27,15 +27,17 @@ from xdom.domains.xenstore import XenstoreClient
 
 from ..device_table import DeviceTable
 from ..driver_domain import run_driver_domain
+from .kept import KeptMappings
 from .vbd import BackendFeatures, Vbd
 
 
 class BlkbackServer:
     def __init__(self, host: XenHost, xs: XenstoreClient, features: BackendFeatures | None = None,
-                 devices: DeviceChannel | None = None) -> None:
+                 devices: DeviceChannel | None = None, kept: KeptMappings | None = None) -> None:
         self.host, self.xs = host, xs
         self.features = features or BackendFeatures()
         self.devices = devices          # the toolstack's device channel: images come open over it
+        self.kept = kept or KeptMappings()      # persistent grants, bounded across every ring
         self.table: DeviceTable[Vbd] | None = None
 
     @property
@@ -49,7 +51,7 @@ class BlkbackServer:
     def start(self) -> None:
         self.table = DeviceTable(self.xs, self.host.domid, "vbd",
                                  lambda path, fe, dev: Vbd(self.host, self.xs, path, fe, dev, self.features,
-                                                           self.devices),
+                                                           self.kept, self.devices),
                                  Vbd.publish_errors)
         self.table.start()
 

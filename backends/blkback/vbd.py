@@ -25,6 +25,7 @@ from xdom.domains.xenstore import XenstoreClient
 
 from ..xenbus_backend import Nodes, XenbusBackend
 from .disk import Disk
+from .kept import KeptMappings
 from .plan import MAX_INDIRECT_SEGMENTS, DiskGeometry, Refused
 from .ring_server import RingServer
 
@@ -54,10 +55,12 @@ class Vbd(XenbusBackend):
     connect_errors = (BadFrontend, Refused, OSError, HypercallError, GrantError)
 
     def __init__(self, host: XenHost, xs: XenstoreClient, path: str, frontend_domid: int, devid: int,
-                 features: BackendFeatures, devices: DeviceChannel | None = None) -> None:
-        """``devices``: the toolstack's device channel, over which each image comes open (else: by path)."""
+                 features: BackendFeatures, kept: KeptMappings, devices: DeviceChannel | None = None) -> None:
+        """``devices``: the toolstack's device channel, over which each image comes open (else: by path);
+        ``kept``: the server's bound on persistent grants, which every ring of every vbd shares."""
         super().__init__(xs, path, frontend_domid, devid)
         self.host = host
+        self.kept = kept
         self.devices = devices
         self._disk_serial = -1
         self.features = features
@@ -169,7 +172,7 @@ class Vbd(XenbusBackend):
                 if port is None:
                     raise BadFrontend(f"{qdir}/event-channel missing")
                 rings.append(RingServer(self.host, self.fe, refs, port, abi, self.disk, geometry, persistent,
-                                        f"{self.name}q{q}", self._fatal))
+                                        f"{self.name}q{q}", self._fatal, self.kept))
         except BaseException:
             for r in rings:
                 r.stop()

@@ -1,0 +1,113 @@
+"""blkback's persistent grants are bounded for the whole process, and per frontend domain.
+
+Each kept page is one of blkback's VMAs (two, scattered across a grant
+window), and ``vm.max_map_count`` bounds them all: a frontend with many
+devices and queues must not be able to keep so many that blkback can map
+nothing for anyone.  Past the bound or its share, a frontend's pages are
+mapped per batch instead: its I/O still works, only slower.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from collections.abc import Iterator
+
+import pytest
+from xs_fixtures import introduce
+
+from xdom.backends.blkback.kept import MAP_RESERVE, VMAS_PER_PAGE, KeptMappings
+from xdom.backends.blkback.server import BlkbackServer
+from xdom.deploy.vbd import VbdConfig, add_vbd
+from xdom.domains.blkfront.device import Blkfront, FrontendOptions
+from xdom.domains.hostsys.memory import max_map_count
+from xdom.domains.xenstore import XenstoreClient
+
+pytestmark = pytest.mark.timeout(120)
+
+MiB = 1 << 20
+
+
+def test_the_bound_and_the_shares() -> None:
+    kept = KeptMappings(limit=10, share_divisor=2)
+    assert kept.share == 5
+    assert [kept.take(1) for _ in range(7)] == [True] * 5 + [False] * 2      # frontend 1: its share
+    assert [kept.take(2) for _ in range(7)] == [True] * 5 + [False] * 2      # frontend 2: the rest
+    assert kept.total == 10 and not kept.take(3)                             # the bound: nothing for 3
+    kept.give(1, 5)
+    assert kept.held(1) == 0 and kept.total == 5 and kept.take(3)
+    with pytest.raises(ValueError):
+        kept.give(2, 6)                                                       # more than it holds
+    assert kept.held(2) == 5
+
+
+def test_the_default_bound_leaves_room_in_vm_max_map_count() -> None:
+    kept = KeptMappings()
+    assert kept.limit * VMAS_PER_PAGE + MAP_RESERVE <= max(max_map_count(), MAP_RESERVE)
+    assert kept.limit >= 2048 or max_map_count() < MAP_RESERVE + 2 * 2048 * VMAS_PER_PAGE
+
+
+class _Guest:
+    def __init__(self, domains, socket_path: str, be, run_dir: str, name: str) -> None:
+        self.xs = XenstoreClient.unix(socket_path)
+        self.host = domains.create(name, "16M")
+        self.image = os.path.join(run_dir, f"{name}.img")
+        with open(self.image, "wb") as f:
+            f.write(random.Random(name).randbytes(8 * MiB))
+        introduce(self.xs, be.domid, self.host.domid)
+        add_vbd(self.xs, VbdConfig(be.domid, self.host.domid, 51712, "xvda", self.image))
+        self.front = Blkfront(self.host, self.xs, 51712, FrontendOptions(persistent=True, indirect=True))
+        self.front.connect(20)
+
+    def read(self, offset: int, length: int) -> bytes:
+        done = threading.Event()
+        out: list = []
+
+        def cb(err: int, views=()) -> None:
+            out.append((err, b"".join(bytes(v) for v in views)))
+            done.set()
+        self.front.submit_read(offset, length, cb)
+        assert done.wait(60), "the read never completed"
+        err, data = out[0]
+        assert err == 0
+        return data
+
+    def close(self) -> None:
+        self.front.close()
+        self.xs.close()
+
+
+@pytest.fixture
+def server(domains, xenstored) -> Iterator[tuple[BlkbackServer, object]]:
+    be = domains.create("blk", "1M")
+    xs = XenstoreClient.unix(xenstored.socket_path)
+    srv = BlkbackServer(be, xs, kept=KeptMappings(limit=96, share_divisor=2))
+    srv.start()
+    try:
+        yield srv, be
+    finally:
+        srv.close()
+        xs.close()
+
+
+def test_frontends_keep_no_more_than_their_share_and_their_io_still_works(server, domains, xenstored,
+                                                                          run_dir: str) -> None:
+    srv, be = server
+    guests = [_Guest(domains, xenstored.socket_path, be, run_dir, f"g{i}") for i in range(3)]
+    try:
+        for g in guests:
+            with open(g.image, "rb") as f:
+                model = f.read()
+            for offset in (0, 3 * MiB, 6 * MiB, MiB + 4096):     # 257 pages a read: far past any share
+                assert g.read(offset, MiB) == model[offset:offset + MiB]
+        held = [srv.kept.held(g.host.domid) for g in guests]
+        assert held[0] == held[1] == 48, held                    # each its share (96 / 2) ...
+        assert held[2] == 0 and srv.kept.total == 96, held       # ... and the third nothing: the bound
+        for g in guests:
+            stats = srv.vbds[(g.host.domid, 51712)].stats()
+            assert stats["persistent_grants"] == srv.kept.held(g.host.domid), stats
+    finally:
+        for g in guests:
+            g.close()
+    assert srv.kept.total == 0                                    # every ring gave its pages back
