@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import os
 import random
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
+from hostile_vbd import ERR, OK, PAGE, Hostile
+from test_blk_matrix import call
 from xs_fixtures import introduce
 
 from xdom.backends.blkback.server import BlkbackServer
 from xdom.deploy.vbd import VbdConfig, add_vbd
+from xdom.domains.abi.blkif import BLKIF_OP_READ, BLKIF_OP_WRITE, pack_segments
 from xdom.domains.blkfront.device import Blkfront, FrontendOptions
 from xdom.domains.xenstore import XenstoreClient
 
@@ -75,18 +77,6 @@ def disk(domains, xenstored, run_dir: str) -> Iterator[Disk]:
         d.close()
 
 
-def _wait(submit: Callable[[Callable], None]) -> tuple[int, bytes]:
-    done = threading.Event()
-    out: list = []
-
-    def callback(err: int, views=()) -> None:
-        out.append((err, b"".join(bytes(v) for v in views)))
-        done.set()
-    submit(callback)
-    assert done.wait(60), "the request never completed"
-    return out[0]
-
-
 def _write_lent(d: Disk, offset: int, payload: bytes) -> int:
     """A WRITE whose payload is received into pages the device lends (the NBD server's way)."""
     lent = d.front.write_buffer(offset, len(payload))
@@ -95,7 +85,7 @@ def _write_lent(d: Disk, offset: int, payload: bytes) -> int:
     for v in lent.views:
         v[:] = payload[at:at + v.nbytes]
         at += v.nbytes
-    return _wait(lambda cb: d.front.submit_write_buffer(offset, lent, False, cb))[0]
+    return call(d.front.submit_write_buffer, offset, lent, False)[0]
 
 
 # (offset, length): whole pages, and requests that end inside a page (the last segment's sectors)
@@ -108,12 +98,12 @@ def test_large_requests_of_consecutive_grants_move_exactly_their_bytes(disk: Dis
         for offset, length in CASES:
             payload = rng.randbytes(length)
             if rnd % 2:
-                assert _wait(lambda cb, o=offset, p=payload: disk.front.submit_write(o, memoryview(p), False, cb))[0] == 0
+                assert call(disk.front.submit_write, offset, memoryview(payload), False)[0] == 0
             else:
                 assert _write_lent(disk, offset, payload) == 0
             disk.model[offset:offset + length] = payload
         for offset, length in CASES:
-            err, data = _wait(lambda cb, o=offset, n=length: disk.front.submit_read(o, n, cb))
+            err, data = call(disk.front.submit_read, offset, length)
             assert err == 0 and data == bytes(disk.model[offset:offset + length])
     with open(disk.image, "rb") as f:
         assert f.read() == bytes(disk.model)         # nothing beside a request's sectors moved
@@ -150,10 +140,6 @@ def test_a_hostile_run_of_consecutive_references_gets_exactly_what_it_names(disk
     """A run is only a run when every reference is the next one: a request whose ends look like a run
     but whose middle is swapped, or names a page never mapped here, is served (or refused) exactly as
     page by page."""
-    from hostile_vbd import ERR, OK, PAGE, Hostile
-
-    from xdom.domains.abi.blkif import BLKIF_OP_READ, BLKIF_OP_WRITE, pack_segments
-
     h = Hostile(_HostileRig(domains, disk, run_dir, xenstored.socket_path))   # type: ignore[arg-type]
     h.connect(persistent=True)
     data = [h.grant(bytes([i + 1]) * PAGE) for i in range(16)]
