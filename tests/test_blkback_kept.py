@@ -17,9 +17,9 @@ import pytest
 from test_blk_matrix import call
 from xs_fixtures import introduce
 
-from xdom.backends.blkback.kept import MAP_RESERVE, VMAS_PER_PAGE, KeptMappings
 from xdom.backends.blkback.ring_server import MAX_PERSISTENT_GRANTS
 from xdom.backends.blkback.server import BlkbackServer
+from xdom.backends.kept_mappings import MAP_RESERVE, VMAS_PER_PAGE, KeptMappings
 from xdom.deploy.vbd import VbdConfig, add_vbd
 from xdom.domains.blkfront.device import Blkfront, FrontendOptions
 from xdom.domains.hostsys.memory import max_map_count
@@ -33,23 +33,25 @@ MiB = 1 << 20
 def test_the_bound_and_the_shares() -> None:
     kept = KeptMappings(limit=10, share_divisor=2)
     assert kept.share == 5
-    assert [kept.take(1) for _ in range(7)] == [True] * 5 + [False] * 2      # frontend 1: its share
-    assert [kept.take(2) for _ in range(7)] == [True] * 5 + [False] * 2      # frontend 2: the rest
-    assert kept.total == 10 and not kept.take(3)                             # the bound: nothing for 3
+    assert [kept.take(1, 1) for _ in range(7)] == [True] * 5 + [False] * 2   # frontend 1: its share
+    assert [kept.take(2, 1) for _ in range(7)] == [True] * 5 + [False] * 2   # frontend 2: the rest
+    assert kept.total == 10 and not kept.take(3, 1)                          # the bound: nothing for 3
     kept.give(1, 5)
-    assert kept.held(1) == 0 and kept.total == 5 and kept.take(3)
+    assert kept.held(1) == 0 and kept.total == 5 and kept.take(3, 1)
     with pytest.raises(ValueError):
         kept.give(2, 6)                                                       # more than it holds
     assert kept.held(2) == 5
+    assert not kept.take(3, 5) and kept.held(3) == 1                         # all or nothing
+    assert kept.take(3, 4) and kept.held(3) == 5
 
 
 def test_the_default_bound_fits_this_hosts_vm_max_map_count() -> None:
     """Read from the host's own sysctl: the whole bound kept, at its worst, still leaves the reserve
     -- and on a host with the default 65530, more than one full 4-queue device's worth."""
     kept = KeptMappings()
-    assert kept.limit * VMAS_PER_PAGE + MAP_RESERVE <= max(max_map_count(), MAP_RESERVE)
+    assert kept.limit + MAP_RESERVE <= max(max_map_count(), MAP_RESERVE)
     if max_map_count() >= 65530:
-        assert kept.limit > 4 * MAX_PERSISTENT_GRANTS
+        assert kept.limit > 4 * MAX_PERSISTENT_GRANTS * VMAS_PER_PAGE
 
 
 class _Guest:
@@ -78,7 +80,7 @@ class _Guest:
 def server(domains, xenstored) -> Iterator[tuple[BlkbackServer, object]]:
     be = domains.create("blk", "1M")
     xs = XenstoreClient.unix(xenstored.socket_path)
-    srv = BlkbackServer(be, xs, kept=KeptMappings(limit=96, share_divisor=2))
+    srv = BlkbackServer(be, xs, kept=KeptMappings(limit=96 * VMAS_PER_PAGE, share_divisor=2))
     srv.start()
     try:
         yield srv, be
@@ -97,12 +99,12 @@ def test_frontends_keep_no_more_than_their_share_and_their_io_still_works(server
                 model = f.read()
             for offset in (0, 3 * MiB, 6 * MiB, MiB + 4096):     # 257 pages a read: far past any share
                 assert g.read(offset, MiB) == model[offset:offset + MiB]
-        held = [srv.kept.held(g.host.domid) for g in guests]
-        assert held[0] == held[1] == 48, held                    # each its share (96 / 2) ...
-        assert held[2] == 0 and srv.kept.total == 96, held       # ... and the third nothing: the bound
-        for g in guests:
+        held = [srv.kept.held(g.host.domid) // VMAS_PER_PAGE for g in guests]
+        assert held[0] == held[1] == 48, held                    # each its share of pages (96 / 2) ...
+        assert held[2] == 0 and srv.kept.total == 96 * VMAS_PER_PAGE, held   # ... the third none: the bound
+        for g, pages in zip(guests, held):
             stats = srv.vbds[(g.host.domid, 51712)].stats()
-            assert stats["persistent_grants"] == srv.kept.held(g.host.domid), stats
+            assert stats["persistent_grants"] == pages, stats
     finally:
         for g in guests:
             g.close()

@@ -113,3 +113,48 @@ def test_a_page_that_may_be_a_hole_is_never_used_nor_unmapped_by_close() -> None
     assert _protection_at(window.base) is None and _protection_at(window.base + 7 * PAGE_SIZE) is None
     assert _protection_at(hole) == "---p"               # left alone: whatever took the hole keeps it
     sysmem.munmap(hole, PAGE_SIZE)
+
+
+def _vmas_within(start: int, end: int) -> int:
+    """How many of this process's VMAs lie in ``[start, end)`` (/proc/self/maps, one line each)."""
+    count = 0
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            count += start <= lo and hi <= end
+    return count
+
+
+def test_what_the_window_says_its_pages_cost_is_what_the_kernel_counts(domains) -> None:
+    """``vmas()`` is what netback and blkback charge against ``vm.max_map_count``: it must not count
+    fewer VMAs than the process really has, scattered, in runs, or after pages went back."""
+    if domains.variant == "local":
+        pytest.skip("the in-process variant places nothing in a window")
+    a, b = domains.create("a"), domains.create("b")
+    for gfn in range(48):
+        a.memory.frame(gfn)[:1] = b"x"                            # populated
+    refs = [a.gnttab.grant_access(b.domid, gfn) for gfn in range(48)]
+    window = GrantWindow(refs[0], readonly=False, pages=64)
+    end = window.base + window.pages * PAGE_SIZE
+
+    def check() -> None:                  # vmas() leaves out the reservation's first piece, there before any page
+        assert _vmas_within(window.base, end) == window.vmas() + 1
+
+    try:
+        check()                                                   # the reservation alone
+        layout = refs[0:1] + refs[3:11] + refs[13:40:2]           # one page, a run of 8, 14 every other one
+        results = b.map_grants([(a.domid, r, False) for r in layout], window)
+        assert all(r.status == GNTST_okay for r in results)
+        assert window.vmas() == 23 + 2 + 14                       # each a piece more, but the run: one for all 8
+        check()
+        assert b.unmap_grants([r.mapping for r in results[1:9:2]]) == [GNTST_okay] * 4   # holes in the run
+        assert window.vmas() == 19 + 2 + 14 + 3                   # the first hole joins the free pages before it
+        check()
+        assert b.unmap_grants([r.mapping for i, r in enumerate(results) if i not in (1, 3, 5, 7)]) \
+            == [GNTST_okay] * (len(layout) - 4)
+        assert window.vmas() == 0
+        check()
+    finally:
+        assert window.close()
+    for r in refs:
+        a.gnttab.end_access(r)

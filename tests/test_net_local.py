@@ -20,6 +20,7 @@ import pytest
 from helpers import wait_until
 from xs_fixtures import start_xenstored
 
+from xdom.backends.kept_mappings import KeptMappings
 from xdom.backends.netback.server import NetbackServer
 from xdom.deploy import netns
 from xdom.deploy.tap import open_tun
@@ -37,7 +38,8 @@ class NetRig:
     """``bridge=True``: netback in bridge mode, its vifs TAPs on a Linux bridge in a namespace of its own
     (what the supervisor makes for a netback domain), their descriptors handed over a device channel."""
 
-    def __init__(self, run_dir: str, guests: int = 2, bridge: bool = False, max_queues: int = 4) -> None:
+    def __init__(self, run_dir: str, guests: int = 2, bridge: bool = False, max_queues: int = 4,
+                 kept: KeptMappings | None = None) -> None:
         self.run_dir = run_dir
         self.xenstored = start_xenstored(run_dir)
         self.hv = LocalHypervisor()
@@ -59,7 +61,7 @@ class NetRig:
                     subprocess.run(["ip", "-n", self.bridge_ns, *args], check=True, capture_output=True)
                 self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 devices = DeviceChannel(theirs.detach())
-            self.server = NetbackServer(self.be, self.client(), devices, max_queues=max_queues)
+            self.server = NetbackServer(self.be, self.client(), devices, max_queues=max_queues, kept=kept)
             self.server.start()
         except BaseException:
             self.close()

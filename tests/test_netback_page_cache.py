@@ -12,6 +12,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from xdom.backends.kept_mappings import KeptMappings
 from xdom.backends.netback.page_cache import PageCache
 from xdom.backends.netback.rx import RxCopy
 from xdom.backends.netback.tx import PAGE_SIZE, TxPiece
@@ -26,7 +27,7 @@ class _Pages:
     """A PageCache over anonymous pages: ``placed`` references in the window, ``loose`` mapped anywhere."""
 
     def __init__(self, placed: set[int], loose: set[int], readonly: bool = False) -> None:
-        self.cache = PageCache(None, 0, readonly)        # type: ignore[arg-type]  # never maps: no host needed
+        self.cache = PageCache(None, 0, readonly, KeptMappings(0))   # type: ignore[arg-type]  # never maps: no host
         self.window = self.cache.window = GrantWindow(FIRST + 32, readonly, pages=64)
         self.loose: list[int] = []
         for ref in sorted(placed | loose):

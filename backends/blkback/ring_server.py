@@ -52,8 +52,8 @@ from xdom.domains.abi.ring import BackRing, RingOverflow, SharedRing
 from xdom.domains.hostsys.grant_window import GrantWindow
 from xdom.domains.xenhost.base import GrantMapping, XenHost
 
+from ..kept_mappings import VMAS_PER_PAGE, KeptMappings
 from .disk import Disk
-from .kept import KeptMappings
 from .plan import (
     SECTORS_PER_PAGE,
     DiskGeometry,
@@ -109,7 +109,7 @@ class RingServer:
             "run_views": 0,               # requests whose pages were one view of the window (one iovec)
         }
         self._persistent: dict[int, GrantMapping] = {}
-        self._kept = kept                 # the bound all rings' persistent grants share (kept.py)
+        self._kept = kept                 # the bound all rings' persistent grants share (kept_mappings.py)
         # Where persistent pages are mapped, by reference: a frontend's pool grants its pages with
         # consecutive references, so a large request's run of pages is one view (one iovec).
         self._window: GrantWindow | None = None
@@ -149,7 +149,7 @@ class RingServer:
 
     def _release(self) -> None:
         maps = list(self._persistent.values()) + self._ring_maps
-        self._kept.give(self.fe, len(self._persistent))
+        self._kept.give(self.fe, len(self._persistent) * VMAS_PER_PAGE)
         self._persistent.clear()
         self.stats["persistent_grants"] = 0
         self._ring_maps = []
@@ -522,7 +522,7 @@ class RingServer:
                 log.debug("%s: map d%d ref %d: status %d", self.name, self.fe, g, res.status)
                 continue
             pages[g] = m.view
-            if keep and len(self._persistent) < MAX_PERSISTENT_GRANTS and self._kept.take(self.fe):
+            if keep and len(self._persistent) < MAX_PERSISTENT_GRANTS and self._kept.take(self.fe, VMAS_PER_PAGE):
                 self._persistent[g] = m
             else:
                 temp.append(m)

@@ -27,7 +27,7 @@ from xdom.domains.xenstore import XenstoreClient
 
 from ..device_table import DeviceTable
 from ..driver_domain import run_driver_domain
-from .kept import KeptMappings
+from ..kept_mappings import KeptMappings
 from .vbd import BackendFeatures, Vbd
 
 

@@ -23,9 +23,9 @@ from xdom.domains.xenbus import parse_int, read_nodes
 from xdom.domains.xenhost.base import GrantError, XenHost
 from xdom.domains.xenstore import XenstoreClient
 
+from ..kept_mappings import KeptMappings
 from ..xenbus_backend import Nodes, XenbusBackend
 from .disk import Disk
-from .kept import KeptMappings
 from .plan import MAX_INDIRECT_SEGMENTS, DiskGeometry, Refused
 from .ring_server import RingServer
 

@@ -34,6 +34,7 @@ from xdom.domains.abi.netif import (
 from xdom.domains.abi.ring import BackRing, RingOverflow
 from xdom.domains.xenhost.base import GrantMapping, XenHost
 
+from ..kept_mappings import KeptMappings
 from .credit import CreditLimiter
 from .offload import Frame, RxCaps, fit, from_tx
 from .page_cache import PageCache
@@ -86,16 +87,17 @@ class Connection:
 
     def __init__(self, name: str, host: XenHost, fe: int, tx_ref: int, rx_ref: int, tx_evtchn: int,
                  rx_evtchn: int, caps: RxCaps, tx_mtu: int, uplink: Uplink, fatal: Callable[[str], None],
-                 limiter: CreditLimiter | None = None, queue: int = 0) -> None:
-        """Queue ``queue`` of a vif; ``limiter`` is the vif's rate credit (shared by all its queues)."""
+                 kept: KeptMappings, limiter: CreditLimiter | None = None, queue: int = 0) -> None:
+        """Queue ``queue`` of a vif; ``limiter`` is the vif's rate credit (shared by all its queues);
+        ``kept`` the bound on kept pages all of netback's vifs share."""
         self.name, self.host, self.fe = name, host, fe
         self.queue = queue
         self.uplink = uplink
         self._fatal = fatal
         self.maps: list[GrantMapping] = []
         self.ports: list[int] = []
-        self.tx_pages = PageCache(host, fe, readonly=True)
-        self.rx_pages = PageCache(host, fe, readonly=False)
+        self.tx_pages = PageCache(host, fe, readonly=True, kept=kept)
+        self.rx_pages = PageCache(host, fe, readonly=False, kept=kept)
         self.txp = TxProcessor(mtu=tx_mtu)
         self.caps = caps
         self.planner = RxPlanner(sg=caps.sg, gso_tcpv4=caps.gso_tcpv4, gso_tcpv6=caps.gso_tcpv6)
@@ -172,6 +174,9 @@ class Connection:
                 more = self.uplink_ready = self.uplink.receive(UPLINK_BUDGET)
             more = self._tx(now) or more
             self._rx()
+            if self.tx_pages.transient or self.rx_pages.transient:      # past the bound on kept pages
+                self.tx_pages.drop_transient()
+                self.rx_pages.drop_transient()
             return more
         except RingOverflow as e:
             self._die(f"ring overflow: {e}")

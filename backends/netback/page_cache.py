@@ -23,6 +23,7 @@ from operator import sub
 from xdom.domains.hostsys.grant_window import GrantWindow
 from xdom.domains.xenhost.base import GrantMapping, XenHost
 
+from ..kept_mappings import VMAS_PER_PAGE, KeptMappings
 from .rx import RxCopy
 from .tx import PAGE_SIZE, TxPiece
 
@@ -39,14 +40,23 @@ class PageCache:
     lookup misses.  The pages are placed in a window by reference (made at
     the first map, centred on it), so the pages of neighbouring references
     -- a frame's buffers -- are one :meth:`span`.
+
+    What the kept pages cost in VMAs is charged to ``kept``, the bound all
+    of netback's vifs share (``backends/kept_mappings.py``): a frontend
+    past its share, or any past the bound, gets its pages mapped for one
+    batch only (``transient``), unmapped at the next :meth:`ensure` or
+    :meth:`drop_transient`, whichever comes first.
     """
 
-    def __init__(self, host: XenHost, fe: int, readonly: bool) -> None:
-        self.host, self.fe, self.readonly = host, fe, readonly
+    def __init__(self, host: XenHost, fe: int, readonly: bool, kept: KeptMappings) -> None:
+        self.host, self.fe, self.readonly, self.kept = host, fe, readonly, kept
         self.maps: dict[int, GrantMapping] = {}
         self.views: dict[int, memoryview] = {}
         self.refused: set[int] = set()      # grefs a prefetch could not map: not prefetched again
         self.window: GrantWindow | None = None
+        self.charged = 0                    # VMAs held in ``kept`` for the pages kept
+        self.transient: list[int] = []      # grefs mapped for one batch only: charged nothing, kept by no one
+        self.unkept = 0                     # pages mapped for one batch only, ever
 
     def ensure(self, grefs: set[int], prefetch: Iterable[int] = ()) -> None:
         """Map the missing ``grefs``, and with them whatever of ``prefetch`` is not mapped yet.
@@ -54,8 +64,11 @@ class PageCache:
         A prefetched gref that fails is remembered and left out of later
         prefetches (mapped again only when a frame needs it), so a frontend
         posting grants that do not map cannot turn each frame into a
-        ring-sized batch of failing map operations at the broker.
+        ring-sized batch of failing map operations at the broker.  The
+        views of an earlier batch's transient pages must not be held across
+        this call: they are unmapped first.
         """
+        self.drop_transient()
         missing = [g for g in grefs if g not in self.maps]
         if not missing:
             return
@@ -63,6 +76,16 @@ class PageCache:
         if len(self.maps) + len(missing) + len(extra) > MAX_CACHED_MAPPINGS:
             self.clear()
             missing, extra = list(grefs), []
+        worst = VMAS_PER_PAGE * (len(missing) + len(extra))
+        keep = self.kept.take(self.fe, worst)
+        if not keep and extra:              # the bound or our share: no prefetch
+            extra, worst = [], VMAS_PER_PAGE * len(missing)
+            keep = self.kept.take(self.fe, worst)
+        if not keep and self.maps:          # this cache's own pages make room for this batch's
+            self.clear()
+            missing = list(grefs)
+            worst = VMAS_PER_PAGE * len(missing)
+            keep = self.kept.take(self.fe, worst)
         wanted = missing + extra
         if self.window is None:
             self.window = GrantWindow(min(wanted), self.readonly)
@@ -72,8 +95,36 @@ class PageCache:
                 self.maps[g] = res.mapping
                 self.views[g] = res.mapping.view
                 self.refused.discard(g)
+                if not keep:
+                    self.transient.append(g)
+                    self.unkept += 1
             elif i >= len(missing):
                 self.refused.add(g)
+        if keep:
+            self._settle(worst)
+
+    def _settle(self, taken: int) -> None:
+        """After a batch mapped with ``taken`` VMAs taken for its worst case: keep what the pages cost."""
+        placed = self.window.vmas() if self.window is not None else 0
+        outside = sum(m.window is None for m in self.maps.values())
+        cost = placed + outside
+        over = self.charged + taken - cost
+        if over >= 0:
+            self.kept.give(self.fe, over)
+            self.charged = cost
+        else:   # cannot be: a page adds at most VMAS_PER_PAGE; never give back what was not taken
+            log.warning("d%d: kept pages cost %d VMAs, %d charged", self.fe, cost, self.charged + taken)
+            self.charged += taken
+
+    def drop_transient(self) -> None:
+        """Unmap the pages mapped for one batch only (once nothing holds their views)."""
+        if not self.transient:
+            return
+        maps = [self.maps.pop(g) for g in self.transient]
+        for g in self.transient:
+            del self.views[g]
+        self.transient = []
+        self._unmap(maps)
 
     def span(self, gref: int, count: int) -> memoryview | None:
         """The pages of ``gref`` and the ``count - 1`` references after it as one view, if all are mapped
@@ -86,19 +137,22 @@ class PageCache:
             log.warning("a grant window still holds pages after its unmap; its address space is kept")
         self.window = None
 
-    def pages(self, grefs: set[int]) -> dict[int, memoryview]:
-        self.ensure(grefs)
-        views = self.views
-        return {g: views[g] for g in grefs if g in views}
-
     def take(self) -> list[GrantMapping]:
-        """Forget every mapping and hand them over, for the caller to unmap (with others, in one call)."""
-        maps, self.maps, self.views = list(self.maps.values()), {}, {}
+        """Forget every mapping and hand them over, for the caller to unmap (with others, in one call);
+        what they were charged is given back."""
+        maps = list(self.maps.values())
+        self.maps.clear()
+        self.views.clear()          # in place: the data path may hold the dict across an ensure
         self.refused.clear()
+        self.transient = []
+        self.kept.give(self.fe, self.charged)
+        self.charged = 0
         return maps
 
     def clear(self) -> None:
-        maps = self.take()
+        self._unmap(self.take())
+
+    def _unmap(self, maps: list[GrantMapping]) -> None:
         if maps:
             try:
                 self.host.unmap_grants(maps)

@@ -21,6 +21,7 @@ from xdom.domains.xenstore import XenstoreClient
 
 from ..device_table import DeviceTable
 from ..driver_domain import run_driver_domain
+from ..kept_mappings import KeptMappings
 from .loop import NetbackLoop
 from .switch import LearningSwitch
 from .vif import Vif
@@ -35,7 +36,8 @@ class NetbackServer:
     """``devices`` set: bridge mode, each vif's TAP descriptor comes over the toolstack's device channel."""
 
     def __init__(self, host: XenHost, xs: XenstoreClient, devices: DeviceChannel | None = None,
-                 max_queues: int = DEFAULT_MAX_QUEUES) -> None:
+                 max_queues: int = DEFAULT_MAX_QUEUES, kept: KeptMappings | None = None) -> None:
+        """``kept``: the bound on the pages all vifs keep mapped (default: from ``vm.max_map_count``)."""
         if not 1 <= max_queues <= MAX_QUEUES:
             raise ValueError(f"max_queues must be between 1 and {MAX_QUEUES}")
         self.host, self.xs = host, xs
@@ -43,6 +45,7 @@ class NetbackServer:
         self.devices = devices
         self.switch = LearningSwitch() if devices is None else None
         self.loop = NetbackLoop()
+        self.kept = kept or KeptMappings()
         self.table: DeviceTable[Vif] | None = None
 
     @property
@@ -56,7 +59,7 @@ class NetbackServer:
     def start(self) -> None:
         self.table = DeviceTable(self.xs, self.host.domid, "vif",
                                  lambda path, fe, dev: Vif(self.host, self.xs, path, fe, dev, self.switch, self.loop,
-                                                          self._take_tap, self.max_queues),
+                                                          self._take_tap, self.max_queues, self.kept),
                                  Vif.publish_errors)
         self.table.start()
 

@@ -25,6 +25,7 @@ from xdom.domains.xenbus import parse_int, read_nodes
 from xdom.domains.xenhost.base import GrantError, XenHost
 from xdom.domains.xenstore import XenstoreClient
 
+from ..kept_mappings import KeptMappings
 from ..xenbus_backend import Nodes, XenbusBackend
 from .connection import BadFrontend, Connection
 from .credit import CreditLimiter, parse_rate_node
@@ -52,9 +53,11 @@ class Vif(XenbusBackend):
 
     def __init__(self, host: XenHost, xs: XenstoreClient, path: str, frontend_domid: int, devid: int,
                  switch: LearningSwitch | None, loop: NetbackLoop,
-                 take_tap: Callable[[int, int], int | None] | None = None, max_queues: int = 1) -> None:
+                 take_tap: Callable[[int, int], int | None] | None = None, max_queues: int = 1,
+                 kept: KeptMappings | None = None) -> None:
         """On the built-in ``switch``, or (``switch`` None) bridged through the TAP the toolstack gives us:
-        ``take_tap(frontend, devid)`` returns its /dev/net/tun descriptor (None if none came)."""
+        ``take_tap(frontend, devid)`` returns its /dev/net/tun descriptor (None if none came).  ``kept``:
+        the bound on kept pages netback's vifs share (one of its own if none)."""
         super().__init__(xs, path, frontend_domid, devid)
         self.host, self.switch, self.loop = host, switch, loop
         self._take_tap = take_tap
@@ -63,6 +66,7 @@ class Vif(XenbusBackend):
             self.uplink = SwitchUplink(switch, Port(self.name))
             self.port = self.uplink.port
         self.max_queues = max_queues
+        self.kept = kept if kept is not None else KeptMappings()
         self.queues: list[Connection] = []
 
     def _prepare(self) -> None:
@@ -131,7 +135,8 @@ class Vif(XenbusBackend):
         try:
             for q, (tx_ref, rx_ref, tx_ev, rx_ev) in enumerate(rings):
                 conn = Connection(f"{self.name}-q{q}" if nqueues > 1 else self.name, self.host, self.fe, tx_ref,
-                                  rx_ref, tx_ev, rx_ev, caps, mtu, uplink, self._fatal_for(queues), limiter, q)
+                                  rx_ref, tx_ev, rx_ev, caps, mtu, uplink, self._fatal_for(queues), self.kept, limiter,
+                                  q)
                 queues.append(conn)
             self.port.set_queues(nqueues)
             for conn in queues:
@@ -207,4 +212,7 @@ class Vif(XenbusBackend):
         for conn in self.queues:
             for k, v in conn.stats.items():
                 total[k] = total.get(k, 0) + v
+            for pages in (conn.tx_pages, conn.rx_pages):
+                total["kept_vmas"] = total.get("kept_vmas", 0) + pages.charged
+                total["pages_unkept"] = total.get("pages_unkept", 0) + pages.unkept
         return total

@@ -26,6 +26,7 @@ from . import sysmem
 PAGE_SIZE = 4096
 _PLACED, _LOST = 1, 2        # a page's state in ``placed``: a mapping sits there / perhaps a hole, never used
 WINDOW_PAGES = 2048          # 8 MiB of address space (none of memory): a frontend's rings' worth and more
+_IN_USE = bytes.maketrans(bytes([_LOST]), bytes([_PLACED]))     # ``placed`` as free (0) or not (1)
 
 
 class GrantWindow:
@@ -81,6 +82,17 @@ class GrantWindow:
         if i < 0 or i + count > self.pages or self.placed.count(_PLACED, i, i + count) != count:
             return None
         return self._buffer[i * PAGE_SIZE:(i + count) * PAGE_SIZE]
+
+    def vmas(self) -> int:
+        """The VMAs the window's pages add to the process: one a mapping, and one more for each piece
+        past the first they cut the reservation into (scattered references cost up to two a page; a
+        run of neighbouring ones, one a page and one for the run).  What a backend's bound on its kept
+        mappings charges (``backends/kept_mappings.py``)."""
+        if self.closed:
+            return 0
+        used = self.placed.translate(_IN_USE)
+        free_runs = used.count(b"\x01\x00") + (used[0] == 0)
+        return self.placed.count(_PLACED) + max(0, free_runs - 1)
 
     def close(self) -> bool:
         """Give the address space back, once nothing is mapped in it; False (kept) while something is."""
