@@ -52,6 +52,12 @@ def blkback_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("blkback-")]
 
 
+def served_rings(server: BlkbackServer, domid: int) -> list[str]:
+    """The rings of ``domid``'s vbds that blkback's loops serve, by name (``vbd<domid>.<devid>q<queue>``)."""
+    return [r.name for lp in server.loops.loops if lp.alive for r in list(lp.rings)
+            if r.name.startswith(f"vbd{domid}.")]
+
+
 # ---- the good device ---------------------------------------------------------------------------
 
 class GoodDevice:
@@ -97,9 +103,9 @@ class GoodDevice:
                 assert f.read(length) == data, "good device: image file differs"
             self.rounds += 1
 
-    def ring_thread_alive(self) -> bool:
-        name = f"blkback-vbd{self.host.domid}.{GOOD_DEVID}q0"
-        return any(t.name == name and t.is_alive() for t in threading.enumerate())
+    def ring_served(self) -> bool:
+        assert self.env.server is not None
+        return f"vbd{self.host.domid}.{GOOD_DEVID}q0" in served_rings(self.env.server, self.host.domid)
 
     def close(self) -> None:
         if not self.closed:
@@ -174,7 +180,7 @@ class Env:
     def after(self) -> None:
         """What every test checks at its end: the server is sane and the good device still works."""
         assert not self.crashes.records, f"something crashed: {self.crashes.summary()}"
-        assert self.good.ring_thread_alive(), "the good device's ring thread died"
+        assert self.good.ring_served(), "blkback no longer serves the good device's ring"
         for _ in range(3):
             self.good.check()
         stats = self.server.vbds[(self.good.host.domid, GOOD_DEVID)].stats()
@@ -236,7 +242,7 @@ def finish(env: Env, h: Hostile, closed_by_backend: bool = False) -> None:
             # than once.  Once the frontend is Closed, the backend is settled.
             h.close()
         assert env.server.vbds[(h.host.domid, h.devid)].rings == []
-        assert not [t for t in blkback_threads() if t.name.startswith(f"blkback-vbd{h.host.domid}.")]
+        assert not served_rings(env.server, h.host.domid)
         h.assert_grants_released()
     else:
         assert h.backend_state() == XenbusState.Connected

@@ -14,7 +14,7 @@ import random
 from collections.abc import Iterator
 
 import pytest
-from blkback_harness import Env, blkback_threads, finish, hostile_env
+from blkback_harness import Env, finish, hostile_env, served_rings
 from helpers import wait_until
 from hostile_vbd import ERR, OK, PAGE, WAIT, sha
 
@@ -136,7 +136,7 @@ def test_state_flapping(env: Env) -> None:
             h.wait_backend(XenbusState.InitWait)
             h.set_state(XenbusState.Initialised)
             h.wait_backend(XenbusState.Connected)
-            alive = [t for t in blkback_threads() if t.name.startswith(f"blkback-vbd{h.host.domid}.")]
+            alive = served_rings(env.server, h.host.domid)
             assert len(alive) == 1, alive
     finish(env, h)
 
@@ -157,8 +157,8 @@ def test_frontend_domain_dies_mid_flight(env: Env) -> None:
         env.xs.rm(h.be_path)                 # what libxl does for a destroyed domain
         env.xs.rm(h.path)
         wait_until(lambda: (h.host.domid, h.devid) not in env.server.vbds, WAIT, "the vbd to be removed")
-        wait_until(lambda: not [t for t in blkback_threads() if t.name.startswith(f"blkback-vbd{h.host.domid}.")],
-                   WAIT, "the dead guest's ring thread to stop")
+        wait_until(lambda: not served_rings(env.server, h.host.domid),
+                   WAIT, "blkback to stop serving the dead guest's ring")
     be_dom = env.hv.hv.domains[env.be.domid]
 
     def left() -> list[object]:

@@ -47,6 +47,7 @@ class Disk:
             raise ValueError(f"logical sector size {logical_sector_size}: 512 or 4096")
         self.path = path
         self.read_only = read_only
+        self._nowait_reads = hasattr(os, "RWF_NOWAIT")
         self.fd = fd if fd is not None else os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         try:
             if fd is not None and not read_only and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
@@ -88,6 +89,22 @@ class Disk:
         if length >= 0 and len(buffers) <= IOV_MAX and os.preadv(self.fd, buffers, offset) == length:
             return                        # the usual case: all of it in one call
         self._vector_io(os.preadv, buffers, offset, "read")
+
+    def read_cached(self, buffers: Sequence[memoryview], offset: int, length: int) -> bool:
+        """:meth:`readv` if the page cache holds all of it now (``RWF_NOWAIT``); False -- the buffers
+        then hold nothing useful -- if the disk would have to be waited for.  Where the kernel cannot
+        tell (no ``RWF_NOWAIT`` here), the read is done anyway."""
+        if self._nowait_reads and len(buffers) <= IOV_MAX:
+            try:
+                return os.preadv(self.fd, buffers, offset, os.RWF_NOWAIT) == length
+            except BlockingIOError:
+                return False
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._nowait_reads = False
+        self.readv(buffers, offset, length)
+        return True
 
     def writev(self, buffers: Sequence[memoryview], offset: int, length: int = -1) -> None:
         if length >= 0 and len(buffers) <= IOV_MAX and os.pwritev(self.fd, buffers, offset) == length:

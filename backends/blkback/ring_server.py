@@ -1,13 +1,17 @@
-"""One blkif ring (one queue of one vbd) served on its own thread, as Linux's ``xen_blkif_schedule``.
+"""One blkif ring (one queue of one vbd), served by one of blkback's loop threads (``ring_loop.py``).
 
-The loop: wait for the frontend's event; take every published request off
+Each pass (:meth:`RingServer.work`, as Linux's ``xen_blkif_schedule`` does
+for its ring): take every published request off
 the ring (copies); read indirect segment pages; validate each request
 (:mod:`.plan`); map the grants the batch needs in one hypercall (or find
 them among the persistent grants); ``preadv``/``pwritev`` between the disk
 and the mapped pages; unmap; answer the whole batch with one push and, only
 if the frontend asked for it (``rsp_event``), one notification.  Then
 re-arm ``req_event`` and look again before sleeping (ring.h's final check),
-so no request is stranded and no wakeup is wasted.
+so no request is stranded and no wakeup is wasted.  What may wait (the
+general path, a flush, a read the page cache cannot answer now) is handed,
+with the rest of its batch, to a worker thread while the ring waits, so
+the loop's other rings are never stalled by this one's disk.
 
 Persistent grants are mapped into a ``GrantWindow`` by reference: a
 frontend's pool grants its pages with consecutive references, so the 256
@@ -22,12 +26,10 @@ device carries on.
 from __future__ import annotations
 
 import logging
-import os
-import select
 import struct
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from typing import cast
 
 from xdom.domains.abi.blkif import (
@@ -66,6 +68,7 @@ from .plan import (
     sector_problem,
     segment_problem,
 )
+from .ring_loop import RingBroken, RingLoop, RingLoops
 
 log = logging.getLogger("xdom.blkback")
 
@@ -78,6 +81,9 @@ LOGGED_REFUSALS = 20
 PUSH_BYTES = 16 * 1024            # within a batch, answers are published once this much data has moved
 BATCH_GRANT_BUDGET = 1024         # grants one batch of one ring may map at once
 MAX_PERSISTENT_GRANTS = 2048      # per ring; Linux's default is 1056 (32 slots x 11 segments x 3)
+
+#: A fast request, checked: (id, operation, disk offset, buffers, length).
+_FastIo = tuple[int, int, int, list[memoryview], int]
 
 
 class RingServer:
@@ -107,6 +113,7 @@ class RingServer:
             "persistent_grants": 0,       # mappings held in the persistent cache now
             "persistent_reuses": 0,       # pages found there instead of being mapped again
             "run_views": 0,               # requests whose pages were one view of the window (one iovec)
+            "offloaded": 0,               # batches (or their rest) served by a worker, off the loop
         }
         self._persistent: dict[int, GrantMapping] = {}
         self._kept = kept                 # the bound all rings' persistent grants share (kept_mappings.py)
@@ -118,8 +125,8 @@ class RingServer:
         self._rsp_pack = abi.response.pack
         self._seg_offset = abi.segments_offset
         self._lss_sectors = geometry.logical_sector_size // XEN_BLKIF_SECTOR_SIZE
-        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._thread: threading.Thread | None = None
+        self._loop: RingLoop | None = None
+        self.offloaded: Future[None] | None = None     # a worker serving a batch (ring_loop.py)
         self._ring_maps: list[GrantMapping] = []
         self.port = -1
         try:
@@ -136,15 +143,16 @@ class RingServer:
             self._release()
             raise
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"blkback-{self.name}", daemon=True)
-        self._thread.start()
+    def start(self, loops: RingLoops) -> None:
+        """Served from now on by one of ``loops`` (the one serving the fewest rings)."""
+        self._loop = loops.add(self)
 
     def stop(self) -> None:
-        """Stop serving and give back everything the ring holds (safe from any thread but its own)."""
-        os.eventfd_write(self._stop_fd, 1)
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+        """Stop serving and give back everything the ring holds (from any thread; the loop's own only
+        outside :meth:`work`)."""
+        if self._loop is not None:
+            self._loop.remove(self)
+            self._loop = None
         self._release()
 
     def _release(self) -> None:
@@ -167,41 +175,34 @@ class RingServer:
             except Exception as e:
                 log.warning("%s: closing port %d: %s", self.name, self.port, e)
             self.port = -1
-        if self._stop_fd >= 0:
-            os.close(self._stop_fd)
-            self._stop_fd = -1
 
-    # ---- the loop -------------------------------------------------------------
+    # ---- what the loop calls (ring_loop.py) -------------------------------------
 
-    def _run(self) -> None:
-        poller = select.poll()
-        evfd = self.host.evtchn.fileno(self.port)
-        poller.register(evfd, select.POLLIN)
-        poller.register(self._stop_fd, select.POLLIN)
+    def fileno(self) -> int:
+        return self.host.evtchn.fileno(self.port)
+
+    def work(self) -> bool:
+        """Serve the requests on the ring now (at most a ring's worth: one batch); True if more came
+        meanwhile.  The notification is consumed first, so one that comes after the last check
+        wakes the loop again (its epoll is level-triggered) and nothing is left unserved."""
+        self.host.evtchn.consume(self.port)
         try:
-            while True:
-                self._drain()          # also serves what arrived while no backend was here
-                while True:
-                    ready = {fd for fd, _ in poller.poll()}
-                    if self._stop_fd in ready:
-                        return
-                    if self.host.evtchn.consume(self.port):
-                        break
-        except RingOverflow as e:
-            log.error("%s: frontend d%d broke the ring (%s): halting this ring", self.name, self.fe, e)
-            self.on_fatal(self, f"ring overflow: {e}")
-        except Exception as e:
-            log.exception("%s: ring thread failed", self.name)
-            self.on_fatal(self, f"ring thread failed: {e}")
-
-    def _drain(self) -> None:
-        while True:
             raws = self.ring.take_requests()
             if raws:
                 self.stats["batches"] += 1
-                self._serve_batch(raws)
-            if not self.ring.final_check_for_requests():
-                return
+                rest = self._serve_batch(raws, on_loop=True)
+                if rest is not None:
+                    self.stats["offloaded"] += 1
+                    assert self._loop is not None
+                    self._loop.offload(self, lambda: self._serve_batch(rest[1], on_loop=False, first=rest[0]))
+                    return False
+            return self.ring.final_check_for_requests()
+        except RingOverflow as e:
+            log.error("%s: frontend d%d broke the ring (%s): halting this ring", self.name, self.fe, e)
+            raise RingBroken(f"ring overflow: {e}") from None
+
+    def failed(self, why: str) -> None:
+        self.on_fatal(self, why)
 
     def _respond(self, responses: list[bytes]) -> None:
         """Put responses on the ring, publish them and notify the frontend if it asked (rsp_event)."""
@@ -210,7 +211,8 @@ class RingServer:
             self.stats["notifies"] += 1
             self.host.notify(self.port)
 
-    def _serve_batch(self, raws: list[bytes]) -> None:
+    def _serve_batch(self, raws: list[bytes], on_loop: bool,
+                     first: _FastIo | None = None) -> tuple[_FastIo | None, list[bytes]] | None:
         """Serve a batch of request copies in ring order and answer them, in the same order.
 
         The common request -- a direct or indirect READ or WRITE whose every page is already
@@ -220,20 +222,40 @@ class RingServer:
         moved: the frontend can then pass on the first answers (a large read, or the first few
         small ones) while the next are served, instead of waiting for the whole batch.  A push
         only notifies if the frontend asked (rsp_event), so one that is busy costs nothing.
+
+        ``on_loop``: called on a loop thread that serves other rings too, where nothing may wait
+        (ring_loop.py): the batch is served up to its first request that would -- one the general
+        path serves (grant maps at the broker, flushes, discards) or a read the page cache cannot
+        answer now -- and that request (parsed, if it was a fast one: ``first``) and the rest are
+        returned, for a worker thread to serve while the ring waits.  None: all served.
         """
         out: list[bytes] = []
         slow: list[bytes] = []
         fast = self._fast if self._persistent else None
         moved = 0
-        for raw in raws:
+        if first is not None:
+            answer = self._fast_execute(*first)         # off the loop: always served
+            assert answer is not None
+            out.append(answer)
+            moved = first[4]
+        for i, raw in enumerate(raws):
             io = fast(raw) if fast is not None else None
             if io is None:
+                if on_loop:
+                    if out:
+                        self._respond(out)
+                    return None, raws[i:]
                 slow.append(raw)
                 continue
             if slow:
                 out += self._serve_general(slow)
                 slow = []
-            out.append(self._fast_execute(*io))
+            rsp = self._fast_execute(*io, on_loop=on_loop)
+            if rsp is None:
+                if out:
+                    self._respond(out)
+                return io, raws[i + 1:]
+            out.append(rsp)
             moved += io[4]
             if moved >= PUSH_BYTES:
                 self._respond(out)
@@ -242,13 +264,14 @@ class RingServer:
             out += self._serve_general(slow)
         if out:
             self._respond(out)
+        return None
 
     def _serve_general(self, raws: list[bytes]) -> list[bytes]:
         pack = self.abi.response.pack
         return [pack(rid, op, status) for chunk in self._chunks([parse_request(self.abi, raw) for raw in raws])
                 for rid, op, status in self._serve(chunk)]
 
-    def _fast(self, raw: bytes) -> tuple[int, int, int, list[memoryview], int] | None:
+    def _fast(self, raw: bytes) -> _FastIo | None:
         """A direct READ/WRITE that :func:`plan` would accept, all of whose pages are persistent
         mappings: (id, operation, disk offset, buffers, length); None for anything else (the general
         path then serves it, or refuses it, exactly as before)."""
@@ -275,7 +298,7 @@ class RingServer:
         self.stats["persistent_reuses"] += nseg
         return rid, op, sector * _SECTOR, bufs, total * _SECTOR
 
-    def _fast_indirect(self, raw: bytes) -> tuple[int, int, int, list[memoryview], int] | None:
+    def _fast_indirect(self, raw: bytes) -> _FastIo | None:
         """:meth:`_fast` for an indirect READ/WRITE whose indirect and data pages are all persistent
         mappings; the segment descriptors are copied out of the indirect pages before they are read."""
         _, op, nseg, rid, sector, _handle, *grefs = self._ind_unpack(raw)
@@ -340,11 +363,17 @@ class RingServer:
         self.stats["indirect_requests"] += 1
         return rid, op, sector * _SECTOR, bufs, total * _SECTOR
 
-    def _fast_execute(self, rid: int, op: int, offset: int, bufs: list[memoryview], length: int) -> bytes:
-        self.stats["requests"] += 1
+    def _fast_execute(self, rid: int, op: int, offset: int, bufs: list[memoryview], length: int,
+                      on_loop: bool = False) -> bytes | None:
+        """The answer to a fast request, served; ``on_loop``: None, and nothing counted, if it is a
+        read the page cache cannot answer at once (a worker then serves it)."""
         try:
             if op == BLKIF_OP_READ:
-                self.disk.readv(bufs, offset, length)
+                if on_loop:
+                    if not self.disk.read_cached(bufs, offset, length):
+                        return None
+                else:
+                    self.disk.readv(bufs, offset, length)
             else:
                 self.disk.writev(bufs, offset, length)
             status = BLKIF_RSP_OKAY
@@ -353,6 +382,7 @@ class RingServer:
                         length, e)
             self.stats["errors"] += 1
             status = BLKIF_RSP_ERROR
+        self.stats["requests"] += 1
         bufs.clear()
         return self._rsp_pack(rid, op, status)
 

@@ -28,16 +28,21 @@ from xdom.domains.xenstore import XenstoreClient
 from ..device_table import DeviceTable
 from ..driver_domain import run_driver_domain
 from ..kept_mappings import KeptMappings
+from .ring_loop import RingLoops
 from .vbd import BackendFeatures, Vbd
 
 
 class BlkbackServer:
     def __init__(self, host: XenHost, xs: XenstoreClient, features: BackendFeatures | None = None,
-                 devices: DeviceChannel | None = None, kept: KeptMappings | None = None) -> None:
+                 devices: DeviceChannel | None = None, kept: KeptMappings | None = None,
+                 loops: RingLoops | None = None) -> None:
+        """``kept``, ``loops``: the bound on persistent grants and the threads serving the rings
+        (defaults: from ``vm.max_map_count``; a loop per CPU)."""
         self.host, self.xs = host, xs
         self.features = features or BackendFeatures()
         self.devices = devices          # the toolstack's device channel: images come open over it
         self.kept = kept or KeptMappings()      # persistent grants, bounded across every ring
+        self.loops = loops or RingLoops()       # the threads that serve every ring
         self.table: DeviceTable[Vbd] | None = None
 
     @property
@@ -51,13 +56,14 @@ class BlkbackServer:
     def start(self) -> None:
         self.table = DeviceTable(self.xs, self.host.domid, "vbd",
                                  lambda path, fe, dev: Vbd(self.host, self.xs, path, fe, dev, self.features,
-                                                           self.kept, self.devices),
+                                                           self.kept, self.loops, self.devices),
                                  Vbd.publish_errors)
         self.table.start()
 
     def close(self) -> None:
         if self.table is not None:
             self.table.close()
+        self.loops.stop()
         if self.devices is not None:
             self.devices.close()
 

@@ -27,6 +27,7 @@ from ..kept_mappings import KeptMappings
 from ..xenbus_backend import Nodes, XenbusBackend
 from .disk import Disk
 from .plan import MAX_INDIRECT_SEGMENTS, DiskGeometry, Refused
+from .ring_loop import RingLoops
 from .ring_server import RingServer
 
 log = logging.getLogger("xdom.blkback")
@@ -55,12 +56,15 @@ class Vbd(XenbusBackend):
     connect_errors = (BadFrontend, Refused, OSError, HypercallError, GrantError)
 
     def __init__(self, host: XenHost, xs: XenstoreClient, path: str, frontend_domid: int, devid: int,
-                 features: BackendFeatures, kept: KeptMappings, devices: DeviceChannel | None = None) -> None:
+                 features: BackendFeatures, kept: KeptMappings, loops: RingLoops,
+                 devices: DeviceChannel | None = None) -> None:
         """``devices``: the toolstack's device channel, over which each image comes open (else: by path);
-        ``kept``: the server's bound on persistent grants, which every ring of every vbd shares."""
+        ``kept``: the server's bound on persistent grants, which every ring of every vbd shares;
+        ``loops``: the server's threads that serve the rings."""
         super().__init__(xs, path, frontend_domid, devid)
         self.host = host
         self.kept = kept
+        self.loops = loops
         self.devices = devices
         self._disk_serial = -1
         self.features = features
@@ -180,7 +184,7 @@ class Vbd(XenbusBackend):
         self.rings = rings
         info = VDISK_READONLY if self.disk.read_only else 0
         for r in rings:
-            r.start()
+            r.start(self.loops)
         log.info("%s: connected to d%d: %d queue(s), %d-page rings, %s, persistent %s", self.name, self.fe,
                  queues, 1 << order, abi.name, "on" if persistent else "off")
         # The disk's size with the state, in one transaction (the frontend reads it once it sees Connected).

@@ -1,0 +1,106 @@
+"""What may wait is served off blkback's loops: one guest's slow disk does not stall the others.
+
+blkback serves many rings on each loop thread (ring_loop.py); a flush, a
+discard, a read the page cache cannot answer, or a batch that maps grants
+at the broker goes to a worker thread while that ring waits.  Here two
+guests share one loop and the first one's flush hangs in its disk: the
+second keeps reading and writing, and the first one's later requests are
+served after its flush, in order, once the disk answers.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from collections.abc import Iterator
+
+import pytest
+from test_blk_matrix import call
+from xs_fixtures import introduce
+
+from xdom.backends.blkback.disk import Disk
+from xdom.backends.blkback.ring_loop import RingLoops
+from xdom.backends.blkback.server import BlkbackServer
+from xdom.deploy.vbd import VbdConfig, add_vbd
+from xdom.domains.blkfront.device import Blkfront, FrontendOptions
+from xdom.domains.xenstore import XenstoreClient
+
+pytestmark = pytest.mark.timeout(120)
+
+MiB = 1 << 20
+
+
+class _Guest:
+    def __init__(self, domains, socket_path: str, be, run_dir: str, name: str) -> None:
+        self.xs = XenstoreClient.unix(socket_path)
+        self.host = domains.create(name, "16M")
+        self.image = os.path.join(run_dir, f"{name}.img")
+        with open(self.image, "wb") as f:
+            f.write(random.Random(name).randbytes(4 * MiB))
+        introduce(self.xs, be.domid, self.host.domid)
+        add_vbd(self.xs, VbdConfig(be.domid, self.host.domid, 51712, "xvda", self.image))
+        self.front = Blkfront(self.host, self.xs, 51712, FrontendOptions(persistent=True, indirect=True))
+        self.front.connect(20)
+
+    def close(self) -> None:
+        self.front.close()
+        self.xs.close()
+
+
+@pytest.fixture
+def server(domains, xenstored) -> Iterator[tuple[BlkbackServer, object]]:
+    be = domains.create("blk", "1M")
+    xs = XenstoreClient.unix(xenstored.socket_path)
+    srv = BlkbackServer(be, xs, loops=RingLoops(1))       # every ring on one loop
+    srv.start()
+    try:
+        yield srv, be
+    finally:
+        srv.close()
+        xs.close()
+
+
+def test_a_flush_that_hangs_stalls_its_own_ring_only(server, domains, xenstored, run_dir: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    srv, be = server
+    slow, other = (_Guest(domains, xenstored.socket_path, be, run_dir, n) for n in ("slow", "other"))
+    release = threading.Event()
+    entered = threading.Event()
+    real_flush = Disk.flush
+
+    def flush(disk: Disk) -> None:
+        if disk.path == slow.image:
+            entered.set()
+            assert release.wait(60), "the test never released the flush"
+        real_flush(disk)
+    monkeypatch.setattr(Disk, "flush", flush)
+    try:
+        assert call(slow.front.submit_write, 0, memoryview(b"a" * 4096), False) == (0, None)   # persistent now
+        flushed: list[int] = []
+        after: list[tuple[int, object]] = []
+        slow.front.submit_flush(flushed.append)
+        assert entered.wait(20), "the flush never reached the disk"
+        # the slow guest's next write waits behind its flush (a ring's requests are served in order) ...
+        slow.front.submit_write(8192, memoryview(b"b" * 4096), False, lambda err: after.append((err, None)))
+        # ... while the other guest, on the same loop, is served as if nothing were happening
+        data = os.urandom(64 * 1024)
+        for i in range(20):
+            assert call(other.front.submit_write, i * 65536, memoryview(data), False, timeout=10) == (0, None)
+            assert call(other.front.submit_read, i * 65536, 65536, timeout=10) == (0, data)
+        assert flushed == [] and after == []
+        release.set()
+        for _ in range(200):
+            if flushed and after:
+                break
+            threading.Event().wait(0.05)
+        assert flushed == [0] and after == [(0, None)]
+        with open(slow.image, "rb") as f:
+            f.seek(8192)
+            assert f.read(4096) == b"b" * 4096
+        stats = srv.vbds[(slow.host.domid, 51712)].stats()
+        assert stats["flush_requests"] == 1 and stats["errors"] == 0 and stats["offloaded"] >= 2, stats
+    finally:
+        release.set()
+        slow.close()
+        other.close()
