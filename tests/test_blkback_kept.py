@@ -9,21 +9,15 @@ mapped per batch instead: its I/O still works, only slower.
 
 from __future__ import annotations
 
-import os
-import random
 from collections.abc import Iterator
 
 import pytest
-from test_blk_matrix import call
-from xs_fixtures import introduce
+from blk_guest import BlkGuest, running_blkback
 
 from xdom.backends.blkback.ring_server import MAX_PERSISTENT_GRANTS
 from xdom.backends.blkback.server import BlkbackServer
 from xdom.backends.kept_mappings import MAP_RESERVE, VMAS_PER_PAGE, KeptMappings
-from xdom.deploy.vbd import VbdConfig, add_vbd
-from xdom.domains.blkfront.device import Blkfront, FrontendOptions
 from xdom.domains.hostsys.memory import max_map_count
-from xdom.domains.xenstore import XenstoreClient
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,45 +48,16 @@ def test_the_default_bound_fits_this_hosts_vm_max_map_count() -> None:
         assert kept.limit > 4 * MAX_PERSISTENT_GRANTS * VMAS_PER_PAGE
 
 
-class _Guest:
-    def __init__(self, domains, socket_path: str, be, run_dir: str, name: str) -> None:
-        self.xs = XenstoreClient.unix(socket_path)
-        self.host = domains.create(name, "16M")
-        self.image = os.path.join(run_dir, f"{name}.img")
-        with open(self.image, "wb") as f:
-            f.write(random.Random(name).randbytes(8 * MiB))
-        introduce(self.xs, be.domid, self.host.domid)
-        add_vbd(self.xs, VbdConfig(be.domid, self.host.domid, 51712, "xvda", self.image))
-        self.front = Blkfront(self.host, self.xs, 51712, FrontendOptions(persistent=True, indirect=True))
-        self.front.connect(20)
-
-    def read(self, offset: int, length: int) -> bytes:
-        err, data = call(self.front.submit_read, offset, length)
-        assert err == 0
-        return data
-
-    def close(self) -> None:
-        self.front.close()
-        self.xs.close()
-
-
 @pytest.fixture
 def server(domains, xenstored) -> Iterator[tuple[BlkbackServer, object]]:
-    be = domains.create("blk", "1M")
-    xs = XenstoreClient.unix(xenstored.socket_path)
-    srv = BlkbackServer(be, xs, kept=KeptMappings(limit=96 * VMAS_PER_PAGE, share_divisor=2))
-    srv.start()
-    try:
-        yield srv, be
-    finally:
-        srv.close()
-        xs.close()
+    with running_blkback(domains, xenstored, kept=KeptMappings(limit=96 * VMAS_PER_PAGE, share_divisor=2)) as pair:
+        yield pair
 
 
 def test_frontends_keep_no_more_than_their_share_and_their_io_still_works(server, domains, xenstored,
                                                                           run_dir: str) -> None:
     srv, be = server
-    guests = [_Guest(domains, xenstored.socket_path, be, run_dir, f"g{i}") for i in range(3)]
+    guests = [BlkGuest(domains, xenstored.socket_path, be, run_dir, f"g{i}") for i in range(3)]
     try:
         for g in guests:
             with open(g.image, "rb") as f:

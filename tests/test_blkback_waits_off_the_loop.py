@@ -11,60 +11,32 @@ served after its flush, in order, once the disk answers.
 from __future__ import annotations
 
 import os
-import random
 import threading
 from collections.abc import Iterator
 
 import pytest
+from blk_guest import BlkGuest, running_blkback
 from test_blk_matrix import call
-from xs_fixtures import introduce
 
 from xdom.backends.blkback.disk import Disk
 from xdom.backends.blkback.ring_loop import RingLoops
 from xdom.backends.blkback.server import BlkbackServer
-from xdom.deploy.vbd import VbdConfig, add_vbd
-from xdom.domains.blkfront.device import Blkfront, FrontendOptions
-from xdom.domains.xenstore import XenstoreClient
 
 pytestmark = pytest.mark.timeout(120)
 
 MiB = 1 << 20
 
 
-class _Guest:
-    def __init__(self, domains, socket_path: str, be, run_dir: str, name: str) -> None:
-        self.xs = XenstoreClient.unix(socket_path)
-        self.host = domains.create(name, "16M")
-        self.image = os.path.join(run_dir, f"{name}.img")
-        with open(self.image, "wb") as f:
-            f.write(random.Random(name).randbytes(4 * MiB))
-        introduce(self.xs, be.domid, self.host.domid)
-        add_vbd(self.xs, VbdConfig(be.domid, self.host.domid, 51712, "xvda", self.image))
-        self.front = Blkfront(self.host, self.xs, 51712, FrontendOptions(persistent=True, indirect=True))
-        self.front.connect(20)
-
-    def close(self) -> None:
-        self.front.close()
-        self.xs.close()
-
-
 @pytest.fixture
 def server(domains, xenstored) -> Iterator[tuple[BlkbackServer, object]]:
-    be = domains.create("blk", "1M")
-    xs = XenstoreClient.unix(xenstored.socket_path)
-    srv = BlkbackServer(be, xs, loops=RingLoops(1))       # every ring on one loop
-    srv.start()
-    try:
-        yield srv, be
-    finally:
-        srv.close()
-        xs.close()
+    with running_blkback(domains, xenstored, loops=RingLoops(1)) as pair:       # every ring on one loop
+        yield pair
 
 
 def test_a_flush_that_hangs_stalls_its_own_ring_only(server, domains, xenstored, run_dir: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     srv, be = server
-    slow, other = (_Guest(domains, xenstored.socket_path, be, run_dir, n) for n in ("slow", "other"))
+    slow, other = (BlkGuest(domains, xenstored.socket_path, be, run_dir, n, 4 * MiB) for n in ("slow", "other"))
     release = threading.Event()
     entered = threading.Event()
     real_flush = Disk.flush

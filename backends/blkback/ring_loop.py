@@ -25,25 +25,23 @@ as Linux's one kthread per ring serves them.  Buffered writes are done on
 the loop (ext4 refuses ``RWF_NOWAIT`` for them); they wait only when the
 kernel throttles dirty pages.
 
-Other threads (xenbus) add and remove rings with :meth:`RingLoop.call`,
-run on the loop thread and waited for, so a loop never serves a ring that
-is half built or half released.
+Other threads (xenbus) add and remove rings through the loop thread
+(``backends/loop_thread.py``), waited for, so a loop never serves a ring
+that is half built or half released.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import select
-import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Protocol, TypeVar
+from typing import Protocol
+
+from ..loop_thread import LoopThread
 
 log = logging.getLogger("xdom.blkback")
-
-T = TypeVar("T")
 
 #: Loop threads of a blkback: one per CPU, up to this many (more only contend for the GIL).
 MAX_LOOPS = 4
@@ -67,44 +65,21 @@ class Ring(Protocol):
         """The ring broke (its frontend, or a bug): the loop no longer serves it; close the device."""
 
 
-class RingLoop:
+class RingLoop(LoopThread):
     """One thread serving its rings until :meth:`stop`."""
 
     def __init__(self, name: str, workers: ThreadPoolExecutor | None = None) -> None:
         """``workers``: where :meth:`offload` runs what may wait (one of the loop's own if None)."""
+        super().__init__(name)
         self._own_workers = workers is None
         self._workers = workers or ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix=f"{name}-io")
-        self._epoll = select.epoll()
-        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._epoll.register(self._wake, select.EPOLLIN)
-        self._calls: queue.SimpleQueue[tuple[Callable[[], object], threading.Event, list[object]]] = \
-            queue.SimpleQueue()
         self._fds: dict[int, Ring] = {}
         self.rings: list[Ring] = []           # in the order they are served
         self._busy: set[Ring] = set()         # notified, or more left after their last batch
         self._paused: set[Ring] = set()       # a worker serves their batch: not watched meanwhile
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._start()
 
     # ---- from other threads -------------------------------------------------------------
-
-    def call(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the loop thread and return its result (or raise its exception)."""
-        if threading.current_thread() is self._thread:
-            return fn()
-        if not self._thread.is_alive():
-            raise RuntimeError("the blkback loop has stopped")
-        done = threading.Event()
-        box: list[object] = []
-        self._calls.put((fn, done, box))
-        os.eventfd_write(self._wake, 1)
-        while not done.wait(1.0):
-            if not self._thread.is_alive():
-                raise RuntimeError("the blkback loop stopped")
-        if box and isinstance(box[0], BaseException):
-            raise box[0]
-        return box[0] if box else None     # type: ignore[return-value]
 
     def add(self, ring: Ring) -> None:
         self.call(lambda: self._add(ring))
@@ -112,7 +87,7 @@ class RingLoop:
     def remove(self, ring: Ring) -> None:
         """After this returns the loop never touches ``ring`` again (a ring not in it: nothing), and no
         worker serves it either (one that was is waited for)."""
-        if self._thread.is_alive():
+        if self.alive:
             self.call(lambda: self._remove(ring))
         pending = ring.offloaded
         if pending is not None:
@@ -121,22 +96,12 @@ class RingLoop:
     def serves(self, ring: Ring) -> bool:
         return any(r is ring for r in list(self.rings))
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
     def stop(self) -> None:
-        """Stop the thread; rings still in it are their owners' to release.  Idempotent."""
-        if self._thread.is_alive():
-            self._stopping = True
-            os.eventfd_write(self._wake, 1)
-            self._thread.join()
-        if self._wake >= 0:
-            self._epoll.close()
-            os.close(self._wake)
-            self._wake = -1
+        super().stop()
         if self._own_workers:
             self._workers.shutdown(wait=True)
+
+    # ---- on the loop thread -------------------------------------------------------------
 
     def offload(self, ring: Ring, serve: Callable[[], object]) -> None:
         """From ``ring.work()`` on the loop: run ``serve`` on a worker thread, and leave the ring alone
@@ -152,25 +117,8 @@ class RingLoop:
             except Exception as e:
                 log.exception("%s: serving a batch off the loop failed", ring.name)
                 failure = e
-            self._post(lambda: self._resume(ring, failure))
+            self.post(lambda: self._resume(ring, failure))
         ring.offloaded = self._workers.submit(run)
-
-    def _post(self, fn: Callable[[], object]) -> None:
-        """Run ``fn`` on the loop thread soon, without waiting for it."""
-        self._calls.put((fn, threading.Event(), []))
-        try:
-            os.eventfd_write(self._wake, 1)
-        except OSError:             # the loop has stopped: nothing to resume
-            pass
-
-    # ---- on the loop thread -------------------------------------------------------------
-
-    def _add(self, ring: Ring) -> None:
-        fd = ring.fileno()
-        self._epoll.register(fd, select.EPOLLIN)
-        self._fds[fd] = ring
-        self.rings.append(ring)
-        self._busy.add(ring)                # what the frontend queued before we watched
 
     def _resume(self, ring: Ring, failure: Exception | None) -> None:
         ring.offloaded = None
@@ -184,6 +132,13 @@ class RingLoop:
         self._epoll.modify(ring.fileno(), select.EPOLLIN)
         self._busy.add(ring)
 
+    def _add(self, ring: Ring) -> None:
+        fd = ring.fileno()
+        self._epoll.register(fd, select.EPOLLIN)
+        self._fds[fd] = ring
+        self.rings.append(ring)
+        self._busy.add(ring)                # what the frontend queued before we watched
+
     def _remove(self, ring: Ring) -> None:
         self._paused.discard(ring)
         for fd, owner in list(self._fds.items()):
@@ -196,34 +151,13 @@ class RingLoop:
         self.rings = [r for r in self.rings if r is not ring]
         self._busy.discard(ring)
 
-    def _run_calls(self) -> None:
-        while True:
-            try:
-                fn, done, box = self._calls.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                box.append(fn())
-            except BaseException as e:
-                box.append(e)
-            done.set()
-
     def _run(self) -> None:
         fds, busy = self._fds, self._busy
         while not self._stopping:
-            try:
-                events = self._epoll.poll(0 if busy else -1)
-            except InterruptedError:
-                continue
-            for fd, _ in events:
+            for fd in self._wait(0 if busy else -1):
                 ring = fds.get(fd)
                 if ring is not None:
                     busy.add(ring)
-                elif fd == self._wake:
-                    try:
-                        os.eventfd_read(self._wake)
-                    except BlockingIOError:
-                        pass
             if not self._calls.empty():
                 self._run_calls()
             if not busy:

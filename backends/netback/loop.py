@@ -15,26 +15,22 @@ pass, after everyone else (``budget`` exhausted: the loop polls without
 sleeping).  A vif whose rate limit ran out is skipped until its credit
 returns (a deadline, the loop's poll timeout).
 
-Other threads (xenbus watches) hand work to the loop with :meth:`call`: a
-callable run on the loop thread, waited for; that is how connections are
-added and removed, so the loop never sees a half-built or half-released
-connection.
+Other threads (xenbus watches) hand work to the loop with ``call`` (a
+:class:`~xdom.backends.loop_thread.LoopThread`): a callable run on the loop
+thread, waited for; that is how connections are added and removed, so the
+loop never sees a half-built or half-released connection.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import queue
 import select
-import threading
 import time
-from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Protocol
+
+from ..loop_thread import LoopThread
 
 log = logging.getLogger("xdom.netback")
-
-T = TypeVar("T")
 
 
 class Served(Protocol):
@@ -55,38 +51,15 @@ class Served(Protocol):
         """When (monotonic) the connection wants :meth:`work` called without an event (rate credit)."""
 
 
-class NetbackLoop:
+class NetbackLoop(LoopThread):
     def __init__(self) -> None:
-        self._epoll = select.epoll()
-        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._epoll.register(self._wake, select.EPOLLIN)
-        self._calls: queue.SimpleQueue[tuple[Callable[[], object], threading.Event, list[object]]] = \
-            queue.SimpleQueue()
+        super().__init__("netback-loop")
         self._fds: dict[int, tuple[Served, str]] = {}
         self._served: list[Served] = []
         self._busy: set[Served] = set()       # have work left or an event not yet handled
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="netback-loop", daemon=True)
-        self._thread.start()
+        self._start()
 
     # ---- from other threads --------------------------------------------------------
-
-    def call(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the loop thread and return its result (or raise its exception)."""
-        if threading.current_thread() is self._thread:
-            return fn()
-        if not self._thread.is_alive():
-            raise RuntimeError("the netback loop has stopped")
-        done = threading.Event()
-        box: list[object] = []
-        self._calls.put((fn, done, box))
-        os.eventfd_write(self._wake, 1)
-        while not done.wait(1.0):
-            if not self._thread.is_alive():
-                raise RuntimeError("the netback loop stopped")
-        if box and isinstance(box[0], BaseException):
-            raise box[0]
-        return box[0] if box else None     # type: ignore[return-value]
 
     def add(self, conn: Served) -> None:
         self.call(lambda: self._add(conn))
@@ -95,33 +68,16 @@ class NetbackLoop:
         """After this returns the loop never touches ``conn`` again."""
         self.call(lambda: self._remove(conn))
 
-    def stop(self) -> None:
-        """Stop the thread; the connections still in it are the caller's to release.  Idempotent."""
-        if self._thread.is_alive():
-            self._stopping = True
-            os.eventfd_write(self._wake, 1)
-            self._thread.join()
-        if self._wake >= 0:
-            self._epoll.close()
-            os.close(self._wake)
-            self._wake = -1
-
     def kick(self, conn: Served) -> None:
         """``conn`` has work (a frame was queued for it): served in the next pass."""
-        if threading.current_thread() is self._thread:
+        if self._on_loop():
             self._busy.add(conn)
         else:
-            self._calls.put((lambda: self._busy.add(conn) if conn in self._served else None,
-                             threading.Event(), []))
-            os.eventfd_write(self._wake, 1)
+            self.post(lambda: self._busy.add(conn) if conn in self._served else None)
 
     def serves(self, conn: Served) -> bool:
         """Whether ``conn`` is in the loop (for tests and diagnostics)."""
         return any(s is conn for s in list(self._served))
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
 
     # ---- on the loop thread ------------------------------------------------------------
 
@@ -144,18 +100,6 @@ class NetbackLoop:
         self._served = [s for s in self._served if s is not conn]
         self._busy.discard(conn)
 
-    def _run_calls(self) -> None:
-        while True:
-            try:
-                fn, done, box = self._calls.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                box.append(fn())
-            except BaseException as e:
-                box.append(e)
-            done.set()
-
     def _timeout(self, now: float) -> float:
         if self._busy:
             return 0.0
@@ -164,17 +108,7 @@ class NetbackLoop:
 
     def _run(self) -> None:
         while not self._stopping:
-            try:
-                events = self._epoll.poll(self._timeout(time.monotonic()))
-            except InterruptedError:
-                continue
-            for fd, _ in events:
-                if fd == self._wake:
-                    try:
-                        os.eventfd_read(self._wake)
-                    except BlockingIOError:
-                        pass
-                    continue
+            for fd in self._wait(self._timeout(time.monotonic())):
                 entry = self._fds.get(fd)
                 if entry is not None:
                     conn, what = entry
