@@ -116,12 +116,13 @@ def test_a_page_that_may_be_a_hole_is_never_used_nor_unmapped_by_close() -> None
 
 
 def _vmas_within(start: int, end: int) -> int:
-    """How many of this process's VMAs lie in ``[start, end)`` (/proc/self/maps, one line each)."""
+    """How many of this process's VMAs overlap ``[start, end)`` (/proc/self/maps, one line each; a piece
+    of the reservation at an edge may have merged with a neighbour outside)."""
     count = 0
     with open("/proc/self/maps") as f:
         for line in f:
             lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-            count += start <= lo and hi <= end
+            count += lo < end and hi > start
     return count
 
 
