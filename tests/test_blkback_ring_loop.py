@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from helpers import wait_until
@@ -58,11 +59,13 @@ class _Ring:
 
 @pytest.fixture
 def loop() -> Iterator[RingLoop]:
-    lp = RingLoop("blkback-test-loop")
+    workers = ThreadPoolExecutor(4, thread_name_prefix="blkback-test-io")
+    lp = RingLoop("blkback-test-loop", workers)
     try:
         yield lp
     finally:
         lp.stop()
+        workers.shutdown(wait=True)
 
 
 def test_a_ring_is_served_when_notified_and_not_otherwise(loop: RingLoop) -> None:

@@ -68,11 +68,10 @@ class Ring(Protocol):
 class RingLoop(LoopThread):
     """One thread serving its rings until :meth:`stop`."""
 
-    def __init__(self, name: str, workers: ThreadPoolExecutor | None = None) -> None:
-        """``workers``: where :meth:`offload` runs what may wait (one of the loop's own if None)."""
+    def __init__(self, name: str, workers: ThreadPoolExecutor) -> None:
+        """``workers``: where :meth:`offload` runs what may wait (shared by a blkback's loops)."""
         super().__init__(name)
-        self._own_workers = workers is None
-        self._workers = workers or ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix=f"{name}-io")
+        self._workers = workers
         self._fds: dict[int, Ring] = {}
         self.rings: list[Ring] = []           # in the order they are served
         self._busy: set[Ring] = set()         # notified, or more left after their last batch
@@ -95,11 +94,6 @@ class RingLoop(LoopThread):
 
     def serves(self, ring: Ring) -> bool:
         return any(r is ring for r in list(self.rings))
-
-    def stop(self) -> None:
-        super().stop()
-        if self._own_workers:
-            self._workers.shutdown(wait=True)
 
     # ---- on the loop thread -------------------------------------------------------------
 

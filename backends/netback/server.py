@@ -59,7 +59,7 @@ class NetbackServer:
     def start(self) -> None:
         self.table = DeviceTable(self.xs, self.host.domid, "vif",
                                  lambda path, fe, dev: Vif(self.host, self.xs, path, fe, dev, self.switch, self.loop,
-                                                          self._take_tap, self.max_queues, self.kept),
+                                                          self.kept, self._take_tap, self.max_queues),
                                  Vif.publish_errors)
         self.table.start()
 

@@ -53,11 +53,11 @@ class Vif(XenbusBackend):
 
     def __init__(self, host: XenHost, xs: XenstoreClient, path: str, frontend_domid: int, devid: int,
                  switch: LearningSwitch | None, loop: NetbackLoop,
-                 take_tap: Callable[[int, int], int | None] | None = None, max_queues: int = 1,
-                 kept: KeptMappings | None = None) -> None:
+                 kept: KeptMappings, take_tap: Callable[[int, int], int | None] | None = None,
+                 max_queues: int = 1) -> None:
         """On the built-in ``switch``, or (``switch`` None) bridged through the TAP the toolstack gives us:
         ``take_tap(frontend, devid)`` returns its /dev/net/tun descriptor (None if none came).  ``kept``:
-        the bound on kept pages netback's vifs share (one of its own if none)."""
+        the bound on kept pages all of netback's vifs share."""
         super().__init__(xs, path, frontend_domid, devid)
         self.host, self.switch, self.loop = host, switch, loop
         self._take_tap = take_tap
@@ -66,7 +66,7 @@ class Vif(XenbusBackend):
             self.uplink = SwitchUplink(switch, Port(self.name))
             self.port = self.uplink.port
         self.max_queues = max_queues
-        self.kept = kept if kept is not None else KeptMappings()
+        self.kept = kept
         self.queues: list[Connection] = []
 
     def _prepare(self) -> None:
