@@ -9,7 +9,7 @@ those of a page-at-a-time copy, and a missing page must fail only its slot.
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from xdom.backends.kept_mappings import KeptMappings
@@ -96,6 +96,29 @@ def test_copy_in_lands_what_a_page_at_a_time_would(mapped, grefs, tail, seed) ->
             else:
                 want_failed.add(c.slot)
         assert pages.cache.copy_in(copies, frame) == want_failed
+        assert {g: bytes(v) for g, v in pages.cache.views.items()} == {g: bytes(m) for g, m in model.items()}
+    finally:
+        pages.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(placed=_placed(), grefs=_refs_with_runs(), tail=st.integers(1, PAGE_SIZE), seed=st.binary(min_size=1))
+@example(placed=WINDOW, grefs=[1003, 1010, 1012, 1011, 1013], tail=5, seed=b"abc")   # ends of a run, not one
+@example(placed=WINDOW, grefs=[1010, 1012, 1011, 1013], tail=PAGE_SIZE, seed=b"xyz")
+def test_fill_lands_what_a_page_at_a_time_would(placed, grefs, tail, seed) -> None:
+    """fill (an RxRun's copies, every page mapped: in the window or outside it) writes exactly the
+    bytes a copy a page at a time writes, whatever order and repeats the references come in."""
+    pages = _Pages(placed, set(REFS) - placed)
+    grefs = [g for g in grefs if g in REFS] or [FIRST]       # runs may go past the last mapped reference
+    try:
+        n = len(grefs)
+        length = (n - 1) * PAGE_SIZE + tail
+        frame = (seed * (length // len(seed) + 1))[:length]
+        model = {g: bytearray(bytes(v)) for g, v in pages.cache.views.items()}
+        for k, g in enumerate(grefs):
+            chunk = frame[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
+            model[g][:len(chunk)] = chunk
+        pages.cache.fill(tuple(grefs), frame)
         assert {g: bytes(v) for g, v in pages.cache.views.items()} == {g: bytes(m) for g, m in model.items()}
     finally:
         pages.close()

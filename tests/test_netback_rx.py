@@ -34,6 +34,7 @@ from xdom.backends.netback import (
     TxPacket,
     TxProcessor,
 )
+from xdom.backends.netback.rx import RxRun
 from xdom.domains.abi import netif as n
 from xdom.domains.abi.ring import BackRing, FrontRing
 
@@ -169,6 +170,29 @@ def test_rx_plans_reassemble(length: int, sg: bool, v4: bool, v6: bool, gso: tup
     first = pkt.first.flags
     assert bool(first & n.NETRXF_csum_blank) == (csum == Checksum.PARTIAL)
     assert bool(first & n.NETRXF_data_validated) == (csum != Checksum.NONE)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(-1, 80000) | st.sampled_from([1, 4096, 4097, 65535, 65536]), st.booleans(), st.booleans(),
+       st.booleans(), st.sampled_from([18, 3, 70]),
+       st.none() | st.tuples(st.sampled_from([0, 1448, 65535]), st.integers(0, 3)),
+       st.sampled_from(list(Checksum)), st.lists(st.tuples(st.integers(0, 0xFFFF), st.integers(0, 2**32 - 1)),
+                                                 max_size=80))
+def test_rx_run_is_the_plan_packed(length: int, sg: bool, v4: bool, v6: bool, max_slots: int,
+                                   gso: tuple[int, int] | None, csum: Checksum, reqs: list[tuple[int, int]]) -> None:
+    """plan_run (what the data path uses) decides what plan decides, in the form the ring takes."""
+    planner = RxPlanner(sg=sg, gso_tcpv4=v4, gso_tcpv6=v6, max_data_slots=max_slots)
+    info = n.GsoInfo(gso[0], gso[1]) if gso else None
+    plan = planner.plan(OutgoingPacket(length, info, csum), reqs)
+    run = planner.plan_run(length, info, csum, reqs)
+    if not isinstance(plan, RxPlan):
+        assert run == plan
+        return
+    assert isinstance(run, RxRun)
+    assert run.consumed == plan.consumed
+    assert run.responses == b"".join(plan.packed_responses())
+    assert run.grefs == tuple(c.gref for c in plan.copies)
+    assert [(c.offset, c.src_offset) for c in plan.copies] == [(0, k * 4096) for k in range(len(plan.copies))]
 
 
 # --------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from ..kept_mappings import KeptMappings
 from .credit import CreditLimiter
 from .offload import Frame, RxCaps, fit, from_tx
 from .page_cache import PageCache
-from .rx import OutgoingPacket, RxDrop, RxPlan, RxPlanner, RxShortage
+from .rx import OutgoingPacket, RxDrop, RxPlan, RxPlanner, RxRun, RxShortage
 from .tx import TxAction, TxDrop, TxFatal, TxPacket, TxProcessor
 
 if TYPE_CHECKING:
@@ -316,7 +316,7 @@ class Connection:
             frame = fitted[0]
             if len(self.posted) < 20:        # enough for any packet: parse requests in batches
                 self.posted += map(_unpack_rx_request, rx.take_requests())
-            decision = self.planner.plan(OutgoingPacket(len(frame.data), frame.gso, frame.checksum), self.posted)
+            decision = self.planner.plan_run(len(frame.data), frame.gso, frame.checksum, self.posted)
             if isinstance(decision, RxShortage):
                 # Re-arm req_event: when the frontend posts buffers we hear of it.
                 if rx.final_check_for_requests():
@@ -327,7 +327,7 @@ class Connection:
             if isinstance(decision, RxDrop):
                 self.stats["rx_dropped"] += 1
                 continue
-            self._deliver(decision, frame.data)
+            self._deliver(decision, frame)
             if frame.gso is not None:
                 self.stats["rx_gso"] += 1
             del self.posted[:decision.consumed]
@@ -335,14 +335,26 @@ class Connection:
         if pushed and rx.push_responses():
             self._notify(self.rx_port)
 
-    def _deliver(self, plan: RxPlan, frame: bytes) -> None:
+    def _deliver(self, run: RxRun, frame: Frame) -> None:
         pages = self.rx_pages
-        if not all(map(pages.views.__contains__, [c.gref for c in plan.copies])):
+        if not all(map(pages.views.__contains__, run.grefs)):
             # Every buffer posted so far, not just this frame's: the frontend reuses its grants, so
             # one hypercall maps what the next frames would each have missed (a bridge floods a
             # new guest's ARP and neighbour discovery to every vif: one map each was N^2 calls).
-            pages.ensure({c.gref for c in plan.copies}, prefetch={gref for _id, gref in self.posted})
-        failed = pages.copy_in(plan.copies, frame)
+            pages.ensure(set(run.grefs), prefetch={gref for _id, gref in self.posted})
+            if not all(map(pages.views.__contains__, run.grefs)):
+                self._deliver_failing(frame)
+                return
+        pages.fill(run.grefs, frame.data)
+        self.rx.put_response_run(run.responses, run.consumed)
+        self.stats["rx_packets"] += 1
+
+    def _deliver_failing(self, frame: Frame) -> None:
+        """A frame some of whose pages cannot be mapped: the slots of those answer NETIF_RSP_ERROR
+        (netfront drops the packet), the rest are copied as usual."""
+        plan = self.planner.plan(OutgoingPacket(len(frame.data), frame.gso, frame.checksum), self.posted)
+        assert isinstance(plan, RxPlan)     # plan_run planned it from the same requests
+        failed = self.rx_pages.copy_in(plan.copies, frame.data)
         self.rx.put_responses(plan.packed_responses(failed))
         self.stats["rx_dropped" if failed else "rx_packets"] += 1
 

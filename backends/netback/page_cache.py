@@ -190,6 +190,35 @@ class PageCache:
             start = end
         return failed
 
+    def fill(self, grefs: Sequence[int], frame: bytes) -> None:
+        """An :class:`~.rx.RxRun`'s copies: ``frame`` into the pages of ``grefs``, each from its start,
+        whole pages but the last, every page mapped (the caller checked).  Neighbouring references
+        are one copy into a :meth:`span`; the usual packet is two (a GSO packet's extra slot holds a
+        request whose page is skipped)."""
+        views = self.views
+        view = memoryview(frame)
+        n = len(grefs)
+        grefs = tuple(grefs)
+        first = grefs[0]
+        if n == 1 or grefs == tuple(range(first, first + n)):
+            cuts = []
+        elif grefs[1:] == tuple(range(grefs[1], grefs[1] + n - 1)):
+            cuts = [1]
+        else:
+            cuts = [i for i, step in enumerate(map(sub, grefs[1:], grefs), 1) if step != 1]
+        start = 0
+        for end in cuts + [n]:
+            span = self.span(grefs[start], end - start) if end - start > 1 else None
+            at = start * PAGE_SIZE
+            if span is not None:
+                chunk = view[at:at + (end - start) * PAGE_SIZE]
+                span[:len(chunk)] = chunk
+            else:
+                for k in range(start, end):
+                    chunk = view[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
+                    views[grefs[k]][:len(chunk)] = chunk
+            start = end
+
     def views_past(self, pieces: Sequence[TxPiece], length: int, skip: int) -> list[memoryview]:
         """A TX packet's bytes past its first ``skip`` (which the first piece holds), as views of the
         mapped pages, every piece's page mapped: one view when the pieces tile a :meth:`span` (the first

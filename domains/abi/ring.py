@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Literal
 
 PAGE_SIZE = 4096
 RING_HEADER_SIZE = 64          # offsetof(struct X_sring, ring)
@@ -60,6 +61,10 @@ def ring_size(nr_pages: int, req_size: int, rsp_size: int) -> int:
 
 class RingOverflow(Exception):
     """The peer published an index that cannot be right; the ring is unusable."""
+
+
+#: memoryview formats by item size: a run of equal-length responses is laid at a slot's stride as items
+_STRIDE_FORMATS: dict[int, Literal["B", "H", "I", "Q"]] = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 
 class SharedRing:
@@ -151,9 +156,45 @@ class SharedRing:
             if run < len(blob):
                 head[RING_HEADER_SIZE:RING_HEADER_SIZE + len(blob) - run] = blob[run:]
             return
+        lengths = set(map(len, datas))
+        length = lengths.pop() if len(lengths) == 1 else 0
+        if len(datas) > 2 and length in _STRIDE_FORMATS and not slot % length:
+            # equal responses shorter than a slot (TX's 4 bytes in 12): laid over a copy of the slots
+            # at the slot's stride, the copy written back (the slots are ours until the peer consumes)
+            self._overlay(idx, datas, length)
+            return
         for i, data in enumerate(datas):
             off = RING_HEADER_SIZE + ((idx + i) & mask) * slot
             head[off:off + len(data)] = data
+
+    def _overlay(self, idx: int, datas: Sequence[bytes], length: int) -> None:
+        head, slot, n = self._head, self.slot_size, len(datas)
+        fmt = _STRIDE_FORMATS[length]
+        first = idx & self.mask
+        run = min(n, self.size - first)
+        items = memoryview(b"".join(datas)).cast(fmt)
+        per = slot // length            # items of ``length`` bytes per slot
+        for at, start, count in ((first, 0, run), (0, run, n - run)):
+            if not count:
+                continue
+            off = RING_HEADER_SIZE + at * slot
+            region = bytearray(head[off:off + count * slot])
+            memoryview(region).cast(fmt)[0::per] = items[start:start + count]
+            head[off:off + count * slot] = region
+
+    def write_run(self, idx: int, blob: bytes) -> None:
+        """Whole slots from ``idx``, packed end to end in ``blob`` (a multiple of the slot size)."""
+        slot = self.slot_size
+        if not self._single:
+            self.write_slots(idx, [blob[i:i + slot] for i in range(0, len(blob), slot)])
+            return
+        first = idx & self.mask
+        run = min(len(blob), (self.size - first) * slot)
+        start = RING_HEADER_SIZE + first * slot
+        head = self._head
+        head[start:start + run] = blob[:run]
+        if run < len(blob):
+            head[RING_HEADER_SIZE:RING_HEADER_SIZE + len(blob) - run] = blob[run:]
 
     def write_slot(self, idx: int, data: bytes) -> None:
         off = RING_HEADER_SIZE + (idx & self.mask) * self.slot_size
@@ -298,6 +339,15 @@ class BackRing:
         if ((self.req_cons - self.rsp_prod_pvt) & _MASK32) < n:
             raise RingOverflow("response without a consumed request")
         self.shared.write_slots(self.rsp_prod_pvt, datas)
+        self.rsp_prod_pvt = (self.rsp_prod_pvt + n) & _MASK32
+
+    def put_response_run(self, blob: bytes, n: int) -> None:
+        """``n`` responses that each fill a whole slot, packed end to end in ``blob``."""
+        if len(blob) != n * self.shared.slot_size or self.shared.rsp_size != self.shared.slot_size:
+            raise ValueError("a run of responses is whole slots, each a whole response")
+        if ((self.req_cons - self.rsp_prod_pvt) & _MASK32) < n:
+            raise RingOverflow("response without a consumed request")
+        self.shared.write_run(self.rsp_prod_pvt, blob)
         self.rsp_prod_pvt = (self.rsp_prod_pvt + n) & _MASK32
 
     def put_response(self, data: bytes) -> None:
