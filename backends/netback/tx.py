@@ -121,8 +121,7 @@ class TxPiece(NamedTuple):
     length: int
 
 
-@dataclass(frozen=True)
-class TxPacket:
+class TxPacket(NamedTuple):
     """A packet to deliver: copy ``pieces`` in order (``length`` bytes), then write ``responses``.
 
     ``responses`` has one entry per ring slot the packet used (``slots``),
@@ -138,6 +137,10 @@ class TxPacket:
     frontends omit the flag, so Linux forces it (``checksum_setup``,
     ``rx_gso_checksum_fixup``): then ``csum_blank`` and ``csum_fixup`` are
     both true and the pseudo-header checksum must be recomputed.
+
+    A named tuple, not a frozen dataclass: one is made for every packet a
+    guest sends, and a frozen dataclass's constructor costs four times as
+    much (each field set through ``object.__setattr__``).
     """
     pieces: tuple[TxPiece, ...]
     length: int
@@ -508,7 +511,7 @@ class TxProcessor:
             stats["csum_fixup"] += 1
         stats["packets"] += 1
         stats["bytes"] += size0
-        return TxPacket(pieces, size0, gso, csum_blank, data_validated, csum_fixup, None, tuple(responses))
+        return _new(TxPacket, (pieces, size0, gso, csum_blank, data_validated, csum_fixup, None, tuple(responses)))
 
     def _count_requests(self, first: TxRequest, pos: int, at_req_prod: bool) -> tuple[list[_Slot], str | None]:
         """``xenvif_count_requests``: the continuation slots, and why to drop the packet if so.
