@@ -24,20 +24,20 @@ from xdom.domains.abi.netif import (
 from xdom.domains.abi.ring import PAGE_SIZE, BackRing
 from xdom.domains.frame_pool import FramePool
 from xdom.domains.grant_table import GrantTableFull
-from xdom.domains.netfront.device import _Queue
+from xdom.domains.netfront.rings import QueueRings
 from xdom.domains.vnet import TxFrame
 from xdom.domains.xenhost import LocalHypervisor, LocalXenHost
 
 
 @contextmanager
-def one_queue() -> Iterator[tuple[LocalXenHost, _Queue, list[tuple[int, int]]]]:
+def one_queue() -> Iterator[tuple[LocalXenHost, QueueRings, list[tuple[int, int]]]]:
     """A guest with one unsplit netfront queue granted to a backend domain; released and closed after."""
     hv = LocalHypervisor()
     guest = hv.create_domain("g", "8M")
     backend = hv.create_domain("b", "1M")
     try:
         deferred: list[tuple[int, int]] = []
-        q = _Queue(guest, FramePool.of(guest), backend.domid, 0, split=False, deferred=deferred)
+        q = QueueRings(guest, FramePool.of(guest), backend.domid, 0, split=False, deferred=deferred)
         yield guest, q, deferred
         q.release(deferred)
     finally:
@@ -55,7 +55,7 @@ def test_a_queue_that_cannot_grant_all_its_pages_gives_back_what_it_took() -> No
         free_before = pool.available()
         deferred: list[tuple[int, int]] = []
         with pytest.raises(GrantTableFull):
-            _Queue(guest, pool, backend.domid, 0, split=True, deferred=deferred)
+            QueueRings(guest, pool, backend.domid, 0, split=True, deferred=deferred)
         granted = len(deferred)
         assert 0 < granted < 514
         # what was granted waits in deferred (to be ended), the rest is back in the pool, nothing twice
@@ -161,7 +161,7 @@ def test_a_packet_split_over_two_passes_keeps_its_first_pages_once_they_are_post
         assert len(frames) == 1 and frames[0][1] == first + second
 
 
-def _backend_reads(guest: LocalXenHost, q: _Queue, back: BackRing) -> list[tuple[list[int], bytes]]:
+def _backend_reads(guest: LocalXenHost, q: QueueRings, back: BackRing) -> list[tuple[list[int], bytes]]:
     """What a backend takes off the transmit ring: per frame, its slots and the bytes of their pages
     (a first request's size is the frame's; each other's, its own slot's)."""
     frames: list[tuple[list[int], bytes]] = []

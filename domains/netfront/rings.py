@@ -1,0 +1,332 @@
+"""One netfront queue: its two rings, event channel(s) and granted buffers, and the packets part-way through.
+
+:class:`QueueRings` is the ring half of :mod:`.device`: it lays frames out
+on the transmit ring (one copy into consecutive granted pages, the middle
+slots' requests made once), frees transmit pages as the backend answers,
+and turns the backend's receive responses back into frames, posting the
+pages again at once.  Everything here runs on netfront's data thread under
+its lock; nothing here blocks.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+from ..abi.netif import (
+    RX_REQUEST,
+    RX_RESPONSE,
+    RX_RING_SIZE,
+    TX_REQUEST,
+    TX_RESPONSE,
+    TX_RING_SIZE,
+    TX_SLOT_SIZE,
+    XEN_NETIF_EXTRA_TYPE_GSO,
+    GsoInfo,
+    NETRXF_csum_blank,
+    NETRXF_data_validated,
+    NETRXF_extra_info,
+    NETRXF_more_data,
+    NETTXF_csum_blank,
+    NETTXF_data_validated,
+    NETTXF_extra_info,
+    NETTXF_more_data,
+    gso_extra,
+    pack_extra_info,
+    parse_extra_info,
+    rx_shared_ring,
+    tx_shared_ring,
+)
+from ..abi.ring import FrontRing, RingOverflow
+from ..frame_pool import FramePool
+from ..vnet import TxFrame, to_tap
+from ..xenhost.base import XenHost
+
+__all__ = ["QueueRings"]
+
+log = logging.getLogger("xdom.netfront")
+
+PAGE_SIZE = 4096
+_unpack_tx_response = TX_RESPONSE.unpack       # (id, status): a TxResponse's fields, without the named tuple
+
+_GSO_SLOTS: dict[tuple[int, int], bytes] = {}
+
+
+def _gso_slot(size: int, gso_type: int) -> bytes:
+    """A TX ring's GSO extra-info slot, packed once per MSS and type (every super-frame carries one)."""
+    slot = _GSO_SLOTS.get((size, gso_type))
+    if slot is None:
+        if len(_GSO_SLOTS) > 64:
+            _GSO_SLOTS.clear()
+        slot = _GSO_SLOTS[size, gso_type] = pack_extra_info(gso_extra(size, gso_type), TX_SLOT_SIZE)
+    return slot
+
+
+
+class QueueRings:
+    """One queue's rings, event channel(s) and granted buffers, and the packets it is part-way through."""
+
+    def __init__(self, host: XenHost, pool: FramePool, be: int, index: int, split: bool,
+                 deferred: list[tuple[int, int]]) -> None:
+        """On failure what was granted goes to ``deferred`` (ended once the backend lets go), the rest back
+        to the pool."""
+        self.host, self.pool, self.be, self.index = host, pool, be, index
+        self.gfns = pool.alloc(2 + TX_RING_SIZE + RX_RING_SIZE)
+        self.refs: list[int] = []           # granted so far, in the order of gfns
+        self.ports: list[int] = []
+        try:
+            for g in self.gfns[:2]:
+                host.memory.frame(g)[:] = bytes(PAGE_SIZE)
+            self.tx_gfns = self.gfns[2:2 + TX_RING_SIZE]
+            self.rx_gfns = self.gfns[2 + TX_RING_SIZE:]
+            grant, refs = host.gnttab.grant_access, self.refs
+            for i, g in enumerate(self.gfns):        # rings, then transmit pages (read-only), then receive
+                refs.append(grant(be, g, readonly=2 <= i < 2 + TX_RING_SIZE))
+            self.tx_ring_ref, self.rx_ring_ref = refs[0], refs[1]
+            self.tx_refs = refs[2:2 + TX_RING_SIZE]
+            self.rx_refs = refs[2 + TX_RING_SIZE:]
+            self.tx_port = host.alloc_unbound(be)
+            self.ports.append(self.tx_port)
+            self.rx_port = host.alloc_unbound(be) if split else self.tx_port
+            if split:
+                self.ports.append(self.rx_port)
+        except BaseException:
+            self.release(deferred)
+            raise
+        self.tx = FrontRing(tx_shared_ring([host.memory.frame(self.gfns[0])]))
+        self.rx = FrontRing(rx_shared_ring([host.memory.frame(self.gfns[1])]))
+        # Transmit slots: 1 while the backend has the slot's page.  A frame takes a run of slots
+        # (_tx_slots), from a cursor that follows the backend's answers round the ring: the pages of
+        # consecutive frames (allocated together) are then one copy from the frame, and the requests
+        # of a frame's middle slots are the same every time (made once, here).
+        self.tx_in_flight = bytearray(TX_RING_SIZE)
+        self.tx_next = 0
+        first = self.tx_gfns[0]
+        self.tx_contiguous = self.tx_gfns == list(range(first, first + TX_RING_SIZE))
+        self.tx_middle = [TX_REQUEST.pack(self.tx_refs[s], 0, NETTXF_more_data, s, PAGE_SIZE)
+                          for s in range(TX_RING_SIZE)]
+        # Frames on the ring, oldest first, with their slots: what a new ring takes over if the backend dies.
+        self.tx_sent: collections.deque[tuple[range | list[int], TxFrame]] = collections.deque()
+        # Which of them each slot was last put in: an answered frame behind an unanswered one stays in
+        # tx_sent, and a later frame may have its slots by now; that one's being in flight is not its.
+        self.tx_owner: list[tuple[range | list[int], TxFrame] | None] = [None] * TX_RING_SIZE
+        self.tx_pushed = False
+        self.rx_partial: list[bytes | memoryview] = []   # views into posted pages until reposted
+        self.rx_first_flags = 0                 # the packet being received: its first slot's flags,
+        self.rx_gso: GsoInfo | None = None      # its GSO extra,
+        self.rx_in_extras = False               # whether extra-info slots come next,
+        self.rx_data_done = False               # and whether its last data slot has come
+        # Buffer ids in the order their requests were posted: a response sits in
+        # its request's slot, so this (not the response's id, which an
+        # extra-info slot does not carry) says whose page it filled.
+        self.rx_posted: collections.deque[int] = collections.deque()
+
+    def nodes(self) -> dict[str, int]:
+        """This queue's xenstore nodes (in the device directory, or in ``queue-N/``)."""
+        out = {"tx-ring-ref": self.tx_ring_ref, "rx-ring-ref": self.rx_ring_ref}
+        if self.rx_port != self.tx_port:
+            out |= {"event-channel-tx": self.tx_port, "event-channel-rx": self.rx_port}
+        else:
+            out["event-channel"] = self.tx_port
+        return out
+
+    def release(self, deferred: list[tuple[int, int]]) -> None:
+        for port in self.ports:
+            try:
+                self.host.close_port(port)
+            except Exception as e:
+                log.warning("closing port %d: %s", port, e)
+        self.ports = []
+        for ref, gfn in zip(self.refs, self.gfns):
+            deferred.append((ref, gfn))
+        self.pool.free(self.gfns[len(self.refs):])       # allocated, never granted (a failed set-up)
+
+    # ---- transmit ------------------------------------------------------------------------
+
+    def tx_slots_free(self) -> int:
+        return TX_RING_SIZE - self.tx_in_flight.count(1)
+
+    def _tx_slots(self, nslots: int) -> range | list[int] | None:
+        """Free slots for a frame: a run (at the cursor, else the first anywhere), else any (a backend
+        that answers out of order), else None."""
+        at = self.tx_next
+        if at + nslots > TX_RING_SIZE:
+            at = 0
+        in_flight = self.tx_in_flight
+        if in_flight.find(1, at, at + nslots) < 0:
+            return range(at, at + nslots)
+        at = in_flight.find(bytes(nslots))
+        if at >= 0:
+            return range(at, at + nslots)
+        free = [slot for slot, busy in enumerate(in_flight) if not busy]
+        return free[:nslots] if len(free) >= nslots else None
+
+    def _still_sent(self, sent: tuple[range | list[int], TxFrame]) -> bool:
+        """Does the backend still have any of this frame's slots (not a later frame put in one of them)?"""
+        slots = sent[0]
+        in_flight, owner = self.tx_in_flight, self.tx_owner
+        if type(slots) is range and in_flight.find(1, slots.start, slots.stop) < 0:
+            return False                # the usual answer, found in C
+        return any([in_flight[slot] and owner[slot] is sent for slot in slots])
+
+    def room(self, f: TxFrame) -> bool:
+        nslots = max(1, -(-len(f.data) // PAGE_SIZE))
+        return self.tx.free_requests() >= nslots + (f.gso is not None) and self._tx_slots(nslots) is not None
+
+    def put(self, f: TxFrame, stats: dict[str, int]) -> None:
+        """The frame into transmit pages and requests (the caller checked :meth:`room`)."""
+        frame = memoryview(f.data)
+        total = len(frame)
+        nslots = max(1, -(-total // PAGE_SIZE))
+        slots = self._tx_slots(nslots)
+        if slots is None:
+            raise RingOverflow("no transmit slots: room() was not asked")
+        buffer, gfns, refs, in_flight = self.host.memory.buffer, self.tx_gfns, self.tx_refs, self.tx_in_flight
+        first = slots[0]
+        pack = TX_REQUEST.pack
+        flags = (NETTXF_more_data if nslots > 1 else 0) | (NETTXF_csum_blank if f.csum_blank else 0) | \
+            (NETTXF_data_validated if f.data_validated else 0) | (NETTXF_extra_info if f.gso else 0)
+        requests = [pack(refs[first], 0, flags, first, total)]
+        if f.gso is not None:
+            requests.append(_gso_slot(f.gso.size, f.gso.type))
+        sent = (slots, f)
+        if type(slots) is range and self.tx_contiguous:
+            # The usual frame: one copy into consecutive pages, the middle requests ready made.
+            at = gfns[first] * PAGE_SIZE
+            buffer[at:at + total] = frame
+            in_flight[first:first + nslots] = b"\1" * nslots
+            self.tx_owner[first:first + nslots] = [sent] * nslots
+            if nslots > 1:
+                last = first + nslots - 1
+                requests += self.tx_middle[first + 1:last]
+                requests.append(pack(refs[last], 0, 0, last, total - (nslots - 1) * PAGE_SIZE))
+        else:
+            for i, slot in enumerate(slots):
+                at = gfns[slot] * PAGE_SIZE
+                chunk = frame[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+                buffer[at:at + len(chunk)] = chunk
+                in_flight[slot] = 1
+                self.tx_owner[slot] = sent
+                if i:
+                    requests.append(pack(refs[slot], 0, NETTXF_more_data if i < nslots - 1 else 0, slot, len(chunk)))
+        if type(slots) is range:
+            self.tx_next = slots.stop
+        self.tx.put_requests(requests)
+        self.tx_sent.append(sent)
+        self.tx_pushed = True
+        stats["tx_packets"] += 1
+        if f.gso is not None:
+            stats["tx_gso"] += 1
+
+    def push_tx(self) -> None:
+        if self.tx_pushed:
+            self.tx_pushed = False
+            if self.tx.push_requests():
+                self.host.notify(self.tx_port)
+
+    def reap_tx(self, want_event: bool = True) -> None:
+        """Buffers whose requests were answered are free again (an id answered twice frees once).
+
+        Without ``want_event`` the backend is asked not to notify for the
+        next answers: the data loop reaps them on its next pass anyway, and
+        needs an event only while frames wait for room (:meth:`want_tx_event`).
+        Each event spared is a wakeup of this domain and an eventfd write
+        in the backend's loop (a wakeup across CPUs costs some 40 us here).
+        """
+        in_flight = self.tx_in_flight
+        while True:
+            for rid, status in map(_unpack_tx_response, self.tx.take_responses()):
+                if 0 <= rid < TX_RING_SIZE and status != 1:
+                    in_flight[rid] = 0
+            if not want_event:
+                self.tx.ignore_responses()
+                break
+            if not self.tx.final_check_for_responses():
+                break
+        sent = self.tx_sent
+        while sent and not self._still_sent(sent[0]):
+            sent.popleft()
+
+    def want_tx_event(self) -> bool:
+        """Ask for an event on the next answer; True if answers came meanwhile (reap them now)."""
+        return self.tx.final_check_for_responses()
+
+    def unanswered(self) -> list[TxFrame]:
+        """Frames the backend has not answered, in the order they were sent (it died: they go on again)."""
+        return [sent[1] for sent in self.tx_sent if self._still_sent(sent)]
+
+    # ---- receive -------------------------------------------------------------------------
+
+    def reap_rx(self, stats: dict[str, int]) -> list[tuple[bytes, bytes]]:
+        """Frames the backend wrote, each with its virtio-net header; their pages are posted again at once.
+
+        A packet is its first data slot, the extra-info slots chained after
+        it (``XEN_NETIF_EXTRA_FLAG_MORE``; a GSO extra says how to segment),
+        then its other data slots.  A packet whose first data slot is also
+        its last is complete only once its extra slots are read: a GSO
+        super-frame can fit one page.
+        """
+        frames: list[tuple[bytes, bytes]] = []
+        repost = []
+        buffer, gfns, posted = self.host.memory.buffer, self.rx_gfns, self.rx_posted
+        unpack = RX_RESPONSE.unpack_from      # (id, offset, flags, status): an RxResponse's fields, no named tuple
+        while True:
+            for raw in self.rx.take_responses():
+                if not posted:
+                    raise RingOverflow("a receive response without a posted request")
+                buf = posted.popleft()
+                repost.append(buf)
+                if self.rx_in_extras:                  # an extra-info slot: its buffer was not written
+                    extra = parse_extra_info(raw)
+                    if extra.type == XEN_NETIF_EXTRA_TYPE_GSO and isinstance(extra.body, GsoInfo):
+                        self.rx_gso = extra.body
+                    self.rx_in_extras = extra.more
+                    if not extra.more and self.rx_data_done:
+                        self._finish_packet(frames, stats)
+                    continue
+                _id, offset, flags, status = unpack(raw)
+                if not self.rx_partial:
+                    self.rx_first_flags, self.rx_gso = flags, None
+                    self.rx_in_extras = bool(flags & NETRXF_extra_info)
+                if status >= 0 and offset + status <= PAGE_SIZE:
+                    # A view, copied once when the packet is joined (or below, if it is not complete).
+                    at = gfns[buf] * PAGE_SIZE + offset
+                    self.rx_partial.append(buffer[at:at + status])
+                else:
+                    self.rx_partial.append(b"")
+                    stats["rx_errors"] += 1
+                if not flags & NETRXF_more_data:
+                    self.rx_data_done = True
+                    if not self.rx_in_extras:
+                        self._finish_packet(frames, stats)
+            if not self.rx.final_check_for_responses():
+                break
+        if self.rx_partial:
+            # A packet whose last slots have not come: its pages are about to be posted again.
+            self.rx_partial = [bytes(p) for p in self.rx_partial]
+        self.post_rx(repost)
+        return frames
+
+    def _finish_packet(self, frames: list[tuple[bytes, bytes]], stats: dict[str, int]) -> None:
+        frame = b"".join(self.rx_partial)
+        if all(self.rx_partial) and frame:
+            flags = self.rx_first_flags
+            out = to_tap(frame, bool(flags & NETRXF_csum_blank), bool(flags & NETRXF_data_validated), self.rx_gso)
+            if out is None:
+                stats["rx_errors"] += 1
+            else:
+                frames.append((out[0].pack(), out[1]))
+                stats["rx_packets"] += 1
+                if self.rx_gso is not None:
+                    stats["rx_gso"] += 1
+        self.rx_partial = []
+        self.rx_data_done = False
+
+    def post_rx(self, ids: list[int] | range | None = None) -> None:
+        rx, refs = self.rx, self.rx_refs
+        take = list(range(RX_RING_SIZE) if ids is None else ids)[:rx.free_requests()]
+        pack = RX_REQUEST.pack
+        rx.put_requests([pack(i, refs[i]) for i in take])
+        self.rx_posted.extend(take)
+        if rx.push_requests():
+            self.host.notify(self.rx_port)
