@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import sys
-from operator import add as _plus
 
 from ..abi.netif import (
     RX_REQUEST,
@@ -49,9 +47,6 @@ __all__ = ["QueueRings"]
 log = logging.getLogger("xdom.netfront")
 
 PAGE_SIZE = 4096
-#: XEN_NETIF_NR_SLOTS_MIN: a backend never chains more data slots to a packet (netfront refuses longer ones).
-_MAX_DATA_SLOTS = 18
-_unpack_rx = RX_RESPONSE.unpack_from               # (id, offset, flags, status)
 _unpack_tx_response = TX_RESPONSE.unpack       # (id, status): a TxResponse's fields, without the named tuple
 
 _GSO_SLOTS: dict[tuple[int, int], bytes] = {}
@@ -272,21 +267,11 @@ class QueueRings:
         super-frame can fit one page.
         """
         frames: list[tuple[bytes, bytes]] = []
-        repost: list[int] = []
+        repost = []
         buffer, gfns, posted = self.host.memory.buffer, self.rx_gfns, self.rx_posted
         unpack = RX_RESPONSE.unpack_from      # (id, offset, flags, status): an RxResponse's fields, no named tuple
-        usual = self._usual_packet if self.usual_rx else None
         while True:
-            raws = self.rx.take_responses()
-            i, n = 0, len(raws)
-            while i < n:
-                if usual is not None and not self.rx_partial and not self.rx_in_extras:
-                    used = usual(raws, i, frames, stats, repost)
-                    if used:
-                        i += used
-                        continue
-                raw = raws[i]
-                i += 1
+            for raw in self.rx.take_responses():
                 if not posted:
                     raise RingOverflow("a receive response without a posted request")
                 buf = posted.popleft()
@@ -321,66 +306,6 @@ class QueueRings:
             self.rx_partial = [bytes(p) for p in self.rx_partial]
         self.post_rx(repost)
         return frames
-
-    #: Whether reap_rx takes a usual packet whole (a test turns it off to compare the two ways).
-    usual_rx = sys.byteorder == "little"
-
-    def _usual_packet(self, raws: list[bytes], i: int, frames: list[tuple[bytes, bytes]], stats: dict[str, int],
-                      repost: list[int]) -> int:
-        """The packet starting at ``raws[i]`` if it is a usual one and all here: its slots consumed, its
-        frame made; returns how many slots it took, or 0 to leave it to the slot-by-slot way.
-
-        Usual: data slots that each fit their page and hold something, and
-        at most one extra slot, a GSO one.  What the slot-by-slot way does
-        with such a packet, this does with the slots' fields read as
-        columns and the pages of its whole middle as one view when they are
-        neighbours (a 64 KiB packet's 18 slots were a Python step each).
-        """
-        _id, off0, flags0, status0 = _unpack_rx(raws[i])
-        gso = None
-        data = i + 1
-        if flags0 & NETRXF_extra_info:
-            if data >= len(raws):
-                return 0
-            extra = parse_extra_info(raws[data])
-            if extra.type != XEN_NETIF_EXTRA_TYPE_GSO or not isinstance(extra.body, GsoInfo) or extra.more:
-                return 0
-            gso = extra.body
-            data += 1
-        offsets: list[int] = []
-        statuses: list[int] = []
-        if flags0 & NETRXF_more_data:
-            fields = memoryview(b"".join(raws[data:data + _MAX_DATA_SLOTS]))
-            ends = [f & NETRXF_more_data for f in fields.cast("H")[2::4]]
-            if 0 not in ends:
-                return 0
-            k = ends.index(0) + 1
-            offsets = fields.cast("H")[1:4 * k:4].tolist()
-            statuses = fields.cast("h")[3:4 * k:4].tolist()
-        count = data - i + len(statuses)
-        posted = self.rx_posted
-        if len(posted) < count or status0 <= 0 or off0 + status0 > PAGE_SIZE or \
-                (statuses and (min(statuses) <= 0 or max(map(_plus, offsets, statuses)) > PAGE_SIZE)):
-            return 0
-        take = posted.popleft
-        bufs = [take() for _ in range(count)]
-        repost += bufs
-        buffer, gfns = self.host.memory.buffer, self.rx_gfns
-        at = gfns[bufs[0]] * PAGE_SIZE + off0
-        views: list[bytes | memoryview] = [buffer[at:at + status0]]
-        rest = [gfns[b] for b in bufs[data - i:]]
-        if rest and rest == list(range(rest[0], rest[0] + len(rest))) and not any(offsets) \
-                and statuses[:-1].count(PAGE_SIZE) == len(statuses) - 1:
-            at = rest[0] * PAGE_SIZE
-            views.append(buffer[at:at + sum(statuses)])
-        else:
-            for g, off, st in zip(rest, offsets, statuses):
-                at = g * PAGE_SIZE + off
-                views.append(buffer[at:at + st])
-        self.rx_partial, self.rx_first_flags, self.rx_gso = views, flags0, gso
-        self.rx_data_done = True
-        self._finish_packet(frames, stats)
-        return count
 
     def _finish_packet(self, frames: list[tuple[bytes, bytes]], stats: dict[str, int]) -> None:
         frame = b"".join(self.rx_partial)
