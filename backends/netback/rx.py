@@ -60,6 +60,7 @@ from xdom.domains.abi.netif import (
     RxRequest,
     RxResponse,
     pack_extra_info,
+    packed_gso_extra,
 )
 
 from .tx import PAGE_SIZE, Checksum
@@ -290,7 +291,7 @@ class RxPlanner:
             rsp.byteswap()
         packed = rsp.tobytes()
         if gso is not None:
-            packed = packed[:RX_SLOT_SIZE] + _gso_slot(gso.size, gso.type) + packed[RX_SLOT_SIZE:]
+            packed = packed[:RX_SLOT_SIZE] + packed_gso_extra(gso.size, gso.type, RX_SLOT_SIZE) + packed[RX_SLOT_SIZE:]
         return RxRun(needed, grefs, packed)
 
 
@@ -299,15 +300,3 @@ _CSUM_FLAGS = {Checksum.PARTIAL: NETRXF_csum_blank | NETRXF_data_validated,
 # The data slots' responses, 16-bit fields in order: id, offset, flags, status (a status fits: at most a page).
 _RSP_TEMPLATE = array("H", [0, 0, NETRXF_more_data, PAGE_SIZE] * 64)
 _SWAP = sys.byteorder != "little"
-_GSO_SLOTS: dict[tuple[int, int], bytes] = {}
-
-
-def _gso_slot(size: int, gso_type: int) -> bytes:
-    """The GSO extra-info slot ``plan`` writes (the last extra: no FLAG_MORE), packed once per MSS and type."""
-    slot = _GSO_SLOTS.get((size, gso_type))
-    if slot is None:
-        if len(_GSO_SLOTS) > 64:
-            _GSO_SLOTS.clear()
-        slot = _GSO_SLOTS[size, gso_type] = pack_extra_info(
-            ExtraInfo(XEN_NETIF_EXTRA_TYPE_GSO, 0, GsoInfo(size, gso_type, 0, 0)), RX_SLOT_SIZE)
-    return slot

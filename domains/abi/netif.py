@@ -32,6 +32,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import NamedTuple
 
 from .ring import SharedRing, ring_size
@@ -396,6 +397,13 @@ def pack_extra_info(info: ExtraInfo, slot_size: int = EXTRA_INFO_SIZE) -> bytes:
 
 def gso_extra(size: int, gso_type: int, features: int = 0, flags: int = 0) -> ExtraInfo:
     return ExtraInfo(XEN_NETIF_EXTRA_TYPE_GSO, flags, GsoInfo(size, gso_type, 0, features))
+
+
+@lru_cache(maxsize=64)
+def packed_gso_extra(size: int, gso_type: int, slot_size: int) -> bytes:
+    """The last (no FLAG_MORE) GSO extra-info slot for an MSS and type, packed once: every super-frame
+    carries one, each way, and packing it from fresh dataclasses cost more than the rest of its slot."""
+    return pack_extra_info(gso_extra(size, gso_type), slot_size)
 
 
 def mcast_extra(addr: bytes, add: bool = True, flags: int = 0) -> ExtraInfo:

@@ -31,8 +31,7 @@ from ..abi.netif import (
     NETTXF_data_validated,
     NETTXF_extra_info,
     NETTXF_more_data,
-    gso_extra,
-    pack_extra_info,
+    packed_gso_extra,
     parse_extra_info,
     rx_shared_ring,
     tx_shared_ring,
@@ -48,20 +47,6 @@ log = logging.getLogger("xdom.netfront")
 
 PAGE_SIZE = 4096
 _unpack_tx_response = TX_RESPONSE.unpack       # (id, status): a TxResponse's fields, without the named tuple
-
-_GSO_SLOTS: dict[tuple[int, int], bytes] = {}
-
-
-def _gso_slot(size: int, gso_type: int) -> bytes:
-    """A TX ring's GSO extra-info slot, packed once per MSS and type (every super-frame carries one)."""
-    slot = _GSO_SLOTS.get((size, gso_type))
-    if slot is None:
-        if len(_GSO_SLOTS) > 64:
-            _GSO_SLOTS.clear()
-        slot = _GSO_SLOTS[size, gso_type] = pack_extra_info(gso_extra(size, gso_type), TX_SLOT_SIZE)
-    return slot
-
-
 
 class QueueRings:
     """One queue's rings, event channel(s) and granted buffers, and the packets it is part-way through."""
@@ -188,7 +173,7 @@ class QueueRings:
             (NETTXF_data_validated if f.data_validated else 0) | (NETTXF_extra_info if f.gso else 0)
         requests = [pack(refs[first], 0, flags, first, total)]
         if f.gso is not None:
-            requests.append(_gso_slot(f.gso.size, f.gso.type))
+            requests.append(packed_gso_extra(f.gso.size, f.gso.type, TX_SLOT_SIZE))
         sent = (slots, f)
         if type(slots) is range and self.tx_contiguous:
             # The usual frame: one copy into consecutive pages, the middle requests ready made.
