@@ -228,9 +228,13 @@ class RxResponse(NamedTuple):
     status: int
 
 
-@dataclass(frozen=True)
-class GsoInfo:
-    """``u.gso``: ``size`` is the segment payload size (the TCP MSS), ``type`` a ``XEN_NETIF_GSO_TYPE_*``."""
+class GsoInfo(NamedTuple):
+    """``u.gso``: ``size`` is the segment payload size (the TCP MSS), ``type`` a ``XEN_NETIF_GSO_TYPE_*``.
+
+    A named tuple, not a frozen dataclass: every TCP super-frame makes one
+    or more on its way (the ring's extra slot, the TAP's virtio-net header),
+    and a frozen dataclass costs four times as much to build.
+    """
     size: int
     type: int
     pad: int = 0
