@@ -146,18 +146,11 @@ class SharedRing:
                 self.write_slot(idx + i, data)
             return
         head, mask, slot = self._head, self.mask, self.slot_size
-        if len(datas) > 1 and set(map(len, datas)) == {slot}:
-            # whole slots (an RX response, a request): one or two copies of the joined run
-            blob = b"".join(datas)
-            first = idx & mask
-            run = min(len(datas), self.size - first) * slot
-            start = RING_HEADER_SIZE + first * slot
-            head[start:start + run] = blob[:run]
-            if run < len(blob):
-                head[RING_HEADER_SIZE:RING_HEADER_SIZE + len(blob) - run] = blob[run:]
-            return
         lengths = set(map(len, datas))
         length = lengths.pop() if len(lengths) == 1 else 0
+        if len(datas) > 1 and length == slot:
+            self.write_run(idx, b"".join(datas))       # whole slots (an RX response, a request)
+            return
         if len(datas) > 2 and length in _STRIDE_FORMATS and not slot % length:
             # equal responses shorter than a slot (TX's 4 bytes in 12): laid over a copy of the slots
             # at the slot's stride, the copy written back (the slots are ours until the peer consumes)
@@ -183,7 +176,8 @@ class SharedRing:
             head[off:off + count * slot] = region
 
     def write_run(self, idx: int, blob: bytes) -> None:
-        """Whole slots from ``idx``, packed end to end in ``blob`` (a multiple of the slot size)."""
+        """Whole slots from ``idx``, packed end to end in ``blob`` (a multiple of the slot size): one or
+        two copies (split at the wrap) on a one-page ring."""
         slot = self.slot_size
         if not self._single:
             self.write_slots(idx, [blob[i:i + slot] for i in range(0, len(blob), slot)])
