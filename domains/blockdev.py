@@ -45,7 +45,11 @@ worth sharing (a ring's notification, a reply's system call):
   row on one thread does so inside ``with completion_batch():``; ``done``
   callbacks may then leave work for the end of the batch (the server
   gathers the replies and sends them with one system call).  A read's
-  buffers are still only valid until its ``done`` returns.
+  buffers are still only valid until its ``done`` returns, unless the
+  device opened the batch with ``completion_batch(keeps_buffers=True)``:
+  it then keeps every read buffer it hands to a ``done`` inside the batch
+  as it was (not freed, not reused) until the batch has ended, and the
+  server may send them from there, without a copy.
 * ``completion_fd()``, ``reap_completions()``, ``attach_reaper()``,
   ``detach_reaper()`` (all or none): completions on the server's threads.
   Between ``attach_reaper()`` and ``detach_reaper()`` a caller polls
@@ -130,10 +134,12 @@ class CompletionBatch:
     """Work ``done`` callbacks left for the end of a run of completions: per key, a list of items and
     the function that finishes them (called once, at the end of the batch, with that list)."""
 
-    __slots__ = ("_work",)
+    __slots__ = ("_work", "keeps_buffers")
 
-    def __init__(self) -> None:
+    def __init__(self, keeps_buffers: bool = False) -> None:
         self._work: dict[object, tuple[list, Callable[[list], None]]] = {}
+        #: Read buffers handed over in this batch stay as they are until it ends (``completion_batch``).
+        self.keeps_buffers = keeps_buffers
 
     def items(self, key: object, finish: Callable[[list], None]) -> list:
         """The list of ``key``'s deferred items in this batch; ``finish(items)`` runs when the batch ends."""
@@ -157,15 +163,25 @@ _batches = threading.local()
 
 class completion_batch:
     """``with completion_batch(): ...`` around a run of ``done`` calls on this thread (see the module
-    docstring); nested uses join the outermost batch, which finishes the work when it ends."""
+    docstring); nested uses join the outermost batch, which finishes the work when it ends.
 
-    __slots__ = ("_batch",)
+    ``keeps_buffers=True`` (the device keeps its read buffers until the batch ends) always opens a
+    batch of its own, finished at its own end: joined to an outer one, the work would be finished
+    after the buffers it may send from are gone."""
+
+    __slots__ = ("_batch", "_outer", "_keeps")
+
+    def __init__(self, keeps_buffers: bool = False) -> None:
+        self._keeps = keeps_buffers
+        self._outer: CompletionBatch | None = None
 
     def __enter__(self) -> CompletionBatch | None:
-        if getattr(_batches, "current", None) is not None:
+        outer = getattr(_batches, "current", None)
+        if outer is not None and not self._keeps:
             self._batch = None
             return None
-        self._batch = _batches.current = CompletionBatch()
+        self._outer = outer
+        self._batch = _batches.current = CompletionBatch(self._keeps)
         return self._batch
 
     def __exit__(self, *exc: object) -> None:
@@ -174,7 +190,8 @@ class completion_batch:
             try:
                 batch._finish()
             finally:
-                _batches.current = None
+                _batches.current = self._outer
+                self._outer = None
 
 
 def current_completion_batch() -> CompletionBatch | None:

@@ -9,6 +9,7 @@ test_blk_domains.py.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -115,8 +116,9 @@ def call(submit, *args, timeout: float = 30.0):
     return out[0]
 
 
-def run_concurrently(front: Blkfront, ops: list[tuple], timeout: float = 60.0) -> list:
-    """Submit every op at once (a real queue depth) and collect results in submission order."""
+def run_concurrently(front: Blkfront, ops: list[tuple], timeout: float = 60.0, reads_at_once: bool = False) -> list:
+    """Submit every op at once (a real queue depth) and collect results in submission order;
+    ``reads_at_once``: the reads (all of ``ops``) in one ``submit_reads`` call, as the NBD server does."""
     results: list = [None] * len(ops)
     left = threading.Semaphore(0)
 
@@ -125,9 +127,13 @@ def run_concurrently(front: Blkfront, ops: list[tuple], timeout: float = 60.0) -
             results[i] = (error, b"".join(bytes(d) for d in data) if data is not None else None)
             left.release()
         return complete
+    if reads_at_once:
+        assert {kind for kind, *_ in ops} == {"read"}
+        front.submit_reads([(offset, length, completer(i)) for i, (_, offset, length) in enumerate(ops)])
+        ops = []
     for i, (kind, *args) in enumerate(ops):
         getattr(front, f"submit_{kind}")(*args, completer(i))
-    for _ in ops:
+    for _ in results:
         assert left.acquire(timeout=timeout), "operations never completed"
     return results
 
@@ -180,9 +186,10 @@ def exercise(front: Blkfront, path: str, seed: str) -> None:
     reads = [("read", off, length) for off, length in
              [(rng.randrange(0, len(model) // 512 - 2048) * 512, rng.choice((512, 4096, 65536, 1 << 20)))
               for _ in range(48)]]
-    for (_, off, length), (err, data) in zip(reads, run_concurrently(front, reads)):
-        assert err == 0
-        assert data == bytes(model[off:off + length]), f"read {off}+{length} differs"
+    for at_once in (False, True):            # one by one, and as one run (submit_reads: sizes mixed)
+        for (_, off, length), (err, data) in zip(reads, run_concurrently(front, reads, reads_at_once=at_once)):
+            assert err == 0
+            assert data == bytes(model[off:off + length]), f"read {off}+{length} differs ({at_once=})"
     assert call(front.submit_flush)[0] == 0
     with open(path, "rb") as f:
         assert f.read() == bytes(model), "image file differs from what was written"
@@ -255,6 +262,10 @@ def test_4096_byte_sectors(rig: Rig) -> None:
     assert call(front.submit_read, 4096, 8192) == (0, data)
     # Misaligned to the logical sector: refused by the frontend before the ring...
     assert call(front.submit_read, 512, 4096)[0] != 0
+    # ... and so in a run of reads, where the others are served all the same.
+    results = run_concurrently(front, [("read", 4096, 8192), ("read", 512, 4096), ("read", IMAGE_SIZE - 4096, 8192),
+                                       ("read", 4096, 4096)], reads_at_once=True)
+    assert results == [(0, data), (errno.EINVAL, b""), (errno.EINVAL, b""), (0, data[:4096])]
 
 
 def test_detach_then_attach_while_the_guest_runs(rig: Rig) -> None:
@@ -265,6 +276,7 @@ def test_detach_then_attach_while_the_guest_runs(rig: Rig) -> None:
     assert remove_vbd(rig.xs, rig.be.domid, rig.fe.domid, DEVID)
     wait_until(lambda: front.state == XenbusState.Closed, what="frontend closed")
     assert call(front.submit_read, 0, 4096)[0] != 0
+    assert run_concurrently(front, [("read", 0, 4096)] * 2, reads_at_once=True) == [(errno.ENODEV, b"")] * 2
     assert not rig.xs.exists(front.backend_path)
     wait_until(lambda: (rig.fe.domid, DEVID) not in rig.server.vbds, what="backend dropped the device")
     again = rig.attach(second)

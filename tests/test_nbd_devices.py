@@ -86,6 +86,13 @@ class _FaultyDevice:
         else:
             self._inner.submit_read(offset, length, done)
 
+    def submit_reads(self, reads: list[tuple[int, int, Any]]) -> None:
+        if any(offset == 4096 for offset, _, _ in reads):
+            self._inner.submit_read(8192, 4096, reads[-1][2])    # takes one, then explodes
+            raise RuntimeError("device exploded on a run of reads")
+        for offset, length, done in reads:
+            self.submit_read(offset, length, done)
+
     def submit_write(self, offset: int, data: memoryview, fua: bool, done: Any) -> None:
         done(0)                                          # twice: the second must be ignored
         done(errno.EIO)
@@ -116,6 +123,14 @@ def test_misbehaving_device_yields_errors_not_a_broken_stream(tmp_path: Any, soc
         assert c.reply() == (5, NbdErr.ENOSPC, b"")
         c.send(Cmd.READ, 6, 8192, 4096)
         assert c.reply() == (6, 0, bytes(4096))
+        # A run of reads in one recv (submit_reads) the device fails half way, having taken one: each
+        # gets one reply, EIO (or the data, if the device completed the one it took first).
+        c.pending.update({7: (Cmd.READ, 4096), 8: (Cmd.READ, 4096)})
+        c.sock.sendall(req(Cmd.READ, 7, 4096, 4096) + req(Cmd.READ, 8, 4096, 4096))
+        first, second = sorted([c.reply(), c.reply()])
+        assert first == (7, NbdErr.EIO, b"") and second in ((8, NbdErr.EIO, b""), (8, 0, bytes(4096)))
+        c.send(Cmd.READ, 9, 8192, 4096)
+        assert c.reply() == (9, 0, bytes(4096))
         c.close()
 
 
@@ -123,7 +138,9 @@ class _RingLikeDevice:
     """Shaped like blkfront: ``plug()``/``unplug()`` hold submissions back (nothing runs until unplug),
     and what is pushed completes in one batch inside ``completion_batch()``, on a thread of its own or,
     while a reaper is attached, on the reaper's thread (``completion_fd``/``reap_completions``); a read's
-    buffer is scribbled over as soon as its ``done`` returns."""
+    buffer is scribbled over as soon as its ``done`` returns (``keeps``: once the batch has ended)."""
+
+    keeps = False
 
     def __init__(self, inner: FileBlockDevice) -> None:
         for a in ("size", "sector_size", "read_only", "can_trim", "can_write_zeroes", "can_flush",
@@ -137,12 +154,18 @@ class _RingLikeDevice:
         self.plugs = self.batches = 0
         self.in_batch: list[bool] = []
         self.threads_used: set[str] = set()
+        self.submitted: list[tuple[str, int]] = []      # (what, offset) in the order the server submitted
+        self._kept = threading.local()
 
     def _run(self, ops: list[Any]) -> None:
         self.batches += 1
-        with completion_batch():
+        kept: list[bytearray] = []
+        self._kept.bufs = kept
+        with completion_batch(keeps_buffers=self.keeps):
             for op in ops:
                 op()
+        for buf in kept:
+            buf[:] = b"\xa5" * len(buf)
 
     def plug(self) -> None:
         with self._lock:
@@ -175,17 +198,25 @@ class _RingLikeDevice:
             buf = bytearray(os.pread(self._fd, length, offset))
             self.in_batch.append(current_completion_batch() is not None)
             self.threads_used.add(threading.current_thread().name)
-            done(0, [memoryview(buf)[:length // 2], memoryview(buf)[length // 2:]])
-            buf[:] = b"\xa5" * length
+            whole = memoryview(buf)
+            done(0, [whole] if length == 4096 or self.keeps else [whole[:length // 2], whole[length // 2:]])
+            if self.keeps:
+                self._kept.bufs.append(buf)
+            else:
+                buf[:] = b"\xa5" * length
+        self.submitted.append(("read", offset))
         self._submit(op)
 
     def submit_write(self, offset: int, data: memoryview, fua: bool, done: Any) -> None:
+        self.submitted.append(("write", offset))
+
         def op() -> None:
             os.pwrite(self._fd, data, offset)
             done(0)
         self._submit(op)
 
     def submit_flush(self, done: Any) -> None:
+        self.submitted.append(("flush", 0))
         self._submit(lambda: done(0))
 
     def submit_trim(self, offset: int, length: int, done: Any) -> None:
@@ -252,23 +283,47 @@ class _ReapedRingDevice(_RingLikeDevice):
         os.close(self._efd)
 
 
-@pytest.mark.parametrize("reaped", [False, True], ids=["device-threads", "reaped-by-connection"])
-def test_plugged_submissions_and_batched_replies(tmp_path: Any, sock_dir: str, reaped: bool) -> None:
-    """Replies gathered in a completion batch (small reads copied, large ones sent from the device's
-    buffers before ``done`` returns) all arrive, matched by handle, with the right data; the server
-    unplugs before it waits for room (else nothing held back would ever complete); a device that
-    lets the connection's thread reap has its completions run there."""
+class _KeepingRingDevice(_ReapedRingDevice):
+    """Shaped like blkfront's usual case: a run of READs taken in one ``submit_reads`` call, and each
+    read's data in one buffer kept until the completion batch has ended (``keeps_buffers``)."""
+
+    keeps = True
+
+    def __init__(self, inner: FileBlockDevice) -> None:
+        super().__init__(inner)
+        self.read_runs: list[int] = []
+
+    def submit_reads(self, reads: list[tuple[int, int, Any]]) -> None:
+        self.read_runs.append(len(reads))
+        for offset, length, done in reads:
+            self.submit_read(offset, length, done)
+
+
+DEVICES = {"device-threads": _RingLikeDevice, "reaped-by-connection": _ReapedRingDevice,
+           "runs-of-reads-kept-buffers": _KeepingRingDevice}
+
+
+@pytest.mark.parametrize("kind", list(DEVICES))
+def test_plugged_submissions_and_batched_replies(tmp_path: Any, sock_dir: str, kind: str) -> None:
+    """Replies gathered in a completion batch (small reads copied, or sent from buffers the device
+    keeps until the batch ends; large ones sent from the device's buffers before ``done`` returns)
+    all arrive, matched by handle, with the right data; the server unplugs before it waits for room
+    (else nothing held back would ever complete); a device that lets the connection's thread reap
+    has its completions run there; one that takes runs of READs gets them, every request still
+    submitted in the order the client sent it."""
     content = os.urandom(8 * MiB)
     devices: list[_RingLikeDevice] = []
+    reaped = kind != "device-threads"
 
     def wrap(inner: FileBlockDevice) -> _RingLikeDevice:
-        devices.append((_ReapedRingDevice if reaped else _RingLikeDevice)(inner))
+        devices.append(DEVICES[kind](inner))
         return devices[0]
     with serving(tmp_path, sock_dir, content=content, device=wrap, max_requests_in_flight=5) as (srv, _i, sock):
         c = RawClient(sock)
         c.handshake()
         expected = {}
         wire = b""
+        order = []
         for h in range(60):
             length = (4096, 512, 256 * 1024, 65536 + 512)[h % 4]
             off = (h * 7919 % 64) * 65536
@@ -278,13 +333,16 @@ def test_plugged_submissions_and_batched_replies(tmp_path: Any, sock_dir: str, r
                 wire += req(Cmd.WRITE, h, 6 * MiB + h * 4096, 4096, 0, data)
                 content = content[:6 * MiB + h * 4096] + data + content[6 * MiB + (h + 1) * 4096:]
                 expected[h] = b""
+                order.append(("write", 6 * MiB + h * 4096))
             else:
                 c.pending[h] = (Cmd.READ, length)
                 wire += req(Cmd.READ, h, off, length)
                 expected[h] = content[off:off + length]
+                order.append(("read", off))
         c.pending[99] = (Cmd.FLUSH, 0)
         wire += req(Cmd.FLUSH, 99)
         expected[99] = b""
+        order.append(("flush", 0))
         c.sock.sendall(wire)                             # many requests per recv(): plugged submissions
         got = {}
         while c.pending:
@@ -302,6 +360,9 @@ def test_plugged_submissions_and_batched_replies(tmp_path: Any, sock_dir: str, r
         c.close()
         dev = devices[0]
         assert dev.plugs and dev.batches and all(dev.in_batch)
+        assert dev.submitted[:len(order)] == order
+        if isinstance(dev, _KeepingRingDevice):
+            assert max(dev.read_runs) > 1, dev.read_runs
         if reaped:
             assert {n.split("-")[1] for n in dev.threads_used} == {"conn"}, dev.threads_used
             for _ in range(600):
@@ -414,3 +475,26 @@ def test_write_payloads_received_into_the_devices_memory(tmp_path: Any, sock_dir
         dev.close()
     with open(img, "rb") as f:
         assert f.read() == bytes(model)
+
+
+def test_a_batch_that_keeps_buffers_is_never_joined_to_an_outer_one() -> None:
+    """Nested batches join the outermost, whose end finishes their work -- but a device that keeps its
+    read buffers only until its own batch ends gets a batch of its own, finished at its own end (the
+    outer one's end could come after those buffers are freed), and the outer one is current again."""
+    finished: list[tuple[str, list]] = []
+
+    def finisher(name: str) -> Any:
+        return lambda items: finished.append((name, items[:]))
+    with completion_batch() as outer:
+        assert outer is not None and not outer.keeps_buffers
+        outer.items("conn", finisher("outer")).append(1)
+        with completion_batch() as joined:
+            assert joined is None and current_completion_batch() is outer
+        with completion_batch(keeps_buffers=True) as own:
+            assert own is not None and own is not outer and own.keeps_buffers
+            assert current_completion_batch() is own
+            own.items("conn", finisher("own")).append(2)
+        assert finished == [("own", [2])]
+        assert current_completion_batch() is outer
+    assert finished == [("own", [2]), ("outer", [1])]
+    assert current_completion_batch() is None

@@ -121,6 +121,7 @@ class Completions(RequestRings):
 
     def _reap(self) -> None:
         finished: list[Op] = []
+        usual: list[Req] = []                     # the usual read: one request carried all of it
         release: list[Page] = []                  # freed under the lock taken after the callbacks
         release_front: list[Page] = []            # indirect pages (GrantedPages.get)
         with self._lock:
@@ -142,6 +143,12 @@ class Completions(RequestRings):
                             continue
                         q.responses += 1
                         op = req.op
+                        if (status == BLKIF_RSP_OKAY and op.outstanding == 1 and op.kind == BLKIF_OP_READ and not op.error
+                                and not op.read_pages and op.next_byte >= op.length and not op.redo
+                                and not req.indirect):
+                            op.outstanding = 0            # done: what the general steps below conclude
+                            usual.append(req)
+                            continue
                         op.outstanding -= 1
                         if status != BLKIF_RSP_OKAY and not op.error:
                             op.error = errno.EOPNOTSUPP if status == -2 else errno.EIO
@@ -161,8 +168,18 @@ class Completions(RequestRings):
                             finished.append(op)
                     if not q.ring.final_check_for_responses():
                         break
-        # One batch: the NBD server sends the replies of all these operations together when it ends.
-        with completion_batch():
+        # One batch: the NBD server sends the replies of all these operations together when it ends,
+        # from the read pages themselves (freed below, after it: keeps_buffers).
+        with completion_batch(keeps_buffers=True):
+            for req in usual:
+                pages = req.pages
+                views = [pages[0].view] if req.length == PAGE_SIZE and req.copy is None else self._read_views(req)
+                try:
+                    req.op.done(0, views)
+                except Exception:
+                    log.exception("vbd %d: completion callback failed", self.devid)
+                views.clear()
+                release += pages
             for op in finished:
                 answered = op.read_pages
                 if op.kind == BLKIF_OP_READ and len(answered) == 1 and not op.error:

@@ -266,9 +266,16 @@ class RequestCompletion:
         if not err and req.length <= _COPY_MAX:
             batch = current_completion_batch()
             if batch is not None:
-                # The common completion: a small read in a batch, its data copied into the batch's reply.
-                data = b"".join(bufs)
-                if len(data) == req.length:
+                # The common completion: a small read in a batch, its data sent with the batch's replies:
+                # from the device's buffer where it keeps it until then, else from a copy.
+                data: Buffer
+                view = bufs[0] if batch.keeps_buffers and len(bufs) == 1 else None
+                if type(view) is memoryview:
+                    data, whole = view, view.nbytes == req.length
+                else:
+                    data = b"".join(bufs)
+                    whole = len(data) == req.length
+                if whole:
                     conn = self._conn
                     batch.items(conn, conn._reply_all).append((req.handle, 0, data, self._cost))
                     return

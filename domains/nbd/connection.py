@@ -106,6 +106,9 @@ class Connection(CompletionSide):
         self._plug = plug if callable(plug) and callable(unplug) else None
         self._unplug: Callable[[], None] = unplug if plug is not None and callable(unplug) else _nothing
         self._plugged = False
+        # A device that takes a run of READs in one call (one taking of its lock): given each recv()'s.
+        reads = getattr(dev, "submit_reads", None)
+        self._submit_reads: Callable[[list], None] | None = reads if callable(reads) else None
         # A device whose completions this thread may run (see blockdev.py): polled with the socket.
         self._reaps = all(callable(getattr(dev, a, None)) for a in _REAPER_METHODS)
         self._reaper: Any = dev         # only when _reaps: it has the _REAPER_METHODS
@@ -275,7 +278,13 @@ class Connection(CompletionSide):
                 self._unplug()
 
     def _dispatch(self, events: list) -> bool | None:
-        """Act on what one recv() produced; True/False: the session ends (hard or not)."""
+        """Act on what one recv() produced; True/False: the session ends (hard or not).
+
+        The common request, a READ within the limits, is admitted at once (what ``_submit`` does,
+        without its other cases); a run of them goes to the device in one call where it takes one
+        (``submit_reads``), handed over before any other event is acted on, so that the device sees
+        every request in the order the client sent it."""
+        reads: list[tuple[int, int, Callable]] = []
         for ev in events:
             if type(ev) is Request:
                 if self._plug is not None and not self._plugged:
@@ -284,19 +293,20 @@ class Connection(CompletionSide):
                 length = ev.length
                 if (ev.kind is _READ and self._busy < self._max_requests and not self._stopping
                         and self._busy_bytes + self._out_bytes + length <= self._max_bytes and not self._broken):
-                    # The common request, admitted at once (what _submit does, without its other cases).
                     with self._lock:
                         self._busy += 1
                         self._busy_bytes += length
-                    op = RequestCompletion(self, ev, length)
-                    try:
-                        self._dev.submit_read(ev.offset, length, op.read_done)
-                    except Exception:
-                        log.exception("%s: device rejected READ", self.name)
-                        op.done(errno.EIO)
+                    reads.append((ev.offset, length, RequestCompletion(self, ev, length).read_done))
                     continue
+                if reads:
+                    self._hand_reads(reads)
+                    reads = []
                 self._submit(ev)
-            elif isinstance(ev, Ready):
+                continue
+            if reads:
+                self._hand_reads(reads)
+                reads = []
+            if isinstance(ev, Ready):
                 log.info("%s: %s entered transmission on export %r (flags %#x)",
                          self.name, self.peer, ev.export_name, ev.transmission_flags)
             elif isinstance(ev, RequestRejected):
@@ -309,7 +319,30 @@ class Connection(CompletionSide):
                     return False
                 log.warning("%s: protocol error from %s: %s", self.name, self.peer, ev.reason)
                 return True
+        if reads:
+            self._hand_reads(reads)
         return None
+
+    def _hand_reads(self, reads: list[tuple[int, int, Callable]]) -> None:
+        """Submit admitted READs ``(offset, length, read_done)``; a device that fails the call fails
+        (EIO) those it did not take (each ``done`` runs at most once: ``RequestCompletion``)."""
+        many = self._submit_reads
+        if many is not None and len(reads) > 1:
+            try:
+                many(reads)
+                return
+            except Exception:
+                log.exception("%s: device rejected %d READs", self.name, len(reads))
+                for *_, done in reads:
+                    done(errno.EIO, ())
+                return
+        submit = self._dev.submit_read
+        for offset, length, done in reads:
+            try:
+                submit(offset, length, done)
+            except Exception:
+                log.exception("%s: device rejected READ", self.name)
+                done(errno.EIO, ())
 
     def _submit(self, req: Request) -> None:
         kind = req.kind

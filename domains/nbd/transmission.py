@@ -191,7 +191,8 @@ class InFlight:
                 kind, length = queue[0]
                 if kind is _CMD_READ:
                     # The common success: one READ buffer of exactly the length asked for.
-                    if type(data) is bytes and len(data) == length:
+                    if (type(data) is bytes and len(data) == length) or \
+                            (type(data) is memoryview and data.nbytes == length):
                         del pending[handle]
                         self.count -= 1
                         out.append(pack(SIMPLE_REPLY_MAGIC, 0, handle))
