@@ -42,6 +42,7 @@ import time
 from typing import Any
 
 import psutil
+from steal import StealClock, steal_range
 
 MiB, GiB = 1 << 20, 1 << 30
 # key, label, fio rw, block size, iodepth, the figure shown
@@ -148,8 +149,10 @@ def measure(sock: str, pids: dict[str, int], key: str, rw: str, bs: str, qd: int
     with open(image, "rb") as f:
         os.fsync(f.fileno())     # earlier jobs' dirty pages go to disk now, not during this job
     before = cpu_seconds(pids)
-    res = fio(sock, key, rw, bs, qd, args.runtime, args.size)
+    with StealClock() as steal:
+        res = fio(sock, key, rw, bs, qd, args.runtime, args.size)
     after = cpu_seconds(pids)
+    res["steal"] = steal.percent
     gib = res["bytes"] / GiB
     res["cpu_per_gib"] = {n: (after[n] - before[n]) / gib if gib else float("nan") for n in pids}
     return res
@@ -167,7 +170,7 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], args: argparse.N
           f"image; {args.rounds} round(s) of {args.runtime:g} s per fio job, medians; fio nbd engine, 1 job, buffered; "
           f"{os.cpu_count()} CPUs)\n{line}")
     print(f"  {'test':<38} {'OURS':>10} {'nbdkit':>10} {'ours/nbdkit':>12} {'rounds':>13}   "
-          f"{'CPU s/GiB: blk0':>15} {'g1':>6} {'broker':>6} {'nbdkit':>7}")
+          f"{'CPU s/GiB: blk0':>15} {'g1':>6} {'broker':>6} {'nbdkit':>7} {'steal':>8}")
     for key, label, *_, fig in TESTS:
         ours, ref = results[key]["ours"], results[key]["nbdkit"]
         o, n = summarise(ours, fig), summarise(ref, fig)
@@ -176,9 +179,12 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], args: argparse.N
         fmt = "{:>10,.0f}" if fig == "iops" else "{:>10,.1f}"
         print(f"  {label:<38} {fmt.format(o[fig])} {fmt.format(n[fig])} {o[fig] / n[fig]:>11.3f}x "
               f"{f'{min(paired):.2f}-{max(paired):.2f}x':>13}   {oc['blk0']:>15.2f} {oc['g1']:>6.2f} "
-              f"{oc.get('broker', float('nan')):>6.2f} {nc['nbdkit']:>7.2f}")
+              f"{oc.get('broker', float('nan')):>6.2f} {nc['nbdkit']:>7.2f} "
+              f"{steal_range([r['steal'] for r in ours + ref]):>8}")
     print("  (ours/nbdkit: the ratio of the medians; rounds: the lowest and highest ratio of one round's pair;")
-    print("   CPU s/GiB: user+system seconds the serving processes used during the job, per GiB fio moved)")
+    print("   CPU s/GiB: user+system seconds the serving processes used during the job, per GiB fio moved;")
+    print("   steal: the CPU time the hypervisor gave other guests during the row's jobs, lowest-highest:")
+    print("   a row with tens of per cent measured the neighbours as much as xdom)")
     print(f"\n(total wall time {wall:.1f} s)\n{line}")
 
 

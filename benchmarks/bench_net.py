@@ -47,6 +47,7 @@ import time
 from typing import Any
 
 import psutil
+from steal import StealClock, steal_range
 
 GiB = 1 << 30
 TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ = 0x400454CA, 0x400454D0, 0x400454D8
@@ -186,8 +187,10 @@ def iperf(ns_client: str, ns_server: str, server_ip: str, seconds: float, pids: 
     deadline = time.monotonic() + 10
     while True:
         before, slept = cpu_seconds(pids), sleeps(pids)
-        res = subprocess.run(["ip", "netns", "exec", ns_client, "iperf3", "-c", server_ip, "-t", f"{seconds:g}",
-                              "-J"], capture_output=True, text=True, timeout=seconds + 60, stdin=subprocess.DEVNULL)
+        with StealClock() as steal:
+            res = subprocess.run(["ip", "netns", "exec", ns_client, "iperf3", "-c", server_ip, "-t",
+                                  f"{seconds:g}", "-J"], capture_output=True, text=True, timeout=seconds + 60,
+                                 stdin=subprocess.DEVNULL)
         after, woke = cpu_seconds(pids), sleeps(pids)
         if "Connection refused" not in res.stdout + res.stderr or time.monotonic() > deadline:
             break
@@ -206,7 +209,7 @@ def iperf(ns_client: str, ns_server: str, server_ip: str, seconds: float, pids: 
     if not gib:
         raise BenchError(f"iperf3 to {server_ip}: no bytes received in {seconds:g} s")
     return {"gbit_s": rx["bits_per_second"] / 1e9, "retr": end["sum_sent"].get("retransmits", 0),
-            "bytes": rx["bytes"], "cpu_per_gib": {n: (after[n] - before[n]) / gib for n in pids},
+            "bytes": rx["bytes"], "cpu_per_gib": {n: (after[n] - before[n]) / gib for n in pids}, "steal": steal.percent,
             "sleeps_per_64k": {n: (woke[n] - slept[n]) / (rx["bytes"] / 65536) for n in pids}}
 
 
@@ -241,12 +244,14 @@ def report(runs: dict[str, list[dict[str, Any]]], pairs: dict[str, list[float]],
     print(f"\n{line}\nxdom network benchmark ({'quick' if args.quick else 'full'} run; iperf3 TCP, 1 stream, "
           f"{args.rounds} round(s) of {args.seconds:g} s, medians; MTU 1500; {os.cpu_count()} CPUs)\n{line}")
     veth = res["veth"]["gbit_s"]
-    print(f"  {'path':<46} {'Gbit/s':>9} {'retr':>7} {'vs veth':>9} {'ours/this':>10} {'CPU s/GiB':>10}")
+    print(f"  {'path':<46} {'Gbit/s':>9} {'retr':>7} {'vs veth':>9} {'ours/this':>10} {'CPU s/GiB':>10} "
+          f"{'steal':>8}")
     for key, label in PATHS:
         r = res[key]
         ours = "" if key in ("ours", "builtin", "veth") else f"{res['ours']['gbit_s'] / r['gbit_s']:>9.4f}x"
         cpu = f"{sum(r['cpu_per_gib'].values()):.2f}" if r["cpu_per_gib"] else "-"
-        print(f"  {label:<46} {r['gbit_s']:>9.3f} {r['retr']:>7.0f} {r['gbit_s'] / veth:>8.4f}x {ours:>10} {cpu:>10}")
+        print(f"  {label:<46} {r['gbit_s']:>9.3f} {r['retr']:>7.0f} {r['gbit_s'] / veth:>8.4f}x {ours:>10} {cpu:>10} "
+              f"{steal_range([run['steal'] for run in runs[key]]):>8}")
     for key, mode in (("ours", "bridge"), ("builtin", "built-in switch")):
         print(f"  OURS ({mode}) CPU s/GiB by process: "
               + ", ".join(f"{n} {v:.2f}" for n, v in res[key]["cpu_per_gib"].items())
@@ -258,7 +263,8 @@ def report(runs: dict[str, list[dict[str, Any]]], pairs: dict[str, list[float]],
                       for key, mode in (("ours", "bridge"), ("builtin", "built-in switch"))))
     print(f"  (receiver-side rate; veth and the plain forwarder one run each, the TSO forwarder "
           f"{len(runs['vnet'])} runs; retr: TCP retransmits;")
-    print("   CPU s/GiB: user+system s of data-path processes per GiB)")
+    print("   CPU s/GiB: user+system s of data-path processes per GiB; steal: the CPU time the hypervisor gave")
+    print("   other guests during the path's runs, lowest-highest -- tens of per cent: the neighbours were measured too)")
     print(f"\n(total wall time {wall:.1f} s)\n{line}")
 
 

@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass, field
 
 import psutil
+from steal import StealClock
 
 from xdom.deploy import netns
 from xdom.deploy.control import ControlClient, endpoint_for
@@ -104,13 +105,15 @@ class Row:
     ref_iops: list[float] = field(default_factory=list)    # per image, through nbdkit
     cpu_per_io: dict[str, float] = field(default_factory=dict)       # us per I/O, by process group, xdom
     ref_cpu_per_io: dict[str, float] = field(default_factory=dict)   # the same through nbdkit
+    steal: float = float("nan")                  # %: the machine's steal time during the reads, xdom
+    ref_steal: float = float("nan")              # the same, nbdkit
     problems: list[str] = field(default_factory=list)
 
 
 def fio_randread(sockets: list[str], seconds: float, cwd: str,
-                 watch: dict[str, list[int]]) -> tuple[list[float], dict[str, float], str]:
+                 watch: dict[str, list[int]]) -> tuple[list[float], dict[str, float], float, str]:
     """One fio job per NBD socket, all at once: each job's read IOPS, the CPU each group of ``watch``
-    spent per I/O (microseconds; "fio" is added), or the error.
+    spent per I/O (microseconds; "fio" is added), the machine's steal time (%, steal.py), or the error.
 
     The CPU is taken over a window inside fio's measured period (after its ramp, before its end),
     so start-up and teardown count in neither the CPU nor the I/Os it is divided by."""
@@ -126,7 +129,8 @@ def fio_randread(sockets: list[str], seconds: float, cwd: str,
         time.sleep(RAMP + 0.5)
         groups = {**watch, "fio": fio_pids(proc.pid)}
         before, t0 = cpu_of_groups(groups), time.monotonic()
-        time.sleep(window)
+        with StealClock() as steal:
+            time.sleep(window)
         after, elapsed = cpu_of_groups(groups), time.monotonic() - t0
         cpu = {name: cpu_spent(before[name], after[name]) / elapsed for name in groups}
         out, err = proc.communicate(timeout=seconds + 120)
@@ -137,13 +141,13 @@ def fio_randread(sockets: list[str], seconds: float, cwd: str,
     try:
         jobs = json.loads(out[out.index("{"):])["jobs"]
     except (ValueError, KeyError):
-        return [], {}, f"fio exit status {proc.returncode}, no report: {err.strip()[-300:]}"
+        return [], {}, steal.percent, f"fio exit status {proc.returncode}, no report: {err.strip()[-300:]}"
     bad = [j["jobname"] for j in jobs if j.get("error")]
     if proc.returncode != 0 or bad:
-        return [], {}, f"fio exit status {proc.returncode}, errors in {bad}: {err.strip()[-300:]}"
+        return [], {}, steal.percent, f"fio exit status {proc.returncode}, errors in {bad}: {err.strip()[-300:]}"
     iops = [float(j["read"]["iops"]) for j in jobs]
     total = sum(iops)
-    return iops, {name: rate / total * 1e6 if total else float("nan") for name, rate in cpu.items()}, ""
+    return iops, {name: rate / total * 1e6 if total else float("nan") for name, rate in cpu.items()}, steal.percent, ""
 
 
 def fio_pids(pid: int) -> list[int]:
@@ -275,12 +279,12 @@ def measure(n: int, seconds: float, base: str) -> Row:
             row.ready_first, row.ready_last, row.ready_span = took[0], took[-1], when[-1] - when[0]
         exports = [rows[f"g{i}"]["devices"][0]["export"] for i in range(1, n + 1)]
         say(f"  up in {row.up:.1f} s; warm-up, then fio randread on {n} guests ...")
-        _, _, err = fio_randread(exports, WARMUP, base, {})
+        _, _, _, err = fio_randread(exports, WARMUP, base, {})
         if err:
             row.problems.append(f"through xdom (warm-up): {err}")
         guests = [rows[f"g{i}"]["pid"] for i in range(1, n + 1)]
         others = [rows["xs"]["pid"], rows["net0"]["pid"], ping["broker_pid"], ping["pid"]]
-        row.iops, row.cpu_per_io, err = fio_randread(
+        row.iops, row.cpu_per_io, row.steal, err = fio_randread(
             exports, seconds, base, {"guests": guests, "blkback": [rows["blk0"]["pid"]], "others": others})
         if err:
             row.problems.append(f"through xdom: {err}")
@@ -297,10 +301,10 @@ def measure(n: int, seconds: float, base: str) -> Row:
     say(f"  reference: nbdkit on the {n} images ...")
     kits = Nbdkits(images, base)
     try:
-        _, _, err = fio_randread(kits.sockets, WARMUP, base, {})
+        _, _, _, err = fio_randread(kits.sockets, WARMUP, base, {})
         if err:
             row.problems.append(f"through nbdkit (warm-up): {err}")
-        row.ref_iops, row.ref_cpu_per_io, err = fio_randread(kits.sockets, seconds, base,
+        row.ref_iops, row.ref_cpu_per_io, row.ref_steal, err = fio_randread(kits.sockets, seconds, base,
                                                              {"nbdkit": [p.pid for p in kits.procs]})
         if err:
             row.problems.append(f"through nbdkit: {err}")
@@ -337,15 +341,17 @@ def report(rows: list[Row], seconds: float) -> None:
     print("\nCPU per I/O during the reads (us; user + system of every process of the group, over a window "
           "inside fio's measured period):")
     print(f"{'N':>4} {'guests':>8} {'blkback':>8} {'others':>8} {'xdom':>8} {'fio':>8}   {'nbdkit':>8} {'fio':>8}   "
-          f"{'xdom/nbdkit':>11}")
+          f"{'xdom/nbdkit':>11}   {'steal xdom/nbdkit':>17}")
     for r in rows:
         c, rc = r.cpu_per_io, r.ref_cpu_per_io
         ours = sum(c.get(k, float("nan")) for k in ("guests", "blkback", "others"))
         ref = rc.get("nbdkit", float("nan"))
         print(f"{r.n:>4} {c.get('guests', float('nan')):8.1f} {c.get('blkback', float('nan')):8.1f} "
               f"{c.get('others', float('nan')):8.1f} {ours:8.1f} {c.get('fio', float('nan')):8.1f}   {ref:8.1f} "
-              f"{rc.get('fio', float('nan')):8.1f}   {ours / ref if ref else float('nan'):10.2f}x")
-    print("(others: xenstored, netback, the broker and the supervisor)")
+              f"{rc.get('fio', float('nan')):8.1f}   {ours / ref if ref else float('nan'):10.2f}x   "
+              f"{f'{r.steal:.0f}% / {r.ref_steal:.0f}%':>17}")
+    print("(others: xenstored, netback, the broker and the supervisor; steal: the CPU time the hypervisor gave other")
+    print(" guests during the reads (steal.py) -- tens of per cent: the neighbours were measured too)")
     print("goals (issue 14): up linear in N and 100 guests in under 30 s; aggregate IOPS not falling with N; "
           "slowest guest within 2x of the fastest")
     problems = [f"N = {r.n}: {p}" for r in rows for p in r.problems]
