@@ -172,27 +172,12 @@ class Completions(RequestRings):
         # from the read pages themselves (freed below, after it: keeps_buffers).
         with completion_batch(keeps_buffers=True):
             for req in usual:
-                pages = req.pages
-                views = [pages[0].view] if req.length == PAGE_SIZE and req.copy is None else self._read_views(req)
-                try:
-                    req.op.done(0, views)
-                except Exception:
-                    log.exception("vbd %d: completion callback failed", self.devid)
-                views.clear()
-                release += pages
+                self._read_done(req, release)
             for op in finished:
                 answered = op.read_pages
                 if op.kind == BLKIF_OP_READ and len(answered) == 1 and not op.error:
-                    # The usual read: one request's pages, whole but maybe the last.
-                    _, req = answered.popitem()
-                    pages = req.pages
-                    views = self._read_views(req)
-                    try:
-                        op.done(0, views)
-                    except Exception:
-                        log.exception("vbd %d: completion callback failed", self.devid)
-                    views.clear()
-                    release += pages
+                    # One request's pages, whole but maybe the last, answered among other responses.
+                    self._read_done(answered.popitem()[1], release)
                     continue
                 if op.kind == BLKIF_OP_WRITE and op.then_flush and not op.error:
                     op.then_flush = False
@@ -213,6 +198,16 @@ class Completions(RequestRings):
                 self._push_all()
 
     # ---- handing results to the user -------------------------------------------------------
+
+    def _read_done(self, req: Req, release: list[Page]) -> None:
+        """Complete the read ``req`` carried whole, from its pages (``release``: freed after the batch)."""
+        views = self._read_views(req)
+        try:
+            req.op.done(0, views)
+        except Exception:
+            log.exception("vbd %d: completion callback failed", self.devid)
+        views.clear()
+        release += req.pages
 
     def _read_views(self, req: Req) -> list[memoryview]:
         """What an answered read request carries: its pages (one view for a run of frames), or the
