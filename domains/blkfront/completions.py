@@ -128,13 +128,14 @@ class Completions(RequestRings):
             if self.state != XenbusState.Connected:
                 return
             unpack, shadow = self.abi.response.unpack_from, self._shadow
+            broken = ""
             for q in self._queues:
-                while True:
+                while not broken:
                     try:
                         raws = q.ring.take_responses()
                     except RingOverflow as e:
-                        log.error("vbd %d: backend broke ring %d: %s", self.devid, q.index, e)
-                        raws = []
+                        broken = f"ring {q.index}: {e}"
+                        break
                     for raw in raws:
                         rid, _, status = unpack(raw)
                         req = shadow.pop(rid, None)
@@ -166,8 +167,17 @@ class Completions(RequestRings):
                             release += req.pages
                         if op.outstanding == 0 and op.next_byte >= op.length and not op.redo:
                             finished.append(op)
-                    if not q.ring.final_check_for_responses():
-                        break
+                    try:
+                        if not q.ring.final_check_for_responses():
+                            break
+                    except RingOverflow as e:
+                        broken = f"ring {q.index}: {e}"
+            if broken:
+                # Linux's blkfront then fails the device's I/O (BLKIF_STATE_ERROR).  What was in flight
+                # fails now; new I/O waits for the backend to come back (a restart: new rings).
+                log.error("vbd %d: backend d%d broke %s: failing %d request(s) in flight", self.devid,
+                          self.backend_domid, broken, len(shadow))
+                self._shut(errno.EIO)
         # One batch: the NBD server sends the replies of all these operations together when it ends,
         # from the read pages themselves (freed below, after it: keeps_buffers).
         with completion_batch(keeps_buffers=True):
@@ -196,6 +206,10 @@ class Completions(RequestRings):
             if self._pending and self.state == XenbusState.Connected:
                 self._kick_pending()
                 self._push_all()
+
+    def _shut(self, error: int) -> None:
+        """Fail everything in flight or waiting, and let the rings go (the device's: :mod:`.device`)."""
+        raise NotImplementedError
 
     # ---- handing results to the user -------------------------------------------------------
 
