@@ -22,6 +22,7 @@ from helpers import wait_until
 from test_blk_matrix import DEVID, Rig
 
 from xdom.domains.abi.blkif import BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, pack_response, parse_request
+from xdom.domains.blkfront.completions import LOGGED_IGNORED
 from xdom.domains.blkfront.device import FrontendOptions
 
 pytestmark = pytest.mark.timeout(120)
@@ -103,6 +104,7 @@ def test_forged_responses_complete_each_operation_once_with_its_own_status(rig: 
     assert got.calls["big"] == [(errno.EIO, 0)]
     assert [got.calls[n] for n in "def"] == [[(0, 4096)]] * 3
     assert [got.calls[n] for n in "ghi"] == [[], [], []]           # their response slots went to the repeats
+    assert front.stats()["ignored_responses"] == 3                 # the unknown id and the two repeats
     # Closing fails what is still in flight, once each; nothing completed twice on the way.
     front.close()
     wait_until(lambda: got.count() == 10, what="g, h and i failed at close")
@@ -131,3 +133,23 @@ def test_a_response_index_past_the_ring_fails_what_is_in_flight_and_kills_no_thr
     front.close()
     wait_until(lambda: got.count() == 3, what="the waiting read failed at close")
     assert got.calls["c"] == [(errno.ENODEV, 0)]
+
+
+def test_forged_responses_do_not_flood_the_guests_log(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """Each forged response takes the slot of a request in flight, so the guest's own I/O bounds how many
+    come; still, as blkback does with a frontend's bad requests, only the first few are logged one by one."""
+    front = rig.attach(rig.image())
+    ring = hijack(rig)
+    got = Completed()
+    n = 30
+    front.submit_reads([(i * 4096, 4096, got.done(f"r{i}")) for i in range(n)])
+    wait_until(lambda: ring.ring.unconsumed_requests() >= n, what="the requests on the ring")
+    reqs = [parse_request(ring.abi, raw) for raw in ring.ring.take_requests()]
+    with caplog.at_level("WARNING", logger="xdom.blkfront"):
+        answer(ring, [(1_000_000 + i, r.operation, BLKIF_RSP_OKAY) for i, r in enumerate(reqs)])
+        wait_until(lambda: front.stats()["ignored_responses"] == n, what="the forged responses seen")
+    lines = [r for r in caplog.records if "unknown request id" in r.getMessage()]
+    assert len(lines) == LOGGED_IGNORED < n
+    assert got.count() == 0
+    front.close()
+    wait_until(lambda: got.count() == n, what="the reads failed at close")

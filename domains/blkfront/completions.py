@@ -37,6 +37,7 @@ from .requests import Op, Req, RequestRings
 log = logging.getLogger("xdom.blkfront")
 
 DEFERRED_RETRY_MS = 100               # how often frames the backend still maps are tried again
+LOGGED_IGNORED = 20                   # responses for ids not in flight logged one by one; then every 1000th
 
 
 class Completions(RequestRings):
@@ -140,7 +141,11 @@ class Completions(RequestRings):
                         rid, _, status = unpack(raw)
                         req = shadow.pop(rid, None)
                         if req is None:
-                            log.warning("vbd %d: response for unknown request id %d ignored", self.devid, rid)
+                            self.ignored_responses += 1
+                            n = self.ignored_responses
+                            if n <= LOGGED_IGNORED or n % 1000 == 0:      # a backend must not flood our log
+                                log.warning("vbd %d: response for unknown request id %d ignored (%d so far)",
+                                            self.devid, rid, n)
                             continue
                         q.responses += 1
                         op = req.op

@@ -380,7 +380,8 @@ class Blkfront(Completions):
         with self._lock:
             return {"in_flight": len(self._shadow), "pending": len(self._pending), "reconnects": self.reconnects,
                     "persistent_frames": self._grants.count, "frames_still_mapped": len(self._grants.deferred),
-                    "indirect_requests": self.indirect_requests, "reissued": self.reissued}
+                    "indirect_requests": self.indirect_requests, "reissued": self.reissued,
+                    "ignored_responses": self.ignored_responses}
 
     def queue_stats(self) -> list[dict[str, int]]:
         """Per queue of the current connection: ring pages, requests put on it, responses taken off it."""

@@ -124,6 +124,7 @@ class RequestRings(XenbusFrontend):
         self.reconnects = 0
         self.indirect_requests = 0                # counters of what the connections really used
         self.reissued = 0                         # requests in flight when a backend went, issued again
+        self.ignored_responses = 0                # for ids not in flight: a broken or hostile backend's
         self._queues: list[Queue] = []
         self._terms: Negotiated = NOT_CONNECTED   # what the current connection negotiated
         self._ids = itertools.count(1)
