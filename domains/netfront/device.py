@@ -121,7 +121,7 @@ class Netfront(XenbusFrontend):
         self.pool = pool or FramePool.of(host)
         super().__init__(xs, host.domid, devid)
         self.stats = {"tx_packets": 0, "tx_dropped": 0, "tx_gso": 0, "rx_packets": 0, "rx_errors": 0,
-                      "rx_gso": 0, "reconnects": 0, "tx_resent": 0}
+                      "rx_gso": 0, "reconnects": 0, "tx_resent": 0, "broken_rings": 0}
         self.offloads = BackendOffloads()
         self._queues: list[QueueRings] = []
         self._deferred: list[tuple[int, int]] = []
@@ -212,13 +212,16 @@ class Netfront(XenbusFrontend):
         self._kick()
         self.xs.transaction(body)
 
-    def _teardown(self) -> None:
+    def _teardown(self, reap: bool = True) -> None:
+        """Let the rings go; ``reap``: take the transmit answers the backend gave first (not from a ring
+        it broke)."""
         queues, self._queues = self._queues, []
         if queues:
             self._generation += 1
             self._kick()
             for q in queues:
-                q.reap_tx()
+                if reap:
+                    q.reap_tx()
                 self._resend += q.unanswered()
                 q.release(self._deferred)
             self._retry_deferred()
@@ -300,7 +303,12 @@ class Netfront(XenbusFrontend):
                     try:
                         out = self._pass(port_ready, pending)
                     except RingOverflow as e:
-                        log.error("vif %d: backend broke a ring: %s", self.devid, e)
+                        # As Linux's netfront ("disabled for further use"): the rings go, once; the
+                        # interface waits for the backend to come back with new ones (a restart).
+                        log.error("vif %d: backend d%d broke a ring: %s; the vif waits for it to come back",
+                                  self.devid, self.backend_domid, e)
+                        self.stats["broken_rings"] += 1
+                        self._teardown(reap=False)
                     except Exception:       # a bug must not leave the interface dead for good
                         log.exception("vif %d: data path error", self.devid)
                 if out:
