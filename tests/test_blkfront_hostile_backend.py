@@ -22,8 +22,8 @@ from helpers import wait_until
 from test_blk_matrix import DEVID, Rig
 
 from xdom.domains.abi.blkif import BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, pack_response, parse_request
-from xdom.domains.blkfront.completions import LOGGED_IGNORED
 from xdom.domains.blkfront.device import FrontendOptions
+from xdom.domains.log_budget import LOGGED_FIRST
 
 pytestmark = pytest.mark.timeout(120)
 rig = __import__("test_blk_matrix").rig          # the fixture: xenstored, blkback and a frontend domain
@@ -149,7 +149,7 @@ def test_forged_responses_do_not_flood_the_guests_log(rig: Rig, caplog: pytest.L
         answer(ring, [(1_000_000 + i, r.operation, BLKIF_RSP_OKAY) for i, r in enumerate(reqs)])
         wait_until(lambda: front.stats()["ignored_responses"] == n, what="the forged responses seen")
     lines = [r for r in caplog.records if "unknown request id" in r.getMessage()]
-    assert len(lines) == LOGGED_IGNORED < n
+    assert len(lines) == LOGGED_FIRST < n
     assert got.count() == 0
     front.close()
     wait_until(lambda: got.count() == n, what="the reads failed at close")

@@ -37,7 +37,7 @@ def test_a_response_index_past_the_ring_takes_the_rings_down_once(run_dir: str,
             # What a compromised netback writes there: far more responses than receive requests posted.
             (prod,) = struct.unpack_from("<I", rx_page, RSP_PROD)
             struct.pack_into("<I", rx_page, RSP_PROD, (prod + 100_000) & 0xFFFFFFFF)
-            for _ in range(50):                                    # and the events it may send after
+            for _ in range(50):            # passes of the data thread, as the events a backend sends after cause
                 front._kick()
                 threading.Event().wait(0.005)
             wait_until(lambda: front.stats["broken_rings"] == 1, what="the broken ring seen")

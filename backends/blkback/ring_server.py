@@ -52,6 +52,7 @@ from xdom.domains.abi.blkif import (
 )
 from xdom.domains.abi.ring import BackRing, RingOverflow, SharedRing
 from xdom.domains.hostsys.grant_window import GrantWindow
+from xdom.domains.log_budget import worth_logging
 from xdom.domains.xenhost.base import GrantMapping, XenHost
 
 from ..kept_mappings import VMAS_PER_PAGE, KeptMappings
@@ -77,7 +78,6 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 _SECTOR = XEN_BLKIF_SECTOR_SIZE
 _WHOLE_PAGE = (SECTORS_PER_PAGE - 1) << 8         # first_sect 0, last_sect 7, no padding bits
 
-LOGGED_REFUSALS = 20
 PUSH_BYTES = 16 * 1024            # within a batch, answers are published once this much data has moved
 BATCH_GRANT_BUDGET = 1024         # grants one batch of one ring may map at once
 MAX_PERSISTENT_GRANTS = 2048      # per ring; Linux's default is 1056 (32 slots x 11 segments x 3)
@@ -450,7 +450,7 @@ class RingServer:
         self.stats["errors"] += 1
         n = self.stats["errors"]
         # A hostile frontend must not flood the log: the first few, then every thousandth.
-        if n <= LOGGED_REFUSALS or n % 1000 == 0:
+        if worth_logging(n):
             log.warning("%s: request %#x refused (%d so far): %s", self.name, req.id, n, e)
         replies[i] = (req.id, req.operation, e.status)
 

@@ -27,6 +27,7 @@ from ..abi.blkif import BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE,
 from ..abi.ring import RingOverflow
 from ..blockdev import completion_batch
 from ..frame_pool import FramePool
+from ..log_budget import worth_logging
 from ..xenbus import XenbusState
 from ..xenhost.base import XenHost
 from ..xenstore import XenstoreClient
@@ -37,7 +38,6 @@ from .requests import Op, Req, RequestRings
 log = logging.getLogger("xdom.blkfront")
 
 DEFERRED_RETRY_MS = 100               # how often frames the backend still maps are tried again
-LOGGED_IGNORED = 20                   # responses for ids not in flight logged one by one; then every 1000th
 
 
 class Completions(RequestRings):
@@ -143,7 +143,7 @@ class Completions(RequestRings):
                         if req is None:
                             self.ignored_responses += 1
                             n = self.ignored_responses
-                            if n <= LOGGED_IGNORED or n % 1000 == 0:      # a backend must not flood our log
+                            if worth_logging(n):          # a backend must not flood our log
                                 log.warning("vbd %d: response for unknown request id %d ignored (%d so far)",
                                             self.devid, rid, n)
                             continue
