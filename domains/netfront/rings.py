@@ -22,6 +22,7 @@ from ..abi.netif import (
     TX_RING_SIZE,
     TX_SLOT_SIZE,
     XEN_NETIF_EXTRA_TYPE_GSO,
+    XEN_NETIF_NR_SLOTS_MIN,
     GsoInfo,
     NETRXF_csum_blank,
     NETRXF_data_validated,
@@ -38,6 +39,7 @@ from ..abi.netif import (
 )
 from ..abi.ring import FrontRing, RingOverflow
 from ..frame_pool import FramePool
+from ..log_budget import worth_logging
 from ..vnet import TxFrame, to_tap
 from ..xenhost.base import XenHost
 
@@ -100,7 +102,9 @@ class QueueRings:
         self.rx_first_flags = 0                 # the packet being received: its first slot's flags,
         self.rx_gso: GsoInfo | None = None      # its GSO extra,
         self.rx_in_extras = False               # whether extra-info slots come next,
-        self.rx_data_done = False               # and whether its last data slot has come
+        self.rx_data_done = False               # whether its last data slot has come,
+        self.rx_overlong = False                # and whether it ran past the slots a packet may take
+        self.rx_overlong_packets = 0
         # Buffer ids in the order their requests were posted: a response sits in
         # its request's slot, so this (not the response's id, which an
         # extra-info slot does not carry) says whose page it filled.
@@ -231,6 +235,11 @@ class QueueRings:
         sent = self.tx_sent
         while sent and not self._still_sent(sent[0]):
             sent.popleft()
+        if len(sent) > TX_RING_SIZE:
+            # The head is a frame the backend has not answered while it answered more than a ring's
+            # worth after it (a backend that spent that answer on another id, or never gives it): keep
+            # only what it can still have, or every frame sent after that one would stay here for good.
+            self.tx_sent = collections.deque(s for s in sent if self._still_sent(s))
 
     def want_tx_event(self) -> bool:
         """Ask for an event on the next answer; True if answers came meanwhile (reap them now)."""
@@ -273,7 +282,19 @@ class QueueRings:
                 if not self.rx_partial:
                     self.rx_first_flags, self.rx_gso = flags, None
                     self.rx_in_extras = bool(flags & NETRXF_extra_info)
-                if status >= 0 and offset + status <= PAGE_SIZE:
+                if self.rx_overlong:
+                    pass                               # the rest of a packet too long: consumed, not kept
+                elif len(self.rx_partial) >= XEN_NETIF_NR_SLOTS_MIN:
+                    # No packet takes more slots (Linux's xennet_get_responses: "Too many slots"): the
+                    # rest of this one is consumed and the packet dropped (an error when it ends),
+                    # holding nothing of it meanwhile.
+                    self.rx_overlong = True
+                    self.rx_partial = [b""]
+                    self.rx_overlong_packets += 1
+                    if worth_logging(self.rx_overlong_packets):
+                        log.warning("backend d%d: a received packet runs past %d slots: dropped (%d so far)",
+                                    self.be, XEN_NETIF_NR_SLOTS_MIN, self.rx_overlong_packets)
+                elif status >= 0 and offset + status <= PAGE_SIZE:
                     # A view, copied once when the packet is joined (or below, if it is not complete).
                     at = gfns[buf] * PAGE_SIZE + offset
                     self.rx_partial.append(buffer[at:at + status])
@@ -305,7 +326,7 @@ class QueueRings:
                 if self.rx_gso is not None:
                     stats["rx_gso"] += 1
         self.rx_partial = []
-        self.rx_data_done = False
+        self.rx_data_done = self.rx_overlong = False
 
     def post_rx(self, ids: list[int] | range | None = None) -> None:
         rx, refs = self.rx, self.rx_refs
