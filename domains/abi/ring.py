@@ -126,17 +126,25 @@ class SharedRing:
         """
         if not self._single or n <= 1:
             return [self.read_slot(idx + i, length) for i in range(n)]
-        size, slot = self.slot_size, self.slot_size
+        slot = self.slot_size
+        raw = self.read_run(idx, n)
+        if length == slot:
+            return [raw[i:i + slot] for i in range(0, n * slot, slot)]
+        return [raw[i:i + length] for i in range(0, n * slot, slot)]
+
+    def read_run(self, idx: int, n: int) -> bytes:
+        """``n`` whole consecutive slots from ``idx``, end to end in one copy (two at the wrap)."""
+        slot = self.slot_size
+        if not self._single:
+            return b"".join([self.read_slot(idx + i, slot) for i in range(n)])
         first = idx & self.mask
         head = self._head
         run = min(n, self.size - first)
         start = RING_HEADER_SIZE + first * slot
-        raw = bytes(head[start:start + run * size])
+        raw = bytes(head[start:start + run * slot])
         if run < n:
-            raw += bytes(head[RING_HEADER_SIZE:RING_HEADER_SIZE + (n - run) * size])
-        if length == slot:
-            return [raw[i:i + slot] for i in range(0, n * slot, slot)]
-        return [raw[i:i + length] for i in range(0, n * slot, slot)]
+            raw += bytes(head[RING_HEADER_SIZE:RING_HEADER_SIZE + (n - run) * slot])
+        return raw
 
     def write_slots(self, idx: int, datas: Sequence[bytes]) -> None:
         """Each of ``datas`` into consecutive slots from ``idx``: only its own bytes, the rest of a slot
@@ -265,6 +273,14 @@ class FrontRing:
         """Copy out every published response and consume it."""
         n = self.unconsumed_responses()
         out = self.shared.read_slots(self.rsp_cons, n, self.shared.rsp_size) if n else []
+        self.rsp_cons = (self.rsp_cons + n) & _MASK32
+        return out
+
+    def take_response_run(self) -> bytes:
+        """:meth:`take_responses` as one copy of their slots, end to end (whole slots: a response
+        shorter than its slot comes with the rest of the slot)."""
+        n = self.unconsumed_responses()
+        out = self.shared.read_run(self.rsp_cons, n) if n else b""
         self.rsp_cons = (self.rsp_cons + n) & _MASK32
         return out
 

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import collections
 import logging
+import sys
+from operator import add
 
 from ..abi.netif import (
     RX_REQUEST,
     RX_RESPONSE,
     RX_RING_SIZE,
+    RX_SLOT_SIZE,
     TX_REQUEST,
     TX_RESPONSE,
     TX_RING_SIZE,
@@ -48,6 +51,18 @@ __all__ = ["QueueRings"]
 log = logging.getLogger("xdom.netfront")
 
 PAGE_SIZE = 4096
+# A run of receive responses as columns: each slot's offset, flags and status, and per slot 1 while
+# NETRXF_more_data (from the flags' low byte), to find where a packet ends with bytes.find.
+_RxColumns = tuple[list[int], list[int], list[int], bytes]
+_MORE_DATA = bytes(int(bool(b & NETRXF_more_data)) for b in range(256))
+
+
+def _rx_columns(blob: bytes) -> _RxColumns:
+    halves = memoryview(blob).cast("H")
+    return (halves[1::4].tolist(), halves[2::4].tolist(), memoryview(blob).cast("h")[3::4].tolist(),
+            blob[4::RX_SLOT_SIZE].translate(_MORE_DATA))
+
+
 _unpack_tx_response = TX_RESPONSE.unpack       # (id, status): a TxResponse's fields, without the named tuple
 
 class QueueRings:
@@ -80,6 +95,8 @@ class QueueRings:
         except BaseException:
             self.release(deferred)
             raise
+        # A buffer's receive request is always the same (its id, its grant): made once.
+        self.rx_requests = [RX_REQUEST.pack(i, ref) for i, ref in enumerate(self.rx_refs)]
         self.tx = FrontRing(tx_shared_ring([host.memory.frame(self.gfns[0])]))
         self.rx = FrontRing(rx_shared_ring([host.memory.frame(self.gfns[1])]))
         # Transmit slots: 1 while the backend has the slot's page.  A frame takes a run of slots
@@ -251,6 +268,11 @@ class QueueRings:
 
     # ---- receive -------------------------------------------------------------------------
 
+    #: Whether :meth:`reap_rx` takes whole packets in one step where it can (:meth:`_whole_packet`); a
+    #: test turns it off to compare the two.  It reads the slots' fields in the host's byte order,
+    #: which must be the ring's.
+    whole_packets_first = sys.byteorder == "little"
+
     def reap_rx(self, stats: dict[str, int]) -> list[tuple[bytes, bytes]]:
         """Frames the backend wrote, each with its virtio-net header; their pages are posted again at once.
 
@@ -258,53 +280,25 @@ class QueueRings:
         it (``XEN_NETIF_EXTRA_FLAG_MORE``; a GSO extra says how to segment),
         then its other data slots.  A packet whose first data slot is also
         its last is complete only once its extra slots are read: a GSO
-        super-frame can fit one page.
+        super-frame can fit one page.  The responses are copied out of the
+        ring in one go; a usual packet is then taken whole from their
+        fields read as columns, anything else slot by slot (:meth:`_rx_slot`).
         """
         frames: list[tuple[bytes, bytes]] = []
-        repost = []
-        buffer, gfns, posted = self.host.memory.buffer, self.rx_gfns, self.rx_posted
-        unpack = RX_RESPONSE.unpack_from      # (id, offset, flags, status): an RxResponse's fields, no named tuple
+        repost: list[int] = []
         while True:
-            for raw in self.rx.take_responses():
-                if not posted:
-                    raise RingOverflow("a receive response without a posted request")
-                buf = posted.popleft()
-                repost.append(buf)
-                if self.rx_in_extras:                  # an extra-info slot: its buffer was not written
-                    extra = parse_extra_info(raw)
-                    if extra.type == XEN_NETIF_EXTRA_TYPE_GSO and isinstance(extra.body, GsoInfo):
-                        self.rx_gso = extra.body
-                    self.rx_in_extras = extra.more
-                    if not extra.more and self.rx_data_done:
-                        self._finish_packet(frames, stats)
-                    continue
-                _id, offset, flags, status = unpack(raw)
-                if not self.rx_partial:
-                    self.rx_first_flags, self.rx_gso = flags, None
-                    self.rx_in_extras = bool(flags & NETRXF_extra_info)
-                if self.rx_overlong:
-                    pass                               # the rest of a packet too long: consumed, not kept
-                elif len(self.rx_partial) >= XEN_NETIF_NR_SLOTS_MIN:
-                    # No packet takes more slots (Linux's xennet_get_responses: "Too many slots"): the
-                    # rest of this one is consumed and the packet dropped (an error when it ends),
-                    # holding nothing of it meanwhile.
-                    self.rx_overlong = True
-                    self.rx_partial = [b""]
-                    self.rx_overlong_packets += 1
-                    if worth_logging(self.rx_overlong_packets):
-                        log.warning("backend d%d: a received packet runs past %d slots: dropped (%d so far)",
-                                    self.be, XEN_NETIF_NR_SLOTS_MIN, self.rx_overlong_packets)
-                elif status >= 0 and offset + status <= PAGE_SIZE:
-                    # A view, copied once when the packet is joined (or below, if it is not complete).
-                    at = gfns[buf] * PAGE_SIZE + offset
-                    self.rx_partial.append(buffer[at:at + status])
-                else:
-                    self.rx_partial.append(b"")
-                    stats["rx_errors"] += 1
-                if not flags & NETRXF_more_data:
-                    self.rx_data_done = True
-                    if not self.rx_in_extras:
-                        self._finish_packet(frames, stats)
+            blob = self.rx.take_response_run()
+            n = len(blob) // RX_SLOT_SIZE
+            columns = _rx_columns(blob) if n and self.whole_packets_first else None
+            i = 0
+            while i < n:
+                if columns is not None and not self.rx_partial and not self.rx_in_extras:
+                    taken = self._whole_packet(blob, columns, i, frames, repost, stats)
+                    if taken:
+                        i += taken
+                        continue
+                self._rx_slot(blob[i * RX_SLOT_SIZE:(i + 1) * RX_SLOT_SIZE], frames, repost, stats)
+                i += 1
             if not self.rx.final_check_for_responses():
                 break
         if self.rx_partial:
@@ -313,26 +307,137 @@ class QueueRings:
         self.post_rx(repost)
         return frames
 
+    def _whole_packet(self, blob: bytes, columns: _RxColumns, i: int, frames: list[tuple[bytes, bytes]],
+                      repost: list[int], stats: dict[str, int]) -> int:
+        """The packet starting at slot ``i``, taken in one step if it is a usual one: how many slots it
+        took, or 0 (nothing done) for :meth:`_rx_slot` to take it slot by slot.
+
+        Usual: all its slots in ``blob``, at most one extra slot (and that
+        one not chained on), at most ``XEN_NETIF_NR_SLOTS_MIN`` data slots,
+        each holding at least a byte within its page, and buffers posted
+        for them all -- on every path of :meth:`_rx_slot` such a packet
+        is delivered (or refused by ``to_tap``) the same.  Its bytes are one
+        copy when its pages are consecutive frames filled end to end (a
+        backend fills them so), else one copy of each page's part.
+        """
+        offsets, flags, statuses, more = columns
+        first = flags[i]
+        gso = None
+        rest = i + 1                        # its second data slot, if it has one
+        if first & NETRXF_extra_info:
+            at = rest * RX_SLOT_SIZE
+            if at >= len(blob):
+                return 0
+            extra = parse_extra_info(blob[at:at + RX_SLOT_SIZE])
+            if extra.more:
+                return 0
+            if extra.type == XEN_NETIF_EXTRA_TYPE_GSO and isinstance(extra.body, GsoInfo):
+                gso = extra.body
+            rest += 1
+        if first & NETRXF_more_data:
+            last = more.find(0, rest)       # its last data slot: the first after ``rest`` without more_data
+            if last < 0:
+                return 0
+            offs = [offsets[i], *offsets[rest:last + 1]]
+            sizes = [statuses[i], *statuses[rest:last + 1]]
+        else:
+            last = rest - 1
+            offs, sizes = [offsets[i]], [statuses[i]]
+        count = last + 1 - i
+        posted = self.rx_posted
+        if len(offs) > XEN_NETIF_NR_SLOTS_MIN or len(posted) < count or min(sizes) <= 0 \
+                or max(map(add, offs, sizes)) > PAGE_SIZE:
+            return 0
+        bufs = [posted.popleft() for _ in range(count)]
+        repost += bufs
+        gfns = self.rx_gfns
+        pages = [gfns[bufs[0]], *[gfns[b] for b in bufs[count - len(offs) + 1:]]]
+        buffer = self.host.memory.buffer
+        start = pages[0] * PAGE_SIZE + offs[0]
+        if len(pages) == 1:
+            frame = bytes(buffer[start:start + sizes[0]])
+        elif pages[1:] == list(range(pages[1], pages[1] + len(pages) - 1)) and max(offs[1:]) == 0 \
+                and set(sizes[1:-1]) <= {PAGE_SIZE}:
+            # The pages after the first are consecutive frames filled from their start: one span, and
+            # the first page's part before it (one span with it if it ends where the span starts).
+            end = pages[-1] * PAGE_SIZE + sizes[-1]
+            if pages[1] == pages[0] + 1 and offs[0] + sizes[0] == PAGE_SIZE:
+                frame = bytes(buffer[start:end])
+            else:
+                frame = b"".join((buffer[start:start + sizes[0]], buffer[pages[1] * PAGE_SIZE:end]))
+        else:
+            frame = b"".join([buffer[p * PAGE_SIZE + o:p * PAGE_SIZE + o + n] for p, o, n in zip(pages, offs, sizes)])
+        self._deliver(frame, first, gso, frames, stats)
+        return count
+
+    def _rx_slot(self, raw: bytes, frames: list[tuple[bytes, bytes]], repost: list[int],
+                 stats: dict[str, int]) -> None:
+        """One response slot, wherever in a packet it falls (the general path of :meth:`reap_rx`)."""
+        posted = self.rx_posted
+        if not posted:
+            raise RingOverflow("a receive response without a posted request")
+        buf = posted.popleft()
+        repost.append(buf)
+        if self.rx_in_extras:                  # an extra-info slot: its buffer was not written
+            extra = parse_extra_info(raw)
+            if extra.type == XEN_NETIF_EXTRA_TYPE_GSO and isinstance(extra.body, GsoInfo):
+                self.rx_gso = extra.body
+            self.rx_in_extras = extra.more
+            if not extra.more and self.rx_data_done:
+                self._finish_packet(frames, stats)
+            return
+        _id, offset, flags, status = RX_RESPONSE.unpack_from(raw)
+        if not self.rx_partial:
+            self.rx_first_flags, self.rx_gso = flags, None
+            self.rx_in_extras = bool(flags & NETRXF_extra_info)
+        if self.rx_overlong:
+            pass                               # the rest of a packet too long: consumed, not kept
+        elif len(self.rx_partial) >= XEN_NETIF_NR_SLOTS_MIN:
+            # No packet takes more slots (Linux's xennet_get_responses: "Too many slots"): the rest
+            # of this one is consumed and the packet dropped, holding nothing of it meanwhile.
+            self.rx_overlong = True
+            self.rx_partial = [b""]
+            stats["rx_errors"] += 1
+            self.rx_overlong_packets += 1
+            if worth_logging(self.rx_overlong_packets):
+                log.warning("backend d%d: a received packet runs past %d slots: dropped (%d so far)",
+                            self.be, XEN_NETIF_NR_SLOTS_MIN, self.rx_overlong_packets)
+        elif status >= 0 and offset + status <= PAGE_SIZE:
+            # A view, copied once when the packet is joined (or at the end of the pass, if it is not complete).
+            at = self.rx_gfns[buf] * PAGE_SIZE + offset
+            self.rx_partial.append(self.host.memory.buffer[at:at + status])
+        else:
+            self.rx_partial.append(b"")
+            stats["rx_errors"] += 1
+        if not flags & NETRXF_more_data:
+            self.rx_data_done = True
+            if not self.rx_in_extras:
+                self._finish_packet(frames, stats)
+
     def _finish_packet(self, frames: list[tuple[bytes, bytes]], stats: dict[str, int]) -> None:
         frame = b"".join(self.rx_partial)
         if all(self.rx_partial) and frame:
-            flags = self.rx_first_flags
-            out = to_tap(frame, bool(flags & NETRXF_csum_blank), bool(flags & NETRXF_data_validated), self.rx_gso)
-            if out is None:
-                stats["rx_errors"] += 1
-            else:
-                frames.append((out[0].pack(), out[1]))
-                stats["rx_packets"] += 1
-                if self.rx_gso is not None:
-                    stats["rx_gso"] += 1
+            self._deliver(frame, self.rx_first_flags, self.rx_gso, frames, stats)
         self.rx_partial = []
         self.rx_data_done = self.rx_overlong = False
 
+    @staticmethod
+    def _deliver(frame: bytes, flags: int, gso: GsoInfo | None, frames: list[tuple[bytes, bytes]],
+                 stats: dict[str, int]) -> None:
+        """A received packet, whole, to ``frames`` with its virtio-net header (refused: an error)."""
+        out = to_tap(frame, bool(flags & NETRXF_csum_blank), bool(flags & NETRXF_data_validated), gso)
+        if out is None:
+            stats["rx_errors"] += 1
+            return
+        frames.append((out[0].pack(), out[1]))
+        stats["rx_packets"] += 1
+        if gso is not None:
+            stats["rx_gso"] += 1
+
     def post_rx(self, ids: list[int] | range | None = None) -> None:
-        rx, refs = self.rx, self.rx_refs
+        rx = self.rx
         take = list(range(RX_RING_SIZE) if ids is None else ids)[:rx.free_requests()]
-        pack = RX_REQUEST.pack
-        rx.put_requests([pack(i, refs[i]) for i in take])
+        rx.put_requests(list(map(self.rx_requests.__getitem__, take)))
         self.rx_posted.extend(take)
         if rx.push_requests():
             self.host.notify(self.rx_port)
