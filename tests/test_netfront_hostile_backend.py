@@ -234,6 +234,13 @@ def assert_unharmed(front: Any, caplog: pytest.LogCaptureFixture) -> None:
     assert front.stats["broken_rings"] == 0 and front.queues == 1
 
 
+def carries_real_traffic(hb: Any, ns: str, front: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """netback has the ring back: real frames (ARP, ICMP) reach the guest through it and its replies leave."""
+    hb.give_back()
+    ping(ns, "10.99.0.1")
+    assert_unharmed(front, caplog)
+
+
 def footprint(q: Any) -> dict[str, int]:
     """How much each container a queue holds has in it, but the transmit side's (the guest's own traffic)."""
     return {k: len(v) for k, v in vars(q).items()
@@ -292,10 +299,7 @@ def test_receive_responses_off_the_page_or_for_buffers_never_posted_deliver_noth
         assert delivered == [own[5], own[6], own[7]]
         assert front.stats["rx_errors"] - errors == 5
         wait_until(hb.rx_taken, 1, what="every buffer posted again")
-        # netback has the ring back: real frames (ARP, ICMP) reach the guest through it, and its replies leave.
-        hb.give_back()
-        ping(ns2, "10.99.0.1")
-        assert_unharmed(front, caplog)
+        carries_real_traffic(hb, ns2, front, caplog)
     finally:
         rig.close()
 
@@ -415,9 +419,7 @@ def test_an_extra_info_chain_that_never_ends_costs_no_memory_as_it_goes(
         assert delivered[-1] == then and set(delivered) <= {first, then}
         assert not q.rx_in_extras and q.rx_partial == []
         assert_unharmed(front, caplog)
-        hb.give_back()
-        ping(ns2, "10.99.0.1")
-        assert_unharmed(front, caplog)
+        carries_real_traffic(hb, ns2, front, caplog)
     finally:
         rig.close()
 
@@ -454,9 +456,7 @@ def test_a_data_chain_that_never_ends_is_cut_off_at_the_slots_a_packet_may_take(
         settle()
         assert delivered == [then] and q.rx_partial == []
         assert_unharmed(front, caplog)
-        hb.give_back()
-        ping(ns2, "10.99.0.1")
-        assert_unharmed(front, caplog)
+        carries_real_traffic(hb, ns2, front, caplog)
     finally:
         rig.close()
 
