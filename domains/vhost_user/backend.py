@@ -561,10 +561,20 @@ class VhostUserBackend(Conversation):
             return "inflight area too large"
         return None
 
+    def _inflight_in_use(self) -> str | None:
+        """Why the inflight area cannot be replaced now: a started ring records its requests there.
+
+        QEMU asks for and sets the area while the rings are stopped (before
+        SET_VRING_KICK); one that does so while a ring runs would have the
+        area released under that ring's queue.
+        """
+        started = [i for i, vr in enumerate(self._vrings) if vr.queue is not None]
+        return f"ring {started[0]} is started on the inflight area" if started else None
+
     def _get_inflight_fd(self, msg: wire.Message) -> None:
         p = msg.payload
         assert isinstance(p, wire.InflightInfo)
-        bad = self._inflight_geometry(p)
+        bad = self._inflight_in_use() or self._inflight_geometry(p)
         if bad is not None:
             # QEMU reads mmap_size 0 as "no inflight tracking" and goes on without it.
             self._steps.append(Refused(request=int(msg.request), reason=bad))
@@ -588,7 +598,7 @@ class VhostUserBackend(Conversation):
     def _set_inflight_fd(self, msg: wire.Message) -> None:
         p = msg.payload
         assert isinstance(p, wire.InflightInfo)
-        bad = self._inflight_geometry(p)
+        bad = self._inflight_in_use() or self._inflight_geometry(p)
         if bad is None and p.mmap_size < area_size(p.num_queues, p.queue_size):
             bad = f"inflight area of {p.mmap_size} bytes is too small"
         if bad is None and p.mmap_size > MAX_INFLIGHT_SIZE:

@@ -310,6 +310,7 @@ def fill_rx(ring: RxRing, hdr: bytes, frame: bytes, mergeable: bool,
     queue, held = ring.queue, ring.held
     need = NET_HDR_SIZE + len(frame)
     room = sum(c.writable_bytes for c in held)
+    returned = 0
     while room < need if mergeable else not held:
         chain = queue.pop()
         if chain is None:
@@ -318,6 +319,11 @@ def fill_rx(ring: RxRing, hdr: bytes, frame: bytes, mergeable: bool,
             queue.push(chain.head, 0)
             if stats is not None:
                 stats["rx_bad_buffers"] += 1
+            returned += 1
+            if returned >= queue.num:
+                # A ring's worth given back in one call: a driver posting such a chain again as soon
+                # as it is used would keep us here for good.  The next kick brings us back.
+                return RX_WAIT
             continue
         held.append(chain)
         room += chain.writable_bytes

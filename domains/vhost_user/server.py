@@ -13,6 +13,14 @@ Rules of this module:
   connection waits in the listen backlog until the first ends), at most
   ``RECV_SIZE`` bytes and ``wire.MAX_FDS_PER_MESSAGE`` fds per ``recvmsg``,
   ancillary data truncated by the kernel is a protocol error.
+* Nothing the front end passes or does stops the loop (it may serve other
+  devices' work too: netfront's data thread runs vhost-user-net's).  Memory
+  fds are mapped only if they cannot fault (``frontend_fds``: sealed against
+  shrinking, long enough); ring fds are made non-blocking; a kick fd epoll
+  refuses, or one that hangs up, and a call fd that cannot be written, cost
+  their ring (stopped, or marked NEEDS_RESET), never the loop; a reply waits
+  at most ``SEND_TIMEOUT`` for a front end that does not read, then the
+  connection is dropped.  Such faults are logged by ``log_budget``'s rule.
 * One thread runs the loop: the device's ``process`` callback runs on it, and
   regions are only unmapped between callbacks, so no view outlives its
   mapping while in use.  ``stop()`` may be called from any thread.  The loop
@@ -35,25 +43,28 @@ threads signal) and, after pushing them, calls ``notify_used(index, queue)``.
 from __future__ import annotations
 
 import array
-import errno
 import logging
+import math
 import os
+import select
 import selectors
 import socket
 import threading
-from collections import deque
+import time
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..hostsys import sysmem
-from . import actions
+from ..log_budget import worth_logging
+from . import actions, frontend_fds
 from .actions import FdKind
 from .backend import VhostUserBackend
 from .device import VhostUserDevice
 from .virtqueue import SplitVirtqueue
 from .wire import MAX_FDS_PER_MESSAGE
 
-__all__ = ["RECV_SIZE", "POLL_INTERVAL", "REQUEST_LOG_SIZE", "QueueHandler", "VhostUserServer"]
+__all__ = ["RECV_SIZE", "POLL_INTERVAL", "REQUEST_LOG_SIZE", "SEND_TIMEOUT", "QueueHandler", "VhostUserServer"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +74,10 @@ RECV_SIZE = 64 * 1024
 REQUEST_LOG_SIZE = 1024
 #: How often a ring without a kick fd (the front end asked for polling) is processed, seconds.
 POLL_INTERVAL = 0.05
+#: How long one reply may wait for room in the socket, seconds.  QEMU waits for the replies it asked for, so
+#: only a front end that sends requests and does not read their replies fills the socket: the loop (every
+#: ring, ``stop()``) must not wait on it for longer than this.
+SEND_TIMEOUT = 2.0
 _FD_SIZE = array.array("i").itemsize
 
 
@@ -93,6 +108,10 @@ class _Connection:
         self.queues: dict[int, SplitVirtqueue] = {}
         self.err_reported: set[int] = set()
         self.inflight: tuple[int, int, int] | None = None       # (fd or -1, addr, length)
+        #: Started rings whose kick fd was dropped (hung up, or not pollable): not processed until a new one.
+        self.parked: set[int] = set()
+        #: Why the connection is being given up (a reply could not be sent): nothing more is sent on it.
+        self.dead: str | None = None
 
 
 class VhostUserServer:
@@ -124,6 +143,7 @@ class VhostUserServer:
         self.notes: deque[tuple[str, str]] = deque(maxlen=REQUEST_LOG_SIZE)
         #: Set once a connection has been accepted.
         self.connected = threading.Event()
+        self._faults: Counter[str] = Counter()       # the front end's faults by kind, for log_budget
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -152,6 +172,7 @@ class VhostUserServer:
 
     def close(self) -> None:
         """Release everything (call after ``serve`` returned)."""
+        self._stop.set()                    # a reply still owed at teardown waits for no one
         if self._conn is not None:
             self._end_connection("server closed")
         if self._listener is not None:
@@ -226,7 +247,7 @@ class VhostUserServer:
         if self._conn is not None:        # cannot happen with the listener unregistered; be safe
             sock.close()
             return
-        sock.setblocking(True)
+        sock.setblocking(False)             # a reply never waits longer than SEND_TIMEOUT (see _send)
         core = VhostUserBackend(self._device_factory(), **self._options)
         self._conn = _Connection(sock, core)
         self._sel.unregister(self._listener)
@@ -281,8 +302,8 @@ class VhostUserServer:
             self._end_connection("ancillary data truncated")
             return
         conn.core.receive_data(data, fds)
-        if self._drain(conn) or not data:
-            self._end_connection("front end closed the connection")
+        if self._drain(conn) or not data or conn.dead is not None:
+            self._end_connection(conn.dead or "front end closed the connection")
 
     def _drain(self, conn: _Connection) -> bool:
         """Carry out every action the core has, in order; True once the core closed."""
@@ -309,13 +330,7 @@ class VhostUserServer:
                 _close(fd)
         elif isinstance(act, actions.MapRegion):
             try:
-                addr = sysmem.mmap(0, act.region.mapping_length, sysmem.PROT_READ | sysmem.PROT_WRITE,
-                                   sysmem.MAP_SHARED | sysmem.MAP_NORESERVE, act.fd, 0)
-            except OSError as e:
-                log.warning("vhost-user: cannot map region slot %d: %s", act.slot, e)
-            else:
-                conn.regions[act.slot] = (addr, act.region.mapping_length)
-                conn.core.region_mapped(act.slot, sysmem.view(addr, act.region.mapping_length))
+                self._map_region(conn, act)
             finally:
                 _close(act.fd)
         elif isinstance(act, actions.UnmapRegion):
@@ -347,16 +362,81 @@ class VhostUserServer:
             log.info("vhost-user: refused request %d: %s", act.request, act.reason)
         # FeaturesAcked and Closed need nothing here.
 
+    def _fault(self, kind: str, message: str, *args: object) -> None:
+        """Log a fault of the front end's (or the guest's) by ``log_budget``'s rule, counted per ``kind``:
+        the peer decides how often it happens, a line each time would let it fill the log."""
+        self._faults[kind] += 1
+        n = self._faults[kind]
+        if worth_logging(n):
+            log.warning("vhost-user: " + message + " (%s fault %d)", *args, kind, n)
+
     def _send(self, conn: _Connection, data: bytes, fds: tuple[int, ...]) -> None:
+        """Write one reply on the non-blocking socket, waiting for room at most ``SEND_TIMEOUT``.
+
+        A front end that does not read its replies would otherwise hold the loop (every ring, and
+        ``stop()``) for as long as it keeps the socket open.  A send that fails or times out (or is cut
+        short by ``stop()``) gives the connection up: a reply sent in part leaves the stream unusable
+        anyway.  Nothing more is sent or logged on it; ``_receive`` ends it after this turn."""
+        if conn.dead is not None:
+            return
         view = memoryview(data)
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        try:
-            while view:
+        deadline: float | None = None
+        while view:
+            try:
                 n = conn.sock.sendmsg([view], anc)
-                view = view[n:]
-                anc = []                     # the fds went with the first bytes
+            except BlockingIOError:
+                if deadline is None:
+                    deadline = time.monotonic() + SEND_TIMEOUT
+                why = self._wait_writable(conn.sock, deadline)
+                if why is not None:
+                    conn.dead = why
+                    self._fault("reply", "dropping the front end: %s", why)
+                    return
+                continue
+            except OSError as e:
+                conn.dead = f"send failed: {e}"
+                self._fault("reply", "dropping the front end: %s", conn.dead)
+                return
+            view = view[n:]
+            anc = []                     # the fds went with the first bytes
+
+    def _wait_writable(self, sock: socket.socket, deadline: float) -> str | None:
+        """Wait until ``sock`` takes more bytes (None), ``deadline`` passes or ``stop()`` is called (why not)."""
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT)
+        poller.register(self._wake_r, select.POLLIN)         # stop() writes it
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return f"it has not read its replies for {SEND_TIMEOUT:g} s"
+            ready = poller.poll(math.ceil(left * 1000))
+            if any(fd != self._wake_r for fd, _ in ready):
+                return None                                  # writable, or hung up: sendmsg says which
+            if ready:
+                try:
+                    os.read(self._wake_r, 64)
+                except OSError:
+                    pass
+        return "the server is stopping and it does not read its replies"
+
+    def _map_region(self, conn: _Connection, act: actions.MapRegion) -> None:
+        """Map the region's fd shared, if nothing the front end does to it later can make that fault.
+
+        No MAP_NORESERVE: it changes nothing for a memfd's shared mapping but skips the reservation of a
+        hugetlbfs one, whose first access then is a SIGBUS if the pool has no page left."""
+        length = act.region.mapping_length
+        bad = frontend_fds.memory_fd_problem(act.fd, length)
+        if bad is not None:
+            self._fault("memory", "refused to map region slot %d: its fd is %s", act.slot, bad)
+            return
+        try:
+            addr = sysmem.mmap(0, length, sysmem.PROT_READ | sysmem.PROT_WRITE, sysmem.MAP_SHARED, act.fd, 0)
         except OSError as e:
-            log.warning("vhost-user: send failed: %s", e)
+            self._fault("memory", "cannot map region slot %d: %s", act.slot, e)
+            return
+        conn.regions[act.slot] = (addr, length)
+        conn.core.region_mapped(act.slot, sysmem.view(addr, length))
 
     def _unmap_region(self, conn: _Connection, slot: int) -> None:
         got = conn.regions.pop(slot, None)
@@ -369,16 +449,42 @@ class VhostUserServer:
             if kind is FdKind.KICK:
                 self._unwatch(old)
             _close(old)
+        if kind is FdKind.KICK:
+            conn.parked.discard(index)          # a new kick fd (or none: polling) revives a parked ring
         if fd is not None:
+            frontend_fds.set_nonblocking(fd)
             conn.fds[(index, kind)] = fd
             if kind is FdKind.KICK and index in conn.queues:
                 self._watch_kick(conn, index)
 
     def _watch_kick(self, conn: _Connection, index: int) -> None:
+        """Have the loop watch ring ``index``'s kick fd.  One epoll cannot watch (a regular file: EPERM)
+        is dropped and the ring marked NEEDS_RESET: the front end gave it no way to be kicked."""
         fd = conn.fds.get((index, FdKind.KICK))
         if fd is not None:
             self._unwatch(fd)
-            self._sel.register(fd, selectors.EVENT_READ, ("kick", index))
+            try:
+                self._sel.register(fd, selectors.EVENT_READ, ("kick", index))
+            except (OSError, ValueError, KeyError) as e:
+                self._drop_kick(conn, index)
+                self._break_ring(conn, index, f"its kick fd cannot be polled: {e}")
+
+    def _drop_kick(self, conn: _Connection, index: int) -> None:
+        """Close ring ``index``'s kick fd and park the ring: not processed (nor polled) until a new one."""
+        fd = conn.fds.pop((index, FdKind.KICK), None)
+        if fd is not None:
+            self._unwatch(fd)
+            _close(fd)
+        conn.parked.add(index)
+
+    def _break_ring(self, conn: _Connection, index: int, reason: str,
+                    queue: SplitVirtqueue | None = None) -> None:
+        """Put ring ``index`` (``queue``, if it is no longer among the started ones) in NEEDS_RESET and
+        say so once; it stays inert until the front end restarts it."""
+        queue = queue if queue is not None else conn.queues.get(index)
+        if queue is not None:
+            queue.mark_needs_reset(reason)
+            self._report_reset(conn, index, queue)
 
     def _unwatch(self, fd: int | socket.socket) -> None:
         try:
@@ -387,6 +493,7 @@ class VhostUserServer:
             pass
 
     def _stop_queue(self, conn: _Connection, index: int) -> None:
+        conn.parked.discard(index)
         if conn.queues.pop(index, None) is None:
             return
         fd = conn.fds.get((index, FdKind.KICK))
@@ -396,25 +503,35 @@ class VhostUserServer:
             self._handler.queue_stopped(index)
 
     def _allocate_inflight(self, conn: _Connection, size: int) -> None:
+        """A new inflight area.  The front end gets its fd: sealed (``frontend_fds.INFLIGHT_SEALS``), it
+        cannot truncate the area under our mapping."""
         self._unmap_inflight(conn)
-        fd = os.memfd_create("xdom-vhost-inflight", os.MFD_CLOEXEC)
         try:
-            os.ftruncate(fd, size)
+            fd = frontend_fds.sealed_memfd("xdom-vhost-inflight", size)
+        except OSError as e:
+            log.warning("vhost-user: cannot create the inflight area: %s", e)
+            return
+        try:
             addr = sysmem.mmap(0, size, sysmem.PROT_READ | sysmem.PROT_WRITE, sysmem.MAP_SHARED, fd, 0)
         except OSError as e:
             os.close(fd)
-            log.warning("vhost-user: cannot create the inflight area: %s", e)
+            log.warning("vhost-user: cannot map the inflight area: %s", e)
             return
         conn.inflight = (fd, addr, size)
         conn.core.inflight_allocated(fd, sysmem.view(addr, size))
 
     def _map_inflight(self, conn: _Connection, act: actions.MapInflight) -> None:
+        """Map the front end's inflight area, under the same rule as a memory region (``_map_region``)."""
         self._unmap_inflight(conn)
         try:
+            bad = frontend_fds.memory_fd_problem(act.fd, act.offset + act.size)
+            if bad is not None:
+                self._fault("memory", "refused to map the inflight area: its fd is %s", bad)
+                return
             addr = sysmem.mmap(0, act.size, sysmem.PROT_READ | sysmem.PROT_WRITE, sysmem.MAP_SHARED,
                                act.fd, act.offset)
         except OSError as e:
-            log.warning("vhost-user: cannot map the inflight area: %s", e)
+            self._fault("memory", "cannot map the inflight area: %s", e)
             return
         finally:
             _close(act.fd)
@@ -435,21 +552,32 @@ class VhostUserServer:
         conn = self._conn
         if conn is None:
             return []
-        return [i for i in conn.queues if (i, FdKind.KICK) not in conn.fds]
+        return [i for i in conn.queues if (i, FdKind.KICK) not in conn.fds and i not in conn.parked]
 
     def _kicked(self, index: int) -> None:
+        """Ring ``index``'s kick fd is readable: consume the kick and process the ring.
+
+        Nothing makes the front end pass an eventfd: a pipe whose writer closed (or a socket whose peer
+        did) reads 0 bytes and stays readable for ever, and an fd whose read fails stays so too.  Either
+        would have the loop process the ring in a busy loop; the fd is dropped and the ring parked until
+        the front end sends a new kick fd."""
         conn = self._conn
-        if conn is None:
+        if conn is None or index in conn.parked:
             return
         fd = conn.fds.get((index, FdKind.KICK))
         if fd is not None:
+            why = None
             try:
-                os.read(fd, 8)
-            except (BlockingIOError, InterruptedError):
-                pass
+                if os.read(fd, 8) == b"":
+                    why = "it hung up"
+            except BlockingIOError:
+                pass                                # woken for nothing: process the ring anyway
             except OSError as e:
-                if e.errno != errno.EAGAIN:
-                    log.warning("vhost-user: reading kick fd of ring %d: %s", index, e)
+                why = f"reading it failed: {e}"
+            if why is not None:
+                self._drop_kick(conn, index)
+                self._fault("kick", "ring %d stopped until it gets a new kick fd: %s", index, why)
+                return
         self._run_queue(index)
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
@@ -466,9 +594,7 @@ class VhostUserServer:
         conn = self._conn
         if conn is None or queue.needs_reset is not None or not queue.should_notify():
             return
-        call = conn.fds.get((index, FdKind.CALL))
-        if call is not None:
-            os.eventfd_write(call, 1)
+        self._signal(conn, index, FdKind.CALL, queue)
 
     def run_queue(self, index: int) -> None:
         """Have ring ``index`` processed now (if started), then signal its call fd as after a kick."""
@@ -485,15 +611,35 @@ class VhostUserServer:
         if self._handler is not None and queue.needs_reset is None:
             self._handler.process(index, queue)
         if queue.used_idx != before and queue.should_notify():
-            call = conn.fds.get((index, FdKind.CALL))
-            if call is not None:
-                os.eventfd_write(call, 1)
+            self._signal(conn, index, FdKind.CALL, queue)
+        self._report_reset(conn, index, queue)
+
+    def _report_reset(self, conn: _Connection, index: int, queue: SplitVirtqueue) -> None:
+        """Once ring ``index`` needs a reset: log it and signal its err fd, once per start."""
         if queue.needs_reset is not None and index not in conn.err_reported:
             conn.err_reported.add(index)
-            log.warning("vhost-user: ring %d needs a reset: %s", index, queue.needs_reset)
-            err = conn.fds.get((index, FdKind.ERR))
-            if err is not None:
-                os.eventfd_write(err, 1)
+            self._fault("ring", "ring %d needs a reset: %s", index, queue.needs_reset)
+            self._signal(conn, index, FdKind.ERR, queue)
+
+    def _signal(self, conn: _Connection, index: int, kind: FdKind, queue: SplitVirtqueue) -> None:
+        """Signal ring ``index``'s call or err fd, if it has one, without blocking and without failing.
+
+        The fd is non-blocking (``_set_fd``), so a full one (an eventfd at its limit, a pipe nobody reads)
+        is EAGAIN: its reader has a signal pending already and wakes anyway, nothing is lost.  Any other
+        error (a read-only fd: EBADF) means the front end gave a descriptor that cannot be signalled: it
+        is closed, and a ring without a working call fd is broken (``queue`` NEEDS_RESET)."""
+        fd = conn.fds.get((index, kind))
+        if fd is None:
+            return
+        try:
+            os.eventfd_write(fd, 1)
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            self._fault("signal", "ring %d: cannot signal its %s fd: %s", index, kind.value, e)
+            self._set_fd(conn, index, kind, None)
+            if kind is FdKind.CALL:
+                self._break_ring(conn, index, f"its call fd cannot be signalled: {e}", queue)
 
 
 def _close(fd: int) -> None:
