@@ -533,3 +533,35 @@ def test_inflight_area_clears_a_head_only_once_it_is_used() -> None:
     h2.process(0, q2)
     assert t.drv.take_used() == [(8, 1)] and disk2.data[1024:1536] == b"w" * 512
     assert h2.stats["resubmitted"] == 1
+
+
+@pytest.mark.parametrize("lending", [False, True])
+def test_the_data_in_flight_is_bounded_and_the_rest_waits_on_the_ring(lending: bool) -> None:
+    """A VM may post a ring of large requests (descriptors may all name one page): each costs the guest
+    domain its size in memory until it completes, so past the budget the rest stay on the ring and are
+    served, in order, as completions free it; one request is always taken, however large."""
+    disk = (LendingDisk if lending else FakeDisk)(mode="later")
+    t = Harness(disk)
+    t.h.max_bytes_in_flight = 8192
+    heads = list(range(0, 40, 4))
+    for h in heads[:5]:
+        t.drv.request(h, VIRTIO_BLK_T_IN, h, in_len=4096)
+    for h in heads[5:]:
+        t.drv.request(h, VIRTIO_BLK_T_OUT, h, out=bytes([h]) * 4096)
+    done: list[tuple[int, int]] = []
+    assert t.process() == [] and t.h.in_flight(0) == 2          # 8 KiB taken; the others wait
+    while len(done) < len(heads):
+        assert 0 < t.h.in_flight(0) <= 2
+        disk.complete_all()
+        t.h.flush()                                             # completions, then what they made room for
+        done += t.drv.take_used()
+    assert [h for h, _ in done] == heads and all(t.drv.status(h) == VIRTIO_BLK_S_OK for h in heads)
+    assert [op[1] // 512 for op in disk.ops] == heads           # served in ring order
+    assert t.h.stats["throttled"] >= 4 and t.h._bytes == 0
+    big = 40
+    t.drv.request(big, VIRTIO_BLK_T_IN, 0, in_len=0x1E000)      # 120 KiB, more than the budget: taken alone
+    t.process()
+    assert t.h.in_flight(0) == 1
+    disk.complete_all()
+    t.h.flush()
+    assert t.drv.take_used()[0][0] == big and t.h._bytes == 0

@@ -28,7 +28,9 @@ Rules of this module:
   domain.
 * Bounded: a queue has at most its ring size of requests in flight (a head is
   only reused once we pushed it); a request's data is at most the core's
-  ``max_chain_bytes``; a discard or write-zeroes request names at most
+  ``max_chain_bytes``, and the data of all those in flight at most
+  ``max_bytes_in_flight`` plus one request's (chains wait on their rings
+  meanwhile); a discard or write-zeroes request names at most
   ``MAX_DWZ_SEGMENTS`` ranges; completions handed over from other threads are
   bounded by the requests in flight; stopping a ring waits at most
   ``drain_timeout`` seconds for them.
@@ -97,6 +99,12 @@ _DWZ = struct.Struct("<QII")              # struct virtio_blk_discard_write_zero
 
 #: Seconds a stopping ring (GET_VRING_BASE, the front end going away) waits for its requests in flight.
 DRAIN_TIMEOUT = 10.0
+#: The data of the READs and WRITEs a device has in flight, all rings together, past which no more chains
+#: are taken off the rings until some complete (one is always taken: a request may be as large as the
+#: core's ``max_chain_bytes``).  Each costs the guest domain its size in memory -- a WRITE's payload
+#: gathered, a READ's pages or copy -- and a VM names as many bytes as it likes with descriptors that
+#: all point at one page: without a bound, a ring of 128 requests of 64 MiB each would be 8 GiB.
+MAX_BYTES_IN_FLIGHT = 64 << 20
 
 
 class SpanMemory(Protocol):
@@ -169,7 +177,7 @@ def _status_of(err: int) -> int:
 class _Request:
     """One chain being served: where its status goes and how many block operations it waits for."""
 
-    __slots__ = ("index", "queue", "head", "writable", "wbytes", "pending", "error", "submitted")
+    __slots__ = ("index", "queue", "head", "writable", "wbytes", "pending", "error", "submitted", "cost")
 
     def __init__(self, index: int, queue: SplitVirtqueue, chain: DescriptorChain) -> None:
         self.index = index
@@ -180,6 +188,7 @@ class _Request:
         self.pending = 0
         self.error = 0
         self.submitted = False
+        self.cost = 0                               # its data's bytes, counted against the budget in flight
 
 
 # --- the queue handler (sans-IO: fds and polling belong to the shell) ---------------------------
@@ -196,8 +205,13 @@ class VirtioBlkHandler:
     caller runs ``run_handoffs``/``flush`` itself.
     """
 
-    def __init__(self, dev: BlockDevice, serial: str | bytes = b"", *, drain_timeout: float = DRAIN_TIMEOUT) -> None:
+    def __init__(self, dev: BlockDevice, serial: str | bytes = b"", *, drain_timeout: float = DRAIN_TIMEOUT,
+                 max_bytes_in_flight: int = MAX_BYTES_IN_FLIGHT) -> None:
         self.dev = dev
+        self.max_bytes_in_flight = max_bytes_in_flight
+        self._bytes = 0                               # data of the READs and WRITEs in flight, all rings
+        self._ring_bytes: dict[int, int] = {}         # the same per ring (what a stopping ring abandons)
+        self._throttled: set[int] = set()             # rings left unread while the budget is spent
         raw = serial.encode(errors="replace") if isinstance(serial, str) else bytes(serial)
         self.serial = raw[:VIRTIO_BLK_ID_BYTES]
         self.drain_timeout = drain_timeout
@@ -229,6 +243,7 @@ class VirtioBlkHandler:
         self._queues[index] = queue
         self._enabled[index] = enabled
         self._in_flight[index] = 0
+        self._ring_bytes[index] = 0
         self._done[index] = []
         if queue.pending_resubmissions:
             log.info("ring %d: %d request(s) the previous back end had in flight, served again", index,
@@ -262,6 +277,8 @@ class VirtioBlkHandler:
         if left:
             log.warning("ring %d stopped with %d request(s) still in flight: abandoned", index, left)
             self.stats["abandoned"] += left
+        self._bytes -= self._ring_bytes.pop(index, 0)
+        self._throttled.discard(index)
         for d in (self._queues, self._enabled, self._in_flight, self._done):
             d.pop(index, None)
 
@@ -278,6 +295,10 @@ class VirtioBlkHandler:
                 self._plug()
                 plugged = True
             while True:
+                if self._bytes >= self.max_bytes_in_flight:
+                    self._throttled.add(index)        # served again as completions free the budget
+                    self.stats["throttled"] += 1
+                    break
                 chain = queue.pop()
                 if chain is None:
                     # Re-arm the kick and look once more: a chain added meanwhile would get no kick.
@@ -301,7 +322,13 @@ class VirtioBlkHandler:
     # --- completions --------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Push every finished request to its used ring, one batch per ring, and signal (shell: after a reap)."""
+        """Push every finished request to its used ring, one batch per ring, and signal (shell: after a reap).
+        Rings left unread while the budget in flight was spent are served again first, as far as it goes."""
+        while self._throttled and self._bytes < self.max_bytes_in_flight:
+            index = self._throttled.pop()
+            queue = self._queues.get(index)
+            if queue is not None:
+                self.process(index, queue)
         for index in list(self._done):
             self._push(index, notify=True)
 
@@ -364,6 +391,9 @@ class VirtioBlkHandler:
             if not self._current(req):
                 return
             self._in_flight[req.index] -= 1
+            if req.cost:
+                self._bytes -= req.cost
+                self._ring_bytes[req.index] -= req.cost
         self.stats[f"status{status}"] += 1
         try:
             mem: SpanMemory = req.queue.memory          # type: ignore[assignment]
@@ -446,7 +476,8 @@ class VirtioBlkHandler:
                 return self._complete(req, VIRTIO_BLK_S_OK)
             if not self._in_range(sector, length):
                 return self._complete(req, VIRTIO_BLK_S_IOERR)
-            self._submit(req, 1, lambda: dev.submit_read(sector * SECTOR, length, self._read_cb(req, length)))
+            self._submit(req, 1, lambda: dev.submit_read(sector * SECTOR, length, self._read_cb(req, length)),
+                         cost=length)
         elif kind == VIRTIO_BLK_T_OUT:
             length = rbytes - _OUTHDR.size
             if dev.read_only or not self._in_range(sector, length):
@@ -475,10 +506,16 @@ class VirtioBlkHandler:
         offset = sector * SECTOR
         return offset + length <= self.dev.size and offset % ss == 0 and length % ss == 0
 
-    def _submit(self, req: _Request, operations: int, submit: Callable[[], None]) -> None:
+    def _submit(self, req: _Request, operations: int, submit: Callable[[], None], cost: int = 0) -> None:
+        """Hand ``req`` to the device; ``cost``: its data's bytes, counted against the budget in flight
+        (``max_bytes_in_flight``) until it completes."""
         req.pending = operations
         req.submitted = True
         self._in_flight[req.index] += 1
+        if cost:
+            req.cost = cost
+            self._bytes += cost
+            self._ring_bytes[req.index] += cost
         try:
             submit()
         except Exception:
@@ -502,11 +539,11 @@ class VirtioBlkHandler:
                 lent.release()
                 return self._complete(req, VIRTIO_BLK_S_IOERR)
             self._submit(req, 1, lambda: dev.submit_write_buffer(offset, lent, False,  # type: ignore[attr-defined]
-                                                                 self._done_cb(req)))
+                                                                 self._done_cb(req)), cost=length)
             return
         buf = bytearray(length)
         _copy(_pieces(mem, readable, _OUTHDR.size, length), [memoryview(buf)])
-        self._submit(req, 1, lambda: dev.submit_write(offset, memoryview(buf), False, self._done_cb(req)))
+        self._submit(req, 1, lambda: dev.submit_write(offset, memoryview(buf), False, self._done_cb(req)), cost=length)
 
     def _discard_or_zeroes(self, req: _Request, mem: SpanMemory, chain: DescriptorChain, kind: int) -> None:
         dev = self.dev
