@@ -16,12 +16,12 @@ import sys
 from operator import add
 
 from ..abi.netif import (
+    NETIF_RSP_NULL,
     RX_REQUEST,
     RX_RESPONSE,
     RX_RING_SIZE,
     RX_SLOT_SIZE,
     TX_REQUEST,
-    TX_RESPONSE,
     TX_RING_SIZE,
     TX_SLOT_SIZE,
     XEN_NETIF_EXTRA_TYPE_GSO,
@@ -63,7 +63,7 @@ def _rx_columns(blob: bytes) -> _RxColumns:
             blob[4::RX_SLOT_SIZE].translate(_MORE_DATA))
 
 
-_unpack_tx_response = TX_RESPONSE.unpack       # (id, status): a TxResponse's fields, without the named tuple
+_TX_SLOT_HALVES = TX_SLOT_SIZE // 2            # 16-bit fields per transmit slot: a response's id, then status
 
 class QueueRings:
     """One queue's rings, event channel(s) and granted buffers, and the packets it is part-way through."""
@@ -241,9 +241,13 @@ class QueueRings:
         """
         in_flight = self.tx_in_flight
         while True:
-            for rid, status in map(_unpack_tx_response, self.tx.take_responses()):
-                if 0 <= rid < TX_RING_SIZE and status != 1:
-                    in_flight[rid] = 0
+            blob = self.tx.take_response_run()         # whole slots: (id, status) and the request's rest
+            if blob:
+                ids = memoryview(blob).cast("H")[0::_TX_SLOT_HALVES].tolist()
+                statuses = memoryview(blob).cast("h")[1::_TX_SLOT_HALVES].tolist()
+                for rid, status in zip(ids, statuses):
+                    if rid < TX_RING_SIZE and status != NETIF_RSP_NULL:     # (an extra slot's answer is NULL)
+                        in_flight[rid] = 0
             if not want_event:
                 self.tx.ignore_responses()
                 break
