@@ -24,10 +24,8 @@ import signal
 import socket
 import struct
 import subprocess
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -117,12 +115,9 @@ class RamDisk:
 
 
 @pytest.fixture
-def sockdir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="xvu", dir="/tmp")
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+def sockdir(run_dir: str) -> str:
+    """A short directory for the sockets (a unix socket's path is at most 107 bytes): conftest's run_dir."""
+    return run_dir
 
 
 def wait_for(pred, timeout: float, what: str) -> None:
