@@ -125,6 +125,10 @@ def disk_of(be: str, got: dict[str, bytes | None], terms: Negotiated) -> Disk:
     sectors = parse_int(got["sectors"])
     if sectors is None:
         raise BlkfrontError(f"{be}/sectors missing")
+    if sectors >= 1 << 64:
+        # blkif's sector_number is a uint64 (Linux reads the node into a sector_t): a disk larger than
+        # that has sectors no request can name, and a read of one would fail to be built.
+        raise BlkfrontError(f"{be}/sectors {sectors}: more than a uint64 sector number addresses")
     lss = parse_int(got["sector-size"], 512) or 512
     if lss not in (512, 4096):
         raise BlkfrontError(f"{be}/sector-size {lss}: 512 or 4096 expected")
