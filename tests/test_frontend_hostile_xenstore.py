@@ -36,6 +36,7 @@ from xdom.deploy.vbd import VbdConfig, add_vbd
 from xdom.deploy.vif import VifConfig, add_vif
 from xdom.domains.blkfront.device import Blkfront, BlkfrontError, FrontendOptions
 from xdom.domains.blkfront.negotiate import BACKEND_FEATURES, MAX_INDIRECT_SEGMENTS
+from xdom.domains.grant_table import GrantTableFull
 from xdom.domains.netfront.device import Netfront, NetfrontError
 from xdom.domains.xenbus import XenbusState, backend_path, read_or_none, read_state
 from xdom.domains.xenhost import LocalHypervisor
@@ -229,6 +230,37 @@ def test_blkfront_clamps_every_offer_to_its_own_limits(hostile: Hostile, value: 
     assert connecting.result() is None and front.state == S.Connected
     front.close(0)
     assert front.pool.available() == frames0 and grants_free(hostile) == grants0
+
+
+@pytest.mark.usefixtures("quiet_watches")
+def test_blkfront_out_of_grant_references_part_way_keeps_nothing_and_connects_later(hostile: Hostile) -> None:
+    """Grant references run out while the rings are being made (a backend that keeps old rings mapped
+    across flaps leaves their grants deferred; here the test holds all but three): the step fails as a
+    step -- connect() raises, nothing escapes into the watch thread -- and the half-made queue's frames
+    and grants come back; with references free again the device connects.  (A hole when written:
+    GrantTableFull escaped the step, and the half-made queue's frames and grants were kept.)"""
+    front, be = hostile.vbd()              # 2 queues of 2 ring pages: 4 grants
+    frames0 = front.pool.available()
+    gnttab, held = hostile.fe.gnttab, []
+    with pytest.raises(GrantTableFull):
+        while True:
+            held.append(gnttab.grant_access(hostile.be.domid, 0))
+    for ref in held[-3:]:
+        assert gnttab.try_end_access(ref)
+        gnttab.release_ref(ref)
+    del held[-3:]
+    hostile.write(be, multi_queue_max_queues="2", max_ring_page_order="1", state="2")
+    error = Connecting(front, timeout=3.0).result()
+    assert isinstance(error, BlkfrontError) and front.state != S.Connected, error
+    assert front.pool.available() == frames0 and grants_free(hostile) == 3
+    for ref in held:
+        assert gnttab.try_end_access(ref)
+        gnttab.release_ref(ref)
+    hostile.write(be, state="1")           # the backend goes round again: the frontend makes its rings anew
+    hostile.write(be, state="2")
+    hostile.wait_front(front, S.Initialised)
+    hostile.write(be, sectors="2048", sector_size="512", state="4")
+    wait_until(lambda: front.state == S.Connected, what="the device connected once references are free")
 
 
 # ---- blkfront: the disk's geometry ---------------------------------------------------------------------

@@ -44,6 +44,7 @@ from ..abi.blkif import (
 from ..abi.ring import FrontRing, RingOverflow, SharedRing
 from ..abi.xs_wire import XenstoreError, XsType
 from ..frame_pool import OutOfFrames
+from ..grant_table import GrantTableFull
 from ..xenbus import XenbusState, read_nodes
 from .completions import DEFERRED_RETRY_MS, Completions
 from .grants import PAGE_SIZE, Lent
@@ -76,7 +77,7 @@ class Blkfront(Completions):
     driver = "blkfront"
     log = log
     error = BlkfrontError
-    step_errors = (OutOfFrames, BlkfrontError, RingOverflow)
+    step_errors = (OutOfFrames, GrantTableFull, BlkfrontError, RingOverflow)
     can_multi_conn = False
 
     # ---- connection ------------------------------------------------------------------
@@ -99,10 +100,11 @@ class Blkfront(Completions):
         self._grants.negotiated(terms.persistent)
         order = terms.ring_page_order
         queues: list[Queue] = []
+        gfns: list[int] = []                # the queue being made: its frames, and those granted so far
+        refs: list[int] = []
         try:
             for index in range(terms.queues):
-                gfns = self.pool.alloc(1 << order)
-                refs = []
+                gfns, refs = self.pool.alloc(1 << order), []
                 for g in gfns:
                     self.host.memory.frame(g)[:] = bytes(PAGE_SIZE)
                     refs.append(self.host.gnttab.grant_access(self.backend_domid, g))
@@ -110,9 +112,15 @@ class Blkfront(Completions):
                 shared = SharedRing([self.host.memory.frame(g) for g in gfns], self.abi.request_size,
                                     self.abi.response_size)
                 queues.append(Queue(index, FrontRing(shared, init=True), gfns, refs, port))
+                gfns, refs = [], []
         except BaseException:
+            # (A grant table used up -- GrantTableFull -- is a step error: the device stays short of
+            # Connected and nothing it took is kept, the half-made queue's frames and grants included.)
             for q in queues:
                 self._release_queue(q)
+            for g, ref in zip(gfns, refs):
+                self._grants.end_grant(ref, g)
+            self.pool.free(gfns[len(refs):])
             raise
         nodes = frontend_nodes(self.options.protocol, terms, [(q.refs, q.port) for q in queues])
 
