@@ -18,7 +18,9 @@ against shrinking, was a SIGBUS that killed the guest domain; a kick fd
 epoll refuses ended the loop, and one that hung up spun it; a call fd that
 could not be written ended the loop or blocked it; an inflight area
 replaced under a running ring ended it; a front end that did not read its
-replies wedged it.  The memory tests run the back end as a separate
+replies wedged it.  A kick fd that one write keeps readable (a semaphore
+eventfd, a pipe, a socket) had its ring processed on every loop turn until
+the tenth session.  The memory tests run the back end as a separate
 process, so that a SIGBUS fails the test instead of killing the run.
 """
 
@@ -157,6 +159,19 @@ def test_kick_fd_that_is_a_regular_file(setup: Setup) -> None:
     assert setup.serve_one(setup.ring(1), 1, 0) == S_OK
 
 
+def _count_processing(setup: Setup) -> collections.Counter[int]:
+    """How often each ring is processed from now on (the device's ``process`` wrapped)."""
+    handler = setup.served.export.handler
+    calls = collections.Counter[int]()
+    real = handler.process
+
+    def counting(index: int, queue: object) -> None:
+        calls[index] += 1
+        real(index, queue)                  # type: ignore[arg-type]
+    handler.process = counting              # type: ignore[method-assign]
+    return calls
+
+
 def test_kick_fd_that_is_a_hung_up_pipe(setup: Setup) -> None:
     r, w = os.pipe()
     os.close(w)
@@ -164,18 +179,58 @@ def test_kick_fd_that_is_a_hung_up_pipe(setup: Setup) -> None:
         setup.ring(0, kick=r)
     finally:
         os.close(r)
-    handler = setup.served.export.handler
-    calls = collections.Counter[str]()
-    real = handler.process
-
-    def counting(index: int, queue: object) -> None:
-        calls["process"] += 1
-        real(index, queue)                  # type: ignore[arg-type]
-    handler.process = counting              # type: ignore[method-assign]
+    calls = _count_processing(setup)
     time.sleep(0.3)
     assert setup.fe.alive()
     # An idle ring with a kick fd is processed when kicked; nobody kicked it.
-    assert calls["process"] <= 5, f"ring processed {calls['process']} times in 0.3 s with no kick"
+    assert calls[0] <= 5, f"ring processed {calls[0]} times in 0.3 s with no kick"
+
+
+def _semaphore_eventfd() -> tuple[int, int]:
+    fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK | os.EFD_SEMAPHORE)
+    return fd, fd
+
+
+def _socketpair() -> tuple[int, int]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return a.detach(), b.detach()
+
+
+def _pipe() -> tuple[int, int]:
+    return os.pipe()
+
+
+STAYS_READABLE = {"eventfd in semaphore mode": _semaphore_eventfd, "pipe": _pipe, "socket": _socketpair}
+
+
+@pytest.mark.parametrize("kind", list(STAYS_READABLE))
+def test_kick_fd_that_one_write_keeps_readable_is_refused(setup: Setup, kind: str) -> None:
+    """One write of the VMM's must not buy a ring processed on every loop turn for ever: a semaphore
+    eventfd given 2**63 reads 1 at a time, a pipe or a socket 8 bytes at a time."""
+    kick, writer = STAYS_READABLE[kind]()
+    try:
+        setup.ring(0, kick=kick)
+        calls = _count_processing(setup)
+        if writer == kick:
+            os.eventfd_write(writer, 1 << 63)
+        else:
+            os.set_blocking(writer, False)
+            os.write(writer, bytes(60000))
+        time.sleep(0.3)
+        assert calls[0] <= 5, f"ring processed {calls[0]} times in 0.3 s after one write"
+    finally:
+        os.close(kick)
+        if writer != kick:
+            os.close(writer)
+    assert setup.fe.alive() and setup.served.loop_alive
+    assert setup.serve_one(setup.ring(1), 1, 0) == S_OK
+    # The ring comes back with a real kick eventfd, pending requests and all.
+    again = RingFds()
+    try:
+        assert setup.fe.ack(R.SET_VRING_KICK, wire.pack_vring_file(0), (again.kick,)) == 0
+        assert setup.serve_one(again, 0, 1) == S_OK
+    finally:
+        again.close()
 
 
 def _readonly_file() -> int:

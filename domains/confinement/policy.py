@@ -92,9 +92,10 @@ KIND_SYSCALLS: dict[str, frozenset[str]] = {
     "netback": frozenset(),
     # NBD exports (bind, chmod, accept, a stale socket probed with connect and unlinked), waiting for
     # and stopping its workload; a VM's vhost-user devices: the INFLIGHT_SHMFD area it creates for QEMU
-    # (GET_INFLIGHT_FD: memfd_create, ftruncate; measured, tests/test_vhost_user_blk_vm.py)
+    # (GET_INFLIGHT_FD: memfd_create, ftruncate; measured, tests/test_vhost_user_blk_vm.py) and the VM's
+    # memory fds it checks are not hugetlbfs (fstatfs: vhost_user/frontend_fds.py)
     "guest": frozenset({"bind", "listen", "accept4", "chmod", "unlink", "wait4",
-                        "pidfd_send_signal", "memfd_create", "ftruncate"}),
+                        "pidfd_send_signal", "memfd_create", "ftruncate", "fstatfs"}),
 }
 KINDS = tuple(KIND_SYSCALLS)
 

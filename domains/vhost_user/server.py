@@ -16,8 +16,9 @@ Rules of this module:
 * Nothing the front end passes or does stops the loop (it may serve other
   devices' work too: netfront's data thread runs vhost-user-net's).  Memory
   fds are mapped only if they cannot fault (``frontend_fds``: sealed against
-  shrinking, long enough); ring fds are made non-blocking; a kick fd epoll
-  refuses, or one that hangs up, and a call fd that cannot be written, cost
+  shrinking, long enough, not hugetlbfs); ring fds are made non-blocking; a
+  kick fd must be an eventfd in counter mode; a kick fd epoll refuses, or
+  one that hangs up, and a call fd that cannot be written, cost
   their ring (stopped, or marked NEEDS_RESET), never the loop; a reply waits
   at most ``SEND_TIMEOUT`` for a front end that does not read, then the
   connection is dropped.  Such faults are logged by ``log_budget``'s rule.
@@ -451,11 +452,21 @@ class VhostUserServer:
             _close(old)
         if kind is FdKind.KICK:
             conn.parked.discard(index)          # a new kick fd (or none: polling) revives a parked ring
-        if fd is not None:
-            frontend_fds.set_nonblocking(fd)
-            conn.fds[(index, kind)] = fd
-            if kind is FdKind.KICK and index in conn.queues:
-                self._watch_kick(conn, index)
+        if fd is None:
+            return
+        frontend_fds.set_nonblocking(fd)
+        if kind is FdKind.KICK:
+            bad = frontend_fds.kick_fd_problem(fd)
+            if bad is not None:
+                _close(fd)
+                conn.parked.add(index)
+                self._fault("kick", "ring %d refused its kick fd, not processed until a new one: it is %s",
+                            index, bad)
+                return
+        conn.fds[(index, kind)] = fd
+        if kind is FdKind.KICK and index in conn.queues:
+            self._watch_kick(conn, index)
+            self._run_queue(index)              # the check consumed the kicks pending
 
     def _watch_kick(self, conn: _Connection, index: int) -> None:
         """Have the loop watch ring ``index``'s kick fd.  One epoll cannot watch (a regular file: EPERM)
