@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,6 +29,7 @@ class _Ring:
         self.breaks = breaks
         self.served = 0
         self.offloaded = None
+        self.aside: set = set()
         self.order: list[str] = []         # a log of passes, which rings may share
         self.why: list[str] = []
         self.threads: set[str] = set()
@@ -197,3 +199,80 @@ def test_a_batch_served_off_the_loop_pauses_its_ring_only(loop: RingLoop) -> Non
             gate.set()
             waits.close()
             other.close()
+
+
+def test_a_read_aside_leaves_its_ring_served_and_is_answered_on_the_loop(loop: RingLoop) -> None:
+    """aside(): the ring is served on while the job runs; its answer runs on the loop thread, after a
+    worker serving the ring's batch (offload) is done, and never once the ring was removed -- which
+    waits for the job, whose buffers are the ring's."""
+    read_gate, batch_gate = threading.Event(), threading.Event()
+    answers: list[tuple[str, str]] = []
+
+    class _Misses(_Ring):
+        def work(self) -> bool:
+            super().work()
+            if self.served == 2:
+                loop.aside(self, lambda: read_gate.wait(10) and "read", lambda r: answers.append(
+                    (r, threading.current_thread().name)))
+            if self.served == 4:
+                loop.offload(self, lambda: batch_gate.wait(10))
+            return False
+
+    ring = _Misses("misses")
+    try:
+        loop.add(ring)
+        wait_until(lambda: ring.served == 1, 5, "the first pass")
+        ring.notify()
+        wait_until(lambda: len(ring.aside) == 1, 5, "the read to go aside")
+        ring.notify()
+        wait_until(lambda: ring.served == 3, 5, "the ring served while its read waits")
+        ring.notify()
+        wait_until(lambda: ring.offloaded is not None, 5, "a batch to go to a worker")
+        read_gate.set()
+        assert not wait_until_quiet(lambda: bool(answers), 0.3), "answered while a worker serves the batch"
+        batch_gate.set()
+        wait_until(lambda: answers == [("read", "blkback-test-loop")], 5, "the answer, on the loop")
+        assert not ring.aside and loop.serves(ring) and not ring.why
+        loop.remove(ring)
+    finally:
+        read_gate.set()
+        batch_gate.set()
+        ring.close()
+
+    # Removed while its read is pending: remove() waits for the read, and no answer comes after.
+    slow = threading.Event()
+    finished: list[bool] = []
+    answers.clear()
+
+    class _Pending(_Ring):
+        def work(self) -> bool:
+            super().work()
+            if self.served == 2:
+                loop.aside(self, lambda: (slow.wait(10), time.sleep(0.2), finished.append(True)),
+                           lambda r: answers.append(("late", "")))
+            return False
+
+    ring2 = _Pending("pending")
+    try:
+        loop.add(ring2)
+        wait_until(lambda: ring2.served == 1, 5, "the first pass")
+        ring2.notify()
+        wait_until(lambda: len(ring2.aside) == 1, 5, "the read to go aside")
+        slow.set()
+        loop.remove(ring2)
+        assert finished == [True], "remove() returned before the read was done"
+        time.sleep(0.2)
+        assert answers == [], "an answer for a removed ring"
+    finally:
+        slow.set()
+        ring2.close()
+
+
+def wait_until_quiet(pred, seconds: float) -> bool:
+    """True as soon as ``pred()`` holds within ``seconds``, else False."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return False

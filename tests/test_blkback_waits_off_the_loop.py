@@ -1,8 +1,9 @@
 """What may wait is served off blkback's loops: one guest's slow disk does not stall the others.
 
 blkback serves many rings on each loop thread (ring_loop.py); a flush, a
-discard, a read the page cache cannot answer, or a batch that maps grants
-at the broker goes to a worker thread while that ring waits.  Here two
+discard, or a batch that maps grants at the broker goes to a worker thread
+while that ring waits; a read the page cache cannot answer goes alone to a
+worker while the ring is served on.  Here two
 guests share one loop and the first one's flush hangs in its disk: the
 second keeps reading and writing, and the first one's later requests are
 served after its flush, in order, once the disk answers.
@@ -76,3 +77,50 @@ def test_a_flush_that_hangs_stalls_its_own_ring_only(server, domains, xenstored,
         release.set()
         slow.close()
         other.close()
+
+
+def test_a_read_the_page_cache_misses_does_not_hold_back_its_ring(server, domains, xenstored, run_dir: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read ``RWF_NOWAIT`` cannot answer goes alone to a worker: the same ring's later reads and
+    writes are answered while it waits for the disk (out of ring order, by id, as Linux blkback's
+    bios complete), and it is answered with the right data once the disk is."""
+    srv, be = server
+    guest = BlkGuest(domains, xenstored.socket_path, be, run_dir, "miss", 4 * MiB)
+    release = threading.Event()
+    entered = threading.Event()
+    real_cached, real_readv = Disk.read_cached, Disk.readv
+    missed = 3 * MiB                                  # the one offset the page cache "does not hold"
+
+    def read_cached(disk: Disk, bufs, offset: int, length: int) -> bool:
+        return offset != missed and real_cached(disk, bufs, offset, length)
+
+    def readv(disk: Disk, bufs, offset: int, length: int = -1) -> None:
+        if offset == missed:
+            entered.set()
+            assert release.wait(60), "the test never released the read"
+        real_readv(disk, bufs, offset, length)
+    monkeypatch.setattr(Disk, "read_cached", read_cached)
+    monkeypatch.setattr(Disk, "readv", readv)
+    try:
+        data = os.urandom(4096)
+        for off in (0, missed):                                   # the pages persistent, the data there
+            assert call(guest.front.submit_write, off, memoryview(data), False) == (0, None)
+        vbd = srv.vbds[(guest.host.domid, 51712)]
+        slow: list[tuple[int, object]] = []
+        guest.front.submit_read(missed, 4096, lambda err, views=(): slow.append((err, b"".join(views))))
+        assert entered.wait(20), "the missed read never reached the disk"
+        for i in range(20):
+            assert call(guest.front.submit_read, 0, 4096, timeout=10) == (0, data)
+            assert call(guest.front.submit_write, (1 + i % 2) * MiB, memoryview(data), False, timeout=10) == (0, None)
+        assert slow == []
+        release.set()
+        for _ in range(200):
+            if slow:
+                break
+            threading.Event().wait(0.05)
+        assert slow == [(0, data)]
+        stats = vbd.stats()
+        assert stats["read_aside"] == 1 and stats["errors"] == 0, stats
+    finally:
+        release.set()
+        guest.close()

@@ -9,9 +9,10 @@ and the mapped pages; unmap; answer the whole batch with one push and, only
 if the frontend asked for it (``rsp_event``), one notification.  Then
 re-arm ``req_event`` and look again before sleeping (ring.h's final check),
 so no request is stranded and no wakeup is wasted.  What may wait (the
-general path, a flush, a read the page cache cannot answer now) is handed,
-with the rest of its batch, to a worker thread while the ring waits, so
-the loop's other rings are never stalled by this one's disk.
+general path, a flush) is handed, with the rest of its batch, to a worker
+thread while the ring waits, so the loop's other rings are never stalled by
+this one's disk; a read the page cache cannot answer now goes alone to a
+worker while the ring is served on, and is answered when it is done.
 
 Persistent grants are mapped into a ``GrantWindow`` by reference: a
 frontend's pool grants its pages with consecutive references, so the 256
@@ -114,6 +115,7 @@ class RingServer:
             "persistent_reuses": 0,       # pages found there instead of being mapped again
             "run_views": 0,               # requests whose pages were one view of the window (one iovec)
             "offloaded": 0,               # batches (or their rest) served by a worker, off the loop
+            "read_aside": 0,              # reads the page cache missed, served by a worker meanwhile
         }
         self._persistent: dict[int, GrantMapping] = {}
         self._kept = kept                 # the bound all rings' persistent grants share (kept_mappings.py)
@@ -127,6 +129,7 @@ class RingServer:
         self._lss_sectors = geometry.logical_sector_size // XEN_BLKIF_SECTOR_SIZE
         self._loop: RingLoop | None = None
         self.offloaded: Future[None] | None = None     # a worker serving a batch (ring_loop.py)
+        self.aside: set[Future[None]] = set()           # a worker reading for it meanwhile (ring_loop.py)
         self._ring_maps: list[GrantMapping] = []
         self.port = -1
         try:
@@ -194,7 +197,7 @@ class RingServer:
                 if rest is not None:
                     self.stats["offloaded"] += 1
                     assert self._loop is not None
-                    self._loop.offload(self, lambda: self._serve_batch(rest[1], on_loop=False, first=rest[0]))
+                    self._loop.offload(self, lambda: self._serve_batch(rest, on_loop=False))
                     return False
             return self.ring.final_check_for_requests()
         except RingOverflow as e:
@@ -211,8 +214,7 @@ class RingServer:
             self.stats["notifies"] += 1
             self.host.notify(self.port)
 
-    def _serve_batch(self, raws: list[bytes], on_loop: bool,
-                     first: _FastIo | None = None) -> tuple[_FastIo | None, list[bytes]] | None:
+    def _serve_batch(self, raws: list[bytes], on_loop: bool) -> list[bytes] | None:
         """Serve a batch of request copies in ring order and answer them, in the same order.
 
         The common request -- a direct or indirect READ or WRITE whose every page is already
@@ -224,27 +226,23 @@ class RingServer:
         only notifies if the frontend asked (rsp_event), so one that is busy costs nothing.
 
         ``on_loop``: called on a loop thread that serves other rings too, where nothing may wait
-        (ring_loop.py): the batch is served up to its first request that would -- one the general
-        path serves (grant maps at the broker, flushes, discards) or a read the page cache cannot
-        answer now -- and that request (parsed, if it was a fast one: ``first``) and the rest are
-        returned, for a worker thread to serve while the ring waits.  None: all served.
+        (ring_loop.py): a fast read the page cache cannot answer now is read by a worker meanwhile
+        and answered when done (:meth:`_read_aside`); the batch is served up to its first request
+        the general path serves (grant maps at the broker, flushes, discards), and that request
+        and the rest are returned, for a worker thread to serve while the ring waits.  None: all
+        served.
         """
         out: list[bytes] = []
         slow: list[bytes] = []
         fast = self._fast if self._persistent else None
         moved = 0
-        if first is not None:
-            answer = self._fast_execute(*first)         # off the loop: always served
-            assert answer is not None
-            out.append(answer)
-            moved = first[4]
         for i, raw in enumerate(raws):
             io = fast(raw) if fast is not None else None
             if io is None:
                 if on_loop:
                     if out:
                         self._respond(out)
-                    return None, raws[i:]
+                    return raws[i:]
                 slow.append(raw)
                 continue
             if slow:
@@ -252,9 +250,8 @@ class RingServer:
                 slow = []
             rsp = self._fast_execute(*io, on_loop=on_loop)
             if rsp is None:
-                if out:
-                    self._respond(out)
-                return io, raws[i + 1:]
+                self._read_aside(io)
+                continue
             out.append(rsp)
             moved += io[4]
             if moved >= PUSH_BYTES:
@@ -385,6 +382,32 @@ class RingServer:
         self.stats["requests"] += 1
         bufs.clear()
         return self._rsp_pack(rid, op, status)
+
+    def _read_aside(self, io: _FastIo) -> None:
+        """A fast read the page cache missed: a worker reads it while the ring is served on, and the
+        loop answers it then (``ring_loop.RingLoop.aside``).  Its pages are persistent mappings, kept
+        until the ring stops, which waits for the read."""
+        assert self._loop is not None
+        self.stats["read_aside"] += 1
+        rid, op, offset, bufs, length = io
+        disk = self.disk
+
+        def read() -> OSError | None:
+            try:
+                disk.readv(bufs, offset, length)
+                return None
+            except OSError as e:
+                return e
+            finally:
+                bufs.clear()
+
+        def answer(failure: OSError | None) -> None:
+            self.stats["requests"] += 1
+            if failure is not None:
+                log.warning("%s: read at %d+%d: %s", self.name, offset, length, failure)
+                self.stats["errors"] += 1
+            self._respond([self._rsp_pack(rid, op, BLKIF_RSP_OKAY if failure is None else BLKIF_RSP_ERROR)])
+        self._loop.aside(self, read, answer)
 
     @staticmethod
     def _chunks(reqs: list[Request]) -> Iterator[list[Request]]:
