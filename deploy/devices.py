@@ -121,6 +121,12 @@ class Devices(SupervisorBase):
             log.warning("domain %s: xenstore set-up failed (%s); retried when xenstored restarts, bounded by "
                         "its readiness deadline", d.name, e)
             return
+        except Exception:
+            # What xenstored (a domain too) answers, or a domain put in its nodes, must cost at most
+            # this domain's set-up, never the supervisor's loop and with it every domain of the host.
+            log.exception("domain %s: xenstore set-up failed; retried when xenstored restarts, bounded by "
+                          "its readiness deadline", d.name)
+            return
         d.introduced = True
         self._record(d.name, "introduced", f"gfn {d.store[0]} port {d.store[1]}")
 
@@ -161,8 +167,10 @@ class Devices(SupervisorBase):
                                       export=self._export_path(fe, disk), export_kind=disk.export_kind or EXPORT_NBD,
                                       disk_fd=self._offer_disk(be, fe, disk)))
             except XenstoreError as e:
-                if only is not None or not self._peer_is_gone(e, d, be, fe, disk.vdev):
+                if only is not None:
                     raise
+                if not self._peer_is_gone(e, d, be, fe, disk.vdev):
+                    self._device_failed(fe, disk.vdev, be, e)
                 continue
             self._record(fe.name, "vbd", f"{disk.vdev} on {be.name} -> {self._export_path(fe, disk)}")
 
@@ -238,8 +246,10 @@ class Devices(SupervisorBase):
                                       _ifname(devid), export=self._vif_export(fe, devid, vif) if vhost_user else None,
                                       queues=vif_queues(vif, fe.spec.vm)))
             except XenstoreError as e:
-                if only is not None or not self._peer_is_gone(e, d, be, fe, _ifname(devid)):
+                if only is not None:
                     raise
+                if not self._peer_is_gone(e, d, be, fe, _ifname(devid)):
+                    self._device_failed(fe, _ifname(devid), be, e)
                 continue
             self._record(fe.name, "vif", f"{_ifname(devid)} {vif.mac} on {be.name}")
 
@@ -287,6 +297,14 @@ class Devices(SupervisorBase):
             os.close(fd)
         be.offered.add(key)
         self._record(be.name, "tap", f"{tap} offered ({fe.name} vif {devid} on {bridge})")
+
+    def _device_failed(self, fe: SupervisedDomain, device: str, be: SupervisedDomain, e: XenstoreError) -> None:
+        """One device's nodes could not be written: that device is not set up (until either end restarts),
+        the domain's other devices are.  One hostile end (a backend that rewrites its nodes without
+        pause, say) costs its own device, not the whole guest, nor the backend's other guests."""
+        log.error("%s of %s (on %s): its xenstore nodes could not be written: %s", device, fe.name, be.name, e)
+        self._record(fe.name, "device-failed", f"{device} on {be.name}: {e}")
+        self._progress(f"{fe.name}: {device} not set up: {e}")
 
     def _plug_failed(self, fe: SupervisedDomain, devid: int, be: SupervisedDomain, e: Exception) -> None:
         log.error("vif %d of %s is not connected to %s's bridge: %s", devid, fe.name, be.name, e)

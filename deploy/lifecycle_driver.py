@@ -245,6 +245,8 @@ class LifecycleDriver(Spawning):
                 self._write_domain_nodes(xs, self.xenstored)
         except (XenstoreError, OSError, TimeoutError) as e:
             log.warning("xenstore set-up of domain 0 failed: %s", e)
+        except Exception:                   # a xenstored's answer must not end the supervisor
+            log.exception("xenstore set-up of domain 0 failed")
         self._undo_refused_attaches()
         for d in self.domains:
             if d is not self.xenstored and d.connected and not d.introduced and d.state in (State.STARTING,

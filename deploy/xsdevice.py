@@ -17,57 +17,155 @@ from xdom.domains.xenstore import XenstoreClient, XenstoreError
 __all__ = ["add_device", "remove_device", "set_perms_under"]
 
 
+#: How far below a device directory permissions are set again: the protocol's nodes are at most two
+#: levels down (``queue-N/tx-ring-ref``) and a few dozen.  What a domain hangs deeper, or beyond this
+#: many nodes, keeps its stale permissions -- the domain's own nodes, so only it is hindered -- and
+#: the toolstack's work stays bounded however deep and wide a hostile domain builds (its quotas allow
+#: about a thousand levels; walked recursively, that was a RecursionError in the supervisor).
+PERMS_DEPTH = 4
+PERMS_NODES = 1024
+
+
 def set_perms_under(xs: XenstoreClient, tx: int, path: str, perms: list[str]) -> None:
-    """``perms`` on ``path`` and every node below it.
+    """``perms`` on ``path`` and the nodes below it, at most ``PERMS_DEPTH`` levels and ``PERMS_NODES``
+    nodes (depth first).
 
     Either side of a device may have restarted under its old domid, and
     xenstored ignores a domain's permission entries on nodes older than its
-    latest introduction until they are set again.
+    latest introduction until they are set again.  Outside a transaction
+    (``tx`` 0) a node its owner removes meanwhile is passed over.
     """
     xs.set_perms(path, perms, tx)
-    for child in xs.directory(path, tx):
-        set_perms_under(xs, tx, f"{path}/{child}", perms)
+    stack = [(path, 0)]
+    done = 1
+    while stack:
+        node, depth = stack.pop()
+        if depth >= PERMS_DEPTH:
+            continue
+        try:
+            children = xs.directory(node, tx)
+        except XenstoreError as e:
+            if e.name != "ENOENT" or tx:
+                raise
+            continue
+        for child in children:
+            if done >= PERMS_NODES:
+                return
+            below = f"{node}/{child}"
+            try:
+                xs.set_perms(below, perms, tx)
+            except XenstoreError as e:
+                if e.name != "ENOENT" or tx:
+                    raise
+                continue
+            done += 1
+            stack.append((below, depth + 1))
+
+
+#: Transactions tried before a device is written node by node: a live domain that writes its own nodes
+#: faster than a transaction takes would make every commit conflict.
+ATOMIC_TRIES = 4
 
 
 def add_device(xs: XenstoreClient, kind: str, backend_domid: int, frontend_domid: int, devid: int,
                be_nodes: Mapping[str, str | int], fe_nodes: Mapping[str, str | int]) -> None:
-    """Create a device's nodes (or write them again for a restarted backend), in one transaction, as libxl does.
+    """Create a device's nodes (or write them again for a restarted end), in one transaction, as libxl does.
 
     The backend directory (``frontend`` and ``be_nodes``) is the backend
     domain's and the frontend may read it; the frontend directory
     (``backend`` and ``fe_nodes``) is the frontend's and the backend may read
     it.  A frontend directory that is there already (its ``state`` written)
     is left as it is: a live frontend keeps its nodes across a backend restart.
+
+    The transaction reads and writes nodes of a live domain (the other end's
+    directory, re-permissioned; a live backend's, written again), and that
+    domain may write them as often as it likes: each of its writes makes the
+    commit conflict, and one rewriting its ``state`` once a millisecond kept
+    the device -- and with it the other end, a backend serving every guest --
+    from ever being set up again.  After ``ATOMIC_TRIES`` conflicts the device
+    is written piece by piece instead (:func:`_add_piecewise`), which no
+    domain's writes can hold up.
     """
     be = backend_path(backend_domid, kind, frontend_domid, devid)
     fe = frontend_path(frontend_domid, kind, devid)
-    be_perms = [f"n{backend_domid}", f"r{frontend_domid}"]
-    fe_perms = [f"n{frontend_domid}", f"r{backend_domid}"]
-    be_dirs = [f"/local/domain/{backend_domid}/backend", f"/local/domain/{backend_domid}/backend/{kind}",
-               f"/local/domain/{backend_domid}/backend/{kind}/{frontend_domid}"]
-    fe_dirs = [f"/local/domain/{frontend_domid}/device/{kind}"]
+    layout = _Layout(kind, backend_domid, frontend_domid, be, fe, {"frontend": fe, **be_nodes},
+                     {"backend": be, **fe_nodes})
 
     def body(tx: int) -> None:
         fe_exists = xs.exists(f"{fe}/state", tx)
-        # The directories above the device are dom0's, readable by the domain that
-        # lists them.  Set again every time: xenstored ignores a restarted
-        # domain's permissions on nodes made before it was introduced again.
-        for path, reader in [(d, backend_domid) for d in be_dirs] + [(d, frontend_domid) for d in fe_dirs]:
-            xs.mkdir(path, tx)
-            xs.set_perms(path, ["n0", f"r{reader}"], tx)
+        layout.make_parents(xs, tx)
         xs.mkdir(be, tx)
-        for key, value in {"frontend": fe, **be_nodes}.items():
+        for key, value in layout.be_values.items():
             xs.write(f"{be}/{key}", str(value), tx)
-        set_perms_under(xs, tx, be, be_perms)
+        set_perms_under(xs, tx, be, layout.be_perms)
         if not fe_exists:
-            xs.mkdir(fe, tx)
-            xs.set_perms(fe, fe_perms, tx)
-            for key, value in {"backend": be, **fe_nodes}.items():
-                xs.write(f"{fe}/{key}", str(value), tx)
+            _make(xs, tx, fe, layout.fe_perms, layout.fe_values)
         # Either side may have restarted under its old domid; xenstored ignores its
         # permissions on nodes older than its new introduction until they are set again.
-        set_perms_under(xs, tx, fe, fe_perms)
+        set_perms_under(xs, tx, fe, layout.fe_perms)
+    try:
+        xs.transaction(body, retries=ATOMIC_TRIES)
+    except XenstoreError as e:
+        if e.name != "EAGAIN":
+            raise
+        _add_piecewise(xs, layout)
+
+
+class _Layout:
+    """A device's two directories, what goes in them and who may do what there."""
+
+    def __init__(self, kind: str, backend_domid: int, frontend_domid: int, be: str, fe: str,
+                 be_values: Mapping[str, str | int], fe_values: Mapping[str, str | int]) -> None:
+        self.be, self.fe = be, fe
+        self.be_values, self.fe_values = be_values, fe_values
+        self.be_perms = [f"n{backend_domid}", f"r{frontend_domid}"]
+        self.fe_perms = [f"n{frontend_domid}", f"r{backend_domid}"]
+        self._parents = [(f"/local/domain/{backend_domid}/backend", backend_domid),
+                         (f"/local/domain/{backend_domid}/backend/{kind}", backend_domid),
+                         (f"/local/domain/{backend_domid}/backend/{kind}/{frontend_domid}", backend_domid),
+                         (f"/local/domain/{frontend_domid}/device/{kind}", frontend_domid)]
+
+    def make_parents(self, xs: XenstoreClient, tx: int) -> None:
+        """The directories above the device: dom0's, readable by the domain that lists them.  Set again
+        every time: xenstored ignores a restarted domain's permissions on nodes made before it was
+        introduced again."""
+        for path, reader in self._parents:
+            xs.mkdir(path, tx)
+            xs.set_perms(path, ["n0", f"r{reader}"], tx)
+
+
+def _add_piecewise(xs: XenstoreClient, layout: _Layout) -> None:
+    """``add_device`` without a transaction over a live domain's nodes.
+
+    A directory that is not there is made whole in one transaction (only
+    the toolstack makes them: their parents are dom0's), so its domain never
+    sees half of it; one that is there is written again (``state`` last:
+    what the backend acts on comes after what it reads then) and
+    re-permissioned node by node.
+    """
+    be, fe = layout.be, layout.fe
+    fe_exists = xs.exists(f"{fe}/state")
+    be_exists = xs.exists(be)
+
+    def body(tx: int) -> None:
+        layout.make_parents(xs, tx)
+        if not be_exists:
+            _make(xs, tx, be, layout.be_perms, layout.be_values)
+        if not fe_exists:
+            _make(xs, tx, fe, layout.fe_perms, layout.fe_values)
     xs.transaction(body)
+    if be_exists:
+        for key, value in sorted(layout.be_values.items(), key=lambda kv: kv[0] == "state"):
+            xs.write(f"{be}/{key}", str(value))
+    set_perms_under(xs, 0, be, layout.be_perms)
+    set_perms_under(xs, 0, fe, layout.fe_perms)
+
+
+def _make(xs: XenstoreClient, tx: int, path: str, perms: list[str], values: Mapping[str, str | int]) -> None:
+    xs.mkdir(path, tx)
+    xs.set_perms(path, perms, tx)
+    for key, value in values.items():
+        xs.write(f"{path}/{key}", str(value), tx)
 
 
 def remove_device(xs: XenstoreClient, kind: str, backend_domid: int, frontend_domid: int, devid: int,

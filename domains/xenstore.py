@@ -416,7 +416,12 @@ class XenstoreClient:
             self._watches.pop((path, token), None)
 
     def transaction_start(self) -> int:
-        return int(self.request(XsType.XS_TRANSACTION_START, b"\0").rstrip(b"\0"))
+        """A new transaction's id; a reply that is not one (a xenstored that lies) is EINVAL, as any
+        other malformed reply: the id goes into every later request's u32 header."""
+        reply = self.request(XsType.XS_TRANSACTION_START, b"\0").rstrip(b"\0")
+        if not reply.isdigit() or len(reply) > 10 or not 0 < int(reply) < 1 << 32:
+            raise XenstoreError("EINVAL", f"TRANSACTION_START answered {reply[:32]!r}, not a transaction id")
+        return int(reply)
 
     def transaction_end(self, tx: int, commit: bool = True) -> None:
         self.request(XsType.XS_TRANSACTION_END, b"T\0" if commit else b"F\0", tx)
