@@ -42,6 +42,7 @@ from xdom.domains.abi.hypercall_wire import (
     encode_reply,
     take_fds,
 )
+from xdom.domains.hostsys.unix_sockets import owner_only
 from xdom.domains.hostsys.wakeup import WakePipe
 
 from .fd_budget import raise_nofile_limit
@@ -111,7 +112,8 @@ class BrokerServer:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.events = self.ctx.socket(zmq.PUB)
         self.events.setsockopt(zmq.LINGER, 0)
-        self.events.bind(self.events_endpoint)
+        with owner_only():                  # the toolstack's alone, as mgmt.sock below
+            self.events.bind(self.events_endpoint)
         self.fd_limit = raise_nofile_limit()
         self.hv = Hypervisor(on_event=self._publish, fd_limit=self.fd_limit)
         # One descriptor kept spare: if accept() ever meets EMFILE, it is given
@@ -121,7 +123,8 @@ class BrokerServer:
         self.mgmt = Management(self.hv, self)
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
-        self.router.bind(self.mgmt_endpoint)
+        with owner_only():                  # whoever may connect may create and destroy domains
+            self.router.bind(self.mgmt_endpoint)
         try:
             os.unlink(self.hypercall_sock_path)
         except FileNotFoundError:

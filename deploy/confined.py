@@ -53,14 +53,20 @@ def _proc_status(pid: int) -> dict[str, str]:
 
 
 def confinement_of(pid: int | None, reported: str) -> dict[str, Any] | None:
-    """What ``xdom ps --json`` gives as a domain's ``confinement`` (None when it has no process)."""
+    """What ``xdom ps --json`` gives as a domain's ``confinement`` (None when it has no process).
+
+    The seccomp filter is the kernel's word (``/proc/PID/status``); the
+    domain's only names it.  Landlock shows nowhere outside the process, so
+    the ABI the domain reports is shown only where the kernel shows the
+    filter its lock-down installs after Landlock: a process that never
+    locked down (one compromised before it did) claims nothing."""
     if pid is None:
         return None
     st = _proc_status(pid)
     claims = dict(w.split("=", 1) for w in reported.split() if "=" in w)
     filtered = st.get("Seccomp") == "2"
     seccomp = (claims.get("seccomp") or "filter") if filtered else None
-    landlock = claims.get("landlock")
+    landlock = claims.get("landlock") if filtered else None
     summary = " ".join(f"{k}={v}" for k, v in (("seccomp", seccomp), ("landlock", landlock)) if v) or "none"
     return {"seccomp": seccomp, "seccomp_filters": int(st.get("Seccomp_filters", "0") or 0),
             "no_new_privs": st.get("NoNewPrivs") == "1", "landlock": landlock, "summary": summary}

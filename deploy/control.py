@@ -29,6 +29,7 @@ import zmq
 
 from xdom.broker.mgmt_client import RequestClient
 from xdom.broker.rpc import Dispatcher, Handler, RequestError
+from xdom.domains.hostsys.unix_sockets import owner_only
 
 __all__ = ["ControlClient", "ControlError", "ControlProtocol", "ControlServer", "endpoint_for"]
 
@@ -66,7 +67,8 @@ class ControlServer:
         self.protocol = protocol
         self.socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.bind(endpoint)
+        with owner_only():                  # whoever may connect may destroy any domain
+            self.socket.bind(endpoint)
 
     def serve(self) -> None:
         """Answer what is waiting (at most a bounded batch, so the loop stays fair)."""

@@ -1,4 +1,4 @@
-"""A listening unix socket's path: taken over from a dead server, never from a live one.
+"""A listening unix socket's path: taken over from a dead server, never from a live one; made by its owner alone.
 
 Every export a guest serves (NBD, vhost-user-blk, vhost-user-net) binds a path that a previous run of the same
 guest may have left behind when it was killed.  One rule for all of them: unlink the path only if it is a
@@ -12,8 +12,24 @@ import errno
 import os
 import socket
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-__all__ = ["remove_stale_socket", "unlink_quietly"]
+__all__ = ["owner_only", "remove_stale_socket", "unlink_quietly"]
+
+
+@contextmanager
+def owner_only() -> Iterator[None]:
+    """Sockets bound meanwhile are their owner's alone (mode 0600), whatever umask the process was started
+    with: a socket's mode is all that stands between another uid and what it serves (a toolstack's control
+    socket: destroy, stop, attach), and a chmod after the bind leaves a moment to connect in.  The umask is
+    the process's: call it where no other thread makes files meanwhile (servers binding as they start).
+    (``deploy/keeper.py``, which imports nothing of xdom, does the same by hand.)"""
+    old = os.umask(0o177)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 def remove_stale_socket(path: str) -> None:
