@@ -11,7 +11,12 @@ supervisor therefore runs each domain under its own uid:
   the host's life, so two hosts running side by side never share one (a
   lock dies with its holders: nothing to clean up after a crash).  The
   supervisor holds it, and so does the host's keeper (``deploy/keeper.py``),
-  so that a supervisor's death does not free the uids of running domains.
+  so that a supervisor's death does not free the uids of running domains;
+* a uid some process still runs as is not given out, whatever its lock says,
+  and when a domain's process ends, whatever else still runs as its uid is
+  killed (:func:`kill_leftovers_of`): a guest's workload may leave its
+  process group (``setsid``, as any daemon does), and would otherwise
+  outlive its guest and share its uid with the next domain given it.
 
 Separate uids only work when those uids can run the interpreter and import
 xdom: a checkout or a venv under a 0700 home directory cannot.  ``auto``
@@ -26,15 +31,19 @@ from __future__ import annotations
 import fcntl
 import os
 import pwd
+import signal
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+import psutil
 
 from .topology import Topology
 
 __all__ = ["DOMAIN_EXEC", "LOCK_DIR", "UID_BASE", "UID_COUNT", "IsolationError", "UidMode", "UidPlan",
-           "plan_uids", "probe_uid"]
+           "kill_leftovers_of", "plan_uids", "probe_uid", "uids_in_use"]
 
 UID_BASE = 64000
 UID_COUNT = 1000
@@ -103,6 +112,37 @@ def _is_system_user(uid: int) -> bool:
     return True
 
 
+def uids_in_use() -> dict[int, int]:
+    """Every uid a live process runs as (real, effective or saved), with one such pid."""
+    used: dict[int, int] = {}
+    for p in psutil.process_iter(["uids"]):
+        for uid in p.info.get("uids") or ():
+            used.setdefault(uid, p.pid)
+    return used
+
+
+def kill_leftovers_of(uid: int, spare: Iterable[int] = ()) -> list[int]:
+    """SIGKILL every process running as ``uid`` (a domain's own, whose process has ended) but ``spare``
+    and their descendants (a guest's VM, which outlives a restart of its guest domain); the pids killed."""
+    keep = set(spare)
+    for pid in list(keep):
+        try:
+            keep.update(c.pid for c in psutil.Process(pid).children(recursive=True))
+        except psutil.Error:
+            pass
+    killed = []
+    for p in psutil.process_iter(["uids"]):
+        uids = p.info.get("uids")
+        if p.pid in keep or not uids or uid not in uids:
+            continue
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+            killed.append(p.pid)
+        except ProcessLookupError:
+            pass
+    return killed
+
+
 def plan_uids(topology: Topology, mode: UidMode = UidMode.AUTO, lock_dir: str = LOCK_DIR) -> UidPlan:
     """Decide every domain's uid; the plan holds locks until :meth:`UidPlan.release`.
 
@@ -123,10 +163,14 @@ def plan_uids(topology: Topology, mode: UidMode = UidMode.AUTO, lock_dir: str = 
     plan = UidPlan(True, {}, "")
     try:
         explicit = {d.uid for d in topology.domains if d.uid is not None}
+        busy = uids_in_use()
         candidates = (u for u in range(UID_BASE, UID_BASE + UID_COUNT)
-                      if u not in explicit and not _is_system_user(u))
+                      if u not in explicit and u not in busy and not _is_system_user(u))
         for d in topology.domains:
             if d.uid is not None:
+                if d.uid in busy:
+                    raise IsolationError(f"uid {d.uid} of domain {d.name!r} is in use: pid {busy[d.uid]} runs as "
+                                         f"it, and would share everything the domain has")
                 fd = _lock(lock_dir, d.uid)
                 if fd is None:
                     raise IsolationError(f"uid {d.uid} of domain {d.name!r} is in use by another xdom host")
