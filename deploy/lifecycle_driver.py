@@ -40,6 +40,7 @@ from .control import ControlError
 from .isolation import kill_leftovers_of
 from .launcher import start_broker
 from .lifecycle import Effect, Event, Phase, State, died, is_ready
+from .log_bound import bound_log
 from .policy import Action, ExitStatus, HealthSample
 from .process_tree import ProcessTree
 from .spawning import Spawning
@@ -468,6 +469,11 @@ class LifecycleDriver(Spawning):
 
     def _check_health(self) -> None:
         tree = ProcessTree()
+        for d in self.domains:
+            for log_name in (d.name, f"{d.name}-vm", f"{d.name}-console"):
+                size = bound_log(self.layout.log_path(log_name))
+                if size is not None:
+                    log.warning("%s: its log %s.log passed %d MiB: cut to its tail", d.name, log_name, size >> 20)
         for d in self.domains:
             if d.state not in (State.STARTING, State.RUNNING) or d.pidfd < 0:
                 continue
