@@ -17,6 +17,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from typing import Any
 
 from xdom.broker.mgmt_client import ManagementError
@@ -27,6 +28,7 @@ from . import netns
 from .access import AccessError
 from .confined import confinement_of
 from .control import ControlError, string_field
+from .detaching import Detach
 from .devices import DETACH_TIMEOUT, _backend_tap, _bridge_of, _ifname, _logged, _vifs
 from .export_paths import export_problem, relative_export_problem
 from .lifecycle import Effect, Event, State, step
@@ -36,11 +38,10 @@ from .rundir import unlink_socket
 from .supervised_domain import SupervisedDomain
 from .tap import TapError
 from .topology import DomainKind, bridge_name_problem, vif_queues
-from .vbd import remove_vbd
-from .vif import remove_vif
 from .xl_disk import parse_disk
 from .xl_vif import VifSpec, generate_mac, parse_vif
 from .xlcfg import EXPORT_NBD, EXPORT_VHOST_USER, XlCfgError
+from .xsdevice import ask_to_close, remove_nodes
 
 __all__ = ["ControlOps"]
 
@@ -95,6 +96,7 @@ class ControlOps(LifecycleDriver):
         }
         if d.kind == DomainKind.GUEST:
             row["vm"] = self.vms.row(d)
+            row["detaching"], row["detached"] = self.detaches.of(d.name)
         if d.kind == DomainKind.NETBACK:
             # The vifs it serves; bridged, each with its bridge and its TAP in this domain's namespace.
             row["switch"] = str(d.switch)
@@ -255,32 +257,48 @@ class ControlOps(LifecycleDriver):
                 **({"vm": plug} if plug else {})}
 
     def _op_block_detach(self, req: dict[str, Any]) -> dict[str, Any]:
-        """``xl block-detach``: the backend closes, the guest lets go, then the nodes go."""
+        """``xl block-detach``: the backend closes, the guest lets go, then the nodes go -- followed from the
+        loop, not waited for in it (``deploy/detaching.py``); ``xdom block-detach`` waits for the end."""
         d = self._guest_for_devices(req)
         which = string_field(req, "vdev")
         disk = next((x for x in d.spec.disks if x.vdev == which or str(x.devid) == which), None)
         if disk is None:
             raise ControlError.of(errno.ENODEV, f"{d.name} has no disk {which!r:.40} "
                                                 f"(disks: {', '.join(x.vdev for x in d.spec.disks) or 'none'})")
+        if self.detaches.pending(d.name, disk.vdev):
+            raise ControlError.of(errno.EBUSY, f"{disk.vdev} of {d.name} is being detached already")
         be = self._by_name.get(disk.backend or "")
 
-        def teardown() -> bool:
-            closed = False
-            if be is not None and be.domid is not None and d.domid is not None:
-                with self._xs() as xs:
-                    closed = remove_vbd(xs, be.domid, d.domid, disk.devid, timeout=DETACH_TIMEOUT)
+        def forget(closed: bool) -> None:
             d.spec = dataclasses.replace(d.spec, disks=tuple(x for x in d.spec.disks if x is not disk))
             unlink_socket(self._export_path(d, disk))
             log.info("detached %s from %s%s", disk.vdev, d.name, "" if closed else " (the backend did not confirm)")
-            return closed
+
+        def begin() -> bool:
+            return self._begin_detach(d, disk.vdev, "vbd", be, disk.devid, forget)
         # A VM's disk leaves the VM first (device_del, answered when its kernel let go): the rest follows then.
-        pending = self.vms.unplug_disk(d, disk, lambda: _logged(teardown, f"detaching {disk.vdev} from {d.name}"))
+        pending = self.vms.unplug_disk(d, disk, lambda: _logged(begin, f"detaching {disk.vdev} from {d.name}"))
         if pending is not None:
             return {"vdev": disk.vdev, "clean": None, "vm": pending}
         try:
-            return {"vdev": disk.vdev, "clean": teardown()}
+            return {"vdev": disk.vdev, "clean": None, "detaching": True} if begin() else \
+                {"vdev": disk.vdev, "clean": False}
         except (XenstoreError, OSError, TimeoutError) as e:
             raise ControlError.of(errno.EIO, f"detaching {disk.vdev} from {d.name}: {e}") from None
+
+    def _begin_detach(self, d: SupervisedDomain, key: str, kind: str, be: SupervisedDomain | None, devid: int,
+                      forget: Callable[[bool], None]) -> bool:
+        """Ask the backend to close ``d``'s device and have the loop follow it (True); or, with no backend
+        nodes to close, remove what there is and ``forget`` it now (False)."""
+        if be is not None and be.domid is not None and d.domid is not None:
+            with self._xs() as xs:
+                if ask_to_close(xs, kind, be.domid, d.domid, devid):
+                    self.detaches.add(Detach(d.name, key, kind, be.domid, d.domid, devid,
+                                             time.monotonic() + DETACH_TIMEOUT, forget))
+                    return True
+                remove_nodes(xs, kind, be.domid, d.domid, devid)
+        forget(False)
+        return False
 
     def _op_network_attach(self, req: dict[str, Any]) -> dict[str, Any]:
         """``xl network-attach``: a new vif on a running guest: its TAP in the guest's namespace, then the nodes."""
@@ -360,23 +378,23 @@ class ControlOps(LifecycleDriver):
             raise ControlError.of(errno.ENODEV, f"{d.name} has no vif {which!r:.40} (vifs: "
                                                 f"{', '.join(f'{i} {v.mac}' for i, v in _vifs(d.spec)) or 'none'})")
         devid, vif = found
+        if self.detaches.pending(d.name, str(devid)):
+            raise ControlError.of(errno.EBUSY, f"vif {devid} of {d.name} is being detached already")
         be = self._by_name.get(vif.backend or "")
 
-        def teardown() -> bool:
-            closed = False
-            if be is not None and be.domid is not None and d.domid is not None:
-                with self._xs() as xs:
-                    closed = remove_vif(xs, be.domid, d.domid, devid, timeout=DETACH_TIMEOUT)
+        def forget(closed: bool) -> None:
             self._forget_vif(d, devid, vif)
             if vif.export_kind == EXPORT_VHOST_USER:
                 unlink_socket(self._vif_export(d, devid, vif))
             log.info("detached vif %d from %s%s", devid, d.name, "" if closed else " (the backend did not confirm)")
-            return closed
+
+        def begin() -> bool:
+            return self._begin_detach(d, str(devid), "vif", be, devid, forget)
         # A VM's NIC leaves the VM first (device_del, answered when its kernel let go): the rest follows then.
-        pending = self.vms.unplug_nic(d, devid, lambda: _logged(teardown, f"detaching vif {devid} from {d.name}"))
+        pending = self.vms.unplug_nic(d, devid, lambda: _logged(begin, f"detaching vif {devid} from {d.name}"))
         if pending is not None:
             return {"devid": devid, "clean": None, "vm": pending}
         try:
-            return {"devid": devid, "clean": teardown()}
+            return {"devid": devid, "clean": None, "detaching": True} if begin() else {"devid": devid, "clean": False}
         except (XenstoreError, OSError, TimeoutError) as e:
             raise ControlError.of(errno.EIO, f"detaching vif {devid} from {d.name}: {e}") from None

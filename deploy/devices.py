@@ -46,7 +46,7 @@ __all__ = ["DETACH_TIMEOUT", "Devices"]
 
 log = logging.getLogger("xdom.supervisor")
 
-DETACH_TIMEOUT = 5.0      # seconds block-detach waits for the backend to report Closed
+DETACH_TIMEOUT = 5.0      # seconds a detach gives the backend to report Closed (detaching.py follows it)
 
 
 class Devices(SupervisorBase):

@@ -96,11 +96,27 @@ def cmd_block_detach(args: argparse.Namespace) -> int:
     r = request(run_dir, args.timeout, "block-detach", name=args.domain, vdev=args.vdev)
     if "vm" in r:
         _follow_vm_plug(run_dir, args.domain, "disks", r["vm"], removing=True)
-        say(f"xdom: {r['vdev']} detached from {args.domain} (removed from its VM, then from xenbus)")
+        clean = _follow_detach(run_dir, args.domain, r["vdev"])
+        say(f"xdom: {r['vdev']} detached from {args.domain} (removed from its VM, then from xenbus)" + _unclean(clean))
         return EXIT_OK
-    say(f"xdom: {r['vdev']} detached from {args.domain}"
-         + ("" if r["clean"] else " (the backend did not confirm it closed; its nodes were removed anyway)"))
+    clean = _follow_detach(run_dir, args.domain, r["vdev"]) if r.get("detaching") else r["clean"]
+    say(f"xdom: {r['vdev']} detached from {args.domain}" + _unclean(clean))
     return EXIT_OK
+
+
+DETACH_WAIT = 60.0      # seconds a detach is followed (the supervisor gives a backend DETACH_TIMEOUT to close)
+
+
+def _follow_detach(run_dir: str, name: str, key: str) -> bool | None:
+    """Wait until the supervisor is done detaching device ``key`` of ``name`` (its row's ``detaching``);
+    whether the backend confirmed it closed (None: not known)."""
+    row = _wait_for(run_dir, name, DETACH_WAIT,
+                    lambda row: "ok" if key not in (row.get("detaching") or ()) else None)
+    return (row.get("detached") or {}).get(key)
+
+
+def _unclean(clean: bool | None) -> str:
+    return "" if clean or clean is None else " (the backend did not confirm it closed; its nodes were removed anyway)"
 
 
 VM_PLUG_WAIT = 120.0    # seconds a VM device's hot-add (its guest domain connects first) or removal may take
@@ -169,10 +185,12 @@ def cmd_network_detach(args: argparse.Namespace) -> int:
     r = request(run_dir, args.timeout, "network-detach", name=args.domain, vif=args.vif)
     if "vm" in r:
         _follow_vm_plug(run_dir, args.domain, "nics", r["vm"], removing=True)
-        say(f"xdom: vif {r['devid']} detached from {args.domain} (removed from its VM, then from xenbus)")
+        clean = _follow_detach(run_dir, args.domain, str(r["devid"]))
+        say(f"xdom: vif {r['devid']} detached from {args.domain} (removed from its VM, then from xenbus)"
+            + _unclean(clean))
         return EXIT_OK
-    say(f"xdom: vif {r['devid']} detached from {args.domain}"
-         + ("" if r["clean"] else " (the backend did not confirm it closed; its nodes were removed anyway)"))
+    clean = _follow_detach(run_dir, args.domain, str(r["devid"])) if r.get("detaching") else r["clean"]
+    say(f"xdom: vif {r['devid']} detached from {args.domain}" + _unclean(clean))
     return EXIT_OK
 
 

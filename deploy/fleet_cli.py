@@ -233,7 +233,9 @@ def _device(op: str, field: str) -> Callable[[argparse.Namespace], int]:
         detail = {k: r[k] for k in ("backend", "export", "ifname", "ip", "netns", "clean") if r.get(k) is not None}
         _say(f"xdom: {host.name}: {what} {'attached to' if op.endswith('attach') and 'detach' not in op else 'detached from'} "
              f"{args.domain}" + (f" ({', '.join(f'{k} {v}' for k, v in detail.items())})" if detail else "")
-             + ("; its VM gets it by hot-plug: xdom --host NAME ps --json shows its plug state" if "vm" in r else ""))
+             + ("; its VM gets it by hot-plug: xdom --host NAME ps --json shows its plug state" if "vm" in r else "")
+             + ("; its backend is closing it: xdom --host NAME ps --json shows it under detaching until done"
+                if r.get("detaching") else ""))
         return EXIT_OK
     return run
 

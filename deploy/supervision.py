@@ -43,6 +43,7 @@ from xdom.domains.hostsys.wakeup import WakePipe
 from . import adopt, host_state, netns, remote
 from .confined import SeccompKills
 from .control import ControlServer
+from .detaching import Detaches
 from .host_limits import HostFacts
 from .host_limits import problems as host_limit_problems
 from .isolation import UidMode, UidPlan
@@ -189,6 +190,7 @@ class SupervisorBase:
         self._made_exports: dict[str, str] = {}     # export directories outside the run directory we made: guest
         self._seccomp_kills = SeccompKills()      # the kernel log from now on: which syscall a filter refused
         self._disk_serial = 0                     # images handed to blkbacks, numbered
+        self.detaches = Detaches()                # devices being detached, followed from the loop
         # Devices whose attach was refused after xenstored stopped answering mid-way: their
         # nodes may have been committed, so they are removed once it serves again.
         self._undo_attach: list[tuple[str, str, int, str, str | None]] = []   # kind, guest, devid, backend, export

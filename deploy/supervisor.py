@@ -414,6 +414,9 @@ class Supervisor(ControlOps):
         due = [self._next_health]
         due += [d.deadline for d in self.domains if d.deadline is not None]
         due += self.vms.deadlines()
+        detach_due = self.detaches.due()
+        if detach_due is not None:
+            due.append(detach_due)
         if self._awaiting_connect():
             due.append(self._next_broker_poll)
         timeout = max(0.0, min(min(due) - now, 1.0))
@@ -447,6 +450,7 @@ class Supervisor(ControlOps):
             self._check_health()
             self.vms.check_health()
         self.vms.timers(now)
+        self.detaches.poll(now, self._xs)
 
     def _advance_start(self) -> None:
         """Launch the next domains of the start order once the ones before them have been ready.

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from xdom.domains.xenbus import XenbusState, backend_path, frontend_path, read_state
 from xdom.domains.xenstore import XenstoreClient, XenstoreError
 
-__all__ = ["add_device", "remove_device", "set_perms_under"]
+__all__ = ["add_device", "ask_to_close", "backend_closed", "remove_device", "remove_nodes", "set_perms_under"]
 
 
 #: How far below a device directory permissions are set again: the protocol's nodes are at most two
@@ -168,18 +168,10 @@ def _make(xs: XenstoreClient, tx: int, path: str, perms: list[str], values: Mapp
         xs.write(f"{path}/{key}", str(value), tx)
 
 
-def remove_device(xs: XenstoreClient, kind: str, backend_domid: int, frontend_domid: int, devid: int,
-                  timeout: float = 10.0) -> bool:
-    """libxl's detach: ``online = 0`` and backend ``Closing``, wait for Closed (True) or the timeout (False),
-    then remove both directories.  A device that is not there is not created by asking it to close."""
+def ask_to_close(xs: XenstoreClient, kind: str, backend_domid: int, frontend_domid: int, devid: int) -> bool:
+    """libxl's first step of a detach: backend ``online = 0`` and ``Closing``.  False when the device has no
+    backend nodes (nothing is created by asking it to close)."""
     be = backend_path(backend_domid, kind, frontend_domid, devid)
-    fe = frontend_path(frontend_domid, kind, devid)
-    closed = threading.Event()
-    token = f"detach:{be}"
-
-    def changed(path: str, tok: str) -> None:
-        if read_state(xs, be) in (XenbusState.Closed, XenbusState.Unknown):
-            closed.set()
 
     def ask(tx: int) -> bool:
         if not xs.exists(f"{be}/state", tx):
@@ -188,19 +180,45 @@ def remove_device(xs: XenstoreClient, kind: str, backend_domid: int, frontend_do
         xs.write(f"{be}/state", str(int(XenbusState.Closing)), tx)
         return True
     try:
-        present = xs.transaction(ask)
+        return xs.transaction(ask)
     except XenstoreError:
-        present = False
+        return False
+
+
+def backend_closed(xs: XenstoreClient, kind: str, backend_domid: int, frontend_domid: int, devid: int) -> bool:
+    """Whether the backend let go of the device: ``Closed``, or its nodes gone."""
+    be = backend_path(backend_domid, kind, frontend_domid, devid)
+    return read_state(xs, be) in (XenbusState.Closed, XenbusState.Unknown)
+
+
+def remove_nodes(xs: XenstoreClient, kind: str, backend_domid: int, frontend_domid: int, devid: int) -> None:
+    """The last step of a detach: both directories go."""
+    for path in (backend_path(backend_domid, kind, frontend_domid, devid), frontend_path(frontend_domid, kind, devid)):
+        try:
+            xs.rm(path)
+        except XenstoreError:
+            pass
+
+
+def remove_device(xs: XenstoreClient, kind: str, backend_domid: int, frontend_domid: int, devid: int,
+                  timeout: float = 10.0) -> bool:
+    """libxl's detach, waited for here: ``online = 0`` and backend ``Closing``, wait for Closed (True) or the
+    timeout (False), then remove both directories.  (The supervisor, which must not wait, does the same steps
+    from its loop: ``deploy/detaching.py``.)"""
+    be = backend_path(backend_domid, kind, frontend_domid, devid)
+    closed = threading.Event()
+    token = f"detach:{be}"
+
+    def changed(path: str, tok: str) -> None:
+        if backend_closed(xs, kind, backend_domid, frontend_domid, devid):
+            closed.set()
+
     ok = False
-    if present:
+    if ask_to_close(xs, kind, backend_domid, frontend_domid, devid):
         xs.watch(f"{be}/state", token, changed)
         try:
             ok = closed.wait(timeout)
         finally:
             xs.unwatch(f"{be}/state", token)
-    for path in (be, fe):
-        try:
-            xs.rm(path)
-        except XenstoreError:
-            pass
+    remove_nodes(xs, kind, backend_domid, frontend_domid, devid)
     return ok

@@ -316,7 +316,8 @@ def test_network_attach_on_a_second_bridge_detach_and_destroy(run_dir: str) -> N
             h.control.request("network-attach", name="g1", vif="backend=net0, bridge=vif1.0")
 
         # detach: the TAP leaves netback's namespace; the other bridge goes on
-        h.control.request("network-detach", name="g2", vif="1")
+        assert h.control.request("network-detach", name="g2", vif="1").get("detaching")
+        h.wait("g2", "vif 1 detached", detaching=[])           # followed from the supervisor's loop
         assert port_names(ns, "xdombr1") == {f"vif{d1}.1"}
         assert f"vif{d2}.1" not in links(ns)
         assert in_ns(ns1, "ping", "-c", "1", "-W", "1", "10.78.0.2").returncode != 0
