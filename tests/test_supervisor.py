@@ -82,6 +82,16 @@ XS = '[[domain]]\nname = "xs"\nkind = "xenstored"\nrestart_backoff = 0.1\n'
 GUEST = '[[domain]]\nname = "g1"\nkind = "guest"\nmemory = "4M"\n'
 
 
+def one_disk(run_dir: str, blkback: str = "", guest: str = "") -> str:
+    """xenstored, blkback "blk0" and guest "g1" with one disk on a new 1 MiB image; ``blkback`` and
+    ``guest``: more keys of their tables (restart policies)."""
+    image = os.path.join(run_dir, "g1.img")
+    with open(image, "wb") as f:
+        f.truncate(1 << 20)
+    return (XS + f'[[domain]]\nname = "blk0"\nkind = "blkback"\n{blkback}\n'
+            f'{GUEST}{guest}disk = ["format=raw, vdev=xvda, access=rw, backend=blk0, target={image}"]\n')
+
+
 class Host:
     """A supervised host for one test: ``with Host(...) as h`` starts it, leaving stops everything."""
 

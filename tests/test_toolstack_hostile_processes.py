@@ -337,12 +337,7 @@ def test_a_uid_a_process_still_runs_as_is_not_handed_to_a_new_domain(run_dir: st
 # ---- a frozen guest and the loop -----------------------------------------------------------------------
 
 def test_a_guest_that_never_lets_go_does_not_stall_the_supervisor_during_block_detach(run_dir: str) -> None:
-    image = os.path.join(run_dir, "g1.img")
-    with open(image, "wb") as f:
-        f.truncate(1 << 20)
-    text = (ts.XS + '[[domain]]\nname = "blk0"\nkind = "blkback"\n\n'
-            '[[domain]]\nname = "g1"\nkind = "guest"\nmemory = "4M"\n'
-            f'disk = ["format=raw, vdev=xvda, access=rw, backend=blk0, target={image}"]\n')
+    text = ts.one_disk(run_dir)
     with ts.Host(run_dir, text) as h:
         g1 = h.ps()["g1"]["pid"]
         os.kill(g1, signal.SIGSTOP)                  # its blkfront will never answer Closing

@@ -154,12 +154,7 @@ def test_a_frontend_tree_as_deep_as_the_quotas_allow_is_rewritten(xs: XenstoreCl
 
 
 def test_a_guests_deep_frontend_tree_does_not_end_the_supervisor_when_blkback_restarts(run_dir: str) -> None:
-    image = os.path.join(run_dir, "g1.img")
-    with open(image, "wb") as f:
-        f.truncate(1 << 20)
-    text = (ts.XS + '[[domain]]\nname = "blk0"\nkind = "blkback"\nrestart = "always"\nrestart_backoff = 0.1\n\n'
-            '[[domain]]\nname = "g1"\nkind = "guest"\nmemory = "4M"\n'
-            f'disk = ["format=raw, vdev=xvda, access=rw, backend=blk0, target={image}"]\n')
+    text = ts.one_disk(run_dir, blkback='restart = "always"\nrestart_backoff = 0.1\n')
     with ts.Host(run_dir, text, ready_timeout=8.0) as h:
         ps = h.ps()
         g = ps["g1"]["domid"]
@@ -176,12 +171,7 @@ def test_a_guests_deep_frontend_tree_does_not_end_the_supervisor_when_blkback_re
 
 
 def test_a_blkbacks_deep_tree_does_not_end_the_supervisor_when_its_guest_restarts(run_dir: str) -> None:
-    image = os.path.join(run_dir, "g1.img")
-    with open(image, "wb") as f:
-        f.truncate(1 << 20)
-    text = (ts.XS + '[[domain]]\nname = "blk0"\nkind = "blkback"\n\n'
-            '[[domain]]\nname = "g1"\nkind = "guest"\nmemory = "4M"\nrestart = "always"\nrestart_backoff = 0.1\n'
-            f'disk = ["format=raw, vdev=xvda, access=rw, backend=blk0, target={image}"]\n')
+    text = ts.one_disk(run_dir, guest='restart = "always"\nrestart_backoff = 0.1\n')
     with ts.Host(run_dir, text, ready_timeout=8.0) as h:
         ps = h.ps()
         b = ps["blk0"]["domid"]
@@ -279,12 +269,7 @@ def test_a_guest_flapping_its_state_does_not_stop_its_device_being_written_again
 
 
 def test_a_guest_flapping_its_state_does_not_keep_blkback_from_coming_back(run_dir: str) -> None:
-    image = os.path.join(run_dir, "g1.img")
-    with open(image, "wb") as f:
-        f.truncate(1 << 20)
-    text = (ts.XS + '[[domain]]\nname = "blk0"\nkind = "blkback"\nrestart = "always"\nrestart_backoff = 0.1\n\n'
-            '[[domain]]\nname = "g1"\nkind = "guest"\nmemory = "4M"\n'
-            f'disk = ["format=raw, vdev=xvda, access=rw, backend=blk0, target={image}"]\n')
+    text = ts.one_disk(run_dir, blkback='restart = "always"\nrestart_backoff = 0.1\n')
     with ts.Host(run_dir, text, ready_timeout=4.0) as h:
         ps = h.ps()
         fe = f"/local/domain/{ps['g1']['domid']}/device/vbd/51712"
