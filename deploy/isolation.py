@@ -43,7 +43,7 @@ import psutil
 from .topology import Topology
 
 __all__ = ["DOMAIN_EXEC", "LOCK_DIR", "UID_BASE", "UID_COUNT", "IsolationError", "UidMode", "UidPlan",
-           "kill_leftovers_of", "plan_uids", "probe_uid", "uids_in_use"]
+           "is_system_user", "kill_leftovers_of", "plan_uids", "probe_uid", "uids_in_use"]
 
 UID_BASE = 64000
 UID_COUNT = 1000
@@ -104,7 +104,8 @@ def _lock(lock_dir: str, uid: int) -> int | None:
     return fd
 
 
-def _is_system_user(uid: int) -> bool:
+def is_system_user(uid: int) -> bool:
+    """Whether ``uid`` names a user of this system (/etc/passwd, NSS): never one xdom allocates."""
     try:
         pwd.getpwuid(uid)
     except KeyError:
@@ -165,7 +166,7 @@ def plan_uids(topology: Topology, mode: UidMode = UidMode.AUTO, lock_dir: str = 
         explicit = {d.uid for d in topology.domains if d.uid is not None}
         busy = uids_in_use()
         candidates = (u for u in range(UID_BASE, UID_BASE + UID_COUNT)
-                      if u not in explicit and u not in busy and not _is_system_user(u))
+                      if u not in explicit and u not in busy and not is_system_user(u))
         for d in topology.domains:
             if d.uid is not None:
                 if d.uid in busy:

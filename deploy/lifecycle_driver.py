@@ -37,7 +37,7 @@ from xdom.domains.abi.xs_wire import XenstoreError
 from . import adopt, host_state
 from .confined import parse_ready
 from .control import ControlError
-from .isolation import kill_leftovers_of
+from .isolation import is_system_user, kill_leftovers_of
 from .launcher import start_broker
 from .lifecycle import Effect, Event, Phase, State, died, is_ready
 from .log_bound import bound_log
@@ -342,9 +342,10 @@ class LifecycleDriver(Spawning):
         # pid only once no process uses it as pid, group or session).
         self._signal_group(d, signal.SIGKILL)
         rc = d.proc.wait()
-        if d.uid is not None and self.uid_plan is not None and self.uid_plan.separate:
+        if d.uid is not None and self.uid_plan is not None and self.uid_plan.separate and not is_system_user(d.uid):
             # What left the group (a workload's own session) but runs as the domain's uid goes too; the
-            # guest's VM outlives a restart of its guest domain.
+            # guest's VM outlives a restart of its guest domain.  (Not a uid of this system's users, which a
+            # topology may name: their own processes are not the domain's.)
             for pid in kill_leftovers_of(d.uid, spare=self.vms.pids()):
                 log.warning("%s: killed pid %d, left running as its uid %d", d.name, pid, d.uid)
         self._unwatch_fd(d.pidfd)

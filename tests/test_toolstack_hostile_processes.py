@@ -38,7 +38,7 @@ from xdom.deploy import host_state
 from xdom.deploy.confined import confinement_of, parse_ready
 from xdom.deploy.control import ControlClient, endpoint_for
 from xdom.deploy.host_state import AdoptedProcess
-from xdom.deploy.isolation import UID_BASE, UID_COUNT, UidMode, _is_system_user, plan_uids
+from xdom.deploy.isolation import UID_BASE, UID_COUNT, UidMode, is_system_user, plan_uids
 from xdom.deploy.log_bound import LOG_MAX
 from xdom.deploy.rundir import leftover_processes
 from xdom.deploy.supervision import _last_line
@@ -319,7 +319,7 @@ def test_a_guests_workload_that_leaves_its_session_does_not_outlive_the_host(run
 @needs_root
 def test_a_uid_a_process_still_runs_as_is_not_handed_to_a_new_domain(run_dir: str) -> None:
     lock_dir = os.path.join(run_dir, "uid-locks")
-    first = next(u for u in range(UID_BASE, UID_BASE + UID_COUNT) if not _is_system_user(u))
+    first = next(u for u in range(UID_BASE, UID_BASE + UID_COUNT) if not is_system_user(u))
     leftover = subprocess.Popen(["sleep", "60"], user=first, group=first, extra_groups=[], cwd="/")
     try:
         topo = parse_topology(tomllib.loads('[[domain]]\nname = "p"\nkind = "program"\ncommand = ["true"]\n'),
