@@ -19,6 +19,7 @@ import shutil
 import socket
 import stat
 import struct
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -30,6 +31,7 @@ from xdom.domains.xenstore import UnixTransport, XenstoreClient
 from . import netns
 from .access import AccessError, grant_search, private_dir
 from .bridge import backend_tap_name, ensure_bridge, ensure_port
+from .lifecycle import State
 from .rundir import make_dirs, unlink_socket
 from .supervised_domain import SupervisedDomain
 from .supervision import XS_TIMEOUT, SupervisorBase
@@ -37,6 +39,7 @@ from .tap import TapError, create_tap, delete_tap, open_tun, tap_exists
 from .topology import DEFAULT_BRIDGE, DomainKind, DomainSpec, NetSwitch, vif_devids, vif_queues
 from .vbd import VbdConfig, add_vbd
 from .vif import VifConfig, add_vif
+from .xenstored_probe import XenstoredProbe
 from .xl_disk import DiskSpec
 from .xl_vif import VifSpec
 from .xlcfg import EXPORT_NBD, EXPORT_VHOST_USER, default_vif_export
@@ -88,6 +91,41 @@ class Devices(SupervisorBase):
         write_domain_nodes(xs, d.domid, d.name, d.spec.memory_bytes >> 10)
 
     def _introduce(self, d: SupervisedDomain) -> None:
+        """Introduce ``d`` to xenstored once it answers (:meth:`_introduce_now`), asked without waiting:
+        the loop never waits for a xenstored that stopped answering (``xenstored_probe.py``)."""
+        self._introduce_waiting.add(d.name)
+        self._store_probe().ask(time.monotonic())
+
+    def _store_probe(self) -> XenstoredProbe:
+        if self._probe is None:
+            self._probe = XenstoredProbe(self._probe_socket, self._watch_fd, self._unwatch_fd, self._store_answered)
+        return self._probe
+
+    def _probe_socket(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(1.0)            # a unix socket's connect does not wait for the server's answer
+            sock.connect(self.layout.xenstored_socket)
+            self._check_xenstored_peer(sock)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _store_answered(self) -> None:
+        """xenstored answered the probe: introduce the domains that waited for it."""
+        waiting, self._introduce_waiting = self._introduce_waiting, set()
+        for name in sorted(waiting):
+            d = self._by_name.get(name)
+            if d is not None and d.connected and not d.introduced and d.pidfd >= 0 \
+                    and d.state in (State.STARTING, State.RUNNING) and self._store_up():
+                self._introduce_now(d)
+                self._introduced(d)
+
+    def _introduced(self, d: SupervisedDomain) -> None:
+        """After :meth:`_introduce_now` from the probe's answer (the lifecycle layer checks readiness)."""
+
+    def _introduce_now(self, d: SupervisedDomain) -> None:
         """The domain's nodes, then XS_INTRODUCE (libxl's order).
 
         A restarted domain keeps its domid, and xenstored removed the nodes it

@@ -218,6 +218,9 @@ class LifecycleDriver(Spawning):
             self._introduce(d)
         self._maybe_ready(d)
 
+    def _introduced(self, d: SupervisedDomain) -> None:
+        self._maybe_ready(d)
+
     def _maybe_ready(self, d: SupervisedDomain) -> None:
         if d.phase == Phase.STARTING and is_ready(
                 is_store=d.kind == DomainKind.XENSTORED, needs_store=self._needs_store(d),

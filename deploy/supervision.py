@@ -55,6 +55,7 @@ from .rundir import Layout, PidFile, append_marker
 from .supervised_domain import JournalEntry, SupervisedDomain
 from .topology import DomainKind, DomainSpec, NetSwitch, Topology, TopologyError
 from .vm.supervised import VmPlan, VmSupervisor, check_vms
+from .xenstored_probe import XenstoredProbe
 
 __all__ = ["READY_TIMEOUT", "STOP_GRACE", "SupervisorBase", "check_host", "check_switches", "switch_of"]
 
@@ -191,6 +192,8 @@ class SupervisorBase:
         self._seccomp_kills = SeccompKills()      # the kernel log from now on: which syscall a filter refused
         self._disk_serial = 0                     # images handed to blkbacks, numbered
         self.detaches = Detaches()                # devices being detached, followed from the loop
+        self._probe: XenstoredProbe | None = None # does xenstored answer (asked before introductions)
+        self._introduce_waiting: set[str] = set() # domains to introduce once it does
         # Devices whose attach was refused after xenstored stopped answering mid-way: their
         # nodes may have been committed, so they are removed once it serves again.
         self._undo_attach: list[tuple[str, str, int, str, str | None]] = []   # kind, guest, devid, backend, export

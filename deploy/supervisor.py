@@ -92,6 +92,7 @@ from .supervision import (
     switch_of,
 )
 from .topology import DomainKind
+from .xenstored_probe import PROBE_TIMEOUT
 
 __all__ = ["READY_TIMEOUT", "STOP_GRACE", "TAKEOVER_FAILED", "AlreadyRunning", "JournalEntry", "State",
            "StartupError", "Supervisor", "SupervisorError", "check_host", "check_switches", "switch_of"]
@@ -417,6 +418,8 @@ class Supervisor(ControlOps):
         detach_due = self.detaches.due()
         if detach_due is not None:
             due.append(detach_due)
+        if self._probe is not None and self._probe.sent_at is not None:
+            due.append(self._probe.sent_at + PROBE_TIMEOUT)
         if self._awaiting_connect():
             due.append(self._next_broker_poll)
         timeout = max(0.0, min(min(due) - now, 1.0))
@@ -451,6 +454,10 @@ class Supervisor(ControlOps):
             self.vms.check_health()
         self.vms.timers(now)
         self.detaches.poll(now, self._xs)
+        if self._probe is not None:
+            self._probe.timers(now)
+            if self._introduce_waiting and self._probe.sent_at is None and self._store_up():
+                self._probe.ask(now)        # given up, or failed to connect: asked again (at most each turn)
 
     def _advance_start(self) -> None:
         """Launch the next domains of the start order once the ones before them have been ready.
@@ -504,6 +511,8 @@ class Supervisor(ControlOps):
             self._poller.unregister(self._sub)
             self._sub.close(0)
             self._sub = None
+        if self._probe is not None:
+            self._probe.close()
         for fd in list(self._fd_handlers):
             self._unwatch_fd(fd)
         if self._broker_pidfd >= 0:
