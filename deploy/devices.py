@@ -113,20 +113,30 @@ class Devices(SupervisorBase):
         return sock
 
     def _store_answered(self) -> None:
-        """xenstored answered the probe: introduce the domains that waited for it."""
-        waiting, self._introduce_waiting = self._introduce_waiting, set()
-        for name in sorted(waiting):
+        """xenstored answered the probe: introduce the domains that waited for it.
+
+        One request that goes unanswered (xenstored stopped right after the probe's answer) ends the
+        round: the domains not yet introduced wait for its next answer, asked later each time it
+        happens again (``XenstoredProbe.requests_unanswered``).  Going on would hold the loop
+        ``XS_TIMEOUT`` once per waiting domain: 20 s for four guests, minutes for a hundred."""
+        waiting, self._introduce_waiting = sorted(self._introduce_waiting), set()
+        for at, name in enumerate(waiting):
             d = self._by_name.get(name)
             if d is not None and d.connected and not d.introduced and d.pidfd >= 0 \
                     and d.state in (State.STARTING, State.RUNNING) and self._store_up():
-                self._introduce_now(d)
+                if not self._introduce_now(d):
+                    self._introduce_waiting.update(waiting[at:])
+                    self._store_probe().requests_unanswered(time.monotonic())
+                    return
                 self._introduced(d)
+        self._store_probe().requests_answered()
 
     def _introduced(self, d: SupervisedDomain) -> None:
         """After :meth:`_introduce_now` from the probe's answer (the lifecycle layer checks readiness)."""
 
-    def _introduce_now(self, d: SupervisedDomain) -> None:
-        """The domain's nodes, then XS_INTRODUCE (libxl's order).
+    def _introduce_now(self, d: SupervisedDomain) -> bool:
+        """The domain's nodes, then XS_INTRODUCE (libxl's order); False if xenstored did not answer
+        (or is not there): the domain waits for its next answer, its readiness deadline bounding that.
 
         A restarted domain keeps its domid, and xenstored removed the nodes it
         owned when it died and takes the domid for gone until it is introduced
@@ -135,7 +145,7 @@ class Devices(SupervisorBase):
         runtime waits for its ``control/shutdown`` node before writing there.
         """
         if d.store is None or d.domid is None:
-            return
+            return True
         try:
             with self._xs() as xs:
                 try:
@@ -155,18 +165,27 @@ class Devices(SupervisorBase):
                     self._write_domain_nodes(xs, d)
                 self._write_devices(xs, d)
                 self._write_vifs(xs, d)
-        except (XenstoreError, OSError, TimeoutError) as e:
+        except XenstoreError as e:
             log.warning("domain %s: xenstore set-up failed (%s); retried when xenstored restarts, bounded by "
                         "its readiness deadline", d.name, e)
-            return
+            return True
+        except (TimeoutError, ConnectionError) as e:
+            log.warning("domain %s: xenstore set-up failed (%s); retried when xenstored answers again, bounded "
+                        "by its readiness deadline", d.name, e)
+            return False
+        except OSError as e:
+            log.warning("domain %s: xenstore set-up failed (%s); retried when xenstored restarts, bounded by "
+                        "its readiness deadline", d.name, e)
+            return True
         except Exception:
             # What xenstored (a domain too) answers, or a domain put in its nodes, must cost at most
             # this domain's set-up, never the supervisor's loop and with it every domain of the host.
             log.exception("domain %s: xenstore set-up failed; retried when xenstored restarts, bounded by "
                           "its readiness deadline", d.name)
-            return
+            return True
         d.introduced = True
         self._record(d.name, "introduced", f"gfn {d.store[0]} port {d.store[1]}")
+        return True
 
     def _export_path(self, d: SupervisedDomain, disk: DiskSpec) -> str:
         return disk.export_path or self.layout.default_export(d.name, disk.vdev)
@@ -531,8 +550,10 @@ class Devices(SupervisorBase):
             self._undo_refused_attaches()
 
     def _undo_refused_attaches(self) -> None:
+        """Remove what refused attaches may have left; a request unanswered keeps the rest for
+        xenstored's next start instead of waiting ``XS_TIMEOUT`` on each."""
         pending, self._undo_attach = self._undo_attach, []
-        for kind, name, devid, be_path, export in pending:
+        for at, (kind, name, devid, be_path, export) in enumerate(pending):
             d = self._by_name.get(name)
             if d is None or d.domid is None:
                 continue
@@ -550,7 +571,12 @@ class Devices(SupervisorBase):
                 if export is not None:
                     unlink_socket(export)
                 log.info("removed what may be left of %s %d of %s, whose attach was refused", kind, devid, name)
-            except (XenstoreError, OSError, TimeoutError) as e:
+            except (TimeoutError, ConnectionError) as e:
+                log.warning("removing the nodes of %s %d of %s, whose attach was refused: %s; this and %d more "
+                            "retried when xenstored restarts", kind, devid, name, e, len(pending) - at - 1)
+                self._undo_attach.extend(pending[at:])
+                return
+            except (XenstoreError, OSError) as e:
                 log.warning("removing the nodes of %s %d of %s, whose attach was refused: %s; retried when "
                             "xenstored restarts", kind, devid, name, e)
                 self._undo_attach.append((kind, name, devid, be_path, export))

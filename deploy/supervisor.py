@@ -420,6 +420,8 @@ class Supervisor(ControlOps):
             due.append(detach_due)
         if self._probe is not None and self._probe.sent_at is not None:
             due.append(self._probe.sent_at + PROBE_TIMEOUT)
+        elif self._probe is not None and self._introduce_waiting and self._probe.not_before > now:
+            due.append(self._probe.not_before)      # the probe's pause ends: introductions are asked again
         if self._awaiting_connect():
             due.append(self._next_broker_poll)
         timeout = max(0.0, min(min(due) - now, 1.0))

@@ -11,8 +11,12 @@ once it is answered.  A probe unanswered for ``PROBE_TIMEOUT`` is given
 up and asked again at the next health round; the introductions wait
 meanwhile (a domain never introduced is killed at its ready deadline, as
 it was when xenstored was down).  A xenstored that stops answering between
-the probe's answer and the requests after it still costs ``XS_TIMEOUT``
-once: the window is one loop turn.
+the probe's answer and the requests after it costs ``XS_TIMEOUT`` once: the
+introductions left wait for its next answer (``requests_unanswered``), and
+the probe is asked again only after a pause that doubles each time this
+happens again (up to ``UNANSWERED_PAUSE_MAX``), so that a xenstored that
+answers probes and nothing else holds the loop a few seconds a minute at
+most, not one turn in two.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ log = logging.getLogger("xdom.supervisor")
 
 #: Seconds a probe may go unanswered before xenstored is taken for one that does not answer.
 PROBE_TIMEOUT = 1.0
+#: Seconds the probe pauses after requests that followed its answer went unanswered: the first pause,
+#: and the longest (each one twice the one before).
+UNANSWERED_PAUSE = 1.0
+UNANSWERED_PAUSE_MAX = 60.0
 _REQ_ID = 0x7870          # any: the connection carries this one request
 
 
@@ -44,10 +52,12 @@ class XenstoredProbe:
         self._reader = MessageReader()
         self.sent_at: float | None = None
         self.silent = False                 # the last probe went unanswered: said once in the log
+        self.not_before = 0.0               # no question before then (a pause after requests went unanswered)
+        self._pause = 0.0
 
     def ask(self, now: float) -> None:
-        """Send the question unless one is out already."""
-        if self._sock is not None:
+        """Send the question unless one is out already, or the probe pauses."""
+        if self._sock is not None or now < self.not_before:
             return
         try:
             sock = self._connect()
@@ -65,6 +75,16 @@ class XenstoredProbe:
             return
         self._sock, self._reader, self.sent_at = sock, MessageReader(), now
         self._watch(sock.fileno(), self._readable)
+
+    def requests_unanswered(self, now: float) -> None:
+        """Requests sent on the last answer went unanswered: pause before asking again, longer each time."""
+        self._pause = min(UNANSWERED_PAUSE_MAX, max(UNANSWERED_PAUSE, 2 * self._pause))
+        self.not_before = now + self._pause
+        log.warning("xenstored answered the probe but not the requests after it: asked again in %gs", self._pause)
+
+    def requests_answered(self) -> None:
+        """The requests sent on the last answer were answered: no pause any more."""
+        self._pause = 0.0
 
     def timers(self, now: float) -> None:
         """Give up a probe out for longer than ``PROBE_TIMEOUT`` (asked again by the next ``ask``)."""

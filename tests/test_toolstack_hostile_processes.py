@@ -403,3 +403,54 @@ def test_bound_log_keeps_the_tail_from_a_line_start_and_touches_nothing_else(run
     fifo = os.path.join(run_dir, "fifo.log")
     os.mkfifo(fifo)
     assert bound_log(fifo, limit=0, keep=64) is None                    # nor a FIFO opened, nor blocked on
+
+
+def test_a_xenstored_that_stops_answering_after_the_probe_costs_one_request_not_one_per_guest(run_dir: str) -> None:
+    """Four guests wait to be introduced; xenstored answers the probe, then stops (frozen, or compromised
+    and answering nothing else): the first introduction waits out its request (XS_TIMEOUT) and the others
+    wait for xenstored's next answer, instead of each in turn holding the loop as long again (100 guests:
+    over 8 minutes).  Once it answers again, every guest is introduced."""
+    from xdom.deploy.supervision import XS_TIMEOUT
+    names = [f"g{i}" for i in range(1, 5)]
+    restarting = 'memory = "4M"\nrestart = "always"\nrestart_backoff = 0\n'
+    text = ts.XS + "".join(ts.GUEST.replace('"g1"', f'"{n}"').replace('memory = "4M"\n', restarting) for n in names)
+    with ts.Host(run_dir, text, ready_timeout=60.0) as h:
+        for n in names:
+            h.wait(n, "running", state="running")
+        sup = h.sup
+        ps = h.ps()
+        xs_pid = ps["xs"]["pid"]
+        frozen: list[int] = []
+        introduce_now = sup._introduce_now
+
+        def freeze_then_introduce(d: object) -> object:
+            if not frozen:                          # after the probe's answer, before the first request
+                frozen.append(xs_pid)
+                os.kill(xs_pid, signal.SIGSTOP)
+            return introduce_now(d)
+        os.kill(xs_pid, signal.SIGSTOP)             # the guests' probes go unanswered: all four wait
+        worst = 0.0
+        try:
+            for n in names:
+                os.kill(ps[n]["pid"], signal.SIGKILL)
+            wait_until(lambda: set(names) <= set(sup._introduce_waiting), 30, "all four guests waiting for xenstored")
+            sup._introduce_now = freeze_then_introduce  # type: ignore[method-assign]
+            resumed_at = time.monotonic()
+            os.kill(xs_pid, signal.SIGCONT)
+            with ControlClient(endpoint_for(h.layout.control_socket), timeout=5 * XS_TIMEOUT * len(names)) as c:
+                wait_until(lambda: frozen, 20, "xenstored answered the probe")
+                until = time.monotonic() + 1.8 * XS_TIMEOUT
+                while time.monotonic() < until:
+                    t0 = time.monotonic()
+                    c.request("ping")
+                    worst = max(worst, time.monotonic() - t0)
+                    time.sleep(0.1)
+        finally:
+            os.kill(xs_pid, signal.SIGCONT)
+        assert worst < 1.6 * XS_TIMEOUT, \
+            f"the supervisor answered ping after {worst:.1f}s: its loop waited on xenstored once per guest"
+
+        def introduced_again() -> bool:
+            return all(any(e.time >= resumed_at for e in h.journal(n, "introduced")) for n in names)
+        wait_until(introduced_again, 40, "every guest introduced once xenstored answers again")
+        assert all(h.row(n)["state"] == "running" for n in names)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from xs_fixtures import Xenstored
 
-from xdom.deploy.xenstored_probe import PROBE_TIMEOUT, XenstoredProbe
+from xdom.deploy.xenstored_probe import PROBE_TIMEOUT, UNANSWERED_PAUSE, UNANSWERED_PAUSE_MAX, XenstoredProbe
 
 
 class _Loop:
@@ -77,3 +77,27 @@ def test_a_xenstored_that_never_answers_costs_no_wait(run_dir: str) -> None:
         assert loop.handlers == {}
     finally:
         server.close()
+
+
+def test_requests_unanswered_after_an_answer_pause_the_probe_longer_each_time(xenstored: Xenstored) -> None:
+    """A xenstored that answers the probe but not what follows: each time, the next question waits
+    twice as long (up to a bound); requests answered again end the pauses."""
+    loop, answers = _Loop(), []
+    probe = XenstoredProbe(_connector(xenstored.socket_path), loop.watch, loop.unwatch, lambda: answers.append(1))
+    now = time.monotonic()
+    pauses = []
+    for _ in range(10):
+        probe.requests_unanswered(now)
+        pauses.append(probe.not_before - now)
+        probe.ask(probe.not_before - 0.01)            # still pausing: nothing sent
+        assert probe.sent_at is None and loop.handlers == {}
+    assert pauses[0] == UNANSWERED_PAUSE and pauses[1] == 2 * UNANSWERED_PAUSE
+    assert pauses == sorted(pauses) and pauses[-1] == UNANSWERED_PAUSE_MAX
+    probe.ask(probe.not_before)                        # the pause is over: asked, and answered
+    deadline = time.monotonic() + 5
+    while not answers and time.monotonic() < deadline:
+        loop.turn(0.1)
+    assert answers == [1]
+    probe.requests_answered()
+    probe.requests_unanswered(now)
+    assert probe.not_before - now == UNANSWERED_PAUSE  # back to the first pause
