@@ -61,6 +61,7 @@ class Detaches:
     def __init__(self) -> None:
         self._pending: list[Detach] = []
         self._next = 0.0
+        self._warned_at = -1e9                # when a failure was last logged
         self.outcomes: OrderedDict[tuple[str, str], bool] = OrderedDict()
 
     def add(self, detach: Detach) -> None:
@@ -94,7 +95,9 @@ class Detaches:
                         remove_nodes(xs, x.kind, x.backend_domid, x.frontend_domid, x.devid)
                         done.append((x, closed))
         except (XenstoreError, OSError, TimeoutError) as e:
-            log.warning("detaching: xenstore: %s; looked at again in %gs", e, POLL)
+            if now - self._warned_at >= 1.0:        # one line a second at most: a silent xenstored fails at once
+                self._warned_at = now
+                log.warning("detaching: xenstore: %s; looked at again in %gs", e, POLL)
             done += [(x, False) for x in self._pending if now >= x.deadline and all(x is not y for y, _ in done)]
         for x, closed in done:
             self._pending.remove(x)

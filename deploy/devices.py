@@ -57,6 +57,14 @@ class Devices(SupervisorBase):
 
     @contextmanager
     def _xs(self) -> Iterator[XenstoreClient]:
+        """A connection to xenstored for the loop's requests, each bounded by ``XS_TIMEOUT``.
+
+        Once a request went unanswered, every later one fails at once (TimeoutError, which every
+        caller already handles as xenstored not answering) until xenstored answers the probe or
+        starts again: a burst of requests -- guests released, attaches undone -- then costs the loop
+        one ``XS_TIMEOUT``, not one each (three guests destroyed under a frozen xenstored: 15 s)."""
+        if self._store_silent:
+            raise TimeoutError("xenstored left a request unanswered and has not answered the probe since")
         transport = UnixTransport(self.layout.xenstored_socket)
         try:
             self._check_xenstored_peer(transport.sock)
@@ -66,8 +74,18 @@ class Devices(SupervisorBase):
         client = XenstoreClient(transport, timeout=XS_TIMEOUT)
         try:
             yield client
+        except TimeoutError:
+            self._store_went_silent()
+            raise
         finally:
             client.close()
+
+    def _store_went_silent(self) -> None:
+        """A request went unanswered: the loop's requests fail at once until the probe is answered,
+        asked after a pause that grows while this repeats (``XenstoredProbe.requests_unanswered``)."""
+        if not self._store_silent:
+            self._store_silent = True
+            self._store_probe().requests_unanswered(time.monotonic())
 
     def _check_xenstored_peer(self, sock: socket.socket) -> None:
         """Raise OSError (EPERM) unless the process at the other end is the xenstore domain's.
@@ -116,9 +134,10 @@ class Devices(SupervisorBase):
         """xenstored answered the probe: introduce the domains that waited for it.
 
         One request that goes unanswered (xenstored stopped right after the probe's answer) ends the
-        round: the domains not yet introduced wait for its next answer, asked later each time it
-        happens again (``XenstoredProbe.requests_unanswered``).  Going on would hold the loop
-        ``XS_TIMEOUT`` once per waiting domain: 20 s for four guests, minutes for a hundred."""
+        round: the domains not yet introduced wait for its next answer (``_store_went_silent``).
+        Going on would hold the loop ``XS_TIMEOUT`` once per waiting domain: 20 s for four guests,
+        minutes for a hundred."""
+        self._store_silent = False
         waiting, self._introduce_waiting = sorted(self._introduce_waiting), set()
         for at, name in enumerate(waiting):
             d = self._by_name.get(name)
@@ -126,10 +145,11 @@ class Devices(SupervisorBase):
                     and d.state in (State.STARTING, State.RUNNING) and self._store_up():
                 if not self._introduce_now(d):
                     self._introduce_waiting.update(waiting[at:])
-                    self._store_probe().requests_unanswered(time.monotonic())
+                    self._store_went_silent()
                     return
                 self._introduced(d)
-        self._store_probe().requests_answered()
+        if not self._store_silent:
+            self._store_probe().requests_answered()
 
     def _introduced(self, d: SupervisedDomain) -> None:
         """After :meth:`_introduce_now` from the probe's answer (the lifecycle layer checks readiness)."""

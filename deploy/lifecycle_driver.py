@@ -241,6 +241,8 @@ class LifecycleDriver(Spawning):
 
     def _on_store_up(self) -> None:
         """xenstored serves (first start or restart): domain 0's nodes, then whoever waited for it."""
+        self._store_silent = False              # a new xenstored: nothing of it went unanswered yet
+        self._store_probe().requests_answered()
         try:
             with self._xs() as xs:
                 if not self._dom0_written:

@@ -194,6 +194,7 @@ class SupervisorBase:
         self.detaches = Detaches()                # devices being detached, followed from the loop
         self._probe: XenstoredProbe | None = None # does xenstored answer (asked before introductions)
         self._introduce_waiting: set[str] = set() # domains to introduce once it does
+        self._store_silent = False                # a request went unanswered since its last answer
         # Devices whose attach was refused after xenstored stopped answering mid-way: their
         # nodes may have been committed, so they are removed once it serves again.
         self._undo_attach: list[tuple[str, str, int, str, str | None]] = []   # kind, guest, devid, backend, export

@@ -420,7 +420,8 @@ class Supervisor(ControlOps):
             due.append(detach_due)
         if self._probe is not None and self._probe.sent_at is not None:
             due.append(self._probe.sent_at + PROBE_TIMEOUT)
-        elif self._probe is not None and self._introduce_waiting and self._probe.not_before > now:
+        elif self._probe is not None and (self._introduce_waiting or self._store_silent) \
+                and self._probe.not_before > now:
             due.append(self._probe.not_before)      # the probe's pause ends: introductions are asked again
         if self._awaiting_connect():
             due.append(self._next_broker_poll)
@@ -458,7 +459,7 @@ class Supervisor(ControlOps):
         self.detaches.poll(now, self._xs)
         if self._probe is not None:
             self._probe.timers(now)
-            if self._introduce_waiting and self._probe.sent_at is None and self._store_up():
+            if (self._introduce_waiting or self._store_silent) and self._probe.sent_at is None and self._store_up():
                 self._probe.ask(now)        # given up, or failed to connect: asked again (at most each turn)
 
     def _advance_start(self) -> None:

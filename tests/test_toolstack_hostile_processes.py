@@ -453,4 +453,49 @@ def test_a_xenstored_that_stops_answering_after_the_probe_costs_one_request_not_
         def introduced_again() -> bool:
             return all(any(e.time >= resumed_at for e in h.journal(n, "introduced")) for n in names)
         wait_until(introduced_again, 40, "every guest introduced once xenstored answers again")
-        assert all(h.row(n)["state"] == "running" for n in names)
+        for n in names:
+            h.wait(n, "running once introduced", state="running")
+
+
+def test_a_frozen_xenstored_costs_the_loop_one_request_not_one_per_guest_released(run_dir: str) -> None:
+    """Three guests destroyed while xenstored is frozen: each release removes the guest's nodes, and each
+    request waited XS_TIMEOUT in the loop.  After the first goes unanswered the others fail at once (the
+    nodes are rewritten when the guests start again), until xenstored answers the probe."""
+    from xdom.deploy.supervision import XS_TIMEOUT
+    names = [f"g{i}" for i in range(1, 4)]
+    text = ts.XS + "".join(ts.GUEST.replace('"g1"', f'"{n}"') for n in names)
+    with ts.Host(run_dir, text) as h:
+        for n in names:
+            h.wait(n, "running", state="running")
+        xs_pid = h.ps()["xs"]["pid"]
+        stalls: list[float] = []
+        stop = threading.Event()
+
+        def ping() -> None:
+            with ControlClient(endpoint_for(h.layout.control_socket), timeout=10 * XS_TIMEOUT) as c:
+                while not stop.is_set():
+                    t0 = time.monotonic()
+                    c.request("ping")
+                    stalls.append(time.monotonic() - t0)
+                    time.sleep(0.05)
+        os.kill(xs_pid, signal.SIGSTOP)
+        pinger = threading.Thread(target=ping, daemon=True)
+        try:
+            pinger.start()
+            with ControlClient(endpoint_for(h.layout.control_socket), timeout=10 * XS_TIMEOUT) as c:
+                for n in names:
+                    c.request("destroy", name=n)
+                wait_until(lambda: all(c.request("info", name=n)["domain"]["state"] == "destroyed" for n in names),
+                           10 * XS_TIMEOUT, "the three guests destroyed")
+                time.sleep(1.0)
+                c.request("ping")                       # after what the releases held
+        finally:
+            stop.set()
+            pinger.join(10 * XS_TIMEOUT)
+            os.kill(xs_pid, signal.SIGCONT)
+        held = sum(s for s in stalls if s > 0.5)
+        assert held < 1.6 * XS_TIMEOUT, f"the loop answered nothing for {held:.1f}s in all: one wait per guest"
+        for n in names:                                 # xenstored answers again: they start as before
+            h.control.request("restart", name=n)  # type: ignore[union-attr]
+        for n in names:
+            h.wait(n, "running again", 30, state="running")
