@@ -97,10 +97,10 @@ def cmd_block_detach(args: argparse.Namespace) -> int:
     if "vm" in r:
         _follow_vm_plug(run_dir, args.domain, "disks", r["vm"], removing=True)
         clean = _follow_detach(run_dir, args.domain, r["vdev"])
-        say(f"xdom: {r['vdev']} detached from {args.domain} (removed from its VM, then from xenbus)" + _unclean(clean))
+        say(f"xdom: {r['vdev']} detached from {args.domain} (removed from its VM, then from xenbus)" + unclean_detach(clean))
         return EXIT_OK
     clean = _follow_detach(run_dir, args.domain, r["vdev"]) if r.get("detaching") else r["clean"]
-    say(f"xdom: {r['vdev']} detached from {args.domain}" + _unclean(clean))
+    say(f"xdom: {r['vdev']} detached from {args.domain}" + unclean_detach(clean))
     return EXIT_OK
 
 
@@ -110,12 +110,17 @@ DETACH_WAIT = 60.0      # seconds a detach is followed (the supervisor gives a b
 def _follow_detach(run_dir: str, name: str, key: str) -> bool | None:
     """Wait until the supervisor is done detaching device ``key`` of ``name`` (its row's ``detaching``);
     whether the backend confirmed it closed (None: not known)."""
-    row = _wait_for(run_dir, name, DETACH_WAIT,
-                    lambda row: "ok" if key not in (row.get("detaching") or ()) else None)
+    row = _wait_for(run_dir, name, DETACH_WAIT, lambda row: detached_row(row, key))
     return (row.get("detached") or {}).get(key)
 
 
-def _unclean(clean: bool | None) -> str:
+def detached_row(row: dict[str, Any], key: str) -> str | None:
+    """For following a detach through ``info`` rows: "ok" once device ``key`` is no longer detaching."""
+    return "ok" if key not in (row.get("detaching") or ()) else None
+
+
+def unclean_detach(clean: bool | None) -> str:
+    """What to add to "detached" when the backend did not confirm it closed."""
     return "" if clean or clean is None else " (the backend did not confirm it closed; its nodes were removed anyway)"
 
 
@@ -187,10 +192,10 @@ def cmd_network_detach(args: argparse.Namespace) -> int:
         _follow_vm_plug(run_dir, args.domain, "nics", r["vm"], removing=True)
         clean = _follow_detach(run_dir, args.domain, str(r["devid"]))
         say(f"xdom: vif {r['devid']} detached from {args.domain} (removed from its VM, then from xenbus)"
-            + _unclean(clean))
+            + unclean_detach(clean))
         return EXIT_OK
     clean = _follow_detach(run_dir, args.domain, str(r["devid"])) if r.get("detaching") else r["clean"]
-    say(f"xdom: vif {r['devid']} detached from {args.domain}" + _unclean(clean))
+    say(f"xdom: vif {r['devid']} detached from {args.domain}" + unclean_detach(clean))
     return EXIT_OK
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from . import curvekeys
 from .control import ControlError
+from .domain_cli import DETACH_WAIT, detached_row, unclean_detach
 from .exit_codes import EXIT_ERROR, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 from .fleet import (
     Fleet,
@@ -229,13 +230,19 @@ def _device(op: str, field: str) -> Callable[[argparse.Namespace], int]:
         fleet, host = _one(args)
         with HostClient(host, fleet.timeout) as c:
             r = _ask(c, op, max(fleet.timeout, args.timeout), name=args.domain, **{field: getattr(args, field)})
-        what = r.get("vdev") or f"vif {r.get('devid')}"
-        detail = {k: r[k] for k in ("backend", "export", "ifname", "ip", "netns", "clean") if r.get(k) is not None}
-        _say(f"xdom: {host.name}: {what} {'attached to' if op.endswith('attach') and 'detach' not in op else 'detached from'} "
-             f"{args.domain}" + (f" ({', '.join(f'{k} {v}' for k, v in detail.items())})" if detail else "")
+            what = r.get("vdev") or f"vif {r.get('devid')}"
+            if r.get("detaching"):
+                # The host's backend is closing it, followed by its supervisor: followed here as
+                # ``xdom block-detach`` on that host follows it (its row's detaching, then detached).
+                key = str(r["vdev"] if op == "block-detach" else r["devid"])
+                row = _wait_row(c, args.domain, DETACH_WAIT, lambda row: detached_row(row, key))
+                r["clean"] = (row.get("detached") or {}).get(key)
+        detail = {k: r[k] for k in ("backend", "export", "ifname", "ip", "netns") if r.get(k) is not None}
+        detaching = "detach" in op
+        _say(f"xdom: {host.name}: {what} {'detached from' if detaching else 'attached to'} {args.domain}"
+             + (f" ({', '.join(f'{k} {v}' for k, v in detail.items())})" if detail else "")
              + ("; its VM gets it by hot-plug: xdom --host NAME ps --json shows its plug state" if "vm" in r else "")
-             + ("; its backend is closing it: xdom --host NAME ps --json shows it under detaching until done"
-                if r.get("detaching") else ""))
+             + (unclean_detach(r.get("clean")) if detaching else ""))
         return EXIT_OK
     return run
 

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import psutil
@@ -100,10 +100,12 @@ def _leftovers(run_dir: str) -> list[psutil.Process]:
 
 
 @contextlib.contextmanager
-def simulated_hosts(count: int = 3, start: bool = True) -> Iterator[Sim]:
+def simulated_hosts(count: int = 3, start: bool = True, topology: str = TOPOLOGY,
+                    before_up: Callable[[Host], None] | None = None) -> Iterator[Sim]:
     """``count`` hosts in namespaces of their own, joined to a client namespace's bridge; with ``start``, each
-    running ``xdom up --detach`` of a small topology that listens on its address.  Everything is stopped and
-    deleted on leaving, whatever happened."""
+    running ``xdom up --detach`` of a small topology (``topology``: its ``{state}``, ``{run}``, ``{listen}``
+    and ``{base}`` filled in; ``before_up`` makes what it needs) that listens on its address.  Everything is
+    stopped and deleted on leaving, whatever happened."""
     tag = os.urandom(3).hex()
     base = tempfile.mkdtemp(prefix="xf-", dir="/tmp")
     os.chmod(base, 0o755)
@@ -135,8 +137,10 @@ def simulated_hosts(count: int = 3, start: bool = True) -> Iterator[Sim]:
             subprocess.run([*XDOM, "keys", "allow", os.path.join(keys, "admin.key"), "--dir",
                             os.path.join(kd, "allowed_clients")], check=True, capture_output=True)
             with open(h.topology, "w") as f:
-                f.write(TOPOLOGY.format(state=h.state_dir, run=h.run_dir,
+                f.write(topology.format(state=h.state_dir, run=h.run_dir, base=h.base,
                                         listen=f'listen = "tcp://{h.address}:7700"\n'))
+            if before_up is not None:
+                before_up(h)
             server_key = subprocess.run([*XDOM, "keys", "show", os.path.join(kd, "server.key")], check=True,
                                         capture_output=True, text=True).stdout.strip()
             fleet += ["[[host]]", f'name = "{h.name}"', f'address = "tcp://{h.address}:7700"',

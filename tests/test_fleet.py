@@ -118,3 +118,50 @@ def test_one_cli_for_three_hosts(sim: Sim) -> None:
     down = sim.xdom("--host", "h1", "down")
     assert down.returncode == 0, down.stdout + down.stderr
     assert not os.path.exists(h1.run_dir)
+
+
+DISK_TOPOLOGY = TOPOLOGY + '''
+[[domain]]
+name = "blk0"
+kind = "blkback"
+''' + '''
+[[domain]]
+name = "g2"
+kind = "guest"
+memory = "4M"
+disk = ["format=raw, vdev=xvda, access=rw, backend=blk0, target={base}/g2.img"]
+'''
+
+
+def _image(h: object) -> None:
+    with open(os.path.join(h.base, "g2.img"), "wb") as f:        # type: ignore[attr-defined]
+        f.truncate(1 << 20)
+
+
+def test_remote_block_detach_is_followed_to_its_end() -> None:
+    """``xdom --host H block-detach`` waits, as the host's own command does, until the disk's nodes are gone,
+    and says how it ended: here the guest is frozen, so its blkfront never lets go and the host removes
+    the nodes at the detach's deadline, unconfirmed.  Attached again, the disk is back."""
+    with simulated_hosts(1, topology=DISK_TOPOLOGY, before_up=_image) as sim:
+        def g2() -> dict:
+            rows = {r["name"]: r for r in json.loads(sim.xdom("--host", "h1", "ps", "--json").stdout)}
+            return rows["g2"]
+
+        def disks(row: dict) -> list[str]:
+            return [d["vdev"] for d in row["devices"] if d["type"] == "vbd"]
+        row = g2()
+        assert disks(row) == ["xvda"]
+        os.kill(row["pid"], signal.SIGSTOP)
+        try:
+            detach = sim.xdom("--host", "h1", "block-detach", "g2", "xvda")
+            after = g2()
+        finally:
+            os.kill(row["pid"], signal.SIGCONT)
+        assert detach.returncode == 0, detach.stdout + detach.stderr
+        assert "xvda detached from g2 (the backend did not confirm it closed" in detach.stdout, detach.stdout
+        # over when the command returned:
+        assert disks(after) == [] and not after["detaching"] and after["detached"] == {"xvda": False}, after
+        attach = sim.xdom("--host", "h1", "block-attach", "g2", "format=raw, vdev=xvdb, access=rw, backend=blk0, "
+                          f"target={sim.hosts[0].base}/g2.img")
+        assert attach.returncode == 0, attach.stdout + attach.stderr
+        assert disks(g2()) == ["xvdb"]
