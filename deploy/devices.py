@@ -77,6 +77,10 @@ class Devices(SupervisorBase):
         except TimeoutError:
             self._store_went_silent()
             raise
+        else:
+            # Requests answered (a probe's answer alone does not end the pauses: a xenstored that
+            # answers probes and nothing else would otherwise have them reset each time).
+            self._store_probe().requests_answered()
         finally:
             client.close()
 
@@ -148,8 +152,6 @@ class Devices(SupervisorBase):
                     self._store_went_silent()
                     return
                 self._introduced(d)
-        if not self._store_silent:
-            self._store_probe().requests_answered()
 
     def _introduced(self, d: SupervisedDomain) -> None:
         """After :meth:`_introduce_now` from the probe's answer (the lifecycle layer checks readiness)."""
