@@ -499,3 +499,33 @@ def test_a_frozen_xenstored_costs_the_loop_one_request_not_one_per_guest_release
             h.control.request("restart", name=n)  # type: ignore[union-attr]
         for n in names:
             h.wait(n, "running again", 30, state="running")
+
+
+def test_the_probes_pause_grows_until_a_request_is_answered_not_until_a_probe_is(run_dir: str) -> None:
+    """A xenstored that answers the probe but leaves requests unanswered, twice, with nothing to introduce in
+    between: the second silence pauses the probe twice as long as the first (a probe's answer alone does
+    not end the pauses), and the first request answered after it does."""
+    from xdom.deploy.supervision import XS_TIMEOUT
+    from xdom.deploy.xenstored_probe import UNANSWERED_PAUSE
+    names = ["g1", "g2"]
+    text = ts.XS + "".join(ts.GUEST.replace('"g1"', f'"{n}"') for n in names)
+    with ts.Host(run_dir, text) as h:
+        for n in names:
+            h.wait(n, "running", state="running")
+        sup = h.sup
+        xs_pid = h.ps()["xs"]["pid"]
+        with ControlClient(endpoint_for(h.layout.control_socket), timeout=10 * XS_TIMEOUT) as c:
+            for n, pause in (("g1", UNANSWERED_PAUSE), ("g2", 2 * UNANSWERED_PAUSE)):
+                os.kill(xs_pid, signal.SIGSTOP)
+                try:
+                    c.request("destroy", name=n)            # its release's request goes unanswered
+                    wait_until(lambda: sup._store_silent, 4 * XS_TIMEOUT, f"{n}'s release unanswered")
+                    assert sup._probe is not None and sup._probe._pause == pause
+                finally:
+                    os.kill(xs_pid, signal.SIGCONT)
+                # xenstored answers the probe once the pause is over; nothing waits to be introduced
+                wait_until(lambda: not sup._store_silent, 4 * XS_TIMEOUT, "the probe answered")
+            assert sup._probe._pause == 2 * UNANSWERED_PAUSE     # a probe's answer did not end it
+            c.request("restart", name="g1")              # introduced: requests answered
+            h.wait("g1", "running again", 30, state="running")
+            assert sup._probe._pause == 0.0
