@@ -140,15 +140,20 @@ class Devices(SupervisorBase):
         One request that goes unanswered (xenstored stopped right after the probe's answer) ends the
         round: the domains not yet introduced wait for its next answer (``_store_went_silent``).
         Going on would hold the loop ``XS_TIMEOUT`` once per waiting domain: 20 s for four guests,
-        minutes for a hundred."""
+        minutes for a hundred.  The next round starts after the domain this one ended at, so that one
+        whose introduction keeps going unanswered does not keep the others waiting behind it."""
         self._store_silent = False
         waiting, self._introduce_waiting = sorted(self._introduce_waiting), set()
+        stalled = self._introduce_stalled_at
+        if stalled is not None:
+            waiting = [n for n in waiting if n > stalled] + [n for n in waiting if n <= stalled]
         for at, name in enumerate(waiting):
             d = self._by_name.get(name)
             if d is not None and d.connected and not d.introduced and d.pidfd >= 0 \
                     and d.state in (State.STARTING, State.RUNNING) and self._store_up():
                 if not self._introduce_now(d):
                     self._introduce_waiting.update(waiting[at:])
+                    self._introduce_stalled_at = name
                     self._store_went_silent()
                     return
                 self._introduced(d)

@@ -194,6 +194,7 @@ class SupervisorBase:
         self.detaches = Detaches()                # devices being detached, followed from the loop
         self._probe: XenstoredProbe | None = None # does xenstored answer (asked before introductions)
         self._introduce_waiting: set[str] = set() # domains to introduce once it does
+        self._introduce_stalled_at: str | None = None   # the domain the last unfinished round ended at
         self._store_silent = False                # a request went unanswered since its last answer
         # Devices whose attach was refused after xenstored stopped answering mid-way: their
         # nodes may have been committed, so they are removed once it serves again.

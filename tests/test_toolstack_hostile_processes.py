@@ -29,6 +29,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -529,3 +530,46 @@ def test_the_probes_pause_grows_until_a_request_is_answered_not_until_a_probe_is
             c.request("restart", name="g1")              # introduced: requests answered
             h.wait("g1", "running again", 30, state="running")
             assert sup._probe._pause == 0.0
+
+
+def test_a_guest_whose_introduction_goes_unanswered_does_not_keep_the_others_waiting(run_dir: str) -> None:
+    """Each time g1 is introduced xenstored stops answering (for a moment): the round ends at g1, and the
+    next round starts after it, so g2 and g3 are introduced instead of waiting behind g1 every time."""
+    from xdom.deploy.supervision import XS_TIMEOUT
+    names = ["g1", "g2", "g3"]
+    restarting = 'memory = "4M"\nrestart = "always"\nrestart_backoff = 0\n'
+    text = ts.XS + "".join(ts.GUEST.replace('"g1"', f'"{n}"').replace('memory = "4M"\n', restarting) for n in names)
+    with ts.Host(run_dir, text, ready_timeout=120.0) as h:
+        for n in names:
+            h.wait(n, "running", state="running")
+        sup = h.sup
+        ps = h.ps()
+        xs_pid = ps["xs"]["pid"]
+        introduce_now = sup._introduce_now
+        thaws: list[threading.Timer] = []
+
+        def stall_at_g1(d: Any) -> object:
+            if d.name == "g1":                      # xenstored stops while g1's request waits
+                os.kill(xs_pid, signal.SIGSTOP)
+                thaws.append(threading.Timer(XS_TIMEOUT + 0.5, os.kill, (xs_pid, signal.SIGCONT)))
+                thaws[-1].start()
+            return introduce_now(d)
+        os.kill(xs_pid, signal.SIGSTOP)             # the three wait for the probe, together
+        try:
+            for n in names:
+                os.kill(ps[n]["pid"], signal.SIGKILL)
+            wait_until(lambda: set(names) <= set(sup._introduce_waiting), 30, "the three guests waiting for xenstored")
+            sup._introduce_now = stall_at_g1  # type: ignore[method-assign]
+            resumed_at = time.monotonic()
+            os.kill(xs_pid, signal.SIGCONT)
+
+            def others_introduced() -> bool:
+                return all(any(e.time >= resumed_at for e in h.journal(n, "introduced")) for n in ("g2", "g3"))
+            wait_until(others_introduced, 6 * XS_TIMEOUT, "g2 and g3 introduced while g1's introduction stalls")
+        finally:
+            sup._introduce_now = introduce_now  # type: ignore[method-assign]
+            for t in thaws:
+                t.cancel()
+            os.kill(xs_pid, signal.SIGCONT)
+        for n in names:
+            h.wait(n, "running", 60, state="running")
