@@ -29,6 +29,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psutil
@@ -406,6 +407,32 @@ def test_bound_log_keeps_the_tail_from_a_line_start_and_touches_nothing_else(run
     assert bound_log(fifo, limit=0, keep=64) is None                    # nor a FIFO opened, nor blocked on
 
 
+def _guests(names: list[str], restarting: bool = False) -> str:
+    """xenstored and a 4 MiB guest per name; ``restarting``: each restarted at once when it dies."""
+    more = 'memory = "4M"\nrestart = "always"\nrestart_backoff = 0\n' if restarting else 'memory = "4M"\n'
+    return ts.XS + "".join(ts.GUEST.replace('"g1"', f'"{n}"').replace('memory = "4M"\n', more) for n in names)
+
+
+@contextmanager
+def _waiting_for_a_frozen_xenstored(h: ts.Host, names: list[str]) -> Iterator[int]:
+    """Every guest of ``names`` killed (and restarted) while xenstored is stopped, until all wait together to
+    be introduced; yields xenstored's pid, still stopped.  xenstored runs again on leaving, whatever happened."""
+    ps = h.ps()
+    xs_pid = ps["xs"]["pid"]
+    os.kill(xs_pid, signal.SIGSTOP)                 # their probes go unanswered: they wait together
+    try:
+        for n in names:
+            os.kill(ps[n]["pid"], signal.SIGKILL)
+        wait_until(lambda: set(names) <= set(h.sup._introduce_waiting), 30, "the guests waiting for xenstored")
+        yield xs_pid
+    finally:
+        os.kill(xs_pid, signal.SIGCONT)
+
+
+def _introduced_since(h: ts.Host, names: list[str] | tuple[str, ...], since: float) -> bool:
+    return all(any(e.time >= since for e in h.journal(n, "introduced")) for n in names)
+
+
 def test_a_xenstored_that_stops_answering_after_the_probe_costs_one_request_not_one_per_guest(run_dir: str) -> None:
     """Four guests wait to be introduced; xenstored answers the probe, then stops (frozen, or compromised
     and answering nothing else): the first introduction waits out its request (XS_TIMEOUT) and the others
@@ -413,28 +440,19 @@ def test_a_xenstored_that_stops_answering_after_the_probe_costs_one_request_not_
     over 8 minutes).  Once it answers again, every guest is introduced."""
     from xdom.deploy.supervision import XS_TIMEOUT
     names = [f"g{i}" for i in range(1, 5)]
-    restarting = 'memory = "4M"\nrestart = "always"\nrestart_backoff = 0\n'
-    text = ts.XS + "".join(ts.GUEST.replace('"g1"', f'"{n}"').replace('memory = "4M"\n', restarting) for n in names)
-    with ts.Host(run_dir, text, ready_timeout=60.0) as h:
+    with ts.Host(run_dir, _guests(names, restarting=True), ready_timeout=60.0) as h:
         for n in names:
             h.wait(n, "running", state="running")
         sup = h.sup
-        ps = h.ps()
-        xs_pid = ps["xs"]["pid"]
-        frozen: list[int] = []
         introduce_now = sup._introduce_now
-
-        def freeze_then_introduce(d: object) -> object:
-            if not frozen:                          # after the probe's answer, before the first request
-                frozen.append(xs_pid)
-                os.kill(xs_pid, signal.SIGSTOP)
-            return introduce_now(d)
-        os.kill(xs_pid, signal.SIGSTOP)             # the guests' probes go unanswered: all four wait
+        frozen: list[int] = []
         worst = 0.0
-        try:
-            for n in names:
-                os.kill(ps[n]["pid"], signal.SIGKILL)
-            wait_until(lambda: set(names) <= set(sup._introduce_waiting), 30, "all four guests waiting for xenstored")
+        with _waiting_for_a_frozen_xenstored(h, names) as xs_pid:
+            def freeze_then_introduce(d: object) -> object:
+                if not frozen:                      # after the probe's answer, before the first request
+                    frozen.append(xs_pid)
+                    os.kill(xs_pid, signal.SIGSTOP)
+                return introduce_now(d)
             sup._introduce_now = freeze_then_introduce  # type: ignore[method-assign]
             resumed_at = time.monotonic()
             os.kill(xs_pid, signal.SIGCONT)
@@ -446,14 +464,10 @@ def test_a_xenstored_that_stops_answering_after_the_probe_costs_one_request_not_
                     c.request("ping")
                     worst = max(worst, time.monotonic() - t0)
                     time.sleep(0.1)
-        finally:
-            os.kill(xs_pid, signal.SIGCONT)
         assert worst < 1.6 * XS_TIMEOUT, \
             f"the supervisor answered ping after {worst:.1f}s: its loop waited on xenstored once per guest"
-
-        def introduced_again() -> bool:
-            return all(any(e.time >= resumed_at for e in h.journal(n, "introduced")) for n in names)
-        wait_until(introduced_again, 40, "every guest introduced once xenstored answers again")
+        wait_until(lambda: _introduced_since(h, names, resumed_at), 40,
+                   "every guest introduced once xenstored answers again")
         for n in names:
             h.wait(n, "running once introduced", state="running")
 
@@ -464,8 +478,7 @@ def test_a_frozen_xenstored_costs_the_loop_one_request_not_one_per_guest_release
     nodes are rewritten when the guests start again), until xenstored answers the probe."""
     from xdom.deploy.supervision import XS_TIMEOUT
     names = [f"g{i}" for i in range(1, 4)]
-    text = ts.XS + "".join(ts.GUEST.replace('"g1"', f'"{n}"') for n in names)
-    with ts.Host(run_dir, text) as h:
+    with ts.Host(run_dir, _guests(names)) as h:
         for n in names:
             h.wait(n, "running", state="running")
         xs_pid = h.ps()["xs"]["pid"]
@@ -509,8 +522,7 @@ def test_the_probes_pause_grows_until_a_request_is_answered_not_until_a_probe_is
     from xdom.deploy.supervision import XS_TIMEOUT
     from xdom.deploy.xenstored_probe import UNANSWERED_PAUSE
     names = ["g1", "g2"]
-    text = ts.XS + "".join(ts.GUEST.replace('"g1"', f'"{n}"') for n in names)
-    with ts.Host(run_dir, text) as h:
+    with ts.Host(run_dir, _guests(names)) as h:
         for n in names:
             h.wait(n, "running", state="running")
         sup = h.sup
@@ -537,39 +549,28 @@ def test_a_guest_whose_introduction_goes_unanswered_does_not_keep_the_others_wai
     next round starts after it, so g2 and g3 are introduced instead of waiting behind g1 every time."""
     from xdom.deploy.supervision import XS_TIMEOUT
     names = ["g1", "g2", "g3"]
-    restarting = 'memory = "4M"\nrestart = "always"\nrestart_backoff = 0\n'
-    text = ts.XS + "".join(ts.GUEST.replace('"g1"', f'"{n}"').replace('memory = "4M"\n', restarting) for n in names)
-    with ts.Host(run_dir, text, ready_timeout=120.0) as h:
+    with ts.Host(run_dir, _guests(names, restarting=True), ready_timeout=120.0) as h:
         for n in names:
             h.wait(n, "running", state="running")
         sup = h.sup
-        ps = h.ps()
-        xs_pid = ps["xs"]["pid"]
         introduce_now = sup._introduce_now
         thaws: list[threading.Timer] = []
-
-        def stall_at_g1(d: Any) -> object:
-            if d.name == "g1":                      # xenstored stops while g1's request waits
-                os.kill(xs_pid, signal.SIGSTOP)
-                thaws.append(threading.Timer(XS_TIMEOUT + 0.5, os.kill, (xs_pid, signal.SIGCONT)))
-                thaws[-1].start()
-            return introduce_now(d)
-        os.kill(xs_pid, signal.SIGSTOP)             # the three wait for the probe, together
-        try:
-            for n in names:
-                os.kill(ps[n]["pid"], signal.SIGKILL)
-            wait_until(lambda: set(names) <= set(sup._introduce_waiting), 30, "the three guests waiting for xenstored")
+        with _waiting_for_a_frozen_xenstored(h, names) as xs_pid:
+            def stall_at_g1(d: Any) -> object:
+                if d.name == "g1":                  # xenstored stops while g1's request waits
+                    os.kill(xs_pid, signal.SIGSTOP)
+                    thaws.append(threading.Timer(XS_TIMEOUT + 0.5, os.kill, (xs_pid, signal.SIGCONT)))
+                    thaws[-1].start()
+                return introduce_now(d)
             sup._introduce_now = stall_at_g1  # type: ignore[method-assign]
-            resumed_at = time.monotonic()
-            os.kill(xs_pid, signal.SIGCONT)
-
-            def others_introduced() -> bool:
-                return all(any(e.time >= resumed_at for e in h.journal(n, "introduced")) for n in ("g2", "g3"))
-            wait_until(others_introduced, 6 * XS_TIMEOUT, "g2 and g3 introduced while g1's introduction stalls")
-        finally:
-            sup._introduce_now = introduce_now  # type: ignore[method-assign]
-            for t in thaws:
-                t.cancel()
-            os.kill(xs_pid, signal.SIGCONT)
+            try:
+                resumed_at = time.monotonic()
+                os.kill(xs_pid, signal.SIGCONT)
+                wait_until(lambda: _introduced_since(h, ("g2", "g3"), resumed_at), 6 * XS_TIMEOUT,
+                           "g2 and g3 introduced while g1's introduction stalls")
+            finally:
+                sup._introduce_now = introduce_now  # type: ignore[method-assign]
+                for t in thaws:
+                    t.cancel()
         for n in names:
             h.wait(n, "running", 60, state="running")
